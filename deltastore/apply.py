@@ -1,0 +1,123 @@
+"""Apply a version to a live nn.Module, in place, and revert it bit for bit.
+
+Everything that can fail is done before the first parameter is touched: every object is read
+and verified, every base tensor's id is checked, every result is decoded and checked against
+the id recorded at commit. Only then are parameters overwritten; an error during that last
+step puts back what was already written. Revert copies the saved base bytes back: it never
+subtracts a delta, so it is exact whatever the encoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import BaseMismatch, DeltastoreError
+from .hashing import DTYPES, tensor_id
+from .records import TensorEntry, Version
+
+
+@dataclass
+class ApplyHandle:
+    """What one apply changed in a module, and the base bytes to put back."""
+
+    version: Version
+    module: torch.nn.Module
+    _patched: list[tuple[torch.Tensor, torch.Tensor, Any]] = field(default_factory=list, repr=False)
+    active: bool = True
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for e in self.version.tensors]
+
+    def revert(self) -> None:
+        """Put the exact base bytes back. Idempotent."""
+        if not self.active:
+            return
+        _restore(self._patched)
+        self._patched = []
+        self.active = False
+
+
+def match_names(entries: list[str], names: set[str]) -> dict[str, str]:
+    """Entry name -> module name, allowing for a wrapper's prefix ("model.", "base_model.model.")
+    on either side."""
+    if all(e in names for e in entries):
+        return {e: e for e in entries}
+    if not entries:
+        return {}
+    first = entries[0]
+    prefixes = {n[: -len(first)] for n in names if n.endswith("." + first)}
+    for p in sorted(prefixes, key=len):
+        if all(p + e in names for e in entries):
+            return {e: p + e for e in entries}
+    for n in names:
+        if first.endswith("." + n):
+            p = first[: -len(n)]
+            if all(e.startswith(p) and e[len(p):] in names for e in entries):
+                return {e: e[len(p):] for e in entries}
+    missing = [e for e in entries if e not in names]
+    raise BaseMismatch("(the version's base)", None, missing, "the module has no tensors of these names")
+
+
+def prepare(store: Any, version: Version, current: dict[str, torch.Tensor]) -> list[tuple[TensorEntry, torch.Tensor, torch.Tensor]]:
+    """(entry, module tensor, result on CPU) for every entry, everything verified."""
+    mapping = match_names([e.name for e in version.tensors], set(current))
+    plan, wrong = [], []
+    for entry in version.tensors:
+        t = current[mapping[entry.name]]
+        cpu = t.detach().to("cpu")
+        if entry.base_tensor_id is None or tensor_id(cpu) != entry.base_tensor_id:
+            wrong.append(entry.name)
+            continue
+        plan.append((entry, t, cpu))
+    if wrong:
+        raise BaseMismatch(version.base_id, None, wrong,
+                           "these tensors are not the base's (is another stance applied? revert it first)")
+    out = []
+    for entry, t, cpu in plan:
+        result = store.decode_entry(entry, cpu)
+        if tensor_id(result) != entry.result_tensor_id:
+            raise DeltastoreError(
+                f"tensor {entry.name!r} of {version.ref} decodes to other bytes than at commit "
+                "(a different torch build or a corrupt object); nothing was changed")
+        out.append((entry, t, result))
+    return out
+
+
+def apply_module(store: Any, module: torch.nn.Module, version: Version, *, strict: bool = True) -> ApplyHandle:
+    current = module.state_dict(keep_vars=True)
+    plan = prepare(store, version, current)
+    handle = ApplyHandle(version, module)
+    with torch.no_grad():
+        try:
+            for entry, t, result in plan:
+                handle._patched.append(_overwrite(t, result))
+        except BaseException:
+            _restore(handle._patched)
+            raise
+    return handle
+
+
+def _overwrite(t: torch.Tensor, result: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    original = t.detach().clone()
+    if t.dtype == result.dtype and t.shape == result.shape:
+        t.detach().copy_(result, non_blocking=False)
+        return t, original, None
+    # A changed dtype or shape cannot be copied in place: swap the storage, remember the old.
+    old_data = t.data
+    t.data = result.to(t.device)
+    return t, original, old_data
+
+
+def _restore(patched: list[tuple[torch.Tensor, torch.Tensor, Any]]) -> None:
+    with torch.no_grad():
+        for t, original, old_data in reversed(patched):
+            if old_data is not None:
+                t.data = old_data
+            t.detach().copy_(original)
+
+
+__all__ = ["ApplyHandle", "apply_module", "match_names", "prepare", "DTYPES"]

@@ -1,0 +1,333 @@
+"""The catalog: an SQLite database (through sqlite-utils) of bases, stances, versions, tensor
+entries, objects, tags, metadata, pending objects and apply journals.
+
+This is the only module that speaks SQL. It runs in WAL mode with a busy timeout, so many
+processes can read and write one store; every write is one short `BEGIN IMMEDIATE`
+transaction, never held while tensors are hashed or compressed. The schema only grows:
+`MIGRATIONS` is append-only, each step runs in its own transaction, and `schema/catalog.sql`
+is the schema they produce (a test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import sqlite_utils
+
+MIGRATIONS: list[str] = [
+    # 1: everything a store needs
+    """
+    CREATE TABLE bases (
+        id TEXT PRIMARY KEY,
+        name TEXT UNIQUE,
+        tensor_count INTEGER NOT NULL,
+        bytes INTEGER NOT NULL,
+        source TEXT,
+        hub_id TEXT,
+        created TEXT NOT NULL
+    );
+    CREATE TABLE base_tensors (
+        base_id TEXT NOT NULL REFERENCES bases(id),
+        name TEXT NOT NULL,
+        dtype TEXT NOT NULL,
+        shape TEXT NOT NULL,
+        tensor_id TEXT NOT NULL,
+        PRIMARY KEY (base_id, name)
+    );
+    CREATE TABLE stances (
+        name TEXT PRIMARY KEY,
+        created TEXT NOT NULL
+    );
+    CREATE TABLE versions (
+        id TEXT PRIMARY KEY,
+        stance TEXT NOT NULL REFERENCES stances(name),
+        number INTEGER NOT NULL,
+        parent TEXT,
+        base_id TEXT NOT NULL REFERENCES bases(id),
+        encoding TEXT NOT NULL,
+        message TEXT NOT NULL,
+        created TEXT NOT NULL,
+        tensors INTEGER NOT NULL,
+        bytes INTEGER NOT NULL,
+        manifest TEXT NOT NULL,
+        UNIQUE (stance, number)
+    );
+    CREATE TABLE entries (
+        version_id TEXT NOT NULL REFERENCES versions(id),
+        name TEXT NOT NULL,
+        dtype TEXT NOT NULL,
+        shape TEXT NOT NULL,
+        encoding TEXT NOT NULL,
+        base_tensor_id TEXT,
+        target_tensor_id TEXT NOT NULL,
+        result_tensor_id TEXT NOT NULL,
+        rel_change REAL,
+        rel_error REAL,
+        bytes INTEGER NOT NULL,
+        PRIMARY KEY (version_id, name)
+    );
+    CREATE TABLE entry_objects (
+        version_id TEXT NOT NULL REFERENCES versions(id),
+        name TEXT NOT NULL,
+        part TEXT NOT NULL,
+        object_id TEXT NOT NULL,
+        PRIMARY KEY (version_id, name, part)
+    );
+    CREATE INDEX entry_objects_object ON entry_objects(object_id);
+    CREATE TABLE objects (
+        id TEXT PRIMARY KEY,
+        size INTEGER NOT NULL,
+        raw_size INTEGER NOT NULL,
+        created TEXT NOT NULL
+    );
+    CREATE TABLE tags (
+        stance TEXT NOT NULL REFERENCES stances(name),
+        name TEXT NOT NULL,
+        version_id TEXT NOT NULL REFERENCES versions(id),
+        created TEXT NOT NULL,
+        PRIMARY KEY (stance, name)
+    );
+    CREATE TABLE metadata (
+        version_id TEXT NOT NULL REFERENCES versions(id),
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (version_id, key)
+    );
+    CREATE TABLE pending (
+        token TEXT NOT NULL,
+        object_id TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        host TEXT NOT NULL,
+        created TEXT NOT NULL,
+        PRIMARY KEY (token, object_id)
+    );
+    CREATE INDEX pending_object ON pending(object_id);
+    CREATE TABLE journals (
+        id TEXT PRIMARY KEY,
+        target TEXT NOT NULL,
+        version_id TEXT NOT NULL,
+        state TEXT NOT NULL,
+        plan TEXT NOT NULL,
+        created TEXT NOT NULL
+    );
+    CREATE TABLE journal_objects (
+        journal_id TEXT NOT NULL REFERENCES journals(id),
+        object_id TEXT NOT NULL,
+        PRIMARY KEY (journal_id, object_id)
+    );
+    CREATE INDEX journal_objects_object ON journal_objects(object_id);
+    """,
+]
+
+BUSY_TIMEOUT_S = 60
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Catalog:
+    def __init__(self, path: Path, *, readonly: bool = False):
+        self.path = Path(path)
+        self.readonly = readonly
+        if readonly:
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S,
+                                   isolation_level=None, check_same_thread=False)
+        else:
+            # Autocommit mode: transactions are explicit (`transaction()`), so none is ever
+            # left open by accident between statements.
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
+        conn.execute("PRAGMA foreign_keys=ON")
+        self.conn = conn
+        self.db = sqlite_utils.Database(conn)
+        if not readonly:
+            self._migrate()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken up front so that two writers never deadlock."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self.transaction():
+            self.conn.execute("CREATE TABLE IF NOT EXISTS migrations (number INTEGER PRIMARY KEY, applied TEXT NOT NULL)")
+        done = {r[0] for r in self.conn.execute("SELECT number FROM migrations")}
+        for number, script in enumerate(MIGRATIONS, start=1):
+            if number in done:
+                continue
+            with self.transaction():
+                # Another process may have migrated between our read and our lock.
+                if self.conn.execute("SELECT 1 FROM migrations WHERE number = ?", [number]).fetchone():
+                    continue
+                for statement in _statements(script):
+                    self.conn.execute(statement)
+                self.conn.execute("INSERT INTO migrations VALUES (?, ?)", [number, now()])
+
+    def schema(self) -> str:
+        rows = self.conn.execute(
+            "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite_%' "
+            "ORDER BY type DESC, name")
+        return ";\n".join(r[0] for r in rows) + ";\n"
+
+    def query(self, sql: str, params: Any = ()) -> list[dict]:
+        return list(self.db.query(sql, params))
+
+    def one(self, sql: str, params: Any = ()) -> dict | None:
+        rows = self.query(sql, params)
+        return rows[0] if rows else None
+
+    # -- bases ---------------------------------------------------------------------------------
+
+    def add_base(self, row: dict, tensors: list[dict]) -> None:
+        with self.transaction():
+            existing = self.one("SELECT id FROM bases WHERE id = ?", [row["id"]])
+            if existing:
+                updates = {k: row[k] for k in ("name", "source", "hub_id") if row.get(k)}
+                if updates:
+                    self.db["bases"].update(row["id"], updates)
+                return
+            self.db["bases"].insert(row)
+            self.db["base_tensors"].insert_all(tensors, batch_size=500)
+
+    def bases(self) -> list[dict]:
+        return self.query("SELECT * FROM bases ORDER BY created")
+
+    def base_tensors(self, base_id: str) -> list[dict]:
+        return self.query("SELECT * FROM base_tensors WHERE base_id = ? ORDER BY name", [base_id])
+
+    # -- pending objects: written by a commit that has not landed yet -------------------------
+
+    def add_pending(self, token: str, object_ids: list[str]) -> None:
+        rows = [{"token": token, "object_id": oid, "pid": os.getpid(), "host": os.uname().nodename,
+                 "created": now()} for oid in object_ids]
+        with self.transaction():
+            self.db["pending"].insert_all(rows, replace=True)
+
+    def drop_pending(self, token: str) -> None:
+        with self.transaction():
+            self.conn.execute("DELETE FROM pending WHERE token = ?", [token])
+
+    # -- versions ------------------------------------------------------------------------------
+
+    def insert_version(self, version: dict, entries: list[dict], entry_objects: list[dict],
+                       objects: list[dict], metadata: dict[str, str]) -> None:
+        """Called inside `transaction()`: the version becomes visible all at once."""
+        if not self.one("SELECT 1 FROM stances WHERE name = ?", [version["stance"]]):
+            self.db["stances"].insert({"name": version["stance"], "created": version["created"]})
+        self.db["objects"].insert_all(objects, ignore=True, batch_size=500)
+        self.db["versions"].insert(version)
+        self.db["entries"].insert_all(entries, batch_size=500)
+        self.db["entry_objects"].insert_all(entry_objects, batch_size=500)
+        self.db["metadata"].insert_all(
+            [{"version_id": version["id"], "key": k, "value": v} for k, v in metadata.items()])
+
+    def latest(self, stance: str) -> dict | None:
+        return self.one("SELECT * FROM versions WHERE stance = ? ORDER BY number DESC LIMIT 1", [stance])
+
+    def version(self, version_id: str) -> dict | None:
+        return self.one("SELECT * FROM versions WHERE id = ?", [version_id])
+
+    def versions(self, stance: str | None = None, *, where: dict[str, str] | None = None) -> list[dict]:
+        sql = "SELECT * FROM versions"
+        clauses, params = [], []
+        if stance is not None:
+            clauses.append("stance = ?")
+            params.append(stance)
+        for key, value in (where or {}).items():
+            clauses.append("id IN (SELECT version_id FROM metadata WHERE key = ? AND value = ?)")
+            params += [key, value]
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        return self.query(sql + " ORDER BY created DESC, number DESC", params)
+
+    def entries(self, version_id: str) -> list[dict]:
+        return self.query("SELECT * FROM entries WHERE version_id = ? ORDER BY name", [version_id])
+
+    def metadata(self, version_id: str) -> dict[str, str]:
+        return {r["key"]: r["value"] for r in
+                self.query("SELECT key, value FROM metadata WHERE version_id = ? ORDER BY key", [version_id])}
+
+    def stances(self) -> list[dict]:
+        return self.query(
+            "SELECT s.name, s.created, count(v.id) AS versions, max(v.number) AS latest "
+            "FROM stances s LEFT JOIN versions v ON v.stance = s.name GROUP BY s.name ORDER BY s.name")
+
+    def tags(self, version_id: str | None = None) -> list[dict]:
+        if version_id is None:
+            return self.query("SELECT * FROM tags ORDER BY stance, name")
+        return self.query("SELECT * FROM tags WHERE version_id = ? ORDER BY name", [version_id])
+
+    def set_tag(self, stance: str, name: str, version_id: str) -> None:
+        with self.transaction():
+            self.db["tags"].insert({"stance": stance, "name": name, "version_id": version_id,
+                                    "created": now()}, replace=True)
+
+    def versions_with_prefix(self, prefix: str) -> list[dict]:
+        return self.query("SELECT * FROM versions WHERE id LIKE ? ORDER BY id", [prefix + "%"])
+
+    # -- objects -------------------------------------------------------------------------------
+
+    def object_rows(self) -> list[dict]:
+        return self.query("SELECT * FROM objects ORDER BY id")
+
+    def referenced_objects(self) -> set[str]:
+        rows = self.conn.execute(
+            "SELECT object_id FROM entry_objects UNION SELECT object_id FROM journal_objects "
+            "UNION SELECT object_id FROM pending")
+        return {r[0] for r in rows}
+
+    def is_referenced(self, object_id: str) -> bool:
+        return bool(self.conn.execute(
+            "SELECT 1 FROM entry_objects WHERE object_id = ?1 UNION ALL "
+            "SELECT 1 FROM journal_objects WHERE object_id = ?1 UNION ALL "
+            "SELECT 1 FROM pending WHERE object_id = ?1 LIMIT 1", [object_id]).fetchone())
+
+    # -- journals of in-place applies ----------------------------------------------------------
+
+    def open_journals(self, target: str | None = None) -> list[dict]:
+        if target is None:
+            return self.query("SELECT * FROM journals ORDER BY created")
+        return self.query("SELECT * FROM journals WHERE target = ? ORDER BY created", [target])
+
+    def add_journal(self, row: dict, object_ids: list[str], token: str) -> None:
+        with self.transaction():
+            self.db["journals"].insert(row)
+            self.db["journal_objects"].insert_all(
+                [{"journal_id": row["id"], "object_id": oid} for oid in sorted(set(object_ids))])
+            self.conn.execute("DELETE FROM pending WHERE token = ?", [token])
+
+    def set_journal_state(self, journal_id: str, state: str) -> None:
+        with self.transaction():
+            self.conn.execute("UPDATE journals SET state = ? WHERE id = ?", [state, journal_id])
+
+    def drop_journal(self, journal_id: str) -> None:
+        with self.transaction():
+            self.conn.execute("DELETE FROM journal_objects WHERE journal_id = ?", [journal_id])
+            self.conn.execute("DELETE FROM journals WHERE id = ?", [journal_id])
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))

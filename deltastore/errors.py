@@ -1,0 +1,130 @@
+"""Every error deltastore raises on purpose.
+
+One root, `DeltastoreError`, so that callers (and the CLI) can tell a user's mistake or a
+damaged input from a bug. Each subclass carries what went wrong as attributes and subclasses
+the builtin that fits, so `except FileNotFoundError` keeps working for code that knows no
+deltastore. Messages are one line: what is wrong, then what to do.
+"""
+
+from __future__ import annotations
+
+
+class DeltastoreError(Exception):
+    """Root of every error deltastore raises on purpose."""
+
+
+class StoreNotFound(DeltastoreError, FileNotFoundError):
+    def __init__(self, path: str):
+        self.path = path
+        super().__init__(
+            f"no deltastore store at {path} or above it; run `deltastore init` to create one"
+        )
+
+
+class StoreExists(DeltastoreError, FileExistsError):
+    def __init__(self, path: str):
+        self.path = path
+        super().__init__(f"a store already exists at {path}")
+
+
+class ReadOnlyStore(DeltastoreError, PermissionError):
+    def __init__(self, path: str):
+        self.path = path
+        super().__init__(f"the store at {path} is read-only; writes need write access to it")
+
+
+class ModelFormatError(DeltastoreError, ValueError):
+    """A model file or folder that cannot be read as safetensors."""
+
+
+class PickleRefused(ModelFormatError):
+    def __init__(self, path: str):
+        self.path = path
+        super().__init__(
+            f"{path} is a pickle checkpoint, which deltastore never loads (it can run code); "
+            "convert it to safetensors (save_pretrained(..., safe_serialization=True) or "
+            "safetensors.torch.save_file)"
+        )
+
+
+class UnsafeInput(DeltastoreError, ValueError):
+    """Input from outside that breaks a rule: a bad name, a size over its bound."""
+
+
+class RefNotFound(DeltastoreError, KeyError):
+    def __init__(self, ref: str, candidates: list[str] | None = None):
+        self.ref = ref
+        self.candidates = candidates or []
+        hint = f"; did you mean {', '.join(self.candidates)}?" if self.candidates else \
+            "; `deltastore stances` lists what there is"
+        super().__init__(f"no version matches {ref!r}{hint}")
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return self.args[0]
+
+
+class AmbiguousRef(DeltastoreError, LookupError):
+    def __init__(self, ref: str, candidates: list[str]):
+        self.ref = ref
+        self.candidates = candidates
+        super().__init__(
+            f"{ref!r} matches {len(candidates)} versions ({', '.join(candidates)}); "
+            "give more digits"
+        )
+
+
+class BaseNotFound(DeltastoreError, LookupError):
+    def __init__(self, base: str, candidates: list[str] | None = None):
+        self.base = base
+        self.candidates = candidates or []
+        hint = f"; known bases: {', '.join(self.candidates)}" if self.candidates else \
+            "; register it with `deltastore base add MODEL`"
+        super().__init__(f"no base matches {base!r}{hint}")
+
+
+class BaseMismatch(DeltastoreError, ValueError):
+    """A model is not the base a version (or a commit) was made against."""
+
+    def __init__(self, expected: str, actual: str | None, names: list[str], detail: str = ""):
+        self.expected = expected
+        self.actual = actual
+        self.names = names
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        got = f", got {actual}" if actual else ""
+        super().__init__(
+            f"not the expected base (expected {expected}{got}): {detail or 'tensors differ'}: "
+            f"{shown}; use the model the version was made from"
+        )
+
+
+class CorruptObject(DeltastoreError, ValueError):
+    def __init__(self, object_id: str, reason: str):
+        self.object_id = object_id
+        self.reason = reason
+        super().__init__(
+            f"object {object_id} is corrupt ({reason}); run `deltastore fsck` to see what it breaks"
+        )
+
+
+class MissingObject(DeltastoreError, FileNotFoundError):
+    def __init__(self, object_id: str):
+        self.object_id = object_id
+        super().__init__(
+            f"object {object_id} is missing from the store; run `deltastore fsck` to see what it breaks"
+        )
+
+
+class EncodingError(DeltastoreError, ValueError):
+    """An unknown encoding or bad encoding parameters."""
+
+
+class SelectionError(DeltastoreError, ValueError):
+    """A selection that cannot be applied (a regex matching nothing, a bad number)."""
+
+
+class JournalError(DeltastoreError, RuntimeError):
+    """An in-place apply that cannot start, or cannot be reverted."""
+
+
+class NothingToCommit(DeltastoreError, ValueError):
+    pass

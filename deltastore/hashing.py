@@ -1,0 +1,98 @@
+"""Identity: tensor ids, base ids, object ids, version ids, canonical JSON.
+
+Pure: touches no disk. Every id is tagged with its algorithm (`b3:` for BLAKE3), so that a
+later change of algorithm is detectable rather than silently mismatching.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Iterable
+
+import blake3
+import torch
+
+ALGORITHM = "b3"
+
+# safetensors' names for dtypes: the one vocabulary for dtypes in manifests and the catalog.
+DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+DTYPES: dict[str, torch.dtype] = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+# Tensor bytes are hashed and stored little-endian; a big-endian host would need byte swaps
+# everywhere, which nobody has asked for.
+assert sys.byteorder == "little", "deltastore needs a little-endian host"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        from .errors import ModelFormatError
+
+        raise ModelFormatError(f"tensors of dtype {dtype} are not supported") from None
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a CPU tensor, without a copy where it is contiguous."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().reshape(-1)
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+def _hasher(size: int) -> "blake3.blake3":
+    # Threads only pay off on large inputs; below ~1 MB they cost more than they save.
+    return blake3.blake3(max_threads=blake3.blake3.AUTO if size >= 1 << 20 else 1)
+
+
+def tensor_id(tensor: torch.Tensor) -> str:
+    """`b3:` + BLAKE3 of `"{DTYPE} {d0,d1,...}\\n"` followed by the raw little-endian bytes."""
+    data = tensor_bytes(tensor)
+    shape = ",".join(str(d) for d in tensor.shape)
+    h = _hasher(len(data))
+    h.update(f"{dtype_name(tensor.dtype)} {shape}\n".encode())
+    h.update(data)
+    return f"{ALGORITHM}:{h.hexdigest()}"
+
+
+def bytes_id(data: bytes | memoryview) -> str:
+    """The id of an object: BLAKE3 of its uncompressed payload."""
+    h = _hasher(len(data))
+    h.update(data)
+    return f"{ALGORITHM}:{h.hexdigest()}"
+
+
+def canonical_json(value: Any) -> bytes:
+    """The one byte form of a JSON value that ids are computed over (part of the format)."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def base_id(tensor_ids: Iterable[tuple[str, str]]) -> str:
+    """Hash of the sorted (name, tensor id) list, as canonical JSON."""
+    return bytes_id(canonical_json(sorted([name, tid] for name, tid in tensor_ids)))
+
+
+def manifest_id(manifest: dict) -> str:
+    return bytes_id(canonical_json(manifest))
+
+
+def is_id(text: str) -> bool:
+    prefix, _, digest = text.partition(":")
+    return prefix == ALGORITHM and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)

@@ -1,0 +1,267 @@
+"""Reading and writing model weights: safetensors files, sharded Hugging Face folders, state
+dicts and live modules, all seen as one `TensorSource` (name -> tensor, loaded one at a time).
+
+The safetensors header is parsed here rather than trusted to a loader, because everything
+read from outside is untrusted: its size, offsets, dtypes and names are checked before a byte
+of tensor data is allocated. Tensors are read one at a time, so a commit never holds two
+whole models. No pickle is ever loaded: `.bin`/`.pt` checkpoints are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+from .errors import ModelFormatError, PickleRefused, UnsafeInput
+from .hashing import DTYPES, dtype_name
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+INDEX_FILE = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100 << 20
+MAX_NAME_LEN = 1024
+_ITEMSIZE = {name: torch.empty(0, dtype=dt).element_size() for name, dt in DTYPES.items()}
+# Files that make up a model folder's weights; everything else (config, tokenizer) is copied.
+WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|pkl)$|^model\.safetensors\.index\.json$|.*\.bin\.index\.json$")
+
+
+def check_name(name: str) -> str:
+    """Tensor and file names come from outside: refuse anything that could escape a folder."""
+    if not name or len(name) > MAX_NAME_LEN:
+        raise UnsafeInput(f"tensor name of {len(name)} characters; names must be 1 to {MAX_NAME_LEN}")
+    if "/" in name or "\\" in name or ".." in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise UnsafeInput(f"tensor name {name[:80]!r} has a path separator, '..' or a control character")
+    return name
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+    file: Path | None = None
+    start: int = 0  # absolute byte offsets in the file
+    end: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _ITEMSIZE[self.dtype]
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+    """(tensors, metadata, data offset) of a safetensors file, every field checked."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ModelFormatError(f"{path} is not a safetensors file: shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or n + 8 > size:
+                raise ModelFormatError(f"{path} is truncated or not a safetensors file (header of {n} bytes in a file of {size})")
+            raw = f.read(n)
+    except OSError as e:
+        raise ModelFormatError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise ModelFormatError(f"{path} is not a safetensors file: its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise ModelFormatError(f"{path} is not a safetensors file: its header is not an object")
+    base = 8 + n
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ModelFormatError(f"{path}: __metadata__ must map strings to strings")
+    tensors: dict[str, TensorInfo] = {}
+    for name, info in header.items():
+        check_name(name)
+        try:
+            dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ModelFormatError(f"{path}: tensor {name!r} has a malformed header entry") from None
+        if dtype not in _ITEMSIZE:
+            raise ModelFormatError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+        if not all(isinstance(d, int) and d >= 0 for d in shape) or not isinstance(start, int) \
+                or not isinstance(end, int):
+            raise ModelFormatError(f"{path}: tensor {name!r} has a malformed shape or offsets")
+        t = TensorInfo(name, dtype, shape, path, base + start, base + end)
+        if start < 0 or end < start or t.end > size or end - start != t.nbytes:
+            raise ModelFormatError(
+                f"{path} is truncated or corrupt: tensor {name!r} needs {t.nbytes} bytes at "
+                f"{start}..{end} of a {size - base}-byte data section")
+        tensors[name] = t
+    return tensors, metadata, base
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    assert info.file is not None
+    buf = bytearray(info.nbytes)
+    with open(info.file, "rb") as f:
+        f.seek(info.start)
+        if f.readinto(buf) != len(buf):
+            raise ModelFormatError(f"{info.file} is truncated at tensor {info.name!r}")
+    dtype = DTYPES[info.dtype]
+    if not buf:
+        return torch.empty(info.shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+
+
+class TensorSource:
+    """Named tensors from anywhere, described without loading and loaded one at a time."""
+
+    def __init__(self, infos: dict[str, TensorInfo], loader: Callable[[str], torch.Tensor], *,
+                 path: Path | None = None, tensors: Mapping[str, torch.Tensor] | None = None):
+        self.infos = dict(sorted(infos.items()))
+        self._loader = loader
+        self.path = path  # the file or folder, when it came from disk
+        self.tensors = tensors  # the live tensors, when it came from memory
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.infos)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._loader(name)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self.infos.values())
+
+    @property
+    def folder(self) -> Path | None:
+        if self.path is None:
+            return None
+        return self.path if self.path.is_dir() else self.path.parent
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files that hold a model file's or folder's weights."""
+    path = Path(path)
+    if path.is_file() or path.suffix in PICKLE_SUFFIXES + (".safetensors",):
+        if path.suffix in PICKLE_SUFFIXES:
+            raise PickleRefused(str(path))
+        if not path.exists():
+            raise ModelFormatError(f"{path} does not exist")
+        return [path]
+    if not path.is_dir():
+        raise ModelFormatError(f"{path} does not exist; give a .safetensors file or a model folder")
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ModelFormatError(f"{index} is not a safetensors index (no weight_map)") from None
+        for name in names:
+            if not isinstance(name, str):
+                raise ModelFormatError(f"{index} names a shard that is not a string")
+            check_name(name)
+        return [path / name for name in names]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    found = sorted(path.glob("*.safetensors"))
+    if len(found) == 1:
+        return found
+    if found:
+        raise ModelFormatError(f"{path} holds several .safetensors files but no {INDEX_FILE}; name the file")
+    if any(p.suffix in PICKLE_SUFFIXES for p in path.iterdir()):
+        raise PickleRefused(str(path))
+    raise ModelFormatError(f"{path} holds no .safetensors weights")
+
+
+def open_files(path: Path) -> TensorSource:
+    infos: dict[str, TensorInfo] = {}
+    for f in weight_files(path):
+        tensors, _, _ = read_header(f)
+        for name, info in tensors.items():
+            if name in infos:
+                raise ModelFormatError(f"tensor {name!r} appears in both {infos[name].file} and {f}")
+            infos[name] = info
+    return TensorSource(infos, lambda name: read_tensor(infos[name]), path=Path(path))
+
+
+def module_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A module's tensors by the names its safetensors file would use: tied (aliased) tensors
+    once, under the name that safetensors' and transformers' own saving keep."""
+    from safetensors.torch import _remove_duplicate_names
+
+    state = module.state_dict(keep_vars=True)
+    tied = getattr(module, "all_tied_weights_keys", None) or getattr(module, "_tied_weights_keys", None) or []
+    discard = list(tied.keys()) if isinstance(tied, dict) else list(tied)
+    for kept, removed in _remove_duplicate_names(state, discard_names=discard).items():
+        for name in removed:
+            del state[name]
+    return state
+
+
+def open_tensors(tensors: Mapping[str, torch.Tensor]) -> TensorSource:
+    infos = {}
+    for name, t in tensors.items():
+        check_name(name)
+        infos[name] = TensorInfo(name, dtype_name(t.dtype), tuple(t.shape))
+    return TensorSource(infos, lambda name: tensors[name].detach(), tensors=tensors)
+
+
+def open_model(model: str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.Module) -> TensorSource:
+    """Any model a user can hand us, as a TensorSource."""
+    if isinstance(model, TensorSource):
+        return model
+    if isinstance(model, torch.nn.Module):
+        return open_tensors(module_state(model))
+    if isinstance(model, Mapping):
+        from safetensors.torch import _remove_duplicate_names
+
+        state = dict(model)
+        for kept, removed in _remove_duplicate_names(state).items():
+            for name in removed:
+                del state[name]
+        return open_tensors(state)
+    return open_files(Path(model))
+
+
+def other_files(folder: Path) -> list[Path]:
+    """A model folder's files that are not weights: config, tokenizer, generation config."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and not WEIGHT_FILE.match(p.name))
+
+
+def write_safetensors(path: Path, infos: Iterable[TensorInfo], tensor: Callable[[str], torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Stream a safetensors file tensor by tensor, so that writing never holds a whole model."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    ordered = sorted(infos, key=lambda i: i.name)
+    for info in ordered:
+        header[info.name] = {"dtype": info.dtype, "shape": list(info.shape),
+                             "data_offsets": [offset, offset + info.nbytes]}
+        offset += info.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for info in ordered:
+            t = tensor(info.name)
+            if dtype_name(t.dtype) != info.dtype or tuple(t.shape) != info.shape:
+                raise ModelFormatError(f"tensor {info.name!r} is {t.dtype} {tuple(t.shape)}, expected {info.dtype} {info.shape}")
+            if t.numel():
+                f.write(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def safe_relative(name: str) -> str:
+    """A file name from outside, checked to stay inside its folder."""
+    parts = name.split("/")
+    if not name or name.startswith("/") or any(p in ("", ".", "..") or "\\" in p for p in parts):
+        raise UnsafeInput(f"file name {name[:80]!r} would leave its folder")
+    return name

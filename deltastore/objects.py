@@ -1,0 +1,196 @@
+"""The object store: immutable, content-addressed, compressed blobs on disk.
+
+Layout (under the store folder)::
+
+    objects/
+      3f/
+        9a0c...e1        one object: header + payload, named by the BLAKE3 of the payload
+    tmp/
+      <pid>-<random>.tmp files being written; never read, removed by fsck --repair / gc
+
+An object file is a 16-byte header (magic `DSOB`, format version, compression, the
+uncompressed size as u64 little-endian) followed by the payload, zstd-compressed or raw.
+Writes go to tmp/, are fsynced, then renamed into place, so a reader sees a whole object
+or none. Every read checks the declared size before allocating, bounds decompression by it,
+and checks the hash: a flipped bit is a `CorruptObject`, never wrong weights.
+
+This module knows nothing of the catalog; the store decides which objects are referenced.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import zstandard
+
+from .errors import CorruptObject, MissingObject, UnsafeInput
+from .hashing import ALGORITHM, bytes_id, is_id
+
+MAGIC = b"DSOB"
+FORMAT_VERSION = 1
+HEADER = struct.Struct("<4sBBHQ")  # magic, version, compression, reserved, raw size
+RAW, ZSTD = 0, 1
+ZSTD_LEVEL = 3
+# zstd's worker threads only pay off on payloads of several MB.
+THREADED_FROM = 4 << 20
+# No single tensor delta comes near this; anything larger is a hostile header.
+MAX_OBJECT_BYTES = 1 << 40
+
+
+@dataclass(frozen=True)
+class PutResult:
+    id: str
+    size: int  # bytes on disk, header included
+    raw_size: int
+    new: bool  # False when equal content was already stored
+
+
+class ObjectStore:
+    def __init__(self, root: Path, *, threads: int | None = None):
+        self.root = Path(root)
+        self.objects = self.root / "objects"
+        self.tmp = self.root / "tmp"
+        self.threads = threads if threads is not None else min(os.cpu_count() or 1, 8)
+
+    def path(self, object_id: str) -> Path:
+        if not is_id(object_id):
+            raise UnsafeInput(f"{object_id!r} is not an object id")
+        digest = object_id.split(":", 1)[1]
+        return self.objects / digest[:2] / digest[2:]
+
+    def exists(self, object_id: str) -> bool:
+        return self.path(object_id).is_file()
+
+    def size(self, object_id: str) -> int:
+        return self.path(object_id).stat().st_size
+
+    def put(self, data: bytes | memoryview, *, object_id: str | None = None) -> PutResult:
+        """Store a payload (once: equal content is never written twice). `object_id`, when the
+        caller already hashed the payload, saves hashing it again."""
+        object_id = object_id or bytes_id(data)
+        path = self.path(object_id)
+        if path.is_file():
+            # Refresh its time: gc spares recently written or re-used objects.
+            os.utime(path)
+            return PutResult(object_id, path.stat().st_size, len(data), False)
+        payload, compression = self._compress(data)
+        header = HEADER.pack(MAGIC, FORMAT_VERSION, compression, 0, len(data))
+        self._write_atomic(path, header, payload)
+        return PutResult(object_id, HEADER.size + len(payload), len(data), True)
+
+    def _compress(self, data: bytes | memoryview) -> tuple[bytes | memoryview, int]:
+        if len(data) < 64:
+            return data, RAW
+        threads = self.threads if len(data) >= THREADED_FROM else 0
+        packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=threads).compress(data)
+        # Incompressible payloads are kept raw: decoding them then costs nothing.
+        return (packed, ZSTD) if len(packed) < len(data) else (data, RAW)
+
+    def _write_atomic(self, path: Path, header: bytes, payload: bytes | memoryview) -> None:
+        self.tmp.mkdir(exist_ok=True)
+        tmp = self.tmp / f"{os.getpid()}-{uuid.uuid4().hex}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(header)
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+
+    def get(self, object_id: str, *, raw_size: int | None = None) -> bytes | bytearray:
+        """The payload of an object, verified against its id (and its expected size)."""
+        path = self.path(object_id)
+        try:
+            with open(path, "rb") as f:
+                blob = f.read()
+        except FileNotFoundError:
+            raise MissingObject(object_id) from None
+        payload = self.decode_file(object_id, blob, raw_size=raw_size)
+        if bytes_id(payload) != object_id:
+            raise CorruptObject(object_id, "content does not match its id")
+        return payload
+
+    @staticmethod
+    def decode_file(object_id: str, blob: bytes, *, raw_size: int | None = None) -> bytes | bytearray:
+        if len(blob) < HEADER.size:
+            raise CorruptObject(object_id, "shorter than its header")
+        magic, version, compression, _, declared = HEADER.unpack_from(blob)
+        if magic != MAGIC or version != FORMAT_VERSION:
+            raise CorruptObject(object_id, "not a deltastore object")
+        if raw_size is not None and declared != raw_size:
+            raise CorruptObject(object_id, f"declares {declared} bytes, expected {raw_size}")
+        if declared > MAX_OBJECT_BYTES:
+            raise CorruptObject(object_id, f"declares an impossible size ({declared} bytes)")
+        body = memoryview(blob)[HEADER.size:]
+        if compression == RAW:
+            if len(body) != declared:
+                raise CorruptObject(object_id, "payload size differs from its header")
+            return bytes(body)
+        if compression != ZSTD:
+            raise CorruptObject(object_id, f"unknown compression {compression}")
+        return _bounded_decompress(object_id, body, declared)
+
+    def ids(self) -> Iterator[str]:
+        """Every object on disk, whether or not the catalog references it."""
+        if not self.objects.is_dir():
+            return
+        for fan in sorted(self.objects.iterdir()):
+            if len(fan.name) != 2 or not fan.is_dir():
+                continue
+            for f in sorted(fan.iterdir()):
+                object_id = f"{ALGORITHM}:{fan.name}{f.name}"
+                if is_id(object_id):
+                    yield object_id
+
+    def remove(self, object_id: str) -> int:
+        path = self.path(object_id)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        return size
+
+    def temporary_files(self) -> list[Path]:
+        return sorted(self.tmp.glob("*.tmp")) if self.tmp.is_dir() else []
+
+
+def _bounded_decompress(object_id: str, body: memoryview, declared: int) -> bytearray:
+    # Read at most one byte past the declared size: a frame that expands further is refused
+    # without ever holding more than declared + 1 bytes.
+    out = bytearray(declared + 1)
+    view = memoryview(out)
+    filled = 0
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True) as reader:
+            while filled < len(out):
+                got = reader.readinto(view[filled:])
+                if not got:
+                    break
+                filled += got
+    except zstandard.ZstdError as e:
+        raise CorruptObject(object_id, f"zstd: {e}") from None
+    if filled != declared:
+        raise CorruptObject(object_id, f"decompresses to {'more' if filled > declared else filled} "
+                                       f"bytes, header declares {declared}")
+    del view  # a bytearray cannot shrink while a view of it is alive
+    del out[declared:]
+    return out
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

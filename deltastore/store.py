@@ -1,0 +1,396 @@
+"""The store: composes identity, encodings, objects and the catalog into bases, stances and
+versions. It owns the order of writes (objects fsynced before any row points at them; a
+version visible in one transaction) and the resolution of refs.
+
+Layout on disk (see schema/FORMAT.md)::
+
+    .deltastore/
+      STORE           {"format": "deltastore/store/1"}
+      catalog.db      SQLite (WAL): the index of everything below
+      objects/ab/...  content-addressed objects
+      tmp/            objects being written
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+
+from . import encodings
+from .catalog import Catalog, dumps, now
+from .errors import (AmbiguousRef, BaseMismatch, BaseNotFound, DeltastoreError, ModelFormatError,
+                     NothingToCommit, RefNotFound, StoreExists, StoreNotFound, UnsafeInput)
+from .hashing import DTYPES, manifest_id, tensor_id, canonical_json
+from .models import TensorSource, open_model
+from .objects import ObjectStore
+from .records import Base, CommitResult, ObjectRef, TensorEntry, Version, manifest, parse_manifest
+
+STORE_FILE = "STORE"
+STORE_FORMAT = "deltastore/store/1"
+DEFAULT_DIR = ".deltastore"
+STANCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+TAG_NAME = STANCE_NAME
+Progress = Callable[[int, int], None]
+ModelLike = Any  # a path, a state dict, an nn.Module or a TensorSource
+
+
+def find_store(start: str | os.PathLike | None = None) -> Path:
+    """`$DELTASTORE_DIR`, else the nearest `.deltastore/` from `start` upwards."""
+    env = os.environ.get("DELTASTORE_DIR")
+    if env:
+        return Path(env)
+    here = Path(start or os.getcwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / DEFAULT_DIR / STORE_FILE).is_file():
+            return folder / DEFAULT_DIR
+    raise StoreNotFound(str(here))
+
+
+def check_stance_name(name: str) -> str:
+    if not STANCE_NAME.match(name):
+        raise UnsafeInput(f"stance name {name[:80]!r} is not allowed: use letters, digits, '.', '_' "
+                          "and '-', starting with a letter or digit")
+    return name
+
+
+class Store:
+    def __init__(self, root: Path, *, readonly: bool | None = None):
+        self.root = Path(root)
+        if readonly is None:
+            readonly = not os.access(self.root, os.W_OK)
+        self.readonly = readonly
+        self.catalog = Catalog(self.root / "catalog.db", readonly=readonly)
+        self.objects = ObjectStore(self.root)
+        self._applied: dict[int, Any] = {}  # id(module) -> the ApplyHandle this store put there
+
+    # -- opening -------------------------------------------------------------------------------
+
+    @classmethod
+    def init(cls, path: str | os.PathLike = DEFAULT_DIR) -> "Store":
+        root = Path(path)
+        if (root / STORE_FILE).exists():
+            raise StoreExists(str(root))
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "objects").mkdir(exist_ok=True)
+        (root / "tmp").mkdir(exist_ok=True)
+        store = cls(root, readonly=False)
+        (root / STORE_FILE).write_text(json.dumps({"format": STORE_FORMAT}) + "\n")
+        return store
+
+    @classmethod
+    def open(cls, path: str | os.PathLike | None = None) -> "Store":
+        root = Path(path) if path is not None else find_store()
+        marker = root / STORE_FILE
+        if not marker.is_file():
+            raise StoreNotFound(str(root))
+        try:
+            fmt = json.loads(marker.read_text()).get("format")
+        except ValueError:
+            fmt = None
+        if fmt != STORE_FORMAT:
+            raise DeltastoreError(f"{root} is a store of format {fmt!r}; this deltastore reads {STORE_FORMAT!r}")
+        return cls(root)
+
+    def close(self) -> None:
+        self.catalog.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- bases ---------------------------------------------------------------------------------
+
+    def add_base(self, model: ModelLike, *, name: str | None = None, hub_id: str | None = None,
+                 progress: Progress | None = None) -> Base:
+        """Register a base: hash every tensor, record names, dtypes, shapes and where it lives."""
+        source = open_model(model)
+        if name is not None:
+            check_stance_name(name)
+        ids = self._tensor_ids(source, progress)
+        from .hashing import base_id as compute_base_id
+
+        bid = compute_base_id(ids.items())
+        row = {"id": bid, "name": name, "tensor_count": len(ids), "bytes": source.nbytes,
+               "source": str(source.path.resolve()) if source.path else None, "hub_id": hub_id,
+               "created": now()}
+        if name is not None:
+            other = self.catalog.one("SELECT id FROM bases WHERE name = ? AND id != ?", [name, bid])
+            if other:
+                raise UnsafeInput(f"base name {name!r} already names base {other['id']}; choose another name")
+        tensors = [{"base_id": bid, "name": n, "dtype": i.dtype, "shape": dumps(list(i.shape)),
+                    "tensor_id": ids[n]} for n, i in source.infos.items()]
+        self.catalog.add_base(row, tensors)
+        return self.base(bid)
+
+    def _tensor_ids(self, source: TensorSource, progress: Progress | None) -> dict[str, str]:
+        ids = {}
+        for k, name in enumerate(source.names):
+            ids[name] = tensor_id(source.get(name))
+            if progress:
+                progress(k + 1, len(source.names))
+        return ids
+
+    def bases(self) -> list[Base]:
+        return [Base.from_row(r) for r in self.catalog.bases()]
+
+    def base(self, ref: str | Base) -> Base:
+        """A base by id, id prefix (8+ hex digits) or name."""
+        if isinstance(ref, Base):
+            return ref
+        rows = self.catalog.bases()
+        exact = [r for r in rows if r["id"] == ref or r["name"] == ref]
+        if not exact and len(ref.removeprefix("b3:")) >= 8:
+            exact = [r for r in rows if r["id"].removeprefix("b3:").startswith(ref.removeprefix("b3:"))]
+        if len(exact) == 1:
+            return Base.from_row(exact[0])
+        if len(exact) > 1:
+            raise AmbiguousRef(ref, [r["id"][:19] for r in exact])
+        known = [r["name"] or r["id"][:19] for r in rows]
+        raise BaseNotFound(ref, known)
+
+    def base_tensors(self, base: str | Base) -> dict[str, dict]:
+        bid = self.base(base).id
+        return {r["name"]: r for r in self.catalog.base_tensors(bid)}
+
+    def _resolve_base(self, base: ModelLike | str | Base) -> tuple[Base, TensorSource | None]:
+        """A base record and, when the caller handed us weights, those weights."""
+        if isinstance(base, (Base,)):
+            return base, None
+        if isinstance(base, str) and not _looks_like_path(base):
+            return self.base(base), None
+        source = open_model(base)
+        ids = self._tensor_ids(source, None)
+        from .hashing import base_id as compute_base_id
+
+        bid = compute_base_id(ids.items())
+        if not self.catalog.one("SELECT 1 FROM bases WHERE id = ?", [bid]):
+            return self.add_base(source), source
+        return self.base(bid), source
+
+    def base_source(self, base: Base, weights: ModelLike | None = None) -> TensorSource:
+        """The base's weights: those given, else where `base add` found them."""
+        if weights is not None:
+            return open_model(weights)
+        if not base.source or not Path(base.source).exists():
+            raise ModelFormatError(
+                f"the weights of base {base.name or base.id[:19]} are not at {base.source or '(unknown)'} any more; "
+                "pass the base model's path (--base-path)")
+        return open_model(base.source)
+
+    # -- refs ----------------------------------------------------------------------------------
+
+    def resolve(self, ref: str | Version) -> Version:
+        """`STANCE`, `STANCE@N`, `STANCE@TAG` or a version id prefix of 8+ hex digits."""
+        if isinstance(ref, Version):
+            return ref
+        stance, at, rest = ref.partition("@")
+        if at:
+            if rest.isdigit():
+                row = self.catalog.one("SELECT * FROM versions WHERE stance = ? AND number = ?", [stance, int(rest)])
+            else:
+                tag = self.catalog.one("SELECT version_id FROM tags WHERE stance = ? AND name = ?", [stance, rest])
+                row = self.catalog.version(tag["version_id"]) if tag else None
+            if row:
+                return self._version(row)
+            raise RefNotFound(ref, self._close_refs(ref))
+        row = self.catalog.latest(ref)
+        if row:
+            return self._version(row)
+        digits = ref.removeprefix("b3:")
+        if len(digits) >= 8 and all(c in "0123456789abcdef" for c in digits):
+            rows = self.catalog.versions_with_prefix("b3:" + digits)
+            if len(rows) == 1:
+                return self._version(rows[0])
+            if len(rows) > 1:
+                raise AmbiguousRef(ref, [f"{r['id'][3:15]} ({r['stance']}@{r['number']})" for r in rows])
+        raise RefNotFound(ref, self._close_refs(ref))
+
+    def _close_refs(self, ref: str) -> list[str]:
+        names = [s["name"] for s in self.catalog.stances()]
+        names += [f"{t['stance']}@{t['name']}" for t in self.catalog.tags()]
+        return difflib.get_close_matches(ref, names, n=3, cutoff=0.5)
+
+    def _version(self, row: dict) -> Version:
+        tags = tuple(t["name"] for t in self.catalog.tags(row["id"]))
+        return Version.from_manifest(row["id"], json.loads(row["manifest"]), tags=tags, bytes=row["bytes"])
+
+    def log(self, stance: str | None = None, *, where: Mapping[str, str] | None = None) -> list[Version]:
+        if stance is not None and not self.catalog.one("SELECT 1 FROM stances WHERE name = ?", [stance]):
+            raise RefNotFound(stance, self._close_refs(stance))
+        return [self._version(r) for r in self.catalog.versions(stance, where=dict(where or {}))]
+
+    def stances(self) -> list[dict]:
+        return self.catalog.stances()
+
+    def tag(self, ref: str | Version, name: str) -> Version:
+        version = self.resolve(ref)
+        if not TAG_NAME.match(name) or name.isdigit():
+            raise UnsafeInput(f"tag {name!r} is not allowed: letters, digits, '.', '_', '-', not all digits")
+        self.catalog.set_tag(version.stance, name, version.id)
+        return self.resolve(version.id)
+
+    # -- commit --------------------------------------------------------------------------------
+
+    def commit(self, stance: str, model: ModelLike, *, base: ModelLike | str | Base,
+               encoding: str = "lossless", encoding_for: list[tuple[str, str]] | None = None,
+               encoding_options: Mapping[str, Any] | None = None,
+               include: str | None = None, exclude: str | None = None, top_k: int | None = None,
+               min_rel_change: float | None = None, energy: float | None = None,
+               message: str = "", metadata: Mapping[str, str] | None = None, tag: str | None = None,
+               base_weights: ModelLike | None = None, progress: Progress | None = None) -> CommitResult:
+        """Store `model` as the next version of `stance`, as deltas against `base`."""
+        from .commit import build_entries
+
+        check_stance_name(stance)
+        if tag is not None and (not TAG_NAME.match(tag) or tag.isdigit()):
+            raise UnsafeInput(f"tag {tag!r} is not allowed: letters, digits, '.', '_', '-', not all digits")
+        metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+        base_rec, given = self._resolve_base(base)
+        base_src = given or self.base_source(base_rec, base_weights)
+        target = open_model(model)
+        token = uuid.uuid4().hex
+        try:
+            built = build_entries(self, base_rec, base_src, target, token=token, encoding=encoding,
+                                  encoding_for=encoding_for, encoding_options=dict(encoding_options or {}),
+                                  include=include, exclude=exclude, top_k=top_k,
+                                  min_rel_change=min_rel_change, energy=energy, progress=progress)
+            if not built.entries and not built.unchanged:
+                raise NothingToCommit("the model has no tensors")
+            version = self._land(stance, base_rec, built, encoding, message, metadata, tag, token)
+        finally:
+            # Whether it landed or not, this commit no longer needs its objects shielded from gc.
+            self.catalog.drop_pending(token)
+        return CommitResult(version, len(built.entries), built.unchanged, version.bytes, built.bytes_new,
+                            tuple(built.left_out), built.left_out_energy_fraction)
+
+    def _land(self, stance: str, base: Base, built: Any, encoding: str, message: str,
+              metadata: dict[str, str], tag: str | None, token: str) -> Version:
+        created = now()
+        with self.catalog.transaction():
+            latest = self.catalog.latest(stance)
+            number = (latest["number"] + 1) if latest else 1
+            m = manifest(stance=stance, number=number, parent=latest["id"] if latest else None,
+                         base_id=base.id, encoding=encoding, selection=built.selection, message=message,
+                         metadata=metadata, created=created, tensors=built.entries)
+            self._insert_version(m, sizes=built.sizes)
+            vid = manifest_id(m)
+            if tag:
+                self.catalog.db["tags"].insert({"stance": stance, "name": tag, "version_id": vid,
+                                                "created": created}, replace=True)
+            self.catalog.conn.execute("DELETE FROM pending WHERE token = ?", [token])
+        return self.resolve(vid)
+
+    def _insert_version(self, m: dict, *, sizes: Mapping[str, int]) -> str:
+        """Inside a transaction: index one manifest's version, entries and objects."""
+        vid = manifest_id(m)
+        text = canonical_json(m).decode()
+        entries, links, objects = [], [], {}
+        total = 0
+        for t in m["tensors"]:
+            entry_bytes = 0
+            for part, o in t["objects"].items():
+                links.append({"version_id": vid, "name": t["name"], "part": part, "object_id": o["id"]})
+                size = sizes[o["id"]]
+                objects[o["id"]] = {"id": o["id"], "size": size, "raw_size": o["size"], "created": m["created"]}
+                entry_bytes += size
+            total += entry_bytes
+            entries.append({
+                "version_id": vid, "name": t["name"], "dtype": t["dtype"], "shape": dumps(t["shape"]),
+                "encoding": t["encoding"], "base_tensor_id": t["base"], "target_tensor_id": t["target"],
+                "result_tensor_id": t["result"], "rel_change": t["rel_change"], "rel_error": t["rel_error"],
+                "bytes": entry_bytes})
+        row = {"id": vid, "stance": m["stance"], "number": m["number"], "parent": m["parent"],
+               "base_id": m["base"], "encoding": m["encoding"], "message": m["message"],
+               "created": m["created"], "tensors": len(entries), "bytes": total, "manifest": text}
+        self.catalog.insert_version(row, entries, links, list(objects.values()), m["metadata"])
+        return vid
+
+    # -- reading versions back -----------------------------------------------------------------
+
+    def decode_entry(self, entry: TensorEntry, base_tensor: torch.Tensor | None) -> torch.Tensor:
+        """The tensor apply produces for one entry, from verified objects."""
+        parts = {part: self.objects.get(o.id, raw_size=o.size) for part, o in entry.objects.items()}
+        enc = encodings.from_params(entry.encoding, entry.params)
+        base = base_tensor if base_tensor is not None else torch.empty(0)
+        return enc.decode(base, encodings.Encoded(parts, entry.params), dtype=DTYPES[entry.dtype],
+                          shape=entry.shape)
+
+    def tensors(self, ref: str | Version, *, base_weights: ModelLike | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor of the fine-tuned model a version describes, one at a time, verified."""
+        version = self.resolve(ref)
+        base = self.base(version.base_id)
+        source = self.base_source(base, base_weights)
+        expected = self.base_tensors(base)
+        entries = {e.name: e for e in version.tensors}
+        for name in sorted(set(expected) | set(entries)):
+            base_tensor = None
+            if name in expected:
+                base_tensor = source.get(name) if name in source else None
+                if base_tensor is None or tensor_id(base_tensor) != expected[name]["tensor_id"]:
+                    raise BaseMismatch(base.id, None, [name], "the base weights changed since `base add`")
+            entry = entries.get(name)
+            if entry is None:
+                yield name, base_tensor
+                continue
+            result = self.decode_entry(entry, base_tensor)
+            if tensor_id(result) != entry.result_tensor_id:
+                raise DeltastoreError(f"tensor {name!r} of {version.ref} decodes to other bytes than at commit; "
+                                      "the version's objects or this machine's arithmetic differ")
+            yield name, result
+
+    # -- apply on a live module (see apply.py) --------------------------------------------------
+
+    def apply(self, module: torch.nn.Module, ref: str | Version, *, strict: bool = True):
+        from .apply import apply_module
+
+        handle = apply_module(self, module, self.resolve(ref), strict=strict)
+        self._applied[id(module)] = handle
+        return handle
+
+    def revert(self, module: torch.nn.Module) -> None:
+        handle = self._applied.pop(id(module), None)
+        if handle is not None:
+            handle.revert()
+
+    def switch(self, module: torch.nn.Module, ref: str | Version | None):
+        """Revert whatever this store applied to `module`, then apply `ref` (None: stay at base)."""
+        from .apply import apply_module
+
+        version = self.resolve(ref) if ref is not None else None
+        previous = self._applied.pop(id(module), None)
+        if previous is not None:
+            previous.revert()
+        if version is None:
+            return None
+        try:
+            handle = apply_module(self, module, version)
+        except BaseException:
+            # The module is at its base again; put the previous stance back before failing.
+            if previous is not None:
+                self._applied[id(module)] = apply_module(self, module, previous.version)
+            raise
+        self._applied[id(module)] = handle
+        return handle
+
+    @contextmanager
+    def applied(self, module: torch.nn.Module, ref: str | Version) -> Iterator[Any]:
+        handle = self.apply(module, ref)
+        try:
+            yield handle
+        finally:
+            handle.revert()
+            self._applied.pop(id(module), None)
+
+
+def _looks_like_path(text: str) -> bool:
+    return os.sep in text or text.endswith(".safetensors") or Path(text).exists()
