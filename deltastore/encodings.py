@@ -8,12 +8,14 @@ addresses every part. Adding an encoding is one class and one `register` line.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 import torch
 
+from . import quantize as Q
 from .errors import EncodingError
 from .hashing import DTYPES, dtype_name
 
@@ -125,43 +127,251 @@ def _check_size(data: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) 
     return data
 
 
+# -- lossy encodings -----------------------------------------------------------------------
+# The arithmetic and byte layouts live in quantize.py; these classes hold the options, check
+# the tensor, and fix how apply's result is formed: (base in float32 + decoded dW), rounded
+# once to the target's dtype. Decoding is elementwise or float64, so the result's bytes
+# depend only on the parts and the base.
+
+
+def _delta(base: torch.Tensor, target: torch.Tensor, spec: str) -> torch.Tensor:
+    if tuple(base.shape) != tuple(target.shape):
+        raise EncodingError(f"{spec} needs a base and target of one shape, got {tuple(base.shape)} "
+                            f"and {tuple(target.shape)}; keep this tensor lossless")
+    if not (base.is_floating_point() and target.is_floating_point()):
+        raise EncodingError(f"{spec} needs floating-point tensors, got {base.dtype} and {target.dtype}; "
+                            "keep this tensor lossless")
+    dw = target.detach().to("cpu", torch.float32) - base.detach().to("cpu", torch.float32)
+    if not bool(torch.isfinite(dw).all()):
+        raise EncodingError(f"the delta has inf or nan values, which {spec} cannot hold; keep this tensor lossless")
+    return dw
+
+
+class _Delta(Encoding):
+    """A lossy encoding of dW = target - base, computed in float32."""
+
+    def encode(self, base: torch.Tensor, target: torch.Tensor) -> Encoded:
+        parts, params = self._encode(_delta(base, target, self.spec), tuple(target.shape))
+        return Encoded(dict(parts), params)
+
+    def decode(self, base: torch.Tensor, encoded: Encoded, *, dtype: torch.dtype,
+               shape: tuple[int, ...]) -> torch.Tensor:
+        shape = tuple(int(d) for d in shape)
+        if tuple(base.shape) != shape:
+            raise EncodingError(f"{self.spec} needs a base of shape {shape}, got {tuple(base.shape)}")
+        b = base.detach()
+        dw = self._decode(encoded, shape).reshape(shape).to(b.device)
+        return dw.add_(b).to(dtype)
+
+    def _encode(self, dw: torch.Tensor, shape: tuple[int, ...]) -> tuple[Q.Parts, dict[str, Any]]:
+        raise NotImplementedError
+
+    def _decode(self, encoded: Encoded, shape: tuple[int, ...]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _whole(value: Any, option: str, allowed: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise EncodingError(f"{option} must be {allowed}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class _Absmax(_Delta):
+    bits: ClassVar[int]
+    group_size: int = 64
+
+    def __post_init__(self) -> None:
+        _whole(self.group_size, "group_size", "a positive whole number of elements per scale (default 64)")
+
+    def _encode(self, dw: torch.Tensor, shape: tuple[int, ...]) -> tuple[Q.Parts, dict[str, Any]]:
+        return Q.absmax_encode(dw, bits=self.bits, group_size=self.group_size)
+
+    def _decode(self, encoded: Encoded, shape: tuple[int, ...]) -> torch.Tensor:
+        return Q.absmax_decode(encoded.parts, encoded.params, bits=self.bits, numel=math.prod(shape))
+
+
+@dataclass(frozen=True)
+class Int8(_Absmax):
+    """int8 codes and one fp16 scale per `group_size` elements. Parts `codes`, `scales`;
+    params `group_size`, `scale_exp` (layout: quantize.py)."""
+
+    name = "int8"
+    bits = 8
+
+
+@dataclass(frozen=True)
+class Int4(_Absmax):
+    """int4 codes q in [-7, 7] stored as q + 8, two per byte, element 2i in the LOW nibble and
+    2i+1 in the high nibble (an odd count pads with 8); one fp16 scale per `group_size`
+    elements. Parts `codes`, `scales`; params `group_size`, `scale_exp`."""
+
+    name = "int4"
+    bits = 4
+
+
+@dataclass(frozen=True)
+class _Bnb(_Delta):
+    quant_type: ClassVar[str]
+    blocksize: int = 64
+
+    def __post_init__(self) -> None:
+        if self.blocksize not in Q.BNB_BLOCKSIZES or isinstance(self.blocksize, bool):
+            raise EncodingError(f"blocksize must be one of {', '.join(map(str, Q.BNB_BLOCKSIZES))} "
+                                f"(bitsandbytes' block sizes), got {self.blocksize!r}")
+
+    def _encode(self, dw: torch.Tensor, shape: tuple[int, ...]) -> tuple[Q.Parts, dict[str, Any]]:
+        return Q.bnb_encode(dw, quant_type=self.quant_type, blocksize=self.blocksize)
+
+    def _decode(self, encoded: Encoded, shape: tuple[int, ...]) -> torch.Tensor:
+        return Q.bnb_decode(encoded.parts, encoded.params, quant_type=self.quant_type, numel=math.prod(shape))
+
+
+@dataclass(frozen=True)
+class NF4(_Bnb):
+    """bitsandbytes NF4 of the flattened delta: parts `data` (packed, element 2i in the HIGH
+    nibble), `absmax` (float32 per block), `code` (the float32 table); params `quant_type`,
+    `blocksize`, `quant_shape`, `quant_dtype`: the QuantState decoding rebuilds."""
+
+    name = "nf4"
+    quant_type = "nf4"
+
+
+@dataclass(frozen=True)
+class FP4(_Bnb):
+    """bitsandbytes FP4; the same parts and params as NF4."""
+
+    name = "fp4"
+    quant_type = "fp4"
+
+
+def _rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
+    if len(shape) < 2:
+        return 1, math.prod(shape)
+    return shape[0], math.prod(shape[1:])
+
+
+@dataclass(frozen=True)
+class OneBit(_Delta):
+    """The sign of dW, 8 per byte, least significant bit first (1 = positive), and one fp16
+    scale per row (dimension 0), the row's mean |dW|. Parts `signs`, `scales`; param `scale_exp`."""
+
+    name = "1bit"
+
+    def _encode(self, dw: torch.Tensor, shape: tuple[int, ...]) -> tuple[Q.Parts, dict[str, Any]]:
+        return Q.sign_encode(dw.reshape(_rows_cols(shape)))
+
+    def _decode(self, encoded: Encoded, shape: tuple[int, ...]) -> torch.Tensor:
+        rows, cols = _rows_cols(shape)
+        return Q.sign_decode(encoded.parts, encoded.params, rows=rows, cols=cols)
+
+
+@dataclass(frozen=True)
+class LowRank(_Delta):
+    """The best rank-R approximation of a 2-D dW: parts `us` (U*S * 2**-scale_exp, m x R) and
+    `vh` (R x n), row-major in `dtype` (bf16, fp16 or fp32); params `rank`, `dtype`, `scale_exp`."""
+
+    name = "lowrank"
+    rank: int = 32
+    dtype: str = "bf16"
+
+    def __post_init__(self) -> None:
+        _whole(self.rank, "the rank of lowrank:R", "a positive whole number, e.g. lowrank:32")
+        dtype = self.dtype.lower() if isinstance(self.dtype, str) else self.dtype
+        if dtype not in Q.FACTOR_DTYPES:
+            raise EncodingError(f"dtype of lowrank must be one of {', '.join(Q.FACTOR_DTYPES)}, got {self.dtype!r}")
+        object.__setattr__(self, "dtype", dtype)
+
+    @property
+    def spec(self) -> str:
+        return f"lowrank:{self.rank}"
+
+    def _encode(self, dw: torch.Tensor, shape: tuple[int, ...]) -> tuple[Q.Parts, dict[str, Any]]:
+        if len(shape) != 2:
+            raise EncodingError(f"{self.spec} needs a 2-D tensor, got shape {shape}; keep this tensor lossless")
+        largest = min(shape)
+        if self.rank > largest:
+            raise EncodingError(f"{self.spec} is more than a {shape[0]}x{shape[1]} tensor can hold; "
+                                f"the rank must be at most {largest} (lowrank:{largest})")
+        return Q.lowrank_encode(dw, rank=self.rank, dtype=self.dtype)
+
+    def _decode(self, encoded: Encoded, shape: tuple[int, ...]) -> torch.Tensor:
+        if len(shape) != 2:
+            raise EncodingError(f"{self.spec} decodes only 2-D tensors, the entry declares shape {shape}")
+        return Q.lowrank_decode(encoded.parts, encoded.params, rows=shape[0], cols=shape[1])
+
+
 # -- registry ------------------------------------------------------------------------------
 
+Factory = Callable[[str | None, dict[str, Any]], Encoding]
+
 #: name -> factory(argument after the colon or None, options) -> Encoding
-_REGISTRY: dict[str, Callable[[str | None, dict[str, Any]], Encoding]] = {}
+_REGISTRY: dict[str, Factory] = {}
+#: name -> the options its factory takes (and its encoded params record)
+_OPTIONS: dict[str, tuple[str, ...]] = {}
 
 
-def register(name: str, factory: Callable[[str | None, dict[str, Any]], Encoding]) -> None:
+def register(name: str, factory: Factory, options: tuple[str, ...] = ()) -> None:
     _REGISTRY[name] = factory
+    _OPTIONS[name] = tuple(options)
 
 
 def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def option_names(spec: str) -> tuple[str, ...]:
+    """The options the encoding a spec names takes (`group_size` for `int4`)."""
+    return _OPTIONS.get(spec.partition(":")[0], ())
+
+
 def get(spec: str, **options: Any) -> Encoding:
-    """The encoding a spec names: `lossless`, `int4`, `lowrank:32`, ..."""
+    """The encoding a spec names: `lossless`, `int4`, `lowrank:32`, ...
+
+    Options set to None count as not given. An option that only other encodings take is
+    ignored, so that one set of command-line options can go with every tensor's spec; a name
+    that no encoding takes is an error.
+    """
     name, _, arg = spec.partition(":")
     factory = _REGISTRY.get(name)
     if factory is None:
-        raise EncodingError(f"unknown encoding {spec!r}; known: {', '.join(names())}")
-    return factory(arg or None, options)
+        raise EncodingError(f"unknown encoding {spec!r}; known: {', '.join(names())} (lowrank as lowrank:R)")
+    given = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(k for k in given if not any(k in opts for opts in _OPTIONS.values()))
+    if unknown:
+        known = "; ".join(f"{', '.join(opts)} ({n})" for n, opts in sorted(_OPTIONS.items()) if opts)
+        raise EncodingError(f"unknown encoding option {', '.join(unknown)}; known options: {known}")
+    return factory(arg or None, {k: v for k, v in given.items() if k in _OPTIONS[name]})
 
 
-def from_params(spec: str, params: dict[str, Any]) -> Encoding:
+def from_params(spec: str, params: Mapping[str, Any]) -> Encoding:
     """The encoding that decodes an entry, rebuilt from what its manifest recorded."""
-    return get(spec, **{k: v for k, v in params.items() if k in ("group_size", "blocksize")})
+    return get(spec, **{k: params[k] for k in option_names(spec) if k in params})
 
 
-def _no_arg(cls: type[Encoding]) -> Callable[[str | None, dict[str, Any]], Encoding]:
+def _no_arg(cls: Callable[..., Encoding]) -> Factory:
     def factory(arg: str | None, options: dict[str, Any]) -> Encoding:
         if arg is not None:
             raise EncodingError(f"encoding {cls.name!r} takes no argument (got {cls.name}:{arg})")
-        return cls()
+        return cls(**options)
     return factory
 
 
-register("lossless", _no_arg(Lossless))
+def _lowrank(arg: str | None, options: dict[str, Any]) -> Encoding:
+    if arg is None or not arg.isdigit() or int(arg) <= 0:
+        shown = "lowrank" if arg is None else f"lowrank:{arg}"
+        raise EncodingError(f"{shown}: lowrank needs a positive whole rank, as lowrank:R (e.g. lowrank:32)")
+    return LowRank(int(arg), **options)
 
-__all__ = ["Encoded", "Encoding", "Lossless", "get", "from_params", "names", "register",
-           "byte_group", "byte_ungroup", "DTYPES", "dtype_name"]
+
+register("lossless", _no_arg(Lossless))
+register("int8", _no_arg(Int8), ("group_size",))
+register("int4", _no_arg(Int4), ("group_size",))
+register("nf4", _no_arg(NF4), ("blocksize",))
+register("fp4", _no_arg(FP4), ("blocksize",))
+register("1bit", _no_arg(OneBit))
+register("lowrank", _lowrank, ("dtype",))
+
+__all__ = ["Encoded", "Encoding", "Lossless", "Int8", "Int4", "NF4", "FP4", "OneBit", "LowRank",
+           "get", "from_params", "names", "option_names", "register", "byte_group", "byte_ungroup",
+           "DTYPES", "dtype_name"]

@@ -14,11 +14,10 @@ class DeltastoreError(Exception):
 
 
 class StoreNotFound(DeltastoreError, FileNotFoundError):
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, searched_up: bool = False):
         self.path = path
-        super().__init__(
-            f"no deltastore store at {path} or above it; run `deltastore init` to create one"
-        )
+        where = f"at {path} or above it" if searched_up else f"at {path}"
+        super().__init__(f"no deltastore store {where}; run `deltastore init` to create one")
 
 
 class StoreExists(DeltastoreError, FileExistsError):

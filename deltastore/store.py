@@ -29,7 +29,7 @@ from .catalog import Catalog, dumps, now
 from .errors import (AmbiguousRef, BaseMismatch, BaseNotFound, DeltastoreError, ModelFormatError,
                      NothingToCommit, RefNotFound, StoreExists, StoreNotFound, UnsafeInput)
 from .hashing import DTYPES, manifest_id, tensor_id, canonical_json
-from .models import TensorSource, open_model
+from .models import TensorInfo, TensorSource, open_model
 from .objects import ObjectStore
 from .records import Base, CommitResult, ObjectRef, TensorEntry, Version, manifest, parse_manifest
 
@@ -51,7 +51,7 @@ def find_store(start: str | os.PathLike | None = None) -> Path:
     for folder in (here, *here.parents):
         if (folder / DEFAULT_DIR / STORE_FILE).is_file():
             return folder / DEFAULT_DIR
-    raise StoreNotFound(str(here))
+    raise StoreNotFound(str(here), searched_up=True)
 
 
 def check_stance_name(name: str) -> str:
@@ -325,28 +325,101 @@ class Store:
         return enc.decode(base, encodings.Encoded(parts, entry.params), dtype=DTYPES[entry.dtype],
                           shape=entry.shape)
 
-    def tensors(self, ref: str | Version, *, base_weights: ModelLike | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor of the fine-tuned model a version describes, one at a time, verified."""
+    def materialize(self, ref: str | Version, *, base_weights: ModelLike | None = None
+                    ) -> tuple[dict[str, TensorInfo], Callable[[str], torch.Tensor]]:
+        """The fine-tuned model a version describes: every tensor's description, and a function
+        that produces one tensor at a time, verified against the ids recorded at commit."""
         version = self.resolve(ref)
         base = self.base(version.base_id)
         source = self.base_source(base, base_weights)
         expected = self.base_tensors(base)
         entries = {e.name: e for e in version.tensors}
+        missing = sorted(n for n in expected if n not in source)
+        if missing:
+            raise BaseMismatch(base.id, None, missing, "the base weights lack these tensors")
+        infos = {}
         for name in sorted(set(expected) | set(entries)):
+            info = source.infos.get(name)
+            entry = entries.get(name)
+            if entry is not None:
+                infos[name] = TensorInfo(name, entry.dtype, tuple(entry.shape), info.file if info else None)
+            else:
+                infos[name] = info
+
+        def tensor(name: str) -> torch.Tensor:
             base_tensor = None
             if name in expected:
-                base_tensor = source.get(name) if name in source else None
-                if base_tensor is None or tensor_id(base_tensor) != expected[name]["tensor_id"]:
-                    raise BaseMismatch(base.id, None, [name], "the base weights changed since `base add`")
+                base_tensor = source.get(name)
+                if tensor_id(base_tensor) != expected[name]["tensor_id"]:
+                    raise BaseMismatch(base.id, None, [name], "the base weights differ from those registered")
             entry = entries.get(name)
             if entry is None:
-                yield name, base_tensor
-                continue
+                return base_tensor
             result = self.decode_entry(entry, base_tensor)
             if tensor_id(result) != entry.result_tensor_id:
                 raise DeltastoreError(f"tensor {name!r} of {version.ref} decodes to other bytes than at commit; "
                                       "the version's objects or this machine's arithmetic differ")
-            yield name, result
+            return result
+        return infos, tensor
+
+    def tensors(self, ref: str | Version, *, base_weights: ModelLike | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor of the fine-tuned model a version describes, one at a time, verified."""
+        infos, tensor = self.materialize(ref, base_weights=base_weights)
+        for name in infos:
+            yield name, tensor(name)
+
+    def export(self, ref: str | Version, out: str | os.PathLike, *, base_weights: ModelLike | None = None,
+               progress: Progress | None = None) -> Path:
+        """Write the full fine-tuned model (base + delta) as a Hugging Face model folder."""
+        from .patch import write_model
+
+        version = self.resolve(ref)
+        base = self.base(version.base_id)
+        source = self.base_source(base, base_weights)
+        infos, tensor = self.materialize(version, base_weights=source)
+        return write_model(Path(out), infos, tensor, files_from=source.folder, progress=progress)
+
+    def apply_files(self, ref: str | Version, target: str | os.PathLike):
+        """Patch a model file or folder in place, journalled so that `revert_files` undoes it."""
+        from .patch import apply_in_place
+
+        self._writable()
+        return apply_in_place(self, self.resolve(ref), Path(target))
+
+    def revert_files(self, target: str | os.PathLike):
+        from .patch import revert_in_place
+
+        self._writable()
+        return revert_in_place(self, Path(target))
+
+    # -- maintenance (see maintenance.py) -------------------------------------------------------
+
+    def fsck(self, *, read_data: bool = False, repair: bool = False):
+        from .maintenance import fsck
+
+        return fsck(self, read_data=read_data, repair=repair)
+
+    def gc_plan(self):
+        from .maintenance import gc_plan
+
+        return gc_plan(self)
+
+    def gc(self, plan=None):
+        from .maintenance import gc
+
+        self._writable()
+        return gc(self, plan)
+
+    def stats(self):
+        from .maintenance import stats
+
+        return stats(self)
+
+    def _writable(self) -> None:
+        if self.readonly:
+            from .errors import ReadOnlyStore
+
+            raise ReadOnlyStore(str(self.root))
 
     # -- apply on a live module (see apply.py) --------------------------------------------------
 

@@ -1,0 +1,354 @@
+"""`deltastore` commands. Each parses its options, makes one library call and renders the
+result; library errors become one-line messages (exit 1), tracebacks only with
+DELTASTORE_DEBUG=1."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from deltastore import DeltastoreError, Store
+from deltastore.store import DEFAULT_DIR, find_store
+
+from .output import emit_json, progress, size, table
+
+
+class DeltastoreGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DeltastoreError as e:
+            if os.environ.get("DELTASTORE_DEBUG") == "1":
+                raise
+            raise click.ClickException(str(e)) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+            raise
+        except OSError as e:
+            if os.environ.get("DELTASTORE_DEBUG") == "1":
+                raise
+            raise click.ClickException(f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")) from None
+
+
+def json_option(f: Callable) -> Callable:
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON value on stdout.")(f)
+
+
+def with_store(f: Callable) -> Callable:
+    """Open the store the group's --store (or $DELTASTORE_DIR, or the nearest .deltastore/) names."""
+    @functools.wraps(f)
+    @click.pass_context
+    def wrapper(ctx: click.Context, *args: Any, **kwargs: Any) -> Any:
+        path = ctx.find_root().params.get("store")
+        store = Store.open(path if path else find_store())
+        ctx.call_on_close(store.close)
+        return f(store, *args, **kwargs)
+    return wrapper
+
+
+def parse_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
+    out = {}
+    for v in values:
+        key, eq, value = v.partition("=")
+        if not eq or not key:
+            raise click.BadParameter(f"{v!r} is not KEY=VALUE", param_hint=option)
+        out[key] = value
+    return out
+
+
+@click.group(cls=DeltastoreGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--store", type=click.Path(file_okay=False), envvar=None,
+              help="Store folder (default: $DELTASTORE_DIR, else the nearest .deltastore/ upwards).")
+@click.version_option(package_name="deltastore")
+def cli(store: str | None) -> None:
+    """Store, version, apply and share fine-tuning deltas of PyTorch language models."""
+
+
+@cli.command()
+@click.argument("directory", required=False, type=click.Path(file_okay=False))
+@json_option
+@click.pass_context
+def init(ctx: click.Context, directory: str | None, as_json: bool) -> None:
+    """Create a store (default: ./.deltastore)."""
+    path = directory or ctx.find_root().params.get("store") or DEFAULT_DIR
+    store = Store.init(path)
+    store.close()
+    if as_json:
+        emit_json({"store": str(Path(path).absolute())})
+    else:
+        click.echo(f"created store {path}")
+
+
+@cli.group()
+def base() -> None:
+    """Register and list base models."""
+
+
+@base.command("add")
+@click.argument("model", type=click.Path())
+@click.option("--name", help="A name to refer to the base by.")
+@click.option("--hub-id", help="The base's Hugging Face Hub id (for model cards).")
+@json_option
+@with_store
+def base_add(store: Store, model: str, name: str | None, hub_id: str | None, as_json: bool) -> None:
+    """Register a base: MODEL is a .safetensors file or a model folder. Prints its base id."""
+    with progress("hashing", enabled=not as_json) as cb:
+        b = store.add_base(model, name=name, hub_id=hub_id, progress=cb)
+    if as_json:
+        emit_json(b)
+    else:
+        click.echo(b.id)
+
+
+@base.command("list")
+@json_option
+@with_store
+def base_list(store: Store, as_json: bool) -> None:
+    """Bases with ids, names, tensor counts and bytes."""
+    bases = store.bases()
+    if as_json:
+        return emit_json(bases)
+    table([[b.id[:19], b.name, b.tensor_count, size(b.bytes), b.source] for b in bases],
+          ["id", "name", "tensors", "bytes", "source"])
+
+
+@cli.command()
+@click.argument("stance")
+@click.argument("model", type=click.Path())
+@click.option("--base", "base_ref", required=True, help="Base name, id prefix or model path.")
+@click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
+@click.option("--encoding", default="lossless", show_default=True, help="How to store each tensor delta.")
+@click.option("--encoding-for", "encoding_for", multiple=True, metavar="REGEX=ENCODING",
+              help="A different encoding for tensors whose name matches REGEX (repeatable).")
+@click.option("--group-size", type=int, help="Group size of int8/int4 (default 64).")
+@click.option("--include", help="Store only tensors whose name matches this regex.")
+@click.option("--exclude", help="Leave out tensors whose name matches this regex.")
+@click.option("--top-k", type=int, help="Store only the K most-changed tensors (by relative change).")
+@click.option("--min-rel-change", type=float, help="Store only tensors with ||dW||/||W|| at least this.")
+@click.option("--energy", type=float, help="Store the fewest tensors holding this fraction of the squared delta.")
+@click.option("-m", "--message", default="", help="What this version is.")
+@click.option("--meta", multiple=True, metavar="KEY=VALUE", help="User metadata (repeatable).")
+@click.option("--tag", help="Tag the new version.")
+@json_option
+@with_store
+def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str | None, encoding: str,
+           encoding_for: tuple[str, ...], group_size: int | None, include: str | None, exclude: str | None,
+           top_k: int | None, min_rel_change: float | None, energy: float | None, message: str,
+           meta: tuple[str, ...], tag: str | None, as_json: bool) -> None:
+    """Store the fine-tuned MODEL as a new version of STANCE."""
+    rules = [tuple(r.rsplit("=", 1)) for r in encoding_for]
+    if any(len(r) != 2 for r in rules):
+        raise click.BadParameter("expected REGEX=ENCODING", param_hint="--encoding-for")
+    options = {"group_size": group_size} if group_size is not None else {}
+    with progress("committing", enabled=not as_json) as cb:
+        r = store.commit(stance, model, base=base_ref, base_weights=base_path, encoding=encoding,
+                         encoding_for=rules, encoding_options=options, include=include, exclude=exclude,
+                         top_k=top_k, min_rel_change=min_rel_change, energy=energy, message=message,
+                         metadata=parse_pairs(meta, "--meta"), tag=tag, progress=cb)
+    v = r.version
+    summary = {"id": v.id, "stance": v.stance, "number": v.number, "tensors_stored": r.tensors_stored,
+               "tensors_unchanged": r.unchanged, "bytes_stored": r.bytes_stored, "bytes_new": r.bytes_new,
+               "left_out": list(r.left_out), "left_out_energy_fraction": r.left_out_energy_fraction}
+    if as_json:
+        return emit_json(summary)
+    click.echo(f"{v.ref} {v.id}")
+    click.echo(f"stored {r.tensors_stored} tensors ({r.unchanged} unchanged), {size(r.bytes_stored)} "
+               f"({size(r.bytes_new)} new)")
+    if r.left_out:
+        click.echo(f"left out {len(r.left_out)} changed tensors holding "
+                   f"{r.left_out_energy_fraction:.1%} of the squared delta")
+
+
+@cli.command()
+@json_option
+@with_store
+def stances(store: Store, as_json: bool) -> None:
+    """Stances with their newest version."""
+    rows = store.stances()
+    if as_json:
+        return emit_json(rows)
+    table([[r["name"], r["versions"], r["latest"]] for r in rows], ["stance", "versions", "newest"])
+
+
+def version_summary(v: Any) -> dict:
+    return {"id": v.id, "ref": v.ref, "stance": v.stance, "number": v.number, "parent": v.parent,
+            "base": v.base_id, "created": v.created, "message": v.message, "encoding": v.encoding,
+            "tensors": len(v.tensors), "bytes": v.bytes, "tags": list(v.tags), "metadata": v.metadata}
+
+
+@cli.command()
+@click.argument("stance", required=False)
+@click.option("--where", multiple=True, metavar="KEY=VALUE", help="Only versions with this metadata.")
+@json_option
+@with_store
+def log(store: Store, stance: str | None, where: tuple[str, ...], as_json: bool) -> None:
+    """Versions, newest first."""
+    versions = store.log(stance, where=parse_pairs(where, "--where"))
+    if as_json:
+        return emit_json([version_summary(v) for v in versions])
+    table([[v.ref, v.short_id, v.created[:19].replace("T", " "), v.encoding, len(v.tensors), size(v.bytes),
+            ",".join(v.tags), v.message] for v in versions],
+          ["version", "id", "created", "encoding", "tensors", "bytes", "tags", "message"])
+
+
+@cli.command()
+@click.argument("ref")
+@json_option
+@with_store
+def show(store: Store, ref: str, as_json: bool) -> None:
+    """One version, tensor by tensor."""
+    v = store.resolve(ref)
+    if as_json:
+        return emit_json({**version_summary(v), "selection": v.selection,
+                          "tensor_entries": [e.to_manifest() for e in v.tensors]})
+    click.echo(f"version  {v.ref}  {v.id}")
+    click.echo(f"base     {v.base_id}")
+    click.echo(f"created  {v.created}")
+    if v.parent:
+        click.echo(f"parent   {v.parent}")
+    if v.tags:
+        click.echo(f"tags     {', '.join(v.tags)}")
+    if v.message:
+        click.echo(f"message  {v.message}")
+    for k, val in v.metadata.items():
+        click.echo(f"meta     {k}={val}")
+    if v.selection:
+        click.echo(f"selection {json.dumps(v.selection, sort_keys=True)}")
+    click.echo(f"tensors  {len(v.tensors)}, {size(v.bytes)}")
+    click.echo()
+    table([[e.name, e.dtype, "x".join(map(str, e.shape)), e.encoding,
+            "-" if e.rel_change is None else f"{e.rel_change:.3g}",
+            "-" if e.rel_error is None else f"{e.rel_error:.3g}"] for e in v.tensors],
+          ["tensor", "dtype", "shape", "encoding", "rel change", "rel error"])
+
+
+@cli.command()
+@click.argument("ref")
+@click.argument("name")
+@json_option
+@with_store
+def tag(store: Store, ref: str, name: str, as_json: bool) -> None:
+    """Name a version (REF@NAME then refers to it)."""
+    v = store.tag(ref, name)
+    if as_json:
+        return emit_json({"id": v.id, "ref": v.ref, "tag": name})
+    click.echo(f"{v.stance}@{name} -> {v.ref} {v.short_id}")
+
+
+@cli.command()
+@click.argument("ref")
+@click.argument("target", type=click.Path())
+@click.option("--out", type=click.Path(file_okay=False), help="Write the patched model here instead of in place.")
+@json_option
+@with_store
+def apply(store: Store, ref: str, target: str, out: str | None, as_json: bool) -> None:
+    """Apply a version to TARGET, a model file or folder of the version's base.
+
+    Without --out, TARGET's safetensors files are patched in place, journalled in the store so
+    that `deltastore revert TARGET` restores them exactly, even after a crash."""
+    if out:
+        with progress("writing", enabled=not as_json) as cb:
+            path = store.export(ref, out, base_weights=target, progress=cb)
+        result = {"ref": store.resolve(ref).ref, "out": str(path)}
+        return emit_json(result) if as_json else click.echo(f"wrote {path}")
+    j = store.apply_files(ref, target)
+    if as_json:
+        return emit_json(j)
+    click.echo(f"applied {store.resolve(j.version_id).ref} to {target} ({j.regions} tensors); "
+               f"`deltastore revert {target}` undoes it")
+
+
+@cli.command()
+@click.argument("target", type=click.Path())
+@json_option
+@with_store
+def revert(store: Store, target: str, as_json: bool) -> None:
+    """Undo what apply did to TARGET, bit for bit."""
+    done = store.revert_files(target)
+    if as_json:
+        return emit_json(done)
+    for j in done:
+        click.echo(f"reverted {target} ({j.regions} tensors back to the base)")
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="A new folder.")
+@click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
+@json_option
+@with_store
+def export(store: Store, ref: str, out: str, base_path: str | None, as_json: bool) -> None:
+    """Write the full fine-tuned model (base + delta) as a Hugging Face model folder."""
+    with progress("writing", enabled=not as_json) as cb:
+        path = store.export(ref, out, base_weights=base_path, progress=cb)
+    if as_json:
+        return emit_json({"ref": store.resolve(ref).ref, "out": str(path)})
+    click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.option("--read-data", is_flag=True, help="Re-hash every object.")
+@click.option("--repair", is_flag=True, help="Do what is safe: remove stale temporary files and pending rows.")
+@json_option
+@with_store
+def fsck(store: Store, read_data: bool, repair: bool, as_json: bool) -> None:
+    """Check the store: every catalog row, object and journal. Exit 1 on errors."""
+    report = store.fsck(read_data=read_data, repair=repair)
+    if as_json:
+        emit_json({"ok": report.ok, "problems": report.problems, "objects_checked": report.objects_checked,
+                   "versions_checked": report.versions_checked, "repaired": report.repaired})
+    else:
+        for line in report.repaired:
+            click.echo(f"repaired: {line}")
+        for p in report.problems:
+            where = f" (breaks {', '.join(p.versions)})" if p.versions else ""
+            click.echo(f"{'error' if p.error else 'note'}: {p.kind}: {p.message}{where}")
+        click.echo(f"{report.versions_checked} versions, {report.objects_checked} objects re-hashed: "
+                   f"{'ok' if report.ok else f'{len(report.errors)} errors'}")
+    if not report.ok:
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Only print the plan.")
+@json_option
+@with_store
+def gc(store: Store, dry_run: bool, as_json: bool) -> None:
+    """Remove objects that no version, journal or running commit references."""
+    plan = store.gc_plan()
+    if dry_run:
+        if as_json:
+            return emit_json({"dry_run": True, "objects": plan.objects, "bytes": plan.bytes})
+        for oid in plan.objects:
+            click.echo(f"would remove {oid}")
+        return click.echo(f"would free {size(plan.bytes)} in {len(plan.objects)} objects")
+    if not as_json:
+        click.echo(f"plan: remove {len(plan.objects)} objects, {size(plan.bytes)}")
+    result = store.gc(plan)
+    if as_json:
+        return emit_json({"dry_run": False, "objects": result.removed, "bytes": result.bytes_freed,
+                          "skipped": result.skipped})
+    click.echo(f"freed {size(result.bytes_freed)} in {len(result.removed)} objects")
+
+
+@cli.command()
+@json_option
+@with_store
+def stats(store: Store, as_json: bool) -> None:
+    """Bytes stored, bytes saved by dedup, per stance and per encoding."""
+    s = store.stats()
+    if as_json:
+        return emit_json(s)
+    click.echo(f"objects {s.objects}, stored {size(s.bytes_stored)}, referenced {size(s.bytes_referenced)}, "
+               f"saved by dedup {size(s.bytes_saved_by_dedup)}, catalog {size(s.catalog_bytes)}")
+    table([[k, v["versions"], size(v["bytes"])] for k, v in s.by_stance.items()], ["stance", "versions", "bytes"])
+    table([[k, v["tensors"], size(v["bytes"])] for k, v in s.by_encoding.items()], ["encoding", "tensors", "bytes"])
+
+
+def main() -> None:
+    cli(prog_name="deltastore")
