@@ -1,0 +1,187 @@
+"""How much of a fine-tune's behaviour a model still has: next-token KL and top-1 agreement.
+
+This module owns the fidelity measurement of DESIGN.md ("Fidelity"): a ``FidelityProbe`` keeps
+the fine-tuned model's next-token log-probabilities at every position of every prompt, then
+measures KL(fine-tuned || current) and top-1 agreement for whatever weights the model holds
+when asked. It also reads a prompts file and loads a Hugging Face model folder for it.
+
+It never changes a model's weights and leaves a model in the train/eval mode it found it in;
+it never loads a pickle (``.bin``/``.pt`` checkpoints), never reaches the network and never
+prints. It does not know the store: the caller puts weights into the model between
+measurements.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "Fidelity",
+    "FidelityError",
+    "FidelityProbe",
+    "load_causal_lm",
+    "read_prompts",
+]
+
+
+class FidelityError(ValueError):
+    """Fidelity cannot be measured: no prompts, no transformers, no model folder, ..."""
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """The prompts in a text file, one per line; blank lines are skipped."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FidelityError(f"prompts file {file} does not exist") from None
+    except UnicodeDecodeError as error:
+        raise FidelityError(f"prompts file {file} is not UTF-8 text: {error}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise FidelityError(f"prompts file {file} holds no prompts: write one prompt per line")
+    return prompts
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """Mean KL(reference || current) over all positions, top-1 agreement, positions counted."""
+
+    kl: float
+    top1: float
+    positions: int
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+class FidelityProbe:
+    """The reference next-token distributions of a model, to measure later weights against.
+
+    Construct it while ``model`` holds the reference (fine-tuned) weights. ``prompts`` are
+    strings (then ``tokenizer`` is required) or sequences of token ids. Each prompt runs on
+    its own, unpadded, so that padding can never change a result. ``max_tokens`` caps each
+    prompt's length: the reference keeps positions x vocabulary float32 values.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        *,
+        tokenizer: Any = None,
+        max_tokens: int = 256,
+    ) -> None:
+        if max_tokens < 1:
+            raise FidelityError(f"max_tokens must be at least 1, got {max_tokens}")
+        if not prompts:
+            raise FidelityError("fidelity needs at least one prompt")
+        self.model = model
+        self._inputs = [self._tokenize(prompt, tokenizer, max_tokens) for prompt in prompts]
+        self._reference = self._log_probs(model)
+        self._reference_top1 = [log_probs.argmax(dim=-1) for log_probs in self._reference]
+        self.positions = sum(ids.shape[-1] for ids in self._inputs)
+
+    @staticmethod
+    def _tokenize(prompt: str | Sequence[int], tokenizer: Any, max_tokens: int) -> torch.Tensor:
+        if isinstance(prompt, str):
+            if tokenizer is None:
+                raise FidelityError("text prompts need a tokenizer: pass tokenizer=...")
+            ids = tokenizer(prompt)["input_ids"]
+        else:
+            ids = prompt
+        ids = torch.as_tensor(list(ids), dtype=torch.long)[:max_tokens]
+        if ids.ndim != 1 or ids.numel() == 0:
+            raise FidelityError(f"prompt {prompt!r} gives no tokens")
+        return ids.unsqueeze(0)
+
+    def _log_probs(self, model: torch.nn.Module) -> list[torch.Tensor]:
+        was_training = model.training
+        device = _model_device(model)
+        model.eval()  # dropout off: the same weights must always give the same numbers
+        try:
+            with torch.inference_mode():
+                out = []
+                for ids in self._inputs:
+                    logits = model(input_ids=ids.to(device), use_cache=False).logits[0]
+                    out.append(torch.log_softmax(logits.float(), dim=-1))
+                return out
+        finally:
+            model.train(was_training)
+
+    def measure(self, model: torch.nn.Module | None = None) -> Fidelity:
+        """Compare the weights ``model`` (default: the probe's own model) holds now."""
+        current = self._log_probs(self.model if model is None else model)
+        kl_sum = 0.0
+        agree = 0
+        for reference, log_probs, top1 in zip(self._reference, current, self._reference_top1):
+            if log_probs.shape != reference.shape:
+                raise FidelityError(
+                    f"the model gives next-token distributions of shape {tuple(log_probs.shape)}, "
+                    f"the reference {tuple(reference.shape)}: is it the same architecture?"
+                )
+            log_probs = log_probs.to(reference.device)
+            probs = reference.exp()
+            # A token the reference gives probability 0 adds nothing, even where the current
+            # model also gives it 0 (where the plain formula would give 0 * nan).
+            terms = torch.where(probs > 0, probs * (reference - log_probs), 0.0)
+            per_position = terms.sum(dim=-1)
+            # Rounding can leave an identical distribution a hair below zero; KL never is.
+            kl_sum += math.fsum(per_position.clamp_min(0.0).double().tolist())
+            agree += int((log_probs.argmax(dim=-1) == top1).sum())
+        return Fidelity(
+            kl=kl_sum / self.positions,
+            top1=agree / self.positions,
+            positions=self.positions,
+        )
+
+
+def load_causal_lm(folder: str | Path) -> tuple[torch.nn.Module, Any]:
+    """Load a Hugging Face causal LM folder for fidelity: float32, CPU, eval mode, local only.
+
+    Only safetensors weights are read; a folder with ``.bin`` weights only is refused.
+    """
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise FidelityError(
+            f"{path} is not a Hugging Face model folder (no config.json): fidelity needs one"
+        )
+    if not any(path.glob("*.safetensors")):
+        # .bin/.pt checkpoints are pickles, which can run code when loaded: never read them.
+        raise FidelityError(
+            f"{path} holds no .safetensors weights; .bin/.pt checkpoints are never loaded: "
+            "save the model with safetensors (save_pretrained does by default)"
+        )
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise FidelityError(
+            "measuring fidelity needs transformers: pip install transformers"
+        ) from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, local_files_only=True, use_safetensors=True,
+            device_map=None,
+        )
+    except (OSError, ValueError) as error:
+        raise FidelityError(
+            f"cannot load {path} as a causal LM from safetensors weights: {error}"
+        ) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise FidelityError(f"cannot load a tokenizer from {path}: {error}") from None
+    # Older transformers ignore dtype= and newer ones may default to the checkpoint's dtype:
+    # the reference distributions must be float32 either way (bf16 -> fp32 is exact).
+    model.to(torch.float32)
+    model.eval()
+    return model, tokenizer
