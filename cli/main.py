@@ -305,9 +305,17 @@ def fsck(store: Store, read_data: bool, repair: bool, as_json: bool) -> None:
     else:
         for line in report.repaired:
             click.echo(f"repaired: {line}")
+        notes: dict[str, list] = {}
         for p in report.problems:
+            if not p.error:
+                notes.setdefault(p.kind, []).append(p)
+                continue
             where = f" (breaks {', '.join(p.versions)})" if p.versions else ""
-            click.echo(f"{'error' if p.error else 'note'}: {p.kind}: {p.message}{where}")
+            click.echo(f"error: {p.kind}: {p.message}{where}")
+        for kind, items in notes.items():
+            # Harmless findings can be many (every object a revert left for gc): one line each kind.
+            more = f" (and {len(items) - 1} more like it)" if len(items) > 1 else ""
+            click.echo(f"note: {kind}: {items[0].subject}: {items[0].message}{more}")
         click.echo(f"{report.versions_checked} versions, {report.objects_checked} objects re-hashed: "
                    f"{'ok' if report.ok else f'{len(report.errors)} errors'}")
     if not report.ok:

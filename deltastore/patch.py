@@ -154,6 +154,10 @@ def revert_in_place(store: Any, target: Path) -> list[Journal]:
             raise JournalError(f"after revert, {', '.join(bad[:5])} still differ from the base; "
                                "the journal is kept: run `deltastore fsck`")
         store.catalog.drop_journal(row["id"])
+        # The saved originals were this journal's alone; remove them now unless shared.
+        from .maintenance import GcPlan, gc
+
+        gc(store, GcPlan(tuple(sorted(originals)), 0))
         done.append(Journal(row["id"], key, row["version_id"], "reverted", len(plan["regions"])))
     return done
 
