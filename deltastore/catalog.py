@@ -246,6 +246,9 @@ class Catalog:
     def version(self, version_id: str) -> dict | None:
         return self.one("SELECT * FROM versions WHERE id = ?", [version_id])
 
+    def version_at(self, stance: str, number: int) -> dict | None:
+        return self.one("SELECT * FROM versions WHERE stance = ? AND number = ?", [stance, number])
+
     def versions(self, stance: str | None = None, *, where: dict[str, str] | None = None) -> list[dict]:
         sql = "SELECT * FROM versions"
         clauses, params = [], []

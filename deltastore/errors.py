@@ -127,3 +127,96 @@ class JournalError(DeltastoreError, RuntimeError):
 
 class NothingToCommit(DeltastoreError, ValueError):
     pass
+
+
+class VersionConflict(DeltastoreError, FileExistsError):
+    """A version made elsewhere whose stance already has its number here as another version."""
+
+    def __init__(self, stance: str, number: int, existing: str, incoming: str, where: str = "here"):
+        self.stance = stance
+        self.number = number
+        self.existing = existing
+        self.incoming = incoming
+        super().__init__(
+            f"{stance}@{number} is already version {existing[:19]} {where}, not {incoming[:19]}; "
+            "the two stores' histories of this stance differ: pull it into another store, or leave "
+            "this stance out (--stance)")
+
+
+class HubError(DeltastoreError):
+    """Talking to the Hugging Face Hub failed. Carries the repo and revision it was about."""
+
+    def __init__(self, message: str, *, repo_id: str, revision: str | None = None):
+        self.repo_id = repo_id
+        self.revision = revision
+        super().__init__(message)
+
+
+class HubRepoNotFound(HubError, FileNotFoundError):
+    def __init__(self, repo_id: str, *, endpoint: str, revision: str | None = None):
+        self.endpoint = endpoint
+        super().__init__(
+            f"no Hub repo {repo_id} at {endpoint} (or it is private and this token cannot see it); "
+            "check the id, or pass --token / set HF_TOKEN", repo_id=repo_id, revision=revision)
+
+
+class HubRevisionNotFound(HubError, LookupError):
+    def __init__(self, repo_id: str, revision: str):
+        super().__init__(
+            f"Hub repo {repo_id} has no revision {revision!r}; a version's revision is its tag, "
+            "STANCE-vN", repo_id=repo_id, revision=revision)
+
+
+class HubAccessDenied(HubError, PermissionError):
+    def __init__(self, repo_id: str, reason: str, *, revision: str | None = None, status: int | None = None):
+        self.status = status
+        self.reason = reason
+        super().__init__(
+            f"no access to Hub repo {repo_id}: {reason}; pass a token with access (--token or HF_TOKEN)",
+            repo_id=repo_id, revision=revision)
+
+
+class HubUnreachable(HubError, ConnectionError):
+    def __init__(self, repo_id: str, endpoint: str, reason: str, *, revision: str | None = None):
+        self.endpoint = endpoint
+        super().__init__(
+            f"cannot reach the Hub at {endpoint} ({reason}); check the network, or --endpoint / HF_ENDPOINT",
+            repo_id=repo_id, revision=revision)
+
+
+class HubConflict(HubError, FileExistsError):
+    """The repo holds something a push would contradict, or changed while pushing."""
+
+
+class NotADeltaRepo(HubError, ValueError):
+    def __init__(self, repo_id: str, revision: str | None, reason: str):
+        super().__init__(f"Hub repo {repo_id}{'@' + revision if revision else ''} is not a deltastore repo "
+                         f"({reason}); it must be written by `deltastore push`",
+                         repo_id=repo_id, revision=revision)
+
+
+class PulledDataRejected(HubError, UnsafeInput):
+    """Pulled data that breaks a rule: a hash, a size or a name. Nothing was stored."""
+
+    def __init__(self, repo_id: str, revision: str | None, file: str, reason: str):
+        self.file = file
+        self.reason = reason
+        super().__init__(f"refused {file} from Hub repo {repo_id}: {reason}; nothing was stored",
+                         repo_id=repo_id, revision=revision)
+
+
+class PulledBaseMissing(HubError, BaseNotFound):
+    """A pulled version is a delta against a base this store does not have."""
+
+    def __init__(self, repo_id: str, revision: str | None, ref: str, base_id: str, hub_id: str | None):
+        self.ref = ref
+        self.base = base_id
+        self.base_id = base_id
+        self.hub_id = hub_id
+        self.candidates = []
+        where = f" (Hub id {hub_id})" if hub_id else " (its Hub id is not recorded)"
+        DeltastoreError.__init__(
+            self, f"{ref} from {repo_id} is a delta against base {base_id}{where}, which this store "
+                  "does not have; register that model first with `deltastore base add MODEL`, then pull again")
+        self.repo_id = repo_id
+        self.revision = revision

@@ -146,3 +146,65 @@ class CommitResult:
     left_out: tuple[str, ...] = ()
     left_out_energy_fraction: float = 0.0
     fields: dict[str, Any] = field(default_factory=dict)
+
+
+def check_manifest(m: Any) -> Version:
+    """A manifest from outside (a pull), checked field by field before anything reads it as a
+    version: types, ids, names (no path separators or '..'), sizes. Returns the version it
+    describes, with its id computed here rather than believed."""
+    from .errors import UnsafeInput
+    from .hashing import DTYPES, is_id, manifest_id
+    from .models import check_name
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise UnsafeInput(f"manifest: {what}")
+
+    def is_int(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    need(isinstance(m, dict) and m.get("format") == MANIFEST_FORMAT, f"format must be {MANIFEST_FORMAT!r}")
+    keys = {"format", "stance", "number", "parent", "base", "encoding", "selection", "message",
+            "metadata", "created", "tensors"}
+    need(set(m) == keys, f"fields must be {sorted(keys)}")
+    from .store import STANCE_NAME
+
+    need(isinstance(m["stance"], str) and bool(STANCE_NAME.match(m["stance"])) and ".." not in m["stance"],
+         f"stance name {str(m['stance'])[:80]!r} is not allowed")
+    need(is_int(m["number"]) and 1 <= m["number"] < 1 << 31, "number must be a positive integer")
+    need(m["parent"] is None or (isinstance(m["parent"], str) and is_id(m["parent"])), "parent must be a version id")
+    need(isinstance(m["base"], str) and is_id(m["base"]), "base must be a base id")
+    need(isinstance(m["encoding"], str) and isinstance(m["message"], str) and isinstance(m["created"], str),
+         "encoding, message and created must be strings")
+    need(isinstance(m["selection"], dict), "selection must be an object")
+    need(isinstance(m["metadata"], dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in m["metadata"].items()),
+         "metadata must map strings to strings")
+    need(isinstance(m["tensors"], list), "tensors must be a list")
+    names = set()
+    for t in m["tensors"]:
+        need(isinstance(t, dict) and isinstance(t.get("name"), str), "a tensor entry without a name")
+        check_name(t["name"])
+        need(t["name"] not in names, f"tensor {t['name']!r} appears twice")
+        names.add(t["name"])
+        need(t.get("dtype") in DTYPES, f"tensor {t['name']!r}: unknown dtype")
+        need(isinstance(t.get("shape"), list) and all(is_int(d) and d >= 0 for d in t["shape"]),
+             f"tensor {t['name']!r}: malformed shape")
+        need(isinstance(t.get("encoding"), str) and isinstance(t.get("params"), dict),
+             f"tensor {t['name']!r}: malformed encoding")
+        need(isinstance(t.get("objects"), dict), f"tensor {t['name']!r}: objects must be an object")
+        for part, o in t["objects"].items():
+            check_name(part)
+            need(isinstance(o, dict) and set(o) == {"id", "size"} and isinstance(o["id"], str)
+                 and is_id(o["id"]) and is_int(o["size"]) and 0 <= o["size"] < 1 << 40,
+                 f"tensor {t['name']!r}: object {part!r} needs an id and a size")
+        need(t.get("base") is None or (isinstance(t["base"], str) and is_id(t["base"])),
+             f"tensor {t['name']!r}: base must be a tensor id")
+        need(all(isinstance(t.get(k), str) and is_id(t[k]) for k in ("target", "result")),
+             f"tensor {t['name']!r}: target and result must be tensor ids")
+        need(all(t.get(k) is None or (isinstance(t[k], (int, float)) and not isinstance(t[k], bool))
+                 for k in ("rel_change", "rel_error")), f"tensor {t['name']!r}: malformed statistics")
+    try:
+        return Version.from_manifest(manifest_id(m), m)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UnsafeInput(f"manifest: malformed ({e})") from None

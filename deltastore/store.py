@@ -27,7 +27,7 @@ import torch
 from . import encodings
 from .catalog import Catalog, dumps, now
 from .errors import (AmbiguousRef, BaseMismatch, BaseNotFound, DeltastoreError, ModelFormatError,
-                     NothingToCommit, RefNotFound, StoreExists, StoreNotFound, UnsafeInput)
+                     NothingToCommit, RefNotFound, StoreExists, StoreNotFound, UnsafeInput, VersionConflict)
 from .hashing import DTYPES, manifest_id, tensor_id, canonical_json
 from .models import TensorInfo, TensorSource, open_model
 from .objects import ObjectStore
@@ -314,6 +314,84 @@ class Store:
                "created": m["created"], "tensors": len(entries), "bytes": total, "manifest": text}
         self.catalog.insert_version(row, entries, links, list(objects.values()), m["metadata"])
         return vid
+
+    # -- versions made elsewhere (a pull, see hub.py) --------------------------------------------
+
+    def ingest(self, manifests: list[dict], payload: Callable[[str, int], bytes | memoryview]
+               ) -> list[tuple[Version, bool]]:
+        """Store versions made in another store, each keeping its id and its number; all of them
+        land in one transaction, or none does and the store is as it was.
+
+        `payload(object_id, size)` hands over an object's bytes; each is hashed again before it
+        is written. Refused before anything is written: a malformed manifest, a base this store
+        lacks, entries whose base tensors are not that base's, and a stance that already has the
+        number as another version. Returns (version, whether it is new here) per manifest."""
+        from .hashing import bytes_id
+        from .records import check_manifest
+
+        self._writable()
+        versions = [check_manifest(m) for m in manifests]
+        todo: dict[str, tuple[Version, dict]] = {}
+        for v, m in zip(versions, manifests):
+            self._check_ingest(v)
+            if self._ingest_conflict(v, todo) is None:
+                todo.setdefault(v.id, (v, m))
+        needed = {o.id: o.size for v, _ in todo.values() for e in v.tensors for o in e.objects.values()}
+        token = uuid.uuid4().hex
+        written: list[str] = []
+        landed = False
+        try:
+            self.catalog.add_pending(token, sorted(needed))
+            sizes = {}
+            for oid, size in needed.items():
+                data = payload(oid, size)
+                if len(data) != size or bytes_id(data) != oid:
+                    raise UnsafeInput(f"object {oid} does not match its id and size")
+                put = self.objects.put(data, object_id=oid)
+                sizes[oid] = put.size
+                if put.new:
+                    written.append(oid)
+            inserted = set()
+            with self.catalog.transaction():
+                for v, m in todo.values():
+                    # Another process may have landed something since the checks above.
+                    if self._ingest_conflict(v, {}) is None:
+                        self._insert_version(m, sizes=sizes)
+                        inserted.add(v.id)
+            landed = True
+        finally:
+            self.catalog.drop_pending(token)
+            if not landed:
+                self._remove_unreferenced(written)
+        return [(self.resolve(v.id), v.id in inserted) for v in versions]
+
+    def _check_ingest(self, v: Version) -> None:
+        base = self.base(v.base_id)
+        tensors = self.base_tensors(base)
+        wrong = sorted(e.name for e in v.tensors if e.base_tensor_id is not None and
+                       e.base_tensor_id != tensors.get(e.name, {}).get("tensor_id"))
+        if wrong:
+            raise BaseMismatch(base.id, None, wrong, f"{v.ref}'s entries name other base tensors than this base's")
+
+    def _ingest_conflict(self, v: Version, landing: dict[str, tuple[Version, dict]]) -> str | None:
+        """None when `v` can land; its id when it is already here. Raises when its number is taken."""
+        if self.catalog.version(v.id):
+            return v.id
+        row = self.catalog.version_at(v.stance, v.number)
+        if row is not None:
+            raise VersionConflict(v.stance, v.number, row["id"], v.id)
+        for other, _ in landing.values():
+            if (other.stance, other.number) == (v.stance, v.number) and other.id != v.id:
+                raise VersionConflict(v.stance, v.number, other.id, v.id, "in what is being stored")
+        return None
+
+    def _remove_unreferenced(self, object_ids: list[str]) -> None:
+        """Undo the objects a failed ingest wrote, sparing any that something else now uses."""
+        for oid in object_ids:
+            # Inside a write transaction, so no commit can start re-using it in between.
+            with self.catalog.transaction():
+                if not self.catalog.is_referenced(oid):
+                    self.objects.remove(oid)
 
     # -- reading versions back -----------------------------------------------------------------
 
