@@ -29,7 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python tests/benchmarks/run.py
 
 docs: $(STAMP)
-	$(BIN)/python -m cli.docs --write README.md
+	$(BIN)/python -m cli.docs --write
 
 clean:
 	rm -rf $(VENV) demo
