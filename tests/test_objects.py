@@ -1,0 +1,187 @@
+"""The object store: round trips, dedup, and every way an object file can be damaged."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import zstandard
+
+from deltastore.errors import CorruptObject, MissingObject, UnsafeInput
+from deltastore.hashing import bytes_id
+from deltastore.objects import HEADER, MAGIC, RAW, ZSTD, ObjectStore
+
+from helpers import flip_byte
+
+PAYLOADS = {
+    "empty": b"",
+    "tiny": b"abc",
+    "compressible": b"deltastore " * 5000,
+    "random": random.Random(0).randbytes(10_000),
+}
+
+
+def header_of(path) -> tuple:
+    return HEADER.unpack_from(path.read_bytes())
+
+
+@pytest.mark.parametrize("kind", sorted(PAYLOADS))
+def test_put_get_round_trip(tmp_path, kind) -> None:
+    objects = ObjectStore(tmp_path)
+    data = PAYLOADS[kind]
+    put = objects.put(data)
+    assert put.id == bytes_id(data)
+    assert put.new and put.raw_size == len(data)
+    path = objects.path(put.id)
+    assert path.parent.parent == tmp_path / "objects"
+    assert path.parent.name + path.name == put.id.removeprefix("b3:")  # fan-out by two hex digits
+    assert put.size == path.stat().st_size
+    assert objects.get(put.id) == data
+    assert objects.get(put.id, raw_size=len(data)) == data
+    assert list(objects.ids()) == [put.id]
+    assert objects.temporary_files() == []
+
+
+def test_compressible_payloads_are_zstd_and_incompressible_ones_raw(tmp_path) -> None:
+    objects = ObjectStore(tmp_path)
+    packed = objects.put(PAYLOADS["compressible"])
+    magic, version, compression, _, declared = header_of(objects.path(packed.id))
+    assert (magic, compression, declared) == (MAGIC, ZSTD, len(PAYLOADS["compressible"]))
+    assert packed.size < len(PAYLOADS["compressible"]) // 10
+    plain = objects.put(PAYLOADS["random"])
+    assert header_of(objects.path(plain.id))[2] == RAW
+    assert plain.size == HEADER.size + len(PAYLOADS["random"])
+
+
+def test_second_put_of_equal_content_writes_nothing(tmp_path) -> None:
+    objects = ObjectStore(tmp_path)
+    first = objects.put(PAYLOADS["compressible"])
+    path = objects.path(first.id)
+    before = (path.stat().st_ino, path.read_bytes())
+    second = objects.put(bytearray(PAYLOADS["compressible"]))
+    assert second.id == first.id and not second.new and second.size == first.size
+    assert (path.stat().st_ino, path.read_bytes()) == before
+    assert list(objects.ids()) == [first.id]
+    assert objects.temporary_files() == []
+
+
+def test_a_flipped_byte_is_a_corrupt_object(tmp_path) -> None:
+    objects = ObjectStore(tmp_path)
+    for kind in ("compressible", "random"):
+        put = objects.put(PAYLOADS[kind])
+        flip_byte(objects.path(put.id), (HEADER.size + put.size) // 2)  # inside the payload
+        with pytest.raises(CorruptObject) as e:
+            objects.get(put.id)
+        assert e.value.object_id == put.id
+        assert put.id in str(e.value) and "fsck" in str(e.value)
+        assert isinstance(e.value, ValueError)
+
+
+def test_a_damaged_header_is_a_corrupt_object(tmp_path) -> None:
+    objects = ObjectStore(tmp_path)
+    put = objects.put(PAYLOADS["compressible"])
+    flip_byte(objects.path(put.id), 0)  # the magic
+    with pytest.raises(CorruptObject, match="not a deltastore object"):
+        objects.get(put.id)
+
+
+def test_a_truncated_object_is_a_corrupt_object(tmp_path) -> None:
+    objects = ObjectStore(tmp_path)
+    for kind in ("compressible", "random"):
+        put = objects.put(PAYLOADS[kind])
+        path = objects.path(put.id)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) - 7])
+        with pytest.raises(CorruptObject):
+            objects.get(put.id)
+        path.write_bytes(data[:5])
+        with pytest.raises(CorruptObject, match="shorter than its header"):
+            objects.get(put.id)
+
+
+def test_a_size_other_than_the_entry_declares_is_refused(tmp_path) -> None:
+    objects = ObjectStore(tmp_path)
+    put = objects.put(PAYLOADS["compressible"])
+    with pytest.raises(CorruptObject, match="expected"):
+        objects.get(put.id, raw_size=len(PAYLOADS["compressible"]) + 1)
+
+
+def write_object(objects: ObjectStore, object_id: str, compression: int, declared: int, body: bytes):
+    path = objects.path(object_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(HEADER.pack(MAGIC, 1, compression, 0, declared) + body)
+    return path
+
+
+def test_a_zstd_frame_expanding_past_its_declared_size_is_refused(tmp_path) -> None:
+    objects = ObjectStore(tmp_path)
+    payload = b"\0" * 1_000_000
+    declared = 1000
+    # Named after its first `declared` bytes, so only the bound on decompression can catch it.
+    object_id = bytes_id(payload[:declared])
+    write_object(objects, object_id, ZSTD, declared, zstandard.ZstdCompressor().compress(payload))
+    with pytest.raises(CorruptObject, match="decompresses to more bytes"):
+        objects.get(object_id)
+    # A frame that does not state its content size is bounded just the same.
+    stream = zstandard.ZstdCompressor(write_content_size=False).compressobj()
+    body = stream.compress(payload) + stream.flush()
+    write_object(objects, object_id, ZSTD, declared, body)
+    with pytest.raises(CorruptObject, match="decompresses to more bytes"):
+        objects.get(object_id)
+
+
+def test_a_zstd_frame_shorter_than_declared_or_not_zstd_is_refused(tmp_path) -> None:
+    objects = ObjectStore(tmp_path)
+    payload = b"x" * 5000
+    object_id = bytes_id(payload)
+    write_object(objects, object_id, ZSTD, 6000, zstandard.ZstdCompressor().compress(payload))
+    with pytest.raises(CorruptObject, match="header declares 6000"):
+        objects.get(object_id)
+    write_object(objects, object_id, ZSTD, 5000, b"definitely not a zstd frame")
+    with pytest.raises(CorruptObject, match="zstd"):
+        objects.get(object_id)
+    write_object(objects, object_id, 7, 5000, payload)
+    with pytest.raises(CorruptObject, match="unknown compression"):
+        objects.get(object_id)
+
+
+def test_an_impossible_declared_size_is_refused_before_allocating(tmp_path) -> None:
+    objects = ObjectStore(tmp_path)
+    object_id = bytes_id(b"whatever")
+    write_object(objects, object_id, ZSTD, 1 << 62, zstandard.ZstdCompressor().compress(b"whatever"))
+    with pytest.raises(CorruptObject, match="impossible size"):
+        objects.get(object_id)
+
+
+def test_missing_object_and_bad_ids(tmp_path) -> None:
+    objects = ObjectStore(tmp_path)
+    absent = bytes_id(b"never stored")
+    with pytest.raises(MissingObject) as e:
+        objects.get(absent)
+    assert isinstance(e.value, FileNotFoundError) and e.value.object_id == absent
+    for bad in ("b3:../../etc/passwd", "sha256:" + "0" * 64, "b3:" + "G" * 64, "b3:" + "0" * 63):
+        with pytest.raises(UnsafeInput):
+            objects.path(bad)
+
+
+def test_temporary_file_removed_when_a_write_fails(tmp_path) -> None:
+    objects = ObjectStore(tmp_path)
+    data = b"payload that cannot land" * 10
+    object_id = bytes_id(data)
+    fan = tmp_path / "objects" / object_id.removeprefix("b3:")[:2]
+    fan.parent.mkdir(parents=True)
+    fan.write_bytes(b"a file where the fan-out folder should be")
+    with pytest.raises(OSError):
+        objects.put(data)
+    assert objects.temporary_files() == []
+    assert os.listdir(tmp_path / "tmp") == []
+    assert list(objects.ids()) == []
+
+
+def test_remove_returns_the_bytes_freed(tmp_path) -> None:
+    objects = ObjectStore(tmp_path)
+    put = objects.put(PAYLOADS["random"])
+    assert objects.remove(put.id) == put.size
+    assert not objects.exists(put.id)
+    assert objects.remove(put.id) == 0
