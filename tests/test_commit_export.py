@@ -1,0 +1,143 @@
+"""Lossless commit, then export: the fine-tune back bit for bit, in every dtype and layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from deltastore import Store
+from deltastore.hashing import manifest_id, tensor_id
+from deltastore.models import other_files
+
+from helpers import (INDEX, assert_same_state, file_bytes, load_folder, make_model, object_files,
+                     write_folder)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+VARIANTS = {
+    "plain": {},
+    "tied": {"tied": True},
+    "sharded": {"sharded": True},
+    "llama-tied": {"llama": True, "tied": True},
+    "llama-tied-sharded": {"llama": True, "tied": True, "sharded": True},
+}
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store.init(tmp_path / "store") as s:
+        yield s
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_commit_then_export_is_bit_identical(tmp_path, store, dtype, variant) -> None:
+    pair = make_model(tmp_path, dtype, **VARIANTS[variant])
+    result = store.commit("curious", pair.ft, base=pair.base, message="first")
+    out = store.export("curious", tmp_path / "export")
+
+    assert_same_state(load_folder(out), pair.ft_state)
+    # Every other file of the base folder (config, tokenizer) is copied as it was.
+    others = {p.name for p in other_files(pair.base)}
+    assert {"config.json", "tokenizer.json"} <= others
+    exported = file_bytes(out)
+    base_files = file_bytes(pair.base)
+    assert {name: exported[name] for name in others} == {name: base_files[name] for name in others}
+    # The sharding is the base's: the same files, the same tensors in each.
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(p.name for p in pair.ft.glob("*.safetensors"))
+    for f in pair.ft.glob("*.safetensors"):
+        assert sorted(load_folder(out / f.name)) == sorted(load_folder(f))
+    if (pair.ft / INDEX).exists():
+        assert json.loads((out / INDEX).read_text())["weight_map"] == json.loads((pair.ft / INDEX).read_text())["weight_map"]
+    else:
+        assert not (out / INDEX).exists()
+
+    v = result.version
+    assert (v.stance, v.number, v.parent, v.message, v.encoding) == ("curious", 1, None, "first", "lossless")
+    assert v.id == manifest_id(v.manifest())
+    assert store.resolve("curious").id == store.resolve("curious@1").id == v.id
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tensors_equal_to_the_base_are_not_stored(tmp_path, store, dtype) -> None:
+    pair = make_model(tmp_path, dtype)
+    assert pair.unchanged and pair.changed  # the norms are frozen, the rest moved
+    result = store.commit("s", pair.ft, base=pair.base)
+    stored = sorted(e.name for e in result.version.tensors)
+    assert stored == pair.changed
+    assert result.tensors_stored == len(pair.changed)
+    assert result.unchanged == len(pair.unchanged)
+    for e in result.version.tensors:
+        assert e.encoding == "lossless" and e.exact and e.params["mode"] == "xor"
+        assert e.base_tensor_id == tensor_id(pair.base_state[e.name])
+        assert e.target_tensor_id == e.result_tensor_id == tensor_id(pair.ft_state[e.name])
+        b, f = pair.base_state[e.name].double(), pair.ft_state[e.name].double()
+        assert e.rel_change == pytest.approx(float((f - b).norm() / b.norm()), rel=1e-4)
+        assert e.rel_error == 0.0
+    # A commit of the base itself stores nothing at all.
+    same = store.commit("nothing", pair.base, base=pair.base)
+    assert same.version.tensors == () and same.bytes_new == 0 and same.unchanged == len(pair.base_state)
+
+
+def test_a_bf16_delta_is_smaller_than_the_fine_tune(tmp_path, store) -> None:
+    pair = make_model(tmp_path, torch.bfloat16, layers=2, hidden=128)
+    result = store.commit("s", pair.ft, base=pair.base)
+    ft_bytes = sum(t.numel() * t.element_size() for t in pair.ft_state.values())
+    assert result.bytes_stored == sum(p.stat().st_size for p in object_files(store.root))
+    assert result.bytes_stored < 0.6 * ft_bytes
+
+
+def test_committing_the_same_fine_tune_twice_adds_no_object_bytes(tmp_path, store) -> None:
+    pair = make_model(tmp_path, torch.bfloat16, llama=True, tied=True)
+    first = store.commit("s", pair.ft, base=pair.base)
+    assert first.bytes_new == first.bytes_stored > 0
+    files = {p: p.read_bytes() for p in object_files(store.root)}
+    second = store.commit("s", pair.ft, base=pair.base, message="again")
+    other = store.commit("t", pair.ft_state, base=pair.base_module)
+    for r in (second, other):
+        assert r.bytes_new == 0
+        assert r.bytes_stored == first.bytes_stored
+    assert {p: p.read_bytes() for p in object_files(store.root)} == files
+    assert second.version.number == 2 and second.version.parent == first.version.id
+    assert second.version.id != first.version.id
+    stats = store.stats()
+    assert stats.bytes_stored == first.bytes_stored
+    assert stats.bytes_saved_by_dedup == 2 * first.bytes_stored
+    assert [v.number for v in store.log("s")] == [2, 1]
+
+
+def test_commit_from_modules_and_state_dicts(tmp_path, store) -> None:
+    pair = make_model(tmp_path, torch.float32, tied=True)
+    r = store.commit("s", pair.ft_module, base=pair.base_module)
+    # The base came in as a module: its weights are not on disk, so export is told where.
+    assert_same_state(load_folder(store.export(r.version, tmp_path / "out", base_weights=pair.base)),
+                      pair.ft_state)
+    assert_same_state(dict(store.tensors("s", base_weights=pair.base_state)), pair.ft_state)
+
+
+def test_export_finds_the_base_where_it_was_registered(tmp_path, store) -> None:
+    pair = make_model(tmp_path, torch.float16, sharded=True)
+    store.add_base(pair.base, name="tiny")
+    store.commit("s", pair.ft, base="tiny")
+    store.commit("s", pair.base, base="tiny")
+    assert_same_state(load_folder(store.export("s@1", tmp_path / "v1")), pair.ft_state)
+    assert_same_state(load_folder(store.export("s@2", tmp_path / "v2")), pair.base_state)
+
+
+def test_resized_tensors_are_stored_raw_and_exported_exactly(tmp_path, store) -> None:
+    pair = make_model(tmp_path, torch.bfloat16)
+    ft = dict(pair.ft_state)
+    # A grown vocabulary (two new token rows) and one tensor kept in fp32.
+    ft["embed.weight"] = torch.cat([ft["embed.weight"], torch.randn(2, ft["embed.weight"].shape[1]).bfloat16()])
+    ft["head.weight"] = torch.cat([ft["head.weight"], torch.randn(2, ft["head.weight"].shape[1]).bfloat16()])
+    ft["blocks.0.attn.bias"] = pair.ft_state["blocks.0.attn.bias"].float() + 1e-6
+    folder = write_folder(tmp_path / "resized", ft)
+    result = store.commit("grown", folder, base=pair.base)
+    modes = {e.name: e.params["mode"] for e in result.version.tensors}
+    assert modes["embed.weight"] == modes["head.weight"] == modes["blocks.0.attn.bias"] == "raw"
+    assert modes["blocks.0.attn.weight"] == "xor"
+    entry = result.version.entry("embed.weight")
+    assert entry.shape == tuple(ft["embed.weight"].shape) and entry.dtype == "BF16"
+    assert result.version.entry("blocks.0.attn.bias").dtype == "F32"
+    assert_same_state(load_folder(store.export("grown", tmp_path / "out")), ft)
