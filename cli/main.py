@@ -358,5 +358,71 @@ def stats(store: Store, as_json: bool) -> None:
     table([[k, v["tensors"], size(v["bytes"])] for k, v in s.by_encoding.items()], ["encoding", "tensors", "bytes"])
 
 
+def hub_options(f: Callable) -> Callable:
+    """--token and --endpoint, which default to what huggingface_hub reads (HF_TOKEN or the saved
+    login, HF_ENDPOINT), as huggingface-cli does."""
+    f = click.option("--endpoint", metavar="URL", help="The Hub's URL (default: $HF_ENDPOINT, else huggingface.co).")(f)
+    return click.option("--token", metavar="TOKEN", help="A Hub access token (default: $HF_TOKEN, else the saved login).")(f)
+
+
+def hub_version_json(hv: Any) -> dict:
+    return {"ref": hv.ref, "stance": hv.stance, "number": hv.number, "id": hv.id, "revision": hv.tag}
+
+
+@cli.command()
+@click.argument("refs", nargs=-1, required=True, metavar="REF...")
+@click.option("--repo", "repo_id", required=True, metavar="ID", help="The Hub repo, USER/NAME (created if missing).")
+@click.option("--revision", metavar="BRANCH", help="The branch to push to (default: main; created if missing).")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@hub_options
+@json_option
+@with_store
+def push(store: Store, refs: tuple[str, ...], repo_id: str, revision: str | None, private: bool,
+         token: str | None, endpoint: str | None, as_json: bool) -> None:
+    """Upload versions to a Hub repo: one commit, and a tag STANCE-vN per version. Versions already
+    there are not uploaded again."""
+    from deltastore.hub import push as hub_push
+
+    r = hub_push(store, list(refs), repo_id, revision=revision, private=private, token=token, endpoint=endpoint,
+                 progress=not as_json and sys.stderr.isatty())
+    if as_json:
+        return emit_json({"repo": r.repo_id, "revision": r.revision, "url": r.url, "commit": r.commit,
+                          "pushed": [hub_version_json(hv) for hv in r.pushed],
+                          "already_there": [hub_version_json(hv) for hv in r.already_there],
+                          "tags_created": list(r.tags_created), "bytes_uploaded": r.bytes_uploaded})
+    for hv in r.pushed:
+        click.echo(f"pushed {hv.ref} {hv.id[:15]} as revision {hv.tag}")
+    for hv in r.already_there:
+        click.echo(f"{hv.ref} is already in {r.repo_id}")
+    click.echo(f"{r.url} ({'commit ' + r.commit[:12] + ', ' + size(r.bytes_uploaded) if r.commit else 'no new commit'})")
+
+
+@cli.command()
+@click.argument("repo_id", metavar="ID")
+@click.option("--revision", metavar="REV", help="A branch, a commit, or a version's tag STANCE-vN (then only that version).")
+@click.option("--stance", help="Pull only this stance.")
+@hub_options
+@json_option
+@with_store
+def pull(store: Store, repo_id: str, revision: str | None, stance: str | None, token: str | None,
+         endpoint: str | None, as_json: bool) -> None:
+    """Download versions from a Hub repo into the store, verified: nothing is stored unless every
+    name, size and hash checks out and every version's base is a base of this store."""
+    from deltastore.hub import pull as hub_pull
+
+    r = hub_pull(store, repo_id, revision=revision, stance=stance, token=token, endpoint=endpoint,
+                 progress=not as_json and sys.stderr.isatty())
+    if as_json:
+        return emit_json({"repo": r.repo_id, "revision": r.revision, "commit": r.commit,
+                          "pulled": [hub_version_json(hv) for hv in r.pulled],
+                          "already_here": [hub_version_json(hv) for hv in r.already_here],
+                          "bytes_downloaded": r.bytes_downloaded})
+    for hv in r.pulled:
+        click.echo(f"pulled {hv.ref} {hv.id[:15]}")
+    for hv in r.already_here:
+        click.echo(f"{hv.ref} was already here")
+    click.echo(f"{len(r.pulled)} new versions from {r.repo_id} at {r.commit[:12]}")
+
+
 def main() -> None:
     cli(prog_name="deltastore")
