@@ -1,0 +1,250 @@
+"""Apply on a live nn.Module, in place, and revert to the exact base bytes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from deltastore import BaseMismatch, CorruptObject, Store
+
+from helpers import (finetune_, make_model, module_snapshot, object_files, raw, saved_state,
+                     tiny_net, write_folder)
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store.init(tmp_path / "store") as s:
+        yield s
+
+
+def saved_snapshot(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, bytes]:
+    return {prefix + n: f"{t.dtype}{tuple(t.shape)}".encode() + raw(t) for n, t in state.items()}
+
+
+def current(module: nn.Module, prefix: str = "") -> dict[str, bytes]:
+    """The module's tensors under the names the saved files use."""
+    return {n: v for n, v in module_snapshot(module).items() if n.startswith(prefix)}
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "float16", "llama-tied"])
+def test_apply_then_revert_is_bit_identical(tmp_path, store, kind) -> None:
+    dtype = torch.float32 if kind == "llama-tied" else getattr(torch, kind)
+    pair = make_model(tmp_path, dtype, llama=kind == "llama-tied", tied=kind == "llama-tied")
+    store.commit("s", pair.ft, base=pair.base)
+    model = copy.deepcopy(pair.base_module)
+    base = module_snapshot(model)
+    fine = module_snapshot(pair.ft_module)
+    assert base != fine
+
+    handle = store.apply(model, "s")
+    assert module_snapshot(model) == fine
+    assert sorted(handle.names) == pair.changed
+    if kind == "llama-tied":
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    handle.revert()
+    assert module_snapshot(model) == base
+    handle.revert()  # idempotent
+    assert module_snapshot(model) == base
+
+
+def test_apply_works_on_any_device_the_module_is_on(tmp_path, store) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    pair = make_model(tmp_path, torch.bfloat16)
+    store.commit("s", pair.ft, base=pair.base)
+    model = copy.deepcopy(pair.base_module).cuda()
+    base = module_snapshot(model)
+    with store.applied(model, "s"):
+        assert module_snapshot(model) == module_snapshot(pair.ft_module)
+        assert all(p.device.type == "cuda" for p in model.parameters())
+    assert module_snapshot(model) == base
+
+
+def test_applied_context_manager_reverts_on_exit_and_on_error(tmp_path, store) -> None:
+    pair = make_model(tmp_path, torch.bfloat16)
+    store.commit("s", pair.ft, base=pair.base)
+    model = copy.deepcopy(pair.base_module)
+    base = module_snapshot(model)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        expected = pair.ft_module(ids)
+        with store.applied(model, "s"):
+            assert torch.equal(model(ids), expected)
+        assert module_snapshot(model) == base
+        with pytest.raises(ZeroDivisionError):
+            with store.applied(model, "s@1"):
+                1 / 0
+    assert module_snapshot(model) == base
+    # Nothing is left registered: a fresh apply works and revert through the store undoes it.
+    store.apply(model, "s")
+    store.revert(model)
+    assert module_snapshot(model) == base
+
+
+def test_switch_between_stances_and_back_to_base(tmp_path, store) -> None:
+    a = make_model(tmp_path, torch.float16, name="a")
+    b_module = copy.deepcopy(a.base_module)
+    finetune_(b_module, seed=99)
+    b_dir = write_folder(tmp_path / "b-ft", saved_state(b_module))
+    store.commit("a", a.ft, base=a.base)
+    store.commit("b", b_dir, base=a.base)
+
+    model = copy.deepcopy(a.base_module)
+    base = module_snapshot(model)
+    store.switch(model, "a")
+    assert module_snapshot(model) == module_snapshot(a.ft_module)
+    handle = store.switch(model, "b")
+    assert handle.version.stance == "b"
+    assert module_snapshot(model) == module_snapshot(b_module)
+    store.switch(model, "a@1")
+    assert module_snapshot(model) == module_snapshot(a.ft_module)
+    assert store.switch(model, None) is None
+    assert module_snapshot(model) == base
+
+
+def test_a_second_apply_without_revert_is_refused(tmp_path, store) -> None:
+    pair = make_model(tmp_path, torch.float32)
+    store.commit("s", pair.ft, base=pair.base)
+    model = copy.deepcopy(pair.base_module)
+    store.apply(model, "s")
+    applied = module_snapshot(model)
+    with pytest.raises(BaseMismatch, match="another stance applied"):
+        store.apply(model, "s")
+    assert module_snapshot(model) == applied
+    store.revert(model)
+    assert module_snapshot(model) == module_snapshot(pair.base_module)
+
+
+class Wrapper(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.model = inner
+        self.value_head = nn.Linear(16, 1)
+
+
+def test_a_wrapped_module_is_patched_through_its_prefix(tmp_path, store) -> None:
+    pair = make_model(tmp_path, torch.bfloat16, tied=True)
+    store.commit("s", pair.ft, base=pair.base)
+    wrapped = Wrapper(copy.deepcopy(pair.base_module))
+    base = module_snapshot(wrapped)
+    with store.applied(wrapped, "s"):
+        now = module_snapshot(wrapped)
+        assert {n: now[n] for n in now if n.startswith("model.")} == \
+            {"model." + n: v for n, v in module_snapshot(pair.ft_module).items()}
+        assert now["value_head.weight"] == base["value_head.weight"]
+    assert module_snapshot(wrapped) == base
+
+
+def test_a_version_committed_from_a_wrapper_applies_to_the_bare_module(tmp_path, store) -> None:
+    pair = make_model(tmp_path, torch.float32)
+    store.commit("s", Wrapper(pair.ft_module).model, base=Wrapper(pair.base_module).model)
+    wrapped_ft = {"outer." + n: t for n, t in saved_state(pair.ft_module).items()}
+    wrapped_base = {"outer." + n: t for n, t in saved_state(pair.base_module).items()}
+    store.commit("w", wrapped_ft, base=wrapped_base)
+    model = copy.deepcopy(pair.base_module)
+    with store.applied(model, "w"):
+        assert module_snapshot(model) == module_snapshot(pair.ft_module)
+    assert module_snapshot(model) == module_snapshot(pair.base_module)
+
+
+def test_lossy_versions_revert_to_the_exact_base(tmp_path, store) -> None:
+    pair = make_model(tmp_path, torch.float32)
+    store.commit("s", pair.ft, base=pair.base, encoding="int8")
+    model = copy.deepcopy(pair.base_module)
+    base = module_snapshot(model)
+    with store.applied(model, "s"):
+        changed = module_snapshot(model)
+        assert changed != base and changed != module_snapshot(pair.ft_module)
+    assert module_snapshot(model) == base
+
+
+def test_a_resized_tensor_is_swapped_in_and_back(tmp_path, store) -> None:
+    pair = make_model(tmp_path, torch.float32)
+    ft = dict(pair.ft_state)
+    ft["embed.weight"] = torch.cat([ft["embed.weight"], torch.randn(3, 16)])
+    store.commit("grown", write_folder(tmp_path / "grown", ft), base=pair.base)
+    model = copy.deepcopy(pair.base_module)
+    base = module_snapshot(model)
+    with store.applied(model, "grown"):
+        assert model.embed.weight.shape == (51, 16)
+        assert raw(model.embed.weight) == raw(ft["embed.weight"])
+    assert module_snapshot(model) == base
+    assert model.embed.weight.shape == (48, 16)
+
+
+# -- an apply that fails leaves the module as it was -------------------------------------------
+
+
+def test_a_corrupt_object_is_refused_before_the_module_is_touched(tmp_path, store) -> None:
+    pair = make_model(tmp_path, torch.bfloat16)
+    version = store.commit("s", pair.ft, base=pair.base).version
+    last = version.tensors[-1]  # verified last: every other tensor was decoded first
+    path = store.objects.path(last.objects["xor"].id)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+    model = copy.deepcopy(pair.base_module)
+    base = module_snapshot(model)
+    with pytest.raises(CorruptObject) as e:
+        store.apply(model, "s")
+    assert e.value.object_id == last.objects["xor"].id
+    assert module_snapshot(model) == base
+    with pytest.raises(CorruptObject):
+        with store.applied(model, "s"):
+            pytest.fail("the body must not run")
+    assert module_snapshot(model) == base
+    # A missing object fails the same way.
+    for p in object_files(store.root):
+        p.unlink()
+    with pytest.raises(FileNotFoundError):
+        store.apply(model, "s")
+    assert module_snapshot(model) == base
+
+
+def test_a_module_that_is_not_the_base_names_the_tensor_and_is_left_alone(tmp_path, store) -> None:
+    pair = make_model(tmp_path, torch.float16)
+    version = store.commit("s", pair.ft, base=pair.base).version
+    model = copy.deepcopy(pair.base_module)
+    with torch.no_grad():
+        model.blocks[1].mlp.weight[0, 0] += 1
+    before = module_snapshot(model)
+    with pytest.raises(BaseMismatch) as e:
+        store.apply(model, "s")
+    assert e.value.names == ["blocks.1.mlp.weight"]
+    assert e.value.expected == version.base_id
+    assert "blocks.1.mlp.weight" in str(e.value)
+    assert module_snapshot(model) == before
+
+
+def test_a_module_lacking_a_tensor_is_refused(tmp_path, store) -> None:
+    pair = make_model(tmp_path, torch.float32)
+    store.commit("s", pair.ft, base=pair.base)
+    model = copy.deepcopy(pair.base_module)
+    model.blocks[2].out = nn.Identity()
+    before = module_snapshot(model)
+    with pytest.raises(BaseMismatch, match="blocks.2.out.weight"):
+        store.apply(model, "s")
+    assert module_snapshot(model) == before
+
+
+def test_a_failure_while_writing_puts_back_what_was_written(tmp_path, store) -> None:
+    # head.weight is patched last (entries go in name order). Here it is an expanded view,
+    # which cannot be written in place: the writes before it must be undone.
+    net = tiny_net(torch.float32)
+    with torch.no_grad():
+        net.head.weight = nn.Parameter(net.head.weight[:1].repeat(48, 1))
+    ft = copy.deepcopy(net)
+    finetune_(ft)
+    store.commit("s", write_folder(tmp_path / "ft", saved_state(ft)),
+                 base=write_folder(tmp_path / "base", saved_state(net)))
+    model = copy.deepcopy(net)
+    model.head.weight = nn.Parameter(net.head.weight.detach()[:1].expand(48, 16))
+    before = module_snapshot(model)
+    with pytest.raises(RuntimeError, match="single memory location"):
+        store.apply(model, "s")
+    assert module_snapshot(model) == before
+    assert module_snapshot(model) == module_snapshot(net)
