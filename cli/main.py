@@ -133,14 +133,21 @@ def base_list(store: Store, as_json: bool) -> None:
 @click.option("--energy", type=float, help="Store the fewest tensors holding this fraction of the squared delta.")
 @click.option("-m", "--message", default="", help="What this version is.")
 @click.option("--meta", multiple=True, metavar="KEY=VALUE", help="User metadata (repeatable).")
+@click.option("--meta-file", type=click.Path(dir_okay=False), metavar="FILE.json",
+              help="Training facts (learning rate, epochs, examples, loss...) as a flat JSON object; "
+                   "--meta overrides its keys.")
 @click.option("--tag", help="Tag the new version.")
 @json_option
 @with_store
 def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str | None, encoding: str,
            encoding_for: tuple[str, ...], group_size: int | None, include: str | None, exclude: str | None,
            top_k: int | None, min_rel_change: float | None, energy: float | None, message: str,
-           meta: tuple[str, ...], tag: str | None, as_json: bool) -> None:
+           meta: tuple[str, ...], meta_file: str | None, tag: str | None, as_json: bool) -> None:
     """Store the fine-tuned MODEL as a new version of STANCE."""
+    from deltastore.history import read_metadata_file
+
+    metadata = read_metadata_file(meta_file) if meta_file else {}
+    metadata.update(parse_pairs(meta, "--meta"))
     rules = [tuple(r.rsplit("=", 1)) for r in encoding_for]
     if any(len(r) != 2 for r in rules):
         raise click.BadParameter("expected REGEX=ENCODING", param_hint="--encoding-for")
@@ -149,7 +156,7 @@ def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str 
         r = store.commit(stance, model, base=base_ref, base_weights=base_path, encoding=encoding,
                          encoding_for=rules, encoding_options=options, include=include, exclude=exclude,
                          top_k=top_k, min_rel_change=min_rel_change, energy=energy, message=message,
-                         metadata=parse_pairs(meta, "--meta"), tag=tag, progress=cb)
+                         metadata=metadata, tag=tag, progress=cb)
     v = r.version
     summary = {"id": v.id, "stance": v.stance, "number": v.number, "tensors_stored": r.tensors_stored,
                "tensors_unchanged": r.unchanged, "bytes_stored": r.bytes_stored, "bytes_new": r.bytes_new,
@@ -173,6 +180,40 @@ def stances(store: Store, as_json: bool) -> None:
     if as_json:
         return emit_json(rows)
     table([[r["name"], r["versions"], r["latest"]] for r in rows], ["stance", "versions", "newest"])
+
+
+@cli.group()
+def stance() -> None:
+    """Rename or delete a stance."""
+
+
+@stance.command("rename")
+@click.argument("old")
+@click.argument("new")
+@json_option
+@with_store
+def stance_rename(store: Store, old: str, new: str, as_json: bool) -> None:
+    """Rename stance OLD to NEW. Its versions keep their ids, numbers and tags."""
+    r = store.rename_stance(old, new)
+    if as_json:
+        return emit_json(r)
+    click.echo(f"renamed {r.old} to {r.new} ({r.versions} versions)")
+
+
+@stance.command("delete")
+@click.argument("name")
+@json_option
+@with_store
+def stance_delete(store: Store, name: str, as_json: bool) -> None:
+    """Delete stance NAME: its versions and tags. Objects stay until `deltastore gc`, which
+    removes those that no other version shares."""
+    r = store.delete_stance(name)
+    if as_json:
+        return emit_json(r)
+    click.echo(f"deleted {r.stance} ({len(r.versions)} versions); `deltastore gc` frees "
+               f"{size(r.bytes_only_here)} that no other version shares")
+    if r.orphaned:
+        click.echo(f"the parent of {', '.join(r.orphaned)} was one of them (their tensors are unaffected)")
 
 
 def version_summary(v: Any) -> dict:
@@ -228,12 +269,43 @@ def show(store: Store, ref: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("ref")
-@click.argument("name")
+@click.argument("ref_a")
+@click.argument("ref_b")
+@click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
 @json_option
 @with_store
-def tag(store: Store, ref: str, name: str, as_json: bool) -> None:
-    """Name a version (REF@NAME then refers to it)."""
+def diff(store: Store, ref_a: str, ref_b: str, base_path: str | None, as_json: bool) -> None:
+    """Tensor by tensor, what differs between two versions: tensors added, removed or changed,
+    and ||A - B|| / ||B|| of the tensors apply would produce (so it works across encodings)."""
+    d = store.diff(ref_a, ref_b, base_weights=base_path)
+    if as_json:
+        return emit_json(d)
+    click.echo(f"{d.a} {d.a_id[3:15]} -> {d.b} {d.b_id[3:15]}: {d.count('changed')} changed, "
+               f"{d.count('added')} added, {d.count('removed')} removed, {d.unchanged} unchanged")
+    if d.tensors:
+        click.echo()
+        table([[t.name, t.status, t.encoding_a or "(base)", t.encoding_b or "(base)",
+                "-" if t.rel_change is None else f"{t.rel_change:.3g}"] for t in d.tensors],
+              ["tensor", "status", "a", "b", "||a-b||/||b||"])
+
+
+@cli.command()
+@click.argument("ref")
+@click.argument("name", required=False)
+@click.option("--delete", "-d", "delete", is_flag=True,
+              help="Remove the tag instead: `tag --delete STANCE@TAG` or `tag --delete STANCE TAG`.")
+@json_option
+@with_store
+def tag(store: Store, ref: str, name: str | None, delete: bool, as_json: bool) -> None:
+    """Name a version (STANCE@NAME then refers to it); with --delete, remove a tag."""
+    if delete:
+        v = store.untag(ref, name)
+        tag_name = name or ref.partition("@")[2]
+        if as_json:
+            return emit_json({"id": v.id, "ref": v.ref, "tag": tag_name, "deleted": True})
+        return click.echo(f"deleted tag {v.stance}@{tag_name} (was {v.ref} {v.short_id})")
+    if name is None:
+        raise click.UsageError("give a tag NAME (or --delete to remove one)")
     v = store.tag(ref, name)
     if as_json:
         return emit_json({"id": v.id, "ref": v.ref, "tag": name})

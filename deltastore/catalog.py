@@ -260,7 +260,8 @@ class Catalog:
             params += [key, value]
         if clauses:
             sql += " WHERE " + " AND ".join(clauses)
-        return self.query(sql + " ORDER BY created DESC, number DESC", params)
+        order = " ORDER BY number DESC" if stance is not None else " ORDER BY created DESC, number DESC"
+        return self.query(sql + order, params)
 
     def entries(self, version_id: str) -> list[dict]:
         return self.query("SELECT * FROM entries WHERE version_id = ? ORDER BY name", [version_id])
@@ -286,6 +287,88 @@ class Catalog:
 
     def versions_with_prefix(self, prefix: str) -> list[dict]:
         return self.query("SELECT * FROM versions WHERE id LIKE ? ORDER BY id", [prefix + "%"])
+
+    # -- history: tags and stances renamed or deleted -------------------------------------------
+
+    def has_stance(self, name: str) -> bool:
+        return bool(self.conn.execute("SELECT 1 FROM stances WHERE name = ?", [name]).fetchone())
+
+    def tag_target(self, stance: str, name: str) -> str | None:
+        row = self.conn.execute("SELECT version_id FROM tags WHERE stance = ? AND name = ?",
+                                [stance, name]).fetchone()
+        return row[0] if row else None
+
+    def tags_by_version(self, version_ids: list[str] | None = None) -> dict[str, list[str]]:
+        """version id -> its tag names, for the given versions (None: every version)."""
+        if version_ids is None:
+            rows = self.conn.execute("SELECT version_id, name FROM tags ORDER BY name")
+        else:
+            rows = self.conn.execute(
+                "SELECT version_id, name FROM tags WHERE version_id IN (SELECT value FROM json_each(?)) "
+                "ORDER BY name", [json.dumps(version_ids)])
+        out: dict[str, list[str]] = {}
+        for vid, name in rows:
+            out.setdefault(vid, []).append(name)
+        return out
+
+    def delete_tag(self, stance: str, name: str) -> str | None:
+        """Remove one tag; the id of the version it named, or None when there was no such tag."""
+        with self.transaction():
+            vid = self.tag_target(stance, name)
+            self.conn.execute("DELETE FROM tags WHERE stance = ? AND name = ?", [stance, name])
+        return vid
+
+    def rename_stance(self, old: str, new: str) -> int:
+        """Move every version and tag of `old` to `new`, in one transaction. Versions keep their
+        ids (manifests are immutable): the catalog's stance column says where a version lives.
+        Returns the number of versions moved."""
+        from .errors import RefNotFound, StanceExists
+
+        with self.transaction():
+            if not self.has_stance(old):
+                raise RefNotFound(old)
+            if self.has_stance(new):
+                raise StanceExists(new)
+            created = self.conn.execute("SELECT created FROM stances WHERE name = ?", [old]).fetchone()[0]
+            self.conn.execute("INSERT INTO stances (name, created) VALUES (?, ?)", [new, created])
+            moved = self.conn.execute("UPDATE versions SET stance = ? WHERE stance = ?", [new, old]).rowcount
+            self.conn.execute("UPDATE tags SET stance = ? WHERE stance = ?", [new, old])
+            self.conn.execute("DELETE FROM stances WHERE name = ?", [old])
+        return moved
+
+    def delete_stance(self, name: str) -> list[dict]:
+        """Remove a stance with its versions, entries, metadata and tags, in one transaction.
+        Objects stay (gc removes those nothing else references). Returns the removed versions'
+        rows (id, number, bytes)."""
+        from .errors import RefNotFound
+
+        with self.transaction():
+            if not self.has_stance(name):
+                raise RefNotFound(name)
+            gone = self.query("SELECT id, number, bytes FROM versions WHERE stance = ? ORDER BY number", [name])
+            ids = json.dumps([r["id"] for r in gone])
+            in_ids = "IN (SELECT value FROM json_each(?))"
+            for table in ("tags", "metadata", "entry_objects", "entries"):
+                self.conn.execute(f"DELETE FROM {table} WHERE version_id {in_ids}", [ids])
+            self.conn.execute("DELETE FROM tags WHERE stance = ?", [name])
+            self.conn.execute(f"DELETE FROM versions WHERE id {in_ids}", [ids])
+            self.conn.execute("DELETE FROM stances WHERE name = ?", [name])
+        return gone
+
+    def children_outside(self, stance: str) -> list[dict]:
+        """Versions of other stances whose parent is a version of `stance`."""
+        return self.query(
+            "SELECT c.id, c.stance, c.number FROM versions c JOIN versions p ON p.id = c.parent "
+            "WHERE p.stance = ? AND c.stance != ? ORDER BY c.stance, c.number", [stance, stance])
+
+    def objects_only_of(self, version_ids: list[str]) -> list[dict]:
+        """Objects (id, size) that the given versions reference and nothing else does."""
+        return self.query(
+            "SELECT o.id, o.size FROM objects o WHERE o.id IN (SELECT object_id FROM entry_objects "
+            "WHERE version_id IN (SELECT value FROM json_each(:ids))) AND NOT EXISTS (SELECT 1 FROM "
+            "entry_objects e WHERE e.object_id = o.id AND e.version_id NOT IN (SELECT value FROM "
+            "json_each(:ids))) AND NOT EXISTS (SELECT 1 FROM journal_objects j WHERE j.object_id = o.id) "
+            "ORDER BY o.id", {"ids": json.dumps(version_ids)})
 
     # -- objects -------------------------------------------------------------------------------
 

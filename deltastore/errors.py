@@ -129,6 +129,30 @@ class NothingToCommit(DeltastoreError, ValueError):
     pass
 
 
+class StanceExists(DeltastoreError, FileExistsError):
+    def __init__(self, stance: str):
+        self.stance = stance
+        super().__init__(f"a stance named {stance!r} already exists; choose another name, "
+                         f"or delete it first (`deltastore stance delete {stance}`)")
+
+
+class TagNotFound(DeltastoreError, KeyError):
+    def __init__(self, stance: str, tag: str, candidates: list[str] | None = None):
+        self.stance = stance
+        self.tag = tag
+        self.candidates = candidates or []
+        known = f"; its tags: {', '.join(self.candidates)}" if self.candidates else "; it has no tags"
+        super().__init__(f"stance {stance!r} has no tag {tag!r}{known}")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class MetadataError(DeltastoreError, ValueError):
+    """Version metadata that cannot be stored: a bad key, or a metadata file that is not a flat
+    JSON object of strings, numbers and booleans."""
+
+
 class VersionConflict(DeltastoreError, FileExistsError):
     """A version made elsewhere whose stance already has its number here as another version."""
 

@@ -87,6 +87,13 @@ class Version:
     tensors: tuple[TensorEntry, ...]
     tags: tuple[str, ...] = ()
     bytes: int = 0  # object bytes on disk, shared objects counted in full
+    # The stance named in the manifest, where the stance was renamed since: a version's id
+    # and manifest never change, the catalog says which stance it belongs to now.
+    committed_as: str | None = None
+
+    @property
+    def tensor_count(self) -> int:
+        return len(self.tensors)
 
     @property
     def ref(self) -> str:
@@ -103,7 +110,7 @@ class Version:
         return None
 
     def manifest(self) -> dict:
-        return manifest(stance=self.stance, number=self.number, parent=self.parent,
+        return manifest(stance=self.committed_as or self.stance, number=self.number, parent=self.parent,
                         base_id=self.base_id, encoding=self.encoding, selection=self.selection,
                         message=self.message, metadata=self.metadata, created=self.created,
                         tensors=self.tensors)

@@ -13,6 +13,7 @@ Layout on disk (see schema/FORMAT.md)::
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
@@ -196,10 +197,10 @@ class Store:
         stance, at, rest = ref.partition("@")
         if at:
             if rest.isdigit():
-                row = self.catalog.one("SELECT * FROM versions WHERE stance = ? AND number = ?", [stance, int(rest)])
+                row = self.catalog.version_at(stance, int(rest))
             else:
-                tag = self.catalog.one("SELECT version_id FROM tags WHERE stance = ? AND name = ?", [stance, rest])
-                row = self.catalog.version(tag["version_id"]) if tag else None
+                tagged = self.catalog.tag_target(stance, rest)
+                row = self.catalog.version(tagged) if tagged else None
             if row:
                 return self._version(row)
             raise RefNotFound(ref, self._close_refs(ref))
@@ -220,14 +221,24 @@ class Store:
         names += [f"{t['stance']}@{t['name']}" for t in self.catalog.tags()]
         return difflib.get_close_matches(ref, names, n=3, cutoff=0.5)
 
-    def _version(self, row: dict) -> Version:
-        tags = tuple(t["name"] for t in self.catalog.tags(row["id"]))
-        return Version.from_manifest(row["id"], json.loads(row["manifest"]), tags=tags, bytes=row["bytes"])
+    def _version(self, row: dict, tags: list[str] | None = None) -> Version:
+        if tags is None:
+            tags = [t["name"] for t in self.catalog.tags(row["id"])]
+        v = Version.from_manifest(row["id"], json.loads(row["manifest"]), tags=tuple(tags), bytes=row["bytes"])
+        if row["stance"] != v.stance:
+            # Renamed since it was committed: the catalog says where it lives, the manifest
+            # (and so the id) keeps the name it was committed under.
+            v = dataclasses.replace(v, stance=row["stance"], committed_as=v.stance)
+        return v
 
     def log(self, stance: str | None = None, *, where: Mapping[str, str] | None = None) -> list[Version]:
-        if stance is not None and not self.catalog.one("SELECT 1 FROM stances WHERE name = ?", [stance]):
+        """Versions, newest first: of one stance, or of all; `where` keeps those whose metadata
+        has every key=value given."""
+        if stance is not None and not self.catalog.has_stance(stance):
             raise RefNotFound(stance, self._close_refs(stance))
-        return [self._version(r) for r in self.catalog.versions(stance, where=dict(where or {}))]
+        rows = self.catalog.versions(stance, where=dict(where or {}))
+        tags = self.catalog.tags_by_version([r["id"] for r in rows]) if rows else {}
+        return [self._version(r, tags.get(r["id"], [])) for r in rows]
 
     def stances(self) -> list[dict]:
         return self.catalog.stances()
@@ -238,6 +249,45 @@ class Store:
             raise UnsafeInput(f"tag {name!r} is not allowed: letters, digits, '.', '_', '-', not all digits")
         self.catalog.set_tag(version.stance, name, version.id)
         return self.resolve(version.id)
+
+    def untag(self, ref: str, name: str | None = None) -> Version:
+        """Remove a tag, `untag("STANCE@TAG")` or `untag(REF, TAG)` where REF names the stance
+        (or one of its versions). Returns the version the tag named; the version stays."""
+        from .errors import TagNotFound
+
+        if name is None:
+            stance, at, name = ref.partition("@")
+            if not at or not name or name.isdigit():
+                raise UnsafeInput(f"{ref!r} names no tag; give STANCE@TAG, or REF and TAG")
+        else:
+            stance = ref if self.catalog.has_stance(ref) else self.resolve(ref).stance
+        if not self.catalog.has_stance(stance):
+            raise RefNotFound(stance, self._close_refs(stance))
+        vid = self.catalog.delete_tag(stance, name)
+        if vid is None:
+            raise TagNotFound(stance, name, [t["name"] for t in self.catalog.tags() if t["stance"] == stance])
+        return self.resolve(vid)
+
+    def rename_stance(self, old: str, new: str):
+        """Give a stance another name. Its versions keep their ids, numbers and tags."""
+        from .history import rename_stance
+
+        self._writable()
+        return rename_stance(self, old, new)
+
+    def delete_stance(self, name: str):
+        """Remove a stance, its versions and tags from the catalog. Objects stay until `gc`,
+        which removes those no other version shares."""
+        from .history import delete_stance
+
+        self._writable()
+        return delete_stance(self, name)
+
+    def diff(self, a: str | Version, b: str | Version, *, base_weights: ModelLike | None = None):
+        """Tensor by tensor, what differs between the models versions `a` and `b` describe."""
+        from .history import diff
+
+        return diff(self, a, b, base_weights=base_weights)
 
     # -- commit --------------------------------------------------------------------------------
 
@@ -275,8 +325,9 @@ class Store:
 
     def _land(self, stance: str, base: Base, built: Any, encoding: str, message: str,
               metadata: dict[str, str], tag: str | None, token: str) -> Version:
-        created = now()
         with self.catalog.transaction():
+            # Stamped under the write lock, so that a stance's versions are in time order too.
+            created = now()
             latest = self.catalog.latest(stance)
             number = (latest["number"] + 1) if latest else 1
             m = manifest(stance=stance, number=number, parent=latest["id"] if latest else None,
