@@ -403,17 +403,23 @@ def gc(store: Store, dry_run: bool, as_json: bool) -> None:
     plan = store.gc_plan()
     if dry_run:
         if as_json:
-            return emit_json({"dry_run": True, "objects": plan.objects, "bytes": plan.bytes})
-        for oid in plan.objects:
-            click.echo(f"would remove {oid}")
-        return click.echo(f"would free {size(plan.bytes)} in {len(plan.objects)} objects")
+            return emit_json({"dry_run": True, "objects": plan.objects, "bytes": plan.bytes,
+                              "object_bytes": dict(zip(plan.objects, plan.sizes)),
+                              "tmp_files": plan.tmp_files, "dead_commits": plan.dead_commits})
+        for oid, n in zip(plan.objects, plan.sizes):
+            click.echo(f"would remove {oid}  {size(n)}")
+        for name in plan.tmp_files:
+            click.echo(f"would remove {name}")
+        return click.echo(f"would free {size(plan.bytes)} in {len(plan.objects)} objects"
+                          + (f" and {len(plan.tmp_files)} temporary files" if plan.tmp_files else ""))
     if not as_json:
         click.echo(f"plan: remove {len(plan.objects)} objects, {size(plan.bytes)}")
     result = store.gc(plan)
     if as_json:
         return emit_json({"dry_run": False, "objects": result.removed, "bytes": result.bytes_freed,
-                          "skipped": result.skipped})
-    click.echo(f"freed {size(result.bytes_freed)} in {len(result.removed)} objects")
+                          "skipped": result.skipped, "tmp_files": result.tmp_files_removed})
+    click.echo(f"freed {size(result.bytes_freed)} in {len(result.removed)} objects"
+               + (f" ({len(result.skipped)} kept: in use again)" if result.skipped else ""))
 
 
 @cli.command()

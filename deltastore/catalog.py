@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -145,10 +146,13 @@ class Catalog:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
                                    check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
+            # NORMAL in WAL mode survives any process crash; a power cut may roll back the
+            # last transactions, which only leaves their objects unreferenced (gc removes them).
+            conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
         conn.execute("PRAGMA foreign_keys=ON")
         self.conn = conn
+        self._lock = threading.RLock()
         self.db = sqlite_utils.Database(conn)
         if not readonly:
             self._migrate()
@@ -158,14 +162,16 @@ class Catalog:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken up front so that two writers never deadlock."""
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
+        """One write transaction, taken up front so that two writers never deadlock. The lock
+        serialises threads of this process that share the connection (a commit's workers)."""
+        with self._lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
 
     def _migrate(self) -> None:
         with self.transaction():
@@ -386,6 +392,69 @@ class Catalog:
             "SELECT 1 FROM entry_objects WHERE object_id = ?1 UNION ALL "
             "SELECT 1 FROM journal_objects WHERE object_id = ?1 UNION ALL "
             "SELECT 1 FROM pending WHERE object_id = ?1 LIMIT 1", [object_id]).fetchone())
+
+    # -- what fsck and gc read ----------------------------------------------------------------
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """One read transaction: every query inside sees the same state of the catalog."""
+        self.conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self.conn.execute("ROLLBACK")
+
+    def version_rows(self) -> list[dict]:
+        return self.query("SELECT id, stance, number, parent, base_id, manifest FROM versions ORDER BY stance, number")
+
+    def entry_object_rows(self) -> list[dict]:
+        return self.query("SELECT version_id, name, part, object_id FROM entry_objects")
+
+    def entry_names(self) -> list[dict]:
+        return self.query("SELECT version_id, name FROM entries")
+
+    def metadata_rows(self) -> list[dict]:
+        return self.query("SELECT version_id, key, value FROM metadata")
+
+    def foreign_key_problems(self) -> list[dict]:
+        """Rows whose declared reference (version, base, stance, journal) points nowhere."""
+        rows = self.conn.execute("PRAGMA foreign_key_check").fetchall()
+        return [{"table": r[0], "rowid": r[1], "parent": r[2]} for r in rows]
+
+    def objects_without_row(self) -> list[str]:
+        """Object ids that entries reference but the objects table lacks."""
+        return [r[0] for r in self.conn.execute(
+            "SELECT DISTINCT e.object_id FROM entry_objects e LEFT JOIN objects o ON o.id = e.object_id "
+            "WHERE o.id IS NULL ORDER BY e.object_id")]
+
+    def missing_parents(self) -> list[dict]:
+        return self.query("SELECT v.id, v.stance, v.number, v.parent FROM versions v WHERE v.parent IS NOT NULL "
+                          "AND NOT EXISTS (SELECT 1 FROM versions p WHERE p.id = v.parent) ORDER BY v.stance, v.number")
+
+    def journal_object_rows(self) -> list[dict]:
+        return self.query("SELECT j.id AS journal_id, j.target, o.object_id FROM journal_objects o "
+                          "JOIN journals j ON j.id = o.journal_id ORDER BY j.created")
+
+    def pending_commits(self) -> list[dict]:
+        """Writers with objects shielded from gc: (token, pid, host, created, objects)."""
+        return self.query("SELECT token, pid, host, min(created) AS created, count(*) AS objects FROM pending "
+                          "GROUP BY token, pid, host ORDER BY created")
+
+    def live_references(self, dead_tokens: list[str]) -> set[str]:
+        """Every object something needs, not counting the pending rows of the given dead writers."""
+        rows = self.conn.execute(
+            "SELECT object_id FROM entry_objects UNION SELECT object_id FROM journal_objects "
+            "UNION SELECT object_id FROM pending WHERE token NOT IN (SELECT value FROM json_each(?))",
+            [json.dumps(dead_tokens)])
+        return {r[0] for r in rows}
+
+    def drop_pending_of(self, tokens: list[str]) -> None:
+        """Inside `transaction()`: forget the pending rows of writers that are gone."""
+        self.conn.execute("DELETE FROM pending WHERE token IN (SELECT value FROM json_each(?))", [json.dumps(tokens)])
+
+    def delete_object_row(self, object_id: str) -> None:
+        """Inside `transaction()`, after the object's file is gone."""
+        self.conn.execute("DELETE FROM objects WHERE id = ?", [object_id])
 
     # -- journals of in-place applies ----------------------------------------------------------
 

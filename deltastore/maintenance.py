@@ -2,10 +2,16 @@
 then execute) and stats.
 
 fsck only reads, except under `repair`, which does only what is safe: remove temporary files
-and pending rows of commits whose process is gone. gc removes only objects that nothing
-references (no version, no apply journal, no commit in progress), each one checked again
-inside a write transaction just before it is deleted, so a commit running at the same time
-can never lose an object it has just decided to reuse.
+of writers that are gone and the pending rows of commits whose process died (their objects
+then become gc's). It reads the catalog in one snapshot, then the files.
+
+gc removes only objects that nothing references: no version, no apply journal, no commit in
+progress (a pending row of a live process). Each object is checked again inside a write
+transaction just before its file is deleted, so a commit running at the same time can never
+lose an object it has just decided to reuse: a commit records its pending row (a write
+transaction) before it looks for or writes an object. A gc killed at any moment leaves at
+worst an objects row whose file is gone and that nothing references, which the next gc
+removes.
 """
 
 from __future__ import annotations
@@ -14,28 +20,37 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from .errors import CorruptObject, MissingObject
-from .hashing import canonical_json, manifest_id
+from .errors import CorruptObject, DeltastoreError, MissingObject
+from .hashing import canonical_json, is_id, manifest_id
+from .objects import HEADER, MAGIC
 
-# A temporary file younger than this may belong to a write in progress.
+# A temporary file younger than this may belong to a write in progress (of another host).
 TMP_GRACE_S = 3600
+
+# Kinds of problem. Errors: the store lost or garbled something, or the catalog contradicts
+# itself. Notes (error=False): harmless leftovers that gc or `fsck --repair` clear, and states
+# that need the user (a stance applied in place).
+ERRORS = ("missing-object", "corrupt-object", "bad-manifest", "index-mismatch", "dangling-row",
+          "unfinished-journal", "check-failed")
+NOTES = ("missing-parent", "open-journal", "tmp-file", "stale-pending", "unreferenced-object", "stray-file")
 
 
 @dataclass(frozen=True)
 class Problem:
-    kind: str  # missing-object, corrupt-object, bad-manifest, dangling-row, open-journal, tmp-file, stale-pending, unreferenced-object
-    subject: str
+    kind: str  # one of ERRORS or NOTES
+    subject: str  # an object id, version id, file or journal target
     message: str
-    versions: tuple[str, ...] = ()
-    error: bool = True  # False: harmless (gc or --repair clears it)
+    versions: tuple[str, ...] = ()  # the versions it breaks, STANCE@N
+    error: bool = True  # False: harmless (gc or --repair clears it), or needs the user, not a fix
 
 
 @dataclass(frozen=True)
 class FsckReport:
     problems: tuple[Problem, ...]
-    objects_checked: int
+    objects_checked: int  # re-hashed (--read-data)
     versions_checked: int
     repaired: tuple[str, ...] = ()
 
@@ -47,93 +62,218 @@ class FsckReport:
     def errors(self) -> list[Problem]:
         return [p for p in self.problems if p.error]
 
+    def kinds(self) -> set[str]:
+        return {p.kind for p in self.problems}
+
 
 def fsck(store: Any, *, read_data: bool = False, repair: bool = False) -> FsckReport:
     cat, objects = store.catalog, store.objects
     problems: list[Problem] = []
+    with cat.snapshot():
+        versions = cat.version_rows()
+        links = cat.entry_object_rows()
+        names = cat.entry_names()
+        metadata = cat.metadata_rows()
+        dangling = cat.foreign_key_problems()
+        rowless = cat.objects_without_row()
+        orphans = cat.missing_parents()
+        rows = {r["id"]: r for r in cat.object_rows()}
+        journal_links = cat.journal_object_rows()
+        journals = cat.open_journals()
+        pending = cat.pending_commits()
+        referenced = cat.referenced_objects()
+    refs = {v["id"]: f"{v['stance']}@{v['number']}" for v in versions}
     users: dict[str, set[str]] = {}
-    for r in cat.query("SELECT e.object_id, v.stance, v.number FROM entry_objects e "
-                       "JOIN versions v ON v.id = e.version_id"):
-        users.setdefault(r["object_id"], set()).add(f"{r['stance']}@{r['number']}")
+    for link in links:
+        users.setdefault(link["object_id"], set()).add(refs.get(link["version_id"], link["version_id"][:19]))
 
-    versions = cat.query("SELECT id, stance, number, manifest FROM versions")
-    for v in versions:
-        ref = f"{v['stance']}@{v['number']}"
-        try:
-            m = json.loads(v["manifest"])
-            if manifest_id(m) != v["id"] or canonical_json(m).decode() != v["manifest"]:
-                problems.append(Problem("bad-manifest", v["id"], f"{ref}: manifest does not hash to its id", (ref,)))
-        except ValueError:
-            problems.append(Problem("bad-manifest", v["id"], f"{ref}: manifest is not JSON", (ref,)))
-    for r in cat.query("SELECT DISTINCT e.object_id FROM entry_objects e LEFT JOIN objects o "
-                       "ON o.id = e.object_id WHERE o.id IS NULL"):
-        problems.append(Problem("dangling-row", r["object_id"], "referenced but has no objects row",
-                                tuple(sorted(users.get(r["object_id"], ())))))
+    problems += _check_versions(versions, refs, links, names, metadata)
+    for d in dangling:
+        problems.append(Problem("dangling-row", f"{d['table']}:{d['rowid']}",
+                                f"a row of {d['table']} refers to a {d['parent']} row that does not exist"))
+    for oid in rowless:
+        problems.append(Problem("dangling-row", oid, f"entries refer to object {oid}, which the objects table lacks",
+                                tuple(sorted(users.get(oid, ())))))
+    for o in orphans:
+        problems.append(Problem("missing-parent", o["id"], f"the parent of {o['stance']}@{o['number']} was deleted "
+                                "(its own tensors are unaffected)", (f"{o['stance']}@{o['number']}",), error=False))
 
-    rows = {r["id"]: r for r in cat.object_rows()}
-    referenced = cat.referenced_objects()
-    checked = 0
-    for oid, row in rows.items():
-        vs = tuple(sorted(users.get(oid, ())))
-        if oid not in referenced:
-            continue
-        try:
-            size = objects.size(oid)
-        except FileNotFoundError:
-            problems.append(Problem("missing-object", oid, f"object {oid} is missing", vs))
-            continue
-        if size != row["size"]:
-            problems.append(Problem("corrupt-object", oid, f"object {oid} has {size} bytes, the catalog says {row['size']}", vs))
-            continue
-        if read_data:
-            checked += 1
-            try:
-                objects.get(oid, raw_size=row["raw_size"])
-            except (CorruptObject, MissingObject) as e:
-                problems.append(Problem("corrupt-object", oid, str(e), vs))
-    on_disk = set(objects.ids())
-    for oid in sorted(referenced & set(users) - on_disk - set(rows)):
-        problems.append(Problem("missing-object", oid, f"object {oid} is missing", tuple(sorted(users[oid]))))
-    for oid in sorted(on_disk - referenced):
-        problems.append(Problem("unreferenced-object", oid, "no version references it; `gc` removes it", error=False))
+    checked, object_problems = _check_objects(store, rows, users, referenced, journal_links, read_data)
+    problems += object_problems
 
-    for j in cat.open_journals():
-        problems.append(Problem("open-journal", j["target"],
-                                f"{j['target']} has a stance applied in place ({j['state']}); "
-                                f"`deltastore revert {j['target']}` restores its base", error=False))
-    for j in cat.query("SELECT DISTINCT j.journal_id, j.object_id FROM journal_objects j"):
-        if not objects.exists(j["object_id"]):
-            problems.append(Problem("missing-object", j["object_id"],
-                                    "an apply journal's original bytes are missing: revert cannot restore them"))
+    for j in journals:
+        if j["state"] == "applied":
+            problems.append(Problem("open-journal", j["target"], f"{j['target']} has {refs.get(j['version_id'], 'a version')} "
+                                    f"applied in place; `deltastore revert {j['target']}` restores its base", error=False))
+        else:
+            problems.append(Problem("unfinished-journal", j["target"],
+                                    f"an apply to {j['target']} is in progress or was interrupted ({j['state']}); "
+                                    f"`deltastore revert {j['target']}` restores its base exactly"))
 
     repaired: list[str] = []
-    now = time.time()
-    for tmp in objects.temporary_files():
-        pid = _pid_of(tmp.name)
-        stale = not _alive(pid) or now - tmp.stat().st_mtime > TMP_GRACE_S
-        if repair and stale:
+    for tmp in _stray_tmp(objects.tmp):
+        if repair and _stale_tmp(tmp):
             tmp.unlink(missing_ok=True)
             repaired.append(f"removed {tmp}")
         else:
             problems.append(Problem("tmp-file", str(tmp), "a temporary file " +
-                                    ("of a dead process" if stale else "of a write in progress"), error=False))
-    host = os.uname().nodename
-    for p in cat.query("SELECT DISTINCT token, pid, host FROM pending"):
-        if p["host"] == host and not _alive(p["pid"]):
-            if repair:
-                cat.drop_pending(p["token"])
-                repaired.append(f"dropped pending objects of dead commit {p['token']}")
-            else:
+                                    ("of a dead process" if _stale_tmp(tmp) else "of a write in progress"), error=False))
+    dead = [p["token"] for p in pending if _dead_writer(p)]
+    if dead and repair:
+        with cat.transaction():
+            cat.drop_pending_of(dead)
+        repaired += [f"dropped the pending objects of dead commit {t}" for t in dead]
+    elif dead:
+        for p in pending:
+            if p["token"] in dead:
                 problems.append(Problem("stale-pending", p["token"],
-                                        f"a commit by process {p['pid']} died before landing; `fsck --repair` clears it",
-                                        error=False))
+                                        f"a commit by process {p['pid']} died before landing; `fsck --repair` "
+                                        "clears it and gc then removes its objects", error=False))
     return FsckReport(tuple(problems), checked, len(versions), tuple(repaired))
+
+
+def _check_versions(versions: list[dict], refs: dict[str, str], links: list[dict], names: list[dict],
+                    metadata: list[dict]) -> list[Problem]:
+    """Each manifest hashes to its id, and the catalog's index of it (which gc trusts to know
+    what a version needs) says what the manifest says."""
+    problems = []
+    by_version_links: dict[str, set[tuple[str, str, str]]] = {}
+    for link in links:
+        by_version_links.setdefault(link["version_id"], set()).add((link["name"], link["part"], link["object_id"]))
+    by_version_names: dict[str, set[str]] = {}
+    for n in names:
+        by_version_names.setdefault(n["version_id"], set()).add(n["name"])
+    by_version_meta: dict[str, dict[str, str]] = {}
+    for m in metadata:
+        by_version_meta.setdefault(m["version_id"], {})[m["key"]] = m["value"]
+    for v in versions:
+        ref = refs[v["id"]]
+        try:
+            m = json.loads(v["manifest"])
+            if manifest_id(m) != v["id"] or canonical_json(m).decode() != v["manifest"]:
+                problems.append(Problem("bad-manifest", v["id"], f"{ref}: its manifest does not hash to its id", (ref,)))
+                continue
+            tensors = m["tensors"]
+            want_links = {(t["name"], part, o["id"]) for t in tensors for part, o in t["objects"].items()}
+            want_names = {t["name"] for t in tensors}
+            want_meta = dict(m["metadata"])
+            if m["number"] != v["number"] or m["base"] != v["base_id"] or m["parent"] != v["parent"]:
+                raise ValueError("number, base or parent differ from the catalog's")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            problems.append(Problem("bad-manifest", v["id"], f"{ref}: its manifest is malformed ({e})", (ref,)))
+            continue
+        lost = want_links - by_version_links.get(v["id"], set())
+        if lost:
+            # gc would not know that this version needs these objects.
+            problems.append(Problem("index-mismatch", v["id"], f"{ref}: the catalog does not record {len(lost)} of the "
+                                    "objects its manifest needs", (ref,)))
+        elif by_version_links.get(v["id"], set()) != want_links or by_version_names.get(v["id"], set()) != want_names:
+            problems.append(Problem("index-mismatch", v["id"], f"{ref}: the catalog's tensor entries differ from its manifest", (ref,)))
+        if by_version_meta.get(v["id"], {}) != want_meta:
+            problems.append(Problem("index-mismatch", v["id"], f"{ref}: the catalog's metadata (what `log --where` "
+                                    "searches) differs from its manifest", (ref,)))
+    return problems
+
+
+def _check_objects(store: Any, rows: dict[str, dict], users: dict[str, set[str]], referenced: set[str],
+                   journal_links: list[dict], read_data: bool) -> tuple[int, list[Problem]]:
+    objects = store.objects
+    problems: list[Problem] = []
+    journal_users: dict[str, set[str]] = {}
+    for j in journal_links:
+        journal_users.setdefault(j["object_id"], set()).add(j["target"])
+    needed = set(users) | set(journal_users)
+    on_disk = set()
+    for oid in objects.ids():
+        on_disk.add(oid)
+    checked = 0
+    for oid in sorted(needed):
+        vs = tuple(sorted(users.get(oid, ())))  # the versions it breaks
+        also = ""
+        if oid in journal_users:
+            also = f"; reverting {', '.join(sorted(journal_users[oid]))} needs it"
+        try:
+            if oid not in on_disk and not objects.exists(oid):
+                # Seen in the snapshot, gone now: missing, unless a stance was deleted and gc ran since.
+                if store.catalog.is_referenced(oid):
+                    problems.append(Problem("missing-object", oid, f"object {oid} is missing{also}", vs))
+                continue
+            row = rows.get(oid)
+            size = objects.size(oid)
+            if row is not None and size != row["size"]:
+                problems.append(Problem("corrupt-object", oid, f"object {oid} has {size} bytes, the catalog says "
+                                        f"{row['size']}{also}", vs))
+                continue
+            raw_size = row["raw_size"] if row is not None else None
+            _check_header(objects.path(oid), oid, raw_size)
+            if read_data:
+                checked += 1
+                objects.get(oid, raw_size=raw_size)
+        except (CorruptObject, MissingObject) as e:
+            problems.append(Problem("corrupt-object" if isinstance(e, CorruptObject) else "missing-object", oid,
+                                    f"{e.args[0].split(';')[0]}{also}", vs))
+        except (OSError, DeltastoreError) as e:
+            problems.append(Problem("check-failed", oid, f"cannot check object {oid}: {e}", vs))
+    for oid in sorted(on_disk - needed):
+        if read_data:
+            checked += 1
+            try:
+                objects.get(oid)
+            except DeltastoreError as e:
+                problems.append(Problem("corrupt-object", oid, f"{e.args[0].split(';')[0]} (no version needs it; "
+                                        "gc removes it)", error=False))
+                continue
+        if oid not in referenced:
+            problems.append(Problem("unreferenced-object", oid, "no version references it; `gc` removes it", error=False))
+    if objects.objects.is_dir():
+        for path in sorted(objects.objects.rglob("*")):
+            if path.is_file() and not _is_object_path(objects, path):
+                problems.append(Problem("stray-file", str(path), "a file in objects/ that is not an object", error=False))
+    return checked, problems
+
+
+def _check_header(path: Path, oid: str, raw_size: int | None) -> None:
+    with open(path, "rb") as f:
+        head = f.read(HEADER.size)
+    if len(head) < HEADER.size:
+        raise CorruptObject(oid, "shorter than its header")
+    magic, _, _, _, declared = HEADER.unpack(head)
+    if magic != MAGIC:
+        raise CorruptObject(oid, "not a deltastore object")
+    if raw_size is not None and declared != raw_size:
+        raise CorruptObject(oid, f"declares {declared} bytes, the catalog says {raw_size}")
+
+
+def _is_object_path(objects: Any, path: Path) -> bool:
+    rel = path.relative_to(objects.objects).parts
+    return len(rel) == 2 and len(rel[0]) == 2 and is_id(f"b3:{rel[0]}{rel[1]}")
+
+
+def _stray_tmp(tmp: Path) -> list[Path]:
+    return sorted(p for p in tmp.iterdir() if p.is_file()) if tmp.is_dir() else []
+
+
+def _stale_tmp(path: Path) -> bool:
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return True
+    return not _alive(_pid_of(path.name)) or age > TMP_GRACE_S
+
+
+def _dead_writer(pending: dict) -> bool:
+    """A pending row's process is gone for sure: it ran on this host and no such pid lives."""
+    return pending["host"] == os.uname().nodename and not _alive(pending["pid"])
 
 
 @dataclass(frozen=True)
 class GcPlan:
-    objects: tuple[str, ...]
-    bytes: int
+    objects: tuple[str, ...]  # object ids to remove
+    bytes: int  # what removing them frees on disk
+    sizes: tuple[int, ...] = ()  # bytes of each object, in the order of `objects`
+    tmp_files: tuple[str, ...] = ()  # temporary files of writers that are gone
+    dead_commits: tuple[str, ...] = ()  # pending tokens of commits whose process died
+    rows_only: tuple[str, ...] = ()  # objects rows whose file is already gone
 
 
 @dataclass(frozen=True)
@@ -141,37 +281,72 @@ class GcResult:
     removed: tuple[str, ...]
     bytes_freed: int
     skipped: tuple[str, ...] = field(default_factory=tuple)  # became referenced meanwhile
+    tmp_files_removed: tuple[str, ...] = ()
 
 
 def gc_plan(store: Any) -> GcPlan:
-    referenced = store.catalog.referenced_objects()
-    doomed, total = [], 0
-    for oid in store.objects.ids():
-        if oid not in referenced:
-            try:
-                total += store.objects.size(oid)
-            except FileNotFoundError:
-                continue
-            doomed.append(oid)
-    return GcPlan(tuple(doomed), total)
+    """What gc would remove now: every object that no version, journal or live commit needs."""
+    cat, objects = store.catalog, store.objects
+    with cat.snapshot():
+        dead = [p["token"] for p in cat.pending_commits() if _dead_writer(p)]
+        needed = cat.live_references(dead)
+        rows = {r["id"] for r in cat.object_rows()}
+    doomed, sizes = [], []
+    on_disk = set()
+    for oid in objects.ids():
+        on_disk.add(oid)
+        if oid in needed:
+            continue
+        try:
+            sizes.append(objects.size(oid))
+        except FileNotFoundError:
+            continue
+        doomed.append(oid)
+    rows_only = tuple(sorted(rows - on_disk - needed))
+    tmp_files = tuple(str(p) for p in _stray_tmp(objects.tmp) if _stale_tmp(p))
+    tmp_bytes = sum(_size(Path(p)) for p in tmp_files)
+    return GcPlan(tuple(doomed), sum(sizes) + tmp_bytes, tuple(sizes), tmp_files, tuple(dead), rows_only)
 
 
 def gc(store: Any, plan: GcPlan | None = None, *, batch: int = 200) -> GcResult:
     plan = plan or gc_plan(store)
     removed, skipped, freed = [], [], 0
     cat = store.catalog
-    for i in range(0, len(plan.objects), batch):
+    if plan.dead_commits:
+        with cat.transaction():
+            # Checked again: only writers still dead lose their shield (a pid cannot come back,
+            # but the plan may be old).
+            still = [p["token"] for p in cat.pending_commits() if p["token"] in plan.dead_commits and _dead_writer(p)]
+            cat.drop_pending_of(still)
+    todo = list(plan.objects) + [oid for oid in plan.rows_only if oid not in plan.objects]
+    for i in range(0, len(todo), batch):
         # Holding the write lock while checking and deleting means no commit can record a
         # reference to (or a pending reuse of) one of these objects in between.
         with cat.transaction():
-            for oid in plan.objects[i:i + batch]:
+            for oid in todo[i:i + batch]:
                 if cat.is_referenced(oid):
                     skipped.append(oid)
                     continue
-                freed += store.objects.remove(oid)
-                cat.conn.execute("DELETE FROM objects WHERE id = ?", [oid])
-                removed.append(oid)
-    return GcResult(tuple(removed), freed, tuple(skipped))
+                gone = store.objects.remove(oid)
+                cat.delete_object_row(oid)
+                if gone or oid in plan.objects:
+                    freed += gone
+                    removed.append(oid)
+    tmp_removed = []
+    for name in plan.tmp_files:
+        path = Path(name)
+        if _stale_tmp(path):
+            freed += _size(path)
+            path.unlink(missing_ok=True)
+            tmp_removed.append(name)
+    return GcResult(tuple(removed), freed, tuple(skipped), tuple(tmp_removed))
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 @dataclass(frozen=True)
