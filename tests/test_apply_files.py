@@ -1,0 +1,314 @@
+"""In-place apply on model files, journalled, and revert to the exact bytes, even after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from deltastore import BaseMismatch, JournalError, Store
+
+from helpers import (assert_same_state, file_bytes, load_folder, make_model, weight_bytes,
+                     write_folder)
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store.init(tmp_path / "store") as s:
+        yield s
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    if src.is_dir():
+        shutil.copytree(src, dst)
+    else:
+        shutil.copy2(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("layout", ["folder", "sharded", "file"])
+def test_apply_in_place_then_revert_gives_back_the_exact_bytes(tmp_path, store, layout) -> None:
+    pair = make_model(tmp_path, torch.bfloat16, sharded=layout == "sharded")
+    store.commit("s", pair.ft, base=pair.base)
+    src = pair.base / "model.safetensors" if layout == "file" else pair.base
+    target = copy_model(src, tmp_path / ("target.safetensors" if layout == "file" else "target"))
+    original = file_bytes(target)
+
+    journal = store.apply_files("s", target)
+    assert journal.state == "applied" and journal.regions == len(pair.changed)
+    assert_same_state(load_folder(target), pair.ft_state)
+    after = file_bytes(target)
+    assert sorted(after) == sorted(original)
+    assert {n: after[n] for n in after if not n.endswith(".safetensors")} == \
+        {n: original[n] for n in original if not n.endswith(".safetensors")}
+    report = store.fsck()
+    assert report.ok and [p.kind for p in report.problems if p.kind == "open-journal"] == ["open-journal"]
+
+    reverted = store.revert_files(target)
+    assert [j.state for j in reverted] == ["reverted"]
+    assert file_bytes(target) == original
+    assert store.catalog.open_journals() == []
+    assert store.fsck().ok
+    # The saved originals are garbage now; gc takes them and the version stays intact.
+    store.gc()
+    assert store.fsck(read_data=True).problems == ()
+    store.apply_files("s", target)
+    assert_same_state(load_folder(target), pair.ft_state)
+
+
+def test_lossy_apply_in_place_reverts_exactly(tmp_path, store) -> None:
+    pair = make_model(tmp_path, torch.float32)
+    store.commit("s", pair.ft, base=pair.base, encoding="int4")
+    target = copy_model(pair.base, tmp_path / "target")
+    store.apply_files("s", target)
+    assert weight_bytes(target) != weight_bytes(pair.base)
+    store.revert_files(target)
+    assert file_bytes(target) == file_bytes(pair.base)
+
+
+def test_apply_twice_is_refused(tmp_path, store) -> None:
+    pair = make_model(tmp_path, torch.float16)
+    store.commit("s", pair.ft, base=pair.base)
+    store.commit("t", pair.ft, base=pair.base, include="blocks.0")
+    target = copy_model(pair.base, tmp_path / "target")
+    store.apply_files("s", target)
+    applied = file_bytes(target)
+    for ref in ("s", "t"):
+        with pytest.raises(JournalError, match="already has a stance applied.*revert"):
+            store.apply_files(ref, target)
+    assert file_bytes(target) == applied
+    assert len(store.catalog.open_journals()) == 1
+    store.revert_files(target)
+    assert file_bytes(target) == file_bytes(pair.base)
+
+
+def test_revert_without_apply_is_refused(tmp_path, store) -> None:
+    pair = make_model(tmp_path, torch.float32)
+    target = copy_model(pair.base, tmp_path / "target")
+    with pytest.raises(JournalError, match="nothing was applied"):
+        store.revert_files(target)
+    store.commit("s", pair.ft, base=pair.base)
+    store.apply_files("s", target)
+    store.revert_files(target)
+    with pytest.raises(JournalError, match="nothing was applied"):
+        store.revert_files(target)
+    assert file_bytes(target) == file_bytes(pair.base)
+
+
+def test_apply_to_a_model_that_is_not_the_base_changes_nothing(tmp_path, store) -> None:
+    pair = make_model(tmp_path, torch.float32)
+    store.commit("s", pair.ft, base=pair.base)
+    target = copy_model(pair.ft, tmp_path / "target")  # already fine-tuned
+    before = file_bytes(target)
+    with pytest.raises(BaseMismatch) as e:
+        store.apply_files("s", target)
+    assert sorted(e.value.names) == pair.changed
+    assert file_bytes(target) == before
+    assert store.catalog.open_journals() == []
+
+
+def test_a_resized_tensor_cannot_be_patched_in_place(tmp_path, store) -> None:
+    pair = make_model(tmp_path, torch.float32)
+    ft = dict(pair.ft_state)
+    ft["embed.weight"] = torch.cat([ft["embed.weight"], torch.zeros(1, 16)])
+    store.commit("grown", write_folder(tmp_path / "grown", ft), base=pair.base)
+    target = copy_model(pair.base, tmp_path / "target")
+    with pytest.raises(JournalError, match="apply --out"):
+        store.apply_files("grown", target)
+    assert file_bytes(target) == file_bytes(pair.base)
+    assert store.catalog.open_journals() == []
+    out = store.export("grown", tmp_path / "out", base_weights=target)
+    assert_same_state(load_folder(out), ft)
+
+
+def test_a_symlinked_weight_file_is_refused(tmp_path, store) -> None:
+    pair = make_model(tmp_path, torch.float32)
+    store.commit("s", pair.ft, base=pair.base)
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "model.safetensors").symlink_to(pair.base / "model.safetensors")
+    with pytest.raises(JournalError, match="symlink"):
+        store.apply_files("s", target)
+    assert file_bytes(pair.base / "model.safetensors") == file_bytes(target / "model.safetensors")
+
+
+def test_revert_refuses_a_file_replaced_since_apply(tmp_path, store) -> None:
+    pair = make_model(tmp_path, torch.float32)
+    store.commit("s", pair.ft, base=pair.base)
+    target = copy_model(pair.base, tmp_path / "target")
+    store.apply_files("s", target)
+    state = load_folder(target)
+    state["extra"] = torch.zeros(2)
+    (target / "model.safetensors").unlink()
+    write_folder(target, state, extra={})
+    replaced = file_bytes(target)
+    with pytest.raises(JournalError, match="changed since apply"):
+        store.revert_files(target)
+    assert file_bytes(target) == replaced
+    assert len(store.catalog.open_journals()) == 1
+
+
+# -- kill -9 in the middle of an in-place apply ---------------------------------------------------
+
+# Imports deltastore once, then forks one child per apply, so that each child starts at once
+# and can be killed at a chosen moment. With "slow", the child sleeps after each fsync of a
+# weight file: the patching phase then lasts long enough to be killed in its middle.
+DRIVER = r"""
+import json, os, sys, time, traceback
+from deltastore import Store
+
+real_fsync = os.fsync
+
+def slow_fsync(fd):
+    real_fsync(fd)
+    if os.readlink(f"/proc/self/fd/{fd}").endswith(".safetensors"):
+        time.sleep(SLOW_S)
+
+for line in sys.stdin:
+    cmd = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            if cmd["slow"]:
+                SLOW_S = cmd["slow"]
+                os.fsync = slow_fsync
+            with Store.open(cmd["store"]) as store:
+                store.apply_files(cmd["ref"], cmd["target"])
+        except BaseException:
+            traceback.print_exc()
+            code = 3
+        os._exit(code)
+    print(pid, flush=True)
+    _, status = os.waitpid(pid, 0)
+    print(status, flush=True)
+"""
+
+
+class Driver:
+    def __init__(self, tmp_path: Path):
+        script = tmp_path / "driver.py"
+        script.write_text(DRIVER)
+        self.proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def start(self, store: Path, ref: str, target: Path, slow: float = 0.0) -> int:
+        self.proc.stdin.write(json.dumps({"store": str(store), "ref": ref, "target": str(target),
+                                          "slow": slow}) + "\n")
+        self.proc.stdin.flush()
+        return int(self.proc.stdout.readline())
+
+    def status(self) -> int:
+        return int(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def kill_setup(tmp_path_factory):
+    """A store with one version of a 12-shard model, and a driver process ready to apply it."""
+    tmp = tmp_path_factory.mktemp("kill")
+    pair = make_model(tmp, torch.bfloat16, sharded=True, shards=12, layers=8, hidden=32)
+    with Store.init(tmp / "store") as store:
+        store.commit("s", pair.ft, base=pair.base)
+    driver = Driver(tmp)
+    yield tmp, pair, driver
+    driver.close()
+
+
+def journal_state(db: sqlite3.Connection, target: Path) -> str | None:
+    row = db.execute("SELECT state FROM journals WHERE target = ?", [str(target.absolute())]).fetchone()
+    return row[0] if row else None
+
+
+def patched_shards(target: Path, base: Path) -> int:
+    now, then = weight_bytes(target), weight_bytes(base)
+    return sum(now[n] != then[n] for n in then)
+
+
+def check_revert_after_kill(store_root: Path, target: Path, pair) -> None:
+    with Store.open(store_root) as store:
+        store.revert_files(target)
+        assert file_bytes(target) == file_bytes(pair.base)
+        assert store.catalog.open_journals() == []
+        report = store.fsck(read_data=True)
+        assert report.ok, report.errors
+        # What the killed process left (its pending rows, saved originals) is harmless, and
+        # repair plus gc clear it.
+        store.fsck(repair=True)
+        store.gc()
+        assert store.fsck(read_data=True).problems == ()
+
+
+def test_kill_9_in_the_middle_of_patching_then_revert(kill_setup) -> None:
+    tmp, pair, driver = kill_setup
+    shards = patched_shards(pair.ft, pair.base)
+    assert shards >= 10
+    db = sqlite3.connect(f"file:{tmp / 'store' / 'catalog.db'}?mode=ro", uri=True)
+    midway = []
+    for k, delay in enumerate((0.05, 0.3, 0.55)):
+        target = copy_model(pair.base, tmp / f"slow-{k}")
+        pid = driver.start(tmp / "store", "s", target, slow=0.06)
+        deadline = time.monotonic() + 60
+        while journal_state(db, target) is None:
+            assert time.monotonic() < deadline, "the apply never wrote its journal"
+            time.sleep(0.001)
+        time.sleep(delay)
+        os.kill(pid, signal.SIGKILL)
+        status = driver.status()
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        assert journal_state(db, target) == "applying"
+        midway.append(patched_shards(target, pair.base))
+        check_revert_after_kill(tmp / "store", target, pair)
+    db.close()
+    # Killed while patching: some shards written, some not.
+    assert any(0 < n < shards for n in midway), midway
+
+
+def test_kill_9_at_any_moment_leaves_the_base_recoverable(kill_setup) -> None:
+    tmp, pair, driver = kill_setup
+    # How long one whole apply takes here, so that the kills below spread over all of it.
+    target = copy_model(pair.base, tmp / "whole")
+    started = time.monotonic()
+    driver.start(tmp / "store", "s", target)
+    assert driver.status() == 0
+    duration = time.monotonic() - started
+    assert_same_state(load_folder(target), pair.ft_state)
+    check_revert_after_kill(tmp / "store", target, pair)
+
+    outcomes = []
+    for k in range(6):
+        target = copy_model(pair.base, tmp / f"any-{k}")
+        pid = driver.start(tmp / "store", "s", target)
+        time.sleep(duration * (2 * k + 1) / 12)
+        os.kill(pid, signal.SIGKILL)
+        status = driver.status()
+        assert os.WIFSIGNALED(status) or os.WEXITSTATUS(status) == 0
+        with Store.open(tmp / "store") as store:
+            if store.catalog.open_journals(str(target.absolute())):
+                outcomes.append("journal")
+                check_revert_after_kill(tmp / "store", target, pair)
+            else:
+                # Killed before the journal landed: not a byte of the target was written.
+                outcomes.append("before")
+                assert file_bytes(target) == file_bytes(pair.base)
+                with pytest.raises(JournalError):
+                    store.revert_files(target)
+                assert store.fsck().ok
+    assert outcomes[0] == "before"
