@@ -216,7 +216,7 @@ def read_metadata_file(path: str | Path) -> dict[str, str]:
                             f"column {e.colno}); write a flat object such as "
                             '{"learning_rate": 1e-4, "epochs": 3}') from None
     if not isinstance(value, dict):
-        raise MetadataError(f"metadata file {path} holds a JSON {_json_type(value)}, not an object; write a flat "
+        raise MetadataError(f"metadata file {path} holds {_json_type(value)}, not a JSON object; write a flat "
                             'object such as {"learning_rate": 1e-4, "epochs": 3}')
     out = {}
     for key, v in value.items():
