@@ -162,7 +162,9 @@ def test_revert_refuses_a_file_replaced_since_apply(tmp_path, store) -> None:
 
 # Imports deltastore once, then forks one child per apply, so that each child starts at once
 # and can be killed at a chosen moment. With "slow", the child sleeps after each fsync of a
-# weight file: the patching phase then lasts long enough to be killed in its middle.
+# weight file: the patching phase then lasts long enough to be killed in its middle. A child
+# is reaped only when the test asks for its status, so its pid cannot be reused before the
+# test's kill, even when the child has finished by then.
 DRIVER = r"""
 import json, os, sys, time, traceback
 from deltastore import Store
@@ -174,7 +176,7 @@ def slow_fsync(fd):
     if os.readlink(f"/proc/self/fd/{fd}").endswith(".safetensors"):
         time.sleep(SLOW_S)
 
-for line in sys.stdin:
+while line := sys.stdin.readline():
     cmd = json.loads(line)
     pid = os.fork()
     if pid == 0:
@@ -190,6 +192,7 @@ for line in sys.stdin:
             code = 3
         os._exit(code)
     print(pid, flush=True)
+    sys.stdin.readline()
     _, status = os.waitpid(pid, 0)
     print(status, flush=True)
 """
@@ -209,6 +212,8 @@ class Driver:
         return int(self.proc.stdout.readline())
 
     def status(self) -> int:
+        self.proc.stdin.write("reap\n")
+        self.proc.stdin.flush()
         return int(self.proc.stdout.readline())
 
     def close(self) -> None:
