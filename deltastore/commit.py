@@ -11,21 +11,23 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
 from . import encodings
 from .errors import BaseMismatch, ModelFormatError, SelectionError
 from .hashing import base_id as compute_base_id
-from .hashing import bytes_id, tensor_id
+from .hashing import bytes_id, dtype_name, tensor_id
 from .models import TensorSource
 from .records import Base, ObjectRef, TensorEntry
 
-# Norms are computed in float64 over chunks of this many elements, so that a 150M-element
-# embedding does not need two fp32 copies of itself at once.
-CHUNK = 1 << 24
+# Two tensors in flight keep both cores busy on this kind of machine without holding more
+# than two tensors (and their encodings) in memory.
+WORKERS = 2
 
 
 @dataclass
@@ -35,6 +37,13 @@ class Change:
     target_id: str
     rel_change: float | None
     energy: float
+
+
+@dataclass(frozen=True)
+class Stored:
+    entry: TensorEntry
+    sizes: dict[str, int]  # object id -> bytes on disk
+    bytes_new: int
 
 
 @dataclass
@@ -47,22 +56,25 @@ class Built:
     left_out: list[str] = field(default_factory=list)
     left_out_energy_fraction: float = 0.0
 
+    def add(self, stored: Stored) -> None:
+        self.entries.append(stored.entry)
+        self.sizes.update(stored.sizes)
+        self.bytes_new += stored.bytes_new
+
 
 def delta_stats(base: torch.Tensor | None, target: torch.Tensor) -> tuple[float | None, float]:
-    """(||dW|| / ||W||, ||dW||^2), chunked; (None, ||target||^2) where no base tensor matches."""
-    t = target.reshape(-1)
-    if base is None or base.shape != target.shape:
-        return None, sum(float(c.double().square().sum()) for c in t.split(CHUNK))
-    b = base.reshape(-1)
-    d2 = w2 = 0.0
-    for bc, tc in zip(b.split(CHUNK), t.split(CHUNK)):
-        bd = bc.double()
-        d2 += float((tc.double() - bd).square().sum())
-        w2 += float(bd.square().sum())
-    rel = math.sqrt(d2 / w2) if w2 > 0 else None
-    if rel is not None and not math.isfinite(rel):
-        rel = None
-    return rel, d2
+    """(||dW|| / ||W||, ||dW||^2); (None, ||target||^2) where no base tensor matches.
+
+    The difference is taken in the tensors' own dtype: for two nearby floats it is exact
+    (Sterbenz), and it avoids two fp32 copies of a 150M-element embedding. Norms accumulate
+    in fp32."""
+    if not (target.is_floating_point() and base is not None and base.shape == target.shape
+            and base.dtype == target.dtype):
+        return None, float(torch.linalg.vector_norm(target.double())) ** 2
+    d = float(torch.linalg.vector_norm(target - base, dtype=torch.float32))
+    w = float(torch.linalg.vector_norm(base, dtype=torch.float32))
+    rel = d / w if w > 0 and math.isfinite(d / w) else None
+    return rel, d * d
 
 
 def check_names(base: Base, expected: dict[str, dict], target: TensorSource) -> None:
@@ -102,19 +114,31 @@ def build_entries(store: Any, base: Base, base_src: TensorSource, target: Tensor
             raise BaseMismatch(base.id, None, [name], "the base weights differ from those registered")
         return t
 
-    # Pass 1: what changed, and by how much. Encodes right away unless the selection
-    # needs every tensor's change first (top-k, energy, min-rel-change).
-    for k, name in enumerate(names):
+    def scan(name: str) -> tuple[Change | None, Stored | None]:
         b = base_tensor(name)
         t = target.get(name)
         tid = tensor_id(t)
         if tid == expected[name]["tensor_id"]:
+            return None, None
+        rel, e = delta_stats(b, t)
+        change = Change(name, expected[name]["tensor_id"], tid, rel, e)
+        if by_stats or not by_name(name):
+            return change, None
+        return change, _store_tensor(store, name, b, t, change, spec_for(name, b, t), token)
+
+    def encode_kept(name: str) -> Stored:
+        b, t = base_src.get(name), target.get(name)
+        return _store_tensor(store, name, b, t, changes[name], spec_for(name, b, t), token)
+
+    # Pass 1: what changed, and by how much. Encodes right away unless the selection
+    # needs every tensor's change first (top-k, energy, min-rel-change).
+    for k, (name, (change, stored)) in enumerate(in_order(names, scan)):
+        if change is None:
             built.unchanged += 1
         else:
-            rel, e = delta_stats(b, t)
-            changes[name] = Change(name, expected[name]["tensor_id"], tid, rel, e)
-            if not by_stats and by_name(name):
-                _store_tensor(store, built, name, b, t, changes[name], spec_for(name, b, t), token)
+            changes[name] = change
+        if stored is not None:
+            built.add(stored)
         if progress:
             progress(k + 1, total)
 
@@ -124,14 +148,56 @@ def build_entries(store: Any, base: Base, base_src: TensorSource, target: Tensor
         built.left_out = list(selected.left_out)
         built.left_out_energy_fraction = selected.left_out_energy_fraction
     if by_stats:
-        kept = set(selected.kept)
-        for k, name in enumerate(names):
-            if name in kept:
-                b, t = base_src.get(name), target.get(name)
-                _store_tensor(store, built, name, b, t, changes[name], spec_for(name, b, t), token)
+        kept = [n for n in names if n in set(selected.kept)]
+        for k, (name, stored) in enumerate(in_order(kept, encode_kept)):
+            built.add(stored)
             if progress:
                 progress(len(names) + k + 1, total)
+    store.objects.sync()
     return built
+
+
+T = TypeVar("T")
+
+
+def in_order(names: list[str], work: Callable[[str], T], *, workers: int | None = None) -> Iterator[tuple[str, T]]:
+    """(name, work(name)) in order, with up to `workers` tensors in flight: reading and hashing
+    one tensor overlaps compressing another (all of them release the GIL), while memory stays
+    bounded to a few tensors."""
+    workers = WORKERS if workers is None else workers
+    if workers <= 1:
+        for name in names:
+            yield name, work(name)
+        return
+    # Our workers are the parallelism: torch's own intra-op threads would only contend with them.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield from _pipelined(names, work, workers)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pipelined(names: list[str], work: Callable[[str], T], workers: int) -> Iterator[tuple[str, T]]:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        it = iter(names)
+        for name in it:
+            pending.append((name, pool.submit(work, name)))
+            if len(pending) >= workers:
+                break
+        while pending:
+            name, future = pending.popleft()
+            try:
+                result = future.result()
+            except BaseException:
+                for _, f in pending:
+                    f.cancel()
+                raise
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(work, nxt)))
+            yield name, result
 
 
 def _select(changes: dict[str, Change], include, exclude, top_k, min_rel_change, energy):
@@ -175,38 +241,34 @@ def _spec_chooser(encoding: str, rules: list[tuple[str, str]] | None, options: d
     return choose
 
 
-def _store_tensor(store: Any, built: Built, name: str, base: torch.Tensor, target: torch.Tensor,
-                  change: Change, enc: encodings.Encoding, token: str) -> None:
+def _store_tensor(store: Any, name: str, base: torch.Tensor, target: torch.Tensor,
+                  change: Change, enc: encodings.Encoding, token: str) -> Stored:
     encoded = enc.encode(base, target)
     if enc.exact:
         result_id, rel_error = change.target_id, 0.0
     else:
         result = enc.decode(base, encoded, dtype=target.dtype, shape=tuple(target.shape))
         result_id = tensor_id(result)
-        err2, _ = _sq_diff(result, target)
+        err2 = _sq_diff(result, target)
         rel_error = math.sqrt(err2 / change.energy) if change.energy > 0 else 0.0
     ids = {part: bytes_id(data) for part, data in encoded.parts.items()}
+    # Shield the objects from gc before looking whether they already exist (FORMAT.md, rule 2).
     store.catalog.add_pending(token, sorted(set(ids.values())))
-    refs = {}
+    refs, sizes, new = {}, {}, 0
     for part, data in encoded.parts.items():
-        put = store.objects.put(data, object_id=ids[part])
-        built.sizes[put.id] = put.size
+        put = store.objects.put(data, object_id=ids[part], sync_dir=False)
+        sizes[put.id] = put.size
         if put.new:
-            built.bytes_new += put.size
+            new += put.size
         refs[part] = ObjectRef(put.id, put.raw_size)
-    from .hashing import dtype_name
-
-    built.entries.append(TensorEntry(
-        name, dtype_name(target.dtype), tuple(target.shape), enc.spec, encoded.params, refs,
-        change.base_id, change.target_id, result_id,
-        _round(change.rel_change), _round(rel_error)))
+    entry = TensorEntry(name, dtype_name(target.dtype), tuple(target.shape), enc.spec, encoded.params, refs,
+                        change.base_id, change.target_id, result_id,
+                        _round(change.rel_change), _round(rel_error))
+    return Stored(entry, sizes, new)
 
 
-def _sq_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
-    total = 0.0
-    for ac, bc in zip(a.reshape(-1).split(CHUNK), b.reshape(-1).split(CHUNK)):
-        total += float((ac.double() - bc.double()).square().sum())
-    return total, a.numel()
+def _sq_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(a - b, dtype=torch.float32)) ** 2
 
 
 def _round(x: float | None) -> float | None:

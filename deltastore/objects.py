@@ -56,6 +56,7 @@ class ObjectStore:
         self.objects = self.root / "objects"
         self.tmp = self.root / "tmp"
         self.threads = threads if threads is not None else min(os.cpu_count() or 1, 8)
+        self._unsynced_dirs: set[Path] = set()
 
     def path(self, object_id: str) -> Path:
         if not is_id(object_id):
@@ -69,9 +70,12 @@ class ObjectStore:
     def size(self, object_id: str) -> int:
         return self.path(object_id).stat().st_size
 
-    def put(self, data: bytes | memoryview, *, object_id: str | None = None) -> PutResult:
+    def put(self, data: bytes | memoryview, *, object_id: str | None = None, sync_dir: bool = True) -> PutResult:
         """Store a payload (once: equal content is never written twice). `object_id`, when the
-        caller already hashed the payload, saves hashing it again."""
+        caller already hashed the payload, saves hashing it again. With `sync_dir=False` the
+        rename is made durable by a later `sync()`, which must run before any catalog row
+        refers to the object; the object's content is fsynced before its rename either way,
+        so a crash can lose an object but never leave a partial one."""
         object_id = object_id or bytes_id(data)
         path = self.path(object_id)
         if path.is_file():
@@ -80,7 +84,7 @@ class ObjectStore:
             return PutResult(object_id, path.stat().st_size, len(data), False)
         payload, compression = self._compress(data)
         header = HEADER.pack(MAGIC, FORMAT_VERSION, compression, 0, len(data))
-        self._write_atomic(path, header, payload)
+        self._write_atomic(path, header, payload, sync_dir=sync_dir)
         return PutResult(object_id, HEADER.size + len(payload), len(data), True)
 
     def _compress(self, data: bytes | memoryview) -> tuple[bytes | memoryview, int]:
@@ -91,7 +95,7 @@ class ObjectStore:
         # Incompressible payloads are kept raw: decoding them then costs nothing.
         return (packed, ZSTD) if len(packed) < len(data) else (data, RAW)
 
-    def _write_atomic(self, path: Path, header: bytes, payload: bytes | memoryview) -> None:
+    def _write_atomic(self, path: Path, header: bytes, payload: bytes | memoryview, *, sync_dir: bool) -> None:
         self.tmp.mkdir(exist_ok=True)
         tmp = self.tmp / f"{os.getpid()}-{uuid.uuid4().hex}.tmp"
         try:
@@ -105,7 +109,15 @@ class ObjectStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(path.parent)
+        if sync_dir:
+            _fsync_dir(path.parent)
+        else:
+            self._unsynced_dirs.add(path.parent)
+
+    def sync(self) -> None:
+        """Make every rename done with `sync_dir=False` durable."""
+        while self._unsynced_dirs:
+            _fsync_dir(self._unsynced_dirs.pop())
 
     def get(self, object_id: str, *, raw_size: int | None = None) -> bytes | bytearray:
         """The payload of an object, verified against its id (and its expected size)."""
