@@ -83,11 +83,12 @@ def fsck(store: Any, *, read_data: bool = False, repair: bool = False) -> FsckRe
         pending = cat.pending_commits()
         referenced = cat.referenced_objects()
     refs = {v["id"]: f"{v['stance']}@{v['number']}" for v in versions}
+    version_problems, needs = _check_versions(versions, refs, links, names, metadata)
+    problems += version_problems
+    # What each object breaks, from the manifests (the truth) and the catalog's index of them.
     users: dict[str, set[str]] = {}
-    for link in links:
-        users.setdefault(link["object_id"], set()).add(refs.get(link["version_id"], link["version_id"][:19]))
-
-    problems += _check_versions(versions, refs, links, names, metadata)
+    for vid, oid in needs + [(link["version_id"], link["object_id"]) for link in links]:
+        users.setdefault(oid, set()).add(refs.get(vid, vid[:19]))
     for d in dangling:
         problems.append(Problem("dangling-row", f"{d['table']}:{d['rowid']}",
                                 f"a row of {d['table']} refers to a {d['parent']} row that does not exist"))
@@ -133,10 +134,11 @@ def fsck(store: Any, *, read_data: bool = False, repair: bool = False) -> FsckRe
 
 
 def _check_versions(versions: list[dict], refs: dict[str, str], links: list[dict], names: list[dict],
-                    metadata: list[dict]) -> list[Problem]:
+                    metadata: list[dict]) -> tuple[list[Problem], list[tuple[str, str]]]:
     """Each manifest hashes to its id, and the catalog's index of it (which gc trusts to know
-    what a version needs) says what the manifest says."""
-    problems = []
+    what a version needs) says what the manifest says. Also returns (version id, object id)
+    for every object a readable manifest needs."""
+    problems, needs = [], []
     by_version_links: dict[str, set[tuple[str, str, str]]] = {}
     for link in links:
         by_version_links.setdefault(link["version_id"], set()).add((link["name"], link["part"], link["object_id"]))
@@ -159,6 +161,7 @@ def _check_versions(versions: list[dict], refs: dict[str, str], links: list[dict
             want_meta = dict(m["metadata"])
             if m["number"] != v["number"] or m["base"] != v["base_id"] or m["parent"] != v["parent"]:
                 raise ValueError("number, base or parent differ from the catalog's")
+            needs += [(v["id"], oid) for _, _, oid in want_links]
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             problems.append(Problem("bad-manifest", v["id"], f"{ref}: its manifest is malformed ({e})", (ref,)))
             continue
@@ -172,7 +175,7 @@ def _check_versions(versions: list[dict], refs: dict[str, str], links: list[dict
         if by_version_meta.get(v["id"], {}) != want_meta:
             problems.append(Problem("index-mismatch", v["id"], f"{ref}: the catalog's metadata (what `log --where` "
                                     "searches) differs from its manifest", (ref,)))
-    return problems
+    return problems, needs
 
 
 def _check_objects(store: Any, rows: dict[str, dict], users: dict[str, set[str]], referenced: set[str],
