@@ -212,6 +212,17 @@ class HubConflict(HubError, FileExistsError):
     """The repo holds something a push would contradict, or changed while pushing."""
 
 
+class HubStanceNotFound(HubError, LookupError):
+    def __init__(self, repo_id: str, revision: str | None, stance: str, known: list[str]):
+        self.stance = stance
+        super().__init__(f"Hub repo {repo_id} has no version of stance {stance!r} at {revision or 'main'}; "
+                         f"it has {', '.join(known) or 'none'}", repo_id=repo_id, revision=revision)
+
+
+class HubRequestRefused(HubError, ValueError):
+    """A request the Hub (or its client) refuses as malformed: a bad repo id, a 400."""
+
+
 class NotADeltaRepo(HubError, ValueError):
     def __init__(self, repo_id: str, revision: str | None, reason: str):
         super().__init__(f"Hub repo {repo_id}{'@' + revision if revision else ''} is not a deltastore repo "

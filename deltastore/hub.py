@@ -37,8 +37,9 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .errors import (DeltastoreError, HubAccessDenied, HubConflict, HubError, HubRepoNotFound,
-                     HubRevisionNotFound, HubUnreachable, ModelFormatError, NotADeltaRepo,
-                     PulledBaseMissing, PulledDataRejected, UnsafeInput, VersionConflict)
+                     HubRequestRefused, HubRevisionNotFound, HubStanceNotFound, HubUnreachable,
+                     ModelFormatError, NotADeltaRepo, PulledBaseMissing, PulledDataRejected, UnsafeInput,
+                     VersionConflict)
 from .hashing import bytes_id, canonical_json, is_id, manifest_id
 from .models import TensorInfo, read_header, safe_relative, write_safetensors
 from .records import Version, check_manifest
@@ -457,13 +458,9 @@ def _choose(index: dict, repo_id: str, revision: str | None, stance: str | None)
     listed = [_hub_version(e, s) for s, es in sorted(index["stances"].items()) for e in es]
     chosen = [hv for hv in listed if hv.tag == revision] or listed  # a version's tag: that version
     if stance is not None:
-        if not any(hv.stance == stance for hv in listed):
-            known = ", ".join(sorted({hv.stance for hv in listed})) or "none"
-            raise HubRevisionNotFound(repo_id, f"{revision or 'main'}: no stance {stance!r} there "
-                                               f"(stances: {known})")
         chosen = [hv for hv in chosen if hv.stance == stance]
         if not chosen:
-            raise HubRevisionNotFound(repo_id, f"{revision}: a version of another stance than {stance!r}")
+            raise HubStanceNotFound(repo_id, revision, stance, sorted({hv.stance for hv in listed}))
     seen = set()
     for hv in chosen:
         if (hv.stance, hv.number) in seen:
@@ -616,11 +613,12 @@ def _hub_errors(repo_id: str, revision: str | None, endpoint: str) -> Iterator[N
         if status == 412:
             raise HubConflict(f"{repo_id} changed while pushing (another push?); push again",
                               repo_id=repo_id, revision=revision) from None
-        raise HubError(f"the Hub at {endpoint} answered {status} for {repo_id}: {_server_message(err)}",
-                       repo_id=repo_id, revision=revision) from None
+        kind = HubRequestRefused if status is not None and 400 <= status < 500 else HubError
+        raise kind(f"the Hub at {endpoint} answered {status} for {repo_id}: {_server_message(err)}",
+                   repo_id=repo_id, revision=revision) from None
     except e.HFValidationError as err:
-        raise HubError(f"{repo_id!r} is not a Hub repo id ({str(err).splitlines()[0]})",
-                       repo_id=repo_id, revision=revision) from None
+        raise HubRequestRefused(f"{repo_id!r} is not a Hub repo id or revision ({_first_line(err)})",
+                                repo_id=repo_id, revision=revision) from None
     except Exception as err:
         if _is_connection_error(err):
             raise HubUnreachable(repo_id, endpoint, _first_line(err) or type(err).__name__,
