@@ -438,7 +438,9 @@ def check_index(raw: bytes, repo_id: str, revision: str | None) -> dict:
                       and isinstance(e["id"], str) and is_id(e["id"]) and isinstance(e["base"], str)
                       and is_id(e["base"]) and e["tag"] == version_tag(stance, e["number"])
                       and isinstance(e["files"], dict) and isinstance(e["encodings"], list)
-                      and all(isinstance(x, str) for x in e["encodings"]))
+                      and all(isinstance(x, str) for x in e["encodings"])
+                      and isinstance(e["tensors"], int) and isinstance(e["created"], str)
+                      and isinstance(e["message"], str))
                 files = [e["files"]["payloads"], e["files"]["manifest"]] if ok else []
             except (KeyError, TypeError):
                 ok = False
