@@ -451,8 +451,9 @@ def check_index(raw: bytes, repo_id: str, revision: str | None) -> dict:
                     safe_relative(path if isinstance(path, str) else "")
                 except UnsafeInput as err:
                     raise bad(str(err)) from None
-                if not path.endswith(suffix) or path in (INDEX_FILE, CARD_FILE):
-                    raise bad(f"file name {path[:80]!r} of {stance}@{e['number']} is not a {suffix} file")
+                # The names push writes, and no others: nothing else in the repo is ever read.
+                if path != f"{stance}/v{e['number']}{suffix}":
+                    raise bad(f"file name {path[:80]!r} of {stance}@{e['number']} is not {stance}/v{e['number']}{suffix}")
     return index
 
 

@@ -331,6 +331,10 @@ def point_files_outside(index: dict) -> None:
     index["stances"]["curious-uncertainty"][0]["files"]["payloads"] = "../../x.safetensors"
 
 
+def point_files_elsewhere(index: dict) -> None:
+    index["stances"]["curious-uncertainty"][0]["files"]["payloads"] = "playful/v1.safetensors"
+
+
 def claim_other_base_tensors(m: dict) -> None:
     m["tensors"][0]["base"] = "b3:" + "0" * 64
 
@@ -342,6 +346,8 @@ TAMPERINGS = {
     "payload larger than declared": (dict(tensors=add_payload_bytes, consistent=False), "its manifest declares"),
     "manifest changed, id not": (dict(manifest=change_message_only, consistent=False), "hashes to"),
     "index points outside the repo": (dict(index=point_files_outside, consistent=False), "would leave its folder"),
+    "index points at another version's file": (dict(index=point_files_elsewhere, consistent=False),
+                                               "is not curious-uncertainty/v1.safetensors"),
     "entries of another base": (dict(manifest=claim_other_base_tensors), "other base tensors"),
 }
 
