@@ -161,7 +161,8 @@ class _Delta(Encoding):
             raise EncodingError(f"{self.spec} needs a base of shape {shape}, got {tuple(base.shape)}")
         b = base.detach()
         dw = self._decode(encoded, shape).reshape(shape).to(b.device)
-        return dw.add_(b).to(dtype)
+        # float32 arithmetic, in place; a float64 base keeps its precision.
+        return (b + dw if b.dtype == torch.float64 else dw.add_(b)).to(dtype)
 
     def _encode(self, dw: torch.Tensor, shape: tuple[int, ...]) -> tuple[Q.Parts, dict[str, Any]]:
         raise NotImplementedError

@@ -1,0 +1,287 @@
+"""The arithmetic and byte layouts of the lossy encodings: a float32 delta in, parts out, and back.
+
+Pure: no disk, no registry, no objects. Each `*_encode` takes the float32 delta dW and returns
+`(parts, params)`; each `*_decode` takes them back with the element count or shape, checks
+every part's size and every param before it allocates (parts and params come from outside) and
+returns the decoded float32 delta. `encodings.py` wraps these pairs in `Encoding` classes.
+
+The byte layouts are part of the on-disk format and pinned by golden tests. Every part is a
+little-endian array with no header; elements run over the tensor flattened in row-major order.
+
+- Scales are fp16 with a per-tensor power-of-two exponent `scale_exp` (params): a scale is
+  `fp16 value * 2**scale_exp`. The deltas of a fine-tune are ~1e-6, where fp16 alone is
+  subnormal (or zero) and loses most of its precision; the exponent moves the tensor's largest
+  scale into [2**14, 2**15), so no scale overflows and only those 2**-28 below the largest
+  ever go subnormal.
+- int8/int4: codes q in [-qmax, qmax] (qmax 127 or 7), value = q * scale of its group; groups
+  are `group_size` consecutive elements, the last one may be shorter. int8 codes are int8
+  bytes. int4 codes are stored as q + 8 (a nibble from 1 to 15, 8 meaning zero), two per
+  byte: element 2i in the low nibble, element 2i+1 in the high nibble; an odd count pads the
+  last high nibble with 8.
+- 1bit: bit i of the flattened tensor is bit (i % 8) of byte i // 8 (least significant bit
+  first); 1 means +scale (dW > 0), 0 means -scale. One scale per row (dimension 0).
+- nf4/fp4: bitsandbytes' own layout (element 2i in the HIGH nibble), over the flattened delta
+  padded with one zero to an even count; absmax is float32 per block, `code` is the 16-entry
+  float32 table the codes index.
+- lowrank: `us` = U*S (m x R) * 2**-scale_exp and `vh` (R x n), both row-major in `dtype`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from .errors import EncodingError
+
+Parts = dict[str, memoryview]
+
+BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+FACTOR_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# fp32 spans 2**-149 .. 2**128; an exponent outside this cannot come from a real tensor.
+_EXP_RANGE = (-200, 200)
+
+
+# -- bytes ---------------------------------------------------------------------------------
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _part(parts: Mapping[str, Any], name: str, dtype: torch.dtype, count: int) -> torch.Tensor:
+    """Part `name` as `count` elements of `dtype`, refused unless its size is exactly that."""
+    if name not in parts:
+        raise EncodingError(f"the entry lacks its {name!r} part (it has {', '.join(sorted(parts)) or 'none'})")
+    data = memoryview(parts[name]).cast("B")  # lengths in bytes, whatever the buffer's format
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    if len(data) != count * itemsize:
+        raise EncodingError(f"part {name!r} has {len(data)} bytes, the entry needs {count * itemsize}")
+    if count == 0:
+        return torch.empty(0, dtype=dtype)
+    # A copy: the buffer may be read-only or shared, and the result must own its memory.
+    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()).view(dtype)
+
+
+def _int_param(params: Mapping[str, Any], key: str, low: int, high: int | None = None) -> int:
+    value = params.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+        bound = f"from {low} to {high}" if high is not None else f"at least {low}"
+        raise EncodingError(f"param {key!r} must be a whole number {bound}, got {value!r}")
+    return value
+
+
+# -- fp16 scales ---------------------------------------------------------------------------
+
+def fp16_scales(scales: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Non-negative fp32 scales as (fp16 values, scale_exp); see the module docstring."""
+    top = float(scales.max()) if scales.numel() else 0.0
+    exp = math.frexp(top)[1] - 15 if top > 0 else 0
+    # float64 makes the power-of-two shift exact, whatever the exponent.
+    return (scales.double() * 2.0 ** -exp).to(torch.float16), exp
+
+
+def unscale(values: torch.Tensor, exp: int) -> torch.Tensor:
+    """fp16 (or any float) values times 2**exp, as float32."""
+    return (values.double() * 2.0 ** exp).float()
+
+
+def _exp_param(params: Mapping[str, Any]) -> int:
+    return _int_param(params, "scale_exp", *_EXP_RANGE)
+
+
+# -- int8 / int4: symmetric group-wise absmax ------------------------------------------------
+
+def _qmax(bits: int) -> int:
+    return (1 << (bits - 1)) - 1
+
+
+def absmax_encode(dw: torch.Tensor, *, bits: int, group_size: int) -> tuple[Parts, dict[str, Any]]:
+    """Group-wise symmetric quantisation of the flat float32 delta to int8 or int4 codes."""
+    qmax, n, g = _qmax(bits), dw.numel(), group_size
+    groups = -(-n // g)
+    x = torch.zeros(groups * g, dtype=torch.float32)
+    x[:n] = dw.reshape(-1)
+    x = x.view(groups, g)
+    s16, exp = fp16_scales(x.abs().amax(dim=1) / qmax if groups else torch.empty(0))
+    # Codes are rounded against the scale decode will use (the fp16 one), not the exact one.
+    s = unscale(s16, exp)[:, None]
+    live = s > 0
+    q = torch.where(live, torch.round(x / torch.where(live, s, 1.0)).clamp_(-qmax, qmax), 0.0)
+    q = q.reshape(-1)[:n].to(torch.int8)
+    codes = q if bits == 8 else pack_nibbles((q + 8).to(torch.uint8), pad=8)
+    return {"codes": _bytes(codes), "scales": _bytes(s16)}, {"group_size": g, "scale_exp": exp}
+
+
+def absmax_decode(parts: Mapping[str, Any], params: Mapping[str, Any], *, bits: int, numel: int) -> torch.Tensor:
+    g, exp, n = _int_param(params, "group_size", 1), _exp_param(params), numel
+    full_groups, rest = divmod(n, g)
+    s = unscale(_part(parts, "scales", torch.float16, full_groups + (rest > 0)), exp)
+    # In place in one float32 buffer: on a big model, fresh allocations (page faults) cost
+    # more than the arithmetic.
+    out = torch.empty(n, dtype=torch.float32)
+    if bits == 8:
+        out.copy_(_part(parts, "codes", torch.int8, n))
+    else:
+        out.copy_(unpack_nibbles(_part(parts, "codes", torch.uint8, (n + 1) // 2), n)).sub_(8)
+    full = full_groups * g
+    out[:full].view(full_groups, g).mul_(s[:full_groups, None])
+    if rest:
+        out[full:].mul_(s[full_groups])
+    return out
+
+
+def pack_nibbles(codes: torch.Tensor, *, pad: int) -> torch.Tensor:
+    """uint8 codes 0..15, two per byte: element 2i low nibble, 2i+1 high nibble."""
+    if codes.numel() % 2:
+        codes = torch.cat([codes, torch.tensor([pad], dtype=torch.uint8)])
+    return codes[0::2] | (codes[1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
+    out = torch.empty(packed.numel() * 2, dtype=torch.uint8)
+    out[0::2] = packed & 0x0F
+    out[1::2] = packed >> 4
+    return out[:n]
+
+
+# -- 1bit: sign with one scale per row (BitDelta) ----------------------------------------------
+
+def sign_encode(dw: torch.Tensor) -> tuple[Parts, dict[str, Any]]:
+    """dw: float32 (rows, cols). The row scale is mean |dW|: the L2-optimal one for signs."""
+    rows, cols = dw.shape
+    s16, exp = fp16_scales(dw.abs().mean(dim=1) if cols else torch.zeros(rows))
+    signs = np.packbits((dw.reshape(-1) > 0).numpy(), bitorder="little")
+    return {"signs": memoryview(signs), "scales": _bytes(s16)}, {"scale_exp": exp}
+
+
+def sign_decode(parts: Mapping[str, Any], params: Mapping[str, Any], *, rows: int, cols: int) -> torch.Tensor:
+    n = rows * cols
+    s = unscale(_part(parts, "scales", torch.float16, rows), _exp_param(params))
+    packed = _part(parts, "signs", torch.uint8, (n + 7) // 8).numpy()
+    out = torch.empty(rows, cols, dtype=torch.float32)
+    out.view(-1).copy_(torch.from_numpy(np.unpackbits(packed, count=n, bitorder="little")))
+    return out.mul_(2).sub_(1).mul_(s[:, None])
+
+
+# -- nf4 / fp4 through bitsandbytes -----------------------------------------------------------
+
+def _bnb() -> Any:
+    try:
+        import bitsandbytes.functional as F  # noqa: N812 (bitsandbytes' own idiom)
+    except ImportError as e:
+        raise EncodingError(f"nf4 and fp4 need bitsandbytes (pip install bitsandbytes): {e}") from None
+    return F
+
+
+def bnb_encode(dw: torch.Tensor, *, quant_type: str, blocksize: int) -> tuple[Parts, dict[str, Any]]:
+    F = _bnb()
+    flat = dw.reshape(-1)
+    # An even count keeps bitsandbytes' CPU kernel off its slow (torch.compile) odd-shape path;
+    # the zero added joins the last block, whose absmax it cannot change.
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    if flat.numel():
+        packed, state = F.quantize_4bit(flat, blocksize=blocksize, quant_type=quant_type,
+                                        compress_statistics=False, quant_storage=torch.uint8)
+        absmax, code = state.absmax, state.code
+    else:
+        packed, absmax = torch.empty(0, dtype=torch.uint8), torch.empty(0)
+        code = F.get_4bit_type(quant_type, device="cpu")
+    parts = {"data": _bytes(packed), "absmax": _bytes(absmax.float()), "code": _bytes(code.float())}
+    params = {"quant_type": quant_type, "blocksize": blocksize, "quant_shape": [flat.numel()],
+              "quant_dtype": "F32"}
+    return parts, params
+
+
+def bnb_decode(parts: Mapping[str, Any], params: Mapping[str, Any], *, quant_type: str, numel: int) -> torch.Tensor:
+    if params.get("quant_type") != quant_type:
+        raise EncodingError(f"param 'quant_type' must be {quant_type!r}, got {params.get('quant_type')!r}")
+    bs = params.get("blocksize")
+    if bs not in BNB_BLOCKSIZES or isinstance(bs, bool):
+        raise EncodingError(f"param 'blocksize' must be one of {', '.join(map(str, BNB_BLOCKSIZES))}, got {bs!r}")
+    n_even = numel + numel % 2
+    if params.get("quant_shape") != [n_even] or params.get("quant_dtype") != "F32":
+        raise EncodingError(f"params 'quant_shape'/'quant_dtype' must be [{n_even}]/'F32' for {numel} elements, "
+                            f"got {params.get('quant_shape')!r}/{params.get('quant_dtype')!r}")
+    data = _part(parts, "data", torch.uint8, n_even // 2)
+    absmax = _part(parts, "absmax", torch.float32, -(-n_even // bs))
+    code = _part(parts, "code", torch.float32, 16)
+    if not numel:
+        return torch.empty(0)
+    F = _bnb()
+    if _bytes(code).tobytes() == _bytes(F.get_4bit_type(quant_type, device="cpu").float()).tobytes():
+        state = F.QuantState(absmax=absmax, shape=torch.Size([n_even]), code=code, blocksize=bs,
+                             quant_type=quant_type, dtype=torch.float32)
+        out = F.dequantize_4bit(data.view(-1, 1), quant_state=state)
+    else:
+        # Made with another code table than this bitsandbytes has: bitsandbytes' dequantisation
+        # (code[nibble] * absmax of the block, high nibble first) with the recorded table.
+        nibbles = torch.stack([data >> 4, data & 0x0F], dim=1).reshape(-1).long()
+        out = code[nibbles] * absmax.repeat_interleave(bs)[:n_even]
+    return out.reshape(-1)[:numel]
+
+
+# -- lowrank: truncated SVD --------------------------------------------------------------------
+
+def truncated_svd(a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U*S, Vh) of float32 `a`'s best rank-`rank` approximation.
+
+    A full SVD of an embedding-sized matrix takes ~10 s on two cores; the eigenvectors of the
+    small Gram matrix (min(m, n) square) are the right singular vectors, and `a` times them is
+    U*S, in about a second. Squaring loses the directions below ~3e-4 of the largest singular
+    value, whose share of the energy is under 1e-7: the approximation stays the best one to
+    that. Signs are fixed (each Vh row's largest entry is positive) so that the bytes do not
+    depend on the LAPACK build.
+    """
+    tall = a.shape[0] >= a.shape[1]
+    a = a if tall else a.T
+    top = float(a.abs().max()) if a.numel() else 0.0
+    if top == 0:
+        us, vh = torch.zeros(a.shape[0], rank), torch.zeros(rank, a.shape[1])
+    else:
+        shift = math.frexp(top)[1]  # an exact power-of-two normalisation keeps the Gram in range
+        a = _times_pow2(a, -shift)
+        _, v = torch.linalg.eigh(a.T @ a)  # ascending eigenvalues
+        v = v[:, -rank:].flip(1)
+        sign = torch.where(v.gather(0, v.abs().argmax(dim=0, keepdim=True)) < 0, -1.0, 1.0)
+        v = v * sign
+        us = _times_pow2(a @ v, shift)
+        vh = v.T
+    return (us.contiguous(), vh.contiguous()) if tall else (vh.T.contiguous(), us.T.contiguous())
+
+
+def _times_pow2(t: torch.Tensor, exp: int) -> torch.Tensor:
+    # In steps that float32 can hold (2**128 is not a float32): exact, bar a subnormal result.
+    while abs(exp) > 100:
+        step = 100 if exp > 0 else -100
+        t, exp = t * 2.0 ** step, exp - step
+    return t * 2.0 ** exp
+
+
+def lowrank_encode(dw: torch.Tensor, *, rank: int, dtype: str) -> tuple[Parts, dict[str, Any]]:
+    us, vh = truncated_svd(dw, rank)
+    _, exp = fp16_scales(us.abs().amax().reshape(1) if us.numel() else torch.empty(0))
+    t = FACTOR_DTYPES[dtype]
+    parts = {"us": _bytes((us.double() * 2.0 ** -exp).to(t)), "vh": _bytes(vh.to(t))}
+    return parts, {"rank": rank, "dtype": dtype, "scale_exp": exp}
+
+
+def lowrank_decode(parts: Mapping[str, Any], params: Mapping[str, Any], *, rows: int, cols: int) -> torch.Tensor:
+    rank = _int_param(params, "rank", 1, min(rows, cols))
+    dtype = params.get("dtype")
+    if dtype not in FACTOR_DTYPES:
+        raise EncodingError(f"param 'dtype' must be one of {', '.join(FACTOR_DTYPES)}, got {dtype!r}")
+    exp = _exp_param(params)
+    us = _part(parts, "us", FACTOR_DTYPES[dtype], rows * rank).view(rows, rank)
+    vh = _part(parts, "vh", FACTOR_DTYPES[dtype], rank * cols).view(rank, cols).double()
+    out = torch.empty(rows, cols, dtype=torch.float32)
+    # float64, where products of bf16/fp16 factors are exact and sums of a few hundred of them
+    # nearly so: the float32 result does not hang on the BLAS's order of summation. In row
+    # chunks, to bound the float64 temporary.
+    step = max(1, (1 << 23) // max(cols, 1))
+    for i in range(0, rows, step):
+        out[i:i + step] = (us[i:i + step].double() @ vh).mul_(2.0 ** exp)
+    return out
