@@ -114,6 +114,7 @@ class Store:
     def add_base(self, model: ModelLike, *, name: str | None = None, hub_id: str | None = None,
                  progress: Progress | None = None) -> Base:
         """Register a base: hash every tensor, record names, dtypes, shapes and where it lives."""
+        self._writable()
         source = open_model(model)
         if name is not None:
             check_stance_name(name)
@@ -163,20 +164,21 @@ class Store:
         bid = self.base(base).id
         return {r["name"]: r for r in self.catalog.base_tensors(bid)}
 
-    def _resolve_base(self, base: ModelLike | str | Base) -> tuple[Base, TensorSource | None]:
-        """A base record and, when the caller handed us weights, those weights."""
+    def _resolve_base(self, base: ModelLike | str | Base) -> tuple[Base, TensorSource | None, bool]:
+        """A base record, those weights when the caller handed us weights, and whether this call
+        registered the base."""
         if isinstance(base, (Base,)):
-            return base, None
+            return base, None, False
         if isinstance(base, str) and not _looks_like_path(base):
-            return self.base(base), None
+            return self.base(base), None, False
         source = open_model(base)
         ids = self._tensor_ids(source, None)
         from .hashing import base_id as compute_base_id
 
         bid = compute_base_id(ids.items())
         if not self.catalog.one("SELECT 1 FROM bases WHERE id = ?", [bid]):
-            return self.add_base(source), source
-        return self.base(bid), source
+            return self.add_base(source), source, True
+        return self.base(bid), source, False
 
     def base_source(self, base: Base, weights: ModelLike | None = None) -> TensorSource:
         """The base's weights: those given, else where `base add` found them."""
@@ -244,6 +246,7 @@ class Store:
         return self.catalog.stances()
 
     def tag(self, ref: str | Version, name: str) -> Version:
+        self._writable()
         version = self.resolve(ref)
         if not TAG_NAME.match(name) or name.isdigit():
             raise UnsafeInput(f"tag {name!r} is not allowed: letters, digits, '.', '_', '-', not all digits")
@@ -255,6 +258,7 @@ class Store:
         (or one of its versions). Returns the version the tag named; the version stays."""
         from .errors import TagNotFound
 
+        self._writable()
         if name is None:
             stance, at, name = ref.partition("@")
             if not at or not name or name.isdigit():
@@ -301,15 +305,16 @@ class Store:
         """Store `model` as the next version of `stance`, as deltas against `base`."""
         from .commit import build_entries
 
+        self._writable()
         check_stance_name(stance)
         if tag is not None and (not TAG_NAME.match(tag) or tag.isdigit()):
             raise UnsafeInput(f"tag {tag!r} is not allowed: letters, digits, '.', '_', '-', not all digits")
         metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
-        base_rec, given = self._resolve_base(base)
-        base_src = given or self.base_source(base_rec, base_weights)
-        target = open_model(model)
+        base_rec, given, registered = self._resolve_base(base)
         token = uuid.uuid4().hex
         try:
+            base_src = given or self.base_source(base_rec, base_weights)
+            target = open_model(model)
             built = build_entries(self, base_rec, base_src, target, token=token, encoding=encoding,
                                   encoding_for=encoding_for, encoding_options=dict(encoding_options or {}),
                                   include=include, exclude=exclude, top_k=top_k,
@@ -317,6 +322,11 @@ class Store:
             if not built.entries and not built.unchanged:
                 raise NothingToCommit("the model has no tensors")
             version = self._land(stance, base_rec, built, encoding, message, metadata, tag, token)
+        except BaseException:
+            if registered:
+                # A commit that fails changes nothing, not even the base it registered on its way.
+                self.catalog.drop_base_if_unused(base_rec.id)
+            raise
         finally:
             # Whether it landed or not, this commit no longer needs its objects shielded from gc.
             self.catalog.drop_pending(token)
