@@ -531,3 +531,13 @@ def test_cli_reads_hf_endpoint_token_and_home_from_the_environment(world, hub, t
     assert r.returncode == 0, r.stderr
     assert [v["ref"] for v in json.loads(r.stdout)["pulled"]] == ["playful@1"]
     assert list((tmp_path / "hf-home" / "hub").glob("models--alice--stances/snapshots/*/playful/v1.safetensors"))
+
+
+def test_a_push_that_stopped_before_its_tags_is_completed_by_the_next(world, hub):
+    push_all(world, hub, ["playful@1", "playful@2"])
+    HfApi(endpoint=hub.url, token=ALICE).delete_tag(REPO, tag="playful-v2")
+    commits = hub.commit_count(REPO)
+    again = push_all(world, hub, ["playful@1", "playful@2"])
+    assert again.commit is None and again.tags_created == ("playful-v2",)
+    assert hub.commit_count(REPO) == commits
+    assert hub.refs(REPO)["tags"]["playful-v2"] == hub.refs(REPO)["branches"]["main"]
