@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import torch
 
 from . import encodings
-from .errors import BaseMismatch, ModelFormatError, SelectionError
+from .errors import BaseMismatch, EncodingError, ModelFormatError, SelectionError
 from .hashing import base_id as compute_base_id
 from .hashing import bytes_id, dtype_name, tensor_id
 from .models import TensorSource
@@ -100,7 +100,7 @@ def build_entries(store: Any, base: Base, base_src: TensorSource, target: Tensor
                   progress: Callable[[int, int], None] | None) -> Built:
     expected = store.base_tensors(base)
     check_names(base, expected, target)
-    spec_for = _spec_chooser(encoding, encoding_for, encoding_options)
+    spec_for = _spec_chooser(encoding, encoding_for, encoding_options, target)
     by_stats = any(x is not None for x in (top_k, min_rel_change, energy))
     by_name = _name_filter(include, exclude)
     built = Built()
@@ -220,22 +220,25 @@ def _name_filter(include: str | None, exclude: str | None) -> Callable[[str], bo
     return lambda name: (inc is None or bool(inc.search(name))) and (exc is None or not exc.search(name))
 
 
-def _spec_chooser(encoding: str, rules: list[tuple[str, str]] | None, options: dict):
-    compiled = []
-    for pattern, spec in rules or []:
-        try:
-            compiled.append((re.compile(pattern), spec))
-        except re.error as e:
-            raise SelectionError(f"--encoding-for {pattern!r} is not a regular expression: {e}") from None
-        encodings.get(spec, **options)  # refuse a bad spec before any work
-    encodings.get(encoding, **options)
+def _spec_chooser(encoding: str, rules: list[tuple[str, str]] | None, options: dict, target: TensorSource):
+    """name -> the Encoding that stores it; every spec and rank is checked before any work."""
+    from .selection import parse_encoding_rules
+
+    chosen = parse_encoding_rules([f"{pattern}={spec}" for pattern, spec in rules or []],
+                                  default=encoding, names=target.names, **options)
+    for name, info in target.infos.items():
+        enc = encodings.get(chosen(name), **options)
+        rank = getattr(enc, "rank", None)
+        if rank is not None and len(info.shape) == 2 and rank > min(info.shape):
+            raise EncodingError(f"{enc.spec} needs a rank of at most {min(info.shape)} for {name} "
+                                f"{list(info.shape)}; choose a smaller rank or --encoding-for '{name}=lossless'")
 
     def choose(name: str, base: torch.Tensor, target: torch.Tensor) -> encodings.Encoding:
-        spec = next((s for p, s in compiled if p.search(name)), encoding)
-        enc = encodings.get(spec, **options)
+        enc = encodings.get(chosen(name), **options)
         # Norms and biases are tiny and hurt most when quantised; a changed dtype or shape
-        # has no delta to quantise.
-        if not enc.exact and (target.dim() < 2 or base.dtype != target.dtype or base.shape != target.shape):
+        # has no delta to quantise; a low-rank factorisation needs a matrix.
+        if not enc.exact and (target.dim() < 2 or base.dtype != target.dtype or base.shape != target.shape
+                              or (getattr(enc, "rank", None) is not None and target.dim() != 2)):
             return encodings.get("lossless")
         return enc
     return choose
