@@ -219,7 +219,7 @@ def stance_delete(store: Store, name: str, as_json: bool) -> None:
 def version_summary(v: Any) -> dict:
     return {"id": v.id, "ref": v.ref, "stance": v.stance, "number": v.number, "parent": v.parent,
             "base": v.base_id, "created": v.created, "message": v.message, "encoding": v.encoding,
-            "tensors": len(v.tensors), "bytes": v.bytes, "tags": list(v.tags), "metadata": v.metadata}
+            "tensors": v.tensor_count, "bytes": v.bytes, "tags": list(v.tags), "metadata": v.metadata}
 
 
 @cli.command()
@@ -232,7 +232,7 @@ def log(store: Store, stance: str | None, where: tuple[str, ...], as_json: bool)
     versions = store.log(stance, where=parse_pairs(where, "--where"))
     if as_json:
         return emit_json([version_summary(v) for v in versions])
-    table([[v.ref, v.short_id, v.created[:19].replace("T", " "), v.encoding, len(v.tensors), size(v.bytes),
+    table([[v.ref, v.short_id, v.created[:19].replace("T", " "), v.encoding, v.tensor_count, size(v.bytes),
             ",".join(v.tags), v.message] for v in versions],
           ["version", "id", "created", "encoding", "tensors", "bytes", "tags", "message"])
 

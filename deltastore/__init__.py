@@ -3,13 +3,13 @@
 from .errors import (AmbiguousRef, BaseMismatch, BaseNotFound, CorruptObject, DeltastoreError,
                      EncodingError, JournalError, MissingObject, ModelFormatError, PickleRefused,
                      RefNotFound, SelectionError, StoreNotFound, UnsafeInput)
-from .records import Base, CommitResult, TensorEntry, Version
+from .records import Base, CommitResult, TensorEntry, Version, VersionInfo
 from .store import Store
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Store", "Base", "Version", "TensorEntry", "CommitResult", "DeltastoreError", "AmbiguousRef",
+    "Store", "Base", "Version", "VersionInfo", "TensorEntry", "CommitResult", "DeltastoreError", "AmbiguousRef",
     "BaseMismatch", "BaseNotFound", "CorruptObject", "EncodingError", "JournalError",
     "MissingObject", "ModelFormatError", "PickleRefused", "RefNotFound", "SelectionError",
     "StoreNotFound", "UnsafeInput",

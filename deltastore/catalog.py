@@ -326,6 +326,31 @@ class Catalog:
             out.setdefault(vid, []).append(name)
         return out
 
+    def version_summaries(self, stance: str | None = None, *, where: dict[str, str] | None = None) -> list[dict]:
+        """What `versions` returns, without the manifests (the bulk of a version's row)."""
+        sql = ("SELECT id, stance, number, parent, base_id, encoding, message, created, tensors, bytes "
+               "FROM versions")
+        clauses, params = [], []
+        if stance is not None:
+            clauses.append("stance = ?")
+            params.append(stance)
+        for key, value in (where or {}).items():
+            clauses.append("id IN (SELECT version_id FROM metadata WHERE key = ? AND value = ?)")
+            params += [key, value]
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        order = " ORDER BY number DESC" if stance is not None else " ORDER BY created DESC, number DESC"
+        return self.query(sql + order, params)
+
+    def metadata_by_version(self, version_ids: list[str]) -> dict[str, dict[str, str]]:
+        rows = self.conn.execute(
+            "SELECT version_id, key, value FROM metadata WHERE version_id IN (SELECT value FROM json_each(?)) "
+            "ORDER BY key", [json.dumps(version_ids)])
+        out: dict[str, dict[str, str]] = {}
+        for vid, key, value in rows:
+            out.setdefault(vid, {})[key] = value
+        return out
+
     def delete_tag(self, stance: str, name: str) -> str | None:
         """Remove one tag; the id of the version it named, or None when there was no such tag."""
         with self.transaction():

@@ -123,6 +123,34 @@ class Version:
                    tags, bytes)
 
 
+@dataclass(frozen=True)
+class VersionInfo:
+    """A version as `log` lists it: everything but its tensor entries, read from the catalog
+    without parsing manifests (a log of thousands of versions stays fast). `Store.resolve`
+    turns it into the whole `Version`."""
+
+    id: str
+    stance: str
+    number: int
+    parent: str | None
+    base_id: str
+    encoding: str
+    message: str
+    metadata: dict[str, str]
+    created: str
+    tensor_count: int
+    bytes: int
+    tags: tuple[str, ...] = ()
+
+    @property
+    def ref(self) -> str:
+        return f"{self.stance}@{self.number}"
+
+    @property
+    def short_id(self) -> str:
+        return self.id.split(":", 1)[1][:12]
+
+
 def manifest(*, stance: str, number: int, parent: str | None, base_id: str, encoding: str,
              selection: dict, message: str, metadata: dict[str, str], created: str,
              tensors: tuple[TensorEntry, ...] | list[TensorEntry]) -> dict:

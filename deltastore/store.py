@@ -32,7 +32,8 @@ from .errors import (AmbiguousRef, BaseMismatch, BaseNotFound, DeltastoreError, 
 from .hashing import DTYPES, manifest_id, tensor_id, canonical_json
 from .models import TensorInfo, TensorSource, open_model
 from .objects import ObjectStore
-from .records import Base, CommitResult, ObjectRef, TensorEntry, Version, manifest, parse_manifest
+from .records import (Base, CommitResult, ObjectRef, TensorEntry, Version, VersionInfo, manifest,
+                      parse_manifest)
 
 STORE_FILE = "STORE"
 STORE_FORMAT = "deltastore/store/1"
@@ -196,6 +197,8 @@ class Store:
         """`STANCE`, `STANCE@N`, `STANCE@TAG` or a version id prefix of 8+ hex digits."""
         if isinstance(ref, Version):
             return ref
+        if isinstance(ref, VersionInfo):
+            ref = ref.id
         stance, at, rest = ref.partition("@")
         if at:
             if rest.isdigit():
@@ -233,14 +236,18 @@ class Store:
             v = dataclasses.replace(v, stance=row["stance"], committed_as=v.stance)
         return v
 
-    def log(self, stance: str | None = None, *, where: Mapping[str, str] | None = None) -> list[Version]:
+    def log(self, stance: str | None = None, *, where: Mapping[str, str] | None = None) -> list[VersionInfo]:
         """Versions, newest first: of one stance, or of all; `where` keeps those whose metadata
-        has every key=value given."""
+        has every key=value given. Summaries without tensor entries (`resolve` gives those)."""
         if stance is not None and not self.catalog.has_stance(stance):
             raise RefNotFound(stance, self._close_refs(stance))
-        rows = self.catalog.versions(stance, where=dict(where or {}))
-        tags = self.catalog.tags_by_version([r["id"] for r in rows]) if rows else {}
-        return [self._version(r, tags.get(r["id"], [])) for r in rows]
+        rows = self.catalog.version_summaries(stance, where=dict(where or {}))
+        ids = [r["id"] for r in rows]
+        tags = self.catalog.tags_by_version(ids) if rows else {}
+        meta = self.catalog.metadata_by_version(ids) if rows else {}
+        return [VersionInfo(r["id"], r["stance"], r["number"], r["parent"], r["base_id"], r["encoding"],
+                            r["message"], meta.get(r["id"], {}), r["created"], r["tensors"], r["bytes"],
+                            tuple(tags.get(r["id"], []))) for r in rows]
 
     def stances(self) -> list[dict]:
         return self.catalog.stances()
