@@ -40,7 +40,9 @@ class Journal:
 
 
 def _target_key(target: Path) -> str:
-    return str(Path(target).absolute())
+    # Normalised, so that `../model` and `/abs/model` name one journal; symlinks are not
+    # followed (a folder may be reached through one on purpose).
+    return os.path.abspath(target)
 
 
 def _header_ids(files: list[Path]) -> dict[str, str]:

@@ -66,6 +66,20 @@ def test_apply_in_place_then_revert_gives_back_the_exact_bytes(tmp_path, store, 
     assert_same_state(load_folder(target), pair.ft_state)
 
 
+def test_revert_finds_the_target_however_its_path_is_spelled(tmp_path, store, monkeypatch) -> None:
+    pair = make_model(tmp_path, torch.float16)
+    store.commit("s", pair.ft, base=pair.base)
+    target = copy_model(pair.base, tmp_path / "target")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    store.apply_files("s", Path("../target"))
+    with pytest.raises(JournalError, match="already has a stance applied"):
+        store.apply_files("s", target)
+    store.revert_files(tmp_path / "elsewhere" / ".." / "target" / ".")
+    assert file_bytes(target) == file_bytes(pair.base)
+    assert store.catalog.open_journals() == []
+
+
 def test_lossy_apply_in_place_reverts_exactly(tmp_path, store) -> None:
     pair = make_model(tmp_path, torch.float32)
     store.commit("s", pair.ft, base=pair.base, encoding="int4")
