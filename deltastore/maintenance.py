@@ -33,9 +33,11 @@ TMP_GRACE_S = 3600
 # Kinds of problem. Errors: the store lost or garbled something, or the catalog contradicts
 # itself. Notes (error=False): harmless leftovers that gc or `fsck --repair` clear, and states
 # that need the user (a stance applied in place).
-ERRORS = ("missing-object", "corrupt-object", "bad-manifest", "index-mismatch", "dangling-row",
-          "unfinished-journal", "check-failed")
-NOTES = ("missing-parent", "open-journal", "tmp-file", "stale-pending", "unreferenced-object", "stray-file")
+# An unfinished journal is a note: the store is whole and `revert` completes it (schema/FORMAT.md
+# §8: a crash leaves fsck clean apart from leftovers and open journals).
+ERRORS = ("missing-object", "corrupt-object", "bad-manifest", "index-mismatch", "dangling-row", "check-failed")
+NOTES = ("missing-parent", "unfinished-journal", "open-journal", "tmp-file", "stale-pending",
+         "unreferenced-object", "stray-file")
 
 
 @dataclass(frozen=True)
@@ -108,8 +110,9 @@ def fsck(store: Any, *, read_data: bool = False, repair: bool = False) -> FsckRe
                                     f"applied in place; `deltastore revert {j['target']}` restores its base", error=False))
         else:
             problems.append(Problem("unfinished-journal", j["target"],
-                                    f"an apply to {j['target']} is in progress or was interrupted ({j['state']}); "
-                                    f"`deltastore revert {j['target']}` restores its base exactly"))
+                                    f"an apply to {j['target']} is in progress or was interrupted ({j['state']}): "
+                                    f"its files may be half patched; `deltastore revert {j['target']}` restores "
+                                    "its base exactly", error=False))
 
     repaired: list[str] = []
     for tmp in _stray_tmp(objects.tmp):
