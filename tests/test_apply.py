@@ -105,6 +105,26 @@ def test_switch_between_stances_and_back_to_base(tmp_path, store) -> None:
     assert module_snapshot(model) == base
 
 
+def test_a_switch_that_fails_leaves_the_previous_stance_applied(tmp_path, store) -> None:
+    a = make_model(tmp_path, torch.float32, name="a")
+    b_module = copy.deepcopy(a.base_module)
+    finetune_(b_module, seed=5)
+    store.commit("a", a.ft, base=a.base)
+    broken = store.commit("b", write_folder(tmp_path / "b-ft", saved_state(b_module)), base=a.base).version
+    path = store.objects.path(broken.tensors[-1].objects["xor"].id)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+    model = copy.deepcopy(a.base_module)
+    store.switch(model, "a")
+    with pytest.raises(CorruptObject):
+        store.switch(model, "b")
+    assert module_snapshot(model) == module_snapshot(a.ft_module)
+    store.switch(model, None)
+    assert module_snapshot(model) == module_snapshot(a.base_module)
+
+
 def test_a_second_apply_without_revert_is_refused(tmp_path, store) -> None:
     pair = make_model(tmp_path, torch.float32)
     store.commit("s", pair.ft, base=pair.base)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltastore import BaseMismatch, JournalError, Store
+from deltastore import BaseMismatch, CorruptObject, JournalError, Store
 
 from helpers import (assert_same_state, file_bytes, load_folder, make_model, weight_bytes,
                      write_folder)
@@ -117,6 +117,27 @@ def test_revert_without_apply_is_refused(tmp_path, store) -> None:
     with pytest.raises(JournalError, match="nothing was applied"):
         store.revert_files(target)
     assert file_bytes(target) == file_bytes(pair.base)
+
+
+def test_revert_with_a_corrupt_original_writes_nothing_and_keeps_the_journal(tmp_path, store) -> None:
+    pair = make_model(tmp_path, torch.bfloat16, sharded=True)
+    store.commit("s", pair.ft, base=pair.base)
+    target = copy_model(pair.base, tmp_path / "target")
+    store.apply_files("s", target)
+    applied = file_bytes(target)
+    [journal] = store.catalog.open_journals()
+    regions = json.loads(journal["plan"])["regions"]
+    original = sorted(regions, key=lambda r: r["name"])[-1]["original"]
+    path = store.objects.path(original)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x04
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptObject) as e:
+        store.revert_files(target)
+    assert e.value.object_id == original
+    assert file_bytes(target) == applied
+    assert len(store.catalog.open_journals()) == 1
+    assert original in {p.subject for p in store.fsck(read_data=True).errors}
 
 
 def test_apply_to_a_model_that_is_not_the_base_changes_nothing(tmp_path, store) -> None:
