@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import DeltastoreError
+
 __all__ = [
     "AnalysisError",
     "Location",
@@ -42,7 +44,7 @@ __all__ = [
 ]
 
 
-class AnalysisError(ValueError):
+class AnalysisError(DeltastoreError, ValueError):
     """A tensor or a request that cannot be analysed (shape mismatch, unknown value, ...)."""
 
 
@@ -291,6 +293,9 @@ class ModuleChange:
     rank90: int | None
     rank99: int | None
     top_singular: float | None
+    #: The largest singular values of the row's tensor with the largest one (empty without a
+    #: changed 2-D tensor).
+    singular_values: tuple[float, ...] = ()
 
 
 def _row_order(key: tuple[int | None, str]) -> tuple[int, int, int]:
@@ -334,6 +339,8 @@ def summarize(changes: Mapping[str, TensorChange]) -> list[ModuleChange]:
                 change.singular_values[0] if change.singular_values else None
                 for change in members
             ),
+            singular_values=max((change.singular_values for change in members), default=(),
+                                key=lambda values: values[0] if values else -1.0),
         ))
     return rows
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from .errors import DeltastoreError
+
 __all__ = [
     "Fidelity",
     "FidelityError",
@@ -30,7 +32,7 @@ __all__ = [
 ]
 
 
-class FidelityError(ValueError):
+class FidelityError(DeltastoreError, ValueError):
     """Fidelity cannot be measured: no prompts, no transformers, no model folder, ..."""
 
 

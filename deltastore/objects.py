@@ -55,7 +55,7 @@ class ObjectStore:
         self.root = Path(root)
         self.objects = self.root / "objects"
         self.tmp = self.root / "tmp"
-        self.threads = threads if threads is not None else min(os.cpu_count() or 1, 8)
+        self.threads = threads if threads is not None else default_threads()
         self._unsynced_dirs: set[Path] = set()
 
     def path(self, object_id: str) -> Path:
@@ -88,12 +88,7 @@ class ObjectStore:
         return PutResult(object_id, HEADER.size + len(payload), len(data), True)
 
     def _compress(self, data: bytes | memoryview) -> tuple[bytes | memoryview, int]:
-        if len(data) < 64:
-            return data, RAW
-        threads = self.threads if len(data) >= THREADED_FROM else 0
-        packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=threads).compress(data)
-        # Incompressible payloads are kept raw: decoding them then costs nothing.
-        return (packed, ZSTD) if len(packed) < len(data) else (data, RAW)
+        return compress(data, threads=self.threads)
 
     def _write_atomic(self, path: Path, header: bytes, payload: bytes | memoryview, *, sync_dir: bool) -> None:
         self.tmp.mkdir(exist_ok=True)
@@ -175,6 +170,27 @@ class ObjectStore:
 
     def temporary_files(self) -> list[Path]:
         return sorted(self.tmp.glob("*.tmp")) if self.tmp.is_dir() else []
+
+
+def default_threads() -> int:
+    return min(os.cpu_count() or 1, 8)
+
+
+def compress(data: bytes | memoryview, *, threads: int | None = None) -> tuple[bytes | memoryview, int]:
+    """(payload, compression) as an object file holds them: zstd, or raw where that is not smaller.
+    `HEADER.size + len(payload)` is the object's size on disk."""
+    if len(data) < 64:
+        return data, RAW
+    threads = default_threads() if threads is None else threads
+    threads = threads if len(data) >= THREADED_FROM else 0
+    packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=threads).compress(data)
+    # Incompressible payloads are kept raw: decoding them then costs nothing.
+    return (packed, ZSTD) if len(packed) < len(data) else (data, RAW)
+
+
+def stored_size(data: bytes | memoryview, *, threads: int | None = None) -> int:
+    """The bytes an object holding `data` takes on disk, header included, without writing it."""
+    return HEADER.size + len(compress(data, threads=threads)[0])
 
 
 def _bounded_decompress(object_id: str, body: memoryview, declared: int) -> bytearray:
