@@ -71,8 +71,11 @@ def delta_stats(base: torch.Tensor | None, target: torch.Tensor) -> tuple[float 
     if not (target.is_floating_point() and base is not None and base.shape == target.shape
             and base.dtype == target.dtype):
         return None, float(torch.linalg.vector_norm(target.double())) ** 2
-    d = float(torch.linalg.vector_norm(target - base, dtype=torch.float32))
-    w = float(torch.linalg.vector_norm(base, dtype=torch.float32))
+    if target.element_size() == 1:  # float8 has no arithmetic of its own
+        base, target = base.float(), target.float()
+    acc = torch.float64 if target.dtype == torch.float64 else torch.float32  # never narrowing
+    d = float(torch.linalg.vector_norm(target - base, dtype=acc))
+    w = float(torch.linalg.vector_norm(base, dtype=acc))
     rel = d / w if w > 0 and math.isfinite(d / w) else None
     return rel, d * d
 

@@ -141,3 +141,32 @@ def test_resized_tensors_are_stored_raw_and_exported_exactly(tmp_path, store) ->
     assert entry.shape == tuple(ft["embed.weight"].shape) and entry.dtype == "BF16"
     assert result.version.entry("blocks.0.attn.bias").dtype == "F32"
     assert_same_state(load_folder(store.export("grown", tmp_path / "out")), ft)
+
+
+def test_every_safetensors_dtype_round_trips(tmp_path, store) -> None:
+    gen = torch.Generator().manual_seed(3)
+    base = {
+        "f64": torch.randn(5, 7, generator=gen, dtype=torch.float64),
+        "i64": torch.randint(-2**40, 2**40, (9,), generator=gen),
+        "i32": torch.randint(-1000, 1000, (3, 3), generator=gen, dtype=torch.int32),
+        "i16": torch.randint(-1000, 1000, (4,), generator=gen, dtype=torch.int16),
+        "i8": torch.randint(-100, 100, (6,), generator=gen, dtype=torch.int8),
+        "u8": torch.randint(0, 255, (6,), generator=gen, dtype=torch.uint8),
+        "bool": torch.rand(11, generator=gen) > 0.5,
+        "f8": torch.randn(8, generator=gen).to(torch.float8_e4m3fn),
+        "scalar": torch.tensor(1.5),
+        "empty": torch.zeros(0, 3),
+    }
+    ft = {k: v.clone() for k, v in base.items()}
+    ft["f64"] += 1e-9
+    ft["i64"][2] += 1
+    ft["i32"][1, 1] -= 7
+    ft["i16"][0] ^= 3
+    ft["i8"][5] = 0
+    ft["u8"][0] ^= 0xFF
+    ft["bool"] = ~ft["bool"]
+    ft["f8"] = (ft["f8"].float() * 2).to(torch.float8_e4m3fn)
+    ft["scalar"] = torch.tensor(-2.0)
+    result = store.commit("dtypes", write_folder(tmp_path / "ft", ft), base=write_folder(tmp_path / "base", base))
+    assert sorted(e.name for e in result.version.tensors) == sorted(set(base) - {"empty"})
+    assert_same_state(load_folder(store.export("dtypes", tmp_path / "out")), ft)
