@@ -268,3 +268,26 @@ def test_a_failure_while_writing_puts_back_what_was_written(tmp_path, store) -> 
         store.apply(model, "s")
     assert module_snapshot(model) == before
     assert module_snapshot(model) == module_snapshot(net)
+
+
+class Buffers(nn.Module):
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        for name, t in tensors.items():
+            self.register_buffer(name, t.clone())
+
+
+def test_buffers_of_every_dtype_apply_and_revert(tmp_path, store) -> None:
+    gen = torch.Generator().manual_seed(4)
+    base = {"f64": torch.randn(4, 3, generator=gen, dtype=torch.float64),
+            "i64": torch.randint(-2**40, 2**40, (5,), generator=gen),
+            "mask": torch.rand(7, generator=gen) > 0.5,
+            "f8": torch.randn(6, generator=gen).to(torch.float8_e5m2)}
+    ft = {"f64": base["f64"] * 1.001, "i64": base["i64"] + 1, "mask": ~base["mask"],
+          "f8": (base["f8"].float() * 3).to(torch.float8_e5m2)}
+    store.commit("s", Buffers(ft), base=Buffers(base))
+    model = Buffers(base)
+    before = module_snapshot(model)
+    with store.applied(model, "s"):
+        assert module_snapshot(model) == module_snapshot(Buffers(ft))
+    assert module_snapshot(model) == before
