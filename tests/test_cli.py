@@ -37,6 +37,7 @@ def failed(*args: str, code: int = 1, env: dict[str, str] | None = None) -> str:
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
     assert isinstance(result.exception, SystemExit)
     if code == 1:
+        assert result.stdout == ""
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1, result.stderr
         assert lines[0].startswith("Error: ")
@@ -162,6 +163,7 @@ def test_errors_are_one_line_on_stderr_with_exit_1(tmp_path, pair, root, monkeyp
     ok_json(*s, "commit", "curious-uncertainty", pair.ft, "--base", "tiny")
 
     assert "did you mean curious-uncertainty" in failed(*s, "show", "curious-uncertanty")
+    assert "did you mean curious-uncertainty" in failed(*s, "show", "curious-uncertanty", "--json")
     assert "no base matches" in failed(*s, "commit", "x", pair.ft, "--base", "tiyn")
     (tmp_path / "pickled").mkdir()
     (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
