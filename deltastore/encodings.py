@@ -18,6 +18,7 @@ import torch
 from . import quantize as Q
 from .errors import EncodingError
 from .hashing import DTYPES, dtype_name
+from .limits import shown
 
 
 
@@ -118,13 +119,16 @@ class Lossless(Encoding):
     def decode(self, base: torch.Tensor, encoded: Encoded, *, dtype: torch.dtype,
                shape: tuple[int, ...]) -> torch.Tensor:
         mode = encoded.params.get("mode")
+        if mode in ("raw", "xor") and mode not in encoded.parts:
+            raise EncodingError(f"a lossless {mode} entry needs a {mode!r} part, it has "
+                                f"{', '.join(sorted(encoded.parts)) or 'none'}")
         if mode == "raw":
             data = _check_size(_bytes_tensor(encoded.parts["raw"]), dtype, shape)
             if data.numel() == 0:
                 return torch.empty(shape, dtype=dtype)
             return data.view(dtype).reshape(shape)
         if mode != "xor":
-            raise EncodingError(f"unknown lossless mode {mode!r}")
+            raise EncodingError(f"unknown lossless mode {shown(mode)}")
         itemsize = base.element_size()
         if base.dtype != dtype or tuple(base.shape) != tuple(shape):
             raise EncodingError(f"an xor payload needs a base of dtype {dtype} and shape {tuple(shape)}")
@@ -190,7 +194,7 @@ class _Delta(Encoding):
 
 def _whole(value: Any, option: str, allowed: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise EncodingError(f"{option} must be {allowed}, got {value!r}")
+        raise EncodingError(f"{option} must be {allowed}, got {shown(value)}")
     return value
 
 
@@ -236,7 +240,7 @@ class _Bnb(_Delta):
     def __post_init__(self) -> None:
         if self.blocksize not in Q.BNB_BLOCKSIZES or isinstance(self.blocksize, bool):
             raise EncodingError(f"blocksize must be one of {', '.join(map(str, Q.BNB_BLOCKSIZES))} "
-                                f"(bitsandbytes' block sizes), got {self.blocksize!r}")
+                                f"(bitsandbytes' block sizes), got {shown(self.blocksize)}")
 
     def _encode(self, dw: torch.Tensor, shape: tuple[int, ...]) -> tuple[Q.Parts, dict[str, Any]]:
         return Q.bnb_encode(dw, quant_type=self.quant_type, blocksize=self.blocksize)
@@ -295,9 +299,9 @@ class LowRank(_Delta):
 
     def __post_init__(self) -> None:
         _whole(self.rank, "the rank of lowrank:R", "a positive whole number, e.g. lowrank:32")
-        dtype = self.dtype.lower() if isinstance(self.dtype, str) else self.dtype
+        dtype = self.dtype.lower() if isinstance(self.dtype, str) else None
         if dtype not in Q.FACTOR_DTYPES:
-            raise EncodingError(f"dtype of lowrank must be one of {', '.join(Q.FACTOR_DTYPES)}, got {self.dtype!r}")
+            raise EncodingError(f"dtype of lowrank must be one of {', '.join(Q.FACTOR_DTYPES)}, got {shown(self.dtype)}")
         object.__setattr__(self, "dtype", dtype)
 
     @property
@@ -353,7 +357,7 @@ def get(spec: str, **options: Any) -> Encoding:
     name, _, arg = spec.partition(":")
     factory = _REGISTRY.get(name)
     if factory is None:
-        raise EncodingError(f"unknown encoding {spec!r}; known: {', '.join(names())} (lowrank as lowrank:R)")
+        raise EncodingError(f"unknown encoding {shown(spec)}; known: {', '.join(names())} (lowrank as lowrank:R)")
     given = {k: v for k, v in options.items() if v is not None}
     unknown = sorted(k for k in given if not any(k in opts for opts in _OPTIONS.values()))
     if unknown:
@@ -370,15 +374,16 @@ def from_params(spec: str, params: Mapping[str, Any]) -> Encoding:
 def _no_arg(cls: Callable[..., Encoding]) -> Factory:
     def factory(arg: str | None, options: dict[str, Any]) -> Encoding:
         if arg is not None:
-            raise EncodingError(f"encoding {cls.name!r} takes no argument (got {cls.name}:{arg})")
+            raise EncodingError(f"encoding {cls.name!r} takes no argument (got {cls.name}:{arg[:40]})")
         return cls(**options)
     return factory
 
 
 def _lowrank(arg: str | None, options: dict[str, Any]) -> Encoding:
-    if arg is None or not arg.isdigit() or int(arg) <= 0:
-        shown = "lowrank" if arg is None else f"lowrank:{arg}"
-        raise EncodingError(f"{shown}: lowrank needs a positive whole rank, as lowrank:R (e.g. lowrank:32)")
+    # isdigit() alone admits '²' and 5000-digit strings, which int() refuses.
+    if arg is None or not (arg.isascii() and arg.isdigit() and len(arg) <= 9) or int(arg) <= 0:
+        spec = "lowrank" if arg is None else f"lowrank:{arg[:40]}"
+        raise EncodingError(f"{spec}: lowrank needs a positive whole rank, as lowrank:R (e.g. lowrank:32)")
     return LowRank(int(arg), **options)
 
 

@@ -42,7 +42,8 @@ from .errors import (DeltastoreError, HubAccessDenied, HubConflict, HubError, Hu
                      VersionConflict)
 from .hashing import bytes_id, canonical_json, is_id, manifest_id
 from .models import TensorInfo, read_header, safe_relative, write_safetensors
-from .records import Version, check_manifest
+from .limits import load_json
+from .records import Version, check_manifest, parse_manifest
 
 INDEX_FILE = "deltastore.json"
 CARD_FILE = "README.md"
@@ -415,17 +416,15 @@ def check_index(raw: bytes, repo_id: str, revision: str | None) -> dict:
     def bad(what: str) -> PulledDataRejected:
         return PulledDataRejected(repo_id, revision, INDEX_FILE, what)
 
-    try:
-        index = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
-        raise bad("not JSON") from None
+    index = load_json(raw, "the index", max_bytes=MAX_INDEX_BYTES, error=bad)
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
         raise NotADeltaRepo(repo_id, revision, f"{INDEX_FILE} is not of format {INDEX_FORMAT!r}")
     if not isinstance(index.get("bases"), dict) or not isinstance(index.get("stances"), dict):
         raise bad("it needs 'bases' and 'stances' objects")
     for bid, b in index["bases"].items():
-        if not is_id(bid) or not isinstance(b, dict) or not all(
-                b.get(k) is None or isinstance(b[k], str) for k in ("name", "hub_id")):
+        if not is_id(bid) or not isinstance(b, dict) \
+                or not all(b.get(k) is None or isinstance(b[k], str) for k in ("name", "hub_id")) \
+                or not all(_is_count(b.get(k)) for k in ("tensors", "bytes")):
             raise bad(f"malformed base {bid[:80]!r}")
     for stance, entries in index["stances"].items():
         if not _STANCE.match(stance) or ".." in stance:
@@ -439,8 +438,9 @@ def check_index(raw: bytes, repo_id: str, revision: str | None) -> dict:
                       and is_id(e["base"]) and e["tag"] == version_tag(stance, e["number"])
                       and isinstance(e["files"], dict) and isinstance(e["encodings"], list)
                       and all(isinstance(x, str) for x in e["encodings"])
-                      and isinstance(e["tensors"], int) and isinstance(e["created"], str)
-                      and isinstance(e["message"], str))
+                      and _is_count(e["tensors"]) and _is_count(e["bytes"]) and isinstance(e["created"], str)
+                      and isinstance(e["message"], str)
+                      and (e["parent"] is None or (isinstance(e["parent"], str) and is_id(e["parent"]))))
                 files = [e["files"]["payloads"], e["files"]["manifest"]] if ok else []
             except (KeyError, TypeError):
                 ok = False
@@ -455,6 +455,11 @@ def check_index(raw: bytes, repo_id: str, revision: str | None) -> dict:
                 if path != f"{stance}/v{e['number']}{suffix}":
                     raise bad(f"file name {path[:80]!r} of {stance}@{e['number']} is not {stance}/v{e['number']}{suffix}")
     return index
+
+
+def _is_count(x: Any) -> bool:
+    """A whole number of tensors or bytes as the index gives it (None where unknown)."""
+    return x is None or (isinstance(x, int) and not isinstance(x, bool) and x >= 0)
 
 
 def _choose(index: dict, repo_id: str, revision: str | None, stance: str | None) -> list[HubVersion]:
@@ -474,7 +479,7 @@ def _choose(index: dict, repo_id: str, revision: str | None, stance: str | None)
 
 def _check_manifest_file(text: bytes, hv: HubVersion, repo_id: str, revision: str | None) -> tuple[dict, Version]:
     try:
-        m = json.loads(text)
+        m = parse_manifest(text)
         v = check_manifest(m)
     except (UnicodeDecodeError, ValueError) as e:  # UnsafeInput is a ValueError
         raise PulledDataRejected(repo_id, revision, hv.manifest, str(e).removeprefix("manifest: ")) from None
@@ -519,8 +524,8 @@ def _check_payloads(path: Path, hv: HubVersion, m: dict, v: Version, repo_id: st
     except (ModelFormatError, UnsafeInput) as e:
         raise bad(str(e)) from None
     try:
-        inner = json.loads(metadata.get(META_MANIFEST, ""))
-    except ValueError:
+        inner = parse_manifest(metadata.get(META_MANIFEST, ""))
+    except UnsafeInput:
         raise bad(f"its metadata has no manifest ({META_MANIFEST})") from None
     if inner != m or metadata.get(META_VERSION) != v.id:
         raise bad(f"the manifest in its metadata is not that of {hv.ref} ({hv.manifest})")

@@ -22,11 +22,13 @@ import torch
 
 from .errors import ModelFormatError, PickleRefused, UnsafeInput
 from .hashing import DTYPES, dtype_name
+from .limits import load_json, shown
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 << 20
 MAX_NAME_LEN = 1024
+MAX_DIMS = 64
 _ITEMSIZE = {name: torch.empty(0, dtype=dt).element_size() for name, dt in DTYPES.items()}
 # Files that make up a model folder's weights; everything else (config, tokenizer) is copied.
 WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|pkl)$|^model\.safetensors\.index\.json$|.*\.bin\.index\.json$")
@@ -39,6 +41,10 @@ def check_name(name: str) -> str:
     if "/" in name or "\\" in name or ".." in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
         raise UnsafeInput(f"tensor name {name[:80]!r} has a path separator, '..' or a control character")
     return name
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -69,10 +75,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]
             raw = f.read(n)
     except OSError as e:
         raise ModelFormatError(f"cannot read {path}: {e.strerror}") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
-        raise ModelFormatError(f"{path} is not a safetensors file: its header is not JSON") from None
+    header = load_json(raw, "its header", max_bytes=MAX_HEADER_BYTES,
+                       error=lambda why: ModelFormatError(f"{path} is not a safetensors file: {why}"))
     if not isinstance(header, dict):
         raise ModelFormatError(f"{path} is not a safetensors file: its header is not an object")
     base = 8 + n
@@ -86,10 +90,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]
             dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise ModelFormatError(f"{path}: tensor {name!r} has a malformed header entry") from None
-        if dtype not in _ITEMSIZE:
-            raise ModelFormatError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
-        if not all(isinstance(d, int) and d >= 0 for d in shape) or not isinstance(start, int) \
-                or not isinstance(end, int):
+        if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
+            raise ModelFormatError(f"{path}: tensor {name!r} has unsupported dtype {shown(dtype)}")
+        if not isinstance(info["shape"], list) or len(shape) > MAX_DIMS or not all(_is_int(d) and d >= 0 for d in shape) \
+                or not _is_int(start) or not _is_int(end):
             raise ModelFormatError(f"{path}: tensor {name!r} has a malformed shape or offsets")
         t = TensorInfo(name, dtype, shape, path, base + start, base + end)
         if start < 0 or end < start or t.end > size or end - start != t.nbytes:
@@ -158,7 +162,13 @@ def weight_files(path: Path) -> list[Path]:
     index = path / INDEX_FILE
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            with open(index, "rb") as f:
+                raw = f.read(MAX_HEADER_BYTES + 1)
+        except OSError as e:
+            raise ModelFormatError(f"cannot read {index}: {e.strerror}") from None
+        data = load_json(raw, str(index), max_bytes=MAX_HEADER_BYTES, error=ModelFormatError)
+        try:
+            weight_map = data["weight_map"]
             names = sorted(set(weight_map.values()))
         except (ValueError, KeyError, TypeError, AttributeError):
             raise ModelFormatError(f"{index} is not a safetensors index (no weight_map)") from None

@@ -40,6 +40,12 @@ ZSTD_LEVEL = 3
 THREADED_FROM = 4 << 20
 # No single tensor delta comes near this; anything larger is a hostile header.
 MAX_OBJECT_BYTES = 1 << 40
+# zstd's densest block (RLE: a 3-byte header and one byte) regenerates at most 128 KiB, so a
+# body of n bytes can never hold more than n * 2**15 bytes.
+MAX_ZSTD_RATIO = 1 << 15
+# The first buffer of a decompression; it doubles while frames keep producing data. Deltas
+# compress a few times at most, so one buffer is nearly always enough.
+FIRST_BUFFER = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -195,14 +201,21 @@ def stored_size(data: bytes | memoryview, *, threads: int | None = None) -> int:
 
 def _bounded_decompress(object_id: str, body: memoryview, declared: int) -> bytearray:
     # Read at most one byte past the declared size: a frame that expands further is refused
-    # without ever holding more than declared + 1 bytes.
-    out = bytearray(declared + 1)
-    view = memoryview(out)
+    # without ever holding more than declared + 1 bytes. The buffer grows as data arrives, so
+    # a header that declares more than its frames hold costs no more than what they hold.
+    if declared > len(body) * MAX_ZSTD_RATIO:
+        raise CorruptObject(object_id, f"declares an impossible size ({declared} bytes from "
+                                       f"{len(body)} bytes of zstd)")
+    limit = declared + 1
+    out = bytearray(min(limit, max(FIRST_BUFFER, 64 * len(body))))
     filled = 0
     try:
         with zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True) as reader:
-            while filled < len(out):
-                got = reader.readinto(view[filled:])
+            while filled < limit:
+                if filled == len(out):
+                    out.extend(bytes(min(limit, 2 * len(out)) - len(out)))
+                # A temporary view: the bytearray cannot grow while one is alive.
+                got = reader.readinto(memoryview(out)[filled:])
                 if not got:
                     break
                 filled += got
@@ -211,7 +224,6 @@ def _bounded_decompress(object_id: str, body: memoryview, declared: int) -> byte
     if filled != declared:
         raise CorruptObject(object_id, f"decompresses to {'more' if filled > declared else filled} "
                                        f"bytes, header declares {declared}")
-    del view  # a bytearray cannot shrink while a view of it is alive
     del out[declared:]
     return out
 

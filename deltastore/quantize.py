@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .errors import EncodingError
+from .limits import shown
 
 Parts = dict[str, memoryview]
 
@@ -69,7 +70,7 @@ def _int_param(params: Mapping[str, Any], key: str, low: int, high: int | None =
     value = params.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
         bound = f"from {low} to {high}" if high is not None else f"at least {low}"
-        raise EncodingError(f"param {key!r} must be a whole number {bound}, got {value!r}")
+        raise EncodingError(f"param {key!r} must be a whole number {bound}, got {shown(value)}")
     return value
 
 
@@ -119,13 +120,16 @@ def absmax_decode(parts: Mapping[str, Any], params: Mapping[str, Any], *, bits: 
     g, exp, n = _int_param(params, "group_size", 1), _exp_param(params), numel
     full_groups, rest = divmod(n, g)
     s = unscale(_part(parts, "scales", torch.float16, full_groups + (rest > 0)), exp)
+    # The codes' size is checked before the output is allocated: the element count comes
+    # from outside, and only the codes back it.
+    codes = _part(parts, "codes", torch.int8, n) if bits == 8 else _part(parts, "codes", torch.uint8, (n + 1) // 2)
     # In place in one float32 buffer: on a big model, fresh allocations (page faults) cost
     # more than the arithmetic.
     out = torch.empty(n, dtype=torch.float32)
     if bits == 8:
-        out.copy_(_part(parts, "codes", torch.int8, n))
+        out.copy_(codes)
     else:
-        out.copy_(unpack_nibbles(_part(parts, "codes", torch.uint8, (n + 1) // 2), n)).sub_(8)
+        out.copy_(unpack_nibbles(codes, n)).sub_(8)
     full = full_groups * g
     out[:full].view(full_groups, g).mul_(s[:full_groups, None])
     if rest:
@@ -198,14 +202,14 @@ def bnb_encode(dw: torch.Tensor, *, quant_type: str, blocksize: int) -> tuple[Pa
 
 def bnb_decode(parts: Mapping[str, Any], params: Mapping[str, Any], *, quant_type: str, numel: int) -> torch.Tensor:
     if params.get("quant_type") != quant_type:
-        raise EncodingError(f"param 'quant_type' must be {quant_type!r}, got {params.get('quant_type')!r}")
+        raise EncodingError(f"param 'quant_type' must be {quant_type!r}, got {shown(params.get('quant_type'))}")
     bs = params.get("blocksize")
     if bs not in BNB_BLOCKSIZES or isinstance(bs, bool):
-        raise EncodingError(f"param 'blocksize' must be one of {', '.join(map(str, BNB_BLOCKSIZES))}, got {bs!r}")
+        raise EncodingError(f"param 'blocksize' must be one of {', '.join(map(str, BNB_BLOCKSIZES))}, got {shown(bs)}")
     n_even = numel + numel % 2
     if params.get("quant_shape") != [n_even] or params.get("quant_dtype") != "F32":
         raise EncodingError(f"params 'quant_shape'/'quant_dtype' must be [{n_even}]/'F32' for {numel} elements, "
-                            f"got {params.get('quant_shape')!r}/{params.get('quant_dtype')!r}")
+                            f"got {shown(params.get('quant_shape'))}/{shown(params.get('quant_dtype'))}")
     data = _part(parts, "data", torch.uint8, n_even // 2)
     absmax = _part(parts, "absmax", torch.float32, -(-n_even // bs))
     code = _part(parts, "code", torch.float32, 16)
@@ -272,8 +276,8 @@ def lowrank_encode(dw: torch.Tensor, *, rank: int, dtype: str) -> tuple[Parts, d
 def lowrank_decode(parts: Mapping[str, Any], params: Mapping[str, Any], *, rows: int, cols: int) -> torch.Tensor:
     rank = _int_param(params, "rank", 1, min(rows, cols))
     dtype = params.get("dtype")
-    if dtype not in FACTOR_DTYPES:
-        raise EncodingError(f"param 'dtype' must be one of {', '.join(FACTOR_DTYPES)}, got {dtype!r}")
+    if not isinstance(dtype, str) or dtype not in FACTOR_DTYPES:
+        raise EncodingError(f"param 'dtype' must be one of {', '.join(FACTOR_DTYPES)}, got {shown(dtype)}")
     exp = _exp_param(params)
     us = _part(parts, "us", FACTOR_DTYPES[dtype], rows * rank).view(rows, rank)
     vh = _part(parts, "vh", FACTOR_DTYPES[dtype], rank * cols).view(rank, cols).double()

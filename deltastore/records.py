@@ -8,10 +8,20 @@ are an index over it.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 MANIFEST_FORMAT = "deltastore/version/1"
+# Bounds on a manifest from outside, checked before it is parsed (FORMAT.md, section 9). A
+# manifest is ~400 bytes per tensor entry; the largest models have tens of thousands of tensors.
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_TENSORS = 100_000
+# Objects and lists one tensor entry can hold: itself, shape, params (and a list in them),
+# objects and up to three parts.
+_CONTAINERS_PER_ENTRY = 8
+MAX_DIMS = 64
+MAX_TENSOR_BYTES = 1 << 40
 
 
 @dataclass(frozen=True)
@@ -163,10 +173,14 @@ def manifest(*, stance: str, number: int, parent: str | None, base_id: str, enco
 
 
 def parse_manifest(text: str | bytes) -> dict:
-    m = json.loads(text)
-    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
-        from .errors import UnsafeInput
+    """A manifest's text as a dict, refused before parsing when it is larger or holds more
+    objects and lists than a manifest of `MAX_TENSORS` entries can."""
+    from .errors import UnsafeInput
+    from .limits import load_json
 
+    m = load_json(text, "manifest", max_bytes=MAX_MANIFEST_BYTES,
+                  max_containers=_CONTAINERS_PER_ENTRY * MAX_TENSORS + 64)
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
         raise UnsafeInput(f"not a deltastore manifest (format must be {MANIFEST_FORMAT!r})")
     return m
 
@@ -189,6 +203,7 @@ def check_manifest(m: Any) -> Version:
     describes, with its id computed here rather than believed."""
     from .errors import UnsafeInput
     from .hashing import DTYPES, is_id, manifest_id
+    from .limits import shown
     from .models import check_name
 
     def need(ok: bool, what: str) -> None:
@@ -205,7 +220,7 @@ def check_manifest(m: Any) -> Version:
     from .store import STANCE_NAME
 
     need(isinstance(m["stance"], str) and bool(STANCE_NAME.match(m["stance"])) and ".." not in m["stance"],
-         f"stance name {str(m['stance'])[:80]!r} is not allowed")
+         f"stance name {shown(m['stance'])} is not allowed")
     need(is_int(m["number"]) and 1 <= m["number"] < 1 << 31, "number must be a positive integer")
     need(m["parent"] is None or (isinstance(m["parent"], str) and is_id(m["parent"])), "parent must be a version id")
     need(isinstance(m["base"], str) and is_id(m["base"]), "base must be a base id")
@@ -216,15 +231,18 @@ def check_manifest(m: Any) -> Version:
                                                  for k, v in m["metadata"].items()),
          "metadata must map strings to strings")
     need(isinstance(m["tensors"], list), "tensors must be a list")
+    need(len(m["tensors"]) <= MAX_TENSORS, f"{len(m['tensors'])} tensor entries, more than the {MAX_TENSORS} allowed")
     names = set()
     for t in m["tensors"]:
         need(isinstance(t, dict) and isinstance(t.get("name"), str), "a tensor entry without a name")
         check_name(t["name"])
         need(t["name"] not in names, f"tensor {t['name']!r} appears twice")
         names.add(t["name"])
-        need(t.get("dtype") in DTYPES, f"tensor {t['name']!r}: unknown dtype")
-        need(isinstance(t.get("shape"), list) and all(is_int(d) and d >= 0 for d in t["shape"]),
-             f"tensor {t['name']!r}: malformed shape")
+        need(isinstance(t.get("dtype"), str) and t["dtype"] in DTYPES, f"tensor {t['name']!r}: unknown dtype")
+        need(isinstance(t.get("shape"), list) and len(t["shape"]) <= MAX_DIMS
+             and all(is_int(d) and d >= 0 for d in t["shape"]), f"tensor {t['name']!r}: malformed shape")
+        need(math.prod(t["shape"]) * DTYPES[t["dtype"]].itemsize <= MAX_TENSOR_BYTES,
+             f"tensor {t['name']!r}: shape {t['shape']} is more than {MAX_TENSOR_BYTES} bytes")
         need(isinstance(t.get("encoding"), str) and isinstance(t.get("params"), dict),
              f"tensor {t['name']!r}: malformed encoding")
         need(isinstance(t.get("objects"), dict), f"tensor {t['name']!r}: objects must be an object")
@@ -241,5 +259,5 @@ def check_manifest(m: Any) -> Version:
                  for k in ("rel_change", "rel_error")), f"tensor {t['name']!r}: malformed statistics")
     try:
         return Version.from_manifest(manifest_id(m), m)
-    except (KeyError, TypeError, ValueError) as e:
-        raise UnsafeInput(f"manifest: malformed ({e})") from None
+    except (KeyError, TypeError, ValueError, RecursionError) as e:
+        raise UnsafeInput(f"manifest: malformed ({str(e)[:120]})") from None
