@@ -232,7 +232,11 @@ def open_model(model: str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.
         from safetensors.torch import _remove_duplicate_names
 
         state = dict(model)
-        for kept, removed in _remove_duplicate_names(state).items():
+        # A state dict has lost its module's list of tied names. Hugging Face language models
+        # tie `lm_head.weight` to the input embedding and save the latter: keep that one too, so
+        # that a state dict has the base id of its module and of its saved folder.
+        discard = [n for n in state if n == "lm_head.weight" or n.endswith(".lm_head.weight")]
+        for kept, removed in _remove_duplicate_names(state, discard_names=discard).items():
             for name in removed:
                 del state[name]
         return open_tensors(state)

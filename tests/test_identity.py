@@ -109,7 +109,7 @@ def test_transformers_model_with_tied_embeddings_same_id_as_its_folders(tmp_path
     assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
     assert open_model(tmp_path / "one").names == names
     ids = {source_base_id(model), source_base_id(tmp_path / "one"), source_base_id(tmp_path / "sharded"),
-           source_base_id(tmp_path / "one" / "model.safetensors")}
+           source_base_id(tmp_path / "one" / "model.safetensors"), source_base_id(model.state_dict())}
     assert len(ids) == 1
 
 
