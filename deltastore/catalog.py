@@ -124,6 +124,11 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX journal_objects_object ON journal_objects(object_id);
     """,
+    # 2: each base tensor's squared norm, so a commit need not read the base twice over for
+    # ||dW|| / ||W||
+    """
+    ALTER TABLE base_tensors ADD COLUMN sq_norm REAL;
+    """,
 ]
 
 BUSY_TIMEOUT_S = 60

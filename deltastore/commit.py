@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import torch
 
 from . import encodings
-from .errors import BaseMismatch, EncodingError, ModelFormatError, SelectionError
+from .errors import BaseMismatch, EncodingError, ModelFormatError, NonFiniteTensor, SelectionError
 from .hashing import base_id as compute_base_id
 from .hashing import bytes_id, dtype_name, tensor_id
 from .models import TensorSource
@@ -62,21 +62,25 @@ class Built:
         self.bytes_new += stored.bytes_new
 
 
-def delta_stats(base: torch.Tensor | None, target: torch.Tensor) -> tuple[float | None, float]:
+def delta_stats(base: torch.Tensor | None, target: torch.Tensor,
+                base_sq_norm: float | None = None) -> tuple[float | None, float]:
     """(||dW|| / ||W||, ||dW||^2); (None, ||target||^2) where no base tensor matches.
 
     The difference is taken in the tensors' own dtype: for two nearby floats it is exact
-    (Sterbenz), and it avoids two fp32 copies of a 150M-element embedding. Norms accumulate
-    in fp32."""
+    (Sterbenz), and it avoids fp32 copies of a 150M-element embedding. Norms accumulate in
+    fp32; ||W||^2 comes from `base add` when it recorded it."""
     if not (target.is_floating_point() and base is not None and base.shape == target.shape
-            and base.dtype == target.dtype):
-        return None, float(torch.linalg.vector_norm(target.double())) ** 2
-    if target.element_size() == 1:  # float8 has no arithmetic of its own
-        base, target = base.float(), target.float()
-    acc = torch.float64 if target.dtype == torch.float64 else torch.float32  # never narrowing
+            and base.dtype == target.dtype) or target.element_size() == 1:
+        # No matching base, an integer tensor, or float8 (which torch cannot subtract).
+        if base is None or base.shape != target.shape:
+            return None, float(torch.linalg.vector_norm(target.double())) ** 2
+        d2 = float(torch.linalg.vector_norm(target.double() - base.double())) ** 2
+        w2 = float(torch.linalg.vector_norm(base.double())) ** 2
+        return (math.sqrt(d2 / w2) if w2 > 0 and math.isfinite(d2 / w2) else None), d2
+    acc = torch.float64 if target.dtype == torch.float64 else torch.float32
     d = float(torch.linalg.vector_norm(target - base, dtype=acc))
-    w = float(torch.linalg.vector_norm(base, dtype=acc))
-    rel = d / w if w > 0 and math.isfinite(d / w) else None
+    w2 = base_sq_norm if base_sq_norm is not None else float(torch.linalg.vector_norm(base, dtype=acc)) ** 2
+    rel = d / math.sqrt(w2) if w2 > 0 and math.isfinite(d / math.sqrt(w2)) else None
     return rel, d * d
 
 
@@ -100,7 +104,7 @@ def build_entries(store: Any, base: Base, base_src: TensorSource, target: Tensor
                   encoding: str, encoding_for: list[tuple[str, str]] | None, encoding_options: dict,
                   include: str | None, exclude: str | None, top_k: int | None,
                   min_rel_change: float | None, energy: float | None,
-                  progress: Callable[[int, int], None] | None) -> Built:
+                  progress: Callable[[int, int], None] | None, allow_nonfinite: bool = False) -> Built:
     expected = store.base_tensors(base)
     check_names(base, expected, target)
     spec_for = _spec_chooser(encoding, encoding_for, encoding_options, target)
@@ -123,7 +127,11 @@ def build_entries(store: Any, base: Base, base_src: TensorSource, target: Tensor
         tid = tensor_id(t)
         if tid == expected[name]["tensor_id"]:
             return None, None
-        rel, e = delta_stats(b, t)
+        rel, e = delta_stats(b, t, expected[name].get("sq_norm"))
+        # A nan or inf anywhere in the tensor makes its delta's norm one too; only then is
+        # the tensor itself checked (a finite norm can still overflow).
+        if not math.isfinite(e) and not allow_nonfinite:
+            _check_finite(name, t)
         change = Change(name, expected[name]["tensor_id"], tid, rel, e)
         if by_stats or not by_name(name):
             return change, None
@@ -232,24 +240,37 @@ def _spec_chooser(encoding: str, rules: list[tuple[str, str]] | None, options: d
     for name, info in target.infos.items():
         enc = encodings.get(chosen(name), **options)
         rank = getattr(enc, "rank", None)
-        if rank is not None and len(info.shape) == 2 and rank > min(info.shape):
+        # An empty matrix is never encoded: it cannot differ from its base but by shape.
+        if rank is not None and len(info.shape) == 2 and rank > min(info.shape) > 0:
             raise EncodingError(f"{enc.spec} needs a rank of at most {min(info.shape)} for {name} "
                                 f"{list(info.shape)}; choose a smaller rank or --encoding-for '{name}=lossless'")
 
     def choose(name: str, base: torch.Tensor, target: torch.Tensor) -> encodings.Encoding:
         enc = encodings.get(chosen(name), **options)
         # Norms and biases are tiny and hurt most when quantised; a changed dtype or shape
-        # has no delta to quantise; a low-rank factorisation needs a matrix.
+        # has no delta to quantise, nor has an integer tensor; a low-rank factorisation needs
+        # a matrix.
         if not enc.exact and (target.dim() < 2 or base.dtype != target.dtype or base.shape != target.shape
+                              or not target.is_floating_point()
                               or (getattr(enc, "rank", None) is not None and target.dim() != 2)):
             return encodings.get("lossless")
         return enc
     return choose
 
 
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point():
+        bad = int(t.numel() - torch.isfinite(t).sum())
+        if bad:
+            raise NonFiniteTensor(name, bad, t.numel())
+
+
 def _store_tensor(store: Any, name: str, base: torch.Tensor, target: torch.Tensor,
                   change: Change, enc: encodings.Encoding, token: str) -> Stored:
-    encoded = enc.encode(base, target)
+    try:
+        encoded = enc.encode(base, target)
+    except EncodingError as e:
+        raise EncodingError(f"{name}: {e}") from None
     if enc.exact:
         result_id, rel_error = change.target_id, 0.0
     else:
@@ -274,7 +295,8 @@ def _store_tensor(store: Any, name: str, base: torch.Tensor, target: torch.Tenso
 
 
 def _sq_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(a - b, dtype=torch.float32)) ** 2
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    return float(torch.linalg.vector_norm(a - b, dtype=acc)) ** 2
 
 
 def _round(x: float | None) -> float | None:

@@ -129,6 +129,19 @@ class NothingToCommit(DeltastoreError, ValueError):
     pass
 
 
+class NonFiniteTensor(DeltastoreError, ValueError):
+    """A fine-tuned tensor holding nan or inf: most often a fine-tune that diverged."""
+
+    def __init__(self, name: str, count: int, numel: int):
+        self.name = name
+        self.count = count
+        self.numel = numel
+        super().__init__(
+            f"tensor {name!r} of the fine-tune holds {count} nan or inf values (of {numel}); a diverged "
+            "fine-tune? Nothing was stored; to store it as it is, pass --allow-nonfinite "
+            "(allow_nonfinite=True), with a lossless encoding for this tensor")
+
+
 class StanceExists(DeltastoreError, FileExistsError):
     def __init__(self, stance: str):
         self.stance = stance

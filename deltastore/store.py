@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 import uuid
@@ -119,7 +120,13 @@ class Store:
         source = open_model(model)
         if name is not None:
             check_stance_name(name)
-        ids = self._tensor_ids(source, progress)
+        ids, sq_norms = {}, {}
+        for k, tname in enumerate(source.names):
+            t = source.get(tname)
+            ids[tname] = tensor_id(t)
+            sq_norms[tname] = sq_norm(t)
+            if progress:
+                progress(k + 1, len(source.names))
         from .hashing import base_id as compute_base_id
 
         bid = compute_base_id(ids.items())
@@ -131,7 +138,7 @@ class Store:
             if other:
                 raise UnsafeInput(f"base name {name!r} already names base {other['id']}; choose another name")
         tensors = [{"base_id": bid, "name": n, "dtype": i.dtype, "shape": dumps(list(i.shape)),
-                    "tensor_id": ids[n]} for n, i in source.infos.items()]
+                    "tensor_id": ids[n], "sq_norm": sq_norms[n]} for n, i in source.infos.items()]
         self.catalog.add_base(row, tensors)
         return self.base(bid)
 
@@ -308,8 +315,11 @@ class Store:
                include: str | None = None, exclude: str | None = None, top_k: int | None = None,
                min_rel_change: float | None = None, energy: float | None = None,
                message: str = "", metadata: Mapping[str, str] | None = None, tag: str | None = None,
-               base_weights: ModelLike | None = None, progress: Progress | None = None) -> CommitResult:
-        """Store `model` as the next version of `stance`, as deltas against `base`."""
+               base_weights: ModelLike | None = None, progress: Progress | None = None,
+               allow_nonfinite: bool = False) -> CommitResult:
+        """Store `model` as the next version of `stance`, as deltas against `base`. A changed
+        tensor holding nan or inf is refused (`NonFiniteTensor`) unless `allow_nonfinite`;
+        lossless encodings then store it exactly, lossy ones refuse it."""
         from .commit import build_entries
 
         self._writable()
@@ -325,7 +335,8 @@ class Store:
             built = build_entries(self, base_rec, base_src, target, token=token, encoding=encoding,
                                   encoding_for=encoding_for, encoding_options=dict(encoding_options or {}),
                                   include=include, exclude=exclude, top_k=top_k,
-                                  min_rel_change=min_rel_change, energy=energy, progress=progress)
+                                  min_rel_change=min_rel_change, energy=energy, progress=progress,
+                                  allow_nonfinite=allow_nonfinite)
             if not built.entries and not built.unchanged:
                 raise NothingToCommit("the model has no tensors")
             version = self._land(stance, base_rec, built, encoding, message, metadata, tag, token)
@@ -609,6 +620,16 @@ class Store:
         finally:
             handle.revert()
             self._applied.pop(id(module), None)
+
+
+def sq_norm(t: torch.Tensor) -> float | None:
+    """||t||^2, accumulated in fp32 (fp64 for fp64 tensors); None where it is not a finite number."""
+    if not t.is_floating_point():
+        return None
+    if t.element_size() == 1:  # float8 promotes to nothing: widen it first
+        t = t.float()
+    value = float(torch.linalg.vector_norm(t, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)) ** 2
+    return value if math.isfinite(value) else None
 
 
 def _looks_like_path(text: str) -> bool:

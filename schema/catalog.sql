@@ -4,7 +4,7 @@ CREATE TABLE base_tensors (
     name TEXT NOT NULL,
     dtype TEXT NOT NULL,
     shape TEXT NOT NULL,
-    tensor_id TEXT NOT NULL,
+    tensor_id TEXT NOT NULL, sq_norm REAL,
     PRIMARY KEY (base_id, name)
 );
 CREATE TABLE bases (
