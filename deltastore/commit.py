@@ -25,6 +25,7 @@ from .hashing import bytes_id, dtype_name, tensor_id
 from .models import TensorSource
 from .records import Base, ObjectRef, TensorEntry
 
+CHUNK = 1 << 22
 # Two tensors in flight keep both cores busy on this kind of machine without holding more
 # than two tensors (and their encodings) in memory.
 WORKERS = 2
@@ -77,11 +78,15 @@ def delta_stats(base: torch.Tensor | None, target: torch.Tensor,
         d2 = float(torch.linalg.vector_norm(target.double() - base.double())) ** 2
         w2 = float(torch.linalg.vector_norm(base.double())) ** 2
         return (math.sqrt(d2 / w2) if w2 > 0 and math.isfinite(d2 / w2) else None), d2
-    acc = torch.float64 if target.dtype == torch.float64 else torch.float32
-    d = float(torch.linalg.vector_norm(target - base, dtype=acc))
-    w2 = base_sq_norm if base_sq_norm is not None else float(torch.linalg.vector_norm(base, dtype=acc)) ** 2
-    rel = d / math.sqrt(w2) if w2 > 0 and math.isfinite(d / math.sqrt(w2)) else None
-    return rel, d * d
+    d2 = sum(sq_norm(tc - bc) or 0.0 for bc, tc in zip(_chunks(base), _chunks(target)))
+    w2 = base_sq_norm if base_sq_norm is not None else sq_norm(base)
+    rel = math.sqrt(d2 / w2) if w2 and math.isfinite(d2 / w2) else None
+    return rel, d2
+
+
+def _chunks(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    # Norms of a 150M-element embedding, chunk by chunk: the fp32 temporaries stay small.
+    return t.reshape(-1).split(CHUNK)
 
 
 def check_names(base: Base, expected: dict[str, dict], target: TensorSource) -> None:
@@ -270,7 +275,7 @@ def _store_tensor(store: Any, name: str, base: torch.Tensor, target: torch.Tenso
     try:
         encoded = enc.encode(base, target)
     except EncodingError as e:
-        raise EncodingError(f"{name}: {e}") from None
+        raise EncodingError(f"tensor {name!r}: {e}") from None
     if enc.exact:
         result_id, rel_error = change.target_id, 0.0
     else:
@@ -295,8 +300,7 @@ def _store_tensor(store: Any, name: str, base: torch.Tensor, target: torch.Tenso
 
 
 def _sq_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
-    return float(torch.linalg.vector_norm(a - b, dtype=acc)) ** 2
+    return sum(sq_norm(ac - bc) or 0.0 for ac, bc in zip(_chunks(a), _chunks(b)))
 
 
 def _round(x: float | None) -> float | None:
