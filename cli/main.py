@@ -137,12 +137,16 @@ def base_list(store: Store, as_json: bool) -> None:
               help="Training facts (learning rate, epochs, examples, loss...) as a flat JSON object; "
                    "--meta overrides its keys.")
 @click.option("--tag", help="Tag the new version.")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Store changed tensors holding nan or inf (exactly, with a lossless encoding) instead of "
+                   "refusing the commit.")
 @json_option
 @with_store
 def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str | None, encoding: str,
            encoding_for: tuple[str, ...], group_size: int | None, include: str | None, exclude: str | None,
            top_k: int | None, min_rel_change: float | None, energy: float | None, message: str,
-           meta: tuple[str, ...], meta_file: str | None, tag: str | None, as_json: bool) -> None:
+           meta: tuple[str, ...], meta_file: str | None, tag: str | None, allow_nonfinite: bool,
+           as_json: bool) -> None:
     """Store the fine-tuned MODEL as a new version of STANCE."""
     from deltastore.history import read_metadata_file
 
@@ -156,7 +160,7 @@ def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str 
         r = store.commit(stance, model, base=base_ref, base_weights=base_path, encoding=encoding,
                          encoding_for=rules, encoding_options=options, include=include, exclude=exclude,
                          top_k=top_k, min_rel_change=min_rel_change, energy=energy, message=message,
-                         metadata=metadata, tag=tag, progress=cb)
+                         metadata=metadata, tag=tag, progress=cb, allow_nonfinite=allow_nonfinite)
     v = r.version
     summary = {"id": v.id, "stance": v.stance, "number": v.number, "tensors_stored": r.tensors_stored,
                "tensors_unchanged": r.unchanged, "bytes_stored": r.bytes_stored, "bytes_new": r.bytes_new,
