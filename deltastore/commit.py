@@ -78,10 +78,26 @@ def delta_stats(base: torch.Tensor | None, target: torch.Tensor,
         d2 = float(torch.linalg.vector_norm(target.double() - base.double())) ** 2
         w2 = float(torch.linalg.vector_norm(base.double())) ** 2
         return (math.sqrt(d2 / w2) if w2 > 0 and math.isfinite(d2 / w2) else None), d2
-    d2 = sum(sq_norm(tc - bc) or 0.0 for bc, tc in zip(_chunks(base), _chunks(target)))
+    d2 = sum(_sq(tc - bc) for bc, tc in zip(_chunks(base), _chunks(target)))
     w2 = base_sq_norm if base_sq_norm is not None else sq_norm(base)
     rel = math.sqrt(d2 / w2) if w2 and math.isfinite(d2 / w2) else None
     return rel, d2
+
+
+def sq_norm(t: torch.Tensor) -> float | None:
+    """||t||^2 of a float tensor, accumulated in fp32 (fp64 for fp64); None for other tensors
+    or where it is not finite."""
+    if not t.is_floating_point():
+        return None
+    value = sum(_sq(c) for c in _chunks(t))
+    return value if math.isfinite(value) else None
+
+
+def _sq(c: torch.Tensor) -> float:
+    if c.element_size() == 1:  # float8 promotes to nothing: widen it first
+        c = c.float()
+    acc = torch.float64 if c.dtype == torch.float64 else torch.float32
+    return float(torch.linalg.vector_norm(c, dtype=acc)) ** 2
 
 
 def _chunks(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -300,7 +316,7 @@ def _store_tensor(store: Any, name: str, base: torch.Tensor, target: torch.Tenso
 
 
 def _sq_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return sum(sq_norm(ac - bc) or 0.0 for ac, bc in zip(_chunks(a), _chunks(b)))
+    return sum(_sq(ac - bc) for ac, bc in zip(_chunks(a), _chunks(b)))
 
 
 def _round(x: float | None) -> float | None:

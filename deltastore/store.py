@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 import os
 import re
 import uuid
@@ -120,6 +119,8 @@ class Store:
         source = open_model(model)
         if name is not None:
             check_stance_name(name)
+        from .commit import sq_norm
+
         ids, sq_norms = {}, {}
         for k, tname in enumerate(source.names):
             t = source.get(tname)
@@ -620,16 +621,6 @@ class Store:
         finally:
             handle.revert()
             self._applied.pop(id(module), None)
-
-
-def sq_norm(t: torch.Tensor) -> float | None:
-    """||t||^2, accumulated in fp32 (fp64 for fp64 tensors); None where it is not a finite number."""
-    if not t.is_floating_point():
-        return None
-    if t.element_size() == 1:  # float8 promotes to nothing: widen it first
-        t = t.float()
-    value = float(torch.linalg.vector_norm(t, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)) ** 2
-    return value if math.isfinite(value) else None
 
 
 def _looks_like_path(text: str) -> bool:
