@@ -16,7 +16,7 @@ import click
 from deltastore import DeltastoreError, Store
 from deltastore.store import DEFAULT_DIR, find_store
 
-from .output import emit_json, progress, size, table
+from .output import emit_json, progress, size, table, to_jsonable
 
 
 class DeltastoreGroup(click.Group):
@@ -122,7 +122,14 @@ def base_list(store: Store, as_json: bool) -> None:
 @click.argument("model", type=click.Path())
 @click.option("--base", "base_ref", required=True, help="Base name, id prefix or model path.")
 @click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
-@click.option("--encoding", default="lossless", show_default=True, help="How to store each tensor delta.")
+@click.option("--encoding", default="lossless", show_default=True,
+              help="How to store each tensor delta; `auto`: the smallest whose KL stays under --max-kl.")
+@click.option("--prompts", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Measure fidelity on these prompts (one per line) and record it in the version's "
+                   "metadata; needs the base as a Hugging Face model folder.")
+@click.option("--max-kl", type=float, metavar="K",
+              help="With --encoding auto: the largest KL(fine-tuned || stored) to accept; with another "
+                   "encoding: refuse to commit above it.")
 @click.option("--encoding-for", "encoding_for", multiple=True, metavar="REGEX=ENCODING",
               help="A different encoding for tensors whose name matches REGEX (repeatable).")
 @click.option("--group-size", type=int, help="Group size of int8/int4 (default 64).")
@@ -143,7 +150,8 @@ def base_list(store: Store, as_json: bool) -> None:
 @json_option
 @with_store
 def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str | None, encoding: str,
-           encoding_for: tuple[str, ...], group_size: int | None, include: str | None, exclude: str | None,
+           prompts: str | None, max_kl: float | None, encoding_for: tuple[str, ...], group_size: int | None,
+           include: str | None, exclude: str | None,
            top_k: int | None, min_rel_change: float | None, energy: float | None, message: str,
            meta: tuple[str, ...], meta_file: str | None, tag: str | None, allow_nonfinite: bool,
            as_json: bool) -> None:
@@ -156,17 +164,40 @@ def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str 
     if any(len(r) != 2 for r in rules):
         raise click.BadParameter("expected REGEX=ENCODING", param_hint="--encoding-for")
     options = {"group_size": group_size} if group_size is not None else {}
-    with progress("committing", enabled=not as_json) as cb:
-        r = store.commit(stance, model, base=base_ref, base_weights=base_path, encoding=encoding,
-                         encoding_for=rules, encoding_options=options, include=include, exclude=exclude,
-                         top_k=top_k, min_rel_change=min_rel_change, energy=energy, message=message,
-                         metadata=metadata, tag=tag, progress=cb, allow_nonfinite=allow_nonfinite)
+    choice = None
+    if encoding == "auto" or prompts or max_kl is not None:
+        if prompts is None or (encoding == "auto" and max_kl is None):
+            raise click.UsageError("--encoding auto needs --prompts FILE (one prompt per line) and --max-kl K "
+                                   "(e.g. 0.01)" if encoding == "auto" else "--max-kl needs --prompts FILE")
+        from deltastore.compare import commit_measured
+
+        with progress("measuring", enabled=not as_json) as cb:
+            measured = commit_measured(store, stance, model, base=base_ref, base_weights=base_path, prompts=prompts,
+                                       encoding=encoding, max_kl=max_kl, encoding_for=rules, encoding_options=options,
+                                       include=include, exclude=exclude, top_k=top_k, min_rel_change=min_rel_change,
+                                       energy=energy, message=message, metadata=metadata, tag=tag, progress=cb,
+                                       allow_nonfinite=allow_nonfinite)
+        r, choice = measured.result, measured.choice
+    else:
+        with progress("committing", enabled=not as_json) as cb:
+            r = store.commit(stance, model, base=base_ref, base_weights=base_path, encoding=encoding,
+                             encoding_for=rules, encoding_options=options, include=include, exclude=exclude,
+                             top_k=top_k, min_rel_change=min_rel_change, energy=energy, message=message,
+                             metadata=metadata, tag=tag, progress=cb, allow_nonfinite=allow_nonfinite)
     v = r.version
     summary = {"id": v.id, "stance": v.stance, "number": v.number, "tensors_stored": r.tensors_stored,
                "tensors_unchanged": r.unchanged, "bytes_stored": r.bytes_stored, "bytes_new": r.bytes_new,
                "left_out": list(r.left_out), "left_out_energy_fraction": r.left_out_energy_fraction}
+    if choice is not None:
+        summary.update(encoding=choice.encoding, kl=choice.kl, top1=choice.top1, base_kl=choice.base_kl,
+                       max_kl=choice.max_kl, candidates=[{"encoding": c.spec, "bytes": c.bytes, "kl": c.kl,
+                                                          "top1": c.top1, "note": c.note} for c in choice.candidates])
     if as_json:
         return emit_json(summary)
+    if choice is not None:
+        limit = f" (at most {choice.max_kl:g})" if choice.max_kl is not None else ""
+        click.echo(f"{choice.encoding}: KL {choice.kl:.3g}{limit}, top-1 {choice.top1:.1%}; "
+                   f"the base alone: KL {choice.base_kl:.3g}")
     click.echo(f"{v.ref} {v.id}")
     click.echo(f"stored {r.tensors_stored} tensors ({r.unchanged} unchanged), {size(r.bytes_stored)} "
                f"({size(r.bytes_new)} new)")
@@ -504,6 +535,197 @@ def pull(store: Store, repo_id: str, revision: str | None, stance: str | None, t
     for hv in r.already_here:
         click.echo(f"{hv.ref} was already here")
     click.echo(f"{len(r.pulled)} new versions from {r.repo_id} at {r.commit[:12]}")
+
+
+# -- what a fine-tune costs and keeps (deltastore/compare.py, deltastore/lora.py) -------------
+
+
+def _number_list(text: str, option: str, kind: type = str) -> list:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        return [kind(t) for t in items]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of {kind.__name__}s",
+                                 param_hint=option) from None
+
+
+def _kl(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "0" if value == 0 else f"{value:.3g}"
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no inf or nan: those become null."""
+    if isinstance(value, float) and not (value == value and abs(value) != float("inf")):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+@cli.command("compare")
+@click.argument("base", type=click.Path(exists=True))
+@click.argument("model", type=click.Path(exists=True))
+@click.option("--encodings", "encodings_text", default="lossless,int8,int4,nf4,fp4,1bit", show_default=True,
+              help="Delta encodings to compare, comma-separated (lowrank:R too).")
+@click.option("--ranks", "ranks_text", default="8,32", show_default=True,
+              help="LoRA ranks to compare, comma-separated ('' for none).")
+@click.option("--full", "full_text", default="int4,nf4", show_default=True,
+              help="Encodings of the whole model quantised, comma-separated ('' for none).")
+@click.option("--select", "selects", multiple=True, metavar="SPEC",
+              help="A selection to compare (repeatable): KEY=VALUE pairs joined by ';', keys include, exclude, "
+                   "top_k, min_rel_change, energy, encoding; e.g. 'include=layers\\.15\\.self_attn\\.v_proj' "
+                   "or 'top_k=2;encoding=int4'.")
+@click.option("--prompts", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Measure fidelity on these prompts (one per line); BASE must be a Hugging Face model folder.")
+@click.option("--group-size", type=int, help="Group size of int8/int4 (default 64).")
+@click.option("--lora-dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
+              help="The dtype of the LoRA factors.")
+@click.option("--plot", type=click.Path(dir_okay=False), metavar="PNG", help="Draw size against KL (needs --prompts).")
+@json_option
+def compare_command(base: str, model: str, encodings_text: str, ranks_text: str, full_text: str,
+                    selects: tuple[str, ...], prompts: str | None, group_size: int | None, lora_dtype: str,
+                    plot: str | None, as_json: bool) -> None:
+    """What each way of storing fine-tune MODEL of BASE costs, and how much of it each keeps.
+
+    One row per way: the base itself (nothing kept), the full copy (raw and zstd), the full
+    model quantised, every delta encoding, a LoRA of each rank (R*(m+n) per changed matrix, and
+    the mean share of each delta's energy rank R holds) and each --select. Bytes are what the
+    store would write. With --prompts, each row's fidelity: the mean KL(fine-tuned || stored) of
+    the next-token distributions and the top-1 agreement. Nothing is written to a store."""
+    from deltastore.compare import compare as run_compare, plot as draw
+
+    if plot and not prompts:
+        raise click.UsageError("--plot draws KL against size: give --prompts FILE too")
+    options = {"group_size": group_size} if group_size is not None else {}
+    with progress("comparing", enabled=not as_json) as cb:
+        c = run_compare(base, model, encodings=_number_list(encodings_text, "--encodings"),
+                        ranks=_number_list(ranks_text, "--ranks", int), full=_number_list(full_text, "--full"),
+                        selections=selects, prompts=prompts, lora_dtype=lora_dtype, encoding_options=options,
+                        progress=cb)
+    if plot:
+        draw(c, plot)
+    if as_json:
+        return emit_json(_finite({**to_jsonable(c), "plot": plot}))
+    what = (f"fidelity over {c.prompts} prompts ({c.positions} positions)" if c.fidelity_skipped is None
+            else f"no fidelity: {c.fidelity_skipped}")
+    click.echo(f"{c.changed} of {c.tensors} tensors changed; full copy {size(c.full_bytes)} ({c.dtype}); {what}")
+    table([[r.label, size(r.bytes), f"{r.fraction:.4f}" if r.bytes else "0", r.tensors,
+            "-" if r.energy is None else f"{r.energy:.3f}", _kl(r.kl),
+            "-" if r.top1 is None else f"{r.top1:.1%}", r.note] for r in c.rows],
+          ["stored as", "bytes", "of full", "tensors", "energy", "KL", "top-1", "note"])
+    if plot:
+        click.echo(f"wrote {plot}")
+
+
+@cli.command()
+@click.argument("refs", nargs=-1, required=True, metavar="REF...")
+@click.option("--plot", type=click.Path(dir_okay=False), metavar="PNG",
+              help="A heatmap: layers down, module kinds across, one panel per ref, one colour scale.")
+@click.option("--value", type=click.Choice(["rel_change", "energy", "energy_share", "rank90", "rank99"]),
+              default="rel_change", show_default=True, help="What the heatmap shows.")
+@click.option("--all", "show_all", is_flag=True, help="List unchanged (layer, module) cells too.")
+@click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
+@json_option
+@with_store
+def analyze(store: Store, refs: tuple[str, ...], plot: str | None, value: str, show_all: bool,
+            base_path: str | None, as_json: bool) -> None:
+    """Which layers and modules each version changed, and how: per layer and module kind, the
+    relative change ||dW||/||W||, the share of the squared delta, the effective rank (the rank
+    holding 90% and 99% of the delta's energy) and the top singular values. dW is what apply
+    produces minus the base, so versions of any encoding compare."""
+    from deltastore.compare import analyze as run_analyze, analyze_plot
+
+    with progress("analyzing", enabled=not as_json) as cb:
+        results = run_analyze(store, list(refs), base_weights=base_path, progress=cb)
+    if plot:
+        analyze_plot(results, plot, value=value)
+    if as_json:
+        return emit_json(_finite({"refs": [{"ref": a.ref, "id": a.version_id, "encoding": a.encoding,
+                                            "tensors_stored": a.tensors, "rows": to_jsonable(list(a.rows))}
+                                           for a in results], "plot": plot}))
+    for k, a in enumerate(results):
+        if k:
+            click.echo()
+        rows = [r for r in a.rows if show_all or r.energy > 0 or r.rel_change != 0]
+        click.echo(f"{a.ref} ({a.encoding}, {a.tensors} tensors stored): {len(rows)} of {len(a.rows)} "
+                   f"(layer, module) cells {'listed' if show_all else 'changed'}")
+        table([["-" if r.layer is None else r.layer, r.module, r.tensors, f"{r.rel_change:.3g}",
+                f"{r.energy_share:.1%}", r.rank90, r.rank99,
+                " ".join(f"{x:.3g}" for x in r.singular_values[:3]) or "-"] for r in rows],
+              ["layer", "module", "tensors", "rel change", "energy", "rank90", "rank99", "top singular values"])
+    if plot:
+        click.echo(f"wrote {plot}")
+
+
+@cli.command("export-lora")
+@click.argument("ref")
+@click.option("--rank", type=int, help="The rank of every pair (at most each matrix's smaller side).")
+@click.option("--energy", type=float,
+              help="Per matrix, the smallest rank holding this fraction of its delta's energy (rank_pattern); "
+                   "capped by --rank.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
+              help="The dtype of the factors.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="A new folder.")
+@click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
+@json_option
+@with_store
+def export_lora(store: Store, ref: str, rank: int | None, energy: float | None, dtype: str, out: str,
+                base_path: str | None, as_json: bool) -> None:
+    """Write a version as a PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors)
+    that peft.PeftModel.from_pretrained loads: each changed 2-D weight of a Linear or Embedding
+    module becomes lora_A/lora_B from the truncated SVD of its delta (lora_alpha = r, so the
+    scaling is 1); changed norms go to modules_to_save, changed biases of those modules with
+    bias="lora_only". Anything else is listed as dropped."""
+    from deltastore.lora import export_lora as run_export
+
+    if rank is None and energy is None:
+        raise click.UsageError("give --rank R, --energy F, or both")
+    with progress("factoring", enabled=not as_json) as cb:
+        e = run_export(store, ref, out, rank=rank, energy=energy, dtype=dtype, base_weights=base_path, progress=cb)
+    if as_json:
+        return emit_json(_finite(to_jsonable(e)))
+    ranks = sorted(set(e.ranks.values()))
+    shown = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]} to {ranks[-1]}"
+    click.echo(f"wrote {e.out}: {len(e.targets)} LoRA pairs at {shown} ({e.dtype}), {len(e.saved)} tensors "
+               f"whole; {size(e.bytes)}; the pairs hold {e.energy_kept:.1%} of their deltas' energy")
+    if e.warning:
+        click.echo(f"warning: {e.warning}", err=True)
+
+
+@cli.command("import-lora")
+@click.argument("adapter", type=click.Path(file_okay=False))
+@click.argument("stance")
+@click.option("--base", "base_ref", required=True, help="The base the adapter was trained on: name, id prefix or path.")
+@click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
+@click.option("--encoding", help="How to store the result (default: lowrank:R, R the adapter's rank, in its dtype).")
+@click.option("-m", "--message", default="", help="What this version is.")
+@click.option("--meta", multiple=True, metavar="KEY=VALUE", help="User metadata (repeatable).")
+@click.option("--tag", help="Tag the new version.")
+@json_option
+@with_store
+def import_lora(store: Store, adapter: str, stance: str, base_ref: str, base_path: str | None, encoding: str | None,
+                message: str, meta: tuple[str, ...], tag: str | None, as_json: bool) -> None:
+    """Commit a PEFT LoRA adapter folder (safetensors only) as a new version of STANCE: each target
+    weight becomes W + scaling * B @ A, modules_to_save and biases replace the base's. Every name
+    and shape is checked against the base first; an adapter for another model is refused."""
+    from deltastore.lora import import_lora as run_import
+
+    with progress("importing", enabled=not as_json) as cb:
+        i = run_import(store, adapter, stance, base=base_ref, base_weights=base_path, encoding=encoding,
+                       message=message, metadata=parse_pairs(meta, "--meta"), tag=tag, progress=cb)
+    r = i.result
+    v = r.version
+    if as_json:
+        return emit_json({"id": v.id, "ref": v.ref, "stance": v.stance, "number": v.number, "encoding": i.encoding,
+                          "rank": i.rank, "targets": list(i.targets), "replaced": list(i.replaced),
+                          "tensors_stored": r.tensors_stored, "bytes_stored": r.bytes_stored})
+    click.echo(f"{v.ref} {v.id}")
+    click.echo(f"{len(i.targets)} LoRA pairs (rank {i.rank}) and {len(i.replaced)} whole tensors, stored as "
+               f"{i.encoding}: {r.tensors_stored} tensors, {size(r.bytes_stored)}")
 
 
 def main() -> None:

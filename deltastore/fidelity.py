@@ -169,6 +169,11 @@ def load_causal_lm(folder: str | Path) -> tuple[torch.nn.Module, Any]:
         raise FidelityError(
             "measuring fidelity needs transformers: pip install transformers"
         ) from None
+    from transformers.utils import logging as hf_logging
+
+    # transformers draws its own loading bar; deltastore's callers decide what the terminal shows.
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch.float32, local_files_only=True, use_safetensors=True,
@@ -178,6 +183,9 @@ def load_causal_lm(folder: str | Path) -> tuple[torch.nn.Module, Any]:
         raise FidelityError(
             f"cannot load {path} as a causal LM from safetensors weights: {error}"
         ) from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as error:

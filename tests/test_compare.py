@@ -1,0 +1,235 @@
+"""compare: the bytes and fidelity of every way of storing a fine-tune, commit --encoding auto,
+and the plot. Tiny transformers Llama models built in code (tests/tiny_lm.py)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from click.testing import CliRunner  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+from cli.main import cli  # noqa: E402
+from deltastore import Store  # noqa: E402
+from deltastore.compare import (CompareError, choose_encoding, compare, parse_select,  # noqa: E402
+                                plot)
+from deltastore.fidelity import FidelityError  # noqa: E402
+from tiny_lm import adam_like, low_rank, pair, prompts_file  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: a second intra-op thread only adds waiting on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def adam_pair(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("adam")
+    base, ft = pair(tmp, adam_like(0.02))
+    return base, ft, prompts_file(tmp)
+
+
+@pytest.fixture(scope="module")
+def adam_comparison(adam_pair):
+    base, ft, prompts = adam_pair
+    return compare(base, ft, encodings=("lossless", "int8", "int4", "1bit", "int8"), ranks=(4,),
+                   selections=[r"include=layers\.1\.self_attn\.v_proj", "top_k=2;encoding=int4"],
+                   prompts=prompts)
+
+
+def shapes(folder):
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+
+
+def test_an_exactly_rank_4_delta_is_all_held_at_rank_4_and_costs_4_m_plus_n(tmp_path):
+    base, ft = pair(tmp_path, low_rank(4))
+    c = compare(base, ft, encodings=(), full=(), ranks=(2, 4, 8))
+
+    matrices = [s for s in shapes(ft).values() if len(s) == 2]
+    assert c.changed == len(matrices)  # norms untouched
+    r4 = c.row("LoRA r=4")
+    assert r4.energy == pytest.approx(1.0, abs=1e-9)
+    assert r4.bytes == sum(4 * (m + n) for m, n in matrices) * 2  # bf16 factors
+    assert r4.tensors == len(matrices)
+    assert c.row("LoRA r=8").energy == pytest.approx(1.0, abs=1e-9)
+    assert c.row("LoRA r=8").bytes == 2 * r4.bytes
+    assert c.row("LoRA r=2").energy < 0.9
+    # No prompts: bytes only, and the reason says so.
+    assert c.fidelity_skipped == "no prompts given"
+    assert all(row.kl is None for row in c.rows if row.kind not in ("full",))
+    assert c.row("base (nothing kept)").bytes == 0
+
+
+def test_bytes_are_what_commit_stores(tmp_path, adam_pair):
+    base, ft, _ = adam_pair
+    c = compare(base, ft, encodings=("lossless", "int4", "nf4", "lowrank:4"), ranks=(), full=())
+    store = Store.init(tmp_path / "store")
+    for spec in ("lossless", "int4", "nf4", "lowrank:4"):
+        result = store.commit(spec.replace(":", "-"), ft, base=str(base), encoding=spec)
+        assert c.row(f"delta {spec}").bytes == result.bytes_stored, spec
+        assert c.row(f"delta {spec}").tensors == result.tensors_stored
+    assert c.row("full copy (fp32)").bytes == sum(
+        math.prod(s) * 4 for s in shapes(ft).values())
+
+
+def test_kl_is_zero_for_lossless_and_grows_as_the_encoding_coarsens(adam_comparison):
+    c = adam_comparison
+    assert c.fidelity_skipped is None and c.prompts == 5 and c.positions > 20
+    lossless, int8, int4, one_bit = (c.row(f"delta {s}") for s in ("lossless", "int8", "int4", "1bit"))
+    base = c.row("base (nothing kept)")
+    assert lossless.kl == 0.0 and lossless.top1 == 1.0
+    assert 0.0 < int8.kl <= int4.kl <= one_bit.kl < base.kl
+    assert int8.bytes > int4.bytes > one_bit.bytes
+    assert c.row("full copy (fp32)").kl == 0.0 and c.row("full copy, zstd").kl == 0.0
+    assert 0.0 < c.row("full model int4").kl
+    assert c.row("full model int4").bytes < c.row("full copy (fp32)").bytes / 5
+    # Each row starts from the fine-tune: measuring int8 again, after 1bit, gives the same.
+    int8_again = [r for r in c.rows if r.label == "delta int8"][1]
+    assert int8_again.kl == int8.kl and int8_again.bytes == int8.bytes
+
+
+def test_lora_and_selection_rows(adam_comparison, adam_pair):
+    c = adam_comparison
+    lora = c.row("LoRA r=4")
+    assert 0.0 < lora.energy < 1.0  # a dense delta is far from rank 4
+    assert 0.0 < lora.kl < c.row("base (nothing kept)").kl
+    # Norms are held whole (as modules_to_save), so all changed tensors count.
+    assert lora.tensors == c.changed and "whole" in lora.note
+    surgical = c.row(r"select include=layers\.1\.self_attn\.v_proj")
+    assert surgical.tensors == 1 and surgical.kind == "selection" and surgical.spec == "lossless"
+    assert 0.0 < surgical.energy < 0.1
+    v_proj = shapes(adam_pair[1])["model.layers.1.self_attn.v_proj.weight"]
+    assert surgical.bytes <= math.prod(v_proj) * 4 + 100
+    # Keeping one tensor of many keeps little of the behaviour.
+    assert surgical.kl > c.row("delta int4").kl
+    top2 = c.row("select top_k=2;encoding=int4")
+    assert top2.tensors == 2 and top2.spec == "int4"
+
+
+def test_plot_draws_every_row(tmp_path, adam_comparison):
+    out = plot(adam_comparison, tmp_path / "compare.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    no_fidelity = compare(*pair(tmp_path, low_rank(2))[:2], encodings=("int8",), ranks=(), full=())
+    with pytest.raises(CompareError, match="--prompts"):
+        plot(no_fidelity, tmp_path / "none.png")
+
+
+def test_auto_picks_a_smaller_encoding_under_a_generous_bound(adam_pair):
+    base, ft, prompts = adam_pair
+    generous = choose_encoding(base, ft, prompts=prompts, max_kl=10.0)
+    strict = choose_encoding(base, ft, prompts=prompts, max_kl=0.0)
+    assert strict.encoding == "lossless" and strict.kl == 0.0
+    assert generous.bytes < strict.bytes and generous.encoding != "lossless"
+    assert generous.kl <= 10.0 and generous.base_kl > 0.0
+    # Every candidate was measured (ranks a tiny matrix cannot hold are skipped, with a note).
+    measured = {r.spec for r in generous.candidates if r.kl is not None}
+    assert {"lossless", "int8", "int4", "nf4", "fp4", "1bit", "lowrank:8"} <= measured
+    assert any("skipped" in r.note for r in generous.candidates if r.spec == "lowrank:128")
+
+
+def test_commit_auto_records_fidelity_in_the_version(tmp_path, adam_pair):
+    base, ft, prompts = adam_pair
+    store = tmp_path / "store"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["init", str(store)]).exit_code == 0
+
+    def run(*args):
+        return runner.invoke(cli, ["--store", str(store), *args])
+
+    strict = run("commit", "s", str(ft), "--base", str(base), "--encoding", "auto", "--max-kl", "0",
+                 "--prompts", str(prompts), "--json")
+    assert strict.exit_code == 0, strict.output
+    generous = run("commit", "s", str(ft), "--base", str(base), "--encoding", "auto", "--max-kl", "5",
+                   "--prompts", str(prompts), "--json")
+    assert generous.exit_code == 0, generous.output
+    a, b = json.loads(strict.stdout), json.loads(generous.stdout)
+    assert a["encoding"] == "lossless" and a["kl"] == 0.0
+    assert b["encoding"] != "lossless" and b["bytes_stored"] < a["bytes_stored"]
+
+    shown = json.loads(run("show", "s@2", "--json").stdout)
+    assert shown["encoding"] == b["encoding"]
+    meta = shown["metadata"]
+    assert float(meta["fidelity.kl"]) == pytest.approx(b["kl"], rel=1e-5)
+    assert float(meta["fidelity.max_kl"]) == 5.0 and meta["fidelity.prompts"] == "prompts.txt"
+    assert 0.0 < float(meta["fidelity.top1"]) <= 1.0 and float(meta["fidelity.base_kl"]) > 0.0
+    assert "fidelity.kl=" in run("show", "s@2").output
+
+    # A fixed encoding with --prompts is measured too; with --max-kl it refuses to go over.
+    fixed = run("commit", "s", str(ft), "--base", str(base), "--encoding", "1bit", "--prompts", str(prompts))
+    assert fixed.exit_code == 0 and "1bit: KL" in fixed.output
+    refused = run("commit", "s", str(ft), "--base", str(base), "--encoding", "1bit", "--max-kl", "0",
+                  "--prompts", str(prompts))
+    assert refused.exit_code == 1 and "more than --max-kl" in refused.output
+    assert len(json.loads(run("log", "s", "--json").output)) == 3
+
+
+def test_commit_auto_says_what_is_missing(tmp_path, adam_pair):
+    base, ft, prompts = adam_pair
+    store = tmp_path / "store"
+    runner = CliRunner()
+    runner.invoke(cli, ["init", str(store)])
+    args = ["--store", str(store), "commit", "s", str(ft), "--base", str(base), "--encoding", "auto"]
+    no_prompts = runner.invoke(cli, [*args, "--max-kl", "0.1"])
+    assert no_prompts.exit_code == 2 and "--prompts FILE" in no_prompts.output
+    no_bound = runner.invoke(cli, [*args, "--prompts", str(prompts)])
+    assert no_bound.exit_code == 2 and "--max-kl K" in no_bound.output
+    # A base without config.json cannot be loaded for fidelity.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "model.safetensors").write_bytes((base / "model.safetensors").read_bytes())
+    no_config = runner.invoke(cli, ["--store", str(store), "commit", "s", str(ft), "--base", str(bare),
+                                    "--encoding", "auto", "--max-kl", "0.1", "--prompts", str(prompts)])
+    assert no_config.exit_code == 1 and "config.json" in no_config.output
+    assert "Traceback" not in no_config.output
+    missing = runner.invoke(cli, [*args, "--max-kl", "0.1", "--prompts", str(tmp_path / "nope.txt")])
+    assert missing.exit_code == 1 and "does not exist" in missing.output
+    assert json.loads(runner.invoke(cli, ["--store", str(store), "log", "--json"]).output) == []
+
+
+def test_compare_on_the_command_line(tmp_path, adam_pair):
+    base, ft, prompts = adam_pair
+    runner = CliRunner()
+    png = tmp_path / "c.png"
+    out = runner.invoke(cli, ["compare", str(base), str(ft), "--encodings", "int8,1bit", "--ranks", "4",
+                              "--full", "", "--select", "top_k=1", "--prompts", str(prompts),
+                              "--plot", str(png), "--json"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.stdout)
+    labels = [row["label"] for row in data["rows"]]
+    assert labels == ["base (nothing kept)", "full copy (fp32)", "full copy, zstd", "delta int8",
+                      "delta 1bit", "LoRA r=4", "select top_k=1"]
+    assert data["plot"] == str(png) and png.stat().st_size > 10_000
+    text = runner.invoke(cli, ["compare", str(base), str(ft), "--encodings", "int4", "--ranks", ""])
+    assert text.exit_code == 0 and "delta int4" in text.output and "no fidelity" in text.output
+    bad = runner.invoke(cli, ["compare", str(base), str(ft), "--plot", str(png)])
+    assert bad.exit_code == 2 and "--prompts" in bad.output
+    other = runner.invoke(cli, ["compare", str(base), str(tmp_path), "--json"])
+    assert other.exit_code == 1 and "safetensors" in other.output
+
+
+def test_models_that_do_not_match_and_bad_requests_are_refused(tmp_path, adam_pair):
+    base, ft, prompts = adam_pair
+    other, _ = pair(tmp_path, low_rank(1), name="other", hidden=16)
+    with pytest.raises(CompareError, match="other shapes|lacks|has"):
+        compare(base, other, encodings=("int8",), ranks=(), full=(), prompts=prompts)
+    with pytest.raises(CompareError, match="KEY=VALUE"):
+        parse_select("layers.1")
+    with pytest.raises(CompareError, match="number"):
+        parse_select("top_k=two")
+    with pytest.raises(CompareError, match="twice"):
+        parse_select("top_k=1;top_k=2")
+    assert parse_select(r"include=a\.b;encoding=int4").include == r"a\.b"
+    with pytest.raises(CompareError, match="makes no sense"):
+        compare(base, ft, full=("lossless",))
+    with pytest.raises(FidelityError, match="no prompts"):
+        empty = tmp_path / "empty.txt"
+        empty.write_text("\n")
+        compare(base, ft, prompts=empty)
