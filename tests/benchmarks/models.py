@@ -68,7 +68,8 @@ def base_state(shape: Shape, seed: int = 0) -> dict[str, torch.Tensor]:
 def adam_like(t: torch.Tensor, fraction: float, g: torch.Generator) -> torch.Tensor:
     """Move `fraction` of the elements by one unit in the last place, in a random direction."""
     bits = t.view(torch.int16).clone()
-    mask = torch.rand(t.shape, generator=g) < fraction
+    # Zeros are left alone: one step down from +0.0's bit pattern would be a NaN.
+    mask = (torch.rand(t.shape, generator=g) < fraction) & ((bits & 0x7FFF) != 0)
     step = torch.where(torch.rand(t.shape, generator=g) < 0.5, -1, 1).to(torch.int16)
     bits[mask] += step[mask]
     return bits.view(torch.bfloat16)
