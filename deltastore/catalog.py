@@ -345,12 +345,18 @@ class Catalog:
         if clauses:
             sql += " WHERE " + " AND ".join(clauses)
         order = " ORDER BY number DESC" if stance is not None else " ORDER BY created DESC, number DESC"
-        return self.query(sql + order, params)
+        cursor = self.conn.execute(sql + order, params)
+        columns = [d[0] for d in cursor.description]
+        return [dict(zip(columns, row)) for row in cursor]
 
-    def metadata_by_version(self, version_ids: list[str]) -> dict[str, dict[str, str]]:
-        rows = self.conn.execute(
-            "SELECT version_id, key, value FROM metadata WHERE version_id IN (SELECT value FROM json_each(?)) "
-            "ORDER BY key", [json.dumps(version_ids)])
+    def metadata_by_version(self, version_ids: list[str] | None = None) -> dict[str, dict[str, str]]:
+        """version id -> its metadata, for the given versions (None: every version)."""
+        if version_ids is None:
+            rows = self.conn.execute("SELECT version_id, key, value FROM metadata ORDER BY key")
+        else:
+            rows = self.conn.execute(
+                "SELECT version_id, key, value FROM metadata WHERE version_id IN (SELECT value FROM json_each(?)) "
+                "ORDER BY key", [json.dumps(version_ids)])
         out: dict[str, dict[str, str]] = {}
         for vid, key, value in rows:
             out.setdefault(vid, {})[key] = value

@@ -250,7 +250,8 @@ class Store:
         if stance is not None and not self.catalog.has_stance(stance):
             raise RefNotFound(stance, self._close_refs(stance))
         rows = self.catalog.version_summaries(stance, where=dict(where or {}))
-        ids = [r["id"] for r in rows]
+        # Every version listed: read every tag and metadata row rather than look each one up.
+        ids = None if stance is None and not where else [r["id"] for r in rows]
         tags = self.catalog.tags_by_version(ids) if rows else {}
         meta = self.catalog.metadata_by_version(ids) if rows else {}
         return [VersionInfo(r["id"], r["stance"], r["number"], r["parent"], r["base_id"], r["encoding"],
