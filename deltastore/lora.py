@@ -382,6 +382,7 @@ class _Adapter:
     infos: dict[str, TensorInfo]
     pairs: dict[str, tuple[str, str, str]]  # module -> (kind, key of A, key of B)
     whole: dict[str, str]  # base tensor name -> key
+    base_copies: dict[str, str]  # base tensor name -> key of PEFT's copy of a wrapped layer's weight
     tied_copies: tuple[str, ...]  # keys of a tied head's pair, which repeat the embedding's
 
 
@@ -448,6 +449,7 @@ def _read_adapter(folder: Path, base_names: set[str]) -> _Adapter:
     infos, _, _ = read_header(weights)  # every name, dtype, shape and offset checked
     pairs: dict[str, dict[str, str]] = {}
     whole: dict[str, str] = {}
+    copies: dict[str, str] = {}
     tied: list[str] = []
     saved_modules = config.get("modules_to_save") or []
     for key in infos:
@@ -475,6 +477,9 @@ def _read_adapter(folder: Path, base_names: set[str]) -> _Adapter:
                 tied.append(key)
                 continue
             raise LoraError(f"{weights}: tensor {key[:120]!r} names {name[:120]!r}, which the base does not have")
+        if module.endswith(".base_layer") and leaf == "weight":
+            copies[name] = key  # what the base holds already, unless the vocabulary was resized
+            continue
         owner = name.rpartition(".")[0]
         is_saved = any(owner == m or owner.endswith("." + m) for m in saved_modules)
         if leaf == "bias" or is_saved or module.endswith(".base_layer"):
@@ -494,7 +499,7 @@ def _read_adapter(folder: Path, base_names: set[str]) -> _Adapter:
             raise LoraError(f"{weights}: the adapter changes {module[:120]!r}, which the base does not have "
                             "(an adapter for another model?)")
         out_pairs[module] = (parts["kind"], parts["A"], parts["B"])
-    return _Adapter(config, infos, out_pairs, whole, tuple(tied))
+    return _Adapter(config, infos, out_pairs, whole, copies, tuple(tied))
 
 
 def import_lora(store: Any, adapter: str | os.PathLike, stance: str, *, base: Any,
@@ -560,6 +565,11 @@ def import_lora(store: Any, adapter: str | os.PathLike, stance: str, *, base: An
             raise LoraError(f"{key}: shape {list(parsed.infos[key].shape)} differs from the base's "
                             f"{name} {list(base_src.infos[name].shape)}")
         replaced[name] = key
+    for name, key in parsed.base_copies.items():
+        copy, own = read_tensor(parsed.infos[key]), base_src.get(name)
+        if copy.shape != own.shape or not torch.equal(copy.to(own.dtype), own):
+            raise LoraError(f"{key} is not the base's {name}: the adapter was saved from another model "
+                            "(or a resized vocabulary), which import-lora does not read")
     if not deltas and not replaced:
         raise LoraError(f"{folder} holds no LoRA factors and no saved modules: nothing to import")
     overlap = sorted(set(deltas) & set(replaced))
