@@ -42,7 +42,7 @@ from .errors import (DeltastoreError, HubAccessDenied, HubConflict, HubError, Hu
                      VersionConflict)
 from .hashing import bytes_id, canonical_json, is_id, manifest_id
 from .models import TensorInfo, read_header, safe_relative, write_safetensors
-from .limits import load_json
+from .limits import load_json, read_bounded
 from .records import Version, check_manifest, parse_manifest
 
 INDEX_FILE = "deltastore.json"
@@ -558,8 +558,7 @@ def _read_at(path: Path, start: int, size: int) -> bytes:
 
 
 def _read_bounded(path: Path, limit: int, repo_id: str, revision: str | None, name: str) -> bytes:
-    with open(path, "rb") as f:
-        data = f.read(limit + 1)
+    data = read_bounded(path, limit)
     if len(data) > limit:
         raise PulledDataRejected(repo_id, revision, name, f"larger than {limit} bytes")
     return data

@@ -1,17 +1,19 @@
 """JSON from outside (safetensors headers, manifests, Hub indexes, shard indexes), parsed only
 once it is known to be small enough to parse.
 
-Pure: no disk. Python's parser turns a few bytes into tens of bytes of objects (`[{},{},...]`
+Python's parser turns a few bytes into tens of bytes of objects (`[{},{},...]`
 costs some 25 bytes per byte of text) and recurses once per level of nesting, so a hostile
 file can exhaust memory or the stack before any field is checked. Every reader of JSON from
 outside goes through `load_json`, which refuses, before parsing, text over a byte bound or
 holding more objects and lists than a file of that kind can, and turns every failure of the
-parser into the caller's error, never a `RecursionError`.
+parser into the caller's error, never a `RecursionError`. `read_bounded` reads such a file
+without allocating its bound up front (`f.read(n)` does).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Callable
 
 from .errors import DeltastoreError, UnsafeInput
@@ -44,6 +46,20 @@ def load_json(raw: bytes | str, what: str, *, max_bytes: int, max_containers: in
         raise error(f"{what} is nested too deeply to be JSON deltastore wrote") from None
     except (UnicodeDecodeError, ValueError) as e:
         raise error(f"{what} is not JSON ({str(e)[:120]})") from None
+
+
+def read_bounded(path: str | os.PathLike, limit: int) -> bytes:
+    """At most `limit + 1` bytes of a file (one more than allowed shows it is too large), in
+    chunks: memory follows the file's real size, not the bound."""
+    chunks, total = [], 0
+    with open(path, "rb") as f:
+        while total <= limit:
+            chunk = f.read(min(1 << 20, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    return b"".join(chunks)
 
 
 def shown(value: Any, limit: int = 80) -> str:

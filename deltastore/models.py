@@ -22,7 +22,7 @@ import torch
 
 from .errors import ModelFormatError, PickleRefused, UnsafeInput
 from .hashing import DTYPES, dtype_name
-from .limits import load_json, shown
+from .limits import load_json, read_bounded, shown
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_FILE = "model.safetensors.index.json"
@@ -162,8 +162,7 @@ def weight_files(path: Path) -> list[Path]:
     index = path / INDEX_FILE
     if index.is_file():
         try:
-            with open(index, "rb") as f:
-                raw = f.read(MAX_HEADER_BYTES + 1)
+            raw = read_bounded(index, MAX_HEADER_BYTES)
         except OSError as e:
             raise ModelFormatError(f"cannot read {index}: {e.strerror}") from None
         data = load_json(raw, str(index), max_bytes=MAX_HEADER_BYTES, error=ModelFormatError)

@@ -43,7 +43,7 @@ MAX_OBJECT_BYTES = 1 << 40
 # zstd's densest block (RLE: a 3-byte header and one byte) regenerates at most 128 KiB, so a
 # body of n bytes can never hold more than n * 2**15 bytes.
 MAX_ZSTD_RATIO = 1 << 15
-# The first buffer of a decompression; it doubles while frames keep producing data. Deltas
+# The first buffer of a decompression; it grows while frames keep producing data. Deltas
 # compress a few times at most, so one buffer is nearly always enough.
 FIRST_BUFFER = 16 << 20
 
@@ -213,8 +213,12 @@ def _bounded_decompress(object_id: str, body: memoryview, declared: int) -> byte
         with zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True) as reader:
             while filled < limit:
                 if filled == len(out):
-                    out.extend(bytes(min(limit, 2 * len(out)) - len(out)))
-                # A temporary view: the bytearray cannot grow while one is alive.
+                    # A fresh (lazily zeroed) buffer four times larger: the old one and the new
+                    # are all this holds, and a large payload is copied at most a few times.
+                    grown = bytearray(min(limit, 4 * len(out)))
+                    grown[:filled] = memoryview(out)[:filled]
+                    out = grown
+                # A temporary view: the bytearray cannot shrink at the end while one is alive.
                 got = reader.readinto(memoryview(out)[filled:])
                 if not got:
                     break
