@@ -328,7 +328,9 @@ class Store:
         check_stance_name(stance)
         if tag is not None and (not TAG_NAME.match(tag) or tag.isdigit()):
             raise UnsafeInput(f"tag {tag!r} is not allowed: letters, digits, '.', '_', '-', not all digits")
-        metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+        from .history import check_metadata
+
+        metadata = check_metadata({str(k): str(v) for k, v in (metadata or {}).items()})
         base_rec, given, registered = self._resolve_base(base)
         token = uuid.uuid4().hex
         try:
@@ -453,6 +455,16 @@ class Store:
                        e.base_tensor_id != tensors.get(e.name, {}).get("tensor_id"))
         if wrong:
             raise BaseMismatch(base.id, None, wrong, f"{v.ref}'s entries name other base tensors than this base's")
+        # Only a raw copy may give a tensor another shape or dtype than its base's: every other
+        # entry decodes onto the base tensor, so a shape it contradicts could never apply.
+        for e in v.tensors:
+            row = tensors.get(e.name)
+            if row is None or (e.encoding == "lossless" and e.params.get("mode") == "raw"):
+                continue
+            if e.dtype != row["dtype"] or list(e.shape) != json.loads(row["shape"]):
+                raise UnsafeInput(f"{v.ref}: tensor {e.name!r} is {e.dtype} {list(e.shape)[:8]} in the version but "
+                                  f"{row['dtype']} {row['shape']} in its base; only a raw lossless entry may "
+                                  "change a tensor's shape or dtype")
 
     def _ingest_conflict(self, v: Version, landing: dict[str, tuple[Version, dict]]) -> str | None:
         """None when `v` can land; its id when it is already here. Raises when its number is taken."""

@@ -338,3 +338,12 @@ def test_a_bad_metadata_file_is_refused_with_a_clear_message_and_nothing_stored(
         from deltastore.history import read_metadata_file
 
         read_metadata_file(bad)
+
+
+def test_bad_metadata_keys_are_refused(tmp_path, store) -> None:
+    pair = make_model(tmp_path)
+    for key in ("", "a=b", "x" * 129, "tab\there"):
+        with pytest.raises(MetadataError):
+            store.commit("curious", pair.ft, base=pair.base, metadata={key: "1"})
+    assert run(store, "commit", "curious", str(pair.ft), "--base", str(pair.base), "--meta", "=1").exit_code == 2
+    assert store.catalog.versions() == []
