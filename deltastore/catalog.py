@@ -269,8 +269,10 @@ class Catalog:
     def version_at(self, stance: str, number: int) -> dict | None:
         return self.one("SELECT * FROM versions WHERE stance = ? AND number = ?", [stance, number])
 
-    def versions(self, stance: str | None = None, *, where: dict[str, str] | None = None) -> list[dict]:
-        sql = "SELECT * FROM versions"
+    def versions(self, stance: str | None = None, *, where: dict[str, str] | None = None,
+                 columns: str = "*") -> list[dict]:
+        """Versions, newest first, of one stance or all, with the metadata `where` names."""
+        sql = f"SELECT {columns} FROM versions"
         clauses, params = [], []
         if stance is not None:
             clauses.append("stance = ?")
@@ -281,7 +283,9 @@ class Catalog:
         if clauses:
             sql += " WHERE " + " AND ".join(clauses)
         order = " ORDER BY number DESC" if stance is not None else " ORDER BY created DESC, number DESC"
-        return self.query(sql + order, params)
+        cursor = self.conn.execute(sql + order, params)
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row)) for row in cursor]
 
     def entries(self, version_id: str) -> list[dict]:
         return self.query("SELECT * FROM entries WHERE version_id = ? ORDER BY name", [version_id])
@@ -333,21 +337,8 @@ class Catalog:
 
     def version_summaries(self, stance: str | None = None, *, where: dict[str, str] | None = None) -> list[dict]:
         """What `versions` returns, without the manifests (the bulk of a version's row)."""
-        sql = ("SELECT id, stance, number, parent, base_id, encoding, message, created, tensors, bytes "
-               "FROM versions")
-        clauses, params = [], []
-        if stance is not None:
-            clauses.append("stance = ?")
-            params.append(stance)
-        for key, value in (where or {}).items():
-            clauses.append("id IN (SELECT version_id FROM metadata WHERE key = ? AND value = ?)")
-            params += [key, value]
-        if clauses:
-            sql += " WHERE " + " AND ".join(clauses)
-        order = " ORDER BY number DESC" if stance is not None else " ORDER BY created DESC, number DESC"
-        cursor = self.conn.execute(sql + order, params)
-        columns = [d[0] for d in cursor.description]
-        return [dict(zip(columns, row)) for row in cursor]
+        return self.versions(stance, where=where, columns="id, stance, number, parent, base_id, encoding, "
+                                                          "message, created, tensors, bytes")
 
     def metadata_by_version(self, version_ids: list[str] | None = None) -> dict[str, dict[str, str]]:
         """version id -> its metadata, for the given versions (None: every version)."""
