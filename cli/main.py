@@ -628,17 +628,34 @@ def compare_command(base: str, model: str, encodings_text: str, ranks_text: str,
 @click.option("--value", type=click.Choice(["rel_change", "energy", "energy_share", "rank90", "rank99"]),
               default="rel_change", show_default=True, help="What the heatmap shows.")
 @click.option("--all", "show_all", is_flag=True, help="List unchanged (layer, module) cells too.")
+@click.option("--spectrum", metavar="NAME",
+              help="Instead: the singular values of one tensor in the base, in each ref and of each delta "
+                   "(--plot draws them).")
 @click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
 @json_option
 @with_store
 def analyze(store: Store, refs: tuple[str, ...], plot: str | None, value: str, show_all: bool,
-            base_path: str | None, as_json: bool) -> None:
+            spectrum: str | None, base_path: str | None, as_json: bool) -> None:
     """Which layers and modules each version changed, and how: per layer and module kind, the
     relative change ||dW||/||W||, the share of the squared delta, the effective rank (the rank
     holding 90% and 99% of the delta's energy) and the top singular values. dW is what apply
     produces minus the base, so versions of any encoding compare."""
     from deltastore.compare import analyze as run_analyze, analyze_plot
 
+    if spectrum:
+        from deltastore.compare import spectra, spectrum_plot
+
+        found = spectra(store, list(refs), spectrum, base_weights=base_path)
+        if plot:
+            spectrum_plot(found, plot)
+        if as_json:
+            return emit_json({"spectra": to_jsonable(found), "plot": plot})
+        click.echo(f"singular values of {spectrum} (largest 5)")
+        table([["base", *(f"{x:.4g}" for x in found[0].base[:5])]]
+              + [[f"{s.ref}", *(f"{x:.4g}" for x in s.tuned[:5])] for s in found]
+              + [[f"{s.ref} delta", *(f"{x:.4g}" for x in s.delta[:5])] for s in found],
+              ["", "1", "2", "3", "4", "5"])
+        return click.echo(f"wrote {plot}") if plot else None
     with progress("analyzing", enabled=not as_json) as cb:
         results = run_analyze(store, list(refs), base_weights=base_path, progress=cb)
     if plot:

@@ -58,6 +58,9 @@ __all__ = [
     "compare",
     "parse_select",
     "plot",
+    "spectra",
+    "spectrum_plot",
+    "Spectra",
 ]
 
 DEFAULT_ENCODINGS: tuple[str, ...] = ("lossless", "int8", "int4", "nf4", "fp4", "1bit")
@@ -679,6 +682,65 @@ def analyze_plot(analyses: Sequence[RefAnalysis], path: str | os.PathLike, *, va
         label = a.ref if a.ref not in panels else f"{a.ref} ({a.version_id[3:11]})"
         panels[label] = a.changes
     return heatmap(panels, path, value=value, title=f"relative change ||dW||/||W|| per layer and module")
+
+
+@dataclass(frozen=True)
+class Spectra:
+    """The singular values, descending, of one 2-D tensor of the base, of what a version applies,
+    and of their difference."""
+
+    ref: str
+    name: str
+    base: tuple[float, ...]
+    tuned: tuple[float, ...]
+    delta: tuple[float, ...]
+
+
+def spectra(store: Any, refs: Sequence[str], name: str, *, base_weights: Any = None) -> list[Spectra]:
+    """``Spectra`` of tensor ``name`` for each ref (the seeds' "can we see what shifted?")."""
+    out = []
+    for ref in refs:
+        version = store.resolve(ref)
+        source = store.base_source(store.base(version.base_id), base_weights)
+        infos, tensor = store.materialize(version, base_weights=source)
+        if name not in infos:
+            close = [n for n in infos if name in n][:3]
+            raise CompareError(f"{version.ref} has no tensor {name!r}" + (f"; did you mean {', '.join(close)}?"
+                                                                          if close else ""))
+        b, t = source.get(name), tensor(name)
+        if b.dim() != 2 or t.shape != b.shape or not b.is_floating_point():
+            raise CompareError(f"{name} is not a floating-point matrix of one shape in base and {version.ref}: "
+                               "it has no spectrum")
+        b32, t32 = b.to(torch.float32), t.to(torch.float32)
+        out.append(Spectra(version.ref, name, tuple(singular_values(b32).tolist()),
+                           tuple(singular_values(t32).tolist()), tuple(singular_values(t32 - b32).tolist())))
+    return out
+
+
+def spectrum_plot(spectra_: Sequence[Spectra], path: str | os.PathLike) -> Path:
+    """Two panels: the spectra of the base and of each ref's tensor (left), of each delta (right)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2)
+    first = spectra_[0]
+    left.plot(range(1, len(first.base) + 1), first.base, color="black", linewidth=2.2, label="base")
+    for s in spectra_:
+        left.plot(range(1, len(s.tuned) + 1), s.tuned, linewidth=1, linestyle="--", label=s.ref)
+        right.plot(range(1, len(s.delta) + 1), [max(v, 1e-30) for v in s.delta], linewidth=1.2, label=s.ref)
+    for ax, title in ((left, "weights W (base) and W + dW"), (right, "delta dW")):
+        ax.set_yscale("log")
+        ax.set_xlabel("index i")
+        ax.set_ylabel("singular value")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, alpha=0.25)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"singular values of {first.name}", fontsize=11)
+    out = Path(path)
+    fig.savefig(out, format="png", dpi=120)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -94,3 +94,27 @@ def test_a_dense_fine_tune_changes_every_cell(tmp_path):
     assert sum(row.energy_share for row in a.rows) == pytest.approx(1.0)
     norms = [row for row in a.rows if row.module == "norm"]
     assert norms and all(row.rank90 is None for row in norms)
+
+
+def test_spectrum_of_one_tensor(tmp_path, surgical):
+    root, _, _ = surgical
+    runner = CliRunner()
+    name = "model.layers.1.self_attn.v_proj.weight"
+    png = tmp_path / "spectrum.png"
+    result = runner.invoke(cli, ["--store", str(root), "analyze", "surgical@1", "surgical@2", "--spectrum", name,
+                                 "--plot", str(png), "--json"])
+    assert result.exit_code == 0, result.output
+    spectra = json.loads(result.stdout)["spectra"]
+    assert [s["ref"] for s in spectra] == ["surgical@1", "surgical@2"]
+    for s in spectra:
+        assert len(s["base"]) == len(s["tuned"]) == len(s["delta"]) == 16
+        assert s["delta"][0] > 0 and s["delta"] == sorted(s["delta"], reverse=True)
+    assert spectra[0]["base"] == spectra[1]["base"] and png.read_bytes()[:4] == b"\x89PNG"
+    # An unchanged tensor's delta has no spectrum above zero.
+    other = runner.invoke(cli, ["--store", str(root), "analyze", "surgical@1", "--spectrum",
+                                "model.layers.0.self_attn.q_proj.weight", "--json"])
+    assert max(json.loads(other.stdout)["spectra"][0]["delta"]) == 0.0
+    missing = runner.invoke(cli, ["--store", str(root), "analyze", "surgical@1", "--spectrum", "v_proj"])
+    assert missing.exit_code == 1 and "did you mean" in missing.output
+    norm = runner.invoke(cli, ["--store", str(root), "analyze", "surgical@1", "--spectrum", "model.norm.weight"])
+    assert norm.exit_code == 1 and "no spectrum" in norm.output
