@@ -557,9 +557,9 @@ def _read_at(path: Path, start: int, size: int) -> bytes:
     return bytes(buf)
 
 
-def _read_bounded(path: Path, limit: int, repo_id: str, revision: str | None, name: str) -> bytes:
+def _read_bounded(path: Path, limit: int, repo_id: str, revision: str | None, name: str) -> bytearray:
     data = read_bounded(path, limit)
-    if len(data) > limit:
+    if data is None:
         raise PulledDataRejected(repo_id, revision, name, f"larger than {limit} bytes")
     return data
 

@@ -48,18 +48,21 @@ def load_json(raw: bytes | str, what: str, *, max_bytes: int, max_containers: in
         raise error(f"{what} is not JSON ({str(e)[:120]})") from None
 
 
-def read_bounded(path: str | os.PathLike, limit: int) -> bytes:
-    """At most `limit + 1` bytes of a file (one more than allowed shows it is too large), in
-    chunks: memory follows the file's real size, not the bound."""
-    chunks, total = [], 0
+def read_bounded(path: str | os.PathLike, limit: int) -> bytearray | None:
+    """A file's bytes, or None when it holds more than `limit`. A file larger than that when
+    opened is not read at all, and the rest is read in chunks, stopping one byte past the
+    limit (a file that grows while read): memory follows the file's real size, never the
+    bound (`f.read(n)` allocates all n bytes first)."""
+    buf = bytearray()
     with open(path, "rb") as f:
-        while total <= limit:
-            chunk = f.read(min(1 << 20, limit + 1 - total))
+        if os.fstat(f.fileno()).st_size > limit:
+            return None
+        while len(buf) <= limit:
+            chunk = f.read(min(1 << 20, limit + 1 - len(buf)))
             if not chunk:
                 break
-            chunks.append(chunk)
-            total += len(chunk)
-    return b"".join(chunks)
+            buf += chunk
+    return buf if len(buf) <= limit else None
 
 
 def shown(value: Any, limit: int = 80) -> str:

@@ -27,8 +27,15 @@ from .limits import load_json, read_bounded, shown
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 << 20
+# A header entry is an object and two lists; a Hub payload file of the largest manifest holds
+# a few hundred thousand tensors. A header of more is refused before it is parsed.
+MAX_FILE_TENSORS = 1 << 19
+# A shard index names each tensor once, in ~80 bytes: 16 MiB is some 200,000 tensors.
+MAX_INDEX_BYTES = 16 << 20
 MAX_NAME_LEN = 1024
 MAX_DIMS = 64
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 _ITEMSIZE = {name: torch.empty(0, dtype=dt).element_size() for name, dt in DTYPES.items()}
 # Files that make up a model folder's weights; everything else (config, tokenizer) is copied.
 WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|pkl)$|^model\.safetensors\.index\.json$|.*\.bin\.index\.json$")
@@ -38,8 +45,10 @@ def check_name(name: str) -> str:
     """Tensor and file names come from outside: refuse anything that could escape a folder."""
     if not name or len(name) > MAX_NAME_LEN:
         raise UnsafeInput(f"tensor name of {len(name)} characters; names must be 1 to {MAX_NAME_LEN}")
-    if "/" in name or "\\" in name or ".." in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+    if "/" in name or "\\" in name or ".." in name or _CONTROL.search(name):
         raise UnsafeInput(f"tensor name {name[:80]!r} has a path separator, '..' or a control character")
+    if _SURROGATE.search(name):  # JSON's \udc80 escapes decode to text that is not UTF-8
+        raise UnsafeInput(f"tensor name {name[:80]!r} is not valid Unicode (a lone surrogate)")
     return name
 
 
@@ -75,7 +84,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]
             raw = f.read(n)
     except OSError as e:
         raise ModelFormatError(f"cannot read {path}: {e.strerror}") from None
-    header = load_json(raw, "its header", max_bytes=MAX_HEADER_BYTES,
+    header = load_json(raw, "its header", max_bytes=MAX_HEADER_BYTES, max_containers=3 * MAX_FILE_TENSORS + 64,
                        error=lambda why: ModelFormatError(f"{path} is not a safetensors file: {why}"))
     if not isinstance(header, dict):
         raise ModelFormatError(f"{path} is not a safetensors file: its header is not an object")
@@ -162,10 +171,12 @@ def weight_files(path: Path) -> list[Path]:
     index = path / INDEX_FILE
     if index.is_file():
         try:
-            raw = read_bounded(index, MAX_HEADER_BYTES)
+            raw = read_bounded(index, MAX_INDEX_BYTES)
         except OSError as e:
             raise ModelFormatError(f"cannot read {index}: {e.strerror}") from None
-        data = load_json(raw, str(index), max_bytes=MAX_HEADER_BYTES, error=ModelFormatError)
+        if raw is None:
+            raise ModelFormatError(f"{index} is larger than {MAX_INDEX_BYTES} bytes; it is not a safetensors index")
+        data = load_json(raw, str(index), max_bytes=MAX_INDEX_BYTES, error=ModelFormatError)
         try:
             weight_map = data["weight_map"]
             names = sorted(set(weight_map.values()))

@@ -1,0 +1,266 @@
+"""Hostile input at the limits: each case is refused with an error of its own type and message,
+quickly, in bounded memory (under 100 MB above where it started), and leaves the store as it
+was. The cases: a header that declares 10^12 elements, a zstd frame that expands past its
+declared size, a manifest of a million entries, and tensor names that are 100 kB long or hold
+path separators, '..', NUL or control characters."""
+
+from __future__ import annotations
+
+import json
+import resource
+import struct
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import torch
+import zstandard
+
+from deltastore import CorruptObject, DeltastoreError, ModelFormatError, Store, UnsafeInput
+from deltastore.hashing import canonical_json
+from deltastore.objects import HEADER, MAGIC, ZSTD
+from deltastore.records import MAX_TENSORS, check_manifest, parse_manifest
+
+from helpers import store_snapshot
+
+MB = 1 << 20
+LIMIT = 100 * MB
+
+
+def max_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def hostile(store: Store, error: type[DeltastoreError], match: str, call, *args, seconds: float = 10, **kwargs):
+    """`call` must raise `error` with `match` in its one-line message, within `seconds`, without
+    allocating more than LIMIT (Python and numpy by tracemalloc; the process's peak RSS must not
+    grow by more either), and leave the store's files and rows as they were."""
+    before = store_snapshot(store.root)
+    rss = max_rss()
+    tracemalloc.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(error) as e:
+            call(*args, **kwargs)
+        elapsed = time.monotonic() - start
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    message = str(e.value)
+    assert match in message, message
+    assert isinstance(e.value, DeltastoreError) and "\n" not in message
+    assert peak < LIMIT, f"allocated {peak} bytes"
+    assert max_rss() - rss < LIMIT, f"the peak RSS grew by {max_rss() - rss} bytes"
+    assert elapsed < seconds, f"took {elapsed:.1f} s"
+    assert store_snapshot(store.root) == before
+    return e.value
+
+
+def base_state() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"embed.weight": torch.randn(64, 32, generator=g), "norm.weight": torch.randn(32, generator=g),
+            "head.weight": torch.randn(64, 32, generator=g)}
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A store with a base (a file on disk) and one lossless version of a fine-tune of it."""
+    base = base_state()
+    from safetensors.torch import save_file
+
+    save_file(base, tmp_path / "base.safetensors")
+    ft = {k: v + 0.01 for k, v in base.items()}
+    with Store.init(tmp_path / "store") as s:
+        s.add_base(tmp_path / "base.safetensors", name="base")
+        s.commit("stance", ft, base="base")
+        yield s
+
+
+def safetensors_file(path: Path, header: dict, data: bytes = b"") -> Path:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+def object_of(store: Store, name: str):
+    """The object holding tensor `name`'s delta in the stance's version."""
+    (o,) = store.resolve("stance").entry(name).objects.values()
+    return o
+
+
+# -- a header that declares 10^12 elements ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("offsets", [[0, 4], [0, 4 * 10**12]], ids=["short-data", "declared-data"])
+def test_a_safetensors_header_declaring_a_trillion_elements(store, tmp_path, offsets):
+    f = safetensors_file(tmp_path / "huge.safetensors",
+                         {"embed.weight": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": offsets}},
+                         b"\0" * 4)
+    hostile(store, ModelFormatError, "needs 4000000000000 bytes", store.add_base, f)
+    hostile(store, ModelFormatError, "needs 4000000000000 bytes", store.commit, "stance", f, base="base")
+
+
+def test_an_object_declaring_a_trillion_bytes(store, tmp_path):
+    o = object_of(store, "embed.weight")
+    path = store.objects.path(o.id)
+    body = zstandard.ZstdCompressor().compress(b"\0" * 1000)
+    path.write_bytes(HEADER.pack(MAGIC, 1, ZSTD, 0, 10**12) + body)
+    hostile(store, CorruptObject, f"declares 1000000000000 bytes, expected {o.size}",
+            store.export, "stance", tmp_path / "out")
+    # Read with no expected size (as fsck and gc may): refused from the header alone.
+    hostile(store, CorruptObject, "impossible size", store.objects.get, o.id)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pulled_manifest_declaring_a_trillion_elements(store):
+    m = store.resolve("stance").manifest()
+    m["tensors"][0]["shape"] = [10**6, 10**6]
+    hostile(store, UnsafeInput, "is more than 1099511627776 bytes", store.ingest, [m], _no_payloads)
+    # int8 fits the byte bound: the base says what shape the tensor has.
+    m["tensors"][0]["dtype"] = "I8"
+    hostile(store, UnsafeInput, "only a raw lossless entry may change a tensor's shape", store.ingest, [m],
+            _no_payloads)
+
+
+def _no_payloads(object_id: str, size: int) -> bytes:
+    raise AssertionError("a refused manifest must be refused before its payloads are read")
+
+
+# -- a zstd frame that expands past its declared size -------------------------------------------------
+
+
+def zstd_bomb(expands_to: int) -> bytes:
+    """Frames of zeros: some 40 kB of zstd per GiB."""
+    frame = zstandard.ZstdCompressor(level=3).compress(bytes(64 * MB))
+    return frame * (expands_to // (64 * MB))
+
+
+@pytest.fixture(scope="module")
+def bomb() -> bytes:
+    return zstd_bomb(1 << 30)
+
+
+def test_a_zstd_frame_expanding_far_past_its_declared_size(store, tmp_path, bomb):
+    o = object_of(store, "embed.weight")
+    store.objects.path(o.id).write_bytes(HEADER.pack(MAGIC, 1, ZSTD, 0, o.size) + bomb)
+    # A GiB behind a header that declares the object's real size: refused once one byte more
+    # than declared has come out.
+    hostile(store, CorruptObject, f"decompresses to more bytes, header declares {o.size}",
+            store.export, "stance", tmp_path / "out", seconds=5)
+    report = store.fsck(read_data=True)
+    assert [p.kind for p in report.problems if p.subject == o.id] == ["corrupt-object"]
+
+
+def test_a_zstd_frame_declaring_more_than_zstd_can_hold(store, bomb):
+    o = object_of(store, "embed.weight")
+    path = store.objects.path(o.id)
+    # 1 GiB of output needs some 32 kB of zstd at the very least; 10^12 bytes needs 30 MB.
+    path.write_bytes(HEADER.pack(MAGIC, 1, ZSTD, 0, 10**12) + bomb)
+    hostile(store, CorruptObject, "impossible size", store.objects.get, o.id)
+
+
+# -- a manifest of a million entries -----------------------------------------------------------------
+
+
+def manifest_head(store: Store) -> dict:
+    m = store.resolve("stance").manifest()
+    m["tensors"] = []
+    return m
+
+
+def test_a_manifest_text_of_a_million_entries_is_refused_before_parsing(store):
+    head = canonical_json(manifest_head(store))
+    # The same entry a million times over: it is refused before it could matter that the names repeat.
+    entries = b",".join([b'{"name":"layers.0.weight"}'] * 1_000_000)
+    text = head.replace(b'"tensors":[]', b'"tensors":[' + entries + b"]")
+    hostile(store, UnsafeInput, "JSON objects and lists, more than the", parse_manifest, text, seconds=5)
+
+
+def test_a_parsed_manifest_of_a_million_entries_is_refused_before_its_entries_are_read(store):
+    m = manifest_head(store)
+    entry = store.resolve("stance").manifest()["tensors"][0]
+    m["tensors"] = [entry] * 1_000_000  # one entry a million times: cheap to build, not to check
+    hostile(store, UnsafeInput, f"1000000 tensor entries, more than the {MAX_TENSORS} allowed",
+            check_manifest, m, seconds=5)
+    hostile(store, UnsafeInput, f"more than the {MAX_TENSORS} allowed", store.ingest, [m], _no_payloads, seconds=5)
+
+
+def test_a_pulled_manifest_file_of_a_million_entries_is_not_read(store, tmp_path):
+    from deltastore import hub
+    from deltastore.errors import PulledDataRejected
+
+    entry = canonical_json(store.resolve("stance").manifest()["tensors"][0])
+    path = tmp_path / "v1.json"
+    with open(path, "wb") as f:
+        f.write(b'{"tensors":[' + entry)
+        # A million entries, as a sparse file: what it holds past the bound is never read.
+        f.truncate(len(entry) * 1_000_000)
+    hostile(store, PulledDataRejected, "larger than 67108864 bytes", hub._read_bounded, path, hub.MAX_MANIFEST_BYTES,
+            "user/repo", None, "stance/v1.json")
+
+
+def test_a_safetensors_header_of_a_million_tensors_is_refused_before_parsing(store, tmp_path):
+    entry = b'"t":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'
+    raw = b"{" + b",".join([entry] * 1_000_000) + b"}"
+    f = tmp_path / "many.safetensors"
+    f.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(4))
+    del raw
+    hostile(store, ModelFormatError, "JSON objects and lists, more than the", store.add_base, f)
+
+
+def test_a_shard_index_of_a_million_tensors_is_refused_before_parsing(store, tmp_path):
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    entry = b'"model.layers.0.weight":"model-00001-of-00002.safetensors"'
+    (folder / "model.safetensors.index.json").write_bytes(b'{"weight_map":{' + b",".join([entry] * 1_000_000) + b"}}")
+    hostile(store, ModelFormatError, "is larger than 16777216 bytes", store.add_base, folder)
+
+
+# -- names that could escape a folder -----------------------------------------------------------------
+
+BAD_NAMES = {
+    "100kB": "w" * 100_000, "slash": "a/b.weight", "backslash": "a\\b.weight", "dotdot": "..",
+    "dotdot-inside": "a..b.weight", "nul": "a\x00b", "newline": "a\nb", "escape": "a\x1b[2Jb", "del": "a\x7f",
+    "c1": "a\x85b", "surrogate": "a\udc80b",
+}
+
+
+def name_error(name: str) -> str:
+    return "names must be 1 to 1024" if len(name) > 1024 else \
+        "lone surrogate" if "\udc80" in name else "path separator, '..' or a control character"
+
+
+@pytest.mark.parametrize("kind", list(BAD_NAMES))
+def test_a_bad_tensor_name_in_a_safetensors_file(store, tmp_path, kind):
+    name = BAD_NAMES[kind]
+    f = safetensors_file(tmp_path / "bad.safetensors",
+                         {name: {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(8))
+    hostile(store, UnsafeInput, name_error(name), store.add_base, f)
+    hostile(store, UnsafeInput, name_error(name), store.commit, "stance", f, base="base")
+
+
+@pytest.mark.parametrize("kind", list(BAD_NAMES))
+def test_a_bad_tensor_name_in_a_state_dict(store, kind):
+    name = BAD_NAMES[kind]
+    hostile(store, UnsafeInput, name_error(name), store.add_base, {name: torch.zeros(2)})
+
+
+@pytest.mark.parametrize("kind", list(BAD_NAMES))
+def test_a_bad_tensor_or_part_name_in_a_pulled_manifest(store, kind):
+    name = BAD_NAMES[kind]
+    m = store.resolve("stance").manifest()
+    m["tensors"][0]["name"] = name
+    hostile(store, UnsafeInput, name_error(name), store.ingest, [m], _no_payloads)
+    m = store.resolve("stance").manifest()
+    objects = m["tensors"][0]["objects"]
+    objects[name] = objects.pop(next(iter(objects)))
+    hostile(store, UnsafeInput, name_error(name), store.ingest, [m], _no_payloads)
+
+
+@pytest.mark.parametrize("shard", ["../model.safetensors", "/etc/model.safetensors", "a\\b.safetensors", "x\x00.safetensors"])
+def test_a_shard_index_naming_a_file_outside_its_folder(store, tmp_path, shard):
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"embed.weight": shard}}))
+    hostile(store, UnsafeInput, "path separator, '..' or a control character", store.add_base, folder)
