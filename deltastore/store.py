@@ -345,8 +345,13 @@ class Store:
                 raise NothingToCommit("the model has no tensors")
             version = self._land(stance, base_rec, built, encoding, message, metadata, tag, token)
         except BaseException:
+            # A commit that fails changes nothing: not the objects it wrote for the tensors it
+            # stored before the failure (those nothing else uses), not the base it registered.
+            written = [r["object_id"] for r in self.catalog.query("SELECT object_id FROM pending WHERE token = ?",
+                                                                  [token])]
+            self.catalog.drop_pending(token)
+            self._remove_unreferenced(written)
             if registered:
-                # A commit that fails changes nothing, not even the base it registered on its way.
                 self.catalog.drop_base_if_unused(base_rec.id)
             raise
         finally:
@@ -479,7 +484,7 @@ class Store:
         return None
 
     def _remove_unreferenced(self, object_ids: list[str]) -> None:
-        """Undo the objects a failed ingest wrote, sparing any that something else now uses."""
+        """Undo the objects a failed commit or ingest wrote, sparing any that something else now uses."""
         for oid in object_ids:
             # Inside a write transaction, so no commit can start re-using it in between.
             with self.catalog.transaction():
