@@ -138,13 +138,38 @@ def now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _open_readonly(path: Path) -> sqlite3.Connection:
+    """A read-only connection. In WAL mode even a reader needs the -shm file, which a folder
+    this process cannot write to cannot get; there, when no write-ahead log is left to read,
+    the database is opened as immutable (nothing can change it while its folder is read-only)."""
+    def connect(query: str) -> sqlite3.Connection:
+        return sqlite3.connect(f"{path.absolute().as_uri()}?{query}", uri=True, timeout=BUSY_TIMEOUT_S,
+                               isolation_level=None, check_same_thread=False)
+
+    conn = connect("mode=ro")
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        conn.close()
+        if os.access(path.parent, os.W_OK):
+            raise
+    wal = Path(f"{path}-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        from .errors import ReadOnlyStore
+
+        raise ReadOnlyStore(str(path.parent), detail="its catalog has a write-ahead log that was never "
+                            "checkpointed, which a read-only folder cannot replay; open the store once "
+                            "with write access")
+    return connect("mode=ro&immutable=1")
+
+
 class Catalog:
     def __init__(self, path: Path, *, readonly: bool = False):
         self.path = Path(path)
         self.readonly = readonly
         if readonly:
-            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S,
-                                   isolation_level=None, check_same_thread=False)
+            conn = _open_readonly(self.path)
         else:
             # Autocommit mode: transactions are explicit (`transaction()`), so none is ever
             # left open by accident between statements.

@@ -27,9 +27,9 @@ class StoreExists(DeltastoreError, FileExistsError):
 
 
 class ReadOnlyStore(DeltastoreError, PermissionError):
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, detail: str | None = None):
         self.path = path
-        super().__init__(f"the store at {path} is read-only; writes need write access to it")
+        super().__init__(f"the store at {path} is read-only; " + (detail or "writes need write access to it"))
 
 
 class ModelFormatError(DeltastoreError, ValueError):

@@ -573,6 +573,8 @@ class Store:
     def fsck(self, *, read_data: bool = False, repair: bool = False):
         from .maintenance import fsck
 
+        if repair:
+            self._writable()
         return fsck(self, read_data=read_data, repair=repair)
 
     def gc_plan(self):

@@ -264,3 +264,135 @@ def test_a_shard_index_naming_a_file_outside_its_folder(store, tmp_path, shard):
     folder.mkdir()
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"embed.weight": shard}}))
     hostile(store, UnsafeInput, "path separator, '..' or a control character", store.add_base, folder)
+
+
+# -- a store on a read-only folder, and stores side by side ----------------------------------------------
+
+READ_ONLY_SCRIPT = r"""
+import json, sys
+from click.testing import CliRunner
+from cli.main import cli
+
+store, out, target, model = sys.argv[1:5]
+runs = {
+    "log": ["log", "--json"], "stances": ["stances", "--json"], "show": ["show", "stance", "--json"],
+    "stats": ["stats", "--json"], "fsck": ["fsck", "--read-data", "--json"], "base list": ["base", "list", "--json"],
+    "diff": ["diff", "stance@1", "stance@2", "--json"], "gc dry-run": ["gc", "--dry-run", "--json"],
+    "export": ["export", "stance@1", "--out", out, "--json"],
+    "commit": ["commit", "stance", model, "--base", "base"], "tag": ["tag", "stance", "t"],
+    "gc": ["gc"], "base add": ["base", "add", model], "apply": ["apply", "stance", target],
+    "revert": ["revert", target], "fsck --repair": ["fsck", "--repair"],
+    "stance delete": ["stance", "delete", "stance"],
+}
+results = {}
+for name, args in runs.items():
+    r = CliRunner().invoke(cli, ["--store", store, *args])
+    results[name] = [r.exit_code, r.stdout, r.stderr]
+print(json.dumps(results))
+"""
+
+
+def _drop_file_capabilities() -> None:
+    """As root, permissions bind only without these: drop them (from the bounding set, which
+    the exec'd interpreter's capabilities are cut to) so that a read-only folder is one."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2, 3):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def test_a_store_on_a_read_only_folder_reads_and_refuses_writes(store, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    base = base_state()
+    ft2 = {k: v - 0.01 for k, v in base.items()}
+    save_file(ft2, tmp_path / "ft2.safetensors")
+    store.commit("stance", tmp_path / "ft2.safetensors", base="base")
+    target = tmp_path / "target.safetensors"
+    target.write_bytes((tmp_path / "base.safetensors").read_bytes())
+    store.close()
+    before = store_snapshot(store.root)
+    files = sorted(p for p in store.root.rglob("*"))
+    for p in files + [store.root]:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    try:
+        r = subprocess.run([sys.executable, "-c", READ_ONLY_SCRIPT, str(store.root), str(tmp_path / "out"),
+                            str(target), str(tmp_path / "ft2.safetensors")],
+                           capture_output=True, text=True, cwd=tmp_path,
+                           preexec_fn=_drop_file_capabilities if os.geteuid() == 0 else None)
+    finally:
+        for p in files + [store.root]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+    assert r.returncode == 0, r.stderr
+    results = json.loads(r.stdout)
+    for name in ("log", "stances", "show", "stats", "fsck", "base list", "diff", "gc dry-run", "export"):
+        code, out, err = results[name]
+        assert code == 0, f"{name}: {err}"
+        json.loads(out)
+    assert [v["number"] for v in json.loads(results["log"][1])] == [2, 1]
+    assert json.loads(results["fsck"][1])["ok"]
+    assert list((tmp_path / "out").glob("*.safetensors"))
+    for name in ("commit", "tag", "gc", "base add", "apply", "revert", "fsck --repair", "stance delete"):
+        code, out, err = results[name]
+        assert code == 1, f"{name} exited {code}: {out} {err}"
+        assert err.count("\n") == 1 and "is read-only" in err and "Traceback" not in err, f"{name}: {err}"
+    assert store_snapshot(store.root) == before
+    assert target.read_bytes() == (tmp_path / "base.safetensors").read_bytes()
+
+
+def test_two_stores_never_share_temporary_files(tmp_path, monkeypatch):
+    """Two handles on one store and a third store elsewhere commit the same fine-tune at once:
+    every object goes through a temporary file of its own, in its own store's tmp/."""
+    import os
+    import threading
+
+    import deltastore.objects as objects_module
+
+    renames: list[tuple[Path, Path]] = []
+    lock = threading.Lock()
+    real_replace = os.replace
+
+    def recording_replace(src, dst, *args, **kwargs):
+        if str(src).endswith(".tmp"):
+            with lock:
+                renames.append((Path(src), Path(dst)))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(objects_module.os, "replace", recording_replace)
+    base = base_state()
+    ft = {k: v + 0.5 for k, v in base.items()}
+    roots = [tmp_path / "a", tmp_path / "a", tmp_path / "b"]
+    for root in {r for r in roots}:
+        with Store.init(root) as s:
+            s.add_base(base, name="base")
+    stores = [Store.open(r) for r in roots]
+    errors = []
+
+    def commit(s: Store, k: int) -> None:
+        try:
+            s.commit(f"stance{k}", ft, base="base", base_weights=base, encoding="int8")
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=commit, args=(s, k)) for k, s in enumerate(stores)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    temporaries = [src for src, _ in renames]
+    assert temporaries and len(set(temporaries)) == len(temporaries)
+    for src, dst in renames:
+        # objects/ab/cdef... and tmp/<pid>-<random>.tmp of the same store
+        assert src.parent.name == "tmp" and src.parent.parent == dst.parent.parent.parent
+        assert src.name.startswith(f"{os.getpid()}-")
+    for s in stores:
+        assert not list((s.root / "tmp").iterdir())
+        assert s.fsck().ok
+        s.close()
