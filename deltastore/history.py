@@ -215,6 +215,9 @@ def read_metadata_file(path: str | Path) -> dict[str, str]:
         raise MetadataError(f"metadata file {path} is not valid JSON ({e.msg} at line {e.lineno}, "
                             f"column {e.colno}); write a flat object such as "
                             '{"learning_rate": 1e-4, "epochs": 3}') from None
+    except RecursionError:
+        raise MetadataError(f"metadata file {path} is nested too deeply; write a flat object such as "
+                            '{"learning_rate": 1e-4, "epochs": 3}') from None
     if not isinstance(value, dict):
         raise MetadataError(f"metadata file {path} holds {_json_type(value)}, not a JSON object; write a flat "
                             'object such as {"learning_rate": 1e-4, "epochs": 3}')

@@ -395,8 +395,8 @@ def _read_config(folder: Path) -> dict[str, Any]:
         raise UnsafeInput(f"{path} has {size} bytes; an adapter config of at most {MAX_CONFIG_BYTES} is read")
     try:
         config = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise LoraError(f"{path} is not JSON: {e}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # a megabyte of '[' recurses out
+        raise LoraError(f"{path} is not JSON: {str(e)[:120]}") from None
     if not isinstance(config, dict):
         raise LoraError(f"{path} must hold a JSON object")
     if config.get("peft_type", "LORA") != "LORA":

@@ -94,8 +94,8 @@ class Store:
         if not marker.is_file():
             raise StoreNotFound(str(root))
         try:
-            fmt = json.loads(marker.read_text()).get("format")
-        except ValueError:
+            fmt = json.loads(marker.read_bytes()[:4096]).get("format")
+        except (ValueError, AttributeError, RecursionError):  # not JSON, not an object
             fmt = None
         if fmt != STORE_FORMAT:
             raise DeltastoreError(f"{root} is a store of format {fmt!r}; this deltastore reads {STORE_FORMAT!r}")
