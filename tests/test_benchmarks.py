@@ -1,0 +1,60 @@
+"""The benchmark script runs end to end on the tiny model and reports every figure (its
+timings are not checked: they depend on the machine)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RUN = Path(__file__).resolve().parent / "benchmarks" / "run.py"
+
+pytest.importorskip("peft")
+pytest.importorskip("zipnn")
+pytest.importorskip("transformers")
+pytest.importorskip("bitsandbytes")
+
+TIMING = {"min", "median", "max", "runs"}
+
+
+def _timing(t):
+    assert TIMING <= set(t) and t["runs"] == 1 and 0 <= t["min"] <= t["median"] <= t["max"]
+
+
+def test_tiny_run_reports_every_figure():
+    out = subprocess.run([sys.executable, str(RUN), "--model", "tiny", "--runs", "1", "--json"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout)
+
+    store = r["store"]
+    assert set(store["encodings"]) == {"lossless", "int8", "int4", "nf4", "1bit", "lowrank:32"}
+    for e in store["encodings"].values():
+        assert e["bytes"] > 0 and 0 < e["fraction"]
+        _timing(e["commit_s"])
+    assert set(store["peers"]) == {"save_file", "zstd", "zipnn", "peft_lora", "export_lora"}
+    for p in store["peers"].values():
+        assert p["bytes"] > 0
+    for name in ("save_file", "zstd", "zipnn"):
+        _timing(store["peers"][name]["s"])
+
+    switch = r["switch"]
+    assert set(switch["apply"]) == set(switch["revert"]) == {"lossless", "int4", "surgical"}
+    for t in [*switch["apply"].values(), *switch["revert"].values(), switch["load_model_fine_tune"],
+              switch["load_model_base"], *switch["peft"].values()]:
+        _timing(t)
+    assert set(switch["peft"]) == {"load_adapter+set_adapter", "set_adapter", "hotswap_adapter",
+                                   "disable_adapter", "unload"}
+
+    expected_rss = {"commit lossless", "commit int4", "safetensors save_file", "ZipNN compress",
+                    "apply lossless", "apply int4", "apply surgical", "load_model fine-tune",
+                    "peft load_adapter+set_adapter", "peft hotswap_adapter"}
+    assert expected_rss <= set(r["rss"])
+    for v in r["rss"].values():
+        assert v["peak"] > 0 and v["peak"] >= v["start"]
+
+    assert len(r["targets"]) == 11
+    for t in r["targets"]:
+        assert set(t) == {"issues", "target", "value", "limit", "met"} and isinstance(t["met"], bool)
+    assert len(r["load_before"]) == len(r["load_after"]) == 3
