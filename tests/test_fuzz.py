@@ -12,7 +12,8 @@ from fuzz.run import run_target
 from fuzz.targets import BUILDERS, build
 
 SECONDS = float(os.environ.get("DELTASTORE_FUZZ_SECONDS", "4"))
-NAMES = ["safetensors", "shard_index", "object", "manifest", "hub_index", "hub_payloads", "peft_adapter"]
+NAMES = ["safetensors", "shard_index", "object", "manifest", "hub_index", "hub_payloads", "peft_adapter",
+         "metadata_file"]
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ INTERESTING_STRINGS = ["", "a", "..", "../x", "a/b", "a\\b", "/abs", "x\x00y", "
                        "F32", "BF16", "U8", "I8", "BOOL", "F8_E4M3", "lossless", "int8", "int4", "nf4", "fp4",
                        "1bit", "lowrank:1", "lowrank:0", "lowrank:" + "9" * 30, "raw", "xor", "fp16", "bf16",
                        "codes", "scales", "us", "vh", "data", "absmax", "code", "signs", "__metadata__",
-                       "deltastore/version/1", "deltastore/hub/1", "1" * 2000]
+                       "deltastore/version/1", "deltastore/hub/1", "1" * 2000, "(a+)+$", "((.*)*)*z", "[", "\\"]
 INTERESTING_BYTES = [0, 1, 0x7F, 0x80, 0xFF, ord('"'), ord("\\"), ord("{"), ord("}"), ord("["), ord("]"),
                      ord(","), ord(":"), ord("0"), ord("9"), ord("-"), ord("/"), ord("."), ord("e"), ord(" ")]
 
@@ -116,11 +116,26 @@ def mutate_json_bytes(rng: random.Random, data: bytes, donors: list[bytes]) -> b
             grafts.append(json.loads(d))
         except (ValueError, RecursionError):
             pass
+    if rng.random() < 0.05:
+        return deep_nesting(rng, value)
     if _is_manifest(value) and rng.random() < 0.6:
         value = mutate_manifest(rng, value)
     else:
         value = mutate_json(rng, value, grafts)
     return dump_json(rng, value)
+
+
+DEEP = "\x00deep\x00"
+
+
+def deep_nesting(rng: random.Random, value: Any) -> bytes:
+    """One node replaced by lists nested deeper than Python's parser can recurse, written as
+    text (json.dumps itself cannot write them)."""
+    value = json.loads(json.dumps(value))
+    value = _set(value, rng.choice(_nodes(value)), DEEP)
+    depth = rng.choice([1000, 3000, 100_000])
+    opener, closer = rng.choice([(b"[", b"]"), (b'{"a":', b"}")])
+    return dump_json(rng, value).replace(json.dumps(DEEP).encode(), opener * depth + b"0" + closer * depth, 1)
 
 
 def _is_manifest(value: Any) -> bool:
@@ -323,6 +338,8 @@ def mutate_safetensors(rng: random.Random, data: bytes, donors: list[bytes]) -> 
         return mutate_bytes(rng, data, donors)
     header, body = parts
     op = rng.randrange(10)
+    if op == 0 and rng.random() < 0.2:
+        return join_safetensors(deep_nesting(rng, header), body)
     if op < 6:  # a field of the header
         grafts = [p[0] for p in (split_safetensors(d) for d in donors[:8]) if p]
         header = mutate_json(rng, header, grafts)

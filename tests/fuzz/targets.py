@@ -14,10 +14,9 @@ and index, and a PEFT adapter exported from one of them.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -155,7 +154,6 @@ class Target:
     seeds: list[Files]
     run: Callable[[Files], None]
     bound: Callable[[Files], int]
-    notes: dict[str, int] = field(default_factory=dict)
 
 
 def _json_bound(files: Files) -> int:
@@ -329,8 +327,25 @@ def peft_target(world: World, work: Path) -> Target | None:
     return Target("peft_adapter", "PEFT LoRA adapter folders (lora.import_lora)", [world.adapter], run, bound)
 
 
+def metadata_file_target(world: World, work: Path) -> Target:
+    from deltastore.history import read_metadata_file
+
+    folder = work / "metadata"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "meta.json"
+    seed = json.dumps({"learning_rate": 1e-4, "epochs": 3, "examples": 128, "loss": 0.4213, "base": "qwen2-0.5b",
+                       "lora": False, "notes": "curious, uncertain"}, indent=2).encode()
+
+    def run(files: Files) -> None:
+        path.write_bytes(files["meta.json"])
+        read_metadata_file(path)
+
+    return Target("metadata_file", "commit --meta-file (history.read_metadata_file)", [{"meta.json": seed}], run,
+                  _json_bound)
+
+
 BUILDERS = [safetensors_target, shard_index_target, object_target, manifest_target, hub_index_target,
-            hub_payloads_target, peft_target]
+            hub_payloads_target, peft_target, metadata_file_target]
 
 
 def build(work: Path) -> dict[str, Target]:
@@ -345,4 +360,4 @@ def build(work: Path) -> dict[str, Target]:
     return targets
 
 
-__all__ = ["Target", "World", "build", "BUILDERS", "ENCODINGS", "os"]
+__all__ = ["Target", "World", "build", "BUILDERS", "ENCODINGS"]
