@@ -420,12 +420,63 @@ def _read_config(folder: Path) -> dict[str, Any]:
         for pattern in value:
             try:
                 re.compile(pattern)
-            except re.error:
+            except (re.error, RecursionError, OverflowError):
                 raise LoraError(f"{path}: {key} key {pattern[:80]!r} is not a regular expression") from None
+            why = _backtracking(pattern)
+            if why:
+                raise LoraError(f"{path}: {key} key {pattern[:80]!r} {why}; give module names (as export-lora "
+                                "writes them) or simple patterns")
     saved = config.get("modules_to_save") or []
     if not isinstance(saved, list) or not all(isinstance(m, str) for m in saved):
         raise LoraError(f"{path}: modules_to_save must be a list of module names")
     return config
+
+
+def _backtracking(pattern: str) -> str | None:
+    """Why matching `pattern` could take time without bound, or None. PEFT matches these keys as
+    regexes against every module name, and Python's re has no time limit: a repeat of something
+    that can itself repeat or branch ((a+)+, (a|a)*) backtracks exponentially, a backreference
+    likewise, and each unbounded repeat multiplies the work by the name's length."""
+    try:
+        from re import _parser as sre_parse  # Python 3.11+
+    except ImportError:  # pragma: no cover (3.10)
+        import sre_parse  # type: ignore[no-redef]
+    if len(pattern) > 256:
+        return "is longer than 256 characters"
+    unbounded = 0
+
+    def walk(items, in_repeat: bool) -> str | None:  # noqa: ANN001 (sre's parse tree)
+        nonlocal unbounded
+        for op, av in items:
+            name = str(op)
+            if name.endswith("REPEAT"):
+                lo, hi, sub = av
+                many = hi == sre_parse.MAXREPEAT or hi > 1
+                if many and in_repeat:
+                    return "repeats a repeat"
+                unbounded += hi == sre_parse.MAXREPEAT
+                found = walk(sub, in_repeat or many)
+            elif name == "SUBPATTERN":
+                found = walk(av[-1], in_repeat)
+            elif name == "BRANCH":
+                if in_repeat:
+                    return "repeats an alternation"
+                found = next((w for w in (walk(b, in_repeat) for b in av[1]) if w), None)
+            elif name in ("ASSERT", "ASSERT_NOT"):
+                found = walk(av[1], in_repeat)
+            elif name.startswith("GROUPREF"):
+                return "holds a backreference"
+            else:
+                found = None
+            if found:
+                return found
+        return None
+
+    try:
+        why = walk(sre_parse.parse(pattern), False)
+    except (re.error, RecursionError, OverflowError, ValueError):
+        return "is not a regular expression"
+    return why or (f"has {unbounded} unbounded repeats (at most 2)" if unbounded > 2 else None)
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:

@@ -396,3 +396,22 @@ def test_two_stores_never_share_temporary_files(tmp_path, monkeypatch):
         assert not list((s.root / "tmp").iterdir())
         assert s.fsck().ok
         s.close()
+
+
+# -- an adapter whose patterns would take the regex engine forever ---------------------------------------
+
+
+@pytest.mark.parametrize("pattern", ["((.*)*)*z", "(a+)+$", "(e|e)*x", "(.)\\1", ".*a.*b.*c"])
+def test_an_adapter_pattern_that_backtracks_without_bound(store, tmp_path, pattern):
+    from deltastore.lora import LoraError, export_lora, import_lora
+
+    ft = {k: v + torch.randn(v.shape) * 0.01 for k, v in base_state().items()}
+    store.commit("stance", ft, base="base")
+    out = tmp_path / "adapter"
+    export_lora(store, "stance", out, rank=2)
+    config = json.loads((out / "adapter_config.json").read_text())
+    # PEFT matches these keys as regexes against each module name: this one, against a name of
+    # some 30 characters, would backtrack for longer than anyone waits.
+    config["rank_pattern"] = {pattern: config["r"]}
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    hostile(store, LoraError, "give module names", import_lora, store, out, "imported", base="base", seconds=5)
