@@ -130,6 +130,7 @@ def base_list(store: Store, as_json: bool) -> None:
 @click.option("--max-kl", type=float, metavar="K",
               help="With --encoding auto: the largest KL(fine-tuned || stored) to accept; with another "
                    "encoding: refuse to commit above it.")
+@click.option("--chat", is_flag=True, help="Each prompt is a user message, put through the model's chat template.")
 @click.option("--encoding-for", "encoding_for", multiple=True, metavar="REGEX=ENCODING",
               help="A different encoding for tensors whose name matches REGEX (repeatable).")
 @click.option("--group-size", type=int, help="Group size of int8/int4 (default 64).")
@@ -150,7 +151,8 @@ def base_list(store: Store, as_json: bool) -> None:
 @json_option
 @with_store
 def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str | None, encoding: str,
-           prompts: str | None, max_kl: float | None, encoding_for: tuple[str, ...], group_size: int | None,
+           prompts: str | None, max_kl: float | None, chat: bool, encoding_for: tuple[str, ...],
+           group_size: int | None,
            include: str | None, exclude: str | None,
            top_k: int | None, min_rel_change: float | None, energy: float | None, message: str,
            meta: tuple[str, ...], meta_file: str | None, tag: str | None, allow_nonfinite: bool,
@@ -165,15 +167,16 @@ def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str 
         raise click.BadParameter("expected REGEX=ENCODING", param_hint="--encoding-for")
     options = {"group_size": group_size} if group_size is not None else {}
     choice = None
-    if encoding == "auto" or prompts or max_kl is not None:
+    if encoding == "auto" or prompts or max_kl is not None or chat:
         if prompts is None or (encoding == "auto" and max_kl is None):
             raise click.UsageError("--encoding auto needs --prompts FILE (one prompt per line) and --max-kl K "
-                                   "(e.g. 0.01)" if encoding == "auto" else "--max-kl needs --prompts FILE")
+                                   "(e.g. 0.01)" if encoding == "auto" else "--max-kl and --chat need --prompts FILE")
         from deltastore.compare import commit_measured
 
         with progress("measuring", enabled=not as_json) as cb:
             measured = commit_measured(store, stance, model, base=base_ref, base_weights=base_path, prompts=prompts,
-                                       encoding=encoding, max_kl=max_kl, encoding_for=rules, encoding_options=options,
+                                       encoding=encoding, max_kl=max_kl, chat=chat, encoding_for=rules,
+                                       encoding_options=options,
                                        include=include, exclude=exclude, top_k=top_k, min_rel_change=min_rel_change,
                                        energy=energy, message=message, metadata=metadata, tag=tag, progress=cb,
                                        allow_nonfinite=allow_nonfinite)
@@ -581,13 +584,15 @@ def _finite(value: Any) -> Any:
                    "or 'top_k=2;encoding=int4'.")
 @click.option("--prompts", type=click.Path(dir_okay=False), metavar="FILE",
               help="Measure fidelity on these prompts (one per line); BASE must be a Hugging Face model folder.")
+@click.option("--chat", is_flag=True, help="Each prompt is a user message, put through the model's chat template.")
 @click.option("--group-size", type=int, help="Group size of int8/int4 (default 64).")
 @click.option("--lora-dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
               help="The dtype of the LoRA factors.")
 @click.option("--plot", type=click.Path(dir_okay=False), metavar="PNG", help="Draw size against KL (needs --prompts).")
 @json_option
 def compare_command(base: str, model: str, encodings_text: str, ranks_text: str, full_text: str,
-                    selects: tuple[str, ...], prompts: str | None, group_size: int | None, lora_dtype: str,
+                    selects: tuple[str, ...], prompts: str | None, chat: bool, group_size: int | None,
+                    lora_dtype: str,
                     plot: str | None, as_json: bool) -> None:
     """What each way of storing fine-tune MODEL of BASE costs, and how much of it each keeps.
 
@@ -604,8 +609,8 @@ def compare_command(base: str, model: str, encodings_text: str, ranks_text: str,
     with progress("comparing", enabled=not as_json) as cb:
         c = run_compare(base, model, encodings=_number_list(encodings_text, "--encodings"),
                         ranks=_number_list(ranks_text, "--ranks", int), full=_number_list(full_text, "--full"),
-                        selections=selects, prompts=prompts, lora_dtype=lora_dtype, encoding_options=options,
-                        progress=cb)
+                        selections=selects, prompts=prompts, chat=chat, lora_dtype=lora_dtype,
+                        encoding_options=options, progress=cb)
     if plot:
         draw(c, plot)
     if as_json:

@@ -284,7 +284,7 @@ def _prompts(prompts: Sequence[str] | str | os.PathLike | None) -> list[str] | N
 
 
 def _setup(base: Any, model: Any, prompts: Any, max_tokens: int, *, spectra: bool,
-           progress: Any, rows: int) -> tuple[TensorSource, TensorSource, dict[str, _Scan], _Bench, str | None]:
+           progress: Any, rows: int, chat: bool = False) -> tuple[TensorSource, TensorSource, dict[str, _Scan], _Bench, str | None]:
     base_src, target_src = open_model(base), open_model(model)
     _check_pair(base_src, target_src)
     texts = _prompts(prompts)
@@ -303,7 +303,7 @@ def _setup(base: Any, model: Any, prompts: Any, max_tokens: int, *, spectra: boo
     bench.done += len(bench.names)
     if hf_model is not None:
         bench.load_target()
-        bench.probe = FidelityProbe(hf_model, texts, tokenizer=tokenizer, max_tokens=max_tokens)
+        bench.probe = FidelityProbe(hf_model, texts, tokenizer=tokenizer, max_tokens=max_tokens, chat=chat)
         bench.prompts = len(texts)
     return base_src, target_src, scans, bench, skipped
 
@@ -376,13 +376,14 @@ def compare(base: Any, model: Any, *, encodings: Sequence[str] = DEFAULT_ENCODIN
             ranks: Sequence[int] = DEFAULT_RANKS, selections: Sequence[str | Select] = (),
             prompts: Sequence[str] | str | os.PathLike | None = None,
             full: Sequence[str] = FULL_QUANTIZED, lora_dtype: str = "bf16",
-            encoding_options: Mapping[str, Any] | None = None, max_tokens: int = 256,
+            encoding_options: Mapping[str, Any] | None = None, max_tokens: int = 256, chat: bool = False,
             progress: Callable[[int, int], None] | None = None) -> Comparison:
     """Every way of storing fine-tune ``model`` of ``base``, with its bytes and fidelity.
 
     ``base``/``model``: a .safetensors file, a model folder, a state dict or a module. Fidelity
     is measured when ``prompts`` (a list, or a file with one per line) are given; the base must
-    then be a Hugging Face model folder. ``encodings``: delta encodings (any spec, lowrank:R
+    then be a Hugging Face model folder; with ``chat`` each prompt is a user message put through
+    the tokenizer's chat template. ``encodings``: delta encodings (any spec, lowrank:R
     included); ``ranks``: LoRA ranks; ``selections``: ``Select`` or its ``--select`` text;
     ``full``: encodings for the whole model quantised; ``lora_dtype``: of the LoRA factors.
     """
@@ -403,7 +404,7 @@ def compare(base: Any, model: Any, *, encodings: Sequence[str] = DEFAULT_ENCODIN
     chosen = [s if isinstance(s, Select) else parse_select(s) for s in selections]
     rows_asked = 2 + len(full) + len(specs) + len(ranks) + len(chosen)
     base_src, target_src, scans, bench, skipped = _setup(
-        base, model, prompts, max_tokens, spectra=bool(ranks), progress=progress, rows=rows_asked)
+        base, model, prompts, max_tokens, spectra=bool(ranks), progress=progress, rows=rows_asked, chat=chat)
     measuring = bench.measuring
     full_bytes = target_src.nbytes
     changed = [n for n in target_src.names if scans[n].changed]
@@ -511,7 +512,7 @@ def choose_encoding(base: Any, model: Any, *, prompts: Sequence[str] | str | os.
                     min_rel_change: float | None = None, energy: float | None = None,
                     encoding_for: Sequence[tuple[str, str]] | None = None,
                     encoding_options: Mapping[str, Any] | None = None, max_tokens: int = 256,
-                    progress: Callable[[int, int], None] | None = None) -> AutoChoice:
+                    chat: bool = False, progress: Callable[[int, int], None] | None = None) -> AutoChoice:
     """Measure each candidate encoding (under the selection given) and pick the smallest by
     bytes whose KL(fine-tuned || stored) is at most ``max_kl``; ties go to the lower KL. With
     ``max_kl`` None, ``candidates`` must be one encoding, which is measured."""
@@ -521,7 +522,7 @@ def choose_encoding(base: Any, model: Any, *, prompts: Sequence[str] | str | os.
         raise CompareError("choosing an encoding needs --max-kl K: the largest KL(fine-tuned || stored) to accept")
     options = dict(encoding_options or {})
     base_src, target_src, scans, bench, skipped = _setup(
-        base, model, prompts, max_tokens, spectra=False, progress=progress, rows=len(candidates) + 1)
+        base, model, prompts, max_tokens, spectra=False, progress=progress, rows=len(candidates) + 1, chat=chat)
     if bench.probe is None:
         raise CompareError(f"cannot measure fidelity: {skipped}")
     full_bytes = target_src.nbytes
@@ -570,7 +571,7 @@ def commit_measured(store: Any, stance: str, model: Any, *, base: Any, prompts: 
                     include: str | None = None, exclude: str | None = None, top_k: int | None = None,
                     min_rel_change: float | None = None, energy: float | None = None,
                     encoding_for: Sequence[tuple[str, str]] | None = None,
-                    encoding_options: Mapping[str, Any] | None = None,
+                    encoding_options: Mapping[str, Any] | None = None, chat: bool = False,
                     metadata: Mapping[str, str] | None = None, progress: Callable[[int, int], None] | None = None,
                     **commit_options: Any) -> MeasuredCommit:
     """Commit ``model`` as the next version of ``stance`` with its fidelity measured and recorded
@@ -584,12 +585,14 @@ def commit_measured(store: Any, stance: str, model: Any, *, base: Any, prompts: 
     selection = dict(include=include, exclude=exclude, top_k=top_k, min_rel_change=min_rel_change, energy=energy)
     choice = choose_encoding(folder, model, prompts=prompts, max_kl=max_kl,
                              candidates=AUTO_CANDIDATES if encoding == "auto" else (encoding,),
-                             encoding_for=encoding_for, encoding_options=encoding_options, progress=progress,
-                             **selection)
+                             encoding_for=encoding_for, encoding_options=encoding_options, chat=chat,
+                             progress=progress, **selection)
     meta = {"fidelity.kl": f"{choice.kl:.6g}", "fidelity.top1": f"{choice.top1:.6g}",
             "fidelity.base_kl": f"{choice.base_kl:.6g}", "fidelity.positions": str(choice.positions)}
     if isinstance(prompts, (str, os.PathLike)):
         meta["fidelity.prompts"] = Path(prompts).name
+    if chat:
+        meta["fidelity.chat"] = "true"
     if max_kl is not None:
         meta["fidelity.max_kl"] = f"{max_kl:g}"
     if encoding == "auto":

@@ -72,7 +72,9 @@ class FidelityProbe:
     Construct it while ``model`` holds the reference (fine-tuned) weights. ``prompts`` are
     strings (then ``tokenizer`` is required) or sequences of token ids. Each prompt runs on
     its own, unpadded, so that padding can never change a result. ``max_tokens`` caps each
-    prompt's length: the reference keeps positions x vocabulary float32 values.
+    prompt's length: the reference keeps positions x vocabulary float32 values. With ``chat``,
+    each text prompt is a user message put through the tokenizer's chat template, up to where
+    the assistant's reply starts: what a chat fine-tune (a stance) changes most.
     """
 
     def __init__(
@@ -82,16 +84,29 @@ class FidelityProbe:
         *,
         tokenizer: Any = None,
         max_tokens: int = 256,
+        chat: bool = False,
     ) -> None:
         if max_tokens < 1:
             raise FidelityError(f"max_tokens must be at least 1, got {max_tokens}")
         if not prompts:
             raise FidelityError("fidelity needs at least one prompt")
+        if chat and not getattr(tokenizer, "chat_template", None):
+            raise FidelityError("the tokenizer has no chat template: measure the prompts as plain text "
+                                "(without --chat)")
         self.model = model
-        self._inputs = [self._tokenize(prompt, tokenizer, max_tokens) for prompt in prompts]
+        self._inputs = [self._tokenize(self._chat(prompt, tokenizer) if chat else prompt, tokenizer, max_tokens)
+                        for prompt in prompts]
         self._reference = self._log_probs(model)
         self._reference_top1 = [log_probs.argmax(dim=-1) for log_probs in self._reference]
         self.positions = sum(ids.shape[-1] for ids in self._inputs)
+
+    @staticmethod
+    def _chat(prompt: str | Sequence[int], tokenizer: Any) -> str | Sequence[int]:
+        if not isinstance(prompt, str):
+            return prompt
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False)
+        return list(ids)
 
     @staticmethod
     def _tokenize(prompt: str | Sequence[int], tokenizer: Any, max_tokens: int) -> torch.Tensor:

@@ -233,3 +233,22 @@ def test_models_that_do_not_match_and_bad_requests_are_refused(tmp_path, adam_pa
         empty = tmp_path / "empty.txt"
         empty.write_text("\n")
         compare(base, ft, prompts=empty)
+
+
+def test_chat_prompts_go_through_the_chat_template(adam_pair):
+    import transformers
+
+    from deltastore.fidelity import FidelityProbe
+    from tiny_lm import word_tokenizer
+
+    base, ft, _ = adam_pair
+    model = transformers.AutoModelForCausalLM.from_pretrained(ft, dtype=torch.float32).eval()
+    tokenizer = word_tokenizer()
+    with pytest.raises(FidelityError, match="no chat template"):
+        FidelityProbe(model, ["why is the sky blue ?"], tokenizer=tokenizer, chat=True)
+    tokenizer.chat_template = ("{% for m in messages %}i am {{ m['content'] }} {% endfor %}"
+                               "{% if add_generation_prompt %}what{% endif %}")
+    plain = FidelityProbe(model, ["why is the sky blue ?"], tokenizer=tokenizer)
+    chat = FidelityProbe(model, ["why is the sky blue ?"], tokenizer=tokenizer, chat=True)
+    assert (plain.positions, chat.positions) == (6, 9)  # "i am" before, "what" after
+    assert chat.measure().kl == 0.0
