@@ -33,6 +33,14 @@ class DeltastoreGroup(click.Group):
             if os.environ.get("DELTASTORE_DEBUG") == "1":
                 raise
             raise click.ClickException(f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")) from None
+        except UnicodeEncodeError as e:
+            # Bytes that are not UTF-8 in an argument reach Python as lone surrogates, which
+            # neither the catalog nor a manifest can hold.
+            if os.environ.get("DELTASTORE_DEBUG") == "1":
+                raise
+            shown = str(e.object[max(0, e.start - 20):e.end + 20]) if isinstance(e.object, str) else ""
+            raise click.ClickException(f"{shown!r} holds bytes that are not UTF-8 text; give names and values "
+                                       "as UTF-8") from None
 
 
 def json_option(f: Callable) -> Callable:

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import torch
 
 from .errors import MetadataError, RefNotFound
+from .limits import is_text
 from .records import Version
 
 # Norms in float64 over chunks of this many elements (as commit does).
@@ -184,6 +185,8 @@ def check_metadata(metadata: Mapping[Any, Any], *, source: str = "metadata") -> 
                                 "printable characters, no '='")
         if not isinstance(value, str):
             raise MetadataError(f"{source}: the value of {key!r} must be a string")
+        if not is_text(key) or not is_text(value):
+            raise MetadataError(f"{source}: {key!r} holds bytes that are not UTF-8 text")
         if len(value) > MAX_METADATA_VALUE:
             raise MetadataError(f"{source}: the value of {key!r} is longer than {MAX_METADATA_VALUE} characters")
         out[key] = value

@@ -65,6 +65,16 @@ def read_bounded(path: str | os.PathLike, limit: int) -> bytearray | None:
     return buf if len(buf) <= limit else None
 
 
+def is_text(value: str) -> bool:
+    """Whether `value` can be stored: UTF-8 encodable, so no lone surrogates (what Python makes
+    of bytes that are not UTF-8 in a command line or a file name)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def shown(value: Any, limit: int = 80) -> str:
     """A value from outside, short enough for a one-line message, whatever its type, size or
     depth (a repr of a deeply nested list could itself recurse too deeply)."""

@@ -30,6 +30,7 @@ from .catalog import Catalog, dumps, now
 from .errors import (AmbiguousRef, BaseMismatch, BaseNotFound, DeltastoreError, ModelFormatError,
                      NothingToCommit, RefNotFound, StoreExists, StoreNotFound, UnsafeInput, VersionConflict)
 from .hashing import DTYPES, manifest_id, tensor_id, canonical_json
+from .limits import is_text
 from .models import TensorInfo, TensorSource, open_model
 from .objects import ObjectStore
 from .records import (Base, CommitResult, ObjectRef, TensorEntry, Version, VersionInfo, manifest,
@@ -331,6 +332,9 @@ class Store:
         from .history import check_metadata
 
         metadata = check_metadata({str(k): str(v) for k, v in (metadata or {}).items()})
+        for what, text in (("the message", message), ("--include", include), ("--exclude", exclude)):
+            if text is not None and not is_text(text):
+                raise UnsafeInput(f"{what} holds bytes that are not UTF-8 text; write it as UTF-8")
         base_rec, given, registered = self._resolve_base(base)
         token = uuid.uuid4().hex
         try:

@@ -415,3 +415,30 @@ def test_an_adapter_pattern_that_backtracks_without_bound(store, tmp_path, patte
     config["rank_pattern"] = {pattern: config["r"]}
     (out / "adapter_config.json").write_text(json.dumps(config))
     hostile(store, LoraError, "give module names", import_lora, store, out, "imported", base="base", seconds=5)
+
+
+# -- arguments that are not UTF-8 ------------------------------------------------------------------------
+
+BAD = "x\udcff"  # what Python makes of the byte 0xff in a command line
+
+
+@pytest.mark.parametrize("args", [
+    ["commit", "stance", "{ft}", "--base", "base", "-m", BAD], ["commit", "stance", "{ft}", "--base", "base", "--meta", f"k={BAD}"],
+    ["commit", "stance", "{ft}", "--base", "base", "--include", BAD], ["base", "add", "{ft}", "--hub-id", BAD],
+    ["show", BAD], ["log", "--where", f"k={BAD}"], ["export", BAD, "--out", "{out}"], ["stance", "delete", BAD],
+], ids=["message", "meta", "include", "hub-id", "show", "where", "export", "stance-delete"])
+def test_arguments_that_are_not_utf8_are_one_line_errors(store, tmp_path, args):
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    ft = tmp_path / "ft.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v * 2 for k, v in base_state().items()}, ft)
+    args = [a.format(ft=ft, out=tmp_path / "out") for a in args]
+    before = store_snapshot(store.root)
+    r = CliRunner().invoke(cli, ["--store", str(store.root), *args])
+    assert r.exit_code == 1, r.output
+    assert r.stderr.count("\n") == 1 and "UTF-8" in r.stderr and "Traceback" not in r.stderr
+    assert store_snapshot(store.root) == before
