@@ -11,7 +11,7 @@ import pytest
 from fuzz.run import run_target
 from fuzz.targets import BUILDERS, build
 
-SECONDS = float(os.environ.get("DELTASTORE_FUZZ_SECONDS", "4"))
+SECONDS = float(os.environ.get("DELTASTORE_FUZZ_SECONDS", "3"))
 NAMES = ["safetensors", "shard_index", "object", "manifest", "hub_index", "hub_payloads", "peft_adapter",
          "metadata_file"]
 

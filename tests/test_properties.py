@@ -346,3 +346,29 @@ def test_a_commit_reads_back_what_its_entries_record(models, spec):
                 assert byte_view(got[name]) == byte_view(base[name])
             assert got[name].dtype == ft[name].dtype and got[name].shape == ft[name].shape
         store.close()
+
+
+def test_the_command_line_refuses_nan_naming_the_tensor_and_allow_nonfinite_stores_it(tmp_path):
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from cli.main import cli
+
+    base = {"layers.0.w": torch.randn(8, 8), "layers.0.b": torch.randn(8)}
+    ft = {k: v + 0.1 for k, v in base.items()}
+    ft["layers.0.w"][3, 4] = math.nan
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(ft, tmp_path / "ft.safetensors")
+    s = ["--store", str(tmp_path / "store")]
+    runner = CliRunner()
+    assert runner.invoke(cli, ["init", str(tmp_path / "store")]).exit_code == 0
+    assert runner.invoke(cli, [*s, "base", "add", str(tmp_path / "base.safetensors"), "--name", "b"]).exit_code == 0
+    r = runner.invoke(cli, [*s, "commit", "x", str(tmp_path / "ft.safetensors"), "--base", "b"])
+    assert r.exit_code == 1 and "'layers.0.w'" in r.stderr and "--allow-nonfinite" in r.stderr
+    assert r.stderr.count("\n") == 1
+    r = runner.invoke(cli, [*s, "commit", "x", str(tmp_path / "ft.safetensors"), "--base", "b", "--allow-nonfinite",
+                            "--json"])
+    assert r.exit_code == 0, r.stderr
+    with Store.open(tmp_path / "store") as store:
+        got = dict(store.tensors("x"))
+    assert byte_view(got["layers.0.w"]) == byte_view(ft["layers.0.w"])
