@@ -165,8 +165,9 @@ def _check_versions(versions: list[dict], refs: dict[str, str], links: list[dict
             if m["number"] != v["number"] or m["base"] != v["base_id"] or m["parent"] != v["parent"]:
                 raise ValueError("number, base or parent differ from the catalog's")
             needs += [(v["id"], oid) for _, _, oid in want_links]
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            problems.append(Problem("bad-manifest", v["id"], f"{ref}: its manifest is malformed ({e})", (ref,)))
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            problems.append(Problem("bad-manifest", v["id"], f"{ref}: its manifest is malformed ({str(e)[:120]})",
+                                    (ref,)))
             continue
         lost = want_links - by_version_links.get(v["id"], set())
         if lost:

@@ -238,7 +238,11 @@ class Store:
     def _version(self, row: dict, tags: list[str] | None = None) -> Version:
         if tags is None:
             tags = [t["name"] for t in self.catalog.tags(row["id"])]
-        v = Version.from_manifest(row["id"], json.loads(row["manifest"]), tags=tuple(tags), bytes=row["bytes"])
+        try:
+            v = Version.from_manifest(row["id"], json.loads(row["manifest"]), tags=tuple(tags), bytes=row["bytes"])
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # a catalog edited by hand
+            raise DeltastoreError(f"the catalog's manifest of {row['stance']}@{row['number']} ({row['id'][:19]}) is "
+                                  "malformed; run `deltastore fsck` to see what it breaks") from None
         if row["stance"] != v.stance:
             # Renamed since it was committed: the catalog says where it lives, the manifest
             # (and so the id) keeps the name it was committed under.

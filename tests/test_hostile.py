@@ -442,3 +442,18 @@ def test_arguments_that_are_not_utf8_are_one_line_errors(store, tmp_path, args):
     assert r.exit_code == 1, r.output
     assert r.stderr.count("\n") == 1 and "UTF-8" in r.stderr and "Traceback" not in r.stderr
     assert store_snapshot(store.root) == before
+
+
+# -- a catalog edited by hand ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("manifest", ["garbage", "[]", "[" * 100_000, '{"format": "deltastore/version/1"}'])
+def test_a_manifest_edited_by_hand_in_the_catalog(store, tmp_path, manifest):
+    import sqlite3
+
+    with sqlite3.connect(store.root / "catalog.db") as db:
+        db.execute("UPDATE versions SET manifest = ?", [manifest])
+    db.close()
+    hostile(store, DeltastoreError, "is malformed; run `deltastore fsck`", store.resolve, "stance")
+    hostile(store, DeltastoreError, "is malformed", store.export, "stance", tmp_path / "out")
+    assert not store.fsck().ok

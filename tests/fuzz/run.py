@@ -90,15 +90,11 @@ def run_target(target: Target, seconds: float, *, seed: int = 0, crashes: Path |
     old_handler = signal.signal(signal.SIGALRM, _alarm)
     start = time.monotonic()
     try:
-        inputs = ((s, True) for s in target.seeds)
-        while True:
-            item = next(inputs, None)
-            if item is None:
-                if time.monotonic() - start >= seconds:
-                    break
-                item = (mutate(rng, rng.choice(target.seeds), target.seeds), False)
-            files, is_seed = item
-            _one(target, files, is_seed, stats, crashes, exec_limit)
+        for seed_files in target.seeds:  # every seed once, then mutations for `seconds`
+            _one(target, seed_files, True, stats, crashes, exec_limit)
+        fuzzing = time.monotonic()
+        while time.monotonic() - fuzzing < seconds:
+            _one(target, mutate(rng, rng.choice(target.seeds), target.seeds), False, stats, crashes, exec_limit)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old_handler)
