@@ -81,11 +81,6 @@ def float_pair(draw, *, min_dims: int = 1, lowrank: bool = False):
     return base, target
 
 
-def lossy_specs() -> list[str]:
-    specs = ["int8", "int4", "1bit", "lowrank:1", "lowrank:3"]
-    return specs + (["nf4", "fp4"] if HAVE_BNB else [])
-
-
 def byte_view(t: torch.Tensor) -> bytes:
     return raw(t)
 

@@ -12,7 +12,7 @@ import json
 import math
 import random
 import struct
-from typing import Any, Callable
+from typing import Any
 
 Files = dict[str, bytes]
 
@@ -394,5 +394,3 @@ def mutate_object(rng: random.Random, data: bytes) -> bytes:
         magic = rng.choice([b"DSOB", b"DSoB", b"\0\0\0\0"])
     return OBJECT_HEADER.pack(magic, version, compression, reserved, declared) + body
 
-
-Mutator = Callable[[random.Random, Files, list[Files]], Files]
