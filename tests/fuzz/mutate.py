@@ -393,4 +393,3 @@ def mutate_object(rng: random.Random, data: bytes) -> bytes:
     else:
         magic = rng.choice([b"DSOB", b"DSoB", b"\0\0\0\0"])
     return OBJECT_HEADER.pack(magic, version, compression, reserved, declared) + body
-
