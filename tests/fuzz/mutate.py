@@ -32,6 +32,15 @@ INTERESTING_BYTES = [0, 1, 0x7F, 0x80, 0xFF, ord('"'), ord("\\"), ord("{"), ord(
 
 
 def mutate(rng: random.Random, files: Files, seeds: list[Files]) -> Files:
+    try:
+        return _mutate(rng, files, seeds)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError, OverflowError):
+        # A structure-aware mutation met a structure an earlier one broke: flip bytes instead.
+        name = rng.choice(sorted(files))
+        return {**files, name: mutate_bytes(rng, files[name], [])}
+
+
+def _mutate(rng: random.Random, files: Files, seeds: list[Files]) -> Files:
     out = dict(files)
     name = rng.choice(sorted(out))
     data = out[name]
@@ -349,7 +358,8 @@ def mutate_safetensors(rng: random.Random, data: bytes, donors: list[bytes]) -> 
             t = header[rng.choice(names)]
             if isinstance(t.get("shape"), list) and t["shape"]:
                 i = rng.randrange(len(t["shape"]))
-                t["shape"][i] = rng.choice([0, 1, 10**6, 10**12, 2**63 - 1, t["shape"][i] + 1])
+                old = t["shape"][i]
+                t["shape"][i] = rng.choice([0, 1, 10**6, 10**12, 2**63 - 1] + ([old + 1] if isinstance(old, int) else []))
             elif isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2:
                 t["data_offsets"][rng.randrange(2)] = rng.choice(INTERESTING_INTS)
     elif op == 7 and isinstance(header, dict) and isinstance(header.get("__metadata__"), dict):
