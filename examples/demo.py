@@ -33,7 +33,9 @@ def run(command: str) -> str:
     return out.stdout
 
 
-def make_models() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+def make_models(folder: Path = DEMO) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A small Llama-architecture base in folder/base and a 5-step AdamW fine-tune of it in
+    folder/curious-uncertainty; returns the fine-tuned model and the base's state dict."""
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging
 
@@ -43,7 +45,7 @@ def make_models() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     config = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     model = LlamaForCausalLM(config)
-    model.save_pretrained(DEMO / "base")
+    model.save_pretrained(folder / "base")
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     # A stance fine-tune in miniature: AdamW moves every weight by about the learning rate.
@@ -54,7 +56,7 @@ def make_models() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
         loss.backward()
         opt.step()
         opt.zero_grad()
-    model.save_pretrained(DEMO / "curious-uncertainty")
+    model.save_pretrained(folder / "curious-uncertainty")
     return model, base_state
 
 
