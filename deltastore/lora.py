@@ -67,6 +67,8 @@ PREFIX = "base_model.model."
 # Bounds on what an adapter from outside may declare, checked before any allocation.
 MAX_CONFIG_BYTES = 1 << 20
 MAX_RANK = 1 << 16
+# rank_pattern and alpha_pattern keys that are regexes each cost a compile, and a match per module.
+MAX_PATTERN_REGEXES = 1024
 
 LINEAR, EMBEDDING, CONV1D = "linear", "embedding", "conv1d"
 
@@ -417,7 +419,11 @@ def _read_config(folder: Path) -> dict[str, Any]:
         if not isinstance(value, dict) or not all(
                 isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in value.items()):
             raise LoraError(f"{path}: {key} must map module patterns to numbers")
-        for pattern in value:
+        regexes = [pattern for pattern in value if _literal(pattern) is None]
+        if len(regexes) > MAX_PATTERN_REGEXES:
+            raise LoraError(f"{path}: {key} holds {len(regexes)} regular expressions, more than the "
+                            f"{MAX_PATTERN_REGEXES} read; give module names (as export-lora writes them)")
+        for pattern in regexes:
             try:
                 re.compile(pattern)
             except (re.error, RecursionError, OverflowError):
@@ -479,12 +485,38 @@ def _backtracking(pattern: str) -> str | None:
     return why or (f"has {unbounded} unbounded repeats (at most 2)" if unbounded > 2 else None)
 
 
-def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    for pattern, value in patterns.items():
-        # As PEFT matches them: the pattern must match the end of the name, after a dot or whole.
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return default
+class _Patterns:
+    """rank_pattern or alpha_pattern, matched as PEFT matches them: the first key, in order,
+    whose regex matches the end of the module name after a dot, or the whole name. Each regex
+    is compiled once (re's own cache holds 512, and an adapter may hold more keys), and the
+    keys export-lora writes, `^` + an escaped module name, are looked up instead."""
+
+    def __init__(self, patterns: Mapping[str, Any]):
+        self.exact: dict[str, tuple[int, Any]] = {}
+        self.regexes: list[tuple[int, re.Pattern, Any]] = []
+        for i, (key, value) in enumerate(patterns.items()):
+            name = _literal(key)
+            if name is not None:
+                self.exact.setdefault(name, (i, value))
+            else:
+                self.regexes.append((i, re.compile(rf"(.*\.)?({key})$"), value))
+
+    def value(self, module: str, default: Any) -> Any:
+        exact = self.exact.get(module)
+        for i, regex, value in self.regexes:
+            if exact is not None and i > exact[0]:
+                break
+            if regex.match(module):
+                return value
+        return exact[1] if exact is not None else default
+
+
+def _literal(key: str) -> str | None:
+    """The module name that key `^` + re.escape(name) matches, and only it; None for any other key."""
+    if not key.startswith("^"):
+        return None
+    name = re.sub(r"\\(.)", r"\1", key[1:], flags=re.S)
+    return name if re.escape(name) == key[1:] else None
 
 
 def _read_adapter(folder: Path, base_names: set[str]) -> _Adapter:
@@ -579,6 +611,8 @@ def import_lora(store: Any, adapter: str | os.PathLike, stance: str, *, base: An
     r_default, alpha_default = config["r"], config.get("lora_alpha", config["r"])
     ranks, dtypes = [], set()
 
+    rank_patterns = _Patterns(config.get("rank_pattern") or {})
+    alpha_patterns = _Patterns(config.get("alpha_pattern") or {})
     deltas: dict[str, tuple[str, str, str, float]] = {}  # weight name -> (kind, key A, key B, scaling)
     for module, (kind, key_a, key_b) in parsed.pairs.items():
         name = f"{module}.weight"
@@ -602,10 +636,10 @@ def import_lora(store: Any, adapter: str | os.PathLike, stance: str, *, base: An
                             f"the base's weight of shape {list(shape)} (an adapter for another model?)")
         if not 0 < rank <= MAX_RANK:
             raise LoraError(f"{module}: rank {rank} is outside 1..{MAX_RANK}")
-        r = _pattern_value(config.get("rank_pattern") or {}, module, r_default)
+        r = rank_patterns.value(module, r_default)
         if r != rank:
             raise LoraError(f"{module}: the config gives rank {r}, the factors have rank {rank}")
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, alpha_default)
+        alpha = alpha_patterns.value(module, alpha_default)
         scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         deltas[name] = (kind_here, key_a, key_b, float(scaling))
         ranks.append(rank)

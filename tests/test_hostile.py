@@ -459,3 +459,24 @@ def test_a_manifest_edited_by_hand_in_the_catalog(store, tmp_path, manifest):
     hostile(store, DeltastoreError, "is malformed; run `deltastore fsck`", store.resolve, "stance")
     hostile(store, DeltastoreError, "is malformed", store.export, "stance", tmp_path / "out")
     assert not store.fsck().ok
+
+
+def test_an_adapter_with_ten_thousand_pattern_keys(store, tmp_path):
+    from deltastore.lora import LoraError, export_lora, import_lora
+
+    ft = {k: v + torch.randn(v.shape) * 0.01 for k, v in base_state().items()}
+    store.commit("stance", ft, base="base")
+    out = tmp_path / "adapter"
+    export_lora(store, "stance", out, rank=2)
+    config = json.loads((out / "adapter_config.json").read_text())
+    # Each a regex to compile and to match against every module: refused before either.
+    config["alpha_pattern"] = {f"k{i}": 2 for i in range(10_000)}
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    hostile(store, LoraError, "holds 10000 regular expressions, more than the 1024 read", import_lora, store, out,
+            "imported", base="base", seconds=5)
+    # Module names as export-lora writes them are looked up, however many there are.
+    config["alpha_pattern"] = {"^" + f"layers\\.{i}\\.mlp": 2 for i in range(10_000)}
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    start = time.monotonic()
+    import_lora(store, out, "imported", base="base")
+    assert time.monotonic() - start < 10
