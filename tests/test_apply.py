@@ -291,3 +291,35 @@ def test_buffers_of_every_dtype_apply_and_revert(tmp_path, store) -> None:
     with store.applied(model, "s"):
         assert module_snapshot(model) == module_snapshot(Buffers(ft))
     assert module_snapshot(model) == before
+
+
+def test_a_large_version_checked_two_tensors_at_a_time_applies_and_fails_the_same(tmp_path, store,
+                                                                                  monkeypatch) -> None:
+    import deltastore.apply as apply_module
+
+    pair = make_model(tmp_path, torch.bfloat16)
+    store.commit("lossless", pair.ft, base=pair.base)
+    store.commit("int4", pair.ft, base=pair.base, encoding="int4")
+    model = copy.deepcopy(pair.base_module)
+    base = module_snapshot(model)
+    serial = {}
+    for ref in ("lossless", "int4"):
+        with store.applied(model, ref):
+            serial[ref] = module_snapshot(model)
+
+    monkeypatch.setattr(apply_module, "PIPELINED_FROM", 0)
+    threads = torch.get_num_threads()
+    for ref in ("lossless", "int4"):
+        with store.applied(model, ref):
+            assert module_snapshot(model) == serial[ref]
+        assert module_snapshot(model) == base
+    assert torch.get_num_threads() == threads
+    assert serial["lossless"] == module_snapshot(pair.ft_module)
+
+    with torch.no_grad():
+        model.blocks[1].mlp.weight[0, 0] += 1
+    before = module_snapshot(model)
+    with pytest.raises(BaseMismatch) as e:
+        store.apply(model, "lossless")
+    assert e.value.names == ["blocks.1.mlp.weight"]
+    assert module_snapshot(model) == before
