@@ -171,6 +171,11 @@ def sign_decode(parts: Mapping[str, Any], params: Mapping[str, Any], *, rows: in
 # -- nf4 / fp4 through bitsandbytes -----------------------------------------------------------
 
 def _bnb() -> Any:
+    # bitsandbytes warns on import, on every CPU, that an optional faster kernel package is
+    # missing; the library never prints, so that warning is kept out of the user's output.
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         import bitsandbytes.functional as F  # noqa: N812 (bitsandbytes' own idiom)
     except ImportError as e:
