@@ -682,7 +682,9 @@ def analyze_plot(analyses: Sequence[RefAnalysis], path: str | os.PathLike, *, va
 
     panels: dict[str, Mapping[str, TensorChange]] = {}
     for a in analyses:
-        label = a.ref if a.ref not in panels else f"{a.ref} ({a.version_id[3:11]})"
+        label = f"{a.ref} ({a.encoding})"
+        if label in panels:
+            label = f"{a.ref} ({a.encoding}, {a.version_id[3:11]})"
         panels[label] = a.changes
     return heatmap(panels, path, value=value, title=f"relative change ||dW||/||W|| per layer and module")
 
@@ -776,6 +778,7 @@ def plot(comparison: Comparison, path: str | os.PathLike, *, title: str | None =
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FixedLocator, LogLocator, NullFormatter
+    from matplotlib.transforms import Bbox
 
     positive = [r.kl for r in comparison.rows if r.kl and r.kl > 0]
     low = min(positive) if positive else 1e-6
@@ -798,7 +801,7 @@ def plot(comparison: Comparison, path: str | os.PathLike, *, title: str | None =
         ax.axhline(base_row.kl, color="#ff7f0e", linestyle="--", linewidth=1.2, zorder=1,
                    label=f"base model, nothing kept (KL {base_row.kl:.3g})")
     ax.axhline(floor, color="#bbbbbb", linewidth=0.8, zorder=0)
-    ax.set_xlim(min(xs) / 4, max(xs) * 4)
+    ax.set_xlim(min(xs) / 4, max(xs) * 12)  # room for the labels right of the largest
     ax.set_ylim(floor / 4, max(high, base_row.kl if base_row and base_row.kl else high) * 6)
     # A log axis cannot show 0: the floor line stands for it.
     decades = range(int(math.log10(floor)) + 1, int(math.ceil(math.log10(ax.get_ylim()[1]))) + 1)
@@ -812,16 +815,20 @@ def plot(comparison: Comparison, path: str | os.PathLike, *, title: str | None =
     ax.grid(True, which="major", alpha=0.25)
     ax.set_title(title or f"What each way of storing the fine-tune costs and keeps "
                           f"({comparison.positions} positions)", fontsize=11)
-    ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
+    # The lower left is where no way of storing a fine-tune lands (small and exact).
+    ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
 
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     taken = [ax.get_legend().get_window_extent(renderer)]
     points = ax.transData.transform(list(zip(xs, ys)))
     for px, py in points:
-        from matplotlib.transforms import Bbox
-        taken.append(Bbox([[px - 5, py - 5], [px + 5, py + 5]]))
+        taken.append(Bbox([[px - 8, py - 8], [px + 8, py + 8]]))
     frame = ax.get_window_extent(renderer)
+    # Labels keep off the base's dashed line and the line that stands for 0.
+    for level in ([base_row.kl] if base_row is not None and base_row.kl else []) + [floor]:
+        y = ax.transData.transform((xs[0], level))[1]
+        taken.append(Bbox([[frame.x0, y - 2], [frame.x1, y + 2]]))
     offsets = [(dx, dy) for radius in (7, 16, 28, 42, 58, 76)
                for dx, dy in ((radius, 0), (radius, -radius), (radius, radius), (0, radius), (0, -radius),
                               (-radius, 0), (-radius, radius), (-radius, -radius))]
@@ -846,7 +853,8 @@ def plot(comparison: Comparison, path: str | os.PathLike, *, title: str | None =
             if cost < 1:
                 break
         dx, dy, ha, va, box = best
-        arrow = dict(arrowstyle="-", color="#888888", lw=0.6) if math.hypot(dx, dy) > 20 else None
+        # A label away from its point gets a line to it, so that it cannot be read as a neighbour's.
+        arrow = dict(arrowstyle="-", color="#888888", lw=0.6) if math.hypot(dx, dy) > 12 else None
         ax.annotate(text, (xs[i], ys[i]), xytext=(dx, dy), textcoords="offset pixels", ha=ha, va=va,
                     fontsize=8, arrowprops=arrow, zorder=4)
         taken.append(box)
