@@ -129,8 +129,9 @@ def absmax_decode(parts: Mapping[str, Any], params: Mapping[str, Any], *, bits: 
         out = torch.empty(n, dtype=torch.float32)
         out.copy_(codes)
     else:
-        # One table lookup turns each byte into its two float codes (minus the offset 8).
-        out = torch.from_numpy(_NIBBLE_VALUES[codes.numpy()].reshape(-1)[:n])
+        # One table lookup turns each byte into its two float codes (minus the offset 8): a
+        # flat gather of 8-byte pairs, several times faster than numpy's row indexing.
+        out = torch.from_numpy(np.take(_NIBBLE_PAIRS, codes.numpy()).view(np.float32)[:n])
     full = full_groups * g
     out[:full].view(full_groups, g).mul_(s[:full_groups, None])
     if rest:
@@ -140,6 +141,7 @@ def absmax_decode(parts: Mapping[str, Any], params: Mapping[str, Any], *, bits: 
 
 # byte -> (low nibble - 8, high nibble - 8) as float32: element 2i, then 2i+1.
 _NIBBLE_VALUES = np.array([[(b & 0x0F) - 8, (b >> 4) - 8] for b in range(256)], dtype=np.float32)
+_NIBBLE_PAIRS = _NIBBLE_VALUES.view(np.int64).reshape(-1)  # the same pairs, one int64 each
 
 
 def pack_nibbles(codes: torch.Tensor, *, pad: int) -> torch.Tensor:
