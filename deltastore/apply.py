@@ -87,7 +87,8 @@ def prepare(store: Any, version: Version, current: dict[str, torch.Tensor]) -> l
         entry, cpu = entries[name], live[name].detach().to("cpu")
         return cpu if entry.base_tensor_id is not None and tensor_id(cpu) == entry.base_tensor_id else None
 
-    bases = dict(in_order(list(entries), base_on_cpu, workers=workers))
+    # Every result is kept until the end anyway, so workers may run ahead of a large tensor.
+    bases = dict(in_order(list(entries), base_on_cpu, workers=workers, ahead=len(entries)))
     wrong = [name for name, cpu in bases.items() if cpu is None]
     if wrong:
         raise BaseMismatch(version.base_id, None, wrong,
@@ -103,7 +104,7 @@ def prepare(store: Any, version: Version, current: dict[str, torch.Tensor]) -> l
         return result
 
     return [(entries[name], live[name], result)
-            for name, result in in_order(list(entries), decoded, workers=workers)]
+            for name, result in in_order(list(entries), decoded, workers=workers, ahead=len(entries))]
 
 
 def module_tensors(module: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:

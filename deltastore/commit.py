@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -164,7 +165,8 @@ def build_entries(store: Any, base: Base, base_src: TensorSource, target: Tensor
 
     # Pass 1: what changed, and by how much. Encodes right away unless the selection
     # needs every tensor's change first (top-k, energy, min-rel-change).
-    for k, (name, (change, stored)) in enumerate(in_order(names, scan)):
+    # Each result is a small record (the objects are written already): workers run ahead.
+    for k, (name, (change, stored)) in enumerate(in_order(names, scan, ahead=len(names))):
         if change is None:
             built.unchanged += 1
         else:
@@ -181,7 +183,7 @@ def build_entries(store: Any, base: Base, base_src: TensorSource, target: Tensor
         built.left_out_energy_fraction = selected.left_out_energy_fraction
     if by_stats:
         kept = [n for n in names if n in set(selected.kept)]
-        for k, (name, stored) in enumerate(in_order(kept, encode_kept)):
+        for k, (name, stored) in enumerate(in_order(kept, encode_kept, ahead=len(kept))):
             built.add(stored)
             if progress:
                 progress(len(names) + k + 1, total)
@@ -192,10 +194,16 @@ def build_entries(store: Any, base: Base, base_src: TensorSource, target: Tensor
 T = TypeVar("T")
 
 
-def in_order(names: list[str], work: Callable[[str], T], *, workers: int | None = None) -> Iterator[tuple[str, T]]:
+def in_order(names: list[str], work: Callable[[str], T], *, workers: int | None = None,
+             ahead: int | None = None) -> Iterator[tuple[str, T]]:
     """(name, work(name)) in order, with up to `workers` tensors in flight: reading and hashing
     one tensor overlaps compressing another (all of them release the GIL), while memory stays
-    bounded to a few tensors."""
+    bounded to a few tensors.
+
+    `ahead` (default `workers`) bounds the names handed out but not yet yielded: behind a
+    large tensor (an embedding), the other workers go on with up to that many later ones and
+    their results wait. Callers whose results are small, or kept anyway, pass a large one:
+    otherwise one core idles for as long as the large tensor takes."""
     workers = WORKERS if workers is None else workers
     if workers <= 1:
         for name in names:
@@ -205,31 +213,47 @@ def in_order(names: list[str], work: Callable[[str], T], *, workers: int | None 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield from _pipelined(names, work, workers)
+        yield from _pipelined(names, work, workers, max(workers, ahead or workers))
     finally:
         torch.set_num_threads(threads)
 
 
-def _pipelined(names: list[str], work: Callable[[str], T], workers: int) -> Iterator[tuple[str, T]]:
+def _pipelined(names: list[str], work: Callable[[str], T], workers: int, ahead: int) -> Iterator[tuple[str, T]]:
+    # The pool runs `workers` at a time, in order; names handed out beyond that wait in its
+    # queue, holding nothing until they start. Once one fails, those that start later (all
+    # after it, whose results are never yielded: its error is raised first) do no work.
+    failed = threading.Event()
+
+    def guarded(name: str) -> T | None:
+        if failed.is_set():
+            return None
+        try:
+            return work(name)
+        except BaseException:
+            failed.set()
+            raise
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: deque = deque()
-        it = iter(names)
-        for name in it:
-            pending.append((name, pool.submit(work, name)))
-            if len(pending) >= workers:
-                break
-        while pending:
-            name, future = pending.popleft()
-            try:
+        try:
+            it = iter(names)
+            for name in it:
+                pending.append((name, pool.submit(guarded, name)))
+                if len(pending) >= ahead:
+                    break
+            while pending:
+                name, future = pending.popleft()
                 result = future.result()
-            except BaseException:
-                for _, f in pending:
-                    f.cancel()
-                raise
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(work, nxt)))
-            yield name, result
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(guarded, nxt)))
+                yield name, result
+        finally:
+            # However it ends (an error, an interrupt, the caller stopping early), nothing
+            # queued starts: leaving the pool waits only for the tensors in flight.
+            failed.set()
+            for _, f in pending:
+                f.cancel()
 
 
 def _select(changes: dict[str, Change], include, exclude, top_k, min_rel_change, energy):

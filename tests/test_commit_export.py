@@ -170,3 +170,55 @@ def test_every_safetensors_dtype_round_trips(tmp_path, store) -> None:
     result = store.commit("dtypes", write_folder(tmp_path / "ft", ft), base=write_folder(tmp_path / "base", base))
     assert sorted(e.name for e in result.version.tensors) == sorted(set(base) - {"empty"})
     assert_same_state(load_folder(store.export("dtypes", tmp_path / "out")), ft)
+
+
+def test_in_order_runs_ahead_of_a_slow_tensor_and_stops_when_one_fails() -> None:
+    import threading
+    import time
+
+    from deltastore.commit import in_order
+
+    def run(ahead):
+        started, release, out = [], threading.Event(), []
+
+        def work(name):
+            started.append(name)
+            if name == 0:  # a large first tensor
+                release.wait(10)
+            return name * 10
+        consumer = threading.Thread(target=lambda: out.extend(in_order(list(range(6)), work, ahead=ahead)))
+        consumer.start()
+        deadline = time.monotonic() + 10
+        while len(started) < min(6, ahead) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        seen = sorted(started)
+        release.set()
+        consumer.join(10)
+        return seen, out
+
+    seen, out = run(ahead=2)
+    assert seen == [0, 1] and out == [(i, i * 10) for i in range(6)]
+    seen, out = run(ahead=6)
+    assert seen == list(range(6)) and out == [(i, i * 10) for i in range(6)]
+
+    started = []
+
+    def failing(name):
+        started.append(name)
+        if name == 2:
+            raise ValueError("tensor 2")
+        time.sleep(0.05)
+        return name
+    got = []
+    with pytest.raises(ValueError, match="tensor 2"):
+        for item in in_order(list(range(20)), failing, ahead=20):
+            got.append(item)
+    assert got == [(0, 0), (1, 1)]
+    assert len(started) <= 5  # the tensors in flight when it failed, not the other 17
+
+    started.clear()
+    it = in_order(list(range(20)), failing, ahead=20)
+    assert next(it) == (0, 0)
+    it.close()  # the caller stops early: what is queued never starts
+    assert len(started) <= 4
