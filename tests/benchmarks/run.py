@@ -344,15 +344,21 @@ def markdown(r: dict) -> str:
 
 
 def growth_markdown(g: dict) -> list[str]:
-    lines = ["**Growth** (seconds per GB of the model file: flat means linear in the bytes touched)", ""]
+    lines = ["**Growth** (seconds per GB of the model file and per billion elements: flat means "
+             "linear in what a delta touches)", ""]
     rows = []
     for name, x in g.items():
         gb = x["model_bytes"] / 1e9
+        giga_elements = x["model_bytes"] / ITEMSIZE.get(x["dtype"], 2) / 1e9
         for what, t in [("commit lossless", x["commit"]["lossless"]), ("commit int4", x["commit"]["int4"]),
                         ("apply lossless", x["apply"]["lossless"]), ("apply int4", x["apply"]["int4"]),
                         ("load_model", x["load_model"])]:
-            rows.append([name, mb(x["model_bytes"]), what, fmt_t(t), f"{med(t) / gb:.2f}"])
-    return lines + table(["model", "file", "operation", "time", "s per GB"], rows)
+            rows.append([name, f"{mb(x['model_bytes'])} {x['dtype']}", what, fmt_t(t), f"{med(t) / gb:.2f}",
+                         f"{med(t) / giga_elements:.2f}"])
+    return lines + table(["model", "file", "operation", "time", "s per GB", "s per G elements"], rows)
+
+
+ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2}
 
 
 @contextmanager
