@@ -10,12 +10,15 @@ subtracts a delta, so it is exact whatever the encoding.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from . import encodings
 from .errors import BaseMismatch, DeltastoreError
 from .hashing import tensor_id
 from .records import TensorEntry, Version
@@ -70,41 +73,70 @@ def match_names(entries: list[str], names: set[str]) -> dict[str, str]:
 def prepare(store: Any, version: Version, current: dict[str, torch.Tensor]) -> list[tuple[TensorEntry, torch.Tensor, torch.Tensor]]:
     """(entry, module tensor, result on CPU) for every entry, everything verified.
 
-    Two tensors at a time, as commit does (`in_order`): hashing, reading and decoding release
-    the GIL, and one thread per tensor keeps both cores busy, where torch's own intra-op
-    threads wait on each other on a busy machine (a whole-model int4 apply ran 2x slower).
-    A small version (a surgical delta) runs on this thread: starting threads would cost it
-    more than it saves."""
+    A large version runs two tensors at a time, as commit does (`in_order`): hashing, reading
+    and decoding release the GIL, and one thread per tensor keeps both cores busy, where
+    torch's own intra-op threads wait on each other on a busy machine (a whole-model int4
+    apply ran 2x slower). A small version (a surgical delta) checks its base tensors on this
+    thread while two long-lived threads read and verify its objects: new threads would cost
+    it more than they save."""
     from .commit import in_order
 
     mapping = match_names([e.name for e in version.tensors], set(current))
     entries = {e.name: e for e in version.tensors}
     live = {e.name: current[mapping[e.name]] for e in version.tensors}
-    elements = sum(math.prod(e.shape) for e in version.tensors)
-    workers = None if elements >= PIPELINED_FROM else 1
+    small = sum(math.prod(e.shape) for e in version.tensors) < PIPELINED_FROM
 
     def base_on_cpu(name: str) -> torch.Tensor | None:
         entry, cpu = entries[name], live[name].detach().to("cpu")
         return cpu if entry.base_tensor_id is not None and tensor_id(cpu) == entry.base_tensor_id else None
 
-    # Every result is kept until the end anyway, so workers may run ahead of a large tensor.
-    bases = dict(in_order(list(entries), base_on_cpu, workers=workers, ahead=len(entries)))
-    wrong = [name for name, cpu in bases.items() if cpu is None]
-    if wrong:
-        raise BaseMismatch(version.base_id, None, wrong,
-                           "these tensors are not the base's (is another stance applied? revert it first)")
+    def check_bases(bases: dict[str, torch.Tensor | None]) -> None:
+        wrong = [name for name, cpu in bases.items() if cpu is None]
+        if wrong:
+            raise BaseMismatch(version.base_id, None, wrong,
+                               "these tensors are not the base's (is another stance applied? revert it first)")
 
-    def decoded(name: str) -> torch.Tensor:
+    def decoded(name: str, parts: dict | None = None) -> torch.Tensor:
         entry = entries[name]
-        result = store.decode_entry(entry, bases[name])
-        if tensor_id(result) != entry.result_tensor_id:
+        result = store.decode_entry(entry, bases[name], parts)
+        # An exact encoding's result is a bitwise function of the verified object and base:
+        # hashing it again would only cost time (a third of a surgical apply's).
+        if not encodings.from_params(entry.encoding, entry.params).exact \
+                and tensor_id(result) != entry.result_tensor_id:
             raise DeltastoreError(
                 f"tensor {entry.name!r} of {version.ref} decodes to other bytes than at commit "
                 "(a different torch build or a corrupt object); nothing was changed")
         return result
 
+    if small:
+        reads = {name: _readers().submit(store.read_parts, entry) for name, entry in entries.items()}
+        bases = {name: base_on_cpu(name) for name in entries}
+        check_bases(bases)
+        return [(entries[name], live[name], decoded(name, reads[name].result())) for name in entries]
+    # Every result is kept until the end anyway, so workers may run ahead of a large tensor.
+    bases = dict(in_order(list(entries), base_on_cpu, ahead=len(entries)))
+    check_bases(bases)
     return [(entries[name], live[name], result)
-            for name, result in in_order(list(entries), decoded, workers=workers, ahead=len(entries))]
+            for name, result in in_order(list(entries), decoded, ahead=len(entries))]
+
+
+_READERS: ThreadPoolExecutor | None = None
+
+
+def _readers() -> ThreadPoolExecutor:
+    global _READERS
+    if _READERS is None:
+        _READERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deltastore-read")
+    return _READERS
+
+
+def _forget_readers() -> None:
+    # A forked child has none of its parent's threads: it starts its own pool when it needs one.
+    global _READERS
+    _READERS = None
+
+
+os.register_at_fork(after_in_child=_forget_readers)
 
 
 def module_tensors(module: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:

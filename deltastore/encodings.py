@@ -58,48 +58,67 @@ def _bytes_tensor(data: bytes | memoryview) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
 
 
+# Little-endian unsigned integers as wide as an element: grouping and ungrouping bytes by
+# shifting whole elements is 2x faster than strided byte copies for 2-byte dtypes (bf16, fp16).
+_WORDS = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+
+
+def _group_into(out: np.ndarray, words: np.ndarray, first: int, n: int) -> None:
+    """Byte k of each element of `words` into out[k*n + first:], for every k. Shifts `words`."""
+    count = words.size
+    for k in range(words.itemsize):
+        if k:
+            np.right_shift(words, 8, out=words)
+        # A casting assignment keeps the low byte.
+        out[k * n + first:k * n + first + count] = words
+
+
 def byte_group(raw: torch.Tensor, itemsize: int) -> memoryview:
     """All first bytes of every element, then all second bytes, ...: zstd finds far more
     runs this way, because the high bytes (sign, exponent) of a small delta are mostly equal."""
     src = raw.numpy()
     if itemsize == 1:
         return memoryview(src.copy())
-    n = src.size // itemsize
     out = np.empty(src.size, dtype=np.uint8)
-    # Strided slices copy several times faster than a transpose of an (n, itemsize) view.
-    for k in range(itemsize):
-        out[k * n:(k + 1) * n] = src[k::itemsize]
+    _group_into(out, src.view(_WORDS[itemsize]).copy(), 0, src.size // itemsize)
     return memoryview(out)
 
 
 def xor_grouped(base: torch.Tensor, target: torch.Tensor, *, chunk: int = 1 << 22) -> memoryview:
     """byte_group(base XOR target), chunk by chunk: never a whole-tensor XOR temporary, which
-    for a 150M-element embedding would be a third copy of it in memory. XOR is bytewise, so
-    numpy's uint8 XOR serves every dtype (and runs several times faster than torch's here)."""
+    for a 150M-element embedding would be a third copy of it in memory. XOR is bitwise, so
+    numpy's integer XOR serves every dtype (and runs several times faster than torch's here)."""
     itemsize = target.element_size()
     b, t = _as_bytes(base).numpy(), _as_bytes(target).numpy()
-    n = t.size // itemsize
-    out = np.empty(t.size, dtype=np.uint8)
-    step = chunk * itemsize
-    for start in range(0, t.size, step):
-        x = np.bitwise_xor(b[start:start + step], t[start:start + step])
-        first, count = start // itemsize, x.size // itemsize
-        for k in range(itemsize):
-            out[k * n + first:k * n + first + count] = x[k::itemsize]
+    if itemsize == 1:
+        return memoryview(np.bitwise_xor(b, t))
+    b, t = b.view(_WORDS[itemsize]), t.view(_WORDS[itemsize])
+    out = np.empty(t.size * itemsize, dtype=np.uint8)
+    for start in range(0, t.size, chunk):
+        _group_into(out, np.bitwise_xor(b[start:start + chunk], t[start:start + chunk]), start, t.size)
     return memoryview(out)
 
 
-def byte_ungroup(data: bytes | memoryview, itemsize: int) -> torch.Tensor:
+def byte_ungroup(data: bytes | memoryview, itemsize: int, *, xor: np.ndarray | None = None) -> torch.Tensor:
+    """The inverse of byte_group, XORed with the bytes `xor` (a base's) on the way when given:
+    one pass over the elements instead of two."""
     src = np.frombuffer(data, dtype=np.uint8) if len(data) else np.empty(0, dtype=np.uint8)
-    if itemsize == 1:
-        return torch.from_numpy(src.copy())
     n = src.size // itemsize
     if n * itemsize != src.size:
         raise EncodingError(f"payload of {src.size} bytes is not a whole number of {itemsize}-byte elements")
-    out = np.empty(src.size, dtype=np.uint8)
-    for k in range(itemsize):
-        out[k::itemsize] = src[k * n:(k + 1) * n]
-    return torch.from_numpy(out)
+    if xor is not None and xor.size != src.size:
+        raise EncodingError(f"payload has {src.size} bytes, the base {xor.size}")
+    if itemsize == 1:
+        out = src.copy() if xor is None else np.bitwise_xor(src, xor)
+        return torch.from_numpy(out)
+    planes = src.reshape(itemsize, n)
+    words = planes[-1].astype(_WORDS[itemsize])
+    for k in range(itemsize - 2, -1, -1):
+        words <<= 8
+        words |= planes[k]
+    if xor is not None:
+        words ^= xor.view(_WORDS[itemsize])
+    return torch.from_numpy(words.view(np.uint8))
 
 
 class Lossless(Encoding):
@@ -132,13 +151,15 @@ class Lossless(Encoding):
         itemsize = base.element_size()
         if base.dtype != dtype or tuple(base.shape) != tuple(shape):
             raise EncodingError(f"an xor payload needs a base of dtype {dtype} and shape {tuple(shape)}")
-        xor = _check_size(byte_ungroup(encoded.parts["xor"], itemsize), dtype, shape)
-        if xor.numel() == 0:
+        payload = encoded.parts["xor"]
+        if len(payload) != base.numel() * itemsize:
+            raise EncodingError(f"payload has {len(payload)} bytes, the entry declares {base.numel() * itemsize}")
+        # In numpy: its single-threaded XOR does not wait on torch's thread pool (which costs
+        # more than the XOR on a busy machine).
+        result = byte_ungroup(payload, itemsize, xor=_as_bytes(base).numpy())
+        if result.numel() == 0:
             return torch.empty(shape, dtype=dtype)
-        # In place, in numpy: the buffer is ours, and numpy's single-threaded XOR does not
-        # wait on torch's thread pool (which costs more than the XOR on a busy machine).
-        np.bitwise_xor(xor.numpy(), _as_bytes(base).numpy(), out=xor.numpy())
-        return xor.view(dtype).reshape(shape)
+        return result.view(dtype).reshape(shape)
 
 
 def _check_size(data: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

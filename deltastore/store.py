@@ -501,9 +501,15 @@ class Store:
 
     # -- reading versions back -----------------------------------------------------------------
 
-    def decode_entry(self, entry: TensorEntry, base_tensor: torch.Tensor | None) -> torch.Tensor:
-        """The tensor apply produces for one entry, from verified objects."""
-        parts = {part: self.objects.get(o.id, raw_size=o.size) for part, o in entry.objects.items()}
+    def read_parts(self, entry: TensorEntry) -> dict[str, bytes | bytearray]:
+        """The payloads of one entry's objects, each verified against its id."""
+        return {part: self.objects.get(o.id, raw_size=o.size) for part, o in entry.objects.items()}
+
+    def decode_entry(self, entry: TensorEntry, base_tensor: torch.Tensor | None,
+                     parts: dict[str, bytes | bytearray] | None = None) -> torch.Tensor:
+        """The tensor apply produces for one entry, from verified objects (read here unless
+        `parts` holds them already)."""
+        parts = self.read_parts(entry) if parts is None else parts
         enc = encodings.from_params(entry.encoding, entry.params)
         base = base_tensor if base_tensor is not None else torch.empty(0)
         return enc.decode(base, encodings.Encoded(parts, entry.params), dtype=DTYPES[entry.dtype],
