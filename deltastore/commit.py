@@ -312,6 +312,14 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
 
 def _store_tensor(store: Any, name: str, base: torch.Tensor, target: torch.Tensor,
                   change: Change, enc: encodings.Encoding, token: str) -> Stored:
+    streamed = enc.stream(base, target)
+    if streamed is not None:
+        put = store.objects.put_stream(streamed.chunks, streamed.size, sync_dir=False,
+                                       claim=lambda oid: store.catalog.add_pending(token, [oid]))
+        entry = TensorEntry(name, dtype_name(target.dtype), tuple(target.shape), enc.spec, streamed.params,
+                            {streamed.part: ObjectRef(put.id, put.raw_size)}, change.base_id,
+                            change.target_id, change.target_id, _round(change.rel_change), 0.0)
+        return Stored(entry, {put.id: put.size}, put.size if put.new else 0)
     try:
         encoded = enc.encode(base, target)
     except EncodingError as e:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -25,6 +25,17 @@ from .limits import shown
 @dataclass(frozen=True)
 class Encoded:
     parts: dict[str, bytes | memoryview]
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """A one-part encoding whose payload `chunks()` produces a piece at a time (each call
+    starts over): the same bytes `encode` would return, never held whole."""
+
+    part: str
+    size: int
+    chunks: Callable[[], Iterator[memoryview]]
     params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -47,6 +58,11 @@ class Encoding:
                shape: tuple[int, ...]) -> torch.Tensor:
         raise NotImplementedError
 
+    def stream(self, base: torch.Tensor, target: torch.Tensor) -> Streamed | None:
+        """`encode` as a stream, where this encoding can and the tensor is large enough to
+        gain from it; None otherwise."""
+        return None
+
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
@@ -57,6 +73,11 @@ def _bytes_tensor(data: bytes | memoryview) -> torch.Tensor:
         return torch.empty(0, dtype=torch.uint8)
     return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
 
+
+# Lossless payloads of at least this many bytes are streamed to the object store: a large
+# tensor's XOR is then never held whole (a third copy of an embedding), and each chunk is
+# hashed and compressed while it is still in the cache.
+STREAM_FROM = 4 << 20
 
 # Little-endian unsigned integers as wide as an element: grouping and ungrouping bytes by
 # shifting whole elements is 2x faster than strided byte copies for 2-byte dtypes (bf16, fp16).
@@ -99,6 +120,21 @@ def xor_grouped(base: torch.Tensor, target: torch.Tensor, *, chunk: int = 1 << 2
     return memoryview(out)
 
 
+def xor_planes(base: torch.Tensor, target: torch.Tensor, *, chunk: int = 1 << 18) -> Iterator[memoryview]:
+    """xor_grouped's bytes, a chunk at a time: plane by plane, each chunk XORed again from
+    base and target (cheap, and in the cache), so that no whole-tensor buffer is held."""
+    itemsize = target.element_size()
+    b, t = _as_bytes(base).numpy(), _as_bytes(target).numpy()
+    if itemsize > 1:
+        b, t = b.view(_WORDS[itemsize]), t.view(_WORDS[itemsize])
+    for k in range(itemsize):
+        for start in range(0, t.size, chunk):
+            x = np.bitwise_xor(b[start:start + chunk], t[start:start + chunk])
+            if k:
+                np.right_shift(x, 8 * k, out=x)
+            yield memoryview(x if itemsize == 1 else x.astype(np.uint8))
+
+
 def byte_ungroup(data: bytes | memoryview, itemsize: int, *, xor: np.ndarray | None = None) -> torch.Tensor:
     """The inverse of byte_group, XORed with the bytes `xor` (a base's) on the way when given:
     one pass over the elements instead of two."""
@@ -134,6 +170,12 @@ class Lossless(Encoding):
         if base.dtype != target.dtype or base.shape != target.shape:
             return Encoded({"raw": memoryview(_as_bytes(target).numpy().copy())}, {"mode": "raw"})
         return Encoded({"xor": xor_grouped(base, target)}, {"mode": "xor"})
+
+    def stream(self, base: torch.Tensor, target: torch.Tensor) -> Streamed | None:
+        size = target.numel() * target.element_size()
+        if size < STREAM_FROM or base.dtype != target.dtype or base.shape != target.shape:
+            return None
+        return Streamed("xor", size, lambda: xor_planes(base, target), {"mode": "xor"})
 
     def decode(self, base: torch.Tensor, encoded: Encoded, *, dtype: torch.dtype,
                shape: tuple[int, ...]) -> torch.Tensor:

@@ -55,7 +55,8 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
 
 
-def _hasher(size: int) -> "blake3.blake3":
+def hasher(size: int) -> "blake3.blake3":
+    """A BLAKE3 hasher for `size` bytes; `hexdigest_id` turns it into an id."""
     # Threads only pay off on large inputs; below ~1 MB they cost more than they save.
     return blake3.blake3(max_threads=blake3.blake3.AUTO if size >= 1 << 20 else 1)
 
@@ -64,16 +65,20 @@ def tensor_id(tensor: torch.Tensor) -> str:
     """`b3:` + BLAKE3 of `"{DTYPE} {d0,d1,...}\\n"` followed by the raw little-endian bytes."""
     data = tensor_bytes(tensor)
     shape = ",".join(str(d) for d in tensor.shape)
-    h = _hasher(len(data))
+    h = hasher(len(data))
     h.update(f"{dtype_name(tensor.dtype)} {shape}\n".encode())
     h.update(data)
-    return f"{ALGORITHM}:{h.hexdigest()}"
+    return hexdigest_id(h)
 
 
 def bytes_id(data: bytes | memoryview) -> str:
     """The id of an object: BLAKE3 of its uncompressed payload."""
-    h = _hasher(len(data))
+    h = hasher(len(data))
     h.update(data)
+    return hexdigest_id(h)
+
+
+def hexdigest_id(h: "blake3.blake3") -> str:
     return f"{ALGORITHM}:{h.hexdigest()}"
 
 

@@ -24,12 +24,12 @@ import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import zstandard
 
 from .errors import CorruptObject, MissingObject, UnsafeInput
-from .hashing import ALGORITHM, bytes_id, is_id
+from .hashing import ALGORITHM, bytes_id, hasher, hexdigest_id, is_id
 
 MAGIC = b"DSOB"
 FORMAT_VERSION = 1
@@ -92,6 +92,41 @@ class ObjectStore:
         header = HEADER.pack(MAGIC, FORMAT_VERSION, compression, 0, len(data))
         self._write_atomic(path, header, payload, sync_dir=sync_dir)
         return PutResult(object_id, HEADER.size + len(payload), len(data), True)
+
+    def put_stream(self, chunks: Callable[[], Iterable[memoryview]], size: int, *,
+                   claim: Callable[[str], None], sync_dir: bool = True) -> PutResult:
+        """`put` of a payload given as chunks (`chunks()` yields them, again if called again),
+        hashed and compressed in one pass while each chunk is hot in the cache: a large
+        tensor's payload is never held whole. `claim(id)` runs once the id is known, before
+        the store looks whether the object exists (the caller's gc shield, FORMAT.md rule 2)."""
+        h = hasher(0)  # fed a chunk at a time: one thread hashes it faster than several
+        stream = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=self.threads if size >= THREADED_FROM else 0
+                                          ).compressobj(size=size)
+        packed, seen = [], 0
+        for chunk in chunks():
+            seen += len(chunk)
+            if seen > size:
+                break
+            h.update(chunk)
+            packed.append(stream.compress(chunk))
+        if seen != size:
+            raise ValueError(f"a payload stream of {size} bytes gave {'more' if seen > size else seen}")
+        packed.append(stream.flush())
+        object_id = hexdigest_id(h)
+        claim(object_id)
+        path = self.path(object_id)
+        if path.is_file():
+            os.utime(path)
+            return PutResult(object_id, path.stat().st_size, size, False)
+        body = b"".join(packed)
+        del packed
+        if size >= 64 and len(body) < size:
+            payload, compression = body, ZSTD
+        else:  # as `compress` decides: an incompressible payload is kept raw
+            payload, compression = b"".join(chunks()), RAW
+        header = HEADER.pack(MAGIC, FORMAT_VERSION, compression, 0, size)
+        self._write_atomic(path, header, payload, sync_dir=sync_dir)
+        return PutResult(object_id, HEADER.size + len(payload), size, True)
 
     def _compress(self, data: bytes | memoryview) -> tuple[bytes | memoryview, int]:
         return compress(data, threads=self.threads)

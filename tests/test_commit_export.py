@@ -222,3 +222,40 @@ def test_in_order_runs_ahead_of_a_slow_tensor_and_stops_when_one_fails() -> None
     assert next(it) == (0, 0)
     it.close()  # the caller stops early: what is queued never starts
     assert len(started) <= 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8], ids=str)
+def test_a_large_tensor_is_streamed_to_the_same_object(tmp_path, store, dtype) -> None:
+    # Past STREAM_FROM the XOR payload is hashed and compressed chunk by chunk: the object
+    # must hold exactly the bytes the one-shot encoding gives, and export the fine-tune.
+    from deltastore.encodings import STREAM_FROM, get, xor_grouped, xor_planes
+    from deltastore.hashing import bytes_id
+
+    g = torch.Generator().manual_seed(7)
+    n = STREAM_FROM // torch.empty(0, dtype=dtype).element_size() + 12345
+    if dtype == torch.uint8:
+        base = torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8)
+        tuned = base.clone()
+        tuned[::3] += 1
+    else:
+        base = torch.randn(n, generator=g).to(dtype)
+        tuned = (base.float() + 1e-3 * torch.randn(n, generator=g)).to(dtype)
+    small = torch.randn(8, generator=g)
+    write_folder(tmp_path / "base", {"big": base, "small": small})
+    write_folder(tmp_path / "ft", {"big": tuned, "small": small + 1})
+
+    streamed = get("lossless").stream(base, tuned)
+    assert streamed is not None and streamed.size == n * base.element_size()
+    assert b"".join(bytes(c) for c in streamed.chunks()) == bytes(xor_grouped(base, tuned))
+    assert b"".join(bytes(c) for c in xor_planes(base, tuned, chunk=1000)) == bytes(xor_grouped(base, tuned))
+
+    store.add_base(tmp_path / "base", name="base")
+    result = store.commit("curious", tmp_path / "ft", base="base")
+    entry = {e.name: e for e in result.version.tensors}["big"]
+    assert entry.objects["xor"].id == bytes_id(xor_grouped(base, tuned))
+    assert entry.result_tensor_id == tensor_id(tuned)
+    assert_same_state(load_folder(store.export("curious", tmp_path / "export")), {"big": tuned, "small": small + 1})
+    assert store.fsck(read_data=True).ok
+    before = sorted(object_files(store.root))
+    again = store.commit("curious", tmp_path / "ft", base="base")
+    assert again.bytes_new == 0 and sorted(object_files(store.root)) == before

@@ -185,3 +185,21 @@ def test_remove_returns_the_bytes_freed(tmp_path) -> None:
     assert objects.remove(put.id) == put.size
     assert not objects.exists(put.id)
     assert objects.remove(put.id) == 0
+
+
+@pytest.mark.parametrize("kind", sorted(PAYLOADS))
+def test_a_streamed_put_stores_what_put_would(tmp_path, kind) -> None:
+    data = PAYLOADS[kind]
+    chunks = lambda: (memoryview(data)[i:i + 777] for i in range(0, len(data), 777))  # noqa: E731
+    claimed = []
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    streamed = ObjectStore(tmp_path / "a").put_stream(chunks, len(data), claim=claimed.append)
+    plain = ObjectStore(tmp_path / "b").put(data)
+    assert claimed == [plain.id] and (streamed.id, streamed.raw_size, streamed.new) == (plain.id, len(data), True)
+    store = ObjectStore(tmp_path / "a")
+    assert store.get(streamed.id) == data
+    assert header_of(store.path(streamed.id))[2] == header_of(ObjectStore(tmp_path / "b").path(plain.id))[2]
+    assert store.put_stream(chunks, len(data), claim=claimed.append).new is False
+    with pytest.raises(ValueError):
+        store.put_stream(chunks, len(data) + 1, claim=claimed.append)
