@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -162,7 +165,7 @@ def apply_module(store: Any, module: torch.nn.Module, version: Version, *, stric
     current = module_tensors(module, [e.name for e in version.tensors])
     plan = prepare(store, version, current)
     handle = ApplyHandle(version, module)
-    with torch.no_grad():
+    with torch.no_grad(), _interrupts_deferred():
         try:
             for entry, t, result in plan:
                 handle._patched.append(_overwrite(t, result))
@@ -173,6 +176,8 @@ def apply_module(store: Any, module: torch.nn.Module, version: Version, *, stric
 
 
 def _overwrite(t: torch.Tensor, result: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    if t.dtype == result.dtype and t.shape == result.shape and _exchange(t, result):
+        return t, result, None  # `result` holds the base's bytes now
     original = _clone(t)
     if t.dtype == result.dtype and t.shape == result.shape:
         _copy(t, result)
@@ -184,7 +189,7 @@ def _overwrite(t: torch.Tensor, result: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def _restore(patched: list[tuple[torch.Tensor, torch.Tensor, Any]]) -> None:
-    with torch.no_grad():
+    with torch.no_grad(), _interrupts_deferred():
         for t, original, old_data in reversed(patched):
             if old_data is not None:
                 t.data = old_data
@@ -196,6 +201,42 @@ def _bytes_view(t: torch.Tensor):
     if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
         return None
     return t.detach().reshape(-1).view(torch.uint8).numpy()
+
+
+def _exchange(t: torch.Tensor, result: torch.Tensor, *, step: int = 1 << 18) -> bool:
+    """Swap the bytes of a module tensor and of a decoded result (ours, not shared) in place,
+    a cache-sized slice at a time: the module gets the result, and the result's buffer keeps
+    the base for revert. A copy of the base would be a fresh whole-model allocation, whose
+    page faults cost more than the copying. False (nothing done) where it does not apply."""
+    d, r = _bytes_view(t), _bytes_view(result)
+    if d is None or r is None or d.size != r.size or not r.flags.writeable \
+            or t.untyped_storage().data_ptr() == result.untyped_storage().data_ptr():
+        return False
+    spare = np.empty(min(step, d.size), dtype=np.uint8)
+    for start in range(0, d.size, step):
+        end = min(start + step, d.size)
+        held = spare[:end - start]
+        np.copyto(held, d[start:end])
+        np.copyto(d[start:end], r[start:end])
+        np.copyto(r[start:end], held)
+    return True
+
+
+@contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C waits until the block ends: a module is never left with one tensor half
+    written, or written but not yet recorded for revert. (Only the main thread gets signals.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[Any] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _clone(t: torch.Tensor) -> torch.Tensor:

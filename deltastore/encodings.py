@@ -244,15 +244,30 @@ class _Delta(Encoding):
         if tuple(base.shape) != shape:
             raise EncodingError(f"{self.spec} needs a base of shape {shape}, got {tuple(base.shape)}")
         b = base.detach()
-        dw = self._decode(encoded, shape).reshape(shape).to(b.device)
-        # float32 arithmetic, in place; a float64 base keeps its precision.
-        return (b + dw if b.dtype == torch.float64 else dw.add_(b)).to(dtype)
+        if b.dtype == torch.float64 or b.device.type != "cpu":
+            dw = self._decode(encoded, shape).reshape(shape).to(b.device)
+            # float32 arithmetic, in place; a float64 base keeps its precision.
+            return (b + dw if b.dtype == torch.float64 else dw.add_(b)).to(dtype)
+        # The same float32 arithmetic, elementwise, a slice at a time: each slice of dW is
+        # added and rounded while it is in the cache, and no whole-tensor float32 temporary
+        # is allocated (on a big model, its page faults cost more than the arithmetic).
+        out = torch.empty(shape, dtype=dtype)
+        flat_out, flat_b = out.reshape(-1), b.reshape(-1)
+        for start, dw in self._decode_slices(encoded, shape):
+            end = start + dw.numel()
+            flat_out[start:end].copy_(dw.add_(flat_b[start:end]))
+        return out
 
     def _encode(self, dw: torch.Tensor, shape: tuple[int, ...]) -> tuple[Q.Parts, dict[str, Any]]:
         raise NotImplementedError
 
     def _decode(self, encoded: Encoded, shape: tuple[int, ...]) -> torch.Tensor:
         raise NotImplementedError
+
+    def _decode_slices(self, encoded: Encoded, shape: tuple[int, ...]) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first element, flat float32 dW of the elements from there), covering the tensor
+        in order. One slice unless the encoding can decode a part at a time."""
+        yield 0, self._decode(encoded, shape).reshape(-1)
 
 
 def _whole(value: Any, option: str, allowed: str) -> int:
@@ -274,6 +289,9 @@ class _Absmax(_Delta):
 
     def _decode(self, encoded: Encoded, shape: tuple[int, ...]) -> torch.Tensor:
         return Q.absmax_decode(encoded.parts, encoded.params, bits=self.bits, numel=math.prod(shape))
+
+    def _decode_slices(self, encoded: Encoded, shape: tuple[int, ...]) -> Iterator[tuple[int, torch.Tensor]]:
+        return Q.absmax_decode_slices(encoded.parts, encoded.params, bits=self.bits, numel=math.prod(shape))
 
 
 @dataclass(frozen=True)

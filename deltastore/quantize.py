@@ -29,7 +29,7 @@ little-endian array with no header; elements run over the tensor flattened in ro
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -117,26 +117,42 @@ def absmax_encode(dw: torch.Tensor, *, bits: int, group_size: int) -> tuple[Part
 
 
 def absmax_decode(parts: Mapping[str, Any], params: Mapping[str, Any], *, bits: int, numel: int) -> torch.Tensor:
+    out = torch.empty(numel, dtype=torch.float32)
+    for start, dw in absmax_decode_slices(parts, params, bits=bits, numel=numel, slice_elements=numel):
+        out[start:start + dw.numel()] = dw
+    return out
+
+
+# Elements per slice of a decode: a slice's float32 values fit in a core's L2 cache.
+SLICE = 1 << 16
+
+
+def absmax_decode_slices(parts: Mapping[str, Any], params: Mapping[str, Any], *, bits: int, numel: int,
+                         slice_elements: int = SLICE) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first element, float32 dW of the next elements), in order: a whole number of groups
+    (and of code bytes) at a time, the arithmetic in place in one buffer per slice."""
     g, exp, n = _int_param(params, "group_size", 1), _exp_param(params), numel
     full_groups, rest = divmod(n, g)
     s = unscale(_part(parts, "scales", torch.float16, full_groups + (rest > 0)), exp)
-    # The codes' size is checked before the output is allocated: the element count comes
-    # from outside, and only the codes back it.
+    # The codes' size is checked before anything is decoded: the element count comes from
+    # outside, and only the codes back it.
     codes = _part(parts, "codes", torch.int8, n) if bits == 8 else _part(parts, "codes", torch.uint8, (n + 1) // 2)
-    # In place in one float32 buffer: on a big model, fresh allocations (page faults) cost
-    # more than the arithmetic.
-    if bits == 8:
-        out = torch.empty(n, dtype=torch.float32)
-        out.copy_(codes)
-    else:
-        # One table lookup turns each byte into its two float codes (minus the offset 8): a
-        # flat gather of 8-byte pairs, several times faster than numpy's row indexing.
-        out = torch.from_numpy(np.take(_NIBBLE_PAIRS, codes.numpy()).view(np.float32)[:n])
-    full = full_groups * g
-    out[:full].view(full_groups, g).mul_(s[:full_groups, None])
-    if rest:
-        out[full:].mul_(s[full_groups])
-    return out
+    step = math.lcm(g, 2) * max(1, slice_elements // math.lcm(g, 2))
+    raw = codes.numpy()
+    for start in range(0, n, step) if n else ():
+        m = min(step, n - start)
+        if bits == 8:
+            out = torch.from_numpy(raw[start:start + m].astype(np.float32))
+        else:
+            # One table lookup turns each byte into its two float codes (minus the offset
+            # 8): a flat gather of 8-byte pairs, several times faster than row indexing.
+            pairs = raw[start // 2:(start + m + 1) // 2]
+            out = torch.from_numpy(np.take(_NIBBLE_PAIRS, pairs).view(np.float32)[:m])
+        first, whole = start // g, m // g
+        out[:whole * g].view(whole, g).mul_(s[first:first + whole, None])
+        if m % g:
+            out[whole * g:].mul_(s[first + whole])
+        yield start, out
 
 
 # byte -> (low nibble - 8, high nibble - 8) as float32: element 2i, then 2i+1.
