@@ -100,8 +100,9 @@ class ObjectStore:
         tensor's payload is never held whole. `claim(id)` runs once the id is known, before
         the store looks whether the object exists (the caller's gc shield, FORMAT.md rule 2)."""
         h = hasher(0)  # fed a chunk at a time: one thread hashes it faster than several
-        stream = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=self.threads if size >= THREADED_FROM else 0
-                                          ).compressobj(size=size)
+        # One zstd thread compresses while this one produces and hashes the next chunks; the
+        # caller's own workers are the rest of the parallelism (more threads measured slower).
+        stream = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=min(self.threads, 1)).compressobj(size=size)
         packed, seen = [], 0
         for chunk in chunks():
             seen += len(chunk)
