@@ -219,12 +219,20 @@ def _check_size(data: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) 
 
 
 def _delta(base: torch.Tensor, target: torch.Tensor, spec: str) -> torch.Tensor:
+    _check_pair(base, target, spec)
+    return _delta_slice(base, target, spec)
+
+
+def _check_pair(base: torch.Tensor, target: torch.Tensor, spec: str) -> None:
     if tuple(base.shape) != tuple(target.shape):
         raise EncodingError(f"{spec} needs a base and target of one shape, got {tuple(base.shape)} "
                             f"and {tuple(target.shape)}; keep this tensor lossless")
     if not (base.is_floating_point() and target.is_floating_point()):
         raise EncodingError(f"{spec} needs floating-point tensors, got {base.dtype} and {target.dtype}; "
                             "keep this tensor lossless")
+
+
+def _delta_slice(base: torch.Tensor, target: torch.Tensor, spec: str) -> torch.Tensor:
     dw = target.detach().to("cpu", torch.float32) - base.detach().to("cpu", torch.float32)
     if not bool(torch.isfinite(dw).all()):
         raise EncodingError(f"the delta has inf or nan values, which {spec} cannot hold; keep this tensor lossless")
@@ -283,6 +291,15 @@ class _Absmax(_Delta):
 
     def __post_init__(self) -> None:
         _whole(self.group_size, "group_size", "a positive whole number of elements per scale (default 64)")
+
+    def encode(self, base: torch.Tensor, target: torch.Tensor) -> Encoded:
+        # dW a slice at a time: a whole-tensor float32 delta of an embedding is two copies of
+        # it in fresh memory, slower to allocate than to compute.
+        _check_pair(base, target, self.spec)
+        b, t = base.detach().reshape(-1), target.detach().reshape(-1)
+        parts, params = Q.absmax_encode_slices(lambda start, end: _delta_slice(b[start:end], t[start:end], self.spec),
+                                               t.numel(), bits=self.bits, group_size=self.group_size)
+        return Encoded(dict(parts), params)
 
     def _encode(self, dw: torch.Tensor, shape: tuple[int, ...]) -> tuple[Q.Parts, dict[str, Any]]:
         return Q.absmax_encode(dw, bits=self.bits, group_size=self.group_size)

@@ -29,7 +29,7 @@ little-endian array with no header; elements run over the tensor flattened in ro
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -99,21 +99,57 @@ def _qmax(bits: int) -> int:
     return (1 << (bits - 1)) - 1
 
 
+# Elements per slice of an encode or decode: a slice's float32 values fit in a core's L2 cache.
+SLICE = 1 << 16
+
+
 def absmax_encode(dw: torch.Tensor, *, bits: int, group_size: int) -> tuple[Parts, dict[str, Any]]:
     """Group-wise symmetric quantisation of the flat float32 delta to int8 or int4 codes."""
-    qmax, n, g = _qmax(bits), dw.numel(), group_size
+    flat = dw.reshape(-1)
+    return absmax_encode_slices(lambda start, end: flat[start:end], flat.numel(), bits=bits, group_size=group_size)
+
+
+def absmax_encode_slices(delta: Callable[[int, int], torch.Tensor], numel: int, *, bits: int, group_size: int,
+                         slice_elements: int = SLICE) -> tuple[Parts, dict[str, Any]]:
+    """absmax_encode of the delta that `delta(start, end)` gives a float32 slice of, a slice
+    at a time: one pass for the group scales, one for the codes, each slice's arithmetic in
+    the cache and no whole-tensor float32 temporary. The bytes are absmax_encode's."""
+    qmax, n, g = _qmax(bits), numel, group_size
     groups = -(-n // g)
-    x = torch.zeros(groups * g, dtype=torch.float32)
-    x[:n] = dw.reshape(-1)
-    x = x.view(groups, g)
-    s16, exp = fp16_scales(x.abs().amax(dim=1) / qmax if groups else torch.empty(0))
+    step = math.lcm(g, 2) * max(1, slice_elements // math.lcm(g, 2))
+    top = torch.zeros(groups, dtype=torch.float32)
+    for start, end, first, whole in _slices(n, g, step):
+        d = delta(start, end)
+        top[first:first + whole] = d[:whole * g].view(whole, g).abs().amax(dim=1)
+        if (end - start) % g:  # the last group, short (its padding would be zeros)
+            top[first + whole] = d[whole * g:].abs().amax()
+    s16, exp = fp16_scales(top / qmax if groups else torch.empty(0))
     # Codes are rounded against the scale decode will use (the fp16 one), not the exact one.
-    s = unscale(s16, exp)[:, None]
+    s = unscale(s16, exp)
+    codes = np.empty(n if bits == 8 else (n + 1) // 2, dtype=np.int8 if bits == 8 else np.uint8)
+    for start, end, first, whole in _slices(n, g, step):
+        d, q = delta(start, end), torch.empty(end - start, dtype=torch.float32)
+        _quantize(d[:whole * g].view(whole, g), s[first:first + whole, None], qmax, q[:whole * g].view(whole, g))
+        if (end - start) % g:
+            _quantize(d[whole * g:], s[first + whole], qmax, q[whole * g:])
+        if bits == 8:
+            codes[start:end] = q.to(torch.int8).numpy()
+        else:
+            codes[start // 2:(end + 1) // 2] = pack_nibbles((q + 8).to(torch.uint8), pad=8).numpy()
+    return {"codes": memoryview(codes).cast("B"), "scales": _bytes(s16)}, {"group_size": g, "scale_exp": exp}
+
+
+def _slices(n: int, g: int, step: int) -> Iterator[tuple[int, int, int, int]]:
+    """(start, end, first group, whole groups) of each slice; every slice but the last holds
+    whole groups (and an even number of elements)."""
+    for start in range(0, n, step):
+        end = min(start + step, n)
+        yield start, end, start // g, (end - start) // g
+
+
+def _quantize(x: torch.Tensor, s: torch.Tensor, qmax: int, out: torch.Tensor) -> None:
     live = s > 0
-    q = torch.where(live, torch.round(x / torch.where(live, s, 1.0)).clamp_(-qmax, qmax), 0.0)
-    q = q.reshape(-1)[:n].to(torch.int8)
-    codes = q if bits == 8 else pack_nibbles((q + 8).to(torch.uint8), pad=8)
-    return {"codes": _bytes(codes), "scales": _bytes(s16)}, {"group_size": g, "scale_exp": exp}
+    out.copy_(torch.where(live, torch.round(x / torch.where(live, s, 1.0)).clamp_(-qmax, qmax), 0.0))
 
 
 def absmax_decode(parts: Mapping[str, Any], params: Mapping[str, Any], *, bits: int, numel: int) -> torch.Tensor:
@@ -121,10 +157,6 @@ def absmax_decode(parts: Mapping[str, Any], params: Mapping[str, Any], *, bits: 
     for start, dw in absmax_decode_slices(parts, params, bits=bits, numel=numel, slice_elements=numel):
         out[start:start + dw.numel()] = dw
     return out
-
-
-# Elements per slice of a decode: a slice's float32 values fit in a core's L2 cache.
-SLICE = 1 << 16
 
 
 def absmax_decode_slices(parts: Mapping[str, Any], params: Mapping[str, Any], *, bits: int, numel: int,
