@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import struct
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -38,6 +39,11 @@ RAW, ZSTD = 0, 1
 ZSTD_LEVEL = 3
 # zstd's worker threads only pay off on payloads of several MB.
 THREADED_FROM = 4 << 20
+# A payload of at least this many bytes is written as FRAMES zstd frames of about equal size,
+# each declaring its content size, which readers decompress on two threads at once: zstd
+# decodes a frame on one core only, and a surgical apply waits mostly on that.
+FRAMED_FROM = 1 << 20
+FRAMES = 4
 # No single tensor delta comes near this; anything larger is a hostile header.
 MAX_OBJECT_BYTES = 1 << 40
 # zstd's densest block (RLE: a 3-byte header and one byte) regenerates at most 128 KiB, so a
@@ -102,14 +108,25 @@ class ObjectStore:
         h = hasher(0)  # fed a chunk at a time: one thread hashes it faster than several
         # One zstd thread compresses while this one produces and hashes the next chunks; the
         # caller's own workers are the rest of the parallelism (more threads measured slower).
-        stream = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=min(self.threads, 1)).compressobj(size=size)
-        packed, seen = [], 0
+        compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=min(self.threads, 1))
+        ends = iter(frame_ends(size))
+        packed, seen, end = [], 0, next(ends, size)
+        stream = compressor.compressobj(size=end)
         for chunk in chunks():
-            seen += len(chunk)
-            if seen > size:
+            if seen + len(chunk) > size:
+                seen += len(chunk)
                 break
             h.update(chunk)
-            packed.append(stream.compress(chunk))
+            view = memoryview(chunk).cast("B")
+            while view:
+                # A chunk may straddle the end of a frame: finish it, and start the next.
+                take = min(len(view), end - seen)
+                packed.append(stream.compress(view[:take]))
+                seen, view = seen + take, view[take:]
+                if seen == end and seen < size:
+                    packed.append(stream.flush())
+                    start, end = end, next(ends)
+                    stream = compressor.compressobj(size=end - start)
         if seen != size:
             raise ValueError(f"a payload stream of {size} bytes gave {'more' if seen > size else seen}")
         packed.append(stream.flush())
@@ -224,15 +241,122 @@ def compress(data: bytes | memoryview, *, threads: int | None = None) -> tuple[b
     if len(data) < 64:
         return data, RAW
     threads = default_threads() if threads is None else threads
-    threads = threads if len(data) >= THREADED_FROM else 0
-    packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=threads).compress(data)
+    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=threads if len(data) >= THREADED_FROM else 0)
+    view, start = memoryview(data).cast("B"), 0
+    frames = []
+    for end in frame_ends(len(data)):
+        frames.append(compressor.compress(view[start:end]))
+        start = end
+    packed = frames[0] if len(frames) == 1 else b"".join(frames)
     # Incompressible payloads are kept raw: decoding them then costs nothing.
     return (packed, ZSTD) if len(packed) < len(data) else (data, RAW)
+
+
+def frame_ends(size: int) -> list[int]:
+    """Where each zstd frame of a payload of `size` bytes ends: one frame below FRAMED_FROM,
+    else FRAMES of about equal size."""
+    if size < FRAMED_FROM:
+        return [size]
+    return [size * (k + 1) // FRAMES for k in range(FRAMES)]
 
 
 def stored_size(data: bytes | memoryview, *, threads: int | None = None) -> int:
     """The bytes an object holding `data` takes on disk, header included, without writing it."""
     return HEADER.size + len(compress(data, threads=threads)[0])
+
+
+ZSTD_MAGIC, SKIPPABLE_MAGIC = 0xFD2FB528, 0x184D2A50
+
+
+def zstd_frames(body: memoryview) -> list[tuple[int, int, int]] | None:
+    """(start, end, content size) of each zstd frame of a body, found from the frame and
+    block headers without decompressing; None where any frame does not declare its content
+    size or anything does not parse (the sequential reader then decides what is wrong)."""
+    frames, pos, n = [], 0, len(body)
+    while pos < n:
+        if n - pos < 8:
+            return None
+        magic = int.from_bytes(body[pos:pos + 4], "little")
+        if magic & 0xFFFFFFF0 == SKIPPABLE_MAGIC:
+            pos += 8 + int.from_bytes(body[pos + 4:pos + 8], "little")
+            continue
+        if magic != ZSTD_MAGIC:
+            return None
+        try:
+            header = zstandard.frame_header_size(body[pos:pos + 18])
+            params = zstandard.get_frame_parameters(body[pos:pos + header])
+        except zstandard.ZstdError:
+            return None
+        if params.content_size in (zstandard.CONTENTSIZE_UNKNOWN, zstandard.CONTENTSIZE_ERROR):
+            return None
+        end, last = pos + header, False
+        while not last:
+            if end + 3 > n:
+                return None
+            block = int.from_bytes(body[end:end + 3], "little")
+            last, kind, size = bool(block & 1), (block >> 1) & 3, block >> 3
+            if kind == 3:
+                return None
+            end += 3 + (1 if kind == 1 else size)  # an RLE block holds its one byte
+        end += 4 if params.has_checksum else 0
+        if end > n:
+            return None
+        frames.append((pos, end, params.content_size))
+        pos = end
+    return frames
+
+
+def _parallel_decompress(body: memoryview, declared: int) -> bytearray | None:
+    """Every frame decompressed into its place in one buffer, two frames at a time; None
+    unless the frames declare exactly `declared` bytes between them (then the sequential
+    reader runs, and says what is wrong)."""
+    frames = zstd_frames(body)
+    if frames is None or len(frames) < 2 or sum(size for _, _, size in frames) != declared:
+        return None
+    if declared > max(FIRST_BUFFER, 64 * len(body)):
+        # Allocated whole before anything is decoded: no more than the sequential reader's
+        # first buffer, which grows only as frames really produce data.
+        return None
+    out = bytearray(declared)
+    view = memoryview(out)
+    places, at = [], 0
+    for start, end, size in frames:
+        places.append((body[start:end], view[at:at + size]))
+        at += size
+
+    def one(frame: memoryview, into: memoryview) -> bool:
+        filled = 0
+        with zstandard.ZstdDecompressor().stream_reader(frame) as reader:
+            while filled < len(into):
+                got = reader.readinto(into[filled:])
+                if not got:
+                    return False
+                filled += got
+            return not reader.read(1)
+
+    if not all(_frame_pool().map(lambda place: one(*place), places)):
+        return None
+    del places, view
+    return out
+
+
+_FRAME_POOL: ThreadPoolExecutor | None = None
+
+
+def _frame_pool() -> ThreadPoolExecutor:
+    global _FRAME_POOL
+    if _FRAME_POOL is None:
+        _FRAME_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deltastore-zstd")
+    return _FRAME_POOL
+
+
+def _forget_frame_pool() -> None:
+    # A forked child has none of its parent's threads: it starts its own pool when it needs one.
+    global _FRAME_POOL
+    _FRAME_POOL = None
+
+
+os.register_at_fork(after_in_child=_forget_frame_pool)
 
 
 def _bounded_decompress(object_id: str, body: memoryview, declared: int) -> bytearray:
@@ -242,6 +366,13 @@ def _bounded_decompress(object_id: str, body: memoryview, declared: int) -> byte
     if declared > len(body) * MAX_ZSTD_RATIO:
         raise CorruptObject(object_id, f"declares an impossible size ({declared} bytes from "
                                        f"{len(body)} bytes of zstd)")
+    if declared >= FRAMED_FROM:
+        try:
+            out = _parallel_decompress(body, declared)
+        except zstandard.ZstdError:
+            out = None  # the sequential reader below names the problem
+        if out is not None:
+            return out
     limit = declared + 1
     out = bytearray(min(limit, max(FIRST_BUFFER, 64 * len(body))))
     filled = 0

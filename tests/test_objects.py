@@ -203,3 +203,58 @@ def test_a_streamed_put_stores_what_put_would(tmp_path, kind) -> None:
     assert store.put_stream(chunks, len(data), claim=claimed.append).new is False
     with pytest.raises(ValueError):
         store.put_stream(chunks, len(data) + 1, claim=claimed.append)
+
+
+def framed_payload(size: int) -> bytes:
+    # Compressible but not trivially: each frame has real blocks to decode.
+    rng = random.Random(1)
+    return bytes(rng.choice(b"\0\0\0\1\2\3\x7f") for _ in range(size))
+
+
+def test_a_large_payload_is_written_as_frames_read_two_at_a_time(tmp_path) -> None:
+    from deltastore.objects import FRAMED_FROM, FRAMES, frame_ends, zstd_frames
+
+    objects = ObjectStore(tmp_path)
+    data = framed_payload(FRAMED_FROM + 12345)
+    put = objects.put(data)
+    body = memoryview(objects.path(put.id).read_bytes())[HEADER.size:]
+    frames = zstd_frames(body)
+    assert [size for _, _, size in frames] == [b - a for a, b in zip([0, *frame_ends(len(data))], frame_ends(len(data)))]
+    assert len(frames) == FRAMES and frames[-1][1] == len(body)
+    assert objects.get(put.id) == data
+    # The streamed writer cuts the same frames, whatever its chunks.
+    chunks = lambda: (memoryview(data)[i:i + 100_003] for i in range(0, len(data), 100_003))  # noqa: E731
+    streamed = ObjectStore(tmp_path / "s")
+    (tmp_path / "s").mkdir()
+    other = streamed.put_stream(chunks, len(data), claim=lambda oid: None)
+    assert other.id == put.id and streamed.path(put.id).read_bytes() == objects.path(put.id).read_bytes()
+
+
+def test_damaged_or_lying_frames_are_a_corrupt_object(tmp_path) -> None:
+    from deltastore.objects import FRAMED_FROM
+
+    objects = ObjectStore(tmp_path)
+    data = framed_payload(FRAMED_FROM + 1000)
+    put = objects.put(data)
+    path = objects.path(put.id)
+    good = path.read_bytes()
+    for offset in (HEADER.size + 40, len(good) // 2, -2):
+        flip_byte(path, offset)
+        with pytest.raises(CorruptObject):
+            objects.get(put.id)
+        path.write_bytes(good)
+    half = len(data) // 2
+    c = zstandard.ZstdCompressor()
+    # Frames that declare more, or fewer, bytes between them than the header.
+    for first, second in ((data[:half], data[half:] + b"\0"), (data[:half], data[half:-1])):
+        write_object(objects, put.id, ZSTD, len(data), c.compress(first) + c.compress(second))
+        with pytest.raises(CorruptObject, match="decompresses to|declares"):
+            objects.get(put.id)
+    # A frame that does not declare its content size, and skippable frames: read one by one.
+    honest = c.compress(data[half:])
+    lying = zstandard.ZstdCompressor(write_content_size=False).compress(data[half:])
+    write_object(objects, put.id, ZSTD, len(data), c.compress(data[:half]) + lying)
+    assert objects.get(put.id) == data
+    skippable = (0x184D2A50).to_bytes(4, "little") + (3).to_bytes(4, "little") + b"abc"
+    write_object(objects, put.id, ZSTD, len(data), skippable + c.compress(data[:half]) + skippable + honest)
+    assert objects.get(put.id) == data
