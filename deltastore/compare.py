@@ -7,7 +7,8 @@ analysis.py, the next-token KL in fidelity.py):
   quantised, every delta encoding, a LoRA of each rank, any selection) with its bytes and,
   where the base is a Hugging Face folder and prompts are given, its fidelity;
 - ``choose_encoding`` and ``commit_measured``: ``commit --encoding auto --max-kl K``;
-- ``analyze``: per (layer, module kind), what the tensors a stored version applies changed;
+- ``analyze``: per (layer, module kind), what the tensors a stored version applies changed
+  (and, with ``alpha=True``, WeightWatcher's alpha before and after: alpha.py);
 - ``plot``: size against KL, one labelled point per row.
 
 Bytes are those the store would write: each tensor is encoded and each part compressed as
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from . import encodings as codecs
+from .alpha import AlphaShift, alpha_shift, load_weightwatcher, matrix_alpha, summarize_alpha
 from .analysis import ModuleChange, TensorChange, singular_values, summarize, tensor_change
 from .commit import _spec_chooser, delta_stats, in_order
 from .errors import DeltastoreError, EncodingError
@@ -634,6 +636,11 @@ class RefAnalysis:
     tensors: int
     rows: tuple[ModuleChange, ...]
     changes: Mapping[str, TensorChange] = field(repr=False, compare=False)
+    #: With ``alpha=True``: WeightWatcher's alpha of every tensor in the base and as applied
+    #: (``alphas``) and per (layer, module) row (``row_alphas``); None otherwise.
+    alphas: Mapping[str, AlphaShift] | None = field(default=None, repr=False, compare=False)
+    row_alphas: Mapping[tuple[int | None, str], AlphaShift] | None = field(default=None, repr=False,
+                                                                           compare=False)
 
 
 def _unchanged(base: torch.Tensor) -> TensorChange:
@@ -644,10 +651,24 @@ def _unchanged(base: torch.Tensor) -> TensorChange:
                         spectrum=())
 
 
-def analyze(store: Any, refs: Sequence[str], *, base_weights: Any = None, top: int = 5,
+def _measure(b: torch.Tensor | None, result: torch.Tensor, top: int) -> TensorChange:
+    if b is None or b.shape != result.shape or not b.is_floating_point() or not result.is_floating_point():
+        size = float(torch.linalg.vector_norm(result.double())) if result.is_floating_point() else 0.0
+        return TensorChange(tuple(result.shape), 0.0, size, math.inf, size * size, None, None, ())
+    return tensor_change(b, result, top=top)
+
+
+def analyze(store: Any, refs: Sequence[str], *, base_weights: Any = None, top: int = 5, alpha: bool = False,
             progress: Callable[[int, int], None] | None = None) -> list[RefAnalysis]:
     """For each ref, every tensor apply would produce compared with the base's: relative change,
-    energy, effective ranks and top singular values, and their summary per (layer, module)."""
+    energy, effective ranks and top singular values, and their summary per (layer, module).
+
+    ``alpha=True`` adds WeightWatcher's power-law alpha of each matrix in the base and as
+    applied (the optional weightwatcher package; ``AlphaUnavailable`` before any work when it
+    is missing)."""
+    ww = load_weightwatcher() if alpha else None
+    # A base matrix's alpha, shared by every ref on that base: (base id, name) -> alpha.
+    base_alphas: dict[tuple[str, str], float | None] = {}
     out = []
     versions = [store.resolve(ref) for ref in refs]
     for k, version in enumerate(versions):
@@ -656,23 +677,33 @@ def analyze(store: Any, refs: Sequence[str], *, base_weights: Any = None, top: i
         infos, tensor = store.materialize(version, base_weights=source)
         entries = {e.name for e in version.tensors}
 
-        def work(name: str) -> TensorChange:
+        def work(name: str) -> tuple[TensorChange, torch.Tensor | None, torch.Tensor | None]:
             b = source.get(name) if name in source else None
-            if name not in entries:
-                return _unchanged(b)
-            result = tensor(name)
-            if b is None or b.shape != result.shape or not b.is_floating_point() or not result.is_floating_point():
-                size = float(torch.linalg.vector_norm(result.double())) if result.is_floating_point() else 0.0
-                return TensorChange(tuple(result.shape), 0.0, size, math.inf, size * size, None, None, ())
-            return tensor_change(b, result, top=top)
+            stored = name in entries
+            result = tensor(name) if stored else b
+            change = _measure(b, result, top) if stored else _unchanged(b)
+            # The tensors go back to this (main) thread only when their alpha is wanted: the
+            # fit prints, so it runs here, one matrix at a time, while workers read the next.
+            return (change, b, result) if ww is not None else (change, None, None)
 
-        changes = {}
-        for j, (name, change) in enumerate(in_order(list(infos), work)):
+        changes: dict[str, TensorChange] = {}
+        alphas: dict[str, AlphaShift] = {}
+        for j, (name, (change, b, result)) in enumerate(in_order(list(infos), work)):
             changes[name] = change
+            if ww is not None:
+                key = (version.base_id, name)
+                if key not in base_alphas:
+                    base_alphas[key] = matrix_alpha(ww, b)
+                # A tensor the version does not store is the base's own: the same alpha.
+                tuned = base_alphas[key] if name not in entries else matrix_alpha(ww, result)
+                alphas[name] = alpha_shift(base_alphas[key], tuned)
+            del b, result  # not held while the next tensor is awaited
             if progress:
                 progress(k * len(infos) + j + 1, len(versions) * len(infos))
         out.append(RefAnalysis(version.ref, version.id, version.encoding, len(entries),
-                               tuple(summarize(changes)), changes))
+                               tuple(summarize(changes)), changes,
+                               alphas if ww is not None else None,
+                               summarize_alpha(alphas) if ww is not None else None))
     return out
 
 

@@ -2,8 +2,11 @@
 for versions of any encoding; the table, the JSON and the heatmap."""
 
 import json
+import math
+import sys
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -13,6 +16,7 @@ from cli.main import cli  # noqa: E402
 from deltastore import RefNotFound, Store  # noqa: E402
 from deltastore.compare import analyze, analyze_plot  # noqa: E402
 from tiny_lm import adam_like, only, pair  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 V_PROJ = r"layers\.1\.self_attn\.v_proj\.weight"
 
@@ -118,3 +122,79 @@ def test_spectrum_of_one_tensor(tmp_path, surgical):
     assert missing.exit_code == 1 and "did you mean" in missing.output
     norm = runner.invoke(cli, ["--store", str(root), "analyze", "surgical@1", "--spectrum", "model.norm.weight"])
     assert norm.exit_code == 1 and "no spectrum" in norm.output
+
+
+# ---------------------------------------------------------------------------------------------
+# --alpha: WeightWatcher's power-law alpha before and after (the optional alpha extra)
+
+V_NAME = "model.layers.1.self_attn.v_proj.weight"
+Q_NAME = "model.layers.1.self_attn.q_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def weightwatcher():
+    return pytest.importorskip("weightwatcher",
+                               reason="analyze --alpha needs the alpha extra: pip install 'deltastore[alpha]'")
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory, weightwatcher):
+    """Matrices of 64 to 256 rows (enough eigenvalues for a fit); only layer 1's v_proj moved."""
+    tmp = tmp_path_factory.mktemp("wide")
+    base, ft = pair(tmp, only(V_PROJ, adam_like(0.5)), hidden=128)
+    store = Store.init(tmp / "store")
+    store.commit("wide", ft, base=str(base), encoding="lossless")
+    store.close()
+    return tmp / "store", base
+
+
+def test_alpha_of_base_and_fine_tune(wide, weightwatcher):
+    from deltastore.alpha import matrix_alpha
+
+    root, base = wide
+    with Store.open(root) as store:
+        (a,) = analyze(store, ["wide"], alpha=True)
+    moved = a.alphas[V_NAME]
+    assert all(math.isfinite(x) and x > 0 for x in (moved.alpha_base, moved.alpha_ft))
+    assert moved.alpha_shift == pytest.approx((moved.alpha_ft - moved.alpha_base) / moved.alpha_base)
+    assert moved.alpha_shift != 0.0
+    assert a.row_alphas[(1, "v")] == moved  # one matrix in the row
+    # An unchanged tensor: the same alpha on both sides, and it is WeightWatcher's alpha of the
+    # base's matrix itself.
+    same = a.alphas[Q_NAME]
+    assert same.alpha_base == same.alpha_ft and same.alpha_shift == 0.0
+    weights = load_file(str(base / "model.safetensors"))
+    assert matrix_alpha(weightwatcher, weights[Q_NAME]) == same.alpha_base
+    # No fit, never an error: vectors, integers, matrices under WeightWatcher's minimum size.
+    assert a.alphas["model.norm.weight"].alpha_base is None and a.row_alphas[(None, "norm")].alpha_shift is None
+    assert matrix_alpha(weightwatcher, weights[Q_NAME][:4]) is None
+    assert matrix_alpha(weightwatcher, weights[Q_NAME].to(torch.int32)) is None
+
+
+def test_alpha_on_the_command_line(wide):
+    root, _ = wide
+    runner = CliRunner()
+    text = runner.invoke(cli, ["--store", str(root), "analyze", "wide", "--alpha"])
+    assert text.exit_code == 0, text.output
+    header, row = text.output.splitlines()[1:3]
+    assert header.split()[:8] == ["layer", "module", "tensors", "rel", "change", "alpha", "base", "alpha"]
+    assert row.split()[:2] == ["1", "v"] and row.split()[6].endswith("%")
+    data = json.loads(runner.invoke(cli, ["--store", str(root), "analyze", "wide", "--alpha", "--json"]).stdout)
+    cell = next(r for r in data["refs"][0]["rows"] if (r["layer"], r["module"]) == (1, "v"))
+    assert cell["alpha_shift"] == pytest.approx((cell["alpha_ft"] - cell["alpha_base"]) / cell["alpha_base"])
+    assert data["refs"][0]["alpha"][Q_NAME]["alpha_shift"] == 0.0
+    # Without --alpha, the output is as it always was.
+    plain = json.loads(runner.invoke(cli, ["--store", str(root), "analyze", "wide", "--json"]).stdout)
+    assert "alpha" not in plain["refs"][0] and "alpha_base" not in plain["refs"][0]["rows"][0]
+    assert "alpha" not in runner.invoke(cli, ["--store", str(root), "analyze", "wide"]).output
+
+
+def test_alpha_without_weightwatcher_says_what_to_install(tmp_path, surgical, monkeypatch):
+    root, _, _ = surgical
+    monkeypatch.setitem(sys.modules, "weightwatcher", None)  # import weightwatcher fails
+    png = tmp_path / "never.png"
+    result = CliRunner().invoke(cli, ["--store", str(root), "analyze", "surgical", "--alpha", "--plot", str(png)])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "Error: --alpha needs the weightwatcher package, which is not installed: pip install 'deltastore[alpha]'"]
+    assert not png.exists()
