@@ -27,7 +27,7 @@ from deltastore import Store
 from deltastore.errors import CorruptObject
 from deltastore.hashing import bytes_id, canonical_json, tensor_id
 from deltastore.models import open_model, write_safetensors, TensorInfo
-from deltastore.objects import HEADER, MAGIC, RAW, ZSTD, ObjectStore
+from deltastore.objects import HEADER, MAGIC, RAW, ZSTD, ObjectStore, compress
 
 Files = dict[str, bytes]
 MiB = 1 << 20
@@ -125,7 +125,8 @@ def object_file(payload: bytes, *, compression: int, body: bytes | None = None, 
 
 
 def extra_objects() -> list[bytes]:
-    """Object files the store would not write but a reader must handle: several frames, a frame
+    """One object as the store writes a large payload (four frames, read two at a time), and
+    object files the store would not write but a reader must handle: several frames, a frame
     without its content size, a skippable frame, an empty raw payload, and a small bomb (a few
     kB of zstd that expand to 64 MiB)."""
     data = bytes(range(256)) * 64
@@ -134,7 +135,9 @@ def extra_objects() -> list[bytes]:
     two = zstandard.ZstdCompressor().compress(data[:5000]) + zstandard.ZstdCompressor().compress(data[5000:])
     skippable = struct.pack("<II", 0x184D2A50, 3) + b"abc" + zstandard.ZstdCompressor().compress(data)
     zeros = zstandard.ZstdCompressor().compress(bytes(16 * MiB))
+    framed = (data + bytes(300)) * 70  # over 1 MiB: written as frames that a reader splits
     return [
+        object_file(framed, compression=ZSTD, body=bytes(compress(framed)[0])),
         object_file(data, compression=ZSTD, body=frame_no_size),
         object_file(data, compression=ZSTD, body=two),
         object_file(data, compression=ZSTD, body=skippable),
