@@ -58,7 +58,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 def hasher(size: int) -> "blake3.blake3":
     """A BLAKE3 hasher for `size` bytes; `hexdigest_id` turns it into an id."""
     # Threads only pay off on large inputs; below ~1 MB they cost more than they save.
-    return blake3.blake3(max_threads=blake3.blake3.AUTO if size >= 1 << 20 else 1)
+    return blake3.blake3(max_threads=blake3.blake3.AUTO if size >= 1 << 24 else 1)
 
 
 def tensor_id(tensor: torch.Tensor) -> str:
