@@ -34,6 +34,7 @@ MAX_FILE_TENSORS = 1 << 19
 MAX_INDEX_BYTES = 16 << 20
 MAX_NAME_LEN = 1024
 MAX_DIMS = 64
+MAX_DIM = 1 << 40  # elements along one dimension; no real tensor comes near
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 _ITEMSIZE = {name: torch.empty(0, dtype=dt).element_size() for name, dt in DTYPES.items()}
@@ -101,7 +102,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]
             raise ModelFormatError(f"{path}: tensor {name!r} has a malformed header entry") from None
         if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
             raise ModelFormatError(f"{path}: tensor {name!r} has unsupported dtype {shown(dtype)}")
-        if not isinstance(info["shape"], list) or len(shape) > MAX_DIMS or not all(_is_int(d) and d >= 0 for d in shape) \
+        # Each dimension bounded too: an empty tensor (one dimension 0) has no size to bound the rest.
+        if not isinstance(info["shape"], list) or len(shape) > MAX_DIMS \
+                or not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape) \
                 or not _is_int(start) or not _is_int(end):
             raise ModelFormatError(f"{path}: tensor {name!r} has a malformed shape or offsets")
         t = TensorInfo(name, dtype, shape, path, base + start, base + end)

@@ -239,8 +239,10 @@ def check_manifest(m: Any) -> Version:
         need(t["name"] not in names, f"tensor {t['name']!r} appears twice")
         names.add(t["name"])
         need(isinstance(t.get("dtype"), str) and t["dtype"] in DTYPES, f"tensor {t['name']!r}: unknown dtype")
+        # Each dimension bounded too: an empty tensor (one dimension 0) has no size to bound the rest.
         need(isinstance(t.get("shape"), list) and len(t["shape"]) <= MAX_DIMS
-             and all(is_int(d) and d >= 0 for d in t["shape"]), f"tensor {t['name']!r}: malformed shape")
+             and all(is_int(d) and 0 <= d <= MAX_TENSOR_BYTES for d in t["shape"]),
+             f"tensor {t['name']!r}: malformed shape")
         need(math.prod(t["shape"]) * DTYPES[t["dtype"]].itemsize <= MAX_TENSOR_BYTES,
              f"tensor {t['name']!r}: shape {t['shape']} is more than {MAX_TENSOR_BYTES} bytes")
         need(isinstance(t.get("encoding"), str) and isinstance(t.get("params"), dict),

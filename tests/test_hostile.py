@@ -123,6 +123,16 @@ def test_a_pulled_manifest_declaring_a_trillion_elements(store):
             _no_payloads)
 
 
+def test_an_empty_tensor_with_a_dimension_past_any_bound(store, tmp_path):
+    # Zero elements, so no byte count catches the other dimension (found by tests/fuzz).
+    f = safetensors_file(tmp_path / "empty.safetensors",
+                         {"embed.weight": {"dtype": "F32", "shape": [0, 2**70], "data_offsets": [0, 0]}})
+    hostile(store, ModelFormatError, "malformed shape", store.add_base, f)
+    m = store.resolve("stance").manifest()
+    m["tensors"][0]["shape"] = [0, 2**70]
+    hostile(store, UnsafeInput, "malformed shape", store.ingest, [m], _no_payloads)
+
+
 def _no_payloads(object_id: str, size: int) -> bytes:
     raise AssertionError("a refused manifest must be refused before its payloads are read")
 
