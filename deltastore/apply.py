@@ -10,10 +10,8 @@ subtracts a delta, so it is exact whatever the encoding.
 from __future__ import annotations
 
 import math
-import os
 import signal
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -24,6 +22,7 @@ import torch
 from . import encodings
 from .errors import BaseMismatch, DeltastoreError
 from .hashing import tensor_id
+from .pools import pool
 from .records import TensorEntry, Version
 
 # Versions of at least this many elements are checked and decoded two tensors at a time.
@@ -112,7 +111,7 @@ def prepare(store: Any, version: Version, current: dict[str, torch.Tensor]) -> l
         return result
 
     if small:
-        reads = {name: _readers().submit(store.read_parts, entry) for name, entry in entries.items()}
+        reads = {name: pool("read").submit(store.read_parts, entry) for name, entry in entries.items()}
         bases = {name: base_on_cpu(name) for name in entries}
         check_bases(bases)
         return [(entries[name], live[name], decoded(name, reads[name].result())) for name in entries]
@@ -121,25 +120,6 @@ def prepare(store: Any, version: Version, current: dict[str, torch.Tensor]) -> l
     check_bases(bases)
     return [(entries[name], live[name], result)
             for name, result in in_order(list(entries), decoded, ahead=len(entries))]
-
-
-_READERS: ThreadPoolExecutor | None = None
-
-
-def _readers() -> ThreadPoolExecutor:
-    global _READERS
-    if _READERS is None:
-        _READERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deltastore-read")
-    return _READERS
-
-
-def _forget_readers() -> None:
-    # A forked child has none of its parent's threads: it starts its own pool when it needs one.
-    global _READERS
-    _READERS = None
-
-
-os.register_at_fork(after_in_child=_forget_readers)
 
 
 def module_tensors(module: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:

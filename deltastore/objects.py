@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import struct
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -31,6 +30,7 @@ import zstandard
 
 from .errors import CorruptObject, MissingObject, UnsafeInput
 from .hashing import ALGORITHM, bytes_id, hasher, hexdigest_id, is_id
+from .pools import pool
 
 MAGIC = b"DSOB"
 FORMAT_VERSION = 1
@@ -334,29 +334,10 @@ def _parallel_decompress(body: memoryview, declared: int) -> bytearray | None:
                 filled += got
             return not reader.read(1)
 
-    if not all(_frame_pool().map(lambda place: one(*place), places)):
+    if not all(pool("zstd").map(lambda place: one(*place), places)):
         return None
     del places, view
     return out
-
-
-_FRAME_POOL: ThreadPoolExecutor | None = None
-
-
-def _frame_pool() -> ThreadPoolExecutor:
-    global _FRAME_POOL
-    if _FRAME_POOL is None:
-        _FRAME_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deltastore-zstd")
-    return _FRAME_POOL
-
-
-def _forget_frame_pool() -> None:
-    # A forked child has none of its parent's threads: it starts its own pool when it needs one.
-    global _FRAME_POOL
-    _FRAME_POOL = None
-
-
-os.register_at_fork(after_in_child=_forget_frame_pool)
 
 
 def _bounded_decompress(object_id: str, body: memoryview, declared: int) -> bytearray:
