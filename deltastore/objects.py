@@ -113,11 +113,11 @@ class ObjectStore:
         packed, seen, end = [], 0, next(ends, size)
         stream = compressor.compressobj(size=end)
         for chunk in chunks():
-            if seen + len(chunk) > size:
-                seen += len(chunk)
-                break
-            h.update(chunk)
             view = memoryview(chunk).cast("B")
+            if seen + len(view) > size:
+                seen += len(view)
+                break
+            h.update(view)
             while view:
                 # A chunk may straddle the end of a frame: finish it, and start the next.
                 take = min(len(view), end - seen)
