@@ -153,10 +153,10 @@ def _quantize(x: torch.Tensor, s: torch.Tensor, qmax: int, out: torch.Tensor) ->
 
 
 def absmax_decode(parts: Mapping[str, Any], params: Mapping[str, Any], *, bits: int, numel: int) -> torch.Tensor:
-    out = torch.empty(numel, dtype=torch.float32)
-    for start, dw in absmax_decode_slices(parts, params, bits=bits, numel=numel, slice_elements=numel):
-        out[start:start + dw.numel()] = dw
-    return out
+    # One slice covering every element: its buffer is the result.
+    whole = [dw for _, dw in absmax_decode_slices(parts, params, bits=bits, numel=numel,
+                                                  slice_elements=numel + 2 * _int_param(params, "group_size", 1))]
+    return whole[0] if whole else torch.empty(0, dtype=torch.float32)
 
 
 def absmax_decode_slices(parts: Mapping[str, Any], params: Mapping[str, Any], *, bits: int, numel: int,
@@ -171,8 +171,8 @@ def absmax_decode_slices(parts: Mapping[str, Any], params: Mapping[str, Any], *,
     codes = _part(parts, "codes", torch.int8, n) if bits == 8 else _part(parts, "codes", torch.uint8, (n + 1) // 2)
     step = math.lcm(g, 2) * max(1, slice_elements // math.lcm(g, 2))
     raw = codes.numpy()
-    for start in range(0, n, step) if n else ():
-        m = min(step, n - start)
+    for start, end, first, whole in _slices(n, g, step):
+        m = end - start
         if bits == 8:
             out = torch.from_numpy(raw[start:start + m].astype(np.float32))
         else:
@@ -180,7 +180,6 @@ def absmax_decode_slices(parts: Mapping[str, Any], params: Mapping[str, Any], *,
             # 8): a flat gather of 8-byte pairs, several times faster than row indexing.
             pairs = raw[start // 2:(start + m + 1) // 2]
             out = torch.from_numpy(np.take(_NIBBLE_PAIRS, pairs).view(np.float32)[:m])
-        first, whole = start // g, m // g
         out[:whole * g].view(whole, g).mul_(s[first:first + whole, None])
         if m % g:
             out[whole * g:].mul_(s[first + whole])
