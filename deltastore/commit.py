@@ -145,6 +145,13 @@ def build_entries(store: Any, base: Base, base_src: TensorSource, target: Tensor
         return t
 
     def scan(name: str) -> tuple[Change | None, Stored | None]:
+        try:
+            return _scan(name)
+        finally:
+            base_src.release(name)
+            target.release(name)
+
+    def _scan(name: str) -> tuple[Change | None, Stored | None]:
         b = base_tensor(name)
         t = target.get(name)
         tid = tensor_id(t)
@@ -162,7 +169,11 @@ def build_entries(store: Any, base: Base, base_src: TensorSource, target: Tensor
 
     def encode_kept(name: str) -> Stored:
         b, t = base_src.get(name), target.get(name)
-        return _store_tensor(store, name, b, t, changes[name], spec_for(name, b, t), token)
+        try:
+            return _store_tensor(store, name, b, t, changes[name], spec_for(name, b, t), token)
+        finally:
+            base_src.release(name)
+            target.release(name)
 
     # Pass 1: what changed, and by how much. Encodes right away unless the selection
     # needs every tensor's change first (top-k, energy, min-rel-change).
@@ -188,6 +199,10 @@ def build_entries(store: Any, base: Base, base_src: TensorSource, target: Tensor
             built.add(stored)
             if progress:
                 progress(len(names) + k + 1, total)
+    # What was hashed and what was stored came from the same bytes only if nobody wrote the
+    # files meanwhile (they are read through memory maps).
+    base_src.check_unchanged()
+    target.check_unchanged()
     store.objects.sync()
     return built
 

@@ -117,7 +117,7 @@ class Store:
                  progress: Progress | None = None) -> Base:
         """Register a base: hash every tensor, record names, dtypes, shapes and where it lives."""
         self._writable()
-        source = open_model(model)
+        source = open_model(model, mapped=True)
         if name is not None:
             check_stance_name(name)
         from .commit import sq_norm
@@ -127,10 +127,12 @@ class Store:
             t = source.get(tname)
             ids[tname] = tensor_id(t)
             sq_norms[tname] = sq_norm(t)
+            source.release(tname)
             if progress:
                 progress(k + 1, len(source.names))
         from .hashing import base_id as compute_base_id
 
+        source.check_unchanged()
         bid = compute_base_id(ids.items())
         row = {"id": bid, "name": name, "tensor_count": len(ids), "bytes": source.nbytes,
                "source": str(source.path.resolve()) if source.path else None, "hub_id": hub_id,
@@ -148,6 +150,7 @@ class Store:
         ids = {}
         for k, name in enumerate(source.names):
             ids[name] = tensor_id(source.get(name))
+            source.release(name)
             if progress:
                 progress(k + 1, len(source.names))
         return ids
@@ -181,7 +184,7 @@ class Store:
             return base, None, False
         if isinstance(base, str) and not _looks_like_path(base):
             return self.base(base), None, False
-        source = open_model(base)
+        source = open_model(base, mapped=True)
         ids = self._tensor_ids(source, None)
         from .hashing import base_id as compute_base_id
 
@@ -190,15 +193,16 @@ class Store:
             return self.add_base(source), source, True
         return self.base(bid), source, False
 
-    def base_source(self, base: Base, weights: ModelLike | None = None) -> TensorSource:
-        """The base's weights: those given, else where `base add` found them."""
+    def base_source(self, base: Base, weights: ModelLike | None = None, *, mapped: bool = False) -> TensorSource:
+        """The base's weights: those given, else where `base add` found them (`mapped`: see
+        models.open_files)."""
         if weights is not None:
-            return open_model(weights)
+            return open_model(weights, mapped=mapped)
         if not base.source or not Path(base.source).exists():
             raise ModelFormatError(
                 f"the weights of base {base.name or base.id[:19]} are not at {base.source or '(unknown)'} any more; "
                 "pass the base model's path (--base-path)")
-        return open_model(base.source)
+        return open_model(base.source, mapped=mapped)
 
     # -- refs ----------------------------------------------------------------------------------
 
@@ -342,8 +346,8 @@ class Store:
         base_rec, given, registered = self._resolve_base(base)
         token = uuid.uuid4().hex
         try:
-            base_src = given or self.base_source(base_rec, base_weights)
-            target = open_model(model)
+            base_src = given or self.base_source(base_rec, base_weights, mapped=True)
+            target = open_model(model, mapped=True)
             built = build_entries(self, base_rec, base_src, target, token=token, encoding=encoding,
                                   encoding_for=encoding_for, encoding_options=dict(encoding_options or {}),
                                   include=include, exclude=exclude, top_k=top_k,

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from deltastore import Store
+from deltastore.errors import ModelFormatError
 from deltastore.hashing import manifest_id, tensor_id
-from deltastore.models import other_files
+from deltastore.models import open_model, other_files
 
-from helpers import (INDEX, assert_same_state, file_bytes, load_folder, make_model, object_files,
-                     write_folder)
+from helpers import (INDEX, assert_same_state, file_bytes, load_folder, make_model, object_files, same_tensor,
+                     store_snapshot, write_folder)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 VARIANTS = {
@@ -259,3 +260,35 @@ def test_a_large_tensor_is_streamed_to_the_same_object(tmp_path, store, dtype) -
     before = sorted(object_files(store.root))
     again = store.commit("curious", tmp_path / "ft", base="base")
     assert again.bytes_new == 0 and sorted(object_files(store.root)) == before
+
+
+def test_a_model_written_while_it_is_committed_is_refused_and_nothing_lands(tmp_path, store) -> None:
+    """Commit reads both models through memory maps: a file written meanwhile would mix old
+    and new bytes, so the commit is refused and leaves the store as it was."""
+    pair = make_model(tmp_path, torch.float32)
+    store.add_base(pair.base, name="base")
+    before = store_snapshot(store.root)
+    weights = pair.ft / "model.safetensors"
+    written = []
+
+    def write_the_file(done: int, total: int) -> None:
+        if not written:  # after the first tensor: a training script saving over it, in place
+            with open(weights, "r+b") as f:
+                f.seek(-4, 2)
+                f.write(b"\0\0\0\0")
+            written.append(done)
+
+    with pytest.raises(ModelFormatError, match="changed while it was being read"):
+        store.commit("curious", pair.ft, base="base", progress=write_the_file)
+    assert written and store_snapshot(store.root) == before
+    assert store.stances() == []
+
+
+def test_mapped_tensors_stay_readable_once_released(tmp_path) -> None:
+    pair = make_model(tmp_path, torch.bfloat16)
+    source = open_model(pair.ft, mapped=True)
+    for name in source.names:
+        t = source.get(name)
+        source.release(name)  # its pages are let go; a later read faults them in again
+        assert same_tensor(t, pair.ft_state[name]) and same_tensor(source.get(name), pair.ft_state[name]), name
+    source.check_unchanged()
