@@ -61,7 +61,8 @@ def zstd_file(src: Path, dst: Path) -> int:
 
 def zipnn_compressor(dtype: str):
     """ZipNN as its users call it on a checkpoint's bytes: byte grouping for the file's main
-    dtype, its default method (zstd level 3 / Huffman), two threads."""
+    dtype, its default method (zstd level 3 / Huffman), two threads. Its compress rewrites the
+    buffer it is given in place (zipnn 0.5.4, `bytes` included): give it a copy."""
     from zipnn import ZipNN
 
     return ZipNN(input_format="byte", bytearray_dtype=ZIPNN_DTYPES.get(dtype, "bfloat16"), threads=2)
