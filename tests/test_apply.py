@@ -251,9 +251,15 @@ def test_a_module_lacking_a_tensor_is_refused(tmp_path, store) -> None:
     assert module_snapshot(model) == before
 
 
-def test_a_failure_while_writing_puts_back_what_was_written(tmp_path, store) -> None:
+@pytest.mark.parametrize("threads", ["one thread", "two threads"])
+def test_a_failure_while_writing_puts_back_what_was_written(tmp_path, store, monkeypatch, threads) -> None:
     # head.weight is patched last (entries go in name order). Here it is an expanded view,
-    # which cannot be written in place: the writes before it must be undone.
+    # which cannot be written in place: the writes before it (or beside it, on two threads)
+    # must be undone.
+    import deltastore.apply as apply_module
+
+    if threads == "two threads":
+        monkeypatch.setattr(apply_module, "PARALLEL_WRITE_FROM", 0)
     net = tiny_net(torch.float32)
     with torch.no_grad():
         net.head.weight = nn.Parameter(net.head.weight[:1].repeat(48, 1))
@@ -307,7 +313,9 @@ def test_a_large_version_checked_two_tensors_at_a_time_applies_and_fails_the_sam
         with store.applied(model, ref):
             serial[ref] = module_snapshot(model)
 
+    # Checked, decoded, written and put back two tensors at a time.
     monkeypatch.setattr(apply_module, "PIPELINED_FROM", 0)
+    monkeypatch.setattr(apply_module, "PARALLEL_WRITE_FROM", 0)
     threads = torch.get_num_threads()
     for ref in ("lossless", "int4"):
         with store.applied(model, ref):
