@@ -119,8 +119,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]
 
 class MappedFile:
     """A weight file read through a private memory map: a tensor is a view of the page cache,
-    with no copy of it and no fresh pages to fault in (a lossless commit of a 1 GB model spent
-    a quarter of its time copying both models out of the page cache). The pages of a tensor
+    with no copy of it and no fresh pages to fault in (copying both models out of the page
+    cache cost a lossless commit of a 1 GB model a fifth of its time). The pages of a tensor
     are let go once it has been used (`release`), so the process holds no more of the file at
     a time than a copying reader would.
 
