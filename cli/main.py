@@ -362,19 +362,22 @@ def tag(store: Store, ref: str, name: str | None, delete: bool, as_json: bool) -
 @click.argument("ref")
 @click.argument("target", type=click.Path())
 @click.option("--out", type=click.Path(file_okay=False), help="Write the patched model here instead of in place.")
+@click.option("--break-links", is_flag=True,
+              help="Give a weight file that has other hard links a private copy first, then patch that copy.")
 @json_option
 @with_store
-def apply(store: Store, ref: str, target: str, out: str | None, as_json: bool) -> None:
+def apply(store: Store, ref: str, target: str, out: str | None, break_links: bool, as_json: bool) -> None:
     """Apply a version to TARGET, a model file or folder of the version's base.
 
     Without --out, TARGET's safetensors files are patched in place, journalled in the store so
-    that `deltastore revert TARGET` restores them exactly, even after a crash."""
+    that `deltastore revert TARGET` restores them exactly, even after a crash. A weight file that
+    another path shares (a symlink, a hard link) is refused; one apply or revert at a time."""
     if out:
         with progress("writing", enabled=not as_json) as cb:
             path = store.export(ref, out, base_weights=target, progress=cb)
         result = {"ref": store.resolve(ref).ref, "out": str(path)}
         return emit_json(result) if as_json else click.echo(f"wrote {path}")
-    j = store.apply_files(ref, target)
+    j = store.apply_files(ref, target, break_links=break_links)
     if as_json:
         return emit_json(j)
     click.echo(f"applied {store.resolve(j.version_id).ref} to {target} ({j.regions} tensors); "

@@ -141,7 +141,7 @@ def build_entries(store: Any, base: Base, base_src: TensorSource, target: Tensor
     def base_tensor(name: str) -> torch.Tensor:
         t = base_src.get(name) if name in base_src else None
         if t is None or tensor_id(t) != expected[name]["tensor_id"]:
-            raise BaseMismatch(base.id, None, [name], "the base weights differ from those registered")
+            raise store.base_changed(base, base_src, [name])
         return t
 
     def scan(name: str) -> tuple[Change | None, Stored | None]:

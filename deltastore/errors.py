@@ -84,16 +84,21 @@ class BaseNotFound(DeltastoreError, LookupError):
 class BaseMismatch(DeltastoreError, ValueError):
     """A model is not the base a version (or a commit) was made against."""
 
-    def __init__(self, expected: str, actual: str | None, names: list[str], detail: str = ""):
+    def __init__(self, expected: str, actual: str | None, names: list[str], detail: str = "", *,
+                 message: str | None = None):
+        """`message`: the whole line, when the caller can say more than the usual one."""
         self.expected = expected
         self.actual = actual
         self.names = names
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         got = f", got {actual}" if actual else ""
         super().__init__(
-            f"not the expected base (expected {expected}{got}): {detail or 'tensors differ'}: "
-            f"{shown}; use the model the version was made from"
+            message or f"not the expected base (expected {expected}{got}): {detail or 'tensors differ'}: "
+            f"{shown_names(names)}; use the model the version was made from"
         )
+
+
+def shown_names(names: list[str], first: int = 5) -> str:
+    return ", ".join(names[:first]) + (f" and {len(names) - first} more" if len(names) > first else "")
 
 
 class CorruptObject(DeltastoreError, ValueError):
@@ -123,6 +128,26 @@ class SelectionError(DeltastoreError, ValueError):
 
 class JournalError(DeltastoreError, RuntimeError):
     """An in-place apply that cannot start, or cannot be reverted."""
+
+
+class SharedFile(JournalError):
+    """A weight file that another path shares (`kind`: "symlink" or "hardlink"), which an
+    in-place patch would change for that path too."""
+
+    def __init__(self, path: str, kind: str, message: str):
+        self.path = path
+        self.kind = kind
+        super().__init__(message)
+
+
+class PatchBusy(JournalError):
+    """Another apply or revert holds the store's patch lock (`pid`: its process, when known)."""
+
+    def __init__(self, pid: int | None, waited: float):
+        self.pid = pid
+        holder = f"process {pid}" if pid else "another process"
+        super().__init__(f"{holder} is applying or reverting in place with this store (waited {waited:g} s); "
+                         "nothing was changed: try again once it has finished")
 
 
 class NothingToCommit(DeltastoreError, ValueError):

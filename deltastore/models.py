@@ -114,7 +114,27 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]
                 f"{path} is truncated or corrupt: tensor {name!r} needs {t.nbytes} bytes at "
                 f"{start}..{end} of a {size - base}-byte data section")
         tensors[name] = t
+    _check_layout(path, tensors, base, size)
     return tensors, metadata, base
+
+
+def _check_layout(path: Path, tensors: dict[str, TensorInfo], base: int, size: int) -> None:
+    """As safetensors checks a header: in order of their offsets, the tensors tile the data
+    section from its first byte to the file's last, with no gap and no overlap. Two tensors on
+    one byte range would make a write to one change the other."""
+    at, previous = 0, None
+    for t in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        begin, end = t.start - base, t.end - base
+        if begin < at:
+            raise ModelFormatError(f"{path} is corrupt: tensor {t.name!r} (bytes {begin}..{end} of its data) overlaps "
+                                   f"tensor {previous!r}; safetensors refuses such a file")
+        if begin > at:
+            raise ModelFormatError(f"{path} is corrupt: bytes {at}..{begin} of its data belong to no tensor "
+                                   f"(a gap before {t.name!r}); safetensors refuses such a file")
+        at, previous = end, t.name
+    if at != size - base:
+        raise ModelFormatError(f"{path} is corrupt: its tensors end at byte {at} of a {size - base}-byte data section; "
+                               "safetensors refuses such a file")
 
 
 class MappedFile:
@@ -272,12 +292,13 @@ def weight_files(path: Path) -> list[Path]:
     raise ModelFormatError(f"{path} holds no .safetensors weights")
 
 
-def open_files(path: Path, *, mapped: bool = False) -> TensorSource:
-    """A model's safetensors files. `mapped`: read through memory maps (see MappedFile), for a
-    caller that only reads its tensors and calls `release` and `check_unchanged`."""
+def open_files(path: Path, *, mapped: bool = False, files: list[Path] | None = None) -> TensorSource:
+    """A model's safetensors files (`files`: these, rather than those `weight_files` finds).
+    `mapped`: read through memory maps (see MappedFile), for a caller that only reads its
+    tensors and calls `release` and `check_unchanged`."""
     infos: dict[str, TensorInfo] = {}
     maps: dict[Path, MappedFile] = {}
-    for f in weight_files(path):
+    for f in weight_files(path) if files is None else files:
         stamp = _stamp(f.stat()) if mapped else None
         tensors, _, _ = read_header(f)
         for name, info in tensors.items():

@@ -1,14 +1,19 @@
 """Apply a version to model files on disk, in place, journalled; revert it bit for bit; and
 write a patched copy of a model to a new folder (`apply --out`, `export`).
 
-In-place order (the journal makes every step undoable):
-  1. check everything: base tensor ids, objects, decoded results; nothing written yet;
-  2. store the original bytes of every region to be overwritten as objects (fsynced), then
-     record the journal (target, regions, originals) in one catalog transaction;
-  3. overwrite the regions, fsync; mark the journal applied.
-A crash before 2 completes leaves the files untouched; after it, `revert` writes every
-original region back, whether it was overwritten or not, and checks each against the base
-tensor id. Revert never computes base bytes from a delta.
+In-place order (the journal makes every step undoable), all under the store's patch lock:
+  1. resolve the target to its files by identity (target.py); refuse a file another path
+     shares, and a target that an open journal already covers;
+  2. check everything: base tensor ids, objects, decoded results; open every file to be
+     written, and check that each is still the file checked; nothing written yet;
+  3. store the original bytes of every region to be overwritten as objects (fsynced), then
+     record the journal (the files' identities, regions, originals) in one catalog transaction;
+  4. overwrite the regions, fsync; mark the journal applied. A write that fails puts back what
+     was written and drops the journal.
+A crash before 3 completes leaves the files untouched; after it, `revert` writes every
+original region back, whether it was overwritten or not, into the files whose identity is the
+journal's, and checks each against the base tensor id. Revert never computes base bytes from a
+delta.
 """
 
 from __future__ import annotations
@@ -19,15 +24,16 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import torch
 
-from .errors import BaseMismatch, DeltastoreError, JournalError, ModelFormatError
+from .errors import BaseMismatch, DeltastoreError, JournalError, ModelFormatError, SharedFile, shown_names
 from .hashing import bytes_id, tensor_id
-from .models import (INDEX_FILE, TensorInfo, open_files, other_files, read_tensor, weight_files,
+from .models import (INDEX_FILE, TensorInfo, TensorSource, open_files, other_files, read_tensor,
                      write_safetensors)
 from .records import Version
+from .target import FileId, Target, break_links, fd_id, patch_lock, resolve
 
 
 @dataclass(frozen=True)
@@ -39,60 +45,132 @@ class Journal:
     regions: int
 
 
-def _target_key(target: Path) -> str:
-    # Normalised, so that `../model` and `/abs/model` name one journal; symlinks are not
-    # followed (a folder may be reached through one on purpose).
-    return os.path.abspath(target)
+def apply_in_place(store: Any, version: Version, path: Path, *, allow_links: bool = False) -> Journal:
+    """`allow_links`: give each hard-linked file a private copy first (`apply --break-links`)."""
+    with patch_lock(store.root):
+        target = resolve(path)
+        covering = journals_on(store, target)
+        if covering:
+            raise JournalError(f"{target.given} already has {_applied(store, covering[-1])} applied in place; "
+                               f"run `deltastore revert {target.given}` first")
+        target.check_private(allow_links=allow_links)
+        source = open_files(target.model, files=[target.path(f) for f in target.files])
+        regions = _base_regions(store, version, target, source)
+        results = []
+        for entry, info, base in regions:
+            result = store.decode_entry(entry, base)
+            if tensor_id(result) != entry.result_tensor_id:
+                raise DeltastoreError(f"tensor {entry.name!r} decodes to other bytes than at commit; nothing was changed")
+            results.append(result)
+        if allow_links:
+            target = break_links(target)
+        by_file: dict[str, list[tuple[TensorInfo, torch.Tensor, torch.Tensor]]] = {}
+        for (entry, info, base), result in zip(regions, results):
+            by_file.setdefault(info.file.name, []).append((info, result, base))
+        handles = _open_for_writing(target, list(by_file), "apply")
+        try:
+            journal, originals = _record(store, version, target, regions)
+            _write_or_roll_back(store, target, journal, originals, by_file, handles)
+        finally:
+            for fh in handles.values():
+                fh.close()
+        store.catalog.set_journal_state(journal["id"], "applied")
+        return Journal(journal["id"], journal["target"], version.id, "applied", len(regions))
 
 
-def _header_ids(files: list[Path]) -> dict[str, str]:
-    out = {}
-    for f in files:
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            out[f.name] = bytes_id(fh.read(n))
-    return out
-
-
-def apply_in_place(store: Any, version: Version, target: Path) -> Journal:
-    target = Path(target)
-    key = _target_key(target)
-    if store.catalog.open_journals(key):
-        raise JournalError(f"{target} already has a stance applied; run `deltastore revert {target}` first")
-    files = weight_files(target)
-    for f in files:
-        if f.is_symlink():
-            raise JournalError(f"{f} is a symlink (a Hugging Face cache file?): patching it would change "
-                               "every model that shares it; use `apply --out DIR`")
-    source = open_files(target)
-    regions, wrong = [], []
+def _base_regions(store: Any, version: Version, target: Target,
+                  source: TensorSource) -> list[tuple[Any, TensorInfo, torch.Tensor]]:
+    """Every region the version overwrites, with the base bytes it holds now; refuses a target
+    that is not the version's base, naming what it is instead, before anything else."""
+    expected = store.base_tensors(version.base_id)
+    regions, wrong, reshaped = [], [], []
     for entry in version.tensors:
-        info = source.infos.get(entry.name)
-        if info is None or entry.base_tensor_id is None:
+        if entry.base_tensor_id is None:
+            reshaped.append(entry.name)  # a tensor the base lacks
+            continue
+        info, row = source.infos.get(entry.name), expected.get(entry.name)
+        if info is None or row is None or (info.dtype, list(info.shape)) != (row["dtype"], json.loads(row["shape"])):
             wrong.append(entry.name)
             continue
-        if info.dtype != entry.dtype or info.shape != tuple(entry.shape):
-            raise JournalError(f"{entry.name} changes dtype or shape ({info.dtype} {list(info.shape)} -> "
-                               f"{entry.dtype} {list(entry.shape)}), which cannot be patched in place; "
-                               "use `apply --out DIR`")
         base = read_tensor(info)
         if tensor_id(base) != entry.base_tensor_id:
             wrong.append(entry.name)
             continue
+        if info.dtype != entry.dtype or info.shape != tuple(entry.shape):
+            reshaped.append(entry.name)
         regions.append((entry, info, base))
     if wrong:
-        raise BaseMismatch(version.base_id, None, wrong,
-                           f"{target} is not this version's base here (or another stance is applied)")
-    results = []
-    for entry, info, base in regions:
-        result = store.decode_entry(entry, base)
-        if tensor_id(result) != entry.result_tensor_id:
-            raise DeltastoreError(f"tensor {entry.name!r} decodes to other bytes than at commit; nothing was changed")
-        results.append(result)
+        raise _not_the_base(store, version, target, source, sorted(wrong))
+    if reshaped:
+        # The target is the base: --out writes a new folder, which may differ in layout.
+        raise JournalError(f"{shown_names(sorted(reshaped))} of {version.ref} change dtype or shape, or are new, "
+                           "which cannot be patched in place; use `apply --out DIR`")
+    return regions
 
-    # 2. originals first, then the journal that points at them.
+
+def _not_the_base(store: Any, version: Version, target: Target, source: TensorSource,
+                  wrong: list[str]) -> BaseMismatch:
+    """What the target is, since it is not the version's base: another registered base, the
+    version's own result, or an unknown model. (`--out` reads the same base, so it would fail
+    too and is not offered.)"""
+    from .hashing import base_id
+
+    mine = store.base(version.base_id)
+    mine_shown = f"{mine.name + ' ' if mine.name else ''}{mine.id[:19]}"
+    ids = {}
+    for name in source.names:
+        ids[name] = tensor_id(source.get(name))
+    actual = base_id(ids.items())
+    known = store.catalog.one("SELECT id, name FROM bases WHERE id = ?", [actual])
+    entries = {e.name: e for e in version.tensors}
+    if known:
+        what = f"is base {known['name'] + ' ' if known['name'] else ''}{actual[:19]}"
+        hint = f"apply a version of that base to it, or apply {version.ref} to a copy of {mine_shown}"
+    elif all(ids.get(n) == entries[n].result_tensor_id for n in wrong):
+        what = f"already holds {version.ref}'s own weights (its fine-tune, or {version.ref} applied)"
+        hint = f"apply to a copy of {mine_shown}"
+    else:
+        what = f"is not a registered base (its base id would be {actual[:19]})"
+        hint = f"apply {version.ref} to a copy of {mine_shown} (another stance applied? `deltastore revert` it first)"
+    return BaseMismatch(version.base_id, actual, wrong, message=(
+        f"{target.given} {what}, not {version.ref}'s base {mine_shown}: {len(wrong)} tensors differ "
+        f"({shown_names(wrong)}); nothing was changed; {hint}"))
+
+
+def _open_for_writing(target: Target, names: list[str], verb: str, journal: list[FileId] | None = None
+                      ) -> dict[str, BinaryIO]:
+    """Each file to be written, opened now, so that one that cannot be written stops the patch
+    before its first byte; and checked to be the very file that was checked (or that the
+    journal names): not replaced, not a symlink now, not shared."""
+    handles: dict[str, BinaryIO] = {}
+    try:
+        for name in names:
+            path = target.path(target.file(name))
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+            except OSError as e:
+                raise JournalError(f"cannot {verb} {target.given}: {path} is not writable ({e.strerror}); "
+                                   "nothing was changed") from None
+            handles[name] = fh = os.fdopen(fd, "r+b")
+            now = fd_id(name, fh)
+            want = next(f for f in journal if f.name == name) if journal else target.file(name)
+            if not now.unchanged(want):
+                raise JournalError(f"{path} changed while {verb} checked it; nothing was changed; try again")
+            if now.links > 1:
+                raise SharedFile(str(path), "hardlink", f"{path} has {now.links} hard links: another path shares "
+                                 f"its bytes and would change too; nothing was changed")
+    except BaseException:
+        for fh in handles.values():
+            fh.close()
+        raise
+    return handles
+
+
+def _record(store: Any, version: Version, target: Target, regions: list) -> tuple[dict, list[str]]:
+    """The originals first, then the journal that points at them."""
     token = uuid.uuid4().hex
-    plan = {"files": _header_ids(files), "regions": []}
+    plan = {"root": str(target.root), "identity": [f.to_json() for f in target.files],
+            "files": {f.name: f.header for f in target.files}, "regions": []}
     originals = []
     try:
         for (entry, info, base) in regions:
@@ -104,64 +182,163 @@ def apply_in_place(store: Any, version: Version, target: Path) -> Journal:
             plan["regions"].append({"file": info.file.name, "name": entry.name, "start": info.start,
                                     "end": info.end, "original": oid, "base": entry.base_tensor_id,
                                     "result": entry.result_tensor_id})
-        journal = {"id": uuid.uuid4().hex, "target": key, "version_id": version.id, "state": "applying",
-                   "plan": json.dumps(plan, sort_keys=True), "created": _now()}
+        journal = {"id": uuid.uuid4().hex, "target": str(target.model), "version_id": version.id,
+                   "state": "applying", "plan": json.dumps(plan, sort_keys=True), "created": _now()}
         store.catalog.add_journal(journal, originals, token)
     finally:
         store.catalog.drop_pending(token)
-
-    # 3. overwrite, file by file.
-    by_file: dict[Path, list[tuple[TensorInfo, torch.Tensor]]] = {}
-    for (entry, info, _), result in zip(regions, results):
-        by_file.setdefault(info.file, []).append((info, result))
-    for path, items in by_file.items():
-        with open(path, "r+b") as f:
-            for info, result in items:
-                f.seek(info.start)
-                f.write(result.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-            f.flush()
-            os.fsync(f.fileno())
-    store.catalog.set_journal_state(journal["id"], "applied")
-    return Journal(journal["id"], key, version.id, "applied", len(regions))
+    return journal, originals
 
 
-def revert_in_place(store: Any, target: Path) -> list[Journal]:
-    key = _target_key(target)
-    journals = store.catalog.open_journals(key)
-    if not journals:
-        raise JournalError(f"nothing was applied in place to {target} (no journal); nothing to revert")
-    done = []
-    for row in reversed(journals):
-        plan = json.loads(row["plan"])
-        folder = Path(key) if Path(key).is_dir() else Path(key).parent
-        current = _header_ids([folder / name for name in plan["files"]])
-        if current != plan["files"]:
-            raise JournalError(f"the safetensors headers of {target} changed since apply; "
+def _write_or_roll_back(store: Any, target: Target, journal: dict, originals: list[str],
+                        by_file: dict[str, list], handles: dict[str, BinaryIO]) -> None:
+    """Overwrite the regions, file by file. A write that fails puts the base bytes back into
+    every file written so far and drops the journal; if that fails too, says how far it got."""
+    started: list[str] = []
+    try:
+        for name, items in by_file.items():
+            started.append(name)
+            _write_regions(handles[name], [(info.start, result) for info, result, _ in items])
+    except Exception as e:
+        failed = f"{target.path(target.file(started[-1]))} ({getattr(e, 'strerror', None) or e})"
+        try:
+            for name in started:
+                _write_regions(handles[name], [(info.start, base) for info, _, base in by_file[name]])
+        except Exception:
+            raise JournalError(f"writing {failed} failed: {len(started) - 1} of {len(by_file)} files patched and one "
+                               f"in part; {target.given} is half patched: run `deltastore revert {target.given}`") from None
+        _drop(store, journal["id"], originals)
+        raise JournalError(f"writing {failed} failed; the files written were put back: nothing was changed") from None
+
+
+def _write_regions(fh: BinaryIO, regions: list[tuple[int, Any]]) -> None:
+    for start, data in regions:
+        if isinstance(data, torch.Tensor):
+            data = data.contiguous().reshape(-1).view(torch.uint8).numpy().data if data.numel() else b""
+        fh.seek(start)
+        fh.write(data)
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def _drop(store: Any, journal_id: str, originals: list[str]) -> None:
+    store.catalog.drop_journal(journal_id)
+    # The saved originals were this journal's alone; remove them now unless shared.
+    from .maintenance import GcPlan, gc
+
+    gc(store, GcPlan(tuple(sorted(set(originals))), 0))
+
+
+def revert_in_place(store: Any, path: Path) -> list[Journal]:
+    given = Path(path)
+    with patch_lock(store.root):
+        if not given.exists():
+            here = {os.path.abspath(given), os.path.join(os.path.realpath(given.parent), given.name)}
+            rows = [r for r in store.catalog.open_journals() if r["target"] in here]
+            if rows:
+                raise JournalError(f"{given} does not exist: it moved or was deleted since {_applied(store, rows[-1])} "
+                                   "was applied to it; nothing was written; if it moved, run `deltastore revert NEWPATH`")
+            raise JournalError(f"{given} does not exist; nothing to revert")
+        target = resolve(given)
+        rows = journals_on(store, target)
+        if not rows:
+            for row in store.catalog.open_journals():
+                if row["target"] == str(target.model):
+                    raise JournalError(f"{given} is not what {_applied(store, row)} was applied to: "
+                                       f"{_replaced(target, _journal_files(row) or [])}; nothing was written")
+            raise JournalError(f"nothing was applied in place to {given} (no journal); nothing to revert")
+        return [_revert_one(store, target, row) for row in reversed(rows)]
+
+
+def _revert_one(store: Any, target: Target, row: dict) -> Journal:
+    plan = json.loads(row["plan"])
+    recorded = _journal_files(row)
+    if recorded is None:
+        # A journal from before file identities: the header hashes of the files it names.
+        recorded = [f for f in target.files if plan["files"].get(f.name) == f.header]
+        if len(recorded) != len(plan["files"]):
+            raise JournalError(f"the safetensors headers of {target.given} changed since apply; "
                                "the file was replaced, so its regions cannot be restored safely")
-        by_file: dict[str, list[dict]] = {}
-        for region in plan["regions"]:
-            by_file.setdefault(region["file"], []).append(region)
-        # Read and verify every original before writing any of them.
-        originals = {r["original"]: store.objects.get(r["original"]) for r in plan["regions"]}
+    for f in recorded:
+        now = target.file(f.name)
+        if now is None or not now.same_file(f):
+            raise JournalError(f"{target.given} is not what {_applied(store, row)} was applied to: "
+                               f"{_replaced(target, recorded)}; nothing was written")
+        if not now.unchanged(f):
+            raise JournalError(f"the safetensors header of {target.path(now)} changed since apply; "
+                               "its regions cannot be restored safely; nothing was written")
+        if now.links > 1:
+            raise SharedFile(str(target.path(now)), "hardlink",
+                             f"{target.path(now)} has {now.links} hard links since apply: reverting it would "
+                             "change the other paths too; remove them (or replace them by copies), then revert")
+    by_file: dict[str, list[dict]] = {}
+    for region in plan["regions"]:
+        by_file.setdefault(region["file"], []).append(region)
+    # Read and verify every original before writing any of them.
+    originals = {r["original"]: store.objects.get(r["original"]) for r in plan["regions"]}
+    handles = _open_for_writing(target, list(by_file), "revert", recorded)
+    try:
         for name, regions in by_file.items():
-            with open(folder / name, "r+b") as f:
-                for r in regions:
-                    f.seek(r["start"])
-                    f.write(originals[r["original"]])
-                f.flush()
-                os.fsync(f.fileno())
-        check = open_files(Path(key))
-        bad = [r["name"] for r in plan["regions"] if tensor_id(read_tensor(check.infos[r["name"]])) != r["base"]]
-        if bad:
-            raise JournalError(f"after revert, {', '.join(bad[:5])} still differ from the base; "
-                               "the journal is kept: run `deltastore fsck`")
-        store.catalog.drop_journal(row["id"])
-        # The saved originals were this journal's alone; remove them now unless shared.
-        from .maintenance import GcPlan, gc
+            _write_regions(handles[name], [(r["start"], originals[r["original"]]) for r in regions])
+    finally:
+        for fh in handles.values():
+            fh.close()
+    check = open_files(target.model, files=[target.path(f) for f in recorded])
+    bad = [r["name"] for r in plan["regions"] if tensor_id(read_tensor(check.infos[r["name"]])) != r["base"]]
+    if bad:
+        raise JournalError(f"after revert, {', '.join(bad[:5])} still differ from the base; "
+                           "the journal is kept: run `deltastore fsck`")
+    _drop(store, row["id"], list(originals))
+    return Journal(row["id"], row["target"], row["version_id"], "reverted", len(plan["regions"]))
 
-        gc(store, GcPlan(tuple(sorted(originals)), 0))
-        done.append(Journal(row["id"], key, row["version_id"], "reverted", len(plan["regions"])))
-    return done
+
+def _journal_files(row: dict) -> list[FileId] | None:
+    ids = json.loads(row["plan"]).get("identity")
+    return None if ids is None else [FileId.from_json(d) for d in ids]
+
+
+def journals_on(store: Any, target: Target) -> list[dict]:
+    """The open journals of a target: those that recorded one of its files (by device and
+    inode, whatever path reached it). A journal from before identities matches by its path."""
+    out = []
+    for row in store.catalog.open_journals():
+        ids = _journal_files(row)
+        if target.shares_a_file(ids) if ids is not None else row["target"] in (
+                str(target.model), os.path.abspath(target.given)):
+            out.append(row)
+    return out
+
+
+def open_journal_on(store: Any, path: str | os.PathLike) -> str | None:
+    """If a stance is applied in place to the model at `path`: a line saying so and how to undo
+    it, for errors about that model's weights."""
+    try:
+        target = resolve(path)
+    except (DeltastoreError, OSError):
+        return None
+    rows = journals_on(store, target)
+    if not rows:
+        return None
+    return (f"{path} has {_applied(store, rows[-1])} applied in place (an open journal): "
+            f"run `deltastore revert {path}` first")
+
+
+def _applied(store: Any, row: dict) -> str:
+    v = store.catalog.version(row["version_id"])
+    return f"{v['stance']}@{v['number']}" if v else f"version {row['version_id'][:19]}"
+
+
+def _replaced(target: Target, recorded: list[FileId]) -> str:
+    """How the target's files differ from those the journal recorded."""
+    for f in recorded:
+        now = target.file(f.name)
+        if now is None:
+            return f"{f.name} is missing"
+        if now.symlink:
+            return f"{target.path(now)} is now a symlink (to {os.readlink(target.path(now))})"
+        if not now.same_file(f):
+            return f"{target.path(now)} is another file now (replaced since apply)"
+    return "its files are others"
 
 
 def write_model(out: Path, source_infos: dict[str, TensorInfo], tensor: Callable[[str], torch.Tensor], *,

@@ -27,7 +27,7 @@ import torch
 
 from . import encodings
 from .catalog import Catalog, dumps, now
-from .errors import (AmbiguousRef, BaseMismatch, BaseNotFound, DeltastoreError, ModelFormatError,
+from .errors import (AmbiguousRef, BaseMismatch, BaseNotFound, DeltastoreError, JournalError, ModelFormatError,
                      NothingToCommit, RefNotFound, StoreExists, StoreNotFound, UnsafeInput, VersionConflict)
 from .hashing import DTYPES, manifest_id, tensor_id, canonical_json
 from .limits import is_text
@@ -117,6 +117,7 @@ class Store:
                  progress: Progress | None = None) -> Base:
         """Register a base: hash every tensor, record names, dtypes, shapes and where it lives."""
         self._writable()
+        self._refuse_patched(model)
         source = open_model(model, mapped=True)
         if name is not None:
             check_stance_name(name)
@@ -145,6 +146,29 @@ class Store:
                     "tensor_id": ids[n], "sq_norm": sq_norms[n]} for n, i in source.infos.items()]
         self.catalog.add_base(row, tensors)
         return self.base(bid)
+
+    def _refuse_patched(self, model: ModelLike) -> None:
+        """A model with a stance applied in place holds no base's weights: never register it."""
+        if isinstance(model, (str, os.PathLike)):
+            from .patch import open_journal_on
+
+            line = open_journal_on(self, model)
+            if line:
+                raise JournalError(f"{model} cannot be a base now: {line}")
+
+    def base_changed(self, base: Base, source: TensorSource, names: list[str]) -> BaseMismatch:
+        """The error for base weights that are no longer those registered, naming the open
+        journal when a stance applied in place to them is why."""
+        line = None
+        if source.path is not None:
+            from .patch import open_journal_on
+
+            line = open_journal_on(self, source.path)
+        if line is None:
+            return BaseMismatch(base.id, None, names, "the base weights differ from those registered")
+        return BaseMismatch(base.id, None, names, message=(
+            f"the weights at {source.path} differ from those of base {base.name or base.id[:19]} "
+            f"({', '.join(names[:5])}): {line}"))
 
     def _tensor_ids(self, source: TensorSource, progress: Progress | None) -> dict[str, str]:
         ids = {}
@@ -184,6 +208,7 @@ class Store:
             return base, None, False
         if isinstance(base, str) and not _looks_like_path(base):
             return self.base(base), None, False
+        self._refuse_patched(base)
         source = open_model(base, mapped=True)
         ids = self._tensor_ids(source, None)
         from .hashing import base_id as compute_base_id
@@ -545,7 +570,7 @@ class Store:
             if name in expected:
                 base_tensor = source.get(name)
                 if tensor_id(base_tensor) != expected[name]["tensor_id"]:
-                    raise BaseMismatch(base.id, None, [name], "the base weights differ from those registered")
+                    raise self.base_changed(base, source, [name])
             entry = entries.get(name)
             if entry is None:
                 return base_tensor
@@ -573,12 +598,14 @@ class Store:
         infos, tensor = self.materialize(version, base_weights=source)
         return write_model(Path(out), infos, tensor, files_from=source.folder, progress=progress)
 
-    def apply_files(self, ref: str | Version, target: str | os.PathLike):
-        """Patch a model file or folder in place, journalled so that `revert_files` undoes it."""
+    def apply_files(self, ref: str | Version, target: str | os.PathLike, *, break_links: bool = False):
+        """Patch a model file or folder in place, journalled so that `revert_files` undoes it.
+        A file with other hard links is refused, unless `break_links`: it is then replaced by a
+        private copy first, and the other paths keep their bytes."""
         from .patch import apply_in_place
 
         self._writable()
-        return apply_in_place(self, self.resolve(ref), Path(target))
+        return apply_in_place(self, self.resolve(ref), Path(target), allow_links=break_links)
 
     def revert_files(self, target: str | os.PathLike):
         from .patch import revert_in_place
