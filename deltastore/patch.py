@@ -29,7 +29,7 @@ from typing import Any, BinaryIO, Callable
 import torch
 
 from .errors import BaseMismatch, DeltastoreError, JournalError, ModelFormatError, SharedFile, shown_names
-from .hashing import bytes_id, tensor_id
+from .hashing import base_id, bytes_id, tensor_id
 from .models import (INDEX_FILE, TensorInfo, TensorSource, open_files, other_files, read_tensor,
                      write_safetensors)
 from .records import Version
@@ -113,25 +113,21 @@ def _not_the_base(store: Any, version: Version, target: Target, source: TensorSo
     """What the target is, since it is not the version's base: another registered base, the
     version's own result, or an unknown model. (`--out` reads the same base, so it would fail
     too and is not offered.)"""
-    from .hashing import base_id
-
     mine = store.base(version.base_id)
     mine_shown = f"{mine.name + ' ' if mine.name else ''}{mine.id[:19]}"
-    ids = {}
-    for name in source.names:
-        ids[name] = tensor_id(source.get(name))
+    ids = {name: tensor_id(source.get(name)) for name in source.names}
     actual = base_id(ids.items())
-    known = store.catalog.one("SELECT id, name FROM bases WHERE id = ?", [actual])
+    known = next((b for b in store.bases() if b.id == actual), None)
     entries = {e.name: e for e in version.tensors}
     if known:
-        what = f"is base {known['name'] + ' ' if known['name'] else ''}{actual[:19]}"
+        what = f"is base {known.name + ' ' if known.name else ''}{actual[:19]}"
         hint = f"apply a version of that base to it, or apply {version.ref} to a copy of {mine_shown}"
     elif all(ids.get(n) == entries[n].result_tensor_id for n in wrong):
         what = f"already holds {version.ref}'s own weights (its fine-tune, or {version.ref} applied)"
         hint = f"apply to a copy of {mine_shown}"
     else:
         what = f"is not a registered base (its base id would be {actual[:19]})"
-        hint = f"apply {version.ref} to a copy of {mine_shown} (another stance applied? `deltastore revert` it first)"
+        hint = f"apply {version.ref} to a copy of {mine_shown}"
     return BaseMismatch(version.base_id, actual, wrong, message=(
         f"{target.given} {what}, not {version.ref}'s base {mine_shown}: {len(wrong)} tensors differ "
         f"({shown_names(wrong)}); nothing was changed; {hint}"))
@@ -279,7 +275,11 @@ def _revert_one(store: Any, target: Target, row: dict) -> Journal:
     handles = _open_for_writing(target, list(by_file), "revert", recorded)
     try:
         for name, regions in by_file.items():
-            _write_regions(handles[name], [(r["start"], originals[r["original"]]) for r in regions])
+            try:
+                _write_regions(handles[name], [(r["start"], originals[r["original"]]) for r in regions])
+            except OSError as e:
+                raise JournalError(f"writing {target.path(target.file(name))} failed ({e.strerror or e}); the journal "
+                                   f"is kept: run `deltastore revert {target.given}` again") from None
     finally:
         for fh in handles.values():
             fh.close()

@@ -101,22 +101,20 @@ def resolve(path: str | os.PathLike) -> Target:
     """The model a path names, by identity. A file inside a model folder names that folder's
     model; a lone file (not among its folder's weight files) names itself."""
     given = Path(path)
-    if not os.path.lexists(given) or not given.exists():
+    if not given.exists():  # a dangling symlink too
         raise ModelFormatError(f"{given} does not exist")
     if given.is_dir():
         root = Path(os.path.realpath(given))
-        names = [f.name for f in weight_files(root)]
-    else:
-        weight_files(given)  # refuses a pickle checkpoint, names what else is wrong
-        root = Path(os.path.realpath(given.parent))
-        try:
-            folder = [f.name for f in weight_files(root)]
-        except ModelFormatError:
-            folder = []
-        if given.name in folder:
-            return Target(given, root, tuple(file_id(root / n) for n in folder))
-        return Target(given, root, (file_id(root / given.name),), lone=True)
-    return Target(given, root, tuple(file_id(root / n) for n in names))
+        return Target(given, root, tuple(file_id(f) for f in weight_files(root)))
+    weight_files(given)  # refuses a pickle checkpoint
+    root = Path(os.path.realpath(given.parent))
+    try:
+        folder = [f.name for f in weight_files(root)]
+    except ModelFormatError:
+        folder = []
+    if given.name in folder:
+        return Target(given, root, tuple(file_id(root / n) for n in folder))
+    return Target(given, root, (file_id(root / given.name),), lone=True)
 
 
 def file_id(path: Path) -> FileId:
