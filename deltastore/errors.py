@@ -141,12 +141,13 @@ class SharedFile(JournalError):
 
 
 class PatchBusy(JournalError):
-    """Another apply or revert holds the store's patch lock (`pid`: its process, when known)."""
+    """Another apply or revert holds the lock of the target (`pid`: its process, when known)."""
 
-    def __init__(self, pid: int | None, waited: float):
+    def __init__(self, pid: int | None, waited: float, target: str):
         self.pid = pid
+        self.target = target
         holder = f"process {pid}" if pid else "another process"
-        super().__init__(f"{holder} is applying or reverting in place with this store (waited {waited:g} s); "
+        super().__init__(f"{holder} is applying or reverting in place on {target} (waited {waited:g} s); "
                          "nothing was changed: try again once it has finished")
 
 

@@ -1,7 +1,7 @@
 """Apply a version to model files on disk, in place, journalled; revert it bit for bit; and
 write a patched copy of a model to a new folder (`apply --out`, `export`).
 
-In-place order (the journal makes every step undoable), all under the store's patch lock:
+In-place order (the journal makes every step undoable), all under the target's lock:
   1. resolve the target to its files by identity (target.py); refuse a file another path
      shares, and a target that an open journal already covers;
   2. check everything: base tensor ids, objects, decoded results; open every file to be
@@ -47,8 +47,8 @@ class Journal:
 
 def apply_in_place(store: Any, version: Version, path: Path, *, allow_links: bool = False) -> Journal:
     """`allow_links`: give each hard-linked file a private copy first (`apply --break-links`)."""
-    with patch_lock(store.root):
-        target = resolve(path)
+    with patch_lock(store.root, resolve(path)):
+        target = resolve(path)  # again, now that no other patch can change it
         covering = journals_on(store, target)
         if covering:
             raise JournalError(f"{target.given} already has {_applied(store, covering[-1])} applied in place; "
@@ -227,15 +227,15 @@ def _drop(store: Any, journal_id: str, originals: list[str]) -> None:
 
 def revert_in_place(store: Any, path: Path) -> list[Journal]:
     given = Path(path)
-    with patch_lock(store.root):
-        if not given.exists():
-            here = {os.path.abspath(given), os.path.join(os.path.realpath(given.parent), given.name)}
-            rows = [r for r in store.catalog.open_journals() if r["target"] in here]
-            if rows:
-                raise JournalError(f"{given} does not exist: it moved or was deleted since {_applied(store, rows[-1])} "
-                                   "was applied to it; nothing was written; if it moved, run `deltastore revert NEWPATH`")
-            raise JournalError(f"{given} does not exist; nothing to revert")
-        target = resolve(given)
+    if not given.exists():
+        here = {os.path.abspath(given), os.path.join(os.path.realpath(given.parent), given.name)}
+        rows = [r for r in store.catalog.open_journals() if r["target"] in here]
+        if rows:
+            raise JournalError(f"{given} does not exist: it moved or was deleted since {_applied(store, rows[-1])} "
+                               "was applied to it; nothing was written; if it moved, run `deltastore revert NEWPATH`")
+        raise JournalError(f"{given} does not exist; nothing to revert")
+    with patch_lock(store.root, resolve(given)):
+        target = resolve(given)  # again, now that no other patch can change it
         rows = journals_on(store, target)
         if not rows:
             for row in store.catalog.open_journals():

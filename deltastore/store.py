@@ -7,7 +7,7 @@ Layout on disk (see schema/FORMAT.md)::
     .deltastore/
       STORE           {"format": "deltastore/store/1"}
       catalog.db      SQLite (WAL): the index of everything below
-      patch.lock      held by the one apply or revert in place that runs (patch.py)
+      locks/          one lock file per folder patched in place (target.py)
       objects/ab/...  content-addressed objects
       tmp/            objects being written
 """

@@ -1,5 +1,5 @@
 """What an in-place apply or revert writes into, known by identity rather than by a path string,
-and the lock that lets one of them at a time patch from a store.
+and the lock that lets one of them at a time patch it.
 
 A target is one model: a folder's weight files (one file, or a shard set), or a lone
 safetensors file. Whichever path names it (the folder, one of its files, a path through a
@@ -31,7 +31,7 @@ from .models import MAX_HEADER_BYTES, weight_files
 # How long an apply or revert waits for another one to finish before it refuses: long enough
 # for a small model's patch, short enough that a stuck holder is reported, not waited on.
 LOCK_WAIT_S = 10.0
-LOCK_FILE = "patch.lock"
+LOCK_DIR = "locks"
 
 
 @dataclass(frozen=True)
@@ -177,13 +177,18 @@ def _fsync_dir(folder: Path) -> None:
 
 
 @contextmanager
-def patch_lock(store_root: Path, *, wait: float | None = None) -> Iterator[None]:
-    """Hold the store's patch lock: one apply or revert at a time, from its first check to its
-    last write. An OS lock (flock), so that a process that dies lets it go. The holder writes
-    its pid into the file for the message of whoever waits."""
+def patch_lock(store_root: Path, target: Target, *, wait: float | None = None) -> Iterator[None]:
+    """Hold the lock of one target's folder: one apply or revert at a time patches it, from its
+    first check to its last write. The lock file, in the store's `locks/`, is named by the
+    folder's device and inode, so that every path to the folder meets the same lock. An OS lock
+    (flock), so that a process that dies lets it go; the holder writes its pid into the file for
+    the message of whoever waits. Lock files stay (deleting one that another process waits on
+    would let two hold "the" lock)."""
     wait = LOCK_WAIT_S if wait is None else wait
-    path = Path(store_root) / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    st = os.stat(target.root)
+    folder = Path(store_root) / LOCK_DIR
+    folder.mkdir(exist_ok=True)
+    fd = os.open(folder / f"{st.st_dev}-{st.st_ino}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         deadline = time.monotonic() + wait
         while True:
@@ -192,7 +197,7 @@ def patch_lock(store_root: Path, *, wait: float | None = None) -> Iterator[None]
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise PatchBusy(_holder(fd), wait) from None
+                    raise PatchBusy(_holder(fd), wait, str(target.given)) from None
                 time.sleep(0.02)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

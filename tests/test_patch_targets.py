@@ -26,7 +26,7 @@ from click.testing import CliRunner
 from cli.main import cli
 from deltastore import Store
 from deltastore import target as target_module
-from deltastore.target import patch_lock
+from deltastore.target import patch_lock, resolve
 
 from helpers import assert_same_state, load_folder, make_model, weight_bytes
 
@@ -250,13 +250,20 @@ def test_a_symlinked_weight_file_is_refused(world) -> None:
 def test_an_apply_while_another_holds_the_lock_names_its_pid(world, monkeypatch) -> None:
     w = world
     monkeypatch.setattr(target_module, "LOCK_WAIT_S", 0.2)
+    other = w.tmp / "other"
+    shutil.copytree(w.pair.base, other)
     before = w.files()
-    with patch_lock(w.store):
-        line = w.refused("apply", "s", w.work)
-        assert f"process {os.getpid()} is applying or reverting" in line and "nothing was changed" in line
-    assert w.files() == before and w.journals() == []
+    with patch_lock(w.store, resolve(w.work)):
+        for path in (w.work, w.shard(w.work, 0)):
+            line = w.refused("apply", "s", path)
+            assert f"process {os.getpid()} is applying or reverting in place on {path}" in line
+            assert "nothing was changed" in line
+        assert w.files() == before and w.journals() == []
+        w.ok("apply", "s", other)  # another target is not held up
+        w.ok("revert", other)
+    assert w.files() == before
     w.ok("apply", "s", w.work)
-    with patch_lock(w.store):
+    with patch_lock(w.store, resolve(w.work)):
         assert f"process {os.getpid()}" in w.refused("revert", w.work)
     w.ok("revert", w.work)
     assert w.files() == before and w.fsck_ok() == []
