@@ -554,3 +554,19 @@ def test_another_base_is_named_first_and_out_is_not_offered(world) -> None:
     assert line.startswith(f"Error: {odd.base} is not a registered base (its base id would be b3:")
     assert "not s@1's base" in line and "--out" not in line
     assert w.files() == before and w.journals() == [] and w.fsck_ok() == []
+
+
+def test_a_journal_from_before_file_identities_still_reverts(world) -> None:
+    w = world
+    w.ok("apply", "s", w.work)
+    with Store.open(w.store) as s:
+        [row] = s.catalog.open_journals()
+        plan = json.loads(row["plan"])
+        del plan["identity"], plan["root"]  # as journals were written before
+        with s.catalog.transaction():
+            s.catalog.conn.execute("UPDATE journals SET plan = ?, target = ? WHERE id = ?",
+                                   [json.dumps(plan, sort_keys=True), os.path.abspath(w.work), row["id"]])
+    assert "already has s@1 applied in place" in w.refused("apply", "t", w.work)
+    w.ok("revert", w.work)
+    assert weight_bytes(w.work) == base_bytes(w)
+    assert w.journals() == [] and w.fsck_ok() == []
