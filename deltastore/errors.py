@@ -146,7 +146,7 @@ class PatchBusy(JournalError):
     def __init__(self, pid: int | None, waited: float, target: str):
         self.pid = pid
         self.target = target
-        holder = f"process {pid}" if pid else "another process"
+        holder = f"process {pid}" if pid else "another process (working with another store?)"
         super().__init__(f"{holder} is applying or reverting in place on {target} (waited {waited:g} s); "
                          "nothing was changed: try again once it has finished")
 

@@ -179,31 +179,45 @@ def _fsync_dir(folder: Path) -> None:
 @contextmanager
 def patch_lock(store_root: Path, target: Target, *, wait: float | None = None) -> Iterator[None]:
     """Hold the lock of one target's folder: one apply or revert at a time patches it, from its
-    first check to its last write. The lock file, in the store's `locks/`, is named by the
-    folder's device and inode, so that every path to the folder meets the same lock. An OS lock
-    (flock), so that a process that dies lets it go; the holder writes its pid into the file for
-    the message of whoever waits. Lock files stay (deleting one that another process waits on
-    would let two hold "the" lock)."""
+    first check to its last write. Two OS locks (flock), so that a process that dies lets them
+    go: one on a lock file in the store's `locks/`, named by the folder's device and inode (so
+    that every path to the folder meets it), into which the holder writes its pid for the
+    message of whoever waits; and one on the folder itself, which a process working from
+    another store meets too. Lock files stay (deleting one that another process waits on would
+    let two hold "the" lock)."""
     wait = LOCK_WAIT_S if wait is None else wait
     st = os.stat(target.root)
     folder = Path(store_root) / LOCK_DIR
     folder.mkdir(exist_ok=True)
-    fd = os.open(folder / f"{st.st_dev}-{st.st_ino}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fds = [os.open(folder / f"{st.st_dev}-{st.st_ino}.lock", os.O_RDWR | os.O_CREAT, 0o644),
+           os.open(target.root, os.O_RDONLY)]
     try:
         deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
+        for k, fd in enumerate(fds):
+            while not _try_lock(fd, required=k == 0):
                 if time.monotonic() >= deadline:
-                    raise PatchBusy(_holder(fd), wait, str(target.given)) from None
+                    raise PatchBusy(_holder(fds[0]) if k == 0 else None, wait, str(target.given)) from None
                 time.sleep(0.02)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.ftruncate(fds[0], 0)
+        os.pwrite(fds[0], f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
-        os.close(fd)  # lets the lock go
+        for fd in reversed(fds):
+            os.close(fd)  # lets the lock go
+
+
+def _try_lock(fd: int, *, required: bool) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        # A file system that cannot lock a folder (some network ones): the store's lock file
+        # still keeps this store's processes apart.
+        if required:
+            raise
+        return True
 
 
 def _holder(fd: int) -> int | None:

@@ -265,6 +265,12 @@ def test_an_apply_while_another_holds_the_lock_names_its_pid(world, monkeypatch)
     w.ok("apply", "s", w.work)
     with patch_lock(w.store, resolve(w.work)):
         assert f"process {os.getpid()}" in w.refused("revert", w.work)
+    # A process working with another store holds the folder itself.
+    with Store.init(w.tmp / "other-store") as elsewhere:
+        with patch_lock(elsewhere.root, resolve(w.work)):
+            line = w.refused("revert", w.work)
+            assert "another process (working with another store?) is applying or reverting" in line
+    shutil.rmtree(w.tmp / "other-store")
     w.ok("revert", w.work)
     assert w.files() == before and w.fsck_ok() == []
 
