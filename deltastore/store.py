@@ -29,7 +29,8 @@ import torch
 from . import encodings
 from .catalog import Catalog, dumps, now
 from .errors import (AmbiguousRef, BaseMismatch, BaseNotFound, DeltastoreError, JournalError, ModelFormatError,
-                     NothingToCommit, RefNotFound, StoreExists, StoreNotFound, UnsafeInput, VersionConflict)
+                     NothingToCommit, RefNotFound, StoreExists, StoreNotFound, UnsafeInput, VersionConflict,
+                     shown_names)
 from .hashing import DTYPES, manifest_id, tensor_id, canonical_json
 from .limits import is_text
 from .models import TensorInfo, TensorSource, open_model
@@ -169,7 +170,7 @@ class Store:
             return BaseMismatch(base.id, None, names, "the base weights differ from those registered")
         return BaseMismatch(base.id, None, names, message=(
             f"the weights at {source.path} differ from those of base {base.name or base.id[:19]} "
-            f"({', '.join(names[:5])}): {line}"))
+            f"({shown_names(names)}): {line}"))
 
     def _tensor_ids(self, source: TensorSource, progress: Progress | None) -> dict[str, str]:
         ids = {}
