@@ -201,8 +201,9 @@ def _write_or_roll_back(store: Any, target: Target, journal: dict, originals: li
             for name in started:
                 _write_regions(handles[name], [(info.start, base) for info, _, base in by_file[name]])
         except Exception:
-            raise JournalError(f"writing {failed} failed: {len(started) - 1} of {len(by_file)} files patched and one "
-                               f"in part; {target.given} is half patched: run `deltastore revert {target.given}`") from None
+            raise JournalError(f"writing {failed} failed: {len(started) - 1} of {len(by_file)} files patched, "
+                               f"{started[-1]} in part; {target.given} is half patched: "
+                               f"run `deltastore revert {target.given}`") from None
         _drop(store, journal["id"], originals)
         raise JournalError(f"writing {failed} failed; the files written were put back: nothing was changed") from None
 

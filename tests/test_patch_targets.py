@@ -420,7 +420,7 @@ def test_a_write_that_fails_and_cannot_be_undone_says_how_far_it_got(world, monk
     files = len(list(w.work.glob("*.safetensors")))
     failing_fsync(monkeypatch, fail_from=files, fail_until=None)
     line = w.refused("apply", "s", w.work)
-    assert f"{files - 1} of {files} files patched and one in part" in line
+    assert f"{files - 1} of {files} files patched, {w.shard(w.work, -1).name} in part" in line
     assert f"half patched: run `deltastore revert {w.work}`" in line
     monkeypatch.undo()
     assert {k: v for k, v in w.files().items() if not k.startswith("proj/work/")} == \
