@@ -47,7 +47,7 @@ def catalog_sql() -> str:
     from deltastore.catalog import Catalog
 
     with tempfile.TemporaryDirectory() as d:
-        catalog = Catalog(Path(d) / "catalog.db")
+        catalog = Catalog(Path(d) / "catalog.db", create=True)
         try:
             schema = catalog.schema()
         finally:

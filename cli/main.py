@@ -47,16 +47,24 @@ def json_option(f: Callable) -> Callable:
     return click.option("--json", "as_json", is_flag=True, help="Print one JSON value on stdout.")(f)
 
 
-def with_store(f: Callable) -> Callable:
-    """Open the store the group's --store (or $DELTASTORE_DIR, or the nearest .deltastore/) names."""
-    @functools.wraps(f)
-    @click.pass_context
-    def wrapper(ctx: click.Context, *args: Any, **kwargs: Any) -> Any:
-        path = ctx.find_root().params.get("store")
-        store = Store.open(path if path else find_store())
-        ctx.call_on_close(store.close)
-        return f(store, *args, **kwargs)
-    return wrapper
+def with_store(f: Callable | None = None, *, readonly: bool | None = None) -> Callable:
+    """Open the store the group's --store (or $DELTASTORE_DIR, or the nearest .deltastore/) names.
+    `readonly=True` for commands that only read: their catalog is opened read-only, so they work
+    on a full disk too."""
+    def decorate(f: Callable) -> Callable:
+        @functools.wraps(f)
+        @click.pass_context
+        def wrapper(ctx: click.Context, *args: Any, **kwargs: Any) -> Any:
+            store = Store.open(store_path(ctx), readonly=readonly)
+            ctx.call_on_close(store.close)
+            return f(store, *args, **kwargs)
+        return wrapper
+    return decorate(f) if f is not None else decorate
+
+
+def store_path(ctx: click.Context) -> Path:
+    path = ctx.find_root().params.get("store")
+    return Path(path) if path else find_store()
 
 
 def parse_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
@@ -115,7 +123,7 @@ def base_add(store: Store, model: str, name: str | None, hub_id: str | None, as_
 
 @base.command("list")
 @json_option
-@with_store
+@with_store(readonly=True)
 def base_list(store: Store, as_json: bool) -> None:
     """Bases with ids, names, tensor counts and bytes."""
     bases = store.bases()
@@ -219,7 +227,7 @@ def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str 
 
 @cli.command()
 @json_option
-@with_store
+@with_store(readonly=True)
 def stances(store: Store, as_json: bool) -> None:
     """Stances with their newest version."""
     rows = store.stances()
@@ -272,7 +280,7 @@ def version_summary(v: Any) -> dict:
 @click.argument("stance", required=False)
 @click.option("--where", multiple=True, metavar="KEY=VALUE", help="Only versions with this metadata.")
 @json_option
-@with_store
+@with_store(readonly=True)
 def log(store: Store, stance: str | None, where: tuple[str, ...], as_json: bool) -> None:
     """Versions, newest first."""
     versions = store.log(stance, where=parse_pairs(where, "--where"))
@@ -286,7 +294,7 @@ def log(store: Store, stance: str | None, where: tuple[str, ...], as_json: bool)
 @cli.command()
 @click.argument("ref")
 @json_option
-@with_store
+@with_store(readonly=True)
 def show(store: Store, ref: str, as_json: bool) -> None:
     """One version, tensor by tensor."""
     v = store.resolve(ref)
@@ -319,7 +327,7 @@ def show(store: Store, ref: str, as_json: bool) -> None:
 @click.argument("ref_b")
 @click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
 @json_option
-@with_store
+@with_store(readonly=True)
 def diff(store: Store, ref_a: str, ref_b: str, base_path: str | None, as_json: bool) -> None:
     """Tensor by tensor, what differs between two versions: tensors added, removed or changed,
     and ||A - B|| / ||B|| of the tensors apply would produce (so it works across encodings)."""
@@ -402,7 +410,7 @@ def revert(store: Store, target: str, as_json: bool) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="A new folder.")
 @click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
 @json_option
-@with_store
+@with_store(readonly=True)
 def export(store: Store, ref: str, out: str, base_path: str | None, as_json: bool) -> None:
     """Write the full fine-tuned model (base + delta) as a Hugging Face model folder."""
     with progress("writing", enabled=not as_json) as cb:
@@ -415,14 +423,25 @@ def export(store: Store, ref: str, out: str, base_path: str | None, as_json: boo
 @cli.command()
 @click.option("--read-data", is_flag=True, help="Re-hash every object.")
 @click.option("--repair", is_flag=True, help="Do what is safe: remove stale temporary files and pending rows.")
+@click.option("--rebuild-catalog", is_flag=True,
+              help="First rebuild the catalog from the store's objects, refs.log and journals alone "
+                   "(when it is missing, damaged or disagrees with them; no other process may use the store).")
 @json_option
-@with_store
-def fsck(store: Store, read_data: bool, repair: bool, as_json: bool) -> None:
-    """Check the store: every catalog row, object and journal. Exit 1 on errors."""
+@click.pass_context
+def fsck(ctx: click.Context, read_data: bool, repair: bool, rebuild_catalog: bool, as_json: bool) -> None:
+    """Check the store: the catalog against the refs and objects, every object and journal. Exit 1 on errors."""
+    root = store_path(ctx)
+    rebuilt = Store.rebuild_catalog(root) if rebuild_catalog else None
+    if rebuilt is not None and not as_json:
+        click.echo(f"rebuilt the catalog: {rebuilt.versions} versions in {rebuilt.stances} stances, "
+                   f"{rebuilt.bases} bases, {rebuilt.journals} open journals")
+    store = Store.open(root, readonly=None if repair or rebuild_catalog else True)
+    ctx.call_on_close(store.close)
     report = store.fsck(read_data=read_data, repair=repair)
     if as_json:
         emit_json({"ok": report.ok, "problems": report.problems, "objects_checked": report.objects_checked,
-                   "versions_checked": report.versions_checked, "repaired": report.repaired})
+                   "versions_checked": report.versions_checked, "repaired": report.repaired,
+                   **({"rebuilt": rebuilt} if rebuilt else {})})
     else:
         for line in report.repaired:
             click.echo(f"repaired: {line}")
@@ -473,7 +492,7 @@ def gc(store: Store, dry_run: bool, as_json: bool) -> None:
 
 @cli.command()
 @json_option
-@with_store
+@with_store(readonly=True)
 def stats(store: Store, as_json: bool) -> None:
     """Bytes stored, bytes saved by dedup, per stance and per encoding."""
     s = store.stats()
@@ -503,7 +522,7 @@ def hub_version_json(hv: Any) -> dict:
 @click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
 @hub_options
 @json_option
-@with_store
+@with_store(readonly=True)
 def push(store: Store, refs: tuple[str, ...], repo_id: str, revision: str | None, private: bool,
          token: str | None, endpoint: str | None, as_json: bool) -> None:
     """Upload versions to a Hub repo: one commit, and a tag STANCE-vN per version. Versions already
@@ -654,7 +673,7 @@ def compare_command(base: str, model: str, encodings_text: str, ranks_text: str,
                    "3 s for 8192x2048, on two CPU cores).")
 @click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
 @json_option
-@with_store
+@with_store(readonly=True)
 def analyze(store: Store, refs: tuple[str, ...], plot: str | None, value: str, show_all: bool,
             spectrum: str | None, with_alpha: bool, base_path: str | None, as_json: bool) -> None:
     """Which layers and modules each version changed, and how: per layer and module kind, the
@@ -743,7 +762,7 @@ def _analysis_json(a: Any) -> dict[str, Any]:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="A new folder.")
 @click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
 @json_option
-@with_store
+@with_store(readonly=True)
 def export_lora(store: Store, ref: str, rank: int | None, energy: float | None, dtype: str, out: str,
                 base_path: str | None, as_json: bool) -> None:
     """Write a version as a PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors)

@@ -1,15 +1,18 @@
-"""The catalog: an SQLite database (through sqlite-utils) of bases, stances, versions, tensor
-entries, objects, tags, metadata, pending objects and apply journals.
+"""The catalog: an SQLite index (through sqlite-utils) of bases, stances, versions, the objects
+each version needs, tags, metadata, pending objects and apply journals.
 
-This is the only module that speaks SQL. It runs in WAL mode with a busy timeout, so many
-processes can read and write one store; every write is one short `BEGIN IMMEDIATE`
-transaction, never held while tensors are hashed or compressed. The schema only grows:
-`MIGRATIONS` is append-only, each step runs in its own transaction, and `schema/catalog.sql`
-is the schema they produce (a test keeps the two in step).
+It is a cache of the store's truth (objects, `refs.log`, `journals/`, schema/FORMAT.md §6):
+every ref change is appended to the ref log inside the same write transaction that updates
+these rows, and `fsck --rebuild-catalog` rebuilds it all from the truth. This is the only
+module that speaks SQL. It runs in WAL mode with a busy timeout, so many processes can read and
+write one store; every write is one short `BEGIN IMMEDIATE` transaction, never held while
+tensors are hashed or compressed. SQLite's failures leave here as `CatalogError`s (a damaged
+catalog names the rebuild, a full disk says so), never as sqlite3 exceptions.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -21,115 +24,108 @@ from typing import Any, Iterator
 
 import sqlite_utils
 
-MIGRATIONS: list[str] = [
-    # 1: everything a store needs
-    """
-    CREATE TABLE bases (
-        id TEXT PRIMARY KEY,
-        name TEXT UNIQUE,
-        tensor_count INTEGER NOT NULL,
-        bytes INTEGER NOT NULL,
-        source TEXT,
-        hub_id TEXT,
-        created TEXT NOT NULL
-    );
-    CREATE TABLE base_tensors (
-        base_id TEXT NOT NULL REFERENCES bases(id),
-        name TEXT NOT NULL,
-        dtype TEXT NOT NULL,
-        shape TEXT NOT NULL,
-        tensor_id TEXT NOT NULL,
-        PRIMARY KEY (base_id, name)
-    );
-    CREATE TABLE stances (
-        name TEXT PRIMARY KEY,
-        created TEXT NOT NULL
-    );
-    CREATE TABLE versions (
-        id TEXT PRIMARY KEY,
-        stance TEXT NOT NULL REFERENCES stances(name),
-        number INTEGER NOT NULL,
-        parent TEXT,
-        base_id TEXT NOT NULL REFERENCES bases(id),
-        encoding TEXT NOT NULL,
-        message TEXT NOT NULL,
-        created TEXT NOT NULL,
-        tensors INTEGER NOT NULL,
-        bytes INTEGER NOT NULL,
-        manifest TEXT NOT NULL,
-        UNIQUE (stance, number)
-    );
-    CREATE TABLE entries (
-        version_id TEXT NOT NULL REFERENCES versions(id),
-        name TEXT NOT NULL,
-        dtype TEXT NOT NULL,
-        shape TEXT NOT NULL,
-        encoding TEXT NOT NULL,
-        base_tensor_id TEXT,
-        target_tensor_id TEXT NOT NULL,
-        result_tensor_id TEXT NOT NULL,
-        rel_change REAL,
-        rel_error REAL,
-        bytes INTEGER NOT NULL,
-        PRIMARY KEY (version_id, name)
-    );
-    CREATE TABLE entry_objects (
-        version_id TEXT NOT NULL REFERENCES versions(id),
-        name TEXT NOT NULL,
-        part TEXT NOT NULL,
-        object_id TEXT NOT NULL,
-        PRIMARY KEY (version_id, name, part)
-    );
-    CREATE INDEX entry_objects_object ON entry_objects(object_id);
-    CREATE TABLE objects (
-        id TEXT PRIMARY KEY,
-        size INTEGER NOT NULL,
-        raw_size INTEGER NOT NULL,
-        created TEXT NOT NULL
-    );
-    CREATE TABLE tags (
-        stance TEXT NOT NULL REFERENCES stances(name),
-        name TEXT NOT NULL,
-        version_id TEXT NOT NULL REFERENCES versions(id),
-        created TEXT NOT NULL,
-        PRIMARY KEY (stance, name)
-    );
-    CREATE TABLE metadata (
-        version_id TEXT NOT NULL REFERENCES versions(id),
-        key TEXT NOT NULL,
-        value TEXT NOT NULL,
-        PRIMARY KEY (version_id, key)
-    );
-    CREATE TABLE pending (
-        token TEXT NOT NULL,
-        object_id TEXT NOT NULL,
-        pid INTEGER NOT NULL,
-        host TEXT NOT NULL,
-        created TEXT NOT NULL,
-        PRIMARY KEY (token, object_id)
-    );
-    CREATE INDEX pending_object ON pending(object_id);
-    CREATE TABLE journals (
-        id TEXT PRIMARY KEY,
-        target TEXT NOT NULL,
-        version_id TEXT NOT NULL,
-        state TEXT NOT NULL,
-        plan TEXT NOT NULL,
-        created TEXT NOT NULL
-    );
-    CREATE TABLE journal_objects (
-        journal_id TEXT NOT NULL REFERENCES journals(id),
-        object_id TEXT NOT NULL,
-        PRIMARY KEY (journal_id, object_id)
-    );
-    CREATE INDEX journal_objects_object ON journal_objects(object_id);
-    """,
-    # 2: each base tensor's squared norm, so a commit need not read the base twice over for
-    # ||dW|| / ||W||
-    """
-    ALTER TABLE base_tensors ADD COLUMN sq_norm REAL;
-    """,
-]
+from . import journalfiles
+from .errors import CatalogDamaged, CatalogError, DiskFull
+from .reflog import RefLog, tail_id
+
+# The catalog's schema. It is a cache: a catalog of another schema is rebuilt, never migrated.
+SCHEMA_VERSION = "2"
+SCHEMA = """
+CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE bases (
+    id TEXT PRIMARY KEY,
+    name TEXT UNIQUE,
+    tensor_count INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    source TEXT,
+    hub_id TEXT,
+    created TEXT NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE TABLE base_tensors (
+    base_id TEXT NOT NULL REFERENCES bases(id),
+    name TEXT NOT NULL,
+    dtype TEXT NOT NULL,
+    shape TEXT NOT NULL,
+    tensor_id TEXT NOT NULL,
+    sq_norm REAL,
+    PRIMARY KEY (base_id, name)
+);
+CREATE TABLE stances (
+    name TEXT PRIMARY KEY,
+    created TEXT NOT NULL
+);
+CREATE TABLE versions (
+    key INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    stance TEXT NOT NULL REFERENCES stances(name),
+    number INTEGER NOT NULL,
+    parent TEXT,
+    base_id TEXT NOT NULL REFERENCES bases(id),
+    encoding TEXT NOT NULL,
+    message TEXT NOT NULL,
+    created TEXT NOT NULL,
+    tensors INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    UNIQUE (stance, number)
+);
+CREATE TABLE version_encodings (
+    version INTEGER NOT NULL REFERENCES versions(key),
+    encoding TEXT NOT NULL,
+    tensors INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY (version, encoding)
+) WITHOUT ROWID;
+CREATE TABLE objects (
+    key INTEGER PRIMARY KEY,
+    digest BLOB NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    raw_size INTEGER NOT NULL
+);
+CREATE TABLE entry_objects (
+    version INTEGER NOT NULL REFERENCES versions(key),
+    object INTEGER NOT NULL REFERENCES objects(key),
+    PRIMARY KEY (version, object)
+) WITHOUT ROWID;
+CREATE INDEX entry_objects_object ON entry_objects(object);
+CREATE TABLE tags (
+    stance TEXT NOT NULL REFERENCES stances(name),
+    name TEXT NOT NULL,
+    version_id TEXT NOT NULL REFERENCES versions(id),
+    created TEXT NOT NULL,
+    PRIMARY KEY (stance, name)
+);
+CREATE TABLE metadata (
+    version_id TEXT NOT NULL REFERENCES versions(id),
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (version_id, key)
+);
+CREATE TABLE pending (
+    token TEXT NOT NULL,
+    object_id TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    created TEXT NOT NULL,
+    PRIMARY KEY (token, object_id)
+);
+CREATE INDEX pending_object ON pending(object_id);
+CREATE TABLE journals (
+    id TEXT PRIMARY KEY,
+    target TEXT NOT NULL,
+    version_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    plan TEXT NOT NULL,
+    created TEXT NOT NULL
+);
+CREATE TABLE journal_objects (
+    journal_id TEXT NOT NULL REFERENCES journals(id),
+    object_id TEXT NOT NULL,
+    PRIMARY KEY (journal_id, object_id)
+);
+CREATE INDEX journal_objects_object ON journal_objects(object_id);
+"""
+SQLITE_MAGIC = b"SQLite format 3\x00"
 
 BUSY_TIMEOUT_S = 60
 
@@ -165,27 +161,47 @@ def _open_readonly(path: Path) -> sqlite3.Connection:
 
 
 class Catalog:
-    def __init__(self, path: Path, *, readonly: bool = False):
+    """`create`: make a new, empty catalog (a new store, or a rebuild into a temporary file).
+    Otherwise the catalog must exist and pass `_check` (FORMAT.md §6), and `refs` is the ref
+    log it indexes. `replay(catalog)` is called inside a write transaction whenever the log holds
+    records the catalog lacks (a writer died between its append and its commit)."""
+
+    def __init__(self, path: Path, *, readonly: bool = False, create: bool = False,
+                 refs: RefLog | None = None, replay: Any = None):
         self.path = Path(path)
+        self.root = self.path.parent
         self.readonly = readonly
-        if readonly:
-            conn = _open_readonly(self.path)
-        else:
-            # Autocommit mode: transactions are explicit (`transaction()`), so none is ever
-            # left open by accident between statements.
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                   check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode survives any process crash; a power cut may roll back the
-            # last transactions, which only leaves their objects unreferenced (gc removes them).
-            conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
-        conn.execute("PRAGMA foreign_keys=ON")
+        self.refs = refs
+        self.replay = replay
+        self._log_undo: int | None = None  # where the log was before this transaction appended
+        if not create:
+            _check_file(self.path)
+        try:
+            if readonly:
+                conn = _open_readonly(self.path)
+            else:
+                # Autocommit mode: transactions are explicit (`transaction()`), so none is ever
+                # left open by accident between statements.
+                conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                       check_same_thread=False)
+                conn.execute("PRAGMA journal_mode=WAL")
+                # NORMAL in WAL mode survives any process crash; a power cut may roll back the
+                # last transactions, which leaves the ref log ahead (replayed on the next open).
+                conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
+            conn.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.Error as e:
+            raise _translated(e, self.root) from None
         self.conn = conn
         self._lock = threading.RLock()
         self.db = sqlite_utils.Database(conn)
-        if not readonly:
-            self._migrate()
+        if create:
+            with self.transaction():
+                for statement in _statements(SCHEMA):
+                    self.conn.execute(statement)
+                self._set_state({"schema": SCHEMA_VERSION, "log_offset": "0", "log_tail": ""})
+        else:
+            self._check_state()
 
     def close(self) -> None:
         self.conn.close()
@@ -193,36 +209,101 @@ class Catalog:
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, taken up front so that two writers never deadlock. The lock
-        serialises threads of this process that share the connection (a commit's workers)."""
+        serialises threads of this process that share the connection (a commit's workers). If
+        it fails after appending to the ref log, the append is undone before the lock goes."""
         with self._lock:
-            self.conn.execute("BEGIN IMMEDIATE")
+            outer = self._log_undo
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                raise _translated(e, self.root) from None
             try:
                 yield self.conn
-            except BaseException:
-                self.conn.execute("ROLLBACK")
+                self.conn.execute("COMMIT")
+            except BaseException as e:
+                try:
+                    self.conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # SQLite rolled back already (a full disk, an I/O error)
+                if self._log_undo is not None and outer is None:
+                    self.refs.truncate(self._log_undo)
+                if isinstance(e, (sqlite3.Error, UnicodeDecodeError)):
+                    raise _translated(e, self.root) from None
                 raise
-            self.conn.execute("COMMIT")
+            finally:
+                self._log_undo = outer
 
-    def _migrate(self) -> None:
+    # -- what the catalog has indexed of the ref log --------------------------------------------
+
+    def _state(self) -> dict[str, str]:
+        return dict(self.conn.execute("SELECT key, value FROM state").fetchall())
+
+    def _set_state(self, values: dict[str, str]) -> None:
+        self.conn.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", list(values.items()))
+
+    def log_position(self) -> tuple[int, str]:
+        s = self._state()
+        return int(s.get("log_offset", "0")), s.get("log_tail", "")
+
+    def set_log_position(self, offset: int, line: bytes) -> None:
+        """Inside `transaction()`: the catalog now holds every record up to `offset`."""
+        self._set_state({"log_offset": str(offset), "log_tail": tail_id(line) if line else ""})
+
+    def _check_state(self) -> None:
+        try:
+            tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "state" not in tables:
+                raise CatalogDamaged(str(self.root), "holds no index (it is empty or of another program)")
+            state = self._state()
+        except sqlite3.Error as e:
+            raise _translated(e, self.root) from None
+        except UnicodeDecodeError:
+            raise CatalogDamaged(str(self.root), "is unreadable (text that is not UTF-8)") from None
+        if state.get("schema") != SCHEMA_VERSION:
+            raise CatalogDamaged(str(self.root), f"is of catalog schema {state.get('schema')!r}, not {SCHEMA_VERSION!r}")
+        if self.refs is None:
+            return
+        offset, tail = int(state.get("log_offset", "0")), state.get("log_tail", "")
+        size = self.refs.whole_size()
+        if offset > size:
+            from .reflog import RefLogError
+
+            raise RefLogError(self.refs.path, f"it has {size} bytes, but the catalog indexed {offset}: it was "
+                              "truncated or replaced, and rebuilding the catalog from it would lose versions")
+        line = self.refs.line_before(offset)
+        if line is None or (tail_id(line) if line else "") != tail:
+            raise CatalogDamaged(str(self.root), "disagrees with the store's ref log (refs.log)")
+        if offset < size and not self.readonly and self.replay is not None:
+            self.catch_up()
+
+    def catch_up(self) -> None:
+        """Replay the records of the log the catalog lacks, under the write lock (idempotent)."""
         with self.transaction():
-            self.conn.execute("CREATE TABLE IF NOT EXISTS migrations (number INTEGER PRIMARY KEY, applied TEXT NOT NULL)")
-        done = {r[0] for r in self.conn.execute("SELECT number FROM migrations")}
-        for number, script in enumerate(MIGRATIONS, start=1):
-            if number in done:
-                continue
-            with self.transaction():
-                # Another process may have migrated between our read and our lock.
-                if self.conn.execute("SELECT 1 FROM migrations WHERE number = ?", [number]).fetchone():
-                    continue
-                for statement in _statements(script):
-                    self.conn.execute(statement)
-                self.conn.execute("INSERT INTO migrations VALUES (?, ?)", [number, now()])
+            if self.log_position()[0] < self.refs.whole_size():
+                self.replay(self)
+
+    def record(self, *records: dict) -> None:
+        """Inside `transaction()`: append ref records to the log (one write, fsynced) and note
+        that the catalog holds them. The caller updates the rows in the same transaction."""
+        if self.refs is None:
+            return
+        if self.log_position()[0] != self.refs.whole_size() and self.replay is not None:
+            self.replay(self)
+        before, after, last = self.refs.append(list(records))
+        if self._log_undo is None:
+            self._log_undo = before
+        self.set_log_position(after, last)
 
     def schema(self) -> str:
         rows = self.conn.execute(
             "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite_%' "
             "ORDER BY type DESC, name")
         return ";\n".join(r[0] for r in rows) + ";\n"
+
+    def quick_check(self) -> list[str]:
+        """SQLite's own check of the database's structure: [] when sound."""
+        rows = [r[0] for r in self.conn.execute("PRAGMA quick_check")]
+        return [] if rows == ["ok"] else rows
 
     def query(self, sql: str, params: Any = ()) -> list[dict]:
         return list(self.db.query(sql, params))
@@ -234,24 +315,37 @@ class Catalog:
     # -- bases ---------------------------------------------------------------------------------
 
     def add_base(self, row: dict, tensors: list[dict]) -> None:
+        """Register a base (or update its name, source and Hub id), with its ref record."""
         with self.transaction():
-            existing = self.one("SELECT id FROM bases WHERE id = ?", [row["id"]])
-            if existing:
-                updates = {k: row[k] for k in ("name", "source", "hub_id") if row.get(k)}
-                if updates:
-                    self.db["bases"].update(row["id"], updates)
-                return
-            self.db["bases"].insert(row)
-            self.db["base_tensors"].insert_all(tensors, batch_size=500)
+            self.put_base(row, tensors)
+            current = self.one("SELECT * FROM bases WHERE id = ?", [row["id"]])
+            self.record({"op": "base", **{k: current[k] for k in ("id", "record", "name", "source", "hub_id",
+                                                                     "created")}})
+
+    def put_base(self, row: dict, tensors: list[dict]) -> None:
+        """Inside `transaction()`: the rows of a base (no ref record: `add_base` and replay)."""
+        existing = self.one("SELECT id FROM bases WHERE id = ?", [row["id"]])
+        if existing:
+            updates = {k: row[k] for k in ("name", "source", "hub_id") if row.get(k)}
+            if updates:
+                self.db["bases"].update(row["id"], updates)
+            return
+        self.db["bases"].insert(row)
+        self.db["base_tensors"].insert_all(tensors, batch_size=500)
 
     def drop_base_if_unused(self, base_id: str) -> bool:
         """Unregister a base that no version uses (one a failed commit registered on its way)."""
         with self.transaction():
-            if self.conn.execute("SELECT 1 FROM versions WHERE base_id = ? LIMIT 1", [base_id]).fetchone():
+            if not self.remove_base_if_unused(base_id):
                 return False
-            self.conn.execute("DELETE FROM base_tensors WHERE base_id = ?", [base_id])
-            self.conn.execute("DELETE FROM bases WHERE id = ?", [base_id])
+            self.record({"op": "base-drop", "id": base_id})
         return True
+
+    def remove_base_if_unused(self, base_id: str) -> bool:
+        if self.conn.execute("SELECT 1 FROM versions WHERE base_id = ? LIMIT 1", [base_id]).fetchone():
+            return False
+        self.conn.execute("DELETE FROM base_tensors WHERE base_id = ?", [base_id])
+        return self.conn.execute("DELETE FROM bases WHERE id = ?", [base_id]).rowcount > 0
 
     def bases(self) -> list[dict]:
         return self.query("SELECT * FROM bases ORDER BY created")
@@ -271,17 +365,25 @@ class Catalog:
         with self.transaction():
             self.conn.execute("DELETE FROM pending WHERE token = ?", [token])
 
+    def pending_of(self, token: str) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT object_id FROM pending WHERE token = ?", [token])]
+
     # -- versions ------------------------------------------------------------------------------
 
-    def insert_version(self, version: dict, entries: list[dict], entry_objects: list[dict],
-                       objects: list[dict], metadata: dict[str, str]) -> None:
-        """Called inside `transaction()`: the version becomes visible all at once."""
+    def insert_version(self, version: dict, objects: list[dict], links: list[str], by_encoding: list[dict],
+                       metadata: dict[str, str]) -> None:
+        """Inside `transaction()`: the version becomes visible all at once. `objects`: (id, size,
+        raw_size) of every object it needs; `links`: their ids; `by_encoding`: (encoding,
+        tensors, bytes)."""
         if not self.one("SELECT 1 FROM stances WHERE name = ?", [version["stance"]]):
             self.db["stances"].insert({"name": version["stance"], "created": version["created"]})
-        self.db["objects"].insert_all(objects, ignore=True, batch_size=500)
-        self.db["versions"].insert(version)
-        self.db["entries"].insert_all(entries, batch_size=500)
-        self.db["entry_objects"].insert_all(entry_objects, batch_size=500)
+        self.conn.executemany("INSERT OR IGNORE INTO objects (digest, size, raw_size) VALUES (?, ?, ?)",
+                              [(_digest(o["id"]), o["size"], o["raw_size"]) for o in objects])
+        key = self.db["versions"].insert(version).last_pk
+        self.conn.executemany("INSERT OR IGNORE INTO entry_objects (version, object) "
+                              "SELECT ?, key FROM objects WHERE digest = ?", [(key, _digest(oid)) for oid in links])
+        self.conn.executemany("INSERT INTO version_encodings (version, encoding, tensors, bytes) VALUES (?, ?, ?, ?)",
+                              [(key, e["encoding"], e["tensors"], e["bytes"]) for e in by_encoding])
         self.db["metadata"].insert_all(
             [{"version_id": version["id"], "key": k, "value": v} for k, v in metadata.items()])
 
@@ -312,9 +414,6 @@ class Catalog:
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row)) for row in cursor]
 
-    def entries(self, version_id: str) -> list[dict]:
-        return self.query("SELECT * FROM entries WHERE version_id = ? ORDER BY name", [version_id])
-
     def metadata(self, version_id: str) -> dict[str, str]:
         return {r["key"]: r["value"] for r in
                 self.query("SELECT key, value FROM metadata WHERE version_id = ? ORDER BY key", [version_id])}
@@ -331,8 +430,14 @@ class Catalog:
 
     def set_tag(self, stance: str, name: str, version_id: str) -> None:
         with self.transaction():
-            self.db["tags"].insert({"stance": stance, "name": name, "version_id": version_id,
-                                    "created": now()}, replace=True)
+            created = now()
+            self.put_tag(stance, name, version_id, created)
+            self.record({"op": "tag", "stance": stance, "name": name, "version": version_id, "created": created})
+
+    def put_tag(self, stance: str, name: str, version_id: str, created: str) -> None:
+        """Inside `transaction()`: the tag's row (no ref record)."""
+        self.db["tags"].insert({"stance": stance, "name": name, "version_id": version_id, "created": created},
+                               replace=True)
 
     def versions_with_prefix(self, prefix: str) -> list[dict]:
         return self.query("SELECT * FROM versions WHERE id LIKE ? ORDER BY id", [prefix + "%"])
@@ -361,7 +466,7 @@ class Catalog:
         return out
 
     def version_summaries(self, stance: str | None = None, *, where: dict[str, str] | None = None) -> list[dict]:
-        """What `versions` returns, without the manifests (the bulk of a version's row)."""
+        """What `versions` returns, without the surrogate key."""
         return self.versions(stance, where=where, columns="id, stance, number, parent, base_id, encoding, "
                                                           "message, created, tensors, bytes")
 
@@ -382,8 +487,13 @@ class Catalog:
         """Remove one tag; the id of the version it named, or None when there was no such tag."""
         with self.transaction():
             vid = self.tag_target(stance, name)
-            self.conn.execute("DELETE FROM tags WHERE stance = ? AND name = ?", [stance, name])
+            if vid is not None:
+                self.remove_tag(stance, name)
+                self.record({"op": "untag", "stance": stance, "name": name})
         return vid
+
+    def remove_tag(self, stance: str, name: str) -> None:
+        self.conn.execute("DELETE FROM tags WHERE stance = ? AND name = ?", [stance, name])
 
     def rename_stance(self, old: str, new: str) -> int:
         """Move every version and tag of `old` to `new`, in one transaction. Versions keep their
@@ -396,11 +506,17 @@ class Catalog:
                 raise RefNotFound(old)
             if self.has_stance(new):
                 raise StanceExists(new)
-            created = self.conn.execute("SELECT created FROM stances WHERE name = ?", [old]).fetchone()[0]
-            self.conn.execute("INSERT INTO stances (name, created) VALUES (?, ?)", [new, created])
-            moved = self.conn.execute("UPDATE versions SET stance = ? WHERE stance = ?", [new, old]).rowcount
-            self.conn.execute("UPDATE tags SET stance = ? WHERE stance = ?", [new, old])
-            self.conn.execute("DELETE FROM stances WHERE name = ?", [old])
+            moved = self.move_stance(old, new)
+            self.record({"op": "rename", "old": old, "new": new})
+        return moved
+
+    def move_stance(self, old: str, new: str) -> int:
+        """Inside `transaction()`: the rows of a rename (no ref record)."""
+        created = self.conn.execute("SELECT created FROM stances WHERE name = ?", [old]).fetchone()[0]
+        self.conn.execute("INSERT INTO stances (name, created) VALUES (?, ?)", [new, created])
+        moved = self.conn.execute("UPDATE versions SET stance = ? WHERE stance = ?", [new, old]).rowcount
+        self.conn.execute("UPDATE tags SET stance = ? WHERE stance = ?", [new, old])
+        self.conn.execute("DELETE FROM stances WHERE name = ?", [old])
         return moved
 
     def delete_stance(self, name: str) -> list[dict]:
@@ -412,15 +528,24 @@ class Catalog:
         with self.transaction():
             if not self.has_stance(name):
                 raise RefNotFound(name)
-            gone = self.query("SELECT id, number, bytes FROM versions WHERE stance = ? ORDER BY number", [name])
-            ids = json.dumps([r["id"] for r in gone])
-            in_ids = "IN (SELECT value FROM json_each(?))"
-            for table in ("tags", "metadata", "entry_objects", "entries"):
-                self.conn.execute(f"DELETE FROM {table} WHERE version_id {in_ids}", [ids])
-            self.conn.execute("DELETE FROM tags WHERE stance = ?", [name])
-            self.conn.execute(f"DELETE FROM versions WHERE id {in_ids}", [ids])
-            self.conn.execute("DELETE FROM stances WHERE name = ?", [name])
+            gone = self.remove_stance(name)
+            self.record({"op": "delete", "stance": name})
         return gone
+
+    def remove_stance(self, name: str) -> list[dict]:
+        """Inside `transaction()`: the rows of a delete (no ref record)."""
+        gone = self.query("SELECT id, key, number, bytes FROM versions WHERE stance = ? ORDER BY number", [name])
+        ids = json.dumps([r["id"] for r in gone])
+        keys = json.dumps([r["key"] for r in gone])
+        in_ids = "IN (SELECT value FROM json_each(?))"
+        for table in ("tags", "metadata"):
+            self.conn.execute(f"DELETE FROM {table} WHERE version_id {in_ids}", [ids])
+        for table in ("entry_objects", "version_encodings"):
+            self.conn.execute(f"DELETE FROM {table} WHERE version {in_ids}", [keys])
+        self.conn.execute("DELETE FROM tags WHERE stance = ?", [name])
+        self.conn.execute(f"DELETE FROM versions WHERE id {in_ids}", [ids])
+        self.conn.execute("DELETE FROM stances WHERE name = ?", [name])
+        return [{k: r[k] for k in ("id", "number", "bytes")} for r in gone]
 
     def children_outside(self, stance: str) -> list[dict]:
         """Versions of other stances whose parent is a version of `stance`."""
@@ -430,49 +555,67 @@ class Catalog:
 
     def objects_only_of(self, version_ids: list[str]) -> list[dict]:
         """Objects (id, size) that the given versions reference and nothing else does."""
-        return self.query(
-            "SELECT o.id, o.size FROM objects o WHERE o.id IN (SELECT object_id FROM entry_objects "
-            "WHERE version_id IN (SELECT value FROM json_each(:ids))) AND NOT EXISTS (SELECT 1 FROM "
-            "entry_objects e WHERE e.object_id = o.id AND e.version_id NOT IN (SELECT value FROM "
-            "json_each(:ids))) AND NOT EXISTS (SELECT 1 FROM journal_objects j WHERE j.object_id = o.id) "
-            "ORDER BY o.id", {"ids": json.dumps(version_ids)})
+        rows = self.conn.execute(
+            "SELECT o.digest, o.size FROM objects o WHERE o.key IN (SELECT e.object FROM entry_objects e JOIN "
+            "versions v ON v.key = e.version WHERE v.id IN (SELECT value FROM json_each(:ids))) AND NOT EXISTS "
+            "(SELECT 1 FROM entry_objects e JOIN versions v ON v.key = e.version WHERE e.object = o.key AND "
+            "v.id NOT IN (SELECT value FROM json_each(:ids))) ORDER BY o.digest", {"ids": json.dumps(version_ids)})
+        journal = self._journal_objects()
+        return [{"id": _oid(d), "size": s} for d, s in rows if _oid(d) not in journal]
+
+    def _journal_objects(self) -> set[str]:
+        return {r[0] for r in self.conn.execute("SELECT object_id FROM journal_objects")}
 
     # -- objects -------------------------------------------------------------------------------
 
     def object_rows(self) -> list[dict]:
-        return self.query("SELECT * FROM objects ORDER BY id")
+        return [{"id": _oid(d), "size": s, "raw_size": r} for d, s, r in
+                self.conn.execute("SELECT digest, size, raw_size FROM objects ORDER BY digest")]
+
+    def version_objects(self) -> dict[str, set[str]]:
+        """version id -> the ids of the objects the catalog says it needs."""
+        out: dict[str, set[str]] = {}
+        for vid, digest in self.conn.execute(
+                "SELECT v.id, o.digest FROM entry_objects e JOIN versions v ON v.key = e.version "
+                "JOIN objects o ON o.key = e.object"):
+            out.setdefault(vid, set()).add(_oid(digest))
+        return out
 
     def referenced_objects(self) -> set[str]:
-        rows = self.conn.execute(
-            "SELECT object_id FROM entry_objects UNION SELECT object_id FROM journal_objects "
-            "UNION SELECT object_id FROM pending")
-        return {r[0] for r in rows}
+        return self.live_references([])
 
     def is_referenced(self, object_id: str) -> bool:
+        """Whether a version (its manifest or an entry), a base, a journal or a pending commit
+        needs this object."""
         return bool(self.conn.execute(
-            "SELECT 1 FROM entry_objects WHERE object_id = ?1 UNION ALL "
+            "SELECT 1 FROM objects o JOIN entry_objects e ON e.object = o.key WHERE o.digest = ?2 UNION ALL "
+            "SELECT 1 FROM versions WHERE id = ?1 UNION ALL "
+            "SELECT 1 FROM bases WHERE id = ?1 OR record = ?1 UNION ALL "
             "SELECT 1 FROM journal_objects WHERE object_id = ?1 UNION ALL "
-            "SELECT 1 FROM pending WHERE object_id = ?1 LIMIT 1", [object_id]).fetchone())
+            "SELECT 1 FROM pending WHERE object_id = ?1 LIMIT 1", [object_id, _digest(object_id)]).fetchone())
 
     # -- what fsck and gc read ----------------------------------------------------------------
 
     @contextmanager
     def snapshot(self) -> Iterator[None]:
         """One read transaction: every query inside sees the same state of the catalog."""
-        self.conn.execute("BEGIN")
+        try:
+            self.conn.execute("BEGIN")
+        except sqlite3.Error as e:
+            raise _translated(e, self.root) from None
         try:
             yield
+        except (sqlite3.Error, UnicodeDecodeError) as e:
+            raise _translated(e, self.root) from None
         finally:
-            self.conn.execute("ROLLBACK")
+            try:
+                self.conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
 
     def version_rows(self) -> list[dict]:
-        return self.query("SELECT id, stance, number, parent, base_id, manifest FROM versions ORDER BY stance, number")
-
-    def entry_object_rows(self) -> list[dict]:
-        return self.query("SELECT version_id, name, part, object_id FROM entry_objects")
-
-    def entry_names(self) -> list[dict]:
-        return self.query("SELECT version_id, name FROM entries")
+        return self.query("SELECT id, stance, number, parent, base_id, tensors, bytes FROM versions "
+                          "ORDER BY stance, number")
 
     def metadata_rows(self) -> list[dict]:
         return self.query("SELECT version_id, key, value FROM metadata")
@@ -481,12 +624,6 @@ class Catalog:
         """Rows whose declared reference (version, base, stance, journal) points nowhere."""
         rows = self.conn.execute("PRAGMA foreign_key_check").fetchall()
         return [{"table": r[0], "rowid": r[1], "parent": r[2]} for r in rows]
-
-    def objects_without_row(self) -> list[str]:
-        """Object ids that entries reference but the objects table lacks."""
-        return [r[0] for r in self.conn.execute(
-            "SELECT DISTINCT e.object_id FROM entry_objects e LEFT JOIN objects o ON o.id = e.object_id "
-            "WHERE o.id IS NULL ORDER BY e.object_id")]
 
     def missing_parents(self) -> list[dict]:
         return self.query("SELECT v.id, v.stance, v.number, v.parent FROM versions v WHERE v.parent IS NOT NULL "
@@ -503,11 +640,14 @@ class Catalog:
 
     def live_references(self, dead_tokens: list[str]) -> set[str]:
         """Every object something needs, not counting the pending rows of the given dead writers."""
+        out = {_oid(r[0]) for r in self.conn.execute(
+            "SELECT digest FROM objects WHERE key IN (SELECT object FROM entry_objects)")}
         rows = self.conn.execute(
-            "SELECT object_id FROM entry_objects UNION SELECT object_id FROM journal_objects "
+            "SELECT id FROM versions UNION SELECT id FROM bases UNION SELECT record FROM bases "
+            "UNION SELECT object_id FROM journal_objects "
             "UNION SELECT object_id FROM pending WHERE token NOT IN (SELECT value FROM json_each(?))",
             [json.dumps(dead_tokens)])
-        return {r[0] for r in rows}
+        return out | {r[0] for r in rows}
 
     def drop_pending_of(self, tokens: list[str]) -> None:
         """Inside `transaction()`: forget the pending rows of writers that are gone."""
@@ -515,9 +655,9 @@ class Catalog:
 
     def delete_object_row(self, object_id: str) -> None:
         """Inside `transaction()`, after the object's file is gone."""
-        self.conn.execute("DELETE FROM objects WHERE id = ?", [object_id])
+        self.conn.execute("DELETE FROM objects WHERE digest = ?", [_digest(object_id)])
 
-    # -- journals of in-place applies ----------------------------------------------------------
+    # -- journals of in-place applies: journals/<id>.json is the truth, these rows its index ---
 
     def open_journals(self, target: str | None = None) -> list[dict]:
         if target is None:
@@ -526,19 +666,98 @@ class Catalog:
 
     def add_journal(self, row: dict, object_ids: list[str], token: str) -> None:
         with self.transaction():
-            self.db["journals"].insert(row)
-            self.db["journal_objects"].insert_all(
-                [{"journal_id": row["id"], "object_id": oid} for oid in sorted(set(object_ids))])
+            journalfiles.write(self.root, row, object_ids)
+            self.put_journal(row, object_ids)
             self.conn.execute("DELETE FROM pending WHERE token = ?", [token])
+
+    def put_journal(self, row: dict, object_ids: list[str]) -> None:
+        self.db["journals"].insert(row, replace=True)
+        self.db["journal_objects"].insert_all(
+            [{"journal_id": row["id"], "object_id": oid} for oid in sorted(set(object_ids))], replace=True)
 
     def set_journal_state(self, journal_id: str, state: str) -> None:
         with self.transaction():
+            row = self.one("SELECT * FROM journals WHERE id = ?", [journal_id])
+            if row is None:
+                return
+            objects = [r[0] for r in self.conn.execute("SELECT object_id FROM journal_objects WHERE journal_id = ?",
+                                                       [journal_id])]
+            journalfiles.write(self.root, {**row, "state": state}, objects)
             self.conn.execute("UPDATE journals SET state = ? WHERE id = ?", [state, journal_id])
 
     def drop_journal(self, journal_id: str) -> None:
         with self.transaction():
+            # The file first: a crash in between leaves rows that a rebuild drops, never a
+            # journal file of an apply that was already reverted.
+            journalfiles.remove(self.root, journal_id)
             self.conn.execute("DELETE FROM journal_objects WHERE journal_id = ?", [journal_id])
             self.conn.execute("DELETE FROM journals WHERE id = ?", [journal_id])
+
+
+def _digest(object_id: str) -> bytes:
+    return bytes.fromhex(object_id.partition(":")[2])
+
+
+def _oid(digest: bytes) -> str:
+    return "b3:" + digest.hex()
+
+
+def _check_file(path: Path) -> None:
+    """The checks that need no SQLite: the file is there, whole, and an SQLite database."""
+    root = str(path.parent)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(100)
+    except FileNotFoundError:
+        raise CatalogDamaged(root, "is missing (catalog.db)") from None
+    except OSError as e:
+        raise CatalogDamaged(root, f"cannot be read ({e.strerror or e})") from None
+    if size == 0:
+        raise CatalogDamaged(root, "is empty (catalog.db has 0 bytes)")
+    if not head.startswith(SQLITE_MAGIC) or len(head) < 100:
+        raise CatalogDamaged(root, "is not an SQLite database")
+    page_size = int.from_bytes(head[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(head[28:32], "big")
+    # The header's page count is valid when its change counter matches (SQLite file format §1.3.7).
+    if head[24:28] == head[92:96] and size < pages * page_size:
+        raise CatalogDamaged(root, f"is truncated ({size} bytes, its header says {pages * page_size})")
+
+
+def _translated(e: BaseException, root: Path) -> Exception:
+    """A CatalogError for what SQLite (or the text it holds) raised."""
+    if isinstance(e, UnicodeDecodeError):
+        return CatalogDamaged(str(root), "holds text that is not UTF-8 (it was damaged)")
+    code = getattr(e, "sqlite_errorcode", None)
+    if code == sqlite3.SQLITE_FULL or "database or disk is full" in str(e):
+        return DiskFull()
+    if code == sqlite3.SQLITE_BUSY or "database is locked" in str(e):
+        return CatalogError(f"the catalog of the store at {root} stayed locked by another process for "
+                            f"{BUSY_TIMEOUT_S} s; run the command again when it is done")
+    if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
+        return CatalogError(f"cannot write to the catalog of the store at {root} ({e}); check the folder's "
+                            "permissions and free space")
+    if code == sqlite3.SQLITE_IOERR:
+        return CatalogError(f"reading or writing the catalog of the store at {root} failed ({e}); check the "
+                            "disk, free space, then run the command again")
+    return CatalogDamaged(str(root), f"is unreadable ({e})")
+
+
+def _translating(method: Any) -> Any:
+    @functools.wraps(method)
+    def wrapper(self: Catalog, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (sqlite3.Error, UnicodeDecodeError) as e:
+            raise _translated(e, self.root) from None
+    return wrapper
+
+
+# Every public query speaks CatalogError, never sqlite3 (the context managers translate their own).
+for _name, _value in list(vars(Catalog).items()):
+    if callable(_value) and not _name.startswith("__") and _name not in ("transaction", "snapshot"):
+        setattr(Catalog, _name, _translating(_value))
 
 
 def _statements(script: str) -> list[str]:

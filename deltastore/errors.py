@@ -294,3 +294,40 @@ class PulledBaseMissing(HubError, BaseNotFound):
                   "does not have; register that model first with `deltastore base add MODEL`, then pull again")
         self.repo_id = repo_id
         self.revision = revision
+
+
+REBUILD_HINT = "run `deltastore fsck --rebuild-catalog` to rebuild it from the store's objects and refs"
+
+
+class CatalogError(DeltastoreError):
+    """The catalog cannot be used: damaged, missing, or SQLite failed on it."""
+
+
+class CatalogDamaged(CatalogError):
+    def __init__(self, root: str, problem: str):
+        self.root = root
+        self.problem = problem
+        super().__init__(f"the catalog of the store at {root} {problem}; {REBUILD_HINT}")
+
+
+class DiskFull(CatalogError, OSError):
+    def __init__(self) -> None:
+        super().__init__("No space left on device: free space, then run the command again")
+
+    def __str__(self) -> str:  # OSError would print its args as a tuple
+        return self.args[0]
+
+
+class OldStoreFormat(DeltastoreError):
+    def __init__(self, root: str, found: str):
+        self.root = root
+        self.found = found
+        super().__init__(f"the store at {root} is of format {found}; run `deltastore upgrade` to convert it "
+                         "in place (crash-safe), then run the command again")
+
+
+class GcRefused(DeltastoreError):
+    """gc found the catalog in disagreement with the store's refs and objects: it deletes nothing."""
+
+    def __init__(self, detail: str):
+        super().__init__(f"gc deleted nothing: {detail}; {REBUILD_HINT}, then run gc again")

@@ -166,10 +166,19 @@ def delete_stance(store: Any, name: str) -> StanceDeleted:
     # What only this stance holds, and who builds on it, seen before it goes. A commit landing
     # in between can only add sharers, so the figure is at most what gc frees.
     only_here = sum(r["size"] for r in store.catalog.objects_only_of(ids))
+    # Their manifests are objects too, and no other version's.
+    only_here += sum(_size_of(store, vid) for vid in ids)
     orphaned = tuple(f"{r['stance']}@{r['number']}" for r in store.catalog.children_outside(name))
     gone = store.catalog.delete_stance(name)
     return StanceDeleted(name, tuple(r["id"] for r in gone), tuple(r["number"] for r in gone),
                          only_here, orphaned)
+
+
+def _size_of(store: Any, object_id: str) -> int:
+    try:
+        return store.objects.size(object_id)
+    except FileNotFoundError:
+        return 0
 
 
 # -- metadata --------------------------------------------------------------------------------

@@ -3,7 +3,13 @@ then execute) and stats.
 
 fsck only reads, except under `repair`, which does only what is safe: remove temporary files
 of writers that are gone and the pending rows of commits whose process died (their objects
-then become gc's). It reads the catalog in one snapshot, then the files.
+then become gc's). It reads the catalog in one snapshot, replays the ref log up to the point
+that snapshot indexed into an index of its own (the truth: manifests and base records read
+from their objects) and compares the two, then checks the files.
+
+gc trusts nothing the catalog says alone: its roots are what the truth reaches, and any
+disagreement between the two, or a catalog SQLite finds damaged, stops it before it deletes
+anything.
 
 gc removes only objects that nothing references: no version, no apply journal, no commit in
 progress (a pending row of a live process). Each object is checked again inside a write
@@ -23,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CorruptObject, DeltastoreError, MissingObject
-from .hashing import canonical_json, is_id, manifest_id
+from . import index, journalfiles
+from .errors import REBUILD_HINT, CorruptObject, DeltastoreError, GcRefused, MissingObject
+from .hashing import is_id
 from .objects import HEADER, MAGIC
 
 # A temporary file younger than this may belong to a write in progress (of another host).
@@ -35,7 +42,8 @@ TMP_GRACE_S = 3600
 # that need the user (a stance applied in place).
 # An unfinished journal is a note: the store is whole and `revert` completes it (schema/FORMAT.md
 # §8: a crash leaves fsck clean apart from leftovers and open journals).
-ERRORS = ("missing-object", "corrupt-object", "bad-manifest", "index-mismatch", "dangling-row", "check-failed")
+ERRORS = ("missing-object", "corrupt-object", "bad-manifest", "index-mismatch", "dangling-row", "check-failed",
+          "catalog-damaged")
 NOTES = ("missing-parent", "unfinished-journal", "open-journal", "tmp-file", "stale-pending",
          "unreferenced-object", "stray-file")
 
@@ -68,43 +76,73 @@ class FsckReport:
         return {p.kind for p in self.problems}
 
 
-def fsck(store: Any, *, read_data: bool = False, repair: bool = False) -> FsckReport:
-    cat, objects = store.catalog, store.objects
-    problems: list[Problem] = []
+def _truth(store: Any) -> tuple[Any, dict, Any, list[str]]:
+    """In one snapshot of the catalog: the truth replayed up to the log offset the catalog
+    indexed, the catalog's rows fsck and gc read, the index the truth gives, and where the
+    catalog differs from it (SQLite's own structural check first)."""
+    cat = store.catalog
     with cat.snapshot():
-        versions = cat.version_rows()
-        links = cat.entry_object_rows()
-        names = cat.entry_names()
-        metadata = cat.metadata_rows()
-        dangling = cat.foreign_key_problems()
-        rowless = cat.objects_without_row()
-        orphans = cat.missing_parents()
-        rows = {r["id"]: r for r in cat.object_rows()}
-        journal_links = cat.journal_object_rows()
-        journals = cat.open_journals()
-        pending = cat.pending_commits()
-        referenced = cat.referenced_objects()
-    refs = {v["id"]: f"{v['stance']}@{v['number']}" for v in versions}
-    version_problems, needs = _check_versions(versions, refs, links, names, metadata)
-    problems += version_problems
-    # What each object breaks, from the manifests (the truth) and the catalog's index of them.
-    users: dict[str, set[str]] = {}
-    for vid, oid in needs + [(link["version_id"], link["object_id"]) for link in links]:
-        users.setdefault(oid, set()).add(refs.get(vid, vid[:19]))
-    for d in dangling:
+        damage = cat.quick_check()
+        offset = cat.log_position()[0]
+        rows = {
+            "versions": cat.version_rows(),
+            "dangling": cat.foreign_key_problems(),
+            "orphans": cat.missing_parents(),
+            "objects": {r["id"]: r for r in cat.object_rows()},
+            "journals": cat.open_journals(),
+            "pending": cat.pending_commits(),
+            "referenced": cat.referenced_objects(),
+        }
+        true, unindexed = index.truth(store.root, store.objects, store.refs, offset)
+        diffs = [] if damage else index.differences(cat, true)
+    if damage:
+        diffs = [(f"SQLite finds the catalog damaged ({'; '.join(damage[:2])[:200]})", [])]
+    return true, rows, unindexed, diffs
+
+
+def fsck(store: Any, *, read_data: bool = False, repair: bool = False) -> FsckReport:
+    objects = store.objects
+    problems: list[Problem] = []
+    true, rows, unindexed, diffs = _truth(store)
+    try:
+        versions = rows["versions"]
+        refs = {v["id"]: f"{v['stance']}@{v['number']}" for v in true.version_rows()}
+        refs.update({v["id"]: f"{v['stance']}@{v['number']}" for v in versions})
+        for d, keys in diffs:
+            kind = "catalog-damaged" if d.startswith("SQLite") else "index-mismatch"
+            broken = tuple(sorted({refs[k] for k in keys if isinstance(k, str) and k in refs}))
+            problems.append(Problem(kind, "catalog.db", f"the catalog disagrees with the store's refs and objects: {d}; "
+                                    f"{REBUILD_HINT}", broken))
+        for kind, oid, ref, message in unindexed.problems:
+            problems.append(Problem(kind, oid, message, (ref,) if "@" in ref else ()))
+        # What each object breaks, from the manifests (the truth) and the catalog's index of them.
+        users: dict[str, set[str]] = {}
+        for source in (true.version_objects(), store.catalog.version_objects()):
+            for vid, oids in source.items():
+                for oid in oids:
+                    users.setdefault(oid, set()).add(refs.get(vid, vid[:19]))
+        for vid, ref in refs.items():
+            users.setdefault(vid, set()).add(ref)  # the manifest itself
+        for b in true.bases():
+            users.setdefault(b["id"], set()).add(f"base {b['name'] or b['id'][:19]}")
+            users.setdefault(b["record"], set()).add(f"base {b['name'] or b['id'][:19]}")
+        sizes = {r["id"]: r for r in true.object_rows()}
+        sizes.update(rows["objects"])
+        journal_links = true.journal_object_rows() + store.catalog.journal_object_rows()
+        referenced = rows["referenced"] | true.live_references([]) | {p[1] for p in unindexed.problems}
+    finally:
+        true.close()
+    for d in rows["dangling"]:
         problems.append(Problem("dangling-row", f"{d['table']}:{d['rowid']}",
                                 f"a row of {d['table']} refers to a {d['parent']} row that does not exist"))
-    for oid in rowless:
-        problems.append(Problem("dangling-row", oid, f"entries refer to object {oid}, which the objects table lacks",
-                                tuple(sorted(users.get(oid, ())))))
-    for o in orphans:
+    for o in rows["orphans"]:
         problems.append(Problem("missing-parent", o["id"], f"the parent of {o['stance']}@{o['number']} was deleted "
                                 "(its own tensors are unaffected)", (f"{o['stance']}@{o['number']}",), error=False))
 
-    checked, object_problems = _check_objects(store, rows, users, referenced, journal_links, read_data)
-    problems += object_problems
+    checked, object_problems = _check_objects(store, sizes, users, referenced, journal_links, read_data)
+    problems += [p for p in object_problems if (p.kind, p.subject) not in {(q.kind, q.subject) for q in problems}]
 
-    for j in journals:
+    for j in rows["journals"]:
         if j["state"] == "applied":
             problems.append(Problem("open-journal", j["target"], f"{j['target']} has {refs.get(j['version_id'], 'a version')} "
                                     f"applied in place; `deltastore revert {j['target']}` restores its base", error=False))
@@ -122,10 +160,11 @@ def fsck(store: Any, *, read_data: bool = False, repair: bool = False) -> FsckRe
         else:
             problems.append(Problem("tmp-file", str(tmp), "a temporary file " +
                                     ("of a dead process" if _stale_tmp(tmp) else "of a write in progress"), error=False))
+    pending = rows["pending"]
     dead = [p["token"] for p in pending if _dead_writer(p)]
     if dead and repair:
-        with cat.transaction():
-            cat.drop_pending_of(dead)
+        with store.catalog.transaction():
+            store.catalog.drop_pending_of(dead)
         repaired += [f"dropped the pending objects of dead commit {t}" for t in dead]
     elif dead:
         for p in pending:
@@ -134,52 +173,6 @@ def fsck(store: Any, *, read_data: bool = False, repair: bool = False) -> FsckRe
                                         f"a commit by process {p['pid']} died before landing; `fsck --repair` "
                                         "clears it and gc then removes its objects", error=False))
     return FsckReport(tuple(problems), checked, len(versions), tuple(repaired))
-
-
-def _check_versions(versions: list[dict], refs: dict[str, str], links: list[dict], names: list[dict],
-                    metadata: list[dict]) -> tuple[list[Problem], list[tuple[str, str]]]:
-    """Each manifest hashes to its id, and the catalog's index of it (which gc trusts to know
-    what a version needs) says what the manifest says. Also returns (version id, object id)
-    for every object a readable manifest needs."""
-    problems, needs = [], []
-    by_version_links: dict[str, set[tuple[str, str, str]]] = {}
-    for link in links:
-        by_version_links.setdefault(link["version_id"], set()).add((link["name"], link["part"], link["object_id"]))
-    by_version_names: dict[str, set[str]] = {}
-    for n in names:
-        by_version_names.setdefault(n["version_id"], set()).add(n["name"])
-    by_version_meta: dict[str, dict[str, str]] = {}
-    for m in metadata:
-        by_version_meta.setdefault(m["version_id"], {})[m["key"]] = m["value"]
-    for v in versions:
-        ref = refs[v["id"]]
-        try:
-            m = json.loads(v["manifest"])
-            if manifest_id(m) != v["id"] or canonical_json(m).decode() != v["manifest"]:
-                problems.append(Problem("bad-manifest", v["id"], f"{ref}: its manifest does not hash to its id", (ref,)))
-                continue
-            tensors = m["tensors"]
-            want_links = {(t["name"], part, o["id"]) for t in tensors for part, o in t["objects"].items()}
-            want_names = {t["name"] for t in tensors}
-            want_meta = dict(m["metadata"])
-            if m["number"] != v["number"] or m["base"] != v["base_id"] or m["parent"] != v["parent"]:
-                raise ValueError("number, base or parent differ from the catalog's")
-            needs += [(v["id"], oid) for _, _, oid in want_links]
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
-            problems.append(Problem("bad-manifest", v["id"], f"{ref}: its manifest is malformed ({str(e)[:120]})",
-                                    (ref,)))
-            continue
-        lost = want_links - by_version_links.get(v["id"], set())
-        if lost:
-            # gc would not know that this version needs these objects.
-            problems.append(Problem("index-mismatch", v["id"], f"{ref}: the catalog does not record {len(lost)} of the "
-                                    "objects its manifest needs", (ref,)))
-        elif by_version_links.get(v["id"], set()) != want_links or by_version_names.get(v["id"], set()) != want_names:
-            problems.append(Problem("index-mismatch", v["id"], f"{ref}: the catalog's tensor entries differ from its manifest", (ref,)))
-        if by_version_meta.get(v["id"], {}) != want_meta:
-            problems.append(Problem("index-mismatch", v["id"], f"{ref}: the catalog's metadata (what `log --where` "
-                                    "searches) differs from its manifest", (ref,)))
-    return problems, needs
 
 
 def _check_objects(store: Any, rows: dict[str, dict], users: dict[str, set[str]], referenced: set[str],
@@ -292,12 +285,27 @@ class GcResult:
 
 
 def gc_plan(store: Any) -> GcPlan:
-    """What gc would remove now: every object that no version, journal or live commit needs."""
+    """What gc would remove now: every object that no version, base, journal or live commit
+    needs. Refuses (GcRefused) when the catalog is damaged or disagrees with the truth."""
     cat, objects = store.catalog, store.objects
-    with cat.snapshot():
-        dead = [p["token"] for p in cat.pending_commits() if _dead_writer(p)]
-        needed = cat.live_references(dead)
-        rows = {r["id"] for r in cat.object_rows()}
+    if not store.refs.path.exists() and any(True for _ in objects.ids()):
+        raise GcRefused(f"the store's ref log {store.refs.path} is missing, so nothing says which objects "
+                        "its versions need")
+    true, rows, unindexed, diffs = _truth(store)
+    try:
+        if unindexed.problems:
+            raise GcRefused(unindexed.problems[0][3] + ", so what it needs is unknown")
+        if diffs:
+            raise GcRefused(f"the catalog disagrees with the store's refs and objects ({diffs[0][0]})")
+        with cat.snapshot():
+            dead = [p["token"] for p in cat.pending_commits() if _dead_writer(p)]
+            needed = cat.live_references(dead)
+            object_rows = {r["id"] for r in cat.object_rows()}
+        needed |= true.live_references([])
+        for j in journalfiles.read_all(store.root):
+            needed.update(j["objects"])
+    finally:
+        true.close()
     doomed, sizes = [], []
     on_disk = set()
     for oid in objects.ids():
@@ -309,7 +317,7 @@ def gc_plan(store: Any) -> GcPlan:
         except FileNotFoundError:
             continue
         doomed.append(oid)
-    rows_only = tuple(sorted(rows - on_disk - needed))
+    rows_only = tuple(sorted(object_rows - on_disk - needed))
     tmp_files = tuple(str(p) for p in _stray_tmp(objects.tmp) if _stale_tmp(p))
     tmp_bytes = sum(_size(Path(p)) for p in tmp_files)
     return GcPlan(tuple(doomed), sum(sizes) + tmp_bytes, tuple(sizes), tmp_files, tuple(dead), rows_only)
@@ -375,7 +383,8 @@ def stats(store: Any) -> Stats:
     by_stance = {r["stance"]: {"versions": r["versions"], "bytes": r["bytes"]} for r in cat.query(
         "SELECT stance, count(*) AS versions, sum(bytes) AS bytes FROM versions GROUP BY stance ORDER BY stance")}
     by_encoding = {r["encoding"]: {"tensors": r["tensors"], "bytes": r["bytes"]} for r in cat.query(
-        "SELECT encoding, count(*) AS tensors, sum(bytes) AS bytes FROM entries GROUP BY encoding ORDER BY encoding")}
+        "SELECT encoding, sum(tensors) AS tensors, sum(bytes) AS bytes FROM version_encodings GROUP BY encoding "
+        "ORDER BY encoding")}
     catalog_bytes = sum(p.stat().st_size for p in store.root.glob("catalog.db*"))
     return Stats(len(rows), stored, referenced, max(referenced - stored, 0), by_stance, by_encoding, catalog_bytes)
 

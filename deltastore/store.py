@@ -5,11 +5,16 @@ version visible in one transaction) and the resolution of refs.
 Layout on disk (see schema/FORMAT.md)::
 
     .deltastore/
-      STORE           {"format": "deltastore/store/1"}
-      catalog.db      SQLite (WAL): the index of everything below
+      STORE           {"format": "deltastore/store/2"}
+      refs.log        every change of stances, versions, tags and bases, appended
+      journals/       open in-place applies
+      catalog.db      SQLite (WAL): an index of the rest, rebuilt from it on demand
       locks/          one lock file per folder patched in place (target.py)
-      objects/ab/...  content-addressed objects
+      objects/ab/...  content-addressed objects: tensors' parts, manifests, bases
       tmp/            objects being written
+
+The truth is objects/, refs.log and journals/: every ref change is appended to the log, inside
+the catalog's write transaction, after the objects it names are durable.
 """
 
 from __future__ import annotations
@@ -27,19 +32,22 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from . import encodings
+from . import index
 from .catalog import Catalog, dumps, now
 from .errors import (AmbiguousRef, BaseMismatch, BaseNotFound, DeltastoreError, JournalError, ModelFormatError,
-                     NothingToCommit, RefNotFound, StoreExists, StoreNotFound, UnsafeInput, VersionConflict,
-                     shown_names)
+                     NothingToCommit, OldStoreFormat, RefNotFound, StoreExists, StoreNotFound, UnsafeInput,
+                     VersionConflict, shown_names)
 from .hashing import DTYPES, manifest_id, tensor_id, canonical_json
 from .limits import is_text
 from .models import TensorInfo, TensorSource, open_model
 from .objects import ObjectStore
 from .records import (Base, CommitResult, ObjectRef, TensorEntry, Version, VersionInfo, manifest,
                       parse_manifest)
+from .reflog import RefLog
 
 STORE_FILE = "STORE"
-STORE_FORMAT = "deltastore/store/1"
+STORE_FORMAT = "deltastore/store/2"
+OLD_FORMATS = ("deltastore/store/1",)
 DEFAULT_DIR = ".deltastore"
 STANCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TAG_NAME = STANCE_NAME
@@ -59,6 +67,16 @@ def find_store(start: str | os.PathLike | None = None) -> Path:
     raise StoreNotFound(str(here), searched_up=True)
 
 
+def store_format(root: Path) -> str | None:
+    marker = Path(root) / STORE_FILE
+    if not marker.is_file():
+        raise StoreNotFound(str(root))
+    try:
+        return json.loads(marker.read_bytes()[:4096]).get("format")
+    except (ValueError, AttributeError, RecursionError):  # not JSON, not an object
+        return None
+
+
 def check_stance_name(name: str) -> str:
     if not STANCE_NAME.match(name):
         raise UnsafeInput(f"stance name {name[:80]!r} is not allowed: use letters, digits, '.', '_' "
@@ -72,9 +90,16 @@ class Store:
         if readonly is None:
             readonly = not os.access(self.root, os.W_OK)
         self.readonly = readonly
-        self.catalog = Catalog(self.root / "catalog.db", readonly=readonly)
         self.objects = ObjectStore(self.root)
+        self.refs = RefLog(self.root)
+        self.catalog = Catalog(self.root / "catalog.db", readonly=readonly, refs=self.refs,
+                               replay=self._catch_up)
         self._applied: dict[int, Any] = {}  # id(module) -> the ApplyHandle this store put there
+
+    def _catch_up(self, catalog: Catalog) -> None:
+        """Index the ref records a writer that died appended but never committed to the
+        catalog. A record whose object is missing or damaged is left out: fsck reports it."""
+        index.replay(catalog, self.objects, self.refs, unindexed=index.Unindexed())
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -84,25 +109,37 @@ class Store:
         if (root / STORE_FILE).exists():
             raise StoreExists(str(root))
         root.mkdir(parents=True, exist_ok=True)
-        (root / "objects").mkdir(exist_ok=True)
-        (root / "tmp").mkdir(exist_ok=True)
-        store = cls(root, readonly=False)
+        for sub in ("objects", "tmp", "journals"):
+            (root / sub).mkdir(exist_ok=True)
+        (root / "refs.log").touch()
+        Catalog(root / "catalog.db", create=True).close()
+        # The marker last: a folder without it is no store, whatever an interrupted init left.
         (root / STORE_FILE).write_text(json.dumps({"format": STORE_FORMAT}) + "\n")
-        return store
+        return cls(root, readonly=False)
 
     @classmethod
-    def open(cls, path: str | os.PathLike | None = None) -> "Store":
+    def open(cls, path: str | os.PathLike | None = None, *, readonly: bool | None = None) -> "Store":
+        """`readonly`: open the catalog read-only (commands that only read: they then work on a
+        full disk too); None: read-only where the folder cannot be written."""
         root = Path(path) if path is not None else find_store()
-        marker = root / STORE_FILE
-        if not marker.is_file():
-            raise StoreNotFound(str(root))
-        try:
-            fmt = json.loads(marker.read_bytes()[:4096]).get("format")
-        except (ValueError, AttributeError, RecursionError):  # not JSON, not an object
-            fmt = None
+        fmt = store_format(root)
+        if fmt in OLD_FORMATS:
+            raise OldStoreFormat(str(root), fmt)
         if fmt != STORE_FORMAT:
             raise DeltastoreError(f"{root} is a store of format {fmt!r}; this deltastore reads {STORE_FORMAT!r}")
-        return cls(root)
+        return cls(root, readonly=readonly)
+
+    @staticmethod
+    def rebuild_catalog(path: str | os.PathLike | None = None) -> "index.Rebuilt":
+        """A new catalog from the store's objects, refs.log and journals/ alone (FORMAT.md §6).
+        Run it with no other process using the store."""
+        root = Path(path) if path is not None else find_store()
+        fmt = store_format(root)
+        if fmt in OLD_FORMATS:
+            raise OldStoreFormat(str(root), fmt)
+        if fmt != STORE_FORMAT:
+            raise DeltastoreError(f"{root} is a store of format {fmt!r}; this deltastore reads {STORE_FORMAT!r}")
+        return index.rebuild(root)
 
     def close(self) -> None:
         self.catalog.close()
@@ -146,7 +183,21 @@ class Store:
                 raise UnsafeInput(f"base name {name!r} already names base {other['id']}; choose another name")
         tensors = [{"base_id": bid, "name": n, "dtype": i.dtype, "shape": dumps(list(i.shape)),
                     "tensor_id": ids[n], "sq_norm": sq_norms[n]} for n, i in source.infos.items()]
-        self.catalog.add_base(row, tensors)
+        # The base's tensor list and record are objects (the truth a rebuild reads), shielded
+        # from gc until the base's ref record lands.
+        record = canonical_json(index.base_record(bid, source.nbytes, tensors))
+        listing = index.base_list(tensors)
+        token = uuid.uuid4().hex
+        try:
+            from .hashing import bytes_id
+
+            row["record"] = bytes_id(record)
+            self.catalog.add_pending(token, [bid, row["record"]])
+            self.objects.put(listing, object_id=bid)
+            self.objects.put(record, object_id=row["record"])
+            self.catalog.add_base(row, tensors)
+        finally:
+            self.catalog.drop_pending(token)
         return self.base(bid)
 
     def _refuse_patched(self, model: ModelLike) -> None:
@@ -269,14 +320,16 @@ class Store:
     def _version(self, row: dict, tags: list[str] | None = None) -> Version:
         if tags is None:
             tags = [t["name"] for t in self.catalog.tags(row["id"])]
+        # The manifest is the object the version id names; reading it verifies it.
+        text = self.objects.get(row["id"])
         try:
-            v = Version.from_manifest(row["id"], json.loads(row["manifest"]), tags=tuple(tags), bytes=row["bytes"])
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # a catalog edited by hand
-            raise DeltastoreError(f"the catalog's manifest of {row['stance']}@{row['number']} ({row['id'][:19]}) is "
+            v = Version.from_manifest(row["id"], parse_manifest(text), tags=tuple(tags), bytes=row["bytes"])
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            raise DeltastoreError(f"the manifest of {row['stance']}@{row['number']} ({row['id'][:19]}) is "
                                   "malformed; run `deltastore fsck` to see what it breaks") from None
         if row["stance"] != v.stance:
-            # Renamed since it was committed: the catalog says where it lives, the manifest
-            # (and so the id) keeps the name it was committed under.
+            # Renamed since it was committed: the refs say where it lives, the manifest (and so
+            # the id) keeps the name it was committed under.
             v = dataclasses.replace(v, stance=row["stance"], committed_as=v.stance)
         return v
 
@@ -386,8 +439,7 @@ class Store:
         except BaseException:
             # A commit that fails changes nothing: not the objects it wrote for the tensors it
             # stored before the failure (those nothing else uses), not the base it registered.
-            written = [r["object_id"] for r in self.catalog.query("SELECT object_id FROM pending WHERE token = ?",
-                                                                  [token])]
+            written = self.catalog.pending_of(token)
             self.catalog.drop_pending(token)
             self._remove_unreferenced(written)
             if registered:
@@ -409,37 +461,21 @@ class Store:
             m = manifest(stance=stance, number=number, parent=latest["id"] if latest else None,
                          base_id=base.id, encoding=encoding, selection=built.selection, message=message,
                          metadata=metadata, created=created, tensors=built.entries)
-            self._insert_version(m, sizes=built.sizes)
-            vid = manifest_id(m)
+            vid = self._insert_version(m, stance=stance, number=number, sizes=built.sizes)
+            records = [{"op": "version", "id": vid, "stance": stance, "number": number}]
             if tag:
-                self.catalog.db["tags"].insert({"stance": stance, "name": tag, "version_id": vid,
-                                                "created": created}, replace=True)
+                self.catalog.put_tag(stance, tag, vid, created)
+                records.append({"op": "tag", "stance": stance, "name": tag, "version": vid, "created": created})
             self.catalog.conn.execute("DELETE FROM pending WHERE token = ?", [token])
+            self.catalog.record(*records)
         return self.resolve(vid)
 
-    def _insert_version(self, m: dict, *, sizes: Mapping[str, int]) -> str:
-        """Inside a transaction: index one manifest's version, entries and objects."""
-        vid = manifest_id(m)
-        text = canonical_json(m).decode()
-        entries, links, objects = [], [], {}
-        total = 0
-        for t in m["tensors"]:
-            entry_bytes = 0
-            for part, o in t["objects"].items():
-                links.append({"version_id": vid, "name": t["name"], "part": part, "object_id": o["id"]})
-                size = sizes[o["id"]]
-                objects[o["id"]] = {"id": o["id"], "size": size, "raw_size": o["size"], "created": m["created"]}
-                entry_bytes += size
-            total += entry_bytes
-            entries.append({
-                "version_id": vid, "name": t["name"], "dtype": t["dtype"], "shape": dumps(t["shape"]),
-                "encoding": t["encoding"], "base_tensor_id": t["base"], "target_tensor_id": t["target"],
-                "result_tensor_id": t["result"], "rel_change": t["rel_change"], "rel_error": t["rel_error"],
-                "bytes": entry_bytes})
-        row = {"id": vid, "stance": m["stance"], "number": m["number"], "parent": m["parent"],
-               "base_id": m["base"], "encoding": m["encoding"], "message": m["message"],
-               "created": m["created"], "tensors": len(entries), "bytes": total, "manifest": text}
-        self.catalog.insert_version(row, entries, links, list(objects.values()), m["metadata"])
+    def _insert_version(self, m: dict, *, stance: str, number: int, sizes: Mapping[str, int]) -> str:
+        """Inside a transaction: write the manifest object (durable before its ref record), then
+        index the version."""
+        vid = self.objects.put(canonical_json(m)).id
+        row, objects, links, by_encoding = index.version_rows(m, vid, stance, number, sizes)
+        self.catalog.insert_version(row, objects, links, by_encoding, m["metadata"])
         return vid
 
     # -- versions made elsewhere (a pull, see hub.py) --------------------------------------------
@@ -480,11 +516,15 @@ class Store:
                     written.append(oid)
             inserted = set()
             with self.catalog.transaction():
+                records = []
                 for v, m in todo.values():
                     # Another process may have landed something since the checks above.
                     if self._ingest_conflict(v, {}) is None:
-                        self._insert_version(m, sizes=sizes)
+                        self._insert_version(m, stance=v.stance, number=v.number, sizes=sizes)
+                        records.append({"op": "version", "id": v.id, "stance": v.stance, "number": v.number})
                         inserted.add(v.id)
+                if records:
+                    self.catalog.record(*records)
             landed = True
         finally:
             self.catalog.drop_pending(token)

@@ -258,6 +258,22 @@ def object_files(root: Path) -> list[Path]:
     return sorted(p for p in (Path(root) / "objects").rglob("*") if p.is_file())
 
 
+def index_object_ids(root: Path) -> set[str]:
+    """The objects that are manifests, base tensor lists and base records (not tensor data)."""
+    conn = sqlite3.connect(f"file:{Path(root) / 'catalog.db'}?mode=ro", uri=True)
+    try:
+        return {r[0] for r in conn.execute("SELECT id FROM versions UNION SELECT id FROM bases "
+                                           "UNION SELECT record FROM bases")}
+    finally:
+        conn.close()
+
+
+def data_object_files(root: Path) -> list[Path]:
+    """Object files holding tensor data: every object but manifests and bases."""
+    skip = index_object_ids(root)
+    return [p for p in object_files(root) if f"b3:{p.parent.name}{p.name}" not in skip]
+
+
 def flip_byte(path: Path, offset: int = -1) -> None:
     """Flip every bit of one byte of a file (default: the last)."""
     data = bytearray(path.read_bytes())

@@ -12,7 +12,7 @@ from deltastore.errors import ModelFormatError
 from deltastore.hashing import manifest_id, tensor_id
 from deltastore.models import open_model, other_files
 
-from helpers import (INDEX, assert_same_state, file_bytes, load_folder, make_model, object_files, same_tensor,
+from helpers import (INDEX, assert_same_state, data_object_files, file_bytes, load_folder, make_model, same_tensor,
                      store_snapshot, write_folder)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -85,7 +85,7 @@ def test_a_bf16_delta_is_smaller_than_the_fine_tune(tmp_path, store) -> None:
     pair = make_model(tmp_path, torch.bfloat16, layers=2, hidden=128)
     result = store.commit("s", pair.ft, base=pair.base)
     ft_bytes = sum(t.numel() * t.element_size() for t in pair.ft_state.values())
-    assert result.bytes_stored == sum(p.stat().st_size for p in object_files(store.root))
+    assert result.bytes_stored == sum(p.stat().st_size for p in data_object_files(store.root))
     assert result.bytes_stored < 0.6 * ft_bytes
 
 
@@ -93,13 +93,14 @@ def test_committing_the_same_fine_tune_twice_adds_no_object_bytes(tmp_path, stor
     pair = make_model(tmp_path, torch.bfloat16, llama=True, tied=True)
     first = store.commit("s", pair.ft, base=pair.base)
     assert first.bytes_new == first.bytes_stored > 0
-    files = {p: p.read_bytes() for p in object_files(store.root)}
+    files = {p: p.read_bytes() for p in data_object_files(store.root)}
     second = store.commit("s", pair.ft, base=pair.base, message="again")
     other = store.commit("t", pair.ft_state, base=pair.base_module)
     for r in (second, other):
         assert r.bytes_new == 0
         assert r.bytes_stored == first.bytes_stored
-    assert {p: p.read_bytes() for p in object_files(store.root)} == files
+    # The same tensor objects: only the versions' manifests are new.
+    assert {p: p.read_bytes() for p in data_object_files(store.root)} == files
     assert second.version.number == 2 and second.version.parent == first.version.id
     assert second.version.id != first.version.id
     stats = store.stats()
@@ -257,9 +258,9 @@ def test_a_large_tensor_is_streamed_to_the_same_object(tmp_path, store, dtype) -
     assert entry.result_tensor_id == tensor_id(tuned)
     assert_same_state(load_folder(store.export("curious", tmp_path / "export")), {"big": tuned, "small": small + 1})
     assert store.fsck(read_data=True).ok
-    before = sorted(object_files(store.root))
+    before = sorted(data_object_files(store.root))
     again = store.commit("curious", tmp_path / "ft", base="base")
-    assert again.bytes_new == 0 and sorted(object_files(store.root)) == before
+    assert again.bytes_new == 0 and sorted(data_object_files(store.root)) == before
 
 
 def test_a_model_written_while_it_is_committed_is_refused_and_nothing_lands(tmp_path, store) -> None:

@@ -1,0 +1,328 @@
+"""The catalog as an index of the store's truth (schema/FORMAT.md §6): replaying ref records
+into it (reading each manifest and base record from its object), rebuilding it from nothing,
+and comparing it with what the truth says, which fsck and gc do before they trust it.
+
+Replay never opens a transaction of its own: the caller holds one (a catch-up under the write
+lock, or a rebuild into a new database), so a replay lands whole or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from . import journalfiles
+from .catalog import Catalog, dumps
+from .errors import CorruptObject, DeltastoreError, MissingObject
+from .hashing import base_id as compute_base_id
+from .hashing import canonical_json
+from .objects import ObjectStore
+from .reflog import RefLog, RefLogError
+
+BASE_FORMAT = "deltastore/base/1"
+
+
+@dataclass
+class Unindexed:
+    """What a replay could not index: records whose manifest or base record object is missing
+    or damaged (ref, what is wrong, the object id)."""
+
+    problems: list[tuple[str, str, str, str]] = field(default_factory=list)  # (kind, object id, ref, message)
+
+
+# -- what a version and a base contribute to the catalog --------------------------------------
+
+
+def version_rows(m: Mapping[str, Any], vid: str, stance: str, number: int,
+                 sizes: Mapping[str, int]) -> tuple[dict, list[dict], list[str], list[dict]]:
+    """The catalog rows of one manifest: the version row, its objects (id, size on disk,
+    uncompressed size), their ids, and tensors and bytes per encoding."""
+    objects: dict[str, dict] = {}
+    by_encoding: dict[str, dict] = {}
+    total = 0
+    for t in m["tensors"]:
+        entry_bytes = 0
+        for o in t["objects"].values():
+            size = sizes.get(o["id"], 0)
+            objects[o["id"]] = {"id": o["id"], "size": size, "raw_size": o["size"]}
+            entry_bytes += size
+        total += entry_bytes
+        e = by_encoding.setdefault(t["encoding"], {"encoding": t["encoding"], "tensors": 0, "bytes": 0})
+        e["tensors"] += 1
+        e["bytes"] += entry_bytes
+    row = {"id": vid, "stance": stance, "number": number, "parent": m["parent"], "base_id": m["base"],
+           "encoding": m["encoding"], "message": m["message"], "created": m["created"],
+           "tensors": len(m["tensors"]), "bytes": total}
+    return row, list(objects.values()), list(objects), list(by_encoding.values())
+
+
+def base_record(base: str, nbytes: int, tensors: list[dict]) -> dict:
+    """The base record object's content: what a commit and an apply need of each base tensor."""
+    return {"format": BASE_FORMAT, "base": base, "bytes": nbytes,
+            "tensors": [{"name": t["name"], "dtype": t["dtype"], "shape": json.loads(t["shape"]),
+                         "tensor": t["tensor_id"], "sq_norm": t["sq_norm"]} for t in sorted(tensors, key=lambda t: t["name"])]}
+
+
+def base_list(tensors: list[dict]) -> bytes:
+    """The base's tensor list, whose object id is the base id."""
+    return canonical_json(sorted([t["name"], t["tensor_id"]] for t in tensors))
+
+
+# -- replay ------------------------------------------------------------------------------------
+
+
+def replay(cat: Catalog, objects: ObjectStore, refs: RefLog, *, start: int | None = None,
+           end: int | None = None, unindexed: Unindexed | None = None) -> None:
+    """Inside a transaction of `cat`: apply every record from where the catalog stands (or
+    `start`) to the log's end (or `end`), and note how far it got. Versions and bases that a
+    later record of the same stretch removes are never read: gc may have removed their objects."""
+    offset = cat.log_position()[0] if start is None else start
+    todo = []
+    for after, record, line in refs.records(offset):
+        if end is not None and after > end:
+            break
+        todo.append((after, record, line))
+    gone = _removed_later([r for _, r, _ in todo])
+    for after, record, line in todo:
+        if record.get("id") not in gone or record["op"] not in ("version", "base"):
+            apply_record(cat, objects, record, unindexed)
+    if todo:
+        cat.set_log_position(todo[-1][0], todo[-1][2])
+
+
+def _removed_later(records: list[dict]) -> set[str]:
+    """Ids of versions whose stance is deleted, and bases dropped, later in `records`."""
+    members: dict[str, set[str]] = {}
+    gone: set[str] = set()
+    bases: dict[str, bool] = {}
+    for r in records:
+        op = r["op"]
+        if op == "version":
+            members.setdefault(r["stance"], set()).add(r["id"])
+            gone.discard(r["id"])
+        elif op == "rename":
+            members[r["new"]] = members.pop(r["old"], set()) | members.get(r["new"], set())
+        elif op == "delete":
+            gone |= members.pop(r["stance"], set())
+        elif op == "base":
+            bases[r["id"]] = True
+        elif op == "base-drop":
+            bases[r["id"]] = False
+    return gone | {b for b, alive in bases.items() if not alive}
+
+
+def apply_record(cat: Catalog, objects: ObjectStore, r: dict, unindexed: Unindexed | None = None) -> None:
+    op = r["op"]
+    if op == "base":
+        if cat.one("SELECT 1 FROM bases WHERE id = ?", [r["id"]]) is None:
+            rec = _read_json(objects, r["record"], f"base {r['name'] or r['id'][:19]}", unindexed)
+            if rec is None:
+                return
+            tensors = [{"base_id": r["id"], "name": t["name"], "dtype": t["dtype"], "shape": dumps(t["shape"]),
+                        "tensor_id": t["tensor"], "sq_norm": t["sq_norm"]} for t in rec["tensors"]]
+            row = {"id": r["id"], "name": r["name"], "tensor_count": len(tensors), "bytes": rec["bytes"],
+                   "source": r["source"], "hub_id": r["hub_id"], "created": r["created"], "record": r["record"]}
+            cat.put_base(row, tensors)
+        else:
+            cat.put_base({k: r[k] for k in ("id", "name", "source", "hub_id")}, [])
+    elif op == "base-drop":
+        cat.remove_base_if_unused(r["id"])
+    elif op == "version":
+        if cat.version(r["id"]) is not None:
+            return
+        m = _read_json(objects, r["id"], f"{r['stance']}@{r['number']}", unindexed)
+        if m is None:
+            return
+        sizes = {}
+        for t in m["tensors"]:
+            for o in t["objects"].values():
+                try:
+                    sizes[o["id"]] = objects.size(o["id"])
+                except FileNotFoundError:
+                    sizes[o["id"]] = 0  # fsck reports it missing
+        row, object_rows, links, by_encoding = version_rows(m, r["id"], r["stance"], r["number"], sizes)
+        cat.insert_version(row, object_rows, links, by_encoding, m["metadata"])
+    elif op == "tag":
+        if cat.version(r["version"]) is not None:
+            cat.put_tag(r["stance"], r["name"], r["version"], r["created"])
+    elif op == "untag":
+        cat.remove_tag(r["stance"], r["name"])
+    elif op == "rename":
+        if cat.has_stance(r["old"]) and not cat.has_stance(r["new"]):
+            cat.move_stance(r["old"], r["new"])
+    elif op == "delete":
+        if cat.has_stance(r["stance"]):
+            cat.remove_stance(r["stance"])
+
+
+def _read_json(objects: ObjectStore, oid: str, ref: str, unindexed: Unindexed | None) -> dict | None:
+    try:
+        value = json.loads(objects.get(oid))
+        if not isinstance(value, dict):
+            raise ValueError("not a JSON object")
+        return value
+    except MissingObject:
+        kind, message = "missing-object", f"the manifest or base record of {ref} (object {oid}) is missing"
+    except CorruptObject as e:
+        kind, message = "corrupt-object", f"the manifest or base record of {ref} is corrupt ({e.reason})"
+    except (ValueError, RecursionError):
+        kind, message = "bad-manifest", f"the manifest or base record of {ref} (object {oid}) is not JSON"
+    if unindexed is None:
+        raise DeltastoreError(f"{message}; run `deltastore fsck` to see what it breaks")
+    unindexed.problems.append((kind, oid, ref, message))
+    return None
+
+
+# -- the truth, in a catalog of its own, and the differences -----------------------------------
+
+
+def truth(root: Path, objects: ObjectStore, refs: RefLog, end: int) -> tuple[Catalog, Unindexed]:
+    """The index the truth gives, up to log offset `end`, in a database in memory."""
+    cat = Catalog(Path(":memory:"), create=True)
+    unindexed = Unindexed()
+    with cat.transaction():
+        replay(cat, objects, refs, start=0, end=end, unindexed=unindexed)
+        for j in journalfiles.read_all(root):
+            cat.put_journal({k: j[k] for k in ("id", "target", "version_id", "state", "plan", "created")},
+                            j["objects"])
+    return cat, unindexed
+
+
+def differences(cat: Catalog, true: Catalog) -> list[tuple[str, list]]:
+    """Where the catalog says other than the truth: one line per kind of difference, with the
+    keys (version ids, tags, object ids, …) that differ."""
+    out = []
+
+    def compare(what: str, mine: dict, theirs: dict) -> None:
+        lost = sorted(set(theirs) - set(mine))
+        extra = sorted(set(mine) - set(theirs))
+        changed = sorted(k for k in set(mine) & set(theirs) if mine[k] != theirs[k])
+        parts = [f"{len(lost)} missing" if lost else "", f"{len(extra)} not in the refs" if extra else "",
+                 f"{len(changed)} different" if changed else ""]
+        parts = [p for p in parts if p]
+        if parts:
+            keys = lost + extra + changed
+            shown = ", ".join(str(k) for k in keys[:3])
+            out.append((f"{what}: {', '.join(parts)} ({shown})", keys))
+
+    # Not sizes on disk: the truth reads them from the files, and a damaged object (which fsck
+    # reports as such) is no fault of the index.
+    cols = "id, stance, number, parent, base_id, encoding, message, created, tensors"
+    compare("versions", {r["id"]: r for r in cat.query(f"SELECT {cols} FROM versions")},
+            {r["id"]: r for r in true.query(f"SELECT {cols} FROM versions")})
+    compare("stances", {r["name"]: r for r in cat.query("SELECT name, created FROM stances")},
+            {r["name"]: r for r in true.query("SELECT name, created FROM stances")})
+    compare("tags", {f"{r['stance']}@{r['name']}": r for r in cat.query("SELECT stance, name, version_id FROM tags")},
+            {f"{r['stance']}@{r['name']}": r for r in true.query("SELECT stance, name, version_id FROM tags")})
+    compare("metadata", _grouped(cat.metadata_rows()), _grouped(true.metadata_rows()))
+    bcols = "id, name, tensor_count, bytes, source, hub_id, created, record"
+    compare("bases", {r["id"]: r for r in cat.query(f"SELECT {bcols} FROM bases")},
+            {r["id"]: r for r in true.query(f"SELECT {bcols} FROM bases")})
+    compare("base tensors", {(r["base_id"], r["name"]): r for r in cat.query("SELECT * FROM base_tensors")},
+            {(r["base_id"], r["name"]): r for r in true.query("SELECT * FROM base_tensors")})
+    compare("the objects each version needs", cat.version_objects(), true.version_objects())
+    # Rows of objects no version needs any more stay until gc: only those of versions count.
+    needed = set().union(*cat.version_objects().values(), *true.version_objects().values())
+    compare("objects", {r["id"]: r["raw_size"] for r in cat.object_rows() if r["id"] in needed},
+            {r["id"]: r["raw_size"] for r in true.object_rows()})
+    jcols = "id, target, version_id, state, plan, created"
+    compare("apply journals", {r["id"]: r for r in cat.query(f"SELECT {jcols} FROM journals")},
+            {r["id"]: r for r in true.query(f"SELECT {jcols} FROM journals")})
+    compare("journal objects", _grouped_journals(cat), _grouped_journals(true))
+    return out
+
+
+def _grouped(rows: list[dict]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for r in rows:
+        out.setdefault(r["version_id"], {})[r["key"]] = r["value"]
+    return out
+
+
+def _grouped_journals(cat: Catalog) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for r in cat.query("SELECT journal_id, object_id FROM journal_objects"):
+        out.setdefault(r["journal_id"], set()).add(r["object_id"])
+    return out
+
+
+# -- rebuild -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    versions: int
+    stances: int
+    bases: int
+    journals: int
+    problems: tuple[str, ...]  # records that could not be indexed (their objects are missing or damaged)
+
+
+def rebuild(root: Path) -> Rebuilt:
+    """A new catalog from the objects, refs.log and journals/ alone, written to tmp/ and then
+    renamed over catalog.db (whose -wal and -shm go first: a stale log must never be applied
+    to the new database)."""
+    root = Path(root)
+    refs, objects = RefLog(root), ObjectStore(root)
+    if not refs.path.exists():
+        raise RefLogError(refs.path, "it is missing; without it the store's stances and versions are unknown")
+    _refuse_a_log_behind_the_catalog(root, refs)
+    tmp = root / "tmp" / f"{os.getpid()}-catalog-rebuild.db"
+    for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+        leftover.unlink(missing_ok=True)
+    cat = Catalog(tmp, create=True)
+    try:
+        unindexed = Unindexed()
+        with cat.transaction():
+            replay(cat, objects, refs, start=0, unindexed=unindexed)
+            journals = journalfiles.read_all(root)
+            for j in journals:
+                cat.put_journal({k: j[k] for k in ("id", "target", "version_id", "state", "plan", "created")},
+                                j["objects"])
+        counts = Rebuilt(len(cat.query("SELECT id FROM versions")), len(cat.stances()), len(cat.bases()),
+                         len(journals), tuple(p[3] for p in unindexed.problems))
+        cat.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        cat.close()
+    for leftover in (Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+        leftover.unlink(missing_ok=True)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    for stale in ("catalog.db-wal", "catalog.db-shm"):
+        (root / stale).unlink(missing_ok=True)
+    os.replace(tmp, root / "catalog.db")
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return counts
+
+
+def _refuse_a_log_behind_the_catalog(root: Path, refs: RefLog) -> None:
+    """A readable catalog that indexed more of the log than the log holds means the log lost
+    records: rebuilding from it would lose versions, so the rebuild refuses."""
+    try:
+        old = Catalog(root / "catalog.db", readonly=True)
+    except (DeltastoreError, OSError):
+        return  # nothing to compare with: the rebuild is what is left
+    try:
+        offset = old.log_position()[0]
+    except DeltastoreError:
+        return
+    finally:
+        old.close()
+    if offset > refs.whole_size():
+        raise RefLogError(refs.path, f"it has {refs.whole_size()} bytes, but the catalog indexed {offset}: it "
+                          "was truncated or replaced, and rebuilding the catalog from it would lose versions")
+
+
+def check_base_objects(objects: ObjectStore, base: str, record_id: str) -> None:
+    """fsck: a base's record lists the tensors whose list hashes to the base id."""
+    rec = json.loads(objects.get(record_id))
+    got = compute_base_id((t["name"], t["tensor"]) for t in rec["tensors"])
+    if got != base:
+        raise CorruptObject(record_id, f"its tensors hash to {got}, not to the base id {base}")
