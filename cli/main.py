@@ -504,6 +504,20 @@ def stats(store: Store, as_json: bool) -> None:
     table([[k, v["tensors"], size(v["bytes"])] for k, v in s.by_encoding.items()], ["encoding", "tensors", "bytes"])
 
 
+@cli.command()
+@json_option
+@click.pass_context
+def upgrade(ctx: click.Context, as_json: bool) -> None:
+    """Convert a store of an older format in place (crash-safe; no other process may use the store)."""
+    from deltastore.upgrade import upgrade as run_upgrade
+
+    done = run_upgrade(store_path(ctx))
+    if as_json:
+        return emit_json(done)
+    click.echo(f"upgraded the store from {done.was}: {done.versions} versions, {done.bases} bases, "
+               f"{done.journals} open journals")
+
+
 def hub_options(f: Callable) -> Callable:
     """--token and --endpoint, which default to what huggingface_hub reads (HF_TOKEN or the saved
     login, HF_ENDPOINT), as huggingface-cli does."""

@@ -161,6 +161,10 @@ def _open_readonly(path: Path) -> sqlite3.Connection:
 
 
 class Catalog:
+    # SQLite's structural check of every page on open (FORMAT.md §6): a catalog damaged in
+    # place is refused before any command reads it.
+    quick_check_on_open = True
+
     """`create`: make a new, empty catalog (a new store, or a rebuild into a temporary file).
     Otherwise the catalog must exist and pass `_check` (FORMAT.md §6), and `refs` is the ref
     log it indexes. `replay(catalog)` is called inside a write transaction whenever the log holds
@@ -259,6 +263,13 @@ class Catalog:
             raise _translated(e, self.root) from None
         except UnicodeDecodeError:
             raise CatalogDamaged(str(self.root), "is unreadable (text that is not UTF-8)") from None
+        if self.quick_check_on_open:
+            try:
+                damage = self.quick_check()
+            except sqlite3.Error as e:
+                raise _translated(e, self.root) from None
+            if damage:
+                raise CatalogDamaged(str(self.root), f"is damaged ({'; '.join(damage[:2])[:160]})")
         if state.get("schema") != SCHEMA_VERSION:
             raise CatalogDamaged(str(self.root), f"is of catalog schema {state.get('schema')!r}, not {SCHEMA_VERSION!r}")
         if self.refs is None:
@@ -317,10 +328,13 @@ class Catalog:
     def add_base(self, row: dict, tensors: list[dict]) -> None:
         """Register a base (or update its name, source and Hub id), with its ref record."""
         with self.transaction():
-            self.put_base(row, tensors)
-            current = self.one("SELECT * FROM bases WHERE id = ?", [row["id"]])
-            self.record({"op": "base", **{k: current[k] for k in ("id", "record", "name", "source", "hub_id",
-                                                                     "created")}})
+            self.record(self.register_base(row, tensors))
+
+    def register_base(self, row: dict, tensors: list[dict]) -> dict:
+        """Inside `transaction()`: the base's rows; returns its ref record (for `record`)."""
+        self.put_base(row, tensors)
+        current = self.one("SELECT * FROM bases WHERE id = ?", [row["id"]])
+        return {"op": "base", **{k: current[k] for k in ("id", "record", "name", "source", "hub_id", "created")}}
 
     def put_base(self, row: dict, tensors: list[dict]) -> None:
         """Inside `transaction()`: the rows of a base (no ref record: `add_base` and replay)."""
@@ -568,9 +582,11 @@ class Catalog:
 
     # -- objects -------------------------------------------------------------------------------
 
-    def object_rows(self) -> list[dict]:
+    def object_rows(self, *, needed_only: bool = False) -> list[dict]:
+        """Every object row, or (`needed_only`) those of objects a version needs."""
+        where = " WHERE key IN (SELECT object FROM entry_objects)" if needed_only else ""
         return [{"id": _oid(d), "size": s, "raw_size": r} for d, s, r in
-                self.conn.execute("SELECT digest, size, raw_size FROM objects ORDER BY digest")]
+                self.conn.execute(f"SELECT digest, size, raw_size FROM objects{where} ORDER BY digest")]
 
     def version_objects(self) -> dict[str, set[str]]:
         """version id -> the ids of the objects the catalog says it needs."""

@@ -306,8 +306,8 @@ class CatalogError(DeltastoreError):
 class CatalogDamaged(CatalogError):
     def __init__(self, root: str, problem: str):
         self.root = root
-        self.problem = problem
-        super().__init__(f"the catalog of the store at {root} {problem}; {REBUILD_HINT}")
+        self.problem = " ".join(problem.split())  # SQLite's reports span lines; errors are one
+        super().__init__(f"the catalog of the store at {root} {self.problem}; {REBUILD_HINT}")
 
 
 class DiskFull(CatalogError, OSError):

@@ -263,13 +263,20 @@ class Rebuilt:
 
 def rebuild(root: Path) -> Rebuilt:
     """A new catalog from the objects, refs.log and journals/ alone, written to tmp/ and then
-    renamed over catalog.db (whose -wal and -shm go first: a stale log must never be applied
-    to the new database)."""
+    renamed over catalog.db."""
     root = Path(root)
-    refs, objects = RefLog(root), ObjectStore(root)
+    refs = RefLog(root)
     if not refs.path.exists():
         raise RefLogError(refs.path, "it is missing; without it the store's stances and versions are unknown")
     _refuse_a_log_behind_the_catalog(root, refs)
+    tmp, counts = build(root)
+    install(root, tmp)
+    return counts
+
+
+def build(root: Path) -> tuple[Path, Rebuilt]:
+    """The catalog the truth gives, as a database file in tmp/ (not yet in use)."""
+    refs, objects = RefLog(root), ObjectStore(root)
     tmp = root / "tmp" / f"{os.getpid()}-catalog-rebuild.db"
     for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
         leftover.unlink(missing_ok=True)
@@ -291,15 +298,20 @@ def rebuild(root: Path) -> Rebuilt:
         leftover.unlink(missing_ok=True)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    return tmp, counts
+
+
+def install(root: Path, built: Path) -> None:
+    """Put a built catalog in place. The old one's -wal and -shm go first: a stale write-ahead
+    log must never be applied to the new database."""
     for stale in ("catalog.db-wal", "catalog.db-shm"):
         (root / stale).unlink(missing_ok=True)
-    os.replace(tmp, root / "catalog.db")
+    os.replace(built, root / "catalog.db")
     fd = os.open(root, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    return counts
 
 
 def _refuse_a_log_behind_the_catalog(root: Path, refs: RefLog) -> None:

@@ -377,7 +377,8 @@ class Stats:
 
 def stats(store: Any) -> Stats:
     cat = store.catalog
-    rows = cat.object_rows()
+    # The objects versions need (rows of objects only deleted versions needed wait for gc).
+    rows = cat.object_rows(needed_only=True)
     stored = sum(r["size"] for r in rows)
     referenced = cat.one("SELECT coalesce(sum(bytes), 0) AS b FROM versions")["b"]
     by_stance = {r["stance"]: {"versions": r["versions"], "bytes": r["bytes"]} for r in cat.query(

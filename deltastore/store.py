@@ -95,6 +95,8 @@ class Store:
         self.catalog = Catalog(self.root / "catalog.db", readonly=readonly, refs=self.refs,
                                replay=self._catch_up)
         self._applied: dict[int, Any] = {}  # id(module) -> the ApplyHandle this store put there
+        # Bases a commit in progress was given as weights: registered when the version lands.
+        self._unregistered: dict[str, tuple[dict, list[dict]]] = {}
 
     def _catch_up(self, catalog: Catalog) -> None:
         """Index the ref records a writer that died appended but never committed to the
@@ -160,7 +162,31 @@ class Store:
         source = open_model(model, mapped=True)
         if name is not None:
             check_stance_name(name)
+        if hub_id is not None and not is_text(hub_id):
+            raise UnsafeInput("the Hub id holds bytes that are not UTF-8 text; write it as UTF-8")
+        row, tensors = self._describe_base(source, name=name, hub_id=hub_id, progress=progress)
+        if name is not None:
+            other = self.catalog.one("SELECT id FROM bases WHERE name = ? AND id != ?", [name, row["id"]])
+            if other:
+                raise UnsafeInput(f"base name {name!r} already names base {other['id']}; choose another name")
+        # The base's tensor list and record are objects (the truth a rebuild reads), shielded
+        # from gc until the base's ref record lands.
+        listing, record = self._base_objects(row, tensors)
+        token = uuid.uuid4().hex
+        try:
+            self.catalog.add_pending(token, [row["id"], row["record"]])
+            self.objects.put(listing, object_id=row["id"])
+            self.objects.put(record, object_id=row["record"])
+            self.catalog.add_base(row, tensors)
+        finally:
+            self.catalog.drop_pending(token)
+        return self.base(row["id"])
+
+    def _describe_base(self, source: TensorSource, *, name: str | None = None, hub_id: str | None = None,
+                       progress: Progress | None = None) -> tuple[dict, list[dict]]:
+        """Hash every tensor of a base: its catalog row and its tensors' rows."""
         from .commit import sq_norm
+        from .hashing import base_id as compute_base_id
 
         ids, sq_norms = {}, {}
         for k, tname in enumerate(source.names):
@@ -170,35 +196,23 @@ class Store:
             source.release(tname)
             if progress:
                 progress(k + 1, len(source.names))
-        from .hashing import base_id as compute_base_id
-
         source.check_unchanged()
         bid = compute_base_id(ids.items())
         row = {"id": bid, "name": name, "tensor_count": len(ids), "bytes": source.nbytes,
                "source": str(source.path.resolve()) if source.path else None, "hub_id": hub_id,
                "created": now()}
-        if name is not None:
-            other = self.catalog.one("SELECT id FROM bases WHERE name = ? AND id != ?", [name, bid])
-            if other:
-                raise UnsafeInput(f"base name {name!r} already names base {other['id']}; choose another name")
         tensors = [{"base_id": bid, "name": n, "dtype": i.dtype, "shape": dumps(list(i.shape)),
                     "tensor_id": ids[n], "sq_norm": sq_norms[n]} for n, i in source.infos.items()]
-        # The base's tensor list and record are objects (the truth a rebuild reads), shielded
-        # from gc until the base's ref record lands.
-        record = canonical_json(index.base_record(bid, source.nbytes, tensors))
-        listing = index.base_list(tensors)
-        token = uuid.uuid4().hex
-        try:
-            from .hashing import bytes_id
+        return row, tensors
 
-            row["record"] = bytes_id(record)
-            self.catalog.add_pending(token, [bid, row["record"]])
-            self.objects.put(listing, object_id=bid)
-            self.objects.put(record, object_id=row["record"])
-            self.catalog.add_base(row, tensors)
-        finally:
-            self.catalog.drop_pending(token)
-        return self.base(bid)
+    @staticmethod
+    def _base_objects(row: dict, tensors: list[dict]) -> tuple[bytes, bytes]:
+        """The base's tensor list and base record (FORMAT.md §5); sets the row's `record`."""
+        from .hashing import bytes_id
+
+        record = canonical_json(index.base_record(row["id"], row["bytes"], tensors))
+        row["record"] = bytes_id(record)
+        return index.base_list(tensors), record
 
     def _refuse_patched(self, model: ModelLike) -> None:
         """A model with a stance applied in place holds no base's weights: never register it."""
@@ -223,15 +237,6 @@ class Store:
             f"the weights at {source.path} differ from those of base {base.name or base.id[:19]} "
             f"({shown_names(names)}): {line}"))
 
-    def _tensor_ids(self, source: TensorSource, progress: Progress | None) -> dict[str, str]:
-        ids = {}
-        for k, name in enumerate(source.names):
-            ids[name] = tensor_id(source.get(name))
-            source.release(name)
-            if progress:
-                progress(k + 1, len(source.names))
-        return ids
-
     def bases(self) -> list[Base]:
         return [Base.from_row(r) for r in self.catalog.bases()]
 
@@ -251,6 +256,8 @@ class Store:
         raise BaseNotFound(ref, known)
 
     def base_tensors(self, base: str | Base) -> dict[str, dict]:
+        if isinstance(base, Base) and base.id in self._unregistered:
+            return {r["name"]: r for r in self._unregistered[base.id][1]}
         bid = self.base(base).id
         return {r["name"]: r for r in self.catalog.base_tensors(bid)}
 
@@ -263,13 +270,13 @@ class Store:
             return self.base(base), None, False
         self._refuse_patched(base)
         source = open_model(base, mapped=True)
-        ids = self._tensor_ids(source, None)
-        from .hashing import base_id as compute_base_id
-
-        bid = compute_base_id(ids.items())
-        if not self.catalog.one("SELECT 1 FROM bases WHERE id = ?", [bid]):
-            return self.add_base(source), source, True
-        return self.base(bid), source, False
+        row, tensors = self._describe_base(source)
+        if not self.catalog.one("SELECT 1 FROM bases WHERE id = ?", [row["id"]]):
+            # Registered only when the version lands (in its transaction): a commit that fails
+            # leaves no trace of it.
+            self._unregistered[row["id"]] = (row, tensors)
+            return Base.from_row(row), source, True
+        return self.base(row["id"]), source, False
 
     def base_source(self, base: Base, weights: ModelLike | None = None, *, mapped: bool = False) -> TensorSource:
         """The base's weights: those given, else where `base add` found them (`mapped`: see
@@ -442,10 +449,10 @@ class Store:
             written = self.catalog.pending_of(token)
             self.catalog.drop_pending(token)
             self._remove_unreferenced(written)
-            if registered:
-                self.catalog.drop_base_if_unused(base_rec.id)
             raise
         finally:
+            if registered:
+                self._unregistered.pop(base_rec.id, None)
             # Whether it landed or not, this commit no longer needs its objects shielded from gc.
             self.catalog.drop_pending(token)
         return CommitResult(version, len(built.entries), built.unchanged, version.bytes, built.bytes_new,
@@ -456,13 +463,20 @@ class Store:
         with self.catalog.transaction():
             # Stamped under the write lock, so that a stance's versions are in time order too.
             created = now()
+            records = []
+            if base.id in self._unregistered and not self.catalog.one("SELECT 1 FROM bases WHERE id = ?", [base.id]):
+                row, tensors = self._unregistered[base.id]
+                listing, record = self._base_objects(row, tensors)
+                self.objects.put(listing, object_id=row["id"])
+                self.objects.put(record, object_id=row["record"])
+                records.append(self.catalog.register_base(row, tensors))
             latest = self.catalog.latest(stance)
             number = (latest["number"] + 1) if latest else 1
             m = manifest(stance=stance, number=number, parent=latest["id"] if latest else None,
                          base_id=base.id, encoding=encoding, selection=built.selection, message=message,
                          metadata=metadata, created=created, tensors=built.entries)
             vid = self._insert_version(m, stance=stance, number=number, sizes=built.sizes)
-            records = [{"op": "version", "id": vid, "stance": stance, "number": number}]
+            records.append({"op": "version", "id": vid, "stance": stance, "number": number})
             if tag:
                 self.catalog.put_tag(stance, tag, vid, created)
                 records.append({"op": "tag", "stance": stance, "name": tag, "version": vid, "created": created})

@@ -6,6 +6,7 @@ same stances, versions, numbers, tags, metadata, bases and sizes."""
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -77,3 +78,101 @@ def test_gc_never_frees_an_object_a_manifest_needs_when_index_rows_are_lost(smal
     result = run(small, "gc")
     assert result.exit_code == 1 and REBUILD in result.output, result.output
     assert object_files(small) == objects
+
+
+# -- the catalog lost or damaged in every way, on a store with some history ----------------------
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory):
+    """3 stances and 7 versions left after a rename and a delete, 2 tags, metadata, 2 bases; and
+    what the commands said of it (log, show of every version, stats, every export)."""
+    tmp = tmp_path_factory.mktemp("history")
+    pair = make_model(tmp)
+    other = make_model(tmp, seed=7, name="other")
+    root = tmp / "store"
+    with Store.init(root) as store:
+        store.add_base(pair.base, name="tiny")
+        store.add_base(other.base, name="other", hub_id="org/other")
+        for n in range(3):
+            store.commit("curious", variant(pair, tmp, 10 + n), base="tiny", message=f"c{n}",
+                         metadata={"lr": "1e-4", "epoch": str(n)}, tag="best" if n == 1 else None)
+        for n in range(2):
+            store.commit("confident", variant(pair, tmp, 20 + n), base="tiny", encoding="int8")
+        store.commit("scratch", variant(pair, tmp, 30), base="tiny")
+        store.delete_stance("scratch")
+        store.commit("plain", variant(other, tmp, 40), base="other", metadata={"who": "é"})
+        store.commit("plain", variant(other, tmp, 41), base="other")
+        store.tag("plain@1", "first")
+        store.rename_stance("confident", "sure")
+        refs = [f"{v.stance}@{v.number}" for v in store.log()]
+    assert len(refs) == 7
+    seen = said(root, refs, tmp / "exports-before")
+    return root, refs, seen, tmp
+
+
+def said(root: Path, refs: list[str], exports: Path) -> dict:
+    out = {"log": json.loads(ok(root, "log", "--json")), "stances": json.loads(ok(root, "stances", "--json")),
+           "bases": json.loads(ok(root, "base", "list", "--json"))}
+    stats = json.loads(ok(root, "stats", "--json"))
+    stats.pop("catalog_bytes")
+    out["stats"] = stats
+    for ref in refs:
+        out[f"show {ref}"] = json.loads(ok(root, "show", ref, "--json"))
+        folder = exports / ref
+        ok(root, "export", ref, "--out", str(folder))
+        out[f"export {ref}"] = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+                                if p.is_file()}
+    return out
+
+
+def ok(root: Path, *args: str) -> str:
+    result = run(root, *args)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def flip_random_bytes(path: Path, count: int, seed: int) -> None:
+    data = bytearray(path.read_bytes())
+    gen = torch.Generator().manual_seed(seed)
+    for offset in torch.randint(100, len(data), (count,), generator=gen).tolist():
+        data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def damage(root: Path, how: str) -> None:
+    db = root / "catalog.db"
+    if how == "deleted":
+        for name in ("catalog.db", "catalog.db-wal", "catalog.db-shm"):
+            (root / name).unlink(missing_ok=True)
+    elif how == "emptied":
+        db.write_bytes(b"")
+    elif how == "truncated":
+        db.write_bytes(db.read_bytes()[:db.stat().st_size // 2])
+    elif how == "flipped":
+        flip_random_bytes(db, 20, seed=14)
+
+
+@pytest.mark.parametrize("how", ["deleted", "emptied", "truncated", "flipped"])
+def test_a_lost_or_damaged_catalog_is_refused_everywhere_and_rebuilt_to_what_it_was(history, tmp_path, how) -> None:
+    source, refs, seen, _ = history
+    root = tmp_path / "store"
+    shutil.copytree(source, root)
+    objects = {p: p.read_bytes() for p in object_files(root)}
+    damage(root, how)
+    for args in (["log"], ["log", "--json"], ["stances"], ["show", refs[0]], ["stats"], ["base", "list"],
+                 ["export", refs[0], "--out", str(tmp_path / "out")], ["tag", refs[0], "x"], ["stance", "delete", "plain"],
+                 ["gc"], ["gc", "--dry-run"], ["fsck"]):
+        result = run(root, *args)
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (args, result.output)
+        lines = result.output.strip().splitlines()
+        assert REBUILD in lines[-1] and not any("Traceback" in line for line in lines), (args, result.output)
+        if args != ["fsck"]:
+            assert len(lines) == 1, (args, result.output)
+    assert {p: p.read_bytes() for p in object_files(root)} == objects  # gc deleted nothing
+
+    rebuilt = run(root, "fsck", "--rebuild-catalog")
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert "7 versions in 3 stances, 2 bases" in rebuilt.output
+    assert said(root, refs, tmp_path / "exports-after") == seen
+    assert ok(root, "gc", "--dry-run", "--json") and Store.open(root).fsck(read_data=True).ok

@@ -460,14 +460,17 @@ def test_arguments_that_are_not_utf8_are_one_line_errors(store, tmp_path, args):
 
 
 @pytest.mark.parametrize("manifest", ["garbage", "[]", "[" * 100_000, '{"format": "deltastore/version/1"}'])
-def test_a_manifest_edited_by_hand_in_the_catalog(store, tmp_path, manifest):
-    import sqlite3
+def test_a_manifest_object_replaced_by_hand(store, tmp_path, manifest):
+    from deltastore.objects import ObjectStore
 
-    with sqlite3.connect(store.root / "catalog.db") as db:
-        db.execute("UPDATE versions SET manifest = ?", [manifest])
-    db.close()
-    hostile(store, DeltastoreError, "is malformed; run `deltastore fsck`", store.resolve, "stance")
-    hostile(store, DeltastoreError, "is malformed", store.export, "stance", tmp_path / "out")
+    # A well-formed object file, holding other content than its name (the version id) says.
+    vid = store.resolve("stance").id
+    other = ObjectStore(tmp_path / "other")
+    (tmp_path / "other" / "tmp").mkdir(parents=True)
+    forged = other.put(manifest.encode())
+    store.objects.path(vid).write_bytes(other.path(forged.id).read_bytes())
+    hostile(store, DeltastoreError, "is corrupt", store.resolve, "stance")
+    hostile(store, DeltastoreError, "is corrupt", store.export, "stance", tmp_path / "out")
     assert not store.fsck().ok
 
 
