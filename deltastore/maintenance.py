@@ -338,6 +338,10 @@ def gc(store: Any, plan: GcPlan | None = None, *, batch: int = 200) -> GcResult:
         # Holding the write lock while checking and deleting means no commit can record a
         # reference to (or a pending reuse of) one of these objects in between.
         with cat.transaction():
+            if cat.log_position()[0] != store.refs.whole_size():
+                # A writer died between its log append and its commit since the plan: what
+                # its version needs must be indexed before anything is checked.
+                store._catch_up(cat)
             for oid in todo[i:i + batch]:
                 if cat.is_referenced(oid):
                     skipped.append(oid)

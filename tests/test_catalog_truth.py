@@ -176,3 +176,47 @@ def test_a_lost_or_damaged_catalog_is_refused_everywhere_and_rebuilt_to_what_it_
     assert "7 versions in 3 stances, 2 bases" in rebuilt.output
     assert said(root, refs, tmp_path / "exports-after") == seen
     assert ok(root, "gc", "--dry-run", "--json") and Store.open(root).fsck(read_data=True).ok
+
+
+HOLDER = r"""
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("SELECT count(*) FROM versions").fetchone()
+print("holding", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_write_ahead_log_deleted_while_another_process_holds_it(history, tmp_path) -> None:
+    """The catalog then lacks what the log held: it is refused (or caught up from refs.log),
+    never read as if whole, and the rebuild gives back everything."""
+    import subprocess
+    import sys
+
+    source, refs, seen, _ = history
+    root = tmp_path / "store"
+    shutil.copytree(source, root)
+    objects = {p: p.read_bytes() for p in object_files(root)}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(root / "catalog.db")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        # Ref changes whose rows are only in the write-ahead log while the holder keeps it open.
+        ok(root, "tag", "plain@2", "second")
+        ok(root, "tag", "--delete", "plain@second")
+        assert (root / "catalog.db-wal").stat().st_size > 0
+        (root / "catalog.db-wal").unlink()
+        for args in (["log", "--json"], ["stances"], ["show", refs[0]], ["stats"], ["gc"], ["fsck"]):
+            result = run(root, *args)
+            assert isinstance(result.exception, (SystemExit, type(None))), (args, result.exception)
+            assert "Traceback" not in result.output
+            if result.exit_code == 1:
+                assert REBUILD in result.output.strip().splitlines()[-1], (args, result.output)
+            elif args == ["log", "--json"]:
+                assert json.loads(result.stdout) == seen["log"]
+        assert {p: p.read_bytes() for p in object_files(root)} == objects  # gc deleted nothing
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert run(root, "fsck", "--rebuild-catalog").exit_code == 0
+    assert said(root, refs, tmp_path / "exports-after") == seen
