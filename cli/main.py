@@ -14,6 +14,7 @@ from typing import Any, Callable
 import click
 
 from deltastore import DeltastoreError, Store
+from deltastore.errors import DiskFull, is_disk_full
 from deltastore.store import DEFAULT_DIR, find_store
 
 from .output import emit_json, progress, size, table, to_jsonable
@@ -32,6 +33,8 @@ class DeltastoreGroup(click.Group):
         except OSError as e:
             if os.environ.get("DELTASTORE_DEBUG") == "1":
                 raise
+            if is_disk_full(e):
+                raise click.ClickException(str(DiskFull())) from None
             raise click.ClickException(f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")) from None
         except UnicodeEncodeError as e:
             # Bytes that are not UTF-8 in an argument reach Python as lone surrogates, which

@@ -284,8 +284,10 @@ class Catalog:
         line = self.refs.line_before(offset)
         if line is None or (tail_id(line) if line else "") != tail:
             raise CatalogDamaged(str(self.root), "disagrees with the store's ref log (refs.log)")
-        if offset < size and not self.readonly and self.replay is not None:
-            self.catch_up()
+        if not self.readonly and self.replay is not None:
+            if offset < size:
+                self.catch_up()
+            self._reconcile_journals()
 
     def catch_up(self) -> None:
         """Replay the records of the log the catalog lacks, under the write lock (idempotent)."""
@@ -702,12 +704,30 @@ class Catalog:
             self.conn.execute("UPDATE journals SET state = ? WHERE id = ?", [state, journal_id])
 
     def drop_journal(self, journal_id: str) -> None:
+        # The file first: it is the truth, and removing it needs no room. Rows its removal
+        # leaves behind (a crash, a full disk) are dropped by the next writable open.
+        journalfiles.remove(self.root, journal_id)
+        try:
+            with self.transaction():
+                self.conn.execute("DELETE FROM journal_objects WHERE journal_id = ?", [journal_id])
+                self.conn.execute("DELETE FROM journals WHERE id = ?", [journal_id])
+        except DiskFull:
+            pass
+
+    def _reconcile_journals(self) -> None:
+        """Make the journal rows say what journals/ says (a writable open, when they differ)."""
+        files = journalfiles.ids(self.root)
+        rows = {r[0] for r in self.conn.execute("SELECT id FROM journals")}
+        if files == rows:
+            return
         with self.transaction():
-            # The file first: a crash in between leaves rows that a rebuild drops, never a
-            # journal file of an apply that was already reverted.
-            journalfiles.remove(self.root, journal_id)
-            self.conn.execute("DELETE FROM journal_objects WHERE journal_id = ?", [journal_id])
-            self.conn.execute("DELETE FROM journals WHERE id = ?", [journal_id])
+            for gone in rows - files:
+                self.conn.execute("DELETE FROM journal_objects WHERE journal_id = ?", [gone])
+                self.conn.execute("DELETE FROM journals WHERE id = ?", [gone])
+            for j in journalfiles.read_all(self.root):
+                if j["id"] not in rows:
+                    self.put_journal({k: j[k] for k in ("id", "target", "version_id", "state", "plan", "created")},
+                                     j["objects"])
 
 
 def _digest(object_id: str) -> bytes:

@@ -8,6 +8,8 @@ deltastore. Messages are one line: what is wrong, then what to do.
 
 from __future__ import annotations
 
+import errno
+
 
 class DeltastoreError(Exception):
     """Root of every error deltastore raises on purpose."""
@@ -331,3 +333,11 @@ class GcRefused(DeltastoreError):
 
     def __init__(self, detail: str):
         super().__init__(f"gc deleted nothing: {detail}; {REBUILD_HINT}, then run gc again")
+
+
+# What a write that found no room raises (EFBIG: a file-size limit, as a quota gives).
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and not isinstance(e, DeltastoreError) and e.errno in NO_SPACE

@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+from .errors import DiskFull, is_disk_full
 from .hashing import canonical_json
 
 FOLDER = "journals"
@@ -25,11 +26,17 @@ def write(root: Path, row: dict, object_ids: list[str]) -> None:
     record = {k: row[k] for k in ("id", "target", "version_id", "state", "plan", "created")}
     record["objects"] = sorted(set(object_ids))
     tmp = Path(root) / "tmp" / f"{os.getpid()}-journal-{row['id']}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(canonical_json(record))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, where / f"{row['id']}.json")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(canonical_json(record))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, where / f"{row['id']}.json")
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise DiskFull() from None
+        raise
     _fsync_dir(where)
 
 
@@ -38,6 +45,11 @@ def remove(root: Path, journal_id: str) -> None:
     if path.exists():
         path.unlink()
         _fsync_dir(path.parent)
+
+
+def ids(root: Path) -> set[str]:
+    where = folder(root)
+    return {p.stem for p in where.glob("*.json")} if where.is_dir() else set()
 
 
 def read_all(root: Path) -> list[dict]:

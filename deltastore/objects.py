@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator
 
 import zstandard
 
-from .errors import CorruptObject, MissingObject, UnsafeInput
+from .errors import CorruptObject, DiskFull, MissingObject, UnsafeInput, is_disk_full
 from .hashing import ALGORITHM, bytes_id, hasher, hexdigest_id, is_id
 from .pools import pool
 
@@ -160,8 +160,10 @@ class ObjectStore:
                 os.fsync(f.fileno())
             path.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
             tmp.unlink(missing_ok=True)
+            if is_disk_full(e):
+                raise DiskFull() from None
             raise
         if sync_dir:
             _fsync_dir(path.parent)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from .errors import DeltastoreError
+from .errors import DeltastoreError, DiskFull, is_disk_full
 from .hashing import bytes_id, canonical_json
 
 LOG_FILE = "refs.log"
@@ -116,12 +116,14 @@ class RefLog:
             while view:
                 view = view[os.write(fd, view):]
             os.fsync(fd)
-        except BaseException:
+        except BaseException as e:
             # A part-written record (a full disk) must not stay for the next reader.
             try:
                 os.ftruncate(fd, before)
             except OSError:
                 pass
+            if is_disk_full(e):
+                raise DiskFull() from None
             raise
         finally:
             os.close(fd)

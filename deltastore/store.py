@@ -446,15 +446,17 @@ class Store:
         except BaseException:
             # A commit that fails changes nothing: not the objects it wrote for the tensors it
             # stored before the failure (those nothing else uses), not the base it registered.
-            written = self.catalog.pending_of(token)
-            self.catalog.drop_pending(token)
+            # Best effort (on a full disk the clean-up may fail too): the first error is the one
+            # to report, and what is left is harmless (fsck notes it, gc and --repair clear it).
+            written = self._quietly(self.catalog.pending_of, token) or []
+            self._quietly(self.catalog.drop_pending, token)
             self._remove_unreferenced(written)
             raise
         finally:
             if registered:
                 self._unregistered.pop(base_rec.id, None)
             # Whether it landed or not, this commit no longer needs its objects shielded from gc.
-            self.catalog.drop_pending(token)
+            self._quietly(self.catalog.drop_pending, token)
         return CommitResult(version, len(built.entries), built.unchanged, version.bytes, built.bytes_new,
                             tuple(built.left_out), built.left_out_energy_fraction)
 
@@ -541,7 +543,7 @@ class Store:
                     self.catalog.record(*records)
             landed = True
         finally:
-            self.catalog.drop_pending(token)
+            self._quietly(self.catalog.drop_pending, token)
             if not landed:
                 self._remove_unreferenced(written)
         return [(self.resolve(v.id), v.id in inserted) for v in versions]
@@ -577,12 +579,23 @@ class Store:
         return None
 
     def _remove_unreferenced(self, object_ids: list[str]) -> None:
-        """Undo the objects a failed commit or ingest wrote, sparing any that something else now uses."""
+        """Undo the objects a failed commit or ingest wrote, sparing any that something else now
+        uses. Best effort: an object left behind is gc's."""
         for oid in object_ids:
             # Inside a write transaction, so no commit can start re-using it in between.
-            with self.catalog.transaction():
-                if not self.catalog.is_referenced(oid):
-                    self.objects.remove(oid)
+            def remove(oid: str = oid) -> None:
+                with self.catalog.transaction():
+                    if not self.catalog.is_referenced(oid):
+                        self.objects.remove(oid)
+            self._quietly(remove)
+
+    @staticmethod
+    def _quietly(call: Callable[..., Any], *args: Any) -> Any:
+        """A clean-up step after a failure: never a second error in place of the first."""
+        try:
+            return call(*args)
+        except (DeltastoreError, OSError):
+            return None
 
     # -- reading versions back -----------------------------------------------------------------
 

@@ -81,7 +81,7 @@ def sizes(root: Path) -> dict:
         other = sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.name != "STORE") \
             - on_disk - catalog
         referenced = store.catalog.one("SELECT sum(bytes) AS b FROM versions")["b"]
-        tensors = store.catalog.one("SELECT count(*) AS n FROM entries")["n"]
+        tensors = store.catalog.one("SELECT coalesce(sum(tensors), 0) AS n FROM versions")["n"]
     return {"unique_object_bytes": unique, "object_files_bytes": on_disk, "catalog_bytes": catalog,
             "other_bytes": other, "store_bytes": on_disk + catalog + other,
             "bytes_referenced_by_versions": referenced, "tensor_entries": tensors,
