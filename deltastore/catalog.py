@@ -349,20 +349,6 @@ class Catalog:
         self.db["bases"].insert(row)
         self.db["base_tensors"].insert_all(tensors, batch_size=500)
 
-    def drop_base_if_unused(self, base_id: str) -> bool:
-        """Unregister a base that no version uses (one a failed commit registered on its way)."""
-        with self.transaction():
-            if not self.remove_base_if_unused(base_id):
-                return False
-            self.record({"op": "base-drop", "id": base_id})
-        return True
-
-    def remove_base_if_unused(self, base_id: str) -> bool:
-        if self.conn.execute("SELECT 1 FROM versions WHERE base_id = ? LIMIT 1", [base_id]).fetchone():
-            return False
-        self.conn.execute("DELETE FROM base_tensors WHERE base_id = ?", [base_id])
-        return self.conn.execute("DELETE FROM bases WHERE id = ?", [base_id]).rowcount > 0
-
     def bases(self) -> list[dict]:
         return self.query("SELECT * FROM bases ORDER BY created")
 

@@ -4,8 +4,8 @@ metadata a user attaches to a version (key=value, or a JSON file of training fac
 diff compares the tensors apply would produce, so it works across encodings: an int4 version
 and a lossless one of the same fine-tune differ by the int4 error. It streams: one tensor of
 each version is in memory at a time, and tensors whose result ids are equal are never loaded.
-Deleting a stance removes only catalog rows; its objects stay until gc, which removes those
-no other version shares. Nothing here speaks SQL (the catalog does) or prints.
+Deleting a stance is one ref record (and its catalog rows); its objects stay until gc, which
+removes those no other version shares. Nothing here speaks SQL (the catalog does) or prints.
 """
 
 from __future__ import annotations

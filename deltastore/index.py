@@ -78,7 +78,7 @@ def replay(cat: Catalog, objects: ObjectStore, refs: RefLog, *, start: int | Non
            end: int | None = None, unindexed: Unindexed | None = None) -> None:
     """Inside a transaction of `cat`: apply every record from where the catalog stands (or
     `start`) to the log's end (or `end`), and note how far it got. Versions and bases that a
-    later record of the same stretch removes are never read: gc may have removed their objects."""
+    later record of the same stretch deletes are never read: gc may have removed their manifests."""
     offset = cat.log_position()[0] if start is None else start
     todo = []
     for after, record, line in refs.records(offset):
@@ -87,17 +87,16 @@ def replay(cat: Catalog, objects: ObjectStore, refs: RefLog, *, start: int | Non
         todo.append((after, record, line))
     gone = _removed_later([r for _, r, _ in todo])
     for after, record, line in todo:
-        if record.get("id") not in gone or record["op"] not in ("version", "base"):
+        if record["op"] != "version" or record["id"] not in gone:
             apply_record(cat, objects, record, unindexed)
     if todo:
         cat.set_log_position(todo[-1][0], todo[-1][2])
 
 
 def _removed_later(records: list[dict]) -> set[str]:
-    """Ids of versions whose stance is deleted, and bases dropped, later in `records`."""
+    """Ids of versions whose stance is deleted later in `records`."""
     members: dict[str, set[str]] = {}
     gone: set[str] = set()
-    bases: dict[str, bool] = {}
     for r in records:
         op = r["op"]
         if op == "version":
@@ -107,11 +106,7 @@ def _removed_later(records: list[dict]) -> set[str]:
             members[r["new"]] = members.pop(r["old"], set()) | members.get(r["new"], set())
         elif op == "delete":
             gone |= members.pop(r["stance"], set())
-        elif op == "base":
-            bases[r["id"]] = True
-        elif op == "base-drop":
-            bases[r["id"]] = False
-    return gone | {b for b, alive in bases.items() if not alive}
+    return gone
 
 
 def apply_record(cat: Catalog, objects: ObjectStore, r: dict, unindexed: Unindexed | None = None) -> None:
@@ -128,8 +123,6 @@ def apply_record(cat: Catalog, objects: ObjectStore, r: dict, unindexed: Unindex
             cat.put_base(row, tensors)
         else:
             cat.put_base({k: r[k] for k in ("id", "name", "source", "hub_id")}, [])
-    elif op == "base-drop":
-        cat.remove_base_if_unused(r["id"])
     elif op == "version":
         if cat.version(r["id"]) is not None:
             return

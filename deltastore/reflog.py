@@ -18,7 +18,6 @@ from .hashing import bytes_id, canonical_json
 LOG_FILE = "refs.log"
 OPS = {
     "base": {"id", "record", "name", "source", "hub_id", "created"},
-    "base-drop": {"id"},
     "version": {"id", "stance", "number"},
     "tag": {"stance", "name", "version", "created"},
     "untag": {"stance", "name"},

@@ -220,3 +220,50 @@ def test_a_write_ahead_log_deleted_while_another_process_holds_it(history, tmp_p
         holder.wait(timeout=30)
     assert run(root, "fsck", "--rebuild-catalog").exit_code == 0
     assert said(root, refs, tmp_path / "exports-after") == seen
+
+
+def test_a_catalog_behind_the_ref_log_catches_up_on_open(small, tmp_path) -> None:
+    """What a writer that died between its log append and its catalog commit leaves (or an old
+    copy of the catalog put back): the next writable open replays what the catalog lacks."""
+    with Store.open(small) as store:
+        store.catalog.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        versions = store.log()
+    old = (small / "catalog.db").read_bytes()
+    pair = make_model(tmp_path, name="again")
+    with Store.open(small) as store:
+        store.tag("s@1", "kept")
+        store.rename_stance("s", "t")
+        landed = store.commit("t", variant(pair, tmp_path, 3), base="tiny").version
+        expected = [(v.ref, v.id, v.tags) for v in store.log()]
+    for name in ("catalog.db-wal", "catalog.db-shm"):
+        (small / name).unlink(missing_ok=True)
+    (small / "catalog.db").write_bytes(old)
+    with Store.open(small, readonly=True) as store:
+        assert [v.id for v in store.log()] == [v.id for v in versions]  # a reader sees the older state
+    with Store.open(small) as store:
+        assert [(v.ref, v.id, v.tags) for v in store.log()] == expected
+        assert store.resolve("t").id == landed.id and store.fsck().ok
+
+
+def test_a_ref_log_that_lost_records_is_refused_and_not_rebuilt_from(small) -> None:
+    log = small / "refs.log"
+    log.write_bytes(log.read_bytes()[:-1].rsplit(b"\n", 1)[0] + b"\n")  # the last record gone
+    result = run(small, "log")
+    assert result.exit_code == 1 and "refs.log" in result.output and "restore it from a backup" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    rebuilt = run(small, "fsck", "--rebuild-catalog")
+    assert rebuilt.exit_code == 1 and "would lose versions" in rebuilt.output
+    assert (small / "catalog.db").stat().st_size > 0
+
+
+def test_a_torn_last_record_is_ignored_and_cut_off_by_the_next_writer(small) -> None:
+    log = small / "refs.log"
+    whole = log.read_bytes()
+    log.write_bytes(whole + b'{"op":"tag","stance":"s"')  # a writer died inside its append
+    assert run(small, "log").exit_code == 0
+    with Store.open(small) as store:
+        store.tag("s@1", "after")
+        assert store.resolve("s@after").number == 1
+    assert log.read_bytes().startswith(whole) and log.read_bytes().endswith(b"\n")
+    assert b'"stance":"s"{' not in log.read_bytes()
+    assert run(small, "fsck").exit_code == 0
