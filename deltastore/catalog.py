@@ -161,14 +161,15 @@ def _open_readonly(path: Path) -> sqlite3.Connection:
 
 
 class Catalog:
-    # SQLite's structural check of every page on open (FORMAT.md §6): a catalog damaged in
-    # place is refused before any command reads it.
-    quick_check_on_open = True
-
     """`create`: make a new, empty catalog (a new store, or a rebuild into a temporary file).
-    Otherwise the catalog must exist and pass `_check` (FORMAT.md §6), and `refs` is the ref
-    log it indexes. `replay(catalog)` is called inside a write transaction whenever the log holds
-    records the catalog lacks (a writer died between its append and its commit)."""
+    Otherwise the catalog must exist and pass the checks of FORMAT.md §6 (`_check_file`,
+    `_check_state`), and `refs` is the ref log it indexes. `replay(catalog)` is called inside a
+    write transaction whenever the log holds records the catalog lacks (a writer died between
+    its append and its commit)."""
+
+    # SQLite's structural check of every page on open: a catalog damaged in place is refused
+    # before any command reads it.
+    quick_check_on_open = True
 
     def __init__(self, path: Path, *, readonly: bool = False, create: bool = False,
                  refs: RefLog | None = None, replay: Any = None):

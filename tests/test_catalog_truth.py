@@ -188,8 +188,8 @@ sys.stdin.readline()
 
 
 def test_a_write_ahead_log_deleted_while_another_process_holds_it(history, tmp_path) -> None:
-    """The catalog then lacks what the log held: it is refused (or caught up from refs.log),
-    never read as if whole, and the rebuild gives back everything."""
+    """The catalog then lacks what the log held: it is refused, never read as if whole, and
+    the rebuild gives back everything."""
     import subprocess
     import sys
 
@@ -207,13 +207,8 @@ def test_a_write_ahead_log_deleted_while_another_process_holds_it(history, tmp_p
         assert (root / "catalog.db-wal").stat().st_size > 0
         (root / "catalog.db-wal").unlink()
         for args in (["log", "--json"], ["stances"], ["show", refs[0]], ["stats"], ["gc"], ["fsck"]):
-            result = run(root, *args)
-            assert isinstance(result.exception, (SystemExit, type(None))), (args, result.exception)
-            assert "Traceback" not in result.output
-            if result.exit_code == 1:
-                assert REBUILD in result.output.strip().splitlines()[-1], (args, result.output)
-            elif args == ["log", "--json"]:
-                assert json.loads(result.stdout) == seen["log"]
+            # SQLite finds the shared index of a log that is not there: one line, the rebuild.
+            assert_refused(run(root, *args))
         assert {p: p.read_bytes() for p in object_files(root)} == objects  # gc deleted nothing
     finally:
         holder.stdin.close()
