@@ -753,6 +753,7 @@ def _translated(e: BaseException, root: Path) -> Exception:
     if isinstance(e, UnicodeDecodeError):
         return CatalogDamaged(str(root), "holds text that is not UTF-8 (it was damaged)")
     code = getattr(e, "sqlite_errorcode", None)
+    code = code & 0xFF if code is not None else None  # the primary code of an extended one
     if code == sqlite3.SQLITE_FULL or "database or disk is full" in str(e):
         return DiskFull()
     if code == sqlite3.SQLITE_BUSY or "database is locked" in str(e):
@@ -761,9 +762,8 @@ def _translated(e: BaseException, root: Path) -> Exception:
     if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
         return CatalogError(f"cannot write to the catalog of the store at {root} ({e}); check the folder's "
                             "permissions and free space")
-    if code == sqlite3.SQLITE_IOERR:
-        return CatalogError(f"reading or writing the catalog of the store at {root} failed ({e}); check the "
-                            "disk, free space, then run the command again")
+    # Anything else, an I/O error included (what a write-ahead log removed under a reader
+    # gives), means the catalog cannot be trusted.
     return CatalogDamaged(str(root), f"is unreadable ({e})")
 
 
