@@ -262,3 +262,29 @@ def test_a_torn_last_record_is_ignored_and_cut_off_by_the_next_writer(small) -> 
     assert log.read_bytes().startswith(whole) and log.read_bytes().endswith(b"\n")
     assert b'"stance":"s"{' not in log.read_bytes()
     assert run(small, "fsck").exit_code == 0
+
+
+def test_the_ref_log_records_each_change_as_canonical_json(small) -> None:
+    """FORMAT.md §6: one canonical-JSON record per line, in commit order."""
+    from deltastore.hashing import canonical_json
+
+    with Store.open(small) as store:
+        store.tag("s@1", "good")
+        store.untag("s@good")
+        store.rename_stance("s", "t")
+        store.delete_stance("t")
+    lines = (small / "refs.log").read_bytes().splitlines(keepends=True)
+    records = [json.loads(line) for line in lines]
+    assert all(line == canonical_json(r) + b"\n" for line, r in zip(lines, records))
+    assert [r["op"] for r in records] == ["base", "version", "version", "tag", "untag", "rename", "delete"]
+    assert set(records[0]) == {"op", "id", "record", "name", "source", "hub_id", "created"}
+    assert [(r["stance"], r["number"]) for r in records[1:3]] == [("s", 1), ("s", 2)]
+    assert records[5:] == [{"op": "rename", "old": "s", "new": "t"}, {"op": "delete", "stance": "t"}]
+
+
+def test_gc_refuses_without_the_ref_log(small) -> None:
+    objects = object_files(small)
+    (small / "refs.log").unlink()
+    result = run(small, "gc")
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert object_files(small) == objects
