@@ -22,7 +22,6 @@ removes.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field

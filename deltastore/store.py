@@ -37,7 +37,7 @@ from .catalog import Catalog, dumps, now
 from .errors import (AmbiguousRef, BaseMismatch, BaseNotFound, DeltastoreError, JournalError, ModelFormatError,
                      NothingToCommit, OldStoreFormat, RefNotFound, StoreExists, StoreNotFound, UnsafeInput,
                      VersionConflict, shown_names)
-from .hashing import DTYPES, manifest_id, tensor_id, canonical_json
+from .hashing import DTYPES, tensor_id, canonical_json
 from .limits import is_text
 from .models import TensorInfo, TensorSource, open_model
 from .objects import ObjectStore
