@@ -748,13 +748,19 @@ def _check_file(path: Path) -> None:
         raise CatalogDamaged(root, f"is truncated ({size} bytes, its header says {pages * page_size})")
 
 
+# I/O errors of a write: what a file-size limit (EFBIG) or a quota gives where a full disk
+# gives SQLITE_FULL; the user's remedy is the same.
+_WRITE_FAILED = {sqlite3.SQLITE_IOERR_WRITE, sqlite3.SQLITE_IOERR_FSYNC, sqlite3.SQLITE_IOERR_TRUNCATE,
+                 sqlite3.SQLITE_IOERR_SHMSIZE}
+
+
 def _translated(e: BaseException, root: Path) -> Exception:
     """A CatalogError for what SQLite (or the text it holds) raised."""
     if isinstance(e, UnicodeDecodeError):
         return CatalogDamaged(str(root), "holds text that is not UTF-8 (it was damaged)")
-    code = getattr(e, "sqlite_errorcode", None)
-    code = code & 0xFF if code is not None else None  # the primary code of an extended one
-    if code == sqlite3.SQLITE_FULL or "database or disk is full" in str(e):
+    extended = getattr(e, "sqlite_errorcode", None)
+    code = extended & 0xFF if extended is not None else None  # the primary code of an extended one
+    if code == sqlite3.SQLITE_FULL or "database or disk is full" in str(e) or extended in _WRITE_FAILED:
         return DiskFull()
     if code == sqlite3.SQLITE_BUSY or "database is locked" in str(e):
         return CatalogError(f"the catalog of the store at {root} stayed locked by another process for "

@@ -105,3 +105,34 @@ def test_a_full_disk_fails_each_write_with_one_line_and_leaves_a_clean_store(sma
         store.gc()
         assert store.fsck().problems == ()
         assert store.commit("s", variant(pair, tmp_path, 2), base="tiny").version.number == 2
+
+
+LIMITED = r"""
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))
+from cli.main import main
+sys.argv = ["deltastore"] + sys.argv[2:]
+main()
+"""
+
+
+def test_a_file_size_limit_fails_a_commit_with_one_line_and_leaves_a_clean_store(tmp_path) -> None:
+    """Where no tmpfs can be mounted: a file-size limit, as a quota gives, fails writes the same way."""
+    import sys
+
+    pair = make_model(tmp_path)
+    root = tmp_path / "store"
+    with Store.init(root) as store:
+        store.add_base(pair.base, name="tiny")
+        store.commit("s", variant(pair, tmp_path, 1), base="tiny")
+    before = run(root, "log", "--json").stdout
+    limited = subprocess.run([sys.executable, "-c", LIMITED, "65536", "--store", str(root), "commit", "s",
+                              str(variant(pair, tmp_path, 2)), "--base", "tiny"], capture_output=True, text=True)
+    assert limited.returncode == 1 and limited.stderr.strip().splitlines() == [f"Error: {FULL}"], limited.stderr
+    assert run(root, "log", "--json").stdout == before
+    with Store.open(root) as store:
+        assert store.fsck(read_data=True).ok
+        store.fsck(repair=True)
+        store.gc()
+        assert store.fsck().problems == ()
