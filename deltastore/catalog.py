@@ -179,6 +179,7 @@ class Catalog:
         self.refs = refs
         self.replay = replay
         self._log_undo: int | None = None  # where the log was before this transaction appended
+        self._open = False  # inside transaction() or snapshot()
         if not create:
             _check_file(self.path)
         try:
@@ -219,9 +220,11 @@ class Catalog:
         with self._lock:
             outer = self._log_undo
             try:
+                self._drop_leftover()
                 self.conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as e:
                 raise _translated(e, self.root) from None
+            self._open = True
             try:
                 yield self.conn
                 self.conn.execute("COMMIT")
@@ -236,7 +239,15 @@ class Catalog:
                     raise _translated(e, self.root) from None
                 raise
             finally:
+                self._open = False
                 self._log_undo = outer
+
+    def _drop_leftover(self) -> None:
+        """Before a transaction starts (under the lock): a rollback refused earlier (another
+        thread's statement was still running) can have left one open; nothing of it committed.
+        A transaction of this catalog's own still open is a nesting, which SQLite refuses."""
+        if self.conn.in_transaction and not self._open:
+            self.conn.execute("ROLLBACK")
 
     # -- what the catalog has indexed of the ref log --------------------------------------------
 
@@ -603,20 +614,25 @@ class Catalog:
 
     @contextmanager
     def snapshot(self) -> Iterator[None]:
-        """One read transaction: every query inside sees the same state of the catalog."""
-        try:
-            self.conn.execute("BEGIN")
-        except sqlite3.Error as e:
-            raise _translated(e, self.root) from None
-        try:
-            yield
-        except (sqlite3.Error, UnicodeDecodeError) as e:
-            raise _translated(e, self.root) from None
-        finally:
+        """One read transaction: every query inside sees the same state of the catalog. Under
+        the lock, like a write: threads share the connection, and so its transaction."""
+        with self._lock:
             try:
-                self.conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
+                self._drop_leftover()
+                self.conn.execute("BEGIN")
+            except sqlite3.Error as e:
+                raise _translated(e, self.root) from None
+            self._open = True
+            try:
+                yield
+            except (sqlite3.Error, UnicodeDecodeError) as e:
+                raise _translated(e, self.root) from None
+            finally:
+                self._open = False
+                try:
+                    self.conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
 
     def version_rows(self) -> list[dict]:
         return self.query("SELECT id, stance, number, parent, base_id, tensors, bytes FROM versions "
