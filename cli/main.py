@@ -17,25 +17,33 @@ from deltastore import DeltastoreError, Store
 from deltastore.errors import DiskFull, is_disk_full
 from deltastore.store import DEFAULT_DIR, find_store
 
-from .output import emit_json, progress, size, table, to_jsonable
+from .output import echo, emit_json, escape, progress, size, table, to_jsonable
 
 
 class DeltastoreGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:
+            # The reader went away (`deltastore log | head -1`): stop quietly, as git does, with
+            # the status of a process ended by SIGPIPE.
+            _silence_stdout()
+            raise click.exceptions.Exit(128 + 13) from None
         except DeltastoreError as e:
             if os.environ.get("DELTASTORE_DEBUG") == "1":
                 raise
-            raise click.ClickException(str(e)) from None
-        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+            raise click.ClickException(escape(e)) from None
+        except click.ClickException as e:
+            e.message = escape(e.message)  # it may quote what the user typed
+            raise
+        except (click.exceptions.Exit, click.Abort, KeyboardInterrupt):
             raise
         except OSError as e:
             if os.environ.get("DELTASTORE_DEBUG") == "1":
                 raise
             if is_disk_full(e):
                 raise click.ClickException(str(DiskFull())) from None
-            raise click.ClickException(f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")) from None
+            raise click.ClickException(escape(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))) from None
         except UnicodeEncodeError as e:
             # Bytes that are not UTF-8 in an argument reach Python as lone surrogates, which
             # neither the catalog nor a manifest can hold.
@@ -44,6 +52,17 @@ class DeltastoreGroup(click.Group):
             shown = str(e.object[max(0, e.start - 20):e.end + 20]) if isinstance(e.object, str) else ""
             raise click.ClickException(f"{shown!r} holds bytes that are not UTF-8 text; give names and values "
                                        "as UTF-8") from None
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing what is left of it on exit raises nothing
+    more (the fix Python's documentation of SIGPIPE gives)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real file descriptor (an in-process runner)
+        pass
 
 
 def json_option(f: Callable) -> Callable:
@@ -100,7 +119,7 @@ def init(ctx: click.Context, directory: str | None, as_json: bool) -> None:
     if as_json:
         emit_json({"store": str(Path(path).absolute())})
     else:
-        click.echo(f"created store {path}")
+        echo(f"created store {path}")
 
 
 @cli.group()
@@ -121,7 +140,7 @@ def base_add(store: Store, model: str, name: str | None, hub_id: str | None, as_
     if as_json:
         emit_json(b)
     else:
-        click.echo(b.id)
+        echo(b.id)
 
 
 @base.command("list")
@@ -218,13 +237,13 @@ def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str 
         return emit_json(summary)
     if choice is not None:
         limit = f" (at most {choice.max_kl:g})" if choice.max_kl is not None else ""
-        click.echo(f"{choice.encoding}: KL {choice.kl:.3g}{limit}, top-1 {choice.top1:.1%}; "
+        echo(f"{choice.encoding}: KL {choice.kl:.3g}{limit}, top-1 {choice.top1:.1%}; "
                    f"the base alone: KL {choice.base_kl:.3g}")
-    click.echo(f"{v.ref} {v.id}")
-    click.echo(f"stored {r.tensors_stored} tensors ({r.unchanged} unchanged), {size(r.bytes_stored)} "
+    echo(f"{v.ref} {v.id}")
+    echo(f"stored {r.tensors_stored} tensors ({r.unchanged} unchanged), {size(r.bytes_stored)} "
                f"({size(r.bytes_new)} new)")
     if r.left_out:
-        click.echo(f"left out {len(r.left_out)} changed tensors holding "
+        echo(f"left out {len(r.left_out)} changed tensors holding "
                    f"{r.left_out_energy_fraction:.1%} of the squared delta")
 
 
@@ -254,7 +273,7 @@ def stance_rename(store: Store, old: str, new: str, as_json: bool) -> None:
     r = store.rename_stance(old, new)
     if as_json:
         return emit_json(r)
-    click.echo(f"renamed {r.old} to {r.new} ({r.versions} versions)")
+    echo(f"renamed {r.old} to {r.new} ({r.versions} versions)")
 
 
 @stance.command("delete")
@@ -267,10 +286,10 @@ def stance_delete(store: Store, name: str, as_json: bool) -> None:
     r = store.delete_stance(name)
     if as_json:
         return emit_json(r)
-    click.echo(f"deleted {r.stance} ({len(r.versions)} versions); `deltastore gc` frees "
+    echo(f"deleted {r.stance} ({len(r.versions)} versions); `deltastore gc` frees "
                f"{size(r.bytes_only_here)} that no other version shares")
     if r.orphaned:
-        click.echo(f"the parent of {', '.join(r.orphaned)} was one of them (their tensors are unaffected)")
+        echo(f"the parent of {', '.join(r.orphaned)} was one of them (their tensors are unaffected)")
 
 
 def version_summary(v: Any) -> dict:
@@ -304,21 +323,21 @@ def show(store: Store, ref: str, as_json: bool) -> None:
     if as_json:
         return emit_json({**version_summary(v), "selection": v.selection,
                           "tensor_entries": [e.to_manifest() for e in v.tensors]})
-    click.echo(f"version  {v.ref}  {v.id}")
-    click.echo(f"base     {v.base_id}")
-    click.echo(f"created  {v.created}")
+    echo(f"version  {v.ref}  {v.id}")
+    echo(f"base     {v.base_id}")
+    echo(f"created  {v.created}")
     if v.parent:
-        click.echo(f"parent   {v.parent}")
+        echo(f"parent   {v.parent}")
     if v.tags:
-        click.echo(f"tags     {', '.join(v.tags)}")
+        echo(f"tags     {', '.join(v.tags)}")
     if v.message:
-        click.echo(f"message  {v.message}")
+        echo(f"message  {v.message}")
     for k, val in v.metadata.items():
-        click.echo(f"meta     {k}={val}")
+        echo(f"meta     {k}={val}")
     if v.selection:
-        click.echo(f"selection {json.dumps(v.selection, sort_keys=True)}")
-    click.echo(f"tensors  {len(v.tensors)}, {size(v.bytes)}")
-    click.echo()
+        echo(f"selection {json.dumps(v.selection, sort_keys=True)}")
+    echo(f"tensors  {len(v.tensors)}, {size(v.bytes)}")
+    echo()
     table([[e.name, e.dtype, "x".join(map(str, e.shape)), e.encoding,
             "-" if e.rel_change is None else f"{e.rel_change:.3g}",
             "-" if e.rel_error is None else f"{e.rel_error:.3g}"] for e in v.tensors],
@@ -337,10 +356,10 @@ def diff(store: Store, ref_a: str, ref_b: str, base_path: str | None, as_json: b
     d = store.diff(ref_a, ref_b, base_weights=base_path)
     if as_json:
         return emit_json(d)
-    click.echo(f"{d.a} {d.a_id[3:15]} -> {d.b} {d.b_id[3:15]}: {d.count('changed')} changed, "
+    echo(f"{d.a} {d.a_id[3:15]} -> {d.b} {d.b_id[3:15]}: {d.count('changed')} changed, "
                f"{d.count('added')} added, {d.count('removed')} removed, {d.unchanged} unchanged")
     if d.tensors:
-        click.echo()
+        echo()
         table([[t.name, t.status, t.encoding_a or "(base)", t.encoding_b or "(base)",
                 "-" if t.rel_change is None else f"{t.rel_change:.3g}"] for t in d.tensors],
               ["tensor", "status", "a", "b", "||a-b||/||b||"])
@@ -360,13 +379,13 @@ def tag(store: Store, ref: str, name: str | None, delete: bool, as_json: bool) -
         tag_name = name or ref.partition("@")[2]
         if as_json:
             return emit_json({"id": v.id, "ref": v.ref, "tag": tag_name, "deleted": True})
-        return click.echo(f"deleted tag {v.stance}@{tag_name} (was {v.ref} {v.short_id})")
+        return echo(f"deleted tag {v.stance}@{tag_name} (was {v.ref} {v.short_id})")
     if name is None:
         raise click.UsageError("give a tag NAME (or --delete to remove one)")
     v = store.tag(ref, name)
     if as_json:
         return emit_json({"id": v.id, "ref": v.ref, "tag": name})
-    click.echo(f"{v.stance}@{name} -> {v.ref} {v.short_id}")
+    echo(f"{v.stance}@{name} -> {v.ref} {v.short_id}")
 
 
 @cli.command()
@@ -387,11 +406,11 @@ def apply(store: Store, ref: str, target: str, out: str | None, break_links: boo
         with progress("writing", enabled=not as_json) as cb:
             path = store.export(ref, out, base_weights=target, progress=cb)
         result = {"ref": store.resolve(ref).ref, "out": str(path)}
-        return emit_json(result) if as_json else click.echo(f"wrote {path}")
+        return emit_json(result) if as_json else echo(f"wrote {path}")
     j = store.apply_files(ref, target, break_links=break_links)
     if as_json:
         return emit_json(j)
-    click.echo(f"applied {store.resolve(j.version_id).ref} to {target} ({j.regions} tensors); "
+    echo(f"applied {store.resolve(j.version_id).ref} to {target} ({j.regions} tensors); "
                f"`deltastore revert {target}` undoes it")
 
 
@@ -405,7 +424,7 @@ def revert(store: Store, target: str, as_json: bool) -> None:
     if as_json:
         return emit_json(done)
     for j in done:
-        click.echo(f"reverted {target} ({j.regions} tensors back to the base)")
+        echo(f"reverted {target} ({j.regions} tensors back to the base)")
 
 
 @cli.command()
@@ -420,7 +439,7 @@ def export(store: Store, ref: str, out: str, base_path: str | None, as_json: boo
         path = store.export(ref, out, base_weights=base_path, progress=cb)
     if as_json:
         return emit_json({"ref": store.resolve(ref).ref, "out": str(path)})
-    click.echo(f"wrote {path}")
+    echo(f"wrote {path}")
 
 
 @cli.command()
@@ -447,19 +466,19 @@ def fsck(ctx: click.Context, read_data: bool, repair: bool, rebuild_catalog: boo
                    **({"rebuilt": rebuilt} if rebuilt else {})})
     else:
         for line in report.repaired:
-            click.echo(f"repaired: {line}")
+            echo(f"repaired: {line}")
         notes: dict[str, list] = {}
         for p in report.problems:
             if not p.error:
                 notes.setdefault(p.kind, []).append(p)
                 continue
             where = f" (breaks {', '.join(p.versions)})" if p.versions else ""
-            click.echo(f"error: {p.kind}: {p.message}{where}")
+            echo(f"error: {p.kind}: {p.message}{where}")
         for kind, items in notes.items():
             # Harmless findings can be many (every object a revert left for gc): one line each kind.
             more = f" (and {len(items) - 1} more like it)" if len(items) > 1 else ""
-            click.echo(f"note: {kind}: {items[0].subject}: {items[0].message}{more}")
-        click.echo(f"{report.versions_checked} versions, {report.objects_checked} objects re-hashed: "
+            echo(f"note: {kind}: {items[0].subject}: {items[0].message}{more}")
+        echo(f"{report.versions_checked} versions, {report.objects_checked} objects re-hashed: "
                    f"{'ok' if report.ok else f'{len(report.errors)} errors'}")
     if not report.ok:
         sys.exit(1)
@@ -478,18 +497,18 @@ def gc(store: Store, dry_run: bool, as_json: bool) -> None:
                               "object_bytes": dict(zip(plan.objects, plan.sizes)),
                               "tmp_files": plan.tmp_files, "dead_commits": plan.dead_commits})
         for oid, n in zip(plan.objects, plan.sizes):
-            click.echo(f"would remove {oid}  {size(n)}")
+            echo(f"would remove {oid}  {size(n)}")
         for name in plan.tmp_files:
-            click.echo(f"would remove {name}")
-        return click.echo(f"would free {size(plan.bytes)} in {len(plan.objects)} objects"
+            echo(f"would remove {name}")
+        return echo(f"would free {size(plan.bytes)} in {len(plan.objects)} objects"
                           + (f" and {len(plan.tmp_files)} temporary files" if plan.tmp_files else ""))
     if not as_json:
-        click.echo(f"plan: remove {len(plan.objects)} objects, {size(plan.bytes)}")
+        echo(f"plan: remove {len(plan.objects)} objects, {size(plan.bytes)}")
     result = store.gc(plan)
     if as_json:
         return emit_json({"dry_run": False, "objects": result.removed, "bytes": result.bytes_freed,
                           "skipped": result.skipped, "tmp_files": result.tmp_files_removed})
-    click.echo(f"freed {size(result.bytes_freed)} in {len(result.removed)} objects"
+    echo(f"freed {size(result.bytes_freed)} in {len(result.removed)} objects"
                + (f" ({len(result.skipped)} kept: in use again)" if result.skipped else ""))
 
 
@@ -501,7 +520,7 @@ def stats(store: Store, as_json: bool) -> None:
     s = store.stats()
     if as_json:
         return emit_json(s)
-    click.echo(f"objects {s.objects}, stored {size(s.bytes_stored)}, referenced {size(s.bytes_referenced)}, "
+    echo(f"objects {s.objects}, stored {size(s.bytes_stored)}, referenced {size(s.bytes_referenced)}, "
                f"saved by dedup {size(s.bytes_saved_by_dedup)}, catalog {size(s.catalog_bytes)}")
     table([[k, v["versions"], size(v["bytes"])] for k, v in s.by_stance.items()], ["stance", "versions", "bytes"])
     table([[k, v["tensors"], size(v["bytes"])] for k, v in s.by_encoding.items()], ["encoding", "tensors", "bytes"])
@@ -554,10 +573,10 @@ def push(store: Store, refs: tuple[str, ...], repo_id: str, revision: str | None
                           "already_there": [hub_version_json(hv) for hv in r.already_there],
                           "tags_created": list(r.tags_created), "bytes_uploaded": r.bytes_uploaded})
     for hv in r.pushed:
-        click.echo(f"pushed {hv.ref} {hv.id[:15]} as revision {hv.tag}")
+        echo(f"pushed {hv.ref} {hv.id[:15]} as revision {hv.tag}")
     for hv in r.already_there:
-        click.echo(f"{hv.ref} is already in {r.repo_id}")
-    click.echo(f"{r.url} ({'commit ' + r.commit[:12] + ', ' + size(r.bytes_uploaded) if r.commit else 'no new commit'})")
+        echo(f"{hv.ref} is already in {r.repo_id}")
+    echo(f"{r.url} ({'commit ' + r.commit[:12] + ', ' + size(r.bytes_uploaded) if r.commit else 'no new commit'})")
 
 
 @cli.command()
@@ -581,10 +600,10 @@ def pull(store: Store, repo_id: str, revision: str | None, stance: str | None, t
                           "already_here": [hub_version_json(hv) for hv in r.already_here],
                           "bytes_downloaded": r.bytes_downloaded})
     for hv in r.pulled:
-        click.echo(f"pulled {hv.ref} {hv.id[:15]}")
+        echo(f"pulled {hv.ref} {hv.id[:15]}")
     for hv in r.already_here:
-        click.echo(f"{hv.ref} was already here")
-    click.echo(f"{len(r.pulled)} new versions from {r.repo_id} at {r.commit[:12]}")
+        echo(f"{hv.ref} was already here")
+    echo(f"{len(r.pulled)} new versions from {r.repo_id} at {r.commit[:12]}")
 
 
 # -- what a fine-tune costs and keeps (deltastore/compare.py, deltastore/lora.py) -------------
@@ -664,13 +683,13 @@ def compare_command(base: str, model: str, encodings_text: str, ranks_text: str,
         return emit_json(_finite({**to_jsonable(c), "plot": plot}))
     what = (f"fidelity over {c.prompts} prompts ({c.positions} positions)" if c.fidelity_skipped is None
             else f"no fidelity: {c.fidelity_skipped}")
-    click.echo(f"{c.changed} of {c.tensors} tensors changed; full copy {size(c.full_bytes)} ({c.dtype}); {what}")
+    echo(f"{c.changed} of {c.tensors} tensors changed; full copy {size(c.full_bytes)} ({c.dtype}); {what}")
     table([[r.label, size(r.bytes), f"{r.fraction:.4f}" if r.bytes else "0", r.tensors,
             "-" if r.energy is None else f"{r.energy:.3f}", _kl(r.kl),
             "-" if r.top1 is None else f"{r.top1:.1%}", r.note] for r in c.rows],
           ["stored as", "bytes", "of full", "tensors", "energy", "KL", "top-1", "note"])
     if plot:
-        click.echo(f"wrote {plot}")
+        echo(f"wrote {plot}")
 
 
 @cli.command()
@@ -711,12 +730,12 @@ def analyze(store: Store, refs: tuple[str, ...], plot: str | None, value: str, s
             spectrum_plot(found, plot)
         if as_json:
             return emit_json({"spectra": to_jsonable(found), "plot": plot})
-        click.echo(f"singular values of {spectrum} (largest 5)")
+        echo(f"singular values of {spectrum} (largest 5)")
         table([["base", *(f"{x:.4g}" for x in found[0].base[:5])]]
               + [[f"{s.ref}", *(f"{x:.4g}" for x in s.tuned[:5])] for s in found]
               + [[f"{s.ref} delta", *(f"{x:.4g}" for x in s.delta[:5])] for s in found],
               ["", "1", "2", "3", "4", "5"])
-        return click.echo(f"wrote {plot}") if plot else None
+        return echo(f"wrote {plot}") if plot else None
     with progress("analyzing", enabled=not as_json) as cb:
         results = run_analyze(store, list(refs), base_weights=base_path, alpha=with_alpha, progress=cb)
     if plot:
@@ -725,9 +744,9 @@ def analyze(store: Store, refs: tuple[str, ...], plot: str | None, value: str, s
         return emit_json(_finite({"refs": [_analysis_json(a) for a in results], "plot": plot}))
     for k, a in enumerate(results):
         if k:
-            click.echo()
+            echo()
         rows = [r for r in a.rows if show_all or r.energy > 0 or r.rel_change != 0]
-        click.echo(f"{a.ref} ({a.encoding}, {a.tensors} tensors stored): {len(rows)} of {len(a.rows)} "
+        echo(f"{a.ref} ({a.encoding}, {a.tensors} tensors stored): {len(rows)} of {len(a.rows)} "
                    f"(layer, module) cells {'listed' if show_all else 'changed'}")
         alpha_headers = ["alpha base", "alpha ft", "alpha shift"] if a.row_alphas is not None else []
         table([["-" if r.layer is None else r.layer, r.module, r.tensors, f"{r.rel_change:.3g}",
@@ -736,7 +755,7 @@ def analyze(store: Store, refs: tuple[str, ...], plot: str | None, value: str, s
               ["layer", "module", "tensors", "rel change", *alpha_headers, "energy", "rank90", "rank99",
                "top singular values"])
     if plot:
-        click.echo(f"wrote {plot}")
+        echo(f"wrote {plot}")
 
 
 def _alpha_cells(a: Any, row: Any) -> list[str]:
@@ -797,10 +816,10 @@ def export_lora(store: Store, ref: str, rank: int | None, energy: float | None, 
         return emit_json(_finite(to_jsonable(e)))
     ranks = sorted(set(e.ranks.values()))
     shown = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]} to {ranks[-1]}"
-    click.echo(f"wrote {e.out}: {len(e.targets)} LoRA pairs at {shown} ({e.dtype}), {len(e.saved)} tensors "
+    echo(f"wrote {e.out}: {len(e.targets)} LoRA pairs at {shown} ({e.dtype}), {len(e.saved)} tensors "
                f"whole; {size(e.bytes)}; the pairs hold {e.energy_kept:.1%} of their deltas' energy")
     if e.warning:
-        click.echo(f"warning: {e.warning}", err=True)
+        echo(f"warning: {e.warning}", err=True)
 
 
 @cli.command("import-lora")
@@ -830,8 +849,8 @@ def import_lora(store: Store, adapter: str, stance: str, base_ref: str, base_pat
         return emit_json({"id": v.id, "ref": v.ref, "stance": v.stance, "number": v.number, "encoding": i.encoding,
                           "rank": i.rank, "targets": list(i.targets), "replaced": list(i.replaced),
                           "tensors_stored": r.tensors_stored, "bytes_stored": r.bytes_stored})
-    click.echo(f"{v.ref} {v.id}")
-    click.echo(f"{len(i.targets)} LoRA pairs (rank {i.rank}) and {len(i.replaced)} whole tensors, stored as "
+    echo(f"{v.ref} {v.id}")
+    echo(f"{len(i.targets)} LoRA pairs (rank {i.rank}) and {len(i.replaced)} whole tensors, stored as "
                f"{i.encoding}: {r.tensors_stored} tensors, {size(r.bytes_stored)}")
 
 

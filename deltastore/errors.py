@@ -15,6 +15,13 @@ class DeltastoreError(Exception):
     """Root of every error deltastore raises on purpose."""
 
 
+def _cut(text: str) -> str:
+    """A name or ref from outside, cut for a one-line message (names.cut)."""
+    from .names import cut
+
+    return cut(text)
+
+
 class StoreNotFound(DeltastoreError, FileNotFoundError):
     def __init__(self, path: str, *, searched_up: bool = False):
         self.path = path
@@ -58,7 +65,7 @@ class RefNotFound(DeltastoreError, KeyError):
         self.candidates = candidates or []
         hint = f"; did you mean {', '.join(self.candidates)}?" if self.candidates else \
             "; `deltastore stances` lists what there is"
-        super().__init__(f"no version matches {ref!r}{hint}")
+        super().__init__(f"no version matches {_cut(ref)}{hint}")
 
     def __str__(self) -> str:  # KeyError would quote the whole message
         return self.args[0]
@@ -69,7 +76,7 @@ class AmbiguousRef(DeltastoreError, LookupError):
         self.ref = ref
         self.candidates = candidates
         super().__init__(
-            f"{ref!r} matches {len(candidates)} versions ({', '.join(candidates)}); "
+            f"{_cut(ref)} matches {len(candidates)} versions ({', '.join(candidates)}); "
             "give more digits"
         )
 
@@ -173,7 +180,7 @@ class NonFiniteTensor(DeltastoreError, ValueError):
 class StanceExists(DeltastoreError, FileExistsError):
     def __init__(self, stance: str):
         self.stance = stance
-        super().__init__(f"a stance named {stance!r} already exists; choose another name, "
+        super().__init__(f"a stance named {_cut(stance)} already exists; choose another name, "
                          f"or delete it first (`deltastore stance delete {stance}`)")
 
 
@@ -183,7 +190,7 @@ class TagNotFound(DeltastoreError, KeyError):
         self.tag = tag
         self.candidates = candidates or []
         known = f"; its tags: {', '.join(self.candidates)}" if self.candidates else "; it has no tags"
-        super().__init__(f"stance {stance!r} has no tag {tag!r}{known}")
+        super().__init__(f"stance {_cut(stance)} has no tag {_cut(tag)}{known}")
 
     def __str__(self) -> str:
         return self.args[0]

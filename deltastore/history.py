@@ -14,19 +14,17 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from .errors import MetadataError, RefNotFound
-from .limits import is_text
+from .names import check_metadata
 from .records import Version
 
 # Norms in float64 over chunks of this many elements (as commit does).
 CHUNK = 1 << 24
 MAX_METADATA_FILE = 1 << 20
-MAX_METADATA_KEY = 128
-MAX_METADATA_VALUE = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -181,25 +179,7 @@ def _size_of(store: Any, object_id: str) -> int:
         return 0
 
 
-# -- metadata --------------------------------------------------------------------------------
-
-
-def check_metadata(metadata: Mapping[Any, Any], *, source: str = "metadata") -> dict[str, str]:
-    """Keys and values as stored: keys short, printable and without '='; values strings."""
-    out = {}
-    for key, value in metadata.items():
-        if not isinstance(key, str) or not key or len(key) > MAX_METADATA_KEY or "=" in key \
-                or any(ord(c) < 32 or ord(c) == 127 for c in key):
-            raise MetadataError(f"{source}: key {str(key)[:80]!r} is not allowed: 1 to {MAX_METADATA_KEY} "
-                                "printable characters, no '='")
-        if not isinstance(value, str):
-            raise MetadataError(f"{source}: the value of {key!r} must be a string")
-        if not is_text(key) or not is_text(value):
-            raise MetadataError(f"{source}: {key!r} holds bytes that are not UTF-8 text")
-        if len(value) > MAX_METADATA_VALUE:
-            raise MetadataError(f"{source}: the value of {key!r} is longer than {MAX_METADATA_VALUE} characters")
-        out[key] = value
-    return out
+# -- metadata (its rules and bounds: names.check_metadata) ------------------------------------
 
 
 def read_metadata_file(path: str | Path) -> dict[str, str]:

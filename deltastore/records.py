@@ -217,10 +217,10 @@ def check_manifest(m: Any) -> Version:
     keys = {"format", "stance", "number", "parent", "base", "encoding", "selection", "message",
             "metadata", "created", "tensors"}
     need(set(m) == keys, f"fields must be {sorted(keys)}")
-    from .store import STANCE_NAME
+    from . import names
 
-    need(isinstance(m["stance"], str) and bool(STANCE_NAME.match(m["stance"])) and ".." not in m["stance"],
-         f"stance name {shown(m['stance'])} is not allowed")
+    problem = names.name_problem(m["stance"])
+    need(problem is None and ".." not in m["stance"], (problem or f"stance name {shown(m['stance'])} is not allowed"))
     need(is_int(m["number"]) and 1 <= m["number"] < 1 << 31, "number must be a positive integer")
     need(m["parent"] is None or (isinstance(m["parent"], str) and is_id(m["parent"])), "parent must be a version id")
     need(isinstance(m["base"], str) and is_id(m["base"]), "base must be a base id")
@@ -230,6 +230,14 @@ def check_manifest(m: Any) -> Version:
     need(isinstance(m["metadata"], dict) and all(isinstance(k, str) and isinstance(v, str)
                                                  for k, v in m["metadata"].items()),
          "metadata must map strings to strings")
+    # Stored text is bounded whoever wrote it: the same rules as a local commit's.
+    try:
+        names.check_metadata(m["metadata"])
+        names.check_message(m["message"], source="the message")
+    except (UnsafeInput, ValueError) as e:
+        need(False, str(e))
+    need(len(m["created"]) <= 64 and len(m["encoding"]) <= names.MAX_NAME,
+         "created and encoding must be short strings")
     need(isinstance(m["tensors"], list), "tensors must be a list")
     need(len(m["tensors"]) <= MAX_TENSORS, f"{len(m['tensors'])} tensor entries, more than the {MAX_TENSORS} allowed")
     names = set()

@@ -23,7 +23,6 @@ import dataclasses
 import difflib
 import json
 import os
-import re
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,8 +30,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from . import encodings
-from . import index
+from . import encodings, index, names
 from .catalog import Catalog, dumps, now
 from .errors import (AmbiguousRef, BaseMismatch, BaseNotFound, DeltastoreError, JournalError, ModelFormatError,
                      NothingToCommit, OldStoreFormat, RefNotFound, StoreExists, StoreNotFound, UnsafeInput,
@@ -49,8 +47,7 @@ STORE_FILE = "STORE"
 STORE_FORMAT = "deltastore/store/2"
 OLD_FORMATS = ("deltastore/store/1",)
 DEFAULT_DIR = ".deltastore"
-STANCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-TAG_NAME = STANCE_NAME
+STANCE_NAME = TAG_NAME = names.NAME
 Progress = Callable[[int, int], None]
 ModelLike = Any  # a path, a state dict, an nn.Module or a TensorSource
 
@@ -77,11 +74,7 @@ def store_format(root: Path) -> str | None:
         return None
 
 
-def check_stance_name(name: str) -> str:
-    if not STANCE_NAME.match(name):
-        raise UnsafeInput(f"stance name {name[:80]!r} is not allowed: use letters, digits, '.', '_' "
-                          "and '-', starting with a letter or digit")
-    return name
+check_stance_name = names.check_stance_name
 
 
 class Store:
@@ -292,37 +285,44 @@ class Store:
     # -- refs ----------------------------------------------------------------------------------
 
     def resolve(self, ref: str | Version) -> Version:
-        """`STANCE`, `STANCE@N`, `STANCE@TAG` or a version id prefix of 8+ hex digits."""
+        """`STANCE`, `STANCE@N`, `STANCE@TAG` or a version id prefix of 8+ hex digits (FORMAT.md,
+        section 5, gives the order): `STANCE@...` when the ref holds an '@' (all digits: a number,
+        else a tag); `b3:...`, always an id prefix; else a stance's newest version, and only
+        when no stance has that name, an id prefix. New stance names of 8 or more hex digits are
+        refused, so that the last two never compete; a store that holds such a name from before
+        gets an ambiguity error when its ref is also a version id prefix."""
         if isinstance(ref, Version):
             return ref
         if isinstance(ref, VersionInfo):
             ref = ref.id
-        stance, at, rest = ref.partition("@")
-        if at:
-            if rest.isdigit():
-                row = self.catalog.version_at(stance, int(rest))
-            else:
-                tagged = self.catalog.tag_target(stance, rest)
-                row = self.catalog.version(tagged) if tagged else None
-            if row:
-                return self._version(row)
-            raise RefNotFound(ref, self._close_refs(ref))
-        row = self.catalog.latest(ref)
-        if row:
-            return self._version(row)
-        digits = ref.removeprefix("b3:")
-        if len(digits) >= 8 and all(c in "0123456789abcdef" for c in digits):
-            rows = self.catalog.versions_with_prefix("b3:" + digits)
-            if len(rows) == 1:
-                return self._version(rows[0])
+        parsed = names.parse_ref(ref)
+        row = None
+        if parsed.impossible:
+            pass
+        elif parsed.number is not None:
+            row = self.catalog.version_at(parsed.stance, parsed.number)
+        elif parsed.tag is not None:
+            tagged = self.catalog.tag_target(parsed.stance, parsed.tag)
+            row = self.catalog.version(tagged) if tagged else None
+        else:
+            row = self.catalog.latest(parsed.stance) if parsed.stance is not None else None
+            rows = self.catalog.versions_with_prefix(parsed.id_prefix) if parsed.id_prefix else []
+            if row and rows:
+                raise AmbiguousRef(ref, [f"stance {ref} (write {ref}@N)"]
+                                   + [f"{r['id'][:15]} ({r['stance']}@{r['number']})" for r in rows])
             if len(rows) > 1:
                 raise AmbiguousRef(ref, [f"{r['id'][3:15]} ({r['stance']}@{r['number']})" for r in rows])
+            row = row or (rows[0] if rows else None)
+        if row:
+            return self._version(row)
         raise RefNotFound(ref, self._close_refs(ref))
 
     def _close_refs(self, ref: str) -> list[str]:
-        names = [s["name"] for s in self.catalog.stances()]
-        names += [f"{t['stance']}@{t['name']}" for t in self.catalog.tags()]
-        return difflib.get_close_matches(ref, names, n=3, cutoff=0.5)
+        if len(ref) > 4 * names.MAX_NAME:  # longer than any ref: nothing is close, and difflib is quadratic
+            return []
+        known = [s["name"] for s in self.catalog.stances()]
+        known += [f"{t['stance']}@{t['name']}" for t in self.catalog.tags()]
+        return difflib.get_close_matches(ref, known, n=3, cutoff=0.5)
 
     def _version(self, row: dict, tags: list[str] | None = None) -> Version:
         if tags is None:
@@ -359,9 +359,8 @@ class Store:
 
     def tag(self, ref: str | Version, name: str) -> Version:
         self._writable()
+        names.check_tag_name(name)
         version = self.resolve(ref)
-        if not TAG_NAME.match(name) or name.isdigit():
-            raise UnsafeInput(f"tag {name!r} is not allowed: letters, digits, '.', '_', '-', not all digits")
         self.catalog.set_tag(version.stance, name, version.id)
         return self.resolve(version.id)
 
@@ -374,7 +373,7 @@ class Store:
         if name is None:
             stance, at, name = ref.partition("@")
             if not at or not name or name.isdigit():
-                raise UnsafeInput(f"{ref!r} names no tag; give STANCE@TAG, or REF and TAG")
+                raise UnsafeInput(f"{names.cut(ref)} names no tag; give STANCE@TAG, or REF and TAG")
         else:
             stance = ref if self.catalog.has_stance(ref) else self.resolve(ref).stance
         if not self.catalog.has_stance(stance):
@@ -422,12 +421,11 @@ class Store:
 
         self._writable()
         check_stance_name(stance)
-        if tag is not None and (not TAG_NAME.match(tag) or tag.isdigit()):
-            raise UnsafeInput(f"tag {tag!r} is not allowed: letters, digits, '.', '_', '-', not all digits")
-        from .history import check_metadata
-
-        metadata = check_metadata({str(k): str(v) for k, v in (metadata or {}).items()})
-        for what, text in (("the message", message), ("--include", include), ("--exclude", exclude)):
+        if tag is not None:
+            names.check_tag_name(tag)
+        metadata = names.check_metadata({str(k): str(v) for k, v in (metadata or {}).items()})
+        names.check_message(message)
+        for what, text in (("--include", include), ("--exclude", exclude)):
             if text is not None and not is_text(text):
                 raise UnsafeInput(f"{what} holds bytes that are not UTF-8 text; write it as UTF-8")
         base_rec, given, registered = self._resolve_base(base)

@@ -1,0 +1,137 @@
+"""The rules for names and text that enter the store, and how a ref is read.
+
+Stance and tag names are what a user types to reach a version, so no name may read as
+something else: a name of 8 or more hex digits only could shadow a version id prefix, and one
+that is all digits a version number. Text that comes with a version (its message, its metadata)
+is bounded in length when stored, whether a user typed it or a pull brought it. Refs are parsed
+with bounds: a number past what the catalog can hold is "no such version", never an overflow.
+
+Pure: no disk, no SQL. Order of resolution (FORMAT.md, section 5) lives in `parse_ref`'s
+result and `Store.resolve`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .errors import MetadataError, UnsafeInput
+from .limits import is_text
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_NAME = 128
+# What a version id prefix looks like; a stance or tag name may not.
+ID_PREFIX_DIGITS = 8
+_HEX_ONLY = re.compile(r"^[0-9a-fA-F]{%d,}$" % ID_PREFIX_DIGITS)
+_ID_PREFIX = re.compile(r"^(?:b3:)?[0-9a-f]{%d,64}$" % ID_PREFIX_DIGITS)
+# Version numbers are SQLite integers the catalog compares; manifests hold them below 2^31.
+MAX_NUMBER = (1 << 31) - 1
+# Bounds on text stored with a version (FORMAT.md, section 5).
+MAX_MESSAGE = 1 << 16
+MAX_METADATA_KEY = 128
+MAX_METADATA_VALUE = 1 << 16
+MAX_METADATA_KEYS = 1024
+# How much of a name from outside an error message shows.
+SHOWN = 60
+
+
+def cut(text: Any, limit: int = SHOWN) -> str:
+    """A name or ref for a one-line message: its first `limit` characters, quoted, and its
+    length when it is longer."""
+    text = str(text)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def check_stance_name(name: str) -> str:
+    return _check_name(name, "stance name")
+
+
+def check_tag_name(name: str) -> str:
+    _check_name(name, "tag")
+    if name.isdigit():
+        raise UnsafeInput(f"tag {cut(name)} is not allowed: all digits would read as a version number")
+    return name
+
+
+def _check_name(name: Any, what: str) -> str:
+    if not isinstance(name, str) or not NAME.match(name):
+        raise UnsafeInput(f"{what} {cut(name)} is not allowed: use 1 to {MAX_NAME} letters, digits, '.', '_' "
+                          "and '-', starting with a letter or digit")
+    if _HEX_ONLY.match(name):
+        raise UnsafeInput(f"{what} {cut(name)} is not allowed: {ID_PREFIX_DIGITS} or more hex digits only "
+                          "would read as a version id; add a letter outside a-f or a '-'")
+    return name
+
+
+def name_problem(name: Any, what: str = "stance name") -> str | None:
+    """Why `name` is not a valid stance name, or None."""
+    try:
+        _check_name(name, what)
+    except UnsafeInput as e:
+        return str(e)
+    return None
+
+
+def check_message(message: str, *, source: str = "the message") -> str:
+    if not is_text(message):
+        raise UnsafeInput(f"{source} holds bytes that are not UTF-8 text; write it as UTF-8")
+    if len(message) > MAX_MESSAGE:
+        raise UnsafeInput(f"{source} has {len(message)} characters; at most {MAX_MESSAGE} are stored")
+    return message
+
+
+def check_metadata(metadata: Mapping[Any, Any], *, source: str = "metadata") -> dict[str, str]:
+    """Keys and values as stored: keys short, printable and without '='; values strings."""
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise MetadataError(f"{source}: {len(metadata)} keys; at most {MAX_METADATA_KEYS} are stored")
+    out = {}
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not key or len(key) > MAX_METADATA_KEY or "=" in key \
+                or any(ord(c) < 32 or ord(c) == 127 for c in key):
+            raise MetadataError(f"{source}: key {cut(key)} is not allowed: 1 to {MAX_METADATA_KEY} "
+                                "printable characters, no '='")
+        if not isinstance(value, str):
+            raise MetadataError(f"{source}: the value of {cut(key)} must be a string")
+        if not is_text(key) or not is_text(value):
+            raise MetadataError(f"{source}: {cut(key)} holds bytes that are not UTF-8 text")
+        if len(value) > MAX_METADATA_VALUE:
+            raise MetadataError(f"{source}: the value of {cut(key)} is longer than {MAX_METADATA_VALUE} characters")
+        out[key] = value
+    return out
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A ref as typed, read without touching the store. Exactly one way applies:
+    `stance` with `number` (STANCE@N), `stance` with `tag` (STANCE@TAG), `stance` alone (its
+    newest version, or an id prefix when `id_prefix` is set too), or `id_prefix` alone (b3:...).
+    `impossible`: no version can match (a number past MAX_NUMBER, an empty part)."""
+
+    text: str
+    stance: str | None = None
+    number: int | None = None
+    tag: str | None = None
+    id_prefix: str | None = None  # "b3:" + hex digits, when the ref can be read as one
+    impossible: bool = False
+
+
+def parse_ref(text: str) -> Ref:
+    stance, at, rest = text.partition("@")
+    if at:
+        if not stance or not rest:
+            return Ref(text, impossible=True)
+        if rest.isascii() and rest.isdigit():
+            # Bounded before int(): a 5,000-digit string is refused by int(), one of 20 digits by SQLite.
+            if len(rest) > len(str(MAX_NUMBER)) or int(rest) > MAX_NUMBER or int(rest) < 1:
+                return Ref(text, stance=stance, impossible=True)
+            return Ref(text, stance=stance, number=int(rest))
+        return Ref(text, stance=stance, tag=rest)
+    prefix = None
+    if _ID_PREFIX.match(text):
+        prefix = text if text.startswith("b3:") else "b3:" + text
+    if text.startswith("b3:"):
+        return Ref(text, id_prefix=prefix, impossible=prefix is None)
+    return Ref(text, stance=text, id_prefix=prefix)
