@@ -583,17 +583,23 @@ def push(store: Store, refs: tuple[str, ...], repo_id: str, revision: str | None
 @click.argument("repo_id", metavar="ID")
 @click.option("--revision", metavar="REV", help="A branch, a commit, or a version's tag STANCE-vN (then only that version).")
 @click.option("--stance", help="Pull only this stance.")
+@click.option("--into", metavar="NAME",
+              help="Store the pulled stance's versions under the local stance NAME (they keep their ids and numbers).")
+@click.option("--force-download", is_flag=True,
+              help="Fetch every file from the Hub again instead of reading the local Hugging Face cache.")
 @hub_options
 @json_option
 @with_store
-def pull(store: Store, repo_id: str, revision: str | None, stance: str | None, token: str | None,
-         endpoint: str | None, as_json: bool) -> None:
+def pull(store: Store, repo_id: str, revision: str | None, stance: str | None, into: str | None,
+         force_download: bool, token: str | None, endpoint: str | None, as_json: bool) -> None:
     """Download versions from a Hub repo into the store, verified: nothing is stored unless every
-    name, size and hash checks out and every version's base is a base of this store."""
+    name, size and hash checks out and every version's base is a base of this store. A local
+    stance holding versions the repo's stance lacks is never added to: pull that stance
+    --into another name."""
     from deltastore.hub import pull as hub_pull
 
-    r = hub_pull(store, repo_id, revision=revision, stance=stance, token=token, endpoint=endpoint,
-                 progress=not as_json and sys.stderr.isatty())
+    r = hub_pull(store, repo_id, revision=revision, stance=stance, into=into, token=token, endpoint=endpoint,
+                 force_download=force_download, progress=not as_json and sys.stderr.isatty())
     if as_json:
         return emit_json({"repo": r.repo_id, "revision": r.revision, "commit": r.commit,
                           "pulled": [hub_version_json(hv) for hv in r.pulled],

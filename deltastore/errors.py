@@ -348,3 +348,17 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 def is_disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and not isinstance(e, DeltastoreError) and e.errno in NO_SPACE
+
+
+class LocalStanceDiffers(HubError, FileExistsError):
+    """A pulled stance whose name a local stance holds, with versions the repo's stance lacks:
+    the user's own work, which a pull never extends unasked."""
+
+    def __init__(self, repo_id: str, revision: str | None, stance: str, local: str, own: list[str]):
+        self.stance = stance
+        self.local = local
+        self.own = own
+        shown = ", ".join(own[:3]) + (f" and {len(own) - 3} more" if len(own) > 3 else "")
+        super().__init__(f"stance {local} here holds versions that {stance} in Hub repo {repo_id} does not ({shown}); "
+                         f"nothing was stored: pull it under another name with --into NAME (or leave it out with "
+                         "--stance)", repo_id=repo_id, revision=revision)

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
+import shutil
 import tempfile
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -38,10 +40,11 @@ import torch
 
 from .errors import (DeltastoreError, HubAccessDenied, HubConflict, HubError, HubRepoNotFound,
                      HubRequestRefused, HubRevisionNotFound, HubStanceNotFound, HubUnreachable,
-                     ModelFormatError, NotADeltaRepo, PulledBaseMissing, PulledDataRejected, UnsafeInput,
+                     LocalStanceDiffers, ModelFormatError, NotADeltaRepo, PulledBaseMissing, PulledDataRejected, UnsafeInput,
                      VersionConflict)
 from .hashing import bytes_id, canonical_json, is_id, manifest_id
 from .models import TensorInfo, read_header, safe_relative, write_safetensors
+from .names import check_stance_name, name_problem
 from .limits import load_json, read_bounded
 from .records import Version, check_manifest, parse_manifest
 
@@ -55,7 +58,6 @@ META_FORMAT, META_VERSION, META_MANIFEST = "deltastore.format", "deltastore.vers
 MAX_INDEX_BYTES = 16 << 20
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_PAYLOAD_HEADER_BYTES = 64 << 20
-_STANCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -111,8 +113,7 @@ def push(store: Any, refs: Sequence[str], repo_id: str, *, revision: str | None 
         raise UnsafeInput("nothing to push: name at least one version (STANCE, STANCE@N or an id)")
     api = hf.HfApi(endpoint=endpoint, token=token)
     branch = revision or "main"
-    with _hub_errors(repo_id, branch, api.endpoint), _progress_bars(progress), \
-            tempfile.TemporaryDirectory(prefix="deltastore-push-") as tmp:
+    with _hub_errors(repo_id, branch, api.endpoint), _progress_bars(progress), _work_folder(store, "push") as tmp:
         head, tags = _branch_head(hf, api, repo_id, branch, private)
         index = _remote_index(hf, api, repo_id, head, Path(tmp) / "remote") or _empty_index()
         listed = {e["id"]: e for entries in index["stances"].values() for e in entries}
@@ -153,6 +154,24 @@ def push(store: Any, refs: Sequence[str], repo_id: str, *, revision: str | None 
                       tuple(hub_versions[v.id] for v in new),
                       tuple(hub_versions[v.id] for v in versions if v.id in listed),
                       tuple(created), uploaded)
+
+
+@contextmanager
+def _work_folder(store: Any, what: str) -> Iterator[str]:
+    """A folder for the files a push writes before uploading them (up to the size of what it
+    pushes), removed on every way out. It lies in the store's tmp/, named `<pid>-<what>-<hex>`,
+    so that a push killed on the way leaves it where `fsck --repair` and gc find it, never
+    in the system's temporary folder; a read-only store's push uses the latter."""
+    if store.readonly:
+        with tempfile.TemporaryDirectory(prefix=f"deltastore-{what}-") as tmp:
+            yield tmp
+        return
+    folder = Path(store.root) / "tmp" / f"{os.getpid()}-{what}-{uuid.uuid4().hex}"
+    folder.mkdir(parents=True)
+    try:
+        yield str(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def version_tag(stance: str, number: int) -> str:
@@ -338,17 +357,26 @@ def _size(n: Any) -> str:
 
 
 def pull(store: Any, repo_id: str, *, revision: str | None = None, stance: str | None = None,
-         token: str | None = None, endpoint: str | None = None, cache_dir: str | os.PathLike | None = None,
+         into: str | None = None, token: str | None = None, endpoint: str | None = None,
+         cache_dir: str | os.PathLike | None = None, force_download: bool = False,
          progress: bool = True) -> PullResult:
     """Download versions from a Hub repo into the store, verified. `revision` is a branch, a
     commit or a version's tag (`<stance>-v<N>`: then only that version); `stance` limits the pull
     to one stance. Every file is checked (names, sizes, hashes, the manifest against the version
     id, the base against the store's bases) before anything is stored; then all the versions land
-    at once, or none does."""
+    at once, or none does.
+
+    A pulled stance never joins a local stance of that name that holds versions the repo's
+    stance does not list (the user's own work): that pull is refused unless `into` names another
+    local stance for the pulled one's versions (which keep their ids and numbers). `force_download`
+    fetches every file afresh instead of reading the local Hugging Face cache."""
     hf = _hf()
     store._writable()
+    if into is not None:
+        check_stance_name(into)
     api = hf.HfApi(endpoint=endpoint, token=token)
-    with _hub_errors(repo_id, revision, api.endpoint), _progress_bars(progress):
+    cached: dict[str, Path] = {}  # repo path -> the cached file a check read, when it was cached before this pull
+    with _hub_errors(repo_id, revision, api.endpoint), _progress_bars(progress), _cache_hint(cached):
         info = api.model_info(repo_id, revision=revision, files_metadata=True)
         commit = info.sha
         sizes = {s.rfilename: s.size for s in info.siblings or []}
@@ -358,43 +386,48 @@ def pull(store: Any, repo_id: str, *, revision: str | None = None, stance: str |
             raise PulledDataRejected(repo_id, revision, INDEX_FILE, f"larger than {MAX_INDEX_BYTES} bytes")
 
         def download(path: str) -> Path:
-            return Path(hf.hf_hub_download(repo_id, path, revision=commit, cache_dir=cache_dir, token=token,
-                                           endpoint=endpoint, library_name="deltastore"))
+            before = None if force_download else hf.try_to_load_from_cache(repo_id, path, cache_dir=cache_dir,
+                                                                           revision=commit)
+            got = Path(hf.hf_hub_download(repo_id, path, revision=commit, cache_dir=cache_dir, token=token,
+                                          endpoint=endpoint, library_name="deltastore",
+                                          force_download=force_download))
+            if isinstance(before, str):
+                cached[path] = got
+            return got
 
         index = check_index(_read_bounded(download(INDEX_FILE), MAX_INDEX_BYTES, repo_id, revision, INDEX_FILE),
                             repo_id, revision)
         chosen = _choose(index, repo_id, revision, stance)
+        local = _local_stances(chosen, into)
         # Manifests first: they are small, and tell what the payload files must hold.
-        planned: list[tuple[HubVersion, dict, Version]] = []
         for hv in chosen:
             for path in (hv.manifest, hv.payloads):
                 if path not in sizes or sizes[path] is None:
                     raise PulledDataRejected(repo_id, revision, path, f"listed in {INDEX_FILE} but not in the repo")
             if sizes[hv.manifest] > MAX_MANIFEST_BYTES:
                 raise PulledDataRejected(repo_id, revision, hv.manifest, f"larger than {MAX_MANIFEST_BYTES} bytes")
-            text = _read_bounded(download(hv.manifest), MAX_MANIFEST_BYTES, repo_id, revision, hv.manifest)
+        planned: list[tuple[HubVersion, dict, Version]] = []
+        for hv, path in zip(chosen, _download_all(download, [hv.manifest for hv in chosen])):
+            text = _read_bounded(path, MAX_MANIFEST_BYTES, repo_id, revision, hv.manifest)
             m, v = _check_manifest_file(text, hv, repo_id, revision)
             planned.append((hv, m, v))
-        todo = _check_against_store(store, planned, index, repo_id, revision)
+        todo = _check_against_store(store, planned, index, repo_id, revision, local)
         # The payload files' sizes follow from the manifests: refuse larger ones before downloading.
         for hv, m, v in todo:
             declared = sum(o.size for e in v.tensors for o in e.objects.values())
             if sizes[hv.payloads] > declared + 8 + MAX_PAYLOAD_HEADER_BYTES:
                 raise PulledDataRejected(repo_id, revision, hv.payloads,
                                          f"{sizes[hv.payloads]} bytes, but its manifest declares {declared} bytes of payloads")
-        files = {}
-        if todo:
-            folder = Path(hf.snapshot_download(repo_id, revision=commit, cache_dir=cache_dir, token=token,
-                                               endpoint=endpoint, library_name="deltastore",
-                                               allow_patterns=[hv.payloads for hv, _, _ in todo]))
-            for hv, m, v in todo:
-                files[hv.payloads] = folder / safe_relative(hv.payloads)
-    # Verify every payload (names, sizes, hashes) before the store sees any of it.
-    located: dict[str, tuple[Path, int, int]] = {}  # object id -> (file, offset, size)
-    downloaded = 0
-    for hv, m, v in todo:
-        located.update(_check_payloads(files[hv.payloads], hv, m, v, repo_id, revision))
-        downloaded += files[hv.payloads].stat().st_size
+        # One download per file (snapshot_download's allow_patterns would match every file of
+        # the repo against every pattern: quadratic in the versions pulled).
+        paths = [hv.payloads for hv, _, _ in todo]
+        files = dict(zip(paths, _download_all(download, paths)))
+        # Verify every payload (names, sizes, hashes) before the store sees any of it.
+        located: dict[str, tuple[Path, int, int]] = {}  # object id -> (file, offset, size)
+        downloaded = 0
+        for hv, m, v in todo:
+            located.update(_check_payloads(files[hv.payloads], hv, m, v, repo_id, revision))
+            downloaded += files[hv.payloads].stat().st_size
 
     def payload(object_id: str, size: int) -> bytes:
         path, start, length = located[object_id]
@@ -402,13 +435,57 @@ def pull(store: Any, repo_id: str, *, revision: str | None = None, stance: str |
             raise PulledDataRejected(repo_id, revision, path.name, f"object {object_id} changed size")
         return _read_at(path, start, length)
 
+    renamed = {s: name for s, name in local.items() if s != name}
     try:
-        landed = {v.id: new for v, new in store.ingest([m for _, m, _ in todo], payload)} if todo else {}
+        landed = ({v.id: new for v, new in store.ingest([m for _, m, _ in todo], payload, into=renamed)}
+                  if todo else {})
     except UnsafeInput as e:  # a payload file changed in the cache between the checks and the ingest
         raise PulledDataRejected(repo_id, revision, "payloads", str(e)) from None
-    pulled = tuple(hv for hv, _, v in todo if landed.get(v.id))
-    here = tuple(hv for hv in chosen if hv not in pulled)
+    pulled = tuple(_landed_as(hv, local) for hv, _, v in todo if landed.get(v.id))
+    new_ids = {hv.id for hv in pulled}
+    here = tuple(_landed_as(hv, local) for hv in chosen if hv.id not in new_ids)
     return PullResult(repo_id, revision, commit, pulled, here, downloaded)
+
+
+def _local_stances(chosen: list[HubVersion], into: str | None) -> dict[str, str]:
+    """The repo's stance -> the local stance its versions land in."""
+    stances = sorted({hv.stance for hv in chosen})
+    if into is None:
+        return {s: s for s in stances}
+    if len(stances) > 1:
+        raise UnsafeInput(f"--into takes the versions of one stance, and this pull has {len(stances)} "
+                          f"({', '.join(stances[:5])}{', ...' if len(stances) > 5 else ''}); add --stance S")
+    return {s: into for s in stances}
+
+
+def _landed_as(hv: HubVersion, local: dict[str, str]) -> HubVersion:
+    """The version as the store names it: under the local stance it was pulled into."""
+    return replace(hv, stance=local.get(hv.stance, hv.stance))
+
+
+def _download_all(download: Any, paths: list[str], workers: int = 8) -> list[Path]:
+    """`download(path)` of every path, a few at a time (each is a request or two to the Hub), in
+    order; the first failure is raised."""
+    if len(paths) <= 1:
+        return [download(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(workers, len(paths))) as pool:
+        return list(pool.map(download, paths))
+
+
+@contextmanager
+def _cache_hint(cached: dict[str, Path]) -> Iterator[None]:
+    """A file the local Hugging Face cache held before this pull that fails a check: say so, and
+    how to fetch it afresh (a cache damaged on disk would otherwise fail every later pull as
+    "tampered or corrupt")."""
+    try:
+        yield
+    except PulledDataRejected as e:
+        if e.file not in cached:
+            raise
+        raise PulledDataRejected(
+            e.repo_id, e.revision, e.file,
+            f"{e.reason}; this copy came from the local Hugging Face cache ({cached[e.file]}), which may be "
+            "damaged: pull again with --force-download to fetch it afresh") from None
 
 
 def check_index(raw: bytes, repo_id: str, revision: str | None) -> dict:
@@ -427,8 +504,9 @@ def check_index(raw: bytes, repo_id: str, revision: str | None) -> dict:
                 or not all(_is_count(b.get(k)) for k in ("tensors", "bytes")):
             raise bad(f"malformed base {bid[:80]!r}")
     for stance, entries in index["stances"].items():
-        if not _STANCE.match(stance) or ".." in stance:
-            raise bad(f"stance name {stance[:80]!r} is not allowed")
+        problem = name_problem(stance)
+        if problem or ".." in stance:
+            raise bad(problem or f"stance name {stance[:80]!r} is not allowed")
         if not isinstance(entries, list):
             raise bad(f"stance {stance!r}: versions must be a list")
         for e in entries:
@@ -493,10 +571,19 @@ def _check_manifest_file(text: bytes, hv: HubVersion, repo_id: str, revision: st
 
 
 def _check_against_store(store: Any, planned: list[tuple[HubVersion, dict, Version]], index: dict,
-                         repo_id: str, revision: str | None) -> list[tuple[HubVersion, dict, Version]]:
-    """Refuse versions the store cannot take (no such base here, a number taken by another
-    version); return those it does not have yet."""
+                         repo_id: str, revision: str | None, local: dict[str, str]
+                         ) -> list[tuple[HubVersion, dict, Version]]:
+    """Refuse versions the store cannot take (no such base here, a local stance holding versions
+    the repo's stance lacks, a number taken by another version); return those it does not have
+    yet."""
     bases = {b.id for b in store.bases()}
+    for remote, name in local.items():
+        listed = {e["id"] for e in index["stances"].get(remote, [])}
+        # The repo's whole history of the stance counts, not only what this pull fetches: a
+        # stance pulled before (one version at a time, or all) takes its next versions.
+        own = [r for r in store.catalog.versions(name, columns="id, stance, number") if r["id"] not in listed]
+        if own:
+            raise LocalStanceDiffers(repo_id, revision, remote, name, [f"{r['stance']}@{r['number']}" for r in own])
     todo = []
     for hv, m, v in planned:
         if v.base_id not in bases:
@@ -504,9 +591,9 @@ def _check_against_store(store: Any, planned: list[tuple[HubVersion, dict, Versi
             raise PulledBaseMissing(repo_id, revision, v.ref, v.base_id, hub_id)
         if store.catalog.version(v.id):
             continue
-        row = store.catalog.version_at(v.stance, v.number)
+        row = store.catalog.version_at(local.get(v.stance, v.stance), v.number)
         if row is not None:
-            raise VersionConflict(v.stance, v.number, row["id"], v.id)
+            raise VersionConflict(local.get(v.stance, v.stance), v.number, row["id"], v.id)
         todo.append((hv, m, v))
     return todo
 

@@ -23,6 +23,7 @@ removes.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,7 +155,7 @@ def fsck(store: Any, *, read_data: bool = False, repair: bool = False) -> FsckRe
     repaired: list[str] = []
     for tmp in _stray_tmp(objects.tmp):
         if repair and _stale_tmp(tmp):
-            tmp.unlink(missing_ok=True)
+            _remove_tmp(tmp)
             repaired.append(f"removed {tmp}")
         else:
             problems.append(Problem("tmp-file", str(tmp), "a temporary file " +
@@ -249,7 +250,8 @@ def _is_object_path(objects: Any, path: Path) -> bool:
 
 
 def _stray_tmp(tmp: Path) -> list[Path]:
-    return sorted(p for p in tmp.iterdir() if p.is_file()) if tmp.is_dir() else []
+    """Files of objects being written, and folders of pushes (hub.py), `<pid>-...` both."""
+    return sorted(p for p in tmp.iterdir() if p.is_file() or p.is_dir()) if tmp.is_dir() else []
 
 
 def _stale_tmp(path: Path) -> bool:
@@ -257,7 +259,16 @@ def _stale_tmp(path: Path) -> bool:
         age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
         return True
-    return not _alive(_pid_of(path.name)) or age > TMP_GRACE_S
+    # A push may upload for hours; its folder is not touched meanwhile.
+    grace = TMP_GRACE_S * (24 if path.is_dir() else 1)
+    return not _alive(_pid_of(path.name)) or age > grace
+
+
+def _remove_tmp(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _dead_writer(pending: dict) -> bool:
@@ -355,13 +366,15 @@ def gc(store: Any, plan: GcPlan | None = None, *, batch: int = 200) -> GcResult:
         path = Path(name)
         if _stale_tmp(path):
             freed += _size(path)
-            path.unlink(missing_ok=True)
+            _remove_tmp(path)
             tmp_removed.append(name)
     return GcResult(tuple(removed), freed, tuple(skipped), tuple(tmp_removed))
 
 
 def _size(path: Path) -> int:
     try:
+        if path.is_dir() and not path.is_symlink():
+            return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
         return path.stat().st_size
     except FileNotFoundError:
         return 0

@@ -494,20 +494,27 @@ class Store:
 
     # -- versions made elsewhere (a pull, see hub.py) --------------------------------------------
 
-    def ingest(self, manifests: list[dict], payload: Callable[[str, int], bytes | memoryview]
-               ) -> list[tuple[Version, bool]]:
+    def ingest(self, manifests: list[dict], payload: Callable[[str, int], bytes | memoryview], *,
+               into: Mapping[str, str] | None = None) -> list[tuple[Version, bool]]:
         """Store versions made in another store, each keeping its id and its number; all of them
         land in one transaction, or none does and the store is as it was.
 
         `payload(object_id, size)` hands over an object's bytes; each is hashed again before it
         is written. Refused before anything is written: a malformed manifest, a base this store
         lacks, entries whose base tensors are not that base's, and a stance that already has the
-        number as another version. Returns (version, whether it is new here) per manifest."""
+        number as another version. `into` maps a manifest's stance to the local stance its
+        versions land in (their ids, numbers and manifests unchanged, as after a rename).
+        Returns (version, whether it is new here) per manifest."""
         from .hashing import bytes_id
         from .records import check_manifest
 
         self._writable()
         versions = [check_manifest(m) for m in manifests]
+        if into:
+            for local in into.values():
+                check_stance_name(local)
+            versions = [dataclasses.replace(v, stance=into[v.stance], committed_as=v.stance) if v.stance in into
+                        else v for v in versions]
         todo: dict[str, tuple[Version, dict]] = {}
         for v, m in zip(versions, manifests):
             self._check_ingest(v)

@@ -25,7 +25,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, constants
 from cli.main import cli
 from deltastore import Store
 from deltastore.errors import (BaseMismatch, BaseNotFound, HubAccessDenied, HubRepoNotFound,
-                               HubRequestRefused, HubRevisionNotFound, HubStanceNotFound, HubUnreachable, PulledBaseMissing, PulledDataRejected,
+                               HubRequestRefused, HubRevisionNotFound, HubStanceNotFound, HubUnreachable, LocalStanceDiffers, PulledBaseMissing, PulledDataRejected,
                                UnsafeInput, VersionConflict)
 from deltastore.hashing import canonical_json, manifest_id
 from deltastore.hub import INDEX_FILE, pull, push
@@ -382,16 +382,40 @@ def test_delta_for_another_base_is_refused_naming_the_base_it_needs(world, hub, 
         assert catalog_and_objects(store) == before
 
 
-def test_a_number_taken_here_by_another_version_is_refused(world, hub, fresh, tmp_path):
-    pair, _ = world
+def test_a_local_stance_of_the_same_name_is_not_pulled_into_unasked(world, hub, fresh, tmp_path):
+    pair, alice = world
     push_all(world, hub)
     ft = copy.deepcopy(pair.base_module)
     finetune_(ft, seed=4242)
-    fresh.commit("playful", write_folder(tmp_path / "ft-mine", saved_state(ft)), base="tiny")
+    mine = fresh.commit("playful", write_folder(tmp_path / "ft-mine", saved_state(ft)), base="tiny").version
     before = catalog_and_objects(fresh)
-    with pytest.raises(VersionConflict, match="playful@1 is already version"):
+    with pytest.raises(LocalStanceDiffers, match=r"playful here holds versions .* \(playful@1\).* --into NAME") as err:
         pull_into(fresh, hub, tmp_path)
+    assert "\n" not in str(err.value) and isinstance(err.value, FileExistsError)
     assert catalog_and_objects(fresh) == before
+
+    # --into NAME: the repo's versions land under NAME with their ids and numbers; `playful` is
+    # still the user's own.
+    r = pull_into(fresh, hub, tmp_path, stance="playful", into="playful-alice")
+    assert [hv.ref for hv in r.pulled] == ["playful-alice@1", "playful-alice@2"]
+    for n in (1, 2):
+        theirs = fresh.resolve(f"playful-alice@{n}")
+        assert theirs.id == alice.resolve(f"playful@{n}").id and theirs.number == n
+        assert theirs.manifest() == alice.resolve(f"playful@{n}").manifest()
+    assert fresh.resolve("playful-alice@2").parent == fresh.resolve("playful-alice@1").id
+    assert fresh.resolve("playful").id == mine.id
+    assert fresh.fsck(read_data=True).ok
+    # Pulling into it again brings nothing and is no divergence; --into needs one stance.
+    assert not pull_into(fresh, hub, tmp_path, stance="playful", into="playful-alice").pulled
+    with pytest.raises(UnsafeInput, match="--into takes the versions of one stance"):
+        pull_into(fresh, hub, tmp_path, into="elsewhere")
+
+
+def test_a_stance_pulled_before_takes_its_next_versions(world, hub, fresh, tmp_path):
+    push_all(world, hub)
+    pull_into(fresh, hub, tmp_path, revision="playful-v1")
+    r = pull_into(fresh, hub, tmp_path, stance="playful")
+    assert [hv.ref for hv in r.pulled] == ["playful@2"] and [hv.ref for hv in r.already_here] == ["playful@1"]
 
 
 def test_ingest_failing_late_removes_the_objects_it_wrote(world, fresh):
