@@ -393,6 +393,11 @@ def test_a_local_stance_of_the_same_name_is_not_pulled_into_unasked(world, hub, 
         pull_into(fresh, hub, tmp_path)
     assert "\n" not in str(err.value) and isinstance(err.value, FileExistsError)
     assert catalog_and_objects(fresh) == before
+    # One version whose number is free here (a version's tag): it would have become the user's
+    # playful@2, and plain `playful` the repo's version.
+    with pytest.raises(LocalStanceDiffers, match="--into NAME"):
+        pull_into(fresh, hub, tmp_path, revision="playful-v2")
+    assert catalog_and_objects(fresh) == before
 
     # --into NAME: the repo's versions land under NAME with their ids and numbers; `playful` is
     # still the user's own.
