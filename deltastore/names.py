@@ -49,6 +49,10 @@ def check_stance_name(name: str) -> str:
     return _check_name(name, "stance name")
 
 
+def check_base_name(name: str) -> str:
+    return _check_name(name, "base name")
+
+
 def check_tag_name(name: str) -> str:
     _check_name(name, "tag")
     if name.isdigit():

@@ -154,7 +154,7 @@ class Store:
         self._refuse_patched(model)
         source = open_model(model, mapped=True)
         if name is not None:
-            check_stance_name(name)
+            names.check_base_name(name)
         if hub_id is not None and not is_text(hub_id):
             raise UnsafeInput("the Hub id holds bytes that are not UTF-8 text; write it as UTF-8")
         row, tensors = self._describe_base(source, name=name, hub_id=hub_id, progress=progress)

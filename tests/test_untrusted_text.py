@@ -264,11 +264,12 @@ def test_a_pulled_manifest_over_the_bounds_is_refused(models, store, hub, tmp_pa
 
 @pytest.mark.parametrize("name", ["ee74cce54678", "deadbeef", "DEADBEEF99", "0123456789abcdef0123"])
 def test_a_hex_only_name_is_refused_locally(models, store, name):
-    _, fts = models
+    pair, fts = models
     v = store.commit("mine", fts[0], base="tiny").version
     before = store_snapshot(store.root)
     for call in (lambda: store.commit(name, fts[1], base="tiny"), lambda: store.rename_stance("mine", name),
-                 lambda: store.tag("mine@1", name), lambda: store.commit("mine", fts[1], base="tiny", tag=name)):
+                 lambda: store.tag("mine@1", name), lambda: store.commit("mine", fts[1], base="tiny", tag=name),
+                 lambda: store.add_base(pair.base, name=name)):
         with pytest.raises(UnsafeInput, match="would read as a version id"):
             call()
     assert store_snapshot(store.root) == before
