@@ -144,6 +144,10 @@ class _Store:
     def __init__(self, root: Path):
         self.root = root
         self.lock = threading.RLock()
+        # repo.json parsed, by path, with the (inode, mtime, size) it was read at: a download
+        # reads the repo, and parsing a repo of thousands of files per request would make the
+        # server, not the client, what a pull of many versions measures.
+        self._parsed: dict[Path, tuple[tuple[int, int, int], dict]] = {}
         for sub in ("blobs", "repos", "tmp"):
             (root / sub).mkdir(parents=True, exist_ok=True)
 
@@ -153,11 +157,22 @@ class _Store:
             return None
         return self.root / "repos" / parts[0] / parts[1] / "repo.json"
 
-    def load(self, repo_id: str) -> dict | None:
+    def load(self, repo_id: str, *, shared: bool = False) -> dict | None:
+        """The repo as saved; `shared`: one parse shared by every reader, never to be changed
+        (writers get their own copy)."""
         path = self._repo_file(repo_id)
         if path is None or not path.exists():
             return None
-        return json.loads(path.read_text())
+        if not shared:
+            return json.loads(path.read_text())
+        with self.lock:
+            st = path.stat()
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+            cached = self._parsed.get(path)
+            if cached is None or cached[0] != key:
+                cached = (key, json.loads(path.read_text()))
+                self._parsed[path] = cached
+            return cached[1]
 
     def save(self, repo_id: str, repo: dict) -> None:
         path = self._repo_file(repo_id)
@@ -376,7 +391,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _repo(self, repo_id: str, write: bool = False) -> dict:
         user = self._user()
-        repo = self.store.load(repo_id)
+        repo = self.store.load(repo_id, shared=not write)
         if self.hub.tokens is None:
             if repo is None:
                 raise _repo_not_found(user)
