@@ -5,7 +5,10 @@ library works without it. It owns the repo layout (schema/HUB.md), the mapping o
 errors to deltastore's (one line each, with the repo and revision), and the checks on what a
 pull brings in. A pulled repo is untrusted: every name, size and hash in it is checked, file by
 file, before `Store.ingest` stores anything, and that stores all the pulled versions in one
-transaction or none. This module never writes to the store any other way.
+transaction or none. This module never writes to the store any other way (but for the
+folder in the store's tmp/ where a push writes the files it uploads). A pulled version joins a
+local stance only when that stance holds nothing but versions the repo's stance lists; else it
+is pulled `into` another name, or not at all.
 
 A repo, as `push` writes it::
 
@@ -40,8 +43,8 @@ import torch
 
 from .errors import (DeltastoreError, HubAccessDenied, HubConflict, HubError, HubRepoNotFound,
                      HubRequestRefused, HubRevisionNotFound, HubStanceNotFound, HubUnreachable,
-                     LocalStanceDiffers, ModelFormatError, NotADeltaRepo, PulledBaseMissing, PulledDataRejected, UnsafeInput,
-                     VersionConflict)
+                     LocalStanceDiffers, ModelFormatError, NotADeltaRepo, PulledBaseMissing, PulledDataRejected,
+                     UnsafeInput, VersionConflict)
 from .hashing import bytes_id, canonical_json, is_id, manifest_id
 from .models import TensorInfo, read_header, safe_relative, write_safetensors
 from .names import check_stance_name, name_problem
@@ -468,8 +471,11 @@ def _download_all(download: Any, paths: list[str], workers: int = 8) -> list[Pat
     order; the first failure is raised."""
     if len(paths) <= 1:
         return [download(p) for p in paths]
-    with ThreadPoolExecutor(max_workers=min(workers, len(paths))) as pool:
+    pool = ThreadPoolExecutor(max_workers=min(workers, len(paths)))
+    try:
         return list(pool.map(download, paths))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # after a failure, start no more downloads
 
 
 @contextmanager
