@@ -570,3 +570,15 @@ def test_a_push_that_stopped_before_its_tags_is_completed_by_the_next(world, hub
     assert again.commit is None and again.tags_created == ("playful-v2",)
     assert hub.commit_count(REPO) == commits
     assert hub.refs(REPO)["tags"]["playful-v2"] == hub.refs(REPO)["branches"]["main"]
+
+
+def test_the_pull_scaling_benchmark_runs(capsys):
+    """tests/benchmarks/pull_scale.py end to end on a few versions (its timings are not checked)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
+    import pull_scale
+
+    assert pull_scale.main(["--versions", "2,3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["versions"] for r in report["runs"]] == [2, 3]
+    assert all(r["pull_s"] > 0 and r["pull_ms_per_version"] > 0 for r in report["runs"])
+    assert "per_version_growth" in report

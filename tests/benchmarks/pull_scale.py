@@ -29,7 +29,6 @@ import os  # noqa: E402
 os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from huggingface_hub import constants  # noqa: E402
 
 from deltastore import Store  # noqa: E402
 from deltastore.hashing import manifest_id  # noqa: E402
@@ -60,7 +59,6 @@ def measure(tmp: Path, count: int, profile: bool) -> dict:
     source.add_base(pair.base, name="tiny")
     source.commit("stance", pair.ft, base="tiny")
     refs = versions_of_one(source, count)
-    constants.HF_HUB_CACHE = str(tmp / "hf-cache")
     with HubServer(tmp / "hub", tokens={TOKEN: "bench"}) as hub:
         t = time.perf_counter()
         push(source, refs, REPO, token=TOKEN, endpoint=hub.url, progress=False)
