@@ -263,7 +263,7 @@ class HubConflict(HubError, FileExistsError):
 class HubStanceNotFound(HubError, LookupError):
     def __init__(self, repo_id: str, revision: str | None, stance: str, known: list[str]):
         self.stance = stance
-        super().__init__(f"Hub repo {repo_id} has no version of stance {stance!r} at {revision or 'main'}; "
+        super().__init__(f"Hub repo {repo_id} has no version of stance {_cut(stance)} at {revision or 'main'}; "
                          f"it has {', '.join(known) or 'none'}", repo_id=repo_id, revision=revision)
 
 
