@@ -25,8 +25,8 @@ from huggingface_hub import CommitOperationAdd, HfApi, constants
 from cli.main import cli
 from deltastore import Store
 from deltastore.errors import (BaseMismatch, BaseNotFound, HubAccessDenied, HubRepoNotFound,
-                               HubRequestRefused, HubRevisionNotFound, HubStanceNotFound, HubUnreachable, LocalStanceDiffers, PulledBaseMissing, PulledDataRejected,
-                               UnsafeInput, VersionConflict)
+                               HubRequestRefused, HubRevisionNotFound, HubStanceNotFound, HubUnreachable,
+                               LocalStanceDiffers, PulledBaseMissing, PulledDataRejected, UnsafeInput)
 from deltastore.hashing import canonical_json, manifest_id
 from deltastore.hub import INDEX_FILE, pull, push
 
