@@ -238,13 +238,13 @@ def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str 
     if choice is not None:
         limit = f" (at most {choice.max_kl:g})" if choice.max_kl is not None else ""
         echo(f"{choice.encoding}: KL {choice.kl:.3g}{limit}, top-1 {choice.top1:.1%}; "
-                   f"the base alone: KL {choice.base_kl:.3g}")
+             f"the base alone: KL {choice.base_kl:.3g}")
     echo(f"{v.ref} {v.id}")
     echo(f"stored {r.tensors_stored} tensors ({r.unchanged} unchanged), {size(r.bytes_stored)} "
-               f"({size(r.bytes_new)} new)")
+         f"({size(r.bytes_new)} new)")
     if r.left_out:
         echo(f"left out {len(r.left_out)} changed tensors holding "
-                   f"{r.left_out_energy_fraction:.1%} of the squared delta")
+             f"{r.left_out_energy_fraction:.1%} of the squared delta")
 
 
 @cli.command()
@@ -287,7 +287,7 @@ def stance_delete(store: Store, name: str, as_json: bool) -> None:
     if as_json:
         return emit_json(r)
     echo(f"deleted {r.stance} ({len(r.versions)} versions); `deltastore gc` frees "
-               f"{size(r.bytes_only_here)} that no other version shares")
+         f"{size(r.bytes_only_here)} that no other version shares")
     if r.orphaned:
         echo(f"the parent of {', '.join(r.orphaned)} was one of them (their tensors are unaffected)")
 
@@ -357,7 +357,7 @@ def diff(store: Store, ref_a: str, ref_b: str, base_path: str | None, as_json: b
     if as_json:
         return emit_json(d)
     echo(f"{d.a} {d.a_id[3:15]} -> {d.b} {d.b_id[3:15]}: {d.count('changed')} changed, "
-               f"{d.count('added')} added, {d.count('removed')} removed, {d.unchanged} unchanged")
+         f"{d.count('added')} added, {d.count('removed')} removed, {d.unchanged} unchanged")
     if d.tensors:
         echo()
         table([[t.name, t.status, t.encoding_a or "(base)", t.encoding_b or "(base)",
@@ -411,7 +411,7 @@ def apply(store: Store, ref: str, target: str, out: str | None, break_links: boo
     if as_json:
         return emit_json(j)
     echo(f"applied {store.resolve(j.version_id).ref} to {target} ({j.regions} tensors); "
-               f"`deltastore revert {target}` undoes it")
+         f"`deltastore revert {target}` undoes it")
 
 
 @cli.command()
@@ -479,7 +479,7 @@ def fsck(ctx: click.Context, read_data: bool, repair: bool, rebuild_catalog: boo
             more = f" (and {len(items) - 1} more like it)" if len(items) > 1 else ""
             echo(f"note: {kind}: {items[0].subject}: {items[0].message}{more}")
         echo(f"{report.versions_checked} versions, {report.objects_checked} objects re-hashed: "
-                   f"{'ok' if report.ok else f'{len(report.errors)} errors'}")
+             f"{'ok' if report.ok else f'{len(report.errors)} errors'}")
     if not report.ok:
         sys.exit(1)
 
@@ -501,7 +501,7 @@ def gc(store: Store, dry_run: bool, as_json: bool) -> None:
         for name in plan.tmp_files:
             echo(f"would remove {name}")
         return echo(f"would free {size(plan.bytes)} in {len(plan.objects)} objects"
-                          + (f" and {len(plan.tmp_files)} temporary files" if plan.tmp_files else ""))
+                    + (f" and {len(plan.tmp_files)} temporary files" if plan.tmp_files else ""))
     if not as_json:
         echo(f"plan: remove {len(plan.objects)} objects, {size(plan.bytes)}")
     result = store.gc(plan)
@@ -509,7 +509,7 @@ def gc(store: Store, dry_run: bool, as_json: bool) -> None:
         return emit_json({"dry_run": False, "objects": result.removed, "bytes": result.bytes_freed,
                           "skipped": result.skipped, "tmp_files": result.tmp_files_removed})
     echo(f"freed {size(result.bytes_freed)} in {len(result.removed)} objects"
-               + (f" ({len(result.skipped)} kept: in use again)" if result.skipped else ""))
+         + (f" ({len(result.skipped)} kept: in use again)" if result.skipped else ""))
 
 
 @cli.command()
@@ -521,7 +521,7 @@ def stats(store: Store, as_json: bool) -> None:
     if as_json:
         return emit_json(s)
     echo(f"objects {s.objects}, stored {size(s.bytes_stored)}, referenced {size(s.bytes_referenced)}, "
-               f"saved by dedup {size(s.bytes_saved_by_dedup)}, catalog {size(s.catalog_bytes)}")
+         f"saved by dedup {size(s.bytes_saved_by_dedup)}, catalog {size(s.catalog_bytes)}")
     table([[k, v["versions"], size(v["bytes"])] for k, v in s.by_stance.items()], ["stance", "versions", "bytes"])
     table([[k, v["tensors"], size(v["bytes"])] for k, v in s.by_encoding.items()], ["encoding", "tensors", "bytes"])
 
@@ -753,7 +753,7 @@ def analyze(store: Store, refs: tuple[str, ...], plot: str | None, value: str, s
             echo()
         rows = [r for r in a.rows if show_all or r.energy > 0 or r.rel_change != 0]
         echo(f"{a.ref} ({a.encoding}, {a.tensors} tensors stored): {len(rows)} of {len(a.rows)} "
-                   f"(layer, module) cells {'listed' if show_all else 'changed'}")
+             f"(layer, module) cells {'listed' if show_all else 'changed'}")
         alpha_headers = ["alpha base", "alpha ft", "alpha shift"] if a.row_alphas is not None else []
         table([["-" if r.layer is None else r.layer, r.module, r.tensors, f"{r.rel_change:.3g}",
                 *_alpha_cells(a, r), f"{r.energy_share:.1%}", r.rank90, r.rank99,
@@ -823,7 +823,7 @@ def export_lora(store: Store, ref: str, rank: int | None, energy: float | None, 
     ranks = sorted(set(e.ranks.values()))
     shown = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]} to {ranks[-1]}"
     echo(f"wrote {e.out}: {len(e.targets)} LoRA pairs at {shown} ({e.dtype}), {len(e.saved)} tensors "
-               f"whole; {size(e.bytes)}; the pairs hold {e.energy_kept:.1%} of their deltas' energy")
+         f"whole; {size(e.bytes)}; the pairs hold {e.energy_kept:.1%} of their deltas' energy")
     if e.warning:
         echo(f"warning: {e.warning}", err=True)
 
@@ -857,7 +857,7 @@ def import_lora(store: Store, adapter: str, stance: str, base_ref: str, base_pat
                           "tensors_stored": r.tensors_stored, "bytes_stored": r.bytes_stored})
     echo(f"{v.ref} {v.id}")
     echo(f"{len(i.targets)} LoRA pairs (rank {i.rank}) and {len(i.replaced)} whole tensors, stored as "
-               f"{i.encoding}: {r.tensors_stored} tensors, {size(r.bytes_stored)}")
+         f"{i.encoding}: {r.tensors_stored} tensors, {size(r.bytes_stored)}")
 
 
 def main() -> None:
