@@ -799,23 +799,41 @@ def _analysis_json(a: Any) -> dict[str, Any]:
 @click.option("--energy", type=float,
               help="Per matrix, the smallest rank holding this fraction of its delta's energy (rank_pattern); "
                    "capped by --rank.")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
-              help="The dtype of the factors.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="A new folder.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32", "q8_0"]), default="bf16", show_default=True,
+              help="The dtype of the factors (q8_0: GGUF only).")
+@click.option("--format", "fmt", type=click.Choice(["peft", "gguf"]), default="peft", show_default=True,
+              help="peft: an adapter folder; gguf: one GGUF LoRA file for llama.cpp and Ollama (Llama, Qwen2, GPT-2).")
+@click.option("--out", required=True, type=click.Path(), help="A new folder (--format gguf: a new .gguf file).")
 @click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
 @json_option
 @with_store(readonly=True)
-def export_lora(store: Store, ref: str, rank: int | None, energy: float | None, dtype: str, out: str,
+def export_lora(store: Store, ref: str, rank: int | None, energy: float | None, dtype: str, fmt: str, out: str,
                 base_path: str | None, as_json: bool) -> None:
     """Write a version as a PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors)
     that peft.PeftModel.from_pretrained loads: each changed 2-D weight of a Linear or Embedding
     module becomes lora_A/lora_B from the truncated SVD of its delta (lora_alpha = r, so the
     scaling is 1); changed norms go to modules_to_save, changed biases of those modules with
-    bias="lora_only". Anything else is listed as dropped."""
+    bias="lora_only". Anything else is listed as dropped. With --format gguf, a GGUF LoRA file as
+    llama.cpp's convert_lora_to_gguf.py writes one: pairs for Linear and Conv1D weights only;
+    changed embeddings, norms and biases are listed as dropped, with their share of the delta."""
     from deltastore.lora import export_lora as run_export
 
     if rank is None and energy is None:
         raise click.UsageError("give --rank R, --energy F, or both")
+    if fmt == "gguf":
+        from deltastore.gguf_lora import export_gguf_lora
+
+        gguf_dtype = {"bf16": "bf16", "fp16": "f16", "fp32": "f32", "q8_0": "q8_0"}[dtype]
+        with progress("factoring", enabled=not as_json) as cb:
+            g = export_gguf_lora(store, ref, out, rank=rank, energy=energy, dtype=gguf_dtype,
+                                 base_weights=base_path, progress=cb)
+        if as_json:
+            return emit_json(_finite(to_jsonable(g)))
+        echo(f"wrote {g.out}: {len(g.ranks)} LoRA pairs for {g.architecture}, rank at most {g.rank} ({g.dtype}); "
+             f"{size(g.bytes)}; the pairs hold {g.energy_kept:.1%} of their deltas' energy")
+        if g.warning:
+            echo(f"warning: {g.warning}", err=True)
+        return None
     with progress("factoring", enabled=not as_json) as cb:
         e = run_export(store, ref, out, rank=rank, energy=energy, dtype=dtype, base_weights=base_path, progress=cb)
     if as_json:

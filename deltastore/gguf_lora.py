@@ -1,0 +1,210 @@
+"""A stored version as a GGUF LoRA adapter that llama.cpp (``--lora``) and Ollama (``ADAPTER``) load.
+
+The file is what llama.cpp's ``convert_lora_to_gguf.py`` writes for a PEFT adapter of the same
+base, through the ``gguf`` package:
+
+- metadata: ``general.architecture`` (the base's: ``llama``, ``qwen2``, ``gpt2``),
+  ``general.type = "adapter"``, ``adapter.type = "lora"``, ``adapter.lora.alpha`` (float32);
+- tensors: ``<gguf name of the base weight>.lora_a`` of shape (r, in) and ``.lora_b`` of shape
+  (out, r) (numpy order; GGUF stores the reverse), so that llama.cpp adds
+  ``alpha / r * lora_b @ lora_a`` to a weight of shape (out, in). GPT-2's Conv1D weights, (in, out)
+  in Hugging Face, are (out, in) in GGUF (the converter transposes them), and their pairs follow.
+
+One alpha serves every pair, and llama.cpp scales each by alpha / r with r its own rank: where
+ranks differ, each B is scaled so that every pair stands for its delta exactly.
+
+Which tensors become pairs is lora.plan's choice; the factors are lora.factors' (the truncated
+SVD of each delta). A GGUF LoRA carries only matrices of Linear and Conv1D layers here: changed
+embeddings, norms and biases are listed as dropped, with their share of the squared delta.
+This module never imports click, prints or exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .lora import CONV1D, LINEAR, MAX_RANK, LoraError, factors, module_types, plan
+
+__all__ = ["ARCHITECTURES", "GGUF_DTYPES", "GgufLoraExport", "UnsupportedArchitecture", "export_gguf_lora"]
+
+# Hugging Face architecture -> gguf-py's MODEL_ARCH member name.
+ARCHITECTURES = {"LlamaForCausalLM": "LLAMA", "Qwen2ForCausalLM": "QWEN2", "GPT2LMHeadModel": "GPT2"}
+# The converter's --outtype choices.
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+class UnsupportedArchitecture(LoraError):
+    def __init__(self, architecture: str):
+        self.architecture = architecture
+        super().__init__(f"a GGUF LoRA is written for {', '.join(ARCHITECTURES)} bases only; this base is "
+                         f"{architecture[:80]!r} (export-lora without --format gguf writes a PEFT adapter)")
+
+
+@dataclass(frozen=True)
+class GgufLoraExport:
+    """What ``export_gguf_lora`` wrote: the file, the architecture, the pairs (GGUF weight name ->
+    rank), the changed tensors it could not hold and their share of the squared delta, and the
+    share of the pairs' deltas' energy the pairs keep."""
+
+    ref: str
+    out: Path
+    architecture: str
+    rank: int
+    dtype: str
+    ranks: dict[str, int]
+    dropped: tuple[str, ...]
+    dropped_energy_fraction: float
+    energy_kept: float
+    bytes: int
+    warning: str | None
+
+
+def _architecture(folder: Path | None) -> tuple[Any, int]:
+    """(gguf MODEL_ARCH, number of blocks) of the base's config.json."""
+    import gguf
+
+    config_path = Path(folder) / "config.json" if folder is not None else None
+    if config_path is None or not config_path.is_file():
+        raise LoraError("a GGUF LoRA needs the base's config.json (register the base from a model folder, "
+                        "or give --base-path)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        names = config.get("architectures") or [str(config.get("model_type", "unknown"))]
+        name = str(names[0]) if isinstance(names, list) else str(names)
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        raise LoraError(f"{config_path} is not a model config (JSON with \"architectures\")") from None
+    if name not in ARCHITECTURES:
+        raise UnsupportedArchitecture(name)
+    blocks = config.get("num_hidden_layers", config.get("n_layer"))
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks <= 0:
+        raise LoraError(f"{config_path} gives no number of layers (num_hidden_layers or n_layer)")
+    return getattr(gguf.MODEL_ARCH, ARCHITECTURES[name]), blocks
+
+
+def _encode(x: torch.Tensor, dtype: str) -> tuple[np.ndarray, Any]:
+    """(data, raw type) as the converter stores a tensor of --outtype ``dtype``; a q8_0 row that
+    is not a whole number of blocks falls back to f16, as the converter's does."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+    from gguf.quants import QuantError
+
+    data = x.to(torch.float32).contiguous().numpy()
+    qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[dtype]
+    try:
+        return quants.quantize(data, qtype), qtype
+    except QuantError:
+        return quants.quantize(data, Q.F16), Q.F16
+
+
+def export_gguf_lora(store: Any, ref: str, out: str | os.PathLike, *, rank: int | None = None,
+                     energy: float | None = None, dtype: str = "f16", base_weights: Any = None,
+                     progress: Any = None) -> GgufLoraExport:
+    """Write version ``ref`` as a GGUF LoRA file ``out`` (which must not exist): each changed
+    weight of a Linear or Conv1D layer becomes a pair of rank ``rank`` (at most the matrix's
+    smaller side), or with ``energy`` F the smallest rank holding F of its delta's energy."""
+    try:
+        import gguf
+    except ImportError:
+        raise LoraError("a GGUF LoRA is written with the gguf package: pip install 'deltastore[gguf]'") from None
+
+    from .analysis import singular_values
+    from .lora import _energy_rank
+
+    if rank is None and energy is None:
+        raise LoraError("give a rank (--rank R) or an energy fraction (--energy F)")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= MAX_RANK):
+        raise LoraError(f"the rank must be a whole number from 1 to {MAX_RANK}, got {rank!r}")
+    if energy is not None and not (isinstance(energy, (int, float)) and 0 < energy <= 1):
+        raise LoraError(f"--energy must be a fraction above 0 and at most 1, got {energy!r}")
+    if dtype not in GGUF_DTYPES:
+        raise LoraError(f"a GGUF LoRA's dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
+    out = Path(out)
+    if out.exists():
+        raise LoraError(f"{out} exists; choose a new file")
+
+    version = store.resolve(ref)
+    base = store.base(version.base_id)
+    source = store.base_source(base, base_weights)
+    arch, blocks = _architecture(source.folder)
+    names = gguf.get_tensor_name_map(arch, blocks)
+    infos, tensor = store.materialize(version, base_weights=source)
+    base_ids = {n: r["tensor_id"] for n, r in store.base_tensors(base).items()}
+    changed = [e.name for e in version.tensors if e.result_tensor_id != base_ids.get(e.name)]
+    the_plan = plan(infos, changed, types=module_types(source.folder))
+
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # GGUF weight name -> (A, B)
+    dropped: list[str] = []
+    kept_energy = total_energy = dropped_energy = 0.0
+    for k, (module, (kind, shape)) in enumerate(the_plan.targets.items()):
+        name = f"{module}.weight"
+        gguf_name = names.get_name(name, try_suffixes=(".weight",))
+        if kind not in (LINEAR, CONV1D) or gguf_name is None:
+            dropped.append(name)  # embeddings, and weights llama.cpp has no name for
+            continue
+        delta = tensor(name).to(torch.float32) - source.get(name).to(torch.float32)
+        spectrum = singular_values(delta)
+        r = min(shape) if rank is None else min(rank, min(shape))
+        if energy is not None:
+            r = min(r, max(1, _energy_rank(spectrum, energy)))
+        # PEFT's pair for a Conv1D (fan_in_fan_out) already has B @ A = delta^T: the (out, in) of GGUF.
+        pairs[gguf_name] = factors(delta, r, kind)
+        squares = spectrum ** 2
+        total_energy += float(squares.sum())
+        kept_energy += float(squares[:r].sum())
+        if progress:
+            progress(k + 1, len(the_plan.targets))
+    dropped += [n for n in changed if n not in {f"{m}.weight" for m in the_plan.targets}]
+    for name in dropped:
+        delta = tensor(name).to(torch.float64) - source.get(name).to(torch.float64) \
+            if tuple(infos[name].shape) == tuple(source.infos[name].shape) else tensor(name).to(torch.float64)
+        dropped_energy += float((delta ** 2).sum())
+    if not pairs:
+        raise LoraError(f"{version.ref} changed no weight of a Linear or Conv1D layer: there is nothing a GGUF "
+                        "LoRA could hold")
+
+    ranks = {n: a.shape[0] for n, (a, _) in pairs.items()}
+    alpha = max(ranks.values())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for gguf_name, (a, b) in pairs.items():
+            # llama.cpp scales by alpha / r; B carries r / alpha so that each pair is its delta.
+            for suffix, x in ((".lora_a", a), (".lora_b", b * (ranks[gguf_name] / alpha))):
+                data, qtype = _encode(x, dtype)
+                writer.add_tensor(gguf_name + suffix, data, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+    all_energy = total_energy + dropped_energy
+    share = dropped_energy / all_energy if all_energy > 0 else 0.0
+    warning = None
+    if dropped:
+        shown = ", ".join(dropped[:5]) + (f" and {len(dropped) - 5} more" if len(dropped) > 5 else "")
+        warning = (f"{len(dropped)} changed tensors a GGUF LoRA cannot hold (embeddings, norms, biases) were "
+                   f"left out ({share:.2%} of the squared delta): {shown}")
+    return GgufLoraExport(
+        ref=version.ref, out=out, architecture=gguf.MODEL_ARCH_NAMES[arch], rank=alpha, dtype=dtype,
+        ranks=ranks, dropped=tuple(dropped), dropped_energy_fraction=share,
+        energy_kept=kept_energy / total_energy if total_energy > 0 else 1.0, bytes=out.stat().st_size,
+        warning=warning)
