@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from . import encodings
+from . import checked, encodings
 from .errors import BaseMismatch, DeltastoreError
 from .hashing import tensor_id
 from .pools import pool
@@ -41,6 +41,7 @@ class ApplyHandle:
     version: Version
     module: torch.nn.Module
     _patched: list[tuple[torch.Tensor, torch.Tensor, Any]] = field(default_factory=list, repr=False)
+    _entries: list[TensorEntry] = field(default_factory=list, repr=False)  # in the order of _patched
     active: bool = True
 
     @property
@@ -52,6 +53,7 @@ class ApplyHandle:
         if not self.active:
             return
         _restore(self._patched)
+        _remember([t for t, _, _ in self._patched], [e.base_tensor_id for e in self._entries])
         self._patched = []
         self.active = False
 
@@ -94,8 +96,18 @@ def prepare(store: Any, version: Version, current: dict[str, torch.Tensor]) -> l
     small = sum(math.prod(e.shape) for e in version.tensors) < PIPELINED_FROM
 
     def base_on_cpu(name: str) -> torch.Tensor | None:
-        entry, cpu = entries[name], live[name].detach().to("cpu")
-        return cpu if entry.base_tensor_id is not None and tensor_id(cpu) == entry.base_tensor_id else None
+        entry, t = entries[name], live[name]
+        if entry.base_tensor_id is None:
+            return None
+        cpu = t.detach().to("cpu")
+        # Hashed (or written with known bytes) earlier in this process and unchanged since:
+        # the base needs no second hashing (a tenth of a whole-model apply's time).
+        if checked.known_id(t) == entry.base_tensor_id:
+            return cpu
+        if tensor_id(cpu) != entry.base_tensor_id:
+            return None
+        checked.remember(t, entry.base_tensor_id)
+        return cpu
 
     def check_bases(bases: dict[str, torch.Tensor | None]) -> None:
         wrong = [name for name, cpu in bases.items() if cpu is None]
@@ -154,9 +166,19 @@ def apply_module(store: Any, module: torch.nn.Module, version: Version, *, stric
         patched, error = _each(_overwrite, [(t, result) for _, t, result in plan])
         if error is not None:
             _restore(patched)
+            _remember([t for _, t, _ in plan], [None] * len(plan))
             raise error
-        handle._patched = patched
+        handle._patched, handle._entries = patched, [e for e, _, _ in plan]
+        _remember([t for t, _, _ in patched], [e.result_tensor_id for e, _, _ in plan])
     return handle
+
+
+def _remember(tensors: list[torch.Tensor], ids: list[str | None]) -> None:
+    """What each tensor holds after deltastore wrote it (see checked.py). A tensor whose
+    storage was swapped (a changed shape or dtype) is forgotten: its id is not the entry's
+    in every case."""
+    for t, tid in zip(tensors, ids):
+        checked.remember(t, tid)
 
 
 def _overwrite(t: torch.Tensor, result: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:

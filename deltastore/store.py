@@ -732,10 +732,26 @@ class Store:
         if handle is not None:
             handle.revert()
 
-    def switch(self, module: torch.nn.Module, ref: str | Version | None):
-        """Revert whatever this store applied to `module`, then apply `ref` (None: stay at base)."""
-        from .apply import apply_module
+    def prepare(self, ref: str | Version, *, device: torch.device | str | None = None, mode: str = "full",
+                base_weights: ModelLike | None = None):
+        """Read, verify and decode a version once, for `switch` to copy into a module (see
+        prepared.py). `mode="full"` holds the decoded tensors (the bytes the stance touches),
+        `mode="packed"` the stored codes (about the stored size), decoded at each switch.
+        `device`: where they are held, the module's (default CPU). `base_weights`: the base
+        model (path, state dict or module at its base), else where `base add` found it."""
+        from .prepared import prepare
 
+        return prepare(self, self.resolve(ref), device=device, mode=mode, base_weights=base_weights)
+
+    def switch(self, module: torch.nn.Module, ref: "str | Version | PreparedStance | None"):
+        """Revert whatever this store applied to `module`, then apply `ref` (None: stay at base).
+        Between prepared stances (`prepare`), a switch copies or decodes into the module and
+        checks only what can have changed since the last one."""
+        from .apply import apply_module
+        from .prepared import PreparedStance
+
+        if isinstance(ref, PreparedStance) or (ref is None and self._switching(module)):
+            return self._switch_prepared(module, ref)
         version = self.resolve(ref) if ref is not None else None
         previous = self._applied.pop(id(module), None)
         if previous is not None:
@@ -746,7 +762,34 @@ class Store:
             handle = apply_module(self, module, version)
         except BaseException:
             # The module is at its base again; put the previous stance back before failing.
-            if previous is not None:
+            if previous is not None and previous.version is not None:
+                self._applied[id(module)] = apply_module(self, module, previous.version)
+            raise
+        self._applied[id(module)] = handle
+        return handle
+
+    def _switching(self, module: torch.nn.Module) -> bool:
+        from .prepared import SwitchHandle
+
+        return isinstance(self._applied.get(id(module)), SwitchHandle)
+
+    def _switch_prepared(self, module: torch.nn.Module, stance: Any):
+        from .apply import apply_module
+        from .prepared import SwitchHandle
+
+        handle = self._applied.get(id(module))
+        if isinstance(handle, SwitchHandle) and handle.active:
+            handle.switch(stance)
+            return handle if stance is not None else None
+        # A plain apply is reverted first; its stance is put back if the switch fails.
+        previous = self._applied.pop(id(module), None)
+        if previous is not None:
+            previous.revert()
+        handle = SwitchHandle(module)
+        try:
+            handle.switch(stance)
+        except BaseException:
+            if previous is not None and previous.version is not None:
                 self._applied[id(module)] = apply_module(self, module, previous.version)
             raise
         self._applied[id(module)] = handle
