@@ -19,9 +19,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from . import checked, encodings
+from . import checked, encodings, spare
 from .errors import BaseMismatch, DeltastoreError
-from .hashing import tensor_id
+from .hashing import dtype_name, tensor_id
 from .pools import pool
 from .records import TensorEntry, Version
 
@@ -54,6 +54,8 @@ class ApplyHandle:
             return
         _restore(self._patched)
         _remember([t for t, _, _ in self._patched], [e.base_tensor_id for e in self._entries])
+        for _, original, _ in self._patched:
+            spare.give(original)  # ours: a decoded result or a clone, referenced nowhere else
         self._patched = []
         self.active = False
 
@@ -116,8 +118,11 @@ def prepare(store: Any, version: Version, current: dict[str, torch.Tensor]) -> l
                                "these tensors are not the base's (is another stance applied? revert it first)")
 
     def decoded(name: str, parts: dict | None = None) -> torch.Tensor:
-        entry = entries[name]
-        result = store.decode_entry(entry, bases[name], parts)
+        entry, base = entries[name], bases[name]
+        # Into a buffer an earlier revert gave back, where there is one (spare.py).
+        out = spare.take(base.shape, base.dtype) if entry.dtype == dtype_name(base.dtype) \
+            and tuple(entry.shape) == tuple(base.shape) else None
+        result = store.decode_entry(entry, base, parts, out=out)
         # An exact encoding's result is a bitwise function of the verified object and base:
         # hashing it again would only cost time (a third of a surgical apply's).
         if not encodings.from_params(entry.encoding, entry.params).exact \

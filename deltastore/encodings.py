@@ -55,7 +55,10 @@ class Encoding:
         raise NotImplementedError
 
     def decode(self, base: torch.Tensor, encoded: Encoded, *, dtype: torch.dtype,
-               shape: tuple[int, ...]) -> torch.Tensor:
+               shape: tuple[int, ...], out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor apply produces. `out`: a contiguous CPU tensor of `dtype` and `shape`,
+        not the base, that the result may be written into (memory already written is faster
+        than fresh memory); the result is what is returned, `out` or not."""
         raise NotImplementedError
 
     def stream(self, base: torch.Tensor, target: torch.Tensor) -> Streamed | None:
@@ -135,25 +138,35 @@ def xor_planes(base: torch.Tensor, target: torch.Tensor, *, chunk: int = 1 << 18
             yield memoryview(x if itemsize == 1 else x.astype(np.uint8))
 
 
-def byte_ungroup(data: bytes | memoryview, itemsize: int, *, xor: np.ndarray | None = None) -> torch.Tensor:
+def byte_ungroup(data: bytes | memoryview, itemsize: int, *, xor: np.ndarray | None = None,
+                 out: np.ndarray | None = None, chunk: int = 1 << 17) -> torch.Tensor:
     """The inverse of byte_group, XORed with the bytes `xor` (a base's) on the way when given:
-    one pass over the elements instead of two."""
+    one pass over the elements instead of two. Into `out` (bytes, as many) when given, a
+    cache-sized chunk at a time."""
     src = np.frombuffer(data, dtype=np.uint8) if len(data) else np.empty(0, dtype=np.uint8)
     n = src.size // itemsize
     if n * itemsize != src.size:
         raise EncodingError(f"payload of {src.size} bytes is not a whole number of {itemsize}-byte elements")
     if xor is not None and xor.size != src.size:
         raise EncodingError(f"payload has {src.size} bytes, the base {xor.size}")
+    if out is not None and out.size != src.size:
+        raise EncodingError(f"payload has {src.size} bytes, the output {out.size}")
     if itemsize == 1:
-        out = src.copy() if xor is None else np.bitwise_xor(src, xor)
+        if out is None:
+            out = np.empty_like(src)
+        np.copyto(out, src) if xor is None else np.bitwise_xor(src, xor, out=out)
         return torch.from_numpy(out)
     planes = src.reshape(itemsize, n)
-    words = planes[-1].astype(_WORDS[itemsize])
-    for k in range(itemsize - 2, -1, -1):
-        words <<= 8
-        words |= planes[k]
-    if xor is not None:
-        words ^= xor.view(_WORDS[itemsize])
+    words = np.empty(n, dtype=_WORDS[itemsize]) if out is None else out.view(_WORDS[itemsize])
+    base = xor.view(_WORDS[itemsize]) if xor is not None else None
+    for start in range(0, n, chunk):
+        w = words[start:start + chunk]
+        np.copyto(w, planes[-1, start:start + chunk])
+        for k in range(itemsize - 2, -1, -1):
+            w <<= 8
+            w |= planes[k, start:start + chunk]
+        if base is not None:
+            w ^= base[start:start + chunk]
     return torch.from_numpy(words.view(np.uint8))
 
 
@@ -178,7 +191,7 @@ class Lossless(Encoding):
         return Streamed("xor", size, lambda: xor_planes(base, target), {"mode": "xor"})
 
     def decode(self, base: torch.Tensor, encoded: Encoded, *, dtype: torch.dtype,
-               shape: tuple[int, ...]) -> torch.Tensor:
+               shape: tuple[int, ...], out: torch.Tensor | None = None) -> torch.Tensor:
         mode = encoded.params.get("mode")
         if mode in ("raw", "xor") and mode not in encoded.parts:
             raise EncodingError(f"a lossless {mode} entry needs a {mode!r} part, it has "
@@ -198,7 +211,8 @@ class Lossless(Encoding):
             raise EncodingError(f"payload has {len(payload)} bytes, the entry declares {base.numel() * itemsize}")
         # In numpy: its single-threaded XOR does not wait on torch's thread pool (which costs
         # more than the XOR on a busy machine).
-        result = byte_ungroup(payload, itemsize, xor=_as_bytes(base).numpy())
+        into = _as_bytes(out).numpy() if out is not None and out.numel() else None
+        result = byte_ungroup(payload, itemsize, xor=_as_bytes(base).numpy(), out=into)
         if result.numel() == 0:
             return torch.empty(shape, dtype=dtype)
         return result.view(dtype).reshape(shape)
@@ -247,7 +261,7 @@ class _Delta(Encoding):
         return Encoded(dict(parts), params)
 
     def decode(self, base: torch.Tensor, encoded: Encoded, *, dtype: torch.dtype,
-               shape: tuple[int, ...]) -> torch.Tensor:
+               shape: tuple[int, ...], out: torch.Tensor | None = None) -> torch.Tensor:
         shape = tuple(int(d) for d in shape)
         if tuple(base.shape) != shape:
             raise EncodingError(f"{self.spec} needs a base of shape {shape}, got {tuple(base.shape)}")
@@ -259,7 +273,8 @@ class _Delta(Encoding):
         # The same float32 arithmetic, elementwise, a slice at a time: each slice of dW is
         # added and rounded while it is in the cache, and no whole-tensor float32 temporary
         # is allocated (on a big model, its page faults cost more than the arithmetic).
-        out = torch.empty(shape, dtype=dtype)
+        if out is None:
+            out = torch.empty(shape, dtype=dtype)
         flat_out, flat_b = out.reshape(-1), b.reshape(-1)
         for start, dw in self._decode_slices(encoded, shape):
             end = start + dw.numel()

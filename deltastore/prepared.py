@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from . import checked, encodings
+from . import checked, encodings, spare
 from .apply import _copy, _each, _interrupts_deferred, match_names, module_tensors
 from .errors import BaseMismatch, DeltastoreError, MissingObject
 from .hashing import DTYPES, bytes_id, tensor_id
@@ -120,7 +120,7 @@ def _prepare_entry(store: Any, version: Version, entry: TensorEntry, base_tensor
                               "(a different torch build or a corrupt object); nothing was prepared")
     if mode == "full":
         return PreparedTensor(entry, result=_owned(result, device))
-    if entry.encoding in _ON_DEVICE:
+    if entry.encoding in _ON_DEVICE and device.type != "cpu":
         return PreparedTensor(entry, parts={p: _uint8(b, device) for p, b in parts.items()})
     return PreparedTensor(entry, parts={p: bytes(b) for p, b in parts.items()})
 
@@ -154,25 +154,30 @@ def _uint8(data: Any, device: torch.device) -> torch.Tensor:
 _ON_DEVICE = ("int4", "int8")
 
 
-def decode(p: PreparedTensor, base: torch.Tensor) -> torch.Tensor:
-    """The tensor apply produces for a packed entry, from the kept base, on its device."""
+def decode(p: PreparedTensor, base: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The tensor apply produces for a packed entry, from the kept base, on its device. On the
+    CPU, written into `out` (a module tensor) where given: the same sliced decode as apply's,
+    a slice of the result at a time in the cache. Returns the result (`out` or not)."""
     entry = p.entry
     dtype, shape = DTYPES[entry.dtype], tuple(entry.shape)
+    parts = p.parts
     if p.compressed:
         from .objects import ObjectStore
 
         parts = {part: ObjectStore.decode_file(entry.objects[part].id, blob, raw_size=entry.objects[part].size)
-                 for part, blob in p.parts.items()}
-        if entry.params.get("mode") == "xor":
+                 for part, blob in parts.items()}
+        if base.device.type != "cpu" and entry.params.get("mode") == "xor":
             return _xor_ungroup(_uint8(parts["xor"], base.device), base)
-        return encodings.from_params(entry.encoding, entry.params).decode(
-            base, encodings.Encoded(parts, entry.params), dtype=dtype, shape=shape)
-    if entry.encoding in _ON_DEVICE and base.dtype in (torch.bfloat16, torch.float16, torch.float32):
+    elif base.device.type != "cpu" and entry.encoding in _ON_DEVICE \
+            and base.dtype in (torch.bfloat16, torch.float16, torch.float32):
         return _absmax(p, base, dtype)
-    # Other encodings decode on the CPU.
-    parts = {k: (v.cpu().numpy().tobytes() if isinstance(v, torch.Tensor) else v) for k, v in p.parts.items()}
+    # The reference decode, on the CPU.
+    parts = {k: (v.cpu().numpy().tobytes() if isinstance(v, torch.Tensor) else v) for k, v in parts.items()}
+    on_cpu = base.device.type == "cpu"
+    into = out if on_cpu and out is not None and out.is_contiguous() and out.dtype == dtype \
+        and tuple(out.shape) == shape else None
     result = encodings.from_params(entry.encoding, entry.params).decode(
-        base.cpu(), encodings.Encoded(parts, entry.params), dtype=dtype, shape=shape)
+        base if on_cpu else base.cpu(), encodings.Encoded(parts, entry.params), dtype=dtype, shape=shape, out=into)
     return result.to(base.device)
 
 
@@ -260,6 +265,8 @@ class SwitchHandle:
             self._write(None, [])
             self.current = None
             self._remember()
+        for _, kept, _ in self._kept.values():
+            spare.give(kept)
         self._kept = {}
         self.active = False
 
@@ -319,7 +326,8 @@ class SwitchHandle:
 
 def _keep(t: torch.Tensor) -> torch.Tensor:
     """A copy of a module tensor's base bytes, on its device."""
-    kept = torch.empty_like(t, memory_format=torch.contiguous_format)
+    kept = spare.take(tuple(t.shape), t.dtype) if t.device.type == "cpu" \
+        else torch.empty_like(t, memory_format=torch.contiguous_format)
     _copy(kept, t.detach())
     return kept
 
@@ -330,7 +338,9 @@ def _write_one(t: torch.Tensor, p: PreparedTensor | None, base: torch.Tensor) ->
     elif p.result is not None:
         _copy(t, p.result)
     else:
-        _copy(t, decode(p, base))
+        result = decode(p, base, out=t.detach())
+        if result.data_ptr() != t.data_ptr():
+            _copy(t, result)
 
 
 __all__ = ["PreparedStance", "PreparedTensor", "SwitchHandle", "prepare", "decode", "MODES"]

@@ -66,6 +66,18 @@ def _part(parts: Mapping[str, Any], name: str, dtype: torch.dtype, count: int) -
     return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()).view(dtype)
 
 
+def _part_view(parts: Mapping[str, Any], name: str, dtype: type, count: int) -> np.ndarray:
+    """Part `name` as `count` elements of a numpy `dtype`, read in place (never written): a
+    copy of a large part would cost more than its decoding."""
+    if name not in parts:
+        raise EncodingError(f"the entry lacks its {name!r} part (it has {', '.join(sorted(parts)) or 'none'})")
+    data = memoryview(parts[name]).cast("B")
+    itemsize = np.dtype(dtype).itemsize
+    if len(data) != count * itemsize:
+        raise EncodingError(f"part {name!r} has {len(data)} bytes, the entry needs {count * itemsize}")
+    return np.frombuffer(data, dtype=dtype) if count else np.empty(0, dtype=dtype)
+
+
 def _int_param(params: Mapping[str, Any], key: str, low: int, high: int | None = None) -> int:
     value = params.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
@@ -168,9 +180,8 @@ def absmax_decode_slices(parts: Mapping[str, Any], params: Mapping[str, Any], *,
     s = unscale(_part(parts, "scales", torch.float16, full_groups + (rest > 0)), exp)
     # The codes' size is checked before anything is decoded: the element count comes from
     # outside, and only the codes back it.
-    codes = _part(parts, "codes", torch.int8, n) if bits == 8 else _part(parts, "codes", torch.uint8, (n + 1) // 2)
+    raw = _part_view(parts, "codes", np.int8 if bits == 8 else np.uint8, n if bits == 8 else (n + 1) // 2)
     step = math.lcm(g, 2) * max(1, slice_elements // math.lcm(g, 2))
-    raw = codes.numpy()
     for start, end, first, whole in _slices(n, g, step):
         m = end - start
         if bits == 8:

@@ -609,14 +609,15 @@ class Store:
         return {part: self.objects.get(o.id, raw_size=o.size) for part, o in entry.objects.items()}
 
     def decode_entry(self, entry: TensorEntry, base_tensor: torch.Tensor | None,
-                     parts: dict[str, bytes | bytearray] | None = None) -> torch.Tensor:
+                     parts: dict[str, bytes | bytearray] | None = None, *,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor apply produces for one entry, from verified objects (read here unless
-        `parts` holds them already)."""
+        `parts` holds them already); `out`: see Encoding.decode."""
         parts = self.read_parts(entry) if parts is None else parts
         enc = encodings.from_params(entry.encoding, entry.params)
         base = base_tensor if base_tensor is not None else torch.empty(0)
         return enc.decode(base, encodings.Encoded(parts, entry.params), dtype=DTYPES[entry.dtype],
-                          shape=entry.shape)
+                          shape=entry.shape, out=out)
 
     def materialize(self, ref: str | Version, *, base_weights: ModelLike | None = None
                     ) -> tuple[dict[str, TensorInfo], Callable[[str], torch.Tensor]]:

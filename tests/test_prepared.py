@@ -188,15 +188,20 @@ def test_decoding_in_torch_gives_the_bytes_of_the_reference_decode(tmp_path, sto
     # The arithmetic a CUDA module's switch runs, compared here on the CPU.
     pair = make_model(tmp_path, dtype)
     version = store.commit("s", pair.ft, base=pair.base, encoding=encoding).version
+    decoded = 0
     for entry in version.tensors:
+        if entry.encoding != encoding or entry.params.get("mode") == "raw":
+            continue
+        decoded += 1
         base = pair.base_state[entry.name]
         reference = store.decode_entry(entry, base)
         parts = {p: prepared_module._uint8(b, torch.device("cpu")) for p, b in store.read_parts(entry).items()}
         if encoding == "lossless":
             ours = prepared_module._xor_ungroup(parts["xor"], base)
         else:
-            ours = prepared_module.decode(PreparedTensor(entry, parts=parts), base)
+            ours = prepared_module._absmax(PreparedTensor(entry, parts=parts), base, base.dtype)
         assert ours.dtype == reference.dtype and torch.equal(ours.view(torch.uint8), reference.view(torch.uint8))
+    assert decoded >= 3
 
 
 def test_prepared_stances_switch_on_a_cuda_module(tmp_path, store) -> None:
@@ -260,3 +265,27 @@ def test_checked_forgets_a_tensor_whose_storage_changed() -> None:
     checked.remember(u, "b3:y")
     u.numpy()[3, 3] += 1  # no version bump; the sample covers all of a small tensor
     assert checked.known_id(u) is None
+
+
+def test_a_revert_gives_its_buffers_to_the_next_apply_and_every_byte_stays_exact(tmp_path, store) -> None:
+    from deltastore import spare
+
+    pair, b_module = two_stances(tmp_path, store)
+    store.commit("a4", pair.ft, base=pair.base, encoding="int4")
+    model = copy.deepcopy(pair.base_module)
+    base = module_snapshot(model)
+    spare.release()
+    with store.applied(model, "a"):
+        pass
+    given = spare.held_bytes()
+    assert given > 0
+    for ref, expected in [("b", module_snapshot(b_module)), ("a", module_snapshot(pair.ft_module))]:
+        handle = store.apply(model, ref)
+        assert module_snapshot(model) == expected
+        handle.revert()
+        assert module_snapshot(model) == base
+    with store.applied(model, "a4"):
+        assert spare.held_bytes() < given
+    spare.limit(0)
+    assert spare.held_bytes() == 0
+    spare.limit(2 << 30)
