@@ -20,10 +20,12 @@ Owns no tensor: never keeps one alive, never reads more than the sampled bytes.
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # Sampled places per tensor, and bytes read at each.
@@ -56,11 +58,18 @@ def _sample(t: torch.Tensor) -> bytes | None:
     flat = t.detach().reshape(-1).view(torch.uint8)
     n = flat.numel()
     if n <= SAMPLES * SAMPLE_BYTES:
-        picked = flat
-    else:
-        starts = torch.linspace(0, n - SAMPLE_BYTES, SAMPLES, dtype=torch.int64, device=flat.device)
-        picked = flat[(starts[:, None] + torch.arange(SAMPLE_BYTES, device=flat.device)).reshape(-1)]
-    return picked.cpu().numpy().tobytes()
+        return flat.cpu().numpy().tobytes()
+    places = _places(n)
+    if flat.device.type == "cpu":
+        # numpy's gather: torch's indexing of a large tensor costs 0.5 ms per call here.
+        return flat.numpy()[places].tobytes()
+    return flat[torch.from_numpy(places).to(flat.device)].cpu().numpy().tobytes()
+
+
+@functools.lru_cache(maxsize=1024)
+def _places(n: int) -> np.ndarray:
+    starts = np.linspace(0, n - SAMPLE_BYTES, SAMPLES).astype(np.int64)
+    return (starts[:, None] + np.arange(SAMPLE_BYTES)).reshape(-1)
 
 
 def remember(t: torch.Tensor, tensor_id: str | None) -> None:

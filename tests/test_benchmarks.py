@@ -48,6 +48,12 @@ def test_tiny_run_reports_every_figure():
         _timing(t)
     assert set(switch["peft"]) == {"load_adapter+set_adapter", "set_adapter", "hotswap_adapter",
                                    "disable_adapter", "unload"}
+    # Switches between prepared stances, each step timed in the same rounds.
+    assert len(switch["prepared"]) == 6
+    for t in [*switch["prepared"].values(), switch["apply_fresh_memory"]["int4"]]:
+        _timing(t)
+    held = switch["prepared_bytes"]
+    assert held["packed int4"] < held["full int4"] / 3 and held["full"] == held["full int4"]
 
     expected_rss = {"commit lossless", "commit int4", "safetensors save_file", "ZipNN compress",
                     "apply lossless", "apply int4", "apply surgical", "load_model fine-tune",
@@ -56,7 +62,8 @@ def test_tiny_run_reports_every_figure():
     for v in r["rss"].values():
         assert v["peak"] > 0 and v["peak"] >= v["start"]
 
-    assert len(r["targets"]) == 11
+    assert len(r["targets"]) == 16
+    assert sum(t["issues"] == "17" for t in r["targets"]) == 5
     for t in r["targets"]:
         assert set(t) == {"issues", "target", "value", "limit", "met"} and isinstance(t["met"], bool)
     assert len(r["load_before"]) == len(r["load_after"]) == 3

@@ -42,6 +42,8 @@ ENCODINGS = ("lossless", "int8", "int4", "nf4", "1bit", "lowrank:32")
 # stance name in the benchmark store -> (label, the fine-tune it stores, encoding)
 STANCES = {"adam": ("lossless", "adam", "lossless"), "adam-int4": ("int4", "adam", "int4"),
            "surgical": ("surgical", "surgical", "lossless")}
+# A second int4 stance of the whole model, for switching between two packed stances (issue 17).
+INT4_OTHER = "adam-int4-g128"
 RANK = 32
 
 
@@ -60,7 +62,7 @@ class Bench:
         self.store = work / "store"  # ... and the stances of STANCES committed
         self.adapter = work / "adapter"
 
-    def prepare(self, stances=STANCES, adapter: bool = True) -> None:
+    def prepare(self, stances=STANCES, adapter: bool = True, second_int4: bool = True) -> None:
         from deltastore import Store
 
         with Store.init(self.template) as s:
@@ -69,6 +71,9 @@ class Bench:
         with Store.open(self.store) as s:
             for stance, (_, which, encoding) in stances.items():
                 s.commit(stance, self.paths[which], base="base", encoding=encoding)
+            if second_int4:
+                s.commit(INT4_OTHER, self.paths["adam"], base="base", encoding="int4",
+                         encoding_options={"group_size": 128})
         if adapter:
             peers.lora_adapter(self.paths["base"], self.paths["adam"], self.adapter, RANK)
 
@@ -139,18 +144,31 @@ def bench_store(b: Bench, encodings=ENCODINGS, with_peers: bool = True) -> dict:
 # -- switching -----------------------------------------------------------------------------------
 
 
-def bench_switch(b: Bench, stances=STANCES, with_peft: bool = True) -> dict:
+def bench_switch(b: Bench, stances=STANCES, with_peft: bool = True, with_prepared: bool = True) -> dict:
+    """Cold applies (nothing of the module checked before in the process: each one hashes the
+    base), their reverts, switches between prepared stances, and the peers, in the same rounds."""
     from safetensors.torch import load_model
 
-    from deltastore import Store
+    from deltastore import Store, checked, spare
 
     model = peers.load_lm(b.paths["base"], b.dtype)
     store = Store.open(b.store)
     handles = {}
     steps = []
     for stance, (label, _, _) in stances.items():
-        steps += [Step(f"apply {label}", lambda _, s=stance: handles.__setitem__(s, store.apply(model, s))),
+        steps += [Step(f"apply {label}", lambda _, s=stance: handles.__setitem__(s, store.apply(model, s)),
+                       setup=checked.forget_all),
                   Step(f"revert {label}", lambda _, s=stance: handles[s].revert())]
+    if "adam-int4" in stances:
+        # The first apply in a process writes fresh memory: no revert has given buffers back yet.
+        steps += [Step("apply int4, fresh memory", lambda _: store.apply(model, "adam-int4"),
+                       setup=lambda: (checked.forget_all(), spare.release()), teardown=lambda h: h.revert())]
+    prepared = {}
+    if with_prepared:
+        prepared = {"full": store.prepare("adam"), "full int4": store.prepare("adam-int4"),
+                    "packed int4": store.prepare("adam-int4", mode="packed"),
+                    "packed int4 g128": store.prepare(INT4_OTHER, mode="packed")}
+        steps += _prepared_steps(store, model, prepared)
     steps += [Step("load_model fine-tune", lambda _: load_model(model, b.tuned_file, strict=False)),
               Step("load_model base", lambda _: load_model(model, b.base_file, strict=False))]
     if with_peft:
@@ -160,11 +178,29 @@ def bench_switch(b: Bench, stances=STANCES, with_peft: bool = True) -> dict:
     out = {"apply": {}, "revert": {}}
     for label, _, _ in stances.values():
         out["apply"][label], out["revert"][label] = times[f"apply {label}"], times[f"revert {label}"]
+    if "adam-int4" in stances:
+        out["apply_fresh_memory"] = {"int4": times["apply int4, fresh memory"]}
+    if with_prepared:
+        out["prepared"] = {label: times[label] for label in PREPARED_STEPS}
+        out["prepared_bytes"] = {mode: p.nbytes for mode, p in prepared.items()}
     out["load_model_fine_tune"], out["load_model_base"] = times["load_model fine-tune"], times["load_model base"]
     if with_peft:
         out["peft"] = {k: times[f"peft {k}"] for k in ("load_adapter+set_adapter", "set_adapter", "hotswap_adapter",
                                                         "disable_adapter", "unload")}
     return out
+
+
+PREPARED_STEPS = ("first switch (checks the base, keeps its bytes)", "switch full: lossless -> int4",
+                  "switch full: int4 -> lossless", "switch full -> packed int4", "switch packed int4 -> int4 g128",
+                  "revert of a prepared switch")
+
+
+def _prepared_steps(store, model, p: dict) -> list[Step]:
+    """Switches between prepared stances (issue 17), from the base and back to it each round.
+    Every other step leaves the module at its base; the first switch of a round checks it."""
+    targets = [p["full"], p["full int4"], p["full"], p["packed int4"], p["packed int4 g128"]]
+    steps = [Step(label, lambda _, t=t: store.switch(model, t)) for label, t in zip(PREPARED_STEPS, targets)]
+    return steps + [Step(PREPARED_STEPS[-1], lambda _: store.revert(model))]
 
 
 def _peft_steps(b: Bench) -> list[Step]:
@@ -238,9 +274,9 @@ def bench_growth(runs: int, work: Path) -> dict:
     for name in MODELS:
         b = Bench(name, work / name, runs)
         b.work.mkdir()
-        b.prepare(stances, adapter=False)
+        b.prepare(stances, adapter=False, second_int4=False)
         store = bench_store(b, ("lossless", "int4"), with_peers=False)
-        switch = bench_switch(b, stances, with_peft=False)
+        switch = bench_switch(b, stances, with_peft=False, with_prepared=False)
         out[name] = {"model_bytes": b.file_bytes, "dtype": b.file_dtype,
                      "commit": {e: r["commit_s"] for e, r in store["encodings"].items()},
                      "apply": switch["apply"], "revert": switch["revert"],
@@ -276,7 +312,26 @@ def targets(r: dict) -> list[dict]:
     ]
     # "less than ZipNN" is strict; the other limits are "at most"
     return [{"issues": i, "target": t, "value": v, "limit": lim,
-             "met": v < lim if "ZipNN" in t else v <= lim} for i, t, v, lim in rows]
+             "met": v < lim if "ZipNN" in t else v <= lim} for i, t, v, lim in rows] + switch_targets(sw)
+
+
+def switch_targets(sw: dict) -> list[dict]:
+    """Issue 17's targets, from the switching figures alone (`--only switch` has no others)."""
+    load = med(sw["load_model_fine_tune"])
+    pr = sw["prepared"]
+    full = max(med(pr["switch full: lossless -> int4"]), med(pr["switch full: int4 -> lossless"]))
+    surgical = med(sw["apply"]["surgical"])
+    rows = [
+        ("17", "switch between prepared stances, full / load_model of the fine-tune", full / load, 1.0),
+        ("17", "switch between prepared stances, packed int4 / load_model",
+         med(pr["switch packed int4 -> int4 g128"]) / load, 3.0),
+        ("17", "cold apply int4 / load_model", med(sw["apply"]["int4"]) / load, 3.0),
+        ("17", "cold apply lossless / load_model", med(sw["apply"]["lossless"]) / load, 3.0),
+    ]
+    out = [{"issues": i, "target": t, "value": v, "limit": lim, "met": v <= lim} for i, t, v, lim in rows]
+    out.append({"issues": "17", "target": "surgical cold apply / load_model (or under 1 ms)", "value": surgical / load,
+                "limit": 0.02, "met": surgical / load <= 0.02 or surgical < 0.001})
+    return out
 
 
 def fmt_t(t: dict) -> str:
@@ -295,12 +350,33 @@ def table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def markdown(r: dict) -> str:
-    lines = [f"Model `{r['model']}` ({r['store']['full_copy_dtype']} full copy, {mb(r['store']['full_copy_bytes'])}), "
-             f"{r['machine']}, {r['date']}; load average {r['load_before'][0]:.1f} before and "
-             f"{r['load_after'][0]:.1f} after; times are median (min-max) of {r['runs']} rounds after a warm-up.", ""]
-    st, enc, p = r["store"], r["store"]["encodings"], r["store"]["peers"]
+    size = f"{r['dtype']} full copy, {mb(r['model_bytes'])}"
+    lines = [f"Model `{r['model']}` ({size}), {r['machine']}, {r['date']}; load average {r['load_before'][0]:.1f} "
+             f"before and {r['load_after'][0]:.1f} after; times are median (min-max) of {r['runs']} rounds after "
+             "a warm-up.", ""]
+    if "store" in r:
+        lines += store_markdown(r["store"])
+    lines += switch_markdown(r["switch"], r.get("store"), r["model_bytes"])
+    if "rss" in r:
+        lines += ["**Peak RSS** (a fresh process per figure; the RSS it started from, after loading the model "
+                  "or opening the store, in brackets)", ""]
+        rows = [[k, f"{v['peak'] / 1e6:.0f} MB", f"{v['start'] / 1e6:.0f} MB",
+                 f"{v['peak'] / r['model_bytes']:.2f}x"] for k, v in r["rss"].items()]
+        lines += table(["operation", "peak RSS", "at start", "of the model file"], rows)
+
+    lines += ["**Targets** (issues 2, 3, 8, 17; set for `qwen0.5b`, a bf16 fine-tune)", ""]
+    rows = [[t["issues"], t["target"], f"{t['value']:.3f}", ("< " if "ZipNN" in t["target"] else "<= ") + f"{t['limit']:g}",
+             "yes" if t["met"] else "no"] for t in r["targets"]]
+    lines += table(["issue", "target", "measured", "limit", "met"], rows)
+    if r.get("growth"):
+        lines += growth_markdown(r["growth"])
+    return "\n".join(lines)
+
+
+def store_markdown(st: dict) -> list[str]:
+    enc, p = st["encodings"], st["peers"]
     zstd = med(p["zstd"]["s"])
-    lines += ["**Bytes stored and time to store**", ""]
+    lines = ["**Bytes stored and time to store**", ""]
     rows = [[f"deltastore commit `{e}`", mb(x["bytes"]), f"{x['fraction']:.3f}", fmt_t(x["commit_s"]),
              f"{med(x['commit_s']) / zstd:.2f}x"] for e, x in enc.items()]
     zipnn_note = "" if p["zipnn"]["roundtrip"] else " (its round trip gave other bytes)"
@@ -314,12 +390,17 @@ def markdown(r: dict) -> str:
               f"{p['peft_lora']['fraction']:.3f}", "", ""],
              [f"`deltastore export-lora --rank {RANK}` (every changed tensor)", mb(p["export_lora"]["bytes"]),
               f"{p['export_lora']['fraction']:.3f}", "", ""]]
-    lines += table(["stored as", "bytes", "of the full copy", "time to store", "vs zstd"], rows)
+    return table(["stored as", "bytes", "of the full copy", "time to store", "vs zstd"], rows)
 
-    sw = r["switch"]
+
+def switch_markdown(sw: dict, st: dict | None, model_bytes: int) -> list[str]:
     load = med(sw["load_model_fine_tune"])
-    lines += ["**Switching a loaded model to the stance, and back**", ""]
-    rows = [[f"deltastore apply `{k}`", fmt_t(t), f"{med(t) / load:.2%}"] for k, t in sw["apply"].items()]
+    lines = ["**Switching a loaded model to the stance, and back**", ""]
+    rows = [[f"deltastore apply `{k}` (cold: hashes the base)", fmt_t(t), f"{med(t) / load:.2%}"]
+            for k, t in sw["apply"].items()]
+    rows += [[f"deltastore apply `{k}`, first in the process (fresh memory)", fmt_t(t), f"{med(t) / load:.2%}"]
+             for k, t in sw.get("apply_fresh_memory", {}).items()]
+    rows += [[f"prepared: {k}", fmt_t(t), f"{med(t) / load:.2%}"] for k, t in sw.get("prepared", {}).items()]
     rows += [["load_model of the full fine-tune", fmt_t(sw["load_model_fine_tune"]), "100.00%"]]
     rows += [[f"PEFT {k}", fmt_t(t), f"{med(t) / load:.2%}"] for k, t in sw["peft"].items()
              if k in ("load_adapter+set_adapter", "set_adapter", "hotswap_adapter")]
@@ -328,22 +409,14 @@ def markdown(r: dict) -> str:
     rows += [[f"PEFT {k}", fmt_t(t), f"{med(t) / load:.2%}"] for k, t in sw["peft"].items()
              if k in ("disable_adapter", "unload")]
     lines += table(["switch", "time", "of load_model"], rows)
+    adapter = f" ({mb(st['peers']['peft_lora']['bytes'])})" if st else ""
     lines.append("PEFT's set_adapter switches between two adapters already in memory; load_adapter reads one "
-                 f"from disk. The adapter is the rank-{RANK} one above ({mb(p['peft_lora']['bytes'])}).\n")
-
-    lines += ["**Peak RSS** (a fresh process per figure; the RSS it started from, after loading the model "
-              "or opening the store, in brackets)", ""]
-    rows = [[k, f"{v['peak'] / 1e6:.0f} MB", f"{v['start'] / 1e6:.0f} MB",
-             f"{v['peak'] / st['full_copy_bytes']:.2f}x"] for k, v in r["rss"].items()]
-    lines += table(["operation", "peak RSS", "at start", "of the model file"], rows)
-
-    lines += ["**Targets** (issues 2, 3, 8; set for `qwen0.5b`, a bf16 fine-tune)", ""]
-    rows = [[t["issues"], t["target"], f"{t['value']:.3f}", ("< " if "ZipNN" in t["target"] else "<= ") + f"{t['limit']:g}",
-             "yes" if t["met"] else "no"] for t in r["targets"]]
-    lines += table(["issue", "target", "measured", "limit", "met"], rows)
-    if r.get("growth"):
-        lines += growth_markdown(r["growth"])
-    return "\n".join(lines)
+                 f"from disk. The adapter is a rank-{RANK} one on all linear layers{adapter}.")
+    if "prepared_bytes" in sw:
+        held = ", ".join(f"{k} {mb(v)} ({v / model_bytes:.2f}x)" for k, v in sw["prepared_bytes"].items())
+        lines.append(f"Memory a prepared stance holds (of the model file): {held}; the first switch also keeps "
+                     "the base bytes of every tensor it touches, until revert.")
+    return lines + [""]
 
 
 def growth_markdown(g: dict) -> list[str]:
@@ -378,6 +451,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--growth", action="store_true", help="commit and apply times at every model size only")
+    parser.add_argument("--only", choices=("switch",), help="only the switching figures (and their targets)")
     args = parser.parse_args()
     if args.runs < 1:
         parser.error("--runs must be at least 1")
@@ -392,13 +466,16 @@ def main() -> None:
             b = Bench(args.model, work, args.runs)
             with phase("prepare: stores, adapter"):
                 b.prepare()
-            with phase("time to store"):
-                result["store"] = bench_store(b)
+            result["model_bytes"], result["dtype"] = b.file_bytes, b.file_dtype
+            if args.only is None:
+                with phase("time to store"):
+                    result["store"] = bench_store(b)
             with phase("time to switch"):
                 result["switch"] = bench_switch(b)
-            with phase("peak RSS"):
-                result["rss"] = bench_rss(b)
-            result["targets"] = targets(result)
+            if args.only is None:
+                with phase("peak RSS"):
+                    result["rss"] = bench_rss(b)
+            result["targets"] = targets(result) if args.only is None else switch_targets(result["switch"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result["load_after"] = os.getloadavg()
