@@ -5,6 +5,10 @@ and verified, every base tensor's id is checked, every result is decoded and che
 the id recorded at commit. Only then are parameters overwritten; an error during that last
 step puts back what was already written. Revert copies the saved base bytes back: it never
 subtracts a delta, so it is exact whatever the encoding.
+
+A base tensor this process has already checked, and that is unchanged since, is not hashed
+again (checked.py); results are decoded into buffers an earlier revert gave back (spare.py).
+For switching many times between the same stances, see prepared.py.
 """
 
 from __future__ import annotations

@@ -81,7 +81,8 @@ def prepare(store: Any, version: Version, *, device: torch.device | str | None =
     where `base add` found them)."""
     if mode not in MODES:
         raise DeltastoreError(f"unknown prepare mode {mode!r}; use 'full' (decoded tensors) or 'packed' (stored codes)")
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    # "cuda" names the current CUDA device, whose tensors say "cuda:0": compare like with like.
+    device = torch.empty(0, device=device).device if device is not None else torch.device("cpu")
     base = store.base(version.base_id)
     source = store.base_source(base, base_weights)
     prepared = []
