@@ -20,7 +20,6 @@ Never reads the store after `prepare`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +28,7 @@ import torch
 from . import checked, encodings, spare
 from .apply import _copy, _each, _interrupts_deferred, match_names, module_tensors
 from .errors import BaseMismatch, DeltastoreError, MissingObject
-from .hashing import DTYPES, bytes_id, tensor_id
+from .hashing import DTYPES, bytes_id, dtype_name, tensor_id
 from .records import TensorEntry, Version
 
 MODES = ("full", "packed")
@@ -90,7 +89,7 @@ def prepare(store: Any, version: Version, *, device: torch.device | str | None =
         if entry.base_tensor_id is None or entry.name not in source:
             raise BaseMismatch(base.id, None, [entry.name], "the base has no tensor of this name to switch from")
         base_tensor = source.get(entry.name)
-        if entry.dtype != _dtype_name(base_tensor) or tuple(entry.shape) != tuple(base_tensor.shape):
+        if entry.dtype != dtype_name(base_tensor.dtype) or tuple(entry.shape) != tuple(base_tensor.shape):
             raise DeltastoreError(f"{version.ref} changes the dtype or shape of {entry.name!r}, which a switch "
                                   "cannot copy in place; apply it with Store.apply instead")
         if tensor_id(base_tensor) != entry.base_tensor_id:
@@ -98,12 +97,6 @@ def prepare(store: Any, version: Version, *, device: torch.device | str | None =
         prepared.append(_prepare_entry(store, version, entry, base_tensor, device, mode))
         source.release(entry.name)
     return PreparedStance(version, mode, device, tuple(prepared))
-
-
-def _dtype_name(t: torch.Tensor) -> str:
-    from .hashing import dtype_name
-
-    return dtype_name(t.dtype)
 
 
 def _prepare_entry(store: Any, version: Version, entry: TensorEntry, base_tensor: torch.Tensor,
@@ -300,7 +293,7 @@ class SwitchHandle:
         for name, t, p in live:
             if name in self._kept:
                 continue
-            if tuple(t.shape) != tuple(p.entry.shape) or _dtype_name(t) != p.entry.dtype:
+            if tuple(t.shape) != tuple(p.entry.shape) or dtype_name(t.dtype) != p.entry.dtype:
                 wrong.append(name)
             elif checked.known_id(t) != p.entry.base_tensor_id:
                 if tensor_id(t) != p.entry.base_tensor_id:
@@ -314,7 +307,14 @@ class SwitchHandle:
     def _write(self, stance: PreparedStance | None, live: list[tuple[str, torch.Tensor, PreparedTensor]]) -> None:
         """Write `stance` into the module, and the base into every kept tensor it leaves out."""
         held = {name: p for name, _, p in live}
-        _, error = _each(_write_one, [(t, held.get(name), base) for name, (t, base, _) in self._kept.items()])
+        # Two tensors at a time (apply._each) are the parallelism: torch's own intra-op
+        # threads would only contend with them (as in commit.in_order).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _, error = _each(_write_one, [(t, held.get(name), base) for name, (t, base, _) in self._kept.items()])
+        finally:
+            torch.set_num_threads(threads)
         if error is not None:
             raise error
 
