@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterator
 
 import click
 
+from deltastore.units import size  # noqa: F401 (the CLI's name for it: output.size)
+
 
 # C0 (newline and tab included: one record is one line), DEL, C1, the bidirectional marks,
 # embeddings, overrides and isolates, the Unicode line and paragraph separators, and lone
@@ -57,16 +59,6 @@ def to_jsonable(value: Any) -> Any:
 
 def emit_json(value: Any) -> None:
     click.echo(json.dumps(to_jsonable(value), indent=2, sort_keys=False))
-
-
-def size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 def table(rows: list[list[Any]], headers: list[str]) -> None:

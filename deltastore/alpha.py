@@ -60,7 +60,7 @@ def load_weightwatcher() -> ModuleType:
     handlers, level = list(root.handlers), root.level
     try:
         with _quiet():
-            import weightwatcher
+            import weightwatcher  # optional (the `alpha` extra) and slow to import: only when asked
     except ImportError as e:
         # Missing itself, or present with a dependency that fails to import: say which.
         why = "which is not installed" if e.name == "weightwatcher" else f"which fails to import ({e})"

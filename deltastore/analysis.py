@@ -369,7 +369,8 @@ def heatmap(
         raise AnalysisError("heatmap needs at least one panel")
 
     # A bare Figure on the Agg canvas, never pyplot: no window, and no change to the
-    # caller's global backend or figure list.
+    # caller's global backend or figure list. matplotlib is optional (the `fidelity` extra) and
+    # slow to import, so it is imported here, only to draw.
     import matplotlib
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg

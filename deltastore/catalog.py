@@ -3,9 +3,10 @@ each version needs, tags, metadata, pending objects and apply journals.
 
 It is a cache of the store's truth (objects, `refs.log`, `journals/`, schema/FORMAT.md §6):
 every ref change is appended to the ref log inside the same write transaction that updates
-these rows, and `fsck --rebuild-catalog` rebuilds it all from the truth. This is the only
-module that speaks SQL. It runs in WAL mode with a busy timeout, so many processes can read and
-write one store; every write is one short `BEGIN IMMEDIATE` transaction, never held while
+these rows, and `fsck --rebuild-catalog` rebuilds it all from the truth. It is the only module
+that speaks SQL but two: index.py compares a catalog with one rebuilt from the truth table by
+table, and upgrade.py reads catalogs of older formats. It runs in WAL mode with a busy
+timeout, so many processes can read and write one store; every write is one short `BEGIN IMMEDIATE` transaction, never held while
 tensors are hashed or compressed. SQLite's failures leave here as `CatalogError`s (a damaged
 catalog names the rebuild, a full disk says so), never as sqlite3 exceptions.
 """
@@ -25,8 +26,8 @@ from typing import Any, Iterator
 import sqlite_utils
 
 from . import journalfiles
-from .errors import CatalogDamaged, CatalogError, DiskFull
-from .reflog import RefLog, tail_id
+from .errors import CatalogDamaged, CatalogError, DiskFull, ReadOnlyStore, RefNotFound, StanceExists
+from .reflog import RefLog, RefLogError, tail_id
 
 # The catalog's schema. It is a cache: a catalog of another schema is rebuilt, never migrated.
 SCHEMA_VERSION = "2"
@@ -152,8 +153,6 @@ def _open_readonly(path: Path) -> sqlite3.Connection:
             raise
     wal = Path(f"{path}-wal")
     if wal.exists() and wal.stat().st_size > 0:
-        from .errors import ReadOnlyStore
-
         raise ReadOnlyStore(str(path.parent), detail="its catalog has a write-ahead log that was never "
                             "checkpointed, which a read-only folder cannot replay; open the store once "
                             "with write access")
@@ -289,8 +288,6 @@ class Catalog:
         offset, tail = int(state.get("log_offset", "0")), state.get("log_tail", "")
         size = self.refs.whole_size()
         if offset > size:
-            from .reflog import RefLogError
-
             raise RefLogError(self.refs.path, f"it has {size} bytes, but the catalog indexed {offset}: it was "
                               "truncated or replaced, and rebuilding the catalog from it would lose versions")
         line = self.refs.line_before(offset)
@@ -364,6 +361,14 @@ class Catalog:
     def bases(self) -> list[dict]:
         return self.query("SELECT * FROM bases ORDER BY created")
 
+    def has_base(self, base_id: str) -> bool:
+        return self.one("SELECT 1 FROM bases WHERE id = ?", [base_id]) is not None
+
+    def base_named(self, name: str, *, other_than: str) -> str | None:
+        """The id of another base that already holds `name` (base names are unique)."""
+        row = self.one("SELECT id FROM bases WHERE name = ? AND id != ?", [name, other_than])
+        return row["id"] if row else None
+
     def base_tensors(self, base_id: str) -> list[dict]:
         return self.query("SELECT * FROM base_tensors WHERE base_id = ? ORDER BY name", [base_id])
 
@@ -377,7 +382,11 @@ class Catalog:
 
     def drop_pending(self, token: str) -> None:
         with self.transaction():
-            self.conn.execute("DELETE FROM pending WHERE token = ?", [token])
+            self.forget_pending(token)
+
+    def forget_pending(self, token: str) -> None:
+        """Inside `transaction()`: a landed commit's objects are no longer pending."""
+        self.conn.execute("DELETE FROM pending WHERE token = ?", [token])
 
     def pending_of(self, token: str) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT object_id FROM pending WHERE token = ?", [token])]
@@ -428,9 +437,17 @@ class Catalog:
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row)) for row in cursor]
 
-    def metadata(self, version_id: str) -> dict[str, str]:
-        return {r["key"]: r["value"] for r in
-                self.query("SELECT key, value FROM metadata WHERE version_id = ? ORDER BY key", [version_id])}
+    def referenced_bytes(self) -> int:
+        """The bytes all versions need, counting an object once per version that needs it."""
+        return self.one("SELECT coalesce(sum(bytes), 0) AS b FROM versions")["b"]
+
+    def bytes_by_stance(self) -> list[dict]:
+        return self.query("SELECT stance, count(*) AS versions, sum(bytes) AS bytes FROM versions "
+                          "GROUP BY stance ORDER BY stance")
+
+    def bytes_by_encoding(self) -> list[dict]:
+        return self.query("SELECT encoding, sum(tensors) AS tensors, sum(bytes) AS bytes FROM version_encodings "
+                          "GROUP BY encoding ORDER BY encoding")
 
     def stances(self) -> list[dict]:
         return self.query(
@@ -513,8 +530,6 @@ class Catalog:
         """Move every version and tag of `old` to `new`, in one transaction. Versions keep their
         ids (manifests are immutable): the catalog's stance column says where a version lives.
         Returns the number of versions moved."""
-        from .errors import RefNotFound, StanceExists
-
         with self.transaction():
             if not self.has_stance(old):
                 raise RefNotFound(old)
@@ -537,8 +552,6 @@ class Catalog:
         """Remove a stance with its versions, entries, metadata and tags, in one transaction.
         Objects stay (gc removes those nothing else references). Returns the removed versions'
         rows (id, number, bytes)."""
-        from .errors import RefNotFound
-
         with self.transaction():
             if not self.has_stance(name):
                 raise RefNotFound(name)

@@ -1,7 +1,10 @@
-"""Every error deltastore raises on purpose.
+"""The root of every error deltastore raises on purpose, and the errors more than one module raises.
 
 One root, `DeltastoreError`, so that callers (and the CLI) can tell a user's mistake or a
-damaged input from a bug. Each subclass carries what went wrong as attributes and subclasses
+damaged input from a bug. An error only one module raises lives beside it: `AlphaUnavailable`
+(alpha.py), `AnalysisError` (analysis.py), `CompareError` (compare.py), `FidelityError`
+(fidelity.py), `LoraError` (lora.py) and `RefLogError` (reflog.py); each subclasses
+`DeltastoreError`. Each subclass carries what went wrong as attributes and subclasses
 the builtin that fits, so `except FileNotFoundError` keeps working for code that knows no
 deltastore. Messages are one line: what is wrong, then what to do.
 """
@@ -9,17 +12,24 @@ deltastore. Messages are one line: what is wrong, then what to do.
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 
 class DeltastoreError(Exception):
     """Root of every error deltastore raises on purpose."""
 
 
-def _cut(text: str) -> str:
-    """A name or ref from outside, cut for a one-line message (names.cut)."""
-    from .names import cut
+# How much of a name from outside an error message shows.
+SHOWN = 60
 
-    return cut(text)
+
+def cut(text: Any, limit: int = SHOWN) -> str:
+    """A name or ref for a one-line message: its first `limit` characters, quoted, and its
+    length when it is longer."""
+    text = str(text)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 class StoreNotFound(DeltastoreError, FileNotFoundError):
@@ -65,7 +75,7 @@ class RefNotFound(DeltastoreError, KeyError):
         self.candidates = candidates or []
         hint = f"; did you mean {', '.join(self.candidates)}?" if self.candidates else \
             "; `deltastore stances` lists what there is"
-        super().__init__(f"no version matches {_cut(ref)}{hint}")
+        super().__init__(f"no version matches {cut(ref)}{hint}")
 
     def __str__(self) -> str:  # KeyError would quote the whole message
         return self.args[0]
@@ -76,7 +86,7 @@ class AmbiguousRef(DeltastoreError, LookupError):
         self.ref = ref
         self.candidates = candidates
         super().__init__(
-            f"{_cut(ref)} matches {len(candidates)} versions ({', '.join(candidates)}); "
+            f"{cut(ref)} matches {len(candidates)} versions ({', '.join(candidates)}); "
             "give more digits"
         )
 
@@ -116,6 +126,19 @@ class CorruptObject(DeltastoreError, ValueError):
         self.reason = reason
         super().__init__(
             f"object {object_id} is corrupt ({reason}); run `deltastore fsck` to see what it breaks"
+        )
+
+
+class ResultMismatch(DeltastoreError, ValueError):
+    """A tensor decoded to other bytes than the result id its version recorded at commit."""
+
+    def __init__(self, tensor: str, ref: str, *, nothing_changed: bool = False):
+        self.tensor = tensor
+        self.ref = ref
+        super().__init__(
+            f"tensor {cut(tensor)} of {ref} decodes to other bytes than at commit (a corrupt object, or "
+            f"another torch build's arithmetic){'; nothing was changed' if nothing_changed else ''}; "
+            "`deltastore fsck --read-data` checks the objects"
         )
 
 
@@ -180,7 +203,7 @@ class NonFiniteTensor(DeltastoreError, ValueError):
 class StanceExists(DeltastoreError, FileExistsError):
     def __init__(self, stance: str):
         self.stance = stance
-        super().__init__(f"a stance named {_cut(stance)} already exists; choose another name, "
+        super().__init__(f"a stance named {cut(stance)} already exists; choose another name, "
                          f"or delete it first (`deltastore stance delete {stance}`)")
 
 
@@ -190,7 +213,7 @@ class TagNotFound(DeltastoreError, KeyError):
         self.tag = tag
         self.candidates = candidates or []
         known = f"; its tags: {', '.join(self.candidates)}" if self.candidates else "; it has no tags"
-        super().__init__(f"stance {_cut(stance)} has no tag {_cut(tag)}{known}")
+        super().__init__(f"stance {cut(stance)} has no tag {cut(tag)}{known}")
 
     def __str__(self) -> str:
         return self.args[0]
@@ -263,7 +286,7 @@ class HubConflict(HubError, FileExistsError):
 class HubStanceNotFound(HubError, LookupError):
     def __init__(self, repo_id: str, revision: str | None, stance: str, known: list[str]):
         self.stance = stance
-        super().__init__(f"Hub repo {repo_id} has no version of stance {_cut(stance)} at {revision or 'main'}; "
+        super().__init__(f"Hub repo {repo_id} has no version of stance {cut(stance)} at {revision or 'main'}; "
                          f"it has {', '.join(known) or 'none'}", repo_id=repo_id, revision=revision)
 
 

@@ -13,6 +13,8 @@ from typing import Any, Iterable
 import blake3
 import torch
 
+from .errors import ModelFormatError
+
 ALGORITHM = "b3"
 
 # safetensors' names for dtypes: the one vocabulary for dtypes in manifests and the catalog.
@@ -41,8 +43,6 @@ def dtype_name(dtype: torch.dtype) -> str:
     try:
         return DTYPE_NAMES[dtype]
     except KeyError:
-        from .errors import ModelFormatError
-
         raise ModelFormatError(f"tensors of dtype {dtype} are not supported") from None
 
 

@@ -14,15 +14,19 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import torch
 
 from .errors import MetadataError, RefNotFound
-from .names import check_metadata
+from .names import check_metadata, check_stance_name
 from .records import Version
 
-# Norms in float64 over chunks of this many elements (as commit does).
+if TYPE_CHECKING:  # store.py imports this module, so Store is imported for types only
+    from .store import Store
+
+# diff's norms accumulate in float64 over chunks of this many elements, since diff reports a
+# relative difference to 6 significant digits (commit's norms accumulate in fp32: a different job).
 CHUNK = 1 << 24
 MAX_METADATA_FILE = 1 << 20
 
@@ -75,7 +79,7 @@ class StanceDeleted:
     orphaned: tuple[str, ...]  # versions of other stances whose parent was removed
 
 
-def diff(store: Any, a: str | Version, b: str | Version, *, base_weights: Any = None) -> Diff:
+def diff(store: Store, a: str | Version, b: str | Version, *, base_weights: Any = None) -> Diff:
     va, vb = store.resolve(a), store.resolve(b)
     side_a, side_b = _Side(store, va, base_weights), _Side(store, vb, base_weights)
     out, unchanged = [], 0
@@ -103,7 +107,7 @@ def diff(store: Any, a: str | Version, b: str | Version, *, base_weights: Any = 
 class _Side:
     """One version's tensors as apply would produce them: result ids known without loading."""
 
-    def __init__(self, store: Any, version: Version, base_weights: Any):
+    def __init__(self, store: Store, version: Version, base_weights: Any):
         self.store, self.version, self.base_weights = store, version, base_weights
         self.entries = {e.name: e for e in version.tensors}
         self.base = store.base_tensors(version.base_id)
@@ -142,9 +146,7 @@ def rel_difference(a: torch.Tensor, b: torch.Tensor) -> float | None:
 # -- stances ---------------------------------------------------------------------------------
 
 
-def rename_stance(store: Any, old: str, new: str) -> StanceRenamed:
-    from .store import check_stance_name
-
+def rename_stance(store: Store, old: str, new: str) -> StanceRenamed:
     check_stance_name(new)
     if old == new:
         if not store.catalog.has_stance(old):
@@ -157,7 +159,7 @@ def rename_stance(store: Any, old: str, new: str) -> StanceRenamed:
     return StanceRenamed(old, new, moved)
 
 
-def delete_stance(store: Any, name: str) -> StanceDeleted:
+def delete_stance(store: Store, name: str) -> StanceDeleted:
     if not store.catalog.has_stance(name):
         raise RefNotFound(name, store._close_refs(name))
     ids = [r["id"] for r in store.catalog.versions(name)]
@@ -172,7 +174,7 @@ def delete_stance(store: Any, name: str) -> StanceDeleted:
                          only_here, orphaned)
 
 
-def _size_of(store: Any, object_id: str) -> int:
+def _size_of(store: Store, object_id: str) -> int:
     try:
         return store.objects.size(object_id)
     except FileNotFoundError:

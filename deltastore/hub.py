@@ -1,7 +1,7 @@
 """Sharing versions through the Hugging Face Hub: `push` and `pull`.
 
 The only module that imports `huggingface_hub`, and only when called, so that the rest of the
-library works without it. It owns the repo layout (schema/HUB.md), the mapping of the client's
+library works without it. It owns the repo layout (schema/FORMAT.md, section 9), the mapping of the client's
 errors to deltastore's (one line each, with the repo and revision), and the checks on what a
 pull brings in. A pulled repo is untrusted: every name, size and hash in it is checked, file by
 file, before `Store.ingest` stores anything, and that stores all the pulled versions in one
@@ -44,12 +44,14 @@ import torch
 from .errors import (DeltastoreError, HubAccessDenied, HubConflict, HubError, HubRepoNotFound,
                      HubRequestRefused, HubRevisionNotFound, HubStanceNotFound, HubUnreachable,
                      LocalStanceDiffers, ModelFormatError, NotADeltaRepo, PulledBaseMissing, PulledDataRejected,
-                     UnsafeInput, VersionConflict)
+                     UnsafeInput)
 from .hashing import bytes_id, canonical_json, is_id, manifest_id
 from .models import TensorInfo, read_header, safe_relative, write_safetensors
 from .names import check_stance_name, name_problem
 from .limits import load_json, read_bounded
 from .records import Version, check_manifest, parse_manifest
+from .store import Store
+from .units import size
 
 INDEX_FILE = "deltastore.json"
 CARD_FILE = "README.md"
@@ -104,7 +106,7 @@ class PullResult:
 # -- push ----------------------------------------------------------------------------------------
 
 
-def push(store: Any, refs: Sequence[str], repo_id: str, *, revision: str | None = None,
+def push(store: Store, refs: Sequence[str], repo_id: str, *, revision: str | None = None,
          private: bool = False, token: str | None = None, endpoint: str | None = None,
          progress: bool = True) -> PushResult:
     """Upload versions to a Hub repo (created if missing, `private` then), as one commit on the
@@ -160,7 +162,7 @@ def push(store: Any, refs: Sequence[str], repo_id: str, *, revision: str | None 
 
 
 @contextmanager
-def _work_folder(store: Any, what: str) -> Iterator[str]:
+def _work_folder(store: Store, what: str) -> Iterator[str]:
     """A folder for the files a push writes before uploading them (up to the size of what it
     pushes), removed on every way out. It lies in the store's tmp/, named `<pid>-<what>-<hex>`,
     so that a push killed on the way leaves it where `fsck --repair` and gc find it, never
@@ -246,7 +248,7 @@ def _hub_version(entry: dict, stance: str) -> HubVersion:
                       entry["files"]["manifest"])
 
 
-def _version_files(store: Any, v: Version, tmp: Path) -> dict[str, Path]:
+def _version_files(store: Store, v: Version, tmp: Path) -> dict[str, Path]:
     """Write a version's payload file and manifest under `tmp`: path in the repo -> local file."""
     entry = _index_entry(v)
     m = v.manifest()
@@ -312,14 +314,14 @@ def model_card(repo_id: str, index: dict) -> str:
                     "| base id | name | Hub id | tensors | size |", "| --- | --- | --- | --- | --- |"]
     for bid, b in sorted(index["bases"].items()):
         lines.append(f"| `{bid[:19]}` | {cell(b.get('name') or '-')} | {cell(b.get('hub_id') or '-')} | "
-                     f"{b.get('tensors', '-')} | {_size(b.get('bytes'))} |")
+                     f"{b.get('tensors', '-')} | {size(b.get('bytes'))} |")
     lines += ["", "## Stances", "",
               "| stance | version | revision | id | encodings | tensors | size | created | message |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for stance, entries in sorted(index["stances"].items()):
         for e in entries:
             lines.append(f"| {cell(stance)} | {e['number']} | `{e['tag']}` | `{e['id'][:15]}` | "
-                         f"{cell(', '.join(e['encodings']))} | {e['tensors']} | {_size(e['bytes'])} | "
+                         f"{cell(', '.join(e['encodings']))} | {e['tensors']} | {size(e['bytes'])} | "
                          f"{cell(e['created'][:10])} | {cell(e['message'] or '-')} |")
     first = next(((s, es[-1]) for s, es in sorted(index["stances"].items()) if es), None)
     ref = f"{first[0]}@{first[1]['number']}" if first else "STANCE@N"
@@ -346,20 +348,10 @@ def model_card(repo_id: str, index: dict) -> str:
     return "\n".join(lines)
 
 
-def _size(n: Any) -> str:
-    if not isinstance(n, int):
-        return "-"
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
-
-
 # -- pull ----------------------------------------------------------------------------------------
 
 
-def pull(store: Any, repo_id: str, *, revision: str | None = None, stance: str | None = None,
+def pull(store: Store, repo_id: str, *, revision: str | None = None, stance: str | None = None,
          into: str | None = None, token: str | None = None, endpoint: str | None = None,
          cache_dir: str | os.PathLike | None = None, force_download: bool = False,
          progress: bool = True) -> PullResult:
@@ -576,7 +568,7 @@ def _check_manifest_file(text: bytes, hv: HubVersion, repo_id: str, revision: st
     return m, v
 
 
-def _check_against_store(store: Any, planned: list[tuple[HubVersion, dict, Version]], index: dict,
+def _check_against_store(store: Store, planned: list[tuple[HubVersion, dict, Version]], index: dict,
                          repo_id: str, revision: str | None, local: dict[str, str]
                          ) -> list[tuple[HubVersion, dict, Version]]:
     """Refuse versions the store cannot take (no such base here, a local stance holding versions
@@ -595,12 +587,8 @@ def _check_against_store(store: Any, planned: list[tuple[HubVersion, dict, Versi
         if v.base_id not in bases:
             hub_id = (index["bases"].get(v.base_id) or {}).get("hub_id")
             raise PulledBaseMissing(repo_id, revision, v.ref, v.base_id, hub_id)
-        if store.catalog.version(v.id):
-            continue
-        row = store.catalog.version_at(local.get(v.stance, v.stance), v.number)
-        if row is not None:
-            raise VersionConflict(local.get(v.stance, v.stance), v.number, row["id"], v.id)
-        todo.append((hv, m, v))
+        if store.is_new(replace(v, stance=local.get(v.stance, v.stance))):
+            todo.append((hv, m, v))
     return todo
 
 

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 from . import journalfiles
 from .catalog import Catalog, dumps
+from .durable import fsync_dir
 from .errors import CorruptObject, DeltastoreError, MissingObject
 from .hashing import base_id as compute_base_id
 from .hashing import canonical_json
@@ -112,7 +113,7 @@ def _removed_later(records: list[dict]) -> set[str]:
 def apply_record(cat: Catalog, objects: ObjectStore, r: dict, unindexed: Unindexed | None = None) -> None:
     op = r["op"]
     if op == "base":
-        if cat.one("SELECT 1 FROM bases WHERE id = ?", [r["id"]]) is None:
+        if not cat.has_base(r["id"]):
             rec = _read_json(objects, r["record"], f"base {r['name'] or r['id'][:19]}", unindexed)
             if rec is None:
                 return
@@ -300,11 +301,7 @@ def install(root: Path, built: Path) -> None:
     for stale in ("catalog.db-wal", "catalog.db-shm"):
         (root / stale).unlink(missing_ok=True)
     os.replace(built, root / "catalog.db")
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(root)
 
 
 def _refuse_a_log_behind_the_catalog(root: Path, refs: RefLog) -> None:

@@ -8,7 +8,8 @@ import json
 import os
 from pathlib import Path
 
-from .errors import DiskFull, is_disk_full
+from .durable import fsync_dir, replace_file
+from .errors import DeltastoreError, DiskFull, is_disk_full
 from .hashing import canonical_json
 
 FOLDER = "journals"
@@ -27,24 +28,18 @@ def write(root: Path, row: dict, object_ids: list[str]) -> None:
     record["objects"] = sorted(set(object_ids))
     tmp = Path(root) / "tmp" / f"{os.getpid()}-journal-{row['id']}.tmp"
     try:
-        with open(tmp, "wb") as f:
-            f.write(canonical_json(record))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, where / f"{row['id']}.json")
+        replace_file(where / f"{row['id']}.json", canonical_json(record), tmp)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
         if is_disk_full(e):
             raise DiskFull() from None
         raise
-    _fsync_dir(where)
 
 
 def remove(root: Path, journal_id: str) -> None:
     path = folder(root) / f"{journal_id}.json"
     if path.exists():
         path.unlink()
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 def ids(root: Path) -> set[str]:
@@ -54,8 +49,6 @@ def ids(root: Path) -> set[str]:
 
 def read_all(root: Path) -> list[dict]:
     """Every journal file, as its record (`objects` included), oldest first."""
-    from .errors import DeltastoreError
-
     out = []
     where = folder(root)
     if not where.is_dir():
@@ -72,11 +65,3 @@ def read_all(root: Path) -> list[dict]:
                                   f"an in-place apply: restore it from a backup") from None
         out.append(record)
     return sorted(out, key=lambda r: (r.get("created", ""), r["id"]))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

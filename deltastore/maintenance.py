@@ -27,12 +27,15 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from . import index, journalfiles
 from .errors import REBUILD_HINT, CorruptObject, DeltastoreError, GcRefused, MissingObject
 from .hashing import is_id
 from .objects import HEADER, MAGIC
+
+if TYPE_CHECKING:  # store.py imports this module, so Store is imported for types only
+    from .store import Store
 
 # A temporary file younger than this may belong to a write in progress (of another host).
 TMP_GRACE_S = 3600
@@ -76,7 +79,7 @@ class FsckReport:
         return {p.kind for p in self.problems}
 
 
-def _truth(store: Any) -> tuple[Any, dict, Any, list[str]]:
+def _truth(store: Store) -> tuple[Any, dict, Any, list[str]]:
     """In one snapshot of the catalog: the truth replayed up to the log offset the catalog
     indexed, the catalog's rows fsck and gc read, the index the truth gives, and where the
     catalog differs from it (SQLite's own structural check first)."""
@@ -100,7 +103,7 @@ def _truth(store: Any) -> tuple[Any, dict, Any, list[str]]:
     return true, rows, unindexed, diffs
 
 
-def fsck(store: Any, *, read_data: bool = False, repair: bool = False) -> FsckReport:
+def fsck(store: Store, *, read_data: bool = False, repair: bool = False) -> FsckReport:
     objects = store.objects
     problems: list[Problem] = []
     true, rows, unindexed, diffs = _truth(store)
@@ -175,7 +178,7 @@ def fsck(store: Any, *, read_data: bool = False, repair: bool = False) -> FsckRe
     return FsckReport(tuple(problems), checked, len(versions), tuple(repaired))
 
 
-def _check_objects(store: Any, rows: dict[str, dict], users: dict[str, set[str]], referenced: set[str],
+def _check_objects(store: Store, rows: dict[str, dict], users: dict[str, set[str]], referenced: set[str],
                    journal_links: list[dict], read_data: bool) -> tuple[int, list[Problem]]:
     objects = store.objects
     problems: list[Problem] = []
@@ -294,7 +297,7 @@ class GcResult:
     tmp_files_removed: tuple[str, ...] = ()
 
 
-def gc_plan(store: Any) -> GcPlan:
+def gc_plan(store: Store) -> GcPlan:
     """What gc would remove now: every object that no version, base, journal or live commit
     needs. Refuses (GcRefused) when the catalog is damaged or disagrees with the truth."""
     cat, objects = store.catalog, store.objects
@@ -333,7 +336,7 @@ def gc_plan(store: Any) -> GcPlan:
     return GcPlan(tuple(doomed), sum(sizes) + tmp_bytes, tuple(sizes), tmp_files, tuple(dead), rows_only)
 
 
-def gc(store: Any, plan: GcPlan | None = None, *, batch: int = 200) -> GcResult:
+def gc(store: Store, plan: GcPlan | None = None, *, batch: int = 200) -> GcResult:
     plan = plan or gc_plan(store)
     removed, skipped, freed = [], [], 0
     cat = store.catalog
@@ -391,17 +394,14 @@ class Stats:
     catalog_bytes: int
 
 
-def stats(store: Any) -> Stats:
+def stats(store: Store) -> Stats:
     cat = store.catalog
     # The objects versions need (rows of objects only deleted versions needed wait for gc).
     rows = cat.object_rows(needed_only=True)
     stored = sum(r["size"] for r in rows)
-    referenced = cat.one("SELECT coalesce(sum(bytes), 0) AS b FROM versions")["b"]
-    by_stance = {r["stance"]: {"versions": r["versions"], "bytes": r["bytes"]} for r in cat.query(
-        "SELECT stance, count(*) AS versions, sum(bytes) AS bytes FROM versions GROUP BY stance ORDER BY stance")}
-    by_encoding = {r["encoding"]: {"tensors": r["tensors"], "bytes": r["bytes"]} for r in cat.query(
-        "SELECT encoding, sum(tensors) AS tensors, sum(bytes) AS bytes FROM version_encodings GROUP BY encoding "
-        "ORDER BY encoding")}
+    referenced = cat.referenced_bytes()
+    by_stance = {r["stance"]: {"versions": r["versions"], "bytes": r["bytes"]} for r in cat.bytes_by_stance()}
+    by_encoding = {r["encoding"]: {"tensors": r["tensors"], "bytes": r["bytes"]} for r in cat.bytes_by_encoding()}
     catalog_bytes = sum(p.stat().st_size for p in store.root.glob("catalog.db*"))
     return Stats(len(rows), stored, referenced, max(referenced - stored, 0), by_stance, by_encoding, catalog_bytes)
 

@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import torch
+# safetensors' own rule for which name of a tied (aliased) tensor a file keeps; private, so its
+# use is pinned by tests/test_commit_export.py's tied-weights round trip.
+from safetensors.torch import _remove_duplicate_names
 
 from .errors import ModelFormatError, PickleRefused, UnsafeInput
 from .hashing import DTYPES, dtype_name
@@ -316,8 +319,6 @@ def open_files(path: Path, *, mapped: bool = False, files: list[Path] | None = N
 def module_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A module's tensors by the names its safetensors file would use: tied (aliased) tensors
     once, under the name that safetensors' and transformers' own saving keep."""
-    from safetensors.torch import _remove_duplicate_names
-
     state = module.state_dict(keep_vars=True)
     tied = getattr(module, "all_tied_weights_keys", None) or getattr(module, "_tied_weights_keys", None) or []
     discard = list(tied.keys()) if isinstance(tied, dict) else list(tied)
@@ -343,8 +344,6 @@ def open_model(model: str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.
     if isinstance(model, torch.nn.Module):
         return open_tensors(module_state(model))
     if isinstance(model, Mapping):
-        from safetensors.torch import _remove_duplicate_names
-
         state = dict(model)
         # A state dict has lost its module's list of tied names. Hugging Face language models
         # tie `lm_head.weight` to the input embedding and save the latter: keep that one too, so

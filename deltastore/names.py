@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .errors import MetadataError, UnsafeInput
+from .errors import MetadataError, UnsafeInput, cut
 from .limits import is_text
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -32,17 +32,6 @@ MAX_MESSAGE = 1 << 16
 MAX_METADATA_KEY = 128
 MAX_METADATA_VALUE = 1 << 16
 MAX_METADATA_KEYS = 1024
-# How much of a name from outside an error message shows.
-SHOWN = 60
-
-
-def cut(text: Any, limit: int = SHOWN) -> str:
-    """A name or ref for a one-line message: its first `limit` characters, quoted, and its
-    length when it is longer."""
-    text = str(text)
-    if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def check_stance_name(name: str) -> str:

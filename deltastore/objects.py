@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Iterator
 
 import zstandard
 
+from .durable import fsync_dir
 from .errors import CorruptObject, DiskFull, MissingObject, UnsafeInput, is_disk_full
 from .hashing import ALGORITHM, bytes_id, hasher, hexdigest_id, is_id
 from .pools import pool
@@ -166,14 +167,14 @@ class ObjectStore:
                 raise DiskFull() from None
             raise
         if sync_dir:
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         else:
             self._unsynced_dirs.add(path.parent)
 
     def sync(self) -> None:
         """Make every rename done with `sync_dir=False` durable."""
         while self._unsynced_dirs:
-            _fsync_dir(self._unsynced_dirs.pop())
+            fsync_dir(self._unsynced_dirs.pop())
 
     def get(self, object_id: str, *, raw_size: int | None = None) -> bytes | bytearray:
         """The payload of an object, verified against its id (and its expected size)."""
@@ -228,9 +229,6 @@ class ObjectStore:
         except FileNotFoundError:
             return 0
         return size
-
-    def temporary_files(self) -> list[Path]:
-        return sorted(self.tmp.glob("*.tmp")) if self.tmp.is_dir() else []
 
 
 def default_threads() -> int:
@@ -380,11 +378,3 @@ def _bounded_decompress(object_id: str, body: memoryview, declared: int) -> byte
                                        f"bytes, header declares {declared}")
     del out[declared:]
     return out
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -24,16 +24,22 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, TYPE_CHECKING
 
 import torch
 
-from .errors import BaseMismatch, DeltastoreError, JournalError, ModelFormatError, SharedFile, shown_names
-from .hashing import base_id, bytes_id, tensor_id
+from .catalog import now
+from .errors import (BaseMismatch, DeltastoreError, JournalError, ModelFormatError, ResultMismatch, SharedFile,
+                     shown_names)
+from .hashing import base_id, bytes_id, dtype_name, tensor_id
+from .maintenance import GcPlan, gc
 from .models import (INDEX_FILE, TensorInfo, TensorSource, open_files, other_files, read_tensor,
                      write_safetensors)
 from .records import Version
 from .target import FileId, Target, break_links, fd_id, patch_lock, resolve
+
+if TYPE_CHECKING:  # store.py imports this module, so Store is imported for types only
+    from .store import Store
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,7 @@ class Journal:
     regions: int
 
 
-def apply_in_place(store: Any, version: Version, path: Path, *, allow_links: bool = False) -> Journal:
+def apply_in_place(store: Store, version: Version, path: Path, *, allow_links: bool = False) -> Journal:
     """`allow_links`: give each hard-linked file a private copy first (`apply --break-links`)."""
     with patch_lock(store.root, resolve(path)):
         target = resolve(path)  # again, now that no other patch can change it
@@ -60,7 +66,7 @@ def apply_in_place(store: Any, version: Version, path: Path, *, allow_links: boo
         for entry, info, base in regions:
             result = store.decode_entry(entry, base)
             if tensor_id(result) != entry.result_tensor_id:
-                raise DeltastoreError(f"tensor {entry.name!r} decodes to other bytes than at commit; nothing was changed")
+                raise ResultMismatch(entry.name, version.ref, nothing_changed=True)
             results.append(result)
         if allow_links:
             target = break_links(target)
@@ -78,7 +84,7 @@ def apply_in_place(store: Any, version: Version, path: Path, *, allow_links: boo
         return Journal(journal["id"], journal["target"], version.id, "applied", len(regions))
 
 
-def _base_regions(store: Any, version: Version, target: Target,
+def _base_regions(store: Store, version: Version, target: Target,
                   source: TensorSource) -> list[tuple[Any, TensorInfo, torch.Tensor]]:
     """Every region the version overwrites, with the base bytes it holds now; refuses a target
     that is not the version's base, naming what it is instead, before anything else."""
@@ -108,7 +114,7 @@ def _base_regions(store: Any, version: Version, target: Target,
     return regions
 
 
-def _not_the_base(store: Any, version: Version, target: Target, source: TensorSource,
+def _not_the_base(store: Store, version: Version, target: Target, source: TensorSource,
                   wrong: list[str]) -> BaseMismatch:
     """What the target is, since it is not the version's base: another registered base, the
     version's own result, or an unknown model. (`--out` reads the same base, so it would fail
@@ -162,7 +168,7 @@ def _open_for_writing(target: Target, names: list[str], verb: str, journal: list
     return handles
 
 
-def _record(store: Any, version: Version, target: Target, regions: list) -> tuple[dict, list[str]]:
+def _record(store: Store, version: Version, target: Target, regions: list) -> tuple[dict, list[str]]:
     """The originals first, then the journal that points at them."""
     token = uuid.uuid4().hex
     plan = {"root": str(target.root), "identity": [f.to_json() for f in target.files],
@@ -179,14 +185,14 @@ def _record(store: Any, version: Version, target: Target, regions: list) -> tupl
                                     "end": info.end, "original": oid, "base": entry.base_tensor_id,
                                     "result": entry.result_tensor_id})
         journal = {"id": uuid.uuid4().hex, "target": str(target.model), "version_id": version.id,
-                   "state": "applying", "plan": json.dumps(plan, sort_keys=True), "created": _now()}
+                   "state": "applying", "plan": json.dumps(plan, sort_keys=True), "created": now()}
         store.catalog.add_journal(journal, originals, token)
     finally:
         store.catalog.drop_pending(token)
     return journal, originals
 
 
-def _write_or_roll_back(store: Any, target: Target, journal: dict, originals: list[str],
+def _write_or_roll_back(store: Store, target: Target, journal: dict, originals: list[str],
                         by_file: dict[str, list], handles: dict[str, BinaryIO]) -> None:
     """Overwrite the regions, file by file. A write that fails puts the base bytes back into
     every file written so far and drops the journal; if that fails too, says how far it got."""
@@ -218,15 +224,13 @@ def _write_regions(fh: BinaryIO, regions: list[tuple[int, Any]]) -> None:
     os.fsync(fh.fileno())
 
 
-def _drop(store: Any, journal_id: str, originals: list[str]) -> None:
+def _drop(store: Store, journal_id: str, originals: list[str]) -> None:
     store.catalog.drop_journal(journal_id)
     # The saved originals were this journal's alone; remove them now unless shared.
-    from .maintenance import GcPlan, gc
-
     gc(store, GcPlan(tuple(sorted(set(originals))), 0))
 
 
-def revert_in_place(store: Any, path: Path) -> list[Journal]:
+def revert_in_place(store: Store, path: Path) -> list[Journal]:
     given = Path(path)
     if not given.exists():
         here = {os.path.abspath(given), os.path.join(os.path.realpath(given.parent), given.name)}
@@ -247,7 +251,7 @@ def revert_in_place(store: Any, path: Path) -> list[Journal]:
         return [_revert_one(store, target, row) for row in reversed(rows)]
 
 
-def _revert_one(store: Any, target: Target, row: dict) -> Journal:
+def _revert_one(store: Store, target: Target, row: dict) -> Journal:
     plan = json.loads(row["plan"])
     recorded = _journal_files(row)
     if recorded is None:
@@ -298,7 +302,7 @@ def _journal_files(row: dict) -> list[FileId] | None:
     return None if ids is None else [FileId.from_json(d) for d in ids]
 
 
-def journals_on(store: Any, target: Target) -> list[dict]:
+def journals_on(store: Store, target: Target) -> list[dict]:
     """The open journals of a target: those that recorded one of its files (by device and
     inode, whatever path reached it). A journal from before identities matches by its path."""
     out = []
@@ -310,7 +314,7 @@ def journals_on(store: Any, target: Target) -> list[dict]:
     return out
 
 
-def open_journal_on(store: Any, path: str | os.PathLike) -> str | None:
+def open_journal_on(store: Store, path: str | os.PathLike) -> str | None:
     """If a stance is applied in place to the model at `path`: a line saying so and how to undo
     it, for errors about that model's weights."""
     try:
@@ -324,7 +328,7 @@ def open_journal_on(store: Any, path: str | os.PathLike) -> str | None:
             f"run `deltastore revert {path}` first")
 
 
-def _applied(store: Any, row: dict) -> str:
+def _applied(store: Store, row: dict) -> str:
     v = store.catalog.version(row["version_id"])
     return f"{v['stance']}@{v['number']}" if v else f"version {row['version_id'][:19]}"
 
@@ -363,7 +367,7 @@ def write_model(out: Path, source_infos: dict[str, TensorInfo], tensor: Callable
         def counted(name: str) -> torch.Tensor:
             nonlocal done
             t = tensor(name)
-            written[name] = TensorInfo(name, _dtype(t), tuple(t.shape))
+            written[name] = TensorInfo(name, dtype_name(t.dtype), tuple(t.shape))
             done += 1
             if progress:
                 progress(done, total)
@@ -386,15 +390,3 @@ def write_model(out: Path, source_infos: dict[str, TensorInfo], tensor: Callable
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _dtype(t: torch.Tensor) -> str:
-    from .hashing import dtype_name
-
-    return dtype_name(t.dtype)
-
-
-def _now() -> str:
-    from .catalog import now
-
-    return now()

@@ -12,6 +12,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import names
+from .errors import UnsafeInput
+from .hashing import DTYPES, is_id, manifest_id
+from .limits import load_json, shown
+from .models import check_name
+
 MANIFEST_FORMAT = "deltastore/version/1"
 # Bounds on a manifest from outside, checked before it is parsed (FORMAT.md, section 9). A
 # manifest is ~400 bytes per tensor entry; the largest models have tens of thousands of tensors.
@@ -175,9 +181,6 @@ def manifest(*, stance: str, number: int, parent: str | None, base_id: str, enco
 def parse_manifest(text: str | bytes) -> dict:
     """A manifest's text as a dict, refused before parsing when it is larger or holds more
     objects and lists than a manifest of `MAX_TENSORS` entries can."""
-    from .errors import UnsafeInput
-    from .limits import load_json
-
     m = load_json(text, "manifest", max_bytes=MAX_MANIFEST_BYTES,
                   max_containers=_CONTAINERS_PER_ENTRY * MAX_TENSORS + 64)
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
@@ -201,11 +204,6 @@ def check_manifest(m: Any) -> Version:
     """A manifest from outside (a pull), checked field by field before anything reads it as a
     version: types, ids, names (no path separators or '..'), sizes. Returns the version it
     describes, with its id computed here rather than believed."""
-    from .errors import UnsafeInput
-    from .hashing import DTYPES, is_id, manifest_id
-    from .limits import shown
-    from .models import check_name
-
     def need(ok: bool, what: str) -> None:
         if not ok:
             raise UnsafeInput(f"manifest: {what}")
@@ -217,8 +215,6 @@ def check_manifest(m: Any) -> Version:
     keys = {"format", "stance", "number", "parent", "base", "encoding", "selection", "message",
             "metadata", "created", "tensors"}
     need(set(m) == keys, f"fields must be {sorted(keys)}")
-    from . import names
-
     problem = names.name_problem(m["stance"])
     need(problem is None and ".." not in m["stance"], (problem or f"stance name {shown(m['stance'])} is not allowed"))
     need(is_int(m["number"]) and 1 <= m["number"] < 1 << 31, "number must be a positive integer")
@@ -240,12 +236,12 @@ def check_manifest(m: Any) -> Version:
          "created and encoding must be short strings")
     need(isinstance(m["tensors"], list), "tensors must be a list")
     need(len(m["tensors"]) <= MAX_TENSORS, f"{len(m['tensors'])} tensor entries, more than the {MAX_TENSORS} allowed")
-    names = set()
+    seen = set()
     for t in m["tensors"]:
         need(isinstance(t, dict) and isinstance(t.get("name"), str), "a tensor entry without a name")
         check_name(t["name"])
-        need(t["name"] not in names, f"tensor {t['name']!r} appears twice")
-        names.add(t["name"])
+        need(t["name"] not in seen, f"tensor {t['name']!r} appears twice")
+        seen.add(t["name"])
         need(isinstance(t.get("dtype"), str) and t["dtype"] in DTYPES, f"tensor {t['name']!r}: unknown dtype")
         # Each dimension bounded too: an empty tensor (one dimension 0) has no size to bound the rest.
         need(isinstance(t.get("shape"), list) and len(t["shape"]) <= MAX_DIMS

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from .durable import fsync_dir, replace_file
 from .errors import DeltastoreError, DiskFull, is_disk_full
 from .hashing import bytes_id, canonical_json
 
@@ -127,7 +128,7 @@ class RefLog:
         finally:
             os.close(fd)
         if new:
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         return before, before + len(data), line_of(records[-1])
 
     def truncate(self, offset: int) -> None:
@@ -141,11 +142,7 @@ class RefLog:
 
     def write_all(self, records: list[dict], tmp: Path) -> None:
         """Write a whole new log atomically (upgrade): to `tmp`, fsynced, renamed."""
-        tmp.write_bytes(b"".join(line_of(r) for r in records))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        replace_file(self.path, b"".join(line_of(r) for r in records), tmp)
 
 
 def parse(line: bytes, path: Path, offset: int) -> dict:
@@ -156,11 +153,3 @@ def parse(line: bytes, path: Path, offset: int) -> dict:
     if not isinstance(record, dict) or OPS.get(record.get("op")) != set(record) - {"op"}:
         raise RefLogError(path, f"the record ending at byte {offset} is not a ref record of this version")
     return record
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

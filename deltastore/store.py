@@ -31,16 +31,22 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from . import encodings, index, names
+from .apply import apply_module
 from .catalog import Catalog, dumps, now
-from .errors import (AmbiguousRef, BaseMismatch, BaseNotFound, DeltastoreError, JournalError, ModelFormatError,
-                     NothingToCommit, OldStoreFormat, RefNotFound, StoreExists, StoreNotFound, UnsafeInput,
-                     VersionConflict, shown_names)
-from .hashing import DTYPES, tensor_id, canonical_json
+from .commit import build_entries, sq_norm
+from .errors import (AmbiguousRef, BaseMismatch, BaseNotFound, DeltastoreError, JournalError,
+                     ModelFormatError, NothingToCommit, OldStoreFormat, ReadOnlyStore, RefNotFound, ResultMismatch,
+                     StoreExists, StoreNotFound, TagNotFound, UnsafeInput, VersionConflict, shown_names)
+from .hashing import DTYPES, base_id as compute_base_id, bytes_id, canonical_json, tensor_id
+from .history import delete_stance, diff, rename_stance
 from .limits import is_text
+from .maintenance import fsck, gc, gc_plan, stats
 from .models import TensorInfo, TensorSource, open_model
 from .objects import ObjectStore
-from .records import (Base, CommitResult, ObjectRef, TensorEntry, Version, VersionInfo, manifest,
-                      parse_manifest)
+from .patch import apply_in_place, open_journal_on, revert_in_place, write_model
+from .prepared import PreparedStance, SwitchHandle, prepare
+from .records import (Base, CommitResult, TensorEntry, Version, VersionInfo, check_manifest,
+                      manifest, parse_manifest)
 from .reflog import RefLog
 
 STORE_FILE = "STORE"
@@ -159,9 +165,9 @@ class Store:
             raise UnsafeInput("the Hub id holds bytes that are not UTF-8 text; write it as UTF-8")
         row, tensors = self._describe_base(source, name=name, hub_id=hub_id, progress=progress)
         if name is not None:
-            other = self.catalog.one("SELECT id FROM bases WHERE name = ? AND id != ?", [name, row["id"]])
+            other = self.catalog.base_named(name, other_than=row["id"])
             if other:
-                raise UnsafeInput(f"base name {name!r} already names base {other['id']}; choose another name")
+                raise UnsafeInput(f"base name {name!r} already names base {other}; choose another name")
         # The base's tensor list and record are objects (the truth a rebuild reads), shielded
         # from gc until the base's ref record lands.
         listing, record = self._base_objects(row, tensors)
@@ -178,9 +184,6 @@ class Store:
     def _describe_base(self, source: TensorSource, *, name: str | None = None, hub_id: str | None = None,
                        progress: Progress | None = None) -> tuple[dict, list[dict]]:
         """Hash every tensor of a base: its catalog row and its tensors' rows."""
-        from .commit import sq_norm
-        from .hashing import base_id as compute_base_id
-
         ids, sq_norms = {}, {}
         for k, tname in enumerate(source.names):
             t = source.get(tname)
@@ -201,8 +204,6 @@ class Store:
     @staticmethod
     def _base_objects(row: dict, tensors: list[dict]) -> tuple[bytes, bytes]:
         """The base's tensor list and base record (FORMAT.md §5); sets the row's `record`."""
-        from .hashing import bytes_id
-
         record = canonical_json(index.base_record(row["id"], row["bytes"], tensors))
         row["record"] = bytes_id(record)
         return index.base_list(tensors), record
@@ -210,8 +211,6 @@ class Store:
     def _refuse_patched(self, model: ModelLike) -> None:
         """A model with a stance applied in place holds no base's weights: never register it."""
         if isinstance(model, (str, os.PathLike)):
-            from .patch import open_journal_on
-
             line = open_journal_on(self, model)
             if line:
                 raise JournalError(f"{model} cannot be a base now: {line}")
@@ -221,8 +220,6 @@ class Store:
         journal when a stance applied in place to them is why."""
         line = None
         if source.path is not None:
-            from .patch import open_journal_on
-
             line = open_journal_on(self, source.path)
         if line is None:
             return BaseMismatch(base.id, None, names, "the base weights differ from those registered")
@@ -264,7 +261,7 @@ class Store:
         self._refuse_patched(base)
         source = open_model(base, mapped=True)
         row, tensors = self._describe_base(source)
-        if not self.catalog.one("SELECT 1 FROM bases WHERE id = ?", [row["id"]]):
+        if not self.catalog.has_base(row["id"]):
             # Registered only when the version lands (in its transaction): a commit that fails
             # leaves no trace of it.
             self._unregistered[row["id"]] = (row, tensors)
@@ -367,13 +364,11 @@ class Store:
     def untag(self, ref: str, name: str | None = None) -> Version:
         """Remove a tag, `untag("STANCE@TAG")` or `untag(REF, TAG)` where REF names the stance
         (or one of its versions). Returns the version the tag named; the version stays."""
-        from .errors import TagNotFound
-
         self._writable()
         if name is None:
             stance, at, name = ref.partition("@")
             if not at or not name or name.isdigit():
-                raise UnsafeInput(f"{names.cut(ref)} names no tag; give STANCE@TAG, or REF and TAG")
+                raise UnsafeInput(f"{cut(ref)} names no tag; give STANCE@TAG, or REF and TAG")
         else:
             stance = ref if self.catalog.has_stance(ref) else self.resolve(ref).stance
         if not self.catalog.has_stance(stance):
@@ -385,23 +380,17 @@ class Store:
 
     def rename_stance(self, old: str, new: str):
         """Give a stance another name. Its versions keep their ids, numbers and tags."""
-        from .history import rename_stance
-
         self._writable()
         return rename_stance(self, old, new)
 
     def delete_stance(self, name: str):
         """Remove a stance, its versions and tags from the catalog. Objects stay until `gc`,
         which removes those no other version shares."""
-        from .history import delete_stance
-
         self._writable()
         return delete_stance(self, name)
 
     def diff(self, a: str | Version, b: str | Version, *, base_weights: ModelLike | None = None):
         """Tensor by tensor, what differs between the models versions `a` and `b` describe."""
-        from .history import diff
-
         return diff(self, a, b, base_weights=base_weights)
 
     # -- commit --------------------------------------------------------------------------------
@@ -417,8 +406,6 @@ class Store:
         """Store `model` as the next version of `stance`, as deltas against `base`. A changed
         tensor holding nan or inf is refused (`NonFiniteTensor`) unless `allow_nonfinite`;
         lossless encodings then store it exactly, lossy ones refuse it."""
-        from .commit import build_entries
-
         self._writable()
         check_stance_name(stance)
         if tag is not None:
@@ -464,7 +451,7 @@ class Store:
             # Stamped under the write lock, so that a stance's versions are in time order too.
             created = now()
             records = []
-            if base.id in self._unregistered and not self.catalog.one("SELECT 1 FROM bases WHERE id = ?", [base.id]):
+            if base.id in self._unregistered and not self.catalog.has_base(base.id):
                 row, tensors = self._unregistered[base.id]
                 listing, record = self._base_objects(row, tensors)
                 self.objects.put(listing, object_id=row["id"])
@@ -480,7 +467,7 @@ class Store:
             if tag:
                 self.catalog.put_tag(stance, tag, vid, created)
                 records.append({"op": "tag", "stance": stance, "name": tag, "version": vid, "created": created})
-            self.catalog.conn.execute("DELETE FROM pending WHERE token = ?", [token])
+            self.catalog.forget_pending(token)
             self.catalog.record(*records)
         return self.resolve(vid)
 
@@ -505,9 +492,6 @@ class Store:
         number as another version. `into` maps a manifest's stance to the local stance its
         versions land in (their ids, numbers and manifests unchanged, as after a rename).
         Returns (version, whether it is new here) per manifest."""
-        from .hashing import bytes_id
-        from .records import check_manifest
-
         self._writable()
         versions = [check_manifest(m) for m in manifests]
         if into:
@@ -518,7 +502,7 @@ class Store:
         todo: dict[str, tuple[Version, dict]] = {}
         for v, m in zip(versions, manifests):
             self._check_ingest(v)
-            if self._ingest_conflict(v, todo) is None:
+            if self.is_new(v, todo):
                 todo.setdefault(v.id, (v, m))
         needed = {o.id: o.size for v, _ in todo.values() for e in v.tensors for o in e.objects.values()}
         token = uuid.uuid4().hex
@@ -540,7 +524,7 @@ class Store:
                 records = []
                 for v, m in todo.values():
                     # Another process may have landed something since the checks above.
-                    if self._ingest_conflict(v, {}) is None:
+                    if self.is_new(v):
                         self._insert_version(m, stance=v.stance, number=v.number, sizes=sizes)
                         records.append({"op": "version", "id": v.id, "stance": v.stance, "number": v.number})
                         inserted.add(v.id)
@@ -571,17 +555,19 @@ class Store:
                                   f"{row['dtype']} {row['shape']} in its base; only a raw lossless entry may "
                                   "change a tensor's shape or dtype")
 
-    def _ingest_conflict(self, v: Version, landing: dict[str, tuple[Version, dict]]) -> str | None:
-        """None when `v` can land; its id when it is already here. Raises when its number is taken."""
+    def is_new(self, v: Version, landing: Mapping[str, tuple[Version, dict]] | None = None) -> bool:
+        """Whether a version from another store (`ingest`, a pull) would be new here: False when
+        this store has it already. Raises `VersionConflict` when its stance's number is another
+        version's, here or among the others `landing` with it."""
         if self.catalog.version(v.id):
-            return v.id
+            return False
         row = self.catalog.version_at(v.stance, v.number)
         if row is not None:
             raise VersionConflict(v.stance, v.number, row["id"], v.id)
-        for other, _ in landing.values():
+        for other, _ in (landing or {}).values():
             if (other.stance, other.number) == (v.stance, v.number) and other.id != v.id:
                 raise VersionConflict(v.stance, v.number, other.id, v.id, "in what is being stored")
-        return None
+        return True
 
     def _remove_unreferenced(self, object_ids: list[str]) -> None:
         """Undo the objects a failed commit or ingest wrote, sparing any that something else now
@@ -651,8 +637,7 @@ class Store:
                 return base_tensor
             result = self.decode_entry(entry, base_tensor)
             if tensor_id(result) != entry.result_tensor_id:
-                raise DeltastoreError(f"tensor {name!r} of {version.ref} decodes to other bytes than at commit; "
-                                      "the version's objects or this machine's arithmetic differ")
+                raise ResultMismatch(name, version.ref)
             return result
         return infos, tensor
 
@@ -665,8 +650,6 @@ class Store:
     def export(self, ref: str | Version, out: str | os.PathLike, *, base_weights: ModelLike | None = None,
                progress: Progress | None = None) -> Path:
         """Write the full fine-tuned model (base + delta) as a Hugging Face model folder."""
-        from .patch import write_model
-
         version = self.resolve(ref)
         base = self.base(version.base_id)
         source = self.base_source(base, base_weights)
@@ -677,53 +660,37 @@ class Store:
         """Patch a model file or folder in place, journalled so that `revert_files` undoes it.
         A file with other hard links is refused, unless `break_links`: it is then replaced by a
         private copy first, and the other paths keep their bytes."""
-        from .patch import apply_in_place
-
         self._writable()
         return apply_in_place(self, self.resolve(ref), Path(target), allow_links=break_links)
 
     def revert_files(self, target: str | os.PathLike):
-        from .patch import revert_in_place
-
         self._writable()
         return revert_in_place(self, Path(target))
 
     # -- maintenance (see maintenance.py) -------------------------------------------------------
 
     def fsck(self, *, read_data: bool = False, repair: bool = False):
-        from .maintenance import fsck
-
         if repair:
             self._writable()
         return fsck(self, read_data=read_data, repair=repair)
 
     def gc_plan(self):
-        from .maintenance import gc_plan
-
         return gc_plan(self)
 
     def gc(self, plan=None):
-        from .maintenance import gc
-
         self._writable()
         return gc(self, plan)
 
     def stats(self):
-        from .maintenance import stats
-
         return stats(self)
 
     def _writable(self) -> None:
         if self.readonly:
-            from .errors import ReadOnlyStore
-
             raise ReadOnlyStore(str(self.root))
 
     # -- apply on a live module (see apply.py) --------------------------------------------------
 
     def apply(self, module: torch.nn.Module, ref: str | Version, *, strict: bool = True):
-        from .apply import apply_module
-
         handle = apply_module(self, module, self.resolve(ref), strict=strict)
         self._applied[id(module)] = handle
         return handle
@@ -740,17 +707,12 @@ class Store:
         `mode="packed"` the stored codes (about the stored size), decoded at each switch.
         `device`: where they are held, the module's (default CPU). `base_weights`: the base
         model (path, state dict or module at its base), else where `base add` found it."""
-        from .prepared import prepare
-
         return prepare(self, self.resolve(ref), device=device, mode=mode, base_weights=base_weights)
 
     def switch(self, module: torch.nn.Module, ref: "str | Version | PreparedStance | None"):
         """Revert whatever this store applied to `module`, then apply `ref` (None: stay at base).
         Between prepared stances (`prepare`), a switch copies or decodes into the module and
         checks only what can have changed since the last one."""
-        from .apply import apply_module
-        from .prepared import PreparedStance
-
         if isinstance(ref, PreparedStance) or (ref is None and self._switching(module)):
             return self._switch_prepared(module, ref)
         version = self.resolve(ref) if ref is not None else None
@@ -770,14 +732,9 @@ class Store:
         return handle
 
     def _switching(self, module: torch.nn.Module) -> bool:
-        from .prepared import SwitchHandle
-
         return isinstance(self._applied.get(id(module)), SwitchHandle)
 
     def _switch_prepared(self, module: torch.nn.Module, stance: Any):
-        from .apply import apply_module
-        from .prepared import SwitchHandle
-
         handle = self._applied.get(id(module))
         if isinstance(handle, SwitchHandle) and handle.active:
             handle.switch(stance)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from .durable import fsync_dir
 from .errors import ModelFormatError, PatchBusy, SharedFile
 from .hashing import bytes_id
 from .models import MAX_HEADER_BYTES, weight_files
@@ -164,16 +165,8 @@ def break_links(target: Target) -> Target:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-    _fsync_dir(target.root)
+    fsync_dir(target.root)
     return Target(target.given, target.root, tuple(file_id(target.path(f)) for f in target.files))
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextmanager

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import index, journalfiles
+from .durable import replace_file
 from .errors import DeltastoreError
 from .hashing import bytes_id, canonical_json
 from .objects import ObjectStore
 from .reflog import RefLog
+from .store import OLD_FORMATS, STORE_FILE, STORE_FORMAT, store_format
 
 FORMAT_1 = "deltastore/store/1"
 
@@ -147,8 +149,6 @@ class Upgraded:
 
 
 def upgrade(root: Path) -> Upgraded:
-    from .store import OLD_FORMATS, STORE_FILE, STORE_FORMAT, store_format
-
     root = Path(root)
     fmt = store_format(root)
     if fmt == STORE_FORMAT:
@@ -187,12 +187,8 @@ def upgrade(root: Path) -> Upgraded:
     RefLog(root).write_all(records, root / "tmp" / f"{os.getpid()}-refs.log.tmp")
     built, counts = index.build(root)
     # The flip: from here on the store is of format 2.
-    marker = root / "tmp" / f"{os.getpid()}-STORE.tmp"
-    with open(marker, "w") as f:
-        f.write(json.dumps({"format": STORE_FORMAT}) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(marker, root / STORE_FILE)
+    replace_file(root / STORE_FILE, (json.dumps({"format": STORE_FORMAT}) + "\n").encode(),
+                 root / "tmp" / f"{os.getpid()}-STORE.tmp")
     index.install(root, built)
     return Upgraded(fmt, counts.versions, counts.bases, len(old["tags"]), counts.journals)
 

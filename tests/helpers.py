@@ -3,7 +3,8 @@ fine-tune of each, and ways to compare files, tensors and whole stores.
 
 A fine-tune here moves weights the way Adam does: every element of every trained tensor by
 about the learning rate. In bf16 most of those moves round away, so only about 28% of the
-elements differ from the base, as measured on a real stance fine-tune (FINDINGS.md).
+elements differ from the base, as measured on a real stance fine-tune of SmolLM2-135M
+(tests/benchmarks/models.py, `smollm`).
 """
 
 from __future__ import annotations
@@ -11,13 +12,20 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import _remove_duplicate_names, load_file, save_file
 from torch import nn
+
+from deltastore.objects import ObjectStore
 
 # Tensors a fine-tune leaves alone unless told otherwise: norms are often frozen, and a
 # commit must then skip them.
@@ -279,3 +287,82 @@ def flip_byte(path: Path, offset: int = -1) -> None:
     data = bytearray(path.read_bytes())
     data[offset] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def temporary_files(objects: ObjectStore) -> list[Path]:
+    """The temporary files an object store's writes left in its tmp/ folder."""
+    return sorted(objects.tmp.glob("*.tmp")) if objects.tmp.is_dir() else []
+
+
+# Imports deltastore once, then forks one child per job, so that each child starts at once and
+# can be killed at a chosen moment. A child is reaped only when the test asks for its status, so
+# its pid cannot be reused before the test's kill lands, even when the child has finished.
+# `{setup}` defines `run(job)`, what a child does with one job (a dict).
+_FORK_DRIVER = r"""
+import json, os, sys, traceback
+{setup}
+print("ready", flush=True)
+while line := sys.stdin.readline():
+    job = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            run(job)
+        except BaseException:
+            traceback.print_exc()
+            code = 3
+        os._exit(code)
+    print(pid, flush=True)
+    sys.stdin.readline()
+    _, status = os.waitpid(pid, 0)
+    print(status, flush=True)
+"""
+
+
+class ForkDriver:
+    """A process that runs jobs in forked children, for tests that kill -9 a job mid-way.
+    `setup` is Python source that defines `run(job)`."""
+
+    def __init__(self, folder: Path, setup: str):
+        script = folder / "driver.py"
+        script.write_text(_FORK_DRIVER.replace("{setup}", setup))
+        self.proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline() == "ready\n"
+
+    def start(self, **job) -> int:
+        """Start a job in a new child; its pid."""
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        return int(self.proc.stdout.readline())
+
+    def status(self) -> int:
+        """Reap the last child: its wait status."""
+        self.proc.stdin.write("reap\n")
+        self.proc.stdin.flush()
+        return int(self.proc.stdout.readline())
+
+    def run(self, **job) -> float:
+        """Run a job to its end; how long it took."""
+        started = time.monotonic()
+        self.start(**job)
+        assert self.status() == 0
+        return time.monotonic() - started
+
+    def kill_after(self, delay: float, **job) -> bool:
+        """Start a job, SIGKILL it after `delay` seconds; whether the kill found it running."""
+        pid = self.start(**job)
+        time.sleep(delay)
+        os.kill(pid, signal.SIGKILL)
+        status = self.status()
+        assert os.WIFSIGNALED(status) or os.WEXITSTATUS(status) == 0, f"the job failed: status {status}"
+        return os.WIFSIGNALED(status)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

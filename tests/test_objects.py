@@ -12,7 +12,7 @@ from deltastore.errors import CorruptObject, MissingObject, UnsafeInput
 from deltastore.hashing import bytes_id
 from deltastore.objects import HEADER, MAGIC, RAW, ZSTD, ObjectStore
 
-from helpers import flip_byte
+from helpers import flip_byte, temporary_files
 
 PAYLOADS = {
     "empty": b"",
@@ -40,7 +40,7 @@ def test_put_get_round_trip(tmp_path, kind) -> None:
     assert objects.get(put.id) == data
     assert objects.get(put.id, raw_size=len(data)) == data
     assert list(objects.ids()) == [put.id]
-    assert objects.temporary_files() == []
+    assert temporary_files(objects) == []
 
 
 def test_compressible_payloads_are_zstd_and_incompressible_ones_raw(tmp_path) -> None:
@@ -63,7 +63,7 @@ def test_second_put_of_equal_content_writes_nothing(tmp_path) -> None:
     assert second.id == first.id and not second.new and second.size == first.size
     assert (path.stat().st_ino, path.read_bytes()) == before
     assert list(objects.ids()) == [first.id]
-    assert objects.temporary_files() == []
+    assert temporary_files(objects) == []
 
 
 def test_a_flipped_byte_is_a_corrupt_object(tmp_path) -> None:
@@ -174,7 +174,7 @@ def test_temporary_file_removed_when_a_write_fails(tmp_path) -> None:
     fan.write_bytes(b"a file where the fan-out folder should be")
     with pytest.raises(OSError):
         objects.put(data)
-    assert objects.temporary_files() == []
+    assert temporary_files(objects) == []
     assert os.listdir(tmp_path / "tmp") == []
     assert list(objects.ids()) == []
 

@@ -1,0 +1,35 @@
+"""Durable writes: a file replaced whole or not at all, and a folder's entries made durable.
+
+A file is written beside its place (in the store's tmp/ or the same folder, so on the same file
+system), fsynced, renamed over its place, and then its folder is fsynced, so that a crash leaves
+the old file or the new one, never a part of either, and never loses the rename.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the entries of `folder` (a file created, renamed or removed) durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_file(path: Path, data: bytes, tmp: Path) -> None:
+    """`data` as the whole content of `path`, through `tmp` (on the same file system); `tmp` is
+    gone afterwards whether the write succeeds or fails."""
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
