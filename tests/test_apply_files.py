@@ -8,8 +8,6 @@ import random
 import shutil
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import torch
 
 from deltastore import BaseMismatch, CorruptObject, JournalError, Store
 
-from helpers import (assert_same_state, file_bytes, load_folder, make_model, weight_bytes,
+from helpers import (ForkDriver, assert_same_state, file_bytes, load_folder, make_model, weight_bytes,
                      write_folder)
 
 
@@ -195,13 +193,11 @@ def test_revert_refuses_a_file_replaced_since_apply(tmp_path, store) -> None:
 
 # -- kill -9 in the middle of an in-place apply ---------------------------------------------------
 
-# Imports deltastore once, then forks one child per apply, so that each child starts at once
-# and can be killed at a chosen moment. With "slow", the child sleeps after each fsync of a
-# weight file: the patching phase then lasts long enough to be killed in its middle. A child
-# is reaped only when the test asks for its status, so its pid cannot be reused before the
-# test's kill, even when the child has finished by then.
-DRIVER = r"""
-import json, os, sys, time, traceback
+# What a forked child does with a job: apply a version to model files. With "slow", it sleeps
+# after each fsync of a weight file: the patching phase then lasts long enough to be killed in
+# its middle.
+JOBS = r"""
+import time
 from deltastore import Store
 
 real_fsync = os.fsync
@@ -211,53 +207,14 @@ def slow_fsync(fd):
     if os.readlink(f"/proc/self/fd/{fd}").endswith(".safetensors"):
         time.sleep(SLOW_S)
 
-while line := sys.stdin.readline():
-    cmd = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            if cmd["slow"]:
-                SLOW_S = cmd["slow"]
-                os.fsync = slow_fsync
-            with Store.open(cmd["store"]) as store:
-                store.apply_files(cmd["ref"], cmd["target"])
-        except BaseException:
-            traceback.print_exc()
-            code = 3
-        os._exit(code)
-    print(pid, flush=True)
-    sys.stdin.readline()
-    _, status = os.waitpid(pid, 0)
-    print(status, flush=True)
+def run(job):
+    global SLOW_S
+    if job.get("slow"):
+        SLOW_S = job["slow"]
+        os.fsync = slow_fsync
+    with Store.open(job["store"]) as store:
+        store.apply_files(job["ref"], job["target"])
 """
-
-
-class Driver:
-    def __init__(self, tmp_path: Path):
-        script = tmp_path / "driver.py"
-        script.write_text(DRIVER)
-        self.proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
-
-    def start(self, store: Path, ref: str, target: Path, slow: float = 0.0) -> int:
-        self.proc.stdin.write(json.dumps({"store": str(store), "ref": ref, "target": str(target),
-                                          "slow": slow}) + "\n")
-        self.proc.stdin.flush()
-        return int(self.proc.stdout.readline())
-
-    def status(self) -> int:
-        self.proc.stdin.write("reap\n")
-        self.proc.stdin.flush()
-        return int(self.proc.stdout.readline())
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +224,7 @@ def kill_setup(tmp_path_factory):
     pair = make_model(tmp, torch.bfloat16, sharded=True, shards=12, layers=8, hidden=32)
     with Store.init(tmp / "store") as store:
         store.commit("s", pair.ft, base=pair.base)
-    driver = Driver(tmp)
+    driver = ForkDriver(tmp, JOBS)
     yield tmp, pair, driver
     driver.close()
 
@@ -304,7 +261,7 @@ def test_kill_9_in_the_middle_of_patching_then_revert(kill_setup) -> None:
     midway = []
     for k, delay in enumerate((0.05, 0.3, 0.55)):
         target = copy_model(pair.base, tmp / f"slow-{k}")
-        pid = driver.start(tmp / "store", "s", target, slow=0.06)
+        pid = driver.start(store=str(tmp / "store"), ref="s", target=str(target), slow=0.06)
         deadline = time.monotonic() + 60
         while journal_state(db, target) is None:
             assert time.monotonic() < deadline, "the apply never wrote its journal"
@@ -326,7 +283,7 @@ def test_kill_9_at_any_moment_leaves_the_base_recoverable(kill_setup) -> None:
     # How long one whole apply takes here, so that the kills below spread over all of it.
     target = copy_model(pair.base, tmp / "whole")
     started = time.monotonic()
-    driver.start(tmp / "store", "s", target)
+    driver.start(store=str(tmp / "store"), ref="s", target=str(target))
     assert driver.status() == 0
     duration = time.monotonic() - started
     assert_same_state(load_folder(target), pair.ft_state)
@@ -335,7 +292,7 @@ def test_kill_9_at_any_moment_leaves_the_base_recoverable(kill_setup) -> None:
     outcomes = []
     for k in range(6):
         target = copy_model(pair.base, tmp / f"any-{k}")
-        pid = driver.start(tmp / "store", "s", target)
+        pid = driver.start(store=str(tmp / "store"), ref="s", target=str(target))
         time.sleep(duration * (2 * k + 1) / 12)
         os.kill(pid, signal.SIGKILL)
         status = driver.status()

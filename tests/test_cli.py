@@ -117,7 +117,7 @@ def test_the_whole_round_with_json(tmp_path, pair, root) -> None:
     assert stats["by_stance"]["curious"]["versions"] == 2
 
 
-def test_every_command_also_prints_for_people(tmp_path, pair, root) -> None:
+def test_the_lifecycle_commands_also_print_for_people(tmp_path, pair, root) -> None:
     s = ("--store", root)
     target = tmp_path / "target"
     target.mkdir()

@@ -20,13 +20,7 @@ from deltastore.fidelity import FidelityError  # noqa: E402
 from tiny_lm import adam_like, low_rank, pair, prompts_file  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: a second intra-op thread only adds waiting on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +108,7 @@ def test_lora_and_selection_rows(adam_comparison, adam_pair):
     assert top2.tensors == 2 and top2.spec == "int4"
 
 
-def test_plot_draws_every_row(tmp_path, adam_comparison):
+def test_plot_writes_a_png_and_needs_fidelity(tmp_path, adam_comparison):
     out = plot(adam_comparison, tmp_path / "compare.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     no_fidelity = compare(*pair(tmp_path, low_rank(2))[:2], encodings=("int8",), ranks=(), full=())

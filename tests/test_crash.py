@@ -4,12 +4,7 @@ objects and refs reproduces."""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,82 +13,22 @@ import torch
 
 from deltastore import Store
 
-from helpers import assert_same_state, index_object_ids, load_folder, make_model, write_folder
+from helpers import ForkDriver, assert_same_state, index_object_ids, load_folder, make_model, write_folder
 
 KILLS = 10
 
-# Imports deltastore once, then forks one child per job, so that each child starts at once
-# and can be killed at a chosen moment. A child is reaped only when the test asks for its
-# status, so its pid cannot be reused before the test's kill lands.
-DRIVER = r"""
-import json, os, sys, traceback
+# What a forked child does with a job: a commit or a gc.
+JOBS = r"""
 from deltastore import Store
 from deltastore.maintenance import gc
 
-print("ready", flush=True)
-while line := sys.stdin.readline():
-    job = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            with Store.open(job["store"]) as store:
-                if job["do"] == "commit":
-                    store.commit(job["stance"], job["model"], base=job["base"], message=job["message"])
-                else:
-                    gc(store, batch=job["batch"])
-        except BaseException:
-            traceback.print_exc()
-            code = 3
-        os._exit(code)
-    print(pid, flush=True)
-    sys.stdin.readline()
-    _, status = os.waitpid(pid, 0)
-    print(status, flush=True)
+def run(job):
+    with Store.open(job["store"]) as store:
+        if job["do"] == "commit":
+            store.commit(job["stance"], job["model"], base=job["base"], message=job["message"])
+        else:
+            gc(store, batch=job["batch"])
 """
-
-
-class Driver:
-    def __init__(self, tmp_path: Path):
-        script = tmp_path / "driver.py"
-        script.write_text(DRIVER)
-        self.proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout.readline() == "ready\n"
-
-    def start(self, **job) -> int:
-        self.proc.stdin.write(json.dumps(job) + "\n")
-        self.proc.stdin.flush()
-        return int(self.proc.stdout.readline())
-
-    def status(self) -> int:
-        self.proc.stdin.write("reap\n")
-        self.proc.stdin.flush()
-        return int(self.proc.stdout.readline())
-
-    def run(self, **job) -> float:
-        """Run a job to its end; how long it took."""
-        started = time.monotonic()
-        self.start(**job)
-        assert self.status() == 0
-        return time.monotonic() - started
-
-    def kill_after(self, delay: float, **job) -> bool:
-        """Start a job, SIGKILL it after `delay` seconds; whether the kill found it running."""
-        pid = self.start(**job)
-        time.sleep(delay)
-        os.kill(pid, signal.SIGKILL)
-        status = self.status()
-        assert os.WIFSIGNALED(status) or os.WEXITSTATUS(status) == 0, f"the job failed: status {status}"
-        return os.WIFSIGNALED(status)
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +39,7 @@ def setup(tmp_path_factory):
     pair = make_model(tmp, layers=8, hidden=96)
     with Store.init(tmp / "store") as store:
         base = store.add_base(pair.base, name="tiny").id
-    driver = Driver(tmp)
+    driver = ForkDriver(tmp, JOBS)
     yield tmp, pair, base, driver
     driver.close()
 

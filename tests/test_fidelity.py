@@ -18,14 +18,7 @@ WORDS = ["[UNK]", "what", "is", "the", "capital", "of", "france", "i", "am", "no
          "paris", "a", "cat", "sat", "on", "mat", "?", "."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The models here are tiny: a second intra-op thread only adds waiting, badly so on a
-    # busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama(seed: int = 0) -> torch.nn.Module:

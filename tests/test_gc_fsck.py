@@ -158,7 +158,7 @@ def test_gc_rechecks_each_object_before_removing_it(tmp_path, store) -> None:
 # -- fsck --------------------------------------------------------------------------------------
 
 
-def test_fsck_reports_every_kind_of_problem_in_one_run(tmp_path, store) -> None:
+def test_fsck_reports_problems_of_many_kinds_in_one_run(tmp_path, store) -> None:
     pair = make_model(tmp_path)
     m2, _ = variant(pair, tmp_path, 2, ["head.weight", "embed.weight"])
     m3, _ = variant(pair, tmp_path, 3, ["blocks.0.attn.weight", "blocks.1.attn.weight", "blocks.2.attn.weight"])

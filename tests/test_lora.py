@@ -19,12 +19,7 @@ from deltastore.lora import LoraError, export_lora, import_lora  # noqa: E402
 from tiny_lm import PROMPTS, adam_like, llama, only, pair, save, word_tokenizer  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def peft_model(base_dir, adapter_dir):

@@ -3,11 +3,11 @@
 `qwen0.5b`: a model shaped like Qwen2-0.5B (hidden 896, 24 layers, MLP 4864, vocab 151936,
 14 heads, 2 KV heads, tied embeddings), random bf16 weights (about 1 GB), with
 - `adam`: a fine-tune that moves 28% of the bf16 elements by one unit in the last place, as an
-  AdamW stance fine-tune does in bf16 (FINDINGS.md measured 28%);
-- `surgical`: only layer 15's v_proj and layer 13's q_proj changed (the seeds' surgical case).
+  AdamW stance fine-tune does in bf16 (28% measured on the `smollm` fine-tune below);
+- `surgical`: only layer 15's v_proj and layer 13's q_proj changed (a fine-tune that touches two tensors).
 `tiny`: the same recipe at hidden 64, 2 layers, vocab 512.
 `smollm`: the real SmolLM2-135M-Instruct (fp32) and its curious-uncertainty stance fine-tune
-(AdamW, 2 epochs, FINDINGS.md), through examples/smollm.py; `surgical` takes the fine-tune's
+(AdamW, 2 epochs), through examples/smollm.py; `surgical` takes the fine-tune's
 values for the same two tensors and the base's for the rest.
 """
 
