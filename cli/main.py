@@ -186,6 +186,10 @@ def base_list(store: Store, as_json: bool) -> None:
 @click.option("--allow-nonfinite", is_flag=True,
               help="Store changed tensors holding nan or inf (exactly, with a lossless encoding) instead of "
                    "refusing the commit.")
+@click.option("--allow-empty", is_flag=True,
+              help="Make a new version even when the model stores exactly what the stance's newest does.")
+@click.option("--force", is_flag=True,
+              help="Commit even a model whose tensors moved too far from the base's to be a fine-tune of it.")
 @json_option
 @with_store
 def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str | None, encoding: str,
@@ -194,7 +198,7 @@ def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str 
            include: str | None, exclude: str | None,
            top_k: int | None, min_rel_change: float | None, energy: float | None, message: str,
            meta: tuple[str, ...], meta_file: str | None, tag: str | None, allow_nonfinite: bool,
-           as_json: bool) -> None:
+           allow_empty: bool, force: bool, as_json: bool) -> None:
     """Store the fine-tuned MODEL as a new version of STANCE."""
     from deltastore.history import read_metadata_file
 
@@ -217,18 +221,20 @@ def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str 
                                        encoding_options=options,
                                        include=include, exclude=exclude, top_k=top_k, min_rel_change=min_rel_change,
                                        energy=energy, message=message, metadata=metadata, tag=tag, progress=cb,
-                                       allow_nonfinite=allow_nonfinite)
+                                       allow_nonfinite=allow_nonfinite, allow_empty=allow_empty, force=force)
         r, choice = measured.result, measured.choice
     else:
         with progress("committing", enabled=not as_json) as cb:
             r = store.commit(stance, model, base=base_ref, base_weights=base_path, encoding=encoding,
                              encoding_for=rules, encoding_options=options, include=include, exclude=exclude,
                              top_k=top_k, min_rel_change=min_rel_change, energy=energy, message=message,
-                             metadata=metadata, tag=tag, progress=cb, allow_nonfinite=allow_nonfinite)
+                             metadata=metadata, tag=tag, progress=cb, allow_nonfinite=allow_nonfinite,
+                             allow_empty=allow_empty, force=force)
     v = r.version
     summary = {"id": v.id, "stance": v.stance, "number": v.number, "tensors_stored": r.tensors_stored,
                "tensors_unchanged": r.unchanged, "bytes_stored": r.bytes_stored, "bytes_new": r.bytes_new,
-               "left_out": list(r.left_out), "left_out_energy_fraction": r.left_out_energy_fraction}
+               "left_out": list(r.left_out), "left_out_energy_fraction": r.left_out_energy_fraction,
+               "median_rel_change": r.median_rel_change}
     if choice is not None:
         summary.update(encoding=choice.encoding, kl=choice.kl, top1=choice.top1, base_kl=choice.base_kl,
                        max_kl=choice.max_kl, candidates=[{"encoding": c.spec, "bytes": c.bytes, "kl": c.kl,

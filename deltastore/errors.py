@@ -164,6 +164,28 @@ class NothingToCommit(DeltastoreError, ValueError):
     pass
 
 
+class IdenticalVersion(NothingToCommit):
+    """A commit that would store exactly what the stance's newest version stores."""
+
+    def __init__(self, ref: str, version_id: str):
+        self.ref = ref
+        self.version_id = version_id
+        super().__init__(f"the model is identical to {ref} (same base, encoding and tensors): nothing was "
+                         "committed; pass --allow-empty to make a new version anyway")
+
+
+class NotAFineTune(DeltastoreError, ValueError):
+    """A model whose tensors moved too far from the base's to be a fine-tune of it."""
+
+    def __init__(self, median: float, threshold: float, base: str):
+        self.median = median
+        self.threshold = threshold
+        self.base = base
+        super().__init__(f"the model does not look like a fine-tune of base {base}: the median relative "
+                         f"change ||dW||/||W|| of its tensors is {median:.3g}, above {threshold:g} (a fine-tune's "
+                         "is far smaller); check --base, or pass --force to commit it anyway")
+
+
 class NonFiniteTensor(DeltastoreError, ValueError):
     """A fine-tuned tensor holding nan or inf: most often a fine-tune that diverged."""
 

@@ -195,6 +195,8 @@ class CommitResult:
     left_out: tuple[str, ...] = ()
     left_out_energy_fraction: float = 0.0
     fields: dict[str, Any] = field(default_factory=dict)
+    # Of every tensor, unchanged ones at 0: a fine-tune's is far under NOT_A_FINE_TUNE.
+    median_rel_change: float | None = None
 
 
 def check_manifest(m: Any) -> Version:

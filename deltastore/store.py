@@ -32,9 +32,9 @@ import torch
 
 from . import encodings, index, names
 from .catalog import Catalog, dumps, now
-from .errors import (AmbiguousRef, BaseMismatch, BaseNotFound, DeltastoreError, JournalError, ModelFormatError,
-                     NothingToCommit, OldStoreFormat, RefNotFound, StoreExists, StoreNotFound, UnsafeInput,
-                     VersionConflict, shown_names)
+from .errors import (AmbiguousRef, BaseMismatch, BaseNotFound, DeltastoreError, IdenticalVersion, JournalError,
+                     ModelFormatError, NotAFineTune, NothingToCommit, OldStoreFormat, RefNotFound, StoreExists,
+                     StoreNotFound, UnsafeInput, VersionConflict, shown_names)
 from .hashing import DTYPES, tensor_id, canonical_json
 from .limits import is_text
 from .models import TensorInfo, TensorSource, open_model
@@ -413,11 +413,14 @@ class Store:
                min_rel_change: float | None = None, energy: float | None = None,
                message: str = "", metadata: Mapping[str, str] | None = None, tag: str | None = None,
                base_weights: ModelLike | None = None, progress: Progress | None = None,
-               allow_nonfinite: bool = False) -> CommitResult:
+               allow_nonfinite: bool = False, allow_empty: bool = False, force: bool = False) -> CommitResult:
         """Store `model` as the next version of `stance`, as deltas against `base`. A changed
         tensor holding nan or inf is refused (`NonFiniteTensor`) unless `allow_nonfinite`;
-        lossless encodings then store it exactly, lossy ones refuse it."""
-        from .commit import build_entries
+        lossless encodings then store it exactly, lossy ones refuse it. A model that would
+        store what the stance's newest version stores is refused (`IdenticalVersion`) unless
+        `allow_empty`; one whose median relative change is above `NOT_A_FINE_TUNE` (another
+        model of the same shape) is refused (`NotAFineTune`) unless `force`."""
+        from .commit import NOT_A_FINE_TUNE, build_entries
 
         self._writable()
         check_stance_name(stance)
@@ -440,7 +443,11 @@ class Store:
                                   allow_nonfinite=allow_nonfinite)
             if not built.entries and not built.unchanged:
                 raise NothingToCommit("the model has no tensors")
-            version = self._land(stance, base_rec, built, encoding, message, metadata, tag, token)
+            median = built.median_rel_change
+            if not force and median is not None and median > NOT_A_FINE_TUNE:
+                raise NotAFineTune(median, NOT_A_FINE_TUNE, base_rec.name or base_rec.id[:19])
+            version = self._land(stance, base_rec, built, encoding, message, metadata, tag, token,
+                                 allow_empty=allow_empty)
         except BaseException:
             # A commit that fails changes nothing: not the objects it wrote for the tensors it
             # stored before the failure (those nothing else uses), not the base it registered.
@@ -456,10 +463,13 @@ class Store:
             # Whether it landed or not, this commit no longer needs its objects shielded from gc.
             self._quietly(self.catalog.drop_pending, token)
         return CommitResult(version, len(built.entries), built.unchanged, version.bytes, built.bytes_new,
-                            tuple(built.left_out), built.left_out_energy_fraction)
+                            tuple(built.left_out), built.left_out_energy_fraction,
+                            median_rel_change=built.median_rel_change)
 
     def _land(self, stance: str, base: Base, built: Any, encoding: str, message: str,
-              metadata: dict[str, str], tag: str | None, token: str) -> Version:
+              metadata: dict[str, str], tag: str | None, token: str, *, allow_empty: bool = False) -> Version:
+        from .commit import same_content
+
         with self.catalog.transaction():
             # Stamped under the write lock, so that a stance's versions are in time order too.
             created = now()
@@ -471,6 +481,11 @@ class Store:
                 self.objects.put(record, object_id=row["record"])
                 records.append(self.catalog.register_base(row, tensors))
             latest = self.catalog.latest(stance)
+            if latest and not allow_empty:
+                newest = self.resolve(latest["id"])
+                if same_content(built.entries, newest, base_id=base.id, encoding=encoding,
+                                selection=built.selection):
+                    raise IdenticalVersion(newest.ref, newest.id)
             number = (latest["number"] + 1) if latest else 1
             m = manifest(stance=stance, number=number, parent=latest["id"] if latest else None,
                          base_id=base.id, encoding=encoding, selection=built.selection, message=message,
