@@ -67,7 +67,7 @@ def test_the_whole_round_with_json(tmp_path, pair, root) -> None:
                 "--tag", "paper")
     assert (c["stance"], c["number"], c["tensors_stored"]) == ("curious", 1, len(pair.changed))
     assert c["tensors_unchanged"] == len(pair.unchanged) and c["bytes_new"] == c["bytes_stored"] > 0
-    again = ok_json(*s, "commit", "curious", pair.ft, "--base", base["id"][:12])
+    again = ok_json(*s, "commit", "curious", pair.ft, "--base", base["id"][:12], "--allow-empty")
     assert again["number"] == 2 and again["bytes_new"] == 0
 
     stances = ok_json(*s, "stances")

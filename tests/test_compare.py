@@ -163,7 +163,8 @@ def test_commit_auto_records_fidelity_in_the_version(tmp_path, adam_pair):
     assert "fidelity.kl=" in run("show", "s@2").output
 
     # A fixed encoding with --prompts is measured too; with --max-kl it refuses to go over.
-    fixed = run("commit", "s", str(ft), "--base", str(base), "--encoding", "1bit", "--prompts", str(prompts))
+    fixed = run("commit", "s", str(ft), "--base", str(base), "--encoding", "1bit", "--prompts", str(prompts),
+                "--allow-empty")
     assert fixed.exit_code == 0 and "1bit: KL" in fixed.output
     refused = run("commit", "s", str(ft), "--base", str(base), "--encoding", "1bit", "--max-kl", "0",
                   "--prompts", str(prompts))
