@@ -245,6 +245,9 @@ def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str 
         limit = f" (at most {choice.max_kl:g})" if choice.max_kl is not None else ""
         echo(f"{choice.encoding}: KL {choice.kl:.3g}{limit}, top-1 {choice.top1:.1%}; "
              f"the base alone: KL {choice.base_kl:.3g}")
+        for c in choice.candidates:
+            if c.spec != choice.encoding:
+                echo(f"  {c.spec}: {c.note}" if "skipped" in c.note else f"  {c.spec} ({size(c.bytes)}): {c.note}")
     echo(f"{v.ref} {v.id}")
     echo(f"stored {r.tensors_stored} tensors ({r.unchanged} unchanged), {size(r.bytes_stored)} "
          f"({size(r.bytes_new)} new)")
