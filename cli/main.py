@@ -169,6 +169,9 @@ def base_list(store: Store, as_json: bool) -> None:
               help="With --encoding auto: the largest KL(fine-tuned || stored) to accept; with another "
                    "encoding: refuse to commit above it.")
 @click.option("--chat", is_flag=True, help="Each prompt is a user message, put through the model's chat template.")
+@click.option("--tokenizer", type=click.Path(exists=True), metavar="PATH_OR_FOLDER",
+              help="The tokenizer for --prompts (a tokenizer.json or a folder holding one), where the base "
+                   "folder has none.")
 @click.option("--encoding-for", "encoding_for", multiple=True, metavar="REGEX=ENCODING",
               help="A different encoding for tensors whose name matches REGEX (repeatable).")
 @click.option("--group-size", type=int, help="Group size of int8/int4 (default 64).")
@@ -193,7 +196,8 @@ def base_list(store: Store, as_json: bool) -> None:
 @json_option
 @with_store
 def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str | None, encoding: str,
-           prompts: str | None, max_kl: float | None, chat: bool, encoding_for: tuple[str, ...],
+           prompts: str | None, max_kl: float | None, chat: bool, tokenizer: str | None,
+           encoding_for: tuple[str, ...],
            group_size: int | None,
            include: str | None, exclude: str | None,
            top_k: int | None, min_rel_change: float | None, energy: float | None, message: str,
@@ -209,15 +213,17 @@ def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str 
         raise click.BadParameter("expected REGEX=ENCODING", param_hint="--encoding-for")
     options = {"group_size": group_size} if group_size is not None else {}
     choice = None
-    if encoding == "auto" or prompts or max_kl is not None or chat:
+    if encoding == "auto" or prompts or max_kl is not None or chat or tokenizer:
         if prompts is None or (encoding == "auto" and max_kl is None):
             raise click.UsageError("--encoding auto needs --prompts FILE (one prompt per line) and --max-kl K "
-                                   "(e.g. 0.01)" if encoding == "auto" else "--max-kl and --chat need --prompts FILE")
+                                   "(e.g. 0.01)" if encoding == "auto" else
+                                   "--max-kl, --chat and --tokenizer need --prompts FILE")
         from deltastore.compare import commit_measured
 
         with progress("measuring", enabled=not as_json) as cb:
             measured = commit_measured(store, stance, model, base=base_ref, base_weights=base_path, prompts=prompts,
-                                       encoding=encoding, max_kl=max_kl, chat=chat, encoding_for=rules,
+                                       encoding=encoding, max_kl=max_kl, chat=chat, tokenizer=tokenizer,
+                                       encoding_for=rules,
                                        encoding_options=options,
                                        include=include, exclude=exclude, top_k=top_k, min_rel_change=min_rel_change,
                                        energy=energy, message=message, metadata=metadata, tag=tag, progress=cb,
@@ -666,13 +672,17 @@ def _finite(value: Any) -> Any:
 @click.option("--prompts", type=click.Path(dir_okay=False), metavar="FILE",
               help="Measure fidelity on these prompts (one per line); BASE must be a Hugging Face model folder.")
 @click.option("--chat", is_flag=True, help="Each prompt is a user message, put through the model's chat template.")
+@click.option("--tokenizer", type=click.Path(exists=True), metavar="PATH_OR_FOLDER",
+              help="The tokenizer for --prompts (a tokenizer.json or a folder holding one), where the base "
+                   "folder has none.")
 @click.option("--group-size", type=int, help="Group size of int8/int4 (default 64).")
 @click.option("--lora-dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
               help="The dtype of the LoRA factors.")
 @click.option("--plot", type=click.Path(dir_okay=False), metavar="PNG", help="Draw size against KL (needs --prompts).")
 @json_option
 def compare_command(base: str, model: str, encodings_text: str, ranks_text: str, full_text: str,
-                    selects: tuple[str, ...], prompts: str | None, chat: bool, group_size: int | None,
+                    selects: tuple[str, ...], prompts: str | None, chat: bool, tokenizer: str | None,
+                    group_size: int | None,
                     lora_dtype: str,
                     plot: str | None, as_json: bool) -> None:
     """What each way of storing fine-tune MODEL of BASE costs, and how much of it each keeps.
@@ -690,7 +700,7 @@ def compare_command(base: str, model: str, encodings_text: str, ranks_text: str,
     with progress("comparing", enabled=not as_json) as cb:
         c = run_compare(base, model, encodings=_number_list(encodings_text, "--encodings"),
                         ranks=_number_list(ranks_text, "--ranks", int), full=_number_list(full_text, "--full"),
-                        selections=selects, prompts=prompts, chat=chat, lora_dtype=lora_dtype,
+                        selections=selects, prompts=prompts, chat=chat, tokenizer=tokenizer, lora_dtype=lora_dtype,
                         encoding_options=options, progress=cb)
     if plot:
         draw(c, plot)
@@ -814,17 +824,23 @@ def _analysis_json(a: Any) -> dict[str, Any]:
               help="peft: an adapter folder; gguf: one GGUF LoRA file for llama.cpp and Ollama (Llama, Qwen2, GPT-2).")
 @click.option("--out", required=True, type=click.Path(), help="A new folder (--format gguf: a new .gguf file).")
 @click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
+@click.option("--exact", is_flag=True,
+              help="Factor each delta by its exact truncated SVD instead of a randomized one (slower; "
+                   "--energy always does).")
 @json_option
 @with_store(readonly=True)
 def export_lora(store: Store, ref: str, rank: int | None, energy: float | None, dtype: str, fmt: str, out: str,
-                base_path: str | None, as_json: bool) -> None:
+                base_path: str | None, exact: bool, as_json: bool) -> None:
     """Write a version as a PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors)
     that peft.PeftModel.from_pretrained loads: each changed 2-D weight of a Linear or Embedding
-    module becomes lora_A/lora_B from the truncated SVD of its delta (lora_alpha = r, so the
-    scaling is 1); changed norms go to modules_to_save, changed biases of those modules with
-    bias="lora_only". Anything else is listed as dropped. With --format gguf, a GGUF LoRA file as
-    llama.cpp's convert_lora_to_gguf.py writes one: pairs for Linear and Conv1D weights only;
-    changed embeddings, norms and biases are listed as dropped, with their share of the delta."""
+    module becomes lora_A/lora_B from a randomized SVD of its delta (--exact: the truncated SVD;
+    lora_alpha = r, so the scaling is 1); changed norms go to modules_to_save, changed biases of
+    those modules with bias="lora_only". Anything else is listed as dropped. The energy shown is
+    measured on the pairs written, as compare's energy column: the mean over the pairs of the
+    share of each delta's energy (squared Frobenius norm) its pair holds. With --format gguf, a
+    GGUF LoRA file as llama.cpp's convert_lora_to_gguf.py writes one: pairs for Linear and Conv1D
+    weights only; changed embeddings, norms and biases are listed as dropped, with their share of
+    the delta."""
     from deltastore.lora import export_lora as run_export
 
     if rank is None and energy is None:
@@ -844,13 +860,17 @@ def export_lora(store: Store, ref: str, rank: int | None, energy: float | None, 
             echo(f"warning: {g.warning}", err=True)
         return None
     with progress("factoring", enabled=not as_json) as cb:
-        e = run_export(store, ref, out, rank=rank, energy=energy, dtype=dtype, base_weights=base_path, progress=cb)
+        e = run_export(store, ref, out, rank=rank, energy=energy, dtype=dtype, base_weights=base_path,
+                       exact=exact, progress=cb)
     if as_json:
         return emit_json(_finite(to_jsonable(e)))
     ranks = sorted(set(e.ranks.values()))
     shown = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]} to {ranks[-1]}"
     echo(f"wrote {e.out}: {len(e.targets)} LoRA pairs at {shown} ({e.dtype}), {len(e.saved)} tensors "
-         f"whole; {size(e.bytes)}; the pairs hold {e.energy_kept:.1%} of their deltas' energy")
+         f"whole; {size(e.bytes)}")
+    echo(f"energy held ({'exact' if e.exact else 'randomized'} SVD, measured): {e.energy_kept:.3f} per "
+         f"delta on average (as compare's energy column), {e.energy_kept_total:.3f} of all the deltas' "
+         "energy together")
     if e.warning:
         echo(f"warning: {e.warning}", err=True)
 

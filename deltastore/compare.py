@@ -297,7 +297,7 @@ def _prompts(prompts: Sequence[str] | str | os.PathLike | None) -> list[str] | N
 
 
 def _setup(base: Any, model: Any, prompts: Any, max_tokens: int, *, spectra: bool,
-           progress: Any, rows: int, chat: bool = False) -> tuple[TensorSource, TensorSource, dict[str, _Scan], _Bench, str | None]:
+           progress: Any, rows: int, chat: bool = False, tokenizer: Any = None) -> tuple[TensorSource, TensorSource, dict[str, _Scan], _Bench, str | None]:
     base_src, target_src = open_model(base), open_model(model)
     _check_pair(base_src, target_src)
     texts = _prompts(prompts)
@@ -310,7 +310,8 @@ def _setup(base: Any, model: Any, prompts: Any, max_tokens: int, *, spectra: boo
         if folder is None:
             skipped = "the base is not a model folder"
         else:
-            hf_model, tokenizer = load_causal_lm(folder)  # refuses a folder without config.json
+            # Refuses a folder without config.json, or without a tokenizer where none is given.
+            hf_model, tokenizer = load_causal_lm(folder, tokenizer=tokenizer)
     bench = _Bench(base_src, target_src, model=hf_model, probe=None, progress=progress, rows=rows + 1)
     scans = _scan(base_src, target_src, spectra=spectra)
     bench.done += len(bench.names)
@@ -390,6 +391,7 @@ def compare(base: Any, model: Any, *, encodings: Sequence[str] = DEFAULT_ENCODIN
             prompts: Sequence[str] | str | os.PathLike | None = None,
             full: Sequence[str] = FULL_QUANTIZED, lora_dtype: str = "bf16",
             encoding_options: Mapping[str, Any] | None = None, max_tokens: int = 256, chat: bool = False,
+            tokenizer: str | os.PathLike | None = None,
             progress: Callable[[int, int], None] | None = None) -> Comparison:
     """Every way of storing fine-tune ``model`` of ``base``, with its bytes and fidelity.
 
@@ -398,7 +400,8 @@ def compare(base: Any, model: Any, *, encodings: Sequence[str] = DEFAULT_ENCODIN
     then be a Hugging Face model folder; with ``chat`` each prompt is a user message put through
     the tokenizer's chat template. ``encodings``: delta encodings (any spec, lowrank:R
     included); ``ranks``: LoRA ranks; ``selections``: ``Select`` or its ``--select`` text;
-    ``full``: encodings for the whole model quantised; ``lora_dtype``: of the LoRA factors.
+    ``full``: encodings for the whole model quantised; ``lora_dtype``: of the LoRA factors;
+    ``tokenizer``: a folder or tokenizer.json, where the base folder has no tokenizer.
     """
     from .lora import module_types, plan as lora_plan
 
@@ -417,7 +420,8 @@ def compare(base: Any, model: Any, *, encodings: Sequence[str] = DEFAULT_ENCODIN
     chosen = [s if isinstance(s, Select) else parse_select(s) for s in selections]
     rows_asked = 2 + len(full) + len(specs) + len(ranks) + len(chosen)
     base_src, target_src, scans, bench, skipped = _setup(
-        base, model, prompts, max_tokens, spectra=bool(ranks), progress=progress, rows=rows_asked, chat=chat)
+        base, model, prompts, max_tokens, spectra=bool(ranks), progress=progress, rows=rows_asked, chat=chat,
+        tokenizer=tokenizer)
     measuring = bench.measuring
     full_bytes = target_src.nbytes
     changed = [n for n in target_src.names if scans[n].changed]
@@ -525,7 +529,8 @@ def choose_encoding(base: Any, model: Any, *, prompts: Sequence[str] | str | os.
                     min_rel_change: float | None = None, energy: float | None = None,
                     encoding_for: Sequence[tuple[str, str]] | None = None,
                     encoding_options: Mapping[str, Any] | None = None, max_tokens: int = 256,
-                    chat: bool = False, progress: Callable[[int, int], None] | None = None) -> AutoChoice:
+                    chat: bool = False, tokenizer: str | os.PathLike | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> AutoChoice:
     """Measure each candidate encoding (under the selection given) and pick the smallest by
     bytes whose KL(fine-tuned || stored) is at most ``max_kl``; ties go to the lower KL. With
     ``max_kl`` None, ``candidates`` must be one encoding, which is measured."""
@@ -535,7 +540,8 @@ def choose_encoding(base: Any, model: Any, *, prompts: Sequence[str] | str | os.
         raise CompareError("choosing an encoding needs --max-kl K: the largest KL(fine-tuned || stored) to accept")
     options = dict(encoding_options or {})
     base_src, target_src, scans, bench, skipped = _setup(
-        base, model, prompts, max_tokens, spectra=False, progress=progress, rows=len(candidates) + 1, chat=chat)
+        base, model, prompts, max_tokens, spectra=False, progress=progress, rows=len(candidates) + 1, chat=chat,
+        tokenizer=tokenizer)
     if bench.probe is None:
         raise CompareError(f"cannot measure fidelity: {skipped}")
     full_bytes = target_src.nbytes
@@ -618,6 +624,7 @@ def commit_measured(store: Any, stance: str, model: Any, *, base: Any, prompts: 
                     min_rel_change: float | None = None, energy: float | None = None,
                     encoding_for: Sequence[tuple[str, str]] | None = None,
                     encoding_options: Mapping[str, Any] | None = None, chat: bool = False,
+                    tokenizer: str | os.PathLike | None = None,
                     metadata: Mapping[str, str] | None = None, progress: Callable[[int, int], None] | None = None,
                     **commit_options: Any) -> MeasuredCommit:
     """Commit ``model`` as the next version of ``stance`` with its fidelity measured and recorded
@@ -632,7 +639,7 @@ def commit_measured(store: Any, stance: str, model: Any, *, base: Any, prompts: 
     choice = choose_encoding(folder, model, prompts=prompts, max_kl=max_kl,
                              candidates=AUTO_CANDIDATES if encoding == "auto" else (encoding,),
                              encoding_for=encoding_for, encoding_options=encoding_options, chat=chat,
-                             progress=progress, **selection)
+                             tokenizer=tokenizer, progress=progress, **selection)
     meta = {"fidelity.kl": f"{choice.kl:.6g}", "fidelity.top1": f"{choice.top1:.6g}",
             "fidelity.base_kl": f"{choice.base_kl:.6g}", "fidelity.positions": str(choice.positions)}
     if isinstance(prompts, (str, os.PathLike)):

@@ -29,6 +29,7 @@ __all__ = [
     "FidelityError",
     "FidelityProbe",
     "load_causal_lm",
+    "load_tokenizer",
     "read_prompts",
 ]
 
@@ -201,10 +202,49 @@ class FidelityProbe:
         )
 
 
-def load_causal_lm(folder: str | Path) -> tuple[torch.nn.Module, Any]:
+#: Files a tokenizer is loaded from; a folder holding none of them has no tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """A tokenizer from a folder (tokenizer.json, tokenizer_config.json, ...) or a tokenizer.json
+    file, local only; a ``FidelityError`` of one line where there is none."""
+    path = Path(path)
+    hint = "pass --tokenizer PATH_OR_FOLDER (a tokenizer.json, or a folder holding one)"
+    if path.is_file():
+        try:
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast(tokenizer_file=str(path))
+        except ImportError:
+            raise FidelityError("measuring fidelity needs transformers: pip install transformers") from None
+        except Exception as error:  # the tokenizers library raises its own exception types
+            raise FidelityError(f"{path} is not a tokenizer.json that can be read ({_first_line(error)}); "
+                                f"{hint}") from None
+    if not path.is_dir():
+        raise FidelityError(f"tokenizer {path} does not exist; {hint}")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FidelityError(f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES[:2])}, ...); {hint}")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as error:  # transformers raises many kinds, several lines long
+        raise FidelityError(f"cannot load a tokenizer from {path} ({_first_line(error)}); {hint}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def load_causal_lm(folder: str | Path, *, tokenizer: str | Path | None = None) -> tuple[torch.nn.Module, Any]:
     """Load a Hugging Face causal LM folder for fidelity: float32, CPU, eval mode, local only.
 
-    Only safetensors weights are read; a folder with ``.bin`` weights only is refused.
+    Only safetensors weights are read; a folder with ``.bin`` weights only is refused. The
+    tokenizer comes from ``tokenizer`` (a folder or a tokenizer.json) if given, else from the
+    folder.
     """
     path = Path(folder)
     if not (path / "config.json").is_file():
@@ -218,12 +258,15 @@ def load_causal_lm(folder: str | Path) -> tuple[torch.nn.Module, Any]:
             "save the model with safetensors (save_pretrained does by default)"
         )
     try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
     except ImportError:
         raise FidelityError(
             "measuring fidelity needs transformers: pip install transformers"
         ) from None
     from transformers.utils import logging as hf_logging
+
+    # Before the weights: a missing tokenizer is said at once, not after loading the model.
+    tokenizer = load_tokenizer(path if tokenizer is None else tokenizer)
 
     # transformers draws its own loading bar; deltastore's callers decide what the terminal shows.
     bar = hf_logging.is_progress_bar_enabled()
@@ -240,10 +283,6 @@ def load_causal_lm(folder: str | Path) -> tuple[torch.nn.Module, Any]:
     finally:
         if bar:
             hf_logging.enable_progress_bar()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as error:
-        raise FidelityError(f"cannot load a tokenizer from {path}: {error}") from None
     # Older transformers ignore dtype= and newer ones may default to the checkpoint's dtype:
     # the reference distributions must be float32 either way (bf16 -> fp32 is exact).
     model.to(torch.float32)

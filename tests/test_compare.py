@@ -274,3 +274,25 @@ def test_chat_prompts_go_through_the_chat_template(adam_pair):
     chat = FidelityProbe(model, ["why is the sky blue ?"], tokenizer=tokenizer, chat=True)
     assert (plain.positions, chat.positions) == (6, 9)  # "i am" before, "what" after
     assert chat.measure().kl == 0.0
+
+
+def test_a_base_folder_without_a_tokenizer_asks_for_tokenizer_in_one_line(tmp_path, adam_pair):
+    import shutil
+
+    base, ft, prompts = adam_pair
+    bare = tmp_path / "no-tokenizer"
+    bare.mkdir()
+    for file in base.iterdir():
+        if not file.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy(file, bare / file.name)
+    args = ["compare", str(bare), str(ft), "--encodings", "int8", "--ranks", "", "--full", "", "--prompts", str(prompts)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert "holds no tokenizer" in result.output and "--tokenizer" in result.output
+    for tokenizer in (base, base / "tokenizer.json"):
+        given = CliRunner().invoke(cli, [*args, "--tokenizer", str(tokenizer), "--json"])
+        assert given.exit_code == 0, given.output
+        assert json.loads(given.stdout)["positions"] > 0
+    with pytest.raises(FidelityError, match="--tokenizer"):
+        compare(bare, ft, encodings=("int8",), ranks=(), full=(), prompts=prompts, tokenizer=tmp_path / "nothing")
