@@ -33,10 +33,16 @@ class DeltastoreGroup(click.Group):
             if os.environ.get("DELTASTORE_DEBUG") == "1":
                 raise
             raise click.ClickException(escape(e)) from None
+        except (KeyboardInterrupt, click.Abort):
+            # Ctrl-C: the command's own clean-up (finally blocks, the store's close) has run by
+            # now; exit as an interrupted process does, whatever the moment (click says
+            # "Aborted!" and exits 1).
+            click.echo("\ninterrupted", err=True)
+            raise click.exceptions.Exit(130) from None
         except click.ClickException as e:
             e.message = escape(e.message)  # it may quote what the user typed
             raise
-        except (click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+        except click.exceptions.Exit:
             raise
         except OSError as e:
             if os.environ.get("DELTASTORE_DEBUG") == "1":
@@ -87,6 +93,32 @@ def with_store(f: Callable | None = None, *, readonly: bool | None = None) -> Ca
 def store_path(ctx: click.Context) -> Path:
     path = ctx.find_root().params.get("store")
     return Path(path) if path else find_store()
+
+
+ENCODINGS = "lossless, int8, int4, nf4, fp4, 1bit, lowrank:R"
+
+
+def lower_case(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Encoding names in any case (`INT4` as `int4`): the manifest keeps the lower-case spec."""
+    if isinstance(value, str):
+        return value.lower()
+    if isinstance(value, tuple):  # REGEX=ENCODING: the regex keeps its case
+        return tuple(f"{v.rpartition('=')[0]}={v.rpartition('=')[2].lower()}" if "=" in v else v for v in value)
+    return value
+
+
+def only_base(store: Store, base_ref: str | None) -> str:
+    """--base as given, or the store's one base when it holds exactly one."""
+    if base_ref is not None:
+        return base_ref
+    bases = store.bases()
+    if len(bases) == 1:
+        return bases[0].id
+    if not bases:
+        raise click.UsageError("--base is needed: the store holds no base yet; give --base MODEL_PATH "
+                               "(a model folder or .safetensors file)")
+    names = ", ".join(b.name or b.id[:19] for b in bases[:5]) + (" ..." if len(bases) > 5 else "")
+    raise click.UsageError(f"--base is needed: the store holds {len(bases)} bases ({names})")
 
 
 def parse_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
@@ -158,10 +190,12 @@ def base_list(store: Store, as_json: bool) -> None:
 @cli.command()
 @click.argument("stance")
 @click.argument("model", type=click.Path())
-@click.option("--base", "base_ref", required=True, help="Base name, id prefix or model path.")
+@click.option("--base", "base_ref", help="Base name, id prefix or model path (default: the store's only base).")
 @click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
-@click.option("--encoding", default="lossless", show_default=True,
-              help="How to store each tensor delta; `auto`: the smallest whose KL stays under --max-kl.")
+@click.option("--encoding", default="lossless", show_default=True, callback=lower_case,
+              metavar="ENCODING",
+              help=f"How to store each tensor delta: {ENCODINGS} (any case), or auto: the smallest whose KL "
+                   "stays under --max-kl.")
 @click.option("--prompts", type=click.Path(dir_okay=False), metavar="FILE",
               help="Measure fidelity on these prompts (one per line) and record it in the version's "
                    "metadata; needs the base as a Hugging Face model folder.")
@@ -172,7 +206,7 @@ def base_list(store: Store, as_json: bool) -> None:
 @click.option("--tokenizer", type=click.Path(exists=True), metavar="PATH_OR_FOLDER",
               help="The tokenizer for --prompts (a tokenizer.json or a folder holding one), where the base "
                    "folder has none.")
-@click.option("--encoding-for", "encoding_for", multiple=True, metavar="REGEX=ENCODING",
+@click.option("--encoding-for", "encoding_for", multiple=True, metavar="REGEX=ENCODING", callback=lower_case,
               help="A different encoding for tensors whose name matches REGEX (repeatable).")
 @click.option("--group-size", type=int, help="Group size of int8/int4 (default 64).")
 @click.option("--include", help="Store only tensors whose name matches this regex.")
@@ -206,6 +240,7 @@ def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str 
     """Store the fine-tuned MODEL as a new version of STANCE."""
     from deltastore.history import read_metadata_file
 
+    base_ref = only_base(store, base_ref)
     metadata = read_metadata_file(meta_file) if meta_file else {}
     metadata.update(parse_pairs(meta, "--meta"))
     rules = [tuple(r.rsplit("=", 1)) for r in encoding_for]
@@ -660,10 +695,11 @@ def _finite(value: Any) -> Any:
 @click.argument("base", type=click.Path(exists=True))
 @click.argument("model", type=click.Path(exists=True))
 @click.option("--encodings", "encodings_text", default="lossless,int8,int4,nf4,fp4,1bit", show_default=True,
+              callback=lower_case,
               help="Delta encodings to compare, comma-separated (lowrank:R too).")
 @click.option("--ranks", "ranks_text", default="8,32", show_default=True,
               help="LoRA ranks to compare, comma-separated ('' for none).")
-@click.option("--full", "full_text", default="int4,nf4", show_default=True,
+@click.option("--full", "full_text", default="int4,nf4", show_default=True, callback=lower_case,
               help="Encodings of the whole model quantised, comma-separated ('' for none).")
 @click.option("--select", "selects", multiple=True, metavar="SPEC",
               help="A selection to compare (repeatable): KEY=VALUE pairs joined by ';', keys include, exclude, "
@@ -876,22 +912,32 @@ def export_lora(store: Store, ref: str, rank: int | None, energy: float | None, 
 
 
 @cli.command("import-lora")
-@click.argument("adapter", type=click.Path(file_okay=False))
 @click.argument("stance")
-@click.option("--base", "base_ref", required=True, help="The base the adapter was trained on: name, id prefix or path.")
+@click.argument("adapter", type=click.Path(file_okay=False))
+@click.option("--base", "base_ref",
+              help="The base the adapter was trained on: name, id prefix or path (default: the store's only base).")
 @click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
-@click.option("--encoding", help="How to store the result (default: lowrank:R, R the adapter's rank, in its dtype).")
+@click.option("--encoding", callback=lower_case, metavar="ENCODING",
+              help=f"How to store the result: {ENCODINGS} (any case); default lowrank:R, R the adapter's rank, "
+                   "in its dtype.")
 @click.option("-m", "--message", default="", help="What this version is.")
 @click.option("--meta", multiple=True, metavar="KEY=VALUE", help="User metadata (repeatable).")
 @click.option("--tag", help="Tag the new version.")
 @json_option
 @with_store
-def import_lora(store: Store, adapter: str, stance: str, base_ref: str, base_path: str | None, encoding: str | None,
-                message: str, meta: tuple[str, ...], tag: str | None, as_json: bool) -> None:
-    """Commit a PEFT LoRA adapter folder (safetensors only) as a new version of STANCE: each target
-    weight becomes W + scaling * B @ A, modules_to_save and biases replace the base's. Every name
-    and shape is checked against the base first; an adapter for another model is refused."""
-    from deltastore.lora import import_lora as run_import
+def import_lora(store: Store, stance: str, adapter: str, base_ref: str | None, base_path: str | None,
+                encoding: str | None, message: str, meta: tuple[str, ...], tag: str | None, as_json: bool) -> None:
+    """Commit a PEFT LoRA adapter folder (safetensors only) as a new version of STANCE, as commit
+    takes STANCE MODEL: each target weight becomes W + scaling * B @ A, modules_to_save and biases
+    replace the base's. Every name and shape is checked against the base first; an adapter for
+    another model is refused. (The older order, ADAPTER STANCE, still works, with a warning.)"""
+    from deltastore.lora import ADAPTER_CONFIG, import_lora as run_import
+
+    if (Path(stance) / ADAPTER_CONFIG).is_file() and not (Path(adapter) / ADAPTER_CONFIG).is_file():
+        click.echo(f"warning: import-lora ADAPTER STANCE is deprecated: write import-lora {adapter} {stance}",
+                   err=True)
+        stance, adapter = adapter, stance
+    base_ref = only_base(store, base_ref)
 
     with progress("importing", enabled=not as_json) as cb:
         i = run_import(store, adapter, stance, base=base_ref, base_weights=base_path, encoding=encoding,

@@ -94,3 +94,27 @@ def test_median_counts_unchanged_tensors_and_skips_unknown():
     assert median_rel_change([0.0, 0.0, 2.0]) == 0.0
     assert median_rel_change([None, 1.0, 3.0]) == 2.0
     assert median_rel_change([None]) is None
+
+
+def test_base_may_be_left_out_when_the_store_holds_one(store, tmp_path):
+    pair = make_model(tmp_path)
+    none = run(store, "commit", "s", pair.ft)
+    assert none.exit_code == 2 and "--base is needed" in none.output and "no base yet" in none.output
+    store.add_base(pair.base, name="tiny")
+    result = run(store, "commit", "s", pair.ft, "--json")
+    assert result.exit_code == 0, result.output
+    assert store.resolve("s@1").base_id == store.bases()[0].id
+    other = make_model(tmp_path, name="other", seed=5)
+    store.add_base(other.base, name="other")
+    two = run(store, "commit", "t", other.ft)
+    assert two.exit_code == 2 and "2 bases (" in two.output and "tiny" in two.output
+
+
+def test_encoding_names_in_any_case_and_listed_in_help(store, tmp_path):
+    pair = make_model(tmp_path)
+    result = run(store, "commit", "s", pair.ft, "--base", pair.base, "--encoding", "INT4", "--json")
+    assert result.exit_code == 0, result.output
+    assert store.resolve("s@1").encoding == "int4"
+    shown = run(store, "commit", "--help").output
+    for name in ("lossless", "int8", "int4", "nf4", "fp4", "1bit", "lowrank:R", "auto"):
+        assert name in shown

@@ -156,9 +156,11 @@ def test_import_then_export_round_trips(tmp_path, tied):
     store = tmp_path / "store"
     runner = CliRunner()
     runner.invoke(cli, ["init", str(store)])
-    result = runner.invoke(cli, ["--store", str(store), "import-lora", str(adapter), "imported", "--base", str(base),
-                                 "--json"])
+    # import-lora STANCE ADAPTER, as commit STANCE MODEL; the older order still works, with a warning.
+    order = [str(adapter), "imported"] if tied else ["imported", str(adapter)]
+    result = runner.invoke(cli, ["--store", str(store), "import-lora", *order, "--base", str(base), "--json"])
     assert result.exit_code == 0, result.output
+    assert ("deprecated" in result.stderr) == tied
     imported = json.loads(result.stdout)
     assert imported["encoding"] == "lowrank:4" and imported["rank"] == 4
     assert "model.norm.weight" in imported["replaced"]
