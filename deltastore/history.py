@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .errors import MetadataError, RefNotFound
 from .names import check_metadata
 from .records import Version

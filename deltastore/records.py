@@ -204,7 +204,7 @@ def check_manifest(m: Any) -> Version:
     version: types, ids, names (no path separators or '..'), sizes. Returns the version it
     describes, with its id computed here rather than believed."""
     from .errors import UnsafeInput
-    from .hashing import DTYPES, is_id, manifest_id
+    from .hashing import DTYPE_SIZES, is_id, manifest_id
     from .limits import shown
     from .models import check_name
 
@@ -248,12 +248,12 @@ def check_manifest(m: Any) -> Version:
         check_name(t["name"])
         need(t["name"] not in names, f"tensor {t['name']!r} appears twice")
         names.add(t["name"])
-        need(isinstance(t.get("dtype"), str) and t["dtype"] in DTYPES, f"tensor {t['name']!r}: unknown dtype")
+        need(isinstance(t.get("dtype"), str) and t["dtype"] in DTYPE_SIZES, f"tensor {t['name']!r}: unknown dtype")
         # Each dimension bounded too: an empty tensor (one dimension 0) has no size to bound the rest.
         need(isinstance(t.get("shape"), list) and len(t["shape"]) <= MAX_DIMS
              and all(is_int(d) and 0 <= d <= MAX_TENSOR_BYTES for d in t["shape"]),
              f"tensor {t['name']!r}: malformed shape")
-        need(math.prod(t["shape"]) * DTYPES[t["dtype"]].itemsize <= MAX_TENSOR_BYTES,
+        need(math.prod(t["shape"]) * DTYPE_SIZES[t["dtype"]] <= MAX_TENSOR_BYTES,
              f"tensor {t['name']!r}: shape {t['shape']} is more than {MAX_TENSOR_BYTES} bytes")
         need(isinstance(t.get("encoding"), str) and isinstance(t.get("params"), dict),
              f"tensor {t['name']!r}: malformed encoding")

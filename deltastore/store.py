@@ -28,16 +28,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-import torch
-
-from . import encodings, index, names
+from . import index, names
 from .catalog import Catalog, dumps, now
 from .errors import (AmbiguousRef, BaseMismatch, BaseNotFound, DeltastoreError, IdenticalVersion, JournalError,
                      ModelFormatError, NotAFineTune, NothingToCommit, OldStoreFormat, RefNotFound, StoreExists,
                      StoreNotFound, UnsafeInput, VersionConflict, shown_names)
-from .hashing import DTYPES, tensor_id, canonical_json
+from .hashing import tensor_id, canonical_json
 from .limits import is_text
-from .models import TensorInfo, TensorSource, open_model
 from .objects import ObjectStore
 from .records import (Base, CommitResult, ObjectRef, TensorEntry, Version, VersionInfo, manifest,
                       parse_manifest)
@@ -150,6 +147,8 @@ class Store:
     def add_base(self, model: ModelLike, *, name: str | None = None, hub_id: str | None = None,
                  progress: Progress | None = None) -> Base:
         """Register a base: hash every tensor, record names, dtypes, shapes and where it lives."""
+        from .models import open_model
+
         self._writable()
         self._refuse_patched(model)
         source = open_model(model, mapped=True)
@@ -261,6 +260,8 @@ class Store:
             return base, None, False
         if isinstance(base, str) and not _looks_like_path(base):
             return self.base(base), None, False
+        from .models import open_model
+
         self._refuse_patched(base)
         source = open_model(base, mapped=True)
         row, tensors = self._describe_base(source)
@@ -274,6 +275,8 @@ class Store:
     def base_source(self, base: Base, weights: ModelLike | None = None, *, mapped: bool = False) -> TensorSource:
         """The base's weights: those given, else where `base add` found them (`mapped`: see
         models.open_files)."""
+        from .models import open_model
+
         if weights is not None:
             return open_model(weights, mapped=mapped)
         if not base.source or not Path(base.source).exists():
@@ -435,6 +438,8 @@ class Store:
         token = uuid.uuid4().hex
         try:
             base_src = given or self.base_source(base_rec, base_weights, mapped=True)
+            from .models import open_model
+
             target = open_model(model, mapped=True)
             built = build_entries(self, base_rec, base_src, target, token=token, encoding=encoding,
                                   encoding_for=encoding_for, encoding_options=dict(encoding_options or {}),
@@ -628,6 +633,11 @@ class Store:
                      out: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor apply produces for one entry, from verified objects (read here unless
         `parts` holds them already); `out`: see Encoding.decode."""
+        import torch
+
+        from . import encodings
+        from .hashing import DTYPES
+
         parts = self.read_parts(entry) if parts is None else parts
         enc = encodings.from_params(entry.encoding, entry.params)
         base = base_tensor if base_tensor is not None else torch.empty(0)
@@ -638,6 +648,8 @@ class Store:
                     ) -> tuple[dict[str, TensorInfo], Callable[[str], torch.Tensor]]:
         """The fine-tuned model a version describes: every tensor's description, and a function
         that produces one tensor at a time, verified against the ids recorded at commit."""
+        from .models import TensorInfo
+
         version = self.resolve(ref)
         base = self.base(version.base_id)
         source = self.base_source(base, base_weights)
