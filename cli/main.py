@@ -227,6 +227,8 @@ def base_list(store: Store, as_json: bool) -> None:
               help="Make a new version even when the model stores exactly what the stance's newest does.")
 @click.option("--force", is_flag=True,
               help="Commit even a model whose tensors moved too far from the base's to be a fine-tune of it.")
+@click.option("--new-stance", is_flag=True,
+              help="Start STANCE even though its name is a few letters from an existing stance's.")
 @json_option
 @with_store
 def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str | None, encoding: str,
@@ -236,7 +238,7 @@ def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str 
            include: str | None, exclude: str | None,
            top_k: int | None, min_rel_change: float | None, energy: float | None, message: str,
            meta: tuple[str, ...], meta_file: str | None, tag: str | None, allow_nonfinite: bool,
-           allow_empty: bool, force: bool, as_json: bool) -> None:
+           allow_empty: bool, force: bool, new_stance: bool, as_json: bool) -> None:
     """Store the fine-tuned MODEL as a new version of STANCE."""
     from deltastore.history import read_metadata_file
 
@@ -262,7 +264,8 @@ def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str 
                                        encoding_options=options,
                                        include=include, exclude=exclude, top_k=top_k, min_rel_change=min_rel_change,
                                        energy=energy, message=message, metadata=metadata, tag=tag, progress=cb,
-                                       allow_nonfinite=allow_nonfinite, allow_empty=allow_empty, force=force)
+                                       allow_nonfinite=allow_nonfinite, allow_empty=allow_empty, force=force,
+                                       new_stance=new_stance)
         r, choice = measured.result, measured.choice
     else:
         with progress("committing", enabled=not as_json) as cb:
@@ -270,7 +273,7 @@ def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str 
                              encoding_for=rules, encoding_options=options, include=include, exclude=exclude,
                              top_k=top_k, min_rel_change=min_rel_change, energy=energy, message=message,
                              metadata=metadata, tag=tag, progress=cb, allow_nonfinite=allow_nonfinite,
-                             allow_empty=allow_empty, force=force)
+                             allow_empty=allow_empty, force=force, new_stance=new_stance)
     v = r.version
     summary = {"id": v.id, "stance": v.stance, "number": v.number, "tensors_stored": r.tensors_stored,
                "tensors_unchanged": r.unchanged, "bytes_stored": r.bytes_stored, "bytes_new": r.bytes_new,

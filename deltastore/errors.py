@@ -202,8 +202,18 @@ class NonFiniteTensor(DeltastoreError, ValueError):
 class StanceExists(DeltastoreError, FileExistsError):
     def __init__(self, stance: str):
         self.stance = stance
-        super().__init__(f"a stance named {_cut(stance)} already exists; choose another name, "
-                         f"or delete it first (`deltastore stance delete {stance}`)")
+        super().__init__(f"a stance named {_cut(stance)} already exists, with its own versions; "
+                         "choose another name")
+
+
+class StanceNameClose(DeltastoreError, LookupError):
+    """A commit to a new stance whose name is a few edits from an existing one: most often a typo."""
+
+    def __init__(self, stance: str, close: str):
+        self.stance = stance
+        self.close = close
+        super().__init__(f"there is no stance {_cut(stance)}, but there is {_cut(close)}: commit to {_cut(close)}, "
+                         f"or pass --new-stance to start a stance named {_cut(stance)}")
 
 
 class TagNotFound(DeltastoreError, KeyError):

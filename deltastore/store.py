@@ -31,8 +31,8 @@ from typing import Any, Callable, Iterator, Mapping
 from . import index, names
 from .catalog import Catalog, dumps, now
 from .errors import (AmbiguousRef, BaseMismatch, BaseNotFound, DeltastoreError, IdenticalVersion, JournalError,
-                     ModelFormatError, NotAFineTune, NothingToCommit, OldStoreFormat, RefNotFound, StoreExists,
-                     StoreNotFound, UnsafeInput, VersionConflict, shown_names)
+                     ModelFormatError, NotAFineTune, NothingToCommit, OldStoreFormat, RefNotFound, StanceNameClose,
+                     StoreExists, StoreNotFound, UnsafeInput, VersionConflict, shown_names)
 from .hashing import tensor_id, canonical_json
 from .limits import is_text
 from .objects import ObjectStore
@@ -69,6 +69,38 @@ def store_format(root: Path) -> str | None:
         return json.loads(marker.read_bytes()[:4096]).get("format")
     except (ValueError, AttributeError, RecursionError):  # not JSON, not an object
         return None
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance, counting a swap of two neighbours as one edit ("uncertanity")."""
+    previous2: list[int] = []
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            cost = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                cost = min(cost, previous2[j - 2] + 1)
+            current.append(cost)
+        previous2, previous = previous, current
+    return previous[-1]
+
+
+def close_name(name: str, existing: list[str]) -> str | None:
+    """The existing name a few edits from `name` (1 for names of 5-7 characters, 2 up to 16, 3
+    beyond), the closest first; None if none is. Names that differ only in their last one or
+    two characters (`stance-a`, `stance-b`; `v1`, `v2`) are a series made on purpose."""
+    if len(name) < 5:
+        return None
+    limit = 1 if len(name) < 8 else 2 if len(name) <= 16 else 3
+
+    def series(other: str) -> bool:
+        common = len(os.path.commonprefix([name, other]))
+        return len(name) - common <= 2 and len(other) - common <= 2
+
+    scored = sorted((edit_distance(name.lower(), other.lower()), other) for other in existing
+                    if other != name and not series(other))
+    return scored[0][1] if scored and scored[0][0] <= limit else None
 
 
 check_stance_name = names.check_stance_name
@@ -416,17 +448,24 @@ class Store:
                min_rel_change: float | None = None, energy: float | None = None,
                message: str = "", metadata: Mapping[str, str] | None = None, tag: str | None = None,
                base_weights: ModelLike | None = None, progress: Progress | None = None,
-               allow_nonfinite: bool = False, allow_empty: bool = False, force: bool = False) -> CommitResult:
+               allow_nonfinite: bool = False, allow_empty: bool = False, force: bool = False,
+               new_stance: bool = False) -> CommitResult:
         """Store `model` as the next version of `stance`, as deltas against `base`. A changed
         tensor holding nan or inf is refused (`NonFiniteTensor`) unless `allow_nonfinite`;
         lossless encodings then store it exactly, lossy ones refuse it. A model that would
         store what the stance's newest version stores is refused (`IdenticalVersion`) unless
         `allow_empty`; one whose median relative change is above `NOT_A_FINE_TUNE` (another
-        model of the same shape) is refused (`NotAFineTune`) unless `force`."""
+        model of the same shape) is refused (`NotAFineTune`) unless `force`. A stance that does
+        not exist yet, named within a few edits of one that does, is refused (`StanceNameClose`:
+        a typo would start a new line of versions unnoticed) unless `new_stance`."""
         from .commit import NOT_A_FINE_TUNE, build_entries
 
         self._writable()
         check_stance_name(stance)
+        if not new_stance and not self.catalog.has_stance(stance):
+            close = close_name(stance, [row["name"] for row in self.catalog.stances()])
+            if close is not None:
+                raise StanceNameClose(stance, close)
         if tag is not None:
             names.check_tag_name(tag)
         metadata = names.check_metadata({str(k): str(v) for k, v in (metadata or {}).items()})

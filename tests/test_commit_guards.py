@@ -118,3 +118,30 @@ def test_encoding_names_in_any_case_and_listed_in_help(store, tmp_path):
     shown = run(store, "commit", "--help").output
     for name in ("lossless", "int8", "int4", "nf4", "fp4", "1bit", "lowrank:R", "auto"):
         assert name in shown
+
+
+def test_a_typo_in_a_stance_name_asks_for_new_stance(store, tmp_path):
+    from deltastore.errors import StanceNameClose
+
+    pair = make_model(tmp_path)
+    store.commit("curious-uncertainty", pair.ft, base=pair.base)
+    other = variant_of(pair, tmp_path)
+    # A series named on purpose commits as before.
+    store.commit("curious-uncertainty-2", other, base=pair.base)
+    before = store_snapshot(store.root)
+    with pytest.raises(StanceNameClose, match="'curious-uncertainty'.*--new-stance"):
+        store.commit("curious-uncertanity", other, base=pair.base)
+    assert store_snapshot(store.root) == before
+    result = run(store, "commit", "curious-uncertanity", other, "--base", pair.base)
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert "delete" not in result.output
+    assert run(store, "commit", "curious-uncertanity", other, "--base", pair.base, "--new-stance").exit_code == 0
+    store.commit("curious-uncertainty", other, base=pair.base)  # a stance that exists
+    assert [r["name"] for r in store.stances()] == ["curious-uncertainty", "curious-uncertainty-2",
+                                                    "curious-uncertanity"]
+
+
+def variant_of(pair, tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    state = {n: t + 1e-3 * torch.randn(t.shape, generator=gen).to(t.dtype) for n, t in pair.ft_state.items()}
+    return write_folder(tmp_path / "variant", state)
