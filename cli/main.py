@@ -538,10 +538,11 @@ def fsck(ctx: click.Context, read_data: bool, repair: bool, rebuild_catalog: boo
 
 
 @cli.command()
-@click.option("--dry-run", is_flag=True, help="Only print the plan.")
+@click.option("--dry-run", is_flag=True, help="Only print the plan: what it would free (--verbose: every object).")
+@click.option("-v", "--verbose", is_flag=True, help="With --dry-run: list every object and file it would remove.")
 @json_option
 @with_store
-def gc(store: Store, dry_run: bool, as_json: bool) -> None:
+def gc(store: Store, dry_run: bool, verbose: bool, as_json: bool) -> None:
     """Remove objects that no version, journal or running commit references."""
     plan = store.gc_plan()
     if dry_run:
@@ -549,10 +550,11 @@ def gc(store: Store, dry_run: bool, as_json: bool) -> None:
             return emit_json({"dry_run": True, "objects": plan.objects, "bytes": plan.bytes,
                               "object_bytes": dict(zip(plan.objects, plan.sizes)),
                               "tmp_files": plan.tmp_files, "dead_commits": plan.dead_commits})
-        for oid, n in zip(plan.objects, plan.sizes):
-            echo(f"would remove {oid}  {size(n)}")
-        for name in plan.tmp_files:
-            echo(f"would remove {name}")
+        if verbose:
+            for oid, n in zip(plan.objects, plan.sizes):
+                echo(f"would remove {oid}  {size(n)}")
+            for name in plan.tmp_files:
+                echo(f"would remove {name}")
         return echo(f"would free {size(plan.bytes)} in {len(plan.objects)} objects"
                     + (f" and {len(plan.tmp_files)} temporary files" if plan.tmp_files else ""))
     if not as_json:
