@@ -939,8 +939,7 @@ def import_lora(store: Store, stance: str, adapter: str, base_ref: str | None, b
     from deltastore.lora import ADAPTER_CONFIG, import_lora as run_import
 
     if (Path(stance) / ADAPTER_CONFIG).is_file() and not (Path(adapter) / ADAPTER_CONFIG).is_file():
-        echo(f"warning: import-lora ADAPTER STANCE is deprecated: write import-lora {adapter} {stance}",
-                   err=True)
+        echo(f"warning: import-lora ADAPTER STANCE is deprecated: write import-lora {adapter} {stance}", err=True)
         stance, adapter = adapter, stance
     base_ref = only_base(store, base_ref)
 
