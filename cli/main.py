@@ -33,10 +33,16 @@ class DeltastoreGroup(click.Group):
             if os.environ.get("DELTASTORE_DEBUG") == "1":
                 raise
             raise click.ClickException(escape(e)) from None
+        except (KeyboardInterrupt, click.Abort):
+            # Ctrl-C: the command's own clean-up (finally blocks, the store's close) has run by
+            # now; exit as an interrupted process does, whatever the moment (click says
+            # "Aborted!" and exits 1).
+            click.echo("\ninterrupted", err=True)
+            raise click.exceptions.Exit(130) from None
         except click.ClickException as e:
             e.message = escape(e.message)  # it may quote what the user typed
             raise
-        except (click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+        except click.exceptions.Exit:
             raise
         except OSError as e:
             if os.environ.get("DELTASTORE_DEBUG") == "1":
@@ -87,6 +93,32 @@ def with_store(f: Callable | None = None, *, readonly: bool | None = None) -> Ca
 def store_path(ctx: click.Context) -> Path:
     path = ctx.find_root().params.get("store")
     return Path(path) if path else find_store()
+
+
+ENCODINGS = "lossless, int8, int4, nf4, fp4, 1bit, lowrank:R"
+
+
+def lower_case(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Encoding names in any case (`INT4` as `int4`): the manifest keeps the lower-case spec."""
+    if isinstance(value, str):
+        return value.lower()
+    if isinstance(value, tuple):  # REGEX=ENCODING: the regex keeps its case
+        return tuple(f"{v.rpartition('=')[0]}={v.rpartition('=')[2].lower()}" if "=" in v else v for v in value)
+    return value
+
+
+def only_base(store: Store, base_ref: str | None) -> str:
+    """--base as given, or the store's one base when it holds exactly one."""
+    if base_ref is not None:
+        return base_ref
+    bases = store.bases()
+    if len(bases) == 1:
+        return bases[0].id
+    if not bases:
+        raise click.UsageError("--base is needed: the store holds no base yet; give --base MODEL_PATH "
+                               "(a model folder or .safetensors file)")
+    names = ", ".join(b.name or b.id[:19] for b in bases[:5]) + (" ..." if len(bases) > 5 else "")
+    raise click.UsageError(f"--base is needed: the store holds {len(bases)} bases ({names})")
 
 
 def parse_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
@@ -158,10 +190,12 @@ def base_list(store: Store, as_json: bool) -> None:
 @cli.command()
 @click.argument("stance")
 @click.argument("model", type=click.Path())
-@click.option("--base", "base_ref", required=True, help="Base name, id prefix or model path.")
+@click.option("--base", "base_ref", help="Base name, id prefix or model path (default: the store's only base).")
 @click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
-@click.option("--encoding", default="lossless", show_default=True,
-              help="How to store each tensor delta; `auto`: the smallest whose KL stays under --max-kl.")
+@click.option("--encoding", default="lossless", show_default=True, callback=lower_case,
+              metavar="ENCODING",
+              help=f"How to store each tensor delta: {ENCODINGS} (any case), or auto: the smallest whose KL "
+                   "stays under --max-kl.")
 @click.option("--prompts", type=click.Path(dir_okay=False), metavar="FILE",
               help="Measure fidelity on these prompts (one per line) and record it in the version's "
                    "metadata; needs the base as a Hugging Face model folder.")
@@ -169,7 +203,10 @@ def base_list(store: Store, as_json: bool) -> None:
               help="With --encoding auto: the largest KL(fine-tuned || stored) to accept; with another "
                    "encoding: refuse to commit above it.")
 @click.option("--chat", is_flag=True, help="Each prompt is a user message, put through the model's chat template.")
-@click.option("--encoding-for", "encoding_for", multiple=True, metavar="REGEX=ENCODING",
+@click.option("--tokenizer", type=click.Path(exists=True), metavar="PATH_OR_FOLDER",
+              help="The tokenizer for --prompts (a tokenizer.json or a folder holding one), where the base "
+                   "folder has none.")
+@click.option("--encoding-for", "encoding_for", multiple=True, metavar="REGEX=ENCODING", callback=lower_case,
               help="A different encoding for tensors whose name matches REGEX (repeatable).")
 @click.option("--group-size", type=int, help="Group size of int8/int4 (default 64).")
 @click.option("--include", help="Store only tensors whose name matches this regex.")
@@ -186,18 +223,26 @@ def base_list(store: Store, as_json: bool) -> None:
 @click.option("--allow-nonfinite", is_flag=True,
               help="Store changed tensors holding nan or inf (exactly, with a lossless encoding) instead of "
                    "refusing the commit.")
+@click.option("--allow-empty", is_flag=True,
+              help="Make a new version even when the model stores exactly what the stance's newest does.")
+@click.option("--force", is_flag=True,
+              help="Commit even a model whose tensors moved too far from the base's to be a fine-tune of it.")
+@click.option("--new-stance", is_flag=True,
+              help="Start STANCE even though its name is a few letters from an existing stance's.")
 @json_option
 @with_store
 def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str | None, encoding: str,
-           prompts: str | None, max_kl: float | None, chat: bool, encoding_for: tuple[str, ...],
+           prompts: str | None, max_kl: float | None, chat: bool, tokenizer: str | None,
+           encoding_for: tuple[str, ...],
            group_size: int | None,
            include: str | None, exclude: str | None,
            top_k: int | None, min_rel_change: float | None, energy: float | None, message: str,
            meta: tuple[str, ...], meta_file: str | None, tag: str | None, allow_nonfinite: bool,
-           as_json: bool) -> None:
+           allow_empty: bool, force: bool, new_stance: bool, as_json: bool) -> None:
     """Store the fine-tuned MODEL as a new version of STANCE."""
     from deltastore.history import read_metadata_file
 
+    base_ref = only_base(store, base_ref)
     metadata = read_metadata_file(meta_file) if meta_file else {}
     metadata.update(parse_pairs(meta, "--meta"))
     rules = [tuple(r.rsplit("=", 1)) for r in encoding_for]
@@ -205,30 +250,35 @@ def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str 
         raise click.BadParameter("expected REGEX=ENCODING", param_hint="--encoding-for")
     options = {"group_size": group_size} if group_size is not None else {}
     choice = None
-    if encoding == "auto" or prompts or max_kl is not None or chat:
+    if encoding == "auto" or prompts or max_kl is not None or chat or tokenizer:
         if prompts is None or (encoding == "auto" and max_kl is None):
             raise click.UsageError("--encoding auto needs --prompts FILE (one prompt per line) and --max-kl K "
-                                   "(e.g. 0.01)" if encoding == "auto" else "--max-kl and --chat need --prompts FILE")
+                                   "(e.g. 0.01)" if encoding == "auto" else
+                                   "--max-kl, --chat and --tokenizer need --prompts FILE")
         from deltastore.compare import commit_measured
 
         with progress("measuring", enabled=not as_json) as cb:
             measured = commit_measured(store, stance, model, base=base_ref, base_weights=base_path, prompts=prompts,
-                                       encoding=encoding, max_kl=max_kl, chat=chat, encoding_for=rules,
+                                       encoding=encoding, max_kl=max_kl, chat=chat, tokenizer=tokenizer,
+                                       encoding_for=rules,
                                        encoding_options=options,
                                        include=include, exclude=exclude, top_k=top_k, min_rel_change=min_rel_change,
                                        energy=energy, message=message, metadata=metadata, tag=tag, progress=cb,
-                                       allow_nonfinite=allow_nonfinite)
+                                       allow_nonfinite=allow_nonfinite, allow_empty=allow_empty, force=force,
+                                       new_stance=new_stance)
         r, choice = measured.result, measured.choice
     else:
         with progress("committing", enabled=not as_json) as cb:
             r = store.commit(stance, model, base=base_ref, base_weights=base_path, encoding=encoding,
                              encoding_for=rules, encoding_options=options, include=include, exclude=exclude,
                              top_k=top_k, min_rel_change=min_rel_change, energy=energy, message=message,
-                             metadata=metadata, tag=tag, progress=cb, allow_nonfinite=allow_nonfinite)
+                             metadata=metadata, tag=tag, progress=cb, allow_nonfinite=allow_nonfinite,
+                             allow_empty=allow_empty, force=force, new_stance=new_stance)
     v = r.version
     summary = {"id": v.id, "stance": v.stance, "number": v.number, "tensors_stored": r.tensors_stored,
                "tensors_unchanged": r.unchanged, "bytes_stored": r.bytes_stored, "bytes_new": r.bytes_new,
-               "left_out": list(r.left_out), "left_out_energy_fraction": r.left_out_energy_fraction}
+               "left_out": list(r.left_out), "left_out_energy_fraction": r.left_out_energy_fraction,
+               "median_rel_change": r.median_rel_change}
     if choice is not None:
         summary.update(encoding=choice.encoding, kl=choice.kl, top1=choice.top1, base_kl=choice.base_kl,
                        max_kl=choice.max_kl, candidates=[{"encoding": c.spec, "bytes": c.bytes, "kl": c.kl,
@@ -239,6 +289,9 @@ def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str 
         limit = f" (at most {choice.max_kl:g})" if choice.max_kl is not None else ""
         echo(f"{choice.encoding}: KL {choice.kl:.3g}{limit}, top-1 {choice.top1:.1%}; "
              f"the base alone: KL {choice.base_kl:.3g}")
+        for c in choice.candidates:
+            if c.spec != choice.encoding:
+                echo(f"  {c.spec}: {c.note}" if "skipped" in c.note else f"  {c.spec} ({size(c.bytes)}): {c.note}")
     echo(f"{v.ref} {v.id}")
     echo(f"stored {r.tensors_stored} tensors ({r.unchanged} unchanged), {size(r.bytes_stored)} "
          f"({size(r.bytes_new)} new)")
@@ -485,10 +538,11 @@ def fsck(ctx: click.Context, read_data: bool, repair: bool, rebuild_catalog: boo
 
 
 @cli.command()
-@click.option("--dry-run", is_flag=True, help="Only print the plan.")
+@click.option("--dry-run", is_flag=True, help="Only print the plan: what it would free (--verbose: every object).")
+@click.option("-v", "--verbose", is_flag=True, help="With --dry-run: list every object and file it would remove.")
 @json_option
 @with_store
-def gc(store: Store, dry_run: bool, as_json: bool) -> None:
+def gc(store: Store, dry_run: bool, verbose: bool, as_json: bool) -> None:
     """Remove objects that no version, journal or running commit references."""
     plan = store.gc_plan()
     if dry_run:
@@ -496,10 +550,11 @@ def gc(store: Store, dry_run: bool, as_json: bool) -> None:
             return emit_json({"dry_run": True, "objects": plan.objects, "bytes": plan.bytes,
                               "object_bytes": dict(zip(plan.objects, plan.sizes)),
                               "tmp_files": plan.tmp_files, "dead_commits": plan.dead_commits})
-        for oid, n in zip(plan.objects, plan.sizes):
-            echo(f"would remove {oid}  {size(n)}")
-        for name in plan.tmp_files:
-            echo(f"would remove {name}")
+        if verbose:
+            for oid, n in zip(plan.objects, plan.sizes):
+                echo(f"would remove {oid}  {size(n)}")
+            for name in plan.tmp_files:
+                echo(f"would remove {name}")
         return echo(f"would free {size(plan.bytes)} in {len(plan.objects)} objects"
                     + (f" and {len(plan.tmp_files)} temporary files" if plan.tmp_files else ""))
     if not as_json:
@@ -645,10 +700,11 @@ def _finite(value: Any) -> Any:
 @click.argument("base", type=click.Path(exists=True))
 @click.argument("model", type=click.Path(exists=True))
 @click.option("--encodings", "encodings_text", default="lossless,int8,int4,nf4,fp4,1bit", show_default=True,
+              callback=lower_case,
               help="Delta encodings to compare, comma-separated (lowrank:R too).")
 @click.option("--ranks", "ranks_text", default="8,32", show_default=True,
               help="LoRA ranks to compare, comma-separated ('' for none).")
-@click.option("--full", "full_text", default="int4,nf4", show_default=True,
+@click.option("--full", "full_text", default="int4,nf4", show_default=True, callback=lower_case,
               help="Encodings of the whole model quantised, comma-separated ('' for none).")
 @click.option("--select", "selects", multiple=True, metavar="SPEC",
               help="A selection to compare (repeatable): KEY=VALUE pairs joined by ';', keys include, exclude, "
@@ -657,13 +713,17 @@ def _finite(value: Any) -> Any:
 @click.option("--prompts", type=click.Path(dir_okay=False), metavar="FILE",
               help="Measure fidelity on these prompts (one per line); BASE must be a Hugging Face model folder.")
 @click.option("--chat", is_flag=True, help="Each prompt is a user message, put through the model's chat template.")
+@click.option("--tokenizer", type=click.Path(exists=True), metavar="PATH_OR_FOLDER",
+              help="The tokenizer for --prompts (a tokenizer.json or a folder holding one), where the base "
+                   "folder has none.")
 @click.option("--group-size", type=int, help="Group size of int8/int4 (default 64).")
 @click.option("--lora-dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
               help="The dtype of the LoRA factors.")
 @click.option("--plot", type=click.Path(dir_okay=False), metavar="PNG", help="Draw size against KL (needs --prompts).")
 @json_option
 def compare_command(base: str, model: str, encodings_text: str, ranks_text: str, full_text: str,
-                    selects: tuple[str, ...], prompts: str | None, chat: bool, group_size: int | None,
+                    selects: tuple[str, ...], prompts: str | None, chat: bool, tokenizer: str | None,
+                    group_size: int | None,
                     lora_dtype: str,
                     plot: str | None, as_json: bool) -> None:
     """What each way of storing fine-tune MODEL of BASE costs, and how much of it each keeps.
@@ -681,7 +741,7 @@ def compare_command(base: str, model: str, encodings_text: str, ranks_text: str,
     with progress("comparing", enabled=not as_json) as cb:
         c = run_compare(base, model, encodings=_number_list(encodings_text, "--encodings"),
                         ranks=_number_list(ranks_text, "--ranks", int), full=_number_list(full_text, "--full"),
-                        selections=selects, prompts=prompts, chat=chat, lora_dtype=lora_dtype,
+                        selections=selects, prompts=prompts, chat=chat, tokenizer=tokenizer, lora_dtype=lora_dtype,
                         encoding_options=options, progress=cb)
     if plot:
         draw(c, plot)
@@ -805,17 +865,23 @@ def _analysis_json(a: Any) -> dict[str, Any]:
               help="peft: an adapter folder; gguf: one GGUF LoRA file for llama.cpp and Ollama (Llama, Qwen2, GPT-2).")
 @click.option("--out", required=True, type=click.Path(), help="A new folder (--format gguf: a new .gguf file).")
 @click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
+@click.option("--exact", is_flag=True,
+              help="Factor each delta by its exact truncated SVD instead of a randomized one (slower; "
+                   "--energy always does).")
 @json_option
 @with_store(readonly=True)
 def export_lora(store: Store, ref: str, rank: int | None, energy: float | None, dtype: str, fmt: str, out: str,
-                base_path: str | None, as_json: bool) -> None:
+                base_path: str | None, exact: bool, as_json: bool) -> None:
     """Write a version as a PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors)
     that peft.PeftModel.from_pretrained loads: each changed 2-D weight of a Linear or Embedding
-    module becomes lora_A/lora_B from the truncated SVD of its delta (lora_alpha = r, so the
-    scaling is 1); changed norms go to modules_to_save, changed biases of those modules with
-    bias="lora_only". Anything else is listed as dropped. With --format gguf, a GGUF LoRA file as
-    llama.cpp's convert_lora_to_gguf.py writes one: pairs for Linear and Conv1D weights only;
-    changed embeddings, norms and biases are listed as dropped, with their share of the delta."""
+    module becomes lora_A/lora_B from a randomized SVD of its delta (--exact: the truncated SVD;
+    lora_alpha = r, so the scaling is 1); changed norms go to modules_to_save, changed biases of
+    those modules with bias="lora_only". Anything else is listed as dropped. The energy shown is
+    measured on the pairs written, as compare's energy column: the mean over the pairs of the
+    share of each delta's energy (squared Frobenius norm) its pair holds. With --format gguf, a
+    GGUF LoRA file as llama.cpp's convert_lora_to_gguf.py writes one: pairs for Linear and Conv1D
+    weights only; changed embeddings, norms and biases are listed as dropped, with their share of
+    the delta."""
     from deltastore.lora import export_lora as run_export
 
     if rank is None and energy is None:
@@ -835,34 +901,47 @@ def export_lora(store: Store, ref: str, rank: int | None, energy: float | None, 
             echo(f"warning: {g.warning}", err=True)
         return None
     with progress("factoring", enabled=not as_json) as cb:
-        e = run_export(store, ref, out, rank=rank, energy=energy, dtype=dtype, base_weights=base_path, progress=cb)
+        e = run_export(store, ref, out, rank=rank, energy=energy, dtype=dtype, base_weights=base_path,
+                       exact=exact, progress=cb)
     if as_json:
         return emit_json(_finite(to_jsonable(e)))
     ranks = sorted(set(e.ranks.values()))
     shown = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]} to {ranks[-1]}"
     echo(f"wrote {e.out}: {len(e.targets)} LoRA pairs at {shown} ({e.dtype}), {len(e.saved)} tensors "
-         f"whole; {size(e.bytes)}; the pairs hold {e.energy_kept:.1%} of their deltas' energy")
+         f"whole; {size(e.bytes)}")
+    echo(f"energy held ({'exact' if e.exact else 'randomized'} SVD, measured): {e.energy_kept:.3f} per "
+         f"delta on average (as compare's energy column), {e.energy_kept_total:.3f} of all the deltas' "
+         "energy together")
     if e.warning:
         echo(f"warning: {e.warning}", err=True)
 
 
 @cli.command("import-lora")
-@click.argument("adapter", type=click.Path(file_okay=False))
 @click.argument("stance")
-@click.option("--base", "base_ref", required=True, help="The base the adapter was trained on: name, id prefix or path.")
+@click.argument("adapter", type=click.Path(file_okay=False))
+@click.option("--base", "base_ref",
+              help="The base the adapter was trained on: name, id prefix or path (default: the store's only base).")
 @click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
-@click.option("--encoding", help="How to store the result (default: lowrank:R, R the adapter's rank, in its dtype).")
+@click.option("--encoding", callback=lower_case, metavar="ENCODING",
+              help=f"How to store the result: {ENCODINGS} (any case); default lowrank:R, R the adapter's rank, "
+                   "in its dtype.")
 @click.option("-m", "--message", default="", help="What this version is.")
 @click.option("--meta", multiple=True, metavar="KEY=VALUE", help="User metadata (repeatable).")
 @click.option("--tag", help="Tag the new version.")
 @json_option
 @with_store
-def import_lora(store: Store, adapter: str, stance: str, base_ref: str, base_path: str | None, encoding: str | None,
-                message: str, meta: tuple[str, ...], tag: str | None, as_json: bool) -> None:
-    """Commit a PEFT LoRA adapter folder (safetensors only) as a new version of STANCE: each target
-    weight becomes W + scaling * B @ A, modules_to_save and biases replace the base's. Every name
-    and shape is checked against the base first; an adapter for another model is refused."""
-    from deltastore.lora import import_lora as run_import
+def import_lora(store: Store, stance: str, adapter: str, base_ref: str | None, base_path: str | None,
+                encoding: str | None, message: str, meta: tuple[str, ...], tag: str | None, as_json: bool) -> None:
+    """Commit a PEFT LoRA adapter folder (safetensors only) as a new version of STANCE, as commit
+    takes STANCE MODEL: each target weight becomes W + scaling * B @ A, modules_to_save and biases
+    replace the base's. Every name and shape is checked against the base first; an adapter for
+    another model is refused. (The older order, ADAPTER STANCE, still works, with a warning.)"""
+    from deltastore.lora import ADAPTER_CONFIG, import_lora as run_import
+
+    if (Path(stance) / ADAPTER_CONFIG).is_file() and not (Path(adapter) / ADAPTER_CONFIG).is_file():
+        echo(f"warning: import-lora ADAPTER STANCE is deprecated: write import-lora {adapter} {stance}", err=True)
+        stance, adapter = adapter, stance
+    base_ref = only_base(store, base_ref)
 
     with progress("importing", enabled=not as_json) as cb:
         i = run_import(store, adapter, stance, base=base_ref, base_weights=base_path, encoding=encoding,

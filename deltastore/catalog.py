@@ -23,11 +23,30 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-import sqlite_utils
-
 from . import journalfiles
 from .errors import CatalogDamaged, CatalogError, DiskFull, ReadOnlyStore, RefNotFound, StanceExists
 from .reflog import RefLog, RefLogError, tail_id
+
+
+def _import_sqlite_utils() -> Any:
+    """sqlite_utils, without the pandas and numpy it imports when they are installed (1.2 s of
+    imports on every command) only to convert their values on insert: the catalog stores plain
+    Python values. Where they are imported already, it gets them as usual."""
+    import sys
+
+    blocked = [name for name in ("pandas", "numpy") if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None  # type: ignore[assignment]  # makes `import name` fail
+    try:
+        import sqlite_utils
+    finally:
+        for name in blocked:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
+    return sqlite_utils
+
+
+sqlite_utils = _import_sqlite_utils()
 
 # The catalog's schema. It is a cache: a catalog of another schema is rebuilt, never migrated.
 SCHEMA_VERSION = "2"

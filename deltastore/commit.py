@@ -31,6 +31,9 @@ CHUNK = 1 << 18
 # Two tensors in flight keep both cores busy on this kind of machine without holding more
 # than two tensors (and their encodings) in memory.
 WORKERS = 2
+# A fine-tune moves a tensor by 0.0001-0.003 of its norm (SmolLM2, Adam, lr 2e-5); another model
+# of the same shape, or a random init, by about 1.4. Above this median, it is not a fine-tune.
+NOT_A_FINE_TUNE = 0.3
 
 
 @dataclass
@@ -58,6 +61,7 @@ class Built:
     selection: dict[str, Any] = field(default_factory=dict)
     left_out: list[str] = field(default_factory=list)
     left_out_energy_fraction: float = 0.0
+    median_rel_change: float | None = None  # over every tensor, unchanged ones at 0
 
     def add(self, stored: Stored) -> None:
         self.entries.append(stored.entry)
@@ -188,6 +192,8 @@ def build_entries(store: Any, base: Base, base_src: TensorSource, target: Tensor
         if progress:
             progress(k + 1, total)
 
+    built.median_rel_change = median_rel_change(
+        [changes[n].rel_change if n in changes else 0.0 for n in names])
     selected = _select(changes, include, exclude, top_k, min_rel_change, energy)
     if selected is not None:
         built.selection = selected.policy
@@ -205,6 +211,27 @@ def build_entries(store: Any, base: Base, base_src: TensorSource, target: Tensor
     target.check_unchanged()
     store.objects.sync()
     return built
+
+
+def median_rel_change(values: list[float | None]) -> float | None:
+    """The median ||dW||/||W|| of a model's tensors (None where no base tensor matches: left out)."""
+    known = sorted(v for v in values if v is not None)
+    if not known:
+        return None
+    mid = len(known) // 2
+    return known[mid] if len(known) % 2 else (known[mid - 1] + known[mid]) / 2
+
+
+def same_content(entries: list[TensorEntry], newest: Any, *, base_id: str, encoding: str,
+                 selection: dict[str, Any]) -> bool:
+    """Whether a version made of ``entries`` would store exactly what version ``newest`` does:
+    the same base, encoding, selection and tensor entries (its number, message, metadata and
+    time aside)."""
+    if newest.base_id != base_id or newest.encoding != encoding or (newest.selection or {}) != (selection or {}):
+        return False
+    ours = {e.name: e.to_manifest() for e in entries}
+    theirs = {e.name: e.to_manifest() for e in newest.tensors}
+    return ours == theirs
 
 
 T = TypeVar("T")

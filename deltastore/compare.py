@@ -209,6 +209,8 @@ class _Bench:
         self.names = target.names
         self.model, self.probe = model, probe
         self.params: dict[str, torch.Tensor] = {}
+        self.dirty: set[str] = set()  # parameters holding another row's tensor, not the fine-tune's
+        self._sizing = False  # a row run for its bytes alone
         if model is not None:
             from .apply import match_names, module_tensors
 
@@ -225,7 +227,8 @@ class _Bench:
 
     @property
     def measuring(self) -> bool:
-        return self.probe is not None
+        """Whether the row now run needs each tensor's reconstruction (not only its bytes)."""
+        return self.probe is not None and not self._sizing
 
     def _put(self, name: str, value: torch.Tensor) -> None:
         param = self.params[name]
@@ -235,26 +238,34 @@ class _Bench:
     def load_target(self) -> None:
         for name in self.names:
             self._put(name, self.target.get(name))
+        self.dirty.clear()
 
     def run(self, work: Work, *, measure: bool = True) -> tuple[int, int, Fidelity | None]:
+        """(bytes, tensors stored, fidelity) of one row; ``measure=False``: its bytes alone,
+        without reconstructing any tensor."""
         total = stored = 0
-        swapped = []
+        self._sizing = not measure
         try:
             for name, (nbytes, is_stored, value) in in_order(self.names, work):
                 total += nbytes
                 stored += bool(is_stored)
-                if value is not None and self.params:
-                    self._put(name, value)
-                    swapped.append(name)
+                if self.params:
+                    if value is not None:
+                        self._put(name, value)
+                        self.dirty.add(name)
+                    elif name in self.dirty:
+                        # The fine-tune's own, where an earlier row left another tensor: put back
+                        # here, not after every row (each put is a copy of the whole tensor).
+                        self._put(name, self.target.get(name))
+                        self.dirty.discard(name)
                 self.done += 1
                 if self.progress:
                     self.progress(min(self.done, self.total), self.total)
-            fidelity = self.probe.measure() if (measure and self.probe is not None) else None
         finally:
-            # The fine-tune back, whatever happened, before the next row.
-            for name in swapped:
-                self._put(name, self.target.get(name))
-        return total, stored, fidelity
+            self._sizing = False
+        # Every tensor was visited (an error stops before measuring): the model holds exactly
+        # this row's tensors.
+        return total, stored, self.probe.measure() if (measure and self.probe is not None) else None
 
 
 def _check_pair(base: TensorSource, target: TensorSource) -> None:
@@ -286,7 +297,7 @@ def _prompts(prompts: Sequence[str] | str | os.PathLike | None) -> list[str] | N
 
 
 def _setup(base: Any, model: Any, prompts: Any, max_tokens: int, *, spectra: bool,
-           progress: Any, rows: int, chat: bool = False) -> tuple[TensorSource, TensorSource, dict[str, _Scan], _Bench, str | None]:
+           progress: Any, rows: int, chat: bool = False, tokenizer: Any = None) -> tuple[TensorSource, TensorSource, dict[str, _Scan], _Bench, str | None]:
     base_src, target_src = open_model(base), open_model(model)
     _check_pair(base_src, target_src)
     texts = _prompts(prompts)
@@ -299,7 +310,8 @@ def _setup(base: Any, model: Any, prompts: Any, max_tokens: int, *, spectra: boo
         if folder is None:
             skipped = "the base is not a model folder"
         else:
-            hf_model, tokenizer = load_causal_lm(folder)  # refuses a folder without config.json
+            # Refuses a folder without config.json, or without a tokenizer where none is given.
+            hf_model, tokenizer = load_causal_lm(folder, tokenizer=tokenizer)
     bench = _Bench(base_src, target_src, model=hf_model, probe=None, progress=progress, rows=rows + 1)
     scans = _scan(base_src, target_src, spectra=spectra)
     bench.done += len(bench.names)
@@ -379,6 +391,7 @@ def compare(base: Any, model: Any, *, encodings: Sequence[str] = DEFAULT_ENCODIN
             prompts: Sequence[str] | str | os.PathLike | None = None,
             full: Sequence[str] = FULL_QUANTIZED, lora_dtype: str = "bf16",
             encoding_options: Mapping[str, Any] | None = None, max_tokens: int = 256, chat: bool = False,
+            tokenizer: str | os.PathLike | None = None,
             progress: Callable[[int, int], None] | None = None) -> Comparison:
     """Every way of storing fine-tune ``model`` of ``base``, with its bytes and fidelity.
 
@@ -387,7 +400,8 @@ def compare(base: Any, model: Any, *, encodings: Sequence[str] = DEFAULT_ENCODIN
     then be a Hugging Face model folder; with ``chat`` each prompt is a user message put through
     the tokenizer's chat template. ``encodings``: delta encodings (any spec, lowrank:R
     included); ``ranks``: LoRA ranks; ``selections``: ``Select`` or its ``--select`` text;
-    ``full``: encodings for the whole model quantised; ``lora_dtype``: of the LoRA factors.
+    ``full``: encodings for the whole model quantised; ``lora_dtype``: of the LoRA factors;
+    ``tokenizer``: a folder or tokenizer.json, where the base folder has no tokenizer.
     """
     from .lora import module_types, plan as lora_plan
 
@@ -406,7 +420,8 @@ def compare(base: Any, model: Any, *, encodings: Sequence[str] = DEFAULT_ENCODIN
     chosen = [s if isinstance(s, Select) else parse_select(s) for s in selections]
     rows_asked = 2 + len(full) + len(specs) + len(ranks) + len(chosen)
     base_src, target_src, scans, bench, skipped = _setup(
-        base, model, prompts, max_tokens, spectra=bool(ranks), progress=progress, rows=rows_asked, chat=chat)
+        base, model, prompts, max_tokens, spectra=bool(ranks), progress=progress, rows=rows_asked, chat=chat,
+        tokenizer=tokenizer)
     measuring = bench.measuring
     full_bytes = target_src.nbytes
     changed = [n for n in target_src.names if scans[n].changed]
@@ -514,7 +529,8 @@ def choose_encoding(base: Any, model: Any, *, prompts: Sequence[str] | str | os.
                     min_rel_change: float | None = None, energy: float | None = None,
                     encoding_for: Sequence[tuple[str, str]] | None = None,
                     encoding_options: Mapping[str, Any] | None = None, max_tokens: int = 256,
-                    chat: bool = False, progress: Callable[[int, int], None] | None = None) -> AutoChoice:
+                    chat: bool = False, tokenizer: str | os.PathLike | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> AutoChoice:
     """Measure each candidate encoding (under the selection given) and pick the smallest by
     bytes whose KL(fine-tuned || stored) is at most ``max_kl``; ties go to the lower KL. With
     ``max_kl`` None, ``candidates`` must be one encoding, which is measured."""
@@ -524,7 +540,8 @@ def choose_encoding(base: Any, model: Any, *, prompts: Sequence[str] | str | os.
         raise CompareError("choosing an encoding needs --max-kl K: the largest KL(fine-tuned || stored) to accept")
     options = dict(encoding_options or {})
     base_src, target_src, scans, bench, skipped = _setup(
-        base, model, prompts, max_tokens, spectra=False, progress=progress, rows=len(candidates) + 1, chat=chat)
+        base, model, prompts, max_tokens, spectra=False, progress=progress, rows=len(candidates) + 1, chat=chat,
+        tokenizer=tokenizer)
     if bench.probe is None:
         raise CompareError(f"cannot measure fidelity: {skipped}")
     full_bytes = target_src.nbytes
@@ -536,29 +553,62 @@ def choose_encoding(base: Any, model: Any, *, prompts: Sequence[str] | str | os.
         kept = set(select_tensors(deltas, include=include, exclude=exclude, top_k=top_k,
                                   min_rel_change=min_rel_change, energy=energy).kept)
     _, _, base_fid = bench.run(lambda n: (0, False, bench.base.get(n) if scans[n].changed else None))
-    rows = []
+    # Pass 1: every candidate's bytes, without reconstructing anything (encoding is the cheap
+    # half). Pass 2: fidelity, smallest first, until one fits: a forward pass over the prompts
+    # per candidate is the dear half, and those larger than the first that fits need none.
+    works: dict[str, Work] = {}
+    sized: dict[str, tuple[int, int]] = {}
+    skipped: dict[str, str] = {}
     for spec in candidates:
         try:
-            work = _delta_work(bench, scans, spec, options, kept=kept, rules=encoding_for)
+            works[spec] = _delta_work(bench, scans, spec, options, kept=kept, rules=encoding_for)
         except EncodingError as e:
             if len(candidates) == 1:
                 raise
-            rows.append(Row(f"delta {spec}", "delta", spec, 0, 0.0, 0, note=f"skipped: {e}"))
+            skipped[spec] = f"skipped: {e}"
             continue
-        nbytes, stored, fidelity = bench.run(work)
+        nbytes, stored, _ = bench.run(works[spec], measure=False)
+        sized[spec] = (nbytes, stored)
+    measured: dict[str, Fidelity] = {}
+    pick = None
+    for spec in sorted(sized, key=lambda s: (sized[s][0], candidates.index(s))):
+        if codecs.get(spec, **options).exact:
+            fidelity = Fidelity(0.0, 1.0, bench.probe.positions)  # bit for bit the fine-tune
+        else:
+            fidelity = bench.run(works[spec])[2]
+        measured[spec] = fidelity
+        if max_kl is None or fidelity.kl <= max_kl:
+            pick = spec
+            break
+    rows = []
+    for spec in candidates:
+        if spec in skipped:
+            rows.append(Row(f"delta {spec}", "delta", spec, 0, 0.0, 0, note=skipped[spec]))
+            continue
+        nbytes, stored = sized[spec]
+        fidelity = measured.get(spec)
+        if fidelity is None:
+            note = f"not measured: larger than {pick} ({_size(nbytes)} against {_size(sized[pick][0])})"
+        elif spec == pick:
+            note = "chosen: the smallest within --max-kl" if max_kl is not None else "measured"
+        else:
+            note = f"rejected: KL {fidelity.kl:.3g} is above --max-kl {max_kl:g}"
         rows.append(Row(f"delta {spec}", "delta", spec, nbytes, nbytes / full_bytes if full_bytes else 0.0,
-                        stored, None, fidelity.kl, fidelity.top1))
-    measured = [r for r in rows if r.kl is not None]
-    fitting = [r for r in measured if max_kl is None or r.kl <= max_kl]
-    if not fitting and len(candidates) == 1 and measured:
-        raise CompareError(f"{measured[0].spec} gives KL {measured[0].kl:.3g}, more than --max-kl {max_kl:g}; "
+                        stored, None, fidelity.kl if fidelity else None, fidelity.top1 if fidelity else None,
+                        note))
+    if pick is None and len(candidates) == 1 and measured:
+        only = next(iter(measured))
+        raise CompareError(f"{only} gives KL {measured[only].kl:.3g}, more than --max-kl {max_kl:g}; "
                            "nothing was committed: choose a finer encoding, or --encoding auto")
-    if not fitting:
-        best = min(measured, key=lambda r: r.kl)
-        raise CompareError(f"no encoding keeps KL at most {max_kl:g}: the lowest is {best.kl:.3g} "
-                           f"({best.spec}); raise --max-kl, or keep more tensors")
-    pick = min(fitting, key=lambda r: (r.bytes, r.kl))
-    return AutoChoice(pick.spec, pick.kl, pick.top1, pick.bytes, max_kl, base_fid.kl,
+    if pick is None:
+        if not measured:
+            raise CompareError("no candidate encoding can store this model: "
+                               + "; ".join(f"{s}: {why}" for s, why in skipped.items()))
+        best = min(measured, key=lambda s: measured[s].kl)
+        raise CompareError(f"no encoding keeps KL at most {max_kl:g}: the lowest is {measured[best].kl:.3g} "
+                           f"({best}); raise --max-kl, or keep more tensors")
+    chosen = measured[pick]
+    return AutoChoice(pick, chosen.kl, chosen.top1, sized[pick][0], max_kl, base_fid.kl,
                       bench.probe.positions, tuple(rows))
 
 
@@ -574,6 +624,7 @@ def commit_measured(store: Any, stance: str, model: Any, *, base: Any, prompts: 
                     min_rel_change: float | None = None, energy: float | None = None,
                     encoding_for: Sequence[tuple[str, str]] | None = None,
                     encoding_options: Mapping[str, Any] | None = None, chat: bool = False,
+                    tokenizer: str | os.PathLike | None = None,
                     metadata: Mapping[str, str] | None = None, progress: Callable[[int, int], None] | None = None,
                     **commit_options: Any) -> MeasuredCommit:
     """Commit ``model`` as the next version of ``stance`` with its fidelity measured and recorded
@@ -588,7 +639,7 @@ def commit_measured(store: Any, stance: str, model: Any, *, base: Any, prompts: 
     choice = choose_encoding(folder, model, prompts=prompts, max_kl=max_kl,
                              candidates=AUTO_CANDIDATES if encoding == "auto" else (encoding,),
                              encoding_for=encoding_for, encoding_options=encoding_options, chat=chat,
-                             progress=progress, **selection)
+                             tokenizer=tokenizer, progress=progress, **selection)
     meta = {"fidelity.kl": f"{choice.kl:.6g}", "fidelity.top1": f"{choice.top1:.6g}",
             "fidelity.base_kl": f"{choice.base_kl:.6g}", "fidelity.positions": str(choice.positions)}
     if isinstance(prompts, (str, os.PathLike)):

@@ -187,6 +187,28 @@ class NothingToCommit(DeltastoreError, ValueError):
     pass
 
 
+class IdenticalVersion(NothingToCommit):
+    """A commit that would store exactly what the stance's newest version stores."""
+
+    def __init__(self, ref: str, version_id: str):
+        self.ref = ref
+        self.version_id = version_id
+        super().__init__(f"the model is identical to {ref} (same base, encoding and tensors): nothing was "
+                         "committed; pass --allow-empty to make a new version anyway")
+
+
+class NotAFineTune(DeltastoreError, ValueError):
+    """A model whose tensors moved too far from the base's to be a fine-tune of it."""
+
+    def __init__(self, median: float, threshold: float, base: str):
+        self.median = median
+        self.threshold = threshold
+        self.base = base
+        super().__init__(f"the model does not look like a fine-tune of base {base}: the median relative "
+                         f"change ||dW||/||W|| of its tensors is {median:.3g}, above {threshold:g} (a fine-tune's "
+                         "is far smaller); check --base, or pass --force to commit it anyway")
+
+
 class NonFiniteTensor(DeltastoreError, ValueError):
     """A fine-tuned tensor holding nan or inf: most often a fine-tune that diverged."""
 
@@ -203,8 +225,18 @@ class NonFiniteTensor(DeltastoreError, ValueError):
 class StanceExists(DeltastoreError, FileExistsError):
     def __init__(self, stance: str):
         self.stance = stance
-        super().__init__(f"a stance named {cut(stance)} already exists; choose another name, "
-                         f"or delete it first (`deltastore stance delete {stance}`)")
+        super().__init__(f"a stance named {cut(stance)} already exists, with its own versions; "
+                         "choose another name")
+
+
+class StanceNameClose(DeltastoreError, LookupError):
+    """A commit to a new stance whose name is a few edits from an existing one: most often a typo."""
+
+    def __init__(self, stance: str, close: str):
+        self.stance = stance
+        self.close = close
+        super().__init__(f"there is no stance {cut(stance)}, but there is {cut(close)}: commit to {cut(close)}, "
+                         f"or pass --new-stance to start a stance named {cut(stance)}")
 
 
 class TagNotFound(DeltastoreError, KeyError):

@@ -13,6 +13,7 @@ measurements.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ __all__ = [
     "FidelityError",
     "FidelityProbe",
     "load_causal_lm",
+    "load_tokenizer",
     "read_prompts",
 ]
 
@@ -60,6 +62,19 @@ class Fidelity:
     positions: int
 
 
+#: Padded positions per forward pass: the logits of a batch are this times the vocabulary
+#: float32 values (100 MB for SmolLM2's 49152 tokens).
+BATCH_TOKENS = 512
+
+
+def _takes_attention_mask(model: torch.nn.Module) -> bool:
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "attention_mask" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     for parameter in model.parameters():
         return parameter.device
@@ -70,8 +85,11 @@ class FidelityProbe:
     """The reference next-token distributions of a model, to measure later weights against.
 
     Construct it while ``model`` holds the reference (fine-tuned) weights. ``prompts`` are
-    strings (then ``tokenizer`` is required) or sequences of token ids. Each prompt runs on
-    its own, unpadded, so that padding can never change a result. ``max_tokens`` caps each
+    strings (then ``tokenizer`` is required) or sequences of token ids. Prompts run together,
+    a batch of up to ``BATCH_TOKENS`` padded positions per forward pass, padded on the right:
+    in a causal model a position never sees a later one, so padding cannot change a prompt's
+    own positions (which alone are kept); one pass instead of one per prompt is 2-3x faster
+    on a CPU (SmolLM2-135M, 8 chat prompts). ``max_tokens`` caps each
     prompt's length: the reference keeps positions x vocabulary float32 values. With ``chat``,
     each text prompt is a user message put through the tokenizer's chat template, up to where
     the assistant's reply starts: what a chat fine-tune (a stance) changes most.
@@ -121,17 +139,39 @@ class FidelityProbe:
             raise FidelityError(f"prompt {prompt!r} gives no tokens")
         return ids.unsqueeze(0)
 
+    def _batches(self) -> list[list[int]]:
+        # Prompts of similar length together, so that little is padding; the order of the
+        # results is the prompts' own.
+        order = sorted(range(len(self._inputs)), key=lambda i: self._inputs[i].shape[-1])
+        batches: list[list[int]] = []
+        for i in order:
+            length = self._inputs[i].shape[-1]
+            if batches and (len(batches[-1]) + 1) * length <= BATCH_TOKENS:
+                batches[-1].append(i)
+            else:
+                batches.append([i])
+        return batches
+
     def _log_probs(self, model: torch.nn.Module) -> list[torch.Tensor]:
         was_training = model.training
         device = _model_device(model)
+        masked = _takes_attention_mask(model)
         model.eval()  # dropout off: the same weights must always give the same numbers
         try:
             with torch.inference_mode():
-                out = []
-                for ids in self._inputs:
-                    logits = model(input_ids=ids.to(device), use_cache=False).logits[0]
-                    out.append(torch.log_softmax(logits.float(), dim=-1))
-                return out
+                out: list[torch.Tensor | None] = [None] * len(self._inputs)
+                for batch in self._batches():
+                    lengths = [self._inputs[i].shape[-1] for i in batch]
+                    ids = torch.zeros(len(batch), max(lengths), dtype=torch.long)
+                    mask = torch.zeros(len(batch), max(lengths), dtype=torch.long)
+                    for row, (i, length) in enumerate(zip(batch, lengths)):
+                        ids[row, :length] = self._inputs[i][0]
+                        mask[row, :length] = 1
+                    kwargs = {"attention_mask": mask.to(device)} if masked else {}
+                    logits = model(input_ids=ids.to(device), use_cache=False, **kwargs).logits
+                    for row, (i, length) in enumerate(zip(batch, lengths)):
+                        out[i] = torch.log_softmax(logits[row, :length].float(), dim=-1)
+                return out  # type: ignore[return-value]
         finally:
             model.train(was_training)
 
@@ -162,10 +202,49 @@ class FidelityProbe:
         )
 
 
-def load_causal_lm(folder: str | Path) -> tuple[torch.nn.Module, Any]:
+#: Files a tokenizer is loaded from; a folder holding none of them has no tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """A tokenizer from a folder (tokenizer.json, tokenizer_config.json, ...) or a tokenizer.json
+    file, local only; a ``FidelityError`` of one line where there is none."""
+    path = Path(path)
+    hint = "pass --tokenizer PATH_OR_FOLDER (a tokenizer.json, or a folder holding one)"
+    if path.is_file():
+        try:
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast(tokenizer_file=str(path))
+        except ImportError:
+            raise FidelityError("measuring fidelity needs transformers: pip install transformers") from None
+        except Exception as error:  # the tokenizers library raises its own exception types
+            raise FidelityError(f"{path} is not a tokenizer.json that can be read ({_first_line(error)}); "
+                                f"{hint}") from None
+    if not path.is_dir():
+        raise FidelityError(f"tokenizer {path} does not exist; {hint}")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FidelityError(f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES[:2])}, ...); {hint}")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as error:  # transformers raises many kinds, several lines long
+        raise FidelityError(f"cannot load a tokenizer from {path} ({_first_line(error)}); {hint}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def load_causal_lm(folder: str | Path, *, tokenizer: str | Path | None = None) -> tuple[torch.nn.Module, Any]:
     """Load a Hugging Face causal LM folder for fidelity: float32, CPU, eval mode, local only.
 
-    Only safetensors weights are read; a folder with ``.bin`` weights only is refused.
+    Only safetensors weights are read; a folder with ``.bin`` weights only is refused. The
+    tokenizer comes from ``tokenizer`` (a folder or a tokenizer.json) if given, else from the
+    folder.
     """
     path = Path(folder)
     if not (path / "config.json").is_file():
@@ -179,12 +258,15 @@ def load_causal_lm(folder: str | Path) -> tuple[torch.nn.Module, Any]:
             "save the model with safetensors (save_pretrained does by default)"
         )
     try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
     except ImportError:
         raise FidelityError(
             "measuring fidelity needs transformers: pip install transformers"
         ) from None
     from transformers.utils import logging as hf_logging
+
+    # Before the weights: a missing tokenizer is said at once, not after loading the model.
+    tokenizer = load_tokenizer(path if tokenizer is None else tokenizer)
 
     # transformers draws its own loading bar; deltastore's callers decide what the terminal shows.
     bar = hf_logging.is_progress_bar_enabled()
@@ -201,10 +283,6 @@ def load_causal_lm(folder: str | Path) -> tuple[torch.nn.Module, Any]:
     finally:
         if bar:
             hf_logging.enable_progress_bar()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as error:
-        raise FidelityError(f"cannot load a tokenizer from {path}: {error}") from None
     # Older transformers ignore dtype= and newer ones may default to the checkpoint's dtype:
     # the reference distributions must be float32 either way (bf16 -> fp32 is exact).
     model.to(torch.float32)

@@ -11,37 +11,52 @@ import sys
 from typing import Any, Iterable
 
 import blake3
-import torch
 
 from .errors import ModelFormatError
 
 ALGORITHM = "b3"
 
-# safetensors' names for dtypes: the one vocabulary for dtypes in manifests and the catalog.
-DTYPE_NAMES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
-DTYPES: dict[str, torch.dtype] = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+#: safetensors' names for dtypes: the one vocabulary for dtypes in manifests and the catalog,
+#: with each one's size in bytes. Reading a store needs only these, not torch.
+DTYPE_SIZES: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                               "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 # Tensor bytes are hashed and stored little-endian; a big-endian host would need byte swaps
 # everywhere, which nobody has asked for.
 assert sys.byteorder == "little", "deltastore needs a little-endian host"
 
 
-def dtype_name(dtype: torch.dtype) -> str:
+def _torch_dtypes() -> dict[str, Any]:
+    # torch is imported where a tensor is at hand, never for reading a store: its import
+    # costs about two CPU-seconds.
+    table = globals().get("DTYPES")
+    if table is not None:
+        return table
+    import torch
+
+    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+    globals()["DTYPES"] = table
+    globals()["DTYPE_NAMES"] = {dtype: name for name, dtype in table.items()}
+    return table
+
+
+def __getattr__(name: str) -> Any:
+    """``DTYPES`` (name -> torch.dtype) and ``DTYPE_NAMES`` (torch.dtype -> name), built on first use."""
+    if name in ("DTYPES", "DTYPE_NAMES"):
+        _torch_dtypes()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def dtype_name(dtype: Any) -> str:
+    names = globals().get("DTYPE_NAMES")
+    if names is None:
+        _torch_dtypes()
+        names = globals()["DTYPE_NAMES"]
     try:
-        return DTYPE_NAMES[dtype]
+        return names[dtype]
     except KeyError:
         raise ModelFormatError(f"tensors of dtype {dtype} are not supported") from None
 
@@ -52,7 +67,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous().reshape(-1)
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+    return memoryview(t.view(_torch_dtypes()["U8"]).numpy()).cast("B")
 
 
 def hasher(size: int) -> "blake3.blake3":

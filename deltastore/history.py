@@ -16,18 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TYPE_CHECKING
 
-import torch
-
 from .errors import MetadataError, RefNotFound
 from .names import check_metadata, check_stance_name
 from .records import Version
 
 if TYPE_CHECKING:  # store.py imports this module, so Store is imported for types only
+    import torch
+
     from .store import Store
 
-# diff's norms accumulate in float64 over chunks of this many elements, since diff reports a
-# relative difference to 6 significant digits (commit's norms accumulate in fp32: a different job).
-CHUNK = 1 << 24
 MAX_METADATA_FILE = 1 << 20
 
 
@@ -80,9 +77,11 @@ class StanceDeleted:
 
 
 def diff(store: Store, a: str | Version, b: str | Version, *, base_weights: Any = None) -> Diff:
+    from .commit import in_order  # commit imports torch, which read commands do without
+
     va, vb = store.resolve(a), store.resolve(b)
     side_a, side_b = _Side(store, va, base_weights), _Side(store, vb, base_weights)
-    out, unchanged = [], 0
+    rows, unchanged = [], 0
     for name in sorted(set(side_a.results) | set(side_b.results)):
         ra, rb = side_a.results.get(name), side_b.results.get(name)
         if ra == rb:
@@ -95,12 +94,17 @@ def diff(store: Store, a: str | Version, b: str | Version, *, base_weights: Any 
             status = "added" if ea is None else "removed"
         else:
             status = "changed"
-        rel = None
-        if ra is not None and rb is not None:
-            rel = rel_difference(side_a.tensor(name), side_b.tensor(name))
-        dtype, shape = side_b.describe(name) if rb is not None else side_a.describe(name)
+        rows.append((name, status, ea, eb, ra is not None and rb is not None))
+    # Both sides' tensors decoded and compared two at a time: the decoding and the norms
+    # release the GIL, and each result is one number.
+    measured = [name for name, *_, both in rows if both]
+    rel = dict(in_order(measured, lambda name: rel_difference(side_a.tensor(name), side_b.tensor(name)),
+                        ahead=len(measured)))
+    out = []
+    for name, status, ea, eb, _ in rows:
+        dtype, shape = side_b.describe(name) if name in side_b.results else side_a.describe(name)
         out.append(TensorDiff(name, status, dtype, shape, ea.encoding if ea else None,
-                              eb.encoding if eb else None, rel))
+                              eb.encoding if eb else None, rel.get(name)))
     return Diff(va.ref, vb.ref, va.id, vb.id, tuple(out), unchanged)
 
 
@@ -130,17 +134,15 @@ class _Side:
 
 
 def rel_difference(a: torch.Tensor, b: torch.Tensor) -> float | None:
-    """||a - b|| / ||b||, in float64 over chunks; None where shapes differ or b is zero."""
+    """||a - b|| / ||b||; None where shapes differ or b is zero. Two tensors of one float dtype
+    are subtracted in it (exact for nearby floats) and their norms taken in float32, as commit
+    takes ||dW||/||W||: float64 copies of every chunk took 4x longer."""
     if tuple(a.shape) != tuple(b.shape):
         return None
-    d2 = b2 = 0.0
-    for ac, bc in zip(a.reshape(-1).split(CHUNK), b.reshape(-1).split(CHUNK)):
-        bd = bc.double()
-        d2 += float((ac.double() - bd).square().sum())
-        b2 += float(bd.square().sum())
-    if b2 == 0 or not math.isfinite(d2) or not math.isfinite(b2):
-        return None
-    return float(f"{math.sqrt(d2 / b2):.6g}")
+    from .commit import delta_stats
+
+    rel, _ = delta_stats(b, a)
+    return None if rel is None or not math.isfinite(rel) else float(f"{rel:.6g}")
 
 
 # -- stances ---------------------------------------------------------------------------------

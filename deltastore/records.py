@@ -14,9 +14,8 @@ from typing import Any
 
 from . import names
 from .errors import UnsafeInput
-from .hashing import DTYPES, is_id, manifest_id
+from .hashing import DTYPE_SIZES, is_id, manifest_id
 from .limits import load_json, shown
-from .models import check_name
 
 MANIFEST_FORMAT = "deltastore/version/1"
 # Bounds on a manifest from outside, checked before it is parsed (FORMAT.md, section 9). A
@@ -198,12 +197,16 @@ class CommitResult:
     left_out: tuple[str, ...] = ()
     left_out_energy_fraction: float = 0.0
     fields: dict[str, Any] = field(default_factory=dict)
+    # Of every tensor, unchanged ones at 0: a fine-tune's is far under NOT_A_FINE_TUNE.
+    median_rel_change: float | None = None
 
 
 def check_manifest(m: Any) -> Version:
     """A manifest from outside (a pull), checked field by field before anything reads it as a
     version: types, ids, names (no path separators or '..'), sizes. Returns the version it
     describes, with its id computed here rather than believed."""
+    from .models import check_name  # models imports torch, which read commands do without
+
     def need(ok: bool, what: str) -> None:
         if not ok:
             raise UnsafeInput(f"manifest: {what}")
@@ -242,12 +245,12 @@ def check_manifest(m: Any) -> Version:
         check_name(t["name"])
         need(t["name"] not in seen, f"tensor {t['name']!r} appears twice")
         seen.add(t["name"])
-        need(isinstance(t.get("dtype"), str) and t["dtype"] in DTYPES, f"tensor {t['name']!r}: unknown dtype")
+        need(isinstance(t.get("dtype"), str) and t["dtype"] in DTYPE_SIZES, f"tensor {t['name']!r}: unknown dtype")
         # Each dimension bounded too: an empty tensor (one dimension 0) has no size to bound the rest.
         need(isinstance(t.get("shape"), list) and len(t["shape"]) <= MAX_DIMS
              and all(is_int(d) and 0 <= d <= MAX_TENSOR_BYTES for d in t["shape"]),
              f"tensor {t['name']!r}: malformed shape")
-        need(math.prod(t["shape"]) * DTYPES[t["dtype"]].itemsize <= MAX_TENSOR_BYTES,
+        need(math.prod(t["shape"]) * DTYPE_SIZES[t["dtype"]] <= MAX_TENSOR_BYTES,
              f"tensor {t['name']!r}: shape {t['shape']} is more than {MAX_TENSOR_BYTES} bytes")
         need(isinstance(t.get("encoding"), str) and isinstance(t.get("params"), dict),
              f"tensor {t['name']!r}: malformed encoding")

@@ -26,28 +26,31 @@ import os
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
-import torch
-
-from . import encodings, index, names
-from .apply import apply_module
+from . import index, names
 from .catalog import Catalog, dumps, now
-from .commit import build_entries, sq_norm
-from .errors import (AmbiguousRef, BaseMismatch, BaseNotFound, DeltastoreError, JournalError,
-                     ModelFormatError, NothingToCommit, OldStoreFormat, ReadOnlyStore, RefNotFound, ResultMismatch,
-                     StoreExists, StoreNotFound, TagNotFound, UnsafeInput, VersionConflict, shown_names)
-from .hashing import DTYPES, base_id as compute_base_id, bytes_id, canonical_json, tensor_id
+from .errors import (AmbiguousRef, BaseMismatch, BaseNotFound, DeltastoreError, IdenticalVersion, JournalError,
+                     ModelFormatError, NotAFineTune, NothingToCommit, OldStoreFormat, ReadOnlyStore, RefNotFound,
+                     ResultMismatch, StanceNameClose, StoreExists, StoreNotFound, TagNotFound, UnsafeInput,
+                     VersionConflict, cut, shown_names)
+from .hashing import base_id as compute_base_id, bytes_id, canonical_json, tensor_id
 from .history import delete_stance, diff, rename_stance
 from .limits import is_text
 from .maintenance import fsck, gc, gc_plan, stats
-from .models import TensorInfo, TensorSource, open_model
 from .objects import ObjectStore
-from .patch import apply_in_place, open_journal_on, revert_in_place, write_model
-from .prepared import PreparedStance, SwitchHandle, prepare
 from .records import (Base, CommitResult, TensorEntry, Version, VersionInfo, check_manifest,
                       manifest, parse_manifest)
 from .reflog import RefLog
+
+# torch, and the modules that import it when loaded (apply, commit, encodings, models, patch,
+# prepared), are imported where a tensor is at hand: read commands (log, show, stances, tag, stats,
+# fsck, gc) then start without loading torch (tests/test_startup.py).
+if TYPE_CHECKING:
+    import torch
+
+    from .models import TensorInfo, TensorSource
+    from .prepared import PreparedStance
 
 STORE_FILE = "STORE"
 STORE_FORMAT = "deltastore/store/2"
@@ -78,6 +81,38 @@ def store_format(root: Path) -> str | None:
         return json.loads(marker.read_bytes()[:4096]).get("format")
     except (ValueError, AttributeError, RecursionError):  # not JSON, not an object
         return None
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance, counting a swap of two neighbours as one edit ("uncertanity")."""
+    previous2: list[int] = []
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            cost = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                cost = min(cost, previous2[j - 2] + 1)
+            current.append(cost)
+        previous2, previous = previous, current
+    return previous[-1]
+
+
+def close_name(name: str, existing: list[str]) -> str | None:
+    """The existing name a few edits from `name` (1 for names of 5-7 characters, 2 up to 16, 3
+    beyond), the closest first; None if none is. Names that differ only in their last one or
+    two characters (`stance-a`, `stance-b`; `v1`, `v2`) are a series made on purpose."""
+    if len(name) < 5:
+        return None
+    limit = 1 if len(name) < 8 else 2 if len(name) <= 16 else 3
+
+    def series(other: str) -> bool:
+        common = len(os.path.commonprefix([name, other]))
+        return len(name) - common <= 2 and len(other) - common <= 2
+
+    scored = sorted((edit_distance(name.lower(), other.lower()), other) for other in existing
+                    if other != name and not series(other))
+    return scored[0][1] if scored and scored[0][0] <= limit else None
 
 
 check_stance_name = names.check_stance_name
@@ -156,6 +191,8 @@ class Store:
     def add_base(self, model: ModelLike, *, name: str | None = None, hub_id: str | None = None,
                  progress: Progress | None = None) -> Base:
         """Register a base: hash every tensor, record names, dtypes, shapes and where it lives."""
+        from .models import open_model
+
         self._writable()
         self._refuse_patched(model)
         source = open_model(model, mapped=True)
@@ -184,6 +221,8 @@ class Store:
     def _describe_base(self, source: TensorSource, *, name: str | None = None, hub_id: str | None = None,
                        progress: Progress | None = None) -> tuple[dict, list[dict]]:
         """Hash every tensor of a base: its catalog row and its tensors' rows."""
+        from .commit import sq_norm
+
         ids, sq_norms = {}, {}
         for k, tname in enumerate(source.names):
             t = source.get(tname)
@@ -210,6 +249,8 @@ class Store:
 
     def _refuse_patched(self, model: ModelLike) -> None:
         """A model with a stance applied in place holds no base's weights: never register it."""
+        from .patch import open_journal_on
+
         if isinstance(model, (str, os.PathLike)):
             line = open_journal_on(self, model)
             if line:
@@ -218,6 +259,8 @@ class Store:
     def base_changed(self, base: Base, source: TensorSource, names: list[str]) -> BaseMismatch:
         """The error for base weights that are no longer those registered, naming the open
         journal when a stance applied in place to them is why."""
+        from .patch import open_journal_on
+
         line = None
         if source.path is not None:
             line = open_journal_on(self, source.path)
@@ -258,6 +301,8 @@ class Store:
             return base, None, False
         if isinstance(base, str) and not _looks_like_path(base):
             return self.base(base), None, False
+        from .models import open_model
+
         self._refuse_patched(base)
         source = open_model(base, mapped=True)
         row, tensors = self._describe_base(source)
@@ -271,6 +316,8 @@ class Store:
     def base_source(self, base: Base, weights: ModelLike | None = None, *, mapped: bool = False) -> TensorSource:
         """The base's weights: those given, else where `base add` found them (`mapped`: see
         models.open_files)."""
+        from .models import open_model
+
         if weights is not None:
             return open_model(weights, mapped=mapped)
         if not base.source or not Path(base.source).exists():
@@ -402,12 +449,24 @@ class Store:
                min_rel_change: float | None = None, energy: float | None = None,
                message: str = "", metadata: Mapping[str, str] | None = None, tag: str | None = None,
                base_weights: ModelLike | None = None, progress: Progress | None = None,
-               allow_nonfinite: bool = False) -> CommitResult:
+               allow_nonfinite: bool = False, allow_empty: bool = False, force: bool = False,
+               new_stance: bool = False) -> CommitResult:
         """Store `model` as the next version of `stance`, as deltas against `base`. A changed
         tensor holding nan or inf is refused (`NonFiniteTensor`) unless `allow_nonfinite`;
-        lossless encodings then store it exactly, lossy ones refuse it."""
+        lossless encodings then store it exactly, lossy ones refuse it. A model that would
+        store what the stance's newest version stores is refused (`IdenticalVersion`) unless
+        `allow_empty`; one whose median relative change is above `NOT_A_FINE_TUNE` (another
+        model of the same shape) is refused (`NotAFineTune`) unless `force`. A stance that does
+        not exist yet, named within a few edits of one that does, is refused (`StanceNameClose`:
+        a typo would start a new line of versions unnoticed) unless `new_stance`."""
+        from .commit import NOT_A_FINE_TUNE, build_entries
+
         self._writable()
         check_stance_name(stance)
+        if not new_stance and not self.catalog.has_stance(stance):
+            close = close_name(stance, [row["name"] for row in self.catalog.stances()])
+            if close is not None:
+                raise StanceNameClose(stance, close)
         if tag is not None:
             names.check_tag_name(tag)
         metadata = names.check_metadata({str(k): str(v) for k, v in (metadata or {}).items()})
@@ -419,6 +478,8 @@ class Store:
         token = uuid.uuid4().hex
         try:
             base_src = given or self.base_source(base_rec, base_weights, mapped=True)
+            from .models import open_model
+
             target = open_model(model, mapped=True)
             built = build_entries(self, base_rec, base_src, target, token=token, encoding=encoding,
                                   encoding_for=encoding_for, encoding_options=dict(encoding_options or {}),
@@ -427,7 +488,11 @@ class Store:
                                   allow_nonfinite=allow_nonfinite)
             if not built.entries and not built.unchanged:
                 raise NothingToCommit("the model has no tensors")
-            version = self._land(stance, base_rec, built, encoding, message, metadata, tag, token)
+            median = built.median_rel_change
+            if not force and median is not None and median > NOT_A_FINE_TUNE:
+                raise NotAFineTune(median, NOT_A_FINE_TUNE, base_rec.name or base_rec.id[:19])
+            version = self._land(stance, base_rec, built, encoding, message, metadata, tag, token,
+                                 allow_empty=allow_empty)
         except BaseException:
             # A commit that fails changes nothing: not the objects it wrote for the tensors it
             # stored before the failure (those nothing else uses), not the base it registered.
@@ -443,10 +508,13 @@ class Store:
             # Whether it landed or not, this commit no longer needs its objects shielded from gc.
             self._quietly(self.catalog.drop_pending, token)
         return CommitResult(version, len(built.entries), built.unchanged, version.bytes, built.bytes_new,
-                            tuple(built.left_out), built.left_out_energy_fraction)
+                            tuple(built.left_out), built.left_out_energy_fraction,
+                            median_rel_change=built.median_rel_change)
 
     def _land(self, stance: str, base: Base, built: Any, encoding: str, message: str,
-              metadata: dict[str, str], tag: str | None, token: str) -> Version:
+              metadata: dict[str, str], tag: str | None, token: str, *, allow_empty: bool = False) -> Version:
+        from .commit import same_content
+
         with self.catalog.transaction():
             # Stamped under the write lock, so that a stance's versions are in time order too.
             created = now()
@@ -458,6 +526,11 @@ class Store:
                 self.objects.put(record, object_id=row["record"])
                 records.append(self.catalog.register_base(row, tensors))
             latest = self.catalog.latest(stance)
+            if latest and not allow_empty:
+                newest = self.resolve(latest["id"])
+                if same_content(built.entries, newest, base_id=base.id, encoding=encoding,
+                                selection=built.selection):
+                    raise IdenticalVersion(newest.ref, newest.id)
             number = (latest["number"] + 1) if latest else 1
             m = manifest(stance=stance, number=number, parent=latest["id"] if latest else None,
                          base_id=base.id, encoding=encoding, selection=built.selection, message=message,
@@ -599,6 +672,11 @@ class Store:
                      out: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor apply produces for one entry, from verified objects (read here unless
         `parts` holds them already); `out`: see Encoding.decode."""
+        import torch
+
+        from . import encodings
+        from .hashing import DTYPES
+
         parts = self.read_parts(entry) if parts is None else parts
         enc = encodings.from_params(entry.encoding, entry.params)
         base = base_tensor if base_tensor is not None else torch.empty(0)
@@ -609,6 +687,8 @@ class Store:
                     ) -> tuple[dict[str, TensorInfo], Callable[[str], torch.Tensor]]:
         """The fine-tuned model a version describes: every tensor's description, and a function
         that produces one tensor at a time, verified against the ids recorded at commit."""
+        from .models import TensorInfo
+
         version = self.resolve(ref)
         base = self.base(version.base_id)
         source = self.base_source(base, base_weights)
@@ -650,6 +730,8 @@ class Store:
     def export(self, ref: str | Version, out: str | os.PathLike, *, base_weights: ModelLike | None = None,
                progress: Progress | None = None) -> Path:
         """Write the full fine-tuned model (base + delta) as a Hugging Face model folder."""
+        from .patch import write_model
+
         version = self.resolve(ref)
         base = self.base(version.base_id)
         source = self.base_source(base, base_weights)
@@ -660,10 +742,13 @@ class Store:
         """Patch a model file or folder in place, journalled so that `revert_files` undoes it.
         A file with other hard links is refused, unless `break_links`: it is then replaced by a
         private copy first, and the other paths keep their bytes."""
+        from .patch import apply_in_place
+
         self._writable()
         return apply_in_place(self, self.resolve(ref), Path(target), allow_links=break_links)
 
     def revert_files(self, target: str | os.PathLike):
+        from .patch import revert_in_place
         self._writable()
         return revert_in_place(self, Path(target))
 
@@ -691,6 +776,7 @@ class Store:
     # -- apply on a live module (see apply.py) --------------------------------------------------
 
     def apply(self, module: torch.nn.Module, ref: str | Version, *, strict: bool = True):
+        from .apply import apply_module
         handle = apply_module(self, module, self.resolve(ref), strict=strict)
         self._applied[id(module)] = handle
         return handle
@@ -707,12 +793,17 @@ class Store:
         `mode="packed"` the stored codes (about the stored size), decoded at each switch.
         `device`: where they are held, the module's (default CPU). `base_weights`: the base
         model (path, state dict or module at its base), else where `base add` found it."""
+        from .prepared import prepare
+
         return prepare(self, self.resolve(ref), device=device, mode=mode, base_weights=base_weights)
 
     def switch(self, module: torch.nn.Module, ref: "str | Version | PreparedStance | None"):
         """Revert whatever this store applied to `module`, then apply `ref` (None: stay at base).
         Between prepared stances (`prepare`), a switch copies or decodes into the module and
         checks only what can have changed since the last one."""
+        from .apply import apply_module
+        from .prepared import PreparedStance
+
         if isinstance(ref, PreparedStance) or (ref is None and self._switching(module)):
             return self._switch_prepared(module, ref)
         version = self.resolve(ref) if ref is not None else None
@@ -732,9 +823,14 @@ class Store:
         return handle
 
     def _switching(self, module: torch.nn.Module) -> bool:
+        from .prepared import SwitchHandle
+
         return isinstance(self._applied.get(id(module)), SwitchHandle)
 
     def _switch_prepared(self, module: torch.nn.Module, stance: Any):
+        from .apply import apply_module
+        from .prepared import SwitchHandle
+
         handle = self._applied.get(id(module))
         if isinstance(handle, SwitchHandle) and handle.active:
             handle.switch(stance)

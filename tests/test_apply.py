@@ -291,7 +291,7 @@ def test_buffers_of_every_dtype_apply_and_revert(tmp_path, store) -> None:
             "f8": torch.randn(6, generator=gen).to(torch.float8_e5m2)}
     ft = {"f64": base["f64"] * 1.001, "i64": base["i64"] + 1, "mask": ~base["mask"],
           "f8": (base["f8"].float() * 3).to(torch.float8_e5m2)}
-    store.commit("s", Buffers(ft), base=Buffers(base))
+    store.commit("s", Buffers(ft), base=Buffers(base), force=True)  # buffers moved far on purpose
     model = Buffers(base)
     before = module_snapshot(model)
     with store.applied(model, "s"):

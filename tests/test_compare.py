@@ -123,10 +123,22 @@ def test_auto_picks_a_smaller_encoding_under_a_generous_bound(adam_pair):
     assert strict.encoding == "lossless" and strict.kl == 0.0
     assert generous.bytes < strict.bytes and generous.encoding != "lossless"
     assert generous.kl <= 10.0 and generous.base_kl > 0.0
-    # Every candidate was measured (ranks a tiny matrix cannot hold are skipped, with a note).
-    measured = {r.spec for r in generous.candidates if r.kl is not None}
-    assert {"lossless", "int8", "int4", "nf4", "fp4", "1bit", "lowrank:8"} <= measured
+    # Every candidate is sized; fidelity is measured smallest first, up to the first that fits:
+    # under a generous bound that is the smallest of all, under a strict one every lossy one is
+    # measured and rejected. Ranks a tiny matrix cannot hold are skipped, with a note.
+    sized = [r for r in generous.candidates if "skipped" not in r.note]
+    assert generous.bytes == min(r.bytes for r in sized)
+    assert [r.spec for r in generous.candidates if r.kl is not None] == [generous.encoding]
+    assert all(r.note.startswith("not measured: larger than") for r in sized if r.spec != generous.encoding)
     assert any("skipped" in r.note for r in generous.candidates if r.spec == "lowrank:128")
+    lossy = [r for r in strict.candidates if r.spec != "lossless" and "skipped" not in r.note]
+    assert {"int8", "int4", "nf4", "fp4", "1bit", "lowrank:8"} <= {r.spec for r in lossy}
+    assert all(r.kl > 0.0 and r.note.startswith("rejected: KL") for r in lossy)
+    # The same choice as measuring every candidate: the smallest whose KL fits.
+    bound = sorted(r.kl for r in lossy)[len(lossy) // 2]
+    middle = choose_encoding(base, ft, prompts=prompts, max_kl=bound)
+    fitting = [r for r in lossy if r.kl <= bound] + [r for r in strict.candidates if r.spec == "lossless"]
+    assert middle.encoding == min(fitting, key=lambda r: (r.bytes, r.kl)).spec
 
 
 def test_commit_auto_records_fidelity_in_the_version(tmp_path, adam_pair):
@@ -157,12 +169,22 @@ def test_commit_auto_records_fidelity_in_the_version(tmp_path, adam_pair):
     assert "fidelity.kl=" in run("show", "s@2").output
 
     # A fixed encoding with --prompts is measured too; with --max-kl it refuses to go over.
-    fixed = run("commit", "s", str(ft), "--base", str(base), "--encoding", "1bit", "--prompts", str(prompts))
+    fixed = run("commit", "s", str(ft), "--base", str(base), "--encoding", "1bit", "--prompts", str(prompts),
+                "--allow-empty")
     assert fixed.exit_code == 0 and "1bit: KL" in fixed.output
     refused = run("commit", "s", str(ft), "--base", str(base), "--encoding", "1bit", "--max-kl", "0",
                   "--prompts", str(prompts))
     assert refused.exit_code == 1 and "more than --max-kl" in refused.output
     assert len(json.loads(run("log", "s", "--json").output)) == 3
+
+    # auto says in one line each why it did not take the other candidates.
+    explained = run("commit", "s", str(ft), "--base", str(base), "--encoding", "auto", "--max-kl", "0",
+                    "--prompts", str(prompts))
+    assert explained.exit_code == 0, explained.output
+    lines = explained.output.splitlines()
+    for spec in ("int8", "int4", "nf4", "fp4", "1bit", "lowrank:8"):
+        assert sum(line.startswith(f"  {spec} (") and "rejected: KL" in line for line in lines) == 1, spec
+    assert sum(line.startswith("  lowrank:128: skipped") for line in lines) == 1
 
 
 def test_commit_auto_says_what_is_missing(tmp_path, adam_pair):
@@ -246,3 +268,25 @@ def test_chat_prompts_go_through_the_chat_template(adam_pair):
     chat = FidelityProbe(model, ["why is the sky blue ?"], tokenizer=tokenizer, chat=True)
     assert (plain.positions, chat.positions) == (6, 9)  # "i am" before, "what" after
     assert chat.measure().kl == 0.0
+
+
+def test_a_base_folder_without_a_tokenizer_asks_for_tokenizer_in_one_line(tmp_path, adam_pair):
+    import shutil
+
+    base, ft, prompts = adam_pair
+    bare = tmp_path / "no-tokenizer"
+    bare.mkdir()
+    for file in base.iterdir():
+        if not file.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy(file, bare / file.name)
+    args = ["compare", str(bare), str(ft), "--encodings", "int8", "--ranks", "", "--full", "", "--prompts", str(prompts)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert "holds no tokenizer" in result.output and "--tokenizer" in result.output
+    for tokenizer in (base, base / "tokenizer.json"):
+        given = CliRunner().invoke(cli, [*args, "--tokenizer", str(tokenizer), "--json"])
+        assert given.exit_code == 0, given.output
+        assert json.loads(given.stdout)["positions"] > 0
+    with pytest.raises(FidelityError, match="--tokenizer"):
+        compare(bare, ft, encodings=("int8",), ranks=(), full=(), prompts=prompts, tokenizer=tmp_path / "nothing")

@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from cli.main import cli
+from cli.output import size
 from deltastore import Store
 
 from helpers import assert_same_state, file_bytes, flip_byte, load_folder, make_model, store_snapshot, write_folder
@@ -82,8 +83,11 @@ def test_gc_after_deleting_a_stance_frees_exactly_the_bytes_no_other_version_sha
     assert store_snapshot(store.root) == before  # a dry run changes nothing
     assert set(dry["objects"]) == doomed and dry["bytes"] == expected
     assert dry["object_bytes"] == {o: store.objects.size(o) for o in doomed}
+    # The summary alone, in one line; the list of objects only with --verbose.
     text = run(store, "gc", "--dry-run").stdout
-    assert all(o in text for o in doomed) and f"in {len(doomed)} objects" in text
+    assert text.strip().splitlines() == [f"would free {size(expected)} in {len(doomed)} objects"]
+    listed = run(store, "gc", "--dry-run", "--verbose").stdout
+    assert all(o in listed for o in doomed) and f"in {len(doomed)} objects" in listed
 
     result = store.gc()
     assert set(result.removed) == doomed and result.bytes_freed == expected and result.skipped == ()

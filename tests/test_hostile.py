@@ -388,7 +388,7 @@ def test_two_stores_never_share_temporary_files(tmp_path, monkeypatch):
 
     def commit(s: Store, k: int) -> None:
         try:
-            s.commit(f"stance{k}", ft, base="base", base_weights=base, encoding="int8")
+            s.commit(f"stance{k}", ft, base="base", base_weights=base, encoding="int8", force=True)
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 

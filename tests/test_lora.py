@@ -151,9 +151,11 @@ def test_import_then_export_round_trips(tmp_path, tied):
     store = tmp_path / "store"
     runner = CliRunner()
     runner.invoke(cli, ["init", str(store)])
-    result = runner.invoke(cli, ["--store", str(store), "import-lora", str(adapter), "imported", "--base", str(base),
-                                 "--json"])
+    # import-lora STANCE ADAPTER, as commit STANCE MODEL; the older order still works, with a warning.
+    order = [str(adapter), "imported"] if tied else ["imported", str(adapter)]
+    result = runner.invoke(cli, ["--store", str(store), "import-lora", *order, "--base", str(base), "--json"])
     assert result.exit_code == 0, result.output
+    assert ("deprecated" in result.stderr) == tied
     imported = json.loads(result.stdout)
     assert imported["encoding"] == "lowrank:4" and imported["rank"] == 4
     assert "model.norm.weight" in imported["replaced"]
@@ -251,3 +253,38 @@ def test_untrusted_adapters_are_refused(tmp_path):
     with pytest.raises(LoraError, match="do not fit"):
         import_lora(store, adapter, "bad", base=str(other))
     assert store.log() == []
+
+
+def test_randomized_export_measures_what_it_holds_as_compare_counts_it(tmp_path):
+    from deltastore.compare import compare
+    from deltastore.lora import product
+
+    base, ft = pair(tmp_path, adam_like(0.02))
+    store = Store.init(tmp_path / "store")
+    store.commit("s", ft, base=str(base))
+    steps = []
+    fast = export_lora(store, "s", tmp_path / "fast", rank=4, dtype="fp32", progress=lambda k, n: steps.append((k, n)))
+    exact = export_lora(store, "s", tmp_path / "exact", rank=4, dtype="fp32", exact=True)
+    assert not fast.exact and exact.exact
+    assert steps[-1][0] == steps[-1][1]  # the progress bar ends full
+    # compare's energy of a LoRA row is the exact one, averaged per matrix as export-lora's is.
+    assert exact.energy_kept == pytest.approx(compare(base, ft, encodings=(), full=(), ranks=(4,))
+                                              .row("LoRA r=4").energy, rel=1e-6)
+    assert exact.energy_kept - 0.01 <= fast.energy_kept <= exact.energy_kept + 1e-6
+    # What the randomized pairs hold is measured on the pairs written.
+    pairs = load_file(fast.out / "adapter_model.safetensors")
+    base_state, ft_state = load_file(base / "model.safetensors"), load_file(ft / "model.safetensors")
+    shares = []
+    for module in fast.targets:
+        kind = "embedding" if "embed" in module else "linear"
+        keys = ((f"base_model.model.{module}.lora_embedding_A", f"base_model.model.{module}.lora_embedding_B")
+                if kind == "embedding" else
+                (f"base_model.model.{module}.lora_A.weight", f"base_model.model.{module}.lora_B.weight"))
+        delta = ft_state[f"{module}.weight"] - base_state[f"{module}.weight"]
+        error = product(pairs[keys[0]], pairs[keys[1]], kind) - delta
+        shares.append(1 - float(error.double().square().sum() / delta.double().square().sum()))
+    assert sum(shares) / len(shares) == pytest.approx(fast.energy_kept, abs=1e-4)
+    for folder in (fast.out, exact.out):
+        assert folder.stat().st_mode & 0o777 == 0o755
+        assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == {
+            "adapter_config.json": 0o644, "adapter_model.safetensors": 0o644}

@@ -309,18 +309,19 @@ def test_a_commit_refuses_nan_or_inf_naming_the_tensor_unless_allowed(models, at
         store = _store(tmp, base)
         before = store_snapshot(store.root)
         with pytest.raises(NonFiniteTensor, match=f"tensor {name!r} of the fine-tune holds") as e:
-            store.commit("s", ft, base="base", base_weights=base)
+            store.commit("s", ft, base="base", base_weights=base, force=True)
         assert e.value.name == name and e.value.count >= 1
         assert store_snapshot(store.root) == before
         # Allowed: lossless stores it exactly, nan payload bits included.
-        v = store.commit("s", ft, base="base", base_weights=base, allow_nonfinite=True).version
+        v = store.commit("s", ft, base="base", base_weights=base, allow_nonfinite=True, force=True).version
         got = dict(store.tensors(v, base_weights=base))
         assert sorted(got) == sorted(ft)
         assert all(byte_view(got[n]) == byte_view(ft[n]) and got[n].dtype == ft[n].dtype for n in ft)
         # A lossy encoding cannot hold it, and says which tensor to keep lossless.
         if ft[name].dim() >= 2:
             with pytest.raises(EncodingError, match=f"tensor {name!r}: .*inf or nan"):
-                store.commit("s", ft, base="base", base_weights=base, encoding="int8", allow_nonfinite=True)
+                store.commit("s", ft, base="base", base_weights=base, encoding="int8", allow_nonfinite=True,
+                             force=True)
         store.close()
 
 
@@ -330,7 +331,7 @@ def test_a_commit_reads_back_what_its_entries_record(models, spec):
     base, ft = models
     with tempfile.TemporaryDirectory() as tmp:
         store = _store(tmp, base)
-        v = store.commit("s", ft, base="base", base_weights=base, encoding=spec).version
+        v = store.commit("s", ft, base="base", base_weights=base, encoding=spec, force=True).version
         got = dict(store.tensors(v, base_weights=base))  # checks every result against its id
         for e in v.tensors:
             assert tensor_id(got[e.name]) == e.result_tensor_id

@@ -1,0 +1,61 @@
+"""Read commands start fast: they never import torch, numpy or transformers (about 2 CPU-seconds
+of imports before anything happens)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deltastore import Store
+
+from helpers import make_model
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "numpy", "transformers")
+# Runs one command in a fresh interpreter, then says which heavy modules it imported.
+PROBE = """
+import json, sys
+from cli.main import cli
+try:
+    cli(sys.argv[1:], prog_name="deltastore")
+except SystemExit as e:
+    code = e.code
+else:
+    code = 0
+print(json.dumps({"code": code, "heavy": [m for m in %r if m in sys.modules]}), file=sys.stderr)
+""" % (HEAVY,)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("startup")
+    pair = make_model(tmp)
+    with Store.init(tmp / "store") as store:
+        store.commit("curious", pair.ft, base=pair.base, tag="paper")
+    return tmp / "store"
+
+
+def heavy_imports(root: Path, *args: str) -> list[str]:
+    result = subprocess.run([sys.executable, "-c", PROBE, "--store", str(root), *args], capture_output=True,
+                            text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    report = json.loads(result.stderr.strip().splitlines()[-1])
+    assert report["code"] in (0, None), result.stderr
+    return report["heavy"]
+
+
+@pytest.mark.parametrize("args", [
+    ("--help",), ("--version",), ("log",), ("log", "curious", "--json"), ("show", "curious@1"),
+    ("stances",), ("tag", "curious@1", "second"), ("stats",), ("fsck",), ("gc", "--dry-run"), ("commit", "--help"),
+], ids=lambda a: " ".join(a))
+def test_read_commands_do_not_import_torch(root, args):
+    assert heavy_imports(root, *args) == []
+
+
+def test_a_command_that_needs_tensors_still_gets_them(root):
+    # The probe sees an import where there is one: export builds tensors.
+    assert "torch" in heavy_imports(root, "export", "curious@1", "--out", str(root.parent / "exported"))
