@@ -608,16 +608,22 @@ def hub_version_json(hv: Any) -> dict:
 
 @cli.command()
 @click.argument("refs", nargs=-1, required=True, metavar="REF...")
-@click.option("--repo", "repo_id", required=True, metavar="ID", help="The Hub repo, USER/NAME (created if missing).")
+@click.option("--repo", "repo_id", metavar="ID", help="The Hub repo, USER/NAME (created if missing).")
+@click.option("--remote", "remote", metavar="NAME", help="A remote (`remote add`) or a URL, instead of the Hub.")
 @click.option("--revision", metavar="BRANCH", help="The branch to push to (default: main; created if missing).")
 @click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
 @hub_options
 @json_option
 @with_store(readonly=True)
-def push(store: Store, refs: tuple[str, ...], repo_id: str, revision: str | None, private: bool,
-         token: str | None, endpoint: str | None, as_json: bool) -> None:
-    """Upload versions to a Hub repo: one commit, and a tag STANCE-vN per version. Versions already
-    there are not uploaded again."""
+def push(store: Store, refs: tuple[str, ...], repo_id: str | None, remote: str | None, revision: str | None,
+         private: bool, token: str | None, endpoint: str | None, as_json: bool) -> None:
+    """Upload versions to a Hub repo (one commit, and a tag STANCE-vN per version) or to a remote
+    (each version takes its stance's next number there). Versions already there are not uploaded
+    again."""
+    if (repo_id is None) == (remote is None):
+        raise click.UsageError("give one of --repo ID (the Hub) and --remote NAME")
+    if remote is not None:
+        return push_to_remote(store, refs, remote, as_json)
     from deltastore.hub import push as hub_push
 
     r = hub_push(store, list(refs), repo_id, revision=revision, private=private, token=token, endpoint=endpoint,
@@ -635,7 +641,8 @@ def push(store: Store, refs: tuple[str, ...], repo_id: str, revision: str | None
 
 
 @cli.command()
-@click.argument("repo_id", metavar="ID")
+@click.argument("repo_id", metavar="ID", required=False)
+@click.option("--remote", "remote", metavar="NAME", help="A remote (`remote add`) or a URL, instead of the Hub.")
 @click.option("--revision", metavar="REV", help="A branch, a commit, or a version's tag STANCE-vN (then only that version).")
 @click.option("--stance", help="Pull only this stance.")
 @click.option("--into", metavar="NAME",
@@ -645,12 +652,23 @@ def push(store: Store, refs: tuple[str, ...], repo_id: str, revision: str | None
 @hub_options
 @json_option
 @with_store
-def pull(store: Store, repo_id: str, revision: str | None, stance: str | None, into: str | None,
-         force_download: bool, token: str | None, endpoint: str | None, as_json: bool) -> None:
-    """Download versions from a Hub repo into the store, verified: nothing is stored unless every
-    name, size and hash checks out and every version's base is a base of this store. A local
+def pull(store: Store, repo_id: str | None, remote: str | None, revision: str | None, stance: str | None,
+         into: str | None, force_download: bool, token: str | None, endpoint: str | None, as_json: bool) -> None:
+    """Download versions from a Hub repo (ID), or from a remote (ID the name of one, or --remote),
+    into the store, verified: nothing is stored unless every name, size and hash checks out and
+    every version's base is a base of this store (a remote brings its bases along). A local
     stance holding versions the repo's stance lacks is never added to: pull that stance
     --into another name."""
+    from deltastore.remote import remotes
+
+    if remote is None and repo_id is not None and repo_id in remotes(store.root):
+        remote, repo_id = repo_id, None
+    if (repo_id is None) == (remote is None):
+        raise click.UsageError("give one of ID (a Hub repo, or a remote's name) and --remote NAME")
+    if remote is not None:
+        if into is not None or force_download or revision is not None:
+            raise click.UsageError("--into, --revision and --force-download are for a Hub repo, not a remote")
+        return pull_from_remote(store, remote, stance, as_json)
     from deltastore.hub import pull as hub_pull
 
     r = hub_pull(store, repo_id, revision=revision, stance=stance, into=into, token=token, endpoint=endpoint,
@@ -665,6 +683,108 @@ def pull(store: Store, repo_id: str, revision: str | None, stance: str | None, i
     for hv in r.already_here:
         echo(f"{hv.ref} was already here")
     echo(f"{len(r.pulled)} new versions from {r.repo_id} at {r.commit[:12]}")
+
+
+# -- remotes: object storage and shared folders (deltastore/remote.py) --------------------------
+
+
+def remote_version_json(rv: Any) -> dict:
+    return {"ref": rv.ref, "stance": rv.stance, "number": rv.number, "id": rv.id}
+
+
+def push_to_remote(store: Store, refs: tuple[str, ...], remote: str, as_json: bool) -> None:
+    from deltastore.remote import push as remote_push, remote_url
+
+    url = remote_url(store.root, remote)
+    with progress("uploading", enabled=not as_json) as cb:
+        r = remote_push(store, list(refs), url, progress=cb)
+    if as_json:
+        return emit_json({"remote": r.url, "pushed": [remote_version_json(rv) for rv in r.pushed],
+                          "already_there": [remote_version_json(rv) for rv in r.already_there],
+                          "objects_uploaded": r.objects_uploaded, "bytes_uploaded": r.bytes_uploaded})
+    for rv in r.pushed:
+        click.echo(f"pushed {rv.ref} {rv.id[:15]}")
+    for rv in r.already_there:
+        click.echo(f"{rv.ref} {rv.id[:15]} is already there")
+    click.echo(f"{r.url}: {r.objects_uploaded} objects, {size(r.bytes_uploaded)} uploaded")
+
+
+def pull_from_remote(store: Store, remote: str, stance: str | None, as_json: bool) -> None:
+    from deltastore.remote import pull as remote_pull, remote_url
+
+    url = remote_url(store.root, remote)
+    with progress("downloading", enabled=not as_json) as cb:
+        r = remote_pull(store, url, stance=stance, progress=cb)
+    render_pull(r, as_json)
+
+
+def render_pull(r: Any, as_json: bool) -> None:
+    if as_json:
+        return emit_json({"remote": r.url, "pulled": [remote_version_json(rv) for rv in r.pulled],
+                          "already_here": [remote_version_json(rv) for rv in r.already_here],
+                          "bases_added": list(r.bases_added), "objects_downloaded": r.objects_downloaded,
+                          "bytes_downloaded": r.bytes_downloaded})
+    for rv in r.pulled:
+        click.echo(f"pulled {rv.ref} {rv.id[:15]}")
+    click.echo(f"{len(r.pulled)} new versions from {r.url} ({r.objects_downloaded} objects, "
+               f"{size(r.bytes_downloaded)} downloaded)")
+
+
+@cli.group()
+def remote() -> None:
+    """Remotes: object storage (s3://, gs://, az://) or a shared folder (file://) to push to and
+    pull from. Credentials come from each backend's usual places and are never stored."""
+
+
+@remote.command("add")
+@click.argument("name")
+@click.argument("url")
+@with_store
+def remote_add(store: Store, name: str, url: str) -> None:
+    """Remember URL as remote NAME."""
+    from deltastore.remote import add_remote
+
+    add_remote(store.root, name, url)
+    click.echo(f"remote {name}: {url}")
+
+
+@remote.command("list")
+@json_option
+@with_store(readonly=True)
+def remote_list(store: Store, as_json: bool) -> None:
+    """The store's remotes."""
+    from deltastore.remote import remotes
+
+    known = remotes(store.root)
+    if as_json:
+        return emit_json([{"name": n, "url": u} for n, u in known.items()])
+    for name, url in known.items():
+        click.echo(f"{name}\t{url}")
+
+
+@remote.command("remove")
+@click.argument("name")
+@with_store
+def remote_remove(store: Store, name: str) -> None:
+    """Forget remote NAME (the remote itself is not touched)."""
+    from deltastore.remote import remove_remote
+
+    click.echo(f"removed remote {name} ({remove_remote(store.root, name)})")
+
+
+@cli.command()
+@click.argument("url")
+@click.argument("directory", type=click.Path(file_okay=False))
+@json_option
+def clone(url: str, directory: str, as_json: bool) -> None:
+    """A new store in DIRECTORY/.deltastore holding every version of the remote at URL (kept as
+    its remote `origin`), verified as a pull is."""
+    from deltastore.remote import clone as remote_clone
+
+    with progress("downloading", enabled=not as_json) as cb:
+        store, r = remote_clone(url, directory, progress=cb)
+    store.close()
+    render_pull(r, as_json)
 
 
 # -- what a fine-tune costs and keeps (deltastore/compare.py, deltastore/lora.py) -------------

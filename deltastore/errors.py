@@ -417,3 +417,27 @@ class LocalStanceDiffers(HubError, FileExistsError):
         super().__init__(f"stance {local} here holds versions that {stance} in Hub repo {repo_id} does not ({shown}); "
                          f"nothing was stored: pull it under another name with --into NAME (or leave it out with "
                          "--stance)", repo_id=repo_id, revision=revision)
+
+
+class RemoteError(DeltastoreError):
+    """Talking to a remote (object storage or a shared folder) failed, or it cannot be used."""
+
+    def __init__(self, message: str, *, url: str):
+        self.url = url
+        super().__init__(message)
+
+
+class RemoteNotFound(RemoteError, LookupError):
+    def __init__(self, name: str, known: list[str]):
+        self.name = name
+        hint = f"known remotes: {', '.join(known)}" if known else "add one with `deltastore remote add NAME URL`"
+        super().__init__(f"no remote named {name!r} ({hint})", url="")
+
+
+class RemoteDataRejected(RemoteError, UnsafeInput):
+    """Data read from a remote that breaks a rule: a hash, a size or a name. Nothing was stored."""
+
+    def __init__(self, url: str, file: str, reason: str):
+        self.file = file
+        self.reason = reason
+        super().__init__(f"refused {file} from remote {url}: {reason}; nothing was stored", url=url)

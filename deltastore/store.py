@@ -555,7 +555,8 @@ class Store:
     # -- versions made elsewhere (a pull, see hub.py) --------------------------------------------
 
     def ingest(self, manifests: list[dict], payload: Callable[[str, int], bytes | memoryview], *,
-               into: Mapping[str, str] | None = None) -> list[tuple[Version, bool]]:
+               into: Mapping[str, str] | None = None,
+               numbers: Mapping[str, int] | None = None) -> list[tuple[Version, bool]]:
         """Store versions made in another store, each keeping its id and its number; all of them
         land in one transaction, or none does and the store is as it was.
 
@@ -564,6 +565,8 @@ class Store:
         lacks, entries whose base tensors are not that base's, and a stance that already has the
         number as another version. `into` maps a manifest's stance to the local stance its
         versions land in (their ids, numbers and manifests unchanged, as after a rename).
+        `numbers` (version id -> number) lands a version under another number than its
+        manifest's: the one a remote gave it (FORMAT.md §10).
         Returns (version, whether it is new here) per manifest."""
         self._writable()
         versions = [check_manifest(m) for m in manifests]
@@ -572,6 +575,8 @@ class Store:
                 check_stance_name(local)
             versions = [dataclasses.replace(v, stance=into[v.stance], committed_as=v.stance) if v.stance in into
                         else v for v in versions]
+        if numbers:
+            versions = [dataclasses.replace(v, number=numbers.get(v.id, v.number)) for v in versions]
         todo: dict[str, tuple[Version, dict]] = {}
         for v, m in zip(versions, manifests):
             self._check_ingest(v)
@@ -609,6 +614,29 @@ class Store:
             if not landed:
                 self._remove_unreferenced(written)
         return [(self.resolve(v.id), v.id in inserted) for v in versions]
+
+    def add_base_record(self, listing: bytes, record: bytes, *, name: str | None = None,
+                        hub_id: str | None = None) -> Base:
+        """Register a base from its tensor list and base record (made in another store, checked
+        by the caller): no weights are read. Its weights are found later (`--base-path`)."""
+        from .hashing import bytes_id
+
+        self._writable()
+        bid, rid = bytes_id(listing), bytes_id(record)
+        rec = json.loads(record)
+        tensors = [{"base_id": bid, "name": t["name"], "dtype": t["dtype"], "shape": dumps(t["shape"]),
+                    "tensor_id": t["tensor"], "sq_norm": t["sq_norm"]} for t in rec["tensors"]]
+        row = {"id": bid, "name": name, "tensor_count": len(tensors), "bytes": rec["bytes"], "source": None,
+               "hub_id": hub_id, "created": now(), "record": rid}
+        token = uuid.uuid4().hex
+        try:
+            self.catalog.add_pending(token, [bid, rid])
+            self.objects.put(listing, object_id=bid)
+            self.objects.put(record, object_id=rid)
+            self.catalog.add_base(row, tensors)
+        finally:
+            self.catalog.drop_pending(token)
+        return self.base(bid)
 
     def _check_ingest(self, v: Version) -> None:
         base = self.base(v.base_id)

@@ -1,0 +1,302 @@
+"""Push, pull and clone through remotes: a shared folder (`file://`) and S3, the real s3fs client
+against moto's S3 server on 127.0.0.1 (the server s3fs's own tests use), started and stopped here.
+
+A remote is untrusted when pulled: each tampering below is written to it directly, the way
+anyone with write access to the bucket could, and the pull must refuse it with one line and
+the store left as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cli.main import cli
+from deltastore import Store
+from deltastore.errors import RemoteDataRejected
+from deltastore.hashing import bytes_id, canonical_json
+from deltastore.remote import Remote, clone, pull, push
+
+from helpers import file_bytes, finetune_, make_model, saved_state, write_folder
+
+ENCODINGS = {"curious-uncertainty": "lossless", "confident-expertise": "int8", "playful": "lowrank:4"}
+REFS = [f"{s}@{n}" for s in ENCODINGS for n in (1, 2)]
+ROOT = Path(__file__).resolve().parent.parent
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A base model on disk, and the pushing store A: three stances of two versions each."""
+    tmp = tmp_path_factory.mktemp("world")
+    pair = make_model(tmp)
+    store = Store.init(tmp / "a-store")
+    store.add_base(pair.base, name="tiny", hub_id="org/tiny-base")
+    for k, (stance, encoding) in enumerate(ENCODINGS.items()):
+        for n in (1, 2):
+            ft = copy.deepcopy(pair.base_module)
+            finetune_(ft, seed=100 * k + n)
+            folder = write_folder(tmp / f"ft-{stance}-{n}", saved_state(ft))
+            store.commit(stance, folder, base="tiny", encoding=encoding, message=f"{stance}, take {n}",
+                         metadata={"lr": "2e-5"})
+    yield pair, store
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(params=["file", "s3"])
+def remote_url(request, tmp_path, monkeypatch):
+    """A fresh remote's URL: a folder, or a prefix of a new bucket on the S3 server. The
+    variables the backend reads are set, as a user's environment would."""
+    if request.param == "file":
+        yield f"file://{tmp_path / 'shared' / 'team'}"
+        return
+    endpoint = request.getfixturevalue("s3_server")
+    env = {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    import s3fs
+
+    bucket = f"team-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)
+    yield f"s3://{bucket}/deltas"
+
+
+def snapshot(root: Path) -> tuple[dict, dict, bytes]:
+    """What a store holds: catalog rows, object files, the ref log."""
+    conn = sqlite3.connect(f"file:{root / 'catalog.db'}?mode=ro", uri=True)
+    try:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                             "AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+        rows = {t: sorted(map(repr, conn.execute(f"SELECT * FROM {t}"))) for t in tables}
+    finally:
+        conn.close()
+    files = {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in sorted((root / "objects").rglob("*")) if p.is_file()}
+    return rows, files, (root / "refs.log").read_bytes()
+
+
+def exports_equal(a: Store, b: Store, refs, base: Path, tmp: Path) -> None:
+    for ref in refs:
+        run = uuid.uuid4().hex[:8]
+        ours = a.export(ref, tmp / f"export-{run}-a")
+        theirs = b.export(ref, tmp / f"export-{run}-b", base_weights=base)
+        assert file_bytes(theirs) == file_bytes(ours)
+
+
+# -- round trip ------------------------------------------------------------------------------------
+
+
+def test_push_three_stances_clone_and_pull_give_the_same_versions_bit_exact(world, remote_url, tmp_path):
+    pair, a = world
+    pushed = push(a, REFS, remote_url)
+    assert [rv.ref for rv in pushed.pushed] == sorted(REFS) and not pushed.already_there
+    assert pushed.objects_uploaded > 0
+
+    b, cloned = clone(remote_url, tmp_path / "b")
+    assert sorted(rv.ref for rv in cloned.pulled) == sorted(REFS)
+    assert [x.hub_id for x in b.bases()] == ["org/tiny-base"]
+    with Store.init(tmp_path / "c-store") as c:
+        pulled = pull(c, remote_url, stance="playful")
+        assert sorted(rv.ref for rv in pulled.pulled) == ["playful@1", "playful@2"]
+        pull(c, remote_url)
+        ours = {(v.stance, v.number): (v.id, v.parent) for v in a.log()}
+        for other in (b, c):
+            assert {(v.stance, v.number): (v.id, v.parent) for v in other.log()} == ours
+            assert other.fsck(read_data=True).ok
+        exports_equal(a, c, REFS, pair.base, tmp_path)
+        exports_equal(a, b, ["curious-uncertainty@2"], pair.base, tmp_path)
+
+        # Again: no object moves either way, and nothing changes.
+        again = push(a, REFS, remote_url)
+        assert not again.pushed and again.objects_uploaded == 0 and again.bytes_uploaded == 0
+        before = snapshot(c.root)
+        back = pull(c, remote_url)
+        assert not back.pulled and back.objects_downloaded == 0
+        assert snapshot(c.root) == before
+    b.close()
+
+
+def test_only_missing_objects_move(world, remote_url, tmp_path):
+    _, a = world
+    first = push(a, ["curious-uncertainty@1"], remote_url)
+    second = push(a, ["curious-uncertainty@1", "curious-uncertainty@2"], remote_url)
+    # The base's two objects and whatever the versions share went up once.
+    assert [rv.ref for rv in second.pushed] == ["curious-uncertainty@2"]
+    assert [rv.ref for rv in second.already_there] == ["curious-uncertainty@1"]
+    remote = Remote(remote_url)
+    assert first.objects_uploaded + second.objects_uploaded == len(remote.object_ids())
+
+    b, _ = clone(remote_url, tmp_path / "b")
+    push(a, ["playful@1"], remote_url)
+    more = pull(b, remote_url)
+    playful = a.resolve("playful@1")
+    shared = {o.id for e in a.resolve("curious-uncertainty@1").tensors for o in e.objects.values()} | \
+             {o.id for e in a.resolve("curious-uncertainty@2").tensors for o in e.objects.values()}
+    own = {o.id for e in playful.tensors for o in e.objects.values()} - shared
+    assert [rv.ref for rv in more.pulled] == ["playful@1"] and more.objects_downloaded == len(own)
+    b.close()
+
+
+# -- many writers ----------------------------------------------------------------------------------
+
+
+PUSHER = """
+import sys
+from deltastore import Store
+from deltastore.remote import push
+with Store.open(sys.argv[1]) as store:
+    push(store, [f"shared@{n}" for n in range(1, 6)], sys.argv[2])
+"""
+
+
+def test_four_processes_pushing_five_versions_each_get_numbers_1_to_20(world, remote_url, tmp_path):
+    pair, _ = world
+    stores = []
+    for k in range(4):
+        with Store.init(tmp_path / f"pusher-{k}") as s:
+            s.add_base(pair.base, name="tiny")
+            for n in range(5):
+                ft = copy.deepcopy(pair.base_module)
+                finetune_(ft, seed=1000 * k + n)
+                s.commit("shared", write_folder(tmp_path / f"ft-{k}-{n}", saved_state(ft)), base="tiny",
+                         encoding="int8", message=f"pusher {k}, take {n}")
+        stores.append(tmp_path / f"pusher-{k}")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    procs = [subprocess.Popen([sys.executable, "-c", PUSHER, str(s), remote_url], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for s in stores]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out.decode()[-2000:]
+
+    listed = Remote(remote_url).versions()
+    assert [rv.number for rv in listed] == list(range(1, 21))
+    ids = {}
+    for s in stores:
+        with Store.open(s) as store:
+            ids.update({v.id: (s, v.ref) for v in store.log()})
+    assert set(rv.id for rv in listed) == set(ids)
+
+    with Store.init(tmp_path / "reader") as reader:
+        reader.add_base(pair.base, name="tiny")
+        assert len(pull(reader, remote_url).pulled) == 20
+        for rv in listed[::4]:  # every pusher's versions are among these
+            with Store.open(ids[rv.id][0]) as origin:
+                ours = origin.export(ids[rv.id][1], tmp_path / "x" / rv.ref)
+            theirs = reader.export(rv.id[3:15], tmp_path / "y" / rv.ref)
+            assert file_bytes(theirs) == file_bytes(ours)
+            assert reader.resolve(rv.ref).id == rv.id
+
+
+# -- a hostile remote ------------------------------------------------------------------------------
+
+
+def _tamper_object(remote: Remote, a: Store) -> None:
+    entry = a.resolve("curious-uncertainty@1").tensors[0]
+    oid = next(iter(entry.objects.values())).id
+    blob = bytearray(remote.fs.cat_file(remote.object_path(oid)))
+    blob[-1] ^= 1
+    _write(remote, remote.object_path(oid), bytes(blob))
+
+
+def _manifest_naming_parent_folder(remote: Remote, a: Store) -> None:
+    m = copy.deepcopy(a.resolve("curious-uncertainty@1").manifest())
+    m["tensors"][0]["name"] = "../../etc/passwd"
+    data = canonical_json(m)
+    oid = bytes_id(data)
+    _write(remote, remote.object_path(oid), _object_file(data))
+    ref = canonical_json({"id": oid, "stance": "curious-uncertainty", "number": 9}) + b"\n"
+    _write(remote, remote.ref_path("curious-uncertainty", 9), ref)
+
+
+def _ref_to_a_missing_manifest(remote: Remote, a: Store) -> None:
+    ref = canonical_json({"id": "b3:" + "ab" * 32, "stance": "playful", "number": 7}) + b"\n"
+    _write(remote, remote.ref_path("playful", 7), ref)
+
+
+def _write(remote: Remote, path: str, data: bytes) -> None:
+    remote.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    remote.fs.pipe_file(path, data)
+
+
+def _object_file(payload: bytes) -> bytes:
+    from deltastore.objects import FORMAT_VERSION, HEADER, MAGIC, RAW
+
+    return HEADER.pack(MAGIC, FORMAT_VERSION, RAW, 0, len(payload)) + payload
+
+
+@pytest.mark.parametrize("tamper", [_tamper_object, _manifest_naming_parent_folder, _ref_to_a_missing_manifest],
+                         ids=["tampered-object", "manifest-naming-dotdot", "ref-to-missing-manifest"])
+def test_pull_from_a_hostile_remote_refuses_with_one_line_and_changes_nothing(world, remote_url, tmp_path,
+                                                                               tamper):
+    pair, a = world
+    push(a, REFS, remote_url)
+    tamper(Remote(remote_url), a)
+    with Store.init(tmp_path / "victim") as victim:
+        victim.add_base(pair.base, name="tiny")
+        before = snapshot(victim.root)
+        with pytest.raises(RemoteDataRejected):
+            pull(victim, remote_url)
+        assert snapshot(victim.root) == before
+        assert not list((victim.root / "tmp").iterdir())
+    result = CliRunner().invoke(cli, ["--store", str(tmp_path / "victim"), "pull", "--remote", remote_url])
+    assert result.exit_code == 1
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert "nothing was stored" in result.output
+    assert snapshot(tmp_path / "victim") == before
+
+
+# -- the command line --------------------------------------------------------------------------------
+
+
+def test_remote_commands_push_pull_and_clone(world, tmp_path):
+    pair, a = world
+    url = f"file://{tmp_path / 'team'}"
+    run = CliRunner()
+    store = ["--store", str(a.root)]
+    assert run.invoke(cli, [*store, "remote", "add", "team", url]).exit_code == 0
+    listed = run.invoke(cli, [*store, "remote", "list"])
+    assert listed.exit_code == 0 and f"team\t{url}" in listed.output
+    refused = run.invoke(cli, [*store, "remote", "add", "leaky", "s3://AKIA:secret@bucket/x"])
+    assert refused.exit_code == 1 and "credentials" in refused.output
+    pushed = run.invoke(cli, [*store, "push", "playful", "--remote", "team"])
+    assert pushed.exit_code == 0, pushed.output
+    # The remote numbers a stance's versions as they arrive: A's playful@2 is its first there.
+    assert f"pushed playful@1 {a.resolve('playful@2').id[:15]}" in pushed.output
+    cloned = run.invoke(cli, ["clone", url, str(tmp_path / "b")])
+    assert cloned.exit_code == 0, cloned.output
+    with Store.open(tmp_path / "b" / ".deltastore") as b:
+        assert b.resolve("playful").id == a.resolve("playful@2").id
+    # In the clone, the remote is "origin": `pull NAME` pulls from it.
+    run.invoke(cli, [*store, "push", "curious-uncertainty", "--remote", "team"])
+    again = run.invoke(cli, ["--store", str(tmp_path / "b" / ".deltastore"), "pull", "origin"])
+    assert again.exit_code == 0 and "pulled curious-uncertainty@1" in again.output
+    assert run.invoke(cli, [*store, "remote", "remove", "team"]).exit_code == 0
+    gone = run.invoke(cli, [*store, "push", "playful", "--remote", "team"])
+    assert gone.exit_code == 1 and "no remote named 'team'" in gone.output
+    (a.root / "remotes.json").unlink()
