@@ -194,6 +194,8 @@ class Remote:
 
     def read(self, name: str, path: str, limit: int) -> bytes:
         """A file's bytes, refused when over `limit` (before it is read, and as it arrives)."""
+        # A backend's cached listing (s3fs keeps one) would hide a file another writer just made.
+        self.fs.invalidate_cache()
         size = self.fs.size(path)
         if size is not None and size > limit:
             raise RemoteDataRejected(self.url, name, f"{size} bytes, more than the {limit} allowed")
@@ -206,10 +208,13 @@ class Remote:
     def find(self, *parts: str) -> list[str]:
         """Paths of every file under a folder of the remote, relative to it."""
         base = self.path(*parts)
+        self.fs.invalidate_cache()
         try:
             found = self.fs.find(base)
         except FileNotFoundError:
             return []
+        finally:
+            self.fs.invalidate_cache()
         prefix = self.fs._strip_protocol(base).rstrip("/") + "/"
         return [p[len(prefix):] for p in (self.fs._strip_protocol(p) for p in found) if p.startswith(prefix)]
 
