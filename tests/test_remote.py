@@ -300,3 +300,71 @@ def test_remote_commands_push_pull_and_clone(world, tmp_path):
     gone = run.invoke(cli, [*store, "push", "playful", "--remote", "team"])
     assert gone.exit_code == 1 and "no remote named 'team'" in gone.output
     (a.root / "remotes.json").unlink()
+
+
+# -- a push killed part-way -------------------------------------------------------------------------
+
+
+KILLED_PUSHER = """
+import os, signal, sys, threading
+from deltastore import Store
+from deltastore import remote as r
+
+store_dir, url, log, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+lock, count = threading.Lock(), [0]
+
+def counted(write):
+    def run(self, path, data):
+        with lock:
+            count[0] += 1
+            mine = count[0]
+        if mine == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # before this write
+        done = write(self, path, data)
+        if "/objects/" in path:
+            with open(log, "a") as f:
+                f.write(path.rsplit("/objects/", 1)[1] + "\\n")
+        return done
+    return run
+
+r.Remote.put = counted(r.Remote.put)
+r.Remote.create = counted(r.Remote.create)
+with Store.open(store_dir) as store:
+    r.push(store, sys.argv[5:], url)
+"""
+
+
+def test_a_push_killed_at_ten_moments_then_pushed_again_leaves_the_remote_consistent(world, tmp_path):
+    pair, a = world
+    scratch = f"file://{tmp_path / 'scratch'}"
+    first = push(a, REFS, scratch)
+    writes = first.objects_uploaded + 2 + len(REFS)  # objects, the marker, the base ref, the refs
+    moments = sorted({1 + (writes - 1) * k // 9 for k in range(10)})
+    assert len(moments) == 10
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    for k in moments:
+        url = f"file://{tmp_path / f'killed-{k}'}"
+        log = tmp_path / f"uploads-{k}.txt"
+        log.touch()
+        killed = subprocess.run([sys.executable, "-c", KILLED_PUSHER, str(a.root), url, str(log), str(k), *REFS],
+                                env=env, capture_output=True, timeout=300)
+        assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+        # What a reader sees now: complete versions only.
+        with Store.init(tmp_path / f"reader-{k}") as reader:
+            if Remote(url).is_remote():
+                got = pull(reader, url)
+                assert reader.fsck(read_data=True).ok
+                assert {rv.id for rv in got.pulled} <= {a.resolve(ref).id for ref in REFS}
+        before = set(log.read_text().split())
+        again = subprocess.run([sys.executable, "-c", KILLED_PUSHER, str(a.root), url, str(log), "0", *REFS],
+                               env=env, capture_output=True, timeout=300)
+        assert again.returncode == 0, again.stderr.decode()[-2000:]
+        uploads = log.read_text().split()
+        assert len(uploads) == len(set(uploads)), f"killed at write {k}: an object was uploaded twice"
+        assert set(uploads) >= before
+        listed = Remote(url).versions()
+        assert sorted(rv.id for rv in listed) == sorted(a.resolve(ref).id for ref in REFS)
+        assert [rv.number for rv in listed if rv.stance == "playful"] == [1, 2]
+        with Store.init(tmp_path / f"after-{k}") as after:
+            assert len(pull(after, url).pulled) == len(REFS)
+            exports_equal(a, after, ["confident-expertise@2"], pair.base, tmp_path)
