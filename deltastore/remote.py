@@ -496,7 +496,8 @@ def _pull(store: Any, remote: Remote, staging: Path, stance: str | None, progres
     shutil.rmtree(staging, ignore_errors=True)
     pulled = tuple(rv for rv, _, v in todo if landed.get(v.id))
     here = tuple(rv for rv in chosen if rv not in pulled)
-    return PullResult(url, pulled, here, added, len(got), sum(got))
+    # A staged object (a pull that was killed) counts 0: it was not downloaded again.
+    return PullResult(url, pulled, here, added, sum(1 for n in got if n), sum(got))
 
 
 def _manifest(remote: Remote, rv: RemoteVersion) -> tuple[dict, Version]:

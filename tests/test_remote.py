@@ -368,3 +368,50 @@ def test_a_push_killed_at_ten_moments_then_pushed_again_leaves_the_remote_consis
         with Store.init(tmp_path / f"after-{k}") as after:
             assert len(pull(after, url).pulled) == len(REFS)
             exports_equal(a, after, ["confident-expertise@2"], pair.base, tmp_path)
+
+
+KILLED_PULLER = """
+import os, signal, sys, threading
+from deltastore import Store
+from deltastore import remote as r
+
+store_dir, url, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+lock, count = threading.Lock(), [0]
+download = r._download
+
+def counted(remote, staging, object_id, size):
+    got = download(remote, staging, object_id, size)
+    with lock:
+        count[0] += 1
+        if count[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return got
+
+r._download = counted
+r.TRANSFERS = 1
+with Store.open(store_dir) as store:
+    print(r.pull(store, url).objects_downloaded)
+"""
+
+
+def test_a_pull_killed_part_way_resumes_without_downloading_again(world, tmp_path):
+    pair, a = world
+    url = f"file://{tmp_path / 'team'}"
+    push(a, REFS, url)
+    with Store.init(tmp_path / "whole") as whole:
+        total = pull(whole, url).objects_downloaded
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    Store.init(tmp_path / "b").close()
+    store_dir = str(tmp_path / "b")
+    killed = subprocess.run([sys.executable, "-c", KILLED_PULLER, store_dir, url, "5"], env=env,
+                            capture_output=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    with Store.open(store_dir) as b:
+        assert b.log() == []  # nothing landed
+    again = subprocess.run([sys.executable, "-c", KILLED_PULLER, store_dir, url, "0"], env=env,
+                           capture_output=True, timeout=300)
+    assert again.returncode == 0, again.stderr.decode()[-2000:]
+    assert int(again.stdout.split()[-1]) == total - 5 > 0
+    with Store.open(store_dir) as b:
+        assert len(b.log()) == len(REFS) and b.fsck(read_data=True).ok
+        assert not list((b.root / "tmp").iterdir())
