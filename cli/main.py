@@ -540,10 +540,15 @@ def fsck(ctx: click.Context, read_data: bool, repair: bool, rebuild_catalog: boo
 @cli.command()
 @click.option("--dry-run", is_flag=True, help="Only print the plan: what it would free (--verbose: every object).")
 @click.option("-v", "--verbose", is_flag=True, help="With --dry-run: list every object and file it would remove.")
+@click.option("--remote", "remote", metavar="NAME", help="Collect a remote's garbage instead of the store's.")
+@click.option("--grace", "grace", type=click.FloatRange(min=0), default=24 * 3600.0, show_default=True,
+              metavar="SECONDS", help="With --remote: keep unreferenced objects younger than this (a push may be landing them).")
 @json_option
 @with_store
-def gc(store: Store, dry_run: bool, verbose: bool, as_json: bool) -> None:
+def gc(store: Store, dry_run: bool, verbose: bool, remote: str | None, grace: float, as_json: bool) -> None:
     """Remove objects that no version, journal or running commit references."""
+    if remote is not None:
+        return gc_remote(store, remote, grace, dry_run, as_json)
     plan = store.gc_plan()
     if dry_run:
         if as_json:
@@ -565,6 +570,26 @@ def gc(store: Store, dry_run: bool, verbose: bool, as_json: bool) -> None:
                           "skipped": result.skipped, "tmp_files": result.tmp_files_removed})
     echo(f"freed {size(result.bytes_freed)} in {len(result.removed)} objects"
          + (f" ({len(result.skipped)} kept: in use again)" if result.skipped else ""))
+
+
+def gc_remote(store: Store, remote: str, grace: float, dry_run: bool, as_json: bool) -> None:
+    from deltastore.remote import gc as run_gc, gc_plan, remote_url
+
+    plan = gc_plan(remote_url(store.root, remote), grace_seconds=grace)
+    if dry_run:
+        if as_json:
+            return emit_json({"dry_run": True, "remote": plan.url, "objects": list(plan.objects), "bytes": plan.bytes,
+                              "kept_young": plan.kept_young})
+        for oid, n in zip(plan.objects, plan.sizes):
+            click.echo(f"would remove {oid}  {size(n)}")
+        return click.echo(f"would free {size(plan.bytes)} in {len(plan.objects)} objects "
+                          f"({plan.kept_young} unreferenced objects younger than {grace:g} s kept)")
+    result = run_gc(plan)
+    if as_json:
+        return emit_json({"dry_run": False, "remote": plan.url, "objects": list(result.removed),
+                          "bytes": result.bytes_freed, "skipped": list(result.skipped), "kept_young": plan.kept_young})
+    click.echo(f"freed {size(result.bytes_freed)} in {len(result.removed)} objects of {plan.url}"
+               + (f" ({len(result.skipped)} kept: in use again)" if result.skipped else ""))
 
 
 @cli.command()

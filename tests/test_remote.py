@@ -25,7 +25,7 @@ from cli.main import cli
 from deltastore import Store
 from deltastore.errors import RemoteDataRejected
 from deltastore.hashing import bytes_id, canonical_json
-from deltastore.remote import Remote, clone, pull, push
+from deltastore.remote import GRACE_SECONDS, Remote, clone, gc, gc_plan, pull, push
 
 from helpers import file_bytes, finetune_, make_model, saved_state, write_folder
 
@@ -296,6 +296,8 @@ def test_remote_commands_push_pull_and_clone(world, tmp_path):
     run.invoke(cli, [*store, "push", "curious-uncertainty", "--remote", "team"])
     again = run.invoke(cli, ["--store", str(tmp_path / "b" / ".deltastore"), "pull", "origin"])
     assert again.exit_code == 0 and "pulled curious-uncertainty@1" in again.output
+    collected = run.invoke(cli, [*store, "gc", "--remote", "team", "--grace", "0"])
+    assert collected.exit_code == 0 and "freed 0 B in 0 objects" in collected.output
     assert run.invoke(cli, [*store, "remote", "remove", "team"]).exit_code == 0
     gone = run.invoke(cli, [*store, "push", "playful", "--remote", "team"])
     assert gone.exit_code == 1 and "no remote named 'team'" in gone.output
@@ -415,3 +417,50 @@ def test_a_pull_killed_part_way_resumes_without_downloading_again(world, tmp_pat
     with Store.open(store_dir) as b:
         assert len(b.log()) == len(REFS) and b.fsck(read_data=True).ok
         assert not list((b.root / "tmp").iterdir())
+
+
+# -- gc of a remote ---------------------------------------------------------------------------------
+
+
+def test_gc_of_a_remote_removes_what_a_killed_push_left_and_nothing_else(world, remote_url, tmp_path):
+    pair, a = world
+    push(a, ["curious-uncertainty@1"], remote_url)
+    remote = Remote(remote_url)
+    # A push that died after its uploads: objects no ref reaches.
+    orphans = {o.id for e in a.resolve("playful@1").tensors for o in e.objects.values()} - remote.object_ids()
+    for oid in orphans:
+        remote.put(remote.object_path(oid), a.objects.path(oid).read_bytes())
+    assert not gc_plan(remote_url).objects  # younger than the grace period
+    plan = gc_plan(remote_url, grace_seconds=0)
+    assert set(plan.objects) == orphans
+    assert set(gc(plan).removed) == orphans
+    with Store.init(tmp_path / "b") as b:
+        assert [rv.ref for rv in pull(b, remote_url).pulled] == ["curious-uncertainty@1"]
+        exports_equal(a, b, ["curious-uncertainty@1"], pair.base, tmp_path)
+
+
+@pytest.mark.parametrize("grace", [GRACE_SECONDS, 0])
+def test_gc_of_a_remote_during_a_push_loses_nothing(world, tmp_path, monkeypatch, grace):
+    """gc runs (plan, then execute) after the push uploaded its objects and before it made its
+    refs: the moment a gc could lose a push's objects. With the grace period they are kept;
+    with none, they are removed and the push puts them back before it returns."""
+    import deltastore.remote as remote_module
+
+    pair, a = world
+    url = f"file://{tmp_path / 'team'}"
+    push(a, ["playful@1"], url)
+    take = remote_module._take_number
+    ran = []
+
+    def gc_first(remote, v, taken):
+        if not ran:
+            ran.append(gc(gc_plan(url, grace_seconds=grace)))
+        return take(remote, v, taken)
+
+    monkeypatch.setattr(remote_module, "_take_number", gc_first)
+    push(a, REFS, url)
+    assert ran and (bool(ran[0].removed) == (grace == 0))
+    with Store.init(tmp_path / "b") as b:
+        assert len(pull(b, url).pulled) == len(REFS)
+        assert b.fsck(read_data=True).ok
+        exports_equal(a, b, ["confident-expertise@1"], pair.base, tmp_path)
