@@ -573,7 +573,8 @@ def gc(store: Store, dry_run: bool, verbose: bool, remote: str | None, grace: fl
 
 
 def gc_remote(store: Store, remote: str, grace: float, dry_run: bool, as_json: bool) -> None:
-    from deltastore.remote import gc as run_gc, gc_plan, remote_url
+    from deltastore.remote import remote_url
+    from deltastore.remotegc import gc as run_gc, gc_plan
 
     plan = gc_plan(remote_url(store.root, remote), grace_seconds=grace)
     if dry_run:

@@ -26,7 +26,8 @@ from cli.main import cli
 from deltastore import Store
 from deltastore.errors import RemoteDataRejected
 from deltastore.hashing import bytes_id, canonical_json
-from deltastore.remote import GRACE_SECONDS, Remote, clone, gc, gc_plan, pull, push
+from deltastore.remote import Remote, clone, pull, push
+from deltastore.remotegc import GRACE_SECONDS, gc, gc_plan
 
 from helpers import file_bytes, finetune_, make_model, saved_state, write_folder
 
