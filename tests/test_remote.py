@@ -467,3 +467,17 @@ def test_gc_of_a_remote_during_a_push_loses_nothing(world, tmp_path, monkeypatch
         assert len(pull(b, url).pulled) == len(REFS)
         assert b.fsck(read_data=True).ok
         exports_equal(a, b, ["confident-expertise@1"], pair.base, tmp_path)
+
+
+def test_a_clone_that_is_refused_leaves_no_folder(world, tmp_path):
+    _, a = world
+    url = f"file://{tmp_path / 'team'}"
+    push(a, ["playful@1"], url)
+    _ref_to_a_missing_manifest(Remote(url), a)
+    result = CliRunner().invoke(cli, ["clone", url, str(tmp_path / "b")])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert "missing (a ref names it)" in result.output
+    assert not (tmp_path / "b").exists()
+    not_a_remote = CliRunner().invoke(cli, ["clone", f"file://{tmp_path / 'nothing'}", str(tmp_path / "c")])
+    assert not_a_remote.exit_code == 1 and "is not a deltastore remote" in not_a_remote.output
+    assert not (tmp_path / "c").exists()
