@@ -34,6 +34,7 @@ from .errors import (CorruptObject, DeltastoreError, RemoteDataRejected, RemoteE
                      UnsafeInput, VersionConflict)
 from .hashing import ALGORITHM, base_id as compute_base_id, bytes_id, canonical_json, is_id
 from .limits import load_json
+from .names import check_base_name, check_stance_name
 from .objects import HEADER, ObjectStore
 from .records import MAX_MANIFEST_BYTES, Version, check_manifest, parse_manifest
 
@@ -320,9 +321,19 @@ def _write_synced(path: str, data: bytes) -> None:
 
 
 def _is_stance(name: str) -> bool:
-    from .store import STANCE_NAME
+    try:
+        check_stance_name(name)
+    except UnsafeInput:
+        return False
+    return ".." not in name
 
-    return bool(STANCE_NAME.match(name)) and ".." not in name
+
+def _is_base_name(name: str) -> bool:
+    try:
+        check_base_name(name)
+    except UnsafeInput:
+        return False
+    return True
 
 
 def _errors(url: str) -> Any:
@@ -545,7 +556,7 @@ def _bases(store: Any, remote: Remote, wanted: Iterable[str]) -> list[tuple[dict
         ref = load_json(raw, name, max_bytes=MAX_REF_BYTES, error=remote.bad(name))
         ok = (isinstance(ref, dict) and set(ref) == {"id", "record", "name", "hub_id"} and ref["id"] == bid
               and isinstance(ref["record"], str) and is_id(ref["record"])
-              and (ref["name"] is None or (isinstance(ref["name"], str) and _is_stance(ref["name"])))
+              and (ref["name"] is None or (isinstance(ref["name"], str) and _is_base_name(ref["name"])))
               and (ref["hub_id"] is None or (isinstance(ref["hub_id"], str) and len(ref["hub_id"]) <= 256)))
         if not ok:
             raise RemoteDataRejected(remote.url, name, "not a base ref of this base")
