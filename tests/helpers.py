@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -354,6 +355,19 @@ class ForkDriver:
         """Start a job, SIGKILL it after `delay` seconds; whether the kill found it running."""
         pid = self.start(**job)
         time.sleep(delay)
+        os.kill(pid, signal.SIGKILL)
+        status = self.status()
+        assert os.WIFSIGNALED(status) or os.WEXITSTATUS(status) == 0, f"the job failed: status {status}"
+        return os.WIFSIGNALED(status)
+
+    def kill_when(self, ready: Callable[[], bool], timeout: float, **job) -> bool:
+        """Start a job, SIGKILL it as soon as `ready()` holds (polled every half millisecond) or
+        after `timeout` seconds; whether the kill found it running. Kills tied to what the job
+        has done, rather than to a delay, land in the same phase however loaded the machine is."""
+        pid = self.start(**job)
+        deadline = time.monotonic() + timeout
+        while not ready() and time.monotonic() < deadline:
+            time.sleep(0.0005)
         os.kill(pid, signal.SIGKILL)
         status = self.status()
         assert os.WIFSIGNALED(status) or os.WEXITSTATUS(status) == 0, f"the job failed: status {status}"

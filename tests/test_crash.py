@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,10 @@ def fine_tune(tmp: Path, pair, seed: int) -> tuple[Path, dict[str, torch.Tensor]
     return write_folder(tmp / "models" / f"ft-{seed}", state), state
 
 
+def object_files(root: Path) -> list[Path]:
+    return list((root / "objects").glob("*/*"))
+
+
 def check_store(root: Path, tmp: Path, expected: dict[str, dict[str, torch.Tensor]], stance: str) -> list:
     """fsck finds no error; the stance's versions are numbered 1..N, each one of the expected
     models, and each exports bit for bit."""
@@ -84,12 +89,11 @@ def test_a_commit_killed_at_any_moment_leaves_a_clean_store(setup) -> None:
     killed, landed = 0, 0
     leftovers: set[str] = set()  # what the killed commits left, seen right after each kill
 
-    def kill_one(k: int, delay: float) -> None:
+    def kill_one(k: int, kill) -> None:
         nonlocal killed, landed
         model, expected[f"m{k}"] = fine_tune(tmp, pair, k + 1)
         before = len(check_store(root, tmp, expected, "s"))
-        killed += driver.kill_after(delay, do="commit", store=str(root), stance="s", model=str(model),
-                                    base=base, message=f"m{k}")
+        killed += kill(do="commit", store=str(root), stance="s", model=str(model), base=base, message=f"m{k}")
         after = check_store(root, tmp, expected, "s")
         assert len(after) in (before, before + 1)  # the version landed whole, or not at all
         landed += len(after) - before
@@ -97,15 +101,16 @@ def test_a_commit_killed_at_any_moment_leaves_a_clean_store(setup) -> None:
             leftovers.update(store.fsck().kinds())
 
     for k in range(KILLS):
-        kill_one(k, duration * (k + 0.5) / KILLS)
+        kill_one(k, partial(driver.kill_after, duration * (k + 0.5) / KILLS))
     assert killed >= KILLS // 2, f"only {killed} of {KILLS} kills found the commit running"
-    # On a loaded machine a commit's phases stretch unevenly, so the spread above may miss the
-    # moments when objects are being written; a few more kills in the second half of a commit
-    # find them (every kill is checked as above either way).
-    for k in range(KILLS, 2 * KILLS):
-        if leftovers & {"unreferenced-object", "tmp-file", "stale-pending"}:
-            break
-        kill_one(k, duration * (0.35 + 0.6 * (k - KILLS) / KILLS))
+    # A loaded machine stretches a commit's phases unevenly, so the spread above may miss the
+    # moments when objects are being written. These kills wait for the commit's first new
+    # object, and for a third of them, so they land mid-way through its object writes whatever
+    # the load (every kill is checked as above either way).
+    tensors = len(pair.base_state)
+    for k, written in enumerate((1, tensors // 3), start=KILLS):
+        count = len(object_files(root))
+        kill_one(k, partial(driver.kill_when, lambda: len(object_files(root)) >= count + written, 30 * duration))
 
     # What the killed commits left is harmless, and repair plus gc clear it.
     with Store.open(root) as store:
