@@ -1,0 +1,176 @@
+"""Commands that measure a fine-tune: compare (what each way of storing it costs and keeps)
+and analyze (where it changed the model)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from deltastore import Store
+
+from .options import finite, json_option, lower_case, number_list, with_store
+from .output import echo, emit_json, progress, size, table, to_jsonable
+
+
+def _kl(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "0" if value == 0 else f"{value:.3g}"
+
+
+@click.command("compare")
+@click.argument("base", type=click.Path(exists=True))
+@click.argument("model", type=click.Path(exists=True))
+@click.option("--encodings", "encodings_text", default="lossless,int8,int4,nf4,fp4,1bit", show_default=True,
+              callback=lower_case,
+              help="Delta encodings to compare, comma-separated (lowrank:R too).")
+@click.option("--ranks", "ranks_text", default="8,32", show_default=True,
+              help="LoRA ranks to compare, comma-separated ('' for none).")
+@click.option("--full", "full_text", default="int4,nf4", show_default=True, callback=lower_case,
+              help="Encodings of the whole model quantised, comma-separated ('' for none).")
+@click.option("--select", "selects", multiple=True, metavar="SPEC",
+              help="A selection to compare (repeatable): KEY=VALUE pairs joined by ';', keys include, exclude, "
+                   "top_k, min_rel_change, energy, encoding; e.g. 'include=layers\\.15\\.self_attn\\.v_proj' "
+                   "or 'top_k=2;encoding=int4'.")
+@click.option("--prompts", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Measure fidelity on these prompts (one per line); BASE must be a Hugging Face model folder.")
+@click.option("--chat", is_flag=True, help="Each prompt is a user message, put through the model's chat template.")
+@click.option("--tokenizer", type=click.Path(exists=True), metavar="PATH_OR_FOLDER",
+              help="The tokenizer for --prompts (a tokenizer.json or a folder holding one), where the base "
+                   "folder has none.")
+@click.option("--group-size", type=int, help="Group size of int8/int4 (default 64).")
+@click.option("--lora-dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
+              help="The dtype of the LoRA factors.")
+@click.option("--plot", type=click.Path(dir_okay=False), metavar="PNG", help="Draw size against KL (needs --prompts).")
+@json_option
+def compare_command(base: str, model: str, encodings_text: str, ranks_text: str, full_text: str,
+                    selects: tuple[str, ...], prompts: str | None, chat: bool, tokenizer: str | None,
+                    group_size: int | None,
+                    lora_dtype: str,
+                    plot: str | None, as_json: bool) -> None:
+    """What each way of storing fine-tune MODEL of BASE costs, and how much of it each keeps.
+
+    One row per way: the base itself (nothing kept), the full copy (raw and zstd), the full
+    model quantised, every delta encoding, a LoRA of each rank (R*(m+n) per changed matrix, and
+    the mean share of each delta's energy rank R holds) and each --select. Bytes are what the
+    store would write. With --prompts, each row's fidelity: the mean KL(fine-tuned || stored) of
+    the next-token distributions and the top-1 agreement. Nothing is written to a store."""
+    from deltastore.compare import compare as run_compare, plot as draw
+
+    if plot and not prompts:
+        raise click.UsageError("--plot draws KL against size: give --prompts FILE too")
+    options = {"group_size": group_size} if group_size is not None else {}
+    with progress("comparing", enabled=not as_json) as cb:
+        c = run_compare(base, model, encodings=number_list(encodings_text, "--encodings"),
+                        ranks=number_list(ranks_text, "--ranks", int), full=number_list(full_text, "--full"),
+                        selections=selects, prompts=prompts, chat=chat, tokenizer=tokenizer, lora_dtype=lora_dtype,
+                        encoding_options=options, progress=cb)
+    if plot:
+        draw(c, plot)
+    if as_json:
+        return emit_json(finite({**to_jsonable(c), "plot": plot}))
+    what = (f"fidelity over {c.prompts} prompts ({c.positions} positions)" if c.fidelity_skipped is None
+            else f"no fidelity: {c.fidelity_skipped}")
+    echo(f"{c.changed} of {c.tensors} tensors changed; full copy {size(c.full_bytes)} ({c.dtype}); {what}")
+    table([[r.label, size(r.bytes), f"{r.fraction:.4f}" if r.bytes else "0", r.tensors,
+            "-" if r.energy is None else f"{r.energy:.3f}", _kl(r.kl),
+            "-" if r.top1 is None else f"{r.top1:.1%}", r.note] for r in c.rows],
+          ["stored as", "bytes", "of full", "tensors", "energy", "KL", "top-1", "note"])
+    if plot:
+        echo(f"wrote {plot}")
+
+
+@click.command()
+@click.argument("refs", nargs=-1, required=True, metavar="REF...")
+@click.option("--plot", type=click.Path(dir_okay=False), metavar="PNG",
+              help="A heatmap: layers down, module kinds across, one panel per ref, one colour scale.")
+@click.option("--value", type=click.Choice(["rel_change", "energy", "energy_share", "rank90", "rank99"]),
+              default="rel_change", show_default=True, help="What the heatmap shows.")
+@click.option("--all", "show_all", is_flag=True, help="List unchanged (layer, module) cells too.")
+@click.option("--spectrum", metavar="NAME",
+              help="Instead: the singular values of one tensor in the base, in each ref and of each delta "
+                   "(--plot draws them).")
+@click.option("--alpha", "with_alpha", is_flag=True,
+              help="Add WeightWatcher's power-law alpha of each row's matrix in the base and in the "
+                   "fine-tune, and its shift (alpha_ft - alpha_base) / alpha_base (needs "
+                   "pip install 'deltastore[alpha]'; one fit takes about 0.06 s for a 576x576 matrix, "
+                   "3 s for 8192x2048, on two CPU cores).")
+@click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
+@json_option
+@with_store(readonly=True)
+def analyze(store: Store, refs: tuple[str, ...], plot: str | None, value: str, show_all: bool,
+            spectrum: str | None, with_alpha: bool, base_path: str | None, as_json: bool) -> None:
+    """Which layers and modules each version changed, and how: per layer and module kind, the
+    relative change ||dW||/||W||, the share of the squared delta, the effective rank (the rank
+    holding 90% and 99% of the delta's energy) and the top singular values. dW is what apply
+    produces minus the base, so versions of any encoding compare. --alpha adds WeightWatcher's
+    power-law alpha of the weights before and after (the mean over a row's matrices; "-" where
+    it fits none: vectors, and matrices outside its default size limits)."""
+    from deltastore.compare import analyze as run_analyze, analyze_plot
+
+    if with_alpha and spectrum:
+        raise click.UsageError("--alpha adds columns to the analysis table; --spectrum shows one tensor instead")
+    if spectrum:
+        from deltastore.compare import spectra, spectrum_plot
+
+        found = spectra(store, list(refs), spectrum, base_weights=base_path)
+        if plot:
+            spectrum_plot(found, plot)
+        if as_json:
+            return emit_json({"spectra": to_jsonable(found), "plot": plot})
+        echo(f"singular values of {spectrum} (largest 5)")
+        table([["base", *(f"{x:.4g}" for x in found[0].base[:5])]]
+              + [[f"{s.ref}", *(f"{x:.4g}" for x in s.tuned[:5])] for s in found]
+              + [[f"{s.ref} delta", *(f"{x:.4g}" for x in s.delta[:5])] for s in found],
+              ["", "1", "2", "3", "4", "5"])
+        return echo(f"wrote {plot}") if plot else None
+    with progress("analyzing", enabled=not as_json) as cb:
+        results = run_analyze(store, list(refs), base_weights=base_path, alpha=with_alpha, progress=cb)
+    if plot:
+        analyze_plot(results, plot, value=value)
+    if as_json:
+        return emit_json(finite({"refs": [_analysis_json(a) for a in results], "plot": plot}))
+    for k, a in enumerate(results):
+        if k:
+            echo()
+        rows = [r for r in a.rows if show_all or r.energy > 0 or r.rel_change != 0]
+        echo(f"{a.ref} ({a.encoding}, {a.tensors} tensors stored): {len(rows)} of {len(a.rows)} "
+             f"(layer, module) cells {'listed' if show_all else 'changed'}")
+        alpha_headers = ["alpha base", "alpha ft", "alpha shift"] if a.row_alphas is not None else []
+        table([["-" if r.layer is None else r.layer, r.module, r.tensors, f"{r.rel_change:.3g}",
+                *_alpha_cells(a, r), f"{r.energy_share:.1%}", r.rank90, r.rank99,
+                " ".join(f"{x:.3g}" for x in r.singular_values[:3]) or "-"] for r in rows],
+              ["layer", "module", "tensors", "rel change", *alpha_headers, "energy", "rank90", "rank99",
+               "top singular values"])
+    if plot:
+        echo(f"wrote {plot}")
+
+
+def _alpha_cells(a: Any, row: Any) -> list[str]:
+    """Alpha base, alpha ft and the shift of one analyze row ("-" where WeightWatcher fits
+    none), or nothing without --alpha, so that the table is as it was."""
+    if a.row_alphas is None:
+        return []
+    found = a.row_alphas.get((row.layer, row.module))
+    if found is None:
+        return ["-", "-", "-"]
+    return [_alpha(found.alpha_base), _alpha(found.alpha_ft),
+            "-" if found.alpha_shift is None else f"{100 * found.alpha_shift:+.3g}%"]  # -36.6%, +0.0121%
+
+
+def _alpha(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def _analysis_json(a: Any) -> dict[str, Any]:
+    """One ref of analyze --json; with --alpha, each row gets alpha_base, alpha_ft and
+    alpha_shift, and "alpha" gives them per tensor."""
+    rows = to_jsonable(list(a.rows))
+    out = {"ref": a.ref, "id": a.version_id, "encoding": a.encoding, "tensors_stored": a.tensors, "rows": rows}
+    if a.row_alphas is not None:
+        for row in rows:
+            found = a.row_alphas.get((row["layer"], row["module"]))
+            row.update(to_jsonable(found) if found else {"alpha_base": None, "alpha_ft": None, "alpha_shift": None})
+        out["alpha"] = to_jsonable(dict(a.alphas))
+    return out

@@ -1,0 +1,99 @@
+"""Options and arguments several commands share, and the store a command opens."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from deltastore import Store
+from deltastore.store import find_store
+
+
+def json_option(f: Callable) -> Callable:
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON value on stdout.")(f)
+
+
+def with_store(f: Callable | None = None, *, readonly: bool | None = None) -> Callable:
+    """Open the store the group's --store (or $DELTASTORE_DIR, or the nearest .deltastore/) names.
+    `readonly=True` for commands that only read: their catalog is opened read-only, so they work
+    on a full disk too."""
+    def decorate(f: Callable) -> Callable:
+        @functools.wraps(f)
+        @click.pass_context
+        def wrapper(ctx: click.Context, *args: Any, **kwargs: Any) -> Any:
+            store = Store.open(store_path(ctx), readonly=readonly)
+            ctx.call_on_close(store.close)
+            return f(store, *args, **kwargs)
+        return wrapper
+    return decorate(f) if f is not None else decorate
+
+
+def store_path(ctx: click.Context) -> Path:
+    path = ctx.find_root().params.get("store")
+    return Path(path) if path else find_store()
+
+
+ENCODINGS = "lossless, int8, int4, nf4, fp4, 1bit, lowrank:R"
+
+
+def lower_case(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Encoding names in any case (`INT4` as `int4`): the manifest keeps the lower-case spec."""
+    if isinstance(value, str):
+        return value.lower()
+    if isinstance(value, tuple):  # REGEX=ENCODING: the regex keeps its case
+        return tuple(f"{v.rpartition('=')[0]}={v.rpartition('=')[2].lower()}" if "=" in v else v for v in value)
+    return value
+
+
+def only_base(store: Store, base_ref: str | None) -> str:
+    """--base as given, or the store's one base when it holds exactly one."""
+    if base_ref is not None:
+        return base_ref
+    bases = store.bases()
+    if len(bases) == 1:
+        return bases[0].id
+    if not bases:
+        raise click.UsageError("--base is needed: the store holds no base yet; give --base MODEL_PATH "
+                               "(a model folder or .safetensors file)")
+    names = ", ".join(b.name or b.id[:19] for b in bases[:5]) + (" ..." if len(bases) > 5 else "")
+    raise click.UsageError(f"--base is needed: the store holds {len(bases)} bases ({names})")
+
+
+def parse_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
+    out = {}
+    for v in values:
+        key, eq, value = v.partition("=")
+        if not eq or not key:
+            raise click.BadParameter(f"{v!r} is not KEY=VALUE", param_hint=option)
+        out[key] = value
+    return out
+
+
+def hub_options(f: Callable) -> Callable:
+    """--token and --endpoint, which default to what huggingface_hub reads (HF_TOKEN or the saved
+    login, HF_ENDPOINT), as huggingface-cli does."""
+    f = click.option("--endpoint", metavar="URL", help="The Hub's URL (default: $HF_ENDPOINT, else huggingface.co).")(f)
+    return click.option("--token", metavar="TOKEN", help="A Hub access token (default: $HF_TOKEN, else the saved login).")(f)
+
+
+def number_list(text: str, option: str, kind: type = str) -> list:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        return [kind(t) for t in items]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of {kind.__name__}s",
+                                 param_hint=option) from None
+
+
+def finite(value: Any) -> Any:
+    """JSON has no inf or nan: those become null."""
+    if isinstance(value, float) and not (value == value and abs(value) != float("inf")):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value

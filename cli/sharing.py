@@ -1,0 +1,303 @@
+"""Commands that move versions between stores and formats: push, pull, remote, clone,
+export-lora, import-lora."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from deltastore import Store
+
+from .options import ENCODINGS, finite, hub_options, json_option, lower_case, only_base, parse_pairs, with_store
+from .output import echo, emit_json, progress, size, to_jsonable
+
+
+def hub_version_json(hv: Any) -> dict:
+    return {"ref": hv.ref, "stance": hv.stance, "number": hv.number, "id": hv.id, "revision": hv.tag}
+
+
+@click.command()
+@click.argument("refs", nargs=-1, required=True, metavar="REF...")
+@click.option("--repo", "repo_id", metavar="ID", help="The Hub repo, USER/NAME (created if missing).")
+@click.option("--remote", "remote", metavar="NAME", help="A remote (`remote add`) or a URL, instead of the Hub.")
+@click.option("--revision", metavar="BRANCH", help="The branch to push to (default: main; created if missing).")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@hub_options
+@json_option
+@with_store(readonly=True)
+def push(store: Store, refs: tuple[str, ...], repo_id: str | None, remote: str | None, revision: str | None,
+         private: bool, token: str | None, endpoint: str | None, as_json: bool) -> None:
+    """Upload versions to a Hub repo (one commit, and a tag STANCE-vN per version) or to a remote
+    (each version takes its stance's next number there). Versions already there are not uploaded
+    again."""
+    if (repo_id is None) == (remote is None):
+        raise click.UsageError("give one of --repo ID (the Hub) and --remote NAME")
+    if remote is not None:
+        return push_to_remote(store, refs, remote, as_json)
+    from deltastore.hub import push as hub_push
+
+    r = hub_push(store, list(refs), repo_id, revision=revision, private=private, token=token, endpoint=endpoint,
+                 progress=not as_json and sys.stderr.isatty())
+    if as_json:
+        return emit_json({"repo": r.repo_id, "revision": r.revision, "url": r.url, "commit": r.commit,
+                          "pushed": [hub_version_json(hv) for hv in r.pushed],
+                          "already_there": [hub_version_json(hv) for hv in r.already_there],
+                          "tags_created": list(r.tags_created), "bytes_uploaded": r.bytes_uploaded})
+    for hv in r.pushed:
+        echo(f"pushed {hv.ref} {hv.id[:15]} as revision {hv.tag}")
+    for hv in r.already_there:
+        echo(f"{hv.ref} is already in {r.repo_id}")
+    echo(f"{r.url} ({'commit ' + r.commit[:12] + ', ' + size(r.bytes_uploaded) if r.commit else 'no new commit'})")
+
+
+@click.command()
+@click.argument("repo_id", metavar="ID", required=False)
+@click.option("--remote", "remote", metavar="NAME", help="A remote (`remote add`) or a URL, instead of the Hub.")
+@click.option("--revision", metavar="REV", help="A branch, a commit, or a version's tag STANCE-vN (then only that version).")
+@click.option("--stance", help="Pull only this stance.")
+@click.option("--into", metavar="NAME",
+              help="Store the pulled stance's versions under the local stance NAME (they keep their ids and numbers).")
+@click.option("--force-download", is_flag=True,
+              help="Fetch every file from the Hub again instead of reading the local Hugging Face cache.")
+@hub_options
+@json_option
+@with_store
+def pull(store: Store, repo_id: str | None, remote: str | None, revision: str | None, stance: str | None,
+         into: str | None, force_download: bool, token: str | None, endpoint: str | None, as_json: bool) -> None:
+    """Download versions from a Hub repo (ID), or from a remote (ID the name of one, or --remote),
+    into the store, verified: nothing is stored unless every name, size and hash checks out and
+    every version's base is a base of this store (a remote brings its bases along). A local
+    stance holding versions the repo's stance lacks is never added to: pull that stance
+    --into another name."""
+    from deltastore.remote import remotes
+
+    if remote is None and repo_id is not None and repo_id in remotes(store.root):
+        remote, repo_id = repo_id, None
+    if (repo_id is None) == (remote is None):
+        raise click.UsageError("give one of ID (a Hub repo, or a remote's name) and --remote NAME")
+    if remote is not None:
+        if into is not None or force_download or revision is not None:
+            raise click.UsageError("--into, --revision and --force-download are for a Hub repo, not a remote")
+        return pull_from_remote(store, remote, stance, as_json)
+    from deltastore.hub import pull as hub_pull
+
+    r = hub_pull(store, repo_id, revision=revision, stance=stance, into=into, token=token, endpoint=endpoint,
+                 force_download=force_download, progress=not as_json and sys.stderr.isatty())
+    if as_json:
+        return emit_json({"repo": r.repo_id, "revision": r.revision, "commit": r.commit,
+                          "pulled": [hub_version_json(hv) for hv in r.pulled],
+                          "already_here": [hub_version_json(hv) for hv in r.already_here],
+                          "bytes_downloaded": r.bytes_downloaded})
+    for hv in r.pulled:
+        echo(f"pulled {hv.ref} {hv.id[:15]}")
+    for hv in r.already_here:
+        echo(f"{hv.ref} was already here")
+    echo(f"{len(r.pulled)} new versions from {r.repo_id} at {r.commit[:12]}")
+
+
+# -- remotes: object storage and shared folders (deltastore/remote.py) --------------------------
+
+
+def remote_version_json(rv: Any) -> dict:
+    return {"ref": rv.ref, "stance": rv.stance, "number": rv.number, "id": rv.id}
+
+
+def push_to_remote(store: Store, refs: tuple[str, ...], remote: str, as_json: bool) -> None:
+    from deltastore.remote import push as remote_push, remote_url
+
+    url = remote_url(store.root, remote)
+    with progress("uploading", enabled=not as_json) as cb:
+        r = remote_push(store, list(refs), url, progress=cb)
+    if as_json:
+        return emit_json({"remote": r.url, "pushed": [remote_version_json(rv) for rv in r.pushed],
+                          "already_there": [remote_version_json(rv) for rv in r.already_there],
+                          "objects_uploaded": r.objects_uploaded, "bytes_uploaded": r.bytes_uploaded})
+    for rv in r.pushed:
+        click.echo(f"pushed {rv.ref} {rv.id[:15]}")
+    for rv in r.already_there:
+        click.echo(f"{rv.ref} {rv.id[:15]} is already there")
+    click.echo(f"{r.url}: {r.objects_uploaded} objects, {size(r.bytes_uploaded)} uploaded")
+
+
+def pull_from_remote(store: Store, remote: str, stance: str | None, as_json: bool) -> None:
+    from deltastore.remote import pull as remote_pull, remote_url
+
+    url = remote_url(store.root, remote)
+    with progress("downloading", enabled=not as_json) as cb:
+        r = remote_pull(store, url, stance=stance, progress=cb)
+    render_pull(r, as_json)
+
+
+def render_pull(r: Any, as_json: bool) -> None:
+    if as_json:
+        return emit_json({"remote": r.url, "pulled": [remote_version_json(rv) for rv in r.pulled],
+                          "already_here": [remote_version_json(rv) for rv in r.already_here],
+                          "bases_added": list(r.bases_added), "objects_downloaded": r.objects_downloaded,
+                          "bytes_downloaded": r.bytes_downloaded})
+    for rv in r.pulled:
+        click.echo(f"pulled {rv.ref} {rv.id[:15]}")
+    click.echo(f"{len(r.pulled)} new versions from {r.url} ({r.objects_downloaded} objects, "
+               f"{size(r.bytes_downloaded)} downloaded)")
+
+
+@click.group()
+def remote() -> None:
+    """Remotes: object storage (s3://, gs://, az://) or a shared folder (file://) to push to and
+    pull from. Credentials come from each backend's usual places and are never stored."""
+
+
+@remote.command("add")
+@click.argument("name")
+@click.argument("url")
+@with_store
+def remote_add(store: Store, name: str, url: str) -> None:
+    """Remember URL as remote NAME."""
+    from deltastore.remote import add_remote
+
+    add_remote(store.root, name, url)
+    click.echo(f"remote {name}: {url}")
+
+
+@remote.command("list")
+@json_option
+@with_store(readonly=True)
+def remote_list(store: Store, as_json: bool) -> None:
+    """The store's remotes."""
+    from deltastore.remote import remotes
+
+    known = remotes(store.root)
+    if as_json:
+        return emit_json([{"name": n, "url": u} for n, u in known.items()])
+    for name, url in known.items():
+        click.echo(f"{name}\t{url}")
+
+
+@remote.command("remove")
+@click.argument("name")
+@with_store
+def remote_remove(store: Store, name: str) -> None:
+    """Forget remote NAME (the remote itself is not touched)."""
+    from deltastore.remote import remove_remote
+
+    click.echo(f"removed remote {name} ({remove_remote(store.root, name)})")
+
+
+@click.command()
+@click.argument("url")
+@click.argument("directory", type=click.Path(file_okay=False))
+@json_option
+def clone(url: str, directory: str, as_json: bool) -> None:
+    """A new store in DIRECTORY/.deltastore holding every version of the remote at URL (kept as
+    its remote `origin`), verified as a pull is."""
+    from deltastore.remote import clone as remote_clone
+
+    with progress("downloading", enabled=not as_json) as cb:
+        store, r = remote_clone(url, directory, progress=cb)
+    store.close()
+
+
+@click.command("export-lora")
+@click.argument("ref")
+@click.option("--rank", type=int, help="The rank of every pair (at most each matrix's smaller side).")
+@click.option("--energy", type=float,
+              help="Per matrix, the smallest rank holding this fraction of its delta's energy (rank_pattern); "
+                   "capped by --rank.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32", "q8_0"]), default="bf16", show_default=True,
+              help="The dtype of the factors (q8_0: GGUF only).")
+@click.option("--format", "fmt", type=click.Choice(["peft", "gguf"]), default="peft", show_default=True,
+              help="peft: an adapter folder; gguf: one GGUF LoRA file for llama.cpp and Ollama (Llama, Qwen2, GPT-2).")
+@click.option("--out", required=True, type=click.Path(), help="A new folder (--format gguf: a new .gguf file).")
+@click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
+@click.option("--exact", is_flag=True,
+              help="Factor each delta by its exact truncated SVD instead of a randomized one (slower; "
+                   "--energy always does).")
+@json_option
+@with_store(readonly=True)
+def export_lora(store: Store, ref: str, rank: int | None, energy: float | None, dtype: str, fmt: str, out: str,
+                base_path: str | None, exact: bool, as_json: bool) -> None:
+    """Write a version as a PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors)
+    that peft.PeftModel.from_pretrained loads: each changed 2-D weight of a Linear or Embedding
+    module becomes lora_A/lora_B from a randomized SVD of its delta (--exact: the truncated SVD;
+    lora_alpha = r, so the scaling is 1); changed norms go to modules_to_save, changed biases of
+    those modules with bias="lora_only". Anything else is listed as dropped. The energy shown is
+    measured on the pairs written, as compare's energy column: the mean over the pairs of the
+    share of each delta's energy (squared Frobenius norm) its pair holds. With --format gguf, a
+    GGUF LoRA file as llama.cpp's convert_lora_to_gguf.py writes one: pairs for Linear and Conv1D
+    weights only; changed embeddings, norms and biases are listed as dropped, with their share of
+    the delta."""
+    from deltastore.lora import export_lora as run_export
+
+    if rank is None and energy is None:
+        raise click.UsageError("give --rank R, --energy F, or both")
+    if fmt == "gguf":
+        from deltastore.gguf_lora import export_gguf_lora
+
+        gguf_dtype = {"bf16": "bf16", "fp16": "f16", "fp32": "f32", "q8_0": "q8_0"}[dtype]
+        with progress("factoring", enabled=not as_json) as cb:
+            g = export_gguf_lora(store, ref, out, rank=rank, energy=energy, dtype=gguf_dtype,
+                                 base_weights=base_path, progress=cb)
+        if as_json:
+            return emit_json(finite(to_jsonable(g)))
+        echo(f"wrote {g.out}: {len(g.ranks)} LoRA pairs for {g.architecture}, rank at most {g.rank} ({g.dtype}); "
+             f"{size(g.bytes)}; the pairs hold {g.energy_kept:.1%} of their deltas' energy")
+        if g.warning:
+            echo(f"warning: {g.warning}", err=True)
+        return None
+    with progress("factoring", enabled=not as_json) as cb:
+        e = run_export(store, ref, out, rank=rank, energy=energy, dtype=dtype, base_weights=base_path,
+                       exact=exact, progress=cb)
+    if as_json:
+        return emit_json(finite(to_jsonable(e)))
+    ranks = sorted(set(e.ranks.values()))
+    shown = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]} to {ranks[-1]}"
+    echo(f"wrote {e.out}: {len(e.targets)} LoRA pairs at {shown} ({e.dtype}), {len(e.saved)} tensors "
+         f"whole; {size(e.bytes)}")
+    echo(f"energy held ({'exact' if e.exact else 'randomized'} SVD, measured): {e.energy_kept:.3f} per "
+         f"delta on average (as compare's energy column), {e.energy_kept_total:.3f} of all the deltas' "
+         "energy together")
+    if e.warning:
+        echo(f"warning: {e.warning}", err=True)
+
+
+@click.command("import-lora")
+@click.argument("stance")
+@click.argument("adapter", type=click.Path(file_okay=False))
+@click.option("--base", "base_ref",
+              help="The base the adapter was trained on: name, id prefix or path (default: the store's only base).")
+@click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
+@click.option("--encoding", callback=lower_case, metavar="ENCODING",
+              help=f"How to store the result: {ENCODINGS} (any case); default lowrank:R, R the adapter's rank, "
+                   "in its dtype.")
+@click.option("-m", "--message", default="", help="What this version is.")
+@click.option("--meta", multiple=True, metavar="KEY=VALUE", help="User metadata (repeatable).")
+@click.option("--tag", help="Tag the new version.")
+@json_option
+@with_store
+def import_lora(store: Store, stance: str, adapter: str, base_ref: str | None, base_path: str | None,
+                encoding: str | None, message: str, meta: tuple[str, ...], tag: str | None, as_json: bool) -> None:
+    """Commit a PEFT LoRA adapter folder (safetensors only) as a new version of STANCE, as commit
+    takes STANCE MODEL: each target weight becomes W + scaling * B @ A, modules_to_save and biases
+    replace the base's. Every name and shape is checked against the base first; an adapter for
+    another model is refused. (The older order, ADAPTER STANCE, still works, with a warning.)"""
+    from deltastore.lora import ADAPTER_CONFIG, import_lora as run_import
+
+    if (Path(stance) / ADAPTER_CONFIG).is_file() and not (Path(adapter) / ADAPTER_CONFIG).is_file():
+        echo(f"warning: import-lora ADAPTER STANCE is deprecated: write import-lora {adapter} {stance}", err=True)
+        stance, adapter = adapter, stance
+    base_ref = only_base(store, base_ref)
+
+    with progress("importing", enabled=not as_json) as cb:
+        i = run_import(store, adapter, stance, base=base_ref, base_weights=base_path, encoding=encoding,
+                       message=message, metadata=parse_pairs(meta, "--meta"), tag=tag, progress=cb)
+    r = i.result
+    v = r.version
+    if as_json:
+        return emit_json({"id": v.id, "ref": v.ref, "stance": v.stance, "number": v.number, "encoding": i.encoding,
+                          "rank": i.rank, "targets": list(i.targets), "replaced": list(i.replaced),
+                          "tensors_stored": r.tensors_stored, "bytes_stored": r.bytes_stored})
+    echo(f"{v.ref} {v.id}")
+    echo(f"{len(i.targets)} LoRA pairs (rank {i.rank}) and {len(i.replaced)} whole tensors, stored as "
+         f"{i.encoding}: {r.tensors_stored} tensors, {size(r.bytes_stored)}")

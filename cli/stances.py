@@ -1,0 +1,267 @@
+"""Commands on stances and their versions: commit, stances, stance, log, show, diff, tag."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from deltastore import Store
+
+from .options import ENCODINGS, json_option, lower_case, only_base, parse_pairs, with_store
+from .output import echo, emit_json, progress, size, table
+
+
+@click.command()
+@click.argument("stance")
+@click.argument("model", type=click.Path())
+@click.option("--base", "base_ref", help="Base name, id prefix or model path (default: the store's only base).")
+@click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
+@click.option("--encoding", default="lossless", show_default=True, callback=lower_case,
+              metavar="ENCODING",
+              help=f"How to store each tensor delta: {ENCODINGS} (any case), or auto: the smallest whose KL "
+                   "stays under --max-kl.")
+@click.option("--prompts", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Measure fidelity on these prompts (one per line) and record it in the version's "
+                   "metadata; needs the base as a Hugging Face model folder.")
+@click.option("--max-kl", type=float, metavar="K",
+              help="With --encoding auto: the largest KL(fine-tuned || stored) to accept; with another "
+                   "encoding: refuse to commit above it.")
+@click.option("--chat", is_flag=True, help="Each prompt is a user message, put through the model's chat template.")
+@click.option("--tokenizer", type=click.Path(exists=True), metavar="PATH_OR_FOLDER",
+              help="The tokenizer for --prompts (a tokenizer.json or a folder holding one), where the base "
+                   "folder has none.")
+@click.option("--encoding-for", "encoding_for", multiple=True, metavar="REGEX=ENCODING", callback=lower_case,
+              help="A different encoding for tensors whose name matches REGEX (repeatable).")
+@click.option("--group-size", type=int, help="Group size of int8/int4 (default 64).")
+@click.option("--include", help="Store only tensors whose name matches this regex.")
+@click.option("--exclude", help="Leave out tensors whose name matches this regex.")
+@click.option("--top-k", type=int, help="Store only the K most-changed tensors (by relative change).")
+@click.option("--min-rel-change", type=float, help="Store only tensors with ||dW||/||W|| at least this.")
+@click.option("--energy", type=float, help="Store the fewest tensors holding this fraction of the squared delta.")
+@click.option("-m", "--message", default="", help="What this version is.")
+@click.option("--meta", multiple=True, metavar="KEY=VALUE", help="User metadata (repeatable).")
+@click.option("--meta-file", type=click.Path(dir_okay=False), metavar="FILE.json",
+              help="Training facts (learning rate, epochs, examples, loss...) as a flat JSON object; "
+                   "--meta overrides its keys.")
+@click.option("--tag", help="Tag the new version.")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Store changed tensors holding nan or inf (exactly, with a lossless encoding) instead of "
+                   "refusing the commit.")
+@click.option("--allow-empty", is_flag=True,
+              help="Make a new version even when the model stores exactly what the stance's newest does.")
+@click.option("--force", is_flag=True,
+              help="Commit even a model whose tensors moved too far from the base's to be a fine-tune of it.")
+@click.option("--new-stance", is_flag=True,
+              help="Start STANCE even though its name is a few letters from an existing stance's.")
+@json_option
+@with_store
+def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str | None, encoding: str,
+           prompts: str | None, max_kl: float | None, chat: bool, tokenizer: str | None,
+           encoding_for: tuple[str, ...],
+           group_size: int | None,
+           include: str | None, exclude: str | None,
+           top_k: int | None, min_rel_change: float | None, energy: float | None, message: str,
+           meta: tuple[str, ...], meta_file: str | None, tag: str | None, allow_nonfinite: bool,
+           allow_empty: bool, force: bool, new_stance: bool, as_json: bool) -> None:
+    """Store the fine-tuned MODEL as a new version of STANCE."""
+    from deltastore.history import read_metadata_file
+
+    base_ref = only_base(store, base_ref)
+    metadata = read_metadata_file(meta_file) if meta_file else {}
+    metadata.update(parse_pairs(meta, "--meta"))
+    rules = [tuple(r.rsplit("=", 1)) for r in encoding_for]
+    if any(len(r) != 2 for r in rules):
+        raise click.BadParameter("expected REGEX=ENCODING", param_hint="--encoding-for")
+    options = {"group_size": group_size} if group_size is not None else {}
+    choice = None
+    if encoding == "auto" or prompts or max_kl is not None or chat or tokenizer:
+        if prompts is None or (encoding == "auto" and max_kl is None):
+            raise click.UsageError("--encoding auto needs --prompts FILE (one prompt per line) and --max-kl K "
+                                   "(e.g. 0.01)" if encoding == "auto" else
+                                   "--max-kl, --chat and --tokenizer need --prompts FILE")
+        from deltastore.compare import commit_measured
+
+        with progress("measuring", enabled=not as_json) as cb:
+            measured = commit_measured(store, stance, model, base=base_ref, base_weights=base_path, prompts=prompts,
+                                       encoding=encoding, max_kl=max_kl, chat=chat, tokenizer=tokenizer,
+                                       encoding_for=rules,
+                                       encoding_options=options,
+                                       include=include, exclude=exclude, top_k=top_k, min_rel_change=min_rel_change,
+                                       energy=energy, message=message, metadata=metadata, tag=tag, progress=cb,
+                                       allow_nonfinite=allow_nonfinite, allow_empty=allow_empty, force=force,
+                                       new_stance=new_stance)
+        r, choice = measured.result, measured.choice
+    else:
+        with progress("committing", enabled=not as_json) as cb:
+            r = store.commit(stance, model, base=base_ref, base_weights=base_path, encoding=encoding,
+                             encoding_for=rules, encoding_options=options, include=include, exclude=exclude,
+                             top_k=top_k, min_rel_change=min_rel_change, energy=energy, message=message,
+                             metadata=metadata, tag=tag, progress=cb, allow_nonfinite=allow_nonfinite,
+                             allow_empty=allow_empty, force=force, new_stance=new_stance)
+    v = r.version
+    summary = {"id": v.id, "stance": v.stance, "number": v.number, "tensors_stored": r.tensors_stored,
+               "tensors_unchanged": r.unchanged, "bytes_stored": r.bytes_stored, "bytes_new": r.bytes_new,
+               "left_out": list(r.left_out), "left_out_energy_fraction": r.left_out_energy_fraction,
+               "median_rel_change": r.median_rel_change}
+    if choice is not None:
+        summary.update(encoding=choice.encoding, kl=choice.kl, top1=choice.top1, base_kl=choice.base_kl,
+                       max_kl=choice.max_kl, candidates=[{"encoding": c.spec, "bytes": c.bytes, "kl": c.kl,
+                                                          "top1": c.top1, "note": c.note} for c in choice.candidates])
+    if as_json:
+        return emit_json(summary)
+    if choice is not None:
+        limit = f" (at most {choice.max_kl:g})" if choice.max_kl is not None else ""
+        echo(f"{choice.encoding}: KL {choice.kl:.3g}{limit}, top-1 {choice.top1:.1%}; "
+             f"the base alone: KL {choice.base_kl:.3g}")
+        for c in choice.candidates:
+            if c.spec != choice.encoding:
+                echo(f"  {c.spec}: {c.note}" if "skipped" in c.note else f"  {c.spec} ({size(c.bytes)}): {c.note}")
+    echo(f"{v.ref} {v.id}")
+    echo(f"stored {r.tensors_stored} tensors ({r.unchanged} unchanged), {size(r.bytes_stored)} "
+         f"({size(r.bytes_new)} new)")
+    if r.left_out:
+        echo(f"left out {len(r.left_out)} changed tensors holding "
+             f"{r.left_out_energy_fraction:.1%} of the squared delta")
+
+
+@click.command()
+@json_option
+@with_store(readonly=True)
+def stances(store: Store, as_json: bool) -> None:
+    """Stances with their newest version."""
+    rows = store.stances()
+    if as_json:
+        return emit_json(rows)
+    table([[r["name"], r["versions"], r["latest"]] for r in rows], ["stance", "versions", "newest"])
+
+
+@click.group()
+def stance() -> None:
+    """Rename or delete a stance."""
+
+
+@stance.command("rename")
+@click.argument("old")
+@click.argument("new")
+@json_option
+@with_store
+def stance_rename(store: Store, old: str, new: str, as_json: bool) -> None:
+    """Rename stance OLD to NEW. Its versions keep their ids, numbers and tags."""
+    r = store.rename_stance(old, new)
+    if as_json:
+        return emit_json(r)
+    echo(f"renamed {r.old} to {r.new} ({r.versions} versions)")
+
+
+@stance.command("delete")
+@click.argument("name")
+@json_option
+@with_store
+def stance_delete(store: Store, name: str, as_json: bool) -> None:
+    """Delete stance NAME: its versions and tags. Objects stay until `deltastore gc`, which
+    removes those that no other version shares."""
+    r = store.delete_stance(name)
+    if as_json:
+        return emit_json(r)
+    echo(f"deleted {r.stance} ({len(r.versions)} versions); `deltastore gc` frees "
+         f"{size(r.bytes_only_here)} that no other version shares")
+    if r.orphaned:
+        echo(f"the parent of {', '.join(r.orphaned)} was one of them (their tensors are unaffected)")
+
+
+def version_summary(v: Any) -> dict:
+    return {"id": v.id, "ref": v.ref, "stance": v.stance, "number": v.number, "parent": v.parent,
+            "base": v.base_id, "created": v.created, "message": v.message, "encoding": v.encoding,
+            "tensors": v.tensor_count, "bytes": v.bytes, "tags": list(v.tags), "metadata": v.metadata}
+
+
+@click.command()
+@click.argument("stance", required=False)
+@click.option("--where", multiple=True, metavar="KEY=VALUE", help="Only versions with this metadata.")
+@json_option
+@with_store(readonly=True)
+def log(store: Store, stance: str | None, where: tuple[str, ...], as_json: bool) -> None:
+    """Versions, newest first."""
+    versions = store.log(stance, where=parse_pairs(where, "--where"))
+    if as_json:
+        return emit_json([version_summary(v) for v in versions])
+    table([[v.ref, v.short_id, v.created[:19].replace("T", " "), v.encoding, v.tensor_count, size(v.bytes),
+            ",".join(v.tags), v.message] for v in versions],
+          ["version", "id", "created", "encoding", "tensors", "bytes", "tags", "message"])
+
+
+@click.command()
+@click.argument("ref")
+@json_option
+@with_store(readonly=True)
+def show(store: Store, ref: str, as_json: bool) -> None:
+    """One version, tensor by tensor."""
+    v = store.resolve(ref)
+    if as_json:
+        return emit_json({**version_summary(v), "selection": v.selection,
+                          "tensor_entries": [e.to_manifest() for e in v.tensors]})
+    echo(f"version  {v.ref}  {v.id}")
+    echo(f"base     {v.base_id}")
+    echo(f"created  {v.created}")
+    if v.parent:
+        echo(f"parent   {v.parent}")
+    if v.tags:
+        echo(f"tags     {', '.join(v.tags)}")
+    if v.message:
+        echo(f"message  {v.message}")
+    for k, val in v.metadata.items():
+        echo(f"meta     {k}={val}")
+    if v.selection:
+        echo(f"selection {json.dumps(v.selection, sort_keys=True)}")
+    echo(f"tensors  {len(v.tensors)}, {size(v.bytes)}")
+    echo()
+    table([[e.name, e.dtype, "x".join(map(str, e.shape)), e.encoding,
+            "-" if e.rel_change is None else f"{e.rel_change:.3g}",
+            "-" if e.rel_error is None else f"{e.rel_error:.3g}"] for e in v.tensors],
+          ["tensor", "dtype", "shape", "encoding", "rel change", "rel error"])
+
+
+@click.command()
+@click.argument("ref_a")
+@click.argument("ref_b")
+@click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
+@json_option
+@with_store(readonly=True)
+def diff(store: Store, ref_a: str, ref_b: str, base_path: str | None, as_json: bool) -> None:
+    """Tensor by tensor, what differs between two versions: tensors added, removed or changed,
+    and ||A - B|| / ||B|| of the tensors apply would produce (so it works across encodings)."""
+    d = store.diff(ref_a, ref_b, base_weights=base_path)
+    if as_json:
+        return emit_json(d)
+    echo(f"{d.a} {d.a_id[3:15]} -> {d.b} {d.b_id[3:15]}: {d.count('changed')} changed, "
+         f"{d.count('added')} added, {d.count('removed')} removed, {d.unchanged} unchanged")
+    if d.tensors:
+        echo()
+        table([[t.name, t.status, t.encoding_a or "(base)", t.encoding_b or "(base)",
+                "-" if t.rel_change is None else f"{t.rel_change:.3g}"] for t in d.tensors],
+              ["tensor", "status", "a", "b", "||a-b||/||b||"])
+
+
+@click.command()
+@click.argument("ref")
+@click.argument("name", required=False)
+@click.option("--delete", "-d", "delete", is_flag=True,
+              help="Remove the tag instead: `tag --delete STANCE@TAG` or `tag --delete STANCE TAG`.")
+@json_option
+@with_store
+def tag(store: Store, ref: str, name: str | None, delete: bool, as_json: bool) -> None:
+    """Name a version (STANCE@NAME then refers to it); with --delete, remove a tag."""
+    if delete:
+        v = store.untag(ref, name)
+        tag_name = name or ref.partition("@")[2]
+        if as_json:
+            return emit_json({"id": v.id, "ref": v.ref, "tag": tag_name, "deleted": True})
+        return echo(f"deleted tag {v.stance}@{tag_name} (was {v.ref} {v.short_id})")
+    if name is None:
+        raise click.UsageError("give a tag NAME (or --delete to remove one)")
+    v = store.tag(ref, name)
+    if as_json:
+        return emit_json({"id": v.id, "ref": v.ref, "tag": name})
+    echo(f"{v.stance}@{name} -> {v.ref} {v.short_id}")
