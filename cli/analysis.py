@@ -56,7 +56,8 @@ def compare_command(base: str, model: str, encodings_text: str, ranks_text: str,
     the mean share of each delta's energy rank R holds) and each --select. Bytes are what the
     store would write. With --prompts, each row's fidelity: the mean KL(fine-tuned || stored) of
     the next-token distributions and the top-1 agreement. Nothing is written to a store."""
-    from deltastore.compare import compare as run_compare, plot as draw
+    from deltastore.compare import compare as run_compare
+    from deltastore.plots import plot as draw
 
     if plot and not prompts:
         raise click.UsageError("--plot draws KL against size: give --prompts FILE too")
@@ -107,12 +108,14 @@ def analyze(store: Store, refs: tuple[str, ...], plot: str | None, value: str, s
     produces minus the base, so versions of any encoding compare. --alpha adds WeightWatcher's
     power-law alpha of the weights before and after (the mean over a row's matrices; "-" where
     it fits none: vectors, and matrices outside its default size limits)."""
-    from deltastore.compare import analyze as run_analyze, analyze_plot
+    from deltastore.plots import analyze_plot
+    from deltastore.refanalysis import analyze as run_analyze
 
     if with_alpha and spectrum:
         raise click.UsageError("--alpha adds columns to the analysis table; --spectrum shows one tensor instead")
     if spectrum:
-        from deltastore.compare import spectra, spectrum_plot
+        from deltastore.plots import spectrum_plot
+        from deltastore.refanalysis import spectra
 
         found = spectra(store, list(refs), spectrum, base_weights=base_path)
         if plot:

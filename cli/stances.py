@@ -81,7 +81,7 @@ def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str 
             raise click.UsageError("--encoding auto needs --prompts FILE (one prompt per line) and --max-kl K "
                                    "(e.g. 0.01)" if encoding == "auto" else
                                    "--max-kl, --chat and --tokenizer need --prompts FILE")
-        from deltastore.compare import commit_measured
+        from deltastore.auto import commit_measured
 
         with progress("measuring", enabled=not as_json) as cb:
             measured = commit_measured(store, stance, model, base=base_ref, base_weights=base_path, prompts=prompts,

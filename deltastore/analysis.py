@@ -8,10 +8,10 @@ This module owns the measurements behind ``analyze`` and the low-rank half of ``
   one tensor's delta;
 - ``lowrank_energy`` and ``lora_bytes``: what a LoRA-sized factorisation of a delta would
   hold and cost;
-- ``summarize`` and ``heatmap``: the per (layer, module) table and its picture.
+- ``summarize``: the per (layer, module) table (its picture is plots.py's ``heatmap``).
 
-It is pure: it takes tensors, never the store, and touches the disk only where it is given a
-path (``heatmap``). It never prints, and never modifies a tensor it is given.
+It is pure: it takes tensors, never the store, and never touches the disk. It never prints,
+and never modifies a tensor it is given.
 """
 
 from __future__ import annotations
@@ -20,11 +20,10 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from .errors import DeltastoreError
+from .errors import AnalysisError
 
 __all__ = [
     "AnalysisError",
@@ -33,7 +32,6 @@ __all__ = [
     "MODULE_PATTERNS",
     "ModuleChange",
     "TensorChange",
-    "heatmap",
     "locate",
     "lora_bytes",
     "lowrank_energy",
@@ -42,10 +40,6 @@ __all__ = [
     "tensor_change",
     "tensor_changes",
 ]
-
-
-class AnalysisError(DeltastoreError, ValueError):
-    """A tensor or a request that cannot be analysed (shape mismatch, unknown value, ...)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,99 +337,3 @@ def summarize(changes: Mapping[str, TensorChange]) -> list[ModuleChange]:
                                 key=lambda values: values[0] if values else -1.0),
         ))
     return rows
-
-
-# ---------------------------------------------------------------------------------------------
-# The picture
-
-HEATMAP_VALUES: tuple[str, ...] = ("rel_change", "energy", "energy_share", "rank90", "rank99")
-
-
-def heatmap(
-    panels: Mapping[str, Mapping[str, TensorChange]],
-    path: str | Path,
-    *,
-    value: str = "rel_change",
-    title: str | None = None,
-) -> Path:
-    """Draw one panel per label (layers down, module kinds across) on one colour scale; PNG.
-
-    Cells a panel has no tensor for are white; cells whose value is zero (unchanged) are light
-    grey. The scale is logarithmic when the values span more than two decades.
-    """
-    if value not in HEATMAP_VALUES:
-        raise AnalysisError(f"unknown heatmap value {value!r}: use one of {HEATMAP_VALUES}")
-    if not panels:
-        raise AnalysisError("heatmap needs at least one panel")
-
-    # A bare Figure on the Agg canvas, never pyplot: no window, and no change to the
-    # caller's global backend or figure list. matplotlib is optional (the `fidelity` extra) and
-    # slow to import, so it is imported here, only to draw.
-    import matplotlib
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import LogNorm, Normalize
-    from matplotlib.figure import Figure
-
-    tables = {label: summarize(changes) for label, changes in panels.items()}
-    keys = {(row.layer, row.module) for rows in tables.values() for row in rows}
-    modules = [kind for kind in MODULE_KINDS if any(module == kind for _, module in keys)]
-    layers = sorted({layer for layer, _ in keys}, key=lambda layer: (layer is not None, layer or 0))
-
-    grids = []
-    for rows in tables.values():
-        grid = np.full((len(layers), len(modules)), np.nan)
-        for row in rows:
-            cell = getattr(row, value)
-            grid[layers.index(row.layer), modules.index(row.module)] = (
-                np.nan if cell is None else float(cell)
-            )
-        grids.append(grid)
-
-    stacked = np.stack(grids)
-    finite = stacked[np.isfinite(stacked)]
-    positive = finite[finite > 0]
-    if positive.size:
-        low, high = float(positive.min()), float(positive.max())
-    else:
-        low, high = 0.5, 1.0  # nothing changed: every cell draws as "unchanged"
-    if high <= low:
-        # One value only: draw it at the top of the scale, not where "small" would be.
-        low = high / 2
-    use_log = high / low > 100.0
-    norm = LogNorm(vmin=low, vmax=high) if use_log else Normalize(vmin=low, vmax=high)
-    viridis = matplotlib.colormaps["viridis"]
-    cmap = viridis.with_extremes(bad="white", under="#d9d9d9", over=viridis(1.0))
-
-    columns = len(grids)
-    width = max(3.2, 0.42 * len(modules) + 1.1) * columns + 1.3
-    height = min(40.0, max(3.0, 0.24 * len(layers) + 1.6))
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, columns, squeeze=False, sharey=True)
-    row_labels = ["—" if layer is None else str(layer) for layer in layers]
-    # Tick every layer while the labels fit, else every k-th.
-    row_step = max(1, math.ceil(len(layers) / 40))
-    image = None
-    for index, (ax, label, grid) in enumerate(zip(axes[0], tables, grids)):
-        # Zeros (unchanged) sit just under the scale so that they draw in the "under" colour.
-        shown = np.where(grid == 0.0, low * 0.5, grid)
-        image = ax.imshow(np.ma.masked_invalid(np.where(np.isinf(shown), high * 2, shown)),
-                          cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
-        ax.set_title(label, fontsize=10)
-        ax.set_xticks(range(len(modules)), modules, rotation=60, ha="right", fontsize=8)
-        ax.set_yticks(range(0, len(layers), row_step),
-                      row_labels[::row_step], fontsize=8)
-        if index == 0:
-            ax.set_ylabel("layer (— = outside the blocks)", fontsize=9)
-        ax.tick_params(length=2)
-    colorbar = fig.colorbar(image, ax=list(axes[0]), shrink=0.9, pad=0.02, extend="min")
-    colorbar.set_label(value.replace("_", " ") + (" (log scale)" if use_log else ""),
-                       fontsize=9)
-    colorbar.ax.tick_params(labelsize=8)
-    fig.supxlabel("module kind    (grey: unchanged, white: no such tensor)", fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    out = Path(path)
-    fig.savefig(out, format="png", dpi=120)
-    return out

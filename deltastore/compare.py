@@ -1,82 +1,60 @@
 """What each way of storing a fine-tune costs, and how much of its behaviour it keeps.
 
-This module owns the store- and model-facing half of the measurements (the arithmetic is in
-analysis.py, the next-token KL in fidelity.py):
-
-- ``compare``: one row per way of storing a fine-tune (nothing, the full copy, the full model
-  quantised, every delta encoding, a LoRA of each rank, any selection) with its bytes and,
-  where the base is a Hugging Face folder and prompts are given, its fidelity;
-- ``choose_encoding`` and ``commit_measured``: ``commit --encoding auto --max-kl K``;
-- ``analyze``: per (layer, module kind), what the tensors a stored version applies changed
-  (and, with ``alpha=True``, WeightWatcher's alpha before and after: alpha.py);
-- ``plot``: size against KL, one labelled point per row.
+``compare``: one row per way of storing a fine-tune (nothing, the full copy, the full model
+quantised, every delta encoding, a LoRA of each rank, any selection) with its bytes and, where
+the base is a Hugging Face folder and prompts are given, its fidelity. The arithmetic is in
+analysis.py, the next-token KL in fidelity.py, the picture in plots.py; ``commit --encoding
+auto`` (auto.py) measures its candidates on the same ``Bench``.
 
 Bytes are those the store would write: each tensor is encoded and each part compressed as
 objects.py compresses it (header included), without writing anything. It works tensor by
 tensor: ONE model is loaded, each row's reconstructed tensors are copied into it in place, the
-``FidelityProbe`` measures whatever weights it holds, and the fine-tune is put back before the
-next row. Peak memory is that model plus a few tensors in flight. It never writes to a store
-(``commit_measured`` commits through ``Store.commit``), never prints and never loads a pickle.
+``FidelityProbe`` measures whatever weights it holds, and the fine-tune is put back only where
+the next row does not set the tensor itself. Peak memory is that model plus a few tensors in
+flight. It never writes to a store, never prints and never loads a pickle.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from . import encodings as codecs
-from .alpha import AlphaShift, alpha_shift, load_weightwatcher, matrix_alpha, summarize_alpha
-from .analysis import ModuleChange, TensorChange, singular_values, summarize, tensor_change
+from .apply import match_names, module_tensors
+from .analysis import singular_values
 from .commit import _spec_chooser, delta_stats, in_order
-from .errors import DeltastoreError, EncodingError
+from .errors import CompareError
 from .fidelity import Fidelity, FidelityProbe, load_causal_lm, read_prompts
-from .hashing import dtype_name
+from .lora import module_types, plan as lora_plan
 from .models import TensorSource, open_model
 from .objects import stored_size
 from .selection import select as select_tensors, TensorDelta
+from .units import size
 
 __all__ = [
-    "AUTO_CANDIDATES",
-    "AutoChoice",
+    "Bench",
     "CompareError",
     "Comparison",
     "DEFAULT_ENCODINGS",
     "DEFAULT_RANKS",
     "FULL_QUANTIZED",
-    "MeasuredCommit",
-    "RefAnalysis",
     "Row",
     "Select",
-    "analyze",
-    "choose_encoding",
-    "commit_measured",
     "compare",
     "parse_select",
-    "plot",
-    "spectra",
-    "spectrum_plot",
-    "Spectra",
 ]
 
 DEFAULT_ENCODINGS: tuple[str, ...] = ("lossless", "int8", "int4", "nf4", "fp4", "1bit")
 DEFAULT_RANKS: tuple[int, ...] = (8, 32)
 #: The full model itself quantised (the "quantized full model" a user might keep instead).
 FULL_QUANTIZED: tuple[str, ...] = ("int4", "nf4")
-#: What ``commit --encoding auto`` chooses from; ranks a matrix cannot hold are skipped.
-AUTO_CANDIDATES: tuple[str, ...] = ("lossless", "int8", "int4", "nf4", "fp4", "1bit",
-                                    "lowrank:8", "lowrank:32", "lowrank:128")
 SELECT_KEYS = ("include", "exclude", "top_k", "min_rel_change", "energy", "encoding")
-
-
-class CompareError(DeltastoreError, ValueError):
-    """A comparison that cannot be made: models that do not match, a bad selection spec, ..."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +153,7 @@ class Comparison:
 
 
 @dataclass(frozen=True)
-class _Scan:
+class Scan:
     changed: bool
     rel_change: float | None
     energy: float
@@ -202,7 +180,7 @@ def _parts_size(encoded: codecs.Encoded) -> int:
 Work = Callable[[str], tuple[int, bool, "torch.Tensor | None"]]
 
 
-class _Bench:
+class Bench:
     def __init__(self, base: TensorSource, target: TensorSource, *, model: torch.nn.Module | None,
                  probe: FidelityProbe | None, progress: Callable[[int, int], None] | None, rows: int):
         self.base, self.target = base, target
@@ -212,8 +190,6 @@ class _Bench:
         self.dirty: set[str] = set()  # parameters holding another row's tensor, not the fine-tune's
         self._sizing = False  # a row run for its bytes alone
         if model is not None:
-            from .apply import match_names, module_tensors
-
             current = module_tensors(model, self.names)
             mapping = match_names(self.names, set(current))
             self.params = {name: current[mapping[name]] for name in self.names}
@@ -275,16 +251,16 @@ def _check_pair(base: TensorSource, target: TensorSource) -> None:
         raise CompareError(f"the model {which}; compare needs a fine-tune of the base, tensor for tensor")
 
 
-def _scan(base: TensorSource, target: TensorSource, *, spectra: bool) -> dict[str, _Scan]:
-    def work(name: str) -> _Scan:
+def _scan(base: TensorSource, target: TensorSource, *, spectra: bool) -> dict[str, Scan]:
+    def work(name: str) -> Scan:
         b, t = base.get(name), target.get(name)
         if _same(b, t):
-            return _Scan(False, 0.0, 0.0, None)
+            return Scan(False, 0.0, 0.0, None)
         rel, energy = delta_stats(b, t)
         spectrum = None
         if spectra and t.dim() == 2 and t.is_floating_point() and b.shape == t.shape:
             spectrum = tuple(singular_values(t.to(torch.float32) - b.to(torch.float32)).tolist())
-        return _Scan(True, rel, energy, spectrum)
+        return Scan(True, rel, energy, spectrum)
     return dict(in_order(target.names, work))
 
 
@@ -296,13 +272,13 @@ def _prompts(prompts: Sequence[str] | str | os.PathLike | None) -> list[str] | N
     return list(prompts)
 
 
-def _setup(base: Any, model: Any, prompts: Any, max_tokens: int, *, spectra: bool,
-           progress: Any, rows: int, chat: bool = False, tokenizer: Any = None) -> tuple[TensorSource, TensorSource, dict[str, _Scan], _Bench, str | None]:
+def open_bench(base: Any, model: Any, prompts: Any, max_tokens: int, *, spectra: bool,
+           progress: Any, rows: int, chat: bool = False, tokenizer: Any = None) -> tuple[TensorSource, TensorSource, dict[str, Scan], Bench, str | None]:
     base_src, target_src = open_model(base), open_model(model)
     _check_pair(base_src, target_src)
     texts = _prompts(prompts)
     skipped = None
-    hf_model = probe = None
+    hf_model = None
     if texts is None:
         skipped = "no prompts given"
     else:
@@ -312,7 +288,7 @@ def _setup(base: Any, model: Any, prompts: Any, max_tokens: int, *, spectra: boo
         else:
             # Refuses a folder without config.json, or without a tokenizer where none is given.
             hf_model, tokenizer = load_causal_lm(folder, tokenizer=tokenizer)
-    bench = _Bench(base_src, target_src, model=hf_model, probe=None, progress=progress, rows=rows + 1)
+    bench = Bench(base_src, target_src, model=hf_model, probe=None, progress=progress, rows=rows + 1)
     scans = _scan(base_src, target_src, spectra=spectra)
     bench.done += len(bench.names)
     if hf_model is not None:
@@ -326,7 +302,7 @@ def _setup(base: Any, model: Any, prompts: Any, max_tokens: int, *, spectra: boo
 # Rows
 
 
-def _delta_work(bench: _Bench, scans: Mapping[str, _Scan], spec: str, options: Mapping[str, Any],
+def delta_work(bench: Bench, scans: Mapping[str, Scan], spec: str, options: Mapping[str, Any],
                 kept: set[str] | None = None, rules: Sequence[tuple[str, str]] | None = None) -> Work:
     # The very choice commit makes, tensor by tensor (norms lossless, ranks checked, rules).
     choose = _spec_chooser(spec, list(rules or []), dict(options), bench.target)
@@ -346,7 +322,7 @@ def _delta_work(bench: _Bench, scans: Mapping[str, _Scan], spec: str, options: M
     return work
 
 
-def _full_quantized_work(bench: _Bench, spec: str) -> Work:
+def _full_quantized_work(bench: Bench, spec: str) -> Work:
     enc = codecs.get(spec)
 
     def work(name: str):
@@ -360,7 +336,7 @@ def _full_quantized_work(bench: _Bench, spec: str) -> Work:
     return work
 
 
-def _lora_work(bench: _Bench, scans: Mapping[str, _Scan], the_plan: Any, rank: int, dtype: str) -> Work:
+def _lora_work(bench: Bench, scans: Mapping[str, Scan], the_plan: Any, rank: int, dtype: str) -> Work:
     itemsize = codecs.Q.FACTOR_DTYPES[dtype].itemsize
 
     def work(name: str):
@@ -403,8 +379,6 @@ def compare(base: Any, model: Any, *, encodings: Sequence[str] = DEFAULT_ENCODIN
     ``full``: encodings for the whole model quantised; ``lora_dtype``: of the LoRA factors;
     ``tokenizer``: a folder or tokenizer.json, where the base folder has no tokenizer.
     """
-    from .lora import module_types, plan as lora_plan
-
     options = dict(encoding_options or {})
     specs = list(encodings)
     for spec in specs:
@@ -419,7 +393,7 @@ def compare(base: Any, model: Any, *, encodings: Sequence[str] = DEFAULT_ENCODIN
         raise CompareError(f"the LoRA dtype must be one of {', '.join(codecs.Q.FACTOR_DTYPES)}, got {lora_dtype!r}")
     chosen = [s if isinstance(s, Select) else parse_select(s) for s in selections]
     rows_asked = 2 + len(full) + len(specs) + len(ranks) + len(chosen)
-    base_src, target_src, scans, bench, skipped = _setup(
+    base_src, target_src, scans, bench, skipped = open_bench(
         base, model, prompts, max_tokens, spectra=bool(ranks), progress=progress, rows=rows_asked, chat=chat,
         tokenizer=tokenizer)
     measuring = bench.measuring
@@ -446,14 +420,14 @@ def compare(base: Any, model: Any, *, encodings: Sequence[str] = DEFAULT_ENCODIN
             note="2-D tensors quantised, others kept")
     for spec in specs:
         enc = codecs.get(spec, **options)
-        nbytes, stored, fidelity = bench.run(_delta_work(bench, scans, spec, options), measure=not enc.exact)
+        nbytes, stored, fidelity = bench.run(delta_work(bench, scans, spec, options), measure=not enc.exact)
         add(f"delta {enc.spec}", "delta", enc.spec, nbytes, stored, fidelity, exact=enc.exact and measuring)
     if ranks:
         the_plan = lora_plan(target_src.infos, changed, types=module_types(base_src.folder))
         whole = sum(target_src.infos[n].nbytes for n in the_plan.saved)
         note = []
         if the_plan.saved:
-            note.append(f"{len(the_plan.saved)} tensors whole ({_size(whole)})")
+            note.append(f"{len(the_plan.saved)} tensors whole ({size(whole)})")
         if the_plan.dropped:
             note.append(f"{len(the_plan.dropped)} dropped (base)")
         for rank in ranks:
@@ -470,7 +444,7 @@ def compare(base: Any, model: Any, *, encodings: Sequence[str] = DEFAULT_ENCODIN
             picked = select_tensors(deltas, include=sel.include, exclude=sel.exclude, top_k=sel.top_k,
                                     min_rel_change=sel.min_rel_change, energy=sel.energy)
             nbytes, stored, fidelity = bench.run(
-                _delta_work(bench, scans, sel.encoding, options, kept=set(picked.kept)))
+                delta_work(bench, scans, sel.encoding, options, kept=set(picked.kept)))
             add(f"select {sel.text}", "selection", sel.encoding, nbytes, stored, fidelity,
                 energy=1.0 - picked.left_out_energy_fraction,
                 note=f"{len(picked.kept)} of {len(changed)} changed tensors")
@@ -494,456 +468,3 @@ def _main_dtype(source: TensorSource) -> str:
         by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.nbytes
     name = max(by_dtype, key=by_dtype.get) if by_dtype else "F32"
     return {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "fp64"}.get(name, name.lower())
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
-
-
-# ---------------------------------------------------------------------------------------------
-# commit --encoding auto
-
-
-@dataclass(frozen=True)
-class AutoChoice:
-    """The encoding chosen (the smallest whose KL is at most ``max_kl``; or the one asked for),
-    its measured fidelity and bytes, the base's own KL, and every candidate measured."""
-
-    encoding: str
-    kl: float
-    top1: float
-    bytes: int
-    max_kl: float | None
-    base_kl: float
-    positions: int
-    candidates: tuple[Row, ...]
-
-
-def choose_encoding(base: Any, model: Any, *, prompts: Sequence[str] | str | os.PathLike,
-                    max_kl: float | None, candidates: Sequence[str] = AUTO_CANDIDATES,
-                    include: str | None = None, exclude: str | None = None, top_k: int | None = None,
-                    min_rel_change: float | None = None, energy: float | None = None,
-                    encoding_for: Sequence[tuple[str, str]] | None = None,
-                    encoding_options: Mapping[str, Any] | None = None, max_tokens: int = 256,
-                    chat: bool = False, tokenizer: str | os.PathLike | None = None,
-                    progress: Callable[[int, int], None] | None = None) -> AutoChoice:
-    """Measure each candidate encoding (under the selection given) and pick the smallest by
-    bytes whose KL(fine-tuned || stored) is at most ``max_kl``; ties go to the lower KL. With
-    ``max_kl`` None, ``candidates`` must be one encoding, which is measured."""
-    if max_kl is not None and (not isinstance(max_kl, (int, float)) or not math.isfinite(max_kl) or max_kl < 0):
-        raise CompareError(f"--max-kl must be a number of at least 0 (nats per token), got {max_kl!r}")
-    if max_kl is None and len(candidates) != 1:
-        raise CompareError("choosing an encoding needs --max-kl K: the largest KL(fine-tuned || stored) to accept")
-    options = dict(encoding_options or {})
-    base_src, target_src, scans, bench, skipped = _setup(
-        base, model, prompts, max_tokens, spectra=False, progress=progress, rows=len(candidates) + 1, chat=chat,
-        tokenizer=tokenizer)
-    if bench.probe is None:
-        raise CompareError(f"cannot measure fidelity: {skipped}")
-    full_bytes = target_src.nbytes
-    changed = [n for n in target_src.names if scans[n].changed]
-    kept = None
-    if any(x is not None for x in (include, exclude, top_k, min_rel_change, energy)):
-        deltas = {n: TensorDelta(rel_change=scans[n].rel_change if scans[n].rel_change is not None else math.inf,
-                                 energy=scans[n].energy) for n in changed}
-        kept = set(select_tensors(deltas, include=include, exclude=exclude, top_k=top_k,
-                                  min_rel_change=min_rel_change, energy=energy).kept)
-    _, _, base_fid = bench.run(lambda n: (0, False, bench.base.get(n) if scans[n].changed else None))
-    # Pass 1: every candidate's bytes, without reconstructing anything (encoding is the cheap
-    # half). Pass 2: fidelity, smallest first, until one fits: a forward pass over the prompts
-    # per candidate is the dear half, and those larger than the first that fits need none.
-    works: dict[str, Work] = {}
-    sized: dict[str, tuple[int, int]] = {}
-    skipped: dict[str, str] = {}
-    for spec in candidates:
-        try:
-            works[spec] = _delta_work(bench, scans, spec, options, kept=kept, rules=encoding_for)
-        except EncodingError as e:
-            if len(candidates) == 1:
-                raise
-            skipped[spec] = f"skipped: {e}"
-            continue
-        nbytes, stored, _ = bench.run(works[spec], measure=False)
-        sized[spec] = (nbytes, stored)
-    measured: dict[str, Fidelity] = {}
-    pick = None
-    for spec in sorted(sized, key=lambda s: (sized[s][0], candidates.index(s))):
-        if codecs.get(spec, **options).exact:
-            fidelity = Fidelity(0.0, 1.0, bench.probe.positions)  # bit for bit the fine-tune
-        else:
-            fidelity = bench.run(works[spec])[2]
-        measured[spec] = fidelity
-        if max_kl is None or fidelity.kl <= max_kl:
-            pick = spec
-            break
-    rows = []
-    for spec in candidates:
-        if spec in skipped:
-            rows.append(Row(f"delta {spec}", "delta", spec, 0, 0.0, 0, note=skipped[spec]))
-            continue
-        nbytes, stored = sized[spec]
-        fidelity = measured.get(spec)
-        if fidelity is None:
-            note = f"not measured: larger than {pick} ({_size(nbytes)} against {_size(sized[pick][0])})"
-        elif spec == pick:
-            note = "chosen: the smallest within --max-kl" if max_kl is not None else "measured"
-        else:
-            note = f"rejected: KL {fidelity.kl:.3g} is above --max-kl {max_kl:g}"
-        rows.append(Row(f"delta {spec}", "delta", spec, nbytes, nbytes / full_bytes if full_bytes else 0.0,
-                        stored, None, fidelity.kl if fidelity else None, fidelity.top1 if fidelity else None,
-                        note))
-    if pick is None and len(candidates) == 1 and measured:
-        only = next(iter(measured))
-        raise CompareError(f"{only} gives KL {measured[only].kl:.3g}, more than --max-kl {max_kl:g}; "
-                           "nothing was committed: choose a finer encoding, or --encoding auto")
-    if pick is None:
-        if not measured:
-            raise CompareError("no candidate encoding can store this model: "
-                               + "; ".join(f"{s}: {why}" for s, why in skipped.items()))
-        best = min(measured, key=lambda s: measured[s].kl)
-        raise CompareError(f"no encoding keeps KL at most {max_kl:g}: the lowest is {measured[best].kl:.3g} "
-                           f"({best}); raise --max-kl, or keep more tensors")
-    chosen = measured[pick]
-    return AutoChoice(pick, chosen.kl, chosen.top1, sized[pick][0], max_kl, base_fid.kl,
-                      bench.probe.positions, tuple(rows))
-
-
-@dataclass(frozen=True)
-class MeasuredCommit:
-    result: Any  # the CommitResult
-    choice: AutoChoice
-
-
-def commit_measured(store: Any, stance: str, model: Any, *, base: Any, prompts: str | os.PathLike | Sequence[str],
-                    encoding: str = "auto", max_kl: float | None = None, base_weights: Any = None,
-                    include: str | None = None, exclude: str | None = None, top_k: int | None = None,
-                    min_rel_change: float | None = None, energy: float | None = None,
-                    encoding_for: Sequence[tuple[str, str]] | None = None,
-                    encoding_options: Mapping[str, Any] | None = None, chat: bool = False,
-                    tokenizer: str | os.PathLike | None = None,
-                    metadata: Mapping[str, str] | None = None, progress: Callable[[int, int], None] | None = None,
-                    **commit_options: Any) -> MeasuredCommit:
-    """Commit ``model`` as the next version of ``stance`` with its fidelity measured and recorded
-    in the version's metadata (``fidelity.kl``, ``fidelity.top1``, ``fidelity.base_kl``,
-    ``fidelity.positions``, ``fidelity.max_kl``). ``encoding="auto"`` picks the smallest encoding whose KL is at
-    most ``max_kl`` first. The base's weights must be a Hugging Face model folder."""
-    if encoding == "auto" and max_kl is None:
-        raise CompareError("--encoding auto needs --max-kl K: the largest KL(fine-tuned || stored) to accept, "
-                           "e.g. --max-kl 0.01")
-    folder = _base_folder(store, base, base_weights)
-    selection = dict(include=include, exclude=exclude, top_k=top_k, min_rel_change=min_rel_change, energy=energy)
-    choice = choose_encoding(folder, model, prompts=prompts, max_kl=max_kl,
-                             candidates=AUTO_CANDIDATES if encoding == "auto" else (encoding,),
-                             encoding_for=encoding_for, encoding_options=encoding_options, chat=chat,
-                             tokenizer=tokenizer, progress=progress, **selection)
-    meta = {"fidelity.kl": f"{choice.kl:.6g}", "fidelity.top1": f"{choice.top1:.6g}",
-            "fidelity.base_kl": f"{choice.base_kl:.6g}", "fidelity.positions": str(choice.positions)}
-    if isinstance(prompts, (str, os.PathLike)):
-        meta["fidelity.prompts"] = Path(prompts).name
-    if chat:
-        meta["fidelity.chat"] = "true"
-    if max_kl is not None:
-        meta["fidelity.max_kl"] = f"{max_kl:g}"
-    if encoding == "auto":
-        meta["fidelity.chosen_from"] = ",".join(r.spec for r in choice.candidates if r.kl is not None)
-    meta.update(metadata or {})
-    result = store.commit(stance, model, base=base, base_weights=base_weights, encoding=choice.encoding,
-                          encoding_for=list(encoding_for or []), encoding_options=encoding_options, metadata=meta,
-                          **selection, **commit_options)
-    return MeasuredCommit(result, choice)
-
-
-def _base_folder(store: Any, base: Any, base_weights: Any) -> Any:
-    """Where the base's weights are, for loading it with transformers."""
-    if base_weights is not None:
-        return base_weights
-    if isinstance(base, (str, os.PathLike)) and Path(base).exists():
-        return base
-    if isinstance(base, (str, os.PathLike)) or hasattr(base, "id"):
-        record = store.base(base)
-        if not record.source or not Path(record.source).exists():
-            raise CompareError(f"the weights of base {record.name or record.id[:19]} are not at "
-                               f"{record.source or '(unknown)'}; pass the base model folder (--base-path)")
-        return record.source
-    return base
-
-
-# ---------------------------------------------------------------------------------------------
-# analyze
-
-
-@dataclass(frozen=True)
-class RefAnalysis:
-    """What one version's applied tensors changed against its base: per tensor (``changes``)
-    and per (layer, module kind) (``rows``)."""
-
-    ref: str
-    version_id: str
-    encoding: str
-    tensors: int
-    rows: tuple[ModuleChange, ...]
-    changes: Mapping[str, TensorChange] = field(repr=False, compare=False)
-    #: With ``alpha=True``: WeightWatcher's alpha of every tensor in the base and as applied
-    #: (``alphas``) and per (layer, module) row (``row_alphas``); None otherwise.
-    alphas: Mapping[str, AlphaShift] | None = field(default=None, repr=False, compare=False)
-    row_alphas: Mapping[tuple[int | None, str], AlphaShift] | None = field(default=None, repr=False,
-                                                                           compare=False)
-
-
-def _unchanged(base: torch.Tensor) -> TensorChange:
-    norm = float(torch.linalg.vector_norm(base.detach(), dtype=torch.float32)) if base.is_floating_point() else 0.0
-    matrix = base.dim() == 2
-    return TensorChange(shape=tuple(base.shape), base_norm=norm, delta_norm=0.0, rel_change=0.0, energy=0.0,
-                        rank90=0 if matrix else None, rank99=0 if matrix else None, singular_values=(),
-                        spectrum=())
-
-
-def _measure(b: torch.Tensor | None, result: torch.Tensor, top: int) -> TensorChange:
-    if b is None or b.shape != result.shape or not b.is_floating_point() or not result.is_floating_point():
-        size = float(torch.linalg.vector_norm(result.double())) if result.is_floating_point() else 0.0
-        return TensorChange(tuple(result.shape), 0.0, size, math.inf, size * size, None, None, ())
-    return tensor_change(b, result, top=top)
-
-
-def analyze(store: Any, refs: Sequence[str], *, base_weights: Any = None, top: int = 5, alpha: bool = False,
-            progress: Callable[[int, int], None] | None = None) -> list[RefAnalysis]:
-    """For each ref, every tensor apply would produce compared with the base's: relative change,
-    energy, effective ranks and top singular values, and their summary per (layer, module).
-
-    ``alpha=True`` adds WeightWatcher's power-law alpha of each matrix in the base and as
-    applied (the optional weightwatcher package; ``AlphaUnavailable`` before any work when it
-    is missing)."""
-    ww = load_weightwatcher() if alpha else None
-    # A base matrix's alpha, shared by every ref on that base: (base id, name) -> alpha.
-    base_alphas: dict[tuple[str, str], float | None] = {}
-    out = []
-    versions = [store.resolve(ref) for ref in refs]
-    for k, version in enumerate(versions):
-        base = store.base(version.base_id)
-        source = store.base_source(base, base_weights)
-        infos, tensor = store.materialize(version, base_weights=source)
-        entries = {e.name for e in version.tensors}
-
-        def work(name: str) -> tuple[TensorChange, torch.Tensor | None, torch.Tensor | None]:
-            b = source.get(name) if name in source else None
-            stored = name in entries
-            result = tensor(name) if stored else b
-            change = _measure(b, result, top) if stored else _unchanged(b)
-            # The tensors go back to this (main) thread only when their alpha is wanted: the
-            # fit prints, so it runs here, one matrix at a time, while workers read the next.
-            return (change, b, result) if ww is not None else (change, None, None)
-
-        changes: dict[str, TensorChange] = {}
-        alphas: dict[str, AlphaShift] = {}
-        for j, (name, (change, b, result)) in enumerate(in_order(list(infos), work)):
-            changes[name] = change
-            if ww is not None:
-                key = (version.base_id, name)
-                if key not in base_alphas:
-                    base_alphas[key] = matrix_alpha(ww, b)
-                # A tensor the version does not store is the base's own: the same alpha.
-                tuned = base_alphas[key] if name not in entries else matrix_alpha(ww, result)
-                alphas[name] = alpha_shift(base_alphas[key], tuned)
-            del b, result  # not held while the next tensor is awaited
-            if progress:
-                progress(k * len(infos) + j + 1, len(versions) * len(infos))
-        out.append(RefAnalysis(version.ref, version.id, version.encoding, len(entries),
-                               tuple(summarize(changes)), changes,
-                               alphas if ww is not None else None,
-                               summarize_alpha(alphas) if ww is not None else None))
-    return out
-
-
-def analyze_plot(analyses: Sequence[RefAnalysis], path: str | os.PathLike, *, value: str = "rel_change") -> Path:
-    """The heatmap of ``analysis.heatmap``: one panel per ref, one colour scale."""
-    from .analysis import heatmap
-
-    panels: dict[str, Mapping[str, TensorChange]] = {}
-    for a in analyses:
-        label = f"{a.ref} ({a.encoding})"
-        if label in panels:
-            label = f"{a.ref} ({a.encoding}, {a.version_id[3:11]})"
-        panels[label] = a.changes
-    return heatmap(panels, path, value=value, title=f"relative change ||dW||/||W|| per layer and module")
-
-
-@dataclass(frozen=True)
-class Spectra:
-    """The singular values, descending, of one 2-D tensor of the base, of what a version applies,
-    and of their difference."""
-
-    ref: str
-    name: str
-    base: tuple[float, ...]
-    tuned: tuple[float, ...]
-    delta: tuple[float, ...]
-
-
-def spectra(store: Any, refs: Sequence[str], name: str, *, base_weights: Any = None) -> list[Spectra]:
-    """``Spectra`` of tensor ``name`` for each ref (the seeds' "can we see what shifted?")."""
-    out = []
-    for ref in refs:
-        version = store.resolve(ref)
-        source = store.base_source(store.base(version.base_id), base_weights)
-        infos, tensor = store.materialize(version, base_weights=source)
-        if name not in infos:
-            close = [n for n in infos if name in n][:3]
-            raise CompareError(f"{version.ref} has no tensor {name!r}" + (f"; did you mean {', '.join(close)}?"
-                                                                          if close else ""))
-        b, t = source.get(name), tensor(name)
-        if b.dim() != 2 or t.shape != b.shape or not b.is_floating_point():
-            raise CompareError(f"{name} is not a floating-point matrix of one shape in base and {version.ref}: "
-                               "it has no spectrum")
-        b32, t32 = b.to(torch.float32), t.to(torch.float32)
-        out.append(Spectra(version.ref, name, tuple(singular_values(b32).tolist()),
-                           tuple(singular_values(t32).tolist()), tuple(singular_values(t32 - b32).tolist())))
-    return out
-
-
-def spectrum_plot(spectra_: Sequence[Spectra], path: str | os.PathLike) -> Path:
-    """Two panels: the spectra of the base and of each ref's tensor (left), of each delta (right)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 4.6), layout="constrained")
-    FigureCanvasAgg(fig)
-    left, right = fig.subplots(1, 2)
-    first = spectra_[0]
-    left.plot(range(1, len(first.base) + 1), first.base, color="black", linewidth=2.2, label="base")
-    for s in spectra_:
-        left.plot(range(1, len(s.tuned) + 1), s.tuned, linewidth=1, linestyle="--", label=s.ref)
-        right.plot(range(1, len(s.delta) + 1), [max(v, 1e-30) for v in s.delta], linewidth=1.2, label=s.ref)
-    for ax, title in ((left, "weights W (base) and W + dW"), (right, "delta dW")):
-        ax.set_yscale("log")
-        ax.set_xlabel("index i")
-        ax.set_ylabel("singular value")
-        ax.set_title(title, fontsize=10)
-        ax.grid(True, alpha=0.25)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"singular values of {first.name}", fontsize=11)
-    out = Path(path)
-    fig.savefig(out, format="png", dpi=120)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# The picture
-
-_KIND_STYLE = {
-    "full": ("#4d4d4d", "s", "full copy"),
-    "full-quantized": ("#9467bd", "D", "full model quantised"),
-    "delta": ("#1f77b4", "o", "delta encoding"),
-    "lora": ("#d62728", "^", "LoRA (rank R)"),
-    "selection": ("#2ca02c", "v", "selection"),
-}
-
-
-def _overlap(a: Any, b: Any) -> float:
-    width = min(a.x1, b.x1) - max(a.x0, b.x0)
-    height = min(a.y1, b.y1) - max(a.y0, b.y0)
-    return width * height if width > 0 and height > 0 else 0.0
-
-
-def plot(comparison: Comparison, path: str | os.PathLike, *, title: str | None = None) -> Path:
-    """Size against KL(fine-tuned || stored), both on log scales, one labelled point per row;
-    rows whose KL is 0 sit on a line marked 0 under the rest, the base's own KL is a dashed
-    line. PNG."""
-    rows = [r for r in comparison.rows if r.kind != "base"]
-    base_row = next((r for r in comparison.rows if r.kind == "base"), None)
-    if any(r.kl is None for r in comparison.rows):
-        raise CompareError(f"the plot needs fidelity, which was not measured ({comparison.fidelity_skipped}); "
-                           "give --prompts FILE and the base as a Hugging Face model folder")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FixedLocator, LogLocator, NullFormatter
-    from matplotlib.transforms import Bbox
-
-    positive = [r.kl for r in comparison.rows if r.kl and r.kl > 0]
-    low = min(positive) if positive else 1e-6
-    high = max(positive) if positive else 1.0
-    floor = 10 ** (math.floor(math.log10(low)) - 1)
-
-    fig = Figure(figsize=(10.5, 6.8), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    xs = [max(r.bytes, 1) for r in rows]
-    ys = [r.kl if r.kl > 0 else floor for r in rows]
-    for kind, (color, marker, label) in _KIND_STYLE.items():
-        pts = [(x, y) for x, y, r in zip(xs, ys, rows) if r.kind == kind]
-        if pts:
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=color, marker=marker, s=46, label=label,
-                       zorder=3, edgecolors="white", linewidths=0.6)
-    if base_row is not None and base_row.kl:
-        ax.axhline(base_row.kl, color="#ff7f0e", linestyle="--", linewidth=1.2, zorder=1,
-                   label=f"base model, nothing kept (KL {base_row.kl:.3g})")
-    ax.axhline(floor, color="#bbbbbb", linewidth=0.8, zorder=0)
-    ax.set_xlim(min(xs) / 4, max(xs) * 12)  # room for the labels right of the largest
-    ax.set_ylim(floor / 4, max(high, base_row.kl if base_row and base_row.kl else high) * 6)
-    # A log axis cannot show 0: the floor line stands for it.
-    decades = range(int(math.log10(floor)) + 1, int(math.ceil(math.log10(ax.get_ylim()[1]))) + 1)
-    ticks = [floor] + [10.0 ** d for d in decades]
-    ax.yaxis.set_major_locator(FixedLocator(ticks))
-    ax.set_yticklabels(["0 (exact)"] + [f"1e{d}" for d in decades])
-    ax.yaxis.set_minor_locator(LogLocator(subs="auto"))
-    ax.yaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("bytes stored (log scale)")
-    ax.set_ylabel("KL(fine-tuned || stored), nats per token (log scale)")
-    ax.grid(True, which="major", alpha=0.25)
-    ax.set_title(title or f"What each way of storing the fine-tune costs and keeps "
-                          f"({comparison.positions} positions)", fontsize=11)
-    # The lower left is where no way of storing a fine-tune lands (small and exact).
-    ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
-
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
-    taken = [ax.get_legend().get_window_extent(renderer)]
-    points = ax.transData.transform(list(zip(xs, ys)))
-    for px, py in points:
-        taken.append(Bbox([[px - 8, py - 8], [px + 8, py + 8]]))
-    frame = ax.get_window_extent(renderer)
-    # Labels keep off the base's dashed line and the line that stands for 0.
-    for level in ([base_row.kl] if base_row is not None and base_row.kl else []) + [floor]:
-        y = ax.transData.transform((xs[0], level))[1]
-        taken.append(Bbox([[frame.x0, y - 2], [frame.x1, y + 2]]))
-    offsets = [(dx, dy) for radius in (7, 16, 28, 42, 58, 76)
-               for dx, dy in ((radius, 0), (radius, -radius), (radius, radius), (0, radius), (0, -radius),
-                              (-radius, 0), (-radius, radius), (-radius, -radius))]
-    order = sorted(range(len(rows)), key=lambda i: (points[i][0], points[i][1]))
-    for i in order:
-        row = rows[i]
-        text = f"{_short(row.label)}  {_size(row.bytes)}"
-        best, best_cost = None, math.inf
-        for dx, dy in offsets:
-            ha = "left" if dx > 0 else "right" if dx < 0 else "center"
-            va = "bottom" if dy > 0 else "top" if dy < 0 else "center"
-            candidate = ax.annotate(text, (xs[i], ys[i]), xytext=(dx, dy), textcoords="offset pixels",
-                                    ha=ha, va=va, fontsize=8)
-            box = candidate.get_window_extent(renderer).expanded(1.04, 1.15)
-            cost = sum(_overlap(box, other) for other in taken)
-            outside = (max(frame.x0 - box.x0, 0) + max(box.x1 - frame.x1, 0)
-                       + max(frame.y0 - box.y0, 0) + max(box.y1 - frame.y1, 0))
-            cost += outside * 1000 + math.hypot(dx, dy) * 0.01
-            candidate.remove()
-            if cost < best_cost:
-                best, best_cost = (dx, dy, ha, va, box), cost
-            if cost < 1:
-                break
-        dx, dy, ha, va, box = best
-        # A label away from its point gets a line to it, so that it cannot be read as a neighbour's.
-        arrow = dict(arrowstyle="-", color="#888888", lw=0.6) if math.hypot(dx, dy) > 12 else None
-        ax.annotate(text, (xs[i], ys[i]), xytext=(dx, dy), textcoords="offset pixels", ha=ha, va=va,
-                    fontsize=8, arrowprops=arrow, zorder=4)
-        taken.append(box)
-    out = Path(path)
-    fig.savefig(out, format="png", dpi=130)
-    return out
-
-
-def _short(label: str) -> str:
-    return label if len(label) <= 38 else label[:35] + "..."

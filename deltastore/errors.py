@@ -2,9 +2,8 @@
 
 One root, `DeltastoreError`, so that callers (and the CLI) can tell a user's mistake or a
 damaged input from a bug. An error only one module raises lives beside it: `AlphaUnavailable`
-(alpha.py), `AnalysisError` (analysis.py), `CompareError` (compare.py), `FidelityError`
-(fidelity.py), `LoraError` (lora.py) and `RefLogError` (reflog.py); each subclasses
-`DeltastoreError`. Each subclass carries what went wrong as attributes and subclasses
+(alpha.py), `FidelityError` (fidelity.py), `LoraError` (lora.py) and `RefLogError` (reflog.py);
+each subclasses `DeltastoreError`. Each subclass carries what went wrong as attributes and subclasses
 the builtin that fits, so `except FileNotFoundError` keeps working for code that knows no
 deltastore. Messages are one line: what is wrong, then what to do.
 """
@@ -30,6 +29,16 @@ def cut(text: Any, limit: int = SHOWN) -> str:
     if len(text) <= limit:
         return repr(text)
     return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+class AnalysisError(DeltastoreError, ValueError):
+    """A tensor or a request that cannot be analysed: shape mismatch, no such tensor, unknown
+    heatmap value (analysis.py, refanalysis.py, plots.py)."""
+
+
+class CompareError(DeltastoreError, ValueError):
+    """A comparison or a measured commit that cannot be made: models that do not match, a bad
+    selection spec, no encoding within the KL bound (compare.py, auto.py, plots.py)."""
 
 
 class StoreNotFound(DeltastoreError, FileNotFoundError):

@@ -36,7 +36,9 @@ sys.path.insert(0, str(HERE))
 import smollm  # noqa: E402
 
 from deltastore import Store  # noqa: E402
-from deltastore.compare import analyze, analyze_plot, compare, plot  # noqa: E402
+from deltastore.compare import compare  # noqa: E402
+from deltastore.plots import analyze_plot, plot  # noqa: E402
+from deltastore.refanalysis import analyze  # noqa: E402
 
 
 def answers(model, tok, questions: list[str], tokens: int) -> list[str]:

@@ -6,7 +6,6 @@ import torch
 from deltastore.analysis import (
     AnalysisError,
     Location,
-    heatmap,
     locate,
     lora_bytes,
     lowrank_energy,
@@ -15,6 +14,7 @@ from deltastore.analysis import (
     tensor_change,
     tensor_changes,
 )
+from deltastore.plots import heatmap
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,8 @@ from click.testing import CliRunner  # noqa: E402
 
 from cli.main import cli  # noqa: E402
 from deltastore import RefNotFound, Store  # noqa: E402
-from deltastore.compare import analyze, analyze_plot  # noqa: E402
+from deltastore.plots import analyze_plot  # noqa: E402
+from deltastore.refanalysis import analyze  # noqa: E402
 from tiny_lm import adam_like, only, pair  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 

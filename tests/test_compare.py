@@ -14,8 +14,9 @@ from safetensors import safe_open  # noqa: E402
 
 from cli.main import cli  # noqa: E402
 from deltastore import Store  # noqa: E402
-from deltastore.compare import (CompareError, choose_encoding, compare, parse_select,  # noqa: E402
-                                plot)
+from deltastore.auto import choose_encoding  # noqa: E402
+from deltastore.compare import CompareError, compare, parse_select  # noqa: E402
+from deltastore.plots import plot  # noqa: E402
 from deltastore.fidelity import FidelityError  # noqa: E402
 from tiny_lm import adam_like, low_rank, pair, prompts_file  # noqa: E402
 

@@ -1,0 +1,198 @@
+"""``commit --encoding auto --max-kl K``: the smallest encoding that keeps a fine-tune's behaviour.
+
+``choose_encoding`` sizes every candidate as compare.py's ``Bench`` does (encoded and
+compressed, nothing written), then measures the fidelity of the candidates smallest first and
+stops at the first whose KL(fine-tuned || stored) is at most K. ``commit_measured`` commits
+the choice through ``Store.commit`` with the figures in the version's metadata. It never prints
+and never writes but through ``Store.commit``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import encodings as codecs
+from .compare import Row, Work, delta_work, open_bench
+from .errors import CompareError, EncodingError
+from .fidelity import Fidelity
+from .selection import select as select_tensors, TensorDelta
+from .units import size
+
+if TYPE_CHECKING:
+    from .records import CommitResult
+    from .store import Store
+
+__all__ = ["AUTO_CANDIDATES", "AutoChoice", "MeasuredCommit", "choose_encoding", "commit_measured"]
+
+#: What ``commit --encoding auto`` chooses from; ranks a matrix cannot hold are skipped.
+AUTO_CANDIDATES: tuple[str, ...] = ("lossless", "int8", "int4", "nf4", "fp4", "1bit",
+                                    "lowrank:8", "lowrank:32", "lowrank:128")
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    """The encoding chosen (the smallest whose KL is at most ``max_kl``; or the one asked for),
+    its measured fidelity and bytes, the base's own KL, and every candidate measured."""
+
+    encoding: str
+    kl: float
+    top1: float
+    bytes: int
+    max_kl: float | None
+    base_kl: float
+    positions: int
+    candidates: tuple[Row, ...]
+
+
+def choose_encoding(base: Any, model: Any, *, prompts: Sequence[str] | str | os.PathLike,
+                    max_kl: float | None, candidates: Sequence[str] = AUTO_CANDIDATES,
+                    include: str | None = None, exclude: str | None = None, top_k: int | None = None,
+                    min_rel_change: float | None = None, energy: float | None = None,
+                    encoding_for: Sequence[tuple[str, str]] | None = None,
+                    encoding_options: Mapping[str, Any] | None = None, max_tokens: int = 256,
+                    chat: bool = False, tokenizer: str | os.PathLike | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> AutoChoice:
+    """Measure each candidate encoding (under the selection given) and pick the smallest by
+    bytes whose KL(fine-tuned || stored) is at most ``max_kl``; ties go to the lower KL. With
+    ``max_kl`` None, ``candidates`` must be one encoding, which is measured."""
+    if max_kl is not None and (not isinstance(max_kl, (int, float)) or not math.isfinite(max_kl) or max_kl < 0):
+        raise CompareError(f"--max-kl must be a number of at least 0 (nats per token), got {max_kl!r}")
+    if max_kl is None and len(candidates) != 1:
+        raise CompareError("choosing an encoding needs --max-kl K: the largest KL(fine-tuned || stored) to accept")
+    options = dict(encoding_options or {})
+    base_src, target_src, scans, bench, skipped = open_bench(
+        base, model, prompts, max_tokens, spectra=False, progress=progress, rows=len(candidates) + 1, chat=chat,
+        tokenizer=tokenizer)
+    if bench.probe is None:
+        raise CompareError(f"cannot measure fidelity: {skipped}")
+    full_bytes = target_src.nbytes
+    changed = [n for n in target_src.names if scans[n].changed]
+    kept = None
+    if any(x is not None for x in (include, exclude, top_k, min_rel_change, energy)):
+        deltas = {n: TensorDelta(rel_change=scans[n].rel_change if scans[n].rel_change is not None else math.inf,
+                                 energy=scans[n].energy) for n in changed}
+        kept = set(select_tensors(deltas, include=include, exclude=exclude, top_k=top_k,
+                                  min_rel_change=min_rel_change, energy=energy).kept)
+    _, _, base_fid = bench.run(lambda n: (0, False, bench.base.get(n) if scans[n].changed else None))
+    # Pass 1: every candidate's bytes, without reconstructing anything (encoding is the cheap
+    # half). Pass 2: fidelity, smallest first, until one fits: a forward pass over the prompts
+    # per candidate is the dear half, and those larger than the first that fits need none.
+    works: dict[str, Work] = {}
+    sized: dict[str, tuple[int, int]] = {}
+    skipped: dict[str, str] = {}
+    for spec in candidates:
+        try:
+            works[spec] = delta_work(bench, scans, spec, options, kept=kept, rules=encoding_for)
+        except EncodingError as e:
+            if len(candidates) == 1:
+                raise
+            skipped[spec] = f"skipped: {e}"
+            continue
+        nbytes, stored, _ = bench.run(works[spec], measure=False)
+        sized[spec] = (nbytes, stored)
+    measured: dict[str, Fidelity] = {}
+    pick = None
+    for spec in sorted(sized, key=lambda s: (sized[s][0], candidates.index(s))):
+        if codecs.get(spec, **options).exact:
+            fidelity = Fidelity(0.0, 1.0, bench.probe.positions)  # bit for bit the fine-tune
+        else:
+            fidelity = bench.run(works[spec])[2]
+        measured[spec] = fidelity
+        if max_kl is None or fidelity.kl <= max_kl:
+            pick = spec
+            break
+    rows = []
+    for spec in candidates:
+        if spec in skipped:
+            rows.append(Row(f"delta {spec}", "delta", spec, 0, 0.0, 0, note=skipped[spec]))
+            continue
+        nbytes, stored = sized[spec]
+        fidelity = measured.get(spec)
+        if fidelity is None:
+            note = f"not measured: larger than {pick} ({size(nbytes)} against {size(sized[pick][0])})"
+        elif spec == pick:
+            note = "chosen: the smallest within --max-kl" if max_kl is not None else "measured"
+        else:
+            note = f"rejected: KL {fidelity.kl:.3g} is above --max-kl {max_kl:g}"
+        rows.append(Row(f"delta {spec}", "delta", spec, nbytes, nbytes / full_bytes if full_bytes else 0.0,
+                        stored, None, fidelity.kl if fidelity else None, fidelity.top1 if fidelity else None,
+                        note))
+    if pick is None and len(candidates) == 1 and measured:
+        only = next(iter(measured))
+        raise CompareError(f"{only} gives KL {measured[only].kl:.3g}, more than --max-kl {max_kl:g}; "
+                           "nothing was committed: choose a finer encoding, or --encoding auto")
+    if pick is None:
+        if not measured:
+            raise CompareError("no candidate encoding can store this model: "
+                               + "; ".join(f"{s}: {why}" for s, why in skipped.items()))
+        best = min(measured, key=lambda s: measured[s].kl)
+        raise CompareError(f"no encoding keeps KL at most {max_kl:g}: the lowest is {measured[best].kl:.3g} "
+                           f"({best}); raise --max-kl, or keep more tensors")
+    chosen = measured[pick]
+    return AutoChoice(pick, chosen.kl, chosen.top1, sized[pick][0], max_kl, base_fid.kl,
+                      bench.probe.positions, tuple(rows))
+
+
+@dataclass(frozen=True)
+class MeasuredCommit:
+    result: CommitResult
+    choice: AutoChoice
+
+
+def commit_measured(store: Store, stance: str, model: Any, *, base: Any, prompts: str | os.PathLike | Sequence[str],
+                    encoding: str = "auto", max_kl: float | None = None, base_weights: Any = None,
+                    include: str | None = None, exclude: str | None = None, top_k: int | None = None,
+                    min_rel_change: float | None = None, energy: float | None = None,
+                    encoding_for: Sequence[tuple[str, str]] | None = None,
+                    encoding_options: Mapping[str, Any] | None = None, chat: bool = False,
+                    tokenizer: str | os.PathLike | None = None,
+                    metadata: Mapping[str, str] | None = None, progress: Callable[[int, int], None] | None = None,
+                    **commit_options: Any) -> MeasuredCommit:
+    """Commit ``model`` as the next version of ``stance`` with its fidelity measured and recorded
+    in the version's metadata (``fidelity.kl``, ``fidelity.top1``, ``fidelity.base_kl``,
+    ``fidelity.positions``, ``fidelity.max_kl``). ``encoding="auto"`` picks the smallest encoding whose KL is at
+    most ``max_kl`` first. The base's weights must be a Hugging Face model folder."""
+    if encoding == "auto" and max_kl is None:
+        raise CompareError("--encoding auto needs --max-kl K: the largest KL(fine-tuned || stored) to accept, "
+                           "e.g. --max-kl 0.01")
+    folder = _base_folder(store, base, base_weights)
+    selection = dict(include=include, exclude=exclude, top_k=top_k, min_rel_change=min_rel_change, energy=energy)
+    choice = choose_encoding(folder, model, prompts=prompts, max_kl=max_kl,
+                             candidates=AUTO_CANDIDATES if encoding == "auto" else (encoding,),
+                             encoding_for=encoding_for, encoding_options=encoding_options, chat=chat,
+                             tokenizer=tokenizer, progress=progress, **selection)
+    meta = {"fidelity.kl": f"{choice.kl:.6g}", "fidelity.top1": f"{choice.top1:.6g}",
+            "fidelity.base_kl": f"{choice.base_kl:.6g}", "fidelity.positions": str(choice.positions)}
+    if isinstance(prompts, (str, os.PathLike)):
+        meta["fidelity.prompts"] = Path(prompts).name
+    if chat:
+        meta["fidelity.chat"] = "true"
+    if max_kl is not None:
+        meta["fidelity.max_kl"] = f"{max_kl:g}"
+    if encoding == "auto":
+        meta["fidelity.chosen_from"] = ",".join(r.spec for r in choice.candidates if r.kl is not None)
+    meta.update(metadata or {})
+    result = store.commit(stance, model, base=base, base_weights=base_weights, encoding=choice.encoding,
+                          encoding_for=list(encoding_for or []), encoding_options=encoding_options, metadata=meta,
+                          **selection, **commit_options)
+    return MeasuredCommit(result, choice)
+
+
+def _base_folder(store: Store, base: Any, base_weights: Any) -> Any:
+    """Where the base's weights are, for loading it with transformers."""
+    if base_weights is not None:
+        return base_weights
+    if isinstance(base, (str, os.PathLike)) and Path(base).exists():
+        return base
+    if isinstance(base, (str, os.PathLike)) or hasattr(base, "id"):
+        record = store.base(base)
+        if not record.source or not Path(record.source).exists():
+            raise CompareError(f"the weights of base {record.name or record.id[:19]} are not at "
+                               f"{record.source or '(unknown)'}; pass the base model folder (--base-path)")
+        return record.source
+    return base
