@@ -6,8 +6,8 @@ This module owns the measurements behind ``analyze`` and the low-rank half of ``
   from one table of patterns (``MODULE_PATTERNS``);
 - ``tensor_change``: relative change, delta energy, effective ranks and singular values of
   one tensor's delta;
-- ``lowrank_energy`` and ``lora_bytes``: what a LoRA-sized factorisation of a delta would
-  hold and cost;
+- ``energy_fraction``, ``rank_for``, ``lowrank_energy`` and ``lora_bytes``: what a LoRA-sized
+  factorisation of a delta would hold and cost (the one home of these for compare and export);
 - ``summarize``: the per (layer, module) table (its picture is plots.py's ``heatmap``).
 
 It is pure: it takes tensors, never the store, and never touches the disk. It never prints,
@@ -32,9 +32,11 @@ __all__ = [
     "MODULE_PATTERNS",
     "ModuleChange",
     "TensorChange",
+    "energy_fraction",
     "locate",
     "lora_bytes",
     "lowrank_energy",
+    "rank_for",
     "singular_values",
     "summarize",
     "tensor_change",
@@ -145,18 +147,27 @@ def singular_values(delta: torch.Tensor) -> torch.Tensor:
     return eigenvalues.flip(0).clamp_min(0.0).sqrt()
 
 
-def _energy_fraction(spectrum: Sequence[float], rank: int) -> float:
+def _values(spectrum: Sequence[float] | torch.Tensor) -> list[float]:
+    return spectrum.double().tolist() if isinstance(spectrum, torch.Tensor) else [float(s) for s in spectrum]
+
+
+def energy_fraction(spectrum: Sequence[float] | torch.Tensor, rank: int) -> float:
+    """The fraction of a delta's energy (the sum of its squared singular values, ``spectrum``
+    descending) that its best rank-``rank`` approximation holds; 1.0 for an all-zero delta
+    (nothing to hold: any rank holds all of it)."""
     if rank < 0:
         raise AnalysisError(f"rank must be >= 0, got {rank}")
-    total = math.fsum(s * s for s in spectrum)
+    values = _values(spectrum)
+    total = math.fsum(s * s for s in values)
     if total == 0.0:
-        return 1.0  # nothing to hold: any rank holds all of it
-    return min(1.0, math.fsum(s * s for s in spectrum[:rank]) / total)
+        return 1.0
+    return min(1.0, math.fsum(s * s for s in values[:rank]) / total)
 
 
-def _rank_for(spectrum: Sequence[float], fraction: float) -> int:
-    """The smallest rank whose best approximation holds `fraction` of the energy."""
-    energies = [s * s for s in spectrum]
+def rank_for(spectrum: Sequence[float] | torch.Tensor, fraction: float) -> int:
+    """The smallest rank whose best approximation holds ``fraction`` of the energy; 0 for an
+    all-zero delta (rank 0 already holds all of it, as ``energy_fraction`` says)."""
+    energies = [s * s for s in _values(spectrum)]
     total = math.fsum(energies)
     if total == 0.0:
         return 0
@@ -197,7 +208,7 @@ class TensorChange:
         """Fraction of the delta's energy that its best rank-``rank`` approximation holds."""
         if len(self.shape) != 2:
             raise AnalysisError(f"low-rank energy needs a 2-D tensor, got shape {self.shape}")
-        return _energy_fraction(self.spectrum, rank)
+        return energy_fraction(self.spectrum, rank)
 
 
 def tensor_change(base: torch.Tensor, target: torch.Tensor, *, top: int = 5) -> TensorChange:
@@ -216,7 +227,7 @@ def tensor_change(base: torch.Tensor, target: torch.Tensor, *, top: int = 5) -> 
         rank90 = rank99 = None
         if delta.ndim == 2:
             spectrum = tuple(singular_values(delta).tolist())
-            rank90, rank99 = _rank_for(spectrum, 0.90), _rank_for(spectrum, 0.99)
+            rank90, rank99 = rank_for(spectrum, 0.90), rank_for(spectrum, 0.99)
     if base_norm > 0.0:
         rel_change = delta_norm / base_norm
     else:
@@ -250,7 +261,7 @@ def tensor_changes(
 def lowrank_energy(delta: torch.Tensor, ranks: Iterable[int]) -> dict[int, float]:
     """For each rank R, the fraction of ||delta||^2 held by its best rank-R approximation."""
     spectrum = tuple(singular_values(delta).tolist())
-    return {rank: _energy_fraction(spectrum, rank) for rank in ranks}
+    return {rank: energy_fraction(spectrum, rank) for rank in ranks}
 
 
 def lora_bytes(shape: Sequence[int], rank: int, itemsize: int) -> int:

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import encodings as codecs
-from .compare import Row, Work, delta_work, open_bench
+from .compare import Row, Work, delta_work, open_bench, select_changed
 from .errors import CompareError, EncodingError
 from .fidelity import Fidelity
-from .selection import select as select_tensors, TensorDelta
+from .selection import Selector
 from .units import size
 
 if TYPE_CHECKING:
@@ -51,9 +51,7 @@ class AutoChoice:
 
 def choose_encoding(base: Any, model: Any, *, prompts: Sequence[str] | str | os.PathLike,
                     max_kl: float | None, candidates: Sequence[str] = AUTO_CANDIDATES,
-                    include: str | None = None, exclude: str | None = None, top_k: int | None = None,
-                    min_rel_change: float | None = None, energy: float | None = None,
-                    encoding_for: Sequence[tuple[str, str]] | None = None,
+                    selector: Selector | None = None, encoding_for: Sequence[tuple[str, str]] | None = None,
                     encoding_options: Mapping[str, Any] | None = None, max_tokens: int = 256,
                     chat: bool = False, tokenizer: str | os.PathLike | None = None,
                     progress: Callable[[int, int], None] | None = None) -> AutoChoice:
@@ -71,13 +69,7 @@ def choose_encoding(base: Any, model: Any, *, prompts: Sequence[str] | str | os.
     if bench.probe is None:
         raise CompareError(f"cannot measure fidelity: {skipped}")
     full_bytes = target_src.nbytes
-    changed = [n for n in target_src.names if scans[n].changed]
-    kept = None
-    if any(x is not None for x in (include, exclude, top_k, min_rel_change, energy)):
-        deltas = {n: TensorDelta(rel_change=scans[n].rel_change if scans[n].rel_change is not None else math.inf,
-                                 energy=scans[n].energy) for n in changed}
-        kept = set(select_tensors(deltas, include=include, exclude=exclude, top_k=top_k,
-                                  min_rel_change=min_rel_change, energy=energy).kept)
+    kept = set(select_changed(scans, selector).kept) if selector else None
     _, _, base_fid = bench.run(lambda n: (0, False, bench.base.get(n) if scans[n].changed else None))
     # Pass 1: every candidate's bytes, without reconstructing anything (encoding is the cheap
     # half). Pass 2: fidelity, smallest first, until one fits: a forward pass over the prompts
@@ -146,7 +138,7 @@ class MeasuredCommit:
 
 def commit_measured(store: Store, stance: str, model: Any, *, base: Any, prompts: str | os.PathLike | Sequence[str],
                     encoding: str = "auto", max_kl: float | None = None, base_weights: Any = None,
-                    include: str | None = None, exclude: str | None = None, top_k: int | None = None,
+                    selector: Selector | None = None, include: str | None = None, exclude: str | None = None, top_k: int | None = None,
                     min_rel_change: float | None = None, energy: float | None = None,
                     encoding_for: Sequence[tuple[str, str]] | None = None,
                     encoding_options: Mapping[str, Any] | None = None, chat: bool = False,
@@ -156,16 +148,18 @@ def commit_measured(store: Store, stance: str, model: Any, *, base: Any, prompts
     """Commit ``model`` as the next version of ``stance`` with its fidelity measured and recorded
     in the version's metadata (``fidelity.kl``, ``fidelity.top1``, ``fidelity.base_kl``,
     ``fidelity.positions``, ``fidelity.max_kl``). ``encoding="auto"`` picks the smallest encoding whose KL is at
-    most ``max_kl`` first. The base's weights must be a Hugging Face model folder."""
+    most ``max_kl`` first. The base's weights must be a Hugging Face model folder. ``selector``,
+or its five options one by one, as ``Store.commit`` takes them."""
     if encoding == "auto" and max_kl is None:
         raise CompareError("--encoding auto needs --max-kl K: the largest KL(fine-tuned || stored) to accept, "
                            "e.g. --max-kl 0.01")
     folder = _base_folder(store, base, base_weights)
-    selection = dict(include=include, exclude=exclude, top_k=top_k, min_rel_change=min_rel_change, energy=energy)
+    selector = Selector.of(selector, include=include, exclude=exclude, top_k=top_k, min_rel_change=min_rel_change,
+                           energy=energy)
     choice = choose_encoding(folder, model, prompts=prompts, max_kl=max_kl,
                              candidates=AUTO_CANDIDATES if encoding == "auto" else (encoding,),
                              encoding_for=encoding_for, encoding_options=encoding_options, chat=chat,
-                             tokenizer=tokenizer, progress=progress, **selection)
+                             tokenizer=tokenizer, progress=progress, selector=selector)
     meta = {"fidelity.kl": f"{choice.kl:.6g}", "fidelity.top1": f"{choice.top1:.6g}",
             "fidelity.base_kl": f"{choice.base_kl:.6g}", "fidelity.positions": str(choice.positions)}
     if isinstance(prompts, (str, os.PathLike)):
@@ -179,7 +173,7 @@ def commit_measured(store: Store, stance: str, model: Any, *, base: Any, prompts
     meta.update(metadata or {})
     result = store.commit(stance, model, base=base, base_weights=base_weights, encoding=choice.encoding,
                           encoding_for=list(encoding_for or []), encoding_options=encoding_options, metadata=meta,
-                          **selection, **commit_options)
+                          selector=selector, **commit_options)
     return MeasuredCommit(result, choice)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -20,11 +19,12 @@ from typing import Any, Callable, Iterator, TypeVar
 import torch
 
 from . import encodings
-from .errors import BaseMismatch, EncodingError, ModelFormatError, NonFiniteTensor, SelectionError
+from .errors import BaseMismatch, EncodingError, NonFiniteTensor
 from .hashing import base_id as compute_base_id
 from .hashing import bytes_id, dtype_name, tensor_id
 from .models import TensorSource
 from .records import Base, ObjectRef, TensorEntry
+from .selection import Selector, TensorDelta, parse_encoding_rules, select
 
 # Norms are taken a cache-sized slice at a time (2x faster than 4M-element slices here).
 CHUNK = 1 << 18
@@ -129,14 +129,13 @@ def check_names(base: Base, expected: dict[str, dict], target: TensorSource) -> 
 
 def build_entries(store: Any, base: Base, base_src: TensorSource, target: TensorSource, *, token: str,
                   encoding: str, encoding_for: list[tuple[str, str]] | None, encoding_options: dict,
-                  include: str | None, exclude: str | None, top_k: int | None,
-                  min_rel_change: float | None, energy: float | None,
-                  progress: Callable[[int, int], None] | None, allow_nonfinite: bool = False) -> Built:
+                  selector: Selector, progress: Callable[[int, int], None] | None,
+                  allow_nonfinite: bool = False) -> Built:
     expected = store.base_tensors(base)
     check_names(base, expected, target)
     spec_for = _spec_chooser(encoding, encoding_for, encoding_options, target)
-    by_stats = any(x is not None for x in (top_k, min_rel_change, energy))
-    by_name = _name_filter(include, exclude)
+    by_stats = selector.by_stats
+    by_name = selector.by_name()
     built = Built()
     changes: dict[str, Change] = {}
     names = target.names
@@ -194,7 +193,8 @@ def build_entries(store: Any, base: Base, base_src: TensorSource, target: Tensor
 
     built.median_rel_change = median_rel_change(
         [changes[n].rel_change if n in changes else 0.0 for n in names])
-    selected = _select(changes, include, exclude, top_k, min_rel_change, energy)
+    selected = select({c.name: TensorDelta.of(c.rel_change, c.energy) for c in changes.values()}, selector) \
+        if selector else None
     if selected is not None:
         built.selection = selected.policy
         built.left_out = list(selected.left_out)
@@ -299,30 +299,8 @@ def _pipelined(names: list[str], work: Callable[[str], T], workers: int, ahead: 
                 f.cancel()
 
 
-def _select(changes: dict[str, Change], include, exclude, top_k, min_rel_change, energy):
-    if all(x is None for x in (include, exclude, top_k, min_rel_change, energy)):
-        return None
-    from .selection import TensorDelta, select
-
-    deltas = {c.name: TensorDelta(rel_change=c.rel_change if c.rel_change is not None else math.inf,
-                                  energy=c.energy) for c in changes.values()}
-    return select(deltas, include=include, exclude=exclude, top_k=top_k,
-                  min_rel_change=min_rel_change, energy=energy)
-
-
-def _name_filter(include: str | None, exclude: str | None) -> Callable[[str], bool]:
-    try:
-        inc = re.compile(include) if include else None
-        exc = re.compile(exclude) if exclude else None
-    except re.error as e:
-        raise SelectionError(f"not a regular expression: {e}") from None
-    return lambda name: (inc is None or bool(inc.search(name))) and (exc is None or not exc.search(name))
-
-
 def _spec_chooser(encoding: str, rules: list[tuple[str, str]] | None, options: dict, target: TensorSource):
     """name -> the Encoding that stores it; every spec and rank is checked before any work."""
-    from .selection import parse_encoding_rules
-
     chosen = parse_encoding_rules([f"{pattern}={spec}" for pattern, spec in rules or []],
                                   default=encoding, names=target.names, **options)
     for name, info in target.infos.items():

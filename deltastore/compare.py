@@ -16,7 +16,6 @@ flight. It never writes to a store, never prints and never loads a pickle.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,14 +26,14 @@ import torch
 
 from . import encodings as codecs
 from .apply import match_names, module_tensors
-from .analysis import singular_values
+from .analysis import energy_fraction, lora_bytes, singular_values
 from .commit import _spec_chooser, delta_stats, in_order
 from .errors import CompareError
 from .fidelity import Fidelity, FidelityProbe, load_causal_lm, read_prompts
 from .lora import module_types, plan as lora_plan
 from .models import TensorSource, open_model
 from .objects import stored_size
-from .selection import select as select_tensors, TensorDelta
+from .selection import Selection, Selector, TensorDelta, select
 from .units import size
 
 __all__ = [
@@ -68,11 +67,7 @@ class Select:
     ``encoding`` (of the tensors kept; lossless by default)."""
 
     text: str
-    include: str | None = None
-    exclude: str | None = None
-    top_k: int | None = None
-    min_rel_change: float | None = None
-    energy: float | None = None
+    selector: Selector = Selector()
     encoding: str = "lossless"
 
 
@@ -97,9 +92,9 @@ def parse_select(text: str) -> Select:
                 values[key] = value
         except ValueError:
             raise CompareError(f"--select {text!r}: {key} must be a number, got {value!r}") from None
-    if "encoding" in values:
-        codecs.get(values["encoding"])
-    return Select(text, **values)
+    encoding = values.pop("encoding", "lossless")
+    codecs.get(encoding)
+    return Select(text, Selector(**values), encoding)
 
 
 @dataclass(frozen=True)
@@ -272,6 +267,11 @@ def _prompts(prompts: Sequence[str] | str | os.PathLike | None) -> list[str] | N
     return list(prompts)
 
 
+def select_changed(scans: Mapping[str, Scan], selector: Selector) -> Selection:
+    """What ``selector`` keeps of the tensors the scan found changed, ranked as commit ranks them."""
+    return select({n: TensorDelta.of(s.rel_change, s.energy) for n, s in scans.items() if s.changed}, selector)
+
+
 def open_bench(base: Any, model: Any, prompts: Any, max_tokens: int, *, spectra: bool,
            progress: Any, rows: int, chat: bool = False, tokenizer: Any = None) -> tuple[TensorSource, TensorSource, dict[str, Scan], Bench, str | None]:
     base_src, target_src = open_model(base), open_model(model)
@@ -351,7 +351,7 @@ def _lora_work(bench: Bench, scans: Mapping[str, Scan], the_plan: Any, rank: int
                 b, t = bench.base.get(name), bench.target.get(name)
                 enc = codecs.LowRank(r, dtype=dtype)
                 value = enc.decode(b, enc.encode(b, t), dtype=t.dtype, shape=tuple(t.shape))
-            return r * (shape[0] + shape[1]) * itemsize, True, value
+            return lora_bytes(shape, r, itemsize), True, value
         if name in the_plan.saved:
             return 0, True, None  # counted whole, below
         return 0, False, bench.base.get(name)
@@ -433,16 +433,13 @@ def compare(base: Any, model: Any, *, encodings: Sequence[str] = DEFAULT_ENCODIN
         for rank in ranks:
             nbytes, stored, fidelity = bench.run(_lora_work(bench, scans, the_plan, rank, lora_dtype))
             spectra = [scans[f"{m}.weight"].spectrum for m in the_plan.targets]
-            held = [_held(s, min(rank, min(the_plan.targets[m][1])))
+            held = [energy_fraction(s, min(rank, min(the_plan.targets[m][1])))
                     for m, s in zip(the_plan.targets, spectra) if s is not None]
             add(f"LoRA r={rank}", "lora", f"lowrank:{rank}", nbytes + whole, stored, fidelity,
                 energy=sum(held) / len(held) if held else None, note=", ".join(note))
     if chosen:
-        deltas = {n: TensorDelta(rel_change=scans[n].rel_change if scans[n].rel_change is not None else math.inf,
-                                 energy=scans[n].energy) for n in changed}
         for sel in chosen:
-            picked = select_tensors(deltas, include=sel.include, exclude=sel.exclude, top_k=sel.top_k,
-                                    min_rel_change=sel.min_rel_change, energy=sel.energy)
+            picked = select_changed(scans, sel.selector)
             nbytes, stored, fidelity = bench.run(
                 delta_work(bench, scans, sel.encoding, options, kept=set(picked.kept)))
             add(f"select {sel.text}", "selection", sel.encoding, nbytes, stored, fidelity,
@@ -455,11 +452,6 @@ def compare(base: Any, model: Any, *, encodings: Sequence[str] = DEFAULT_ENCODIN
         prompts=bench.prompts,
         positions=bench.probe.positions if bench.probe else 0,
         fidelity_skipped=skipped, rows=tuple(rows))
-
-
-def _held(spectrum: Sequence[float], rank: int) -> float:
-    total = math.fsum(s * s for s in spectrum)
-    return 1.0 if total == 0.0 else min(1.0, math.fsum(s * s for s in spectrum[:rank]) / total)
 
 
 def _main_dtype(source: TensorSource) -> str:

@@ -115,8 +115,7 @@ def export_gguf_lora(store: Any, ref: str, out: str | os.PathLike, *, rank: int 
     except ImportError:
         raise LoraError("a GGUF LoRA is written with the gguf package: pip install 'deltastore[gguf]'") from None
 
-    from .analysis import singular_values
-    from .lora import _energy_rank
+    from .analysis import rank_for, singular_values
 
     if rank is None and energy is None:
         raise LoraError("give a rank (--rank R) or an energy fraction (--energy F)")
@@ -153,7 +152,7 @@ def export_gguf_lora(store: Any, ref: str, out: str | os.PathLike, *, rank: int 
         spectrum = singular_values(delta)
         r = min(shape) if rank is None else min(rank, min(shape))
         if energy is not None:
-            r = min(r, max(1, _energy_rank(spectrum, energy)))
+            r = min(r, max(1, rank_for(spectrum, energy)))
         # PEFT's pair for a Conv1D (fan_in_fan_out) already has B @ A = delta^T: the (out, in) of GGUF.
         pairs[gguf_name] = factors(delta, r, kind)
         squares = spectrum ** 2

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from .analysis import locate
+from .analysis import energy_fraction, locate, rank_for, singular_values
 from .errors import DeltastoreError, ModelFormatError, PickleRefused, UnsafeInput
 from .hashing import DTYPES, dtype_name, tensor_id
 from .models import TensorInfo, TensorSource, check_name, open_model, read_header, read_tensor
@@ -130,10 +130,6 @@ class AdapterPlan:
     target_biases: tuple[str, ...]
     dropped: tuple[str, ...]
     tied: bool = False
-
-    def lora_bytes(self, rank: int, itemsize: int) -> int:
-        """Bytes of the low-rank pairs at rank ``rank``: R * (m + n) elements per matrix."""
-        return sum(rank * (shape[0] + shape[1]) * itemsize for _, shape in self.targets.values())
 
 
 def plan(infos: Mapping[str, TensorInfo], changed: Iterable[str], *,
@@ -247,15 +243,6 @@ class LoraExport:
     exact: bool = False
 
 
-def _energy_rank(spectrum: torch.Tensor, energy: float) -> int:
-    squares = spectrum.double() ** 2
-    total = float(squares.sum())
-    if total == 0.0:
-        return 1
-    running = torch.cumsum(squares, 0)
-    return int(torch.searchsorted(running, energy * total * (1 - 1e-12)).item()) + 1
-
-
 def export_lora(store: Any, ref: str, out: str | os.PathLike, *, rank: int | None = None,
                 energy: float | None = None, dtype: str = "bf16", base_weights: Any = None,
                 exact: bool = False, progress: Any = None) -> LoraExport:
@@ -265,7 +252,6 @@ def export_lora(store: Any, ref: str, out: str | os.PathLike, *, rank: int | Non
     approximation holds F of that delta's energy (``rank_pattern``), capped at ``rank`` if both
     are given. The pairs come from a randomized SVD of each delta, whose energy held is
     measured and reported; ``exact=True`` (and ``energy``) uses the exact truncated SVD."""
-    from .analysis import singular_values
     from .commit import in_order
 
     if rank is None and energy is None:
@@ -308,10 +294,9 @@ def export_lora(store: Any, ref: str, out: str | os.PathLike, *, rank: int | Non
         if exact:
             spectrum = singular_values(delta)
             if energy is not None:
-                r = min(r, max(1, _energy_rank(spectrum, energy)))
+                r = min(r, max(1, rank_for(spectrum, energy)))
             a, b = factors(delta, r, kind)
-            squares = spectrum ** 2
-            held = float(squares[:r].sum()) / float(squares.sum()) if float(squares.sum()) > 0 else 1.0
+            held = energy_fraction(spectrum, r)
         else:
             a, b, held = factors_randomized(delta, r, kind)
         return a.to(target_dtype).contiguous(), b.to(target_dtype).contiguous(), r, held, total

@@ -7,10 +7,11 @@ allowed, raised before any work is done.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from . import encodings
 from .errors import EncodingError, SelectionError
@@ -25,6 +26,48 @@ class TensorDelta:
     rel_change: float
     energy: float
 
+    @classmethod
+    def of(cls, rel_change: float | None, energy: float) -> "TensorDelta":
+        """The record selection ranks a tensor by; a tensor with no relative change (no base
+        tensor of its shape, or a base of norm 0) ranks as changed the most."""
+        return cls(math.inf if rel_change is None else rel_change, energy)
+
+
+@dataclass(frozen=True)
+class Selector:
+    """What a user asks a version to keep of the changed tensors: ``--include`` and
+    ``--exclude`` (regexes, or lists of them), ``--top-k``, ``--min-rel-change`` and
+    ``--energy``. The empty ``Selector()`` keeps every changed tensor. ``select`` applies it."""
+
+    include: str | Sequence[str] | None = None
+    exclude: str | Sequence[str] | None = None
+    top_k: int | None = None
+    min_rel_change: float | None = None
+    energy: float | None = None
+
+    @classmethod
+    def of(cls, selector: "Selector | None" = None, **options: Any) -> "Selector":
+        """`selector` (or the empty one) with the options given that are not None put in."""
+        given = {k: v for k, v in options.items() if v is not None}
+        base = selector if selector is not None else cls()
+        return dataclasses.replace(base, **given) if given else base
+
+    def __bool__(self) -> bool:
+        return any(x is not None for x in (self.include, self.exclude, self.top_k, self.min_rel_change,
+                                            self.energy))
+
+    @property
+    def by_stats(self) -> bool:
+        """Whether it needs every tensor's change before it can keep any (top-k, energy, min-rel-change)."""
+        return any(x is not None for x in (self.top_k, self.min_rel_change, self.energy))
+
+    def by_name(self) -> "Callable[[str], bool]":
+        """name -> whether ``--include``/``--exclude`` let it through (the whole choice when
+        ``by_stats`` is False)."""
+        includes, excludes = _patterns("include", self.include), _patterns("exclude", self.exclude)
+        return lambda name: ((not includes or any(p.search(name) for p in includes))
+                             and not any(p.search(name) for p in excludes))
+
 
 @dataclass(frozen=True)
 class Selection:
@@ -37,10 +80,9 @@ class Selection:
     policy: dict[str, Any]
 
 
-def select(changes: Mapping[str, TensorDelta], *, include: str | Sequence[str] | None = None,
-           exclude: str | Sequence[str] | None = None, top_k: int | None = None,
-           min_rel_change: float | None = None, energy: float | None = None) -> Selection:
-    """Pick from `changes` (the tensors that differ from the base) what a version stores.
+def select(changes: Mapping[str, TensorDelta], selector: Selector | None = None, **options: Any) -> Selection:
+    """Pick from `changes` (the tensors that differ from the base) what `selector` (or the
+    same options given as keywords) keeps.
 
     Without options, every changed tensor. The options narrow it in this order, each acting on
     what the one before kept: `include` (a name must match one of them), `exclude` (it must
@@ -49,6 +91,9 @@ def select(changes: Mapping[str, TensorDelta], *, include: str | Sequence[str] |
     the energy of those still in the running). Ties go by name, so the result is the same
     whatever the order of `changes`. Each regex must match at least one changed tensor.
     """
+    selector = Selector.of(selector, **options)
+    include, exclude, top_k = selector.include, selector.exclude, selector.top_k
+    min_rel_change, energy = selector.min_rel_change, selector.energy
     includes, excludes = _patterns("include", include), _patterns("exclude", exclude)
     names = list(changes)
     policy: dict[str, Any] = {}

@@ -44,13 +44,14 @@ from .records import (Base, CommitResult, TensorEntry, Version, VersionInfo, che
 from .reflog import RefLog
 
 # torch, and the modules that import it when loaded (apply, commit, encodings, models, patch,
-# prepared), are imported where a tensor is at hand: read commands (log, show, stances, tag, stats,
+# prepared, selection), are imported where a tensor is at hand: read commands (log, show, stances, tag, stats,
 # fsck, gc) then start without loading torch (tests/test_startup.py).
 if TYPE_CHECKING:
     import torch
 
     from .models import TensorInfo, TensorSource
     from .prepared import PreparedStance
+    from .selection import Selector
 
 STORE_FILE = "STORE"
 STORE_FORMAT = "deltastore/store/2"
@@ -444,14 +445,16 @@ class Store:
 
     def commit(self, stance: str, model: ModelLike, *, base: ModelLike | str | Base,
                encoding: str = "lossless", encoding_for: list[tuple[str, str]] | None = None,
-               encoding_options: Mapping[str, Any] | None = None,
+               encoding_options: Mapping[str, Any] | None = None, selector: Selector | None = None,
                include: str | None = None, exclude: str | None = None, top_k: int | None = None,
                min_rel_change: float | None = None, energy: float | None = None,
                message: str = "", metadata: Mapping[str, str] | None = None, tag: str | None = None,
                base_weights: ModelLike | None = None, progress: Progress | None = None,
                allow_nonfinite: bool = False, allow_empty: bool = False, force: bool = False,
                new_stance: bool = False) -> CommitResult:
-        """Store `model` as the next version of `stance`, as deltas against `base`. A changed
+        """Store `model` as the next version of `stance`, as deltas against `base`: the changed
+        tensors `selector` keeps (`include`, `exclude`, `top_k`, `min_rel_change`, `energy` are
+        the same options one by one; given with a `selector`, they replace its fields). A changed
         tensor holding nan or inf is refused (`NonFiniteTensor`) unless `allow_nonfinite`;
         lossless encodings then store it exactly, lossy ones refuse it. A model that would
         store what the stance's newest version stores is refused (`IdenticalVersion`) unless
@@ -460,6 +463,7 @@ class Store:
         not exist yet, named within a few edits of one that does, is refused (`StanceNameClose`:
         a typo would start a new line of versions unnoticed) unless `new_stance`."""
         from .commit import NOT_A_FINE_TUNE, build_entries
+        from .selection import Selector
 
         self._writable()
         check_stance_name(stance)
@@ -471,9 +475,12 @@ class Store:
             names.check_tag_name(tag)
         metadata = names.check_metadata({str(k): str(v) for k, v in (metadata or {}).items()})
         names.check_message(message)
-        for what, text in (("--include", include), ("--exclude", exclude)):
-            if text is not None and not is_text(text):
-                raise UnsafeInput(f"{what} holds bytes that are not UTF-8 text; write it as UTF-8")
+        selector = Selector.of(selector, include=include, exclude=exclude, top_k=top_k,
+                               min_rel_change=min_rel_change, energy=energy)
+        for what, texts in (("--include", selector.include), ("--exclude", selector.exclude)):
+            for text in [texts] if isinstance(texts, str) else texts or ():
+                if not is_text(text):
+                    raise UnsafeInput(f"{what} holds bytes that are not UTF-8 text; write it as UTF-8")
         base_rec, given, registered = self._resolve_base(base)
         token = uuid.uuid4().hex
         try:
@@ -483,9 +490,7 @@ class Store:
             target = open_model(model, mapped=True)
             built = build_entries(self, base_rec, base_src, target, token=token, encoding=encoding,
                                   encoding_for=encoding_for, encoding_options=dict(encoding_options or {}),
-                                  include=include, exclude=exclude, top_k=top_k,
-                                  min_rel_change=min_rel_change, energy=energy, progress=progress,
-                                  allow_nonfinite=allow_nonfinite)
+                                  selector=selector, progress=progress, allow_nonfinite=allow_nonfinite)
             if not built.entries and not built.unchanged:
                 raise NothingToCommit("the model has no tensors")
             median = built.median_rel_change

@@ -6,9 +6,11 @@ import torch
 from deltastore.analysis import (
     AnalysisError,
     Location,
+    energy_fraction,
     locate,
     lora_bytes,
     lowrank_energy,
+    rank_for,
     singular_values,
     summarize,
     tensor_change,
@@ -102,6 +104,21 @@ def test_an_exactly_rank_4_delta(shape):
     assert len(change.singular_values) == 4 or change.singular_values[4] < 1e-3
     assert lora_bytes(shape, 4, 2) == 4 * (shape[0] + shape[1]) * 2
     assert lora_bytes(shape, 4, 4) == 4 * sum(shape) * 4
+
+
+def test_all_zero_delta_one_answer():
+    # compare's LoRA energy, export-lora's ranks and analyze's rank90/rank99 all come from these
+    # two: an all-zero delta is held whole at rank 0, from a list or a tensor alike.
+    zeros = torch.zeros(6, dtype=torch.float64)
+    for spectrum in (zeros, zeros.tolist(), ()):
+        assert rank_for(spectrum, 0.9) == 0 and rank_for(spectrum, 1.0) == 0
+        assert energy_fraction(spectrum, 0) == 1.0 and energy_fraction(spectrum, 3) == 1.0
+    base = torch.randn(8, 5, generator=torch.Generator().manual_seed(3))
+    unchanged = tensor_change(base, base.clone())
+    assert unchanged.rank90 == 0 and unchanged.rank99 == 0 and unchanged.energy_at(2) == 1.0
+    spectrum = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
+    assert rank_for(spectrum, 0.9) == rank_for(spectrum.tolist(), 0.9) == 2
+    assert energy_fraction(spectrum, 1) == energy_fraction([3.0, 2.0, 1.0], 1) == pytest.approx(9 / 14)
 
 
 def test_tensor_change_measures_the_delta():

@@ -243,7 +243,7 @@ def test_models_that_do_not_match_and_bad_requests_are_refused(tmp_path, adam_pa
         parse_select("top_k=two")
     with pytest.raises(CompareError, match="twice"):
         parse_select("top_k=1;top_k=2")
-    assert parse_select(r"include=a\.b;encoding=int4").include == r"a\.b"
+    assert parse_select(r"include=a\.b;encoding=int4").selector.include == r"a\.b"
     with pytest.raises(CompareError, match="makes no sense"):
         compare(base, ft, full=("lossless",))
     with pytest.raises(FidelityError, match="no prompts"):
