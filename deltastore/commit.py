@@ -130,7 +130,11 @@ def check_names(base: Base, expected: dict[str, dict], target: TensorSource) -> 
 def build_entries(store: Any, base: Base, base_src: TensorSource, target: TensorSource, *, token: str,
                   encoding: str, encoding_for: list[tuple[str, str]] | None, encoding_options: dict,
                   selector: Selector, progress: Callable[[int, int], None] | None,
-                  allow_nonfinite: bool = False) -> Built:
+                  allow_nonfinite: bool = False, base_hashed: bool = False) -> Built:
+    """The tensor entries of `target` against `base` (whose weights `base_src` holds), their
+    objects written. `base_hashed`: the caller hashed `base_src` itself to find `base` (a
+    commit from a base path), so its tensors are not hashed again; the final
+    `check_unchanged` still refuses files written in between."""
     expected = store.base_tensors(base)
     check_names(base, expected, target)
     spec_for = _spec_chooser(encoding, encoding_for, encoding_options, target)
@@ -143,7 +147,7 @@ def build_entries(store: Any, base: Base, base_src: TensorSource, target: Tensor
 
     def base_tensor(name: str) -> torch.Tensor:
         t = base_src.get(name) if name in base_src else None
-        if t is None or tensor_id(t) != expected[name]["tensor_id"]:
+        if t is None or (not base_hashed and tensor_id(t) != expected[name]["tensor_id"]):
             raise store.base_changed(base, base_src, [name])
         return t
 

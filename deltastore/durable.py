@@ -1,13 +1,20 @@
-"""Durable writes: a file replaced whole or not at all, and a folder's entries made durable.
+"""Durable writes: a file replaced whole or not at all, a new folder that appears whole or not
+at all, and a folder's entries made durable.
 
 A file is written beside its place (in the store's tmp/ or the same folder, so on the same file
 system), fsynced, renamed over its place, and then its folder is fsynced, so that a crash leaves
-the old file or the new one, never a part of either, and never loses the rename.
+the old file or the new one, never a part of either, and never loses the rename. A new folder
+(an exported model, a LoRA adapter) is filled under a hidden name beside its place and renamed
+into it.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -33,3 +40,22 @@ def replace_file(path: Path, data: bytes, tmp: Path) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+@contextmanager
+def new_folder(out: Path) -> Iterator[Path]:
+    """A folder to fill, renamed to `out` when the block ends without an error: `out` (absent, or
+    an empty folder that the caller checked) is then whole, and otherwise as it was; the hidden
+    folder beside it is removed either way."""
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(out.parent)

@@ -33,8 +33,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +41,7 @@ from typing import Any
 import torch
 
 from .analysis import energy_fraction, locate, rank_for, singular_values
+from .durable import new_folder
 from .errors import DeltastoreError, ModelFormatError, PickleRefused, UnsafeInput
 from .hashing import DTYPES, dtype_name, tensor_id
 from .models import TensorInfo, TensorSource, check_name, open_model, read_header, read_tensor
@@ -355,20 +354,12 @@ def export_lora(store: Any, ref: str, out: str | os.PathLike, *, rank: int | Non
 
     from safetensors.torch import save_file
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with new_folder(out) as tmp:
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt", "deltastore.version": version.id})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        # As export writes a model folder: readable by all (mkdtemp's 0700 would stick).
+        # As export writes a model folder: readable by all.
         for file in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
             os.chmod(tmp / file, 0o644)
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
     all_energy = total_energy + dropped_energy
     warning = None

@@ -29,6 +29,7 @@ from typing import Any, BinaryIO, Callable, TYPE_CHECKING
 import torch
 
 from .catalog import now
+from .durable import new_folder
 from .errors import (BaseMismatch, DeltastoreError, JournalError, ModelFormatError, ResultMismatch, SharedFile,
                      shown_names)
 from .hashing import base_id, bytes_id, dtype_name, tensor_id
@@ -354,9 +355,7 @@ def write_model(out: Path, source_infos: dict[str, TensorInfo], tensor: Callable
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ModelFormatError(f"{out} exists and is not empty; choose a new folder")
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
-    tmp.mkdir(parents=True)
-    try:
+    with new_folder(out) as tmp:
         groups: dict[str, list[TensorInfo]] = {}
         for info in source_infos.values():
             file = info.file.name if info.file is not None else "model.safetensors"
@@ -383,10 +382,4 @@ def write_model(out: Path, source_infos: dict[str, TensorInfo], tensor: Callable
         if files_from is not None:
             for f in other_files(files_from):
                 shutil.copy2(f, tmp / f.name)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

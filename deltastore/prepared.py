@@ -109,9 +109,8 @@ def _prepare_entry(store: Any, version: Version, entry: TensorEntry, base_tensor
                                             for part, o in entry.objects.items()}, compressed=True)
     parts = store.read_parts(entry)
     result = store.decode_entry(entry, base_tensor, parts)
-    if not exact and tensor_id(result) != entry.result_tensor_id:
-        raise DeltastoreError(f"tensor {entry.name!r} of {version.ref} decodes to other bytes than at commit "
-                              "(a different torch build or a corrupt object); nothing was prepared")
+    if not exact:
+        entry.check_result(result, version.ref, untouched="nothing was prepared")
     if mode == "full":
         return PreparedTensor(entry, result=_owned(result, device))
     if entry.encoding in _ON_DEVICE and device.type != "cpu":

@@ -7,14 +7,13 @@ are an index over it.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import names
-from .errors import UnsafeInput
-from .hashing import DTYPE_SIZES, is_id, manifest_id
+from .errors import ResultMismatch, UnsafeInput
+from .hashing import DTYPE_SIZES, is_id, manifest_id, tensor_id
 from .limits import load_json, shown
 
 MANIFEST_FORMAT = "deltastore/version/1"
@@ -68,6 +67,12 @@ class TensorEntry:
     @property
     def exact(self) -> bool:
         return self.result_tensor_id == self.target_tensor_id
+
+    def check_result(self, result: Any, ref: str, *, untouched: str | None = None) -> None:
+        """Refuse (``ResultMismatch``) a decoded tensor that is not what this entry recorded at
+        commit; ``untouched`` names what the failure left as it was."""
+        if tensor_id(result) != self.result_tensor_id:
+            raise ResultMismatch(self.name, ref, untouched=untouched)
 
     def to_manifest(self) -> dict:
         return {

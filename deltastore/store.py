@@ -32,7 +32,7 @@ from . import index, names
 from .catalog import Catalog, dumps, now
 from .errors import (AmbiguousRef, BaseMismatch, BaseNotFound, DeltastoreError, IdenticalVersion, JournalError,
                      ModelFormatError, NotAFineTune, NothingToCommit, OldStoreFormat, ReadOnlyStore, RefNotFound,
-                     ResultMismatch, StanceNameClose, StoreExists, StoreNotFound, TagNotFound, UnsafeInput,
+                     StanceNameClose, StoreExists, StoreNotFound, TagNotFound, UnsafeInput,
                      VersionConflict, cut, shown_names)
 from .hashing import base_id as compute_base_id, bytes_id, canonical_json, tensor_id
 from .history import delete_stance, diff, rename_stance
@@ -490,7 +490,8 @@ class Store:
             target = open_model(model, mapped=True)
             built = build_entries(self, base_rec, base_src, target, token=token, encoding=encoding,
                                   encoding_for=encoding_for, encoding_options=dict(encoding_options or {}),
-                                  selector=selector, progress=progress, allow_nonfinite=allow_nonfinite)
+                                  selector=selector, progress=progress, allow_nonfinite=allow_nonfinite,
+                                  base_hashed=given is not None)
             if not built.entries and not built.unchanged:
                 raise NothingToCommit("the model has no tensors")
             median = built.median_rel_change
@@ -749,8 +750,7 @@ class Store:
             if entry is None:
                 return base_tensor
             result = self.decode_entry(entry, base_tensor)
-            if tensor_id(result) != entry.result_tensor_id:
-                raise ResultMismatch(name, version.ref)
+            entry.check_result(result, version.ref)
             return result
         return infos, tensor
 

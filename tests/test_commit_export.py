@@ -294,3 +294,31 @@ def test_mapped_tensors_stay_readable_once_released(tmp_path) -> None:
         source.release(name)  # its pages are let go; a later read faults them in again
         assert same_tensor(t, pair.ft_state[name]) and same_tensor(source.get(name), pair.ft_state[name]), name
     source.check_unchanged()
+
+
+def test_commit_from_a_base_path_hashes_the_base_once(tmp_path, store, monkeypatch) -> None:
+    # A commit from an unregistered base path hashes the base to find its id; the commit itself
+    # then trusts those ids (a file written in between is still refused by check_unchanged).
+    import deltastore.commit
+    import deltastore.store
+
+    pair = make_model(tmp_path, torch.float32)
+    hashed: list[tuple[str, int]] = []
+
+    def spy(module):
+        real = module.tensor_id
+
+        def counted(t):
+            hashed.append((module.__name__, t.data_ptr()))
+            return real(t)
+        monkeypatch.setattr(module, "tensor_id", counted)
+
+    spy(deltastore.store)
+    spy(deltastore.commit)
+    result = store.commit("curious", pair.ft, base=pair.base)
+    names = open_model(pair.base).names
+    by_module = {m: sum(1 for k, _ in hashed if k == m) for m in ("deltastore.store", "deltastore.commit")}
+    # Each base tensor once (store.py, to find the base id); each fine-tuned tensor once (commit.py).
+    assert by_module == {"deltastore.store": len(names), "deltastore.commit": len(names)}
+    assert store.export(result.version.ref, tmp_path / "out") and \
+        load_folder(tmp_path / "out").keys() == load_folder(pair.ft).keys()
