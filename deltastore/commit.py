@@ -137,7 +137,7 @@ def build_entries(store: Any, base: Base, base_src: TensorSource, target: Tensor
     `check_unchanged` still refuses files written in between."""
     expected = store.base_tensors(base)
     check_names(base, expected, target)
-    spec_for = _spec_chooser(encoding, encoding_for, encoding_options, target)
+    spec_for = spec_chooser(encoding, encoding_for, encoding_options, target)
     by_stats = selector.by_stats
     by_name = selector.by_name()
     built = Built()
@@ -303,7 +303,7 @@ def _pipelined(names: list[str], work: Callable[[str], T], workers: int, ahead: 
                 f.cancel()
 
 
-def _spec_chooser(encoding: str, rules: list[tuple[str, str]] | None, options: dict, target: TensorSource):
+def spec_chooser(encoding: str, rules: list[tuple[str, str]] | None, options: dict, target: TensorSource):
     """name -> the Encoding that stores it; every spec and rank is checked before any work."""
     chosen = parse_encoding_rules([f"{pattern}={spec}" for pattern, spec in rules or []],
                                   default=encoding, names=target.names, **options)

@@ -27,7 +27,7 @@ import torch
 from . import encodings as codecs
 from .apply import match_names, module_tensors
 from .analysis import energy_fraction, lora_bytes, singular_values
-from .commit import _spec_chooser, delta_stats, in_order
+from .commit import spec_chooser, delta_stats, in_order
 from .errors import CompareError
 from .fidelity import Fidelity, FidelityProbe, load_causal_lm, read_prompts
 from .lora import module_types, plan as lora_plan
@@ -305,7 +305,7 @@ def open_bench(base: Any, model: Any, prompts: Any, max_tokens: int, *, spectra:
 def delta_work(bench: Bench, scans: Mapping[str, Scan], spec: str, options: Mapping[str, Any],
                 kept: set[str] | None = None, rules: Sequence[tuple[str, str]] | None = None) -> Work:
     # The very choice commit makes, tensor by tensor (norms lossless, ranks checked, rules).
-    choose = _spec_chooser(spec, list(rules or []), dict(options), bench.target)
+    choose = spec_chooser(spec, list(rules or []), dict(options), bench.target)
 
     def work(name: str):
         if not scans[name].changed:
