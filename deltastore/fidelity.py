@@ -1,9 +1,9 @@
 """How much of a fine-tune's behaviour a model still has: next-token KL and top-1 agreement.
 
-This module owns the fidelity measurement of DESIGN.md ("Fidelity"): a ``FidelityProbe`` keeps
-the fine-tuned model's next-token log-probabilities at every position of every prompt, then
-measures KL(fine-tuned || current) and top-1 agreement for whatever weights the model holds
-when asked. It also reads a prompts file and loads a Hugging Face model folder for it.
+This module owns the fidelity measurement (README, "What a fine-tune costs, and what a cheap form
+of it keeps"): a ``FidelityProbe`` keeps the fine-tuned model's next-token log-probabilities at
+every position of every prompt, then measures KL(fine-tuned || current) and top-1 agreement for
+whatever weights the model holds when asked. It also reads a prompts file and loads a Hugging Face model folder for it.
 
 It never changes a model's weights and leaves a model in the train/eval mode it found it in;
 it never loads a pickle (``.bin``/``.pt`` checkpoints), never reaches the network and never

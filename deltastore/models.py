@@ -22,7 +22,6 @@ from typing import Callable, Iterable, Mapping
 import torch
 # safetensors' own rule for which name of a tied (aliased) tensor a file keeps; private, so its
 # use is pinned by tests/test_commit_export.py's tied-weights round trip.
-from safetensors.torch import _remove_duplicate_names
 
 from .errors import ModelFormatError, PickleRefused, UnsafeInput
 from .hashing import DTYPES, dtype_name
@@ -322,10 +321,51 @@ def module_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     state = module.state_dict(keep_vars=True)
     tied = getattr(module, "all_tied_weights_keys", None) or getattr(module, "_tied_weights_keys", None) or []
     discard = list(tied.keys()) if isinstance(tied, dict) else list(tied)
-    for kept, removed in _remove_duplicate_names(state, discard_names=discard).items():
-        for name in removed:
-            del state[name]
-    return state
+    return without_aliases(state, discard=discard)
+
+
+def without_aliases(state: Mapping[str, torch.Tensor], *, discard: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """`state` with each tensor that several names alias (tied weights) under one name only: the
+    first in sorted order that is not in `discard`, else the first; the rule safetensors'
+    `save_model` follows, so that a module, its state dict and its saved file have one base id.
+    Tensors that overlap in memory without being the same tensor are refused: no one name
+    could stand for them."""
+    discard = set(discard)
+    areas = []
+    for name, t in state.items():
+        if t.device.type != "meta" and t.numel():
+            start = t.data_ptr()
+            areas.append((t.device, start, start + _extent(t), name))
+    areas.sort(key=lambda a: (str(a[0]), a[1], a[2], a[3]))
+    groups: list[list[str]] = []
+    last = None
+    for device, start, stop, name in areas:
+        if last is not None and last[0] == device and start < last[2]:
+            if (start, stop) != last[1:] or not _same_view(state[name], state[groups[-1][0]]):
+                raise ModelFormatError(f"tensors {groups[-1][0]!r} and {name!r} share memory without being one "
+                                       "tensor; save the model with safetensors (save_model) first")
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+            last = (device, start, stop)
+    out = dict(state)
+    for names in groups:
+        if len(names) > 1:
+            keep = min([n for n in names if n not in discard] or names)
+            for name in names:
+                if name != keep:
+                    del out[name]
+    return out
+
+
+def _extent(t: torch.Tensor) -> int:
+    # Bytes from the first element to just past the last one, whatever the strides.
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return (last + 1) * t.element_size()
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
 
 
 def open_tensors(tensors: Mapping[str, torch.Tensor]) -> TensorSource:
@@ -349,10 +389,7 @@ def open_model(model: str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.
         # tie `lm_head.weight` to the input embedding and save the latter: keep that one too, so
         # that a state dict has the base id of its module and of its saved folder.
         discard = [n for n in state if n == "lm_head.weight" or n.endswith(".lm_head.weight")]
-        for kept, removed in _remove_duplicate_names(state, discard_names=discard).items():
-            for name in removed:
-                del state[name]
-        return open_tensors(state)
+        return open_tensors(without_aliases(state, discard=discard))
     return open_files(Path(model), mapped=mapped)
 
 

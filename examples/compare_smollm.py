@@ -108,7 +108,7 @@ def main() -> None:
         f"losing the stance costs. The int4 delta keeps it (KL {c.row('delta int4').kl:.1g}) at "
         f"{c.row('delta int4').fraction:.1%} of the full copy; a rank-32 LoRA-sized factorisation keeps most of it "
         f"(KL {c.row('LoRA r=32').kl:.2g}) at {c.row('LoRA r=32').fraction:.1%}. Keeping only the most-changed "
-        "tensors, or the seeds' layer-15 v_proj, keeps almost nothing: an Adam fine-tune moved every weight. The "
+        "tensors, or layer 15's v_proj alone, keeps almost nothing: an Adam fine-tune moved every weight. The "
         "whole model quantised to 4 bits (every 2-D tensor, the tied embedding included) costs more behaviour "
         "than the fine-tune added, at about the size of the int4 delta.",
         "",

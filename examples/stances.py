@@ -1,4 +1,4 @@
-"""The seeds' three stances, end to end, on a real small model (SmolLM2-135M-Instruct).
+"""Three stances, end to end, on a real small model (SmolLM2-135M-Instruct).
 
     python examples/stances.py [--quick] [--workdir DIR]
 

@@ -140,3 +140,30 @@ def test_store_registers_one_base_whatever_form_it_is_given_in(tmp_path) -> None
     assert base.tensor_count == len(pair.base_state)
     assert base.bytes == sum(t.numel() * t.element_size() for t in pair.base_state.values())
     assert store.base("tiny").id == store.base(from_folder.id[:14]).id == from_folder.id
+
+
+def test_aliases_dropped_as_safetensors_drops_them() -> None:
+    # models.without_aliases is the rule of safetensors' save_model (its private
+    # _remove_duplicate_names is the oracle here, never a dependency of the library).
+    from safetensors.torch import _remove_duplicate_names
+
+    from deltastore.errors import ModelFormatError
+    from deltastore.models import module_state, without_aliases
+
+    for module in (tiny_llama(tied=True), tiny_net(tied=True), tiny_net(tied=False)):
+        state = module.state_dict()
+        tied = getattr(module, "_tied_weights_keys", None) or []
+        discard = list(tied.keys()) if isinstance(tied, dict) else list(tied)
+        removed = {n for names in _remove_duplicate_names(state, discard_names=discard).values() for n in names}
+        assert set(without_aliases(state, discard=discard)) == set(state) - removed
+        assert set(module_state(module)) == set(state) - removed
+    # Without a discard list the first name in sorted order stays, as in safetensors.
+    w = torch.zeros(4, 3)
+    assert set(without_aliases({"b": w, "a": w, "c": torch.ones(2)})) == {"a", "c"}
+    assert set(without_aliases({"b": w, "a": w}, discard=["a"])) == {"b"}
+    # Two tensors over the same memory that are not one tensor cannot go under one name.
+    buffer = torch.zeros(12)
+    with pytest.raises(ModelFormatError, match="share memory"):
+        without_aliases({"x": buffer[:8], "y": buffer[4:]})
+    # Slices of one buffer that do not overlap are separate tensors.
+    assert set(without_aliases({"x": buffer[:6], "y": buffer[6:]})) == {"x", "y"}

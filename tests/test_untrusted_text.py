@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "tok-mallory"
 REPO = "mallory/stances"
 
-# What the issue saw a repo do to a terminal: set the title, clear the screen, print fake text
+# What a hostile repo can do to a terminal: set the title, clear the screen, print fake text
 # in green and hide what follows; write the clipboard (OSC 52); the same in 8-bit C1 form; text
 # reversed by bidirectional overrides.
 TITLE_CLEAR_FAKE = "\x1b]0;pwned\x07\x1b[2J\x1b[H\x1b[1;32mall checks passed\x1b[8m"

@@ -7,7 +7,7 @@ a fresh store, for each N given.
 The versions share one tiny model's objects (one real commit; the others are its manifest with
 another number, parent and message, so each has its own id and files on the Hub): what is
 measured is the per-version work of a pull, not the bytes. Timings are one run each, wall
-clock. Target (issue 16): time per version flat as N grows (linear in N).
+clock. Target: time per version flat as N grows (linear in N).
 """
 
 from __future__ import annotations

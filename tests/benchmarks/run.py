@@ -4,7 +4,7 @@
 
 Absolute times drift on a shared machine, so every figure comes with its peers measured in the
 same run, in the same rounds (measure.py): each timing is min/median/max over `--runs` rounds
-after a warm-up round. Figures (issue 8; targets of issues 2, 3 and 8 at the end):
+after a warm-up round. Figures (the targets they are held to at the end):
 - bytes stored: each encoding of the fine-tune against the full copy, `zstd -3` of it, ZipNN of
   it, and a rank-32 PEFT LoRA adapter of the same delta (all linear layers, the truncated SVD
   of each delta), plus what `deltastore export-lora --rank 32` writes (every changed tensor);
@@ -42,7 +42,7 @@ ENCODINGS = ("lossless", "int8", "int4", "nf4", "1bit", "lowrank:32")
 # stance name in the benchmark store -> (label, the fine-tune it stores, encoding)
 STANCES = {"adam": ("lossless", "adam", "lossless"), "adam-int4": ("int4", "adam", "int4"),
            "surgical": ("surgical", "surgical", "lossless")}
-# A second int4 stance of the whole model, for switching between two packed stances (issue 17).
+# A second int4 stance of the whole model, for switching between two packed stances.
 INT4_OTHER = "adam-int4-g128"
 RANK = 32
 
@@ -196,7 +196,7 @@ PREPARED_STEPS = ("first switch (checks the base, keeps its bytes)", "switch ful
 
 
 def _prepared_steps(store, model, p: dict) -> list[Step]:
-    """Switches between prepared stances (issue 17), from the base and back to it each round.
+    """Switches between prepared stances, from the base and back to it each round.
     Every other step leaves the module at its base; the first switch of a round checks it."""
     targets = [p["full"], p["full int4"], p["full"], p["packed int4"], p["packed int4 g128"]]
     steps = [Step(label, lambda _, t=t: store.switch(model, t)) for label, t in zip(PREPARED_STEPS, targets)]
@@ -293,7 +293,7 @@ def med(t: dict) -> float:
 
 
 def targets(r: dict) -> list[dict]:
-    """Each target of issues 2, 3 and 8: the measured ratio, the limit, and whether it is met."""
+    """Each target (numbered by the issue that set it): the measured ratio, the limit, and whether it is met."""
     enc, p = r["store"]["encodings"], r["store"]["peers"]
     sw, rss = r["switch"], r["rss"]
     load = med(sw["load_model_fine_tune"])
@@ -316,7 +316,7 @@ def targets(r: dict) -> list[dict]:
 
 
 def switch_targets(sw: dict) -> list[dict]:
-    """Issue 17's targets, from the switching figures alone (`--only switch` has no others)."""
+    """The prepared-switch targets, from the switching figures alone (`--only switch` has no others)."""
     load = med(sw["load_model_fine_tune"])
     pr = sw["prepared"]
     full = max(med(pr["switch full: lossless -> int4"]), med(pr["switch full: int4 -> lossless"]))

@@ -11,7 +11,7 @@ two tensors do. Versions are committed from memory, lossless. Timings are the me
 figures run the command in-process (click's runner), so they leave out the interpreter's start
 (mostly importing torch), which no store layout can change.
 
-Targets (issues 4 and 14): each of log, show and ref resolution under 100 ms; store size =
+Targets: each of log, show and ref resolution under 100 ms; store size =
 unique object bytes (tensor data, manifests, base records) + the ref log + a catalog under 5 MB.
 """
 
