@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import encodings as codecs
-from .compare import Row, Work, delta_work, open_bench, select_changed
+from .compare import Row, Work, delta_work, lowrank_rank, open_bench, select_changed
 from .errors import CompareError, EncodingError
 from .fidelity import Fidelity
 from .selection import Selector
@@ -68,6 +68,7 @@ def choose_encoding(base: Any, model: Any, *, prompts: Sequence[str] | str | os.
         tokenizer=tokenizer)
     if bench.probe is None:
         raise CompareError(f"cannot measure fidelity: {skipped}")
+    bench.basis_rank = max([0, *(lowrank_rank(s, options) for s in candidates if _known(s, options))])
     full_bytes = target_src.nbytes
     kept = set(select_changed(scans, selector).kept) if selector else None
     _, _, base_fid = bench.run(lambda n: (0, False, bench.base.get(n) if scans[n].changed else None))
@@ -190,3 +191,11 @@ def _base_folder(store: Store, base: Any, base_weights: Any) -> Any:
                                f"{record.source or '(unknown)'}; pass the base model folder (--base-path)")
         return record.source
     return base
+
+
+def _known(spec: str, options: Mapping[str, Any]) -> bool:
+    try:
+        codecs.get(spec, **options)
+    except EncodingError:
+        return False  # said where the candidate is tried
+    return True

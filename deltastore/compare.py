@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from . import encodings as codecs
+from . import quantize as Q
 from .apply import match_names, module_tensors
 from .analysis import energy_fraction, lora_bytes, singular_values
 from .commit import spec_chooser, delta_stats, in_order
@@ -195,6 +196,23 @@ class Bench:
         self.progress = progress
         self.prompts = 0
         self.done, self.total = 0, rows * len(self.names)
+        #: The most singular vectors a low-rank row needs; each matrix's are found once
+        #: (one eigendecomposition) and serve every rank up to this one.
+        self.basis_rank = 0
+        self._bases: dict[str, Q.GramBasis] = {}
+
+    def encode(self, enc: codecs.Encoding, name: str, b: torch.Tensor, t: torch.Tensor) -> codecs.Encoded:
+        """``enc.encode(b, t)``; a low-rank one from this matrix's basis, made at its first use."""
+        rank = getattr(enc, "rank", None)
+        if not isinstance(enc, codecs.LowRank) or rank is None or rank > self.basis_rank:
+            return enc.encode(b, t)
+        basis = self._bases.get(name)
+        if basis is None:
+            dw = t.detach().to("cpu", torch.float32) - b.detach().to("cpu", torch.float32)  # as enc takes it
+            if t.dim() != 2 or not bool(torch.isfinite(dw).all()):
+                return enc.encode(b, t)  # refused there, in its own words
+            basis = self._bases[name] = Q.gram_basis(dw, keep=self.basis_rank)
+        return enc.encode(b, t, basis=basis)
 
     @property
     def measuring(self) -> bool:
@@ -267,6 +285,11 @@ def _prompts(prompts: Sequence[str] | str | os.PathLike | None) -> list[str] | N
     return list(prompts)
 
 
+def lowrank_rank(spec: str, options: Mapping[str, Any]) -> int:
+    """The rank of a ``lowrank:R`` spec; 0 for any other."""
+    return getattr(codecs.get(spec, **options), "rank", None) or 0
+
+
 def select_changed(scans: Mapping[str, Scan], selector: Selector) -> Selection:
     """What ``selector`` keeps of the tensors the scan found changed, ranked as commit ranks them."""
     return select({n: TensorDelta.of(s.rel_change, s.energy) for n, s in scans.items() if s.changed}, selector)
@@ -314,7 +337,7 @@ def delta_work(bench: Bench, scans: Mapping[str, Scan], spec: str, options: Mapp
             return 0, False, bench.base.get(name)
         b, t = bench.base.get(name), bench.target.get(name)
         enc = choose(name, b, t)
-        encoded = enc.encode(b, t)
+        encoded = bench.encode(enc, name, b, t)
         value = None
         if bench.measuring and not enc.exact:
             value = enc.decode(b, encoded, dtype=t.dtype, shape=tuple(t.shape))
@@ -350,7 +373,7 @@ def _lora_work(bench: Bench, scans: Mapping[str, Scan], the_plan: Any, rank: int
             if bench.measuring:
                 b, t = bench.base.get(name), bench.target.get(name)
                 enc = codecs.LowRank(r, dtype=dtype)
-                value = enc.decode(b, enc.encode(b, t), dtype=t.dtype, shape=tuple(t.shape))
+                value = enc.decode(b, bench.encode(enc, name, b, t), dtype=t.dtype, shape=tuple(t.shape))
             return lora_bytes(shape, r, itemsize), True, value
         if name in the_plan.saved:
             return 0, True, None  # counted whole, below
@@ -396,6 +419,8 @@ def compare(base: Any, model: Any, *, encodings: Sequence[str] = DEFAULT_ENCODIN
     base_src, target_src, scans, bench, skipped = open_bench(
         base, model, prompts, max_tokens, spectra=bool(ranks), progress=progress, rows=rows_asked, chat=chat,
         tokenizer=tokenizer)
+    asked = [*specs, *(sel.encoding for sel in chosen)]
+    bench.basis_rank = max([0, *ranks, *(lowrank_rank(s, options) for s in asked)])
     measuring = bench.measuring
     full_bytes = target_src.nbytes
     changed = [n for n in target_src.names if scans[n].changed]

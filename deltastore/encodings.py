@@ -421,14 +421,21 @@ class LowRank(_Delta):
     def spec(self) -> str:
         return f"lowrank:{self.rank}"
 
-    def _encode(self, dw: torch.Tensor, shape: tuple[int, ...]) -> tuple[Q.Parts, dict[str, Any]]:
+    def encode(self, base: torch.Tensor, target: torch.Tensor, *, basis: Q.GramBasis | None = None) -> Encoded:
+        """`basis`: ``quantize.gram_basis`` of this very delta, made once for several ranks
+        (compare's LoRA rows, ``commit --encoding auto``); the same bytes as without it."""
+        parts, params = self._encode(_delta(base, target, self.spec), tuple(target.shape), basis)
+        return Encoded(dict(parts), params)
+
+    def _encode(self, dw: torch.Tensor, shape: tuple[int, ...],
+                basis: Q.GramBasis | None = None) -> tuple[Q.Parts, dict[str, Any]]:
         if len(shape) != 2:
             raise EncodingError(f"{self.spec} needs a 2-D tensor, got shape {shape}; keep this tensor lossless")
         largest = min(shape)
         if self.rank > largest:
             raise EncodingError(f"{self.spec} is more than a {shape[0]}x{shape[1]} tensor can hold; "
                                 f"the rank must be at most {largest} (lowrank:{largest})")
-        return Q.lowrank_encode(dw, rank=self.rank, dtype=self.dtype)
+        return Q.lowrank_encode(dw, rank=self.rank, dtype=self.dtype, basis=basis)
 
     def _decode(self, encoded: Encoded, shape: tuple[int, ...]) -> torch.Tensor:
         if len(shape) != 2:

@@ -29,6 +29,7 @@ little-endian array with no header; elements run over the tensor flattened in ro
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
@@ -296,7 +297,43 @@ def bnb_decode(parts: Mapping[str, Any], params: Mapping[str, Any], *, quant_typ
 
 # -- lowrank: truncated SVD --------------------------------------------------------------------
 
-def truncated_svd(a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class GramBasis:
+    """What ``truncated_svd`` finds of a float32 matrix before it picks a rank, kept to serve
+    every rank: the right singular vectors (of the transpose, for a wide matrix) as the
+    eigenvectors of the Gram matrix of ``a * 2**-shift``, largest first, signs fixed, the first
+    ``vectors.shape[1]`` of them; ``values``: all singular values of ``a``, descending."""
+
+    vectors: torch.Tensor
+    values: torch.Tensor
+    shift: int
+
+
+def gram_basis(a: torch.Tensor, *, keep: int) -> GramBasis:
+    """``a``'s ``GramBasis`` with its first ``keep`` vectors (one eigendecomposition)."""
+    tall = a.shape[0] >= a.shape[1]
+    a = a if tall else a.T
+    top = float(a.abs().max()) if a.numel() else 0.0
+    if top == 0:
+        return GramBasis(torch.zeros(a.shape[1], 0), torch.zeros(a.shape[1], dtype=torch.float64), 0)
+    shift = math.frexp(top)[1]
+    values, vectors = _eigen(_times_pow2(a, -shift))
+    scaled = values.double().clamp_min(0.0).sqrt() * 2.0 ** shift
+    # clone, not contiguous: LAPACK's column-major layout is kept, and with it the order in
+    # which `a @ v` sums (the bytes of U*S do not change with a basis).
+    return GramBasis(vectors[:, :keep].clone(), scaled, shift)
+
+
+def _eigen(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # The eigenvalues (descending) and eigenvectors of a's Gram matrix, each vector's largest
+    # entry positive.
+    w, v = torch.linalg.eigh(a.T @ a)  # ascending eigenvalues
+    v = v.flip(1)
+    sign = torch.where(v.gather(0, v.abs().argmax(dim=0, keepdim=True)) < 0, -1.0, 1.0)
+    return w.flip(0), v * sign
+
+
+def truncated_svd(a: torch.Tensor, rank: int, *, basis: GramBasis | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(U*S, Vh) of float32 `a`'s best rank-`rank` approximation.
 
     A full SVD of an embedding-sized matrix takes ~10 s on two cores; the eigenvectors of the
@@ -304,7 +341,8 @@ def truncated_svd(a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     U*S, in about a second. Squaring loses the directions below ~3e-4 of the largest singular
     value, whose share of the energy is under 1e-7: the approximation stays the best one to
     that. Signs are fixed (each Vh row's largest entry is positive) so that the bytes do not
-    depend on the LAPACK build.
+    depend on the LAPACK build. `basis`: ``gram_basis(a)`` with at least `rank` vectors, made
+    once for several ranks; the result is the same bytes as without it.
     """
     tall = a.shape[0] >= a.shape[1]
     a = a if tall else a.T
@@ -314,10 +352,10 @@ def truncated_svd(a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     else:
         shift = math.frexp(top)[1]  # an exact power-of-two normalisation keeps the Gram in range
         a = _times_pow2(a, -shift)
-        _, v = torch.linalg.eigh(a.T @ a)  # ascending eigenvalues
-        v = v[:, -rank:].flip(1)
-        sign = torch.where(v.gather(0, v.abs().argmax(dim=0, keepdim=True)) < 0, -1.0, 1.0)
-        v = v * sign
+        if basis is not None and basis.shift == shift and basis.vectors.shape[1] >= rank:
+            v = basis.vectors[:, :rank]
+        else:
+            v = _eigen(a)[1][:, :rank]
         us = _times_pow2(a @ v, shift)
         vh = v.T
     return (us.contiguous(), vh.contiguous()) if tall else (vh.T.contiguous(), us.T.contiguous())
@@ -366,8 +404,9 @@ def _times_pow2(t: torch.Tensor, exp: int) -> torch.Tensor:
     return t * 2.0 ** exp
 
 
-def lowrank_encode(dw: torch.Tensor, *, rank: int, dtype: str) -> tuple[Parts, dict[str, Any]]:
-    us, vh = truncated_svd(dw, rank)
+def lowrank_encode(dw: torch.Tensor, *, rank: int, dtype: str,
+                   basis: GramBasis | None = None) -> tuple[Parts, dict[str, Any]]:
+    us, vh = truncated_svd(dw, rank, basis=basis)
     _, exp = fp16_scales(us.abs().amax().reshape(1) if us.numel() else torch.empty(0))
     t = FACTOR_DTYPES[dtype]
     parts = {"us": _bytes((us.double() * 2.0 ** -exp).to(t)), "vh": _bytes(vh.to(t))}

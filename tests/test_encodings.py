@@ -326,3 +326,20 @@ def test_nf4_without_bitsandbytes_says_how_to_get_it(monkeypatch: pytest.MonkeyP
     monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
     with pytest.raises(EncodingError, match="pip install bitsandbytes"):
         encodings.get("nf4").encode(torch.zeros(4, 4), torch.ones(4, 4))
+
+
+def test_lowrank_from_a_shared_basis_is_the_same_bytes():
+    # compare and `commit --encoding auto` find each matrix's singular vectors once for every
+    # rank; what they store and measure must be what lowrank:R alone gives.
+    from deltastore.quantize import gram_basis
+
+    g = torch.Generator().manual_seed(7)
+    for shape in ((96, 40), (40, 96)):
+        base = torch.randn(shape, generator=g).to(torch.bfloat16)
+        target = (base.float() + 1e-2 * torch.randn(shape, generator=g)).to(torch.bfloat16)
+        basis = gram_basis(target.float() - base.float(), keep=32)
+        for rank in (1, 8, 32):
+            enc = encodings.get(f"lowrank:{rank}")
+            alone, shared = enc.encode(base, target), enc.encode(base, target, basis=basis)
+            assert alone.params == shared.params
+            assert {k: bytes(v) for k, v in alone.parts.items()} == {k: bytes(v) for k, v in shared.parts.items()}
