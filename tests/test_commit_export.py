@@ -322,3 +322,18 @@ def test_commit_from_a_base_path_hashes_the_base_once(tmp_path, store, monkeypat
     assert by_module == {"deltastore.store": len(names), "deltastore.commit": len(names)}
     assert store.export(result.version.ref, tmp_path / "out") and \
         load_folder(tmp_path / "out").keys() == load_folder(pair.ft).keys()
+
+
+def test_a_selector_and_its_options_one_by_one_commit_the_same(tmp_path, store) -> None:
+    from deltastore.selection import Selector
+
+    pair = make_model(tmp_path, torch.float32)
+    by_object = store.commit("a", pair.ft, base=pair.base, selector=Selector(exclude="embed", top_k=3))
+    by_keywords = store.commit("b", pair.ft, base=pair.base, exclude="embed", top_k=3)
+    # A keyword given beside a selector replaces that field of it.
+    replaced = store.commit("c", pair.ft, base=pair.base, selector=Selector(exclude="embed", top_k=1), top_k=3)
+    manifests = [store.resolve(r.version.ref) for r in (by_object, by_keywords, replaced)]
+    assert len({tuple(e.name for e in v.tensors) for v in manifests}) == 1
+    assert len(manifests[0].tensors) == 3 and not any("embed" in e.name for e in manifests[0].tensors)
+    assert manifests[0].selection == manifests[1].selection == manifests[2].selection == \
+        {"exclude": ["embed"], "top_k": 3}
