@@ -3,7 +3,7 @@ and analyze (where it changed the model)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -11,6 +11,9 @@ from deltastore import Store
 
 from .options import finite, json_option, lower_case, number_list, with_store
 from .output import echo, emit_json, progress, size, table, to_jsonable
+
+if TYPE_CHECKING:
+    from deltastore.compare import Comparison
 
 
 def _kl(value: float | None) -> str:
@@ -71,6 +74,12 @@ def compare_command(base: str, model: str, encodings_text: str, ranks_text: str,
         draw(c, plot)
     if as_json:
         return emit_json(finite({**to_jsonable(c), "plot": plot}))
+    render_comparison(c)
+    if plot:
+        echo(f"wrote {plot}")
+
+
+def render_comparison(c: Comparison) -> None:
     what = (f"fidelity over {c.prompts} prompts ({c.positions} positions)" if c.fidelity_skipped is None
             else f"no fidelity: {c.fidelity_skipped}")
     echo(f"{c.changed} of {c.tensors} tensors changed; full copy {size(c.full_bytes)} ({c.dtype}); {what}")
@@ -78,8 +87,6 @@ def compare_command(base: str, model: str, encodings_text: str, ranks_text: str,
             "-" if r.energy is None else f"{r.energy:.3f}", _kl(r.kl),
             "-" if r.top1 is None else f"{r.top1:.1%}", r.note] for r in c.rows],
           ["stored as", "bytes", "of full", "tensors", "energy", "KL", "top-1", "note"])
-    if plot:
-        echo(f"wrote {plot}")
 
 
 @click.command()
@@ -114,26 +121,38 @@ def analyze(store: Store, refs: tuple[str, ...], plot: str | None, value: str, s
     if with_alpha and spectrum:
         raise click.UsageError("--alpha adds columns to the analysis table; --spectrum shows one tensor instead")
     if spectrum:
-        from deltastore.plots import spectrum_plot
-        from deltastore.refanalysis import spectra
-
-        found = spectra(store, list(refs), spectrum, base_weights=base_path)
-        if plot:
-            spectrum_plot(found, plot)
-        if as_json:
-            return emit_json({"spectra": to_jsonable(found), "plot": plot})
-        echo(f"singular values of {spectrum} (largest 5)")
-        table([["base", *(f"{x:.4g}" for x in found[0].base[:5])]]
-              + [[f"{s.ref}", *(f"{x:.4g}" for x in s.tuned[:5])] for s in found]
-              + [[f"{s.ref} delta", *(f"{x:.4g}" for x in s.delta[:5])] for s in found],
-              ["", "1", "2", "3", "4", "5"])
-        return echo(f"wrote {plot}") if plot else None
+        return show_spectra(store, refs, spectrum, plot, base_path, as_json)
     with progress("analyzing", enabled=not as_json) as cb:
         results = run_analyze(store, list(refs), base_weights=base_path, alpha=with_alpha, progress=cb)
     if plot:
         analyze_plot(results, plot, value=value)
     if as_json:
         return emit_json(finite({"refs": [_analysis_json(a) for a in results], "plot": plot}))
+    render_analyses(results, show_all)
+    if plot:
+        echo(f"wrote {plot}")
+
+
+def show_spectra(store: Store, refs: tuple[str, ...], spectrum: str, plot: str | None, base_path: str | None,
+                 as_json: bool) -> None:
+    """analyze --spectrum NAME: one tensor's singular values instead of the table."""
+    from deltastore.plots import spectrum_plot
+    from deltastore.refanalysis import spectra
+
+    found = spectra(store, list(refs), spectrum, base_weights=base_path)
+    if plot:
+        spectrum_plot(found, plot)
+    if as_json:
+        return emit_json({"spectra": to_jsonable(found), "plot": plot})
+    echo(f"singular values of {spectrum} (largest 5)")
+    table([["base", *(f"{x:.4g}" for x in found[0].base[:5])]]
+          + [[f"{s.ref}", *(f"{x:.4g}" for x in s.tuned[:5])] for s in found]
+          + [[f"{s.ref} delta", *(f"{x:.4g}" for x in s.delta[:5])] for s in found],
+          ["", "1", "2", "3", "4", "5"])
+    return echo(f"wrote {plot}") if plot else None
+
+
+def render_analyses(results: list[Any], show_all: bool) -> None:
     for k, a in enumerate(results):
         if k:
             echo()
@@ -146,8 +165,6 @@ def analyze(store: Store, refs: tuple[str, ...], plot: str | None, value: str, s
                 " ".join(f"{x:.3g}" for x in r.singular_values[:3]) or "-"] for r in rows],
               ["layer", "module", "tensors", "rel change", *alpha_headers, "energy", "rank90", "rank99",
                "top singular values"])
-    if plot:
-        echo(f"wrote {plot}")
 
 
 def _alpha_cells(a: Any, row: Any) -> list[str]:

@@ -1,4 +1,4 @@
-"""Commands on bases: base add, base list."""
+"""Commands on bases: base add, base list, base remove."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from .output import echo, emit_json, progress, size, table
 
 @click.group()
 def base() -> None:
-    """Register and list base models."""
+    """Register, list and remove base models."""
 
 
 @base.command("add")
@@ -41,3 +41,16 @@ def base_list(store: Store, as_json: bool) -> None:
         return emit_json(bases)
     table([[b.id[:19], b.name, b.tensor_count, size(b.bytes), b.source] for b in bases],
           ["id", "name", "tensors", "bytes", "source"])
+
+
+@base.command("remove")
+@click.argument("name")
+@json_option
+@with_store
+def base_remove(store: Store, name: str, as_json: bool) -> None:
+    """Forget base NAME (a name or id prefix), refused while any version uses it. The model's
+    own files are not touched; `deltastore gc` then removes what the store kept of it."""
+    b = store.remove_base(name)
+    if as_json:
+        return emit_json(b)
+    echo(f"removed base {b.name or b.id[:19]} ({b.id}); `deltastore gc` frees what the store kept of it")

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from deltastore import DeltastoreError
-from deltastore.errors import DiskFull, is_disk_full
+from deltastore.errors import DiskFull, OptionConflict, is_disk_full
 
 from . import analysis, bases, sharing, stances, upkeep, weights
 from .output import escape
@@ -28,6 +28,12 @@ class DeltastoreGroup(click.Group):
             # the status of a process ended by SIGPIPE.
             _silence_stdout()
             raise click.exceptions.Exit(128 + 13) from None
+        except OptionConflict as e:
+            # A usage error of the command that raised it, shown with that command's usage line.
+            name = ctx.invoked_subcommand
+            command = self.get_command(ctx, name) if name else None
+            raise click.UsageError(escape(e), click.Context(command, info_name=name, parent=ctx)
+                                   if command else ctx) from None
         except DeltastoreError as e:
             if os.environ.get("DELTASTORE_DEBUG") == "1":
                 raise

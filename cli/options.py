@@ -62,14 +62,23 @@ def only_base(store: Store, base_ref: str | None) -> str:
     raise click.UsageError(f"--base is needed: the store holds {len(bases)} bases ({names})")
 
 
-def parse_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
+def key_values(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    """KEY=VALUE options (--meta, --where) as a dict."""
     out = {}
     for v in values:
         key, eq, value = v.partition("=")
         if not eq or not key:
-            raise click.BadParameter(f"{v!r} is not KEY=VALUE", param_hint=option)
+            raise click.BadParameter(f"{v!r} is not KEY=VALUE", param_hint=param.opts[-1])
         out[key] = value
     return out
+
+
+def encoding_rules(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[tuple[str, str]]:
+    """REGEX=ENCODING options as (regex, encoding) pairs; the encoding in any case."""
+    rules = [tuple(v.rsplit("=", 1)) for v in lower_case(ctx, param, values)]
+    if any(len(r) != 2 for r in rules):
+        raise click.BadParameter("expected REGEX=ENCODING", param_hint=param.opts[-1])
+    return rules
 
 
 def hub_options(f: Callable) -> Callable:

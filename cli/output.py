@@ -45,6 +45,9 @@ def echo(text: Any = "", *, err: bool = False) -> None:
 
 
 def to_jsonable(value: Any) -> Any:
+    """A result as JSON: its own `to_json()` form where it has one, else its fields."""
+    if callable(getattr(value, "to_json", None)):
+        return to_jsonable(value.to_json())
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)
                 if not f.name.startswith("_")}

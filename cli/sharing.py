@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
 from deltastore import Store
 
-from .options import ENCODINGS, finite, hub_options, json_option, lower_case, only_base, parse_pairs, with_store
+from .options import ENCODINGS, finite, hub_options, json_option, key_values, lower_case, only_base, with_store
 from .output import echo, emit_json, progress, size, to_jsonable
 
-
-def hub_version_json(hv: Any) -> dict:
-    return {"ref": hv.ref, "stance": hv.stance, "number": hv.number, "id": hv.id, "revision": hv.tag}
+if TYPE_CHECKING:
+    from deltastore.hub import PullResult as HubPull, PushResult as HubPush
+    from deltastore.gguf_lora import GgufLoraExport as GgufExport
+    from deltastore.lora import LoraExport
+    from deltastore.remote import PullResult as RemotePull, PushResult as RemotePush
 
 
 @click.command()
@@ -36,21 +38,16 @@ def push(store: Store, refs: tuple[str, ...], repo_id: str | None, remote: str |
     if (repo_id is None) == (remote is None):
         raise click.UsageError("give one of --repo ID (the Hub) and --remote NAME")
     if remote is not None:
-        return push_to_remote(store, refs, remote, as_json)
+        from deltastore.remote import push as remote_push
+
+        with progress("uploading", enabled=not as_json) as cb:
+            r = remote_push(store, list(refs), remote, progress=cb)
+        return emit_json(r) if as_json else remote_pushed(r)
     from deltastore.hub import push as hub_push
 
-    r = hub_push(store, list(refs), repo_id, revision=revision, private=private, token=token, endpoint=endpoint,
+    h = hub_push(store, list(refs), repo_id, revision=revision, private=private, token=token, endpoint=endpoint,
                  progress=not as_json and sys.stderr.isatty())
-    if as_json:
-        return emit_json({"repo": r.repo_id, "revision": r.revision, "url": r.url, "commit": r.commit,
-                          "pushed": [hub_version_json(hv) for hv in r.pushed],
-                          "already_there": [hub_version_json(hv) for hv in r.already_there],
-                          "tags_created": list(r.tags_created), "bytes_uploaded": r.bytes_uploaded})
-    for hv in r.pushed:
-        echo(f"pushed {hv.ref} {hv.id[:15]} as revision {hv.tag}")
-    for hv in r.already_there:
-        echo(f"{hv.ref} is already in {r.repo_id}")
-    echo(f"{r.url} ({'commit ' + r.commit[:12] + ', ' + size(r.bytes_uploaded) if r.commit else 'no new commit'})")
+    return emit_json(h) if as_json else hub_pushed(h)
 
 
 @click.command()
@@ -72,7 +69,7 @@ def pull(store: Store, repo_id: str | None, remote: str | None, revision: str | 
     every version's base is a base of this store (a remote brings its bases along). A local
     stance holding versions the repo's stance lacks is never added to: pull that stance
     --into another name."""
-    from deltastore.remote import remotes
+    from deltastore.remote import pull as remote_pull, remotes
 
     if remote is None and repo_id is not None and repo_id in remotes(store.root):
         remote, repo_id = repo_id, None
@@ -81,16 +78,25 @@ def pull(store: Store, repo_id: str | None, remote: str | None, revision: str | 
     if remote is not None:
         if into is not None or force_download or revision is not None:
             raise click.UsageError("--into, --revision and --force-download are for a Hub repo, not a remote")
-        return pull_from_remote(store, remote, stance, as_json)
+        with progress("downloading", enabled=not as_json) as cb:
+            r = remote_pull(store, remote, stance=stance, progress=cb)
+        return emit_json(r) if as_json else remote_pulled(r)
     from deltastore.hub import pull as hub_pull
 
-    r = hub_pull(store, repo_id, revision=revision, stance=stance, into=into, token=token, endpoint=endpoint,
+    h = hub_pull(store, repo_id, revision=revision, stance=stance, into=into, token=token, endpoint=endpoint,
                  force_download=force_download, progress=not as_json and sys.stderr.isatty())
-    if as_json:
-        return emit_json({"repo": r.repo_id, "revision": r.revision, "commit": r.commit,
-                          "pulled": [hub_version_json(hv) for hv in r.pulled],
-                          "already_here": [hub_version_json(hv) for hv in r.already_here],
-                          "bytes_downloaded": r.bytes_downloaded})
+    return emit_json(h) if as_json else hub_pulled(h)
+
+
+def hub_pushed(r: HubPush) -> None:
+    for hv in r.pushed:
+        echo(f"pushed {hv.ref} {hv.id[:15]} as revision {hv.tag}")
+    for hv in r.already_there:
+        echo(f"{hv.ref} is already in {r.repo_id}")
+    echo(f"{r.url} ({'commit ' + r.commit[:12] + ', ' + size(r.bytes_uploaded) if r.commit else 'no new commit'})")
+
+
+def hub_pulled(r: HubPull) -> None:
     for hv in r.pulled:
         echo(f"pulled {hv.ref} {hv.id[:15]}")
     for hv in r.already_here:
@@ -98,49 +104,19 @@ def pull(store: Store, repo_id: str | None, remote: str | None, revision: str | 
     echo(f"{len(r.pulled)} new versions from {r.repo_id} at {r.commit[:12]}")
 
 
-# -- remotes: object storage and shared folders (deltastore/remote.py) --------------------------
-
-
-def remote_version_json(rv: Any) -> dict:
-    return {"ref": rv.ref, "stance": rv.stance, "number": rv.number, "id": rv.id}
-
-
-def push_to_remote(store: Store, refs: tuple[str, ...], remote: str, as_json: bool) -> None:
-    from deltastore.remote import push as remote_push, remote_url
-
-    url = remote_url(store.root, remote)
-    with progress("uploading", enabled=not as_json) as cb:
-        r = remote_push(store, list(refs), url, progress=cb)
-    if as_json:
-        return emit_json({"remote": r.url, "pushed": [remote_version_json(rv) for rv in r.pushed],
-                          "already_there": [remote_version_json(rv) for rv in r.already_there],
-                          "objects_uploaded": r.objects_uploaded, "bytes_uploaded": r.bytes_uploaded})
+def remote_pushed(r: RemotePush) -> None:
     for rv in r.pushed:
-        click.echo(f"pushed {rv.ref} {rv.id[:15]}")
+        echo(f"pushed {rv.ref} {rv.id[:15]}")
     for rv in r.already_there:
-        click.echo(f"{rv.ref} {rv.id[:15]} is already there")
-    click.echo(f"{r.url}: {r.objects_uploaded} objects, {size(r.bytes_uploaded)} uploaded")
+        echo(f"{rv.ref} {rv.id[:15]} is already there")
+    echo(f"{r.url}: {r.objects_uploaded} objects, {size(r.bytes_uploaded)} uploaded")
 
 
-def pull_from_remote(store: Store, remote: str, stance: str | None, as_json: bool) -> None:
-    from deltastore.remote import pull as remote_pull, remote_url
-
-    url = remote_url(store.root, remote)
-    with progress("downloading", enabled=not as_json) as cb:
-        r = remote_pull(store, url, stance=stance, progress=cb)
-    render_pull(r, as_json)
-
-
-def render_pull(r: Any, as_json: bool) -> None:
-    if as_json:
-        return emit_json({"remote": r.url, "pulled": [remote_version_json(rv) for rv in r.pulled],
-                          "already_here": [remote_version_json(rv) for rv in r.already_here],
-                          "bases_added": list(r.bases_added), "objects_downloaded": r.objects_downloaded,
-                          "bytes_downloaded": r.bytes_downloaded})
+def remote_pulled(r: RemotePull) -> None:
     for rv in r.pulled:
-        click.echo(f"pulled {rv.ref} {rv.id[:15]}")
-    click.echo(f"{len(r.pulled)} new versions from {r.url} ({r.objects_downloaded} objects, "
-               f"{size(r.bytes_downloaded)} downloaded)")
+        echo(f"pulled {rv.ref} {rv.id[:15]}")
+    echo(f"{len(r.pulled)} new versions from {r.url} ({r.objects_downloaded} objects, "
+         f"{size(r.bytes_downloaded)} downloaded)")
 
 
 @click.group()
@@ -197,6 +173,7 @@ def clone(url: str, directory: str, as_json: bool) -> None:
     with progress("downloading", enabled=not as_json) as cb:
         store, r = remote_clone(url, directory, progress=cb)
     store.close()
+    return emit_json(r) if as_json else remote_pulled(r)
 
 
 @click.command("export-lora")
@@ -232,25 +209,31 @@ def export_lora(store: Store, ref: str, rank: int | None, energy: float | None, 
 
     if rank is None and energy is None:
         raise click.UsageError("give --rank R, --energy F, or both")
-    if fmt == "gguf":
-        from deltastore.gguf_lora import export_gguf_lora
-
-        gguf_dtype = {"bf16": "bf16", "fp16": "f16", "fp32": "f32", "q8_0": "q8_0"}[dtype]
-        with progress("factoring", enabled=not as_json) as cb:
-            g = export_gguf_lora(store, ref, out, rank=rank, energy=energy, dtype=gguf_dtype,
-                                 base_weights=base_path, progress=cb)
-        if as_json:
-            return emit_json(finite(to_jsonable(g)))
-        echo(f"wrote {g.out}: {len(g.ranks)} LoRA pairs for {g.architecture}, rank at most {g.rank} ({g.dtype}); "
-             f"{size(g.bytes)}; the pairs hold {g.energy_kept:.1%} of their deltas' energy")
-        if g.warning:
-            echo(f"warning: {g.warning}", err=True)
-        return None
     with progress("factoring", enabled=not as_json) as cb:
-        e = run_export(store, ref, out, rank=rank, energy=energy, dtype=dtype, base_weights=base_path,
-                       exact=exact, progress=cb)
+        if fmt == "gguf":
+            from deltastore.gguf_lora import export_gguf_lora
+
+            e = export_gguf_lora(store, ref, out, rank=rank, energy=energy, dtype=GGUF_DTYPES[dtype],
+                                 base_weights=base_path, progress=cb)
+        else:
+            e = run_export(store, ref, out, rank=rank, energy=energy, dtype=dtype, base_weights=base_path,
+                           exact=exact, progress=cb)
     if as_json:
         return emit_json(finite(to_jsonable(e)))
+    return gguf_written(e) if fmt == "gguf" else lora_written(e)
+
+
+GGUF_DTYPES = {"bf16": "bf16", "fp16": "f16", "fp32": "f32", "q8_0": "q8_0"}
+
+
+def gguf_written(g: GgufExport) -> None:
+    echo(f"wrote {g.out}: {len(g.ranks)} LoRA pairs for {g.architecture}, rank at most {g.rank} ({g.dtype}); "
+         f"{size(g.bytes)}; the pairs hold {g.energy_kept:.1%} of their deltas' energy")
+    if g.warning:
+        echo(f"warning: {g.warning}", err=True)
+
+
+def lora_written(e: LoraExport) -> None:
     ranks = sorted(set(e.ranks.values()))
     shown = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]} to {ranks[-1]}"
     echo(f"wrote {e.out}: {len(e.targets)} LoRA pairs at {shown} ({e.dtype}), {len(e.saved)} tensors "
@@ -272,12 +255,12 @@ def export_lora(store: Store, ref: str, rank: int | None, energy: float | None, 
               help=f"How to store the result: {ENCODINGS} (any case); default lowrank:R, R the adapter's rank, "
                    "in its dtype.")
 @click.option("-m", "--message", default="", help="What this version is.")
-@click.option("--meta", multiple=True, metavar="KEY=VALUE", help="User metadata (repeatable).")
+@click.option("--meta", multiple=True, metavar="KEY=VALUE", callback=key_values, help="User metadata (repeatable).")
 @click.option("--tag", help="Tag the new version.")
 @json_option
 @with_store
 def import_lora(store: Store, stance: str, adapter: str, base_ref: str | None, base_path: str | None,
-                encoding: str | None, message: str, meta: tuple[str, ...], tag: str | None, as_json: bool) -> None:
+                encoding: str | None, message: str, meta: dict[str, str], tag: str | None, as_json: bool) -> None:
     """Commit a PEFT LoRA adapter folder (safetensors only) as a new version of STANCE, as commit
     takes STANCE MODEL: each target weight becomes W + scaling * B @ A, modules_to_save and biases
     replace the base's. Every name and shape is checked against the base first; an adapter for
@@ -287,17 +270,13 @@ def import_lora(store: Store, stance: str, adapter: str, base_ref: str | None, b
     if (Path(stance) / ADAPTER_CONFIG).is_file() and not (Path(adapter) / ADAPTER_CONFIG).is_file():
         echo(f"warning: import-lora ADAPTER STANCE is deprecated: write import-lora {adapter} {stance}", err=True)
         stance, adapter = adapter, stance
-    base_ref = only_base(store, base_ref)
-
+    base = only_base(store, base_ref)
     with progress("importing", enabled=not as_json) as cb:
-        i = run_import(store, adapter, stance, base=base_ref, base_weights=base_path, encoding=encoding,
-                       message=message, metadata=parse_pairs(meta, "--meta"), tag=tag, progress=cb)
-    r = i.result
-    v = r.version
+        i = run_import(store, adapter, stance, base=base, base_weights=base_path, encoding=encoding,
+                       message=message, metadata=meta, tag=tag, progress=cb)
     if as_json:
-        return emit_json({"id": v.id, "ref": v.ref, "stance": v.stance, "number": v.number, "encoding": i.encoding,
-                          "rank": i.rank, "targets": list(i.targets), "replaced": list(i.replaced),
-                          "tensors_stored": r.tensors_stored, "bytes_stored": r.bytes_stored})
-    echo(f"{v.ref} {v.id}")
+        return emit_json(i)
+    r = i.result
+    echo(f"{r.version.ref} {r.version.id}")
     echo(f"{len(i.targets)} LoRA pairs (rank {i.rank}) and {len(i.replaced)} whole tensors, stored as "
          f"{i.encoding}: {r.tensors_stored} tensors, {size(r.bytes_stored)}")

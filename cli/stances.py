@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
 from deltastore import Store
 
-from .options import ENCODINGS, json_option, lower_case, only_base, parse_pairs, with_store
+from .options import ENCODINGS, encoding_rules, json_option, key_values, lower_case, only_base, with_store
 from .output import echo, emit_json, progress, size, table
+
+if TYPE_CHECKING:
+    from deltastore.committing import Committed
 
 
 @click.command()
@@ -32,7 +35,7 @@ from .output import echo, emit_json, progress, size, table
 @click.option("--tokenizer", type=click.Path(exists=True), metavar="PATH_OR_FOLDER",
               help="The tokenizer for --prompts (a tokenizer.json or a folder holding one), where the base "
                    "folder has none.")
-@click.option("--encoding-for", "encoding_for", multiple=True, metavar="REGEX=ENCODING", callback=lower_case,
+@click.option("--encoding-for", "encoding_for", multiple=True, metavar="REGEX=ENCODING", callback=encoding_rules,
               help="A different encoding for tensors whose name matches REGEX (repeatable).")
 @click.option("--group-size", type=int, help="Group size of int8/int4 (default 64).")
 @click.option("--include", help="Store only tensors whose name matches this regex.")
@@ -41,7 +44,7 @@ from .output import echo, emit_json, progress, size, table
 @click.option("--min-rel-change", type=float, help="Store only tensors with ||dW||/||W|| at least this.")
 @click.option("--energy", type=float, help="Store the fewest tensors holding this fraction of the squared delta.")
 @click.option("-m", "--message", default="", help="What this version is.")
-@click.option("--meta", multiple=True, metavar="KEY=VALUE", help="User metadata (repeatable).")
+@click.option("--meta", multiple=True, metavar="KEY=VALUE", callback=key_values, help="User metadata (repeatable).")
 @click.option("--meta-file", type=click.Path(dir_okay=False), metavar="FILE.json",
               help="Training facts (learning rate, epochs, examples, loss...) as a flat JSON object; "
                    "--meta overrides its keys.")
@@ -59,66 +62,34 @@ from .output import echo, emit_json, progress, size, table
 @with_store
 def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str | None, encoding: str,
            prompts: str | None, max_kl: float | None, chat: bool, tokenizer: str | None,
-           encoding_for: tuple[str, ...],
-           group_size: int | None,
-           include: str | None, exclude: str | None,
+           encoding_for: list[tuple[str, str]], group_size: int | None, include: str | None, exclude: str | None,
            top_k: int | None, min_rel_change: float | None, energy: float | None, message: str,
-           meta: tuple[str, ...], meta_file: str | None, tag: str | None, allow_nonfinite: bool,
+           meta: dict[str, str], meta_file: str | None, tag: str | None, allow_nonfinite: bool,
            allow_empty: bool, force: bool, new_stance: bool, as_json: bool) -> None:
     """Store the fine-tuned MODEL as a new version of STANCE."""
-    from deltastore.history import read_metadata_file
+    from deltastore.committing import commit as run_commit  # torch, which read commands do without
 
-    base_ref = only_base(store, base_ref)
-    metadata = read_metadata_file(meta_file) if meta_file else {}
-    metadata.update(parse_pairs(meta, "--meta"))
-    rules = [tuple(r.rsplit("=", 1)) for r in encoding_for]
-    if any(len(r) != 2 for r in rules):
-        raise click.BadParameter("expected REGEX=ENCODING", param_hint="--encoding-for")
-    options = {"group_size": group_size} if group_size is not None else {}
-    choice = None
-    if encoding == "auto" or prompts or max_kl is not None or chat or tokenizer:
-        if prompts is None or (encoding == "auto" and max_kl is None):
-            raise click.UsageError("--encoding auto needs --prompts FILE (one prompt per line) and --max-kl K "
-                                   "(e.g. 0.01)" if encoding == "auto" else
-                                   "--max-kl, --chat and --tokenizer need --prompts FILE")
-        from deltastore.auto import commit_measured
+    base = only_base(store, base_ref)
+    with progress("measuring" if prompts else "committing", enabled=not as_json) as cb:
+        c = run_commit(store, stance, model, base=base, base_weights=base_path, encoding=encoding, prompts=prompts,
+                       max_kl=max_kl, chat=chat, tokenizer=tokenizer, encoding_for=encoding_for,
+                       encoding_options={} if group_size is None else {"group_size": group_size},
+                       include=include, exclude=exclude, top_k=top_k, min_rel_change=min_rel_change, energy=energy,
+                       message=message, metadata=meta, metadata_file=meta_file, tag=tag, progress=cb,
+                       allow_nonfinite=allow_nonfinite, allow_empty=allow_empty, force=force, new_stance=new_stance)
+    return emit_json(c) if as_json else render_commit(c)
 
-        with progress("measuring", enabled=not as_json) as cb:
-            measured = commit_measured(store, stance, model, base=base_ref, base_weights=base_path, prompts=prompts,
-                                       encoding=encoding, max_kl=max_kl, chat=chat, tokenizer=tokenizer,
-                                       encoding_for=rules,
-                                       encoding_options=options,
-                                       include=include, exclude=exclude, top_k=top_k, min_rel_change=min_rel_change,
-                                       energy=energy, message=message, metadata=metadata, tag=tag, progress=cb,
-                                       allow_nonfinite=allow_nonfinite, allow_empty=allow_empty, force=force,
-                                       new_stance=new_stance)
-        r, choice = measured.result, measured.choice
-    else:
-        with progress("committing", enabled=not as_json) as cb:
-            r = store.commit(stance, model, base=base_ref, base_weights=base_path, encoding=encoding,
-                             encoding_for=rules, encoding_options=options, include=include, exclude=exclude,
-                             top_k=top_k, min_rel_change=min_rel_change, energy=energy, message=message,
-                             metadata=metadata, tag=tag, progress=cb, allow_nonfinite=allow_nonfinite,
-                             allow_empty=allow_empty, force=force, new_stance=new_stance)
-    v = r.version
-    summary = {"id": v.id, "stance": v.stance, "number": v.number, "tensors_stored": r.tensors_stored,
-               "tensors_unchanged": r.unchanged, "bytes_stored": r.bytes_stored, "bytes_new": r.bytes_new,
-               "left_out": list(r.left_out), "left_out_energy_fraction": r.left_out_energy_fraction,
-               "median_rel_change": r.median_rel_change}
-    if choice is not None:
-        summary.update(encoding=choice.encoding, kl=choice.kl, top1=choice.top1, base_kl=choice.base_kl,
-                       max_kl=choice.max_kl, candidates=[{"encoding": c.spec, "bytes": c.bytes, "kl": c.kl,
-                                                          "top1": c.top1, "note": c.note} for c in choice.candidates])
-    if as_json:
-        return emit_json(summary)
+
+def render_commit(c: Committed) -> None:
+    r, choice = c.result, c.choice
     if choice is not None:
         limit = f" (at most {choice.max_kl:g})" if choice.max_kl is not None else ""
         echo(f"{choice.encoding}: KL {choice.kl:.3g}{limit}, top-1 {choice.top1:.1%}; "
              f"the base alone: KL {choice.base_kl:.3g}")
-        for c in choice.candidates:
-            if c.spec != choice.encoding:
-                echo(f"  {c.spec}: {c.note}" if "skipped" in c.note else f"  {c.spec} ({size(c.bytes)}): {c.note}")
-    echo(f"{v.ref} {v.id}")
+        for k in choice.candidates:
+            if k.spec != choice.encoding:
+                echo(f"  {k.spec}: {k.note}" if "skipped" in k.note else f"  {k.spec} ({size(k.bytes)}): {k.note}")
+    echo(f"{r.version.ref} {r.version.id}")
     echo(f"stored {r.tensors_stored} tensors ({r.unchanged} unchanged), {size(r.bytes_stored)} "
          f"({size(r.bytes_new)} new)")
     if r.left_out:
@@ -139,7 +110,7 @@ def stances(store: Store, as_json: bool) -> None:
 
 @click.group()
 def stance() -> None:
-    """Rename or delete a stance."""
+    """Rename, merge or delete a stance."""
 
 
 @stance.command("rename")
@@ -153,6 +124,22 @@ def stance_rename(store: Store, old: str, new: str, as_json: bool) -> None:
     if as_json:
         return emit_json(r)
     echo(f"renamed {r.old} to {r.new} ({r.versions} versions)")
+
+
+@stance.command("merge")
+@click.argument("old")
+@click.argument("into")
+@json_option
+@with_store
+def stance_merge(store: Store, old: str, into: str, as_json: bool) -> None:
+    """Move every version of stance OLD into stance INTO, numbered after INTO's newest in their
+    order; they keep their ids, parents and tags (OLD@TAG becomes INTO@TAG). OLD is gone
+    afterwards. All or nothing; refused when both have a tag of the same name."""
+    r = store.merge_stance(old, into)
+    if as_json:
+        return emit_json(r)
+    numbers = f"{into}@{r.numbers[0]}" + (f" to {into}@{r.numbers[-1]}" if len(r.numbers) > 1 else "")
+    echo(f"merged {old} into {into}: {len(r.versions)} versions, now {numbers}")
 
 
 @stance.command("delete")
@@ -171,22 +158,17 @@ def stance_delete(store: Store, name: str, as_json: bool) -> None:
         echo(f"the parent of {', '.join(r.orphaned)} was one of them (their tensors are unaffected)")
 
 
-def version_summary(v: Any) -> dict:
-    return {"id": v.id, "ref": v.ref, "stance": v.stance, "number": v.number, "parent": v.parent,
-            "base": v.base_id, "created": v.created, "message": v.message, "encoding": v.encoding,
-            "tensors": v.tensor_count, "bytes": v.bytes, "tags": list(v.tags), "metadata": v.metadata}
-
-
 @click.command()
 @click.argument("stance", required=False)
-@click.option("--where", multiple=True, metavar="KEY=VALUE", help="Only versions with this metadata.")
+@click.option("--where", multiple=True, metavar="KEY=VALUE", callback=key_values,
+              help="Only versions with this metadata.")
 @json_option
 @with_store(readonly=True)
-def log(store: Store, stance: str | None, where: tuple[str, ...], as_json: bool) -> None:
+def log(store: Store, stance: str | None, where: dict[str, str], as_json: bool) -> None:
     """Versions, newest first."""
-    versions = store.log(stance, where=parse_pairs(where, "--where"))
+    versions = store.log(stance, where=where)
     if as_json:
-        return emit_json([version_summary(v) for v in versions])
+        return emit_json(versions)
     table([[v.ref, v.short_id, v.created[:19].replace("T", " "), v.encoding, v.tensor_count, size(v.bytes),
             ",".join(v.tags), v.message] for v in versions],
           ["version", "id", "created", "encoding", "tensors", "bytes", "tags", "message"])
@@ -200,8 +182,7 @@ def show(store: Store, ref: str, as_json: bool) -> None:
     """One version, tensor by tensor."""
     v = store.resolve(ref)
     if as_json:
-        return emit_json({**version_summary(v), "selection": v.selection,
-                          "tensor_entries": [e.to_manifest() for e in v.tensors]})
+        return emit_json(v)
     echo(f"version  {v.ref}  {v.id}")
     echo(f"base     {v.base_id}")
     echo(f"created  {v.created}")

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from deltastore import Store
+from deltastore.maintenance import FsckReport, GcPlan
 from deltastore.store import DEFAULT_DIR
 
 from .options import json_option, store_path, with_store
@@ -39,36 +40,35 @@ def init(ctx: click.Context, directory: str | None, as_json: bool) -> None:
 @click.pass_context
 def fsck(ctx: click.Context, read_data: bool, repair: bool, rebuild_catalog: bool, as_json: bool) -> None:
     """Check the store: the catalog against the refs and objects, every object and journal. Exit 1 on errors."""
-    root = store_path(ctx)
-    rebuilt = Store.rebuild_catalog(root) if rebuild_catalog else None
-    if rebuilt is not None and not as_json:
-        click.echo(f"rebuilt the catalog: {rebuilt.versions} versions in {rebuilt.stances} stances, "
-                   f"{rebuilt.bases} bases, {rebuilt.journals} open journals")
-    store = Store.open(root, readonly=None if repair or rebuild_catalog else True)
-    ctx.call_on_close(store.close)
-    report = store.fsck(read_data=read_data, repair=repair)
+    report = Store.check(store_path(ctx), read_data=read_data, repair=repair, rebuild_catalog=rebuild_catalog)
     if as_json:
-        emit_json({"ok": report.ok, "problems": report.problems, "objects_checked": report.objects_checked,
-                   "versions_checked": report.versions_checked, "repaired": report.repaired,
-                   **({"rebuilt": rebuilt} if rebuilt else {})})
+        emit_json(report)
     else:
-        for line in report.repaired:
-            echo(f"repaired: {line}")
-        notes: dict[str, list] = {}
-        for p in report.problems:
-            if not p.error:
-                notes.setdefault(p.kind, []).append(p)
-                continue
-            where = f" (breaks {', '.join(p.versions)})" if p.versions else ""
-            echo(f"error: {p.kind}: {p.message}{where}")
-        for kind, items in notes.items():
-            # Harmless findings can be many (every object a revert left for gc): one line each kind.
-            more = f" (and {len(items) - 1} more like it)" if len(items) > 1 else ""
-            echo(f"note: {kind}: {items[0].subject}: {items[0].message}{more}")
-        echo(f"{report.versions_checked} versions, {report.objects_checked} objects re-hashed: "
-             f"{'ok' if report.ok else f'{len(report.errors)} errors'}")
+        render_fsck(report)
     if not report.ok:
         sys.exit(1)
+
+
+def render_fsck(report: FsckReport) -> None:
+    if report.rebuilt is not None:
+        r = report.rebuilt
+        echo(f"rebuilt the catalog: {r.versions} versions in {r.stances} stances, {r.bases} bases, "
+             f"{r.journals} open journals")
+    for line in report.repaired:
+        echo(f"repaired: {line}")
+    notes: dict[str, list] = {}
+    for p in report.problems:
+        if not p.error:
+            notes.setdefault(p.kind, []).append(p)
+            continue
+        where = f" (breaks {', '.join(p.versions)})" if p.versions else ""
+        echo(f"error: {p.kind}: {p.message}{where}")
+    for kind, items in notes.items():
+        # Harmless findings can be many (every object a revert left for gc): one line each kind.
+        more = f" (and {len(items) - 1} more like it)" if len(items) > 1 else ""
+        echo(f"note: {kind}: {items[0].subject}: {items[0].message}{more}")
+    echo(f"{report.versions_checked} versions, {report.objects_checked} objects re-hashed: "
+         f"{'ok' if report.ok else f'{len(report.errors)} errors'}")
 
 
 @click.command()
@@ -85,25 +85,24 @@ def gc(store: Store, dry_run: bool, verbose: bool, remote: str | None, grace: fl
         return gc_remote(store, remote, grace, dry_run, as_json)
     plan = store.gc_plan()
     if dry_run:
-        if as_json:
-            return emit_json({"dry_run": True, "objects": plan.objects, "bytes": plan.bytes,
-                              "object_bytes": dict(zip(plan.objects, plan.sizes)),
-                              "tmp_files": plan.tmp_files, "dead_commits": plan.dead_commits})
-        if verbose:
-            for oid, n in zip(plan.objects, plan.sizes):
-                echo(f"would remove {oid}  {size(n)}")
-            for name in plan.tmp_files:
-                echo(f"would remove {name}")
-        return echo(f"would free {size(plan.bytes)} in {len(plan.objects)} objects"
-                    + (f" and {len(plan.tmp_files)} temporary files" if plan.tmp_files else ""))
+        return emit_json(plan) if as_json else render_gc_plan(plan, verbose)
     if not as_json:
         echo(f"plan: remove {len(plan.objects)} objects, {size(plan.bytes)}")
     result = store.gc(plan)
     if as_json:
-        return emit_json({"dry_run": False, "objects": result.removed, "bytes": result.bytes_freed,
-                          "skipped": result.skipped, "tmp_files": result.tmp_files_removed})
+        return emit_json(result)
     echo(f"freed {size(result.bytes_freed)} in {len(result.removed)} objects"
          + (f" ({len(result.skipped)} kept: in use again)" if result.skipped else ""))
+
+
+def render_gc_plan(plan: GcPlan, verbose: bool) -> None:
+    if verbose:
+        for oid, n in zip(plan.objects, plan.sizes):
+            echo(f"would remove {oid}  {size(n)}")
+        for name in plan.tmp_files:
+            echo(f"would remove {name}")
+    echo(f"would free {size(plan.bytes)} in {len(plan.objects)} objects"
+         + (f" and {len(plan.tmp_files)} temporary files" if plan.tmp_files else ""))
 
 
 def gc_remote(store: Store, remote: str, grace: float, dry_run: bool, as_json: bool) -> None:
@@ -113,18 +112,16 @@ def gc_remote(store: Store, remote: str, grace: float, dry_run: bool, as_json: b
     plan = gc_plan(remote_url(store.root, remote), grace_seconds=grace)
     if dry_run:
         if as_json:
-            return emit_json({"dry_run": True, "remote": plan.url, "objects": list(plan.objects), "bytes": plan.bytes,
-                              "kept_young": plan.kept_young})
+            return emit_json(plan)
         for oid, n in zip(plan.objects, plan.sizes):
-            click.echo(f"would remove {oid}  {size(n)}")
-        return click.echo(f"would free {size(plan.bytes)} in {len(plan.objects)} objects "
-                          f"({plan.kept_young} unreferenced objects younger than {grace:g} s kept)")
+            echo(f"would remove {oid}  {size(n)}")
+        return echo(f"would free {size(plan.bytes)} in {len(plan.objects)} objects "
+                    f"({plan.kept_young} unreferenced objects younger than {grace:g} s kept)")
     result = run_gc(plan)
     if as_json:
-        return emit_json({"dry_run": False, "remote": plan.url, "objects": list(result.removed),
-                          "bytes": result.bytes_freed, "skipped": list(result.skipped), "kept_young": plan.kept_young})
-    click.echo(f"freed {size(result.bytes_freed)} in {len(result.removed)} objects of {plan.url}"
-               + (f" ({len(result.skipped)} kept: in use again)" if result.skipped else ""))
+        return emit_json(result)
+    echo(f"freed {size(result.bytes_freed)} in {len(result.removed)} objects of {plan.url}"
+         + (f" ({len(result.skipped)} kept: in use again)" if result.skipped else ""))
 
 
 @click.command()

@@ -1,4 +1,5 @@
-"""The catalog: an SQLite index (through sqlite-utils) of bases, stances, versions, the objects
+"""The catalog: an SQLite index (plain sqlite3: a command that only reads starts without
+importing more) of bases, stances, versions, the objects
 each version needs, tags, metadata, pending objects and apply journals.
 
 It is a cache of the store's truth (objects, `refs.log`, `journals/`, schema/FORMAT.md §6):
@@ -24,29 +25,18 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import journalfiles
-from .errors import CatalogDamaged, CatalogError, DiskFull, ReadOnlyStore, RefNotFound, StanceExists
+from .errors import (BaseInUse, CatalogDamaged, CatalogError, DiskFull, ReadOnlyStore, RefNotFound, StanceExists,
+                     TagsClash)
 from .reflog import RefLog, RefLogError, tail_id
 
 
-def _import_sqlite_utils() -> Any:
-    """sqlite_utils, without the pandas and numpy it imports when they are installed (1.2 s of
-    imports on every command) only to convert their values on insert: the catalog stores plain
-    Python values. Where they are imported already, it gets them as usual."""
-    import sys
+def _sql_value(value: Any) -> Any:
+    """A value as the catalog stores it: dicts and lists as JSON text (as sqlite-utils, which
+    wrote earlier catalogs, did), the rest as it is."""
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, default=repr, ensure_ascii=False)
+    return value
 
-    blocked = [name for name in ("pandas", "numpy") if name not in sys.modules]
-    for name in blocked:
-        sys.modules[name] = None  # type: ignore[assignment]  # makes `import name` fail
-    try:
-        import sqlite_utils
-    finally:
-        for name in blocked:
-            if sys.modules.get(name, 0) is None:
-                del sys.modules[name]
-    return sqlite_utils
-
-
-sqlite_utils = _import_sqlite_utils()
 
 # The catalog's schema. It is a cache: a catalog of another schema is rebuilt, never migrated.
 SCHEMA_VERSION = "2"
@@ -218,7 +208,6 @@ class Catalog:
             raise _translated(e, self.root) from None
         self.conn = conn
         self._lock = threading.RLock()
-        self.db = sqlite_utils.Database(conn)
         if create:
             with self.transaction():
                 for statement in _statements(SCHEMA):
@@ -347,7 +336,23 @@ class Catalog:
         return [] if rows == ["ok"] else rows
 
     def query(self, sql: str, params: Any = ()) -> list[dict]:
-        return list(self.db.query(sql, params))
+        cursor = self.conn.execute(sql, params)
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row)) for row in cursor]
+
+    def insert(self, table: str, rows: list[dict], *, replace: bool = False) -> int | None:
+        """Inside `transaction()`: rows of one table, each with the same columns; a dict or list
+        value is stored as its JSON text. Returns the last row's key."""
+        if not rows:
+            return None
+        columns = list(rows[0])
+        sql = (f"INSERT {'OR REPLACE ' if replace else ''}INTO {table} ({', '.join(columns)}) "
+               f"VALUES ({', '.join('?' * len(columns))})")
+        values = [[_sql_value(r[c]) for c in columns] for r in rows]
+        if len(values) == 1:
+            return self.conn.execute(sql, values[0]).lastrowid
+        self.conn.executemany(sql, values)
+        return None
 
     def one(self, sql: str, params: Any = ()) -> dict | None:
         rows = self.query(sql, params)
@@ -372,10 +377,27 @@ class Catalog:
         if existing:
             updates = {k: row[k] for k in ("name", "source", "hub_id") if row.get(k)}
             if updates:
-                self.db["bases"].update(row["id"], updates)
+                self.conn.execute(f"UPDATE bases SET {', '.join(f'{k} = ?' for k in updates)} WHERE id = ?",
+                                  [*updates.values(), row["id"]])
             return
-        self.db["bases"].insert(row)
-        self.db["base_tensors"].insert_all(tensors, batch_size=500)
+        self.insert("bases", [row])
+        self.insert("base_tensors", tensors)
+
+    def remove_base(self, base_id: str, shown: str) -> None:
+        """Remove a base's rows, with its ref record, in one transaction; refused (BaseInUse,
+        naming them) while versions use it. Its two objects stay until gc."""
+        with self.transaction():
+            users = self.query("SELECT stance, number FROM versions WHERE base_id = ? ORDER BY stance, number",
+                               [base_id])
+            if users:
+                raise BaseInUse(shown, [f"{r['stance']}@{r['number']}" for r in users])
+            self.drop_base(base_id)
+            self.record({"op": "unbase", "id": base_id})
+
+    def drop_base(self, base_id: str) -> None:
+        """Inside `transaction()`: the rows of a base removal (no ref record)."""
+        self.conn.execute("DELETE FROM base_tensors WHERE base_id = ?", [base_id])
+        self.conn.execute("DELETE FROM bases WHERE id = ?", [base_id])
 
     def bases(self) -> list[dict]:
         return self.query("SELECT * FROM bases ORDER BY created")
@@ -397,7 +419,7 @@ class Catalog:
         rows = [{"token": token, "object_id": oid, "pid": os.getpid(), "host": os.uname().nodename,
                  "created": now()} for oid in object_ids]
         with self.transaction():
-            self.db["pending"].insert_all(rows, replace=True)
+            self.insert("pending", rows, replace=True)
 
     def drop_pending(self, token: str) -> None:
         with self.transaction():
@@ -418,16 +440,15 @@ class Catalog:
         raw_size) of every object it needs; `links`: their ids; `by_encoding`: (encoding,
         tensors, bytes)."""
         if not self.one("SELECT 1 FROM stances WHERE name = ?", [version["stance"]]):
-            self.db["stances"].insert({"name": version["stance"], "created": version["created"]})
+            self.insert("stances", [{"name": version["stance"], "created": version["created"]}])
         self.conn.executemany("INSERT OR IGNORE INTO objects (digest, size, raw_size) VALUES (?, ?, ?)",
                               [(_digest(o["id"]), o["size"], o["raw_size"]) for o in objects])
-        key = self.db["versions"].insert(version).last_pk
+        key = self.insert("versions", [version])
         self.conn.executemany("INSERT OR IGNORE INTO entry_objects (version, object) "
                               "SELECT ?, key FROM objects WHERE digest = ?", [(key, _digest(oid)) for oid in links])
         self.conn.executemany("INSERT INTO version_encodings (version, encoding, tensors, bytes) VALUES (?, ?, ?, ?)",
                               [(key, e["encoding"], e["tensors"], e["bytes"]) for e in by_encoding])
-        self.db["metadata"].insert_all(
-            [{"version_id": version["id"], "key": k, "value": v} for k, v in metadata.items()])
+        self.insert("metadata", [{"version_id": version["id"], "key": k, "value": v} for k, v in metadata.items()])
 
     def latest(self, stance: str) -> dict | None:
         return self.one("SELECT * FROM versions WHERE stance = ? ORDER BY number DESC LIMIT 1", [stance])
@@ -486,8 +507,8 @@ class Catalog:
 
     def put_tag(self, stance: str, name: str, version_id: str, created: str) -> None:
         """Inside `transaction()`: the tag's row (no ref record)."""
-        self.db["tags"].insert({"stance": stance, "name": name, "version_id": version_id, "created": created},
-                               replace=True)
+        self.insert("tags", [{"stance": stance, "name": name, "version_id": version_id, "created": created}],
+                    replace=True)
 
     def versions_with_prefix(self, prefix: str) -> list[dict]:
         return self.query("SELECT * FROM versions WHERE id LIKE ? ORDER BY id", [prefix + "%"])
@@ -553,7 +574,7 @@ class Catalog:
             if not self.has_stance(old):
                 raise RefNotFound(old)
             if self.has_stance(new):
-                raise StanceExists(new)
+                raise StanceExists(new, old)
             moved = self.move_stance(old, new)
             self.record({"op": "rename", "old": old, "new": new})
         return moved
@@ -566,6 +587,39 @@ class Catalog:
         self.conn.execute("UPDATE tags SET stance = ? WHERE stance = ?", [new, old])
         self.conn.execute("DELETE FROM stances WHERE name = ?", [old])
         return moved
+
+    def merge_stance(self, old: str, into: str) -> list[tuple[str, int]]:
+        """Move every version and tag of `old` into `into`, numbered after `into`'s newest in
+        their order, and remove `old`, in one transaction. Returns (version id, new number)
+        of each version moved."""
+        with self.transaction():
+            for name in (old, into):
+                if not self.has_stance(name):
+                    raise RefNotFound(name)
+            both = self.query("SELECT name FROM tags WHERE stance = ? AND name IN "
+                              "(SELECT name FROM tags WHERE stance = ?) ORDER BY name", [old, into])
+            if both:
+                raise TagsClash(old, into, [r["name"] for r in both])
+            top = self.latest(into)["number"]
+            rows = self.query("SELECT id FROM versions WHERE stance = ? ORDER BY number", [old])
+            moves = [(r["id"], top + k) for k, r in enumerate(rows, start=1)]
+            self.move_versions(old, into, moves)
+            self.record({"op": "merge", "old": old, "into": into, "versions": [[vid, n] for vid, n in moves]})
+        return moves
+
+    def move_versions(self, old: str, into: str, moves: list[tuple[str, int]]) -> None:
+        """Inside `transaction()`: the rows of a merge (no ref record). `into` keeps its creation
+        time; a version of `old` that the catalog does not hold (its manifest was unreadable
+        when indexed) is passed over."""
+        if not self.has_stance(into):
+            created = self.conn.execute("SELECT created FROM stances WHERE name = ?", [old]).fetchone()
+            if created is None:
+                return
+            self.conn.execute("INSERT INTO stances (name, created) VALUES (?, ?)", [into, created[0]])
+        self.conn.executemany("UPDATE versions SET stance = ?, number = ? WHERE id = ? AND stance = ?",
+                              [(into, number, vid, old) for vid, number in moves])
+        self.conn.execute("UPDATE tags SET stance = ? WHERE stance = ?", [into, old])
+        self.conn.execute("DELETE FROM stances WHERE name = ?", [old])
 
     def delete_stance(self, name: str) -> list[dict]:
         """Remove a stance with its versions, entries, metadata and tags, in one transaction.
@@ -724,9 +778,9 @@ class Catalog:
             self.conn.execute("DELETE FROM pending WHERE token = ?", [token])
 
     def put_journal(self, row: dict, object_ids: list[str]) -> None:
-        self.db["journals"].insert(row, replace=True)
-        self.db["journal_objects"].insert_all(
-            [{"journal_id": row["id"], "object_id": oid} for oid in sorted(set(object_ids))], replace=True)
+        self.insert("journals", [row], replace=True)
+        self.insert("journal_objects", [{"journal_id": row["id"], "object_id": oid} for oid in sorted(set(object_ids))],
+                    replace=True)
 
     def set_journal_state(self, journal_id: str, state: str) -> None:
         with self.transaction():

@@ -11,6 +11,7 @@ deltastore. Messages are one line: what is wrong, then what to do.
 from __future__ import annotations
 
 import errno
+
 from typing import Any
 
 
@@ -39,6 +40,11 @@ class AnalysisError(DeltastoreError, ValueError):
 class CompareError(DeltastoreError, ValueError):
     """A comparison or a measured commit that cannot be made: models that do not match, a bad
     selection spec, no encoding within the KL bound (compare.py, auto.py, plots.py)."""
+
+
+class OptionConflict(DeltastoreError, ValueError):
+    """Options of one call that do not go together, or one that needs another; the CLI shows
+    it as a usage error (exit 2)."""
 
 
 class StoreNotFound(DeltastoreError, FileNotFoundError):
@@ -107,6 +113,17 @@ class BaseNotFound(DeltastoreError, LookupError):
         hint = f"; known bases: {', '.join(self.candidates)}" if self.candidates else \
             "; register it with `deltastore base add MODEL`"
         super().__init__(f"no base matches {base!r}{hint}")
+
+
+class BaseInUse(DeltastoreError, ValueError):
+    """A base that versions are still made on cannot be removed."""
+
+    def __init__(self, base: str, versions: list[str]):
+        self.base = base
+        self.versions = versions
+        shown = ", ".join(versions[:5]) + (f" and {len(versions) - 5} more" if len(versions) > 5 else "")
+        super().__init__(f"base {cut(base)} is the base of {len(versions)} version{'s' * (len(versions) != 1)} "
+                         f"({shown}); it can be removed once no version uses it")
 
 
 class BaseMismatch(DeltastoreError, ValueError):
@@ -236,10 +253,24 @@ class NonFiniteTensor(DeltastoreError, ValueError):
 
 
 class StanceExists(DeltastoreError, FileExistsError):
-    def __init__(self, stance: str):
+    def __init__(self, stance: str, old: str | None = None):
         self.stance = stance
-        super().__init__(f"a stance named {cut(stance)} already exists, with its own versions; "
-                         "choose another name")
+        self.old = old
+        # A line to copy: the name rules leave nothing in a name to quote for a shell.
+        merge = (f"; `deltastore stance merge {old} {stance}` moves the versions of "
+                 f"{cut(old)} into it" if old is not None and len(old) + len(stance) <= 2 * SHOWN else "")
+        super().__init__(f"a stance named {cut(stance)} already exists, with its own versions{merge}; "
+                         "or choose another name")
+
+
+class TagsClash(DeltastoreError, FileExistsError):
+    """Two stances to merge hold tags of the same name."""
+
+    def __init__(self, old: str, into: str, tags: list[str]):
+        self.old, self.into, self.tags = old, into, tags
+        super().__init__(f"{cut(old)} and {cut(into)} both have a tag named {', '.join(cut(t) for t in tags[:5])}"
+                         f"{' ...' if len(tags) > 5 else ''}; tag one of them under another name and remove "
+                         "the old tag, then merge")
 
 
 class StanceNameClose(DeltastoreError, LookupError):

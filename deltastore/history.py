@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TYPE_CHECKING
 
-from .errors import MetadataError, RefNotFound
+from .errors import MetadataError, OptionConflict, RefNotFound
 from .names import check_metadata, check_stance_name
 from .records import Version
 
@@ -65,6 +65,14 @@ class StanceRenamed:
     old: str
     new: str
     versions: int
+
+
+@dataclass(frozen=True)
+class StanceMerged:
+    old: str
+    into: str
+    versions: tuple[str, ...]  # ids of the versions moved, in their old order
+    numbers: tuple[int, ...]  # the number each took in `into`
 
 
 @dataclass(frozen=True)
@@ -159,6 +167,18 @@ def rename_stance(store: Store, old: str, new: str) -> StanceRenamed:
     except RefNotFound:
         raise RefNotFound(old, store._close_refs(old)) from None
     return StanceRenamed(old, new, moved)
+
+
+def merge_stance(store: Store, old: str, into: str) -> StanceMerged:
+    """Move every version of `old` into `into`, numbered after `into`'s newest in their order,
+    with their ids, tags and parents; `old` is gone afterwards. One ref record: all or nothing."""
+    if old == into:
+        raise OptionConflict(f"cannot merge {old} into itself")
+    try:
+        moves = store.catalog.merge_stance(old, into)
+    except RefNotFound as e:
+        raise RefNotFound(e.ref, store._close_refs(e.ref)) from None
+    return StanceMerged(old, into, tuple(vid for vid, _ in moves), tuple(n for _, n in moves))
 
 
 def delete_stance(store: Store, name: str) -> StanceDeleted:

@@ -80,6 +80,9 @@ class HubVersion:
     def ref(self) -> str:
         return f"{self.stance}@{self.number}"
 
+    def to_json(self) -> dict:
+        return {"ref": self.ref, "stance": self.stance, "number": self.number, "id": self.id, "revision": self.tag}
+
 
 @dataclass(frozen=True)
 class PushResult:
@@ -92,6 +95,13 @@ class PushResult:
     tags_created: tuple[str, ...]
     bytes_uploaded: int  # of the files this push committed
 
+    def to_json(self) -> dict:
+        """`push --repo --json`."""
+        return {"repo": self.repo_id, "revision": self.revision, "url": self.url, "commit": self.commit,
+                "pushed": [hv.to_json() for hv in self.pushed],
+                "already_there": [hv.to_json() for hv in self.already_there],
+                "tags_created": list(self.tags_created), "bytes_uploaded": self.bytes_uploaded}
+
 
 @dataclass(frozen=True)
 class PullResult:
@@ -101,6 +111,13 @@ class PullResult:
     pulled: tuple[HubVersion, ...]  # new in the store
     already_here: tuple[HubVersion, ...]  # were in the store already
     bytes_downloaded: int  # sizes of the payload files read (whether or not the HF cache had them)
+
+    def to_json(self) -> dict:
+        """`pull ID --json`."""
+        return {"repo": self.repo_id, "revision": self.revision, "commit": self.commit,
+                "pulled": [hv.to_json() for hv in self.pulled],
+                "already_here": [hv.to_json() for hv in self.already_here],
+                "bytes_downloaded": self.bytes_downloaded}
 
 
 # -- push ----------------------------------------------------------------------------------------

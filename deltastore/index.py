@@ -88,23 +88,29 @@ def replay(cat: Catalog, objects: ObjectStore, refs: RefLog, *, start: int | Non
         todo.append((after, record, line))
     gone = _removed_later([r for _, r, _ in todo])
     for after, record, line in todo:
-        if record["op"] != "version" or record["id"] not in gone:
+        if record["op"] not in ("version", "base") or record["id"] not in gone:
             apply_record(cat, objects, record, unindexed)
     if todo:
         cat.set_log_position(todo[-1][0], todo[-1][2])
 
 
 def _removed_later(records: list[dict]) -> set[str]:
-    """Ids of versions whose stance is deleted later in `records`."""
+    """Ids of versions whose stance is deleted later in `records`, and of bases removed later
+    (and not registered again)."""
     members: dict[str, set[str]] = {}
     gone: set[str] = set()
     for r in records:
         op = r["op"]
-        if op == "version":
+        if op == "base":
+            gone.discard(r["id"])
+        elif op == "unbase":
+            gone.add(r["id"])
+        elif op == "version":
             members.setdefault(r["stance"], set()).add(r["id"])
             gone.discard(r["id"])
-        elif op == "rename":
-            members[r["new"]] = members.pop(r["old"], set()) | members.get(r["new"], set())
+        elif op in ("rename", "merge"):
+            new = r["new"] if op == "rename" else r["into"]
+            members[new] = members.pop(r["old"], set()) | members.get(new, set())
         elif op == "delete":
             gone |= members.pop(r["stance"], set())
     return gone
@@ -147,9 +153,14 @@ def apply_record(cat: Catalog, objects: ObjectStore, r: dict, unindexed: Unindex
     elif op == "rename":
         if cat.has_stance(r["old"]) and not cat.has_stance(r["new"]):
             cat.move_stance(r["old"], r["new"])
+    elif op == "merge":
+        if cat.has_stance(r["old"]):
+            cat.move_versions(r["old"], r["into"], [(vid, number) for vid, number in r["versions"]])
     elif op == "delete":
         if cat.has_stance(r["stance"]):
             cat.remove_stance(r["stance"])
+    elif op == "unbase":
+        cat.drop_base(r["id"])
 
 
 def _read_json(objects: ObjectStore, oid: str, ref: str, unindexed: Unindexed | None) -> dict | None:

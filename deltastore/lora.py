@@ -393,6 +393,13 @@ class LoraImport:
     encoding: str
     skipped: tuple[str, ...]
 
+    def to_json(self) -> dict:
+        """`import-lora --json`."""
+        r, v = self.result, self.result.version
+        return {"id": v.id, "ref": v.ref, "stance": v.stance, "number": v.number, "encoding": self.encoding,
+                "rank": self.rank, "targets": list(self.targets), "replaced": list(self.replaced),
+                "tensors_stored": r.tensors_stored, "bytes_stored": r.bytes_stored}
+
 
 @dataclass(frozen=True)
 class _Adapter:

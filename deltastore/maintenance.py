@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TYPE_CHECKING
 
@@ -66,10 +66,17 @@ class FsckReport:
     objects_checked: int  # re-hashed (--read-data)
     versions_checked: int
     repaired: tuple[str, ...] = ()
+    rebuilt: index.Rebuilt | None = None  # what the catalog was rebuilt from first, if it was
 
     @property
     def ok(self) -> bool:
         return not any(p.error for p in self.problems)
+
+    def to_json(self) -> dict:
+        """`fsck --json`."""
+        return {"ok": self.ok, "problems": [asdict(p) for p in self.problems],
+                "objects_checked": self.objects_checked, "versions_checked": self.versions_checked,
+                "repaired": list(self.repaired), **({"rebuilt": asdict(self.rebuilt)} if self.rebuilt else {})}
 
     @property
     def errors(self) -> list[Problem]:
@@ -288,6 +295,12 @@ class GcPlan:
     dead_commits: tuple[str, ...] = ()  # pending tokens of commits whose process died
     rows_only: tuple[str, ...] = ()  # objects rows whose file is already gone
 
+    def to_json(self) -> dict:
+        """`gc --dry-run --json`."""
+        return {"dry_run": True, "objects": list(self.objects), "bytes": self.bytes,
+                "object_bytes": dict(zip(self.objects, self.sizes)), "tmp_files": list(self.tmp_files),
+                "dead_commits": list(self.dead_commits)}
+
 
 @dataclass(frozen=True)
 class GcResult:
@@ -295,6 +308,11 @@ class GcResult:
     bytes_freed: int
     skipped: tuple[str, ...] = field(default_factory=tuple)  # became referenced meanwhile
     tmp_files_removed: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        """`gc --json`."""
+        return {"dry_run": False, "objects": list(self.removed), "bytes": self.bytes_freed,
+                "skipped": list(self.skipped), "tmp_files": list(self.tmp_files_removed)}
 
 
 def gc_plan(store: Store) -> GcPlan:

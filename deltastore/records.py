@@ -110,6 +110,8 @@ class Version:
     # The stance named in the manifest, where the stance was renamed since: a version's id
     # and manifest never change, the catalog says which stance it belongs to now.
     committed_as: str | None = None
+    # Likewise the number, where the version took another number since (a merge, a remote).
+    committed_number: int | None = None
 
     @property
     def tensor_count(self) -> int:
@@ -130,10 +132,16 @@ class Version:
         return None
 
     def manifest(self) -> dict:
-        return manifest(stance=self.committed_as or self.stance, number=self.number, parent=self.parent,
+        number = self.number if self.committed_number is None else self.committed_number
+        return manifest(stance=self.committed_as or self.stance, number=number, parent=self.parent,
                         base_id=self.base_id, encoding=self.encoding, selection=self.selection,
                         message=self.message, metadata=self.metadata, created=self.created,
                         tensors=self.tensors)
+
+    def to_json(self) -> dict:
+        """`show --json`: the summary `log --json` gives, its selection and every tensor entry."""
+        return {**version_json(self), "selection": self.selection,
+                "tensor_entries": [e.to_manifest() for e in self.tensors]}
 
     @classmethod
     def from_manifest(cls, version_id: str, m: dict, *, tags: tuple[str, ...] = (), bytes: int = 0) -> "Version":
@@ -170,6 +178,17 @@ class VersionInfo:
     def short_id(self) -> str:
         return self.id.split(":", 1)[1][:12]
 
+    def to_json(self) -> dict:
+        """`log --json`: one version's summary."""
+        return version_json(self)
+
+
+def version_json(v: Version | VersionInfo) -> dict:
+    """A version's summary as `log --json` and `show --json` give it."""
+    return {"id": v.id, "ref": v.ref, "stance": v.stance, "number": v.number, "parent": v.parent,
+            "base": v.base_id, "created": v.created, "message": v.message, "encoding": v.encoding,
+            "tensors": v.tensor_count, "bytes": v.bytes, "tags": list(v.tags), "metadata": v.metadata}
+
 
 def manifest(*, stance: str, number: int, parent: str | None, base_id: str, encoding: str,
              selection: dict, message: str, metadata: dict[str, str], created: str,
@@ -204,6 +223,14 @@ class CommitResult:
     fields: dict[str, Any] = field(default_factory=dict)
     # Of every tensor, unchanged ones at 0: a fine-tune's is far under NOT_A_FINE_TUNE.
     median_rel_change: float | None = None
+
+    def to_json(self) -> dict:
+        """`commit --json`."""
+        v = self.version
+        return {"id": v.id, "stance": v.stance, "number": v.number, "tensors_stored": self.tensors_stored,
+                "tensors_unchanged": self.unchanged, "bytes_stored": self.bytes_stored, "bytes_new": self.bytes_new,
+                "left_out": list(self.left_out), "left_out_energy_fraction": self.left_out_energy_fraction,
+                "median_rel_change": self.median_rel_change}
 
 
 def check_manifest(m: Any) -> Version:

@@ -23,7 +23,9 @@ OPS = {
     "tag": {"stance", "name", "version", "created"},
     "untag": {"stance", "name"},
     "rename": {"old", "new"},
+    "merge": {"old", "into", "versions"},
     "delete": {"stance"},
+    "unbase": {"id"},
 }
 # The catalog finds the line it last indexed by reading back from its offset; no record is
 # anywhere near this long.

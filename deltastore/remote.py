@@ -61,6 +61,9 @@ class RemoteVersion:
     def ref(self) -> str:
         return f"{self.stance}@{self.number}"
 
+    def to_json(self) -> dict:
+        return {"ref": self.ref, "stance": self.stance, "number": self.number, "id": self.id}
+
 
 @dataclass(frozen=True)
 class PushResult:
@@ -69,6 +72,12 @@ class PushResult:
     already_there: tuple[RemoteVersion, ...]
     objects_uploaded: int
     bytes_uploaded: int  # object files' sizes, as stored
+
+    def to_json(self) -> dict:
+        """`push --remote --json`."""
+        return {"remote": self.url, "pushed": [rv.to_json() for rv in self.pushed],
+                "already_there": [rv.to_json() for rv in self.already_there],
+                "objects_uploaded": self.objects_uploaded, "bytes_uploaded": self.bytes_uploaded}
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,13 @@ class PullResult:
     bases_added: tuple[str, ...]
     objects_downloaded: int
     bytes_downloaded: int
+
+    def to_json(self) -> dict:
+        """`pull --remote --json` and `clone --json`."""
+        return {"remote": self.url, "pulled": [rv.to_json() for rv in self.pulled],
+                "already_here": [rv.to_json() for rv in self.already_here],
+                "bases_added": list(self.bases_added), "objects_downloaded": self.objects_downloaded,
+                "bytes_downloaded": self.bytes_downloaded}
 
 
 # -- remotes of a store: names and URLs, never credentials ----------------------------------------
@@ -358,8 +374,10 @@ def _errors(url: str) -> Any:
 
 
 def push(store: Any, refs: Sequence[str], url: str, *, progress: Progress | None = None) -> PushResult:
-    """Upload versions to a remote: their objects (those it lacks), their bases, then one ref
-    per version, taken with a conditional create (the next free number of its stance there)."""
+    """Upload versions to a remote (`url`: a URL, or the name of one of the store's remotes):
+    their objects (those it lacks), their bases, then one ref per version, taken with a
+    conditional create (the next free number of its stance there)."""
+    url = remote_url(store.root, url)
     versions = list({v.id: v for v in (store.resolve(r) for r in refs)}.values())
     if not versions:
         raise UnsafeInput("nothing to push: name at least one version (STANCE, STANCE@N or an id)")
@@ -451,12 +469,14 @@ def _parallel(items: list[str], call: Callable[[str], int], progress: Progress |
 
 
 def pull(store: Any, url: str, *, stance: str | None = None, progress: Progress | None = None) -> PullResult:
-    """Download versions from a remote into the store, verified: every ref, manifest, base and
+    """Download versions from a remote (`url`: a URL, or the name of one of the store's remotes)
+    into the store, verified: every ref, manifest, base and
     object is checked before anything is stored; then the bases the store lacks are registered
     and all the versions land at once under the remote's numbers, or none does. Only objects
     the store lacks are downloaded; they wait in the store's tmp/ until they land, so a pull
     run again after a kill does not download them again."""
     store._writable()
+    url = remote_url(store.root, url)
     remote = Remote(url)
     staging = store.root / "tmp" / f"pull-{bytes_id(url.encode())[3:19]}"
     try:

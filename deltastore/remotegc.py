@@ -29,12 +29,25 @@ class RemoteGcPlan:
     refs: tuple[str, ...]  # the version ids the plan found reachable
     kept_young: int  # unreachable, but newer than the grace period: a push may be landing them
 
+    def to_json(self) -> dict:
+        """`gc --remote --dry-run --json`."""
+        return {"dry_run": True, "remote": self.url, "objects": list(self.objects), "bytes": self.bytes,
+                "kept_young": self.kept_young}
+
 
 @dataclass(frozen=True)
 class RemoteGcResult:
     removed: tuple[str, ...]
     bytes_freed: int
     skipped: tuple[str, ...]  # reached by a ref made since the plan
+    plan: RemoteGcPlan | None = None  # what was carried out
+
+    def to_json(self) -> dict:
+        """`gc --remote --json`."""
+        plan = self.plan
+        return {"dry_run": False, "remote": plan.url if plan else None, "objects": list(self.removed),
+                "bytes": self.bytes_freed, "skipped": list(self.skipped),
+                "kept_young": plan.kept_young if plan else 0}
 
 
 def gc_plan(url: str, *, grace_seconds: float = GRACE_SECONDS) -> RemoteGcPlan:
@@ -80,7 +93,7 @@ def gc(plan: RemoteGcPlan) -> RemoteGcResult:
                 continue
             removed.append(oid)
             freed += size
-    return RemoteGcResult(tuple(removed), freed, tuple(skipped))
+    return RemoteGcResult(tuple(removed), freed, tuple(skipped), plan)
 
 
 def _reached(remote: Remote, listed: list[RemoteVersion]) -> set[str]:

@@ -35,9 +35,9 @@ from .errors import (AmbiguousRef, BaseMismatch, BaseNotFound, DeltastoreError, 
                      StanceNameClose, StoreExists, StoreNotFound, TagNotFound, UnsafeInput,
                      VersionConflict, cut, shown_names)
 from .hashing import base_id as compute_base_id, bytes_id, canonical_json, tensor_id
-from .history import delete_stance, diff, rename_stance
+from .history import delete_stance, diff, merge_stance, rename_stance
 from .limits import is_text
-from .maintenance import fsck, gc, gc_plan, stats
+from .maintenance import FsckReport, fsck, gc, gc_plan, stats
 from .objects import ObjectStore
 from .records import (Base, CommitResult, TensorEntry, Version, VersionInfo, check_manifest,
                       manifest, parse_manifest)
@@ -178,6 +178,17 @@ class Store:
             raise DeltastoreError(f"{root} is a store of format {fmt!r}; this deltastore reads {STORE_FORMAT!r}")
         return index.rebuild(root)
 
+    @staticmethod
+    def check(path: str | os.PathLike | None = None, *, read_data: bool = False, repair: bool = False,
+              rebuild_catalog: bool = False) -> "FsckReport":
+        """fsck of the store at `path`, first rebuilding its catalog when asked (its report says
+        what the rebuild found). The store is opened read-only unless it repairs or rebuilds, so
+        that a check works on a full disk."""
+        rebuilt = Store.rebuild_catalog(path) if rebuild_catalog else None
+        with Store.open(path, readonly=None if repair or rebuild_catalog else True) as store:
+            report = store.fsck(read_data=read_data, repair=repair)
+        return dataclasses.replace(report, rebuilt=rebuilt)
+
     def close(self) -> None:
         self.catalog.close()
 
@@ -289,6 +300,15 @@ class Store:
         known = [r["name"] or r["id"][:19] for r in rows]
         raise BaseNotFound(ref, known)
 
+    def remove_base(self, ref: str | Base) -> Base:
+        """Forget a base no version uses (refused, naming them, while any does): its ref record
+        goes, and gc may then remove its two objects. Its weights, outside the store, are not
+        touched. Returns the base removed."""
+        self._writable()
+        base = self.base(ref)
+        self.catalog.remove_base(base.id, base.name or base.id[:19])
+        return base
+
     def base_tensors(self, base: str | Base) -> dict[str, dict]:
         if isinstance(base, Base) and base.id in self._unregistered:
             return {r["name"]: r for r in self._unregistered[base.id][1]}
@@ -379,10 +399,11 @@ class Store:
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise DeltastoreError(f"the manifest of {row['stance']}@{row['number']} ({row['id'][:19]}) is "
                                   "malformed; run `deltastore fsck` to see what it breaks") from None
-        if row["stance"] != v.stance:
-            # Renamed since it was committed: the refs say where it lives, the manifest (and so
-            # the id) keeps the name it was committed under.
-            v = dataclasses.replace(v, stance=row["stance"], committed_as=v.stance)
+        if row["stance"] != v.stance or row["number"] != v.number:
+            # Renamed or merged since it was committed: the refs say where it lives and its
+            # number, the manifest (and so the id) keeps the name and number it was committed under.
+            v = dataclasses.replace(v, stance=row["stance"], number=row["number"], committed_as=v.stance,
+                                    committed_number=v.number)
         return v
 
     def log(self, stance: str | None = None, *, where: Mapping[str, str] | None = None) -> list[VersionInfo]:
@@ -430,6 +451,12 @@ class Store:
         """Give a stance another name. Its versions keep their ids, numbers and tags."""
         self._writable()
         return rename_stance(self, old, new)
+
+    def merge_stance(self, old: str, into: str):
+        """Move `old`'s versions (with their ids and tags) into `into`, numbered after its
+        newest; `old` is gone afterwards (history.merge_stance)."""
+        self._writable()
+        return merge_stance(self, old, into)
 
     def delete_stance(self, name: str):
         """Remove a stance, its versions and tags from the catalog. Objects stay until `gc`,
@@ -531,6 +558,8 @@ class Store:
                 self.objects.put(listing, object_id=row["id"])
                 self.objects.put(record, object_id=row["record"])
                 records.append(self.catalog.register_base(row, tensors))
+            elif not self.catalog.has_base(base.id):  # removed while this commit read the model
+                raise BaseNotFound(base.name or base.id[:19], [b["name"] or b["id"][:19] for b in self.catalog.bases()])
             latest = self.catalog.latest(stance)
             if latest and not allow_empty:
                 newest = self.resolve(latest["id"])

@@ -67,3 +67,14 @@ def test_tiny_run_reports_every_figure():
     for t in r["targets"]:
         assert set(t) == {"issues", "target", "value", "limit", "met"} and isinstance(t["met"], bool)
     assert len(r["load_before"]) == len(r["load_after"]) == 3
+
+
+def test_startup_benchmark_reports_both_commands_and_their_ratio():
+    script = RUN.parent / "startup.py"
+    out = subprocess.run([sys.executable, str(script), "--runs", "1", "--versions", "2", "--json"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout)
+    for name in ("baseline", "log"):
+        assert r[name]["wall_ms"] > 0 and r[name]["cpu_ms"] >= 0
+    assert r["ratio_wall"] == round(r["log"]["wall_ms"] / r["baseline"]["wall_ms"], 2)

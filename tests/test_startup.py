@@ -16,7 +16,9 @@ from deltastore import Store
 from helpers import make_model
 
 REPO = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "numpy", "transformers")
+# sqlite_utils (and the scan of every installed package's entry points its plugins make) was
+# a third of `log`'s start; the catalog speaks plain sqlite3.
+HEAVY = ("torch", "numpy", "transformers", "sqlite_utils")
 # Runs one command in a fresh interpreter, then says which heavy modules it imported.
 PROBE = """
 import json, sys
