@@ -1,8 +1,10 @@
 """The `deltastore` group: its options, how errors end a command (one line on stderr, exit 1;
 tracebacks only with DELTASTORE_DEBUG=1; Ctrl-C exits 130, a closed pipe 141), and the
 registration of every command. The commands live by domain beside this module (stances.py,
-bases.py, weights.py, sharing.py, analysis.py, upkeep.py); each parses its options, makes one
-library call and renders the result."""
+bases.py, weights.py, sharing.py, analysis.py, upkeep.py); each parses its options (a few
+complete one from the store: the store's only base, a remote's name), makes one library call
+(gc two: the plan, then its execution; apply and export also resolve REF to name it) and
+renders the result (or draws it, with --plot)."""
 
 from __future__ import annotations
 

@@ -71,7 +71,7 @@ def pull(store: Store, repo_id: str | None, remote: str | None, revision: str | 
     --into another name."""
     from deltastore.remote import pull as remote_pull, remotes
 
-    if remote is None and repo_id is not None and repo_id in remotes(store.root):
+    if remote is None and repo_id is not None and repo_id in remotes(store):
         remote, repo_id = repo_id, None
     if (repo_id is None) == (remote is None):
         raise click.UsageError("give one of ID (a Hub repo, or a remote's name) and --remote NAME")
@@ -133,7 +133,7 @@ def remote_add(store: Store, name: str, url: str) -> None:
     """Remember URL as remote NAME."""
     from deltastore.remote import add_remote
 
-    add_remote(store.root, name, url)
+    add_remote(store, name, url)
     click.echo(f"remote {name}: {url}")
 
 
@@ -144,7 +144,7 @@ def remote_list(store: Store, as_json: bool) -> None:
     """The store's remotes."""
     from deltastore.remote import remotes
 
-    known = remotes(store.root)
+    known = remotes(store)
     if as_json:
         return emit_json([{"name": n, "url": u} for n, u in known.items()])
     for name, url in known.items():
@@ -158,7 +158,7 @@ def remote_remove(store: Store, name: str) -> None:
     """Forget remote NAME (the remote itself is not touched)."""
     from deltastore.remote import remove_remote
 
-    click.echo(f"removed remote {name} ({remove_remote(store.root, name)})")
+    click.echo(f"removed remote {name} ({remove_remote(store, name)})")
 
 
 @click.command()

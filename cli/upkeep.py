@@ -109,7 +109,7 @@ def gc_remote(store: Store, remote: str, grace: float, dry_run: bool, as_json: b
     from deltastore.remote import remote_url
     from deltastore.remotegc import gc as run_gc, gc_plan
 
-    plan = gc_plan(remote_url(store.root, remote), grace_seconds=grace)
+    plan = gc_plan(remote_url(store, remote), grace_seconds=grace)
     if dry_run:
         if as_json:
             return emit_json(plan)

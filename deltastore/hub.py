@@ -447,9 +447,11 @@ def pull(store: Store, repo_id: str, *, revision: str | None = None, stance: str
             raise PulledDataRejected(repo_id, revision, path.name, f"object {object_id} changed size")
         return _read_at(path, start, length)
 
-    renamed = {s: name for s, name in local.items() if s != name}
+    stances = {v.id: local.get(hv.stance, hv.stance) for hv, _, v in todo}
+    numbers = {v.id: hv.number for hv, _, v in todo}
     try:
-        landed = ({v.id: new for v, new in store.ingest([m for _, m, _ in todo], payload, into=renamed)}
+        landed = ({v.id: new for v, new in store.ingest([m for _, m, _ in todo], payload, stances=stances,
+                                                        numbers=numbers)}
                   if todo else {})
     except UnsafeInput as e:  # a payload file changed in the cache between the checks and the ingest
         raise PulledDataRejected(repo_id, revision, "payloads", str(e)) from None
@@ -579,10 +581,9 @@ def _check_manifest_file(text: bytes, hv: HubVersion, repo_id: str, revision: st
     if v.id != hv.id:
         raise PulledDataRejected(repo_id, revision, hv.manifest,
                                  f"the manifest hashes to {v.id[:19]}, not to the version id {hv.id[:19]}")
-    if (v.stance, v.number) != (hv.stance, hv.number):
-        raise PulledDataRejected(repo_id, revision, hv.manifest,
-                                 f"the manifest is {v.ref}, but {INDEX_FILE} lists it as {hv.ref}")
-    return m, v
+    # The index says where the version lives: a version renamed or merged before it was pushed
+    # keeps the manifest that names the stance and number it was committed under.
+    return m, replace(v, stance=hv.stance, number=hv.number)
 
 
 def _check_against_store(store: Store, planned: list[tuple[HubVersion, dict, Version]], index: dict,
@@ -604,7 +605,7 @@ def _check_against_store(store: Store, planned: list[tuple[HubVersion, dict, Ver
         if v.base_id not in bases:
             hub_id = (index["bases"].get(v.base_id) or {}).get("hub_id")
             raise PulledBaseMissing(repo_id, revision, v.ref, v.base_id, hub_id)
-        if store.is_new(replace(v, stance=local.get(v.stance, v.stance))):
+        if store.is_new(replace(v, stance=local.get(v.stance, v.stance))):  # v: as the index places it
             todo.append((hv, m, v))
     return todo
 

@@ -111,9 +111,15 @@ def check_url(url: str) -> str:
     return url
 
 
-def remotes(store_root: Path) -> dict[str, str]:
-    """The store's remotes: name -> URL."""
-    path = Path(store_root) / CONFIG_FILE
+def _root(store: Any) -> Path:
+    """A store's folder, from the store or the folder itself (as callers before the API's one
+    rule passed it)."""
+    return Path(store) if isinstance(store, (str, os.PathLike)) else store.root
+
+
+def remotes(store: Any) -> dict[str, str]:
+    """The store's remotes: name -> URL. `store`: a Store, or its folder."""
+    path = _root(store) / CONFIG_FILE
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -125,31 +131,31 @@ def remotes(store_root: Path) -> dict[str, str]:
     return {name: v["url"] for name, v in sorted(config.items())}
 
 
-def add_remote(store_root: Path, name: str, url: str) -> None:
+def add_remote(store: Any, name: str, url: str) -> None:
     if not REMOTE_NAME.match(name):
         raise UnsafeInput(f"remote name {name[:80]!r} is not allowed: use letters, digits, '.', '_' and '-'")
     check_url(url)
-    config = remotes(store_root)
+    config = remotes(store)
     if name in config:
         raise UnsafeInput(f"remote {name!r} exists already ({config[name]}); remove it first")
     config[name] = url
-    _write_config(Path(store_root), config)
+    _write_config(_root(store), config)
 
 
-def remove_remote(store_root: Path, name: str) -> str:
-    config = remotes(store_root)
+def remove_remote(store: Any, name: str) -> str:
+    config = remotes(store)
     if name not in config:
         raise RemoteNotFound(name, sorted(config))
     url = config.pop(name)
-    _write_config(Path(store_root), config)
+    _write_config(_root(store), config)
     return url
 
 
-def remote_url(store_root: Path, name_or_url: str) -> str:
+def remote_url(store: Any, name_or_url: str) -> str:
     """A remote's URL from its name (a URL is taken as it is)."""
     if "://" in name_or_url:
         return check_url(name_or_url)
-    config = remotes(store_root)
+    config = remotes(store)
     if name_or_url not in config:
         raise RemoteNotFound(name_or_url, sorted(config))
     return config[name_or_url]
@@ -377,7 +383,7 @@ def push(store: Any, refs: Sequence[str], url: str, *, progress: Progress | None
     """Upload versions to a remote (`url`: a URL, or the name of one of the store's remotes):
     their objects (those it lacks), their bases, then one ref per version, taken with a
     conditional create (the next free number of its stance there)."""
-    url = remote_url(store.root, url)
+    url = remote_url(store, url)
     versions = list({v.id: v for v in (store.resolve(r) for r in refs)}.values())
     if not versions:
         raise UnsafeInput("nothing to push: name at least one version (STANCE, STANCE@N or an id)")
@@ -476,7 +482,7 @@ def pull(store: Any, url: str, *, stance: str | None = None, progress: Progress 
     the store lacks are downloaded; they wait in the store's tmp/ until they land, so a pull
     run again after a kill does not download them again."""
     store._writable()
-    url = remote_url(store.root, url)
+    url = remote_url(store, url)
     remote = Remote(url)
     staging = store.root / "tmp" / f"pull-{bytes_id(url.encode())[3:19]}"
     try:
@@ -525,10 +531,12 @@ def _pull(store: Any, remote: Remote, staging: Path, stance: str | None, progres
 
     added = tuple(_register_base(store, remote, *b) for b in bases)
     numbers = {v.id: rv.number for rv, _, v in todo}
+    stances = {v.id: rv.stance for rv, _, v in todo}
     landed = {}
     if todo:
         try:
-            landed = {v.id: new for v, new in store.ingest([m for _, m, _ in todo], payload, numbers=numbers)}
+            landed = {v.id: new for v, new in store.ingest([m for _, m, _ in todo], payload, numbers=numbers,
+                                                           stances=stances)}
         except CorruptObject as e:  # a staged file changed between its check and the ingest
             raise RemoteDataRejected(url, f"object {e.object_id}", e.reason) from None
     shutil.rmtree(staging, ignore_errors=True)
@@ -548,8 +556,8 @@ def _manifest(remote: Remote, rv: RemoteVersion) -> tuple[dict, Version]:
         raise RemoteDataRejected(remote.url, name, str(e).removeprefix("manifest: ")) from None
     if v.id != rv.id:  # the object's hash matched; its canonical form did not
         raise RemoteDataRejected(remote.url, name, "it is not in canonical form")
-    if v.stance != rv.stance:
-        raise RemoteDataRejected(remote.url, name, f"it is of stance {v.stance!r}, its ref of {rv.stance!r}")
+    # The ref says where the version lives: a version renamed or merged where it was pushed from
+    # keeps the manifest that names the stance and number it was committed under.
     return m, v
 
 

@@ -591,7 +591,8 @@ class Store:
 
     def ingest(self, manifests: list[dict], payload: Callable[[str, int], bytes | memoryview], *,
                into: Mapping[str, str] | None = None,
-               numbers: Mapping[str, int] | None = None) -> list[tuple[Version, bool]]:
+               numbers: Mapping[str, int] | None = None,
+               stances: Mapping[str, str] | None = None) -> list[tuple[Version, bool]]:
         """Store versions made in another store, each keeping its id and its number; all of them
         land in one transaction, or none does and the store is as it was.
 
@@ -600,8 +601,9 @@ class Store:
         lacks, entries whose base tensors are not that base's, and a stance that already has the
         number as another version. `into` maps a manifest's stance to the local stance its
         versions land in (their ids, numbers and manifests unchanged, as after a rename).
-        `numbers` (version id -> number) lands a version under another number than its
-        manifest's: the one a remote gave it (FORMAT.md §10).
+        `numbers` (version id -> number) and `stances` (version id -> stance) land a version under
+        another number and stance than its manifest's: those the other store's ref gives it (a
+        remote's number, FORMAT.md §10; a stance renamed or merged there).
         Returns (version, whether it is new here) per manifest."""
         self._writable()
         versions = [check_manifest(m) for m in manifests]
@@ -610,8 +612,12 @@ class Store:
                 check_stance_name(local)
             versions = [dataclasses.replace(v, stance=into[v.stance], committed_as=v.stance) if v.stance in into
                         else v for v in versions]
-        if numbers:
-            versions = [dataclasses.replace(v, number=numbers.get(v.id, v.number)) for v in versions]
+        if numbers or stances:
+            numbers, stances = numbers or {}, stances or {}
+            for local in set(stances.values()):
+                check_stance_name(local)
+            versions = [dataclasses.replace(v, stance=stances.get(v.id, v.stance), number=numbers.get(v.id, v.number))
+                        for v in versions]
         todo: dict[str, tuple[Version, dict]] = {}
         for v, m in zip(versions, manifests):
             self._check_ingest(v)

@@ -95,6 +95,31 @@ def catalog_and_objects(store):
 # -- round trip ------------------------------------------------------------------------------------
 
 
+def test_renamed_and_merged_stances_push_and_pull_where_their_refs_put_them(world, hub, fresh, tmp_path):
+    """A version renamed or merged before the push keeps its manifest (and id), which names the
+    stance and number it was committed under; the pull lands it where the index puts it."""
+    pair, _ = world
+    with Store.init(tmp_path / "carol-store") as carol:
+        carol.add_base(pair.base, name="tiny")
+        for k, stance in enumerate(["curious", "curious", "curiuos", "draft"]):
+            ft = copy.deepcopy(pair.base_module)
+            finetune_(ft, seed=500 + k)
+            carol.commit(stance, write_folder(tmp_path / f"ft-carol-{k}", saved_state(ft)), base="tiny",
+                         new_stance=True)
+        carol.merge_stance("curiuos", "curious")  # its version becomes curious@3
+        carol.rename_stance("draft", "final")
+        refs = ["curious@1", "curious@2", "curious@3", "final@1"]
+        push(carol, refs, REPO, token=ALICE, endpoint=hub.url, progress=False)
+        pulled = pull_into(fresh, hub, tmp_path)
+        assert sorted(hv.ref for hv in pulled.pulled) == refs
+        for ref in refs:
+            mine, theirs = carol.resolve(ref), fresh.resolve(ref)
+            assert (theirs.id, theirs.ref, theirs.parent) == (mine.id, mine.ref, mine.parent)
+            assert theirs.manifest() == mine.manifest() and manifest_id(theirs.manifest()) == theirs.id
+        assert fresh.resolve("curious@3").committed_as == "curiuos"
+        assert fresh.fsck(read_data=True).ok
+
+
 def test_push_three_stances_then_pull_gives_the_same_versions_bit_exact(world, hub, fresh, tmp_path):
     pair, alice = world
     result = push_all(world, hub)

@@ -134,3 +134,25 @@ def test_merge_for_people(typo):
     assert result.exit_code == 0, result.output
     assert result.output == ("merged curious-uncertanity into curious-uncertainty: 2 versions, now "
                              "curious-uncertainty@4 to curious-uncertainty@5\n")
+
+
+def test_a_merged_stance_goes_through_a_remote_as_it_is_here(typo, tmp_path):
+    """Its versions keep manifests naming the stance and numbers they were committed under;
+    the remote's refs say where they live now, and a clone lands them there."""
+    root, _ = typo
+    run_json(root, "stance", "merge", "curious-uncertanity", "curious-uncertainty")
+    url = (tmp_path / "remote").as_uri()
+    pushed = run_json(root, "push", "curious-uncertainty@1", "curious-uncertainty@2", "curious-uncertainty@3",
+                      "curious-uncertainty@4", "curious-uncertainty@5", "--remote", url)
+    assert [v["ref"] for v in pushed["pushed"]] == [f"curious-uncertainty@{n}" for n in range(1, 6)]
+    cloned = CliRunner().invoke(cli, ["clone", url, str(tmp_path / "clone"), "--json"])
+    assert cloned.exit_code == 0, cloned.output
+    clone = tmp_path / "clone" / ".deltastore"
+    def untagged(versions):  # a remote holds versions, not tags
+        return [{**v, "tags": []} for v in versions]
+
+    assert untagged(run_json(clone, "log")) == untagged(run_json(root, "log"))
+    for n in (4, 5):
+        here, there = (run_json(r, "show", f"curious-uncertainty@{n}") for r in (root, clone))
+        assert {**there, "tags": []} == {**here, "tags": []}
+    assert run_json(clone, "fsck")["ok"]
