@@ -21,8 +21,9 @@ END = "<!-- cli-reference: end -->"
 
 def commands(group: click.Group = cli, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], click.Command]]:
     out = []
-    for name in sorted(group.commands):
-        cmd = group.commands[name]
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
         out.append(((*prefix, name), cmd))
         if isinstance(cmd, click.Group):
             out += commands(cmd, (*prefix, name))

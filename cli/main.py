@@ -8,6 +8,7 @@ renders the result (or draws it, with --plot)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from typing import Any
@@ -17,11 +18,34 @@ import click
 from deltastore import DeltastoreError
 from deltastore.errors import DiskFull, OptionConflict, is_disk_full
 
-from . import analysis, bases, sharing, stances, upkeep, weights
 from .output import escape
+
+# Every command: its name -> the module beside this one that defines it, and the function's
+# name there. A module is imported when one of its commands runs (or --help lists them all), so
+# `deltastore log` starts without the other modules' imports.
+COMMANDS = {
+    "init": "upkeep:init", "fsck": "upkeep:fsck", "gc": "upkeep:gc", "stats": "upkeep:stats",
+    "upgrade": "upkeep:upgrade",
+    "base": "bases:base",
+    "commit": "stances:commit", "stances": "stances:stances", "stance": "stances:stance", "log": "stances:log",
+    "show": "stances:show", "diff": "stances:diff", "tag": "stances:tag",
+    "apply": "weights:apply", "revert": "weights:revert", "export": "weights:export",
+    "push": "sharing:push", "pull": "sharing:pull", "remote": "sharing:remote", "clone": "sharing:clone",
+    "export-lora": "sharing:export_lora", "import-lora": "sharing:import_lora",
+    "compare": "analysis:compare_command", "analyze": "analysis:analyze",
+}
 
 
 class DeltastoreGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands and name in COMMANDS:
+            module, function = COMMANDS[name].split(":")
+            self.add_command(getattr(importlib.import_module(f"{__package__}.{module}"), function), name)
+        return self.commands.get(name)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -84,14 +108,6 @@ def _silence_stdout() -> None:
 @click.version_option(package_name="deltastore")
 def cli(store: str | None) -> None:
     """Store, version, apply and share fine-tuning deltas of PyTorch language models."""
-
-
-for command in (upkeep.init, upkeep.fsck, upkeep.gc, upkeep.stats, upkeep.upgrade, bases.base,
-                stances.commit, stances.stances, stances.stance, stances.log, stances.show, stances.diff,
-                stances.tag, weights.apply, weights.revert, weights.export, sharing.push, sharing.pull,
-                sharing.remote, sharing.clone, sharing.export_lora, sharing.import_lora,
-                analysis.compare_command, analysis.analyze):
-    cli.add_command(command)
 
 
 def main() -> None:
