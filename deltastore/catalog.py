@@ -1,6 +1,6 @@
-"""The catalog: an SQLite index (plain sqlite3: a command that only reads starts without
-importing more) of bases, stances, versions, the objects
-each version needs, tags, metadata, pending objects and apply journals.
+"""The catalog: an SQLite index of bases, stances, versions, the objects each version needs,
+tags, metadata, pending objects and apply journals, through plain sqlite3 (no more to import
+before a read command's first query).
 
 It is a cache of the store's truth (objects, `refs.log`, `journals/`, schema/FORMAT.md §6):
 every ref change is appended to the ref log inside the same write transaction that updates
