@@ -49,9 +49,7 @@ def _kl(value: float | None) -> str:
 @json_option
 def compare_command(base: str, model: str, encodings_text: str, ranks_text: str, full_text: str,
                     selects: tuple[str, ...], prompts: str | None, chat: bool, tokenizer: str | None,
-                    group_size: int | None,
-                    lora_dtype: str,
-                    plot: str | None, as_json: bool) -> None:
+                    group_size: int | None, lora_dtype: str, plot: str | None, as_json: bool) -> None:
     """What each way of storing fine-tune MODEL of BASE costs, and how much of it each keeps.
 
     One row per way: the base itself (nothing kept), the full copy (raw and zstd), the full
