@@ -1,15 +1,17 @@
 """The catalog: an SQLite index of bases, stances, versions, the objects each version needs,
-tags, metadata, pending objects and apply journals, through plain sqlite3 (no more to import
-before a read command's first query).
+tags, metadata, pending objects and apply journals. Rows are written through sqlite-utils;
+reads are plain SELECTs on the same sqlite3 connection, so a command that only reads starts
+without importing sqlite-utils.
 
 It is a cache of the store's truth (objects, `refs.log`, `journals/`, schema/FORMAT.md §6):
 every ref change is appended to the ref log inside the same write transaction that updates
 these rows, and `fsck --rebuild-catalog` rebuilds it all from the truth. It is the only module
 that speaks SQL but two: index.py compares a catalog with one rebuilt from the truth table by
 table, and upgrade.py reads catalogs of older formats. It runs in WAL mode with a busy
-timeout, so many processes can read and write one store; every write is one short `BEGIN IMMEDIATE` transaction, never held while
-tensors are hashed or compressed. SQLite's failures leave here as `CatalogError`s (a damaged
-catalog names the rebuild, a full disk says so), never as sqlite3 exceptions.
+timeout, so many processes can read and write one store; every write is one short
+`BEGIN IMMEDIATE` transaction, never held while tensors are hashed or compressed. SQLite's
+failures leave here as `CatalogError`s (a damaged catalog names the rebuild, a full disk says
+so), never as sqlite3 exceptions.
 """
 
 from __future__ import annotations
@@ -30,12 +32,22 @@ from .errors import (BaseInUse, CatalogDamaged, CatalogError, DiskFull, ReadOnly
 from .reflog import RefLog, RefLogError, tail_id
 
 
-def _sql_value(value: Any) -> Any:
-    """A value as the catalog stores it: dicts and lists as JSON text (as sqlite-utils, which
-    wrote earlier catalogs, did), the rest as it is."""
-    if isinstance(value, (dict, list, tuple)):
-        return json.dumps(value, default=repr, ensure_ascii=False)
-    return value
+def _import_sqlite_utils() -> Any:
+    """sqlite_utils, without the pandas and numpy it imports when they are installed (1.2 s of
+    imports) only to convert their values on insert: the catalog stores plain Python values.
+    Where they are imported already, it gets them as usual."""
+    import sys
+
+    blocked = [name for name in ("pandas", "numpy") if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None  # type: ignore[assignment]  # makes `import name` fail
+    try:
+        import sqlite_utils
+    finally:
+        for name in blocked:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
+    return sqlite_utils
 
 
 # The catalog's schema. It is a cache: a catalog of another schema is rebuilt, never migrated.
@@ -340,18 +352,22 @@ class Catalog:
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row)) for row in cursor]
 
+    @functools.cached_property
+    def db(self) -> Any:
+        """The connection as sqlite-utils sees it, for the catalog's writes. Made on the first
+        write: importing sqlite-utils (and the scan of installed packages' entry points its
+        plugins make) was a third of the start of a command that only reads, and reads are
+        plain SELECTs on the same connection."""
+        return _import_sqlite_utils().Database(self.conn)
+
     def insert(self, table: str, rows: list[dict], *, replace: bool = False) -> int | None:
-        """Inside `transaction()`: rows of one table, each with the same columns; a dict or list
-        value is stored as its JSON text. Returns the last row's key."""
+        """Inside `transaction()`: rows of one table (a dict or list value is stored as its JSON
+        text, as sqlite-utils does). Returns the row's key when there is one row."""
         if not rows:
             return None
-        columns = list(rows[0])
-        sql = (f"INSERT {'OR REPLACE ' if replace else ''}INTO {table} ({', '.join(columns)}) "
-               f"VALUES ({', '.join('?' * len(columns))})")
-        values = [[_sql_value(r[c]) for c in columns] for r in rows]
-        if len(values) == 1:
-            return self.conn.execute(sql, values[0]).lastrowid
-        self.conn.executemany(sql, values)
+        if len(rows) == 1:
+            return self.db[table].insert(rows[0], replace=replace).last_rowid
+        self.db[table].insert_all(rows, replace=replace, batch_size=500)
         return None
 
     def one(self, sql: str, params: Any = ()) -> dict | None:
@@ -377,8 +393,7 @@ class Catalog:
         if existing:
             updates = {k: row[k] for k in ("name", "source", "hub_id") if row.get(k)}
             if updates:
-                self.conn.execute(f"UPDATE bases SET {', '.join(f'{k} = ?' for k in updates)} WHERE id = ?",
-                                  [*updates.values(), row["id"]])
+                self.db["bases"].update(row["id"], updates)
             return
         self.insert("bases", [row])
         self.insert("base_tensors", tensors)

@@ -1,5 +1,5 @@
 """Read commands start fast: they never import torch, numpy or transformers (about 2 CPU-seconds
-of imports before anything happens)."""
+of imports before anything happens), and those that write nothing not sqlite-utils either."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from helpers import make_model
 
 REPO = Path(__file__).resolve().parents[1]
 # sqlite_utils (and the scan of every installed package's entry points its plugins make) was
-# a third of `log`'s start; the catalog speaks plain sqlite3.
+# a third of `log`'s start: the catalog writes through it, and reads without it.
 HEAVY = ("torch", "numpy", "transformers", "sqlite_utils")
 # Runs one command in a fresh interpreter, then says which heavy modules it imported.
 PROBE = """
@@ -55,7 +55,10 @@ def heavy_imports(root: Path, *args: str) -> list[str]:
     ("stances",), ("tag", "curious@1", "second"), ("stats",), ("fsck",), ("gc", "--dry-run"), ("commit", "--help"),
 ], ids=lambda a: " ".join(a))
 def test_read_commands_do_not_import_torch(root, args):
-    assert heavy_imports(root, *args) == []
+    # `tag` writes a row; fsck and gc write a catalog rebuilt from the truth, to check the live
+    # one against it: all through sqlite-utils. The others write nothing.
+    allowed = {"sqlite_utils"} if args[0] in ("tag", "fsck", "gc") else set()
+    assert set(heavy_imports(root, *args)) - allowed == set()
 
 
 def test_a_command_that_needs_tensors_still_gets_them(root):
