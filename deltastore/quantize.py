@@ -311,9 +311,7 @@ class GramBasis:
 
 def gram_basis(a: torch.Tensor, *, keep: int) -> GramBasis:
     """``a``'s ``GramBasis`` with its first ``keep`` vectors (one eigendecomposition)."""
-    tall = a.shape[0] >= a.shape[1]
-    a = a if tall else a.T
-    top = float(a.abs().max()) if a.numel() else 0.0
+    a, _, top = _upright(a)
     if top == 0:
         return GramBasis(torch.zeros(a.shape[1], 0), torch.zeros(a.shape[1], dtype=torch.float64), 0)
     shift = math.frexp(top)[1]
@@ -322,6 +320,14 @@ def gram_basis(a: torch.Tensor, *, keep: int) -> GramBasis:
     # clone, not contiguous: LAPACK's column-major layout is kept, and with it the order in
     # which `a @ v` sums (the bytes of U*S do not change with a basis).
     return GramBasis(vectors[:, :keep].clone(), scaled, shift)
+
+
+def _upright(a: torch.Tensor) -> tuple[torch.Tensor, bool, float]:
+    # A wide matrix is factored through its transpose (the smaller Gram matrix); and its largest
+    # magnitude, from which the power-of-two normalisation is taken.
+    tall = a.shape[0] >= a.shape[1]
+    a = a if tall else a.T
+    return a, tall, float(a.abs().max()) if a.numel() else 0.0
 
 
 def _eigen(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,9 +350,7 @@ def truncated_svd(a: torch.Tensor, rank: int, *, basis: GramBasis | None = None)
     depend on the LAPACK build. `basis`: ``gram_basis(a)`` with at least `rank` vectors, made
     once for several ranks; the result is the same bytes as without it.
     """
-    tall = a.shape[0] >= a.shape[1]
-    a = a if tall else a.T
-    top = float(a.abs().max()) if a.numel() else 0.0
+    a, tall, top = _upright(a)
     if top == 0:
         us, vh = torch.zeros(a.shape[0], rank), torch.zeros(rank, a.shape[1])
     else:
