@@ -241,6 +241,7 @@ def test_debug_shows_the_traceback(tmp_path, root) -> None:
 
 
 def test_ctrl_c_exits_130_after_cleaning_up(tmp_path, root) -> None:
+    import errno
     import signal
     import time
 
@@ -253,9 +254,21 @@ def test_ctrl_c_exits_130_after_cleaning_up(tmp_path, root) -> None:
            "--meta-file", str(fifo)]
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(repo)}, cwd=repo,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # Opening the FIFO for writing waits until the command opens it to read: then it is inside
-    # the command, waiting for the file's bytes, when Ctrl-C comes.
-    with open(fifo, "w"):
+    # The FIFO opens for writing once the command has opened it to read: then it is inside the
+    # command, waiting for the file's bytes, when Ctrl-C comes. Polled, so that a command that
+    # ends before it reads fails here with its output instead of leaving the test waiting.
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: no reader yet
+                raise
+        assert proc.poll() is None, f"the command ended before it read --meta-file: {proc.communicate()}"
+        assert time.monotonic() < deadline, "the command never opened --meta-file"
+        time.sleep(0.01)
+    with os.fdopen(fd, "w"):
         time.sleep(0.2)  # not a timing assertion: only so that the read has begun
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
