@@ -46,7 +46,7 @@ TMP_GRACE_S = 3600
 # An unfinished journal is a note: the store is whole and `revert` completes it (schema/FORMAT.md
 # §8: a crash leaves fsck clean apart from leftovers and open journals).
 ERRORS = ("missing-object", "corrupt-object", "bad-manifest", "index-mismatch", "dangling-row", "check-failed",
-          "catalog-damaged")
+          "catalog-damaged", "damaged-originals")
 NOTES = ("missing-parent", "unfinished-journal", "open-journal", "tmp-file", "stale-pending",
          "unreferenced-object", "stray-file")
 
@@ -153,6 +153,11 @@ def fsck(store: Store, *, read_data: bool = False, repair: bool = False) -> Fsck
     problems += [p for p in object_problems if (p.kind, p.subject) not in {(q.kind, q.subject) for q in problems}]
 
     for j in rows["journals"]:
+        damaged = journalfiles.damaged_originals(store.root, j) if read_data else []
+        if damaged:
+            problems.append(Problem("damaged-originals", j["target"], f"the original bytes saved to revert "
+                                    f"{j['target']} are missing or damaged ({', '.join(damaged[:5])}): "
+                                    "revert cannot restore its base exactly"))
         if j["state"] == "applied":
             problems.append(Problem("open-journal", j["target"], f"{j['target']} has {refs.get(j['version_id'], 'a version')} "
                                     f"applied in place; `deltastore revert {j['target']}` restores its base", error=False))
