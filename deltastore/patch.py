@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from .catalog import now
 from .durable import new_folder
 from .errors import (BaseMismatch, DeltastoreError, JournalError, ModelFormatError, ResultMismatch, SharedFile,
                      shown_names)
-from .hashing import base_id, dtype_name, tensor_bytes, tensor_id
+from .hashing import DTYPES, base_id, dtype_name, tensor_bytes, tensor_id
 from .maintenance import GcPlan, gc
 from .models import (INDEX_FILE, TensorInfo, TensorSource, open_files, other_files,
                      write_safetensors)
@@ -149,13 +150,23 @@ def _check_and_save(store: Store, version: Version, target: Target, source: Tens
         at += info.nbytes
     by_name = {entry.name: k for k, (entry, _) in enumerate(regions)}
 
+    buffers = threading.local()
+
+    def into(info: TensorInfo) -> torch.Tensor:
+        """This worker's result buffer, as a tensor of the region's dtype and shape: memory
+        already written is faster to decode into than fresh pages, tensor after tensor."""
+        held = getattr(buffers, "held", None)
+        if held is None or held.numel() < info.nbytes:
+            held = buffers.held = torch.empty(info.nbytes, dtype=torch.uint8)
+        return held[:info.nbytes].view(DTYPES[info.dtype]).reshape(info.shape)
+
     def check(name: str) -> torch.Tensor | None:
         k = by_name[name]
         entry, info = regions[k]
         base = source.get(name)
         if tensor_id(base) != entry.base_tensor_id:
             return None
-        result = store.decode_entry(entry, base)
+        result = store.decode_entry(entry, base, out=into(info) if info.nbytes else None)
         # An exact encoding's result is a bitwise function of the verified object and base.
         if not encodings.from_params(entry.encoding, entry.params).exact \
                 and tensor_id(result) != entry.result_tensor_id:
