@@ -123,3 +123,13 @@ def damaged_originals(root: Path, record: dict) -> list[str]:
         return bad
     finally:
         os.close(fd)
+
+
+def orphan_originals(root: Path) -> list[Path]:
+    """`.originals` files without their journal: an apply killed between renaming them in and
+    writing its journal (or a revert killed between removing the two). Young ones may be an
+    apply's in progress; the caller judges by age."""
+    where = folder(root)
+    if not where.is_dir():
+        return []
+    return sorted(p for p in where.glob(f"*{ORIGINALS}") if not (where / f"{p.name[:-len(ORIGINALS)]}.json").exists())

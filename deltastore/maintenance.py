@@ -175,6 +175,15 @@ def fsck(store: Store, *, read_data: bool = False, repair: bool = False) -> Fsck
         else:
             problems.append(Problem("tmp-file", str(tmp), "a temporary file " +
                                     ("of a dead process" if _stale_tmp(tmp) else "of a write in progress"), error=False))
+    for orphan in journalfiles.orphan_originals(store.root):
+        if not _stale_tmp(orphan, by_age=True):
+            continue  # an apply between renaming its originals in and writing its journal
+        if repair:
+            orphan.unlink(missing_ok=True)
+            repaired.append(f"removed {orphan}")
+        else:
+            problems.append(Problem("tmp-file", str(orphan), "original bytes saved by an apply that never "
+                                    "recorded its journal (or left by a revert)", error=False))
     pending = rows["pending"]
     dead = [p["token"] for p in pending if _dead_writer(p)]
     if dead and repair:
@@ -269,14 +278,15 @@ def _stray_tmp(tmp: Path) -> list[Path]:
     return sorted(p for p in tmp.iterdir() if p.is_file() or p.is_dir()) if tmp.is_dir() else []
 
 
-def _stale_tmp(path: Path) -> bool:
+def _stale_tmp(path: Path, *, by_age: bool = False) -> bool:
+    """`by_age`: for a file whose name holds no pid, only its age says."""
     try:
         age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
         return True
     # A push may upload for hours; its folder is not touched meanwhile.
     grace = TMP_GRACE_S * (24 if path.is_dir() else 1)
-    return not _alive(_pid_of(path.name)) or age > grace
+    return age > grace if by_age else not _alive(_pid_of(path.name)) or age > grace
 
 
 def _remove_tmp(path: Path) -> None:

@@ -425,3 +425,21 @@ def test_a_progress_bar_only_on_a_terminal_and_never_with_json(tmp_path, store) 
     out, err = run(["apply", "s", str(target)], ["revert", str(target)], terminal=False)
     assert err == b"" and "applied s@1" in out
     assert file_bytes(target) == file_bytes(pair.base)
+
+
+def test_originals_left_without_their_journal_are_removed_once_stale(tmp_path, store) -> None:
+    pair = make_model(tmp_path, torch.bfloat16)
+    store.commit("s", pair.ft, base=pair.base)
+    target = copy_model(pair.base, tmp_path / "target")
+    journal = store.apply_files("s", target)
+    # As a revert killed between removing the journal's file and its originals leaves it.
+    saved = store.root / "journals" / f"{journal.id}.originals"
+    kept = saved.read_bytes()
+    store.revert_files(target)
+    saved.write_bytes(kept)
+    assert store.fsck().problems == ()  # young: it may be an apply's between two steps
+    old = time.time() - 2 * 3600
+    os.utime(saved, (old, old))
+    assert [(p.kind, p.subject) for p in store.fsck().problems] == [("tmp-file", str(saved))]
+    assert store.fsck(repair=True).repaired == (f"removed {saved}",)
+    assert not saved.exists() and store.fsck().problems == ()

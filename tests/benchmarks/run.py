@@ -300,16 +300,18 @@ def bench_inplace(b: Bench) -> dict:
     shutil.rmtree(copies, ignore_errors=True)
     out = {"times": times, "files_bytes": sum(Path(f).stat().st_size for f in files)}
     # Peak RSS of each whole command, from a process that runs only it (RUSAGE_CHILDREN).
-    figures = {"cp": ("command", dict(cmd=["cp", *files, str(b.work / "rss-cp")], mkdir=str(b.work / "rss-cp")))}
+    copied = str(b.work / "inplace-rss-cp")
+    figures = {"cp": ("command", dict(cmd=["cp", *files, copied], mkdir=copied))}
     for label, stance in INPLACE.items():
-        folder = b.work / f"rss-{label}"
+        folder = b.work / f"inplace-rss-{label}"
         shutil.copytree(b.paths["base"], folder)
         figures[f"deltastore apply {label}"] = ("command", dict(
             cmd=[*COMMAND, "--store", str(b.store), "apply", stance, str(folder)], env=env))
     out["rss"] = child_rss(figures, jobs=1)
     with Store.open(b.store) as s:
         for label in INPLACE:
-            s.revert_files(b.work / f"rss-{label}")
+            s.revert_files(b.work / f"inplace-rss-{label}")
+            shutil.rmtree(b.work / f"inplace-rss-{label}")
     return out
 
 
