@@ -4,16 +4,19 @@ write a patched copy of a model to a new folder (`apply --out`, `export`).
 In-place order (the journal makes every step undoable), all under the target's lock:
   1. resolve the target to its files by identity (target.py); refuse a file another path
      shares, and a target that an open journal already covers;
-  2. check everything: base tensor ids, objects, decoded results; open every file to be
-     written, and check that each is still the file checked; nothing written yet;
-  3. store the original bytes of every region to be overwritten as objects (fsynced), then
-     record the journal (the files' identities, regions, originals) in one catalog transaction;
-  4. overwrite the regions, fsync; mark the journal applied. A write that fails puts back what
-     was written and drops the journal.
-A crash before 3 completes leaves the files untouched; after it, `revert` writes every
-original region back, whether it was overwritten or not, into the files whose identity is the
-journal's, and checks each against the base tensor id. Revert never computes base bytes from a
-delta.
+  2. check everything, a tensor or two at a time: base tensor ids, objects, decoded results;
+     meanwhile append each region's original bytes to one file in tmp/ and put each result in
+     an unnamed temporary file; fsync the originals; open every file to be written, and check
+     that each is still the file checked; nothing written yet;
+  3. rename the originals in as `journals/<id>.originals`, then record the journal (the files'
+     identities, regions, offsets of the originals) as its file and its catalog rows;
+  4. copy the results over the regions, fsync; mark the journal applied. A write that fails
+     puts back what was written and drops the journal.
+A crash before 3 completes leaves the files untouched; after it, `revert` checks every saved
+original against its base tensor id, writes each back, whether it was overwritten or not, into
+the files whose identity is the journal's, and checks each region again. Revert never computes
+base bytes from a delta. Journals from before `.originals` files keep their originals as
+objects, and revert from those.
 """
 
 from __future__ import annotations
