@@ -29,7 +29,8 @@ def apply(store: Store, ref: str, target: str, out: str | None, break_links: boo
             path = store.export(ref, out, base_weights=target, progress=cb)
         result = {"ref": store.resolve(ref).ref, "out": str(path)}
         return emit_json(result) if as_json else echo(f"wrote {path}")
-    j = store.apply_files(ref, target, break_links=break_links)
+    with progress("applying", enabled=not as_json) as cb:
+        j = store.apply_files(ref, target, break_links=break_links, progress=cb)
     if as_json:
         return emit_json(j)
     echo(f"applied {store.resolve(j.version_id).ref} to {target} ({j.regions} tensors); "

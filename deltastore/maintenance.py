@@ -46,7 +46,7 @@ TMP_GRACE_S = 3600
 # An unfinished journal is a note: the store is whole and `revert` completes it (schema/FORMAT.md
 # §8: a crash leaves fsck clean apart from leftovers and open journals).
 ERRORS = ("missing-object", "corrupt-object", "bad-manifest", "index-mismatch", "dangling-row", "check-failed",
-          "catalog-damaged")
+          "catalog-damaged", "damaged-originals")
 NOTES = ("missing-parent", "unfinished-journal", "open-journal", "tmp-file", "stale-pending",
          "unreferenced-object", "stray-file")
 
@@ -153,6 +153,11 @@ def fsck(store: Store, *, read_data: bool = False, repair: bool = False) -> Fsck
     problems += [p for p in object_problems if (p.kind, p.subject) not in {(q.kind, q.subject) for q in problems}]
 
     for j in rows["journals"]:
+        damaged = journalfiles.damaged_originals(store.root, j) if read_data else []
+        if damaged:
+            problems.append(Problem("damaged-originals", j["target"], f"the original bytes saved to revert "
+                                    f"{j['target']} are missing or damaged ({', '.join(damaged[:5])}): "
+                                    "revert cannot restore its base exactly"))
         if j["state"] == "applied":
             problems.append(Problem("open-journal", j["target"], f"{j['target']} has {refs.get(j['version_id'], 'a version')} "
                                     f"applied in place; `deltastore revert {j['target']}` restores its base", error=False))
@@ -170,6 +175,15 @@ def fsck(store: Store, *, read_data: bool = False, repair: bool = False) -> Fsck
         else:
             problems.append(Problem("tmp-file", str(tmp), "a temporary file " +
                                     ("of a dead process" if _stale_tmp(tmp) else "of a write in progress"), error=False))
+    for orphan in journalfiles.orphan_originals(store.root):
+        if not _stale_tmp(orphan, by_age=True):
+            continue  # an apply between renaming its originals in and writing its journal
+        if repair:
+            orphan.unlink(missing_ok=True)
+            repaired.append(f"removed {orphan}")
+        else:
+            problems.append(Problem("tmp-file", str(orphan), "original bytes saved by an apply that never "
+                                    "recorded its journal (or left by a revert)", error=False))
     pending = rows["pending"]
     dead = [p["token"] for p in pending if _dead_writer(p)]
     if dead and repair:
@@ -264,14 +278,15 @@ def _stray_tmp(tmp: Path) -> list[Path]:
     return sorted(p for p in tmp.iterdir() if p.is_file() or p.is_dir()) if tmp.is_dir() else []
 
 
-def _stale_tmp(path: Path) -> bool:
+def _stale_tmp(path: Path, *, by_age: bool = False) -> bool:
+    """`by_age`: for a file whose name holds no pid, only its age says."""
     try:
         age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
         return True
     # A push may upload for hours; its folder is not touched meanwhile.
     grace = TMP_GRACE_S * (24 if path.is_dir() else 1)
-    return not _alive(_pid_of(path.name)) or age > grace
+    return age > grace if by_age else not _alive(_pid_of(path.name)) or age > grace
 
 
 def _remove_tmp(path: Path) -> None:

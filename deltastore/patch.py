@@ -4,37 +4,45 @@ write a patched copy of a model to a new folder (`apply --out`, `export`).
 In-place order (the journal makes every step undoable), all under the target's lock:
   1. resolve the target to its files by identity (target.py); refuse a file another path
      shares, and a target that an open journal already covers;
-  2. check everything: base tensor ids, objects, decoded results; open every file to be
-     written, and check that each is still the file checked; nothing written yet;
-  3. store the original bytes of every region to be overwritten as objects (fsynced), then
-     record the journal (the files' identities, regions, originals) in one catalog transaction;
-  4. overwrite the regions, fsync; mark the journal applied. A write that fails puts back what
-     was written and drops the journal.
-A crash before 3 completes leaves the files untouched; after it, `revert` writes every
-original region back, whether it was overwritten or not, into the files whose identity is the
-journal's, and checks each against the base tensor id. Revert never computes base bytes from a
-delta.
+  2. check everything, a tensor or two at a time: base tensor ids, objects, decoded results;
+     meanwhile append each region's original bytes to one file in tmp/ and put each result in
+     an unnamed temporary file; fsync the originals; open every file to be written, and check
+     that each is still the file checked; nothing written yet;
+  3. rename the originals in as `journals/<id>.originals`, then record the journal (the files'
+     identities, regions, offsets of the originals) as its file and its catalog rows;
+  4. copy the results over the regions, fsync; mark the journal applied. A write that fails
+     puts back what was written and drops the journal.
+A crash before 3 completes leaves the files untouched; after it, `revert` checks every saved
+original against its base tensor id, writes each back, whether it was overwritten or not, into
+the files whose identity is the journal's, and checks each region again. Revert never computes
+base bytes from a delta. Journals from before `.originals` files keep their originals as
+objects, and revert from those.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import tempfile
+import threading
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, TYPE_CHECKING
 
 import torch
 
+from . import encodings, journalfiles
 from .catalog import now
 from .durable import new_folder
 from .errors import (BaseMismatch, DeltastoreError, JournalError, ModelFormatError, ResultMismatch, SharedFile,
                      shown_names)
-from .hashing import base_id, bytes_id, dtype_name, tensor_id
+from .hashing import DTYPES, base_id, dtype_name, tensor_bytes, tensor_id
 from .maintenance import GcPlan, gc
-from .models import (INDEX_FILE, TensorInfo, TensorSource, open_files, other_files, read_tensor,
+from .models import (INDEX_FILE, TensorInfo, TensorSource, open_files, other_files,
                      write_safetensors)
 from .records import Version
 from .target import FileId, Target, break_links, fd_id, patch_lock, resolve
@@ -52,8 +60,10 @@ class Journal:
     regions: int
 
 
-def apply_in_place(store: Store, version: Version, path: Path, *, allow_links: bool = False) -> Journal:
-    """`allow_links`: give each hard-linked file a private copy first (`apply --break-links`)."""
+def apply_in_place(store: Store, version: Version, path: Path, *, allow_links: bool = False,
+                   progress: Callable[[int, int], None] | None = None) -> Journal:
+    """`allow_links`: give each hard-linked file a private copy first (`apply --break-links`).
+    `progress(done, total)`: bytes checked and written so far, of all to check and write."""
     with patch_lock(store.root, resolve(path)):
         target = resolve(path)  # again, now that no other patch can change it
         covering = journals_on(store, target)
@@ -61,34 +71,51 @@ def apply_in_place(store: Store, version: Version, path: Path, *, allow_links: b
             raise JournalError(f"{target.given} already has {_applied(store, covering[-1])} applied in place; "
                                f"run `deltastore revert {target.given}` first")
         target.check_private(allow_links=allow_links)
-        source = open_files(target.model, files=[target.path(f) for f in target.files])
+        # Read through memory maps: the base bytes are hashed, decoded and saved straight from
+        # the page cache, each tensor's pages let go once it is saved.
+        source = open_files(target.model, files=[target.path(f) for f in target.files], mapped=True)
         regions = _base_regions(store, version, target, source)
-        results = []
-        for entry, info, base in regions:
-            result = store.decode_entry(entry, base)
-            if tensor_id(result) != entry.result_tensor_id:
-                raise ResultMismatch(entry.name, version.ref, nothing_changed=True)
-            results.append(result)
-        if allow_links:
-            target = break_links(target)
-        by_file: dict[str, list[tuple[TensorInfo, torch.Tensor, torch.Tensor]]] = {}
-        for (entry, info, base), result in zip(regions, results):
-            by_file.setdefault(info.file.name, []).append((info, result, base))
-        handles = _open_for_writing(target, list(by_file), "apply")
+        total = sum(info.nbytes for _, info in regions)
+        done = [0]
+
+        def tick(n: int) -> None:
+            done[0] += n
+            if progress:
+                progress(done[0], 2 * total)
+
+        store.objects.tmp.mkdir(exist_ok=True)
+        journal_id = uuid.uuid4().hex
+        saved = store.objects.tmp / f"{os.getpid()}-journal-{journal_id}{journalfiles.ORIGINALS}"
         try:
-            journal, originals = _record(store, version, target, regions)
-            _write_or_roll_back(store, target, journal, originals, by_file, handles)
+            # The results wait in an unnamed file (gone with the process), so that no more
+            # than a tensor or two is held in memory, and nothing is written into the target
+            # until every check has passed.
+            with open(saved, "wb") as originals, tempfile.TemporaryFile(dir=store.objects.tmp) as results:
+                _check_and_save(store, version, target, source, regions, originals, results, tick)
+                originals.flush()
+                os.fsync(originals.fileno())
+                if allow_links:
+                    target = break_links(target)
+                by_file: dict[str, list[TensorInfo]] = {}
+                for _, info in regions:
+                    by_file.setdefault(info.file.name, []).append(info)
+                handles = _open_for_writing(target, list(by_file), "apply")
+                try:
+                    journal = _record(store, version, target, regions, journal_id, saved)
+                    _write_or_roll_back(store, target, journal, by_file, results.fileno(), handles, tick)
+                finally:
+                    for fh in handles.values():
+                        fh.close()
         finally:
-            for fh in handles.values():
-                fh.close()
+            saved.unlink(missing_ok=True)  # renamed into journals/ once recorded
         store.catalog.set_journal_state(journal["id"], "applied")
         return Journal(journal["id"], journal["target"], version.id, "applied", len(regions))
 
 
 def _base_regions(store: Store, version: Version, target: Target,
-                  source: TensorSource) -> list[tuple[Any, TensorInfo, torch.Tensor]]:
-    """Every region the version overwrites, with the base bytes it holds now; refuses a target
-    that is not the version's base, naming what it is instead, before anything else."""
+                  source: TensorSource) -> list[tuple[Any, TensorInfo]]:
+    """Every region the version overwrites, from the headers alone; refuses a target whose
+    tensors are not the base's by name, dtype and shape, naming what it is instead."""
     expected = store.base_tensors(version.base_id)
     regions, wrong, reshaped = [], [], []
     for entry in version.tensors:
@@ -99,15 +126,11 @@ def _base_regions(store: Store, version: Version, target: Target,
         if info is None or row is None or (info.dtype, list(info.shape)) != (row["dtype"], json.loads(row["shape"])):
             wrong.append(entry.name)
             continue
-        base = read_tensor(info)
-        if tensor_id(base) != entry.base_tensor_id:
-            wrong.append(entry.name)
-            continue
         if info.dtype != entry.dtype or info.shape != tuple(entry.shape):
             reshaped.append(entry.name)
-        regions.append((entry, info, base))
+        regions.append((entry, info))
     if wrong:
-        raise _not_the_base(store, version, target, source, sorted(wrong))
+        raise _not_the_base(store, version, target, source)
     if reshaped:
         # The target is the base: --out writes a new folder, which may differ in layout.
         raise JournalError(f"{shown_names(sorted(reshaped))} of {version.ref} change dtype or shape, or are new, "
@@ -115,17 +138,97 @@ def _base_regions(store: Store, version: Version, target: Target,
     return regions
 
 
-def _not_the_base(store: Store, version: Version, target: Target, source: TensorSource,
-                  wrong: list[str]) -> BaseMismatch:
+def _check_and_save(store: Store, version: Version, target: Target, source: TensorSource, regions: list,
+                    originals: BinaryIO, results: BinaryIO, tick: Callable[[int], None]) -> None:
+    """Every check before a byte of the target changes: each region's base tensor id, each
+    object (read verified), each lossy result's id. On the way, the original bytes are
+    appended to `originals` and the results written to `results`, both at the region's
+    offset in the plan's order. Two tensors at a time (reading, hashing, decompressing and
+    decoding release the GIL); each worker holds one tensor's base, payload and result."""
+    from .commit import in_order
+
+    offsets, at = [], 0
+    for _, info in regions:
+        offsets.append(at)
+        at += info.nbytes
+    by_name = {entry.name: k for k, (entry, _) in enumerate(regions)}
+
+    buffers = threading.local()
+
+    def into(info: TensorInfo) -> torch.Tensor:
+        """This worker's result buffer, as a tensor of the region's dtype and shape: memory
+        already written is faster to decode into than fresh pages, tensor after tensor."""
+        held = getattr(buffers, "held", None)
+        if held is None or held.numel() < info.nbytes:
+            held = buffers.held = torch.empty(info.nbytes, dtype=torch.uint8)
+        return held[:info.nbytes].view(DTYPES[info.dtype]).reshape(info.shape)
+
+    def check(name: str) -> torch.Tensor | None:
+        k = by_name[name]
+        entry, info = regions[k]
+        base = source.get(name)
+        if tensor_id(base) != entry.base_tensor_id:
+            return None
+        result = store.decode_entry(entry, base, out=into(info) if info.nbytes else None)
+        # An exact encoding's result is a bitwise function of the verified object and base.
+        if not encodings.from_params(entry.encoding, entry.params).exact \
+                and tensor_id(result) != entry.result_tensor_id:
+            raise ResultMismatch(entry.name, version.ref, nothing_changed=True)
+        _pwrite_all(results.fileno(), tensor_bytes(result), offsets[k])
+        del result
+        return base
+
+    for name, base in in_order(list(by_name), check):
+        if base is None:
+            raise _not_the_base(store, version, target, source)
+        _pwrite_all(originals.fileno(), tensor_bytes(base), offsets[by_name[name]])
+        tick(base.numel() * base.element_size())
+        del base
+        source.release(name)
+    source.check_unchanged()
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:done + journalfiles.SLICE], offset + done)
+
+
+def _copy_range(src: int, dst: int, size: int, src_offset: int, dst_offset: int) -> None:
+    """`size` bytes from one open file to another, in the kernel where it can (no buffer of
+    ours; the page cache to the page cache), else through one bounded buffer."""
+    done = 0
+    try:
+        while done < size:
+            n = os.copy_file_range(src, dst, min(size - done, 1 << 30), src_offset + done, dst_offset + done)
+            if n <= 0:
+                break
+            done += n
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    buf = bytearray(min(journalfiles.SLICE, size - done)) if done < size else b""
+    while done < size:
+        n = os.preadv(src, [memoryview(buf)[:min(len(buf), size - done)]], src_offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, f"{size - done} bytes missing from a journal file")
+        _pwrite_all(dst, memoryview(buf)[:n], dst_offset + done)
+        done += n
+
+
+def _not_the_base(store: Store, version: Version, target: Target, source: TensorSource) -> BaseMismatch:
     """What the target is, since it is not the version's base: another registered base, the
-    version's own result, or an unknown model. (`--out` reads the same base, so it would fail
-    too and is not offered.)"""
+    version's own result, or an unknown model; and which of the version's tensors differ.
+    (`--out` reads the same base, so it would fail too and is not offered.)"""
     mine = store.base(version.base_id)
     mine_shown = f"{mine.name + ' ' if mine.name else ''}{mine.id[:19]}"
     ids = {name: tensor_id(source.get(name)) for name in source.names}
     actual = base_id(ids.items())
     known = next((b for b in store.bases() if b.id == actual), None)
     entries = {e.name: e for e in version.tensors}
+    expected = store.base_tensors(version.base_id)
+    wrong = sorted(e.name for e in version.tensors if e.base_tensor_id is not None and (
+        e.name not in expected or ids.get(e.name) != e.base_tensor_id))
     if known:
         what = f"is base {known.name + ' ' if known.name else ''}{actual[:19]}"
         hint = f"apply a version of that base to it, or apply {version.ref} to a copy of {mine_shown}"
@@ -169,56 +272,71 @@ def _open_for_writing(target: Target, names: list[str], verb: str, journal: list
     return handles
 
 
-def _record(store: Store, version: Version, target: Target, regions: list) -> tuple[dict, list[str]]:
-    """The originals first, then the journal that points at them."""
-    token = uuid.uuid4().hex
+def _record(store: Store, version: Version, target: Target, regions: list, journal_id: str,
+            saved: Path) -> dict:
+    """The originals (written and fsynced) renamed in, then the journal that points at them;
+    one folder fsync makes both durable before the first byte of the target is written."""
     plan = {"root": str(target.root), "identity": [f.to_json() for f in target.files],
-            "files": {f.name: f.header for f in target.files}, "regions": []}
-    originals = []
+            "files": {f.name: f.header for f in target.files}, "originals": "file", "regions": []}
+    offset = 0
+    for entry, info in regions:
+        plan["regions"].append({"file": info.file.name, "name": entry.name, "start": info.start, "end": info.end,
+                                "offset": offset, "dtype": info.dtype, "shape": list(info.shape),
+                                "base": entry.base_tensor_id, "result": entry.result_tensor_id})
+        offset += info.nbytes
+    journal = {"id": journal_id, "target": str(target.model), "version_id": version.id,
+               "state": "applying", "plan": json.dumps(plan, sort_keys=True), "created": now()}
+    journalfiles.folder(store.root).mkdir(exist_ok=True)
+    os.replace(saved, journalfiles.originals(store.root, journal_id))
     try:
-        for (entry, info, base) in regions:
-            raw = base.reshape(-1).view(torch.uint8).numpy().data if base.numel() else b""
-            oid = bytes_id(raw)
-            store.catalog.add_pending(token, [oid])
-            store.objects.put(raw, object_id=oid)
-            originals.append(oid)
-            plan["regions"].append({"file": info.file.name, "name": entry.name, "start": info.start,
-                                    "end": info.end, "original": oid, "base": entry.base_tensor_id,
-                                    "result": entry.result_tensor_id})
-        journal = {"id": uuid.uuid4().hex, "target": str(target.model), "version_id": version.id,
-                   "state": "applying", "plan": json.dumps(plan, sort_keys=True), "created": now()}
-        store.catalog.add_journal(journal, originals, token)
-    finally:
-        store.catalog.drop_pending(token)
-    return journal, originals
+        store.catalog.add_journal(journal, [], uuid.uuid4().hex)
+    except BaseException:
+        journalfiles.remove(store.root, journal_id)
+        raise
+    return journal
 
 
-def _write_or_roll_back(store: Store, target: Target, journal: dict, originals: list[str],
-                        by_file: dict[str, list], handles: dict[str, BinaryIO]) -> None:
-    """Overwrite the regions, file by file. A write that fails puts the base bytes back into
-    every file written so far and drops the journal; if that fails too, says how far it got."""
+def _write_or_roll_back(store: Store, target: Target, journal: dict, by_file: dict[str, list[TensorInfo]],
+                        results: int, handles: dict[str, BinaryIO], tick: Callable[[int], None]) -> None:
+    """Overwrite the regions from the results, file by file. A write that fails puts the
+    original bytes back into every file written so far and drops the journal; if that fails
+    too, says how far it got."""
+    offsets = {r["name"]: r["offset"] for r in json.loads(journal["plan"])["regions"]}
     started: list[str] = []
     try:
-        for name, items in by_file.items():
+        for name, infos in by_file.items():
             started.append(name)
-            _write_regions(handles[name], [(info.start, result) for info, result, _ in items])
+            _write_regions(handles[name], results, [(info, offsets[info.name]) for info in infos], tick)
     except Exception as e:
         failed = f"{target.path(target.file(started[-1]))} ({getattr(e, 'strerror', None) or e})"
         try:
-            for name in started:
-                _write_regions(handles[name], [(info.start, base) for info, _, base in by_file[name]])
+            with open(journalfiles.originals(store.root, journal["id"]), "rb") as saved:
+                for name in started:
+                    _write_regions(handles[name], saved.fileno(),
+                                   [(info, offsets[info.name]) for info in by_file[name]])
         except Exception:
             raise JournalError(f"writing {failed} failed: {len(started) - 1} of {len(by_file)} files patched, "
                                f"{started[-1]} in part; {target.given} is half patched: "
                                f"run `deltastore revert {target.given}`") from None
-        _drop(store, journal["id"], originals)
+        _drop(store, journal["id"], [])
         raise JournalError(f"writing {failed} failed; the files written were put back: nothing was changed") from None
 
 
-def _write_regions(fh: BinaryIO, regions: list[tuple[int, Any]]) -> None:
+def _write_regions(fh: BinaryIO, source: int, regions: list[tuple[Any, int]],
+                   tick: Callable[[int], None] | None = None) -> None:
+    """Each (region, offset in `source`): the region's bytes from there; then fsync."""
+    for info, offset in regions:
+        size = info.nbytes if isinstance(info, TensorInfo) else info["end"] - info["start"]
+        _copy_range(source, fh.fileno(), size, offset, info.start if isinstance(info, TensorInfo) else info["start"])
+        if tick:
+            tick(size)
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def _write_objects(fh: BinaryIO, regions: list[tuple[int, Any]]) -> None:
+    """A journal from before `.originals` files: each region's bytes from its object."""
     for start, data in regions:
-        if isinstance(data, torch.Tensor):
-            data = data.contiguous().reshape(-1).view(torch.uint8).numpy().data if data.numel() else b""
         fh.seek(start)
         fh.write(data)
     fh.flush()
@@ -226,9 +344,11 @@ def _write_regions(fh: BinaryIO, regions: list[tuple[int, Any]]) -> None:
 
 
 def _drop(store: Store, journal_id: str, originals: list[str]) -> None:
-    store.catalog.drop_journal(journal_id)
-    # The saved originals were this journal's alone; remove them now unless shared.
-    gc(store, GcPlan(tuple(sorted(set(originals))), 0))
+    store.catalog.drop_journal(journal_id)  # its `.originals` file too
+    # Originals saved as objects (journals from before `.originals` files) were this
+    # journal's alone; remove them now unless shared.
+    if originals:
+        gc(store, GcPlan(tuple(sorted(set(originals))), 0))
 
 
 def revert_in_place(store: Store, path: Path) -> list[Journal]:
@@ -277,25 +397,42 @@ def _revert_one(store: Store, target: Target, row: dict) -> Journal:
     for region in plan["regions"]:
         by_file.setdefault(region["file"], []).append(region)
     # Read and verify every original before writing any of them.
-    originals = {r["original"]: store.objects.get(r["original"]) for r in plan["regions"]}
+    saved_file = journalfiles.originals(store.root, row["id"])
+    damaged = journalfiles.damaged_originals(store.root, row)
+    if damaged:
+        raise JournalError(f"the saved original bytes of {shown_names(damaged)} in {saved_file} are missing or "
+                           f"damaged; nothing was written; {target.given} cannot be reverted exactly from this "
+                           "journal (run `deltastore fsck --read-data`)")
+    objects = {r["original"]: store.objects.get(r["original"]) for r in plan["regions"] if "original" in r}
     handles = _open_for_writing(target, list(by_file), "revert", recorded)
     try:
-        for name, regions in by_file.items():
-            try:
-                _write_regions(handles[name], [(r["start"], originals[r["original"]]) for r in regions])
-            except OSError as e:
-                raise JournalError(f"writing {target.path(target.file(name))} failed ({e.strerror or e}); the journal "
-                                   f"is kept: run `deltastore revert {target.given}` again") from None
+        with open(saved_file, "rb") if "originals" in plan else nullcontext() as saved:
+            for name, regions in by_file.items():
+                try:
+                    if "originals" in plan:
+                        _write_regions(handles[name], saved.fileno(), [(r, r["offset"]) for r in regions])
+                    else:
+                        _write_objects(handles[name], [(r["start"], objects[r["original"]]) for r in regions])
+                except OSError as e:
+                    raise JournalError(f"writing {target.path(target.file(name))} failed ({e.strerror or e}); the "
+                                       f"journal is kept: run `deltastore revert {target.given}` again") from None
     finally:
         for fh in handles.values():
             fh.close()
     check = open_files(target.model, files=[target.path(f) for f in recorded])
-    bad = [r["name"] for r in plan["regions"] if tensor_id(read_tensor(check.infos[r["name"]])) != r["base"]]
+    bad = []
+    for name, regions in by_file.items():
+        with open(target.path(target.file(name)), "rb") as fh:
+            bad += [r["name"] for r in regions if _region_now(fh.fileno(), check.infos[r["name"]]) != r["base"]]
     if bad:
         raise JournalError(f"after revert, {', '.join(bad[:5])} still differ from the base; "
                            "the journal is kept: run `deltastore fsck`")
-    _drop(store, row["id"], list(originals))
+    _drop(store, row["id"], list(objects))
     return Journal(row["id"], row["target"], row["version_id"], "reverted", len(plan["regions"]))
+
+
+def _region_now(fd: int, info: TensorInfo) -> str:
+    return journalfiles.region_id(fd, info.start, info.nbytes, info.dtype, list(info.shape))
 
 
 def _journal_files(row: dict) -> list[FileId] | None:

@@ -806,14 +806,16 @@ class Store:
         infos, tensor = self.materialize(version, base_weights=source)
         return write_model(Path(out), infos, tensor, files_from=source.folder, progress=progress)
 
-    def apply_files(self, ref: str | Version, target: str | os.PathLike, *, break_links: bool = False):
+    def apply_files(self, ref: str | Version, target: str | os.PathLike, *, break_links: bool = False,
+                    progress: Progress | None = None):
         """Patch a model file or folder in place, journalled so that `revert_files` undoes it.
         A file with other hard links is refused, unless `break_links`: it is then replaced by a
-        private copy first, and the other paths keep their bytes."""
+        private copy first, and the other paths keep their bytes. `progress(done, total)`: in
+        bytes checked and written."""
         from .patch import apply_in_place
 
         self._writable()
-        return apply_in_place(self, self.resolve(ref), Path(target), allow_links=break_links)
+        return apply_in_place(self, self.resolve(ref), Path(target), allow_links=break_links, progress=progress)
 
     def revert_files(self, target: str | os.PathLike):
         from .patch import revert_in_place

@@ -124,18 +124,37 @@ def test_revert_with_a_corrupt_original_writes_nothing_and_keeps_the_journal(tmp
     store.apply_files("s", target)
     applied = file_bytes(target)
     [journal] = store.catalog.open_journals()
-    regions = json.loads(journal["plan"])["regions"]
-    original = sorted(regions, key=lambda r: r["name"])[-1]["original"]
-    path = store.objects.path(original)
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x04
-    path.write_bytes(bytes(data))
-    with pytest.raises(CorruptObject) as e:
+    region = sorted(json.loads(journal["plan"])["regions"], key=lambda r: r["name"])[-1]
+    saved = store.root / "journals" / f"{journal['id']}.originals"
+    data = bytearray(saved.read_bytes())
+    data[region["offset"] + (region["end"] - region["start"]) // 2] ^= 0x04
+    saved.write_bytes(bytes(data))
+    assert store.fsck().ok  # seen only when the saved bytes are read
+    with pytest.raises(JournalError, match=f"original bytes of {region['name']} .* damaged; nothing was written"):
         store.revert_files(target)
-    assert e.value.object_id == original
     assert file_bytes(target) == applied
     assert len(store.catalog.open_journals()) == 1
-    assert original in {p.subject for p in store.fsck(read_data=True).errors}
+    [problem] = [p for p in store.fsck(read_data=True).errors if p.kind == "damaged-originals"]
+    assert problem.subject == str(target.absolute()) and region["name"] in problem.message
+
+
+def test_a_journal_keeps_the_originals_in_one_file_beside_it(tmp_path, store) -> None:
+    pair = make_model(tmp_path, torch.bfloat16, sharded=True)
+    store.commit("s", pair.ft, base=pair.base)
+    target = copy_model(pair.base, tmp_path / "target")
+    before = {p.name: p.read_bytes() for p in target.glob("*.safetensors")}
+    store.apply_files("s", target)
+    [journal] = store.catalog.open_journals()
+    plan = json.loads(journal["plan"])
+    saved = (store.root / "journals" / f"{journal['id']}.originals").read_bytes()
+    # Each region's original bytes, raw, at its offset: nothing compressed, no objects.
+    assert len(saved) == sum(r["end"] - r["start"] for r in plan["regions"])
+    for r in plan["regions"]:
+        assert saved[r["offset"]:r["offset"] + r["end"] - r["start"]] == before[r["file"]][r["start"]:r["end"]]
+    assert store.catalog.journal_object_rows() == []
+    store.revert_files(target)
+    assert sorted(p.name for p in (store.root / "journals").iterdir()) == []
+    assert {p.name: p.read_bytes() for p in target.glob("*.safetensors")} == before
 
 
 def test_apply_to_a_model_that_is_not_the_base_changes_nothing(tmp_path, store) -> None:
@@ -309,3 +328,118 @@ def test_kill_9_at_any_moment_leaves_the_base_recoverable(kill_setup) -> None:
                     store.revert_files(target)
                 assert store.fsck().ok
     assert outcomes[0] == "before"
+
+
+def test_progress_counts_every_byte_checked_and_written(tmp_path, store) -> None:
+    pair = make_model(tmp_path, torch.bfloat16, sharded=True)
+    store.commit("s", pair.ft, base=pair.base)
+    target = copy_model(pair.base, tmp_path / "target")
+    seen: list[tuple[int, int]] = []
+    journal = store.apply_files("s", target, progress=lambda done, total: seen.append((done, total)))
+    regions = json.loads(store.catalog.open_journals()[0]["plan"])["regions"]
+    total = 2 * sum(r["end"] - r["start"] for r in regions)
+    assert seen[-1] == (total, total) and len(seen) == 2 * journal.regions
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_a_journal_that_saved_its_originals_as_objects_still_reverts_exactly(tmp_path, store) -> None:
+    """Journals written before `.originals` files name one object per region."""
+    from deltastore import journalfiles
+
+    pair = make_model(tmp_path, torch.bfloat16, sharded=True)
+    store.commit("s", pair.ft, base=pair.base)
+    target = copy_model(pair.base, tmp_path / "target")
+    before = file_bytes(target)
+    store.apply_files("s", target)
+    [row] = store.catalog.open_journals()
+    saved = store.root / "journals" / f"{row['id']}.originals"
+    data = saved.read_bytes()
+    plan = json.loads(row["plan"])
+    objects = []
+    for r in plan["regions"]:
+        oid = store.objects.put(data[r["offset"]:r["offset"] + r["end"] - r["start"]]).id
+        objects.append(oid)
+        for key in ("offset", "dtype", "shape"):
+            del r[key]
+        r["original"] = oid
+    del plan["originals"]
+    old = {**row, "plan": json.dumps(plan, sort_keys=True)}
+    journalfiles.write(store.root, old, objects)
+    saved.unlink()
+    with store.catalog.transaction():
+        store.catalog.put_journal(old, objects)
+    assert store.gc().removed == ()  # its objects are kept
+    store.revert_files(target)
+    assert file_bytes(target) == before
+    assert not any(store.objects.exists(o) for o in objects)  # this journal's alone, removed with it
+    assert store.fsck(read_data=True).problems == ()
+
+
+TERMINAL = """
+import json, sys
+from cli.main import cli
+for args in json.loads(sys.argv[1]):
+    try:
+        cli.main(args, prog_name="deltastore")
+    except SystemExit as e:
+        assert not e.code, e.code
+"""
+
+
+def test_a_progress_bar_only_on_a_terminal_and_never_with_json(tmp_path, store) -> None:
+    import pty
+    import subprocess
+    import sys
+
+    pair = make_model(tmp_path, torch.bfloat16, sharded=True)
+    store.commit("s", pair.ft, base=pair.base)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "COLUMNS": "80"}
+    target = copy_model(pair.base, tmp_path / "target")
+
+    def run(*commands: list[str], terminal: bool) -> tuple[str, bytes]:
+        """stdout (piped) and stderr (a terminal, or piped) of `deltastore` commands."""
+        master, slave = pty.openpty()
+        p = subprocess.Popen([sys.executable, "-c", TERMINAL,
+                              json.dumps([["--store", str(store.root), *c] for c in commands])],
+                             stdout=subprocess.PIPE, stderr=slave if terminal else subprocess.PIPE, cwd=root, env=env)
+        os.close(slave)
+        err = bytearray()
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the child is gone: the terminal is closed
+                break
+            if not chunk:
+                break
+            err += chunk
+        out, piped_err = p.communicate(timeout=300)
+        os.close(master)
+        assert p.returncode == 0, piped_err
+        return out.decode(), bytes(err) if terminal else piped_err
+
+    out, err = run(["apply", "s", str(target)], ["revert", str(target)], terminal=True)
+    assert b"applying" in err and b"100%" in err and "applied s@1" in out
+    out, err = run(["apply", "s", str(target), "--json"], ["revert", str(target)], terminal=True)
+    assert b"applying" not in err and json.loads(out[:out.rindex("}") + 1])["state"] == "applied"
+    out, err = run(["apply", "s", str(target)], ["revert", str(target)], terminal=False)
+    assert err == b"" and "applied s@1" in out
+    assert file_bytes(target) == file_bytes(pair.base)
+
+
+def test_originals_left_without_their_journal_are_removed_once_stale(tmp_path, store) -> None:
+    pair = make_model(tmp_path, torch.bfloat16)
+    store.commit("s", pair.ft, base=pair.base)
+    target = copy_model(pair.base, tmp_path / "target")
+    journal = store.apply_files("s", target)
+    # As a revert killed between removing the journal's file and its originals leaves it.
+    saved = store.root / "journals" / f"{journal.id}.originals"
+    kept = saved.read_bytes()
+    store.revert_files(target)
+    saved.write_bytes(kept)
+    assert store.fsck().problems == ()  # young: it may be an apply's between two steps
+    old = time.time() - 2 * 3600
+    os.utime(saved, (old, old))
+    assert [(p.kind, p.subject) for p in store.fsck().problems] == [("tmp-file", str(saved))]
+    assert store.fsck(repair=True).repaired == (f"removed {saved}",)
+    assert not saved.exists() and store.fsck().problems == ()

@@ -62,8 +62,19 @@ def test_tiny_run_reports_every_figure():
     for v in r["rss"].values():
         assert v["peak"] > 0 and v["peak"] >= v["start"]
 
-    assert len(r["targets"]) == 16
-    assert sum(t["issues"] == "17" for t in r["targets"]) == 5
+    # Apply in place on files against cp of the same files, in the same rounds (issue 17).
+    inplace = r["inplace"]
+    assert set(inplace["times"]) == {"cp", "cp + sync", "revert lossless (library)"} | {
+        f"apply {k} ({how})" for k in ("lossless", "int4", "surgical") for how in ("library", "command")}
+    for t in inplace["times"].values():
+        _timing(t)
+    assert set(inplace["rss"]) == {"cp", "deltastore apply lossless", "deltastore apply int4",
+                                   "deltastore apply surgical"}
+    # A whole command's peak: an interpreter with torch imported is far above cp's.
+    assert all(v["peak"] > inplace["rss"]["cp"]["peak"] > 0 for k, v in inplace["rss"].items() if k != "cp")
+
+    assert len(r["targets"]) == 22
+    assert sum(t["issues"] == "17" for t in r["targets"]) == 11
     for t in r["targets"]:
         assert set(t) == {"issues", "target", "value", "limit", "met"} and isinstance(t["met"], bool)
     assert len(r["load_before"]) == len(r["load_after"]) == 3

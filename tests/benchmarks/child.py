@@ -99,9 +99,18 @@ def peft_hotswap(base: str, fine_tune: str, adapter: str) -> dict:
     return _measured(lambda: hotswap_adapter(model, adapter, adapter_name="default"))
 
 
-FIGURES = {f.__name__: f for f in (commit, save_file, zstd, zipnn, apply, load_model, peft_load, peft_hotswap)}
+def command(cmd: list[str], env: dict | None = None, mkdir: str | None = None) -> dict:
+    """A whole command's own peak (interpreter and imports included), as a user runs it."""
+    if mkdir:
+        Path(mkdir).mkdir(exist_ok=True)
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    return {"start": 0, "peak": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}
+
+
+FIGURES = {f.__name__: f for f in (commit, save_file, zstd, zipnn, apply, load_model, peft_load, peft_hotswap,
+                                   command)}
 # Figures to run from a bare interpreter, not from measure's fork server.
-BARE = {"zstd"}
+BARE = {"zstd", "command"}
 
 
 def run(figure: str, args: dict) -> dict:

@@ -238,6 +238,106 @@ def _peft_steps(b: Bench) -> list[Step]:
     ]
 
 
+# -- in place on files ---------------------------------------------------------------------------
+
+REPO = HERE.parents[1]
+# The command, as a user runs it: a fresh interpreter (this repository's code), its imports included.
+COMMAND = [sys.executable, "-c", "from cli.main import main; main()"]
+INPLACE = {"lossless": "adam", "int4": "adam-int4", "surgical": "surgical"}
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def bench_inplace(b: Bench) -> dict:
+    """`deltastore apply STANCE FOLDER` in place (issue 17): the library call and the whole
+    command, with `cp` of the same weight files (and `cp` followed by `sync` of the copies, as
+    apply makes its writes durable) in the same rounds; each round patches a fresh copy of the
+    base, made and reverted outside the clock; then peak RSS, one fresh process per figure."""
+    import subprocess
+
+    from deltastore import Store
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    target, copies = b.work / "target", b.work / "cp"
+    files = [str(f) for f in _weight_files(b.paths["base"])]
+
+    def fresh_target():
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(b.paths["base"], target)
+        shutil.rmtree(copies, ignore_errors=True)
+        copies.mkdir()
+
+    def cp(sync: bool):
+        subprocess.run(["cp", *files, str(copies)], check=True)
+        if sync:
+            subprocess.run(["sync", *[str(copies / Path(f).name) for f in files]], check=True)
+
+    def revert(_):
+        with Store.open(b.store) as s:
+            s.revert_files(target)
+
+    def apply_library(stance: str):
+        def run(_):
+            with Store.open(b.store) as s:
+                s.apply_files(stance, target)
+        return run
+
+    def apply_command(stance: str):
+        def run(_):
+            subprocess.run([*COMMAND, "--store", str(b.store), "apply", stance, str(target)], check=True, env=env,
+                           stdout=subprocess.DEVNULL)
+        return run
+
+    steps = [Step("cp", lambda _: cp(False), setup=fresh_target), Step("cp + sync", lambda _: cp(True), setup=fresh_target)]
+    for label, stance in INPLACE.items():
+        steps += [Step(f"apply {label} (library)", apply_library(stance), setup=fresh_target, teardown=revert),
+                  Step(f"apply {label} (command)", apply_command(stance), setup=fresh_target, teardown=revert)]
+    steps += [Step("revert lossless (library)", revert, setup=lambda: (fresh_target(), apply_library("adam")(None)))]
+    times = rounds(steps, b.runs)
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.rmtree(copies, ignore_errors=True)
+    out = {"times": times, "files_bytes": sum(Path(f).stat().st_size for f in files)}
+    # Peak RSS of each whole command, from a process that runs only it (RUSAGE_CHILDREN).
+    copied = str(b.work / "inplace-rss-cp")
+    figures = {"cp": ("command", dict(cmd=["cp", *files, copied], mkdir=copied))}
+    for label, stance in INPLACE.items():
+        folder = b.work / f"inplace-rss-{label}"
+        shutil.copytree(b.paths["base"], folder)
+        figures[f"deltastore apply {label}"] = ("command", dict(
+            cmd=[*COMMAND, "--store", str(b.store), "apply", stance, str(folder)], env=env))
+    out["rss"] = child_rss(figures, jobs=1)
+    with Store.open(b.store) as s:
+        for label in INPLACE:
+            s.revert_files(b.work / f"inplace-rss-{label}")
+            shutil.rmtree(b.work / f"inplace-rss-{label}")
+    return out
+
+
+def inplace_targets(ip: dict, model_bytes: int) -> list[dict]:
+    t, rss = ip["times"], ip["rss"]
+    cp = med(t["cp"])
+    rows = []
+    for label in ("lossless", "int4"):
+        rows += [("17", f"apply {label} in place, library call / cp", med(t[f"apply {label} (library)"]) / cp, 3.0),
+                 ("17", f"apply {label} in place, the command / cp", med(t[f"apply {label} (command)"]) / cp, 3.0),
+                 ("17", f"apply {label} in place, the command's peak RSS / model",
+                  rss[f"deltastore apply {label}"]["peak"] / model_bytes, 1.25)]
+    return [{"issues": i, "target": x, "value": v, "limit": lim, "met": v <= lim} for i, x, v, lim in rows]
+
+
+def inplace_markdown(ip: dict, model_bytes: int) -> list[str]:
+    t, cp = ip["times"], med(ip["times"]["cp"])
+    lines = [f"**Applying a stance to model files in place** (weight files {mb(ip['files_bytes'])}; each round a "
+             "fresh copy of the base, reverted after)", ""]
+    rows = [[k, fmt_t(v), f"{med(v) / cp:.2f}x"] for k, v in t.items()]
+    lines += table(["operation", "time", "of cp"], rows)
+    rows = [[k, f"{v['peak'] / 1e6:.0f} MB", f"{v['peak'] / model_bytes:.2f}x"] for k, v in ip["rss"].items()]
+    lines += ["Peak RSS of each whole command (interpreter and imports included):", ""]
+    return lines + table(["command", "peak RSS", "of the model file"], rows)
+
+
 # -- peak memory ---------------------------------------------------------------------------------
 
 
@@ -356,7 +456,10 @@ def markdown(r: dict) -> str:
              "a warm-up.", ""]
     if "store" in r:
         lines += store_markdown(r["store"])
-    lines += switch_markdown(r["switch"], r.get("store"), r["model_bytes"])
+    if "switch" in r:
+        lines += switch_markdown(r["switch"], r.get("store"), r["model_bytes"])
+    if "inplace" in r:
+        lines += inplace_markdown(r["inplace"], r["model_bytes"])
     if "rss" in r:
         lines += ["**Peak RSS** (a fresh process per figure; the RSS it started from, after loading the model "
                   "or opening the store, in brackets)", ""]
@@ -451,7 +554,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--growth", action="store_true", help="commit and apply times at every model size only")
-    parser.add_argument("--only", choices=("switch",), help="only the switching figures (and their targets)")
+    parser.add_argument("--only", choices=("switch", "inplace"),
+                        help="only the switching figures, or only apply in place on files (and their targets)")
     args = parser.parse_args()
     if args.runs < 1:
         parser.error("--runs must be at least 1")
@@ -465,17 +569,27 @@ def main() -> None:
         else:
             b = Bench(args.model, work, args.runs)
             with phase("prepare: stores, adapter"):
-                b.prepare()
+                if args.only == "inplace":
+                    b.prepare({k: v for k, v in STANCES.items()}, adapter=False, second_int4=False)
+                else:
+                    b.prepare()
             result["model_bytes"], result["dtype"] = b.file_bytes, b.file_dtype
+            if args.only in (None, "inplace"):
+                with phase("in place on files"):
+                    result["inplace"] = bench_inplace(b)
             if args.only is None:
                 with phase("time to store"):
                     result["store"] = bench_store(b)
-            with phase("time to switch"):
-                result["switch"] = bench_switch(b)
+            if args.only in (None, "switch"):
+                with phase("time to switch"):
+                    result["switch"] = bench_switch(b)
             if args.only is None:
                 with phase("peak RSS"):
                     result["rss"] = bench_rss(b)
-            result["targets"] = targets(result) if args.only is None else switch_targets(result["switch"])
+            result["targets"] = targets(result) if args.only is None else switch_targets(result["switch"]) \
+                if args.only == "switch" else []
+            if "inplace" in result:
+                result["targets"] += inplace_targets(result["inplace"], b.file_bytes)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result["load_after"] = os.getloadavg()
