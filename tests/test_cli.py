@@ -252,7 +252,9 @@ def test_ctrl_c_exits_130_after_cleaning_up(tmp_path, root) -> None:
     repo = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "cli", "--store", str(root), "commit", "s", str(pair.ft), "--base", str(pair.base),
            "--meta-file", str(fifo)]
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(repo)}, cwd=repo,
+    # PYTHONFAULTHANDLER: a command still running long after Ctrl-C is sent SIGABRT below, and
+    # prints where each of its threads was.
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(repo), "PYTHONFAULTHANDLER": "1"}, cwd=repo,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # The FIFO opens for writing once the command has opened it to read: then it is inside the
     # command, waiting for the file's bytes, when Ctrl-C comes. Polled, so that a command that
@@ -271,7 +273,11 @@ def test_ctrl_c_exits_130_after_cleaning_up(tmp_path, root) -> None:
     with os.fdopen(fd, "w"):
         time.sleep(0.2)  # not a timing assertion: only so that the read has begun
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            raise AssertionError(f"still running 120 s after Ctrl-C: {proc.communicate()[1][-4000:]}") from None
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err and "Aborted" not in err
     with Store.open(root) as store:
