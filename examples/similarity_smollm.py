@@ -83,7 +83,7 @@ def main() -> None:
         "| --- | ---: |",
         *(f"| {label} | {_cosine(c)} |" for label, c in zip(pairs, found.model.cosine)),
         "",
-        "| stance | energy ||dW||^2 | shared | own |",
+        "| stance | energy (squared norm of dW) | shared | own |",
         "| --- | ---: | ---: | ---: |",
         *(f"| {ref} | {energy:.4g} | {_share(shared)} | {_share(own)} |"
           for ref, energy, shared, own in zip(found.refs, found.model.energy, found.model.shared,
@@ -99,6 +99,16 @@ def main() -> None:
     for kind, o in by_module(found).items():
         lines.append(f"| {kind} | {o.tensors} | " + " | ".join(_cosine(c) for c in o.cosine) + " | "
                      + " | ".join(_share(s) for s in o.shared) + " |")
+    cosines = [c for c in found.model.cosine if c is not None]
+    shared = [x for x in found.model.shared if x is not None]
+    lines += [
+        "",
+        f"What it shows: over the whole model the pairs' cosines are {min(cosines):+.3f} to {max(cosines):+.3f}, "
+        f"and {min(shared):.0%} to {max(shared):.0%} of each stance's energy lies along the mean of the three "
+        f"deltas, where {len(found.refs)} unrelated deltas of equal size would give 1/{len(found.refs)} "
+        f"({1 / len(found.refs):.0%}): the stances move the weights in partly the same direction, and most of "
+        "each delta is its own.",
+    ]
     cells = [r for r in found.rows if r.cosine[0] is not None]
     cells.sort(key=lambda r: r.cosine[0])
     lines += [
