@@ -43,9 +43,9 @@ def resolve_weights(store: Store, weights: Mapping[Any, float]) -> list[tuple[Ve
         raise MixError("a mix needs at least one ref and its weight")
     out: list[tuple[Version, float]] = []
     for ref, weight in weights.items():
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise MixError(f"the weight of {ref} must be a finite number, got {weight!r}")
         version = store.resolve(ref)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise MixError(f"the weight of {version.ref} must be a finite number, got {weight!r}")
         if any(v.id == version.id for v, _ in out):
             raise MixError(f"{version.ref} is in the mix twice: give each version once")
         if out and version.base_id != out[0][0].base_id:
