@@ -97,6 +97,11 @@ def render_comparison(c: Comparison) -> None:
 @click.option("--spectrum", metavar="NAME",
               help="Instead: the singular values of one tensor in the base, in each ref and of each delta "
                    "(--plot draws them).")
+@click.option("--similarity", "similar", is_flag=True,
+              help="Instead: how alike the refs' deltas are (two refs or more, one base): the cosine similarity "
+                   "of every pair per layer and module and over the whole model, and the share of each delta's "
+                   "energy along the mean of the deltas (shared) and off it (own). --plot draws the cosines, "
+                   "one panel per pair.")
 @click.option("--alpha", "with_alpha", is_flag=True,
               help="Add WeightWatcher's power-law alpha of each row's matrix in the base and in the "
                    "fine-tune, and its shift (alpha_ft - alpha_base) / alpha_base (needs "
@@ -106,7 +111,7 @@ def render_comparison(c: Comparison) -> None:
 @json_option
 @with_store(readonly=True)
 def analyze(store: Store, refs: tuple[str, ...], plot: str | None, value: str, show_all: bool,
-            spectrum: str | None, with_alpha: bool, base_path: str | None, as_json: bool) -> None:
+            spectrum: str | None, similar: bool, with_alpha: bool, base_path: str | None, as_json: bool) -> None:
     """Which layers and modules each version changed, and how: per layer and module kind, the
     relative change ||dW||/||W||, the share of the squared delta, the effective rank (the rank
     holding 90% and 99% of the delta's energy) and the top singular values. dW is what apply
@@ -118,6 +123,10 @@ def analyze(store: Store, refs: tuple[str, ...], plot: str | None, value: str, s
 
     if with_alpha and spectrum:
         raise click.UsageError("--alpha adds columns to the analysis table; --spectrum shows one tensor instead")
+    if similar and (spectrum or with_alpha):
+        raise click.UsageError("--similarity compares the refs' deltas; leave out --spectrum and --alpha")
+    if similar:
+        return _similarity(store, refs, plot, base_path, show_all, as_json)
     if spectrum:
         return show_spectra(store, refs, spectrum, plot, base_path, as_json)
     with progress("analyzing", enabled=not as_json) as cb:
@@ -163,6 +172,48 @@ def render_analyses(results: list[Any], show_all: bool) -> None:
                 " ".join(f"{x:.3g}" for x in r.singular_values[:3]) or "-"] for r in rows],
               ["layer", "module", "tensors", "rel change", *alpha_headers, "energy", "rank90", "rank99",
                "top singular values"])
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _cosine(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.3f}"
+
+
+def _similarity(store: Store, refs: tuple[str, ...], plot: str | None, base_path: str | None, show_all: bool,
+                as_json: bool) -> None:
+    """analyze --similarity: the whole model's figures, then one row per (layer, module)."""
+    from deltastore.plots import similarity_plot
+    from deltastore.similarity import similarity
+
+    with progress("comparing deltas", enabled=not as_json) as cb:
+        found = similarity(store, list(refs), base_weights=base_path, progress=cb)
+    if plot:
+        similarity_plot(found, plot)
+    if as_json:
+        return emit_json(finite({**to_jsonable(found), "plot": plot}))
+    pairs = [f"{found.refs[i]} vs {found.refs[j]}" for i, j in found.pairs]
+    echo("cosine similarity of the deltas over the whole model")
+    table([[label, _cosine(c)] for label, c in zip(pairs, found.model.cosine)], ["pair", "cosine"])
+    echo()
+    echo("each delta's energy along the mean of the deltas (shared) and off it (own)")
+    table([[ref, f"{energy:.4g}", _share(shared), _share(own)]
+           for ref, energy, shared, own in zip(found.refs, found.model.energy, found.model.shared, found.model.own)],
+          ["ref", "energy ||dW||^2", "shared", "own"])
+    echo()
+    rows = [r for r in found.rows if show_all or any(e > 0 for e in r.energy)]
+    echo(f"per layer and module: {len(rows)} of {len(found.rows)} cells {'listed' if show_all else 'changed'}")
+    table([["-" if r.layer is None else r.layer, r.module, r.tensors, *(_cosine(c) for c in r.cosine),
+            *(_share(s) for s in r.shared)] for r in rows],
+          ["layer", "module", "tensors", *(f"cos {i + 1}-{j + 1}" for i, j in found.pairs),
+           *(f"shared {k + 1}" for k in range(len(found.refs)))])
+    echo("(" + ", ".join(f"{k + 1} = {ref}" for k, ref in enumerate(found.refs)) + ")")
+    if found.skipped:
+        echo(f"left out, no delta defined (shape or dtype differs from the base's): {len(found.skipped)} tensors")
+    if plot:
+        echo(f"wrote {plot}")
 
 
 def _alpha_cells(a: Any, row: Any) -> list[str]:

@@ -37,6 +37,7 @@ __all__ = [
     "lora_bytes",
     "lowrank_energy",
     "rank_for",
+    "row_order",
     "singular_values",
     "summarize",
     "tensor_change",
@@ -303,7 +304,8 @@ class ModuleChange:
     singular_values: tuple[float, ...] = ()
 
 
-def _row_order(key: tuple[int | None, str]) -> tuple[int, int, int]:
+def row_order(key: tuple[int | None, str]) -> tuple[int, int, int]:
+    """The order of the analysis rows: (layer, module kind) keys, blocks in order."""
     layer, module = key
     # Tensors outside the blocks (embeddings, final norm, head) come first.
     return (0 if layer is None else 1, layer or 0, MODULE_KINDS.index(module))
@@ -322,7 +324,7 @@ def summarize(changes: Mapping[str, TensorChange]) -> list[ModuleChange]:
         groups.setdefault((where.layer, where.module), []).append(change)
     total_energy = math.fsum(change.energy for change in changes.values())
     rows = []
-    for key in sorted(groups, key=_row_order):
+    for key in sorted(groups, key=row_order):
         members = groups[key]
         energy = math.fsum(change.energy for change in members)
         base_energy = math.fsum(change.base_norm ** 2 for change in members)

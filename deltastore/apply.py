@@ -167,7 +167,14 @@ def module_tensors(module: torch.nn.Module, names: list[str]) -> dict[str, torch
 def apply_module(store: Any, module: torch.nn.Module, version: Version, *, strict: bool = True) -> ApplyHandle:
     current = module_tensors(module, [e.name for e in version.tensors])
     plan = prepare(store, version, current)
-    handle = ApplyHandle(version, module)
+    return install(ApplyHandle(version, module), plan, [e.result_tensor_id for e, _, _ in plan])
+
+
+def install(handle: ApplyHandle, plan: list[tuple[TensorEntry, torch.Tensor, torch.Tensor]],
+            result_ids: list[str | None]) -> ApplyHandle:
+    """Write each verified result into its module tensor, keeping the base bytes in `handle`
+    for revert; on any error, put back what was written. `result_ids`: the id each result is
+    known to have (None where it is not known: a mix of versions)."""
     with torch.no_grad(), _interrupts_deferred():
         patched, error = _each(_overwrite, [(t, result) for _, t, result in plan])
         if error is not None:
@@ -175,7 +182,7 @@ def apply_module(store: Any, module: torch.nn.Module, version: Version, *, stric
             _remember([t for _, t, _ in plan], [None] * len(plan))
             raise error
         handle._patched, handle._entries = patched, [e for e, _, _ in plan]
-        _remember([t for t, _, _ in patched], [e.result_tensor_id for e, _, _ in plan])
+        _remember([t for t, _, _ in patched], result_ids)
     return handle
 
 
@@ -300,4 +307,4 @@ def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.detach().copy_(src)
 
 
-__all__ = ["ApplyHandle", "apply_module", "match_names", "prepare"]
+__all__ = ["ApplyHandle", "apply_module", "install", "match_names", "prepare"]

@@ -1,11 +1,12 @@
 """Every picture deltastore draws, as PNG files: size against KL for ``compare`` (``plot``),
-the per (layer, module) heatmap for ``analyze`` (``heatmap``, ``analyze_plot``) and the
-singular values of one tensor (``spectrum_plot``).
+the per (layer, module) heatmap for ``analyze`` (``heatmap``, ``analyze_plot``), the cosine
+similarity of versions' deltas in the same layout (``similarity_plot``) and the singular values of
+one tensor (``spectrum_plot``).
 
 Each is a bare matplotlib ``Figure`` on the Agg canvas, never pyplot: no window, and no change to
 the caller's global backend or figure list. matplotlib is optional (the ``fidelity`` extra) and
 slow to import, so it is imported inside the functions that draw. Nothing here computes a
-figure: the numbers come from compare.py, analysis.py and refanalysis.py.
+figure: the numbers come from compare.py, analysis.py, refanalysis.py and similarity.py.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from .analysis import MODULE_KINDS, TensorChange, summarize
 from .compare import Comparison
 from .errors import AnalysisError, CompareError
 from .refanalysis import RefAnalysis, Spectra
+from .similarity import Similarity
 from .units import size
 
-__all__ = ["HEATMAP_VALUES", "analyze_plot", "heatmap", "plot", "spectrum_plot"]
+__all__ = ["HEATMAP_VALUES", "analyze_plot", "heatmap", "plot", "similarity_grids", "similarity_plot",
+           "spectrum_plot"]
 
 
 def _figure() -> tuple[Any, Any]:
@@ -153,6 +156,44 @@ def _short(label: str) -> str:
 HEATMAP_VALUES: tuple[str, ...] = ("rel_change", "energy", "energy_share", "rank90", "rank99")
 
 
+def _panels(grids: Mapping[str, Any], layers: Sequence[int | None], modules: Sequence[str],
+            path: str | os.PathLike, *, norm: Any, cmap: Any, extend: str, colorbar_label: str, xlabel: str,
+            title: str | None, shown: Any, hatch_bad: bool = False) -> None:
+    """One panel per grid (layers down, module kinds across) on one colour scale, the layout of
+    every heatmap; ``shown`` maps a grid to what is drawn (NaN draws in ``cmap``'s bad colour,
+    or, with ``hatch_bad`` and a transparent one, hatched)."""
+    FigureCanvasAgg, Figure = _figure()
+    columns = len(grids)
+    width = max(3.2, 0.42 * len(modules) + 1.1) * columns + 1.3
+    height = min(40.0, max(3.0, 0.24 * len(layers) + 1.6))
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, columns, squeeze=False, sharey=True)
+    row_labels = ["—" if layer is None else str(layer) for layer in layers]
+    # Tick every layer while the labels fit, else every k-th.
+    row_step = max(1, math.ceil(len(layers) / 40))
+    image = None
+    for index, (ax, (label, grid)) in enumerate(zip(axes[0], grids.items())):
+        image = ax.imshow(np.ma.masked_invalid(shown(grid)), cmap=cmap, norm=norm, aspect="auto",
+                          interpolation="nearest")
+        if hatch_bad:
+            ax.patch.set_hatch("///")
+            ax.patch.set_edgecolor("#b0b0b0")
+        ax.set_title(label, fontsize=10)
+        ax.set_xticks(range(len(modules)), modules, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(0, len(layers), row_step), row_labels[::row_step], fontsize=8)
+        if index == 0:
+            ax.set_ylabel("layer (— = outside the blocks)", fontsize=9)
+        ax.tick_params(length=2)
+    colorbar = fig.colorbar(image, ax=list(axes[0]), shrink=0.9, pad=0.02, extend=extend)
+    colorbar.set_label(colorbar_label, fontsize=9)
+    colorbar.ax.tick_params(labelsize=8)
+    fig.supxlabel(xlabel, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.savefig(Path(path), format="png", dpi=120)
+
+
 def heatmap(
     panels: Mapping[str, Mapping[str, TensorChange]],
     path: str | Path,
@@ -170,7 +211,6 @@ def heatmap(
     if not panels:
         raise AnalysisError("heatmap needs at least one panel")
 
-    FigureCanvasAgg, Figure = _figure()
     import matplotlib
     from matplotlib.colors import LogNorm, Normalize
 
@@ -204,38 +244,16 @@ def heatmap(
     viridis = matplotlib.colormaps["viridis"]
     cmap = viridis.with_extremes(bad="white", under="#d9d9d9", over=viridis(1.0))
 
-    columns = len(grids)
-    width = max(3.2, 0.42 * len(modules) + 1.1) * columns + 1.3
-    height = min(40.0, max(3.0, 0.24 * len(layers) + 1.6))
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, columns, squeeze=False, sharey=True)
-    row_labels = ["—" if layer is None else str(layer) for layer in layers]
-    # Tick every layer while the labels fit, else every k-th.
-    row_step = max(1, math.ceil(len(layers) / 40))
-    image = None
-    for index, (ax, label, grid) in enumerate(zip(axes[0], tables, grids)):
-        # Zeros (unchanged) sit just under the scale so that they draw in the "under" colour.
-        shown = np.where(grid == 0.0, low * 0.5, grid)
-        image = ax.imshow(np.ma.masked_invalid(np.where(np.isinf(shown), high * 2, shown)),
-                          cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
-        ax.set_title(label, fontsize=10)
-        ax.set_xticks(range(len(modules)), modules, rotation=60, ha="right", fontsize=8)
-        ax.set_yticks(range(0, len(layers), row_step),
-                      row_labels[::row_step], fontsize=8)
-        if index == 0:
-            ax.set_ylabel("layer (— = outside the blocks)", fontsize=9)
-        ax.tick_params(length=2)
-    colorbar = fig.colorbar(image, ax=list(axes[0]), shrink=0.9, pad=0.02, extend="min")
-    colorbar.set_label(value.replace("_", " ") + (" (log scale)" if use_log else ""),
-                       fontsize=9)
-    colorbar.ax.tick_params(labelsize=8)
-    fig.supxlabel("module kind    (grey: unchanged, white: no such tensor)", fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    out = Path(path)
-    fig.savefig(out, format="png", dpi=120)
-    return out
+    def shown(grid: Any) -> Any:
+        # Zeros (unchanged) sit just under the scale so that they draw in the "under" colour,
+        # infinities (a change of an all-zero tensor) over it.
+        grid = np.where(grid == 0.0, low * 0.5, grid)
+        return np.where(np.isinf(grid), high * 2, grid)
+
+    _panels(dict(zip(tables, grids)), layers, modules, path, norm=norm, cmap=cmap, extend="min",
+            colorbar_label=value.replace("_", " ") + (" (log scale)" if use_log else ""),
+            xlabel="module kind    (grey: unchanged, white: no such tensor)", title=title, shown=shown)
+    return Path(path)
 
 
 def analyze_plot(analyses: Sequence[RefAnalysis], path: str | os.PathLike, *, value: str = "rel_change") -> Path:
@@ -250,6 +268,44 @@ def analyze_plot(analyses: Sequence[RefAnalysis], path: str | os.PathLike, *, va
     return heatmap(panels, path, value=value, title="relative change ||dW||/||W|| per layer and module")
 
 
+def similarity_grids(found: Similarity) -> tuple[list[int | None], list[str], dict[str, Any]]:
+    """What ``similarity_plot`` draws: the layers (rows), module kinds (columns) and, per pair
+    "A vs B", the cosine of each cell (NaN where a delta is zero there)."""
+    keys = [(row.layer, row.module) for row in found.rows]
+    modules = [kind for kind in MODULE_KINDS if any(module == kind for _, module in keys)]
+    layers = sorted({layer for layer, _ in keys}, key=lambda layer: (layer is not None, layer or 0))
+    grids: dict[str, Any] = {}
+    for p, (i, j) in enumerate(found.pairs):
+        grid = np.full((len(layers), len(modules)), np.nan)
+        for row in found.rows:
+            cosine = row.cosine[p]
+            grid[layers.index(row.layer), modules.index(row.module)] = np.nan if cosine is None else cosine
+        grids[f"{found.refs[i]} vs {found.refs[j]}"] = grid
+    return layers, modules, grids
+
+
+def similarity_plot(found: Similarity, path: str | os.PathLike) -> Path:
+    """The cosine similarity of each pair's deltas per (layer, module): one panel per pair, the
+    layout of ``heatmap``, on one diverging scale from -1 (opposite) to 1 (the same direction)."""
+    import matplotlib
+    from matplotlib.colors import Normalize
+
+    layers, modules, grids = similarity_grids(found)
+    tensors = np.zeros((len(layers), len(modules)), dtype=bool)
+    for row in found.rows:
+        tensors[layers.index(row.layer), modules.index(row.module)] = True
+
+    def shown(grid: Any) -> Any:
+        # A cell with tensors but no cosine (a delta is zero there) draws over the scale, in grey.
+        return np.where(tensors & np.isnan(grid), 2.0, grid)
+
+    # Cosine 0 is white on this scale: cells without a changed tensor are hatched instead.
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad=(1.0, 1.0, 1.0, 0.0), over="#d9d9d9")
+    _panels(grids, layers, modules, path, norm=Normalize(vmin=-1.0, vmax=1.0), cmap=cmap, extend="neither",
+            colorbar_label="cosine similarity of the deltas",
+            xlabel="module kind    (grey: a delta is zero there, hatched: no such tensor changed)",
+            title="cosine similarity of the deltas per layer and module", shown=shown, hatch_bad=True)
+    return Path(path)
 
 
 def spectrum_plot(spectra_: Sequence[Spectra], path: str | os.PathLike) -> Path:

@@ -845,9 +845,21 @@ class Store:
 
     # -- apply on a live module (see apply.py) --------------------------------------------------
 
-    def apply(self, module: torch.nn.Module, ref: str | Version, *, strict: bool = True):
+    def apply(self, module: torch.nn.Module, ref: "str | Version | Mapping[str | Version, float]", *,
+              strict: bool = True, scale: float | None = None):
+        """Apply a version to `module` in place. `scale=a`: base + a*dW instead; `ref` a mapping
+        {ref: a, ...}: base + a1*dW1 + a2*dW2 + ... (mix.py). Revert puts the base bytes back."""
         from .apply import apply_module
-        handle = apply_module(self, module, self.resolve(ref), strict=strict)
+        from .mix import MixError, apply_mix
+
+        if isinstance(ref, Mapping):
+            if scale is not None:
+                raise MixError("give the weights in the mapping, or one ref and scale=, not both")
+            handle = apply_mix(self, module, ref)
+        elif scale is not None:
+            handle = apply_mix(self, module, {self.resolve(ref).id: scale})
+        else:
+            handle = apply_module(self, module, self.resolve(ref), strict=strict)
         self._applied[id(module)] = handle
         return handle
 
@@ -920,8 +932,9 @@ class Store:
         return handle
 
     @contextmanager
-    def applied(self, module: torch.nn.Module, ref: str | Version) -> Iterator[Any]:
-        handle = self.apply(module, ref)
+    def applied(self, module: torch.nn.Module, ref: "str | Version | Mapping[str | Version, float]", *,
+                scale: float | None = None) -> Iterator[Any]:
+        handle = self.apply(module, ref, scale=scale)
         try:
             yield handle
         finally:

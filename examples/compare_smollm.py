@@ -127,7 +127,13 @@ def main() -> None:
                          f"{row.rel_change:.2e} | {row.energy_share:.1%} | {row.rank90 if row.rank90 is not None else '-'} | "
                          f"{row.rank99 if row.rank99 is not None else '-'} |")
     lines += ["", "![relative change per layer and module](analyze-smollm.png)", ""]
-    (HERE / "RESULTS.md").write_text("\n".join(lines))
+    results = HERE / "RESULTS.md"
+    # similarity_smollm.py's section, between its markers, is its own to rewrite: keep it.
+    previous = results.read_text() if results.exists() else ""
+    begin, end = "<!-- similarity_smollm.py -->", "<!-- end similarity_smollm.py -->"
+    if begin in previous and end in previous:
+        lines += [previous[previous.index(begin):previous.index(end) + len(end)], ""]
+    results.write_text("\n".join(lines))
     print("\n".join(lines))
 
 
