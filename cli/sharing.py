@@ -191,22 +191,32 @@ def clone(url: str, directory: str, as_json: bool) -> None:
 @click.option("--exact", is_flag=True,
               help="Factor each delta by its exact truncated SVD instead of a randomized one (slower; "
                    "--energy always does).")
+@click.option("--for", "server", type=click.Choice(["vllm"]),
+              help="vllm: an adapter vLLM loads: projections only, ranks capped at --max-rank, no modules_to_save.")
+@click.option("--max-rank", type=int, help="With --for vllm: the server's --max-lora-rank (default 16).")
+@click.option("--prompts", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Measure the KL and top-1 of what was written (read back, merged into the base) against the "
+                   "stored version, on these prompts (one per line); the base must be a model folder.")
+@click.option("--max-kl", type=float, metavar="K",
+              help="With --prompts: the smallest of ranks 1, 2, 4, ... up to --rank (default 128) whose KL is at "
+                   "most K.")
+@click.option("--tokenizer", type=click.Path(), help="The tokenizer for --prompts, where the base folder has none.")
 @json_option
 @with_store(readonly=True)
 def export_lora(store: Store, ref: str, rank: int | None, energy: float | None, dtype: str, fmt: str, out: str,
-                base_path: str | None, exact: bool, as_json: bool) -> None:
-    """Write a version as a PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors)
-    that peft.PeftModel.from_pretrained loads: each changed 2-D weight of a Linear or Embedding
-    module becomes lora_A/lora_B from a randomized SVD of its delta (--exact: the truncated SVD;
-    lora_alpha = r, so the scaling is 1); changed norms go to modules_to_save, changed biases of
-    those modules with bias="lora_only". Anything else is listed as dropped. The energy shown is
-    measured on the pairs written, as compare's energy column: the mean over the pairs of the
-    share of each delta's energy (squared Frobenius norm) its pair holds. With --format gguf, a
-    GGUF LoRA file as llama.cpp's convert_lora_to_gguf.py writes one: pairs for Linear and Conv1D
-    weights only; changed embeddings, norms and biases are listed as dropped, with their share of
-    the delta."""
+                base_path: str | None, exact: bool, server: str | None, max_rank: int | None, prompts: str | None,
+                max_kl: float | None, tokenizer: str | None, as_json: bool) -> None:
+    """Write a version as a PEFT LoRA adapter folder that peft loads: each changed 2-D Linear or
+    Embedding weight becomes lora_A/lora_B from a randomized SVD of its delta (--exact: the
+    truncated SVD; lora_alpha = r); changed norms go to modules_to_save, changed biases with
+    bias="lora_only"; anything else is listed as dropped. The energy shown is compare's energy
+    column, measured on the pairs written. --format gguf: a GGUF LoRA file as llama.cpp's
+    convert_lora_to_gguf.py writes one (Linear and Conv1D pairs only; the rest listed as dropped)."""
     from deltastore.lora import export_lora as run_export
 
+    if prompts or server or max_kl is not None or max_rank is not None or tokenizer:
+        return served_export(store, ref, out, fmt, server, rank, energy, dtype, max_rank, prompts, max_kl,
+                             base_path, tokenizer, exact, as_json)
     if rank is None and energy is None:
         raise click.UsageError("give --rank R, --energy F, or both")
     with progress("factoring", enabled=not as_json) as cb:
@@ -233,7 +243,7 @@ def gguf_written(g: GgufExport) -> None:
         echo(f"warning: {g.warning}", err=True)
 
 
-def lora_written(e: LoraExport) -> None:
+def lora_written(e: LoraExport, vllm_rank: int | None = None) -> None:
     ranks = sorted(set(e.ranks.values()))
     shown = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]} to {ranks[-1]}"
     echo(f"wrote {e.out}: {len(e.targets)} LoRA pairs at {shown} ({e.dtype}), {len(e.saved)} tensors "
@@ -241,8 +251,61 @@ def lora_written(e: LoraExport) -> None:
     echo(f"energy held ({'exact' if e.exact else 'randomized'} SVD, measured): {e.energy_kept:.3f} per "
          f"delta on average (as compare's energy column), {e.energy_kept_total:.3f} of all the deltas' "
          "energy together")
-    if e.warning:
+    if vllm_rank is not None:
+        echo(f"for vLLM: serve with --enable-lora --max-lora-rank {vllm_rank} (or more)")
+        shares = sorted(e.dropped_shares.items(), key=lambda kv: -kv[1])
+        if shares:
+            more = f" and {len(shares) - 8} more" if len(shares) > 8 else ""
+            echo("left out (vLLM loads no pair for them), with their share of the squared delta: "
+                 + ", ".join(f"{n} {v:.2%}" for n, v in shares[:8]) + more)
+    elif e.warning:
         echo(f"warning: {e.warning}", err=True)
+
+
+def served_export(store: Store, ref: str, out: str, fmt: str, server: str | None, rank: int | None,
+                  energy: float | None, dtype: str, max_rank: int | None, prompts: str | None, max_kl: float | None,
+                  base_path: str | None, tokenizer: str | None, exact: bool, as_json: bool) -> None:
+    """export-lora --for vllm and --prompts: the export (measured, with --prompts), then its lines."""
+    from deltastore.export_fidelity import export_lora_measured
+    from deltastore.vllm_lora import DEFAULT_MAX_RANK, export_vllm_lora
+
+    if server and fmt == "gguf":
+        raise click.UsageError("--for vllm writes a PEFT adapter folder: leave out --format gguf")
+    if max_rank is not None and not server:
+        raise click.UsageError("--max-rank is vLLM's limit: give it with --for vllm")
+    if (max_kl is not None or tokenizer) and not prompts:
+        raise click.UsageError("--max-kl needs --prompts FILE (one prompt per line); so does --tokenizer")
+    if rank is None and energy is None and max_kl is None and not server:
+        raise click.UsageError("give --rank R, --energy F, or both")
+
+    limit = DEFAULT_MAX_RANK if max_rank is None else max_rank
+    m = None
+    with progress("exporting and measuring" if prompts else "factoring", enabled=not as_json) as cb:
+        if prompts:
+            m = export_lora_measured(store, ref, out, prompts=prompts, fmt=fmt, server=server, rank=rank,
+                                     energy=energy, dtype=GGUF_DTYPES[dtype] if fmt == "gguf" else dtype,
+                                     max_rank=max_rank, max_kl=max_kl, base_weights=base_path, tokenizer=tokenizer,
+                                     exact=exact, progress=cb)
+            e = m.export
+        else:
+            e = export_vllm_lora(store, ref, out, max_rank=limit, rank=rank, energy=energy, dtype=dtype,
+                                 base_weights=base_path, progress=cb)
+    if as_json:
+        shown = {"export": e, "fidelity": m.fidelity, "tried": m.tried} if m else e
+        return emit_json(finite(to_jsonable(shown)))
+    gguf_written(e) if fmt == "gguf" else lora_written(e, vllm_rank=limit if server else None)
+    if m is None:
+        return None
+    f = m.fidelity
+    echo(f"fidelity of what was written, over {f.prompts} prompts ({f.positions} positions), against the stored "
+         f"version: KL {f.kl:.3g}, top-1 {f.top1:.1%}; the base alone: KL {f.base_kl:.3g}, top-1 {f.base_top1:.1%}")
+    if f.stored_kl is not None:
+        echo(f"the stored version itself, against the fine-tune it was committed from (recorded at commit): "
+             f"KL {f.stored_kl:.3g}" + (f", top-1 {f.stored_top1:.1%}" if f.stored_top1 is not None else ""))
+    if max_kl is not None:
+        tried = ", ".join(f"rank {r} KL {kl:.3g}" for r, kl in m.tried)
+        echo(f"--max-kl {max_kl:g}: the smallest rank tried that stays under it was kept ({tried})")
+    return None
 
 
 @click.command("import-lora")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from deltastore import Store
 
 from .options import json_option, with_store
-from .output import echo, emit_json, progress
+from .output import echo, emit_json, progress, size, to_jsonable
 
 
 @click.command()
@@ -86,25 +88,76 @@ def _mix(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[
 @click.option("--mix", "mix", callback=_mix, metavar="REF=A,REF=B",
               help="Instead of REF: write base + A*delta(REF) + B*delta(REF) ..., each tensor rounded once "
                    "(versions of one base).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="A new folder.")
+@click.option("--out", required=True, type=click.Path(), help="A new folder (--format gguf: a new .gguf file).")
 @click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
+@click.option("--format", "fmt", type=click.Choice(["hf", "gguf"]), default="hf", show_default=True,
+              help="hf: a Hugging Face model folder; gguf: one GGUF file for llama.cpp and Ollama (Llama, Qwen2, "
+                   "GPT-2 bases with a BPE tokenizer llama.cpp knows).")
+@click.option("--dtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
+              help="With --format gguf: the file type (norms and 1-D tensors stay f32, as llama.cpp's converter "
+                   "writes them).")
+@click.option("--prompts", type=click.Path(dir_okay=False), metavar="FILE",
+              help="With --format gguf: measure the KL and top-1 of the file written (read back) against the "
+                   "stored version, on these prompts (one per line).")
+@click.option("--tokenizer", type=click.Path(), help="The tokenizer for --prompts, where the base folder has none.")
 @json_option
 @with_store(readonly=True)
-def export(store: Store, ref: str | None, mix: dict[str, float] | None, out: str, base_path: str | None,
-           as_json: bool) -> None:
-    """Write the full fine-tuned model (base + delta) as a Hugging Face model folder."""
+def export(store: Store, ref: str | None, mix: dict[str, float] | None, out: str, base_path: str | None, fmt: str,
+           dtype: str, prompts: str | None, tokenizer: str | None, as_json: bool) -> None:
+    """Write the full fine-tuned model (base + delta) as a Hugging Face model folder, or with
+    --format gguf as one GGUF model file as llama.cpp's convert_hf_to_gguf.py writes it (the
+    tokenizer from the base folder; one whose pre-tokenizer is not known is refused)."""
     if (ref is None) == (mix is None):
         raise click.UsageError("give REF, or --mix REF=A,REF=B, not both")
+    if (prompts or tokenizer) and fmt != "gguf" or (mix is not None and fmt == "gguf"):
+        raise click.UsageError("--prompts measures a GGUF file of one REF: give REF and --format gguf")
+    if fmt == "gguf":
+        return gguf_model_export(store, ref, out, dtype=dtype, base_path=base_path, prompts=prompts,
+                                 tokenizer=tokenizer, as_json=as_json)
+    if Path(out).is_file():
+        raise click.UsageError(f"{out} is a file: --out is a new folder (or give --format gguf)")
     if mix is not None:
-        from deltastore.mix import export_mix
-
-        with progress("writing", enabled=not as_json) as cb:
-            path = export_mix(store, mix, out, base_weights=base_path, progress=cb)
-        if as_json:
-            return emit_json({"mix": mix, "out": str(path)})
-        return echo(f"wrote {path}")
+        return mix_export(store, mix, out, base_path, as_json)
     with progress("writing", enabled=not as_json) as cb:
         path = store.export(ref, out, base_weights=base_path, progress=cb)
     if as_json:
         return emit_json({"ref": store.resolve(ref).ref, "out": str(path)})
     echo(f"wrote {path}")
+
+
+def gguf_model_export(store: Store, ref: str, out: str, *, dtype: str, base_path: str | None, prompts: str | None,
+                      tokenizer: str | None, as_json: bool) -> None:
+    """export --format gguf [--prompts]: the merged GGUF model, and its fidelity when asked."""
+    from deltastore.export_fidelity import export_gguf_measured
+    from deltastore.gguf_model import export_gguf
+
+    fidelity = None
+    with progress("writing", enabled=not as_json) as cb:
+        if prompts:
+            m = export_gguf_measured(store, ref, out, prompts=prompts, dtype=dtype, base_weights=base_path,
+                                     tokenizer=tokenizer, progress=cb)
+            g, fidelity = m.export, m.fidelity
+        else:
+            g = export_gguf(store, ref, out, dtype=dtype, base_weights=base_path, progress=cb)
+    if as_json:
+        return emit_json(to_jsonable({**to_jsonable(g), "fidelity": fidelity}))
+    types = ", ".join(f"{n} {t}" for t, n in sorted(g.types.items()))
+    echo(f"wrote {g.out}: {g.architecture}, {g.tensors} tensors ({types}), tokenizer pre-tokenizer "
+         f"{g.pre_tokenizer!r}; {size(g.bytes)}")
+    if fidelity is not None:
+        f = fidelity
+        echo(f"fidelity of what was written, over {f.prompts} prompts ({f.positions} positions), against the "
+             f"stored version: KL {f.kl:.3g}, top-1 {f.top1:.1%}; the base alone: KL {f.base_kl:.3g}, "
+             f"top-1 {f.base_top1:.1%}")
+    return None
+
+
+def mix_export(store: Store, mix: dict[str, float], out: str, base_path: str | None, as_json: bool) -> None:
+    """export --mix: base + A*delta(REF) + B*delta(REF) ..."""
+    from deltastore.mix import export_mix
+
+    with progress("writing", enabled=not as_json) as cb:
+        path = export_mix(store, mix, out, base_weights=base_path, progress=cb)
+    if as_json:
+        return emit_json({"mix": mix, "out": str(path)})
+    return echo(f"wrote {path}")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,8 @@ import torch
 
 from .lora import CONV1D, LINEAR, MAX_RANK, LoraError, factors, module_types, plan
 
-__all__ = ["ARCHITECTURES", "GGUF_DTYPES", "GgufLoraExport", "UnsupportedArchitecture", "export_gguf_lora"]
+__all__ = ["ARCHITECTURES", "GGUF_DTYPES", "GgufLoraExport", "UnsupportedArchitecture", "export_gguf_lora",
+           "read_gguf_lora"]
 
 # Hugging Face architecture -> gguf-py's MODEL_ARCH member name.
 ARCHITECTURES = {"LlamaForCausalLM": "LLAMA", "Qwen2ForCausalLM": "QWEN2", "GPT2LMHeadModel": "GPT2"}
@@ -65,6 +66,8 @@ class GgufLoraExport:
     energy_kept: float
     bytes: int
     warning: str | None
+    #: Each dropped tensor's share of the squared delta of all the tensors changed.
+    dropped_shares: dict[str, float] = field(default_factory=dict)
 
 
 def _architecture(folder: Path | None) -> tuple[Any, int]:
@@ -161,10 +164,12 @@ def export_gguf_lora(store: Any, ref: str, out: str | os.PathLike, *, rank: int 
         if progress:
             progress(k + 1, len(the_plan.targets))
     dropped += [n for n in changed if n not in {f"{m}.weight" for m in the_plan.targets}]
+    dropped_squares: dict[str, float] = {}
     for name in dropped:
         delta = tensor(name).to(torch.float64) - source.get(name).to(torch.float64) \
             if tuple(infos[name].shape) == tuple(source.infos[name].shape) else tensor(name).to(torch.float64)
-        dropped_energy += float((delta ** 2).sum())
+        dropped_squares[name] = float((delta ** 2).sum())
+        dropped_energy += dropped_squares[name]
     if not pairs:
         raise LoraError(f"{version.ref} changed no weight of a Linear or Conv1D layer: there is nothing a GGUF "
                         "LoRA could hold")
@@ -206,4 +211,49 @@ def export_gguf_lora(store: Any, ref: str, out: str | os.PathLike, *, rank: int 
         ref=version.ref, out=out, architecture=gguf.MODEL_ARCH_NAMES[arch], rank=alpha, dtype=dtype,
         ranks=ranks, dropped=tuple(dropped), dropped_energy_fraction=share,
         energy_kept=kept_energy / total_energy if total_energy > 0 else 1.0, bytes=out.stat().st_size,
-        warning=warning)
+        warning=warning, dropped_shares={n: e / all_energy if all_energy > 0 else 0.0 for n, e in dropped_squares.items()})
+
+
+def read_gguf_lora(path: str | os.PathLike, source: Any) -> dict[str, torch.Tensor]:
+    """What a GGUF LoRA file written for base ``source`` adds to it: Hugging Face weight name ->
+    alpha / r * lora_b @ lora_a, dequantized, in the base weight's own layout (float32), as
+    llama.cpp applies it. Reads what ``export_gguf_lora`` writes; a tensor the base has no
+    weight for is refused."""
+    import gguf
+
+    arch, blocks = _architecture(source.folder)
+    names = gguf.get_tensor_name_map(arch, blocks)
+    found = module_types(source.folder)
+    kinds = found[0] if found else {}
+    by_gguf = {}
+    for name, info in source.infos.items():
+        if name.endswith(".weight") and len(info.shape) == 2:
+            gguf_name = names.get_name(name, try_suffixes=(".weight",))
+            if gguf_name is not None:
+                by_gguf[gguf_name] = name
+    reader = gguf.GGUFReader(str(path))
+    alpha_field = reader.fields.get(gguf.Keys.Adapter.LORA_ALPHA)
+    if alpha_field is None:
+        raise LoraError(f"{path} has no {gguf.Keys.Adapter.LORA_ALPHA}: it is not a GGUF LoRA")
+    alpha = float(alpha_field.contents())
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for t in reader.tensors:
+        weight, _, part = t.name.rpartition(".")
+        if part not in ("lora_a", "lora_b") or weight not in by_gguf:
+            raise LoraError(f"{path}: tensor {t.name[:120]!r} is not a LoRA pair of a weight of this base")
+        data = gguf.quants.dequantize(t.data, t.tensor_type).copy()
+        parts.setdefault(weight, {})[part] = torch.from_numpy(data).to(torch.float32)
+    deltas = {}
+    for weight, pair in parts.items():
+        if len(pair) != 2:
+            raise LoraError(f"{path}: {weight[:120]} has lora_{'a' if 'lora_a' not in pair else 'b'} missing")
+        a, b = pair["lora_a"], pair["lora_b"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or \
+                tuple(b.shape[:1] + a.shape[1:]) not in (tuple(source.infos[by_gguf[weight]].shape),
+                                                          tuple(source.infos[by_gguf[weight]].shape)[::-1]):
+            raise LoraError(f"{path}: the pair of {weight[:120]} does not fit the base's weight")
+        delta = (b @ a) * (alpha / a.shape[0])
+        name = by_gguf[weight]
+        # GGUF holds every matrix (out, in); a GPT-2 Conv1D weight is (in, out) in Hugging Face.
+        deltas[name] = delta.T.contiguous() if kinds.get(name.rpartition(".")[0]) == CONV1D else delta
+    return deltas

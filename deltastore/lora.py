@@ -33,8 +33,8 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,8 @@ __all__ = [
     "LoraError",
     "LoraExport",
     "LoraImport",
+    "AdapterWeights",
+    "adapter_weights",
     "export_lora",
     "import_lora",
     "module_types",
@@ -240,17 +242,22 @@ class LoraExport:
     warning: str | None
     energy_kept_total: float = 0.0
     exact: bool = False
+    #: Each dropped tensor's share of the squared delta of all the tensors changed.
+    dropped_shares: dict[str, float] = field(default_factory=dict)
 
 
 def export_lora(store: Any, ref: str, out: str | os.PathLike, *, rank: int | None = None,
                 energy: float | None = None, dtype: str = "bf16", base_weights: Any = None,
-                exact: bool = False, progress: Any = None) -> LoraExport:
+                exact: bool = False, progress: Any = None,
+                plan_filter: Callable[[AdapterPlan, TensorSource], AdapterPlan] | None = None) -> LoraExport:
     """Write version ``ref`` as a PEFT LoRA adapter folder ``out`` (which must not exist, or be
     empty). Each changed 2-D weight of a Linear/Embedding/Conv1D module becomes a pair of rank
     ``rank`` (at most the matrix's smaller side), or with ``energy`` F the smallest rank whose
     approximation holds F of that delta's energy (``rank_pattern``), capped at ``rank`` if both
     are given. The pairs come from a randomized SVD of each delta, whose energy held is
-    measured and reported; ``exact=True`` (and ``energy``) uses the exact truncated SVD."""
+    measured and reported; ``exact=True`` (and ``energy``) uses the exact truncated SVD.
+    ``plan_filter`` narrows the plan for a server that accepts less (vllm_lora.py's profile):
+    what it moves to ``dropped`` is listed and priced as dropped."""
     from .commit import in_order
 
     if rank is None and energy is None:
@@ -272,6 +279,8 @@ def export_lora(store: Any, ref: str, out: str | os.PathLike, *, rank: int | Non
     base_ids = {n: r["tensor_id"] for n, r in store.base_tensors(base).items()}
     changed = [e.name for e in version.tensors if e.result_tensor_id != base_ids.get(e.name)]
     the_plan = plan(infos, changed, types=module_types(source.folder))
+    if plan_filter is not None:
+        the_plan = plan_filter(the_plan, source)
 
     state: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
@@ -316,10 +325,12 @@ def export_lora(store: Any, ref: str, out: str | os.PathLike, *, rank: int | Non
         module, _, leaf = name.rpartition(".")
         key = f"{PREFIX}{module}.base_layer.bias" if name in the_plan.target_biases else f"{PREFIX}{name}"
         state[key] = tensor(name).contiguous()
+    dropped_squares: dict[str, float] = {}
     for name in the_plan.dropped:
         delta = tensor(name).to(torch.float64) - source.get(name).to(torch.float64) \
             if tuple(infos[name].shape) == tuple(source.infos[name].shape) else tensor(name).to(torch.float64)
-        dropped_energy += float((delta ** 2).sum())
+        dropped_squares[name] = float((delta ** 2).sum())
+        dropped_energy += dropped_squares[name]
 
     if not ranks:
         raise LoraError(f"{version.ref} changed no 2-D weight of a Linear or Embedding module: "
@@ -374,7 +385,8 @@ def export_lora(store: Any, ref: str, out: str | os.PathLike, *, rank: int | Non
         dropped_energy_fraction=dropped_energy / all_energy if all_energy > 0 else 0.0,
         energy_kept=sum(shares) / len(shares) if shares else 1.0,
         energy_kept_total=kept_energy / total_energy if total_energy > 0 else 1.0,
-        exact=exact, bytes=(out / ADAPTER_WEIGHTS).stat().st_size, warning=warning)
+        exact=exact, bytes=(out / ADAPTER_WEIGHTS).stat().st_size, warning=warning,
+        dropped_shares={n: e / all_energy if all_energy > 0 else 0.0 for n, e in dropped_squares.items()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -608,25 +620,25 @@ def _read_adapter(folder: Path, base_names: set[str]) -> _Adapter:
     return _Adapter(config, infos, out_pairs, whole, copies, tuple(tied))
 
 
-def import_lora(store: Any, adapter: str | os.PathLike, stance: str, *, base: Any,
-                encoding: str | None = None, base_weights: Any = None, message: str = "",
-                metadata: Mapping[str, str] | None = None, tag: str | None = None,
-                progress: Any = None) -> LoraImport:
-    """Commit a PEFT LoRA adapter as a new version of ``stance``: each target's weight becomes
-    W + scaling * B @ A (computed in float32, rounded once to W's dtype); tensors the adapter
-    holds whole (modules_to_save, biases) replace the base's.
+@dataclass(frozen=True)
+class AdapterWeights:
+    """What a PEFT adapter folder makes of a base: ``target``, the base with every pair merged
+    (W + scaling * B @ A, in float32, rounded once to W's dtype) and every tensor held whole in
+    place; ``deltas``: weight name -> (kind, key A, key B, scaling); ``replaced``: weight name ->
+    key of its whole copy; the pairs' ranks and dtypes."""
 
-    ``encoding`` defaults to ``lowrank:R`` with R the adapter's largest rank and the factors in
-    the adapter's dtype: W + dW is stored as its rank-R delta, a few bytes more than the
-    adapter, and applies within rounding of what PEFT computes. ``lossless`` stores base + dW
-    bit for bit instead, at the cost of a changed copy of every target. Tensors replaced whole
-    are always stored lossless.
-    """
-    folder = Path(adapter)
-    if isinstance(base, (str, os.PathLike)) and Path(base).exists():
-        base_src = open_model(base)
-    else:
-        base_src = store.base_source(store.base(base), base_weights)
+    target: TensorSource
+    parsed: _Adapter
+    deltas: dict[str, tuple[str, str, str, float]]
+    replaced: dict[str, str]
+    ranks: list[int]
+    dtypes: set[str]
+
+
+def adapter_weights(folder: str | os.PathLike, base_src: TensorSource) -> AdapterWeights:
+    """The weights a PEFT LoRA adapter folder gives ``base_src``, as PEFT's merge computes
+    them; every name, shape and rank of the (untrusted) folder checked first."""
+    folder = Path(folder)
     parsed = _read_adapter(folder, set(base_src.names))
     config = parsed.config
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
@@ -694,7 +706,32 @@ def import_lora(store: Any, adapter: str | os.PathLike, stance: str, *, base: An
             return read_tensor(parsed.infos[replaced[name]]).to(w.dtype)
         return w
 
-    target = TensorSource(dict(base_src.infos), fine_tuned)
+    return AdapterWeights(TensorSource(dict(base_src.infos), fine_tuned), parsed, deltas, replaced, ranks, dtypes)
+
+
+def import_lora(store: Any, adapter: str | os.PathLike, stance: str, *, base: Any,
+                encoding: str | None = None, base_weights: Any = None, message: str = "",
+                metadata: Mapping[str, str] | None = None, tag: str | None = None,
+                progress: Any = None) -> LoraImport:
+    """Commit a PEFT LoRA adapter as a new version of ``stance``: each target's weight becomes
+    W + scaling * B @ A (computed in float32, rounded once to W's dtype); tensors the adapter
+    holds whole (modules_to_save, biases) replace the base's.
+
+    ``encoding`` defaults to ``lowrank:R`` with R the adapter's largest rank and the factors in
+    the adapter's dtype: W + dW is stored as its rank-R delta, a few bytes more than the
+    adapter, and applies within rounding of what PEFT computes. ``lossless`` stores base + dW
+    bit for bit instead, at the cost of a changed copy of every target. Tensors replaced whole
+    are always stored lossless.
+    """
+    folder = Path(adapter)
+    if isinstance(base, (str, os.PathLike)) and Path(base).exists():
+        base_src = open_model(base)
+    else:
+        base_src = store.base_source(store.base(base), base_weights)
+    read = adapter_weights(folder, base_src)
+    target, parsed, config = read.target, read.parsed, read.parsed.config
+    deltas, replaced, ranks, dtypes = read.deltas, read.replaced, read.ranks, read.dtypes
+    alpha_default = config.get("lora_alpha", config["r"])
     top = max(ranks) if ranks else 0
     factor_dtype = {"BF16": "bf16", "F16": "fp16"}.get(next(iter(dtypes)), "fp32") if len(dtypes) == 1 else "fp32"
     options: dict[str, Any] = {}
