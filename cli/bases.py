@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import click
 
-from deltastore import Store
+from deltastore import Base, Store
 
-from .options import json_option, with_store
+from .options import hub_options, json_option, with_store
 from .output import echo, emit_json, progress, size, table
 
 
@@ -16,19 +19,52 @@ def base() -> None:
 
 
 @base.command("add")
-@click.argument("model", type=click.Path())
+@click.argument("model")
 @click.option("--name", help="A name to refer to the base by.")
-@click.option("--hub-id", help="The base's Hugging Face Hub id (for model cards).")
+@click.option("--hub-id", help="The base's Hugging Face Hub id (for model cards), when MODEL is a path.")
+@click.option("--from-hub", is_flag=True,
+              help="MODEL is a Hub repo (HUB_ID[@REVISION]), even where a file or folder of that name exists.")
+@hub_options
 @json_option
 @with_store
-def base_add(store: Store, model: str, name: str | None, hub_id: str | None, as_json: bool) -> None:
-    """Register a base: MODEL is a .safetensors file or a model folder. Prints its base id."""
-    with progress("hashing", enabled=not as_json) as cb:
-        b = store.add_base(model, name=name, hub_id=hub_id, progress=cb)
+def base_add(store: Store, model: str, name: str | None, hub_id: str | None, from_hub: bool, token: str | None,
+             endpoint: str | None, as_json: bool) -> None:
+    """Register a base: MODEL is a .safetensors file or a model folder, or a Hub repo
+    HUB_ID[@REVISION] (when no such path exists, or with --from-hub): its safetensors weights,
+    config and tokenizer files are fetched into the Hugging Face cache (HF_HOME, HF_ENDPOINT and
+    HF_TOKEN as usual) and registered there, not copied, with the Hub id and the commit the
+    revision (default: the main branch) resolved to. Prints its base id."""
+    from deltastore.hubbase import looks_like_hub_ref
+
+    if from_hub or (not Path(model).exists() and looks_like_hub_ref(model)):
+        if hub_id is not None:
+            raise click.UsageError("--hub-id is for a base given by its path; a Hub repo records its own id")
+        b = add_from_hub(store, model, name, token, endpoint, as_json, tried_path=not from_hub)
+    else:
+        with progress("hashing", enabled=not as_json) as cb:
+            b = store.add_base(model, name=name, hub_id=hub_id, progress=cb)
     if as_json:
         emit_json(b)
     else:
         echo(b.id)
+
+
+def add_from_hub(store: Store, ref: str, name: str | None, token: str | None, endpoint: str | None,
+                 as_json: bool, *, tried_path: bool) -> Base:
+    from deltastore.errors import HubRepoNotFound
+    from deltastore.hubbase import fetch_base, split_hub_ref
+
+    repo_id, revision = split_hub_ref(ref)
+    try:
+        with progress("hashing", enabled=not as_json) as cb:
+            return fetch_base(store, repo_id, revision=revision, name=name, token=token, endpoint=endpoint,
+                              progress=not as_json and sys.stderr.isatty(), hashing=cb)
+    except HubRepoNotFound as e:
+        if not tried_path:
+            raise
+        raise HubRepoNotFound(repo_id, endpoint=e.endpoint, revision=revision, message=(
+            f"no file or folder {ref} here, and no Hub repo {repo_id} at {e.endpoint} (or it is private and "
+            "this token cannot see it); check the path or the id")) from None
 
 
 @base.command("list")

@@ -324,10 +324,10 @@ class HubError(DeltastoreError):
 
 
 class HubRepoNotFound(HubError, FileNotFoundError):
-    def __init__(self, repo_id: str, *, endpoint: str, revision: str | None = None):
+    def __init__(self, repo_id: str, *, endpoint: str, revision: str | None = None, message: str | None = None):
         self.endpoint = endpoint
         super().__init__(
-            f"no Hub repo {repo_id} at {endpoint} (or it is private and this token cannot see it); "
+            message or f"no Hub repo {repo_id} at {endpoint} (or it is private and this token cannot see it); "
             "check the id, or pass --token / set HF_TOKEN", repo_id=repo_id, revision=revision)
 
 
@@ -397,9 +397,32 @@ class PulledBaseMissing(HubError, BaseNotFound):
         self.hub_id = hub_id
         self.candidates = []
         where = f" (Hub id {hub_id})" if hub_id else " (its Hub id is not recorded)"
+        todo = ("pull again with --fetch-base to fetch it from the Hub, or register your copy with "
+                "`deltastore base add MODEL` first" if hub_id else
+                "register that model first with `deltastore base add MODEL`, then pull again")
         DeltastoreError.__init__(
             self, f"{ref} from {repo_id} is a delta against base {base_id}{where}, which this store "
-                  "does not have; register that model first with `deltastore base add MODEL`, then pull again")
+                  f"does not have; {todo}")
+        self.repo_id = repo_id
+        self.revision = revision
+
+
+class PulledBaseChanged(HubError, BaseMismatch):
+    """A base fetched from the Hub for a pull is not the base the pulled versions need: the
+    base repo's weights at that revision are others. Nothing was stored."""
+
+    def __init__(self, repo_id: str, revision: str | None, ref: str, expected: str, actual: str,
+                 hub_id: str, hub_revision: str, recorded: str | None):
+        self.ref = ref
+        self.hub_id = hub_id
+        self.hub_revision = hub_revision
+        self.recorded = recorded
+        hint = (f"; the repo records commit {recorded}: pull without --base-revision to fetch that one"
+                if recorded and recorded != hub_revision else "")
+        BaseMismatch.__init__(self, expected, actual, [], message=(
+            f"{hub_id} at {hub_revision} is base {actual}, but {ref} from {repo_id} needs base {expected}: "
+            f"the Hub repo's weights at that revision are not those the stance was made on; nothing was "
+            f"stored{hint}"))
         self.repo_id = repo_id
         self.revision = revision
 

@@ -1,12 +1,13 @@
 """Sharing versions through the Hugging Face Hub: `push` and `pull`.
 
-The only module that imports `huggingface_hub`, and only when called, so that the rest of the
-library works without it. It owns the repo layout (schema/FORMAT.md, section 9), the mapping of the client's
-errors to deltastore's (one line each, with the repo and revision), and the checks on what a
-pull brings in. A pulled repo is untrusted: every name, size and hash in it is checked, file by
-file, before `Store.ingest` stores anything, and that stores all the pulled versions in one
-transaction or none. This module never writes to the store any other way (but for the
-folder in the store's tmp/ where a push writes the files it uploads). A pulled version joins a
+It reaches the `huggingface_hub` client through hubclient.py, only when called, so that the
+rest of the library works without it. It owns the repo layout (schema/FORMAT.md, section 9) and
+the checks on what a pull brings in. A pulled repo is untrusted: every name, size and hash in it
+is checked, file by file, before `Store.ingest` stores anything, and that stores all the pulled
+versions in one transaction or none. This module never writes to the store any other way (but
+for the folder in the store's tmp/ where a push writes the files it uploads, and the bases
+`pull --fetch-base` registers through hubbase.py, checked against the ids the versions need
+before any version is stored). A pulled version joins a
 local stance only when that stance holds nothing but versions the repo's stance lists; else it
 is pulled `into` another name, or not at all.
 
@@ -41,11 +42,12 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .errors import (DeltastoreError, HubAccessDenied, HubConflict, HubError, HubRepoNotFound,
-                     HubRequestRefused, HubRevisionNotFound, HubStanceNotFound, HubUnreachable,
-                     LocalStanceDiffers, ModelFormatError, NotADeltaRepo, PulledBaseMissing, PulledDataRejected,
+from .errors import (BaseMismatch, DeltastoreError, HubConflict, HubStanceNotFound, LocalStanceDiffers,
+                     ModelFormatError, NotADeltaRepo, PulledBaseChanged, PulledBaseMissing, PulledDataRejected,
                      UnsafeInput)
 from .hashing import bytes_id, canonical_json, is_id, manifest_id
+from .hubbase import fetch_base, is_commit
+from .hubclient import client as _hf, hub_errors as _hub_errors, progress_bars as _progress_bars
 from .models import TensorInfo, read_header, safe_relative, write_safetensors
 from .names import check_stance_name, name_problem
 from .limits import load_json, read_bounded
@@ -661,93 +663,3 @@ def _read_bounded(path: Path, limit: int, repo_id: str, revision: str | None, na
     if data is None:
         raise PulledDataRejected(repo_id, revision, name, f"larger than {limit} bytes")
     return data
-
-
-# -- the client, and its errors as deltastore's ------------------------------------------------------
-
-
-def _hf() -> Any:
-    try:
-        import huggingface_hub
-        import huggingface_hub.errors  # noqa: F401
-    except ImportError:
-        raise DeltastoreError("push and pull need huggingface_hub: pip install 'deltastore[hub]'") from None
-    return huggingface_hub
-
-
-@contextmanager
-def _progress_bars(enabled: bool) -> Iterator[None]:
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
-    if enabled or are_progress_bars_disabled():
-        yield
-        return
-    disable_progress_bars()
-    try:
-        yield
-    finally:
-        enable_progress_bars()
-
-
-@contextmanager
-def _hub_errors(repo_id: str, revision: str | None, endpoint: str) -> Iterator[None]:
-    """The client's exceptions as deltastore errors: one line, with the repo and revision."""
-    from huggingface_hub import errors as e
-
-    try:
-        yield
-    except DeltastoreError:
-        raise
-    except e.OfflineModeIsEnabled:
-        raise HubUnreachable(repo_id, endpoint, "HF_HUB_OFFLINE is set", revision=revision) from None
-    except e.GatedRepoError as err:
-        raise HubAccessDenied(repo_id, "it is gated and this token is not on its list", revision=revision,
-                              status=_status(err)) from None
-    except e.RepositoryNotFoundError:
-        raise HubRepoNotFound(repo_id, endpoint=endpoint, revision=revision) from None
-    except e.RevisionNotFoundError:
-        raise HubRevisionNotFound(repo_id, revision or "main") from None
-    except e.LocalEntryNotFoundError:  # what a download raises when it cannot connect
-        raise HubUnreachable(repo_id, endpoint, "no connection, and the file is not in the cache",
-                             revision=revision) from None
-    except e.EntryNotFoundError as err:
-        raise NotADeltaRepo(repo_id, revision, f"a file it lists is missing: {_server_message(err)}") from None
-    except e.HfHubHTTPError as err:
-        status = _status(err)
-        if status in (401, 403):
-            raise HubAccessDenied(repo_id, _server_message(err), revision=revision, status=status) from None
-        if status == 412:
-            raise HubConflict(f"{repo_id} changed while pushing (another push?); push again",
-                              repo_id=repo_id, revision=revision) from None
-        kind = HubRequestRefused if status is not None and 400 <= status < 500 else HubError
-        raise kind(f"the Hub at {endpoint} answered {status} for {repo_id}: {_server_message(err)}",
-                   repo_id=repo_id, revision=revision) from None
-    except e.HFValidationError as err:
-        raise HubRequestRefused(f"{repo_id!r} is not a Hub repo id or revision ({_first_line(err)})",
-                                repo_id=repo_id, revision=revision) from None
-    except Exception as err:
-        if _is_connection_error(err):
-            raise HubUnreachable(repo_id, endpoint, _first_line(err) or type(err).__name__,
-                                 revision=revision) from None
-        raise
-
-
-def _status(err: Any) -> int | None:
-    response = getattr(err, "response", None)
-    return getattr(response, "status_code", None)
-
-
-def _server_message(err: Any) -> str:
-    return (getattr(err, "server_message", None) or _first_line(err)).strip().rstrip(".")
-
-
-def _first_line(err: BaseException) -> str:
-    return next((line for line in str(err).splitlines() if line.strip()), "")
-
-
-def _is_connection_error(err: BaseException) -> bool:
-    # The client's HTTP library raises its own transport errors; name-matching keeps this module
-    # free of a direct dependency on which library that is.
-    names = {c.__name__ for c in type(err).__mro__}
-    return bool(names & {"TransportError", "ConnectError", "ConnectionError", "TimeoutException", "Timeout",
-                         "NetworkError", "ProtocolError"}) or isinstance(err, (ConnectionError, TimeoutError))

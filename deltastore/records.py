@@ -8,6 +8,7 @@ are an index over it.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,13 +36,37 @@ class Base:
     tensor_count: int
     bytes: int
     source: str | None = None
-    hub_id: str | None = None
+    hub_id: str | None = None  # the Hub repo the base is (a model card's base_model)
     created: str = ""
+    hub_revision: str | None = None  # the commit of that repo it was fetched at: these very weights
 
     @classmethod
     def from_row(cls, row: dict) -> "Base":
+        hub_id, hub_revision = split_hub_origin(row["hub_id"])
         return cls(row["id"], row["name"], row["tensor_count"], row["bytes"], row["source"],
-                   row["hub_id"], row["created"])
+                   hub_id, row["created"], hub_revision)
+
+
+# A base's Hub origin is kept in one text field of its ref record and catalog row (FORMAT.md §6):
+# the repo id, then `@` and the commit when the base was fetched at one. Repo ids hold no `@`.
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def hub_origin(hub_id: str | None, hub_revision: str | None) -> str | None:
+    if hub_id is None:
+        return None
+    return f"{hub_id}@{hub_revision}" if hub_revision else hub_id
+
+
+def split_hub_origin(text: str | None) -> tuple[str | None, str | None]:
+    """(repo id, commit or None) of a stored Hub origin; text whose `@` is not followed by a
+    commit (given with `base add --hub-id`) is a repo id as it stands."""
+    if not text:
+        return None, None
+    repo, _, commit = text.rpartition("@")
+    if repo and _COMMIT.fullmatch(commit):
+        return repo, commit
+    return text, None
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from .hashing import ALGORITHM, base_id as compute_base_id, bytes_id, canonical_
 from .limits import load_json
 from .names import check_base_name, check_stance_name
 from .objects import HEADER, ObjectStore
-from .records import MAX_MANIFEST_BYTES, Version, check_manifest, parse_manifest
+from .records import MAX_MANIFEST_BYTES, Version, check_manifest, hub_origin, parse_manifest
 
 REMOTE_FORMAT = "deltastore/remote/1"
 MARKER = "REMOTE"
@@ -408,7 +408,7 @@ def push(store: Any, refs: Sequence[str], url: str, *, progress: Progress | None
         missing = [oid for oid in needed if oid not in have]
         sent = _parallel(missing, lambda oid: _upload(store, remote, oid), progress)
         for base, record in bases.values():
-            ref = {"id": base.id, "record": record, "name": base.name, "hub_id": base.hub_id}
+            ref = {"id": base.id, "record": record, "name": base.name, "hub_id": hub_origin(base.hub_id, base.hub_revision)}
             remote.create(remote.base_path(base.id), canonical_json(ref) + b"\n")
         taken = {}
         for rv in listed:

@@ -39,8 +39,8 @@ from .history import delete_stance, diff, merge_stance, rename_stance
 from .limits import is_text
 from .maintenance import FsckReport, fsck, gc, gc_plan, stats
 from .objects import ObjectStore
-from .records import (Base, CommitResult, TensorEntry, Version, VersionInfo, check_manifest,
-                      manifest, parse_manifest)
+from .records import (Base, CommitResult, TensorEntry, Version, VersionInfo, check_manifest, hub_origin,
+                      manifest, parse_manifest, split_hub_origin)
 from .reflog import RefLog
 
 # torch, and the modules that import it when loaded (apply, commit, encodings, models, patch,
@@ -201,8 +201,11 @@ class Store:
     # -- bases ---------------------------------------------------------------------------------
 
     def add_base(self, model: ModelLike, *, name: str | None = None, hub_id: str | None = None,
+                 hub_revision: str | None = None, expected_id: str | None = None,
                  progress: Progress | None = None) -> Base:
-        """Register a base: hash every tensor, record names, dtypes, shapes and where it lives."""
+        """Register a base: hash every tensor, record names, dtypes, shapes and where it lives.
+        `hub_id`, `hub_revision`: the Hub repo it is, and the commit its weights were fetched at.
+        `expected_id`: refuse (BaseMismatch, nothing stored) weights whose base id is another."""
         from .models import open_model
 
         self._writable()
@@ -212,7 +215,15 @@ class Store:
             names.check_base_name(name)
         if hub_id is not None and not is_text(hub_id):
             raise UnsafeInput("the Hub id holds bytes that are not UTF-8 text; write it as UTF-8")
-        row, tensors = self._describe_base(source, name=name, hub_id=hub_id, progress=progress)
+        if hub_revision is not None and (hub_id is None or split_hub_origin(hub_origin(hub_id, hub_revision))
+                                         != (hub_id, hub_revision)):
+            raise UnsafeInput(f"a base's Hub revision is a full commit hash (40 hex digits) of its Hub id, "
+                              f"not {hub_revision[:80]!r}")
+        row, tensors = self._describe_base(source, name=name, hub_id=hub_origin(hub_id, hub_revision),
+                                           progress=progress)
+        if expected_id is not None and row["id"] != expected_id:
+            raise BaseMismatch(expected_id, row["id"], [], message=(
+                f"{source.path or 'these weights'} hold base {row['id']}, not the expected base {expected_id}"))
         if name is not None:
             other = self.catalog.base_named(name, other_than=row["id"])
             if other:
