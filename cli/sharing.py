@@ -59,16 +59,23 @@ def push(store: Store, refs: tuple[str, ...], repo_id: str | None, remote: str |
               help="Store the pulled stance's versions under the local stance NAME (they keep their ids and numbers).")
 @click.option("--force-download", is_flag=True,
               help="Fetch every file from the Hub again instead of reading the local Hugging Face cache.")
+@click.option("--fetch-base", is_flag=True,
+              help="Fetch a base this store lacks from the Hub repo and commit the pulled repo records for it "
+                   "(into the Hugging Face cache), and register it if it is the very base the versions need.")
+@click.option("--base-revision", metavar="REV",
+              help="With --fetch-base: fetch the base at this branch, tag or commit instead of the recorded one.")
 @hub_options
 @json_option
 @with_store
 def pull(store: Store, repo_id: str | None, remote: str | None, revision: str | None, stance: str | None,
-         into: str | None, force_download: bool, token: str | None, endpoint: str | None, as_json: bool) -> None:
+         into: str | None, force_download: bool, fetch_base: bool, base_revision: str | None, token: str | None,
+         endpoint: str | None, as_json: bool) -> None:
     """Download versions from a Hub repo (ID), or from a remote (ID the name of one, or --remote),
     into the store, verified: nothing is stored unless every name, size and hash checks out and
-    every version's base is a base of this store (a remote brings its bases along). A local
-    stance holding versions the repo's stance lacks is never added to: pull that stance
-    --into another name."""
+    every version's base is a base of this store (a remote brings its bases along; --fetch-base
+    fetches them from the Hub, and refuses weights whose base id is not the one the versions
+    need). A local stance holding versions the repo's stance lacks is never added to: pull that
+    stance --into another name."""
     from deltastore.remote import pull as remote_pull, remotes
 
     if remote is None and repo_id is not None and repo_id in remotes(store):
@@ -76,15 +83,19 @@ def pull(store: Store, repo_id: str | None, remote: str | None, revision: str | 
     if (repo_id is None) == (remote is None):
         raise click.UsageError("give one of ID (a Hub repo, or a remote's name) and --remote NAME")
     if remote is not None:
-        if into is not None or force_download or revision is not None:
-            raise click.UsageError("--into, --revision and --force-download are for a Hub repo, not a remote")
+        if into is not None or force_download or revision is not None or fetch_base or base_revision is not None:
+            raise click.UsageError("--into, --revision, --force-download, --fetch-base and --base-revision are for a "
+                                   "Hub repo, not a remote")
         with progress("downloading", enabled=not as_json) as cb:
             r = remote_pull(store, remote, stance=stance, progress=cb)
         return emit_json(r) if as_json else remote_pulled(r)
     from deltastore.hub import pull as hub_pull
 
+    if base_revision is not None and not fetch_base:
+        raise click.UsageError("--base-revision goes with --fetch-base")
     h = hub_pull(store, repo_id, revision=revision, stance=stance, into=into, token=token, endpoint=endpoint,
-                 force_download=force_download, progress=not as_json and sys.stderr.isatty())
+                 force_download=force_download, fetch_base=fetch_base, base_revision=base_revision,
+                 progress=not as_json and sys.stderr.isatty())
     return emit_json(h) if as_json else hub_pulled(h)
 
 
@@ -97,6 +108,8 @@ def hub_pushed(r: HubPush) -> None:
 
 
 def hub_pulled(r: HubPull) -> None:
+    for b in r.bases_fetched:
+        echo(f"fetched base {b.id[:19]} from {b.hub_id} at {b.hub_revision[:12]}")
     for hv in r.pulled:
         echo(f"pulled {hv.ref} {hv.id[:15]}")
     for hv in r.already_here:

@@ -36,7 +36,7 @@ import tempfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -51,7 +51,7 @@ from .hubclient import client as _hf, hub_errors as _hub_errors, progress_bars a
 from .models import TensorInfo, read_header, safe_relative, write_safetensors
 from .names import check_stance_name, name_problem
 from .limits import load_json, read_bounded
-from .records import Version, check_manifest, parse_manifest
+from .records import Base, Version, check_manifest, parse_manifest
 from .store import Store
 from .units import size
 
@@ -113,12 +113,14 @@ class PullResult:
     pulled: tuple[HubVersion, ...]  # new in the store
     already_here: tuple[HubVersion, ...]  # were in the store already
     bytes_downloaded: int  # sizes of the payload files read (whether or not the HF cache had them)
+    bases_fetched: tuple[Base, ...] = ()  # registered by this pull (fetch_base), from the Hub
 
     def to_json(self) -> dict:
         """`pull ID --json`."""
         return {"repo": self.repo_id, "revision": self.revision, "commit": self.commit,
                 "pulled": [hv.to_json() for hv in self.pulled],
                 "already_here": [hv.to_json() for hv in self.already_here],
+                "bases_fetched": [asdict(b) for b in self.bases_fetched],
                 "bytes_downloaded": self.bytes_downloaded}
 
 
@@ -155,6 +157,7 @@ def push(store: Store, refs: Sequence[str], repo_id: str, *, revision: str | Non
                     uploaded += data.stat().st_size
                 base = store.base(v.base_id)
                 index["bases"][base.id] = {"name": base.name, "hub_id": base.hub_id,
+                                           "hub_revision": base.hub_revision,
                                            "tensors": base.tensor_count, "bytes": base.bytes}
             index_bytes = json.dumps(index, indent=1, sort_keys=True).encode() + b"\n"
             card = model_card(repo_id, index).encode()
@@ -330,9 +333,10 @@ def model_card(repo_id: str, index: dict) -> str:
                     "Fine-tuning deltas (\"stances\") of a base model, stored with deltastore: each version holds "
                     "per-tensor differences against its base, identified by content hashes, and verified "
                     "when pulled.", "", "## Bases", "",
-                    "| base id | name | Hub id | tensors | size |", "| --- | --- | --- | --- | --- |"]
+                    "| base id | name | Hub id | Hub commit | tensors | size |", "| --- | --- | --- | --- | --- | --- |"]
     for bid, b in sorted(index["bases"].items()):
-        lines.append(f"| `{bid[:19]}` | {cell(b.get('name') or '-')} | {cell(b.get('hub_id') or '-')} | "
+        commit = f"`{b['hub_revision']}`" if b.get("hub_revision") else "-"
+        lines.append(f"| `{bid[:19]}` | {cell(b.get('name') or '-')} | {cell(b.get('hub_id') or '-')} | {commit} | "
                      f"{b.get('tensors', '-')} | {size(b.get('bytes'))} |")
     lines += ["", "## Stances", "",
               "| stance | version | revision | id | encodings | tensors | size | created | message |",
@@ -346,18 +350,36 @@ def model_card(repo_id: str, index: dict) -> str:
     ref = f"{first[0]}@{first[1]['number']}" if first else "STANCE@N"
     tag = first[1]["tag"] if first else "STANCE-vN"
     base_hint = f" --hub-id {hub_ids[0]}" if len(hub_ids) == 1 else ""
-    lines += ["", "## How to apply", "",
-              "Register your copy of the base model, pull, then apply a version (the pull refuses any "
-              "delta whose base differs from yours, and checks every hash):", "", "```bash",
-              "pip install deltastore", "deltastore init",
-              f"deltastore base add path/to/base-model{base_hint}",
-              f"deltastore pull {repo_id}                 # everything; --stance S for one stance",
-              f"deltastore pull {repo_id} --revision {tag}   # one version",
-              f"deltastore apply {ref} path/to/base-model --out ./{ref.replace('@', '-v')}",
-              "```", "", "or on a loaded model, in place and reverted exactly afterwards:", "", "```python",
-              "from deltastore import Store", "from deltastore.hub import pull", "",
-              "store = Store.open()", f"pull(store, {q(repo_id)})",
-              f"with store.applied(model, {q(ref)}):", "    model.generate(...)", "```", "",
+    name = ref.split("@")[0]
+    if index["bases"] and all(b.get("hub_revision") for b in index["bases"].values()):
+        # Every base was fetched from the Hub at a known commit: a pull can fetch that one.
+        lines += ["", "## How to apply", "",
+                  "In Python, in one line: the base is fetched from the Hub at the commit the stances were "
+                  "made on, the stance pulled (every hash checked) and applied in place:", "", "```python",
+                  "import deltastore", "",
+                  f"model = deltastore.load({q(repo_id)}, stance={q(name)})", "model.generate(...)",
+                  "model.deltastore.revert()   # the base again, bit for bit; .switch(\"STANCE\") for another",
+                  "```", "", "or from the command line (the pull refuses a base whose weights at that commit are "
+                  "not those the stances were made on):", "", "```bash", "pip install deltastore",
+                  "deltastore init",
+                  f"deltastore pull {repo_id} --fetch-base    # everything; --stance S for one stance",
+                  f"deltastore pull {repo_id} --revision {tag} --fetch-base   # one version",
+                  f"deltastore export {ref} --out ./{ref.replace('@', '-v')}",
+                  "```", ""]
+    else:
+        lines += ["", "## How to apply", "",
+                  "Register your copy of the base model, pull, then apply a version (the pull refuses any "
+                  "delta whose base differs from yours, and checks every hash):", "", "```bash",
+                  "pip install deltastore", "deltastore init",
+                  f"deltastore base add path/to/base-model{base_hint}",
+                  f"deltastore pull {repo_id}                 # everything; --stance S for one stance",
+                  f"deltastore pull {repo_id} --revision {tag}   # one version",
+                  f"deltastore apply {ref} path/to/base-model --out ./{ref.replace('@', '-v')}",
+                  "```", "", "or on a loaded model, in place and reverted exactly afterwards:", "", "```python",
+                  "from deltastore import Store", "from deltastore.hub import pull", "",
+                  "store = Store.open()", f"pull(store, {q(repo_id)})",
+                  f"with store.applied(model, {q(ref)}):", "    model.generate(...)", "```", ""]
+    lines += [
               "## Reading it without deltastore", "",
               f"`{INDEX_FILE}` lists the stances and versions. Each version is `STANCE/vN.safetensors`, "
               f"whose `uint8` tensors `<tensor name>{PART_SEPARATOR}<part>` are the encoded deltas, with the "
@@ -373,7 +395,7 @@ def model_card(repo_id: str, index: dict) -> str:
 def pull(store: Store, repo_id: str, *, revision: str | None = None, stance: str | None = None,
          into: str | None = None, token: str | None = None, endpoint: str | None = None,
          cache_dir: str | os.PathLike | None = None, force_download: bool = False,
-         progress: bool = True) -> PullResult:
+         fetch_base: bool = False, base_revision: str | None = None, progress: bool = True) -> PullResult:
     """Download versions from a Hub repo into the store, verified. `revision` is a branch, a
     commit or a version's tag (`<stance>-v<N>`: then only that version); `stance` limits the pull
     to one stance. Every file is checked (names, sizes, hashes, the manifest against the version
@@ -383,7 +405,12 @@ def pull(store: Store, repo_id: str, *, revision: str | None = None, stance: str
     A pulled stance never joins a local stance of that name that holds versions the repo's
     stance does not list (the user's own work): that pull is refused unless `into` names another
     local stance for the pulled one's versions (which keep their ids and numbers). `force_download`
-    fetches every file afresh instead of reading the local Hugging Face cache."""
+    fetches every file afresh instead of reading the local Hugging Face cache.
+
+    `fetch_base`: a base the store lacks is fetched from the Hub repo and commit the index records
+    for it (`base_revision`: at that revision instead), into the Hugging Face cache, once every
+    pulled file has passed its checks; its base id must be the one the versions need
+    (PulledBaseChanged otherwise, and nothing is stored), and only then do the versions land."""
     hf = _hf()
     store._writable()
     if into is not None:
@@ -425,7 +452,7 @@ def pull(store: Store, repo_id: str, *, revision: str | None = None, stance: str
             text = _read_bounded(path, MAX_MANIFEST_BYTES, repo_id, revision, hv.manifest)
             m, v = _check_manifest_file(text, hv, repo_id, revision)
             planned.append((hv, m, v))
-        todo = _check_against_store(store, planned, index, repo_id, revision, local)
+        todo, missing = _check_against_store(store, planned, index, repo_id, revision, local, fetch_base)
         # The payload files' sizes follow from the manifests: refuse larger ones before downloading.
         for hv, m, v in todo:
             declared = sum(o.size for e in v.tensors for o in e.objects.values())
@@ -449,6 +476,9 @@ def pull(store: Store, repo_id: str, *, revision: str | None = None, stance: str
             raise PulledDataRejected(repo_id, revision, path.name, f"object {object_id} changed size")
         return _read_at(path, start, length)
 
+    fetched = tuple(_fetch_base(store, index, base_id, ref, repo_id, revision, base_revision, token=token,
+                                endpoint=endpoint, cache_dir=cache_dir, progress=progress)
+                    for base_id, ref in missing.items())
     stances = {v.id: local.get(hv.stance, hv.stance) for hv, _, v in todo}
     numbers = {v.id: hv.number for hv, _, v in todo}
     try:
@@ -460,7 +490,22 @@ def pull(store: Store, repo_id: str, *, revision: str | None = None, stance: str
     pulled = tuple(_landed_as(hv, local) for hv, _, v in todo if landed.get(v.id))
     new_ids = {hv.id for hv in pulled}
     here = tuple(_landed_as(hv, local) for hv in chosen if hv.id not in new_ids)
-    return PullResult(repo_id, revision, commit, pulled, here, downloaded)
+    return PullResult(repo_id, revision, commit, pulled, here, downloaded, fetched)
+
+
+def _fetch_base(store: Store, index: dict, base_id: str, ref: str, repo_id: str, revision: str | None,
+                base_revision: str | None, **client: Any) -> Base:
+    """The base `base_id` fetched from where the index says it is, and registered only when the
+    weights there are that base."""
+    b = index["bases"][base_id]
+    at = base_revision or b.get("hub_revision")
+    try:
+        return fetch_base(store, b["hub_id"], revision=at, expected_id=base_id, **client)
+    except BaseMismatch as e:
+        if e.expected != base_id or e.actual is None:
+            raise
+        raise PulledBaseChanged(repo_id, revision, ref, base_id, e.actual, b["hub_id"], at or "main",
+                                b.get("hub_revision")) from None
 
 
 def _local_stances(chosen: list[HubVersion], into: str | None) -> dict[str, str]:
@@ -520,7 +565,8 @@ def check_index(raw: bytes, repo_id: str, revision: str | None) -> dict:
     for bid, b in index["bases"].items():
         if not is_id(bid) or not isinstance(b, dict) \
                 or not all(b.get(k) is None or isinstance(b[k], str) for k in ("name", "hub_id")) \
-                or not all(_is_count(b.get(k)) for k in ("tensors", "bytes")):
+                or not all(_is_count(b.get(k)) for k in ("tensors", "bytes")) \
+                or not (b.get("hub_revision") is None or (b.get("hub_id") and is_commit(b["hub_revision"]))):
             raise bad(f"malformed base {bid[:80]!r}")
     for stance, entries in index["stances"].items():
         problem = name_problem(stance)
@@ -589,12 +635,14 @@ def _check_manifest_file(text: bytes, hv: HubVersion, repo_id: str, revision: st
 
 
 def _check_against_store(store: Store, planned: list[tuple[HubVersion, dict, Version]], index: dict,
-                         repo_id: str, revision: str | None, local: dict[str, str]
-                         ) -> list[tuple[HubVersion, dict, Version]]:
+                         repo_id: str, revision: str | None, local: dict[str, str], fetch_base: bool = False
+                         ) -> tuple[list[tuple[HubVersion, dict, Version]], dict[str, str]]:
     """Refuse versions the store cannot take (no such base here, a local stance holding versions
     the repo's stance lacks, a number taken by another version); return those it does not have
-    yet."""
+    yet, and (`fetch_base`) the bases they need that the index places on the Hub: base id -> the
+    first version needing it."""
     bases = {b.id for b in store.bases()}
+    missing: dict[str, str] = {}
     for remote, name in local.items():
         listed = {e["id"] for e in index["stances"].get(remote, [])}
         # The repo's whole history of the stance counts, not only what this pull fetches: a
@@ -604,12 +652,14 @@ def _check_against_store(store: Store, planned: list[tuple[HubVersion, dict, Ver
             raise LocalStanceDiffers(repo_id, revision, remote, name, [f"{r['stance']}@{r['number']}" for r in own])
     todo = []
     for hv, m, v in planned:
-        if v.base_id not in bases:
-            hub_id = (index["bases"].get(v.base_id) or {}).get("hub_id")
+        hub_id = (index["bases"].get(v.base_id) or {}).get("hub_id")
+        if v.base_id not in bases and not (fetch_base and hub_id):
             raise PulledBaseMissing(repo_id, revision, v.ref, v.base_id, hub_id)
         if store.is_new(replace(v, stance=local.get(v.stance, v.stance))):  # v: as the index places it
+            if v.base_id not in bases:
+                missing.setdefault(v.base_id, v.ref)
             todo.append((hv, m, v))
-    return todo
+    return todo, missing
 
 
 def _check_payloads(path: Path, hv: HubVersion, m: dict, v: Version, repo_id: str,

@@ -139,3 +139,100 @@ def test_a_missing_path_that_is_no_hub_repo_either_is_told_so(hub, tmp_path):
     assert "no file or folder models/no-such-base here, and no Hub repo models/no-such-base" in r.stderr
     r = cli_run(root, hub, "base", "add", "org/tiny-lm@no-such-branch", "--from-hub")
     assert r.exit_code == 1 and "no Hub repo org/tiny-lm" in r.stderr  # not created yet
+
+
+# -- 2, 3. push records the base's origin; pull --fetch-base ----------------------------------------
+
+
+@pytest.fixture
+def shared(hub, models, tmp_path):
+    """Store A: the base fetched from the Hub, two stances committed on it and pushed."""
+    from deltastore.hub import push
+    from deltastore.hubbase import fetch_base
+
+    commit = publish(hub, models["base"])
+    a = Store.init(tmp_path / "a")
+    base = fetch_base(a, BASE_REPO, endpoint=hub.url, cache_dir=tmp_path / "a-cache", progress=False)
+    a.commit("curious-uncertainty", models["curious-uncertainty"], base=base.id, encoding="lossless")
+    a.commit("confident-expertise", models["confident-expertise"], base=base.id, encoding="int8")
+    push(a, ["curious-uncertainty", "confident-expertise"], STANCES_REPO, token=TOKEN, endpoint=hub.url,
+         progress=False)
+    yield a, base, commit
+    a.close()
+
+
+def exports(store: Store, tmp_path: Path, name: str) -> dict[str, dict[str, bytes]]:
+    out = {}
+    for ref in ("curious-uncertainty@1", "confident-expertise@1"):
+        folder = store.export(ref, tmp_path / f"{name}-{ref.replace('@', '-v')}")
+        out[ref] = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+    return out
+
+
+def test_push_records_the_base_hub_id_and_commit_in_the_index_and_card(hub, shared):
+    import yaml
+
+    _, base, commit = shared
+    index = json.loads(hub.read_file(STANCES_REPO, "deltastore.json"))
+    assert index["bases"][base.id]["hub_id"] == BASE_REPO
+    assert index["bases"][base.id]["hub_revision"] == commit
+    card = hub.read_file(STANCES_REPO, "README.md").decode()
+    _, front, text = card.split("---\n", 2)
+    assert yaml.safe_load(front)["base_model"] == BASE_REPO
+    assert f"`{commit}`" in text
+    assert f'deltastore.load("{STANCES_REPO}", stance="confident-expertise")' in text
+    assert f"deltastore pull {STANCES_REPO} --fetch-base" in text
+
+
+def test_pull_fetch_base_on_an_empty_store_gets_the_base_at_its_commit_and_the_stances(
+        hub, models, shared, tmp_path, monkeypatch):
+    a, base, commit = shared
+    publish(hub, models["base"].parent / "confident-expertise", message="other weights on main")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "b-cache"))  # an empty cache
+    root = tmp_path / "b"
+    Store.init(root).close()
+
+    r = cli_run(root, hub, "pull", STANCES_REPO)
+    assert r.exit_code == 1 and "pull again with --fetch-base" in r.stderr and base.id in r.stderr
+
+    r = cli_run(root, hub, "pull", STANCES_REPO, "--fetch-base", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    # The recorded commit, not the branch's head, whose weights changed since.
+    assert [(b["id"], b["hub_id"], b["hub_revision"]) for b in out["bases_fetched"]] == [(base.id, BASE_REPO, commit)]
+    assert sorted(v["ref"] for v in out["pulled"]) == ["confident-expertise@1", "curious-uncertainty@1"]
+    with Store.open(root) as b:
+        assert [x.id for x in b.bases()] == [base.id]
+        assert Path(b.bases()[0].source) == tmp_path / "b-cache" / "models--org--tiny-lm" / "snapshots" / commit
+        assert exports(b, tmp_path, "b") == exports(a, tmp_path, "a")
+        assert b.fsck().ok
+
+
+def test_pull_fetch_base_at_a_revision_with_other_weights_is_refused_naming_both_ids(
+        hub, models, shared, tmp_path, monkeypatch):
+    _, base, commit = shared
+    head = publish(hub, models["base"].parent / "confident-expertise", message="other weights on main")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "c-cache"))
+    root = tmp_path / "c"
+    Store.init(root).close()
+    before = store_snapshot(root), file_bytes(root)
+    r = cli_run(root, hub, "pull", STANCES_REPO, "--fetch-base", "--base-revision", "main")
+    assert r.exit_code == 1 and r.stdout == "" and r.stderr.count("\n") == 1, r.output
+    other = local_base_id(tmp_path, models["base"].parent / "confident-expertise")
+    assert base.id in r.stderr and other in r.stderr and "nothing was stored" in r.stderr
+    assert f"at main is base {other}" in r.stderr and commit in r.stderr
+    assert (store_snapshot(root), file_bytes(root)) == before
+    assert head != commit
+
+
+def test_fetch_base_refuses_other_weights_before_registering(hub, models, tmp_path):
+    from deltastore.errors import BaseMismatch
+    from deltastore.hubbase import fetch_base
+
+    publish(hub, models["base"])
+    with Store.init(tmp_path / "s") as s:
+        with pytest.raises(BaseMismatch) as err:
+            fetch_base(s, BASE_REPO, endpoint=hub.url, cache_dir=tmp_path / "cache", expected_id="b3:" + "0" * 64,
+                       progress=False)
+        assert err.value.actual == local_base_id(tmp_path, models["base"])
+        assert s.bases() == []
