@@ -8,8 +8,18 @@ from .store import Store
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # `deltastore.load` imports the Hub client and transformers: only when first used, so that
+    # importing deltastore (and every command) stays fast.
+    if name == "load":
+        from .hubload import load
+        return load
+    raise AttributeError(f"module 'deltastore' has no attribute {name!r}")
+
+
 __all__ = [
-    "Store", "Base", "Version", "VersionInfo", "TensorEntry", "CommitResult", "DeltastoreError", "AmbiguousRef",
+    "Store", "load", "Base", "Version", "VersionInfo", "TensorEntry", "CommitResult", "DeltastoreError", "AmbiguousRef",
     "BaseMismatch", "BaseNotFound", "CorruptObject", "EncodingError", "JournalError",
     "MissingObject", "ModelFormatError", "PatchBusy", "PickleRefused", "RefNotFound", "SelectionError",
     "SharedFile", "StoreNotFound", "UnsafeInput",

@@ -332,10 +332,9 @@ class HubRepoNotFound(HubError, FileNotFoundError):
 
 
 class HubRevisionNotFound(HubError, LookupError):
-    def __init__(self, repo_id: str, revision: str):
-        super().__init__(
-            f"Hub repo {repo_id} has no revision {revision!r}; a version's revision is its tag, "
-            "STANCE-vN", repo_id=repo_id, revision=revision)
+    def __init__(self, repo_id: str, revision: str, *, hint: str = "a version's revision is its tag, STANCE-vN"):
+        super().__init__(f"Hub repo {repo_id} has no revision {revision!r}; {hint}", repo_id=repo_id,
+                         revision=revision)
 
 
 class HubAccessDenied(HubError, PermissionError):

@@ -22,7 +22,7 @@ import os
 import re
 from typing import Any, Callable
 
-from .errors import ModelFormatError, PickleRefused, ReadOnlyStore
+from .errors import HubRevisionNotFound, ModelFormatError, PickleRefused, ReadOnlyStore
 from .hubclient import client, hub_errors, progress_bars
 from .models import INDEX_FILE, PICKLE_SUFFIXES
 from .records import Base
@@ -86,8 +86,12 @@ def fetch_base(store: Store, repo_id: str, *, revision: str | None = None, name:
     hf = client()
     api = hf.HfApi(endpoint=endpoint, token=token)
     with hub_errors(repo_id, revision, api.endpoint), progress_bars(progress):
-        # Resolve the revision once: every file then comes from that one commit.
-        info = api.model_info(repo_id, revision=revision)
+        try:
+            # Resolve the revision once: every file then comes from that one commit.
+            info = api.model_info(repo_id, revision=revision)
+        except hf.errors.RevisionNotFoundError:
+            raise HubRevisionNotFound(repo_id, revision or "main",
+                                      hint="give a branch, a tag or a full commit hash of the model repo") from None
         commit = info.sha
         patterns = weight_patterns([s.rfilename for s in info.siblings or []], repo_id, commit)
         folder = hf.snapshot_download(repo_id, revision=commit, allow_patterns=patterns, cache_dir=cache_dir,

@@ -358,6 +358,9 @@ def export_lora(store: Any, ref: str, out: str | os.PathLike, *, rank: int | Non
         "init_lora_weights": True,
         "inference_mode": True,
     }
+    if base.hub_id and base.hub_revision:
+        # PEFT loads the base at this commit: the weights the delta was taken against.
+        config["revision"] = base.hub_revision
     if any(kind == CONV1D for kind, _ in the_plan.targets.values()) and \
             any(kind == LINEAR for kind, _ in the_plan.targets.values()):
         raise LoraError("the fine-tune changed both Conv1D and Linear weights: one PEFT adapter "

@@ -236,3 +236,77 @@ def test_fetch_base_refuses_other_weights_before_registering(hub, models, tmp_pa
                        progress=False)
         assert err.value.actual == local_base_id(tmp_path, models["base"])
         assert s.bases() == []
+
+
+# -- 4. deltastore.load ------------------------------------------------------------------------------
+
+
+def state_bytes(model) -> dict[str, bytes]:
+    return {k: v.detach().contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b""
+            for k, v in model.state_dict().items()}
+
+
+def file_tensors(path: Path) -> dict[str, bytes]:
+    from safetensors.torch import load_file
+
+    return {k: v.contiguous().view(torch.uint8).numpy().tobytes() for k, v in load_file(path).items()}
+
+
+def test_load_on_an_empty_cache_gives_the_stance_applied_and_reverts_to_the_base_bit_for_bit(
+        hub, models, shared, tmp_path, monkeypatch):
+    import deltastore
+
+    a, base, commit = shared
+    publish(hub, models["base"].parent / "confident-expertise", message="other weights on main")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("DELTASTORE_DIR", str(tmp_path / "default-store"))  # does not exist yet
+
+    model = deltastore.load(STANCES_REPO, stance="curious-uncertainty", endpoint=hub.url, token=TOKEN)
+    expected = {ref: a.export(ref, tmp_path / f"a-{ref.replace('@', '-v')}") / "model.safetensors"
+                for ref in ("curious-uncertainty@1", "confident-expertise@1")}
+    assert state_bytes(model) == file_tensors(expected["curious-uncertainty@1"])
+    handle = model.deltastore
+    assert handle.ref == "curious-uncertainty" and handle.version.id == a.resolve("curious-uncertainty").id
+    with Store.open(tmp_path / "default-store") as d:
+        [b] = d.bases()
+        assert (b.id, b.hub_revision) == (base.id, commit)  # the pinned commit, not main's head
+
+    handle.switch("confident-expertise")  # another stance of the repo: pulled on the way
+    assert state_bytes(model) == file_tensors(expected["confident-expertise@1"])
+    handle.revert()
+    assert state_bytes(model) == file_tensors(models["base"] / "model.safetensors")
+    assert handle.ref is None
+
+
+def test_load_into_a_given_store(hub, shared, tmp_path, monkeypatch):
+    import deltastore
+
+    a, _, _ = shared
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "e-cache"))
+    with Store.init(tmp_path / "e") as e:
+        model = deltastore.load(STANCES_REPO, stance="confident-expertise@1", store=e, endpoint=hub.url,
+                                token=TOKEN)
+        assert [v.ref for v in e.log()] == ["confident-expertise@1"]
+        assert model.deltastore.store is e
+        out = a.export("confident-expertise@1", tmp_path / "a-ce") / "model.safetensors"
+        assert state_bytes(model) == file_tensors(out)
+
+
+def test_a_revision_the_base_repo_lacks_is_told_so(hub, models, tmp_path):
+    publish(hub, models["base"])
+    root = tmp_path / "store"
+    Store.init(root).close()
+    r = cli_run(root, hub, "base", "add", f"{BASE_REPO}@no-such-branch")
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1
+    assert "has no revision 'no-such-branch'; give a branch, a tag or a full commit hash" in r.stderr
+    with Store.open(root) as s:
+        assert s.bases() == []
+
+
+def test_a_lora_export_names_the_base_commit_for_peft(shared, tmp_path):
+    from deltastore.lora import export_lora
+
+    a, _, commit = shared
+    e = export_lora(a, "curious-uncertainty", tmp_path / "adapter", rank=2)
+    config = json.loads((Path(e.out) / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["revision"]) == (BASE_REPO, commit)
