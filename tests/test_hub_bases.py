@@ -310,3 +310,16 @@ def test_a_lora_export_names_the_base_commit_for_peft(shared, tmp_path):
     e = export_lora(a, "curious-uncertainty", tmp_path / "adapter", rank=2)
     config = json.loads((Path(e.out) / "adapter_config.json").read_text())
     assert (config["base_model_name_or_path"], config["revision"]) == (BASE_REPO, commit)
+
+
+def test_from_hub_fetches_even_where_a_folder_of_that_name_exists(hub, models, tmp_path, monkeypatch):
+    commit = publish(hub, models["base"])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "tiny-lm").mkdir(parents=True)  # a folder, not the model
+    root = tmp_path / "store"
+    Store.init(root).close()
+    r = cli_run(root, hub, "base", "add", BASE_REPO)
+    assert r.exit_code == 1 and "holds no .safetensors weights" in r.stderr
+    r = cli_run(root, hub, "base", "add", BASE_REPO, "--from-hub", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["hub_revision"] == commit
