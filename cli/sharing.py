@@ -63,7 +63,7 @@ def push(store: Store, refs: tuple[str, ...], repo_id: str | None, remote: str |
               help="Fetch a base this store lacks from the Hub repo and commit the pulled repo records for it "
                    "(into the Hugging Face cache), and register it if it is the very base the versions need.")
 @click.option("--base-revision", metavar="REV",
-              help="With --fetch-base: fetch the base at this branch, tag or commit instead of the recorded one.")
+              help="Fetch the base (as --fetch-base does) at this branch, tag or commit instead of the recorded one.")
 @hub_options
 @json_option
 @with_store
@@ -91,10 +91,9 @@ def pull(store: Store, repo_id: str | None, remote: str | None, revision: str | 
         return emit_json(r) if as_json else remote_pulled(r)
     from deltastore.hub import pull as hub_pull
 
-    if base_revision is not None and not fetch_base:
-        raise click.UsageError("--base-revision goes with --fetch-base")
     h = hub_pull(store, repo_id, revision=revision, stance=stance, into=into, token=token, endpoint=endpoint,
-                 force_download=force_download, fetch_base=fetch_base, base_revision=base_revision,
+                 force_download=force_download, fetch_base=fetch_base or base_revision is not None,
+                 base_revision=base_revision,
                  progress=not as_json and sys.stderr.isatty())
     return emit_json(h) if as_json else hub_pulled(h)
 
