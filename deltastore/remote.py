@@ -408,7 +408,8 @@ def push(store: Any, refs: Sequence[str], url: str, *, progress: Progress | None
         missing = [oid for oid in needed if oid not in have]
         sent = _parallel(missing, lambda oid: _upload(store, remote, oid), progress)
         for base, record in bases.values():
-            ref = {"id": base.id, "record": record, "name": base.name, "hub_id": hub_origin(base.hub_id, base.hub_revision)}
+            ref = {"id": base.id, "record": record, "name": base.name,
+                   "hub_id": hub_origin(base.hub_id, base.hub_revision)}
             remote.create(remote.base_path(base.id), canonical_json(ref) + b"\n")
         taken = {}
         for rv in listed:
