@@ -62,7 +62,7 @@ def test_tiny_run_reports_every_figure():
     for v in r["rss"].values():
         assert v["peak"] > 0 and v["peak"] >= v["start"]
 
-    # Apply in place on files against cp of the same files, in the same rounds (issue 17).
+    # Apply in place on files against cp of the same files, in the same rounds.
     inplace = r["inplace"]
     assert set(inplace["times"]) == {"cp", "cp + sync", "revert lossless (library)"} | {
         f"apply {k} ({how})" for k in ("lossless", "int4", "surgical") for how in ("library", "command")}

@@ -251,7 +251,7 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def bench_inplace(b: Bench) -> dict:
-    """`deltastore apply STANCE FOLDER` in place (issue 17): the library call and the whole
+    """`deltastore apply STANCE FOLDER` in place: the library call and the whole
     command, with `cp` of the same weight files (and `cp` followed by `sync` of the copies, as
     apply makes its writes durable) in the same rounds; each round patches a fresh copy of the
     base, made and reverted outside the clock; then peak RSS, one fresh process per figure."""

@@ -7,7 +7,7 @@ that the machine's load falls on both alike.
 The store holds one stance of `--versions` versions of a tiny model (committed once, before
 timing). Each figure is the median of `--runs` fresh interpreters, wall time and CPU time
 (user + system of the child), with every module's bytecode cached as after an install.
-Target (issue 18): `log` within 2x the baseline.
+Target: `log` within 2x the baseline.
 """
 
 from __future__ import annotations
