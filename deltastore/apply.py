@@ -18,7 +18,7 @@ import signal
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from .errors import BaseMismatch
 from .hashing import dtype_name, tensor_id
 from .pools import pool
 from .records import TensorEntry, Version
+
+if TYPE_CHECKING:  # store.py imports this module: Store for types only
+    from .store import Store
 
 # Versions of at least this many elements are checked and decoded two tensors at a time.
 PIPELINED_FROM = 1 << 23
@@ -85,7 +88,7 @@ def match_names(entries: list[str], names: set[str]) -> dict[str, str]:
     raise BaseMismatch("(the version's base)", None, missing, "the module has no tensors of these names")
 
 
-def prepare(store: Any, version: Version, current: dict[str, torch.Tensor]) -> list[tuple[TensorEntry, torch.Tensor, torch.Tensor]]:
+def prepare(store: Store, version: Version, current: dict[str, torch.Tensor]) -> list[tuple[TensorEntry, torch.Tensor, torch.Tensor]]:
     """(entry, module tensor, result on CPU) for every entry, everything verified.
 
     A large version runs two tensors at a time, as commit does (`in_order`): hashing, reading
@@ -164,7 +167,7 @@ def module_tensors(module: torch.nn.Module, names: list[str]) -> dict[str, torch
     return found
 
 
-def apply_module(store: Any, module: torch.nn.Module, version: Version, *, strict: bool = True) -> ApplyHandle:
+def apply_module(store: Store, module: torch.nn.Module, version: Version, *, strict: bool = True) -> ApplyHandle:
     current = module_tensors(module, [e.name for e in version.tensors])
     plan = prepare(store, version, current)
     return install(ApplyHandle(version, module), plan, [e.result_tensor_id for e, _, _ in plan])

@@ -14,7 +14,7 @@ import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar, TYPE_CHECKING
 
 import torch
 
@@ -25,6 +25,9 @@ from .hashing import bytes_id, dtype_name, tensor_id
 from .models import TensorSource
 from .records import Base, ObjectRef, TensorEntry
 from .selection import Selector, TensorDelta, parse_encoding_rules, select
+
+if TYPE_CHECKING:  # store.py imports this module: Store for types only
+    from .store import Store
 
 # Norms are taken a cache-sized slice at a time (2x faster than 4M-element slices here).
 CHUNK = 1 << 18
@@ -127,7 +130,7 @@ def check_names(base: Base, expected: dict[str, dict], target: TensorSource) -> 
         raise BaseMismatch(base.id, actual, names, what)
 
 
-def build_entries(store: Any, base: Base, base_src: TensorSource, target: TensorSource, *, token: str,
+def build_entries(store: Store, base: Base, base_src: TensorSource, target: TensorSource, *, token: str,
                   encoding: str, encoding_for: list[tuple[str, str]] | None, encoding_options: dict,
                   selector: Selector, progress: Callable[[int, int], None] | None,
                   allow_nonfinite: bool = False, base_hashed: bool = False) -> Built:
@@ -335,7 +338,7 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
             raise NonFiniteTensor(name, bad, t.numel())
 
 
-def _store_tensor(store: Any, name: str, base: torch.Tensor, target: torch.Tensor,
+def _store_tensor(store: Store, name: str, base: torch.Tensor, target: torch.Tensor,
                   change: Change, enc: encodings.Encoding, token: str) -> Stored:
     streamed = enc.stream(base, target)
     if streamed is not None:

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import torch
 
@@ -35,6 +35,9 @@ from .gguf_lora import export_gguf_lora, read_gguf_lora
 from .gguf_model import export_gguf, read_gguf_model
 from .lora import adapter_weights, export_lora
 from .vllm_lora import DEFAULT_MAX_RANK, export_vllm_lora
+
+if TYPE_CHECKING:  # Store for types only: nothing here needs store.py loaded
+    from .store import Store
 
 __all__ = ["ExportBench", "ExportFidelity", "KlNotReached", "MeasuredExport", "export_gguf_measured",
            "export_lora_measured", "export_measured", "rank_ladder"]
@@ -85,7 +88,7 @@ class ExportBench:
     """One Hugging Face model of the base holding, on request, the stored version or an export
     of it; the probe's reference is the stored version."""
 
-    def __init__(self, store: Any, ref: str, prompts: Sequence[str] | str | os.PathLike, *,
+    def __init__(self, store: Store, ref: str, prompts: Sequence[str] | str | os.PathLike, *,
                  base_weights: Any = None, tokenizer: str | os.PathLike | None = None,
                  max_tokens: int = 256, chat: bool = False):
         texts = read_prompts(prompts) if isinstance(prompts, (str, os.PathLike)) else list(prompts)
@@ -222,7 +225,7 @@ def _moved(written: Any, out: Path) -> Any:
         return written
 
 
-def export_lora_measured(store: Any, ref: str, out: str | os.PathLike, *, prompts: Sequence[str] | str | os.PathLike,
+def export_lora_measured(store: Store, ref: str, out: str | os.PathLike, *, prompts: Sequence[str] | str | os.PathLike,
                          fmt: str = "peft", server: str | None = None, rank: int | None = None,
                          energy: float | None = None, dtype: str = "bf16", max_rank: int | None = None,
                          max_kl: float | None = None, base_weights: Any = None,
@@ -271,7 +274,7 @@ def export_lora_measured(store: Any, ref: str, out: str | os.PathLike, *, prompt
                            progress=progress)
 
 
-def export_gguf_measured(store: Any, ref: str, out: str | os.PathLike, *, prompts: Sequence[str] | str | os.PathLike,
+def export_gguf_measured(store: Store, ref: str, out: str | os.PathLike, *, prompts: Sequence[str] | str | os.PathLike,
                          dtype: str = "f16", base_weights: Any = None, tokenizer: str | os.PathLike | None = None,
                          chat: bool = False, max_tokens: int = 256, progress: Any = None) -> MeasuredExport:
     """``export --format gguf --prompts``: the merged GGUF model, with the fidelity of what was

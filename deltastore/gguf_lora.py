@@ -26,12 +26,15 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .lora import CONV1D, LINEAR, MAX_RANK, LoraError, factors, module_types, plan
+
+if TYPE_CHECKING:  # Store for types only: nothing here needs store.py loaded
+    from .store import Store
 
 __all__ = ["ARCHITECTURES", "GGUF_DTYPES", "GgufLoraExport", "UnsupportedArchitecture", "export_gguf_lora",
            "read_gguf_lora"]
@@ -107,7 +110,7 @@ def _encode(x: torch.Tensor, dtype: str) -> tuple[np.ndarray, Any]:
         return quants.quantize(data, Q.F16), Q.F16
 
 
-def export_gguf_lora(store: Any, ref: str, out: str | os.PathLike, *, rank: int | None = None,
+def export_gguf_lora(store: Store, ref: str, out: str | os.PathLike, *, rank: int | None = None,
                      energy: float | None = None, dtype: str = "f16", base_weights: Any = None,
                      progress: Any = None) -> GgufLoraExport:
     """Write version ``ref`` as a GGUF LoRA file ``out`` (which must not exist): each changed

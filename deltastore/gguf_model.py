@@ -32,12 +32,14 @@ import tempfile
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from .errors import DeltastoreError
+
+if TYPE_CHECKING:  # Store for types only: nothing here needs store.py loaded
+    from .store import Store
 
 __all__ = ["ARCHITECTURES", "GGUF_FILE_TYPES", "GgufExport", "GgufExportError", "PRE_TOKENIZERS", "export_gguf",
            "read_gguf_model"]
@@ -276,7 +278,7 @@ def _qtype(new_name: str, n_dims: int, file_type: Any, arch_enum: Any) -> Any:
             gguf.LlamaFileType.MOSTLY_BF16: Q.BF16, gguf.LlamaFileType.MOSTLY_Q8_0: Q.Q8_0}[file_type]
 
 
-def export_gguf(store: Any, ref: str, out: str | os.PathLike, *, dtype: str = "f16", base_weights: Any = None,
+def export_gguf(store: Store, ref: str, out: str | os.PathLike, *, dtype: str = "f16", base_weights: Any = None,
                 progress: Any = None) -> GgufExport:
     """Write version ``ref`` (base + delta) as one GGUF model file ``out`` (which must not
     exist), with the base folder's config and tokenizer."""

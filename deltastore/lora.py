@@ -36,16 +36,18 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import torch
 
 from .analysis import energy_fraction, locate, rank_for, singular_values
 from .durable import new_folder
-from .errors import DeltastoreError, ModelFormatError, PickleRefused, UnsafeInput
-from .hashing import DTYPES, dtype_name, tensor_id
-from .models import TensorInfo, TensorSource, check_name, open_model, read_header, read_tensor
+from .errors import DeltastoreError, PickleRefused, UnsafeInput
+from .models import TensorInfo, TensorSource, open_model, read_header, read_tensor
 from .quantize import FACTOR_DTYPES, randomized_svd, truncated_svd
+
+if TYPE_CHECKING:  # Store for types only: nothing here needs store.py loaded
+    from .store import Store
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -246,7 +248,7 @@ class LoraExport:
     dropped_shares: dict[str, float] = field(default_factory=dict)
 
 
-def export_lora(store: Any, ref: str, out: str | os.PathLike, *, rank: int | None = None,
+def export_lora(store: Store, ref: str, out: str | os.PathLike, *, rank: int | None = None,
                 energy: float | None = None, dtype: str = "bf16", base_weights: Any = None,
                 exact: bool = False, progress: Any = None,
                 plan_filter: Callable[[AdapterPlan, TensorSource], AdapterPlan] | None = None) -> LoraExport:
@@ -712,7 +714,7 @@ def adapter_weights(folder: str | os.PathLike, base_src: TensorSource) -> Adapte
     return AdapterWeights(TensorSource(dict(base_src.infos), fine_tuned), parsed, deltas, replaced, ranks, dtypes)
 
 
-def import_lora(store: Any, adapter: str | os.PathLike, stance: str, *, base: Any,
+def import_lora(store: Store, adapter: str | os.PathLike, stance: str, *, base: Any,
                 encoding: str | None = None, base_weights: Any = None, message: str = "",
                 metadata: Mapping[str, str] | None = None, tag: str | None = None,
                 progress: Any = None) -> LoraImport:

@@ -21,7 +21,7 @@ Never reads the store after `prepare`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import torch
 
@@ -30,6 +30,9 @@ from .apply import _copy, _each, _interrupts_deferred, match_names, module_tenso
 from .errors import BaseMismatch, DeltastoreError, MissingObject
 from .hashing import DTYPES, bytes_id, dtype_name, tensor_id
 from .records import TensorEntry, Version
+
+if TYPE_CHECKING:  # store.py imports this module: Store for types only
+    from .store import Store
 
 MODES = ("full", "packed")
 
@@ -74,7 +77,7 @@ def _size(part: Any) -> int:
 # -- prepare ------------------------------------------------------------------------------------
 
 
-def prepare(store: Any, version: Version, *, device: torch.device | str | None = None, mode: str = "full",
+def prepare(store: Store, version: Version, *, device: torch.device | str | None = None, mode: str = "full",
             base_weights: Any = None) -> PreparedStance:
     """Read, verify and decode `version` once, against its base's weights (those given, else
     where `base add` found them)."""
@@ -99,7 +102,7 @@ def prepare(store: Any, version: Version, *, device: torch.device | str | None =
     return PreparedStance(version, mode, device, tuple(prepared))
 
 
-def _prepare_entry(store: Any, version: Version, entry: TensorEntry, base_tensor: torch.Tensor,
+def _prepare_entry(store: Store, version: Version, entry: TensorEntry, base_tensor: torch.Tensor,
                    device: torch.device, mode: str) -> PreparedTensor:
     exact = encodings.from_params(entry.encoding, entry.params).exact
     if mode == "packed" and exact:
@@ -118,7 +121,7 @@ def _prepare_entry(store: Any, version: Version, entry: TensorEntry, base_tensor
     return PreparedTensor(entry, parts={p: bytes(b) for p, b in parts.items()})
 
 
-def _verified_file(store: Any, object_id: str, size: int) -> bytes:
+def _verified_file(store: Store, object_id: str, size: int) -> bytes:
     try:
         blob = store.objects.path(object_id).read_bytes()
     except FileNotFoundError:

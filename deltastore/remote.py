@@ -27,7 +27,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from .errors import (CorruptObject, DeltastoreError, RemoteDataRejected, RemoteError, RemoteNotFound,
@@ -37,6 +37,9 @@ from .limits import load_json
 from .names import check_base_name, check_stance_name
 from .objects import HEADER, ObjectStore
 from .records import MAX_MANIFEST_BYTES, Version, check_manifest, hub_origin, parse_manifest
+
+if TYPE_CHECKING:  # Store for types only: nothing here needs store.py loaded
+    from .store import Store
 
 REMOTE_FORMAT = "deltastore/remote/1"
 MARKER = "REMOTE"
@@ -111,13 +114,13 @@ def check_url(url: str) -> str:
     return url
 
 
-def _root(store: Any) -> Path:
+def _root(store: Store | str | os.PathLike) -> Path:
     """A store's folder, from the store or the folder itself (as callers before the API's one
     rule passed it)."""
     return Path(store) if isinstance(store, (str, os.PathLike)) else store.root
 
 
-def remotes(store: Any) -> dict[str, str]:
+def remotes(store: Store | str | os.PathLike) -> dict[str, str]:
     """The store's remotes: name -> URL. `store`: a Store, or its folder."""
     path = _root(store) / CONFIG_FILE
     try:
@@ -131,7 +134,7 @@ def remotes(store: Any) -> dict[str, str]:
     return {name: v["url"] for name, v in sorted(config.items())}
 
 
-def add_remote(store: Any, name: str, url: str) -> None:
+def add_remote(store: Store | str | os.PathLike, name: str, url: str) -> None:
     if not REMOTE_NAME.match(name):
         raise UnsafeInput(f"remote name {name[:80]!r} is not allowed: use letters, digits, '.', '_' and '-'")
     check_url(url)
@@ -142,7 +145,7 @@ def add_remote(store: Any, name: str, url: str) -> None:
     _write_config(_root(store), config)
 
 
-def remove_remote(store: Any, name: str) -> str:
+def remove_remote(store: Store | str | os.PathLike, name: str) -> str:
     config = remotes(store)
     if name not in config:
         raise RemoteNotFound(name, sorted(config))
@@ -151,7 +154,7 @@ def remove_remote(store: Any, name: str) -> str:
     return url
 
 
-def remote_url(store: Any, name_or_url: str) -> str:
+def remote_url(store: Store | str | os.PathLike, name_or_url: str) -> str:
     """A remote's URL from its name (a URL is taken as it is)."""
     if "://" in name_or_url:
         return check_url(name_or_url)
@@ -379,7 +382,7 @@ def _errors(url: str) -> Any:
 # -- push -----------------------------------------------------------------------------------------
 
 
-def push(store: Any, refs: Sequence[str], url: str, *, progress: Progress | None = None) -> PushResult:
+def push(store: Store, refs: Sequence[str], url: str, *, progress: Progress | None = None) -> PushResult:
     """Upload versions to a remote (`url`: a URL, or the name of one of the store's remotes):
     their objects (those it lacks), their bases, then one ref per version, taken with a
     conditional create (the next free number of its stance there)."""
@@ -428,7 +431,7 @@ def push(store: Any, refs: Sequence[str], url: str, *, progress: Progress | None
     return PushResult(url, tuple(pushed), here, len(sent), sum(sent))
 
 
-def _upload(store: Any, remote: Remote, object_id: str) -> int:
+def _upload(store: Store, remote: Remote, object_id: str) -> int:
     data = store.objects.path(object_id).read_bytes()
     remote.put(remote.object_path(object_id), data)
     return len(data)
@@ -475,7 +478,7 @@ def _parallel(items: list[str], call: Callable[[str], int], progress: Progress |
 # -- pull -----------------------------------------------------------------------------------------
 
 
-def pull(store: Any, url: str, *, stance: str | None = None, progress: Progress | None = None) -> PullResult:
+def pull(store: Store, url: str, *, stance: str | None = None, progress: Progress | None = None) -> PullResult:
     """Download versions from a remote (`url`: a URL, or the name of one of the store's remotes)
     into the store, verified: every ref, manifest, base and
     object is checked before anything is stored; then the bases the store lacks are registered
@@ -496,7 +499,7 @@ def pull(store: Any, url: str, *, stance: str | None = None, progress: Progress 
         raise
 
 
-def _pull(store: Any, remote: Remote, staging: Path, stance: str | None, progress: Progress | None) -> PullResult:
+def _pull(store: Store, remote: Remote, staging: Path, stance: str | None, progress: Progress | None) -> PullResult:
     url = remote.url
     with _errors(url):
         if not remote.is_remote():
@@ -562,7 +565,7 @@ def _manifest(remote: Remote, rv: RemoteVersion) -> tuple[dict, Version]:
     return m, v
 
 
-def _check_numbers(store: Any, todo: list[tuple[RemoteVersion, dict, Version]]) -> None:
+def _check_numbers(store: Store, todo: list[tuple[RemoteVersion, dict, Version]]) -> None:
     seen: dict[tuple[str, int], str] = {}
     for rv, _, v in todo:
         row = store.catalog.version_at(rv.stance, rv.number)
@@ -572,7 +575,7 @@ def _check_numbers(store: Any, todo: list[tuple[RemoteVersion, dict, Version]]) 
             raise VersionConflict(rv.stance, rv.number, seen[(rv.stance, rv.number)], rv.id, "on the remote")
 
 
-def _bases(store: Any, remote: Remote, wanted: Iterable[str]) -> list[tuple[dict, bytes, bytes]]:
+def _bases(store: Store, remote: Remote, wanted: Iterable[str]) -> list[tuple[dict, bytes, bytes]]:
     """The bases the store lacks, from the remote, checked: (ref, tensor list, record)."""
     here = {b.id for b in store.bases()}
     out = []
@@ -605,7 +608,7 @@ def _bases(store: Any, remote: Remote, wanted: Iterable[str]) -> list[tuple[dict
     return out
 
 
-def _register_base(store: Any, remote: Remote, ref: dict, listing: bytes, record: bytes) -> str:
+def _register_base(store: Store, remote: Remote, ref: dict, listing: bytes, record: bytes) -> str:
     name = ref["name"]
     if name is not None and store.catalog.one("SELECT 1 FROM bases WHERE name = ? AND id != ?", [name, ref["id"]]):
         name = None  # a name this store gives another base: the base comes in unnamed

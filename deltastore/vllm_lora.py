@@ -26,9 +26,12 @@ import json
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from .lora import LINEAR, AdapterPlan, LoraError, LoraExport, export_lora
+
+if TYPE_CHECKING:  # Store for types only: nothing here needs store.py loaded
+    from .store import Store
 
 __all__ = ["DEFAULT_MAX_RANK", "VLLM_ARCHITECTURES", "VLLM_MODULES", "export_vllm_lora"]
 
@@ -67,7 +70,7 @@ def vllm_plan(the_plan: AdapterPlan, source: Any) -> AdapterPlan:
                    dropped=tuple(dict.fromkeys(dropped)), tied=False)
 
 
-def export_vllm_lora(store: Any, ref: str, out: str | os.PathLike, *, max_rank: int = DEFAULT_MAX_RANK,
+def export_vllm_lora(store: Store, ref: str, out: str | os.PathLike, *, max_rank: int = DEFAULT_MAX_RANK,
                      rank: int | None = None, energy: float | None = None, dtype: str = "bf16",
                      base_weights: Any = None, progress: Any = None) -> LoraExport:
     """Write version ``ref`` as a PEFT adapter folder that vLLM loads with ``--max-lora-rank
