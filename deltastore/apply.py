@@ -178,8 +178,8 @@ def install(handle: ApplyHandle, plan: list[tuple[TensorEntry, torch.Tensor, tor
     """Write each verified result into its module tensor, keeping the base bytes in `handle`
     for revert; on any error, put back what was written. `result_ids`: the id each result is
     known to have (None where it is not known: a mix of versions)."""
-    with torch.no_grad(), _interrupts_deferred():
-        patched, error = _each(_overwrite, [(t, result) for _, t, result in plan])
+    with torch.no_grad(), interrupts_deferred():
+        patched, error = each_until_failure(_overwrite, [(t, result) for _, t, result in plan])
         if error is not None:
             _restore(patched)
             _remember([t for _, t, _ in plan], [None] * len(plan))
@@ -202,7 +202,7 @@ def _overwrite(t: torch.Tensor, result: torch.Tensor) -> tuple[torch.Tensor, tor
         return t, result, None  # `result` holds the base's bytes now
     original = _clone(t)
     if t.dtype == result.dtype and t.shape == result.shape:
-        _copy(t, result)
+        copy_bytes(t, result)
         return t, original, None
     # A changed dtype or shape cannot be copied in place: swap the storage, remember the old.
     old_data = t.data
@@ -214,15 +214,15 @@ def _restore(patched: list[tuple[torch.Tensor, torch.Tensor, Any]]) -> None:
     def put_back(t: torch.Tensor, original: torch.Tensor, old_data: Any) -> None:
         if old_data is not None:
             t.data = old_data
-        _copy(t, original)
+        copy_bytes(t, original)
 
-    with torch.no_grad(), _interrupts_deferred():
-        _, error = _each(put_back, patched, backwards=True)
+    with torch.no_grad(), interrupts_deferred():
+        _, error = each_until_failure(put_back, patched, backwards=True)
         if error is not None:
             raise error
 
 
-def _each(work: Any, items: list[tuple], *, backwards: bool = False) -> tuple[list, BaseException | None]:
+def each_until_failure(work: Any, items: list[tuple], *, backwards: bool = False) -> tuple[list, BaseException | None]:
     """work(*item) for each item until one fails: (the results of those that succeeded, the
     error or None), so that a caller can put back exactly what was done. Each item's first
     element is the module tensor it writes. Two at a time where those are large in all, on
@@ -277,7 +277,7 @@ def _exchange(t: torch.Tensor, result: torch.Tensor, *, step: int = 1 << 18) -> 
 
 
 @contextmanager
-def _interrupts_deferred() -> Iterator[None]:
+def interrupts_deferred() -> Iterator[None]:
     """Ctrl-C waits until the block ends: a module is never left with one tensor half
     written, or written but not yet recorded for revert. (Only the main thread gets signals.)"""
     if threading.current_thread() is not threading.main_thread():
@@ -300,7 +300,7 @@ def _clone(t: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(view.copy()).view(t.dtype).reshape(t.shape)
 
 
-def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
     """Bytes from src into dst. On CPU through numpy: a plain memcpy, where torch's copy_
     would hand a few MB to its thread pool and, on a busy machine, wait far longer for it."""
     d, s = _bytes_view(dst), _bytes_view(src)

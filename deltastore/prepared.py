@@ -26,7 +26,7 @@ from typing import Any, TYPE_CHECKING
 import torch
 
 from . import checked, encodings, spare
-from .apply import _copy, _each, _interrupts_deferred, match_names, module_tensors
+from .apply import copy_bytes, each_until_failure, interrupts_deferred, match_names, module_tensors
 from .errors import BaseMismatch, DeltastoreError, MissingObject
 from .hashing import DTYPES, bytes_id, dtype_name, tensor_id
 from .records import TensorEntry, Version
@@ -239,7 +239,7 @@ class SwitchHandle:
             raise DeltastoreError("this switch handle was reverted; switch through the store again")
         live = self._live(stance)
         self._check(stance, live)
-        with torch.no_grad(), _interrupts_deferred():
+        with torch.no_grad(), interrupts_deferred():
             for name, t, p in live:
                 if name not in self._kept:
                     self._kept[name] = (t, _keep(t), p.entry.base_tensor_id)
@@ -257,7 +257,7 @@ class SwitchHandle:
         """Put the exact base bytes back, and free them. Idempotent."""
         if not self.active:
             return
-        with torch.no_grad(), _interrupts_deferred():
+        with torch.no_grad(), interrupts_deferred():
             self._write(None, [])
             self.current = None
             self._remember()
@@ -309,12 +309,12 @@ class SwitchHandle:
     def _write(self, stance: PreparedStance | None, live: list[tuple[str, torch.Tensor, PreparedTensor]]) -> None:
         """Write `stance` into the module, and the base into every kept tensor it leaves out."""
         held = {name: p for name, _, p in live}
-        # Two tensors at a time (apply._each) are the parallelism: torch's own intra-op
+        # Two tensors at a time (apply.each_until_failure) are the parallelism: torch's own intra-op
         # threads would only contend with them (as in commit.in_order).
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            _, error = _each(_write_one, [(t, held.get(name), base) for name, (t, base, _) in self._kept.items()])
+            _, error = each_until_failure(_write_one, [(t, held.get(name), base) for name, (t, base, _) in self._kept.items()])
         finally:
             torch.set_num_threads(threads)
         if error is not None:
@@ -331,19 +331,19 @@ def _keep(t: torch.Tensor) -> torch.Tensor:
     """A copy of a module tensor's base bytes, on its device."""
     kept = spare.take(tuple(t.shape), t.dtype) if t.device.type == "cpu" \
         else torch.empty_like(t, memory_format=torch.contiguous_format)
-    _copy(kept, t.detach())
+    copy_bytes(kept, t.detach())
     return kept
 
 
 def _write_one(t: torch.Tensor, p: PreparedTensor | None, base: torch.Tensor) -> None:
     if p is None:
-        _copy(t, base)
+        copy_bytes(t, base)
     elif p.result is not None:
-        _copy(t, p.result)
+        copy_bytes(t, p.result)
     else:
         result = decode(p, base, out=t.detach())
         if result.data_ptr() != t.data_ptr():
-            _copy(t, result)
+            copy_bytes(t, result)
 
 
 __all__ = ["PreparedStance", "PreparedTensor", "SwitchHandle", "prepare", "decode", "MODES"]

@@ -361,7 +361,7 @@ def _is_base_name(name: str) -> bool:
     return True
 
 
-def _errors(url: str) -> Any:
+def backend_errors(url: str) -> Any:
     """OSErrors of a backend (unreachable, access denied) as one line naming the remote."""
     from contextlib import contextmanager
 
@@ -393,7 +393,7 @@ def push(store: Store, refs: Sequence[str], url: str, *, progress: Progress | No
     # Parents before children, as they were committed.
     versions.sort(key=lambda v: (v.stance, v.number))
     remote = Remote(url)
-    with _errors(url):
+    with backend_errors(url):
         if not remote.is_remote():
             remote.create(remote.path(MARKER), canonical_json({"format": REMOTE_FORMAT}) + b"\n")
         listed = remote.versions()
@@ -501,7 +501,7 @@ def pull(store: Store, url: str, *, stance: str | None = None, progress: Progres
 
 def _pull(store: Store, remote: Remote, staging: Path, stance: str | None, progress: Progress | None) -> PullResult:
     url = remote.url
-    with _errors(url):
+    with backend_errors(url):
         if not remote.is_remote():
             raise RemoteError(f"{url} is not a deltastore remote (it has no {MARKER} file): push to it first",
                               url=url)
@@ -518,7 +518,7 @@ def _pull(store: Store, remote: Remote, staging: Path, stance: str | None, progr
         for rv in chosen:
             if store.catalog.version(rv.id):
                 continue
-            todo.append((rv, *_manifest(remote, rv)))
+            todo.append((rv, *remote_manifest(remote, rv)))
         _check_numbers(store, todo)
         bases = _bases(store, remote, {v.base_id for _, _, v in todo})
         needed = {o.id: o.size for _, _, v in todo for e in v.tensors for o in e.objects.values()}
@@ -550,7 +550,7 @@ def _pull(store: Store, remote: Remote, staging: Path, stance: str | None, progr
     return PullResult(url, pulled, here, added, sum(1 for n in got if n), sum(got))
 
 
-def _manifest(remote: Remote, rv: RemoteVersion) -> tuple[dict, Version]:
+def remote_manifest(remote: Remote, rv: RemoteVersion) -> tuple[dict, Version]:
     name = f"the manifest of {rv.ref} (object {rv.id})"
     _, text = remote.get_object(rv.id, None, limit=HEADER.size + MAX_MANIFEST_BYTES + (MAX_MANIFEST_BYTES >> 6))
     try:

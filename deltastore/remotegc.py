@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from .errors import RemoteDataRejected, RemoteError
 from .hashing import ALGORITHM, is_id
 from .limits import load_json
-from .remote import MARKER, MAX_REF_BYTES, Remote, RemoteVersion, _errors, _manifest
+from .remote import MARKER, MAX_REF_BYTES, Remote, RemoteVersion, backend_errors, remote_manifest
 
 
 
@@ -55,7 +55,7 @@ def gc_plan(url: str, *, grace_seconds: float = GRACE_SECONDS) -> RemoteGcPlan:
     base ref), last written more than `grace_seconds` ago. An object of unknown age is kept.
     Refuses when a ref's manifest is missing or damaged: then what it reaches is unknown."""
     remote = Remote(url)
-    with _errors(url):
+    with backend_errors(url):
         if not remote.is_remote():
             raise RemoteError(f"{url} is not a deltastore remote (it has no {MARKER} file)", url=url)
         listed = remote.versions()
@@ -78,7 +78,7 @@ def gc(plan: RemoteGcPlan) -> RemoteGcResult:
     """Remove what `plan` lists, except objects that a ref made since the plan reaches (read
     again just before deleting)."""
     remote = Remote(plan.url)
-    with _errors(plan.url):
+    with backend_errors(plan.url):
         listed = remote.versions()
         newer = [rv for rv in listed if rv.id not in set(plan.refs)]
         reached = _reached(remote, newer)
@@ -100,7 +100,7 @@ def _reached(remote: Remote, listed: list[RemoteVersion]) -> set[str]:
     """What the refs in `listed` and every base ref reach: manifests, their objects, base objects."""
     reached: set[str] = set()
     for rv in listed:
-        _, v = _manifest(remote, rv)
+        _, v = remote_manifest(remote, rv)
         reached.add(rv.id)
         reached.update(o.id for e in v.tensors for o in e.objects.values())
     for rel in remote.find("bases"):
