@@ -59,3 +59,27 @@ def new_folder(out: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(out.parent)
+
+
+@contextmanager
+def new_file(out: Path) -> Iterator[Path]:
+    """A file to write by name (for writers that open the path themselves), put in place as
+    `out` when the block ends without an error: fsynced, mode 0644 (as every export writes),
+    renamed over `out`, its folder fsynced. On an error the hidden file beside it is removed
+    and `out` is as it was."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(out.parent)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TYPE_CHECKING
@@ -31,7 +30,8 @@ from typing import Any, TYPE_CHECKING
 import numpy as np
 import torch
 
-from .lora import CONV1D, LINEAR, MAX_RANK, LoraError, factors, module_types, plan
+from .durable import new_file
+from .lora import CONV1D, LINEAR, LoraError, check_rank_options, factors, module_types, plan
 
 if TYPE_CHECKING:  # Store for types only: nothing here needs store.py loaded
     from .store import Store
@@ -123,12 +123,7 @@ def export_gguf_lora(store: Store, ref: str, out: str | os.PathLike, *, rank: in
 
     from .analysis import rank_for, singular_values
 
-    if rank is None and energy is None:
-        raise LoraError("give a rank (--rank R) or an energy fraction (--energy F)")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= MAX_RANK):
-        raise LoraError(f"the rank must be a whole number from 1 to {MAX_RANK}, got {rank!r}")
-    if energy is not None and not (isinstance(energy, (int, float)) and 0 < energy <= 1):
-        raise LoraError(f"--energy must be a fraction above 0 and at most 1, got {energy!r}")
+    check_rank_options(rank, energy)
     if dtype not in GGUF_DTYPES:
         raise LoraError(f"a GGUF LoRA's dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
     out = Path(out)
@@ -179,10 +174,7 @@ def export_gguf_lora(store: Store, ref: str, out: str | os.PathLike, *, rank: in
 
     ranks = {n: a.shape[0] for n, (a, _) in pairs.items()}
     alpha = max(ranks.values())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    os.close(fd)
-    try:
+    with new_file(out) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -197,11 +189,6 @@ def export_gguf_lora(store: Store, ref: str, out: str | os.PathLike, *, rank: in
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
     all_energy = total_energy + dropped_energy
     share = dropped_energy / all_energy if all_energy > 0 else 0.0

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any, TYPE_CHECKING
 
 import torch
 
+from .durable import new_file
 from .errors import DeltastoreError
 
 if TYPE_CHECKING:  # Store for types only: nothing here needs store.py loaded
@@ -314,11 +314,8 @@ def export_gguf(store: Store, ref: str, out: str | os.PathLike, *, dtype: str = 
     file_type = getattr(gguf.LlamaFileType, GGUF_FILE_TYPES[dtype])
     infos, tensor = store.materialize(version, base_weights=source)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    os.close(fd)
     types: dict[str, int] = {}
-    try:
+    with new_file(out) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch_enum])
         todo = [n for n in infos if not n.endswith(SKIPPED)
                 and not (arch == "GPT2LMHeadModel" and n.endswith(GPT2_SKIPPED))]
@@ -363,11 +360,6 @@ def export_gguf(store: Store, ref: str, out: str | os.PathLike, *, dtype: str = 
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return GgufExport(version.ref, out, gguf.MODEL_ARCH_NAMES[arch_enum], dtype, sum(types.values()), types,
                       vocab.pre, out.stat().st_size)
 

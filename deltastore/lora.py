@@ -248,6 +248,16 @@ class LoraExport:
     dropped_shares: dict[str, float] = field(default_factory=dict)
 
 
+def check_rank_options(rank: int | None, energy: float | None) -> None:
+    """An export's --rank / --energy, as every adapter format takes them."""
+    if rank is None and energy is None:
+        raise LoraError("give a rank (--rank R) or an energy fraction (--energy F)")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= MAX_RANK):
+        raise LoraError(f"the rank must be a whole number from 1 to {MAX_RANK}, got {rank!r}")
+    if energy is not None and not (isinstance(energy, (int, float)) and 0 < energy <= 1):
+        raise LoraError(f"--energy must be a fraction above 0 and at most 1, got {energy!r}")
+
+
 def export_lora(store: Store, ref: str, out: str | os.PathLike, *, rank: int | None = None,
                 energy: float | None = None, dtype: str = "bf16", base_weights: Any = None,
                 exact: bool = False, progress: Any = None,
@@ -262,12 +272,7 @@ def export_lora(store: Store, ref: str, out: str | os.PathLike, *, rank: int | N
     what it moves to ``dropped`` is listed and priced as dropped."""
     from .commit import in_order
 
-    if rank is None and energy is None:
-        raise LoraError("give a rank (--rank R) or an energy fraction (--energy F)")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= MAX_RANK):
-        raise LoraError(f"the rank must be a whole number from 1 to {MAX_RANK}, got {rank!r}")
-    if energy is not None and not (isinstance(energy, (int, float)) and 0 < energy <= 1):
-        raise LoraError(f"--energy must be a fraction above 0 and at most 1, got {energy!r}")
+    check_rank_options(rank, energy)
     if dtype not in FACTOR_DTYPES:
         raise LoraError(f"the adapter dtype must be one of {', '.join(FACTOR_DTYPES)}, got {dtype!r}")
     out = Path(out)
