@@ -9,7 +9,7 @@ import click
 
 from deltastore import Store
 
-from .options import finite, json_option, lower_case, number_list, with_store
+from .options import finite, json_option, lower_case, mix_weights, number_list, store_if, with_store
 from .output import echo, emit_json, progress, size, table, to_jsonable
 
 if TYPE_CHECKING:
@@ -36,6 +36,9 @@ def _kl(value: float | None) -> str:
               help="A selection to compare (repeatable): KEY=VALUE pairs joined by ';', keys include, exclude, "
                    "top_k, min_rel_change, energy, encoding; e.g. 'include=layers\\.15\\.self_attn\\.v_proj' "
                    "or 'top_k=2;encoding=int4'.")
+@click.option("--mix", "mixes", multiple=True, callback=mix_weights, metavar="REF=A,REF=B",
+              help="A row of stored versions of the store at a strength, or mixed (repeatable): base + "
+                   "A*delta(REF) + B*delta(REF) ..., as export --mix writes it; e.g. curious=0.5.")
 @click.option("--prompts", type=click.Path(dir_okay=False), metavar="FILE",
               help="Measure fidelity on these prompts (one per line); BASE must be a Hugging Face model folder.")
 @click.option("--chat", is_flag=True, help="Each prompt is a user message, put through the model's chat template.")
@@ -47,8 +50,9 @@ def _kl(value: float | None) -> str:
               help="The dtype of the LoRA factors.")
 @click.option("--plot", type=click.Path(dir_okay=False), metavar="PNG", help="Draw size against KL (needs --prompts).")
 @json_option
-def compare_command(base: str, model: str, encodings_text: str, ranks_text: str, full_text: str,
-                    selects: tuple[str, ...], prompts: str | None, chat: bool, tokenizer: str | None,
+@click.pass_context
+def compare_command(ctx: click.Context, base: str, model: str, encodings_text: str, ranks_text: str,
+                    full_text: str, selects: tuple[str, ...], mixes: list[dict[str, float]], prompts: str | None, chat: bool, tokenizer: str | None,
                     group_size: int | None, lora_dtype: str, plot: str | None, as_json: bool) -> None:
     """What each way of storing fine-tune MODEL of BASE costs, and how much of it each keeps.
 
@@ -56,18 +60,19 @@ def compare_command(base: str, model: str, encodings_text: str, ranks_text: str,
     model quantised, every delta encoding, a LoRA of each rank (R*(m+n) per changed matrix, and
     the mean share of each delta's energy rank R holds) and each --select. Bytes are what the
     store would write. With --prompts, each row's fidelity: the mean KL(fine-tuned || stored) of
-    the next-token distributions and the top-1 agreement. Nothing is written to a store."""
+    the next-token distributions and the top-1 agreement. Each --mix: versions of the store
+    (BASE their base), their bytes those they hold. Nothing is written to a store."""
     from deltastore.compare import compare as run_compare
     from deltastore.plots import plot as draw
 
     if plot and not prompts:
         raise click.UsageError("--plot draws KL against size: give --prompts FILE too")
-    options = {"group_size": group_size} if group_size is not None else {}
+    options, store = {"group_size": group_size} if group_size is not None else {}, store_if(ctx, bool(mixes))
     with progress("comparing", enabled=not as_json) as cb:
         c = run_compare(base, model, encodings=number_list(encodings_text, "--encodings"),
                         ranks=number_list(ranks_text, "--ranks", int), full=number_list(full_text, "--full"),
                         selections=selects, prompts=prompts, chat=chat, tokenizer=tokenizer, lora_dtype=lora_dtype,
-                        encoding_options=options, progress=cb)
+                        encoding_options=options, store=store, mixes=mixes, progress=cb)
     if plot:
         draw(c, plot)
     if as_json:

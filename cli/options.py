@@ -31,6 +31,37 @@ def with_store(f: Callable | None = None, *, readonly: bool | None = None) -> Ca
     return decorate(f) if f is not None else decorate
 
 
+def mix_weights(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """--mix REF=A,REF=B -> {REF: A, REF: B} (export); repeated (compare), a list of them."""
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return [_mix(text) for text in value]
+    return _mix(value)
+
+
+def _mix(text: str) -> dict[str, float]:
+    weights: dict[str, float] = {}
+    for item in text.split(","):
+        ref, equals, weight = item.strip().rpartition("=")
+        try:
+            if not equals or not ref:
+                raise ValueError
+            weights[ref] = float(weight)
+        except ValueError:
+            raise click.BadParameter(f"{item.strip()!r} is not REF=WEIGHT (e.g. curious@2=0.5)") from None
+    return weights
+
+
+def store_if(ctx: click.Context, needed: bool) -> Store | None:
+    """The store, read-only, for a command that needs one only with some options (compare --mix)."""
+    if not needed:
+        return None
+    store = Store.open(store_path(ctx), readonly=True)
+    ctx.call_on_close(store.close)
+    return store
+
+
 def store_path(ctx: click.Context) -> Path:
     path = ctx.find_root().params.get("store")
     return Path(path) if path else find_store()

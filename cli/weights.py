@@ -8,7 +8,7 @@ import click
 
 from deltastore import Store
 
-from .options import json_option, with_store
+from .options import json_option, mix_weights, with_store
 from .output import echo, emit_json, progress, size, to_jsonable
 
 
@@ -67,25 +67,9 @@ def revert(store: Store, target: str, as_json: bool) -> None:
         echo(f"reverted {target} ({j.regions} tensors back to the base)")
 
 
-def _mix(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, float] | None:
-    """REF=A,REF=B -> {REF: A, REF: B}."""
-    if value is None:
-        return None
-    weights: dict[str, float] = {}
-    for item in value.split(","):
-        ref, equals, weight = item.strip().rpartition("=")
-        try:
-            if not equals or not ref:
-                raise ValueError
-            weights[ref] = float(weight)
-        except ValueError:
-            raise click.BadParameter(f"{item.strip()!r} is not REF=WEIGHT (e.g. curious@2=0.5)") from None
-    return weights
-
-
 @click.command()
 @click.argument("ref", required=False)
-@click.option("--mix", "mix", callback=_mix, metavar="REF=A,REF=B",
+@click.option("--mix", "mix", callback=mix_weights, metavar="REF=A,REF=B",
               help="Instead of REF: write base + A*delta(REF) + B*delta(REF) ..., each tensor rounded once "
                    "(versions of one base).")
 @click.option("--out", required=True, type=click.Path(), help="A new folder (--format gguf: a new .gguf file).")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,10 +32,14 @@ from .commit import spec_chooser, delta_stats, in_order
 from .errors import CompareError
 from .fidelity import Fidelity, FidelityProbe, load_causal_lm, read_prompts
 from .lora import module_types, plan as lora_plan
+from .mix import mixed, resolve_weights
 from .models import TensorSource, open_model
 from .objects import stored_size
 from .selection import Selection, Selector, TensorDelta, select
 from .units import size
+
+if TYPE_CHECKING:
+    from .store import Store
 
 __all__ = [
     "Bench",
@@ -381,6 +385,35 @@ def _lora_work(bench: Bench, scans: Mapping[str, Scan], the_plan: Any, rank: int
     return work
 
 
+def mix_label(weights: Mapping[str, float]) -> str:
+    """``curious=0.5,confident=0.5``: as ``--mix`` spells it."""
+    return ",".join(f"{ref}={weight:g}" for ref, weight in weights.items())
+
+
+def _mix_work(bench: Bench, scans: Mapping[str, Scan], store: Store, weights: Mapping[str, float]) -> Work:
+    # mix.py's own arithmetic on compare's base weights (checked against the versions' base);
+    # the bytes are those of the versions' objects as the store holds them, each counted once.
+    _, tensor = mixed(store, weights, base_weights=bench.base)
+    versions = resolve_weights(store, weights)
+    entries: dict[str, list[Any]] = {}
+    for version, _ in versions:
+        for entry in version.tensors:
+            entries.setdefault(entry.name, []).append(entry)
+    counted: set[str] = set()
+
+    def work(name: str):
+        nbytes = 0
+        for entry in entries.get(name, ()):
+            for o in entry.objects.values():
+                if o.id not in counted:
+                    counted.add(o.id)
+                    nbytes += store.objects.size(o.id)
+        if name not in entries and not scans[name].changed:
+            return 0, False, None
+        return nbytes, name in entries, tensor(name) if bench.measuring else None
+    return work
+
+
 def _fid(fidelity: Fidelity | None) -> dict[str, float | None]:
     return {"kl": fidelity.kl if fidelity else None, "top1": fidelity.top1 if fidelity else None}
 
@@ -390,7 +423,8 @@ def compare(base: Any, model: Any, *, encodings: Sequence[str] = DEFAULT_ENCODIN
             prompts: Sequence[str] | str | os.PathLike | None = None,
             full: Sequence[str] = FULL_QUANTIZED, lora_dtype: str = "bf16",
             encoding_options: Mapping[str, Any] | None = None, max_tokens: int = 256, chat: bool = False,
-            tokenizer: str | os.PathLike | None = None,
+            tokenizer: str | os.PathLike | None = None, store: Store | None = None,
+            mixes: Sequence[Mapping[str, float]] = (),
             progress: Callable[[int, int], None] | None = None) -> Comparison:
     """Every way of storing fine-tune ``model`` of ``base``, with its bytes and fidelity.
 
@@ -401,6 +435,8 @@ def compare(base: Any, model: Any, *, encodings: Sequence[str] = DEFAULT_ENCODIN
     included); ``ranks``: LoRA ranks; ``selections``: ``Select`` or its ``--select`` text;
     ``full``: encodings for the whole model quantised; ``lora_dtype``: of the LoRA factors;
     ``tokenizer``: a folder or tokenizer.json, where the base folder has no tokenizer.
+    ``mixes``: stored versions of ``store`` at a strength, or mixed (``{ref: a, ref: b}``), each
+    a row: ``base + a*dW1 + b*dW2`` measured like the rest, its bytes those its versions hold.
     """
     options = dict(encoding_options or {})
     specs = list(encodings)
@@ -415,7 +451,11 @@ def compare(base: Any, model: Any, *, encodings: Sequence[str] = DEFAULT_ENCODIN
     if lora_dtype not in codecs.Q.FACTOR_DTYPES:
         raise CompareError(f"the LoRA dtype must be one of {', '.join(codecs.Q.FACTOR_DTYPES)}, got {lora_dtype!r}")
     chosen = [s if isinstance(s, Select) else parse_select(s) for s in selections]
-    rows_asked = 2 + len(full) + len(specs) + len(ranks) + len(chosen)
+    if mixes and store is None:
+        raise CompareError("a mix row measures stored versions: give the store they are in")
+    for weights in mixes:
+        resolve_weights(store, weights)  # every ref and weight checked before any work
+    rows_asked = 2 + len(full) + len(specs) + len(ranks) + len(chosen) + len(mixes)
     base_src, target_src, scans, bench, skipped = open_bench(
         base, model, prompts, max_tokens, spectra=bool(ranks), progress=progress, rows=rows_asked, chat=chat,
         tokenizer=tokenizer)
@@ -470,6 +510,10 @@ def compare(base: Any, model: Any, *, encodings: Sequence[str] = DEFAULT_ENCODIN
             add(f"select {sel.text}", "selection", sel.encoding, nbytes, stored, fidelity,
                 energy=1.0 - picked.left_out_energy_fraction,
                 note=f"{len(picked.kept)} of {len(changed)} changed tensors")
+    for weights in mixes:
+        nbytes, stored, fidelity = bench.run(_mix_work(bench, scans, store, weights))
+        add(f"mix {mix_label(weights)}", "mix", None, nbytes, stored, fidelity,
+            note="base + a*delta of each version, rounded once")
     return Comparison(
         base=str(base_src.path) if base_src.path else "(in memory)",
         model=str(target_src.path) if target_src.path else "(in memory)",

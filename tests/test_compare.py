@@ -291,3 +291,38 @@ def test_a_base_folder_without_a_tokenizer_asks_for_tokenizer_in_one_line(tmp_pa
         assert json.loads(given.stdout)["positions"] > 0
     with pytest.raises(FidelityError, match="--tokenizer"):
         compare(bare, ft, encodings=("int8",), ranks=(), full=(), prompts=prompts, tokenizer=tmp_path / "nothing")
+
+
+def test_mix_rows_measure_stored_versions_at_a_strength(tmp_path, adam_pair):
+    base, ft, prompts = adam_pair
+    store = Store.init(tmp_path / "store")
+    store.commit("curious", ft, base=str(base), encoding="int4")
+    other = pair(tmp_path, low_rank(2), seed=0)[1]  # another fine-tune of the same base
+    store.commit("confident", other, base=str(base), encoding="lossless", new_stance=True)
+    c = compare(base, ft, encodings=("int4",), ranks=(), full=(), prompts=prompts, store=store,
+                mixes=[{"curious": 1.0}, {"curious": 0.0}, {"curious": 0.5}, {"curious": 0.5, "confident": 0.5}])
+    one, zero, half, both = (c.row(f"mix {m}") for m in
+                             ("curious=1", "curious=0", "curious=0.5", "curious=0.5,confident=0.5"))
+    # At weight 1 a version is the plain apply: the same KL as its encoding's row, and its bytes.
+    assert one.kl == c.row("delta int4").kl and one.top1 == c.row("delta int4").top1
+    assert one.bytes == store.resolve("curious").bytes and one.kind == "mix"
+    # At weight 0, the base: the reference row's KL.
+    assert zero.kl == c.row("base (nothing kept)").kl
+    assert one.kl < half.kl < zero.kl
+    assert both.bytes > one.bytes and both.kl > 0
+    # The command line takes the same rows, from the store.
+    runner = CliRunner()
+    out = runner.invoke(cli, ["--store", str(tmp_path / "store"), "compare", str(base), str(ft), "--encodings",
+                              "int4", "--ranks", "", "--full", "", "--mix", "curious=1", "--mix",
+                              "curious=0.5,confident=0.5", "--prompts", str(prompts), "--json"])
+    assert out.exit_code == 0, out.output
+    rows = {r["label"]: r for r in json.loads(out.stdout)["rows"]}
+    assert rows["mix curious=1"]["kl"] == pytest.approx(one.kl, rel=1e-6)
+    assert rows["mix curious=0.5,confident=0.5"]["bytes"] == both.bytes
+    bad = runner.invoke(cli, ["--store", str(tmp_path / "store"), "compare", str(base), str(ft), "--mix", "curious"])
+    assert bad.exit_code == 2 and "REF=WEIGHT" in bad.output
+    unknown = runner.invoke(cli, ["--store", str(tmp_path / "store"), "compare", str(base), str(ft),
+                                  "--mix", "nobody=1"])
+    assert unknown.exit_code == 1 and "nobody" in unknown.output and "Traceback" not in unknown.output
+    with pytest.raises(CompareError, match="store"):
+        compare(base, ft, encodings=(), ranks=(), full=(), mixes=[{"curious": 1.0}])
