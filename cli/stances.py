@@ -58,6 +58,10 @@ if TYPE_CHECKING:
               help="Commit even a model whose tensors moved too far from the base's to be a fine-tune of it.")
 @click.option("--new-stance", is_flag=True,
               help="Start STANCE even though its name is a few letters from an existing stance's.")
+@click.option("--against", metavar="REF",
+              help="Store each tensor's delta against what apply of REF (a version of the same base) gives "
+                   "instead of the base: a chain of at most 4 links, every link verified on apply. `compare "
+                   "--against REF` shows the bytes and KL first.")
 @json_option
 @with_store
 def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str | None, encoding: str,
@@ -65,7 +69,7 @@ def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str 
            encoding_for: list[tuple[str, str]], group_size: int | None, include: str | None, exclude: str | None,
            top_k: int | None, min_rel_change: float | None, energy: float | None, message: str,
            meta: dict[str, str], meta_file: str | None, tag: str | None, allow_nonfinite: bool,
-           allow_empty: bool, force: bool, new_stance: bool, as_json: bool) -> None:
+           allow_empty: bool, force: bool, new_stance: bool, against: str | None, as_json: bool) -> None:
     """Store the fine-tuned MODEL as a new version of STANCE."""
     from deltastore.committing import commit as run_commit  # torch, which read commands do without
 
@@ -76,7 +80,8 @@ def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str 
                        encoding_options={} if group_size is None else {"group_size": group_size},
                        include=include, exclude=exclude, top_k=top_k, min_rel_change=min_rel_change, energy=energy,
                        message=message, metadata=meta, metadata_file=meta_file, tag=tag, progress=cb,
-                       allow_nonfinite=allow_nonfinite, allow_empty=allow_empty, force=force, new_stance=new_stance)
+                       allow_nonfinite=allow_nonfinite, allow_empty=allow_empty, force=force, new_stance=new_stance,
+                       against=against)
     return emit_json(c) if as_json else render_commit(c)
 
 

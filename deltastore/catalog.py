@@ -24,7 +24,7 @@ import threading
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from . import journalfiles
 from .errors import (BaseInUse, CatalogDamaged, CatalogError, DiskFull, ReadOnlyStore, RefNotFound, StanceExists,
@@ -636,13 +636,16 @@ class Catalog:
         self.conn.execute("UPDATE tags SET stance = ? WHERE stance = ?", [into, old])
         self.conn.execute("DELETE FROM stances WHERE name = ?", [old])
 
-    def delete_stance(self, name: str) -> list[dict]:
+    def delete_stance(self, name: str, check: Callable[[list[str]], None] | None = None) -> list[dict]:
         """Remove a stance with its versions, entries, metadata and tags, in one transaction.
         Objects stay (gc removes those nothing else references). Returns the removed versions'
-        rows (id, number, bytes)."""
+        rows (id, number, bytes). ``check``, given the ids of the versions to go, runs inside
+        the transaction and may refuse."""
         with self.transaction():
             if not self.has_stance(name):
                 raise RefNotFound(name)
+            if check is not None:
+                check([r["id"] for r in self.versions(name)])
             gone = self.remove_stance(name)
             self.record({"op": "delete", "stance": name})
         return gone

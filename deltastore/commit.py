@@ -8,6 +8,7 @@ before the version that references it can land.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import threading
@@ -23,7 +24,8 @@ from .errors import BaseMismatch, EncodingError, NonFiniteTensor
 from .hashing import base_id as compute_base_id
 from .hashing import bytes_id, dtype_name, tensor_id
 from .models import TensorSource
-from .records import Base, ObjectRef, TensorEntry
+from .chain import reference_tensor
+from .records import Base, ObjectRef, TensorEntry, Version
 from .selection import Selector, TensorDelta, parse_encoding_rules, select
 
 if TYPE_CHECKING:  # store.py imports this module: Store for types only
@@ -133,11 +135,12 @@ def check_names(base: Base, expected: dict[str, dict], target: TensorSource) -> 
 def build_entries(store: Store, base: Base, base_src: TensorSource, target: TensorSource, *, token: str,
                   encoding: str, encoding_for: list[tuple[str, str]] | None, encoding_options: dict,
                   selector: Selector, progress: Callable[[int, int], None] | None,
-                  allow_nonfinite: bool = False, base_hashed: bool = False) -> Built:
+                  allow_nonfinite: bool = False, base_hashed: bool = False, against: Version | None = None) -> Built:
     """The tensor entries of `target` against `base` (whose weights `base_src` holds), their
     objects written. `base_hashed`: the caller hashed `base_src` itself to find `base` (a
     commit from a base path), so its tensors are not hashed again; the final
-    `check_unchanged` still refuses files written in between."""
+    `check_unchanged` still refuses files written in between. `against`: each delta is taken
+    against what apply of that version gives (chain.py), and every tensor it stores is listed."""
     expected = store.base_tensors(base)
     check_names(base, expected, target)
     spec_for = spec_chooser(encoding, encoding_for, encoding_options, target)
@@ -165,8 +168,10 @@ def build_entries(store: Store, base: Base, base_src: TensorSource, target: Tens
         b = base_tensor(name)
         t = target.get(name)
         tid = tensor_id(t)
-        if tid == expected[name]["tensor_id"]:
+        if tid == expected[name]["tensor_id"] and (against is None or against.entry(name) is None):
             return None, None
+        if against is not None:
+            return _chained(name, b, t, tid)
         rel, e = delta_stats(b, t, expected[name].get("sq_norm"))
         # A nan or inf anywhere in the tensor makes its delta's norm one too; only then is
         # the tensor itself checked (a finite norm can still overflow).
@@ -176,6 +181,17 @@ def build_entries(store: Store, base: Base, base_src: TensorSource, target: Tens
         if by_stats or not by_name(name):
             return change, None
         return change, _store_tensor(store, name, b, t, change, spec_for(name, b, t), token)
+
+    def _chained(name: str, b: torch.Tensor, t: torch.Tensor, tid: str) -> tuple[Change, Stored]:
+        # The delta against the other version's result (verified), which is what apply adds it to.
+        r, rid = reference_tensor(store, against, name, b)
+        rel, e = delta_stats(r, t, expected[name].get("sq_norm"))
+        if not math.isfinite(e) and not allow_nonfinite:
+            _check_finite(name, t)
+        change = Change(name, expected[name]["tensor_id"], tid, rel, e)
+        stored = _store_tensor(store, name, r, t, change, spec_for(name, r, t), token)
+        entry = dataclasses.replace(stored.entry, against=rid, against_version=against.id)
+        return change, Stored(entry, stored.sizes, stored.bytes_new)
 
     def encode_kept(name: str) -> Stored:
         b, t = base_src.get(name), target.get(name)
@@ -230,11 +246,12 @@ def median_rel_change(values: list[float | None]) -> float | None:
 
 
 def same_content(entries: list[TensorEntry], newest: Any, *, base_id: str, encoding: str,
-                 selection: dict[str, Any]) -> bool:
+                 selection: dict[str, Any], against: str | None = None) -> bool:
     """Whether a version made of ``entries`` would store exactly what version ``newest`` does:
-    the same base, encoding, selection and tensor entries (its number, message, metadata and
-    time aside)."""
-    if newest.base_id != base_id or newest.encoding != encoding or (newest.selection or {}) != (selection or {}):
+    the same base, encoding, selection, version it is against and tensor entries (its number,
+    message, metadata and time aside)."""
+    if newest.base_id != base_id or newest.encoding != encoding or (newest.selection or {}) != (selection or {}) \
+            or newest.against != against:
         return False
     ours = {e.name: e.to_manifest() for e in entries}
     theirs = {e.name: e.to_manifest() for e in newest.tensors}

@@ -51,6 +51,9 @@ def commit(store: Store, stance: str, model: Any, *, base: Any, encoding: str = 
         raise OptionConflict("--encoding auto needs --prompts FILE (one prompt per line) and --max-kl K "
                                  "(e.g. 0.01)" if encoding == "auto" else
                                  "--max-kl, --chat and --tokenizer need --prompts FILE")
+    if measured and options.get("against") is not None:
+        raise OptionConflict("--against does not combine with --prompts, --max-kl or --encoding auto: "
+                             "`deltastore compare BASE MODEL --against REF --prompts FILE` measures it")
     meta = read_metadata_file(metadata_file) if metadata_file else {}
     meta.update(metadata or {})
     if not measured:

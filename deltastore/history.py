@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TYPE_CHECKING
 
+from .chain import ChainError, dependents
 from .errors import MetadataError, OptionConflict, RefNotFound
 from .names import check_metadata, check_stance_name
 from .records import Version
@@ -191,7 +192,16 @@ def delete_stance(store: Store, name: str) -> StanceDeleted:
     # Their manifests are objects too, and no other version's.
     only_here += sum(_size_of(store, vid) for vid in ids)
     orphaned = tuple(f"{r['stance']}@{r['number']}" for r in store.catalog.children_outside(name))
-    gone = store.catalog.delete_stance(name)
+
+    def keep_chains(going: list[str]) -> None:
+        # A version stored against one of these would lose what its deltas are against.
+        needed = dependents(store, set(going))
+        if needed:
+            raise ChainError(f"{', '.join(v.ref for v in needed[:5])} "
+                             f"{'is' if len(needed) == 1 else 'are'} stored against versions of {name}: deleting "
+                             f"{name} would lose {'it' if len(needed) == 1 else 'them'}; delete "
+                             f"{'it' if len(needed) == 1 else 'them'} first, or keep {name}")
+    gone = store.catalog.delete_stance(name, keep_chains)
     return StanceDeleted(name, tuple(r["id"] for r in gone), tuple(r["number"] for r in gone),
                          only_here, orphaned)
 

@@ -42,6 +42,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from .chain import refuse_chained
 from .errors import (BaseMismatch, DeltastoreError, HubConflict, HubStanceNotFound, LocalStanceDiffers,
                      ModelFormatError, NotADeltaRepo, PulledBaseChanged, PulledBaseMissing, PulledDataRejected,
                      UnsafeInput)
@@ -135,6 +136,7 @@ def push(store: Store, refs: Sequence[str], repo_id: str, *, revision: str | Non
     the repo are not uploaded again; when none is new, no commit is made."""
     hf = _hf()
     versions = list({v.id: v for v in (store.resolve(r) for r in refs)}.values())
+    refuse_chained(versions, "push to the Hub")
     if not versions:
         raise UnsafeInput("nothing to push: name at least one version (STANCE, STANCE@N or an id)")
     api = hf.HfApi(endpoint=endpoint, token=token)

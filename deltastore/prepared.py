@@ -27,6 +27,7 @@ import torch
 
 from . import checked, encodings, spare
 from .apply import copy_bytes, each_until_failure, interrupts_deferred, match_names, module_tensors
+from .chain import ChainError
 from .errors import BaseMismatch, DeltastoreError, MissingObject
 from .hashing import DTYPES, bytes_id, dtype_name, tensor_id
 from .records import TensorEntry, Version
@@ -83,6 +84,9 @@ def prepare(store: Store, version: Version, *, device: torch.device | str | None
     where `base add` found them)."""
     if mode not in MODES:
         raise DeltastoreError(f"unknown prepare mode {mode!r}; use 'full' (decoded tensors) or 'packed' (stored codes)")
+    if mode == "packed" and version.against is not None:
+        raise ChainError(f"{version.ref} is stored against another version: its codes are deltas against that "
+                         "version's result, not the base's; prepare it with mode='full'")
     # "cuda" names the current CUDA device, whose tensors say "cuda:0": compare like with like.
     device = torch.empty(0, device=device).device if device is not None else torch.device("cpu")
     base = store.base(version.base_id)

@@ -18,6 +18,9 @@ from .hashing import DTYPE_SIZES, is_id, manifest_id, tensor_id
 from .limits import load_json, shown
 
 MANIFEST_FORMAT = "deltastore/version/1"
+# A version stored against another version's result (chain.py): older builds refuse this format
+# rather than read its deltas as deltas against the base.
+CHAINED_FORMAT = "deltastore/version/2"
 # Bounds on a manifest from outside, checked before it is parsed (FORMAT.md, section 9). A
 # manifest is ~400 bytes per tensor entry; the largest models have tens of thousands of tensors.
 MAX_MANIFEST_BYTES = 64 << 20
@@ -88,6 +91,10 @@ class TensorEntry:
     result_tensor_id: str
     rel_change: float | None
     rel_error: float | None
+    # In a version stored against another (chain.py): the id of the tensor this entry's delta is
+    # against (that version's result for it), and that version's id (the manifest's "against").
+    against: str | None = None
+    against_version: str | None = None
 
     @property
     def exact(self) -> bool:
@@ -100,7 +107,7 @@ class TensorEntry:
             raise ResultMismatch(self.name, ref, untouched=untouched)
 
     def to_manifest(self) -> dict:
-        return {
+        d = {
             "name": self.name, "dtype": self.dtype, "shape": list(self.shape),
             "encoding": self.encoding, "params": self.params,
             "objects": {part: {"id": o.id, "size": o.size} for part, o in sorted(self.objects.items())},
@@ -108,13 +115,17 @@ class TensorEntry:
             "result": self.result_tensor_id,
             "rel_change": self.rel_change, "rel_error": self.rel_error,
         }
+        if self.against is not None:  # absent otherwise: the ids of unchained versions stay as they were
+            d["against"] = self.against
+        return d
 
     @classmethod
-    def from_manifest(cls, d: dict) -> "TensorEntry":
+    def from_manifest(cls, d: dict, against_version: str | None = None) -> "TensorEntry":
         return cls(
             d["name"], d["dtype"], tuple(d["shape"]), d["encoding"], dict(d.get("params") or {}),
             {part: ObjectRef(o["id"], int(o["size"])) for part, o in d["objects"].items()},
-            d.get("base"), d["target"], d["result"], d.get("rel_change"), d.get("rel_error"))
+            d.get("base"), d["target"], d["result"], d.get("rel_change"), d.get("rel_error"),
+            d.get("against") if against_version else None, against_version)
 
 
 @dataclass(frozen=True)
@@ -137,6 +148,8 @@ class Version:
     committed_as: str | None = None
     # Likewise the number, where the version took another number since (a merge, a remote).
     committed_number: int | None = None
+    # The version whose result this one's deltas are against (chain.py); None: the base's.
+    against: str | None = None
 
     @property
     def tensor_count(self) -> int:
@@ -161,7 +174,7 @@ class Version:
         return manifest(stance=self.committed_as or self.stance, number=number, parent=self.parent,
                         base_id=self.base_id, encoding=self.encoding, selection=self.selection,
                         message=self.message, metadata=self.metadata, created=self.created,
-                        tensors=self.tensors)
+                        tensors=self.tensors, against=self.against)
 
     def to_json(self) -> dict:
         """`show --json`: the summary `log --json` gives, its selection and every tensor entry."""
@@ -170,10 +183,14 @@ class Version:
 
     @classmethod
     def from_manifest(cls, version_id: str, m: dict, *, tags: tuple[str, ...] = (), bytes: int = 0) -> "Version":
+        against = m.get("against") if m.get("format") == CHAINED_FORMAT else None
+        if m.get("format") == CHAINED_FORMAT and not (isinstance(against, str) and is_id(against)
+                                                      and all(is_id(t.get("against") or "") for t in m["tensors"])):
+            raise ValueError("a chained manifest names the version and each tensor it is against")
         return cls(version_id, m["stance"], m["number"], m.get("parent"), m["base"], m["encoding"],
                    m.get("selection") or {}, m.get("message") or "", dict(m.get("metadata") or {}),
-                   m["created"], tuple(TensorEntry.from_manifest(t) for t in m["tensors"]),
-                   tags, bytes)
+                   m["created"], tuple(TensorEntry.from_manifest(t, against) for t in m["tensors"]),
+                   tags, bytes, against=against)
 
 
 @dataclass(frozen=True)
@@ -217,13 +234,16 @@ def version_json(v: Version | VersionInfo) -> dict:
 
 def manifest(*, stance: str, number: int, parent: str | None, base_id: str, encoding: str,
              selection: dict, message: str, metadata: dict[str, str], created: str,
-             tensors: tuple[TensorEntry, ...] | list[TensorEntry]) -> dict:
-    return {
+             tensors: tuple[TensorEntry, ...] | list[TensorEntry], against: str | None = None) -> dict:
+    m = {
         "format": MANIFEST_FORMAT, "stance": stance, "number": number, "parent": parent,
         "base": base_id, "encoding": encoding, "selection": selection, "message": message,
         "metadata": metadata, "created": created,
         "tensors": [t.to_manifest() for t in sorted(tensors, key=lambda t: t.name)],
     }
+    if against is not None:
+        m["format"], m["against"] = CHAINED_FORMAT, against
+    return m
 
 
 def parse_manifest(text: str | bytes) -> dict:
@@ -231,8 +251,8 @@ def parse_manifest(text: str | bytes) -> dict:
     objects and lists than a manifest of `MAX_TENSORS` entries can."""
     m = load_json(text, "manifest", max_bytes=MAX_MANIFEST_BYTES,
                   max_containers=_CONTAINERS_PER_ENTRY * MAX_TENSORS + 64)
-    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
-        raise UnsafeInput(f"not a deltastore manifest (format must be {MANIFEST_FORMAT!r})")
+    if not isinstance(m, dict) or m.get("format") not in (MANIFEST_FORMAT, CHAINED_FORMAT):
+        raise UnsafeInput(f"not a deltastore manifest (format must be {MANIFEST_FORMAT!r} or {CHAINED_FORMAT!r})")
     return m
 
 

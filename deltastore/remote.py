@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from .chain import refuse_chained
 from .errors import (CorruptObject, DeltastoreError, RemoteDataRejected, RemoteError, RemoteNotFound,
                      UnsafeInput, VersionConflict)
 from .hashing import ALGORITHM, base_id as compute_base_id, bytes_id, canonical_json, is_id
@@ -388,6 +389,7 @@ def push(store: Store, refs: Sequence[str], url: str, *, progress: Progress | No
     conditional create (the next free number of its stance there)."""
     url = remote_url(store, url)
     versions = list({v.id: v for v in (store.resolve(r) for r in refs)}.values())
+    refuse_chained(versions, "push to a remote")
     if not versions:
         raise UnsafeInput("nothing to push: name at least one version (STANCE, STANCE@N or an id)")
     # Parents before children, as they were committed.

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from . import index, names
 from .catalog import Catalog, dumps, now
+from .durable import replace_file
+from .chain import ChainError, check_depth, reference
 from .errors import (AmbiguousRef, BaseMismatch, BaseNotFound, DeltastoreError, IdenticalVersion, JournalError,
                      ModelFormatError, NotAFineTune, NothingToCommit, OldStoreFormat, ReadOnlyStore, RefNotFound,
                      StanceNameClose, StoreExists, StoreNotFound, TagNotFound, UnsafeInput,
@@ -55,6 +57,11 @@ if TYPE_CHECKING:
 
 STORE_FILE = "STORE"
 STORE_FORMAT = "deltastore/store/2"
+# A store that holds (or held) a version stored against another (chain.py) is marked so by its
+# first such commit: a build that does not know chains must not open it, for its delete and gc
+# would not keep the versions a chained one needs.
+CHAINED_STORE_FORMAT = "deltastore/store/3"
+READABLE_FORMATS = (STORE_FORMAT, CHAINED_STORE_FORMAT)
 OLD_FORMATS = ("deltastore/store/1",)
 DEFAULT_DIR = ".deltastore"
 STANCE_NAME = TAG_NAME = names.NAME
@@ -132,6 +139,8 @@ class Store:
         self._applied: dict[int, Any] = {}  # id(module) -> the ApplyHandle this store put there
         # Bases a commit in progress was given as weights: registered when the version lands.
         self._unregistered: dict[str, tuple[dict, list[dict]]] = {}
+        # Versions others are stored against, each chain checked once (chain.py).
+        self.chain_links: dict[str, Version] = {}
 
     def _catch_up(self, catalog: Catalog) -> None:
         """Index the ref records a writer that died appended but never committed to the
@@ -162,8 +171,9 @@ class Store:
         fmt = store_format(root)
         if fmt in OLD_FORMATS:
             raise OldStoreFormat(str(root), fmt)
-        if fmt != STORE_FORMAT:
-            raise DeltastoreError(f"{root} is a store of format {fmt!r}; this deltastore reads {STORE_FORMAT!r}")
+        if fmt not in READABLE_FORMATS:
+            raise DeltastoreError(f"{root} is a store of format {fmt!r}; this deltastore reads "
+                                  f"{' and '.join(map(repr, READABLE_FORMATS))}")
         return cls(root, readonly=readonly)
 
     @staticmethod
@@ -174,8 +184,9 @@ class Store:
         fmt = store_format(root)
         if fmt in OLD_FORMATS:
             raise OldStoreFormat(str(root), fmt)
-        if fmt != STORE_FORMAT:
-            raise DeltastoreError(f"{root} is a store of format {fmt!r}; this deltastore reads {STORE_FORMAT!r}")
+        if fmt not in READABLE_FORMATS:
+            raise DeltastoreError(f"{root} is a store of format {fmt!r}; this deltastore reads "
+                                  f"{' and '.join(map(repr, READABLE_FORMATS))}")
         return index.rebuild(root)
 
     @staticmethod
@@ -489,7 +500,7 @@ class Store:
                message: str = "", metadata: Mapping[str, str] | None = None, tag: str | None = None,
                base_weights: ModelLike | None = None, progress: Progress | None = None,
                allow_nonfinite: bool = False, allow_empty: bool = False, force: bool = False,
-               new_stance: bool = False) -> CommitResult:
+               new_stance: bool = False, against: str | Version | None = None) -> CommitResult:
         """Store `model` as the next version of `stance`, as deltas against `base`: the changed
         tensors `selector` keeps (`include`, `exclude`, `top_k`, `min_rel_change`, `energy` are
         the same options one by one; given with a `selector`, they replace its fields). A changed
@@ -499,7 +510,9 @@ class Store:
         `allow_empty`; one whose median relative change is above `NOT_A_FINE_TUNE` (another
         model of the same shape) is refused (`NotAFineTune`) unless `force`. A stance that does
         not exist yet, named within a few edits of one that does, is refused (`StanceNameClose`:
-        a typo would start a new line of versions unnoticed) unless `new_stance`."""
+        a typo would start a new line of versions unnoticed) unless `new_stance`. `against`: a
+        version of the same base whose result the deltas are taken against instead of the base's
+        (a chain, chain.py: at most `MAX_DEPTH` links; every tensor it stores is stored again)."""
         from .commit import NOT_A_FINE_TUNE, build_entries
         from .selection import Selector
 
@@ -519,9 +532,15 @@ class Store:
             for text in [texts] if isinstance(texts, str) else texts or ():
                 if not is_text(text):
                     raise UnsafeInput(f"{what} holds bytes that are not UTF-8 text; write it as UTF-8")
+        against_version = self.resolve(against) if against is not None else None
+        if against_version is not None and selector:
+            raise ChainError("--against stores every tensor that differs from the other version's result; "
+                             "leave out the selection options (--include, --exclude, --top-k, ...)")
         base_rec, given, registered = self._resolve_base(base)
         token = uuid.uuid4().hex
         try:
+            if against_version is not None:
+                check_depth(self, against_version, base_rec.id)
             base_src = given or self.base_source(base_rec, base_weights, mapped=True)
             from .models import open_model
 
@@ -529,14 +548,16 @@ class Store:
             built = build_entries(self, base_rec, base_src, target, token=token, encoding=encoding,
                                   encoding_for=encoding_for, encoding_options=dict(encoding_options or {}),
                                   selector=selector, progress=progress, allow_nonfinite=allow_nonfinite,
-                                  base_hashed=given is not None)
+                                  base_hashed=given is not None, against=against_version)
             if not built.entries and not built.unchanged:
                 raise NothingToCommit("the model has no tensors")
+            if against_version is not None:
+                self._mark_chained()
             median = built.median_rel_change
             if not force and median is not None and median > NOT_A_FINE_TUNE:
                 raise NotAFineTune(median, NOT_A_FINE_TUNE, base_rec.name or base_rec.id[:19])
             version = self._land(stance, base_rec, built, encoding, message, metadata, tag, token,
-                                 allow_empty=allow_empty)
+                                 allow_empty=allow_empty, against=against_version.id if against_version else None)
         except BaseException:
             # A commit that fails changes nothing: not the objects it wrote for the tensors it
             # stored before the failure (those nothing else uses), not the base it registered.
@@ -555,8 +576,16 @@ class Store:
                             tuple(built.left_out), built.left_out_energy_fraction,
                             median_rel_change=built.median_rel_change)
 
+    def _mark_chained(self) -> None:
+        """Mark the store as one that holds chains (durably, before the first lands), so that
+        builds that do not know them refuse it."""
+        if store_format(self.root) != CHAINED_STORE_FORMAT:
+            replace_file(self.root / STORE_FILE, (json.dumps({"format": CHAINED_STORE_FORMAT}) + "\n").encode(),
+                         self.root / "tmp" / f"{os.getpid()}-{uuid.uuid4().hex}-STORE.tmp")
+
     def _land(self, stance: str, base: Base, built: Any, encoding: str, message: str,
-              metadata: dict[str, str], tag: str | None, token: str, *, allow_empty: bool = False) -> Version:
+              metadata: dict[str, str], tag: str | None, token: str, *, allow_empty: bool = False,
+              against: str | None = None) -> Version:
         from .commit import same_content
 
         with self.catalog.transaction():
@@ -571,16 +600,19 @@ class Store:
                 records.append(self.catalog.register_base(row, tensors))
             elif not self.catalog.has_base(base.id):  # removed while this commit read the model
                 raise BaseNotFound(base.name or base.id[:19], [b["name"] or b["id"][:19] for b in self.catalog.bases()])
+            if against is not None and self.catalog.version(against) is None:
+                raise ChainError(f"the version this commit is stored against ({against[:19]}) was deleted while it "
+                                 "ran; nothing was stored")
             latest = self.catalog.latest(stance)
             if latest and not allow_empty:
                 newest = self.resolve(latest["id"])
                 if same_content(built.entries, newest, base_id=base.id, encoding=encoding,
-                                selection=built.selection):
+                                selection=built.selection, against=against):
                     raise IdenticalVersion(newest.ref, newest.id)
             number = (latest["number"] + 1) if latest else 1
             m = manifest(stance=stance, number=number, parent=latest["id"] if latest else None,
                          base_id=base.id, encoding=encoding, selection=built.selection, message=message,
-                         metadata=metadata, created=created, tensors=built.entries)
+                         metadata=metadata, created=created, tensors=built.entries, against=against)
             vid = self._insert_version(m, stance=stance, number=number, sizes=built.sizes)
             records.append({"op": "version", "id": vid, "stance": stance, "number": number})
             if tag:
@@ -759,6 +791,9 @@ class Store:
 
         parts = self.read_parts(entry) if parts is None else parts
         enc = encodings.from_params(entry.encoding, entry.params)
+        if entry.against_version is not None:
+            # Stored against another version's result: that result, its chain resolved and verified.
+            base_tensor = reference(self, entry, base_tensor)
         base = base_tensor if base_tensor is not None else torch.empty(0)
         return enc.decode(base, encodings.Encoded(parts, entry.params), dtype=DTYPES[entry.dtype],
                           shape=entry.shape, out=out)

@@ -22,7 +22,7 @@ from .errors import DeltastoreError
 from .hashing import bytes_id, canonical_json
 from .objects import ObjectStore
 from .reflog import RefLog
-from .store import OLD_FORMATS, STORE_FILE, STORE_FORMAT, store_format
+from .store import OLD_FORMATS, READABLE_FORMATS, STORE_FILE, STORE_FORMAT, store_format
 
 FORMAT_1 = "deltastore/store/1"
 
@@ -151,7 +151,7 @@ class Upgraded:
 def upgrade(root: Path) -> Upgraded:
     root = Path(root)
     fmt = store_format(root)
-    if fmt == STORE_FORMAT:
+    if fmt in READABLE_FORMATS:
         # Done already, or killed between the flip and the new catalog: finish with a rebuild.
         counts = index.rebuild(root)
         return Upgraded(fmt, counts.versions, counts.bases, 0, counts.journals)
