@@ -39,6 +39,9 @@ def _kl(value: float | None) -> str:
 @click.option("--mix", "mixes", multiple=True, callback=mix_weights, metavar="REF=A,REF=B",
               help="A row of stored versions of the store at a strength, or mixed (repeatable): base + "
                    "A*delta(REF) + B*delta(REF) ..., as export --mix writes it; e.g. curious=0.5.")
+@click.option("--against", "against", multiple=True, metavar="REF",
+              help="Rows of what `commit MODEL --against REF` would store (REF a version of the store, of BASE), "
+                   "one per delta encoding (repeatable).")
 @click.option("--prompts", type=click.Path(dir_okay=False), metavar="FILE",
               help="Measure fidelity on these prompts (one per line); BASE must be a Hugging Face model folder.")
 @click.option("--chat", is_flag=True, help="Each prompt is a user message, put through the model's chat template.")
@@ -52,27 +55,27 @@ def _kl(value: float | None) -> str:
 @json_option
 @click.pass_context
 def compare_command(ctx: click.Context, base: str, model: str, encodings_text: str, ranks_text: str,
-                    full_text: str, selects: tuple[str, ...], mixes: list[dict[str, float]], prompts: str | None, chat: bool, tokenizer: str | None,
-                    group_size: int | None, lora_dtype: str, plot: str | None, as_json: bool) -> None:
+                    full_text: str, selects: tuple[str, ...], mixes: list[dict[str, float]], against: tuple[str, ...],
+                    prompts: str | None, chat: bool, tokenizer: str | None, group_size: int | None, lora_dtype: str,
+                    plot: str | None, as_json: bool) -> None:
     """What each way of storing fine-tune MODEL of BASE costs, and how much of it each keeps.
 
-    One row per way: the base itself (nothing kept), the full copy (raw and zstd), the full
-    model quantised, every delta encoding, a LoRA of each rank (R*(m+n) per changed matrix, and
-    the mean share of each delta's energy rank R holds) and each --select. Bytes are what the
-    store would write. With --prompts, each row's fidelity: the mean KL(fine-tuned || stored) of
-    the next-token distributions and the top-1 agreement. Each --mix: versions of the store
-    (BASE their base), their bytes those they hold. Nothing is written to a store."""
+    One row per way: nothing kept (the base), the full copy (raw, zstd, quantised), every delta
+    encoding, a LoRA of each rank (R*(m+n) per changed matrix; the share of each delta's energy
+    rank R holds), each --select, --mix and --against (versions of the store). Bytes are what the
+    store would write; with --prompts, the mean KL(fine-tuned || stored) and top-1 agreement."""
     from deltastore.compare import compare as run_compare
     from deltastore.plots import plot as draw
 
     if plot and not prompts:
         raise click.UsageError("--plot draws KL against size: give --prompts FILE too")
-    options, store = {"group_size": group_size} if group_size is not None else {}, store_if(ctx, bool(mixes))
+    options = {"group_size": group_size} if group_size is not None else {}
     with progress("comparing", enabled=not as_json) as cb:
         c = run_compare(base, model, encodings=number_list(encodings_text, "--encodings"),
                         ranks=number_list(ranks_text, "--ranks", int), full=number_list(full_text, "--full"),
                         selections=selects, prompts=prompts, chat=chat, tokenizer=tokenizer, lora_dtype=lora_dtype,
-                        encoding_options=options, store=store, mixes=mixes, progress=cb)
+                        encoding_options=options, store=store_if(ctx, bool(mixes or against)), mixes=mixes,
+                        against=against, progress=cb)
     if plot:
         draw(c, plot)
     if as_json:

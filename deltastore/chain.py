@@ -29,7 +29,8 @@ if TYPE_CHECKING:  # no torch at import: store.py imports this module, and read 
 
     from .store import Store
 
-__all__ = ["ChainError", "MAX_DEPTH", "chain_of", "dependents", "reference", "reference_tensor"]
+__all__ = ["ChainError", "MAX_DEPTH", "broken_chains", "chain_of", "check_depth", "dependents", "reference",
+           "reference_tensor", "refuse_chained"]
 
 #: The most links between a version and its base (git's default pack depth is 50; a stance
 #: chain is read whole at every apply, so it stays short).
@@ -119,6 +120,25 @@ def dependents(store: Store, version_ids: set[str]) -> list[Version]:
         if v.against in version_ids:
             found.append(v)
     return found
+
+
+def broken_chains(store: Store) -> list[tuple[Version, str]]:
+    """(version, why) for each chained version whose chain cannot be resolved: a link missing
+    from the store (deleted by a build that knew no chains), of another base, or too deep.
+    Manifests that cannot be read are fsck's other checks' to report."""
+    broken = []
+    for row in store.catalog.version_rows():
+        try:
+            version = store.resolve(row["id"])
+        except DeltastoreError:
+            continue
+        if version.against is None:
+            continue
+        try:
+            chain_of(store, version)
+        except ChainError as e:
+            broken.append((version, str(e)))
+    return broken
 
 
 def refuse_chained(versions: list[Version], what: str) -> None:

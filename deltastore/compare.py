@@ -414,6 +414,27 @@ def _mix_work(bench: Bench, scans: Mapping[str, Scan], store: Store, weights: Ma
     return work
 
 
+def _against_work(bench: Bench, scans: Mapping[str, Scan], store: Store, version: Any, spec: str,
+                  options: Mapping[str, Any]) -> Work:
+    # As commit --against takes each delta: against the version's result (verified), for every
+    # tensor that differs from the base or that the version stores.
+    _, reference = store.materialize(version, base_weights=bench.base)
+    listed = {e.name for e in version.tensors}
+    choose = spec_chooser(spec, [], dict(options), bench.target)
+
+    def work(name: str):
+        if not scans[name].changed and name not in listed:
+            return 0, False, None
+        r, t = reference(name), bench.target.get(name)
+        enc = choose(name, r, t)
+        encoded = enc.encode(r, t)
+        value = None
+        if bench.measuring and not enc.exact:
+            value = enc.decode(r, encoded, dtype=t.dtype, shape=tuple(t.shape))
+        return _parts_size(encoded), True, value
+    return work
+
+
 def _fid(fidelity: Fidelity | None) -> dict[str, float | None]:
     return {"kl": fidelity.kl if fidelity else None, "top1": fidelity.top1 if fidelity else None}
 
@@ -424,7 +445,7 @@ def compare(base: Any, model: Any, *, encodings: Sequence[str] = DEFAULT_ENCODIN
             full: Sequence[str] = FULL_QUANTIZED, lora_dtype: str = "bf16",
             encoding_options: Mapping[str, Any] | None = None, max_tokens: int = 256, chat: bool = False,
             tokenizer: str | os.PathLike | None = None, store: Store | None = None,
-            mixes: Sequence[Mapping[str, float]] = (),
+            mixes: Sequence[Mapping[str, float]] = (), against: Sequence[str] = (),
             progress: Callable[[int, int], None] | None = None) -> Comparison:
     """Every way of storing fine-tune ``model`` of ``base``, with its bytes and fidelity.
 
@@ -437,6 +458,8 @@ def compare(base: Any, model: Any, *, encodings: Sequence[str] = DEFAULT_ENCODIN
     ``tokenizer``: a folder or tokenizer.json, where the base folder has no tokenizer.
     ``mixes``: stored versions of ``store`` at a strength, or mixed (``{ref: a, ref: b}``), each
     a row: ``base + a*dW1 + b*dW2`` measured like the rest, its bytes those its versions hold.
+    ``against``: refs of ``store``; for each, one row per delta encoding of what ``commit
+    --against REF`` would store (each tensor's delta against that version's result).
     """
     options = dict(encoding_options or {})
     specs = list(encodings)
@@ -451,11 +474,12 @@ def compare(base: Any, model: Any, *, encodings: Sequence[str] = DEFAULT_ENCODIN
     if lora_dtype not in codecs.Q.FACTOR_DTYPES:
         raise CompareError(f"the LoRA dtype must be one of {', '.join(codecs.Q.FACTOR_DTYPES)}, got {lora_dtype!r}")
     chosen = [s if isinstance(s, Select) else parse_select(s) for s in selections]
-    if mixes and store is None:
-        raise CompareError("a mix row measures stored versions: give the store they are in")
+    if (mixes or against) and store is None:
+        raise CompareError("mix and against rows measure stored versions: give the store they are in")
     for weights in mixes:
         resolve_weights(store, weights)  # every ref and weight checked before any work
-    rows_asked = 2 + len(full) + len(specs) + len(ranks) + len(chosen) + len(mixes)
+    references = [store.resolve(ref) for ref in against]
+    rows_asked = 2 + len(full) + len(specs) + len(ranks) + len(chosen) + len(mixes) + len(references) * len(specs)
     base_src, target_src, scans, bench, skipped = open_bench(
         base, model, prompts, max_tokens, spectra=bool(ranks), progress=progress, rows=rows_asked, chat=chat,
         tokenizer=tokenizer)
@@ -514,6 +538,13 @@ def compare(base: Any, model: Any, *, encodings: Sequence[str] = DEFAULT_ENCODIN
         nbytes, stored, fidelity = bench.run(_mix_work(bench, scans, store, weights))
         add(f"mix {mix_label(weights)}", "mix", None, nbytes, stored, fidelity,
             note="base + a*delta of each version, rounded once")
+    for version in references:
+        for spec in specs:
+            enc = codecs.get(spec, **options)
+            nbytes, stored, fidelity = bench.run(_against_work(bench, scans, store, version, spec, options),
+                                                 measure=not enc.exact)
+            add(f"against {version.ref}, {enc.spec}", "against", enc.spec, nbytes, stored, fidelity,
+                exact=enc.exact and measuring, note=f"what commit --against {version.ref} stores")
     return Comparison(
         base=str(base_src.path) if base_src.path else "(in memory)",
         model=str(target_src.path) if target_src.path else "(in memory)",

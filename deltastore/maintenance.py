@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, TYPE_CHECKING
 
 from . import index, journalfiles
+from .chain import broken_chains
 from .errors import REBUILD_HINT, CorruptObject, DeltastoreError, GcRefused, MissingObject
 from .hashing import is_id
 from .objects import HEADER, MAGIC
@@ -46,7 +47,7 @@ TMP_GRACE_S = 3600
 # An unfinished journal is a note: the store is whole and `revert` completes it (schema/FORMAT.md
 # §8: a crash leaves fsck clean apart from leftovers and open journals).
 ERRORS = ("missing-object", "corrupt-object", "bad-manifest", "index-mismatch", "dangling-row", "check-failed",
-          "catalog-damaged", "damaged-originals")
+          "catalog-damaged", "damaged-originals", "broken-chain")
 NOTES = ("missing-parent", "unfinished-journal", "open-journal", "tmp-file", "stale-pending",
          "unreferenced-object", "stray-file")
 
@@ -151,6 +152,9 @@ def fsck(store: Store, *, read_data: bool = False, repair: bool = False) -> Fsck
 
     checked, object_problems = _check_objects(store, sizes, users, referenced, journal_links, read_data)
     problems += [p for p in object_problems if (p.kind, p.subject) not in {(q.kind, q.subject) for q in problems}]
+
+    for version, why in broken_chains(store):
+        problems.append(Problem("broken-chain", version.id, why, (version.ref,)))
 
     for j in rows["journals"]:
         damaged = journalfiles.damaged_originals(store.root, j) if read_data else []

@@ -206,3 +206,18 @@ def test_commit_against_on_the_command_line(tmp_path, stances):
     measured = runner.invoke(cli, ["--store", str(store.root), "commit", "s1", str(folders[2]), "--base",
                                    str(pair.base), "--against", "shared", "--prompts", str(tmp_path / "p.txt")])
     assert measured.exit_code in (1, 2) and "--against" in measured.output, measured.output
+
+
+def test_a_link_lost_elsewhere_is_reported_by_fsck_and_refused_by_apply(tmp_path, stances):
+    store, pair, folders, _ = stances
+    _chain(store, pair, folders, 2)
+    # What a build that knew no chains would do: delete the stance without asking who needs it.
+    store.catalog.delete_stance("s1")
+    report = store.fsck()
+    broken = [p for p in report.problems if p.kind == "broken-chain"]
+    assert [p.versions for p in broken] == [("s2@1",)] and "not in this store" in broken[0].message
+    model = copy.deepcopy(pair.base_module)
+    before = module_snapshot(model)
+    with pytest.raises(ChainError, match="not in this store"):
+        store.apply(model, "s2")
+    assert module_snapshot(model) == before

@@ -326,3 +326,21 @@ def test_mix_rows_measure_stored_versions_at_a_strength(tmp_path, adam_pair):
     assert unknown.exit_code == 1 and "nobody" in unknown.output and "Traceback" not in unknown.output
     with pytest.raises(CompareError, match="store"):
         compare(base, ft, encodings=(), ranks=(), full=(), mixes=[{"curious": 1.0}])
+
+
+def test_against_rows_are_what_commit_against_stores(tmp_path, adam_pair):
+    base, ft, prompts = adam_pair
+    store = Store.init(tmp_path / "store")
+    other = pair(tmp_path, low_rank(2), seed=0)[1]  # another fine-tune of the same base
+    store.commit("other", other, base=str(base))
+    c = compare(base, ft, encodings=("lossless", "int4"), ranks=(), full=(), prompts=prompts, store=store,
+                against=["other"])
+    lossless, int4 = c.row("against other@1, lossless"), c.row("against other@1, int4")
+    assert lossless.kind == "against" and lossless.kl == 0.0 and 0 < int4.kl < c.row("base (nothing kept)").kl
+    for row, spec in ((lossless, "lossless"), (int4, "int4")):
+        r = store.commit(f"chained-{spec}", ft, base=str(base), encoding=spec, against="other", new_stance=True)
+        assert row.bytes == r.bytes_stored and row.tensors == r.tensors_stored, spec
+    out = CliRunner().invoke(cli, ["--store", str(tmp_path / "store"), "compare", str(base), str(ft), "--encodings",
+                                   "int4", "--ranks", "", "--full", "", "--against", "other", "--json"])
+    assert out.exit_code == 0, out.output
+    assert [r["bytes"] for r in json.loads(out.stdout)["rows"] if r["kind"] == "against"] == [int4.bytes]
