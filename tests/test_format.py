@@ -6,6 +6,7 @@ from pathlib import Path
 
 import blake3
 import jsonschema
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -70,3 +71,14 @@ def test_manifests_follow_the_json_schema(tmp_path):
         pass
     else:
         raise AssertionError("the schema accepted a tensor name with '..'")
+    # A version stored against another (FORMAT.md §5.1): format 2, the version and each tensor
+    # it is against; a format-1 manifest naming one, or a format-2 one without, is refused.
+    again = {k: (v.float() + 0.001 * torch.randn(v.shape)).to(v.dtype) for k, v in tuned.items()}
+    save_file(again, tmp_path / "again.safetensors")
+    chained = store.commit("t", tmp_path / "again.safetensors", base="b", against="s").version.manifest()
+    jsonschema.validate(chained, schema)
+    assert chained["format"] == "deltastore/version/2" and chained["against"] == result.version.id
+    assert {t["name"] for t in chained["tensors"]} == {t["name"] for t in manifest["tensors"]}
+    for wrong in (dict(chained, format="deltastore/version/1"), {k: v for k, v in chained.items() if k != "against"}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(wrong, schema)
