@@ -18,6 +18,7 @@ another stance is against one of its versions (history.py asks ``dependents``).
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING
 
 from .errors import DeltastoreError
@@ -35,6 +36,9 @@ __all__ = ["ChainError", "MAX_DEPTH", "broken_chains", "chain_of", "check_depth"
 #: The most links between a version and its base (git's default pack depth is 50; a stance
 #: chain is read whole at every apply, so it stays short).
 MAX_DEPTH = 4
+
+
+_reading = threading.Lock()
 
 
 class ChainError(DeltastoreError, ValueError):
@@ -103,16 +107,20 @@ def _checked_link(store: Store, version_id: str) -> Version:
     # Each link's chain is read and checked once per open store: a manifest is immutable (its
     # id is its hash), and every tensor of an apply asks for the same links. Their objects and
     # results are verified at every use.
-    cache = store.chain_links
-    if version_id not in cache:
-        cache[version_id] = chain_of(store, _link(store, version_id, "a version"))[0]
-    return cache[version_id]
+    # Apply's workers ask at once: one of them reads the chain, the others wait for it.
+    with _reading:
+        cache = store.chain_links
+        if version_id not in cache:
+            cache[version_id] = chain_of(store, _link(store, version_id, "a version"))[0]
+        return cache[version_id]
 
 
 def dependents(store: Store, version_ids: set[str]) -> list[Version]:
     """The versions outside ``version_ids`` stored against one of them (read from every
     manifest: run inside the transaction of the change that would lose them)."""
-    found = []
+    found: list[Version] = []
+    if not store.holds_chains:
+        return found
     for row in store.catalog.version_rows():
         if row["id"] in version_ids:
             continue
@@ -126,7 +134,9 @@ def broken_chains(store: Store) -> list[tuple[Version, str]]:
     """(version, why) for each chained version whose chain cannot be resolved: a link missing
     from the store (deleted by a build that knew no chains), of another base, or too deep.
     Manifests that cannot be read are fsck's other checks' to report."""
-    broken = []
+    broken: list[tuple[Version, str]] = []
+    if not store.holds_chains:
+        return broken
     for row in store.catalog.version_rows():
         try:
             version = store.resolve(row["id"])

@@ -576,10 +576,16 @@ class Store:
                             tuple(built.left_out), built.left_out_energy_fraction,
                             median_rel_change=built.median_rel_change)
 
+    @property
+    def holds_chains(self) -> bool:
+        """Whether a version stored against another was ever committed here (the store's
+        format says so): only then do delete and fsck read every manifest for chains."""
+        return store_format(self.root) == CHAINED_STORE_FORMAT
+
     def _mark_chained(self) -> None:
         """Mark the store as one that holds chains (durably, before the first lands), so that
         builds that do not know them refuse it."""
-        if store_format(self.root) != CHAINED_STORE_FORMAT:
+        if not self.holds_chains:
             replace_file(self.root / STORE_FILE, (json.dumps({"format": CHAINED_STORE_FORMAT}) + "\n").encode(),
                          self.root / "tmp" / f"{os.getpid()}-{uuid.uuid4().hex}-STORE.tmp")
 
