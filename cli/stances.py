@@ -193,6 +193,8 @@ def show(store: Store, ref: str, as_json: bool) -> None:
     echo(f"created  {v.created}")
     if v.parent:
         echo(f"parent   {v.parent}")
+    if v.against:
+        echo(f"against  {v.against} (its deltas are against that version's result)")
     if v.tags:
         echo(f"tags     {', '.join(v.tags)}")
     if v.message:

@@ -177,8 +177,9 @@ class Version:
                         tensors=self.tensors, against=self.against)
 
     def to_json(self) -> dict:
-        """`show --json`: the summary `log --json` gives, its selection and every tensor entry."""
-        return {**version_json(self), "selection": self.selection,
+        """`show --json`: the summary `log --json` gives, its selection, the version it is stored
+        against (null: the base) and every tensor entry."""
+        return {**version_json(self), "selection": self.selection, "against": self.against,
                 "tensor_entries": [e.to_manifest() for e in self.tensors]}
 
     @classmethod

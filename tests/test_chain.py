@@ -195,6 +195,10 @@ def test_commit_against_on_the_command_line(tmp_path, stances):
     assert out.exit_code == 0, out.output
     vid = json.loads(out.stdout)["id"]
     assert store.resolve(vid).against == store.resolve("shared").id
+    shown = runner.invoke(cli, ["--store", str(store.root), "show", "s1", "--json"])
+    assert json.loads(shown.stdout)["against"] == store.resolve("shared").id
+    assert f"against  {store.resolve('shared').id}" in runner.invoke(cli, ["--store", str(store.root), "show",
+                                                                           "s1"]).output
     # Marked before the first chained version lands: builds that know no chains refuse the store
     # (their delete and gc would not keep the links), this one reads both.
     assert json.loads(marker.read_text())["format"] == "deltastore/store/3"
