@@ -20,11 +20,11 @@ from typing import Any, Callable, Iterator, TypeVar, TYPE_CHECKING
 import torch
 
 from . import encodings
+from .chain import reference_tensor
 from .errors import BaseMismatch, EncodingError, NonFiniteTensor
 from .hashing import base_id as compute_base_id
 from .hashing import bytes_id, dtype_name, tensor_id
 from .models import TensorSource
-from .chain import reference_tensor
 from .records import Base, ObjectRef, TensorEntry, Version
 from .selection import Selector, TensorDelta, parse_encoding_rules, select
 
