@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from cli.main import cli
 from deltastore import Store
 from deltastore.chain import MAX_DEPTH, ChainError
-from deltastore.errors import CorruptObject
+from deltastore.errors import CorruptObject, UnsafeInput
 from deltastore.hashing import tensor_id
-from deltastore.records import CHAINED_FORMAT
+from deltastore.records import CHAINED_FORMAT, check_manifest
 from deltastore.remote import push
 
 from helpers import (assert_same_state, finetune_, flip_byte, load_folder, make_model, module_snapshot,
@@ -180,6 +180,9 @@ def test_push_refuses_a_chained_version_and_packed_prepare_too(tmp_path, stances
         prepare(store, store.resolve("s1"), mode="packed", base_weights=pair.base)
     full = prepare(store, store.resolve("s1"), mode="full", base_weights=pair.base)
     assert len(full.tensors) == len(store.resolve("s1").tensors)
+    # A pull takes manifests of format 1 only: one of a chained version, however it got there, is refused.
+    with pytest.raises(UnsafeInput, match="deltastore/version/1"):
+        check_manifest(store.resolve("s1").manifest())
     # The version it is against pushes as any other.
     assert [v.id for v in push(store, ["shared"], remote).pushed] == [store.resolve("shared").id]
 
