@@ -142,7 +142,7 @@ def analyze(store: Store, refs: tuple[str, ...], plot: str | None, value: str, s
     if plot:
         analyze_plot(results, plot, value=value)
     if as_json:
-        return emit_json(finite({"refs": [_analysis_json(a) for a in results], "plot": plot}))
+        return emit_json(finite(to_jsonable({"refs": results, "plot": plot})))
     render_analyses(results, show_all)
     if plot:
         echo(f"wrote {plot}")
@@ -238,16 +238,3 @@ def _alpha_cells(a: Any, row: Any) -> list[str]:
 
 def _alpha(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
-
-
-def _analysis_json(a: Any) -> dict[str, Any]:
-    """One ref of analyze --json; with --alpha, each row gets alpha_base, alpha_ft and
-    alpha_shift, and "alpha" gives them per tensor."""
-    rows = to_jsonable(list(a.rows))
-    out = {"ref": a.ref, "id": a.version_id, "encoding": a.encoding, "tensors_stored": a.tensors, "rows": rows}
-    if a.row_alphas is not None:
-        for row in rows:
-            found = a.row_alphas.get((row["layer"], row["module"]))
-            row.update(to_jsonable(found) if found else {"alpha_base": None, "alpha_ft": None, "alpha_shift": None})
-        out["alpha"] = to_jsonable(dict(a.alphas))
-    return out

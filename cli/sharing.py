@@ -158,7 +158,7 @@ def remote_list(store: Store, as_json: bool) -> None:
 
     known = remotes(store)
     if as_json:
-        return emit_json([{"name": n, "url": u} for n, u in known.items()])
+        return emit_json(known)
     for name, url in known.items():
         click.echo(f"{name}\t{url}")
 
@@ -303,8 +303,7 @@ def served_export(store: Store, ref: str, out: str, fmt: str, server: str | None
             e = export_vllm_lora(store, ref, out, max_rank=limit, rank=rank, energy=energy, dtype=dtype,
                                  base_weights=base_path, progress=cb)
     if as_json:
-        shown = {"export": e, "fidelity": m.fidelity, "tried": m.tried} if m else e
-        return emit_json(finite(to_jsonable(shown)))
+        return emit_json(finite(to_jsonable(m or e)))
     gguf_written(e) if fmt == "gguf" else lora_written(e, vllm_rank=limit if server else None)
     if m is None:
         return None

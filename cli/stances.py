@@ -241,15 +241,12 @@ def diff(store: Store, ref_a: str, ref_b: str, base_path: str | None, as_json: b
 @with_store
 def tag(store: Store, ref: str, name: str | None, delete: bool, as_json: bool) -> None:
     """Name a version (STANCE@NAME then refers to it); with --delete, remove a tag."""
-    if delete:
-        v = store.untag(ref, name)
-        tag_name = name or ref.partition("@")[2]
-        if as_json:
-            return emit_json({"id": v.id, "ref": v.ref, "tag": tag_name, "deleted": True})
-        return echo(f"deleted tag {v.stance}@{tag_name} (was {v.ref} {v.short_id})")
-    if name is None:
+    if not delete and name is None:
         raise click.UsageError("give a tag NAME (or --delete to remove one)")
-    v = store.tag(ref, name)
+    t = store.untag(ref, name) if delete else store.tag(ref, name)
+    v = t.version
     if as_json:
-        return emit_json({"id": v.id, "ref": v.ref, "tag": name})
-    echo(f"{v.stance}@{name} -> {v.ref} {v.short_id}")
+        return emit_json(t)
+    if t.deleted:
+        return echo(f"deleted tag {v.stance}@{t.tag} (was {v.ref} {v.short_id})")
+    echo(f"{v.stance}@{t.tag} -> {v.ref} {v.short_id}")

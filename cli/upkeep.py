@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
@@ -24,10 +23,7 @@ def init(ctx: click.Context, directory: str | None, as_json: bool) -> None:
     path = directory or ctx.find_root().params.get("store") or DEFAULT_DIR
     store = Store.init(path)
     store.close()
-    if as_json:
-        emit_json({"store": str(Path(path).absolute())})
-    else:
-        echo(f"created store {path}")
+    return emit_json(store) if as_json else echo(f"created store {path}")
 
 
 @click.command()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from deltastore import Store
+from deltastore import ModelWritten, Store
 
 from .options import json_option, mix_weights, with_store
 from .output import echo, emit_json, progress, size, to_jsonable
@@ -39,13 +39,11 @@ def apply(store: Store, ref: str, target: str, out: str | None, break_links: boo
 
         with progress("writing", enabled=not as_json) as cb:
             path = export_mix(store, {ref: scale}, out, base_weights=target, progress=cb)
-        result = {"ref": store.resolve(ref).ref, "scale": scale, "out": str(path)}
-        return emit_json(result) if as_json else echo(f"wrote {path}")
+        return emit_json(ModelWritten(path, store.resolve(ref).ref, scale)) if as_json else echo(f"wrote {path}")
     if out:
         with progress("writing", enabled=not as_json) as cb:
             path = store.export(ref, out, base_weights=target, progress=cb)
-        result = {"ref": store.resolve(ref).ref, "out": str(path)}
-        return emit_json(result) if as_json else echo(f"wrote {path}")
+        return emit_json(ModelWritten(path, store.resolve(ref).ref)) if as_json else echo(f"wrote {path}")
     with progress("applying", enabled=not as_json) as cb:
         j = store.apply_files(ref, target, break_links=break_links, progress=cb)
     if as_json:
@@ -104,9 +102,7 @@ def export(store: Store, ref: str | None, mix: dict[str, float] | None, out: str
         return mix_export(store, mix, out, base_path, as_json)
     with progress("writing", enabled=not as_json) as cb:
         path = store.export(ref, out, base_weights=base_path, progress=cb)
-    if as_json:
-        return emit_json({"ref": store.resolve(ref).ref, "out": str(path)})
-    echo(f"wrote {path}")
+    return emit_json(ModelWritten(path, store.resolve(ref).ref)) if as_json else echo(f"wrote {path}")
 
 
 def gguf_model_export(store: Store, ref: str, out: str, *, dtype: str, base_path: str | None, prompts: str | None,
@@ -124,7 +120,7 @@ def gguf_model_export(store: Store, ref: str, out: str, *, dtype: str, base_path
         else:
             g = export_gguf(store, ref, out, dtype=dtype, base_weights=base_path, progress=cb)
     if as_json:
-        return emit_json(to_jsonable({**to_jsonable(g), "fidelity": fidelity}))
+        return emit_json({**to_jsonable(g), "fidelity": fidelity})
     types = ", ".join(f"{n} {t}" for t, n in sorted(g.types.items()))
     echo(f"wrote {g.out}: {g.architecture}, {g.tensors} tensors ({types}), tokenizer pre-tokenizer "
          f"{g.pre_tokenizer!r}; {size(g.bytes)}")
@@ -142,6 +138,4 @@ def mix_export(store: Store, mix: dict[str, float], out: str, base_path: str | N
 
     with progress("writing", enabled=not as_json) as cb:
         path = export_mix(store, mix, out, base_weights=base_path, progress=cb)
-    if as_json:
-        return emit_json({"mix": mix, "out": str(path)})
-    return echo(f"wrote {path}")
+    return emit_json(ModelWritten(path, mix=mix)) if as_json else echo(f"wrote {path}")

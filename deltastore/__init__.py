@@ -3,7 +3,7 @@
 from .errors import (AmbiguousRef, BaseMismatch, BaseNotFound, CorruptObject, DeltastoreError,
                      EncodingError, JournalError, MissingObject, ModelFormatError, PatchBusy, PickleRefused,
                      RefNotFound, SelectionError, SharedFile, StoreNotFound, UnsafeInput)
-from .records import Base, CommitResult, TensorEntry, Version, VersionInfo
+from .records import Base, CommitResult, ModelWritten, TagChange, TensorEntry, Version, VersionInfo
 from .store import Store
 
 __version__ = "0.1.0"
@@ -19,7 +19,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Store", "load", "Base", "Version", "VersionInfo", "TensorEntry", "CommitResult", "DeltastoreError", "AmbiguousRef",
+    "Store", "load", "Base", "Version", "VersionInfo", "TensorEntry", "CommitResult", "TagChange", "ModelWritten", "DeltastoreError", "AmbiguousRef",
     "BaseMismatch", "BaseNotFound", "CorruptObject", "EncodingError", "JournalError",
     "MissingObject", "ModelFormatError", "PatchBusy", "PickleRefused", "RefNotFound", "SelectionError",
     "SharedFile", "StoreNotFound", "UnsafeInput",

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import names
@@ -224,6 +226,36 @@ class VersionInfo:
     def to_json(self) -> dict:
         """`log --json`: one version's summary."""
         return version_json(self)
+
+
+@dataclass(frozen=True)
+class TagChange:
+    """A tag set or removed (`Store.tag`, `Store.untag`): the version it names, or named."""
+
+    version: Version
+    tag: str
+    deleted: bool = False
+
+    def to_json(self) -> dict:
+        """`tag --json`."""
+        return {"id": self.version.id, "ref": self.version.ref, "tag": self.tag,
+                **({"deleted": True} if self.deleted else {})}
+
+
+@dataclass(frozen=True)
+class ModelWritten:
+    """A model folder written from the store (`export`, `apply --out`): where, and of which
+    version (`ref`, at `scale` when one was given) or of which mix."""
+
+    out: Path
+    ref: str | None = None
+    scale: float | None = None
+    mix: Mapping[str, float] | None = None
+
+    def to_json(self) -> dict:
+        """`export --json`, `apply --out --json`: the fields given, then `out`."""
+        given = {"ref": self.ref, "scale": self.scale, "mix": None if self.mix is None else dict(self.mix)}
+        return {**{k: v for k, v in given.items() if v is not None}, "out": str(self.out)}
 
 
 def version_json(v: Version | VersionInfo) -> dict:

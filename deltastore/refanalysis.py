@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -44,6 +44,18 @@ class RefAnalysis:
     alphas: Mapping[str, AlphaShift] | None = field(default=None, repr=False, compare=False)
     row_alphas: Mapping[tuple[int | None, str], AlphaShift] | None = field(default=None, repr=False,
                                                                            compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """One ref of `analyze --json`; with alphas, each row gets alpha_base, alpha_ft and
+        alpha_shift (None where WeightWatcher fits none), and "alpha" gives them per tensor."""
+        rows = [asdict(r) for r in self.rows]
+        out = {"ref": self.ref, "id": self.version_id, "encoding": self.encoding, "tensors_stored": self.tensors,
+               "rows": rows}
+        if self.row_alphas is not None:
+            for row, r in zip(rows, self.rows):
+                row.update(asdict(self.row_alphas.get((r.layer, r.module)) or AlphaShift(None, None, None)))
+            out["alpha"] = {name: asdict(a) for name, a in (self.alphas or {}).items()}
+        return out
 
 
 def _unchanged(base: torch.Tensor) -> TensorChange:

@@ -121,18 +121,26 @@ def _root(store: Store | str | os.PathLike) -> Path:
     return Path(store) if isinstance(store, (str, os.PathLike)) else store.root
 
 
-def remotes(store: Store | str | os.PathLike) -> dict[str, str]:
+class Remotes(dict[str, str]):
+    """A store's remotes, name -> URL, in name order."""
+
+    def to_json(self) -> list[dict[str, str]]:
+        """`remote list --json`."""
+        return [{"name": name, "url": url} for name, url in self.items()]
+
+
+def remotes(store: Store | str | os.PathLike) -> Remotes:
     """The store's remotes: name -> URL. `store`: a Store, or its folder."""
     path = _root(store) / CONFIG_FILE
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        return {}
+        return Remotes()
     config = load_json(raw, str(path), max_bytes=1 << 20)
     if not isinstance(config, dict) or not all(isinstance(v, dict) and isinstance(v.get("url"), str)
                                                for v in config.values()):
         raise DeltastoreError(f"{path} is not a list of remotes; fix or remove it")
-    return {name: v["url"] for name, v in sorted(config.items())}
+    return Remotes((name, v["url"]) for name, v in sorted(config.items()))
 
 
 def add_remote(store: Store | str | os.PathLike, name: str, url: str) -> None:

@@ -41,8 +41,8 @@ from .history import delete_stance, diff, merge_stance, rename_stance
 from .limits import is_text
 from .maintenance import FsckReport, fsck, gc, gc_plan, stats
 from .objects import ObjectStore
-from .records import (Base, CommitResult, TensorEntry, Version, VersionInfo, check_manifest, hub_origin,
-                      manifest, parse_manifest, split_hub_origin)
+from .records import (Base, CommitResult, TagChange, TensorEntry, Version, VersionInfo, check_manifest,
+                      hub_origin, manifest, parse_manifest, split_hub_origin)
 from .reflog import RefLog
 
 # torch, and the modules that import it when loaded (apply, commit, encodings, models, patch,
@@ -162,6 +162,10 @@ class Store:
         # The marker last: a folder without it is no store, whatever an interrupted init left.
         (root / STORE_FILE).write_text(json.dumps({"format": STORE_FORMAT}) + "\n")
         return cls(root, readonly=False)
+
+    def to_json(self) -> dict:
+        """`init --json`: the store's folder, absolute."""
+        return {"store": str(self.root.absolute())}
 
     @classmethod
     def open(cls, path: str | os.PathLike | None = None, *, readonly: bool | None = None) -> "Store":
@@ -445,14 +449,15 @@ class Store:
     def stances(self) -> list[dict]:
         return self.catalog.stances()
 
-    def tag(self, ref: str | Version, name: str) -> Version:
+    def tag(self, ref: str | Version, name: str) -> TagChange:
+        """Name a version: STANCE@NAME then refers to it. Returns the version, tagged."""
         self._writable()
         names.check_tag_name(name)
         version = self.resolve(ref)
         self.catalog.set_tag(version.stance, name, version.id)
-        return self.resolve(version.id)
+        return TagChange(self.resolve(version.id), name)
 
-    def untag(self, ref: str, name: str | None = None) -> Version:
+    def untag(self, ref: str, name: str | None = None) -> TagChange:
         """Remove a tag, `untag("STANCE@TAG")` or `untag(REF, TAG)` where REF names the stance
         (or one of its versions). Returns the version the tag named; the version stays."""
         self._writable()
@@ -467,7 +472,7 @@ class Store:
         vid = self.catalog.delete_tag(stance, name)
         if vid is None:
             raise TagNotFound(stance, name, [t["name"] for t in self.catalog.tags() if t["stance"] == stance])
-        return self.resolve(vid)
+        return TagChange(self.resolve(vid), name, deleted=True)
 
     def rename_stance(self, old: str, new: str):
         """Give a stance another name. Its versions keep their ids, numbers and tags."""

@@ -117,6 +117,26 @@ def test_the_whole_round_with_json(tmp_path, pair, root) -> None:
     assert stats["by_stance"]["curious"]["versions"] == 2
 
 
+def test_tags_remotes_and_written_folders_print_their_json(tmp_path, pair, root) -> None:
+    s = ("--store", root)
+    ok_json(*s, "init")
+    ok_json(*s, "base", "add", pair.base, "--name", "tiny")
+    c = ok_json(*s, "commit", "curious", pair.ft, "--base", "tiny")
+    ok_json(*s, "commit", "curious", pair.ft, "--base", "tiny", "--encoding", "int8")
+    ok_json(*s, "tag", "curious@1", "v1")
+    assert ok_json(*s, "tag", "--delete", "curious@v1") == {"id": c["id"], "ref": "curious@1", "tag": "v1",
+                                                            "deleted": True}
+    assert ok_json(*s, "remote", "list") == []
+    for name in ("team", "backup"):
+        assert invoke(*s, "remote", "add", name, f"file://{tmp_path / name}").exit_code == 0
+    assert ok_json(*s, "remote", "list") == [{"name": "backup", "url": f"file://{tmp_path / 'backup'}"},
+                                             {"name": "team", "url": f"file://{tmp_path / 'team'}"}]
+    assert ok_json(*s, "export", "--mix", "curious=0.5,curious@1=0.25", "--out", tmp_path / "mix") == \
+        {"mix": {"curious": 0.5, "curious@1": 0.25}, "out": str(tmp_path / "mix")}
+    assert ok_json(*s, "apply", "curious", pair.base, "--scale", "0.5", "--out", tmp_path / "half") == \
+        {"ref": "curious@2", "scale": 0.5, "out": str(tmp_path / "half")}
+
+
 def test_the_lifecycle_commands_also_print_for_people(tmp_path, pair, root) -> None:
     s = ("--store", root)
     target = tmp_path / "target"

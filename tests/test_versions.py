@@ -128,7 +128,8 @@ def test_tags_name_versions_move_and_are_deleted(tmp_path, store) -> None:
     v1 = store.commit("curious", variant(pair, tmp_path, 1, ["head.weight"])[0], base=pair.base).version
     v2 = store.commit("curious", pair.ft, base=pair.base).version
 
-    assert store.tag("curious@1", "paper").tags == ("paper",)
+    tagged = store.tag("curious@1", "paper")
+    assert (tagged.version.tags, tagged.tag, tagged.deleted) == (("paper",), "paper", False)
     assert store.resolve("curious@paper").id == v1.id
     out = run_json(store, "tag", "curious", "paper")  # a tag moves when given again
     assert out["id"] == v2.id
@@ -148,6 +149,10 @@ def test_tags_name_versions_move_and_are_deleted(tmp_path, store) -> None:
 
     store.tag(v1.id[3:15], "first")
     assert run(store, "tag", "-d", "curious", "first").exit_code == 0
+    store.tag(v1.id[3:15], "again")
+    untagged = store.untag("curious", "again")
+    assert (untagged.version.id, untagged.tag, untagged.deleted) == (v1.id, "again", True)
+    assert untagged.to_json() == {"id": v1.id, "ref": "curious@1", "tag": "again", "deleted": True}
     assert store.catalog.tags() == []
     result = run(store, "tag", "--delete", "curious@first")
     assert result.exit_code == 1 and "has no tag 'first'" in result.stderr
