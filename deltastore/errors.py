@@ -158,13 +158,12 @@ class CorruptObject(DeltastoreError, ValueError):
 class ResultMismatch(DeltastoreError, ValueError):
     """A tensor decoded to other bytes than the result id its version recorded at commit. The
     one wording of that check, wherever a version is decoded (apply, prepare, patch, export).
-    ``untouched`` names what the failure left as it was ("nothing was changed"); the older
-    ``nothing_changed=True`` says just that."""
+    ``untouched`` names what the failure left as it was ("nothing was changed"). Raised by
+    ``TensorEntry.check_result``."""
 
-    def __init__(self, tensor: str, ref: str, *, nothing_changed: bool = False, untouched: str | None = None):
+    def __init__(self, tensor: str, ref: str, *, untouched: str | None = None):
         self.tensor = tensor
         self.ref = ref
-        untouched = untouched or ("nothing was changed" if nothing_changed else None)
         super().__init__(
             f"tensor {cut(tensor)} of {ref} decodes to other bytes than at commit (a corrupt object, or "
             f"another torch build's arithmetic){'; ' + untouched if untouched else ''}; "

@@ -38,7 +38,7 @@ import torch
 from . import encodings, journalfiles
 from .catalog import now
 from .durable import new_folder
-from .errors import (BaseMismatch, DeltastoreError, JournalError, ModelFormatError, ResultMismatch, SharedFile,
+from .errors import (BaseMismatch, DeltastoreError, JournalError, ModelFormatError, SharedFile,
                      shown_names)
 from .hashing import DTYPES, base_id, dtype_name, tensor_bytes, tensor_id
 from .maintenance import GcPlan, gc
@@ -171,9 +171,8 @@ def _check_and_save(store: Store, version: Version, target: Target, source: Tens
             return None
         result = store.decode_entry(entry, base, out=into(info) if info.nbytes else None)
         # An exact encoding's result is a bitwise function of the verified object and base.
-        if not encodings.from_params(entry.encoding, entry.params).exact \
-                and tensor_id(result) != entry.result_tensor_id:
-            raise ResultMismatch(entry.name, version.ref, nothing_changed=True)
+        if not encodings.from_params(entry.encoding, entry.params).exact:
+            entry.check_result(result, version.ref, untouched="nothing was changed")
         _pwrite_all(results.fileno(), tensor_bytes(result), offsets[k])
         del result
         return base

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltastore import BaseMismatch, CorruptObject, JournalError, Store
+from deltastore import BaseMismatch, CorruptObject, JournalError, Store, encodings
+from deltastore.errors import ResultMismatch
 
-from helpers import (ForkDriver, assert_same_state, file_bytes, load_folder, make_model, weight_bytes,
-                     write_folder)
+from helpers import (ForkDriver, assert_same_state, file_bytes, load_folder, make_model, module_snapshot,
+                     weight_bytes, write_folder)
 
 
 @pytest.fixture
@@ -155,6 +156,37 @@ def test_a_journal_keeps_the_originals_in_one_file_beside_it(tmp_path, store) ->
     store.revert_files(target)
     assert sorted(p.name for p in (store.root / "journals").iterdir()) == []
     assert {p.name: p.read_bytes() for p in target.glob("*.safetensors")} == before
+
+
+def test_a_lossy_tensor_that_decodes_to_other_bytes_is_refused_before_any_write(tmp_path, store,
+                                                                               monkeypatch) -> None:
+    # Another torch build's arithmetic, stood in for by a decode one ulp off in one element: the
+    # result ids recorded at commit catch it, in the one wording every decoding path uses.
+    pair = make_model(tmp_path, torch.float32)
+    version = store.commit("s", pair.ft, base=pair.base, encoding="int4").version
+    entry = next(e for e in version.tensors if e.encoding == "int4")
+    int4 = type(encodings.from_params(entry.encoding, entry.params))
+    decode = int4.decode
+
+    def one_ulp_off(self, *args, **kwargs):
+        result = decode(self, *args, **kwargs)
+        flat = result.view(-1)
+        flat[0] = torch.nextafter(flat[0], torch.tensor(float("inf")))
+        return result
+
+    monkeypatch.setattr(int4, "decode", one_ulp_off)
+    target = copy_model(pair.base, tmp_path / "target")
+    before = file_bytes(target)
+    with pytest.raises(ResultMismatch) as e:
+        store.apply_files("s", target)
+    assert "decodes to other bytes than at commit" in str(e.value) and "nothing was changed" in str(e.value)
+    assert file_bytes(target) == before
+    assert store.catalog.open_journals() == []
+    model = pair.base_module
+    snapshot = module_snapshot(model)
+    with pytest.raises(ResultMismatch) as live:
+        store.apply(model, "s")
+    assert str(live.value) == str(e.value) and module_snapshot(model) == snapshot
 
 
 def test_apply_to_a_model_that_is_not_the_base_changes_nothing(tmp_path, store) -> None:
