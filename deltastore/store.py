@@ -673,10 +673,12 @@ class Store:
             versions = [dataclasses.replace(v, stance=stances.get(v.id, v.stance), number=numbers.get(v.id, v.number))
                         for v in versions]
         todo: dict[str, tuple[Version, dict]] = {}
+        slots: dict[tuple[str, int], str] = {}  # (stance, number) -> the version landing there
         for v, m in zip(versions, manifests):
             self._check_ingest(v)
-            if self.is_new(v, todo):
+            if self.is_new(v, slots):
                 todo.setdefault(v.id, (v, m))
+                slots.setdefault((v.stance, v.number), v.id)
         needed = {o.id: o.size for v, _ in todo.values() for e in v.tensors for o in e.objects.values()}
         token = uuid.uuid4().hex
         written: list[str] = []
@@ -751,18 +753,19 @@ class Store:
                                   f"{row['dtype']} {row['shape']} in its base; only a raw lossless entry may "
                                   "change a tensor's shape or dtype")
 
-    def is_new(self, v: Version, landing: Mapping[str, tuple[Version, dict]] | None = None) -> bool:
+    def is_new(self, v: Version, landing: Mapping[tuple[str, int], str] | None = None) -> bool:
         """Whether a version from another store (`ingest`, a pull) would be new here: False when
         this store has it already. Raises `VersionConflict` when its stance's number is another
-        version's, here or among the others `landing` with it."""
+        version's, here or among the others landing with it (`landing`: (stance, number) ->
+        version id; a lookup, so that a pull of n versions checks in O(n))."""
         if self.catalog.version(v.id):
             return False
         row = self.catalog.version_at(v.stance, v.number)
         if row is not None:
             raise VersionConflict(v.stance, v.number, row["id"], v.id)
-        for other, _ in (landing or {}).values():
-            if (other.stance, other.number) == (v.stance, v.number) and other.id != v.id:
-                raise VersionConflict(v.stance, v.number, other.id, v.id, "in what is being stored")
+        other = (landing or {}).get((v.stance, v.number))
+        if other is not None and other != v.id:
+            raise VersionConflict(v.stance, v.number, other, v.id, "in what is being stored")
         return True
 
     def _remove_unreferenced(self, object_ids: list[str]) -> None:

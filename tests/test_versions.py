@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from deltastore import AmbiguousRef, RefNotFound, Store
-from deltastore.errors import MetadataError, StanceExists, TagNotFound, UnsafeInput
+from deltastore.errors import MetadataError, StanceExists, TagNotFound, UnsafeInput, VersionConflict
 from deltastore.hashing import canonical_json, manifest_id
 
 from helpers import assert_same_state, load_folder, make_model, write_folder
@@ -74,6 +74,30 @@ def test_refs_resolve_as_specified(tmp_path, store) -> None:
     with pytest.raises(RefNotFound) as err:
         store.resolve("curiuos")
     assert "curious" in err.value.candidates and "did you mean" in str(err.value)
+
+
+def test_a_pull_of_many_versions_still_finds_two_that_claim_one_number(tmp_path, store) -> None:
+    pair = make_model(tmp_path)
+    first = store.commit("s", pair.ft, base=pair.base).version.manifest()
+    chain, parent = [], manifest_id(first)
+    for n in range(2, 302):  # versions 2..301 of s, made elsewhere, sharing version 1's objects
+        m = {**first, "number": n, "parent": parent, "message": f"checkpoint {n}"}
+        parent = manifest_id(m)
+        chain.append(m)
+    payload = lambda oid, size: store.objects.get(oid, raw_size=size)  # noqa: E731
+    rival = {**chain[150], "message": "another history"}  # s@152 again, another version
+    for landing in (chain + [rival], [rival] + chain):
+        with pytest.raises(VersionConflict) as err:
+            store.ingest(landing, payload)
+        assert (err.value.stance, err.value.number) == ("s", 152) and "in what is being stored" in str(err.value)
+        assert [v.number for v in store.log("s")] == [1]  # none of them landed
+    store.ingest(chain, payload)
+    assert store.resolve("s").number == 301
+    with pytest.raises(VersionConflict) as err:
+        store.ingest([rival], payload)
+    assert err.value.existing == manifest_id(chain[150]) and err.value.incoming == manifest_id(rival)
+    assert [(v, new) for v, new in store.ingest(chain[:2], payload)] == \
+        [(store.resolve("s@2"), False), (store.resolve("s@3"), False)]  # already here: no conflict
 
 
 def test_an_ambiguous_prefix_is_an_error_listing_the_candidates(tmp_path, store) -> None:
