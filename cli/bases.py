@@ -8,9 +8,14 @@ from pathlib import Path
 import click
 
 from deltastore import Base, Store
+from deltastore.errors import HubRepoNotFound
 
 from .options import hub_options, json_option, with_store
 from .output import echo, emit_json, progress, size, table
+
+# Library modules that import torch (or transformers, matplotlib, huggingface_hub) are imported
+# inside the commands that use them: this module is loaded for its light commands too, and those
+# must start without them (cli/main.py, tests/test_startup.py).
 
 
 @click.group()
@@ -51,7 +56,6 @@ def base_add(store: Store, model: str, name: str | None, hub_id: str | None, fro
 
 def add_from_hub(store: Store, ref: str, name: str | None, token: str | None, endpoint: str | None,
                  as_json: bool, *, tried_path: bool) -> Base:
-    from deltastore.errors import HubRepoNotFound
     from deltastore.hubbase import fetch_base, split_hub_ref
 
     repo_id, revision = split_hub_ref(ref)

@@ -11,6 +11,9 @@ import tempfile
 from pathlib import Path
 
 import click
+from click.testing import CliRunner
+
+from deltastore.catalog import Catalog
 
 from .main import cli
 
@@ -31,8 +34,6 @@ def commands(group: click.Group = cli, prefix: tuple[str, ...] = ()) -> list[tup
 
 
 def help_text(path: tuple[str, ...]) -> str:
-    from click.testing import CliRunner
-
     result = CliRunner().invoke(cli, [*path, "--help"], prog_name="deltastore", terminal_width=100)
     return result.output.rstrip()
 
@@ -45,8 +46,6 @@ def cli_reference() -> str:
 
 
 def catalog_sql() -> str:
-    from deltastore.catalog import Catalog
-
     with tempfile.TemporaryDirectory() as d:
         catalog = Catalog(Path(d) / "catalog.db", create=True)
         try:

@@ -8,7 +8,10 @@ import click
 
 from deltastore import Store
 from deltastore.maintenance import FsckReport, GcPlan
+from deltastore.remote import remote_url
+from deltastore.remotegc import gc as run_gc, gc_plan
 from deltastore.store import DEFAULT_DIR
+from deltastore.upgrade import upgrade as run_upgrade
 
 from .options import json_option, store_path, with_store
 from .output import echo, emit_json, size, table
@@ -102,9 +105,6 @@ def render_gc_plan(plan: GcPlan, verbose: bool) -> None:
 
 
 def gc_remote(store: Store, remote: str, grace: float, dry_run: bool, as_json: bool) -> None:
-    from deltastore.remote import remote_url
-    from deltastore.remotegc import gc as run_gc, gc_plan
-
     plan = gc_plan(remote_url(store, remote), grace_seconds=grace)
     if dry_run:
         if as_json:
@@ -139,8 +139,6 @@ def stats(store: Store, as_json: bool) -> None:
 @click.pass_context
 def upgrade(ctx: click.Context, as_json: bool) -> None:
     """Convert a store of an older format in place (crash-safe; no other process may use the store)."""
-    from deltastore.upgrade import upgrade as run_upgrade
-
     done = run_upgrade(store_path(ctx))
     if as_json:
         return emit_json(done)

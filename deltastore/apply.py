@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from . import checked, encodings, spare
+from .commit import in_order
 from .errors import BaseMismatch
 from .hashing import dtype_name, tensor_id
 from .pools import pool
@@ -97,8 +98,6 @@ def prepare(store: Store, version: Version, current: dict[str, torch.Tensor]) ->
     apply ran 2x slower). A small version (a surgical delta) checks its base tensors on this
     thread while two long-lived threads read and verify its objects: new threads would cost
     it more than they save."""
-    from .commit import in_order
-
     mapping = match_names([e.name for e in version.tensors], set(current))
     entries = {e.name: e for e in version.tensors}
     live = {e.name: current[mapping[e.name]] for e in version.tensors}

@@ -20,6 +20,7 @@ import functools
 import json
 import os
 import sqlite3
+import sys
 import threading
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -36,8 +37,6 @@ def _import_sqlite_utils() -> Any:
     """sqlite_utils, without the pandas and numpy it imports when they are installed (1.2 s of
     imports) only to convert their values on insert: the catalog stores plain Python values.
     Where they are imported already, it gets them as usual."""
-    import sys
-
     blocked = [name for name in ("pandas", "numpy") if name not in sys.modules]
     for name in blocked:
         sys.modules[name] = None  # type: ignore[assignment]  # makes `import name` fail

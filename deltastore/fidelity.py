@@ -24,6 +24,9 @@ import torch
 
 from .errors import DeltastoreError
 
+# transformers (optional, seconds to import) is imported inside the functions that load a
+# tokenizer or a model: measuring a model loaded by the caller needs none of it.
+
 __all__ = [
     "Fidelity",
     "FidelityError",

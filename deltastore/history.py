@@ -21,6 +21,9 @@ from .errors import MetadataError, OptionConflict, RefNotFound
 from .names import check_metadata, check_stance_name
 from .records import Version
 
+# commit.py (in_order, delta_stats) is imported inside diff and rel_difference: it imports torch,
+# and store.py, which read commands load, imports this module (tests/test_startup.py).
+
 if TYPE_CHECKING:  # store.py imports this module, so Store is imported for types only
     import torch
 

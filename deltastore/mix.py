@@ -23,6 +23,7 @@ from . import checked
 from .apply import ApplyHandle, apply_module, install, match_names, module_tensors
 from .errors import BaseMismatch, DeltastoreError
 from .hashing import dtype_name, tensor_id
+from .patch import write_model
 from .records import TensorEntry, Version
 
 if TYPE_CHECKING:
@@ -170,8 +171,6 @@ def export_mix(store: Store, weights: Mapping[Any, float], out: str | os.PathLik
                progress: Callable[[int, int], None] | None = None) -> Path:
     """Write the mixed model as a Hugging Face model folder (the base's other files beside it),
     like ``Store.export`` of one version."""
-    from .patch import write_model
-
     versions = resolve_weights(store, weights)
     source = store.base_source(store.base(versions[0][0].base_id), base_weights)
     infos, tensor = mixed(store, weights, base_weights=source)

@@ -37,6 +37,7 @@ import torch
 
 from . import encodings, journalfiles
 from .catalog import now
+from .commit import in_order
 from .durable import new_folder
 from .errors import (BaseMismatch, DeltastoreError, JournalError, ModelFormatError, SharedFile,
                      shown_names)
@@ -145,8 +146,6 @@ def _check_and_save(store: Store, version: Version, target: Target, source: Tens
     appended to `originals` and the results written to `results`, both at the region's
     offset in the plan's order. Two tensors at a time (reading, hashing, decompressing and
     decoding release the GIL); each worker holds one tensor's base, payload and result."""
-    from .commit import in_order
-
     offsets, at = [], 0
     for _, info in regions:
         offsets.append(at)

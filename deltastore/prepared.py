@@ -28,8 +28,10 @@ import torch
 from . import checked, encodings, spare
 from .apply import copy_bytes, each_until_failure, interrupts_deferred, match_names, module_tensors
 from .chain import ChainError
-from .errors import BaseMismatch, DeltastoreError, MissingObject
+from .errors import BaseMismatch, CorruptObject, DeltastoreError, MissingObject
 from .hashing import DTYPES, bytes_id, dtype_name, tensor_id
+from .objects import ObjectStore
+from .quantize import unscale
 from .records import TensorEntry, Version
 
 if TYPE_CHECKING:  # store.py imports this module: Store for types only
@@ -132,8 +134,6 @@ def _verified_file(store: Store, object_id: str, size: int) -> bytes:
         raise MissingObject(object_id) from None
     payload = store.objects.decode_file(object_id, blob, raw_size=size)
     if bytes_id(payload) != object_id:
-        from .errors import CorruptObject
-
         raise CorruptObject(object_id, "content does not match its id")
     return blob
 
@@ -162,8 +162,6 @@ def decode(p: PreparedTensor, base: torch.Tensor, *, out: torch.Tensor | None = 
     dtype, shape = DTYPES[entry.dtype], tuple(entry.shape)
     parts = p.parts
     if p.compressed:
-        from .objects import ObjectStore
-
         parts = {part: ObjectStore.decode_file(entry.objects[part].id, blob, raw_size=entry.objects[part].size)
                  for part, blob in parts.items()}
         if base.device.type != "cpu" and entry.params.get("mode") == "xor":
@@ -194,8 +192,6 @@ def _xor_ungroup(payload: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 
 def _absmax(p: PreparedTensor, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """quantize.absmax_decode plus the base, rounded once to `dtype` (encodings._Delta.decode)."""
-    from .quantize import unscale
-
     params, n = p.entry.params, base.numel()
     g, exp = int(params["group_size"]), int(params["scale_exp"])
     codes = p.parts["codes"]

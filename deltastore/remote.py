@@ -25,9 +25,10 @@ import re
 import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TYPE_CHECKING
+from typing import Any, Callable, Iterable, Sequence
 from urllib.parse import urlsplit
 
 from .chain import refuse_chained
@@ -38,9 +39,10 @@ from .limits import load_json
 from .names import check_base_name, check_stance_name
 from .objects import HEADER, ObjectStore
 from .records import MAX_MANIFEST_BYTES, Version, check_manifest, hub_origin, parse_manifest
+from .store import DEFAULT_DIR, Store
 
-if TYPE_CHECKING:  # Store for types only: nothing here needs store.py loaded
-    from .store import Store
+# fsspec (and through it s3fs, gcsfs, adlfs) is imported when a remote is opened: a store that
+# only names its remotes needs none of it.
 
 REMOTE_FORMAT = "deltastore/remote/1"
 MARKER = "REMOTE"
@@ -372,8 +374,6 @@ def _is_base_name(name: str) -> bool:
 
 def backend_errors(url: str) -> Any:
     """OSErrors of a backend (unreachable, access denied) as one line naming the remote."""
-    from contextlib import contextmanager
-
     @contextmanager
     def wrap():
         try:
@@ -650,8 +650,6 @@ def _download(remote: Remote, staging: Path, object_id: str, size: int) -> int:
 def clone(url: str, directory: str | os.PathLike, *, progress: Progress | None = None) -> tuple[Any, PullResult]:
     """A new store at `directory` (its `.deltastore/`) holding every version of the remote, which
     it keeps as its remote `origin`. Nothing is left behind when the pull fails."""
-    from .store import DEFAULT_DIR, Store
-
     folder = Path(directory)
     root = folder / DEFAULT_DIR
     check_url(url)

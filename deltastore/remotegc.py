@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from datetime import datetime
 
 from .errors import RemoteDataRejected, RemoteError
 from .hashing import ALGORITHM, is_id
@@ -144,8 +145,6 @@ def _modified(info: dict) -> float | None:
         if hasattr(value, "timestamp"):
             return value.timestamp()
         try:
-            from datetime import datetime
-
             return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
         except ValueError:
             return None

@@ -45,9 +45,10 @@ from .records import (Base, CommitResult, TagChange, TensorEntry, Version, Versi
                       hub_origin, manifest, parse_manifest, split_hub_origin)
 from .reflog import RefLog
 
-# torch, and the modules that import it when loaded (apply, commit, encodings, models, patch,
-# prepared, selection), are imported where a tensor is at hand: read commands (log, show, stances, tag, stats,
-# fsck, gc) then start without loading torch (tests/test_startup.py).
+# torch, and the modules that import it when loaded (apply, commit, encodings, hashing.DTYPES, mix,
+# models, patch, prepared, selection), are imported inside the methods where a tensor is at hand:
+# read commands (log, show, stances, tag, stats, fsck, gc) then start without loading torch
+# (tests/test_startup.py).
 if TYPE_CHECKING:
     import torch
 
@@ -716,8 +717,6 @@ class Store:
                         hub_id: str | None = None) -> Base:
         """Register a base from its tensor list and base record (made in another store, checked
         by the caller): no weights are read. Its weights are found later (`--base-path`)."""
-        from .hashing import bytes_id
-
         self._writable()
         bid, rid = bytes_id(listing), bytes_id(record)
         rec = json.loads(record)
