@@ -9,8 +9,13 @@ import click
 
 from deltastore import Store
 
-from .options import finite, json_option, lower_case, mix_weights, number_list, store_if, with_store
+from .options import (base_path_option, finite, json_option, lower_case, mix_weights, number_list, prompt_options,
+                      store_if, with_store)
 from .output import echo, emit_json, progress, size, table, to_jsonable
+
+# Library modules that import torch (or transformers, matplotlib, huggingface_hub) are imported
+# inside the commands that use them: this module is loaded for its light commands too, and those
+# must start without them (cli/main.py, tests/test_startup.py).
 
 if TYPE_CHECKING:
     from deltastore.compare import Comparison
@@ -44,10 +49,7 @@ def _kl(value: float | None) -> str:
                    "one per delta encoding (repeatable).")
 @click.option("--prompts", type=click.Path(dir_okay=False), metavar="FILE",
               help="Measure fidelity on these prompts (one per line); BASE must be a Hugging Face model folder.")
-@click.option("--chat", is_flag=True, help="Each prompt is a user message, put through the model's chat template.")
-@click.option("--tokenizer", type=click.Path(exists=True), metavar="PATH_OR_FOLDER",
-              help="The tokenizer for --prompts (a tokenizer.json or a folder holding one), where the base "
-                   "folder has none.")
+@prompt_options
 @click.option("--group-size", type=int, help="Group size of int8/int4 (default 64).")
 @click.option("--lora-dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
               help="The dtype of the LoRA factors.")
@@ -115,7 +117,7 @@ def render_comparison(c: Comparison) -> None:
                    "fine-tune, and its shift (alpha_ft - alpha_base) / alpha_base (needs "
                    "pip install 'deltastore[alpha]'; one fit takes about 0.06 s for a 576x576 matrix, "
                    "3 s for 8192x2048, on two CPU cores).")
-@click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
+@base_path_option
 @json_option
 @with_store(readonly=True)
 def analyze(store: Store, refs: tuple[str, ...], plot: str | None, value: str, show_all: bool,

@@ -16,6 +16,36 @@ def json_option(f: Callable) -> Callable:
     return click.option("--json", "as_json", is_flag=True, help="Print one JSON value on stdout.")(f)
 
 
+def base_path_option(f: Callable) -> Callable:
+    return click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")(f)
+
+
+def remote_option(f: Callable) -> Callable:
+    """push and pull: a remote instead of the Hub."""
+    return click.option("--remote", "remote", metavar="NAME",
+                        help="A remote (`remote add`) or a URL, instead of the Hub.")(f)
+
+
+def out_option(f: Callable) -> Callable:
+    return click.option("--out", required=True, type=click.Path(),
+                        help="A new folder (--format gguf: a new .gguf file).")(f)
+
+
+def export_tokenizer_option(f: Callable) -> Callable:
+    """export and export-lora: the tokenizer for measuring what was written on --prompts."""
+    return click.option("--tokenizer", type=click.Path(),
+                        help="The tokenizer for --prompts, where the base folder has none.")(f)
+
+
+def prompt_options(f: Callable) -> Callable:
+    """compare and commit: how --prompts are put to the model (--chat) and tokenized (--tokenizer)."""
+    f = click.option("--tokenizer", type=click.Path(exists=True), metavar="PATH_OR_FOLDER",
+                     help="The tokenizer for --prompts (a tokenizer.json or a folder holding one), where the base "
+                          "folder has none.")(f)
+    return click.option("--chat", is_flag=True,
+                        help="Each prompt is a user message, put through the model's chat template.")(f)
+
+
 def with_store(f: Callable | None = None, *, readonly: bool | None = None) -> Callable:
     """Open the store the group's --store (or $DELTASTORE_DIR, or the nearest .deltastore/) names.
     `readonly=True` for commands that only read: their catalog is opened read-only, so they work

@@ -10,21 +10,27 @@ from typing import TYPE_CHECKING
 import click
 
 from deltastore import Store
+from deltastore.remote import (PullResult as RemotePull, PushResult as RemotePush, add_remote, clone as remote_clone,
+                               pull as remote_pull, push as remote_push, remotes, remove_remote)
 
-from .options import ENCODINGS, finite, hub_options, json_option, key_values, lower_case, only_base, with_store
+from .options import (ENCODINGS, base_path_option, export_tokenizer_option, finite, hub_options, json_option,
+                      key_values, lower_case, only_base, out_option, remote_option, with_store)
 from .output import echo, emit_json, progress, size, to_jsonable
+
+# Library modules that import torch (or transformers, matplotlib, huggingface_hub) are imported
+# inside the commands that use them: this module is loaded for its light commands too, and those
+# must start without them (cli/main.py, tests/test_startup.py).
 
 if TYPE_CHECKING:
     from deltastore.hub import PullResult as HubPull, PushResult as HubPush
     from deltastore.gguf_lora import GgufLoraExport as GgufExport
     from deltastore.lora import LoraExport
-    from deltastore.remote import PullResult as RemotePull, PushResult as RemotePush
 
 
 @click.command()
 @click.argument("refs", nargs=-1, required=True, metavar="REF...")
 @click.option("--repo", "repo_id", metavar="ID", help="The Hub repo, USER/NAME (created if missing).")
-@click.option("--remote", "remote", metavar="NAME", help="A remote (`remote add`) or a URL, instead of the Hub.")
+@remote_option
 @click.option("--revision", metavar="BRANCH", help="The branch to push to (default: main; created if missing).")
 @click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
 @hub_options
@@ -38,8 +44,6 @@ def push(store: Store, refs: tuple[str, ...], repo_id: str | None, remote: str |
     if (repo_id is None) == (remote is None):
         raise click.UsageError("give one of --repo ID (the Hub) and --remote NAME")
     if remote is not None:
-        from deltastore.remote import push as remote_push
-
         with progress("uploading", enabled=not as_json) as cb:
             r = remote_push(store, list(refs), remote, progress=cb)
         return emit_json(r) if as_json else remote_pushed(r)
@@ -52,7 +56,7 @@ def push(store: Store, refs: tuple[str, ...], repo_id: str | None, remote: str |
 
 @click.command()
 @click.argument("repo_id", metavar="ID", required=False)
-@click.option("--remote", "remote", metavar="NAME", help="A remote (`remote add`) or a URL, instead of the Hub.")
+@remote_option
 @click.option("--revision", metavar="REV", help="A branch, a commit, or a version's tag STANCE-vN (then only that version).")
 @click.option("--stance", help="Pull only this stance.")
 @click.option("--into", metavar="NAME",
@@ -76,8 +80,6 @@ def pull(store: Store, repo_id: str | None, remote: str | None, revision: str | 
     fetches them from the Hub, and refuses weights whose base id is not the one the versions
     need). A local stance holding versions the repo's stance lacks is never added to: pull that
     stance --into another name."""
-    from deltastore.remote import pull as remote_pull, remotes
-
     if remote is None and repo_id is not None and repo_id in remotes(store):
         remote, repo_id = repo_id, None
     if (repo_id is None) == (remote is None):
@@ -143,8 +145,6 @@ def remote() -> None:
 @with_store
 def remote_add(store: Store, name: str, url: str) -> None:
     """Remember URL as remote NAME."""
-    from deltastore.remote import add_remote
-
     add_remote(store, name, url)
     click.echo(f"remote {name}: {url}")
 
@@ -154,8 +154,6 @@ def remote_add(store: Store, name: str, url: str) -> None:
 @with_store(readonly=True)
 def remote_list(store: Store, as_json: bool) -> None:
     """The store's remotes."""
-    from deltastore.remote import remotes
-
     known = remotes(store)
     if as_json:
         return emit_json(known)
@@ -168,8 +166,6 @@ def remote_list(store: Store, as_json: bool) -> None:
 @with_store
 def remote_remove(store: Store, name: str) -> None:
     """Forget remote NAME (the remote itself is not touched)."""
-    from deltastore.remote import remove_remote
-
     click.echo(f"removed remote {name} ({remove_remote(store, name)})")
 
 
@@ -180,8 +176,6 @@ def remote_remove(store: Store, name: str) -> None:
 def clone(url: str, directory: str, as_json: bool) -> None:
     """A new store in DIRECTORY/.deltastore holding every version of the remote at URL (kept as
     its remote `origin`), verified as a pull is."""
-    from deltastore.remote import clone as remote_clone
-
     with progress("downloading", enabled=not as_json) as cb:
         store, r = remote_clone(url, directory, progress=cb)
     store.close()
@@ -198,8 +192,8 @@ def clone(url: str, directory: str, as_json: bool) -> None:
               help="The dtype of the factors (q8_0: GGUF only).")
 @click.option("--format", "fmt", type=click.Choice(["peft", "gguf"]), default="peft", show_default=True,
               help="peft: an adapter folder; gguf: one GGUF LoRA file for llama.cpp and Ollama (Llama, Qwen2, GPT-2).")
-@click.option("--out", required=True, type=click.Path(), help="A new folder (--format gguf: a new .gguf file).")
-@click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
+@out_option
+@base_path_option
 @click.option("--exact", is_flag=True,
               help="Factor each delta by its exact truncated SVD instead of a randomized one (slower; "
                    "--energy always does).")
@@ -212,7 +206,7 @@ def clone(url: str, directory: str, as_json: bool) -> None:
 @click.option("--max-kl", type=float, metavar="K",
               help="With --prompts: the smallest of ranks 1, 2, 4, ... up to --rank (default 128) whose KL is at "
                    "most K.")
-@click.option("--tokenizer", type=click.Path(), help="The tokenizer for --prompts, where the base folder has none.")
+@export_tokenizer_option
 @json_option
 @with_store(readonly=True)
 def export_lora(store: Store, ref: str, rank: int | None, energy: float | None, dtype: str, fmt: str, out: str,
@@ -324,7 +318,7 @@ def served_export(store: Store, ref: str, out: str, fmt: str, server: str | None
 @click.argument("adapter", type=click.Path(file_okay=False))
 @click.option("--base", "base_ref",
               help="The base the adapter was trained on: name, id prefix or path (default: the store's only base).")
-@click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
+@base_path_option
 @click.option("--encoding", callback=lower_case, metavar="ENCODING",
               help=f"How to store the result: {ENCODINGS} (any case); default lowrank:R, R the adapter's rank, "
                    "in its dtype.")

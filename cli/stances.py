@@ -9,8 +9,13 @@ import click
 
 from deltastore import Store
 
-from .options import ENCODINGS, encoding_rules, json_option, key_values, lower_case, only_base, with_store
+from .options import (ENCODINGS, base_path_option, encoding_rules, json_option, key_values, lower_case, only_base,
+                      prompt_options, with_store)
 from .output import echo, emit_json, progress, size, table
+
+# Library modules that import torch (or transformers, matplotlib, huggingface_hub) are imported
+# inside the commands that use them: this module is loaded for its light commands too, and those
+# must start without them (cli/main.py, tests/test_startup.py).
 
 if TYPE_CHECKING:
     from deltastore.committing import Committed
@@ -20,7 +25,7 @@ if TYPE_CHECKING:
 @click.argument("stance")
 @click.argument("model", type=click.Path())
 @click.option("--base", "base_ref", help="Base name, id prefix or model path (default: the store's only base).")
-@click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
+@base_path_option
 @click.option("--encoding", default="lossless", show_default=True, callback=lower_case,
               metavar="ENCODING",
               help=f"How to store each tensor delta: {ENCODINGS} (any case), or auto: the smallest whose KL "
@@ -31,10 +36,7 @@ if TYPE_CHECKING:
 @click.option("--max-kl", type=float, metavar="K",
               help="With --encoding auto: the largest KL(fine-tuned || stored) to accept; with another "
                    "encoding: refuse to commit above it.")
-@click.option("--chat", is_flag=True, help="Each prompt is a user message, put through the model's chat template.")
-@click.option("--tokenizer", type=click.Path(exists=True), metavar="PATH_OR_FOLDER",
-              help="The tokenizer for --prompts (a tokenizer.json or a folder holding one), where the base "
-                   "folder has none.")
+@prompt_options
 @click.option("--encoding-for", "encoding_for", multiple=True, metavar="REGEX=ENCODING", callback=encoding_rules,
               help="A different encoding for tensors whose name matches REGEX (repeatable).")
 @click.option("--group-size", type=int, help="Group size of int8/int4 (default 64).")
@@ -214,7 +216,7 @@ def show(store: Store, ref: str, as_json: bool) -> None:
 @click.command()
 @click.argument("ref_a")
 @click.argument("ref_b")
-@click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
+@base_path_option
 @json_option
 @with_store(readonly=True)
 def diff(store: Store, ref_a: str, ref_b: str, base_path: str | None, as_json: bool) -> None:

@@ -8,8 +8,12 @@ import click
 
 from deltastore import ModelWritten, Store
 
-from .options import json_option, mix_weights, with_store
+from .options import base_path_option, export_tokenizer_option, json_option, mix_weights, out_option, with_store
 from .output import echo, emit_json, progress, size, to_jsonable
+
+# Library modules that import torch (or transformers, matplotlib, huggingface_hub) are imported
+# inside the commands that use them: this module is loaded for its light commands too, and those
+# must start without them (cli/main.py, tests/test_startup.py).
 
 
 @click.command()
@@ -70,8 +74,8 @@ def revert(store: Store, target: str, as_json: bool) -> None:
 @click.option("--mix", "mix", callback=mix_weights, metavar="REF=A,REF=B",
               help="Instead of REF: write base + A*delta(REF) + B*delta(REF) ..., each tensor rounded once "
                    "(versions of one base).")
-@click.option("--out", required=True, type=click.Path(), help="A new folder (--format gguf: a new .gguf file).")
-@click.option("--base-path", type=click.Path(), help="Where the base's weights are, if they moved.")
+@out_option
+@base_path_option
 @click.option("--format", "fmt", type=click.Choice(["hf", "gguf"]), default="hf", show_default=True,
               help="hf: a Hugging Face model folder; gguf: one GGUF file for llama.cpp and Ollama (Llama, Qwen2, "
                    "GPT-2 bases with a BPE tokenizer llama.cpp knows).")
@@ -81,7 +85,7 @@ def revert(store: Store, target: str, as_json: bool) -> None:
 @click.option("--prompts", type=click.Path(dir_okay=False), metavar="FILE",
               help="With --format gguf: measure the KL and top-1 of the file written (read back) against the "
                    "stored version, on these prompts (one per line).")
-@click.option("--tokenizer", type=click.Path(), help="The tokenizer for --prompts, where the base folder has none.")
+@export_tokenizer_option
 @json_option
 @with_store(readonly=True)
 def export(store: Store, ref: str | None, mix: dict[str, float] | None, out: str, base_path: str | None, fmt: str,

@@ -30,8 +30,12 @@ from typing import Any, TYPE_CHECKING
 import numpy as np
 import torch
 
+from .analysis import rank_for, singular_values
 from .durable import new_file
-from .lora import CONV1D, LINEAR, LoraError, check_rank_options, factors, module_types, plan
+from .lora import CONV1D, LINEAR, LoraError, check_rank_options, delta_energies, factors, module_types, plan
+
+# gguf (optional: pip install 'deltastore[gguf]') is imported inside the functions that write or
+# read a GGUF file, so that its absence is one clear error there and nowhere else.
 
 if TYPE_CHECKING:  # Store for types only: nothing here needs store.py loaded
     from .store import Store
@@ -96,14 +100,20 @@ def _architecture(folder: Path | None) -> tuple[Any, int]:
 
 
 def _encode(x: torch.Tensor, dtype: str) -> tuple[np.ndarray, Any]:
-    """(data, raw type) as the converter stores a tensor of --outtype ``dtype``; a q8_0 row that
-    is not a whole number of blocks falls back to f16, as the converter's does."""
+    """(data, raw type) as the converter stores a tensor of --outtype ``dtype``."""
+    from gguf import GGMLQuantizationType as Q
+
+    data = x.to(torch.float32).contiguous().numpy()
+    return quantized(data, {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[dtype])
+
+
+def quantized(data: np.ndarray, qtype: Any) -> tuple[np.ndarray, Any]:
+    """(data, raw type) of ``data`` stored as ``qtype``: a q8_0 row that is not a whole number of
+    blocks falls back to f16, as llama.cpp's converter does (for adapters and models alike)."""
     from gguf import GGMLQuantizationType as Q
     from gguf import quants
     from gguf.quants import QuantError
 
-    data = x.to(torch.float32).contiguous().numpy()
-    qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[dtype]
     try:
         return quants.quantize(data, qtype), qtype
     except QuantError:
@@ -120,8 +130,6 @@ def export_gguf_lora(store: Store, ref: str, out: str | os.PathLike, *, rank: in
         import gguf
     except ImportError:
         raise LoraError("a GGUF LoRA is written with the gguf package: pip install 'deltastore[gguf]'") from None
-
-    from .analysis import rank_for, singular_values
 
     check_rank_options(rank, energy)
     if dtype not in GGUF_DTYPES:
@@ -162,12 +170,8 @@ def export_gguf_lora(store: Store, ref: str, out: str | os.PathLike, *, rank: in
         if progress:
             progress(k + 1, len(the_plan.targets))
     dropped += [n for n in changed if n not in {f"{m}.weight" for m in the_plan.targets}]
-    dropped_squares: dict[str, float] = {}
-    for name in dropped:
-        delta = tensor(name).to(torch.float64) - source.get(name).to(torch.float64) \
-            if tuple(infos[name].shape) == tuple(source.infos[name].shape) else tensor(name).to(torch.float64)
-        dropped_squares[name] = float((delta ** 2).sum())
-        dropped_energy += dropped_squares[name]
+    dropped_squares = delta_energies(dropped, tensor, source, infos)
+    dropped_energy = sum(dropped_squares.values())
     if not pairs:
         raise LoraError(f"{version.ref} changed no weight of a Linear or Conv1D layer: there is nothing a GGUF "
                         "LoRA could hold")

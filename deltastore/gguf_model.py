@@ -37,6 +37,10 @@ import torch
 
 from .durable import new_file
 from .errors import DeltastoreError
+from .gguf_lora import quantized
+
+# gguf and transformers (optional: pip install 'deltastore[gguf]') are imported inside the
+# functions that need them, so that their absence is one clear error there and nowhere else.
 
 if TYPE_CHECKING:  # Store for types only: nothing here needs store.py loaded
     from .store import Store
@@ -324,12 +328,7 @@ def export_gguf(store: Store, ref: str, out: str | os.PathLike, *, dtype: str = 
             if new_name is None:
                 raise GgufExportError(f"{name} has no GGUF name for {arch} (gguf-py's tensor map): it cannot be written")
             data = gguf_tensor(arch, name, tensor(name), hparams).numpy()
-            qtype = _qtype(new_name, data.ndim, file_type, arch_enum)
-            try:
-                data = gguf.quants.quantize(data, qtype)
-            except gguf.QuantError:
-                qtype = gguf.GGMLQuantizationType.F16
-                data = gguf.quants.quantize(data, qtype)
+            data, qtype = quantized(data, _qtype(new_name, data.ndim, file_type, arch_enum))
             writer.add_tensor(new_name, data, raw_dtype=qtype)
             types[qtype.name] = types.get(qtype.name, 0) + 1
             if progress:

@@ -39,12 +39,17 @@ from pathlib import Path
 from typing import Any, TYPE_CHECKING
 
 import torch
+from safetensors.torch import save_file
 
 from .analysis import energy_fraction, locate, rank_for, singular_values
+from .commit import in_order
 from .durable import new_folder
 from .errors import DeltastoreError, PickleRefused, UnsafeInput
 from .models import TensorInfo, TensorSource, open_model, read_header, read_tensor
 from .quantize import FACTOR_DTYPES, randomized_svd, truncated_svd
+
+# transformers (optional, seconds to import) is imported only inside module_types: a model's
+# Conv1D layers are transformers' own class.
 
 if TYPE_CHECKING:  # Store for types only: nothing here needs store.py loaded
     from .store import Store
@@ -258,6 +263,19 @@ def check_rank_options(rank: int | None, energy: float | None) -> None:
         raise LoraError(f"--energy must be a fraction above 0 and at most 1, got {energy!r}")
 
 
+def delta_energies(names: Iterable[str], tensor: Callable[[str], torch.Tensor], source: TensorSource,
+                   infos: Mapping[str, TensorInfo]) -> dict[str, float]:
+    """||dW||^2 of each named tensor as applied (`tensor`), in float64: against the base's where
+    the shapes agree, the whole tensor where the version resized it. What an export leaves out
+    is priced by it."""
+    out = {}
+    for name in names:
+        delta = tensor(name).to(torch.float64) - source.get(name).to(torch.float64) \
+            if tuple(infos[name].shape) == tuple(source.infos[name].shape) else tensor(name).to(torch.float64)
+        out[name] = float((delta ** 2).sum())
+    return out
+
+
 def export_lora(store: Store, ref: str, out: str | os.PathLike, *, rank: int | None = None,
                 energy: float | None = None, dtype: str = "bf16", base_weights: Any = None,
                 exact: bool = False, progress: Any = None,
@@ -270,8 +288,6 @@ def export_lora(store: Store, ref: str, out: str | os.PathLike, *, rank: int | N
     measured and reported; ``exact=True`` (and ``energy``) uses the exact truncated SVD.
     ``plan_filter`` narrows the plan for a server that accepts less (vllm_lora.py's profile):
     what it moves to ``dropped`` is listed and priced as dropped."""
-    from .commit import in_order
-
     check_rank_options(rank, energy)
     if dtype not in FACTOR_DTYPES:
         raise LoraError(f"the adapter dtype must be one of {', '.join(FACTOR_DTYPES)}, got {dtype!r}")
@@ -332,12 +348,8 @@ def export_lora(store: Store, ref: str, out: str | os.PathLike, *, rank: int | N
         module, _, leaf = name.rpartition(".")
         key = f"{PREFIX}{module}.base_layer.bias" if name in the_plan.target_biases else f"{PREFIX}{name}"
         state[key] = tensor(name).contiguous()
-    dropped_squares: dict[str, float] = {}
-    for name in the_plan.dropped:
-        delta = tensor(name).to(torch.float64) - source.get(name).to(torch.float64) \
-            if tuple(infos[name].shape) == tuple(source.infos[name].shape) else tensor(name).to(torch.float64)
-        dropped_squares[name] = float((delta ** 2).sum())
-        dropped_energy += dropped_squares[name]
+    dropped_squares = delta_energies(the_plan.dropped, tensor, source, infos)
+    dropped_energy = sum(dropped_squares.values())
 
     if not ranks:
         raise LoraError(f"{version.ref} changed no 2-D weight of a Linear or Embedding module: "
@@ -372,8 +384,6 @@ def export_lora(store: Store, ref: str, out: str | os.PathLike, *, rank: int | N
             any(kind == LINEAR for kind, _ in the_plan.targets.values()):
         raise LoraError("the fine-tune changed both Conv1D and Linear weights: one PEFT adapter "
                         "cannot hold both (fan_in_fan_out is one setting)")
-
-    from safetensors.torch import save_file
 
     with new_folder(out) as tmp:
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt", "deltastore.version": version.id})

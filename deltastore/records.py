@@ -130,8 +130,21 @@ class TensorEntry:
             d.get("against") if against_version else None, against_version)
 
 
+class VersionNames:
+    """What people call a version (`Version`, `VersionInfo`): STANCE@N, and its id's first 12
+    digits."""
+
+    @property
+    def ref(self) -> str:
+        return f"{self.stance}@{self.number}"
+
+    @property
+    def short_id(self) -> str:
+        return self.id.split(":", 1)[1][:12]
+
+
 @dataclass(frozen=True)
-class Version:
+class Version(VersionNames):
     id: str
     stance: str
     number: int
@@ -156,14 +169,6 @@ class Version:
     @property
     def tensor_count(self) -> int:
         return len(self.tensors)
-
-    @property
-    def ref(self) -> str:
-        return f"{self.stance}@{self.number}"
-
-    @property
-    def short_id(self) -> str:
-        return self.id.split(":", 1)[1][:12]
 
     def entry(self, name: str) -> TensorEntry | None:
         for e in self.tensors:
@@ -197,7 +202,7 @@ class Version:
 
 
 @dataclass(frozen=True)
-class VersionInfo:
+class VersionInfo(VersionNames):
     """A version as `log` lists it: everything but its tensor entries, read from the catalog
     without parsing manifests (a log of thousands of versions stays fast). `Store.resolve`
     turns it into the whole `Version`."""
@@ -214,14 +219,6 @@ class VersionInfo:
     tensor_count: int
     bytes: int
     tags: tuple[str, ...] = ()
-
-    @property
-    def ref(self) -> str:
-        return f"{self.stance}@{self.number}"
-
-    @property
-    def short_id(self) -> str:
-        return self.id.split(":", 1)[1][:12]
 
     def to_json(self) -> dict:
         """`log --json`: one version's summary."""

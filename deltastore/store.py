@@ -92,6 +92,19 @@ def store_format(root: Path) -> str | None:
         return None
 
 
+def current_store(path: str | os.PathLike | None) -> Path:
+    """The store's folder (`path`, else the one `find_store` finds), refused unless it holds a
+    store of a format this deltastore reads."""
+    root = Path(path) if path is not None else find_store()
+    fmt = store_format(root)
+    if fmt in OLD_FORMATS:
+        raise OldStoreFormat(str(root), fmt)
+    if fmt not in READABLE_FORMATS:
+        raise DeltastoreError(f"{root} is a store of format {fmt!r}; this deltastore reads "
+                              f"{' and '.join(map(repr, READABLE_FORMATS))}")
+    return root
+
+
 def edit_distance(a: str, b: str) -> int:
     """Levenshtein distance, counting a swap of two neighbours as one edit ("uncertanity")."""
     previous2: list[int] = []
@@ -172,27 +185,13 @@ class Store:
     def open(cls, path: str | os.PathLike | None = None, *, readonly: bool | None = None) -> "Store":
         """`readonly`: open the catalog read-only (commands that only read: they then work on a
         full disk too); None: read-only where the folder cannot be written."""
-        root = Path(path) if path is not None else find_store()
-        fmt = store_format(root)
-        if fmt in OLD_FORMATS:
-            raise OldStoreFormat(str(root), fmt)
-        if fmt not in READABLE_FORMATS:
-            raise DeltastoreError(f"{root} is a store of format {fmt!r}; this deltastore reads "
-                                  f"{' and '.join(map(repr, READABLE_FORMATS))}")
-        return cls(root, readonly=readonly)
+        return cls(current_store(path), readonly=readonly)
 
     @staticmethod
     def rebuild_catalog(path: str | os.PathLike | None = None) -> "index.Rebuilt":
         """A new catalog from the store's objects, refs.log and journals/ alone (FORMAT.md §6).
         Run it with no other process using the store."""
-        root = Path(path) if path is not None else find_store()
-        fmt = store_format(root)
-        if fmt in OLD_FORMATS:
-            raise OldStoreFormat(str(root), fmt)
-        if fmt not in READABLE_FORMATS:
-            raise DeltastoreError(f"{root} is a store of format {fmt!r}; this deltastore reads "
-                                  f"{' and '.join(map(repr, READABLE_FORMATS))}")
-        return index.rebuild(root)
+        return index.rebuild(current_store(path))
 
     @staticmethod
     def check(path: str | os.PathLike | None = None, *, read_data: bool = False, repair: bool = False,
@@ -948,20 +947,29 @@ class Store:
         if isinstance(ref, PreparedStance) or (ref is None and self._switching(module)):
             return self._switch_prepared(module, ref)
         version = self.resolve(ref) if ref is not None else None
+        with self._replacing(module):
+            if version is None:
+                return None
+            handle = apply_module(self, module, version)
+        self._applied[id(module)] = handle
+        return handle
+
+    @contextmanager
+    def _replacing(self, module: torch.nn.Module) -> Iterator[None]:
+        """What this store applied to `module`, reverted for the body to apply another stance;
+        when the body fails (the module is at its base again), the previous stance is applied
+        again before the error goes on."""
+        from .apply import apply_module
+
         previous = self._applied.pop(id(module), None)
         if previous is not None:
             previous.revert()
-        if version is None:
-            return None
         try:
-            handle = apply_module(self, module, version)
+            yield
         except BaseException:
-            # The module is at its base again; put the previous stance back before failing.
             if previous is not None and previous.version is not None:
                 self._applied[id(module)] = apply_module(self, module, previous.version)
             raise
-        self._applied[id(module)] = handle
-        return handle
 
     def _switching(self, module: torch.nn.Module) -> bool:
         from .prepared import SwitchHandle
@@ -969,7 +977,6 @@ class Store:
         return isinstance(self._applied.get(id(module)), SwitchHandle)
 
     def _switch_prepared(self, module: torch.nn.Module, stance: Any):
-        from .apply import apply_module
         from .prepared import SwitchHandle
 
         handle = self._applied.get(id(module))
@@ -977,16 +984,9 @@ class Store:
             handle.switch(stance)
             return handle if stance is not None else None
         # A plain apply is reverted first; its stance is put back if the switch fails.
-        previous = self._applied.pop(id(module), None)
-        if previous is not None:
-            previous.revert()
-        handle = SwitchHandle(module)
-        try:
+        with self._replacing(module):
+            handle = SwitchHandle(module)
             handle.switch(stance)
-        except BaseException:
-            if previous is not None and previous.version is not None:
-                self._applied[id(module)] = apply_module(self, module, previous.version)
-            raise
         self._applied[id(module)] = handle
         return handle
 

@@ -19,13 +19,15 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 from pathlib import Path
 
 import torch
+from click.testing import CliRunner, Result
 from safetensors.torch import _remove_duplicate_names, load_file, save_file
 from torch import nn
 
+from cli.main import cli
 from deltastore.objects import ObjectStore
 
 # Tensors a fine-tune leaves alone unless told otherwise: norms are often frozen, and a
@@ -199,7 +201,45 @@ def make_model(tmp_path: Path, dtype: torch.dtype = torch.float32, *, tied: bool
     return ModelPair(base_dir, ft_dir, base, ft, load_folder(base_dir), load_folder(ft_dir), moved)
 
 
+# -- the command line ------------------------------------------------------------------------
+
+
+def run_cli(store: Any, *args: Any) -> Result:
+    """One command through click's CliRunner, on `store` (a Store or its folder)."""
+    root = store if isinstance(store, (str, os.PathLike)) else store.root
+    return CliRunner().invoke(cli, ["--store", str(root), *map(str, args)])
+
+
+def run_json(store: Any, *args: Any) -> Any:
+    """One command with --json: it exits 0, and this is the one JSON value it printed."""
+    result = run_cli(store, *args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def views(store: Any, commands: list[tuple[str, ...]]) -> list[Any]:
+    """What each command shows (--json), to compare before and after a catalog rebuild: stats
+    without `catalog_bytes`, the database file's size (a rebuilt one is packed tighter)."""
+    shown = [run_json(store, *c) for c in commands]
+    for c, out in zip(commands, shown):
+        if c == ("stats",):
+            out.pop("catalog_bytes")
+    return shown
+
+
 # -- comparing ---------------------------------------------------------------------------------
+
+
+def commit_takes(store, pair: ModelPair, tmp: Path, encodings: dict[str, str]) -> None:
+    """Two versions of each stance (its "takes"), each a seeded fine-tune of the pair's base,
+    stored in the stance's encoding, against the base registered as "tiny"."""
+    for k, (stance, encoding) in enumerate(encodings.items()):
+        for n in (1, 2):
+            ft = copy.deepcopy(pair.base_module)
+            finetune_(ft, seed=100 * k + n)
+            folder = write_folder(tmp / f"ft-{stance}-{n}", saved_state(ft))
+            store.commit(stance, folder, base="tiny", encoding=encoding, message=f"{stance}, take {n}",
+                         metadata={"lr": "2e-5"})
 
 
 def raw(t: torch.Tensor) -> bytes:

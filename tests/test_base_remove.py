@@ -3,29 +3,13 @@ record goes, gc reclaims its two objects, and the rebuilt catalog agrees."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
-from click.testing import CliRunner
 
-from cli.main import cli
 from deltastore import Store
 from deltastore.errors import BaseInUse
 
-from helpers import make_model, store_snapshot
-
-
-def run(root, *args: str):
-    return CliRunner().invoke(cli, ["--store", str(root), *args])
-
-
-def run_json(root, *args: str):
-    result = run(root, *args, "--json")
-    assert result.exit_code == 0, result.output
-    out = json.loads(result.stdout)
-    if args == ("stats",):
-        out.pop("catalog_bytes")  # the database file's size: a rebuilt one is packed tighter
-    return out
+from helpers import make_model, run_cli, run_json, store_snapshot, views
 
 
 @pytest.fixture
@@ -44,7 +28,7 @@ def two_bases(tmp_path):
 def test_a_base_in_use_is_refused_naming_its_versions_and_nothing_changes(two_bases):
     root, _, _ = two_bases
     before = store_snapshot(root), (root / "refs.log").read_bytes()
-    refused = run(root, "base", "remove", "a")
+    refused = run_cli(root, "base", "remove", "a")
     assert refused.exit_code == 1
     assert refused.output == "Error: base 'a' is the base of 2 versions (s@1, s@2); it can be removed once no " \
                              "version uses it\n"
@@ -58,37 +42,37 @@ def test_removing_an_unused_base_lets_gc_reclaim_it_and_the_rebuild_agrees(two_b
     out = run_json(root, "base", "remove", "b")
     assert (out["id"], out["name"]) == (base_b.id, "b")
     assert [b["name"] for b in run_json(root, "base", "list")] == ["a"]
-    views = [("base", "list"), ("log",), ("stats",), ("show", "s@2")]
+    commands = [("base", "list"), ("log",), ("stats",), ("show", "s@2")]
     live_rows, _ = store_snapshot(root)
-    live = [run_json(root, *v) for v in views]
+    live = views(root, commands)
 
     # The rebuild, before and after gc removed the base's objects, gives back the same catalog.
-    assert run(root, "fsck", "--rebuild-catalog").exit_code == 0
-    assert store_snapshot(root)[0] == live_rows and [run_json(root, *v) for v in views] == live
+    assert run_cli(root, "fsck", "--rebuild-catalog").exit_code == 0
+    assert store_snapshot(root)[0] == live_rows and views(root, commands) == live
     with Store.open(root) as store:
         base_record = store.catalog.query("SELECT 1 FROM bases")  # only a's row is left
         assert len(base_record) == 1
     freed = run_json(root, "gc")
     assert base_b.id in freed["objects"] and len(freed["objects"]) == 2  # its tensor list and its record
-    assert run(root, "fsck", "--rebuild-catalog").exit_code == 0
-    assert [run_json(root, *v) for v in views] == live
+    assert run_cli(root, "fsck", "--rebuild-catalog").exit_code == 0
+    assert views(root, commands) == live
     assert run_json(root, "fsck")["ok"]
 
     # Registered again, it is a base like any other; the log now holds base, unbase, base.
     with Store.open(root) as store:
         assert store.add_base(pair_b.base, name="b").id == base_b.id
         store.commit("t", pair_b.ft, base="b")
-    assert run(root, "fsck", "--rebuild-catalog").exit_code == 0
+    assert run_cli(root, "fsck", "--rebuild-catalog").exit_code == 0
     assert [b["name"] for b in run_json(root, "base", "list")] == ["a", "b"]
     assert run_json(root, "fsck")["ok"]
 
 
 def test_a_base_whose_versions_are_gone_can_be_removed(two_bases):
     root, _, _ = two_bases
-    assert run(root, "stance", "delete", "s").exit_code == 0
-    result = run(root, "base", "remove", "a")
+    assert run_cli(root, "stance", "delete", "s").exit_code == 0
+    result = run_cli(root, "base", "remove", "a")
     assert result.exit_code == 0, result.output
     assert result.output.startswith("removed base a (b3:")
     assert [b["name"] for b in run_json(root, "base", "list")] == ["b"]
-    assert run(root, "fsck", "--rebuild-catalog").exit_code == 0
+    assert run_cli(root, "fsck", "--rebuild-catalog").exit_code == 0
     assert [b["name"] for b in run_json(root, "base", "list")] == ["b"]

@@ -12,18 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from cli.main import cli
 from deltastore import Store
 
-from helpers import make_model, object_files, write_folder
+from helpers import make_model, object_files, run_cli, run_json, views, write_folder
 
 REBUILD = "fsck --rebuild-catalog"
-
-
-def run(root: Path, *args: str):
-    return CliRunner().invoke(cli, ["--store", str(root), *args])
 
 
 def variant(pair, tmp_path: Path, seed: int) -> Path:
@@ -56,9 +50,9 @@ def test_an_emptied_catalog_makes_every_command_refuse_and_gc_delete_nothing(sma
     (small / "catalog.db").write_bytes(b"")
     for wal in ("catalog.db-wal", "catalog.db-shm"):
         (small / wal).unlink(missing_ok=True)
-    assert_refused(run(small, "log"))
-    assert_refused(run(small, "gc"))
-    assert_refused(run(small, "fsck"))
+    assert_refused(run_cli(small, "log"))
+    assert_refused(run_cli(small, "gc"))
+    assert_refused(run_cli(small, "fsck"))
     assert object_files(small) == objects
     assert (small / "catalog.db").read_bytes() == b""  # a read created nothing
 
@@ -66,8 +60,8 @@ def test_an_emptied_catalog_makes_every_command_refuse_and_gc_delete_nothing(sma
 def test_a_deleted_catalog_is_not_created_again_by_a_read(small) -> None:
     for name in ("catalog.db", "catalog.db-wal", "catalog.db-shm"):
         (small / name).unlink(missing_ok=True)
-    assert_refused(run(small, "log"))
-    assert_refused(run(small, "gc"))
+    assert_refused(run_cli(small, "log"))
+    assert_refused(run_cli(small, "gc"))
     assert not (small / "catalog.db").exists()
 
 
@@ -75,7 +69,7 @@ def test_gc_never_frees_an_object_a_manifest_needs_when_index_rows_are_lost(smal
     objects = object_files(small)
     with sqlite3.connect(small / "catalog.db") as db:
         db.execute("DELETE FROM entry_objects")
-    result = run(small, "gc")
+    result = run_cli(small, "gc")
     assert result.exit_code == 1 and REBUILD in result.output, result.output
     assert object_files(small) == objects
 
@@ -112,13 +106,10 @@ def history(tmp_path_factory):
 
 
 def said(root: Path, refs: list[str], exports: Path) -> dict:
-    out = {"log": json.loads(ok(root, "log", "--json")), "stances": json.loads(ok(root, "stances", "--json")),
-           "bases": json.loads(ok(root, "base", "list", "--json"))}
-    stats = json.loads(ok(root, "stats", "--json"))
-    stats.pop("catalog_bytes")
-    out["stats"] = stats
+    out = dict(zip(["log", "stances", "bases", "stats"],
+                   views(root, [("log",), ("stances",), ("base", "list"), ("stats",)])))
     for ref in refs:
-        out[f"show {ref}"] = json.loads(ok(root, "show", ref, "--json"))
+        out[f"show {ref}"] = run_json(root, "show", ref)
         folder = exports / ref
         ok(root, "export", ref, "--out", str(folder))
         out[f"export {ref}"] = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
@@ -127,7 +118,7 @@ def said(root: Path, refs: list[str], exports: Path) -> dict:
 
 
 def ok(root: Path, *args: str) -> str:
-    result = run(root, *args)
+    result = run_cli(root, *args)
     assert result.exit_code == 0, result.output
     return result.stdout
 
@@ -163,7 +154,7 @@ def test_a_lost_or_damaged_catalog_is_refused_everywhere_and_rebuilt_to_what_it_
     for args in (["log"], ["log", "--json"], ["stances"], ["show", refs[0]], ["stats"], ["base", "list"],
                  ["export", refs[0], "--out", str(tmp_path / "out")], ["tag", refs[0], "x"], ["stance", "delete", "plain"],
                  ["gc"], ["gc", "--dry-run"], ["fsck"]):
-        result = run(root, *args)
+        result = run_cli(root, *args)
         assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (args, result.output)
         lines = result.output.strip().splitlines()
         assert REBUILD in lines[-1] and not any("Traceback" in line for line in lines), (args, result.output)
@@ -171,7 +162,7 @@ def test_a_lost_or_damaged_catalog_is_refused_everywhere_and_rebuilt_to_what_it_
             assert len(lines) == 1, (args, result.output)
     assert {p: p.read_bytes() for p in object_files(root)} == objects  # gc deleted nothing
 
-    rebuilt = run(root, "fsck", "--rebuild-catalog")
+    rebuilt = run_cli(root, "fsck", "--rebuild-catalog")
     assert rebuilt.exit_code == 0, rebuilt.output
     assert "7 versions in 3 stances, 2 bases" in rebuilt.output
     assert said(root, refs, tmp_path / "exports-after") == seen
@@ -208,12 +199,12 @@ def test_a_write_ahead_log_deleted_while_another_process_holds_it(history, tmp_p
         (root / "catalog.db-wal").unlink()
         for args in (["log", "--json"], ["stances"], ["show", refs[0]], ["stats"], ["gc"], ["fsck"]):
             # SQLite finds the shared index of a log that is not there: one line, the rebuild.
-            assert_refused(run(root, *args))
+            assert_refused(run_cli(root, *args))
         assert {p: p.read_bytes() for p in object_files(root)} == objects  # gc deleted nothing
     finally:
         holder.stdin.close()
         holder.wait(timeout=30)
-    assert run(root, "fsck", "--rebuild-catalog").exit_code == 0
+    assert run_cli(root, "fsck", "--rebuild-catalog").exit_code == 0
     assert said(root, refs, tmp_path / "exports-after") == seen
 
 
@@ -243,10 +234,10 @@ def test_a_catalog_behind_the_ref_log_catches_up_on_open(small, tmp_path) -> Non
 def test_a_ref_log_that_lost_records_is_refused_and_not_rebuilt_from(small) -> None:
     log = small / "refs.log"
     log.write_bytes(log.read_bytes()[:-1].rsplit(b"\n", 1)[0] + b"\n")  # the last record gone
-    result = run(small, "log")
+    result = run_cli(small, "log")
     assert result.exit_code == 1 and "refs.log" in result.output and "restore it from a backup" in result.output
     assert len(result.output.strip().splitlines()) == 1
-    rebuilt = run(small, "fsck", "--rebuild-catalog")
+    rebuilt = run_cli(small, "fsck", "--rebuild-catalog")
     assert rebuilt.exit_code == 1 and "would lose versions" in rebuilt.output
     assert (small / "catalog.db").stat().st_size > 0
 
@@ -255,13 +246,13 @@ def test_a_torn_last_record_is_ignored_and_cut_off_by_the_next_writer(small) -> 
     log = small / "refs.log"
     whole = log.read_bytes()
     log.write_bytes(whole + b'{"op":"tag","stance":"s"')  # a writer died inside its append
-    assert run(small, "log").exit_code == 0
+    assert run_cli(small, "log").exit_code == 0
     with Store.open(small) as store:
         store.tag("s@1", "after")
         assert store.resolve("s@after").number == 1
     assert log.read_bytes().startswith(whole) and log.read_bytes().endswith(b"\n")
     assert b'"stance":"s"{' not in log.read_bytes()
-    assert run(small, "fsck").exit_code == 0
+    assert run_cli(small, "fsck").exit_code == 0
 
 
 def test_the_ref_log_records_each_change_as_canonical_json(small) -> None:
@@ -285,6 +276,6 @@ def test_the_ref_log_records_each_change_as_canonical_json(small) -> None:
 def test_gc_refuses_without_the_ref_log(small) -> None:
     objects = object_files(small)
     (small / "refs.log").unlink()
-    result = run(small, "gc")
+    result = run_cli(small, "gc")
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
     assert object_files(small) == objects

@@ -6,24 +6,18 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from cli.main import cli
 from deltastore import Store
 from deltastore.commit import NOT_A_FINE_TUNE, median_rel_change
 from deltastore.errors import IdenticalVersion, NotAFineTune
 
-from helpers import make_model, store_snapshot, write_folder
+from helpers import make_model, run_cli, store_snapshot, write_folder
 
 
 @pytest.fixture
 def store(tmp_path):
     with Store.init(tmp_path / "store") as s:
         yield s
-
-
-def run(store: Store, *args: str):
-    return CliRunner().invoke(cli, ["--store", str(store.root), *map(str, args)])
 
 
 def other_model(pair, tmp_path):
@@ -54,11 +48,11 @@ def test_same_weights_in_another_encoding_is_a_new_version(store, tmp_path):
 
 def test_cli_identical_recommit_one_line_exit_1(store, tmp_path):
     pair = make_model(tmp_path)
-    assert run(store, "commit", "s", pair.ft, "--base", pair.base).exit_code == 0
-    result = run(store, "commit", "s", pair.ft, "--base", pair.base)
+    assert run_cli(store, "commit", "s", pair.ft, "--base", pair.base).exit_code == 0
+    result = run_cli(store, "commit", "s", pair.ft, "--base", pair.base)
     assert result.exit_code == 1
     assert "identical to s@1" in result.output and "Traceback" not in result.output
-    assert run(store, "commit", "s", pair.ft, "--base", pair.base, "--allow-empty").exit_code == 0
+    assert run_cli(store, "commit", "s", pair.ft, "--base", pair.base, "--allow-empty").exit_code == 0
     assert [v.number for v in store.log("s")] == [2, 1]
 
 
@@ -78,15 +72,15 @@ def test_not_a_fine_tune_is_refused_naming_the_figure(store, tmp_path):
 
 def test_cli_commit_json_always_shows_the_median(store, tmp_path):
     pair = make_model(tmp_path)
-    result = run(store, "commit", "s", pair.ft, "--base", pair.base, "--json")
+    result = run_cli(store, "commit", "s", pair.ft, "--base", pair.base, "--json")
     assert result.exit_code == 0, result.output
     median = json.loads(result.output)["median_rel_change"]
     assert 0 < median < 0.05
     other = other_model(pair, tmp_path)
-    refused = run(store, "commit", "t", other, "--base", pair.base)
+    refused = run_cli(store, "commit", "t", other, "--base", pair.base)
     assert refused.exit_code == 1 and "--force" in refused.output and "Traceback" not in refused.output
     assert len(refused.output.strip().splitlines()) == 1
-    forced = run(store, "commit", "t", other, "--base", pair.base, "--force", "--json")
+    forced = run_cli(store, "commit", "t", other, "--base", pair.base, "--force", "--json")
     assert forced.exit_code == 0 and json.loads(forced.output)["median_rel_change"] > NOT_A_FINE_TUNE
 
 
@@ -98,24 +92,24 @@ def test_median_counts_unchanged_tensors_and_skips_unknown():
 
 def test_base_may_be_left_out_when_the_store_holds_one(store, tmp_path):
     pair = make_model(tmp_path)
-    none = run(store, "commit", "s", pair.ft)
+    none = run_cli(store, "commit", "s", pair.ft)
     assert none.exit_code == 2 and "--base is needed" in none.output and "no base yet" in none.output
     store.add_base(pair.base, name="tiny")
-    result = run(store, "commit", "s", pair.ft, "--json")
+    result = run_cli(store, "commit", "s", pair.ft, "--json")
     assert result.exit_code == 0, result.output
     assert store.resolve("s@1").base_id == store.bases()[0].id
     other = make_model(tmp_path, name="other", seed=5)
     store.add_base(other.base, name="other")
-    two = run(store, "commit", "t", other.ft)
+    two = run_cli(store, "commit", "t", other.ft)
     assert two.exit_code == 2 and "2 bases (" in two.output and "tiny" in two.output
 
 
 def test_encoding_names_in_any_case_and_listed_in_help(store, tmp_path):
     pair = make_model(tmp_path)
-    result = run(store, "commit", "s", pair.ft, "--base", pair.base, "--encoding", "INT4", "--json")
+    result = run_cli(store, "commit", "s", pair.ft, "--base", pair.base, "--encoding", "INT4", "--json")
     assert result.exit_code == 0, result.output
     assert store.resolve("s@1").encoding == "int4"
-    shown = run(store, "commit", "--help").output
+    shown = run_cli(store, "commit", "--help").output
     for name in ("lossless", "int8", "int4", "nf4", "fp4", "1bit", "lowrank:R", "auto"):
         assert name in shown
 
@@ -132,10 +126,10 @@ def test_a_typo_in_a_stance_name_asks_for_new_stance(store, tmp_path):
     with pytest.raises(StanceNameClose, match="'curious-uncertainty'.*--new-stance"):
         store.commit("curious-uncertanity", other, base=pair.base)
     assert store_snapshot(store.root) == before
-    result = run(store, "commit", "curious-uncertanity", other, "--base", pair.base)
+    result = run_cli(store, "commit", "curious-uncertanity", other, "--base", pair.base)
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
     assert "delete" not in result.output
-    assert run(store, "commit", "curious-uncertanity", other, "--base", pair.base, "--new-stance").exit_code == 0
+    assert run_cli(store, "commit", "curious-uncertanity", other, "--base", pair.base, "--new-stance").exit_code == 0
     store.commit("curious-uncertainty", other, base=pair.base)  # a stance that exists
     assert [r["name"] for r in store.stances()] == ["curious-uncertainty", "curious-uncertainty-2",
                                                     "curious-uncertanity"]

@@ -12,12 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from cli.main import cli
 from deltastore import Store
 
-from helpers import file_bytes, make_model, write_folder
+from helpers import file_bytes, make_model, run_cli, write_folder
 
 FULL = "No space left on device: free space, then run the command again"
 
@@ -46,10 +44,6 @@ def fill(disk: Path) -> Path:
     return filler
 
 
-def run(root: Path, *args: str):
-    return CliRunner().invoke(cli, ["--store", str(root), *args])
-
-
 def one_line_full(result) -> None:
     assert result.exit_code == 1, result.output
     assert result.output.strip().splitlines() == [f"Error: {FULL}"], result.output
@@ -73,14 +67,14 @@ def test_a_full_disk_fails_each_write_with_one_line_and_leaves_a_clean_store(sma
         pulled = other.commit("p", variant(pair, tmp_path, 3), base="tiny").version
     applied = tmp_path / "applied"
     shutil.copytree(pair.base, applied)
-    assert run(root, "apply", "s", str(applied)).exit_code == 0
-    log_before = run(root, "log", "--json").stdout
+    assert run_cli(root, "apply", "s", str(applied)).exit_code == 0
+    log_before = run_cli(root, "log", "--json").stdout
 
     filler = fill(small_disk)
-    one_line_full(run(root, "commit", "s", str(variant(pair, tmp_path, 2)), "--base", "tiny"))
+    one_line_full(run_cli(root, "commit", "s", str(variant(pair, tmp_path, 2)), "--base", "tiny"))
     target = tmp_path / "target"
     shutil.copytree(pair.base, target)
-    result = run(root, "apply", "s", str(target))
+    result = run_cli(root, "apply", "s", str(target))
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
     assert file_bytes(target) == file_bytes(pair.base)
     with Store.open(root) as store, Store.open(other_root) as other:
@@ -88,12 +82,12 @@ def test_a_full_disk_fails_each_write_with_one_line_and_leaves_a_clean_store(sma
         with pytest.raises(OSError) as e:
             store.ingest([pulled.manifest()], lambda oid, size: other.objects.get(oid))
         assert str(e.value) == FULL
-    result = run(root, "gc")
+    result = run_cli(root, "gc")
     assert result.exit_code in (0, 1) and len(result.output.strip().splitlines()) <= 2, result.output
     # Reads and revert work on the full disk.
-    assert run(root, "log", "--json").stdout == log_before
-    assert run(root, "show", "s").exit_code == 0
-    reverted = run(root, "revert", str(applied))
+    assert run_cli(root, "log", "--json").stdout == log_before
+    assert run_cli(root, "show", "s").exit_code == 0
+    reverted = run_cli(root, "revert", str(applied))
     assert reverted.exit_code == 0, reverted.output
     assert file_bytes(applied) == file_bytes(pair.base)
 
@@ -126,11 +120,11 @@ def test_a_file_size_limit_fails_a_commit_with_one_line_and_leaves_a_clean_store
     with Store.init(root) as store:
         store.add_base(pair.base, name="tiny")
         store.commit("s", variant(pair, tmp_path, 1), base="tiny")
-    before = run(root, "log", "--json").stdout
+    before = run_cli(root, "log", "--json").stdout
     limited = subprocess.run([sys.executable, "-c", LIMITED, "65536", "--store", str(root), "commit", "s",
                               str(variant(pair, tmp_path, 2)), "--base", "tiny"], capture_output=True, text=True)
     assert limited.returncode == 1 and limited.stderr.strip().splitlines() == [f"Error: {FULL}"], limited.stderr
-    assert run(root, "log", "--json").stdout == before
+    assert run_cli(root, "log", "--json").stdout == before
     with Store.open(root) as store:
         assert store.fsck(read_data=True).ok
         store.fsck(repair=True)

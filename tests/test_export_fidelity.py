@@ -20,7 +20,7 @@ from deltastore.export_fidelity import KlNotReached, export_lora_measured, merge
 from deltastore.errors import DeltastoreError  # noqa: E402
 from deltastore.lora import adapter_weights  # noqa: E402
 from deltastore.models import open_model  # noqa: E402
-from tiny_lm import PROMPTS, adam_like, pair, prompts_file, word_tokenizer  # noqa: E402
+from tiny_lm import PROMPTS, adam_like, kl_top1, pair, prompts_file  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,22 +35,6 @@ def peft_merged(base_dir, adapter_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return peft.PeftModel.from_pretrained(hf(base_dir), adapter_dir).eval().merge_and_unload()
-
-
-def kl_top1(reference, model):
-    """Mean KL(reference || model) over every position of every prompt, and top-1 agreement,
-    one prompt at a time (no batching, no padding)."""
-    tokenizer = word_tokenizer()
-    total, agree, positions = 0.0, 0, 0
-    for text in PROMPTS:
-        ids = torch.tensor([tokenizer(text)["input_ids"]])
-        with torch.no_grad():
-            p = torch.log_softmax(reference(input_ids=ids).logits[0].double(), -1)
-            q = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
-        total += float((p.exp() * (p - q)).sum())
-        agree += int((p.argmax(-1) == q.argmax(-1)).sum())
-        positions += ids.shape[1]
-    return total / positions, agree / positions
 
 
 @pytest.fixture

@@ -6,17 +6,15 @@ import json
 import os
 import shutil
 import sqlite3
-from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from cli.main import cli
 from cli.output import size
 from deltastore import Store
 
-from helpers import assert_same_state, file_bytes, flip_byte, load_folder, make_model, store_snapshot, write_folder
+from helpers import (assert_same_state, file_bytes, flip_byte, load_folder, make_model, run_cli, store_snapshot,
+                     write_folder)
 
 
 @pytest.fixture
@@ -34,10 +32,6 @@ def variant(pair, tmp_path, seed: int, names: list[str]):
 
 
 REBUILD = "fsck --rebuild-catalog"
-
-
-def run(store: Store, *args: str):
-    return CliRunner().invoke(cli, ["--store", str(store.root), *args])
 
 
 def objects_of(store: Store, ref: str) -> set[str]:
@@ -79,14 +73,14 @@ def test_gc_after_deleting_a_stance_frees_exactly_the_bytes_no_other_version_sha
     deleted = store.delete_stance("curious")
     assert deleted.bytes_only_here == expected
     before = store_snapshot(store.root)
-    dry = json.loads(run(store, "gc", "--dry-run", "--json").stdout)
+    dry = json.loads(run_cli(store, "gc", "--dry-run", "--json").stdout)
     assert store_snapshot(store.root) == before  # a dry run changes nothing
     assert set(dry["objects"]) == doomed and dry["bytes"] == expected
     assert dry["object_bytes"] == {o: store.objects.size(o) for o in doomed}
     # The summary alone, in one line; the list of objects only with --verbose.
-    text = run(store, "gc", "--dry-run").stdout
+    text = run_cli(store, "gc", "--dry-run").stdout
     assert text.strip().splitlines() == [f"would free {size(expected)} in {len(doomed)} objects"]
-    listed = run(store, "gc", "--dry-run", "--verbose").stdout
+    listed = run_cli(store, "gc", "--dry-run", "--verbose").stdout
     assert all(o in listed for o in doomed) and f"in {len(doomed)} objects" in listed
 
     result = store.gc()
@@ -239,11 +233,11 @@ def test_fsck_reports_problems_of_many_kinds_in_one_run(tmp_path, store) -> None
     assert deep.objects_checked >= len(shared) - 1
 
     # The command line: every problem, exit status 1, and the same as JSON.
-    result = run(store, "fsck", "--json")
+    result = run_cli(store, "fsck", "--json")
     assert result.exit_code == 1
     out = json.loads(result.stdout)
     assert out["ok"] is False and {p["kind"] for p in out["problems"]} == set(kinds)
-    text = run(store, "fsck").stdout
+    text = run_cli(store, "fsck").stdout
     assert "confident@1, curious@1" in text and "missing-object" in text
 
     # --repair does only what is safe: the dead writer's leftovers, not a live one's file,
@@ -258,6 +252,6 @@ def test_fsck_reports_problems_of_many_kinds_in_one_run(tmp_path, store) -> None
 def test_a_clean_store_has_no_problems_and_exits_0(tmp_path, store) -> None:
     pair = make_model(tmp_path)
     store.commit("curious", pair.ft, base=pair.base, encoding="int4", tag="t")
-    result = run(store, "fsck", "--read-data")
+    result = run_cli(store, "fsck", "--read-data")
     assert result.exit_code == 0 and result.stdout.strip().endswith("ok")
     assert store.fsck(read_data=True).problems == ()

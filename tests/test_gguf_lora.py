@@ -24,7 +24,6 @@ What llama.cpp writes and reads, pinned from its source at ggml-org/llama.cpp co
   gguf.quants.quantize raises QuantError (a q8_0 row that is not whole blocks of 32).
 """
 
-import copy
 import json
 
 import pytest
@@ -36,12 +35,10 @@ gguf = pytest.importorskip("gguf")
 from click.testing import CliRunner  # noqa: E402
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 from gguf import GGUFReader  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 
 from cli.main import cli  # noqa: E402
-from deltastore import Store  # noqa: E402
 from deltastore.gguf_lora import UnsupportedArchitecture, export_gguf_lora  # noqa: E402
-from tiny_lm import adam_like, llama, save  # noqa: E402
+from tiny_lm import committed, llama  # noqa: E402
 
 HIDDEN, FFN, LAYERS = 64, 128, 2
 LLAMA_PAIRS = {  # GGUF weight -> (in, out) of the base weight, from the converter's naming
@@ -98,20 +95,6 @@ def gpt_neox():
     return transformers.GPTNeoXForCausalLM(config).eval()
 
 
-def committed(tmp_path, model):
-    """A store holding the fine-tune (every tensor moved, stored lossless) of `model`."""
-    tuned = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(7)
-    move = adam_like(0.05)
-    with torch.no_grad():
-        for name, p in tuned.named_parameters():
-            p.copy_(move(name, p.detach().clone(), gen))
-    base, ft = save(model, tmp_path / "base"), save(tuned, tmp_path / "ft")
-    store = Store.init(tmp_path / "store")
-    store.commit("s", ft, base=str(base))
-    return store, load_file(base / "model.safetensors"), load_file(ft / "model.safetensors")
-
-
 def fields(reader):
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
@@ -161,7 +144,7 @@ def gpt2_hf(weight):
     ("gpt2", gpt2, GPT2_PAIRS, gpt2_hf),
 ])
 def test_gguf_lora_reads_back_as_the_converter_writes_it(tmp_path, arch, build, expected, hf_name):
-    store, base, ft = committed(tmp_path, build())
+    store, _, base, ft = committed(tmp_path, build())
     out = export_gguf_lora(store, "s", tmp_path / "s.gguf", rank=4, dtype="f32")
     reader = GGUFReader(out.out)
     assert fields(reader) == {"general.architecture": arch, "general.type": "adapter", "adapter.type": "lora",
@@ -192,7 +175,7 @@ def test_gguf_lora_reads_back_as_the_converter_writes_it(tmp_path, arch, build, 
 @pytest.mark.parametrize("dtype, qtype, tolerance", [
     ("f16", Q.F16, 2e-3), ("bf16", Q.BF16, 2e-2), ("q8_0", Q.Q8_0, 2e-2)])
 def test_gguf_lora_types_and_per_matrix_ranks(tmp_path, dtype, qtype, tolerance):
-    store, base, ft = committed(tmp_path, llama(0, hidden=HIDDEN, layers=LAYERS))
+    store, _, base, ft = committed(tmp_path, llama(0, hidden=HIDDEN, layers=LAYERS))
     out = export_gguf_lora(store, "s", tmp_path / "s.gguf", energy=0.6, rank=16, dtype=dtype)
     reader = GGUFReader(out.out)
     assert len(set(out.ranks.values())) > 1 and fields(reader)["adapter.lora.alpha"] == max(out.ranks.values())
@@ -206,7 +189,7 @@ def test_gguf_lora_types_and_per_matrix_ranks(tmp_path, dtype, qtype, tolerance)
 
 
 def test_cli_writes_gguf_and_refuses_other_architectures(tmp_path):
-    store, _, _ = committed(tmp_path, llama(0, hidden=HIDDEN, layers=LAYERS))
+    store, *_ = committed(tmp_path, llama(0, hidden=HIDDEN, layers=LAYERS))
     runner = CliRunner()
     target = tmp_path / "stance.gguf"
     result = runner.invoke(cli, ["--store", str(tmp_path / "store"), "export-lora", "s", "--rank", "2",
@@ -221,7 +204,7 @@ def test_cli_writes_gguf_and_refuses_other_architectures(tmp_path):
 
     other = tmp_path / "neox"
     other.mkdir()
-    neox_store, _, _ = committed(other, gpt_neox())
+    neox_store, *_ = committed(other, gpt_neox())
     with pytest.raises(UnsupportedArchitecture, match="LlamaForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel"):
         export_gguf_lora(neox_store, "s", other / "s.gguf", rank=2)
     refused = runner.invoke(cli, ["--store", str(other / "store"), "export-lora", "s", "--rank", "2",

@@ -30,7 +30,7 @@ from deltastore.errors import (BaseMismatch, BaseNotFound, HubAccessDenied, HubR
 from deltastore.hashing import canonical_json, manifest_id
 from deltastore.hub import INDEX_FILE, pull, push
 
-from helpers import (file_bytes, finetune_, make_model, module_snapshot, saved_state, store_snapshot,
+from helpers import (commit_takes, file_bytes, finetune_, make_model, module_snapshot, saved_state, store_snapshot,
                      write_folder)
 from hubserver import HubServer
 
@@ -51,13 +51,7 @@ def world(tmp_path_factory):
     pair = make_model(tmp)
     store = Store.init(tmp / "alice-store")
     store.add_base(pair.base, name="tiny", hub_id=BASE_HUB_ID)
-    for k, (stance, encoding) in enumerate(ENCODINGS.items()):
-        for n in (1, 2):
-            ft = copy.deepcopy(pair.base_module)
-            finetune_(ft, seed=100 * k + n)
-            folder = write_folder(tmp / f"ft-{stance}-{n}", saved_state(ft))
-            store.commit(stance, folder, base="tiny", encoding=encoding, message=f"{stance}, take {n}",
-                         metadata={"lr": "2e-5"})
+    commit_takes(store, pair, tmp, ENCODINGS)
     yield pair, store
     store.close()
 

@@ -9,11 +9,9 @@ the store left as it was.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import os
 import socket
-import sqlite3
 import subprocess
 import sys
 import uuid
@@ -29,7 +27,7 @@ from deltastore.hashing import bytes_id, canonical_json
 from deltastore.remote import Remote, clone, pull, push
 from deltastore.remotegc import GRACE_SECONDS, gc, gc_plan
 
-from helpers import file_bytes, finetune_, make_model, saved_state, write_folder
+from helpers import commit_takes, file_bytes, finetune_, make_model, saved_state, store_snapshot, write_folder
 
 ENCODINGS = {"curious-uncertainty": "lossless", "confident-expertise": "int8", "playful": "lowrank:4"}
 REFS = [f"{s}@{n}" for s in ENCODINGS for n in (1, 2)]
@@ -47,13 +45,7 @@ def world(tmp_path_factory):
     pair = make_model(tmp)
     store = Store.init(tmp / "a-store")
     store.add_base(pair.base, name="tiny", hub_id="org/tiny-base")
-    for k, (stance, encoding) in enumerate(ENCODINGS.items()):
-        for n in (1, 2):
-            ft = copy.deepcopy(pair.base_module)
-            finetune_(ft, seed=100 * k + n)
-            folder = write_folder(tmp / f"ft-{stance}-{n}", saved_state(ft))
-            store.commit(stance, folder, base="tiny", encoding=encoding, message=f"{stance}, take {n}",
-                         metadata={"lr": "2e-5"})
+    commit_takes(store, pair, tmp, ENCODINGS)
     yield pair, store
     store.close()
 
@@ -92,16 +84,7 @@ def remote_url(request, tmp_path, monkeypatch):
 
 def snapshot(root: Path) -> tuple[dict, dict, bytes]:
     """What a store holds: catalog rows, object files, the ref log."""
-    conn = sqlite3.connect(f"file:{root / 'catalog.db'}?mode=ro", uri=True)
-    try:
-        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
-                                             "AND name NOT LIKE 'sqlite_%' ORDER BY name")]
-        rows = {t: sorted(map(repr, conn.execute(f"SELECT * FROM {t}"))) for t in tables}
-    finally:
-        conn.close()
-    files = {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-             for p in sorted((root / "objects").rglob("*")) if p.is_file()}
-    return rows, files, (root / "refs.log").read_bytes()
+    return (*store_snapshot(root), (root / "refs.log").read_bytes())
 
 
 def exports_equal(a: Store, b: Store, refs, base: Path, tmp: Path) -> None:

@@ -4,7 +4,6 @@ nothing; the rebuilt catalog says what the live one says."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from deltastore import RefNotFound, Store
 from deltastore.errors import OptionConflict, StanceExists, TagsClash
 from deltastore.hashing import manifest_id
 
-from helpers import load_folder, make_model, store_snapshot, write_folder
+from helpers import load_folder, make_model, run_cli, run_json, store_snapshot, views, write_folder
 
 
 def variant(pair, tmp_path, seed: int):
@@ -23,19 +22,6 @@ def variant(pair, tmp_path, seed: int):
     state = {n: t.clone() for n, t in pair.base_state.items()}
     state["head.weight"] = state["head.weight"] + 0.01 * torch.randn(state["head.weight"].shape, generator=gen)
     return write_folder(tmp_path / f"variant-{seed}", state)
-
-
-def run(root, *args: str):
-    return CliRunner().invoke(cli, ["--store", str(root), *args])
-
-
-def run_json(root, *args: str):
-    result = run(root, *args, "--json")
-    assert result.exit_code == 0, result.output
-    out = json.loads(result.stdout)
-    if args == ("stats",):
-        out.pop("catalog_bytes")  # the database file's size: a rebuilt one is packed tighter
-    return out
 
 
 @pytest.fixture
@@ -88,14 +74,14 @@ def test_merge_moves_versions_after_the_existing_ones_keeping_ids_and_tags(typo,
 def test_the_rebuilt_catalog_equals_the_live_one_after_a_merge(typo):
     root, _ = typo
     run_json(root, "stance", "merge", "curious-uncertanity", "curious-uncertainty")
-    views = [("log",), ("stances",), ("stats",), *[("show", f"curious-uncertainty@{n}") for n in range(1, 6)]]
+    commands = [("log",), ("stances",), ("stats",), *[("show", f"curious-uncertainty@{n}") for n in range(1, 6)]]
     live_rows, _ = store_snapshot(root)
-    live = [run_json(root, *v) for v in views]
+    live = views(root, commands)
 
-    assert run(root, "fsck", "--rebuild-catalog").exit_code == 0
+    assert run_cli(root, "fsck", "--rebuild-catalog").exit_code == 0
     rows, _ = store_snapshot(root)
     assert rows == live_rows
-    assert [run_json(root, *v) for v in views] == live
+    assert views(root, commands) == live
     assert run_json(root, "fsck")["ok"]
 
 
@@ -105,10 +91,10 @@ def test_a_refused_merge_changes_nothing(typo):
         store.tag("curious-uncertainty@1", "mine")  # a tag of the same name in both
     before = store_snapshot(root), (root / "refs.log").read_bytes()
 
-    clash = run(root, "stance", "merge", "curious-uncertanity", "curious-uncertainty")
+    clash = run_cli(root, "stance", "merge", "curious-uncertanity", "curious-uncertainty")
     assert clash.exit_code == 1 and "both have a tag named 'mine'" in clash.output
     assert len(clash.output.strip().splitlines()) == 1
-    missing = run(root, "stance", "merge", "curious-uncertanity", "curious")
+    missing = run_cli(root, "stance", "merge", "curious-uncertanity", "curious")
     assert missing.exit_code == 1 and "no version matches 'curious'" in missing.output
     with Store.open(root) as store:
         with pytest.raises(OptionConflict):
@@ -120,7 +106,7 @@ def test_a_refused_merge_changes_nothing(typo):
 
 def test_renaming_onto_an_existing_stance_offers_merge_never_delete(typo):
     root, _ = typo
-    result = run(root, "stance", "rename", "curious-uncertanity", "curious-uncertainty")
+    result = run_cli(root, "stance", "rename", "curious-uncertanity", "curious-uncertainty")
     assert result.exit_code == 1
     assert "`deltastore stance merge curious-uncertanity curious-uncertainty` moves the versions" in result.output
     assert "delete" not in result.output
@@ -130,7 +116,7 @@ def test_renaming_onto_an_existing_stance_offers_merge_never_delete(typo):
 
 def test_merge_for_people(typo):
     root, _ = typo
-    result = run(root, "stance", "merge", "curious-uncertanity", "curious-uncertainty")
+    result = run_cli(root, "stance", "merge", "curious-uncertanity", "curious-uncertainty")
     assert result.exit_code == 0, result.output
     assert result.output == ("merged curious-uncertanity into curious-uncertainty: 2 versions, now "
                              "curious-uncertainty@4 to curious-uncertainty@5\n")

@@ -17,7 +17,8 @@ from deltastore.catalog import now
 from deltastore.errors import OldStoreFormat
 from deltastore.upgrade import FORMAT_1_SCHEMA
 
-from test_catalog_truth import history, ok, run, said  # noqa: F401 (a fixture)
+from helpers import run_cli
+from test_catalog_truth import history, ok, said  # noqa: F401 (a fixture)
 
 
 def downgrade(root: Path) -> None:
@@ -75,7 +76,7 @@ def test_every_command_on_a_format_1_store_says_to_upgrade(old_store, tmp_path) 
     root = tmp_path / "store"
     shutil.copytree(old_store[0], root)
     for args in (["log"], ["stats"], ["gc"], ["fsck"], ["fsck", "--rebuild-catalog"]):
-        result = run(root, *args)
+        result = run_cli(root, *args)
         assert result.exit_code == 1 and "deltastore upgrade" in result.output, (args, result.output)
         assert len(result.output.strip().splitlines()) == 1
     with pytest.raises(OldStoreFormat):
@@ -86,7 +87,7 @@ def test_upgrade_gives_the_same_store(old_store, tmp_path) -> None:
     source, refs, seen = old_store
     root = tmp_path / "store"
     shutil.copytree(source, root)
-    result = run(root, "upgrade")
+    result = run_cli(root, "upgrade")
     assert result.exit_code == 0 and "7 versions, 2 bases" in result.output, result.output
     assert said(root, refs, tmp_path / "exports") == seen
     with Store.open(root) as store:
@@ -154,10 +155,10 @@ def test_an_upgrade_killed_at_any_step_is_finished_by_running_it_again(old_store
         assert done.returncode == 9, done.stderr
         fmt = json.loads((root / "STORE").read_text())["format"]
         if fmt == "deltastore/store/1":
-            assert "deltastore upgrade" in run(root, "log").output
+            assert "deltastore upgrade" in run_cli(root, "log").output
         else:
             assert fmt == "deltastore/store/2"
-        assert run(root, "upgrade").exit_code == 0
+        assert run_cli(root, "upgrade").exit_code == 0
         assert said(root, refs, tmp_path / f"exports-{k}") == seen
         with Store.open(root) as store:
             assert store.fsck().ok

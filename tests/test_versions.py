@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import copy
-import json
-import math
 
 import blake3
 import pytest
 import sqlite_utils
 import torch
-from click.testing import CliRunner
 
-from cli.main import cli
 from deltastore import AmbiguousRef, RefNotFound, Store
 from deltastore.errors import MetadataError, StanceExists, TagNotFound, UnsafeInput, VersionConflict
 from deltastore.hashing import canonical_json, manifest_id
 
-from helpers import assert_same_state, load_folder, make_model, write_folder
+from helpers import assert_same_state, load_folder, make_model, run_cli, run_json, write_folder
 
 
 @pytest.fixture
@@ -33,17 +28,6 @@ def variant(pair, tmp_path, seed: int, names: list[str], *, scale: float = 0.01)
     for n in names:
         state[n] = state[n] + scale * torch.randn(state[n].shape, generator=gen).to(state[n].dtype)
     return write_folder(tmp_path / f"variant-{seed}", state), state
-
-
-def run(store: Store, *args: str):
-    result = CliRunner().invoke(cli, ["--store", str(store.root), *args])
-    return result
-
-
-def run_json(store: Store, *args: str):
-    result = run(store, *args, "--json")
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
 
 
 # -- refs --------------------------------------------------------------------------------------
@@ -120,7 +104,7 @@ def test_an_ambiguous_prefix_is_an_error_listing_the_candidates(tmp_path, store)
     longer = next(k for k in range(9, 65) if a[3:3 + k] != b[3:3 + k])
     assert store.resolve(a[3:3 + longer]).id == a
 
-    result = run(store, "show", shared)
+    result = run_cli(store, "show", shared)
     assert result.exit_code == 1
     assert all(ref in result.stderr for ref in refs) and "more digits" in result.stderr
     assert store.fsck().ok
@@ -172,13 +156,13 @@ def test_tags_name_versions_move_and_are_deleted(tmp_path, store) -> None:
     assert store.resolve("curious@2").id == v2.id  # the version stays
 
     store.tag(v1.id[3:15], "first")
-    assert run(store, "tag", "-d", "curious", "first").exit_code == 0
+    assert run_cli(store, "tag", "-d", "curious", "first").exit_code == 0
     store.tag(v1.id[3:15], "again")
     untagged = store.untag("curious", "again")
     assert (untagged.version.id, untagged.tag, untagged.deleted) == (v1.id, "again", True)
     assert untagged.to_json() == {"id": v1.id, "ref": "curious@1", "tag": "again", "deleted": True}
     assert store.catalog.tags() == []
-    result = run(store, "tag", "--delete", "curious@first")
+    result = run_cli(store, "tag", "--delete", "curious@first")
     assert result.exit_code == 1 and "has no tag 'first'" in result.stderr
 
 
@@ -235,7 +219,7 @@ def test_deleting_a_stance_removes_its_versions_and_tags_but_not_its_objects(tmp
     assert sorted(store.objects.ids()) == files_before  # until gc
     assert store.fsck().ok
     assert_same_state(load_folder(store.export(kept.id, tmp_path / "out")), pair.ft_state)
-    assert run(store, "stance", "delete", "curious").exit_code == 1
+    assert run_cli(store, "stance", "delete", "curious").exit_code == 1
 
 
 # -- log ---------------------------------------------------------------------------------------
@@ -256,10 +240,10 @@ def test_log_lists_versions_newest_first_with_their_facts(tmp_path, store) -> No
     assert rows[0]["tags"] == ["v2"] and rows[0]["parent"] == rows[1]["id"]
     assert [r["ref"] for r in run_json(store, "log")] == ["confident@1", "curious@2", "curious@1"]
 
-    text = run(store, "log", "curious").stdout.splitlines()
+    text = run_cli(store, "log", "curious").stdout.splitlines()
     assert text[0].split() == ["version", "id", "created", "encoding", "tensors", "bytes", "tags", "message"]
     assert text[1].startswith("curious@2") and rows[0]["id"][3:15] in text[1] and "all of it" in text[1]
-    assert run(store, "log", "nope").exit_code == 1
+    assert run_cli(store, "log", "nope").exit_code == 1
 
 
 # -- diff --------------------------------------------------------------------------------------
@@ -304,7 +288,7 @@ def test_diff_works_across_encodings(tmp_path, store) -> None:
 
     out = run_json(store, "diff", "small", "exact")
     assert out["a"] == "small@1" and len(out["tensors"]) == len(lossy)
-    text = run(store, "diff", "small", "exact").stdout
+    text = run_cli(store, "diff", "small", "exact").stdout
     assert f"{len(lossy)} changed" in text and "int4" in text
 
 
@@ -359,7 +343,7 @@ def test_a_bad_metadata_file_is_refused_with_a_clear_message_and_nothing_stored(
     pair = make_model(tmp_path)
     bad = tmp_path / "bad.json"
     bad.write_text(text)
-    result = run(store, "commit", "curious", str(pair.ft), "--base", str(pair.base), "--meta-file", str(bad))
+    result = run_cli(store, "commit", "curious", str(pair.ft), "--base", str(pair.base), "--meta-file", str(bad))
     assert result.exit_code == 1
     assert message in result.stderr and str(bad) in result.stderr and "Traceback" not in result.output
     assert store.catalog.versions() == []
@@ -374,5 +358,5 @@ def test_bad_metadata_keys_are_refused(tmp_path, store) -> None:
     for key in ("", "a=b", "x" * 129, "tab\there"):
         with pytest.raises(MetadataError):
             store.commit("curious", pair.ft, base=pair.base, metadata={key: "1"})
-    assert run(store, "commit", "curious", str(pair.ft), "--base", str(pair.base), "--meta", "=1").exit_code == 2
+    assert run_cli(store, "commit", "curious", str(pair.ft), "--base", str(pair.base), "--meta", "=1").exit_code == 2
     assert store.catalog.versions() == []

@@ -35,10 +35,9 @@ from safetensors.torch import load_file  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 from cli.main import cli  # noqa: E402
-from deltastore import Store  # noqa: E402
 from deltastore.lora import LoraError  # noqa: E402
 from deltastore.vllm_lora import export_vllm_lora  # noqa: E402
-from tiny_lm import adam_like, llama, save  # noqa: E402
+from tiny_lm import committed, llama  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,23 +62,6 @@ def gpt2():
     torch.manual_seed(2)
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=48, n_embd=64, n_layer=2, n_head=4,
                                                                 n_positions=64)).eval()
-
-
-def committed(tmp_path, model):
-    """A store holding a fine-tune of `model` that moved every tensor (norms, embeddings,
-    biases too), stored lossless."""
-    import copy
-
-    tuned = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(7)
-    move = adam_like(0.05)
-    with torch.no_grad():
-        for name, p in tuned.named_parameters():
-            p.copy_(move(name, p.detach().clone(), gen))
-    base, ft = save(model, tmp_path / "base"), save(tuned, tmp_path / "ft")
-    store = Store.init(tmp_path / "store")
-    store.commit("s", ft, base=str(base))
-    return store, base, load_file(base / "model.safetensors"), load_file(ft / "model.safetensors")
 
 
 def truncated(delta, rank):

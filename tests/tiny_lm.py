@@ -10,6 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+
+from deltastore import Store
 
 WORDS = ["[UNK]", "what", "is", "the", "capital", "of", "france", "i", "am", "not", "sure",
          "paris", "a", "cat", "sat", "on", "mat", "?", ".", "why", "sky", "blue", "how", "many"]
@@ -82,17 +85,49 @@ def save(model, folder: Path) -> Path:
     return folder
 
 
-def pair(tmp_path: Path, delta: Delta, *, name: str = "lm", seed: int = 0, **options) -> tuple[Path, Path]:
-    """`{name}-base/` and `{name}-ft/`: a tiny Llama and its fine-tune by `delta`."""
-    base = llama(seed, **options)
-    tuned = copy.deepcopy(base)
-    gen = torch.Generator().manual_seed(seed + 1)
+def tuned(model, delta: Delta, *, seed: int):
+    """A copy of `model` fine-tuned by `delta`, drawing from a generator seeded `seed`."""
+    out = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for param_name, p in tuned.named_parameters():
+        for param_name, p in out.named_parameters():
             moved = delta(param_name, p.detach().clone(), gen)
             if moved is not None:
                 p.copy_(moved)
-    return save(base, tmp_path / f"{name}-base"), save(tuned, tmp_path / f"{name}-ft")
+    return out
+
+
+def pair(tmp_path: Path, delta: Delta, *, name: str = "lm", seed: int = 0, **options) -> tuple[Path, Path]:
+    """`{name}-base/` and `{name}-ft/`: a tiny Llama and its fine-tune by `delta`."""
+    base = llama(seed, **options)
+    return save(base, tmp_path / f"{name}-base"), save(tuned(base, delta, seed=seed + 1), tmp_path / f"{name}-ft")
+
+
+def committed(tmp_path: Path, model) -> tuple[Store, Path, dict, dict]:
+    """A store holding stance `s`: a fine-tune of `model` that moved every tensor (norms,
+    embeddings, biases too), stored lossless. Returns the store, the base's folder, and the
+    base's and the fine-tune's tensors."""
+    base = save(model, tmp_path / "base")
+    ft = save(tuned(model, adam_like(0.05), seed=7), tmp_path / "ft")
+    store = Store.init(tmp_path / "store")
+    store.commit("s", ft, base=str(base))
+    return store, base, load_file(base / "model.safetensors"), load_file(ft / "model.safetensors")
+
+
+def kl_top1(reference, model, *, tokenizer=None, prompts: list[str] = PROMPTS) -> tuple[float, float]:
+    """Mean KL(reference || model) over every position of every prompt, and top-1 agreement,
+    one prompt at a time (no batching, no padding); the word tokenizer unless another is given."""
+    tokenizer = tokenizer or word_tokenizer()
+    total, agree, positions = 0.0, 0, 0
+    for text in prompts:
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        with torch.no_grad():
+            p = torch.log_softmax(reference(input_ids=ids).logits[0].double(), -1)
+            q = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+        total += float((p.exp() * (p - q)).sum())
+        agree += int((p.argmax(-1) == q.argmax(-1)).sum())
+        positions += ids.shape[1]
+    return total / positions, agree / positions
 
 
 def prompts_file(tmp_path: Path) -> Path:
