@@ -213,7 +213,7 @@ class Bench:
         basis = self._bases.get(name)
         if basis is None:
             dw = t.detach().to("cpu", torch.float32) - b.detach().to("cpu", torch.float32)  # as enc takes it
-            if t.dim() != 2 or not bool(torch.isfinite(dw).all()):
+            if t.dim() != 2 or not Q.all_finite(dw):
                 return enc.encode(b, t)  # refused there, in its own words
             basis = self._bases[name] = Q.gram_basis(dw, keep=self.basis_rank)
         return enc.encode(b, t, basis=basis)

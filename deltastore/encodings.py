@@ -248,7 +248,7 @@ def _check_pair(base: torch.Tensor, target: torch.Tensor, spec: str) -> None:
 
 def _delta_slice(base: torch.Tensor, target: torch.Tensor, spec: str) -> torch.Tensor:
     dw = target.detach().to("cpu", torch.float32) - base.detach().to("cpu", torch.float32)
-    if not bool(torch.isfinite(dw).all()):
+    if not Q.all_finite(dw):
         raise EncodingError(f"the delta has inf or nan values, which {spec} cannot hold; keep this tensor lossless")
     return dw
 

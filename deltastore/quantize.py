@@ -106,6 +106,19 @@ def _exp_param(params: Mapping[str, Any]) -> int:
     return _int_param(params, "scale_exp", *_EXP_RANGE)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether a float tensor holds no inf or nan. Its smallest and largest values are finite
+    exactly then (a nan makes both nan): one pass and no temporary, where
+    ``torch.isfinite(t).all()`` builds three full-size ones and took 30 times as long (200 us
+    against 6 for a subtraction, per 65536 float32)."""
+    if t.numel() == 0:
+        return True
+    if t.element_size() == 1:  # float8: no aminmax kernel
+        return bool(torch.isfinite(t.float()).all())
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(lo) and math.isfinite(hi)
+
+
 # -- int8 / int4: symmetric group-wise absmax ------------------------------------------------
 
 def _qmax(bits: int) -> int:
@@ -248,23 +261,54 @@ def _bnb() -> Any:
 
 
 def bnb_encode(dw: torch.Tensor, *, quant_type: str, blocksize: int) -> tuple[Parts, dict[str, Any]]:
-    F = _bnb()
-    flat = dw.reshape(-1)
-    # An even count keeps bitsandbytes' CPU kernel off its slow (torch.compile) odd-shape path;
-    # the zero added joins the last block, whose absmax it cannot change.
+    """bitsandbytes' 4-bit quantisation of the flat delta: the very bytes ``quantize_4bit``
+    makes on a CPU (tested), computed here a slice at a time with bitsandbytes' code table."""
+    code = _bnb().get_4bit_type(quant_type, device="cpu").float()
+    flat = dw.reshape(-1).float()
+    # An even count, as bitsandbytes' CPU kernel needs (its odd-shape path is slow); the zero
+    # added joins the last block, whose absmax it cannot change.
     if flat.numel() % 2:
         flat = torch.cat([flat, flat.new_zeros(1)])
-    if flat.numel():
-        packed, state = F.quantize_4bit(flat, blocksize=blocksize, quant_type=quant_type,
-                                        compress_statistics=False, quant_storage=torch.uint8)
-        absmax, code = state.absmax, state.code
-    else:
-        packed, absmax = torch.empty(0, dtype=torch.uint8), torch.empty(0)
-        code = F.get_4bit_type(quant_type, device="cpu")
-    parts = {"data": _bytes(packed), "absmax": _bytes(absmax.float()), "code": _bytes(code.float())}
+    packed, absmax = _quantize_4bit(flat, code, blocksize)
+    parts = {"data": _bytes(packed), "absmax": _bytes(absmax), "code": _bytes(code)}
     params = {"quant_type": quant_type, "blocksize": blocksize, "quant_shape": [flat.numel()],
               "quant_dtype": "F32"}
     return parts, params
+
+
+def _quantize_4bit(flat: torch.Tensor, code: torch.Tensor, blocksize: int,
+                   slice_elements: int = SLICE) -> tuple[torch.Tensor, torch.Tensor]:
+    # bitsandbytes' CPU quantize_4bit, the same operations in the same order (each element
+    # scaled by the reciprocal of its block's absmax, clamped to [-1, 1], and given the code
+    # whose interval between midpoints holds it; a short last block divided by its absmax),
+    # but a cache-sized slice at a time: on the whole tensor it took 2-3 times as long.
+    order = torch.argsort(code)
+    bounds = (code[order[:-1]] + code[order[1:]]) / 2
+    remap = None if bool((order == torch.arange(len(code))).all()) else order.to(torch.uint8)
+
+    def codes(scaled: torch.Tensor) -> torch.Tensor:
+        q = torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8)
+        return q if remap is None else remap[q.long()]
+
+    n, bs = flat.numel(), blocksize
+    full = n - n % bs
+    absmax = torch.empty(-(-n // bs), dtype=torch.float32)
+    packed = torch.empty(n // 2, dtype=torch.uint8)
+    step = bs * max(1, slice_elements // bs)
+    for start in range(0, full, step):
+        end = min(start + step, full)
+        blocks = flat[start:end].view(-1, bs)
+        top = blocks.abs().amax(dim=1)
+        absmax[start // bs:end // bs] = top
+        q = codes((blocks * (1.0 / top.clamp(min=1e-38)).view(-1, 1)).clamp_(-1, 1).view(-1))
+        packed[start // 2:end // 2] = (q[::2] << 4) | q[1::2]
+    if full < n:
+        tail = flat[full:]
+        top = tail.abs().max().clamp(min=1e-38)
+        absmax[-1] = top
+        q = codes(torch.clamp(tail / top, -1, 1))
+        packed[full // 2:] = (q[::2] << 4) | q[1::2]
+    return packed, absmax
 
 
 def bnb_decode(parts: Mapping[str, Any], params: Mapping[str, Any], *, quant_type: str, numel: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from deltastore import encodings
+from deltastore import quantize as Q
 from deltastore.encodings import Encoded
 from deltastore.errors import EncodingError
 
@@ -343,3 +344,50 @@ def test_lowrank_from_a_shared_basis_is_the_same_bytes():
             alone, shared = enc.encode(base, target), enc.encode(base, target, basis=basis)
             assert alone.params == shared.params
             assert {k: bytes(v) for k, v in alone.parts.items()} == {k: bytes(v) for k, v in shared.parts.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn])
+def test_all_finite_finds_one_nan_or_inf_anywhere(dtype: torch.dtype) -> None:
+    n = 3 * Q.SLICE + 5  # more than one slice of an encode, and an odd tail
+    assert Q.all_finite(torch.randn(n).to(dtype))
+    assert Q.all_finite(torch.empty(0, dtype=dtype))
+    for value in (float("nan"), float("inf"), float("-inf")):
+        for at in (0, Q.SLICE + 1, n - 1):
+            t = torch.randn(n).to(dtype)
+            t[at] = value
+            if torch.isfinite(t.float()).all():  # float8 e4m3 has no inf: it becomes nan or saturates
+                continue
+            assert not Q.all_finite(t), (value, at)
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4", "nf4", "1bit", "lowrank:2"])
+def test_a_nan_late_in_a_large_delta_is_refused(spec: str) -> None:
+    base = torch.zeros(64, 3 * Q.SLICE // 64 + 3)
+    target = torch.full_like(base, 1e-3)
+    target[-1, -2] = float("nan")
+    with pytest.raises(EncodingError, match="inf or nan"):
+        get(spec).encode(base, target)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", [32, 64, 128])
+def test_4bit_encode_is_byte_for_byte_bitsandbytes_quantize_4bit(quant_type: str, blocksize: int) -> None:
+    if not HAVE_BNB:
+        pytest.skip("bitsandbytes is not installed")
+    bnb = Q._bnb()
+    g = torch.Generator().manual_seed(7)
+    # Several slices and a short last block; zeros, an all-zero block, and values on the
+    # midpoints between codes (where the rounding direction is decided).
+    for n in (2, 64, 3 * Q.SLICE + 2 * 19, 5 * blocksize + 6):
+        flat = torch.randn(n, generator=g) * 1e-3
+        flat[::7] = 0
+        flat[:blocksize] = 0
+        code = bnb.get_4bit_type(quant_type, device="cpu").float()
+        mids = (code.sort().values[1:] + code.sort().values[:-1]) / 2
+        if n >= 2 * blocksize:
+            flat[blocksize:blocksize + 15] = mids * flat[blocksize:2 * blocksize].abs().max()
+        packed, state = bnb.quantize_4bit(flat, blocksize=blocksize, quant_type=quant_type,
+                                          compress_statistics=False, quant_storage=torch.uint8)
+        parts, _ = Q.bnb_encode(flat, quant_type=quant_type, blocksize=blocksize)
+        assert bytes(parts["data"]) == packed.numpy().tobytes(), n
+        assert bytes(parts["absmax"]) == state.absmax.float().numpy().tobytes(), n
