@@ -282,33 +282,61 @@ def _quantize_4bit(flat: torch.Tensor, code: torch.Tensor, blocksize: int,
     # scaled by the reciprocal of its block's absmax, clamped to [-1, 1], and given the code
     # whose interval between midpoints holds it; a short last block divided by its absmax),
     # but a cache-sized slice at a time: on the whole tensor it took 2-3 times as long.
-    order = torch.argsort(code)
-    bounds = (code[order[:-1]] + code[order[1:]]) / 2
-    remap = None if bool((order == torch.arange(len(code))).all()) else order.to(torch.uint8)
-
-    def codes(scaled: torch.Tensor) -> torch.Tensor:
-        q = torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8)
-        return q if remap is None else remap[q.long()]
-
+    nearest = _NearestCode(code)
     n, bs = flat.numel(), blocksize
     full = n - n % bs
     absmax = torch.empty(-(-n // bs), dtype=torch.float32)
-    packed = torch.empty(n // 2, dtype=torch.uint8)
+    packed = np.empty(n // 2, dtype=np.uint8)
     step = bs * max(1, slice_elements // bs)
     for start in range(0, full, step):
         end = min(start + step, full)
         blocks = flat[start:end].view(-1, bs)
         top = blocks.abs().amax(dim=1)
         absmax[start // bs:end // bs] = top
-        q = codes((blocks * (1.0 / top.clamp(min=1e-38)).view(-1, 1)).clamp_(-1, 1).view(-1))
+        q = nearest((blocks * (1.0 / top.clamp(min=1e-38)).view(-1, 1)).clamp_(-1, 1).view(-1))
         packed[start // 2:end // 2] = (q[::2] << 4) | q[1::2]
     if full < n:
         tail = flat[full:]
         top = tail.abs().max().clamp(min=1e-38)
         absmax[-1] = top
-        q = codes(torch.clamp(tail / top, -1, 1))
+        q = nearest(torch.clamp(tail / top, -1, 1))
         packed[full // 2:] = (q[::2] << 4) | q[1::2]
-    return packed, absmax
+    return torch.from_numpy(packed), absmax
+
+
+class _NearestCode:
+    """The index in a 16-entry code table of each value in [-1, 1], as bitsandbytes picks it:
+    ``torch.bucketize`` of the value among the midpoints of the sorted codes, mapped back to
+    the table's order. bucketize's binary search was 90% of the encoding (20 ns an element);
+    here a uniform grid of ``CELLS`` cells gives each value the bucket of its cell's left
+    edge, and two comparisons with the midpoints next to it correct that by one where a
+    midpoint lies between the two (never more: the midpoints are over 4 cells apart), which
+    is exact (tested on every 97th float32 in [-1, 1], and in the tests on every 997th) and 4 times as fast."""
+
+    CELLS = 4096
+
+    def __init__(self, code: torch.Tensor) -> None:
+        order = torch.argsort(code)
+        self.bounds = (code[order[:-1]] + code[order[1:]]) / 2
+        self.remap = order.to(torch.uint8).numpy()
+        self.grid = bool((self.bounds.diff() > 4 * 2 / self.CELLS).all())
+        if self.grid:
+            edges = torch.linspace(-1, 1, self.CELLS + 1, dtype=torch.float64)[:-1].float()
+            self.left = torch.bucketize(edges, self.bounds).numpy().astype(np.int64)
+            # bounds[q - 1] and bounds[q] for every bucket q, with -inf and +inf at the ends.
+            inf = np.array([np.inf], dtype=np.float32)
+            self.around = np.concatenate([-inf, self.bounds.numpy(), inf])
+
+    def __call__(self, scaled: torch.Tensor) -> np.ndarray:
+        if not self.grid:  # another table, with midpoints too close for the grid
+            q = torch.bucketize(scaled, self.bounds).numpy()
+        else:
+            s = scaled.numpy()
+            cell = np.clip(((s + 1.0) * (self.CELLS / 2)).astype(np.int64), 0, self.CELLS - 1)
+            q = self.left[cell]
+            q += s > self.around[q + 1]
+            q -= s <= self.around[q]
+        return self.remap[q]
 
 
 def bnb_decode(parts: Mapping[str, Any], params: Mapping[str, Any], *, quant_type: str, numel: int) -> torch.Tensor:

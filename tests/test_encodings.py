@@ -391,3 +391,21 @@ def test_4bit_encode_is_byte_for_byte_bitsandbytes_quantize_4bit(quant_type: str
         parts, _ = Q.bnb_encode(flat, quant_type=quant_type, blocksize=blocksize)
         assert bytes(parts["data"]) == packed.numpy().tobytes(), n
         assert bytes(parts["absmax"]) == state.absmax.float().numpy().tobytes(), n
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_4bit_codes_are_bucketize_among_the_midpoints_for_floats_across_minus_1_to_1(quant_type: str) -> None:
+    if not HAVE_BNB:
+        pytest.skip("bitsandbytes is not installed")
+    code = Q._bnb().get_4bit_type(quant_type, device="cpu").float()
+    nearest = Q._NearestCode(code)
+    assert nearest.grid
+    order = torch.argsort(code)
+    mids = (code[order[:-1]] + code[order[1:]]) / 2
+    ones = torch.tensor(1.0)
+    edges = torch.cat([mids, mids.nextafter(ones), mids.nextafter(-ones),
+                       torch.tensor([-1.0, 1.0, 0.0, -0.0, 1e-45, -1e-45])])
+    positive = torch.arange(0, 0x3F800001, 997, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    for values in (edges, positive, -positive):
+        expected = order[torch.bucketize(values, mids)].to(torch.uint8).numpy()
+        assert np.array_equal(nearest(values), expected)
