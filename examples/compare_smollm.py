@@ -10,6 +10,7 @@ temporary folder.
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import sys
@@ -52,9 +53,13 @@ def main() -> None:
     base = smollm.base_folder()
     tuned = {stance: smollm.finetune(base, stance) for stance in smollm.stances()["stances"]}
 
-    start = time.perf_counter()
+    # The machine's load goes with the time: on a shared machine the wall time says as much
+    # about the others as about compare; the CPU-seconds are the steadier figure.
+    load_before = os.getloadavg()[0]
+    start, cpu_start = time.perf_counter(), time.process_time()
     c = compare(base, tuned[STANCE], ranks=(8, 32), selections=SELECTIONS, prompts=prompts, chat=True)
-    compare_seconds = time.perf_counter() - start
+    compare_seconds, compare_cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    load = (load_before + os.getloadavg()[0]) / 2
     plot(c, HERE / "compare-smollm.png",
          title=f"SmolLM2-135M-Instruct, {STANCE} fine-tune: size vs KL ({c.positions} positions)")
 
@@ -85,6 +90,10 @@ def main() -> None:
         "",
         f"## compare: the {STANCE} fine-tune ({compare_seconds:.0f} s; peak memory of the whole run "
         f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB)",
+        "",
+        f"Run on {time.strftime('%Y-%m-%d')}: {compare_seconds:.0f} s wall and {compare_cpu:.0f} CPU-seconds on "
+        f"{os.cpu_count()} cores, with a load average of about {load:.1f} (other work on the machine) "
+        "while it ran.",
         "",
         f"{c.changed} of {c.tensors} tensors changed; the full copy is {size(c.full_bytes)} ({c.dtype}).",
         "",
