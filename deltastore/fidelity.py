@@ -162,7 +162,10 @@ class FidelityProbe:
         share of the prompts with one intra-op thread: torch's intra-op threads meet at every
         operation, and a model's many small ones made a pass of 8 chat prompts on SmolLM2-135M
         cost 1.7 CPU-s on two idle cores and 3-6 on a busy machine, where one thread costs 1.1
-        (the numbers are the same: each prompt's positions do not depend on the others)."""
+        (the numbers are the same: each prompt's positions do not depend on the others). The
+        model's forward is called from several threads at once, which a Hugging Face model
+        allows (its output capture is per thread); a model that keeps state between calls
+        would not."""
         count = len(self._inputs)
         lanes = 1 if device.type != "cpu" else max(1, min(torch.get_num_threads(), count))
         by_length = sorted(range(count), key=lambda i: self._inputs[i].shape[-1])
