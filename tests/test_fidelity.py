@@ -194,3 +194,26 @@ def test_load_causal_lm_refuses_what_it_cannot_load(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(FidelityError, match="pip install transformers"):
         load_causal_lm(tmp_path)
+
+
+def test_prompts_shared_between_threads_give_the_numbers_of_one_thread() -> None:
+    model = tiny_llama()
+    base, tuned = fine_tune(model)
+    prompts = [p[:n] for p, n in zip(id_prompts(count=7, length=20), (5, 20, 9, 14, 3, 17, 11))]
+    threads = torch.get_num_threads()
+    results = {}
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            model.load_state_dict(tuned)
+            probe = FidelityProbe(model, prompts)
+            assert len(probe._lanes(torch.device("cpu"))) == count
+            model.load_state_dict(base)
+            results[count] = probe.measure()
+            assert torch.get_num_threads() == count  # restored after the lanes ran
+    finally:
+        torch.set_num_threads(threads)
+    assert results[3].positions == results[1].positions == 79
+    assert results[3].kl == pytest.approx(results[1].kl, rel=1e-6)
+    assert results[3].top1 == results[1].top1
+    assert results[1].kl > 0
