@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import resource
 import sys
 import tempfile
@@ -137,11 +138,11 @@ def main() -> None:
                          f"{row.rank99 if row.rank99 is not None else '-'} |")
     lines += ["", "![relative change per layer and module](analyze-smollm.png)", ""]
     results = HERE / "RESULTS.md"
-    # similarity_smollm.py's section, between its markers, is its own to rewrite: keep it.
+    # Each other script's section (similarity_smollm.py, chains_smollm.py, ...), between its
+    # markers, is its own to rewrite: keep them all, in their order.
     previous = results.read_text() if results.exists() else ""
-    begin, end = "<!-- similarity_smollm.py -->", "<!-- end similarity_smollm.py -->"
-    if begin in previous and end in previous:
-        lines += [previous[previous.index(begin):previous.index(end) + len(end)], ""]
+    for section in re.finditer(r"<!-- (\S+\.py) -->.*?<!-- end \1 -->", previous, flags=re.S):
+        lines += [section.group(0), ""]
     results.write_text("\n".join(lines))
     print("\n".join(lines))
 
