@@ -176,21 +176,26 @@ class ObjectStore:
         while self._unsynced_dirs:
             fsync_dir(self._unsynced_dirs.pop())
 
-    def get(self, object_id: str, *, raw_size: int | None = None) -> bytes | bytearray:
-        """The payload of an object, verified against its id (and its expected size)."""
+    def get(self, object_id: str, *, raw_size: int | None = None, parallel: bool = True) -> bytes | bytearray:
+        """The payload of an object, verified against its id (and its expected size).
+        `parallel=False`: decompressed on this thread only (see decode_file)."""
         path = self.path(object_id)
         try:
             with open(path, "rb") as f:
                 blob = f.read()
         except FileNotFoundError:
             raise MissingObject(object_id) from None
-        payload = self.decode_file(object_id, blob, raw_size=raw_size)
+        payload = self.decode_file(object_id, blob, raw_size=raw_size, parallel=parallel)
         if bytes_id(payload) != object_id:
             raise CorruptObject(object_id, "content does not match its id")
         return payload
 
     @staticmethod
-    def decode_file(object_id: str, blob: bytes, *, raw_size: int | None = None) -> bytes | bytearray:
+    def decode_file(object_id: str, blob: bytes, *, raw_size: int | None = None,
+                    parallel: bool = True) -> bytes | bytearray:
+        """The payload an object file holds, its header checked. A payload of several zstd frames
+        is decompressed two frames at a time unless `parallel` is False: a caller with a few MB
+        to decode on a busy machine waits longer for a pool thread to wake than for the work."""
         if len(blob) < HEADER.size:
             raise CorruptObject(object_id, "shorter than its header")
         magic, version, compression, _, declared = HEADER.unpack_from(blob)
@@ -207,7 +212,7 @@ class ObjectStore:
             return bytes(body)
         if compression != ZSTD:
             raise CorruptObject(object_id, f"unknown compression {compression}")
-        return _bounded_decompress(object_id, body, declared)
+        return _bounded_decompress(object_id, body, declared, parallel=parallel)
 
     def ids(self) -> Iterator[str]:
         """Every object on disk, whether or not the catalog references it."""
@@ -340,14 +345,14 @@ def _parallel_decompress(body: memoryview, declared: int) -> bytearray | None:
     return out
 
 
-def _bounded_decompress(object_id: str, body: memoryview, declared: int) -> bytearray:
+def _bounded_decompress(object_id: str, body: memoryview, declared: int, *, parallel: bool = True) -> bytearray:
     # Read at most one byte past the declared size: a frame that expands further is refused
     # without ever holding more than declared + 1 bytes. The buffer grows as data arrives, so
     # a header that declares more than its frames hold costs no more than what they hold.
     if declared > len(body) * MAX_ZSTD_RATIO:
         raise CorruptObject(object_id, f"declares an impossible size ({declared} bytes from "
                                        f"{len(body)} bytes of zstd)")
-    if declared >= FRAMED_FROM:
+    if parallel and declared >= FRAMED_FROM:
         try:
             out = _parallel_decompress(body, declared)
         except zstandard.ZstdError:

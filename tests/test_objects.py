@@ -222,6 +222,7 @@ def test_a_large_payload_is_written_as_frames_read_two_at_a_time(tmp_path) -> No
     assert [size for _, _, size in frames] == [b - a for a, b in zip([0, *frame_ends(len(data))], frame_ends(len(data)))]
     assert len(frames) == FRAMES and frames[-1][1] == len(body)
     assert objects.get(put.id) == data
+    assert objects.get(put.id, parallel=False) == data  # one frame after another, on this thread
     # The streamed writer cuts the same frames, whatever its chunks.
     chunks = lambda: (memoryview(data)[i:i + 100_003] for i in range(0, len(data), 100_003))  # noqa: E731
     streamed = ObjectStore(tmp_path / "s")
@@ -240,8 +241,9 @@ def test_damaged_or_lying_frames_are_a_corrupt_object(tmp_path) -> None:
     good = path.read_bytes()
     for offset in (HEADER.size + 40, len(good) // 2, -2):
         flip_byte(path, offset)
-        with pytest.raises(CorruptObject):
-            objects.get(put.id)
+        for parallel in (True, False):
+            with pytest.raises(CorruptObject):
+                objects.get(put.id, parallel=parallel)
         path.write_bytes(good)
     half = len(data) // 2
     c = zstandard.ZstdCompressor()
