@@ -124,12 +124,17 @@ def prepare(store: Store, version: Version, current: dict[str, torch.Tensor]) ->
             raise BaseMismatch(version.base_id, None, wrong,
                                "these tensors are not the base's (is another stance applied? revert it first)")
 
-    def decoded(name: str, parts: dict | None = None) -> torch.Tensor:
+    def decoded(name: str, *, parallel: bool = True) -> torch.Tensor:
         entry, base = entries[name], bases[name]
+        parts, buffers = read_parts(store, entry, parallel=parallel)
         # Into a buffer an earlier revert gave back, where there is one (spare.py).
         out = spare.take(base.shape, base.dtype) if entry.dtype == dtype_name(base.dtype) \
             and tuple(entry.shape) == tuple(base.shape) else None
         result = store.decode_entry(entry, base, parts, out=out)
+        del parts
+        for buffer in buffers:
+            if not _overlap(buffer, result):
+                spare.give(buffer)
         # An exact encoding's result is a bitwise function of the verified object and base:
         # hashing it again would only cost time (a third of a surgical apply's).
         if not encodings.from_params(entry.encoding, entry.params).exact:
@@ -139,13 +144,32 @@ def prepare(store: Store, version: Version, current: dict[str, torch.Tensor]) ->
     if small:
         bases = {name: base_on_cpu(name) for name in entries}
         check_bases(bases)
-        return [(entries[name], live[name], decoded(name, store.read_parts(entries[name], parallel=False)))
-                for name in entries]
+        return [(entries[name], live[name], decoded(name, parallel=False)) for name in entries]
     # Every result is kept until the end anyway, so workers may run ahead of a large tensor.
     bases = dict(in_order(list(entries), base_on_cpu, ahead=len(entries)))
     check_bases(bases)
     return [(entries[name], live[name], result)
             for name, result in in_order(list(entries), decoded, ahead=len(entries))]
+
+
+def read_parts(store: Store, entry: TensorEntry, *, parallel: bool = True
+               ) -> tuple[dict[str, memoryview], list[torch.Tensor]]:
+    """An entry's payloads, each verified against its id, and the buffers that hold them:
+    spare ones where there are (spare.py), given back once decoded. Decompressing into fresh
+    memory cost a whole-model lossless apply 40% of its zstd time."""
+    parts, buffers = {}, []
+    for part, o in entry.objects.items():
+        buffer = spare.take((o.size,), torch.uint8)
+        parts[part] = store.objects.get(o.id, raw_size=o.size, parallel=parallel, into=buffer.numpy())
+        buffers.append(buffer)
+    return parts, buffers
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two CPU tensors' bytes share any memory (a result that is a view of its payload
+    keeps the payload's buffer)."""
+    a_start, b_start = a.data_ptr(), b.data_ptr()
+    return a_start < b_start + b.numel() * b.element_size() and b_start < a_start + a.numel() * a.element_size()
 
 
 def module_tensors(module: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import zstandard
 
@@ -176,26 +176,32 @@ class ObjectStore:
         while self._unsynced_dirs:
             fsync_dir(self._unsynced_dirs.pop())
 
-    def get(self, object_id: str, *, raw_size: int | None = None, parallel: bool = True) -> bytes | bytearray:
+    def get(self, object_id: str, *, raw_size: int | None = None, parallel: bool = True,
+            into: Any = None) -> bytes | bytearray | memoryview:
         """The payload of an object, verified against its id (and its expected size).
-        `parallel=False`: decompressed on this thread only (see decode_file)."""
+        `parallel` and `into`: see decode_file."""
         path = self.path(object_id)
         try:
             with open(path, "rb") as f:
                 blob = f.read()
         except FileNotFoundError:
             raise MissingObject(object_id) from None
-        payload = self.decode_file(object_id, blob, raw_size=raw_size, parallel=parallel)
+        payload = self.decode_file(object_id, blob, raw_size=raw_size, parallel=parallel, into=into)
         if bytes_id(payload) != object_id:
             raise CorruptObject(object_id, "content does not match its id")
         return payload
 
     @staticmethod
     def decode_file(object_id: str, blob: bytes, *, raw_size: int | None = None,
-                    parallel: bool = True) -> bytes | bytearray:
+                    parallel: bool = True, into: Any = None) -> bytes | bytearray | memoryview:
         """The payload an object file holds, its header checked. A payload of several zstd frames
         is decompressed two frames at a time unless `parallel` is False: a caller with a few MB
-        to decode on a busy machine waits longer for a pool thread to wake than for the work."""
+        to decode on a busy machine waits longer for a pool thread to wake than for the work.
+
+        `into`: a writable buffer of exactly `raw_size` bytes to put the payload in (returned as
+        a view of it). Memory written before costs half of what fresh memory does: the kernel
+        maps and zeroes each fresh page on its first write (decompressing a 272 MB payload:
+        311 ms CPU into fresh memory, 161 ms into a buffer used before)."""
         if len(blob) < HEADER.size:
             raise CorruptObject(object_id, "shorter than its header")
         magic, version, compression, _, declared = HEADER.unpack_from(blob)
@@ -206,13 +212,21 @@ class ObjectStore:
         if declared > MAX_OBJECT_BYTES:
             raise CorruptObject(object_id, f"declares an impossible size ({declared} bytes)")
         body = memoryview(blob)[HEADER.size:]
+        target = None
+        if into is not None:
+            target = memoryview(into).cast("B")
+            if raw_size is None or len(target) != raw_size or target.readonly:
+                raise ValueError("`into` must be a writable buffer of raw_size bytes")
         if compression == RAW:
             if len(body) != declared:
                 raise CorruptObject(object_id, "payload size differs from its header")
-            return bytes(body)
+            if target is None:
+                return bytes(body)
+            target[:] = body
+            return target
         if compression != ZSTD:
             raise CorruptObject(object_id, f"unknown compression {compression}")
-        return _bounded_decompress(object_id, body, declared, parallel=parallel)
+        return _bounded_decompress(object_id, body, declared, parallel=parallel, into=target)
 
     def ids(self) -> Iterator[str]:
         """Every object on disk, whether or not the catalog references it."""
@@ -311,18 +325,19 @@ def zstd_frames(body: memoryview) -> list[tuple[int, int, int]] | None:
     return frames
 
 
-def _parallel_decompress(body: memoryview, declared: int) -> bytearray | None:
-    """Every frame decompressed into its place in one buffer, two frames at a time; None
-    unless the frames declare exactly `declared` bytes between them (then the sequential
-    reader runs, and says what is wrong)."""
+def _parallel_decompress(body: memoryview, declared: int, into: memoryview | None = None
+                         ) -> bytearray | memoryview | None:
+    """Every frame decompressed into its place in one buffer (`into` where given), two frames
+    at a time; None unless the frames declare exactly `declared` bytes between them (then the
+    sequential reader runs, and says what is wrong)."""
     frames = zstd_frames(body)
     if frames is None or len(frames) < 2 or sum(size for _, _, size in frames) != declared:
         return None
-    if declared > max(FIRST_BUFFER, 64 * len(body)):
+    if into is None and declared > max(FIRST_BUFFER, 64 * len(body)):
         # Allocated whole before anything is decoded: no more than the sequential reader's
         # first buffer, which grows only as frames really produce data.
         return None
-    out = bytearray(declared)
+    out = bytearray(declared) if into is None else into
     view = memoryview(out)
     places, at = [], 0
     for start, end, size in frames:
@@ -345,20 +360,24 @@ def _parallel_decompress(body: memoryview, declared: int) -> bytearray | None:
     return out
 
 
-def _bounded_decompress(object_id: str, body: memoryview, declared: int, *, parallel: bool = True) -> bytearray:
+def _bounded_decompress(object_id: str, body: memoryview, declared: int, *, parallel: bool = True,
+                        into: memoryview | None = None) -> bytearray | memoryview:
     # Read at most one byte past the declared size: a frame that expands further is refused
     # without ever holding more than declared + 1 bytes. The buffer grows as data arrives, so
     # a header that declares more than its frames hold costs no more than what they hold.
+    # (`into`, of the declared size, is the caller's: it does not grow.)
     if declared > len(body) * MAX_ZSTD_RATIO:
         raise CorruptObject(object_id, f"declares an impossible size ({declared} bytes from "
                                        f"{len(body)} bytes of zstd)")
     if parallel and declared >= FRAMED_FROM:
         try:
-            out = _parallel_decompress(body, declared)
+            out = _parallel_decompress(body, declared, into)
         except zstandard.ZstdError:
             out = None  # the sequential reader below names the problem
         if out is not None:
             return out
+    if into is not None:
+        return _decompress_into(object_id, body, into)
     limit = declared + 1
     out = bytearray(min(limit, max(FIRST_BUFFER, 64 * len(body))))
     filled = 0
@@ -383,3 +402,22 @@ def _bounded_decompress(object_id: str, body: memoryview, declared: int, *, para
                                        f"bytes, header declares {declared}")
     del out[declared:]
     return out
+
+
+def _decompress_into(object_id: str, body: memoryview, into: memoryview) -> memoryview:
+    """_bounded_decompress into a buffer of the declared size: one byte more is refused."""
+    filled, extra = 0, bytearray(1)
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True) as reader:
+            while filled < len(into):
+                got = reader.readinto(into[filled:])
+                if not got:
+                    break
+                filled += got
+            more = filled == len(into) and reader.readinto(extra)
+    except zstandard.ZstdError as e:
+        raise CorruptObject(object_id, f"zstd: {e}") from None
+    if filled != len(into) or more:
+        raise CorruptObject(object_id, f"decompresses to {'more' if more else filled} "
+                                       f"bytes, header declares {len(into)}")
+    return into

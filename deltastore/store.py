@@ -787,10 +787,9 @@ class Store:
 
     # -- reading versions back -----------------------------------------------------------------
 
-    def read_parts(self, entry: TensorEntry, *, parallel: bool = True) -> dict[str, bytes | bytearray]:
-        """The payloads of one entry's objects, each verified against its id (`parallel`: see
-        ObjectStore.decode_file)."""
-        return {part: self.objects.get(o.id, raw_size=o.size, parallel=parallel) for part, o in entry.objects.items()}
+    def read_parts(self, entry: TensorEntry) -> dict[str, bytes | bytearray]:
+        """The payloads of one entry's objects, each verified against its id."""
+        return {part: self.objects.get(o.id, raw_size=o.size) for part, o in entry.objects.items()}
 
     def decode_entry(self, entry: TensorEntry, base_tensor: torch.Tensor | None,
                      parts: dict[str, bytes | bytearray] | None = None, *,
