@@ -123,12 +123,33 @@ def test_a_zstd_frame_expanding_past_its_declared_size_is_refused(tmp_path) -> N
     write_object(objects, object_id, ZSTD, declared, zstandard.ZstdCompressor().compress(payload))
     with pytest.raises(CorruptObject, match="decompresses to more bytes"):
         objects.get(object_id)
+    with pytest.raises(CorruptObject, match="decompresses to more bytes"):
+        objects.get(object_id, raw_size=declared, into=bytearray(declared))  # the caller's buffer
     # A frame that does not state its content size is bounded just the same.
     stream = zstandard.ZstdCompressor(write_content_size=False).compressobj()
     body = stream.compress(payload) + stream.flush()
     write_object(objects, object_id, ZSTD, declared, body)
     with pytest.raises(CorruptObject, match="decompresses to more bytes"):
         objects.get(object_id)
+    with pytest.raises(CorruptObject, match="decompresses to more bytes"):
+        objects.get(object_id, raw_size=declared, into=bytearray(declared))
+
+
+@pytest.mark.parametrize("kind", ["compressible", "random", "framed"])
+def test_a_payload_read_into_a_callers_buffer_is_the_same(tmp_path, kind) -> None:
+    from deltastore.objects import FRAMED_FROM
+
+    objects = ObjectStore(tmp_path)
+    data = framed_payload(FRAMED_FROM + 777) if kind == "framed" else PAYLOADS[kind]
+    put = objects.put(data)
+    for parallel in (True, False):
+        buffer = bytearray(b"\xff" * len(data))  # written before: nothing of it may survive
+        payload = objects.get(put.id, raw_size=len(data), parallel=parallel, into=buffer)
+        assert bytes(payload) == data and bytes(buffer) == data
+    with pytest.raises(ValueError):
+        objects.get(put.id, raw_size=len(data), into=bytearray(len(data) - 1))
+    with pytest.raises(CorruptObject, match="expected"):  # the header's size is checked first
+        objects.get(put.id, raw_size=len(data) + 1, into=bytearray(len(data) + 1))
 
 
 def test_a_zstd_frame_shorter_than_declared_or_not_zstd_is_refused(tmp_path) -> None:
@@ -244,6 +265,8 @@ def test_damaged_or_lying_frames_are_a_corrupt_object(tmp_path) -> None:
         for parallel in (True, False):
             with pytest.raises(CorruptObject):
                 objects.get(put.id, parallel=parallel)
+            with pytest.raises(CorruptObject):
+                objects.get(put.id, raw_size=len(data), parallel=parallel, into=bytearray(len(data)))
         path.write_bytes(good)
     half = len(data) // 2
     c = zstandard.ZstdCompressor()
