@@ -122,6 +122,21 @@ def test_int4_nibble_order_and_scale_layout() -> None:
     assert torch.equal(get("int4").decode(base, encoded, dtype=torch.float32, shape=(5,)), target)
 
 
+def test_int4_every_code_byte_decodes_to_its_nibbles_across_slices() -> None:
+    from deltastore import quantize
+
+    # All 256 code bytes, twice, then one odd element; scale 1 (fp16 1.0, exponent 0).
+    codes = bytes(range(256)) * 2 + bytes([0x8F])
+    n = 2 * 512 + 1
+    parts = {"codes": codes, "scales": np.ones(-(-n // 8), dtype="<f2").tobytes()}
+    params = {"group_size": 8, "scale_exp": 0}
+    expected = torch.tensor([v - 8.0 for b in codes for v in (b & 0x0F, b >> 4)][:n])
+    for step in (16, 64, n + 16):  # several slices, or one
+        sliced = torch.cat([dw for _, dw in quantize.absmax_decode_slices(parts, params, bits=4, numel=n,
+                                                                          slice_elements=step)])
+        assert torch.equal(sliced, expected)
+
+
 def test_1bit_bit_order() -> None:
     base = torch.zeros(2, 9)
     target = torch.tensor([[1.0, -1, -1, -1, -1, -1, -1, -1, 1], [-2.0, 2, 2, 2, 2, 2, 2, 2, -2]])
