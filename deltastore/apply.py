@@ -89,8 +89,31 @@ def match_names(entries: list[str], names: set[str]) -> dict[str, str]:
     raise BaseMismatch("(the version's base)", None, missing, "the module has no tensors of these names")
 
 
-def prepare(store: Store, version: Version, current: dict[str, torch.Tensor]) -> list[tuple[TensorEntry, torch.Tensor, torch.Tensor]]:
-    """(entry, module tensor, result on CPU) for every entry, everything verified.
+@dataclass
+class _XorInPlace:
+    """A lossless entry's verified payload, decoded at install straight into its module tensor
+    (encodings.xor_ungroup_in_place): the result of an exact encoding is a bitwise function of
+    the verified payload and base, so nothing is left to check once both are verified."""
+
+    payload: memoryview
+    buffers: list[torch.Tensor]
+    itemsize: int
+
+    def write(self, t: torch.Tensor) -> torch.Tensor:
+        """Decode into `t`; returns a buffer holding the base bytes it replaced."""
+        original = spare.take(tuple(t.shape), t.dtype)
+        encodings.xor_ungroup_in_place(self.payload, self.itemsize, _bytes_view(t), _bytes_view(original))
+        self.payload = memoryview(b"")
+        for buffer in self.buffers:
+            spare.give(buffer)
+        self.buffers = []
+        return original
+
+
+def prepare(store: Store, version: Version, current: dict[str, torch.Tensor]
+            ) -> list[tuple[TensorEntry, torch.Tensor, torch.Tensor | _XorInPlace]]:
+    """(entry, module tensor, result on CPU) for every entry, everything verified. A lossless
+    entry's result may instead be its verified payload (_XorInPlace), decoded by `install`.
 
     A large version runs two tensors at a time, as commit does (`in_order`): hashing, reading
     and decoding release the GIL, and one thread per tensor keeps both cores busy, where
@@ -102,6 +125,10 @@ def prepare(store: Store, version: Version, current: dict[str, torch.Tensor]) ->
     mapping = match_names([e.name for e in version.tensors], set(current))
     entries = {e.name: e for e in version.tensors}
     live = {e.name: current[mapping[e.name]] for e in version.tensors}
+    # A tensor that two entries write (tied names) takes its results one after the other: only
+    # one written once may be decoded in place, against the base it still holds.
+    storages = [t.untyped_storage().data_ptr() for t in live.values()]
+    shared = {p for p in storages if storages.count(p) > 1}
     small = sum(math.prod(e.shape) for e in version.tensors) < PIPELINED_FROM
 
     def base_on_cpu(name: str) -> torch.Tensor | None:
@@ -124,9 +151,15 @@ def prepare(store: Store, version: Version, current: dict[str, torch.Tensor]) ->
             raise BaseMismatch(version.base_id, None, wrong,
                                "these tensors are not the base's (is another stance applied? revert it first)")
 
-    def decoded(name: str, *, parallel: bool = True) -> torch.Tensor:
+    def decoded(name: str, *, parallel: bool = True) -> torch.Tensor | _XorInPlace:
         entry, base = entries[name], bases[name]
         parts, buffers = read_parts(store, entry, parallel=parallel)
+        t = live[name]
+        if entry.encoding == "lossless" and entry.params.get("mode") == "xor" and "xor" in parts \
+                and entry.dtype == dtype_name(t.dtype) and tuple(entry.shape) == tuple(t.shape) \
+                and len(parts["xor"]) == t.numel() * t.element_size() and _bytes_view(t) is not None \
+                and t.untyped_storage().data_ptr() not in shared:
+            return _XorInPlace(parts["xor"], buffers, t.element_size())
         # Into a buffer an earlier revert gave back, where there is one (spare.py).
         out = spare.take(base.shape, base.dtype) if entry.dtype == dtype_name(base.dtype) \
             and tuple(entry.shape) == tuple(base.shape) else None
@@ -197,7 +230,7 @@ def apply_module(store: Store, module: torch.nn.Module, version: Version, *, str
     return install(ApplyHandle(version, module), plan, [e.result_tensor_id for e, _, _ in plan])
 
 
-def install(handle: ApplyHandle, plan: list[tuple[TensorEntry, torch.Tensor, torch.Tensor]],
+def install(handle: ApplyHandle, plan: list[tuple[TensorEntry, torch.Tensor, torch.Tensor | _XorInPlace]],
             result_ids: list[str | None]) -> ApplyHandle:
     """Write each verified result into its module tensor, keeping the base bytes in `handle`
     for revert; on any error, put back what was written. `result_ids`: the id each result is
@@ -221,7 +254,9 @@ def _remember(tensors: list[torch.Tensor], ids: list[str | None]) -> None:
         checked.remember(t, tid)
 
 
-def _overwrite(t: torch.Tensor, result: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+def _overwrite(t: torch.Tensor, result: torch.Tensor | _XorInPlace) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    if isinstance(result, _XorInPlace):
+        return t, result.write(t), None
     if t.dtype == result.dtype and t.shape == result.shape and _exchange(t, result):
         return t, result, None  # `result` holds the base's bytes now
     original = _clone(t)

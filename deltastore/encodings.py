@@ -170,6 +170,40 @@ def byte_ungroup(data: bytes | memoryview, itemsize: int, *, xor: np.ndarray | N
     return torch.from_numpy(words.view(np.uint8))
 
 
+def xor_ungroup_in_place(data: bytes | memoryview, itemsize: int, target: np.ndarray, keep: np.ndarray, *,
+                         chunk: int = 1 << 18) -> None:
+    """A lossless xor payload decoded straight into `target`, the base's bytes, a chunk of
+    elements at a time, each chunk's base bytes copied into `keep` first: one pass over the
+    target where decoding into a buffer and then exchanging it with the target took two (an
+    embedding of 136M bf16 elements: 35 ms CPU against 49). `target` and `keep` are flat uint8
+    arrays of the payload's size. On an error, `target` is put back from `keep` first."""
+    src = np.frombuffer(data, dtype=np.uint8) if len(data) else np.empty(0, dtype=np.uint8)
+    if not (src.size == target.size == keep.size) or src.size % itemsize or itemsize not in (1, *_WORDS):
+        raise EncodingError(f"payload of {src.size} bytes does not fit {target.size} bytes of "
+                            f"{itemsize}-byte elements")
+    n = src.size // itemsize
+    planes = src.reshape(itemsize, n)
+    words, kept = (target, keep) if itemsize == 1 else (target.view(_WORDS[itemsize]), keep.view(_WORDS[itemsize]))
+    done = 0
+    try:
+        for start in range(0, n, chunk):
+            end = min(start + chunk, n)
+            w = words[start:end]
+            np.copyto(kept[start:end], w)
+            done = end
+            if itemsize == 1:
+                np.bitwise_xor(planes[0, start:end], kept[start:end], out=w)
+                continue
+            np.copyto(w, planes[-1, start:end])
+            for k in range(itemsize - 2, -1, -1):
+                w <<= 8
+                w |= planes[k, start:end]
+            w ^= kept[start:end]
+    except BaseException:
+        np.copyto(words[:done], kept[:done])
+        raise
+
+
 class Lossless(Encoding):
     """Exact: byte-grouped XOR of the bit patterns, or a raw copy where dtype or shape differ."""
 

@@ -331,3 +331,25 @@ def test_a_large_version_checked_two_tensors_at_a_time_applies_and_fails_the_sam
         store.apply(model, "lossless")
     assert e.value.names == ["blocks.1.mlp.weight"]
     assert module_snapshot(model) == before
+
+
+class Shared(nn.Module):
+    """Two buffer names for one tensor, as tied weights are."""
+
+    def __init__(self, t: torch.Tensor):
+        super().__init__()
+        self.register_buffer("a", t.clone())
+        self.register_buffer("b", self.a)
+
+
+def test_a_tensor_under_two_names_of_a_version_applies_and_reverts(tmp_path, store) -> None:
+    # Lossless results are decoded straight into the module's tensor; one that two entries
+    # write must still get each result against the base it held when it was checked.
+    base = torch.randn(64, 8, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    ft = (base.float() * 1.01).to(torch.bfloat16)
+    store.commit("s", {"a": ft, "b": ft.clone()}, base={"a": base, "b": base.clone()}, force=True)
+    assert sorted(e.name for e in store.resolve("s").tensors) == ["a", "b"]
+    model = Shared(base)
+    with store.applied(model, "s"):
+        assert torch.equal(model.a.view(torch.int16), ft.view(torch.int16)) and model.b is model.a
+    assert torch.equal(model.a.view(torch.int16), base.view(torch.int16))

@@ -424,3 +424,22 @@ def test_4bit_codes_are_bucketize_among_the_midpoints_for_floats_across_minus_1_
     for values in (edges, positive, -positive):
         expected = order[torch.bucketize(values, mids)].to(torch.uint8).numpy()
         assert np.array_equal(nearest(values), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bfloat16, torch.float32, torch.float64])
+def test_lossless_decoded_in_place_equals_decoded_and_keeps_the_base(dtype) -> None:
+    from deltastore.encodings import byte_ungroup, xor_ungroup_in_place
+
+    gen = torch.Generator().manual_seed(9)
+    base = torch.randint(0, 255, (1001 * 8,), generator=gen, dtype=torch.uint8).view(dtype)
+    target = torch.randint(0, 255, (1001 * 8,), generator=gen, dtype=torch.uint8).view(dtype)
+    payload = get("lossless").encode(base, target).parts["xor"]
+    expected = byte_ungroup(payload, base.element_size(), xor=base.view(torch.uint8).numpy()).numpy()
+    module, keep = base.clone(), torch.empty_like(base)
+    xor_ungroup_in_place(payload, base.element_size(), module.view(torch.uint8).numpy(),
+                         keep.view(torch.uint8).numpy(), chunk=100)  # many chunks and a short last one
+    assert module.view(torch.uint8).numpy().tobytes() == expected.tobytes() == target.view(torch.uint8).numpy().tobytes()
+    assert torch.equal(keep.view(torch.uint8), base.view(torch.uint8))
+    with pytest.raises(EncodingError):
+        xor_ungroup_in_place(payload, base.element_size(), module.view(torch.uint8).numpy()[1:],
+                             keep.view(torch.uint8).numpy()[1:])
