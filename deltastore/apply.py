@@ -1,14 +1,17 @@
 """Apply a version to a live nn.Module, in place, and revert it bit for bit.
 
 Everything that can fail is done before the first parameter is touched: every object is read
-and verified, every base tensor's id is checked, every result is decoded and checked against
-the id recorded at commit. Only then are parameters overwritten; an error during that last
-step puts back what was already written. Revert copies the saved base bytes back: it never
-subtracts a delta, so it is exact whatever the encoding.
+and verified, every base tensor's id is checked, every lossy result is decoded and checked
+against the id recorded at commit. Only then are parameters overwritten; an error during that
+last step puts back what was already written. A lossless result, a bitwise function of its
+verified payload and base that needs no check, is decoded as it is written: each chunk's base
+bytes are saved first (one pass over the module's bytes instead of two). Revert copies the
+saved base bytes back: it never subtracts a delta, so it is exact whatever the encoding.
 
 A base tensor this process has already checked, and that is unchanged since, is not hashed
-again (checked.py); results are decoded into buffers an earlier revert gave back (spare.py).
-For switching many times between the same stances, see prepared.py.
+again (checked.py); objects are decompressed, and results decoded, into buffers an earlier
+apply or revert gave back (spare.py). For switching many times between the same stances, see
+prepared.py.
 """
 
 from __future__ import annotations
@@ -188,8 +191,8 @@ def prepare(store: Store, version: Version, current: dict[str, torch.Tensor]
 def read_parts(store: Store, entry: TensorEntry, *, parallel: bool = True
                ) -> tuple[dict[str, memoryview], list[torch.Tensor]]:
     """An entry's payloads, each verified against its id, and the buffers that hold them:
-    spare ones where there are (spare.py), given back once decoded. Decompressing into fresh
-    memory cost a whole-model lossless apply 40% of its zstd time."""
+    spare ones where there are (spare.py), given back once decoded. Into fresh memory, reading
+    a whole-model lossless version's objects took 17% more CPU (967 against 825 ms)."""
     parts, buffers = {}, []
     for part, o in entry.objects.items():
         buffer = spare.take((o.size,), torch.uint8)
