@@ -1,11 +1,13 @@
-"""Spare buffers: memory a revert has finished with, kept for the next apply of the same sizes.
+"""Spare buffers: memory an apply or a revert has finished with, kept for the next apply of
+the same sizes.
 
-An apply writes each tensor it decodes into a buffer, and revert hands the module the base
-bytes that buffer ends up holding. Fresh memory is the slow part of that: the kernel maps and
-zeroes every page on its first write (measured on 2 cores: a 988 MB copy into fresh memory
-took 640-730 ms, into memory already written 90-125 ms). So a revert gives its buffers back
-here, and the next apply takes them: switching one model back and forth between whole-model
-stances then touches no fresh page.
+An apply decompresses each object into a buffer, and writes each tensor it decodes into
+another (or keeps the base bytes it replaces there); revert hands the module the base bytes
+back. Fresh memory is the slow part of that: the kernel maps and zeroes every page on its
+first write (measured on 2 cores: a 988 MB copy into fresh memory took 640-730 ms, into memory
+already written 90-125 ms). So an apply gives back each object's buffer once it is decoded, a
+revert gives back its buffers, and the next apply takes them: switching one model back and
+forth between whole-model stances then touches no fresh page.
 
 At most `limit()` bytes are kept (default 2 GiB, per process); `release()` frees them all.
 Owns only the buffers it holds: a buffer taken is the taker's, one given is never used again
