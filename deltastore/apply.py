@@ -158,7 +158,9 @@ def prepare(store: Store, version: Version, current: dict[str, torch.Tensor]
         entry, base = entries[name], bases[name]
         parts, buffers = read_parts(store, entry, parallel=parallel)
         t = live[name]
+        # (A chained entry's delta is against another version's result, not the module's base.)
         if entry.encoding == "lossless" and entry.params.get("mode") == "xor" and "xor" in parts \
+                and entry.against_version is None \
                 and entry.dtype == dtype_name(t.dtype) and tuple(entry.shape) == tuple(t.shape) \
                 and len(parts["xor"]) == t.numel() * t.element_size() and _bytes_view(t) is not None \
                 and t.untyped_storage().data_ptr() not in shared:
