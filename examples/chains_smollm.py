@@ -120,13 +120,7 @@ def main() -> None:
         END,
     ]
     section = "\n".join(lines)
-    results = HERE / "RESULTS.md"
-    text = results.read_text() if results.exists() else ""
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    results.write_text(text)
+    smollm.write_section(HERE / "RESULTS.md", section, BEGIN, END)
     print(section)
 
 

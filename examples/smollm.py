@@ -37,6 +37,17 @@ def cache_root(cache=None) -> Path:
     return Path(cache or os.environ.get("DELTASTORE_CACHE") or Path.home() / ".cache" / "deltastore")
 
 
+def write_section(results: Path, section: str, begin: str, end: str) -> None:
+    """Put ``section`` (which starts with ``begin`` and ends with ``end``) into ``results``: in
+    place of the text between those markers, or at its end; every other script's section stays."""
+    text = results.read_text() if results.exists() else ""
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    results.write_text(text)
+
+
 def _build_once(final: Path, write) -> Path:
     """Return `final`, writing it first with `write(tmp)` if it does not exist yet.
 
