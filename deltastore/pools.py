@@ -21,6 +21,16 @@ def pool(kind: str, workers: int = 2) -> ThreadPoolExecutor:
         return found
 
 
+def cores(most: int = 8) -> int:
+    """The cores this process may run on, at most `most`: how many tensors an apply works on at
+    once, where its results are kept anyway (a commit keeps to two, to bound its memory)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(most, n))
+
+
 def _forget() -> None:
     # A forked child has none of its parent's threads: it starts its own pools when it needs them.
     global _LOCK

@@ -25,13 +25,12 @@ from typing import Any, TYPE_CHECKING
 
 import torch
 
-from . import checked, encodings, spare
+from . import checked, encodings, ondevice, spare
 from .apply import copy_bytes, each_until_failure, interrupts_deferred, match_names, module_tensors
 from .chain import ChainError
 from .errors import BaseMismatch, CorruptObject, DeltastoreError, MissingObject
 from .hashing import DTYPES, bytes_id, dtype_name, tensor_id
 from .objects import ObjectStore
-from .quantize import unscale
 from .records import TensorEntry, Version
 
 if TYPE_CHECKING:  # store.py imports this module: Store for types only
@@ -122,8 +121,8 @@ def _prepare_entry(store: Store, version: Version, entry: TensorEntry, base_tens
         entry.check_result(result, version.ref, untouched="nothing was prepared")
     if mode == "full":
         return PreparedTensor(entry, result=_owned(result, device))
-    if entry.encoding in _ON_DEVICE and device.type != "cpu":
-        return PreparedTensor(entry, parts={p: _uint8(b, device) for p, b in parts.items()})
+    if entry.encoding in ondevice.ENCODINGS and device.type != "cpu":
+        return PreparedTensor(entry, parts={p: ondevice.uint8_on(b, device) for p, b in parts.items()})
     return PreparedTensor(entry, parts={p: bytes(b) for p, b in parts.items()})
 
 
@@ -143,32 +142,22 @@ def _owned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device).contiguous()
 
 
-def _uint8(data: Any, device: torch.device) -> torch.Tensor:
-    return encodings._bytes_tensor(data).to(device)
-
-
-# -- decoding on the module's device ------------------------------------------------------------
-# The same arithmetic as encodings.py, in torch: elementwise float32 operations round the same on
-# any device, so the bytes are those that `prepare` checked (tests compare them on the CPU).
-
-_ON_DEVICE = ("int4", "int8")
+# -- decoding ----------------------------------------------------------------------------------
 
 
 def decode(p: PreparedTensor, base: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The tensor apply produces for a packed entry, from the kept base, on its device. On the
-    CPU, written into `out` (a module tensor) where given: the same sliced decode as apply's,
-    a slice of the result at a time in the cache. Returns the result (`out` or not)."""
+    """The tensor apply produces for a packed entry, from the kept base, on its device
+    (ondevice.py where the encoding allows). On the CPU, written into `out` (a module tensor)
+    where given: the same sliced decode as apply's, a slice of the result at a time in the
+    cache. Returns the result (`out` or not)."""
     entry = p.entry
     dtype, shape = DTYPES[entry.dtype], tuple(entry.shape)
     parts = p.parts
     if p.compressed:
         parts = {part: ObjectStore.decode_file(entry.objects[part].id, blob, raw_size=entry.objects[part].size)
                  for part, blob in parts.items()}
-        if base.device.type != "cpu" and entry.params.get("mode") == "xor":
-            return _xor_ungroup(_uint8(parts["xor"], base.device), base)
-    elif base.device.type != "cpu" and entry.encoding in _ON_DEVICE \
-            and base.dtype in (torch.bfloat16, torch.float16, torch.float32):
-        return _absmax(p, base, dtype)
+    if ondevice.decodes(entry, base):
+        return ondevice.decode(entry, parts, base)
     # The reference decode, on the CPU.
     parts = {k: (v.cpu().numpy().tobytes() if isinstance(v, torch.Tensor) else v) for k, v in parts.items()}
     on_cpu = base.device.type == "cpu"
@@ -177,36 +166,6 @@ def decode(p: PreparedTensor, base: torch.Tensor, *, out: torch.Tensor | None = 
     result = encodings.from_params(entry.encoding, entry.params).decode(
         base if on_cpu else base.cpu(), encodings.Encoded(parts, entry.params), dtype=dtype, shape=shape, out=into)
     return result.to(base.device)
-
-
-def _xor_ungroup(payload: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """encodings.byte_ungroup with the base's bytes XORed in, as torch operations."""
-    itemsize = base.element_size()
-    n = base.numel()
-    if payload.numel() != n * itemsize:
-        raise DeltastoreError(f"payload has {payload.numel()} bytes, the base {n * itemsize}")
-    interleaved = payload.view(itemsize, n).t().contiguous().reshape(-1)
-    interleaved ^= base.detach().contiguous().reshape(-1).view(torch.uint8)
-    return interleaved.view(base.dtype).reshape(base.shape)
-
-
-def _absmax(p: PreparedTensor, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """quantize.absmax_decode plus the base, rounded once to `dtype` (encodings._Delta.decode)."""
-    params, n = p.entry.params, base.numel()
-    g, exp = int(params["group_size"]), int(params["scale_exp"])
-    codes = p.parts["codes"]
-    if p.entry.encoding == "int8":
-        dw = codes.view(torch.int8).to(torch.float32)
-    else:
-        low = (codes & 0x0F).to(torch.float32) - 8
-        high = (codes >> 4).to(torch.float32) - 8
-        dw = torch.stack([low, high], dim=1).reshape(-1)[:n]
-    scales = unscale(p.parts["scales"].view(torch.float16), exp)
-    whole = n // g
-    dw[:whole * g].view(whole, g).mul_(scales[:whole, None])
-    if n % g:
-        dw[whole * g:].mul_(scales[whole])
-    return dw.add_(base.detach().reshape(-1)).to(dtype).reshape(base.shape)
 
 
 # -- switching ----------------------------------------------------------------------------------

@@ -50,19 +50,6 @@ def test_apply_then_revert_is_bit_identical(tmp_path, store, kind) -> None:
     assert module_snapshot(model) == base
 
 
-def test_apply_works_on_any_device_the_module_is_on(tmp_path, store) -> None:
-    if not torch.cuda.is_available():
-        pytest.skip("needs a GPU")
-    pair = make_model(tmp_path, torch.bfloat16)
-    store.commit("s", pair.ft, base=pair.base)
-    model = copy.deepcopy(pair.base_module).cuda()
-    base = module_snapshot(model)
-    with store.applied(model, "s"):
-        assert module_snapshot(model) == module_snapshot(pair.ft_module)
-        assert all(p.device.type == "cuda" for p in model.parameters())
-    assert module_snapshot(model) == base
-
-
 def test_applied_context_manager_reverts_on_exit_and_on_error(tmp_path, store) -> None:
     pair = make_model(tmp_path, torch.bfloat16)
     store.commit("s", pair.ft, base=pair.base)

@@ -12,7 +12,6 @@ import deltastore.apply as apply_module
 import deltastore.prepared as prepared_module
 from deltastore import BaseMismatch, CorruptObject, DeltastoreError, Store
 from deltastore import checked
-from deltastore.prepared import PreparedTensor
 
 from helpers import finetune_, make_model, module_snapshot, saved_state, write_folder
 
@@ -180,28 +179,6 @@ def test_prepare_takes_the_base_from_a_module_and_refuses_an_unknown_mode(tmp_pa
     assert module_snapshot(model) == module_snapshot(pair.ft_module)
     with pytest.raises(DeltastoreError, match="unknown prepare mode"):
         store.prepare("a", mode="zipped")
-
-
-@pytest.mark.parametrize("encoding", ["lossless", "int4", "int8"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_decoding_in_torch_gives_the_bytes_of_the_reference_decode(tmp_path, store, encoding, dtype) -> None:
-    # The arithmetic a CUDA module's switch runs, compared here on the CPU.
-    pair = make_model(tmp_path, dtype)
-    version = store.commit("s", pair.ft, base=pair.base, encoding=encoding).version
-    decoded = 0
-    for entry in version.tensors:
-        if entry.encoding != encoding or entry.params.get("mode") == "raw":
-            continue
-        decoded += 1
-        base = pair.base_state[entry.name]
-        reference = store.decode_entry(entry, base)
-        parts = {p: prepared_module._uint8(b, torch.device("cpu")) for p, b in store.read_parts(entry).items()}
-        if encoding == "lossless":
-            ours = prepared_module._xor_ungroup(parts["xor"], base)
-        else:
-            ours = prepared_module._absmax(PreparedTensor(entry, parts=parts), base, base.dtype)
-        assert ours.dtype == reference.dtype and torch.equal(ours.view(torch.uint8), reference.view(torch.uint8))
-    assert decoded >= 3
 
 
 def test_prepared_stances_switch_on_a_cuda_module(tmp_path, store) -> None:

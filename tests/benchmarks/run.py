@@ -21,6 +21,7 @@ after a warm-up round. Figures (the targets they are held to at the end):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -144,14 +145,20 @@ def bench_store(b: Bench, encodings=ENCODINGS, with_peers: bool = True) -> dict:
 # -- switching -----------------------------------------------------------------------------------
 
 
-def bench_switch(b: Bench, stances=STANCES, with_peft: bool = True, with_prepared: bool = True) -> dict:
+def bench_switch(b: Bench, stances=STANCES, with_peft: bool = True, with_prepared: bool = True,
+                 device: str = "cpu") -> dict:
     """Cold applies (nothing of the module checked before in the process: each one hashes the
-    base), their reverts, switches between prepared stances, and the peers, in the same rounds."""
-    from safetensors.torch import load_model
+    base), their reverts, switches between prepared stances, and the peers, in the same rounds.
+    `device`: where the model lives ("cuda": load_model loads onto it, no PEFT peers)."""
+    import torch
+    from safetensors.torch import load_model as load_into
 
     from deltastore import Store, checked, spare
 
-    model = peers.load_lm(b.paths["base"], b.dtype)
+    def load_model(model, file, strict):
+        load_into(model, file, strict=strict, device=device)
+
+    model = peers.load_lm(b.paths["base"], b.dtype).to(device)
     store = Store.open(b.store)
     handles = {}
     steps = []
@@ -165,14 +172,18 @@ def bench_switch(b: Bench, stances=STANCES, with_peft: bool = True, with_prepare
                        setup=lambda: (checked.forget_all(), spare.release()), teardown=lambda h: h.revert())]
     prepared = {}
     if with_prepared:
-        prepared = {"full": store.prepare("adam"), "full int4": store.prepare("adam-int4"),
-                    "packed int4": store.prepare("adam-int4", mode="packed"),
-                    "packed int4 g128": store.prepare(INT4_OTHER, mode="packed")}
+        prepared = {"full": store.prepare("adam", device=device), "full int4": store.prepare("adam-int4", device=device),
+                    "packed int4": store.prepare("adam-int4", mode="packed", device=device),
+                    "packed int4 g128": store.prepare(INT4_OTHER, mode="packed", device=device)}
         steps += _prepared_steps(store, model, prepared)
     steps += [Step("load_model fine-tune", lambda _: load_model(model, b.tuned_file, strict=False)),
               Step("load_model base", lambda _: load_model(model, b.base_file, strict=False))]
     if with_peft:
         steps += _peft_steps(b)
+    if device != "cpu":
+        # A GPU's copies and kernels run after the call returns: each step ends when they do.
+        steps = [dataclasses.replace(s, fn=lambda arg, fn=s.fn: (fn(arg), torch.cuda.synchronize())[0])
+                 for s in steps]
     times = rounds(steps, b.runs)
     store.close()
     out = {"apply": {}, "revert": {}}
@@ -505,16 +516,17 @@ def switch_markdown(sw: dict, st: dict | None, model_bytes: int) -> list[str]:
              for k, t in sw.get("apply_fresh_memory", {}).items()]
     rows += [[f"prepared: {k}", fmt_t(t), f"{med(t) / load:.2%}"] for k, t in sw.get("prepared", {}).items()]
     rows += [["load_model of the full fine-tune", fmt_t(sw["load_model_fine_tune"]), "100.00%"]]
-    rows += [[f"PEFT {k}", fmt_t(t), f"{med(t) / load:.2%}"] for k, t in sw["peft"].items()
+    rows += [[f"PEFT {k}", fmt_t(t), f"{med(t) / load:.2%}"] for k, t in sw.get("peft", {}).items()
              if k in ("load_adapter+set_adapter", "set_adapter", "hotswap_adapter")]
     rows += [[f"deltastore revert `{k}`", fmt_t(t), f"{med(t) / load:.2%}"] for k, t in sw["revert"].items()]
     rows += [["load_model of the base", fmt_t(sw["load_model_base"]), f"{med(sw['load_model_base']) / load:.2%}"]]
-    rows += [[f"PEFT {k}", fmt_t(t), f"{med(t) / load:.2%}"] for k, t in sw["peft"].items()
+    rows += [[f"PEFT {k}", fmt_t(t), f"{med(t) / load:.2%}"] for k, t in sw.get("peft", {}).items()
              if k in ("disable_adapter", "unload")]
     lines += table(["switch", "time", "of load_model"], rows)
     adapter = f" ({mb(st['peers']['peft_lora']['bytes'])})" if st else ""
-    lines.append("PEFT's set_adapter switches between two adapters already in memory; load_adapter reads one "
-                 f"from disk. The adapter is a rank-{RANK} one on all linear layers{adapter}.")
+    if "peft" in sw:
+        lines.append("PEFT's set_adapter switches between two adapters already in memory; load_adapter reads one "
+                     f"from disk. The adapter is a rank-{RANK} one on all linear layers{adapter}.")
     if "prepared_bytes" in sw:
         held = ", ".join(f"{k} {mb(v)} ({v / model_bytes:.2f}x)" for k, v in sw["prepared_bytes"].items())
         lines.append(f"Memory a prepared stance holds (of the model file): {held}; the first switch also keeps "
@@ -556,9 +568,13 @@ def main() -> None:
     parser.add_argument("--growth", action="store_true", help="commit and apply times at every model size only")
     parser.add_argument("--only", choices=("switch", "inplace"),
                         help="only the switching figures, or only apply in place on files (and their targets)")
+    parser.add_argument("--device", default="cpu",
+                        help="with --only switch: the device the model lives on (cuda: no PEFT peers)")
     args = parser.parse_args()
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+    if args.device != "cpu" and args.only != "switch":
+        parser.error("--device needs --only switch")
     result = {"model": args.model, "date": date.today().isoformat(), "runs": args.runs,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
               "load_before": os.getloadavg()}
@@ -572,7 +588,7 @@ def main() -> None:
                 if args.only == "inplace":
                     b.prepare({k: v for k, v in STANCES.items()}, adapter=False, second_int4=False)
                 else:
-                    b.prepare()
+                    b.prepare(adapter=args.device == "cpu")
             result["model_bytes"], result["dtype"] = b.file_bytes, b.file_dtype
             if args.only in (None, "inplace"):
                 with phase("in place on files"):
@@ -582,7 +598,10 @@ def main() -> None:
                     result["store"] = bench_store(b)
             if args.only in (None, "switch"):
                 with phase("time to switch"):
-                    result["switch"] = bench_switch(b)
+                    result["switch"] = bench_switch(b, with_peft=args.device == "cpu", device=args.device)
+                if args.device != "cpu":
+                    import torch
+                    result["machine"] += f", the model on {torch.cuda.get_device_name(args.device)}"
             if args.only is None:
                 with phase("peak RSS"):
                     result["rss"] = bench_rss(b)

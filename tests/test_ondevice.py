@@ -1,0 +1,127 @@
+"""Decoding on the module's device (ondevice.py): the arithmetic, compared with the reference
+decode on the CPU here; and apply, revert, prepare and switch on a CUDA module, where there is one."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from deltastore import BaseMismatch, CorruptObject, DeltastoreError, Store, ondevice
+
+from helpers import make_model, module_snapshot, object_files
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: no CUDA device here")
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store.init(tmp_path / "store") as s:
+        yield s
+
+
+@pytest.mark.parametrize("encoding", ["lossless", "int4", "int8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_decoding_in_torch_gives_the_bytes_of_the_reference_decode(tmp_path, store, encoding, dtype) -> None:
+    # The arithmetic a CUDA module's apply and switch run, compared here on the CPU.
+    pair = make_model(tmp_path, dtype)
+    version = store.commit("s", pair.ft, base=pair.base, encoding=encoding).version
+    decoded = 0
+    for entry in version.tensors:
+        if entry.encoding != encoding or entry.params.get("mode") == "raw":
+            continue
+        decoded += 1
+        base = pair.base_state[entry.name]
+        reference = store.decode_entry(entry, base)
+        ours = ondevice.decode(entry, store.read_parts(entry), base)
+        assert ours.dtype == reference.dtype and torch.equal(ours.view(torch.uint8), reference.view(torch.uint8))
+    assert decoded >= 3
+
+
+@pytest.mark.parametrize("encoding", ["lossless", "int4", "int8"])
+def test_a_payload_of_the_wrong_size_is_refused(tmp_path, store, encoding) -> None:
+    pair = make_model(tmp_path, torch.bfloat16)
+    version = store.commit("s", pair.ft, base=pair.base, encoding=encoding).version
+    entry = next(e for e in version.tensors if e.encoding == encoding and e.params.get("mode") != "raw")
+    parts = {p: bytes(b) for p, b in store.read_parts(entry).items()}
+    part = "xor" if encoding == "lossless" else "codes"
+    parts[part] = parts[part][:-1]
+    with pytest.raises(DeltastoreError, match="bytes"):
+        ondevice.decode(entry, parts, pair.base_state[entry.name])
+
+
+def test_only_a_module_off_the_cpu_decodes_on_its_device(tmp_path, store) -> None:
+    pair = make_model(tmp_path, torch.bfloat16)
+    version = store.commit("s", pair.ft, base=pair.base, encoding="int4").version
+    entry = next(e for e in version.tensors if e.encoding == "int4")
+    base = pair.base_state[entry.name]
+    assert not ondevice.decodes(entry, base)
+    assert ondevice.decodes(entry, base.to("meta"))
+    assert not ondevice.decodes(entry, base.float().to("meta"))  # another dtype: the CPU decode converts
+
+
+# -- on a GPU --------------------------------------------------------------------------------------
+
+
+@GPU
+@pytest.mark.parametrize("encoding", ["lossless", "int4", "int8", "nf4", "1bit"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_apply_on_a_cuda_module_gives_the_bytes_of_the_cpu_apply(tmp_path, store, encoding, dtype) -> None:
+    if encoding == "nf4":
+        pytest.importorskip("bitsandbytes")
+    pair = make_model(tmp_path, dtype)
+    version = store.commit("s", pair.ft, base=pair.base, encoding=encoding).version
+    on_cpu = copy.deepcopy(pair.base_module)
+    with store.applied(on_cpu, "s"):
+        expected = module_snapshot(on_cpu)
+    model = copy.deepcopy(pair.base_module).cuda()
+    params = dict(model.named_parameters())
+    if encoding in ("lossless", "int4", "int8"):
+        assert any(ondevice.decodes(e, params[e.name]) for e in version.tensors if e.name in params)
+    base = module_snapshot(model)
+    for _ in range(2):  # the second apply finds its bases checked (checked.py on a CUDA tensor)
+        handle = store.apply(model, "s")
+        assert module_snapshot(model) == expected
+        assert all(p.device.type == "cuda" for p in model.parameters())
+        handle.revert()
+        assert module_snapshot(model) == base
+
+
+@GPU
+def test_a_cuda_module_with_tied_weights_applies_and_reverts(tmp_path, store) -> None:
+    pair = make_model(tmp_path, torch.bfloat16, llama=True, tied=True)
+    store.commit("s", pair.ft, base=pair.base, encoding="int4")
+    on_cpu = copy.deepcopy(pair.base_module)
+    with store.applied(on_cpu, "s"):
+        expected = module_snapshot(on_cpu)
+    model = copy.deepcopy(pair.base_module).cuda()
+    base = module_snapshot(model)
+    with store.applied(model, "s"):
+        assert module_snapshot(model) == expected
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert module_snapshot(model) == base
+
+
+@GPU
+def test_a_cuda_apply_refuses_a_damaged_object_or_another_base_and_writes_nothing(tmp_path, store) -> None:
+    pair = make_model(tmp_path, torch.bfloat16)
+    store.commit("s", pair.ft, base=pair.base, encoding="int4")
+    model = copy.deepcopy(pair.base_module).cuda()
+    first = next(iter(model.parameters()))
+    with torch.no_grad():
+        first.add_(1)
+    changed = module_snapshot(model)
+    with pytest.raises(BaseMismatch):
+        store.apply(model, "s")
+    assert module_snapshot(model) == changed
+
+    model = copy.deepcopy(pair.base_module).cuda()
+    base = module_snapshot(model)
+    largest = max(object_files(store.root), key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    largest.write_bytes(bytes(data))
+    with pytest.raises(CorruptObject):
+        store.apply(model, "s")
+    assert module_snapshot(model) == base
