@@ -31,7 +31,7 @@ import zstandard
 from .durable import fsync_dir
 from .errors import CorruptObject, DiskFull, MissingObject, UnsafeInput, is_disk_full
 from .hashing import ALGORITHM, bytes_id, hasher, hexdigest_id, is_id
-from .pools import pool
+from .pools import cores, pool
 
 MAGIC = b"DSOB"
 FORMAT_VERSION = 1
@@ -327,8 +327,8 @@ def zstd_frames(body: memoryview) -> list[tuple[int, int, int]] | None:
 
 def _parallel_decompress(body: memoryview, declared: int, into: memoryview | None = None
                          ) -> bytearray | memoryview | None:
-    """Every frame decompressed into its place in one buffer (`into` where given), two frames
-    at a time; None unless the frames declare exactly `declared` bytes between them (then the
+    """Every frame decompressed into its place in one buffer (`into` where given), a frame
+    per core at a time (pools.cores); None unless the frames declare exactly `declared` bytes between them (then the
     sequential reader runs, and says what is wrong)."""
     frames = zstd_frames(body)
     if frames is None or len(frames) < 2 or sum(size for _, _, size in frames) != declared:
@@ -354,7 +354,9 @@ def _parallel_decompress(body: memoryview, declared: int, into: memoryview | Non
                 filled += got
             return not reader.read(1)
 
-    if not all(pool("zstd").map(lambda place: one(*place), places)):
+    # A frame per core at a time: two here; on a many-core machine, an embedding's frames
+    # would otherwise leave all but two cores idle while every other tensor waits for it.
+    if not all(pool("zstd", cores()).map(lambda place: one(*place), places)):
         return None
     del places, view
     return out
