@@ -78,12 +78,53 @@ def hasher(size: int) -> "blake3.blake3":
 
 def tensor_id(tensor: torch.Tensor) -> str:
     """`b3:` + BLAKE3 of `"{DTYPE} {d0,d1,...}\\n"` followed by the raw little-endian bytes."""
-    data = tensor_bytes(tensor)
     shape = ",".join(str(d) for d in tensor.shape)
+    if tensor.device.type == "cuda":
+        h = hasher(tensor.numel() * tensor.element_size())
+        h.update(f"{dtype_name(tensor.dtype)} {shape}\n".encode())
+        staged_update(h, tensor)
+        return hexdigest_id(h)
+    data = tensor_bytes(tensor)
     h = hasher(len(data))
     h.update(f"{dtype_name(tensor.dtype)} {shape}\n".encode())
     h.update(data)
     return hexdigest_id(h)
+
+
+# A GPU tensor is hashed through two page-locked buffers of this size, one filling while the
+# other is hashed: a copy into ordinary memory ran at 3 GB/s on an H200 machine, into locked
+# memory at 43 GB/s (988 MB: 320 against 23 ms), and no whole copy of the tensor is made.
+STAGE = 16 << 20
+
+
+def staged_update(h: "blake3.blake3", tensor: torch.Tensor, *, step: int = STAGE) -> None:
+    """Feed `h` a tensor's bytes a `step` at a time through staging buffers (page-locked for a
+    CUDA tensor, whose copies then run while the previous slice is hashed)."""
+    import torch  # a tensor is at hand: torch is loaded already
+
+    flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    n = flat.numel()
+    if n == 0:
+        return
+    cuda = flat.device.type == "cuda"
+    stages = [torch.empty(min(n, step), dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
+    done: list[Any] = [None, None]  # per stage: the event its copy records (CUDA), else None
+
+    def start(k: int) -> None:
+        begin = k * step
+        stages[k % 2][:min(n, begin + step) - begin].copy_(flat[begin:begin + step], non_blocking=cuda)
+        if cuda:
+            done[k % 2] = torch.cuda.Event()
+            done[k % 2].record(torch.cuda.current_stream(flat.device))
+
+    slices = -(-n // step)
+    start(0)
+    for k in range(slices):
+        if k + 1 < slices:
+            start(k + 1)
+        if cuda:
+            done[k % 2].synchronize()
+        h.update(stages[k % 2][:min(n, k * step + step) - k * step].numpy())
 
 
 def bytes_id(data: bytes | memoryview) -> str:

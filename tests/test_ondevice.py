@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from deltastore import BaseMismatch, CorruptObject, DeltastoreError, Store, ondevice
+from deltastore.hashing import hasher, hexdigest_id, staged_update, tensor_id
 
 from helpers import make_model, module_snapshot, object_files
 
@@ -61,7 +62,31 @@ def test_only_a_module_off_the_cpu_decodes_on_its_device(tmp_path, store) -> Non
     assert not ondevice.decodes(entry, base.float().to("meta"))  # another dtype: the CPU decode converts
 
 
+@pytest.mark.parametrize("count", [0, 1, 7, 8, 9, 40, 1001])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int8])
+def test_a_tensor_hashed_a_slice_at_a_time_has_the_id_of_its_bytes(count, dtype) -> None:
+    # How a GPU tensor is hashed (through page-locked buffers), here on the CPU with slices of
+    # 16 bytes: slice edges inside and between elements, and a tensor smaller than a slice.
+    t = (torch.arange(count, dtype=torch.float32) * 0.37).to(dtype)
+    shape = ",".join(str(d) for d in t.shape)
+    name = {torch.bfloat16: "BF16", torch.float32: "F32", torch.int8: "I8"}[dtype]
+    h = hasher(0)
+    h.update(f"{name} {shape}\n".encode())
+    staged_update(h, t, step=16)
+    assert hexdigest_id(h) == tensor_id(t)
+
+
 # -- on a GPU --------------------------------------------------------------------------------------
+
+
+@GPU
+def test_a_cuda_tensor_has_the_id_of_its_bytes() -> None:
+    g = torch.Generator().manual_seed(3)
+    for shape in [(0,), (5,), (4097, 1031), (3, 16 << 20)]:
+        t = torch.randn(*shape, generator=g).to(torch.bfloat16)
+        assert tensor_id(t.cuda()) == tensor_id(t)
+    wide = torch.randn(64, 48, generator=g)
+    assert tensor_id(wide.cuda().t()) == tensor_id(wide.t().contiguous())  # not contiguous on the GPU
 
 
 @GPU
