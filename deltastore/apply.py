@@ -31,7 +31,7 @@ from . import checked, encodings, ondevice, spare
 from .commit import in_order
 from .errors import BaseMismatch
 from .hashing import dtype_name, tensor_id
-from .pools import cores, pool
+from .pools import cores, pool, two_threads
 from .records import TensorEntry, Version
 
 if TYPE_CHECKING:  # store.py imports this module: Store for types only
@@ -44,6 +44,9 @@ PIPELINED_FROM = 1 << 23
 # tensors took 50 ms on one thread, 31 ms on two), while a surgical delta's few MB would
 # wait longer for a thread to wake than for its copy.
 PARALLEL_WRITE_FROM = 64 << 20
+# A smaller version shares its checks with one pool thread from this many bytes of objects:
+# below that, waking the thread costs more than it saves.
+SHARED_FROM = 1 << 18
 
 
 @dataclass
@@ -124,10 +127,14 @@ def prepare(store: Store, version: Version, current: dict[str, torch.Tensor]
     A large version runs a tensor per core at a time (`in_order`, at most 8): hashing, reading
     and decoding release the GIL, and one thread per tensor keeps the cores busy, where
     torch's own intra-op threads wait on each other on a busy machine (a whole-model int4
-    apply ran 2x slower). A small version (a surgical delta) runs on this thread alone, its
-    objects decompressed in one piece: on a busy machine, waking a pool thread and passing the
-    GIL back and forth with it cost more than its few MB of work (a two-tensor apply, qwen0.5b
-    shape, load 3: 3.4 ms so, 4.0 ms with a read thread)."""
+    apply ran 2x slower). A small version (a surgical delta) is checked as a few whole tasks
+    (the bases' hashes; each entry's objects read, decompressed in one piece and hashed) that
+    this thread shares with one long-lived pool thread, starting the largest itself at once
+    (pools.two_threads); its decoding is left to this thread. A pipeline of a pool thread per
+    tensor would cost more in hand-offs than its few MB of work (a two-tensor apply, qwen0.5b
+    shape, load 3: 3.4 ms on one thread, 4.0 ms with a read thread); sharing costs one
+    hand-off (SmolLM2's two-tensor apply, 300 interleaved rounds: 3.03 -> 2.40 ms with both
+    cores free, 3.03 -> 3.13 ms with one core busy elsewhere)."""
     mapping = match_names([e.name for e in version.tensors], set(current))
     entries = {e.name: e for e in version.tensors}
     live = {e.name: current[mapping[e.name]] for e in version.tensors}
@@ -153,15 +160,17 @@ def prepare(store: Store, version: Version, current: dict[str, torch.Tensor]
         checked.remember(t, entry.base_tensor_id)
         return base
 
-    def check_bases(bases: dict[str, torch.Tensor | None]) -> None:
+    def check_bases(bases: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
         wrong = [name for name, cpu in bases.items() if cpu is None]
         if wrong:
             raise BaseMismatch(version.base_id, None, wrong,
                                "these tensors are not the base's (is another stance applied? revert it first)")
+        return bases
 
-    def decoded(name: str, *, parallel: bool = True) -> torch.Tensor | _XorInPlace:
+    def decoded(name: str, read: tuple[dict[str, memoryview], list[torch.Tensor]] | None = None
+                ) -> torch.Tensor | _XorInPlace:
         entry, base = entries[name], bases[name]
-        parts, buffers = read_parts(store, entry, parallel=parallel)
+        parts, buffers = read_parts(store, entry) if read is None else read
         t = live[name]
         # (A chained entry's delta is against another version's result, not the module's base.)
         if entry.encoding == "lossless" and entry.params.get("mode") == "xor" and "xor" in parts \
@@ -189,9 +198,18 @@ def prepare(store: Store, version: Version, current: dict[str, torch.Tensor]
         return result
 
     if small:
-        bases = {name: checked_base(name) for name in entries}
-        check_bases(bases)
-        return [(entries[name], live[name], decoded(name, parallel=False)) for name in entries]
+        # The bases' hashes and the objects' reading, decompressing and hashing all release the
+        # GIL: this thread and one pool thread share them out (the bases as one task, each
+        # entry's objects as one, the largest started at once). Nothing is decoded before every
+        # check has passed, and a wrong base is named before a damaged object.
+        sizes = {name: sum(o.size for o in entries[name].objects.values()) for name in entries}
+        by_size = sorted(entries, key=sizes.__getitem__)
+        run = two_threads if sum(sizes.values()) >= SHARED_FROM else _in_turn
+        bases, *reads = run([lambda: check_bases({name: checked_base(name) for name in entries})]
+                            + [lambda name=name: read_parts(store, entries[name], parallel=False)
+                               for name in by_size])
+        read = dict(zip(by_size, reads))
+        return [(entries[name], live[name], decoded(name, read[name])) for name in entries]
     # Every result is kept until the end anyway, so workers may run ahead of a large tensor,
     # and there may be one per core: with the model on a GPU of a 16-core machine, eight
     # workers against two took a cold lossless apply of qwen0.5b from 1149 to 879 ms (int4:
@@ -201,6 +219,10 @@ def prepare(store: Store, version: Version, current: dict[str, torch.Tensor]
     check_bases(bases)
     return [(entries[name], live[name], result)
             for name, result in in_order(list(entries), decoded, ahead=len(entries), workers=workers)]
+
+
+def _in_turn(tasks: list) -> list:
+    return [task() for task in tasks]
 
 
 def read_parts(store: Store, entry: TensorEntry, *, parallel: bool = True

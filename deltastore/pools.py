@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 _POOLS: dict[str, ThreadPoolExecutor] = {}
 _LOCK = threading.Lock()
@@ -29,6 +32,45 @@ def cores(most: int = 8) -> int:
     except AttributeError:  # not on Linux
         n = os.cpu_count() or 1
     return max(1, min(most, n))
+
+
+def two_threads(tasks: list[Callable[[], T]]) -> list[T]:
+    """Every task's result, in order, the tasks run by this thread and one pool thread: this
+    thread takes them from the end of the list, the pool thread from the start, each the next
+    one neither has started. So a caller puts its largest task last (this thread starts it at
+    once; the pool thread takes a moment to wake). A pool thread slow to wake (a busy machine)
+    costs at most the tasks it took: this thread never waits for it to start. The first failed
+    task's error in list order is raised, once no task is running."""
+    results: list = [None] * len(tasks)
+    errors: list[BaseException | None] = [None] * len(tasks)
+    ends = [0, len(tasks)]  # the first task not taken from the start, one past the last from the end
+    lock = threading.Lock()
+
+    def take(from_end: bool) -> int | None:
+        with lock:
+            if ends[0] >= ends[1]:
+                return None
+            if from_end:
+                ends[1] -= 1
+                return ends[1]
+            ends[0] += 1
+            return ends[0] - 1
+
+    def drain(from_end: bool) -> None:
+        while (i := take(from_end)) is not None:
+            try:
+                results[i] = tasks[i]()
+            except BaseException as e:
+                errors[i] = e
+
+    helper = pool("two", workers=1).submit(drain, False) if len(tasks) > 1 else None
+    drain(True)
+    if helper is not None and not helper.cancel():  # (a helper that never started is not waited for)
+        helper.result()
+    for error in errors:
+        if error is not None:
+            raise error
+    return results
 
 
 def _forget() -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from deltastore import BaseMismatch, CorruptObject, Store
+from deltastore import BaseMismatch, CorruptObject, Store, checked
 
 from helpers import (finetune_, make_model, module_snapshot, object_files, raw, saved_state,
                      tiny_net, write_folder)
@@ -340,3 +340,88 @@ def test_a_tensor_under_two_names_of_a_version_applies_and_reverts(tmp_path, sto
     with store.applied(model, "s"):
         assert torch.equal(model.a.view(torch.int16), ft.view(torch.int16)) and model.b is model.a
     assert torch.equal(model.a.view(torch.int16), base.view(torch.int16))
+
+
+# -- a small version's checks, shared with a pool thread ---------------------------------------
+
+
+def test_two_threads_returns_results_in_order_and_the_first_error_in_list_order() -> None:
+    from deltastore.pools import pool, two_threads
+
+    assert two_threads([lambda i=i: i * i for i in range(7)]) == [i * i for i in range(7)]
+    assert two_threads([]) == [] and two_threads([lambda: "one"]) == ["one"]
+    ran = []
+
+    def fails(what: str):
+        def task():
+            ran.append(what)
+            raise ValueError(what)
+        return task
+
+    with pytest.raises(ValueError, match="first"):
+        two_threads([lambda: ran.append("ok"), fails("first"), fails("second"), lambda: ran.append("last")])
+    assert sorted(ran) == ["first", "last", "ok", "second"]  # every task ran; none twice
+    # Called from the pool's own thread, it does the work alone instead of waiting for itself.
+    assert pool("two").submit(two_threads, [lambda: 1, lambda: 2, lambda: 3]).result(timeout=30) == [1, 2, 3]
+
+
+@pytest.fixture
+def shared_checks(monkeypatch):
+    """Every small version's checks shared with the pool thread, however few its bytes."""
+    import deltastore.apply as apply_module
+
+    monkeypatch.setattr(apply_module, "SHARED_FROM", 0)
+
+
+def test_a_small_version_checked_on_two_threads_applies_and_reverts(tmp_path, store, shared_checks) -> None:
+    pair = make_model(tmp_path, torch.float32)
+    store.commit("lossless", pair.ft, base=pair.base)
+    store.commit("int8", pair.ft, base=pair.base, encoding="int8")
+    model = copy.deepcopy(pair.base_module)
+    base = module_snapshot(model)
+    for ref in ("lossless", "int8"):
+        checked.forget_all()
+        with store.applied(model, ref):
+            if ref == "lossless":
+                assert module_snapshot(model) == module_snapshot(pair.ft_module)
+            else:
+                assert module_snapshot(model) != base
+        assert module_snapshot(model) == base
+
+
+def test_a_damaged_object_or_a_wrong_base_on_two_threads_changes_nothing(tmp_path, store, shared_checks) -> None:
+    pair = make_model(tmp_path, torch.bfloat16)
+    version = store.commit("s", pair.ft, base=pair.base).version
+    largest = max(version.tensors, key=lambda e: e.objects["xor"].size)  # this thread's first task
+    smallest = min(version.tensors, key=lambda e: e.objects["xor"].size)  # the pool thread's
+    model = copy.deepcopy(pair.base_module)
+    base = module_snapshot(model)
+    for damaged in (largest, smallest):
+        path = store.objects.path(damaged.objects["xor"].id)
+        good = path.read_bytes()
+        data = bytearray(good)
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+        checked.forget_all()
+        with pytest.raises(CorruptObject) as e:
+            store.apply(model, "s")
+        assert e.value.object_id == damaged.objects["xor"].id
+        assert module_snapshot(model) == base
+
+        # A wrong base and a damaged object at once: the base is named.
+        kept = model.blocks[1].mlp.weight[0, 0].item()
+        with torch.no_grad():
+            model.blocks[1].mlp.weight[0, 0] += 1
+        wrong = module_snapshot(model)
+        with pytest.raises(BaseMismatch) as e:
+            store.apply(model, "s")
+        assert e.value.names == ["blocks.1.mlp.weight"]
+        assert module_snapshot(model) == wrong
+        with torch.no_grad():
+            model.blocks[1].mlp.weight[0, 0] = kept
+        path.write_bytes(good)
+    checked.forget_all()
+    assert module_snapshot(model) == base
+    with store.applied(model, "s"):
+        assert module_snapshot(model) == module_snapshot(pair.ft_module)
+    assert module_snapshot(model) == base
