@@ -7,6 +7,7 @@ later change of algorithm is detectable rather than silently mismatching.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any, Iterable
 
@@ -154,6 +155,8 @@ def manifest_id(manifest: dict) -> str:
     return bytes_id(canonical_json(manifest))
 
 
+_ID = re.compile(ALGORITHM + ":[0-9a-f]{64}")
+
+
 def is_id(text: str) -> bool:
-    prefix, _, digest = text.partition(":")
-    return prefix == ALGORITHM and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
+    return isinstance(text, str) and _ID.fullmatch(text) is not None
