@@ -1,5 +1,6 @@
 """Long-lived thread pools, one of each kind per process: a surgical apply would spend more on
-starting threads than on its work."""
+starting threads than on its work. And a few tasks that release the GIL, shared between the
+calling thread and one pool thread (`two_threads`)."""
 
 from __future__ import annotations
 
@@ -40,9 +41,10 @@ def two_threads(tasks: list[Callable[[], T]]) -> list[T]:
     one neither has started. So a caller puts its largest task last (this thread starts it at
     once; the pool thread takes a moment to wake). A pool thread slow to wake (a busy machine)
     costs at most the tasks it took: this thread never waits for it to start. The first failed
-    task's error in list order is raised, once no task is running."""
+    task's error in list order is raised, once no task is running (every task has run: which
+    error comes first does not depend on timing)."""
     results: list = [None] * len(tasks)
-    errors: list[BaseException | None] = [None] * len(tasks)
+    errors: list[Exception | None] = [None] * len(tasks)
     ends = [0, len(tasks)]  # the first task not taken from the start, one past the last from the end
     lock = threading.Lock()
 
@@ -60,13 +62,17 @@ def two_threads(tasks: list[Callable[[], T]]) -> list[T]:
         while (i := take(from_end)) is not None:
             try:
                 results[i] = tasks[i]()
-            except BaseException as e:
+            except Exception as e:
                 errors[i] = e
 
     helper = pool("two", workers=1).submit(drain, False) if len(tasks) > 1 else None
-    drain(True)
-    if helper is not None and not helper.cancel():  # (a helper that never started is not waited for)
-        helper.result()
+    try:
+        drain(True)
+    finally:  # (after Ctrl-C here, the pool thread starts nothing more)
+        with lock:
+            ends[0] = ends[1]
+        if helper is not None and not helper.cancel():  # (one that never started is not waited for)
+            helper.result()
     for error in errors:
         if error is not None:
             raise error
