@@ -11,9 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import threading
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, TypeVar, TYPE_CHECKING
 
@@ -25,6 +22,7 @@ from .errors import BaseMismatch, EncodingError, NonFiniteTensor
 from .hashing import base_id as compute_base_id
 from .hashing import bytes_id, dtype_name, tensor_id
 from .models import TensorSource
+from .pools import WORKERS, pipelined
 from .records import Base, ObjectRef, TensorEntry, Version
 from .selection import Selector, TensorDelta, parse_encoding_rules, select
 
@@ -33,9 +31,6 @@ if TYPE_CHECKING:  # store.py imports this module: Store for types only
 
 # Norms are taken a cache-sized slice at a time (2x faster than 4M-element slices here).
 CHUNK = 1 << 18
-# Two tensors in flight keep both cores busy on this kind of machine without holding more
-# than two tensors (and their encodings) in memory.
-WORKERS = 2
 # A fine-tune moves a tensor by 0.0001-0.003 of its norm (SmolLM2, Adam, lr 2e-5); another model
 # of the same shape, or a random init, by about 1.4. Above this median, it is not a fine-tune.
 NOT_A_FINE_TUNE = 0.3
@@ -280,47 +275,9 @@ def in_order(names: list[str], work: Callable[[str], T], *, workers: int | None 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield from _pipelined(names, work, workers, max(workers, ahead or workers))
+        yield from pipelined(names, work, workers, max(workers, ahead or workers))
     finally:
         torch.set_num_threads(threads)
-
-
-def _pipelined(names: list[str], work: Callable[[str], T], workers: int, ahead: int) -> Iterator[tuple[str, T]]:
-    # The pool runs `workers` at a time, in order; names handed out beyond that wait in its
-    # queue, holding nothing until they start. Once one fails, those that start later (all
-    # after it, whose results are never yielded: its error is raised first) do no work.
-    failed = threading.Event()
-
-    def guarded(name: str) -> T | None:
-        if failed.is_set():
-            return None
-        try:
-            return work(name)
-        except BaseException:
-            failed.set()
-            raise
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: deque = deque()
-        try:
-            it = iter(names)
-            for name in it:
-                pending.append((name, pool.submit(guarded, name)))
-                if len(pending) >= ahead:
-                    break
-            while pending:
-                name, future = pending.popleft()
-                result = future.result()
-                nxt = next(it, None)
-                if nxt is not None:
-                    pending.append((nxt, pool.submit(guarded, nxt)))
-                yield name, result
-        finally:
-            # However it ends (an error, an interrupt, the caller stopping early), nothing
-            # queued starts: leaving the pool waits only for the tensors in flight.
-            failed.set()
-            for _, f in pending:
-                f.cancel()
 
 
 def spec_chooser(encoding: str, rules: list[tuple[str, str]] | None, options: dict, target: TensorSource):

@@ -79,15 +79,24 @@ def hasher(size: int) -> "blake3.blake3":
 
 def tensor_id(tensor: torch.Tensor) -> str:
     """`b3:` + BLAKE3 of `"{DTYPE} {d0,d1,...}\\n"` followed by the raw little-endian bytes."""
-    shape = ",".join(str(d) for d in tensor.shape)
     if tensor.device.type == "cuda":
         h = hasher(tensor.numel() * tensor.element_size())
-        h.update(f"{dtype_name(tensor.dtype)} {shape}\n".encode())
+        h.update(id_header(dtype_name(tensor.dtype), tensor.shape))
         staged_update(h, tensor)
         return hexdigest_id(h)
-    data = tensor_bytes(tensor)
+    return raw_tensor_id(dtype_name(tensor.dtype), tensor.shape, tensor_bytes(tensor))
+
+
+def id_header(dtype: str, shape: Iterable[int]) -> bytes:
+    """What a tensor id hashes before the tensor's bytes: its dtype name and shape."""
+    return f"{dtype} {','.join(str(d) for d in shape)}\n".encode()
+
+
+def raw_tensor_id(dtype: str, shape: Iterable[int], data: bytes | memoryview) -> str:
+    """`tensor_id` of a tensor given as its safetensors dtype name, shape and raw bytes (a
+    region of a weight file, read without torch)."""
     h = hasher(len(data))
-    h.update(f"{dtype_name(tensor.dtype)} {shape}\n".encode())
+    h.update(id_header(dtype, shape))
     h.update(data)
     return hexdigest_id(h)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .durable import fsync_dir, replace_file
 from .errors import DeltastoreError, DiskFull, is_disk_full
-from .hashing import canonical_json, hasher, hexdigest_id
+from .hashing import canonical_json, hasher, hexdigest_id, id_header
 
 FOLDER = "journals"
 MAX_JOURNAL_FILE = 64 << 20
@@ -88,7 +88,7 @@ def originals(root: Path, journal_id: str) -> Path:
 def region_id(fd: int, offset: int, size: int, dtype: str, shape: list[int]) -> str:
     """The tensor id of `size` bytes of an open file from `offset`, read a slice at a time."""
     h = hasher(size)
-    h.update(f"{dtype} {','.join(str(d) for d in shape)}\n".encode())
+    h.update(id_header(dtype, shape))
     buf = bytearray(min(size, SLICE))
     done = 0
     while done < size:

@@ -17,15 +17,18 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
-import torch
-# safetensors' own rule for which name of a tied (aliased) tensor a file keeps; private, so its
-# use is pinned by tests/test_commit_export.py's tied-weights round trip.
-
+from . import hashing
 from .errors import ModelFormatError, PickleRefused, UnsafeInput
-from .hashing import DTYPES, dtype_name
+from .hashing import DTYPE_SIZES, dtype_name
 from .limits import load_json, read_bounded, shown
+
+# torch is imported by the functions that make tensors: reading headers and a mapped file's
+# bytes needs none, so an in-place apply or revert of a lossless version runs without it
+# (its import is most of a small apply's time).
+if TYPE_CHECKING:
+    import torch
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_FILE = "model.safetensors.index.json"
@@ -40,7 +43,7 @@ MAX_DIMS = 64
 MAX_DIM = 1 << 40  # elements along one dimension; no real tensor comes near
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
-_ITEMSIZE = {name: torch.empty(0, dtype=dt).element_size() for name, dt in DTYPES.items()}
+_ITEMSIZE = DTYPE_SIZES
 # Files that make up a model folder's weights; everything else (config, tokenizer) is copied.
 WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|pkl)$|^model\.safetensors\.index\.json$|.*\.bin\.index\.json$")
 
@@ -166,13 +169,21 @@ class MappedFile:
             raise ModelFormatError(f"cannot read {path}: {e.strerror}") from None
 
     def tensor(self, info: TensorInfo) -> torch.Tensor:
-        dtype = DTYPES[info.dtype]
+        import torch
+
+        dtype = hashing.DTYPES[info.dtype]
         if info.end > len(self.map):
             raise ModelFormatError(f"{info.file} is truncated at tensor {info.name!r}")
         if not info.nbytes or info.start % _ITEMSIZE[info.dtype]:
             return read_tensor(info)  # nothing to map, or misaligned for its dtype: copy it
         return torch.frombuffer(self.map, dtype=dtype, count=info.nbytes // _ITEMSIZE[info.dtype],
                                 offset=info.start).reshape(info.shape)
+
+    def view(self, info: TensorInfo) -> memoryview:
+        """A tensor's raw bytes, a view of the page cache (no torch, no copy)."""
+        if info.end > len(self.map):
+            raise ModelFormatError(f"{info.file} is truncated at tensor {info.name!r}")
+        return memoryview(self.map)[info.start:info.end]
 
     def release(self, info: TensorInfo) -> None:
         # Dropping the pages of a private, unwritten file mapping loses nothing: a later read
@@ -193,13 +204,15 @@ def _stamp(stat: os.stat_result) -> tuple[int, ...]:
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
+    import torch
+
     assert info.file is not None
     buf = bytearray(info.nbytes)
     with open(info.file, "rb") as f:
         f.seek(info.start)
         if f.readinto(buf) != len(buf):
             raise ModelFormatError(f"{info.file} is truncated at tensor {info.name!r}")
-    dtype = DTYPES[info.dtype]
+    dtype = hashing.DTYPES[info.dtype]
     if not buf:
         return torch.empty(info.shape, dtype=dtype)
     return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
@@ -226,6 +239,11 @@ class TensorSource:
 
     def get(self, name: str) -> torch.Tensor:
         return self._loader(name)
+
+    def view(self, name: str) -> memoryview:
+        """Tensor `name`'s raw bytes, from a mapped file: a view of the page cache."""
+        info = self.infos[name]
+        return self._mapped[info.file].view(info)
 
     def release(self, name: str) -> None:
         """Done with tensor `name` for now: a mapped file lets its pages go (it stays readable)."""
@@ -381,6 +399,10 @@ def open_model(model: str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.
     """Any model a user can hand us, as a TensorSource (`mapped`: see open_files)."""
     if isinstance(model, TensorSource):
         return model
+    if isinstance(model, (str, os.PathLike)):
+        return open_files(Path(model), mapped=mapped)
+    import torch
+
     if isinstance(model, torch.nn.Module):
         return open_tensors(module_state(model))
     if isinstance(model, Mapping):
@@ -418,7 +440,7 @@ def write_safetensors(path: Path, infos: Iterable[TensorInfo], tensor: Callable[
             if dtype_name(t.dtype) != info.dtype or tuple(t.shape) != info.shape:
                 raise ModelFormatError(f"tensor {info.name!r} is {t.dtype} {tuple(t.shape)}, expected {info.dtype} {info.shape}")
             if t.numel():
-                f.write(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                f.write(hashing.tensor_bytes(t))
         f.flush()
         os.fsync(f.fileno())
 

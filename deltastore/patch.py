@@ -33,22 +33,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, TYPE_CHECKING
 
-import torch
+import numpy as np
 
-from . import encodings, journalfiles
+from . import journalfiles
+from .bytegroups import ungroup
 from .catalog import now
-from .commit import in_order
 from .durable import new_folder
 from .errors import (BaseMismatch, DeltastoreError, JournalError, ModelFormatError, SharedFile,
                      shown_names)
-from .hashing import DTYPES, base_id, dtype_name, tensor_bytes, tensor_id
+from .hashing import DTYPE_SIZES, base_id, dtype_name, raw_tensor_id, tensor_bytes
 from .maintenance import GcPlan, gc
 from .models import (INDEX_FILE, TensorInfo, TensorSource, open_files, other_files,
                      write_safetensors)
-from .records import Version
+from .pools import WORKERS, pipelined
+from .records import TensorEntry, Version
 from .target import FileId, Target, break_links, fd_id, patch_lock, resolve
 
 if TYPE_CHECKING:  # store.py imports this module, so Store is imported for types only
+    import torch
+
     from .store import Store
 
 
@@ -145,45 +148,79 @@ def _check_and_save(store: Store, version: Version, target: Target, source: Tens
     object (read verified), each lossy result's id. On the way, the original bytes are
     appended to `originals` and the results written to `results`, both at the region's
     offset in the plan's order. Two tensors at a time (reading, hashing, decompressing and
-    decoding release the GIL); each worker holds one tensor's base, payload and result."""
+    decoding release the GIL); each worker holds one tensor's base, payload and result.
+    Lossless entries against the base are decoded in numpy from the mapped bytes; torch is
+    imported only for the others (a lossless version, or a few tensors, then run without it)."""
     offsets, at = [], 0
     for _, info in regions:
         offsets.append(at)
         at += info.nbytes
     by_name = {entry.name: k for k, (entry, _) in enumerate(regions)}
-
+    if all(_xor_against_base(entry) for entry, _ in regions):
+        decode_in_torch, in_order = None, pipelined
+    else:
+        decode_in_torch, in_order = _torch_decoder(store, version, source)
     buffers = threading.local()
 
-    def into(info: TensorInfo) -> torch.Tensor:
-        """This worker's result buffer, as a tensor of the region's dtype and shape: memory
-        already written is faster to decode into than fresh pages, tensor after tensor."""
+    def into(nbytes: int) -> np.ndarray:
+        """This worker's result buffer: memory already written is faster to decode into than
+        fresh pages, tensor after tensor."""
         held = getattr(buffers, "held", None)
-        if held is None or held.numel() < info.nbytes:
-            held = buffers.held = torch.empty(info.nbytes, dtype=torch.uint8)
-        return held[:info.nbytes].view(DTYPES[info.dtype]).reshape(info.shape)
+        if held is None or held.size < nbytes:
+            held = buffers.held = np.empty(nbytes, dtype=np.uint8)
+        return held[:nbytes]
 
-    def check(name: str) -> torch.Tensor | None:
+    def check(name: str) -> bool:
         k = by_name[name]
         entry, info = regions[k]
-        base = source.get(name)
-        if tensor_id(base) != entry.base_tensor_id:
-            return None
-        result = store.decode_entry(entry, base, out=into(info) if info.nbytes else None)
+        base = source.view(name)
+        if raw_tensor_id(info.dtype, info.shape, base) != entry.base_tensor_id:
+            return False
+        if _xor_against_base(entry):
+            result = ungroup(store.read_parts(entry)["xor"], DTYPE_SIZES[info.dtype],
+                             xor=np.frombuffer(base, dtype=np.uint8), out=into(info.nbytes)).data
+        else:
+            result = decode_in_torch(entry, info, into(info.nbytes))
+        _pwrite_all(results.fileno(), result, offsets[k])
+        return True
+
+    for name, ok in in_order(list(by_name), check, WORKERS, WORKERS):
+        if not ok:
+            raise _not_the_base(store, version, target, source)
+        _pwrite_all(originals.fileno(), source.view(name), offsets[by_name[name]])
+        tick(regions[by_name[name]][1].nbytes)
+        source.release(name)
+    source.check_unchanged()
+
+
+def _xor_against_base(entry: TensorEntry) -> bool:
+    """A lossless entry whose result is the base's bytes XOR its one payload: decoded without
+    torch. (An entry stored against another version's result needs that result first.)"""
+    return (entry.encoding == "lossless" and entry.params.get("mode") == "xor" and set(entry.objects) == {"xor"}
+            and entry.against_version is None)
+
+
+def _torch_decoder(store: Store, version: Version, source: TensorSource) -> tuple[Callable, Callable]:
+    """(entry, region, buffer) -> the entry's result bytes, decoded by its encoding in torch,
+    a lossy result checked against its id; and commit's `in_order`, which keeps torch's own
+    threads from contending with its workers. torch and the modules that load it are imported
+    here, when a version has such entries: an apply of a lossless version runs without them."""
+    import torch
+
+    from . import encodings
+    from .commit import in_order
+    from .hashing import DTYPES
+
+    def decode(entry: TensorEntry, info: TensorInfo, buffer: np.ndarray) -> memoryview:
+        base = source.get(entry.name)
+        out = torch.from_numpy(buffer).view(DTYPES[info.dtype]).reshape(info.shape) if info.nbytes else None
+        result = store.decode_entry(entry, base, out=out)
         # An exact encoding's result is a bitwise function of the verified object and base.
         if not encodings.from_params(entry.encoding, entry.params).exact:
             entry.check_result(result, version.ref, untouched="nothing was changed")
-        _pwrite_all(results.fileno(), tensor_bytes(result), offsets[k])
-        del result
-        return base
+        return tensor_bytes(result)
 
-    for name, base in in_order(list(by_name), check):
-        if base is None:
-            raise _not_the_base(store, version, target, source)
-        _pwrite_all(originals.fileno(), tensor_bytes(base), offsets[by_name[name]])
-        tick(base.numel() * base.element_size())
-        del base
-        source.release(name)
-    source.check_unchanged()
+    return decode, lambda names, work, workers, ahead: in_order(names, work, workers=workers, ahead=ahead)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -220,7 +257,7 @@ def _not_the_base(store: Store, version: Version, target: Target, source: Tensor
     (`--out` reads the same base, so it would fail too and is not offered.)"""
     mine = store.base(version.base_id)
     mine_shown = f"{mine.name + ' ' if mine.name else ''}{mine.id[:19]}"
-    ids = {name: tensor_id(source.get(name)) for name in source.names}
+    ids = {name: raw_tensor_id(info.dtype, info.shape, source.view(name)) for name, info in source.infos.items()}
     actual = base_id(ids.items())
     known = next((b for b in store.bases() if b.id == actual), None)
     entries = {e.name: e for e in version.tensors}

@@ -1,16 +1,20 @@
 """Long-lived thread pools, one of each kind per process: a surgical apply would spend more on
 starting threads than on its work. And a few tasks that release the GIL, shared between the
-calling thread and one pool thread (`two_threads`)."""
+calling thread and one pool thread (`two_threads`); and work on named tensors, a few at a
+time, in order (`pipelined`)."""
 
 from __future__ import annotations
 
 import os
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 T = TypeVar("T")
-
+# Two tensors in flight keep both cores busy on this kind of machine without holding more
+# than two tensors (and their encodings) in memory.
+WORKERS = 2
 _POOLS: dict[str, ThreadPoolExecutor] = {}
 _LOCK = threading.Lock()
 
@@ -87,3 +91,43 @@ def _forget() -> None:
 
 
 os.register_at_fork(after_in_child=_forget)
+
+
+def pipelined(names: list[str], work: Callable[[str], T], workers: int, ahead: int) -> Iterator[tuple[str, T]]:
+    """(name, work(name)) in order, `workers` at a time, with at most `ahead` names handed out
+    but not yet yielded (see commit.in_order; this is its part that needs no torch)."""
+    # The pool runs `workers` at a time, in order; names handed out beyond that wait in its
+    # queue, holding nothing until they start. Once one fails, those that start later (all
+    # after it, whose results are never yielded: its error is raised first) do no work.
+    failed = threading.Event()
+
+    def guarded(name: str) -> T | None:
+        if failed.is_set():
+            return None
+        try:
+            return work(name)
+        except BaseException:
+            failed.set()
+            raise
+
+    with ThreadPoolExecutor(max_workers=workers) as executor:
+        pending: deque = deque()
+        try:
+            it = iter(names)
+            for name in it:
+                pending.append((name, executor.submit(guarded, name)))
+                if len(pending) >= ahead:
+                    break
+            while pending:
+                name, future = pending.popleft()
+                result = future.result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((nxt, executor.submit(guarded, nxt)))
+                yield name, result
+        finally:
+            # However it ends (an error, an interrupt, the caller stopping early), nothing
+            # queued starts: leaving the pool waits only for the tensors in flight.
+            failed.set()
+            for _, f in pending:
+                f.cancel()
