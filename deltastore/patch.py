@@ -146,9 +146,10 @@ def _check_and_save(store: Store, version: Version, target: Target, source: Tens
                     originals: BinaryIO, results: BinaryIO, tick: Callable[[int], None]) -> None:
     """Every check before a byte of the target changes: each region's base tensor id, each
     object (read verified), each lossy result's id. On the way, the original bytes are
-    appended to `originals` and the results written to `results`, both at the region's
-    offset in the plan's order. Two tensors at a time (reading, hashing, decompressing and
-    decoding release the GIL); each worker holds one tensor's base, payload and result.
+    copied to `originals` and the results written to `results`, both at the region's offset
+    in the plan's order. Two tensors at a time (reading, hashing, decompressing and decoding
+    release the GIL), each worker on its own until its tensor is saved: it holds one tensor's
+    base, payload and result, and never waits behind another (an embedding) for its turn.
     Lossless entries against the base are decoded in numpy from the mapped bytes; torch is
     imported only for the others (a lossless version, or a few tensors, then run without it)."""
     offsets, at = [], 0
@@ -176,21 +177,41 @@ def _check_and_save(store: Store, version: Version, target: Target, source: Tens
         base = source.view(name)
         if raw_tensor_id(info.dtype, info.shape, base) != entry.base_tensor_id:
             return False
+        # The original bytes, copied in the kernel (page cache to page cache, no page of ours);
+        # the copy is checked against this id before a revert uses it, and the file against
+        # any write since it was mapped (check_unchanged, below).
+        _copy_range(files[info.file], originals.fileno(), info.nbytes, info.start, offsets[k])
+        _start_writeback(originals.fileno(), offsets[k], info.nbytes)
         if _xor_against_base(entry):
             result = ungroup(store.read_parts(entry)["xor"], DTYPE_SIZES[info.dtype],
                              xor=np.frombuffer(base, dtype=np.uint8), out=into(info.nbytes)).data
         else:
             result = decode_in_torch(entry, info, into(info.nbytes))
         _pwrite_all(results.fileno(), result, offsets[k])
+        del base, result
+        source.release(name)
         return True
 
-    for name, ok in in_order(list(by_name), check, WORKERS, WORKERS):
-        if not ok:
-            raise _not_the_base(store, version, target, source)
-        _pwrite_all(originals.fileno(), source.view(name), offsets[by_name[name]])
-        tick(regions[by_name[name]][1].nbytes)
-        source.release(name)
+    files = {info.file: os.open(info.file, os.O_RDONLY) for _, info in regions}
+    try:
+        # Every name handed out at once: a result is a flag, so those done early wait for
+        # their turn at no cost, and a worker never idles behind a large tensor.
+        for name, ok in in_order(list(by_name), check, WORKERS, len(by_name)):
+            if not ok:
+                raise _not_the_base(store, version, target, source)
+            tick(regions[by_name[name]][1].nbytes)
+    finally:
+        for fd in files.values():
+            os.close(fd)
     source.check_unchanged()
+
+
+def _start_writeback(fd: int, offset: int, size: int) -> None:
+    """Have the kernel start writing these bytes of a journal file to disk now, while the
+    checks go on, rather than all of them at its fsync; their pages are let go once written
+    (a revert reads them back from disk)."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
 
 
 def _xor_against_base(entry: TensorEntry) -> bool:
