@@ -163,12 +163,13 @@ def _check_and_save(store: Store, version: Version, target: Target, source: Tens
         decode_in_torch, in_order = _torch_decoder(store, version, source)
     buffers = threading.local()
 
-    def into(nbytes: int) -> np.ndarray:
-        """This worker's result buffer: memory already written is faster to decode into than
-        fresh pages, tensor after tensor."""
-        held = getattr(buffers, "held", None)
+    def into(nbytes: int, kind: str = "result") -> np.ndarray:
+        """This worker's buffer of a kind (a payload, a result): memory already written is
+        faster to decompress and decode into than fresh pages, tensor after tensor."""
+        held = getattr(buffers, kind, None)
         if held is None or held.size < nbytes:
-            held = buffers.held = np.empty(nbytes, dtype=np.uint8)
+            held = np.empty(nbytes, dtype=np.uint8)
+            setattr(buffers, kind, held)
         return held[:nbytes]
 
     def check(name: str) -> bool:
@@ -183,8 +184,11 @@ def _check_and_save(store: Store, version: Version, target: Target, source: Tens
         _copy_range(files[info.file], originals.fileno(), info.nbytes, info.start, offsets[k])
         _start_writeback(originals.fileno(), offsets[k], info.nbytes)
         if _xor_against_base(entry):
-            result = ungroup(store.read_parts(entry)["xor"], DTYPE_SIZES[info.dtype],
-                             xor=np.frombuffer(base, dtype=np.uint8), out=into(info.nbytes)).data
+            # Frame after frame on this worker: the other worker keeps the other core busy.
+            xor = entry.objects["xor"]
+            payload = store.objects.get(xor.id, raw_size=xor.size, parallel=False, into=into(xor.size, "payload"))
+            result = ungroup(payload, DTYPE_SIZES[info.dtype], xor=np.frombuffer(base, dtype=np.uint8),
+                             out=into(info.nbytes)).data
         else:
             result = decode_in_torch(entry, info, into(info.nbytes))
         _pwrite_all(results.fileno(), result, offsets[k])
