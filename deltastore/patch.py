@@ -212,8 +212,8 @@ def _check_and_save(store: Store, version: Version, target: Target, source: Tens
 
 def _start_writeback(fd: int, offset: int, size: int) -> None:
     """Have the kernel start writing these bytes of a journal file to disk now, while the
-    checks go on, rather than all of them at its fsync; their pages are let go once written
-    (a revert reads them back from disk)."""
+    checks go on, rather than all of them at its fsync. (Pages already written are let go
+    too; those still being written, most of them, stay cached for a revert.)"""
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
 
