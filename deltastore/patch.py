@@ -5,9 +5,10 @@ In-place order (the journal makes every step undoable), all under the target's l
   1. resolve the target to its files by identity (target.py); refuse a file another path
      shares, and a target that an open journal already covers;
   2. check everything, a tensor or two at a time: base tensor ids, objects, decoded results;
-     meanwhile append each region's original bytes to one file in tmp/ and put each result in
-     an unnamed temporary file; fsync the originals; open every file to be written, and check
-     that each is still the file checked; nothing written yet;
+     meanwhile copy each region's original bytes into one file in tmp/ (its writeback started
+     at once) and put each result in an unnamed temporary file; fsync the originals; open
+     every file to be written, and check that each is still the file checked; nothing
+     written yet;
   3. rename the originals in as `journals/<id>.originals`, then record the journal (the files'
      identities, regions, offsets of the originals) as its file and its catalog rows;
   4. copy the results over the regions, fsync; mark the journal applied. A write that fails
@@ -214,7 +215,7 @@ def _start_writeback(fd: int, offset: int, size: int) -> None:
     """Have the kernel start writing these bytes of a journal file to disk now, while the
     checks go on, rather than all of them at its fsync. (Pages already written are let go
     too; those still being written, most of them, stay cached for a revert.)"""
-    if hasattr(os, "posix_fadvise"):
+    if size and hasattr(os, "posix_fadvise"):  # (a size of 0 would mean "to the end")
         os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
 
 
