@@ -274,8 +274,11 @@ def test_ctrl_c_exits_130_after_cleaning_up(tmp_path, root) -> None:
            "--meta-file", str(fifo)]
     # PYTHONFAULTHANDLER: a command still running long after Ctrl-C is sent SIGABRT below, and
     # prints where each of its threads was.
+    # The command starts with Ctrl-C's default handling, as from a terminal: a suite run in the
+    # background of a script inherits SIGINT ignored, and so would the command.
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(repo), "PYTHONFAULTHANDLER": "1"}, cwd=repo,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # The FIFO opens for writing once the command has opened it to read: then it is inside the
     # command, waiting for the file's bytes, when Ctrl-C comes. Polled, so that a command that
     # ends before it reads fails here with its output instead of leaving the test waiting.
