@@ -311,13 +311,23 @@ def test_a_large_version_checked_two_tensors_at_a_time_applies_and_fails_the_sam
     assert torch.get_num_threads() == threads
     assert serial["lossless"] == module_snapshot(pair.ft_module)
 
+    refuses_a_changed_base(store, model, "lossless")
+
+
+def refuses_a_changed_base(store, model, ref: str) -> None:
+    """One weight of the module's base nudged: apply refuses, names it, and writes nothing; the
+    weight is put back after."""
+    weight = model.blocks[1].mlp.weight
+    kept = weight[0, 0].item()
     with torch.no_grad():
-        model.blocks[1].mlp.weight[0, 0] += 1
-    before = module_snapshot(model)
+        weight[0, 0] += 1
+    wrong = module_snapshot(model)
     with pytest.raises(BaseMismatch) as e:
-        store.apply(model, "lossless")
+        store.apply(model, ref)
     assert e.value.names == ["blocks.1.mlp.weight"]
-    assert module_snapshot(model) == before
+    assert module_snapshot(model) == wrong
+    with torch.no_grad():
+        weight[0, 0] = kept
 
 
 class Shared(nn.Module):
@@ -409,16 +419,7 @@ def test_a_damaged_object_or_a_wrong_base_on_two_threads_changes_nothing(tmp_pat
         assert module_snapshot(model) == base
 
         # A wrong base and a damaged object at once: the base is named.
-        kept = model.blocks[1].mlp.weight[0, 0].item()
-        with torch.no_grad():
-            model.blocks[1].mlp.weight[0, 0] += 1
-        wrong = module_snapshot(model)
-        with pytest.raises(BaseMismatch) as e:
-            store.apply(model, "s")
-        assert e.value.names == ["blocks.1.mlp.weight"]
-        assert module_snapshot(model) == wrong
-        with torch.no_grad():
-            model.blocks[1].mlp.weight[0, 0] = kept
+        refuses_a_changed_base(store, model, "s")
         path.write_bytes(good)
     checked.forget_all()
     assert module_snapshot(model) == base
