@@ -33,8 +33,9 @@ FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 
 def decodes(entry: TensorEntry, base: torch.Tensor) -> bool:
     """Whether `entry` decodes on `base`'s device: a device other than the CPU, an int4, int8
-    or lossless XOR entry stored against the base, of the base's dtype and shape."""
-    if base.device.type == "cpu" or entry.against_version is not None \
+    or lossless XOR entry stored against the base, of the base's dtype and shape. (An empty
+    tensor decodes on the CPU: its parts are empty, and torch views none of them as fp16.)"""
+    if base.device.type == "cpu" or not base.numel() or entry.against_version is not None \
             or entry.dtype != dtype_name(base.dtype) or tuple(entry.shape) != tuple(base.shape):
         return False
     if entry.encoding == "lossless":

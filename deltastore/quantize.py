@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import torch
 
+from .absmax import DECODE_SLICE, dw_slices, exp_param, int_param
 from .errors import EncodingError
 from .limits import shown
 
@@ -42,9 +43,6 @@ Parts = dict[str, memoryview]
 
 BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 FACTOR_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-# fp32 spans 2**-149 .. 2**128; an exponent outside this cannot come from a real tensor.
-_EXP_RANGE = (-200, 200)
 
 
 # -- bytes ---------------------------------------------------------------------------------
@@ -67,26 +65,6 @@ def _part(parts: Mapping[str, Any], name: str, dtype: torch.dtype, count: int) -
     return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()).view(dtype)
 
 
-def _part_view(parts: Mapping[str, Any], name: str, dtype: type, count: int) -> np.ndarray:
-    """Part `name` as `count` elements of a numpy `dtype`, read in place (never written): a
-    copy of a large part would cost more than its decoding."""
-    if name not in parts:
-        raise EncodingError(f"the entry lacks its {name!r} part (it has {', '.join(sorted(parts)) or 'none'})")
-    data = memoryview(parts[name]).cast("B")
-    itemsize = np.dtype(dtype).itemsize
-    if len(data) != count * itemsize:
-        raise EncodingError(f"part {name!r} has {len(data)} bytes, the entry needs {count * itemsize}")
-    return np.frombuffer(data, dtype=dtype) if count else np.empty(0, dtype=dtype)
-
-
-def _int_param(params: Mapping[str, Any], key: str, low: int, high: int | None = None) -> int:
-    value = params.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
-        bound = f"from {low} to {high}" if high is not None else f"at least {low}"
-        raise EncodingError(f"param {key!r} must be a whole number {bound}, got {shown(value)}")
-    return value
-
-
 # -- fp16 scales ---------------------------------------------------------------------------
 
 def fp16_scales(scales: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -100,10 +78,6 @@ def fp16_scales(scales: torch.Tensor) -> tuple[torch.Tensor, int]:
 def unscale(values: torch.Tensor, exp: int) -> torch.Tensor:
     """fp16 (or any float) values times 2**exp, as float32."""
     return (values.double() * 2.0 ** exp).float()
-
-
-def _exp_param(params: Mapping[str, Any]) -> int:
-    return _int_param(params, "scale_exp", *_EXP_RANGE)
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -127,9 +101,6 @@ def _qmax(bits: int) -> int:
 
 # Elements per slice of an encode or decode: a slice's float32 values fit in a core's L2 cache.
 SLICE = 1 << 16
-# Decoding does less per element than encoding, so the fixed cost of a slice weighs more: with
-# 2 MB of L2 per core, 1 << 18 elements (1 MB of float32) decoded int4 23% faster than 1 << 16.
-DECODE_SLICE = 1 << 18
 
 
 def absmax_encode(dw: torch.Tensor, *, bits: int, group_size: int) -> tuple[Parts, dict[str, Any]]:
@@ -184,46 +155,15 @@ def _quantize(x: torch.Tensor, s: torch.Tensor, qmax: int, out: torch.Tensor) ->
 def absmax_decode(parts: Mapping[str, Any], params: Mapping[str, Any], *, bits: int, numel: int) -> torch.Tensor:
     # One slice covering every element: its buffer is the result.
     whole = [dw for _, dw in absmax_decode_slices(parts, params, bits=bits, numel=numel,
-                                                  slice_elements=numel + 2 * _int_param(params, "group_size", 1))]
+                                                  slice_elements=numel + 2 * int_param(params, "group_size", 1))]
     return whole[0] if whole else torch.empty(0, dtype=torch.float32)
 
 
 def absmax_decode_slices(parts: Mapping[str, Any], params: Mapping[str, Any], *, bits: int, numel: int,
                          slice_elements: int = DECODE_SLICE) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first element, float32 dW of the next elements), in order: a whole number of groups
-    (and of code bytes) at a time, the arithmetic in place in one buffer per slice."""
-    g, exp, n = _int_param(params, "group_size", 1), _exp_param(params), numel
-    full_groups, rest = divmod(n, g)
-    s = unscale(_part(parts, "scales", torch.float16, full_groups + (rest > 0)), exp)
-    # The codes' size is checked before anything is decoded: the element count comes from
-    # outside, and only the codes back it.
-    raw = _part_view(parts, "codes", np.int8 if bits == 8 else np.uint8, n if bits == 8 else (n + 1) // 2)
-    step = math.lcm(g, 2) * max(1, slice_elements // math.lcm(g, 2))
-    if bits == 4:
-        words, shifted = np.empty((2, min(step, n) // 2 + 1), dtype=np.uint16)
-    for start, end, first, whole in _slices(n, g, step):
-        m = end - start
-        if bits == 8:
-            out = torch.from_numpy(raw[start:start + m].astype(np.float32))
-        else:
-            # Each code byte becomes a 16-bit word holding its two nibbles as the int8 codes
-            # minus the offset 8 (element 2i in the low byte), in integer passes over a byte or
-            # two per element, then one conversion to float32: 23% faster than a lookup of
-            # float pairs (np.take), whose output is eight bytes per code byte.
-            pairs = raw[start // 2:(start + m + 1) // 2]
-            w, t = words[:len(pairs)], shifted[:len(pairs)]
-            np.copyto(w, pairs)
-            np.left_shift(w, 4, out=t)
-            np.bitwise_or(w, t, out=w)
-            np.bitwise_and(w, 0x0F0F, out=w)
-            # A nibble v (0..15) + 0x78, then ^ 0x80, is the int8 v - 8; no carry crosses a byte.
-            np.add(w, 0x7878, out=w)
-            np.bitwise_xor(w, 0x8080, out=w)
-            out = torch.from_numpy(w.view(np.int8)[:m]).to(torch.float32)
-        out[:whole * g].view(whole, g).mul_(s[first:first + whole, None])
-        if m % g:
-            out[whole * g:].mul_(s[first + whole])
-        yield start, out
+    """absmax.dw_slices as float32 tensors (each slice's buffer is overwritten by the next)."""
+    for start, dw in dw_slices(parts, params, bits=bits, numel=numel, slice_elements=slice_elements):
+        yield start, torch.from_numpy(dw)
 
 
 def pack_nibbles(codes: torch.Tensor, *, pad: int) -> torch.Tensor:
@@ -245,7 +185,7 @@ def sign_encode(dw: torch.Tensor) -> tuple[Parts, dict[str, Any]]:
 
 def sign_decode(parts: Mapping[str, Any], params: Mapping[str, Any], *, rows: int, cols: int) -> torch.Tensor:
     n = rows * cols
-    s = unscale(_part(parts, "scales", torch.float16, rows), _exp_param(params))
+    s = unscale(_part(parts, "scales", torch.float16, rows), exp_param(params))
     packed = _part(parts, "signs", torch.uint8, (n + 7) // 8).numpy()
     out = torch.empty(rows, cols, dtype=torch.float32)
     out.view(-1).copy_(torch.from_numpy(np.unpackbits(packed, count=n, bitorder="little")))
@@ -497,11 +437,11 @@ def lowrank_encode(dw: torch.Tensor, *, rank: int, dtype: str,
 
 
 def lowrank_decode(parts: Mapping[str, Any], params: Mapping[str, Any], *, rows: int, cols: int) -> torch.Tensor:
-    rank = _int_param(params, "rank", 1, min(rows, cols))
+    rank = int_param(params, "rank", 1, min(rows, cols))
     dtype = params.get("dtype")
     if not isinstance(dtype, str) or dtype not in FACTOR_DTYPES:
         raise EncodingError(f"param 'dtype' must be one of {', '.join(FACTOR_DTYPES)}, got {shown(dtype)}")
-    exp = _exp_param(params)
+    exp = exp_param(params)
     us = _part(parts, "us", FACTOR_DTYPES[dtype], rows * rank).view(rows, rank)
     vh = _part(parts, "vh", FACTOR_DTYPES[dtype], rank * cols).view(rank, cols).double()
     out = torch.empty(rows, cols, dtype=torch.float32)

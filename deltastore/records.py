@@ -16,7 +16,7 @@ from typing import Any
 
 from . import names
 from .errors import ResultMismatch, UnsafeInput
-from .hashing import DTYPE_SIZES, is_id, manifest_id, tensor_id
+from .hashing import DTYPE_SIZES, is_id, manifest_id, raw_tensor_id, tensor_id
 from .limits import load_json, shown
 
 MANIFEST_FORMAT = "deltastore/version/1"
@@ -106,6 +106,11 @@ class TensorEntry:
         """Refuse (``ResultMismatch``) a decoded tensor that is not what this entry recorded at
         commit; ``untouched`` names what the failure left as it was."""
         if tensor_id(result) != self.result_tensor_id:
+            raise ResultMismatch(self.name, ref, untouched=untouched)
+
+    def check_result_bytes(self, data: bytes | memoryview, ref: str, *, untouched: str | None = None) -> None:
+        """`check_result` of a result given as its raw bytes (decoded without torch)."""
+        if raw_tensor_id(self.dtype, self.shape, data) != self.result_tensor_id:
             raise ResultMismatch(self.name, ref, untouched=untouched)
 
     def to_manifest(self) -> dict:

@@ -132,8 +132,9 @@ def test_int4_every_code_byte_decodes_to_its_nibbles_across_slices() -> None:
     params = {"group_size": 8, "scale_exp": 0}
     expected = torch.tensor([v - 8.0 for b in codes for v in (b & 0x0F, b >> 4)][:n])
     for step in (16, 64, n + 16):  # several slices, or one
-        sliced = torch.cat([dw for _, dw in quantize.absmax_decode_slices(parts, params, bits=4, numel=n,
-                                                                          slice_elements=step)])
+        # (each slice's buffer is the next one's: kept as a copy)
+        sliced = torch.cat([dw.clone() for _, dw in quantize.absmax_decode_slices(parts, params, bits=4, numel=n,
+                                                                                  slice_elements=step)])
         assert torch.equal(sliced, expected)
 
 

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from deltastore import Store
 
@@ -78,9 +80,28 @@ def test_in_place_apply_of_a_lossless_version_and_revert_do_without_torch(root, 
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
 
 
-def test_in_place_apply_of_a_lossy_version_imports_torch_to_decode(root, tmp_path):
+@pytest.mark.parametrize("encoding", ["int8", "int4"])
+def test_in_place_apply_of_an_int8_or_int4_version_does_without_torch(root, tmp_path, encoding):
+    # Their codes decode in numpy (absmax.py), and the result is still checked against its id:
+    # the file holds what `apply --out` (decoded in torch) writes.
+    stance = f"lossy-{encoding}"
     with Store.open(root) as store:
-        store.commit("lossy", root.parent / "model-ft", base=root.parent / "model-base", encoding="int8")
+        store.commit(stance, root.parent / "model-ft", base=root.parent / "model-base", encoding=encoding)
     shutil.copytree(root.parent / "model-base", tmp_path / "m")
-    assert "torch" in heavy_imports(root, "apply", "lossy@1", str(tmp_path / "m"))
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+    assert "torch" not in heavy_imports(root, "apply", f"{stance}@1", str(tmp_path / "m"))
+    assert "torch" in heavy_imports(root, "apply", f"{stance}@1", str(root.parent / "model-base"),
+                                    "--out", str(tmp_path / "out"))
+    patched, written = (load_file(tmp_path / folder / "model.safetensors") for folder in ("m", "out"))
+    assert patched.keys() == written.keys()
+    assert all(torch.equal(patched[name], written[name]) for name in patched)
+    assert "torch" not in heavy_imports(root, "revert", str(tmp_path / "m"))
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+
+
+def test_in_place_apply_of_another_lossy_version_imports_torch_to_decode(root, tmp_path):
+    with Store.open(root) as store:
+        store.commit("lossy-1bit", root.parent / "model-ft", base=root.parent / "model-base", encoding="1bit")
+    shutil.copytree(root.parent / "model-base", tmp_path / "m")
+    assert "torch" in heavy_imports(root, "apply", "lossy-1bit@1", str(tmp_path / "m"))
     assert "torch" not in heavy_imports(root, "revert", str(tmp_path / "m"))
