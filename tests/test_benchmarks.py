@@ -50,7 +50,8 @@ def test_tiny_run_reports_every_figure():
                                    "disable_adapter", "unload"}
     # Switches between prepared stances, each step timed in the same rounds.
     assert len(switch["prepared"]) == 6
-    for t in [*switch["prepared"].values(), switch["apply_fresh_memory"]["int4"]]:
+    assert set(switch["apply_base_checked"]) == {"lossless", "int4"}
+    for t in [*switch["prepared"].values(), switch["apply_fresh_memory"]["int4"], *switch["apply_base_checked"].values()]:
         _timing(t)
     held = switch["prepared_bytes"]
     assert held["packed int4"] < held["full int4"] / 3 and held["full"] == held["full int4"]
@@ -64,7 +65,7 @@ def test_tiny_run_reports_every_figure():
 
     # Apply in place on files against cp of the same files, in the same rounds.
     inplace = r["inplace"]
-    assert set(inplace["times"]) == {"cp", "cp + sync", "revert lossless (library)"} | {
+    assert set(inplace["times"]) == {"cp", "cp + sync", "cp + sync, twice", "revert lossless (library)"} | {
         f"apply {k} ({how})" for k in ("lossless", "int4", "surgical") for how in ("library", "command")}
     for t in inplace["times"].values():
         _timing(t)
