@@ -1,13 +1,14 @@
 """The int8 and int4 layouts (quantize.py states them) decoded in numpy alone: each code times
 its group's scale, plus the base, in float32, rounded once to the result's dtype.
 
+patch.py decodes here, so that an in-place apply of an int8 or int4 version to files runs
+without importing torch (1.3 CPU-seconds; SmolLM2's int4 command went from 3.2-4.0 s to 1.5 s).
 Every step is one IEEE float32 operation per element (a multiply, an add, a rounding to
-nearest even), as it was in torch, so the bytes are those torch gives: tests/test_absmax.py
-holds them against ondevice.py's torch arithmetic, and a lossy result is still checked against
-the id recorded at commit. Two callers: encodings.Int8/Int4 on the CPU, and patch.py, whose
-in-place apply of an int8 or int4 version to files then runs without importing torch (1.3
-CPU-seconds). On one thread, SmolLM2's 211 fp32 tensors decoded in 158 ms here against 375 ms
-in torch; qwen0.5b's bf16 ones in 954 against 944 ms.
+nearest even), as in torch, so the bytes are torch's: tests/test_absmax.py holds them against
+the encodings' torch decode and ondevice.py's, and a result is still checked against the id
+recorded at commit. A live apply keeps the torch arithmetic (quantize.absmax_decode_slices,
+over `code_slices`): numpy's bf16 rounding takes six passes where torch fuses it into its
+copy, and decoded qwen0.5b's int4 tensors 35% slower on warm memory.
 """
 
 from __future__ import annotations
@@ -64,10 +65,11 @@ def unscale(values: np.ndarray, exp: int) -> np.ndarray:
     return (values.astype(np.float64) * 2.0 ** exp).astype(np.float32)
 
 
-def dw_slices(parts: Mapping[str, Any], params: Mapping[str, Any], *, bits: int, numel: int,
-              slice_elements: int = DECODE_SLICE) -> Iterator[tuple[int, np.ndarray]]:
-    """(first element, float32 dW of the elements from there), in order: a whole number of
-    groups (and of code bytes) at a time. Each slice is one buffer, overwritten by the next."""
+def code_slices(parts: Mapping[str, Any], params: Mapping[str, Any], *, bits: int, numel: int,
+                slice_elements: int = DECODE_SLICE) -> Iterator[tuple[int, np.ndarray, np.ndarray, int]]:
+    """(first element, the int8 codes of the elements from there, the float32 scales of their
+    groups, the group size), in order: a whole number of groups (and of code bytes) at a
+    time. The codes of int4 are one buffer, overwritten by the next slice."""
     g, n = int_param(params, "group_size", 1), numel
     full_groups, rest = divmod(n, g)
     s = unscale(part_view(parts, "scales", np.float16, full_groups + (rest > 0)), exp_param(params))
@@ -75,35 +77,46 @@ def dw_slices(parts: Mapping[str, Any], params: Mapping[str, Any], *, bits: int,
     # outside, and only the codes back it.
     raw = part_view(parts, "codes", np.int8 if bits == 8 else np.uint8, n if bits == 8 else (n + 1) // 2)
     step = math.lcm(g, 2) * max(1, slice_elements // math.lcm(g, 2))
-    dw = np.empty(min(step, n), dtype=np.float32)
     if bits == 4:
-        words, shifted = np.empty((2, min(step, n) // 2 + 1), dtype=np.uint16)
+        words, shifted = (np.empty(min(step, n) // 2 + 1, dtype=np.uint16) for _ in range(2))
     for start in range(0, n, step):
         end = min(start + step, n)
-        m, first = end - start, start // g
-        whole = m // g  # every slice but the last holds whole groups
-        out = dw[:m]
+        first, last = start // g, -(-end // g)  # every slice but the last holds whole groups
         if bits == 8:
-            np.copyto(out, raw[start:end], casting="safe")
-        else:
-            # Each code byte becomes a 16-bit word holding its two nibbles as the int8 codes
-            # minus the offset 8 (element 2i in the low byte), in integer passes over a byte or
-            # two per element, then one conversion to float32: 23% faster than a lookup of
-            # float pairs (np.take), whose output is eight bytes per code byte.
-            pairs = raw[start // 2:(end + 1) // 2]
-            w, t = words[:len(pairs)], shifted[:len(pairs)]
-            np.copyto(w, pairs)
-            np.left_shift(w, 4, out=t)
-            np.bitwise_or(w, t, out=w)
-            np.bitwise_and(w, 0x0F0F, out=w)
-            # A nibble v (0..15) + 0x78, then ^ 0x80, is the int8 v - 8; no carry crosses a byte.
-            np.add(w, 0x7878, out=w)
-            np.bitwise_xor(w, 0x8080, out=w)
-            np.copyto(out, w.view(np.int8)[:m], casting="safe")
+            yield start, raw[start:end], s[first:last], g
+            continue
+        # Each code byte becomes a 16-bit word holding its two nibbles as the int8 codes minus
+        # the offset 8 (element 2i in the low byte), in integer passes over a byte or two per
+        # element: 23% faster than a lookup of float pairs (np.take), whose output is eight
+        # bytes per code byte.
+        pairs = raw[start // 2:(end + 1) // 2]
+        w, t = words[:len(pairs)], shifted[:len(pairs)]
+        np.copyto(w, pairs)
+        np.left_shift(w, 4, out=t)
+        np.bitwise_or(w, t, out=w)
+        np.bitwise_and(w, 0x0F0F, out=w)
+        # A nibble v (0..15) + 0x78, then ^ 0x80, is the int8 v - 8; no carry crosses a byte.
+        np.add(w, 0x7878, out=w)
+        np.bitwise_xor(w, 0x8080, out=w)
+        yield start, w.view(np.int8)[:end - start], s[first:last], g
+
+
+def dw_slices(parts: Mapping[str, Any], params: Mapping[str, Any], *, bits: int, numel: int,
+              slice_elements: int = DECODE_SLICE) -> Iterator[tuple[int, np.ndarray]]:
+    """(first element, float32 dW of the elements from there): `code_slices` times their
+    scales. Each slice is one buffer, overwritten by the next: take a copy to keep one."""
+    dw = None
+    for start, codes, s, g in code_slices(parts, params, bits=bits, numel=numel, slice_elements=slice_elements):
+        m = codes.size
+        if dw is None:
+            dw = np.empty(m, dtype=np.float32)
+        out = dw[:m]
+        np.copyto(out, codes, casting="safe")
+        whole = m // g
         grouped = out[:whole * g].reshape(whole, g)
-        np.multiply(grouped, s[first:first + whole, None], out=grouped)
+        np.multiply(grouped, s[:whole, None], out=grouped)
         if m % g:
-            np.multiply(out[whole * g:], s[first + whole], out=out[whole * g:])
+            np.multiply(out[whole * g:], s[whole], out=out[whole * g:])
         yield start, out
 
 

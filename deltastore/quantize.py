@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import torch
 
-from .absmax import DECODE_SLICE, dw_slices, exp_param, int_param
+from .absmax import DECODE_SLICE, code_slices, exp_param, int_param
 from .errors import EncodingError
 from .limits import shown
 
@@ -161,9 +161,18 @@ def absmax_decode(parts: Mapping[str, Any], params: Mapping[str, Any], *, bits: 
 
 def absmax_decode_slices(parts: Mapping[str, Any], params: Mapping[str, Any], *, bits: int, numel: int,
                          slice_elements: int = DECODE_SLICE) -> Iterator[tuple[int, torch.Tensor]]:
-    """absmax.dw_slices as float32 tensors (each slice's buffer is overwritten by the next)."""
-    for start, dw in dw_slices(parts, params, bits=bits, numel=numel, slice_elements=slice_elements):
-        yield start, torch.from_numpy(dw)
+    """(first element, float32 dW of the next elements), in order: absmax.code_slices, each
+    slice's codes converted to float32 in a tensor of its own and scaled in place. (The same
+    products as absmax.dw_slices, in torch: its broadcast over 64-element groups ran 15-25%
+    faster than numpy's, and a live apply decodes here.)"""
+    for start, codes, s, g in code_slices(parts, params, bits=bits, numel=numel, slice_elements=slice_elements):
+        out = torch.from_numpy(codes.astype(np.float32))
+        m, scales = out.numel(), torch.from_numpy(s)
+        whole = m // g
+        out[:whole * g].view(whole, g).mul_(scales[:whole, None])
+        if m % g:
+            out[whole * g:].mul_(scales[whole])
+        yield start, out
 
 
 def pack_nibbles(codes: torch.Tensor, *, pad: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""int8 and int4 decoded in numpy (absmax.py) give torch's bytes: held against ondevice.py's
-torch arithmetic (scale times code, plus the base, in float32, rounded once), which decoded
-every version stored before absmax.py existed."""
+"""int8 and int4 decoded in numpy (absmax.py, an in-place apply to files) give torch's bytes:
+held against the two torch decodes, the encodings' (a live apply on the CPU, and every
+result id recorded at commit) and ondevice.py's (a GPU): scale times code, plus the base, in
+float32, rounded once."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def test_numpy_decode_gives_torch_bytes(encoding, dtype, shape, group_size):
                        base_dtype=dtype_name(dtype), out=out, dtype=dtype_name(dtype))
     if base.numel():  # (ondevice.py leaves an empty tensor to the CPU)
         assert np.array_equal(out, raw(torch_reference(encoding, encoded, base)))
-    # Through the encoding (the CPU path of a live apply), into an output tensor and without.
+    # The encoding's torch decode (a live apply on the CPU), into an output tensor and without.
     decoded = get(encoding, group_size=group_size).decode(base, encoded, dtype=dtype, shape=shape)
     assert np.array_equal(raw(decoded), out)
     into = torch.empty(shape, dtype=dtype)

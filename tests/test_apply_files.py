@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltastore import BaseMismatch, CorruptObject, JournalError, Store, absmax
+from deltastore import BaseMismatch, CorruptObject, JournalError, Store, absmax, encodings
 from deltastore.errors import ResultMismatch
 
 from helpers import (ForkDriver, assert_same_state, file_bytes, load_folder, make_model, module_snapshot,
@@ -164,15 +164,24 @@ def test_a_lossy_tensor_that_decodes_to_other_bytes_is_refused_before_any_write(
     # result ids recorded at commit catch it, in the one wording every decoding path uses.
     pair = make_model(tmp_path, torch.float32)
     version = store.commit("s", pair.ft, base=pair.base, encoding="int4").version
-    assert any(e.encoding == "int4" for e in version.tensors)
-    decode_into = absmax.decode_into  # what both the in-place and the live apply decode int4 with
+    entry = next(e for e in version.tensors if e.encoding == "int4")
+    # Files decode int4 in numpy (absmax.py), a live module in torch (the encoding's decode).
+    decode_into, int4 = absmax.decode_into, type(encodings.from_params(entry.encoding, entry.params))
+    decode = int4.decode
 
-    def one_ulp_off(*args, **kwargs):
+    def one_ulp_off_in_numpy(*args, **kwargs):
         out = decode_into(*args, **kwargs)
         out[0] ^= 1  # the lowest bit of the first element's mantissa (little-endian)
         return out
 
-    monkeypatch.setattr(absmax, "decode_into", one_ulp_off)
+    def one_ulp_off(self, *args, **kwargs):
+        result = decode(self, *args, **kwargs)
+        flat = result.view(-1)
+        flat[0] = torch.nextafter(flat[0], torch.tensor(float("inf")))
+        return result
+
+    monkeypatch.setattr(absmax, "decode_into", one_ulp_off_in_numpy)
+    monkeypatch.setattr(int4, "decode", one_ulp_off)
     target = copy_model(pair.base, tmp_path / "target")
     before = file_bytes(target)
     with pytest.raises(ResultMismatch) as e:
