@@ -4,11 +4,13 @@ decode on the CPU here; and apply, revert, prepare and switch on a CUDA module, 
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
-from deltastore import BaseMismatch, CorruptObject, DeltastoreError, Store, ondevice
+from deltastore import BaseMismatch, CorruptObject, DeltastoreError, Store, encodings, ondevice
 from deltastore.hashing import hasher, hexdigest_id, staged_update, tensor_id
 
 from helpers import make_model, module_snapshot, object_files
@@ -60,6 +62,21 @@ def test_only_a_module_off_the_cpu_decodes_on_its_device(tmp_path, store) -> Non
     assert not ondevice.decodes(entry, base)
     assert ondevice.decodes(entry, base.to("meta"))
     assert not ondevice.decodes(entry, base.float().to("meta"))  # another dtype: the CPU decode converts
+
+
+def test_an_empty_tensor_decodes_on_the_cpu() -> None:
+    # Its parts are empty, and torch refuses to view an empty uint8 part as fp16 scales: on a
+    # GPU, the apply of an int4 entry of an empty tensor failed.
+    base = torch.empty(0, 8, dtype=torch.bfloat16)
+    encoded = encodings.get("int4").encode(base, base)
+    entry = SimpleNamespace(name="w", encoding="int4", params=encoded.params, against_version=None, dtype="BF16",
+                            shape=(0, 8), objects={})
+    parts = {part: torch.from_numpy(np.frombuffer(bytes(data), dtype=np.uint8).copy())
+             for part, data in encoded.parts.items()}
+    with pytest.raises(RuntimeError):
+        ondevice.absmax(entry, parts, base)
+    assert not ondevice.decodes(entry, base.to("meta"))
+    assert encodings.get("int4").decode(base, encoded, dtype=torch.bfloat16, shape=(0, 8)).shape == (0, 8)
 
 
 @pytest.mark.parametrize("count", [0, 1, 7, 8, 9, 40, 1001])
