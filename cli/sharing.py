@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 import click
 
 from deltastore import Store
-from deltastore.remote import (PullResult as RemotePull, PushResult as RemotePush, add_remote, clone as remote_clone,
-                               pull as remote_pull, push as remote_push, remotes, remove_remote)
+from deltastore.remote import (PullResult as RemotePull, PushResult as RemotePush, RemoteVersion, add_remote,
+                               clone as remote_clone, pull as remote_pull, push as remote_push, remotes,
+                               remove_remote)
 
 from .options import (ENCODINGS, base_path_option, export_tokenizer_option, finite, hub_options, json_option,
                       key_values, lower_case, only_base, out_option, remote_option, with_store)
@@ -60,7 +61,8 @@ def push(store: Store, refs: tuple[str, ...], repo_id: str | None, remote: str |
 @click.option("--revision", metavar="REV", help="A branch, a commit, or a version's tag STANCE-vN (then only that version).")
 @click.option("--stance", help="Pull only this stance.")
 @click.option("--into", metavar="NAME",
-              help="Store the pulled stance's versions under the local stance NAME (they keep their ids and numbers).")
+              help="Store the pulled stance's versions under the local stance NAME (they keep their ids; from a "
+                   "Hub repo, their numbers too).")
 @click.option("--force-download", is_flag=True,
               help="Fetch every file from the Hub again instead of reading the local Hugging Face cache.")
 @click.option("--fetch-base", is_flag=True,
@@ -78,18 +80,20 @@ def pull(store: Store, repo_id: str | None, remote: str | None, revision: str | 
     into the store, verified: nothing is stored unless every name, size and hash checks out and
     every version's base is a base of this store (a remote brings its bases along; --fetch-base
     fetches them from the Hub, and refuses weights whose base id is not the one the versions
-    need). A local stance holding versions the repo's stance lacks is never added to: pull that
-    stance --into another name."""
+    need). From a Hub repo, a local stance holding versions the repo's stance lacks is never added
+    to: pull that stance --into another name. From a remote, versions join the local stance of
+    their name (or --into's): under the remote's numbers where those are above the stance's
+    numbers here, otherwise after its newest, as the pull says."""
     if remote is None and repo_id is not None and repo_id in remotes(store):
         remote, repo_id = repo_id, None
     if (repo_id is None) == (remote is None):
         raise click.UsageError("give one of ID (a Hub repo, or a remote's name) and --remote NAME")
     if remote is not None:
-        if into is not None or force_download or revision is not None or fetch_base or base_revision is not None:
-            raise click.UsageError("--into, --revision, --force-download, --fetch-base and --base-revision are for a "
+        if force_download or revision is not None or fetch_base or base_revision is not None:
+            raise click.UsageError("--revision, --force-download, --fetch-base and --base-revision are for a "
                                    "Hub repo, not a remote")
         with progress("downloading", enabled=not as_json) as cb:
-            r = remote_pull(store, remote, stance=stance, progress=cb)
+            r = remote_pull(store, remote, stance=stance, into=into, progress=cb)
         return emit_json(r) if as_json else remote_pulled(r)
     from deltastore.hub import pull as hub_pull
 
@@ -120,15 +124,22 @@ def hub_pulled(r: HubPull) -> None:
 
 def remote_pushed(r: RemotePush) -> None:
     for rv in r.pushed:
-        echo(f"pushed {rv.ref} {rv.id[:15]}")
+        echo(f"pushed {rv.ref} {rv.id[:15]}{_here(rv)}")
     for rv in r.already_there:
-        echo(f"{rv.ref} {rv.id[:15]} is already there")
+        echo(f"{rv.ref} {rv.id[:15]} is already there{_here(rv)}")
     echo(f"{r.url}: {r.objects_uploaded} objects, {size(r.bytes_uploaded)} uploaded")
+
+
+def _here(rv: RemoteVersion) -> str:
+    """The version's ref in the store where it differs from the remote's (a stance both
+    stores added to: FORMAT.md §10)."""
+    return "" if rv.local in (None, rv.ref) else f" ({rv.local} here)"
 
 
 def remote_pulled(r: RemotePull) -> None:
     for rv in r.pulled:
-        echo(f"pulled {rv.ref} {rv.id[:15]}")
+        landed = "" if rv.local == rv.ref else f" as {rv.local} here"
+        echo(f"pulled {rv.ref} {rv.id[:15]}{landed}")
     echo(f"{len(r.pulled)} new versions from {r.url} ({r.objects_downloaded} objects, "
          f"{size(r.bytes_downloaded)} downloaded)")
 

@@ -26,14 +26,13 @@ import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 from urllib.parse import urlsplit
 
 from .chain import refuse_chained
-from .errors import (CorruptObject, DeltastoreError, RemoteDataRejected, RemoteError, RemoteNotFound,
-                     UnsafeInput, VersionConflict)
+from .errors import CorruptObject, DeltastoreError, RemoteDataRejected, RemoteError, RemoteNotFound, UnsafeInput
 from .hashing import ALGORITHM, base_id as compute_base_id, bytes_id, canonical_json, is_id
 from .limits import load_json
 from .names import check_base_name, check_stance_name
@@ -57,18 +56,21 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class RemoteVersion:
-    """One version as the remote lists it: its ref."""
+    """One version as the remote lists it: its ref. In a push's or a pull's result, `local` is
+    the ref the store gives it (the remote numbers a stance's versions as they arrive, so the
+    two may differ: FORMAT.md §10)."""
 
     stance: str
     number: int
     id: str
+    local: str | None = None
 
     @property
     def ref(self) -> str:
         return f"{self.stance}@{self.number}"
 
     def to_json(self) -> dict:
-        return {"ref": self.ref, "stance": self.stance, "number": self.number, "id": self.id}
+        return {"ref": self.ref, "stance": self.stance, "number": self.number, "id": self.id, "local": self.local}
 
 
 @dataclass(frozen=True)
@@ -437,7 +439,7 @@ def push(store: Store, refs: Sequence[str], url: str, *, progress: Progress | No
             still = remote.object_ids()
             sent += _parallel([oid for oid in needed if oid not in still],
                               lambda oid: _upload(store, remote, oid), None)
-    here = tuple(on_remote[v.id] for v in versions if v.id in on_remote)
+    here = tuple(replace(on_remote[v.id], local=v.ref) for v in versions if v.id in on_remote)
     return PushResult(url, tuple(pushed), here, len(sent), sum(sent))
 
 
@@ -455,12 +457,12 @@ def _take_number(remote: Remote, v: Version, taken: dict[str, int]) -> RemoteVer
         ref = {"id": v.id, "stance": v.stance, "number": number}
         if remote.create(remote.ref_path(v.stance, number), canonical_json(ref) + b"\n"):
             taken[v.stance] = number
-            return RemoteVersion(v.stance, number, v.id)
+            return RemoteVersion(v.stance, number, v.id, v.ref)
         raw = remote.read(f"refs/{v.stance}/{number}.json", remote.ref_path(v.stance, number), MAX_REF_BYTES)
         try:
             if json.loads(raw).get("id") == v.id:
                 taken[v.stance] = number
-                return RemoteVersion(v.stance, number, v.id)
+                return RemoteVersion(v.stance, number, v.id, v.ref)
         except (ValueError, AttributeError):
             pass
         number += 1
@@ -488,28 +490,37 @@ def _parallel(items: list[str], call: Callable[[str], int], progress: Progress |
 # -- pull -----------------------------------------------------------------------------------------
 
 
-def pull(store: Store, url: str, *, stance: str | None = None, progress: Progress | None = None) -> PullResult:
+def pull(store: Store, url: str, *, stance: str | None = None, into: str | None = None,
+         progress: Progress | None = None) -> PullResult:
     """Download versions from a remote (`url`: a URL, or the name of one of the store's remotes)
     into the store, verified: every ref, manifest, base and
     object is checked before anything is stored; then the bases the store lacks are registered
-    and all the versions land at once under the remote's numbers, or none does. Only objects
+    and all the versions land at once, or none does. Only objects
     the store lacks are downloaded; they wait in the store's tmp/ until they land, so a pull
-    run again after a kill does not download them again."""
+    run again after a kill does not download them again.
+
+    A version lands under the remote's number when that is above every number its stance has
+    here, and otherwise under the stance's next number here (`_landing`); a version the store
+    holds already, under any ref, is left where it is. `into`: the local stance the versions of
+    the one stance pulled land in (`stance` names it when the remote has several)."""
     store._writable()
+    if into is not None:
+        check_stance_name(into)
     url = remote_url(store, url)
     remote = Remote(url)
     staging = store.root / "tmp" / f"pull-{bytes_id(url.encode())[3:19]}"
     try:
-        return _pull(store, remote, staging, stance, progress)
-    except (UnsafeInput, VersionConflict):
+        return _pull(store, remote, staging, stance, into, progress)
+    except UnsafeInput:
         # Refused data will not be better next time: keep nothing of it. (After any other
-        # failure, a kill or a network error, what was downloaded and checked stays for the
-        # next pull.)
+        # failure, a kill, a network error or a commit here that took a number this pull was
+        # landing a version under, what was downloaded and checked stays for the next pull.)
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
-def _pull(store: Store, remote: Remote, staging: Path, stance: str | None, progress: Progress | None) -> PullResult:
+def _pull(store: Store, remote: Remote, staging: Path, stance: str | None, into: str | None,
+          progress: Progress | None) -> PullResult:
     url = remote.url
     with backend_errors(url):
         if not remote.is_remote():
@@ -524,12 +535,12 @@ def _pull(store: Store, remote: Remote, staging: Path, stance: str | None, progr
                                   url=url)
         else:
             chosen = listed
+        _check_into(chosen, into)
         todo: list[tuple[RemoteVersion, dict, Version]] = []
-        for rv in chosen:
+        for rv in _first_refs(chosen):
             if store.catalog.version(rv.id):
                 continue
             todo.append((rv, *remote_manifest(remote, rv)))
-        _check_numbers(store, todo)
         bases = _bases(store, remote, {v.base_id for _, _, v in todo})
         needed = {o.id: o.size for _, _, v in todo for e in v.tensors for o in e.objects.values()}
         missing = [oid for oid in needed if not store.objects.exists(oid)]
@@ -544,20 +555,57 @@ def _pull(store: Store, remote: Remote, staging: Path, stance: str | None, progr
         return store.objects.get(object_id, raw_size=size)
 
     added = tuple(_register_base(store, remote, *b) for b in bases)
-    numbers = {v.id: rv.number for rv, _, v in todo}
-    stances = {v.id: rv.stance for rv, _, v in todo}
+    places = _landing(store, [rv for rv, _, _ in todo], into)
     landed = {}
     if todo:
         try:
-            landed = {v.id: new for v, new in store.ingest([m for _, m, _ in todo], payload, numbers=numbers,
-                                                           stances=stances)}
+            landed = {v.id: new for v, new in store.ingest(
+                [m for _, m, _ in todo], payload, numbers={vid: n for vid, (_, n) in places.items()},
+                stances={vid: s for vid, (s, _) in places.items()})}
         except CorruptObject as e:  # a staged file changed between its check and the ingest
             raise RemoteDataRejected(url, f"object {e.object_id}", e.reason) from None
     shutil.rmtree(staging, ignore_errors=True)
-    pulled = tuple(rv for rv, _, v in todo if landed.get(v.id))
-    here = tuple(rv for rv in chosen if rv not in pulled)
+    pulled = tuple(replace(rv, local="{}@{}".format(*places[rv.id])) for rv, _, _ in todo if landed.get(rv.id))
+    new = {rv.id for rv in pulled}
+    here = tuple(replace(rv, local=_ref_here(store, rv.id)) for rv in chosen if rv.id not in new)
     # A staged object (a pull that was killed) counts 0: it was not downloaded again.
     return PullResult(url, pulled, here, added, sum(1 for n in got if n), sum(got))
+
+
+def _check_into(chosen: list[RemoteVersion], into: str | None) -> None:
+    stances = sorted({rv.stance for rv in chosen})
+    if into is not None and len(stances) > 1:
+        raise UnsafeInput(f"--into takes the versions of one stance, and this pull has {len(stances)} "
+                          f"({', '.join(stances[:5])}{', ...' if len(stances) > 5 else ''}); add --stance S")
+
+
+def _first_refs(listed: list[RemoteVersion]) -> list[RemoteVersion]:
+    """Each version once, under the first ref that names it (stance, then number): a remote
+    anyone can write to may list one version under several refs."""
+    return list({rv.id: rv for rv in reversed(listed)}.values())[::-1]
+
+
+def _landing(store: Store, pulled: list[RemoteVersion], into: str | None) -> dict[str, tuple[str, int]]:
+    """Where each pulled version lands here: version id -> (stance, number). Under the remote's
+    number when that is above every number its stance has here (so a stance that is only pulled
+    is numbered as on the remote), otherwise under the stance's next number here: the remote
+    numbers versions as they arrive, and a teammate's version may hold there a number this
+    store gives to its own. In the remote's order, so a stance's versions keep theirs."""
+    top: dict[str, int] = {}
+    out = {}
+    for rv in pulled:
+        stance = into or rv.stance
+        if stance not in top:
+            row = store.catalog.latest(stance)
+            top[stance] = row["number"] if row else 0
+        top[stance] = rv.number if rv.number > top[stance] else top[stance] + 1
+        out[rv.id] = (stance, top[stance])
+    return out
+
+
+def _ref_here(store: Store, version_id: str) -> str:
+    row = store.catalog.version(version_id)
+    return f"{row['stance']}@{row['number']}"
 
 
 def remote_manifest(remote: Remote, rv: RemoteVersion) -> tuple[dict, Version]:
@@ -573,16 +621,6 @@ def remote_manifest(remote: Remote, rv: RemoteVersion) -> tuple[dict, Version]:
     # The ref says where the version lives: a version renamed or merged where it was pushed from
     # keeps the manifest that names the stance and number it was committed under.
     return m, v
-
-
-def _check_numbers(store: Store, todo: list[tuple[RemoteVersion, dict, Version]]) -> None:
-    seen: dict[tuple[str, int], str] = {}
-    for rv, _, v in todo:
-        row = store.catalog.version_at(rv.stance, rv.number)
-        if row is not None and row["id"] != rv.id:
-            raise VersionConflict(rv.stance, rv.number, row["id"], rv.id)
-        if seen.setdefault((rv.stance, rv.number), rv.id) != rv.id:
-            raise VersionConflict(rv.stance, rv.number, seen[(rv.stance, rv.number)], rv.id, "on the remote")
 
 
 def _bases(store: Store, remote: Remote, wanted: Iterable[str]) -> list[tuple[dict, bytes, bytes]]:
