@@ -16,7 +16,7 @@ from deltastore.remote import (PullResult as RemotePull, PushResult as RemotePus
 
 from .options import (ENCODINGS, base_path_option, export_tokenizer_option, finite, hub_options, json_option,
                       key_values, lower_case, only_base, out_option, remote_option, with_store)
-from .output import echo, emit_json, progress, size, to_jsonable
+from .output import echo, emit_json, escape, progress, size, to_jsonable
 
 # Library modules that import torch (or transformers, matplotlib, huggingface_hub) are imported
 # inside the commands that use them: this module is loaded for its light commands too, and those
@@ -156,8 +156,7 @@ def remote() -> None:
 @with_store
 def remote_add(store: Store, name: str, url: str) -> None:
     """Remember URL as remote NAME."""
-    add_remote(store, name, url)
-    click.echo(f"remote {name}: {url}")
+    echo(f"remote {name}: {add_remote(store, name, url)}")
 
 
 @remote.command("list")
@@ -169,7 +168,7 @@ def remote_list(store: Store, as_json: bool) -> None:
     if as_json:
         return emit_json(known)
     for name, url in known.items():
-        click.echo(f"{name}\t{url}")
+        click.echo(f"{escape(name)}\t{escape(url)}")  # escaped apart: the tab between them stays a tab
 
 
 @remote.command("remove")
@@ -177,7 +176,7 @@ def remote_list(store: Store, as_json: bool) -> None:
 @with_store
 def remote_remove(store: Store, name: str) -> None:
     """Forget remote NAME (the remote itself is not touched)."""
-    click.echo(f"removed remote {name} ({remove_remote(store, name)})")
+    echo(f"removed remote {name} ({remove_remote(store, name)})")
 
 
 @click.command()
@@ -186,7 +185,8 @@ def remote_remove(store: Store, name: str) -> None:
 @json_option
 def clone(url: str, directory: str, as_json: bool) -> None:
     """A new store in DIRECTORY/.deltastore holding every version of the remote at URL (kept as
-    its remote `origin`), verified as a pull is."""
+    its remote `origin`), verified as a pull is. DIRECTORY/.deltastore must be new or empty; a
+    clone that fails removes what it created, and only that."""
     with progress("downloading", enabled=not as_json) as cb:
         store, r = remote_clone(url, directory, progress=cb)
     store.close()

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -32,13 +33,14 @@ from typing import Any, Callable, Iterable, Sequence
 from urllib.parse import urlsplit
 
 from .chain import refuse_chained
-from .errors import CorruptObject, DeltastoreError, RemoteDataRejected, RemoteError, RemoteNotFound, UnsafeInput
+from .errors import (CorruptObject, DeltastoreError, RemoteDataRejected, RemoteError, RemoteNotFound, StoreExists,
+                     UnsafeInput)
 from .hashing import ALGORITHM, base_id as compute_base_id, bytes_id, canonical_json, is_id
 from .limits import load_json
 from .names import check_base_name, check_stance_name
 from .objects import HEADER, ObjectStore
 from .records import MAX_MANIFEST_BYTES, Version, check_manifest, hub_origin, parse_manifest
-from .store import DEFAULT_DIR, Store
+from .store import DEFAULT_DIR, STORE_FILE, Store
 
 # fsspec (and through it s3fs, gcsfs, adlfs) is imported when a remote is opened: a store that
 # only names its remotes needs none of it.
@@ -108,15 +110,43 @@ class PullResult:
 # -- remotes of a store: names and URLs, never credentials ----------------------------------------
 
 
+# Backends that keep nothing once the command exits, or that are wrappers and inline data with no
+# storage of their own: a push there would say "pushed" and keep nothing.
+NOT_PERSISTENT = frozenset({"memory", "data", "cached", "blockcache", "filecache", "simplecache", "dir", "generic",
+                            "reference", "async_wrapper", "asyncwrapper"})
+LOCAL_SCHEMES = ("file", "local")
+
+
 def check_url(url: str) -> str:
+    """The URL a remote is kept and opened under: a folder's (file://) made absolute, so that it
+    names the same folder from any working folder; refused when it cannot hold a remote."""
     parts = urlsplit(url)
-    if not parts.scheme or (parts.scheme != "file" and not parts.netloc):
+    if parts.scheme in LOCAL_SCHEMES:
+        return _folder_url(url, parts)
+    if not parts.scheme or not parts.netloc:
         raise UnsafeInput(f"remote URL {url[:120]!r} needs a scheme and a location, as in s3://bucket/prefix "
                           "or file:///shared/folder")
     if "@" in parts.netloc or parts.password:
         raise UnsafeInput("a remote URL must not hold a user or password: credentials come from each "
                           "backend's usual places (AWS variables or profiles, gcloud, Azure), never from the store")
+    if parts.scheme in NOT_PERSISTENT:
+        raise UnsafeInput(f"remote URL {url[:120]!r}: {parts.scheme}:// keeps nothing once the command exits, "
+                          "so it cannot hold a remote: use a folder (file:///PATH) or object storage "
+                          "(s3://, gs://, az://)")
     return url
+
+
+def _folder_url(url: str, parts: Any) -> str:
+    """file:///PATH, file://localhost/PATH and file:PATH (relative to the working folder) as
+    file:///ABSOLUTE/PATH. Another host is refused: fsspec would read it as a relative folder
+    named after the host."""
+    if parts.netloc.lower() not in ("", "localhost"):
+        raise UnsafeInput(f"remote URL {url[:120]!r} names the host {parts.netloc[:60]!r}: a folder remote is "
+                          "file:///ABSOLUTE/PATH (or file://localhost/PATH) on this machine; mount a network share "
+                          "and give the folder it is mounted at")
+    if parts.query or parts.fragment or not parts.path:
+        raise UnsafeInput(f"remote URL {url[:120]!r} is not a folder: write file:///ABSOLUTE/PATH")
+    return "file://" + os.path.abspath(parts.path)
 
 
 def _root(store: Store | str | os.PathLike) -> Path:
@@ -147,15 +177,17 @@ def remotes(store: Store | str | os.PathLike) -> Remotes:
     return Remotes((name, v["url"]) for name, v in sorted(config.items()))
 
 
-def add_remote(store: Store | str | os.PathLike, name: str, url: str) -> None:
+def add_remote(store: Store | str | os.PathLike, name: str, url: str) -> str:
+    """Remember `url` as remote `name`; returns the URL as kept (a folder's made absolute)."""
     if not REMOTE_NAME.match(name):
         raise UnsafeInput(f"remote name {name[:80]!r} is not allowed: use letters, digits, '.', '_' and '-'")
-    check_url(url)
+    url = check_url(url)
     config = remotes(store)
     if name in config:
         raise UnsafeInput(f"remote {name!r} exists already ({config[name]}); remove it first")
     config[name] = url
     _write_config(_root(store), config)
+    return url
 
 
 def remove_remote(store: Store | str | os.PathLike, name: str) -> str:
@@ -168,13 +200,14 @@ def remove_remote(store: Store | str | os.PathLike, name: str) -> str:
 
 
 def remote_url(store: Store | str | os.PathLike, name_or_url: str) -> str:
-    """A remote's URL from its name (a URL is taken as it is)."""
-    if "://" in name_or_url:
+    """A remote's URL from its name, or the URL given, checked (check_url)."""
+    if ":" in name_or_url:  # a URL: a remote's name holds no ':'
         return check_url(name_or_url)
     config = remotes(store)
     if name_or_url not in config:
         raise RemoteNotFound(name_or_url, sorted(config))
-    return config[name_or_url]
+    # One added before URLs were checked as they are now is checked (and made absolute) here.
+    return check_url(config[name_or_url])
 
 
 def _write_config(root: Path, config: dict[str, str]) -> None:
@@ -192,14 +225,17 @@ class Remote:
     def __init__(self, url: str):
         import fsspec
 
-        self.url = check_url(url)
+        self.url = url = check_url(url)
         try:
             self.fs, root = fsspec.core.url_to_fs(url)
         except ImportError as e:
             raise RemoteError(f"cannot open {url}: {e} (install the backend, e.g. `pip install deltastore[s3]`)",
                               url=url) from None
-        except (ValueError, OSError) as e:
-            raise RemoteError(f"cannot open {url}: {e}", url=url) from None
+        except Exception as e:
+            raise _backend_failure(url, e) or RemoteError(f"cannot open {url}: {e}", url=url) from None
+        if NOT_PERSISTENT & set(_protocols(self.fs)):  # a protocol registered under another name
+            raise UnsafeInput(f"remote URL {url[:120]!r} opens {type(self.fs).__name__}, which keeps nothing once "
+                              "the command exits: it cannot hold a remote")
         self.root = root.rstrip("/")
         self.local = "file" in _protocols(self.fs)
 
@@ -221,7 +257,9 @@ class Remote:
     def is_remote(self) -> bool:
         try:
             raw = self.read(MARKER, self.path(MARKER), MAX_REF_BYTES)
-        except FileNotFoundError:
+        except FileNotFoundError as e:
+            if _no_bucket(e):  # not an empty remote: nothing can be pushed there either
+                raise
             return False
         marker = load_json(raw, MARKER, max_bytes=MAX_REF_BYTES, error=self.bad(MARKER))
         if not isinstance(marker, dict) or marker.get("format") != REMOTE_FORMAT:
@@ -375,19 +413,89 @@ def _is_base_name(name: str) -> bool:
 
 
 def backend_errors(url: str) -> Any:
-    """OSErrors of a backend (unreachable, access denied) as one line naming the remote."""
+    """A backend's failures (no credentials, access denied, no such bucket, unreachable) as one
+    line naming the remote and what to set or check. Anything else is no backend's failure but a
+    fault here, and keeps its traceback."""
     @contextmanager
     def wrap():
         try:
             yield
         except DeltastoreError:
             raise
-        except PermissionError as e:
-            raise RemoteError(f"access to {url} denied ({str(e)[:160]}): check the backend's credentials",
-                              url=url) from None
-        except (OSError, TimeoutError) as e:
-            raise RemoteError(f"remote {url} failed: {str(e)[:200]}", url=url) from None
+        except Exception as e:
+            failure = _backend_failure(url, e)
+            if failure is None:
+                raise
+            raise failure from None
     return wrap()
+
+
+# The backends' own exception classes, by name: naming them needs none of botocore, aiohttp,
+# google-auth or azure-core imported (a remote's backend is imported only when it is opened).
+_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+                   "DefaultCredentialsError", "CredentialUnavailableError", "ClientAuthenticationError"}
+_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ProxyConnectionError",
+                "ClientConnectorError", "ServerTimeoutError", "ServiceRequestError", "TransportError"}
+_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+                     "TokenRefreshRequired", "AuthFailure"}
+_DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "Forbidden", "403"}
+_CREDENTIALS = {  # where each backend looks for them
+    "s3": "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE (a profile in ~/.aws/credentials)",
+    "gs": "GOOGLE_APPLICATION_CREDENTIALS, or run `gcloud auth application-default login`",
+    "az": "AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY",
+}
+_ALIASES = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az", "adl": "az"}
+_ENDPOINTS = {"s3": "AWS_ENDPOINT_URL"}
+
+
+def _backend_failure(url: str, e: BaseException) -> RemoteError | None:
+    """`e` as one line that says what to set or check, or None when it is no backend's failure."""
+    names = {c.__name__ for c in type(e).__mro__}
+    code = _service_code(e)
+    scheme = urlsplit(url).scheme
+    scheme = _ALIASES.get(scheme, scheme)
+    detail = " ".join(str(e).split())[:200] or type(e).__name__
+    credentials = _CREDENTIALS.get(scheme, "the backend's credentials, in its usual places")
+    if names & _NO_CREDENTIALS:
+        return RemoteError(f"no credentials for {url} ({detail}): set {credentials}", url=url)
+    if code in _CREDENTIAL_CODES:
+        return RemoteError(f"the credentials for {url} were refused ({detail}): check {credentials}", url=url)
+    if isinstance(e, PermissionError) and scheme in LOCAL_SCHEMES:
+        return RemoteError(f"access to {url} denied ({detail}): check the folder's permissions", url=url)
+    if isinstance(e, PermissionError) or code in _DENIED_CODES:
+        return RemoteError(f"access to {url} denied ({detail}): check the bucket's permissions, and which "
+                           f"credentials are in use: {credentials}", url=url)
+    if _no_bucket(e):
+        return RemoteError(f"the bucket of {url} does not exist: check the URL, or create the bucket", url=url)
+    if names & _UNREACHABLE or isinstance(e, (ConnectionError, TimeoutError, socket.gaierror)):
+        endpoint = _ENDPOINTS.get(scheme)
+        where = f", and {endpoint} if it is set" if endpoint else ""
+        return RemoteError(f"cannot reach {url} ({detail}): check the network and the endpoint's address{where}",
+                           url=url)
+    if isinstance(e, OSError):
+        return RemoteError(f"remote {url} failed: {detail}", url=url)
+    return None
+
+
+def _no_bucket(e: BaseException) -> bool:
+    """The bucket itself is missing (not a file in it): S3's NoSuchBucket, which s3fs raises as
+    a FileNotFoundError like a missing file's."""
+    return _service_code(e) == "NoSuchBucket" or (isinstance(e, FileNotFoundError)
+                                                  and "bucket does not exist" in str(e).lower())
+
+
+def _service_code(e: BaseException) -> str | None:
+    """The storage service's error code (S3's "NoSuchBucket", "AccessDenied"), from the error or
+    the one it was translated from (s3fs raises an OSError whose cause holds it)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and isinstance(response.get("Error"), dict):
+            code = response["Error"].get("Code")
+            return str(code) if code is not None else None
+        e = e.__cause__ or e.__context__
+    return None
 
 
 # -- push -----------------------------------------------------------------------------------------
@@ -687,18 +795,50 @@ def _download(remote: Remote, staging: Path, object_id: str, size: int) -> int:
 
 def clone(url: str, directory: str | os.PathLike, *, progress: Progress | None = None) -> tuple[Any, PullResult]:
     """A new store at `directory` (its `.deltastore/`) holding every version of the remote, which
-    it keeps as its remote `origin`. Nothing is left behind when the pull fails."""
-    folder = Path(directory)
-    root = folder / DEFAULT_DIR
-    check_url(url)
-    created = not folder.exists()
-    store = Store.init(root)
+    it keeps as its remote `origin`. A `.deltastore/` there already must be an empty folder. When
+    the pull fails, what clone created is removed, and nothing that was there before."""
+    url = check_url(url)
+    root = Path(directory) / DEFAULT_DIR
+    made = _folders_to_make(root)
+    store = None
     try:
+        store = Store.init(root)
         result = pull(store, url, progress=progress)
         add_remote(root, "origin", url)
     except BaseException:
-        store.close()
-        shutil.rmtree(folder if created else root, ignore_errors=True)
+        if store is not None:
+            store.close()
+        _remove_made(root, made)
         raise
     return store, result
 
+
+def _folders_to_make(root: Path) -> Path | None:
+    """The topmost folder on `root`'s path that does not exist (clone creates it and those
+    below it), or None when `root` exists: then it must be an empty folder, or clone would fill
+    (and on failure remove) what someone left there, such as a store whose catalog is gone."""
+    if not (root.exists() or root.is_symlink()):
+        top = root
+        while not (top.parent.exists() or top.parent.is_symlink()) and top.parent != top:
+            top = top.parent
+        return top
+    if (root / STORE_FILE).exists():
+        raise StoreExists(str(root))
+    if not root.is_dir() or root.is_symlink():
+        raise UnsafeInput(f"{root} exists and is not a folder: clone into a new folder")
+    if any(root.iterdir()):
+        raise UnsafeInput(f"{root} is not empty (it may be a store whose catalog is gone: its objects, refs.log "
+                          "and journals are still there): clone into a new folder, or empty it first")
+    return None
+
+
+def _remove_made(root: Path, made: Path | None) -> None:
+    """Undo a clone: the folders it made, or what it wrote into the empty `root` it was given."""
+    if made is not None:
+        shutil.rmtree(made, ignore_errors=True)
+        return
+    for child in root.iterdir() if root.is_dir() else ():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
