@@ -200,8 +200,8 @@ def _journal_note(store_root: Path, j: dict, applied: str) -> Problem:
     otherwise (copied and deleted, replaced) the command that drops it, which is all that can run."""
     gone = journalfiles.files_gone(j)
     if gone:
-        return Problem("open-journal", j["target"], f"{j['target']} had {applied} applied in place (journal {j['id']}), "
-                       f"but {gone}: if it moved, `deltastore revert NEWPATH` restores its base; a copy made after "
+        return Problem("open-journal", j["target"], f"{j['target']} had {applied} applied in place (journal "
+                       f"{j['id']}), but {gone}: if it moved, `deltastore revert NEWPATH` restores its base; a copy made after "
                        f"apply (`cp -a`) keeps {applied} and is not reverted; once it is deleted, `deltastore revert "
                        f"--forget {j['id']}` drops the journal and frees its saved originals", error=False)
     reverting = journalfiles.is_reverting(store_root, j["id"])
