@@ -264,3 +264,55 @@ def test_forget_refuses_a_journal_that_revert_can_complete(tmp_path, store) -> N
     changed = file_bytes(target)
     assert run_cli(store.root, "revert", "--forget", str(target)).exit_code == 0
     assert file_bytes(target) == changed and store.catalog.open_journals() == []
+
+
+# A child that reverts, sleeping after each fsync of a weight file: it is killed there.
+REVERT_JOB = r"""
+import time
+from deltastore import Store
+
+real_fsync = os.fsync
+
+def slow_fsync(fd):
+    real_fsync(fd)
+    if os.readlink(f"/proc/self/fd/{fd}").endswith(".safetensors"):
+        time.sleep(60)
+
+def run(job):
+    os.fsync = slow_fsync
+    with Store.open(job["store"]) as store:
+        store.revert_files(job["target"])
+"""
+
+
+def test_a_revert_killed_midway_is_finished_by_the_next(tmp_path) -> None:
+    """Killed after its first shard: the revert's mark says a write was under way, so a region
+    it left half written (as a kill inside a copy leaves one) is written back by the next."""
+    from helpers import ForkDriver
+
+    with Store.init(tmp_path / "store") as store:
+        pair, target, row = applied(tmp_path, store, "current")
+    base = file_bytes(pair.base)
+
+    def reverted() -> int:
+        return sum(file_bytes(target)[n] == base[n] for n in base if n.endswith(".safetensors"))
+
+    untouched = reverted()  # shards without a changed tensor
+    assert len([n for n in base if n.endswith(".safetensors")]) - untouched >= 2
+    driver = ForkDriver(tmp_path, REVERT_JOB)
+    try:
+        assert driver.kill_when(lambda: reverted() > untouched, 60, store=str(tmp_path / "store"),
+                                target=str(target))
+    finally:
+        driver.close()
+    assert journalfiles.is_reverting(tmp_path / "store", row["id"])
+    region = next(r for r in sorted(json.loads(row["plan"])["regions"], key=lambda r: r["file"], reverse=True)
+                  if file_bytes(target)[r["file"]] != base[r["file"]])
+    half = (region["end"] - region["start"]) // 2
+    overwrite(target / region["file"], region["start"], base[region["file"]][region["start"]:region["start"] + half])
+    with Store.open(tmp_path / "store") as store:
+        [note] = store.fsck().problems
+        assert note.kind == "unfinished-journal" and note.message.startswith("a revert of"), note.message
+        store.revert_files(target)
+        assert file_bytes(target) == base and store.catalog.open_journals() == []
+        assert file_bytes(store.root / "journals") == {} and store.fsck().problems == ()
