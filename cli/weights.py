@@ -58,15 +58,30 @@ def apply(store: Store, ref: str, target: str, out: str | None, break_links: boo
 
 @click.command()
 @click.argument("target", type=click.Path())
+@click.option("--forget", is_flag=True,
+              help="Instead: drop the journal of TARGET (a path, or the journal id fsck shows) that revert cannot "
+                   "restore, its files gone (copied and deleted) or changed since, and free its saved originals; "
+                   "no model file is written.")
 @json_option
 @with_store
-def revert(store: Store, target: str, as_json: bool) -> None:
-    """Undo what apply did to TARGET, bit for bit."""
-    done = store.revert_files(target)
+def revert(store: Store, target: str, forget: bool, as_json: bool) -> None:
+    """Undo what apply did to TARGET, bit for bit.
+
+    Writes only into tensors that hold what apply wrote (one that holds the base already is
+    left as it is); anything else there stops it before its first write. A copy of TARGET made
+    after apply (`cp -a`) keeps the applied version and is not reverted; once TARGET itself is
+    gone, --forget drops its journal."""
+    done = store.forget_journal(target) if forget else store.revert_files(target)
     if as_json:
         return emit_json(done)
     for j in done:
-        echo(f"reverted {target} ({j.regions} tensors back to the base)")
+        if forget:
+            echo(f"forgot the journal {j.id} of {j.target}: its saved originals are freed; no model file was written")
+        elif j.written == 0:
+            echo(f"{target} already holds the base ({j.regions} tensors): nothing was written; its journal is dropped")
+        else:
+            held = f"; {j.regions - j.written} held the base already" if j.written < j.regions else ""
+            echo(f"reverted {target} ({j.written} tensors back to the base{held})")
 
 
 @click.command()

@@ -11,8 +11,9 @@ import os
 from pathlib import Path
 
 from .durable import fsync_dir, replace_file
-from .errors import DeltastoreError, DiskFull, is_disk_full
+from .errors import DeltastoreError, DiskFull, ModelFormatError, is_disk_full
 from .hashing import canonical_json, hasher, hexdigest_id, id_header
+from .target import FileId, file_id
 
 FOLDER = "journals"
 MAX_JOURNAL_FILE = 64 << 20
@@ -38,18 +39,72 @@ def write(root: Path, row: dict, object_ids: list[str]) -> None:
 
 
 def remove(root: Path, journal_id: str) -> None:
-    """The journal's file first (then nothing refers to its originals), then its originals."""
+    """Its `.reverting` mark first (dropped once every region holds the base, so a journal
+    left without it reverts by writing nothing), then the journal's file (then nothing refers
+    to its originals), then its originals."""
     path = folder(root) / f"{journal_id}.json"
-    saved = originals(root, journal_id)
-    if path.exists() or saved.exists():
+    saved, mark = originals(root, journal_id), _mark(root, journal_id)
+    if path.exists() or saved.exists() or mark.exists():
+        mark.unlink(missing_ok=True)
         path.unlink(missing_ok=True)
         saved.unlink(missing_ok=True)
         fsync_dir(path.parent)
 
 
+# -- a revert under way: `journals/<id>.reverting`, an empty file ------------------------------
+# Made before a revert's first write: a revert killed in the middle of a region leaves it half
+# the base's bytes, half the version's, which only a write under way explains. An empty file
+# needs no data block, so a revert still marks itself on a full disk.
+
+REVERTING = ".reverting"
+
+
+def _mark(root: Path, journal_id: str) -> Path:
+    return folder(root) / f"{journal_id}{REVERTING}"
+
+
+def mark_reverting(root: Path, journal_id: str) -> None:
+    path = _mark(root, journal_id)
+    if not path.exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
+        fsync_dir(path.parent)
+
+
+def is_reverting(root: Path, journal_id: str) -> bool:
+    return _mark(root, journal_id).exists()
+
+
 def ids(root: Path) -> set[str]:
     where = folder(root)
     return {p.stem for p in where.glob("*.json")} if where.is_dir() else set()
+
+
+def files_gone(record: dict) -> str | None:
+    """What became of a journal's weight files when revert cannot find them where they were:
+    one missing, or another file now (another device or inode; for a journal from before file
+    identities, another header); None while every one is there as apply left it. Reads only
+    their metadata and headers: cheap enough for fsck."""
+    plan = json.loads(record["plan"])
+    recorded = [FileId.from_json(d) for d in plan["identity"]] if "identity" in plan else None
+    root = Path(plan.get("root") or _old_root(record["target"], plan["files"]))
+    for name, header in sorted(plan["files"].items()):
+        path = root / name
+        try:
+            now = file_id(path)
+        except (ModelFormatError, OSError):
+            return f"{path} is gone"
+        if now.symlink:
+            return f"{path} is a symlink now"
+        was = next((f for f in recorded if f.name == name), None) if recorded is not None else None
+        if (not now.unchanged(was)) if was is not None else now.header != header:
+            return f"{path} is another file now"
+    return None
+
+
+def _old_root(target: str, files: dict) -> str:
+    """The folder of a journal's files when its plan predates `root`: the target, or the
+    folder of a lone file."""
+    return os.path.dirname(target) if os.path.basename(target) in files and not os.path.isdir(target) else target
 
 
 def read_all(root: Path) -> list[dict]:

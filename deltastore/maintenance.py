@@ -162,15 +162,7 @@ def fsck(store: Store, *, read_data: bool = False, repair: bool = False) -> Fsck
             problems.append(Problem("damaged-originals", j["target"], f"the original bytes saved to revert "
                                     f"{j['target']} are missing or damaged ({', '.join(damaged[:5])}): "
                                     "revert cannot restore its base exactly"))
-        if j["state"] == "applied":
-            problems.append(Problem("open-journal", j["target"], f"{j['target']} has {refs.get(j['version_id'], 'a version')} "
-                                    f"applied in place; `deltastore revert {j['target']}` restores its base", error=False))
-        else:
-            problems.append(Problem("unfinished-journal", j["target"],
-                                    f"an apply to {j['target']} is in progress or was interrupted ({j['state']}): "
-                                    f"its files may be half patched; `deltastore revert {j['target']}` restores "
-                                    "its base exactly", error=False))
-
+        problems.append(_journal_note(store.root, j, refs.get(j["version_id"], "a version")))
     repaired: list[str] = []
     for tmp in _stray_tmp(objects.tmp):
         if repair and _stale_tmp(tmp):
@@ -201,6 +193,25 @@ def fsck(store: Store, *, read_data: bool = False, repair: bool = False) -> Fsck
                                         f"a commit by process {p['pid']} died before landing; `fsck --repair` "
                                         "clears it and gc then removes its objects", error=False))
     return FsckReport(tuple(problems), checked, len(versions), tuple(repaired))
+
+
+def _journal_note(store_root: Path, j: dict, applied: str) -> Problem:
+    """An open journal, and what to run: revert while its files are where apply left them;
+    otherwise (copied and deleted, replaced) the command that drops it, which is all that can run."""
+    gone = journalfiles.files_gone(j)
+    if gone:
+        return Problem("open-journal", j["target"], f"{j['target']} had {applied} applied in place (journal "
+                       f"{j['id']}), but {gone}: if it moved, `deltastore revert NEWPATH` restores its base; a copy made after "
+                       f"apply (`cp -a`) keeps {applied} and is not reverted; once it is deleted, `deltastore revert "
+                       f"--forget {j['id']}` drops the journal and frees its saved originals", error=False)
+    reverting = journalfiles.is_reverting(store_root, j["id"])
+    if j["state"] == "applied" and not reverting:
+        return Problem("open-journal", j["target"], f"{j['target']} has {applied} applied in place (journal "
+                       f"{j['id']}); `deltastore revert {j['target']}` restores its base", error=False)
+    doing = "a revert of" if reverting else "an apply to"
+    return Problem("unfinished-journal", j["target"], f"{doing} {j['target']} is in progress or was interrupted "
+                   f"({'reverting' if reverting else j['state']}; journal {j['id']}): its files may be half "
+                   f"patched; `deltastore revert {j['target']}` restores its base exactly", error=False)
 
 
 def _check_objects(store: Store, rows: dict[str, dict], users: dict[str, set[str]], referenced: set[str],

@@ -14,10 +14,15 @@ In-place order (the journal makes every step undoable), all under the target's l
   4. copy the results over the regions, fsync; mark the journal applied. A write that fails
      puts back what was written and drops the journal.
 A crash before 3 completes leaves the files untouched; after it, `revert` checks every saved
-original against its base tensor id, writes each back, whether it was overwritten or not, into
-the files whose identity is the journal's, and checks each region again. Revert never computes
-base bytes from a delta. Journals from before `.originals` files keep their originals as
-objects, and revert from those.
+original against its base tensor id, and what every region of the files whose identity is the
+journal's holds now: the base's bytes (left), what apply wrote (its result's id: written back),
+or else nothing is written at all, unless a write was under way (an unfinished apply, a revert
+marked as started) and left a region half written. Then it checks each region again. Revert
+never computes base bytes from a delta. Journals from before `.originals` files keep their
+originals as objects, and revert from those; journals from before file identities find their
+target by path and header hashes, and the region check is what keeps them from writing into
+another model put there. A journal that revert cannot complete (its files copied and deleted,
+replaced, or written since) is dropped by `forget_journal`.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ class Journal:
     version_id: str
     state: str
     regions: int
+    written: int | None = None  # of a revert: the regions written back (the others held the base already)
 
 
 def apply_in_place(store: Store, version: Version, path: Path, *, allow_links: bool = False,
@@ -431,25 +437,98 @@ def _drop(store: Store, journal_id: str, originals: list[str]) -> None:
 def revert_in_place(store: Store, path: Path) -> list[Journal]:
     given = Path(path)
     if not given.exists():
-        here = {os.path.abspath(given), os.path.join(os.path.realpath(given.parent), given.name)}
-        rows = [r for r in store.catalog.open_journals() if r["target"] in here]
+        rows = _journals_at(store, given)
         if rows:
-            raise JournalError(f"{given} does not exist: it moved or was deleted since {_applied(store, rows[-1])} "
-                               "was applied to it; nothing was written; if it moved, run `deltastore revert NEWPATH`")
+            applied = _applied(store, rows[-1])
+            raise JournalError(f"{given} does not exist: it moved or was deleted since {applied} was applied to it; "
+                               f"nothing was written; if it moved, run `deltastore revert NEWPATH`; a copy made after "
+                               f"apply (`cp -a`) keeps {applied} and is not reverted: once {given} is deleted, "
+                               f"{_forget_hint(rows[-1])}")
         raise JournalError(f"{given} does not exist; nothing to revert")
     with patch_lock(store.root, resolve(given)):
         target = resolve(given)  # again, now that no other patch can change it
         rows = journals_on(store, target)
         if not rows:
-            for row in store.catalog.open_journals():
-                if row["target"] == str(target.model):
-                    raise JournalError(f"{given} is not what {_applied(store, row)} was applied to: "
-                                       f"{_replaced(target, _journal_files(row) or [])}; nothing was written")
-            raise JournalError(f"nothing was applied in place to {given} (no journal); nothing to revert")
+            raise _no_journal(store, target)
         return [_revert_one(store, target, row) for row in reversed(rows)]
 
 
+def _journals_at(store: Store, given: Path) -> list[dict]:
+    """The open journals whose target is this path, however it is spelled (for a path that
+    no longer exists, only its text can say)."""
+    here = {os.path.abspath(given), os.path.join(os.path.realpath(given.parent), given.name)}
+    return [r for r in store.catalog.open_journals() if r["target"] in here]
+
+
+def _no_journal(store: Store, target: Target) -> JournalError:
+    """Why a target that no open journal covers cannot be reverted: its path's journal
+    recorded other files, or it is a copy of an applied target (`cp -a`: the journal's
+    headers, and what apply wrote, in other files)."""
+    for row in store.catalog.open_journals():
+        if row["target"] == str(target.model):
+            return JournalError(f"{target.given} is not what {_applied(store, row)} was applied to: "
+                                f"{_replaced(target, _journal_files(row) or [])}; nothing was written; "
+                                f"if it no longer needs its base back, {_forget_hint(row)}")
+    headers = {f.name: f.header for f in target.files}
+    for row in store.catalog.open_journals():
+        if json.loads(row["plan"])["files"] != headers or not _holds_results(target, row):
+            continue
+        applied = _applied(store, row)
+        if journalfiles.files_gone(row):
+            then = f"the journal is of {row['target']}, which is gone: {_forget_hint(row)}"
+        else:
+            then = f"`deltastore revert {row['target']}` reverts the folder it was applied to"
+        return JournalError(f"{target.given} is a copy of {row['target']} made after {applied} was applied to it: "
+                            f"it keeps {applied} (a model like `apply --out` writes) and is not reverted; "
+                            f"nothing was written; {then}")
+    return JournalError(f"nothing was applied in place to {target.given} (no journal); nothing to revert")
+
+
+def _holds_results(target: Target, row: dict) -> bool:
+    """Whether every region of a journal holds, in the target's files, what apply wrote."""
+    infos = open_files(target.model, files=[target.path(f) for f in target.files]).infos
+    for name, regions in _by_file(json.loads(row["plan"])).items():
+        with open(target.path(target.file(name)), "rb") as fh:
+            if any(_region_now(fh.fileno(), infos[r["name"]]) != r["result"] for r in regions):
+                return False
+    return True
+
+
+def _by_file(plan: dict) -> dict[str, list[dict]]:
+    """A journal's regions, by the file they are in."""
+    by_file: dict[str, list[dict]] = {}
+    for region in plan["regions"]:
+        by_file.setdefault(region["file"], []).append(region)
+    return by_file
+
+
+def _forget_hint(row: dict) -> str:
+    return f"`deltastore revert --forget {row['id']}` drops its journal and frees its saved originals"
+
+
 def _revert_one(store: Store, target: Target, row: dict) -> Journal:
+    plan = json.loads(row["plan"])
+    recorded = _files_to_revert(store, target, row)
+    by_file = _by_file(plan)
+    # Read and verify every original, and what every region holds now, before writing any.
+    saved_file = journalfiles.originals(store.root, row["id"])
+    damaged = journalfiles.damaged_originals(store.root, row)
+    if damaged:
+        raise JournalError(f"the saved original bytes of {shown_names(damaged)} in {saved_file} are missing or "
+                           f"damaged; nothing was written; {target.given} cannot be reverted exactly from this "
+                           "journal (run `deltastore fsck --read-data`)")
+    todo = _regions_to_write(store, target, row, recorded, by_file)
+    objects = {r["original"]: store.objects.get(r["original"]) for r in plan["regions"] if "original" in r}
+    if todo:
+        _write_originals(store, target, row, recorded, todo, objects)
+    _drop(store, row["id"], list(objects))
+    return Journal(row["id"], row["target"], row["version_id"], "reverted", len(plan["regions"]),
+                   sum(len(regions) for regions in todo.values()))
+
+
+def _files_to_revert(store: Store, target: Target, row: dict) -> list[FileId]:
+    """The target's files that the journal recorded, checked to be those very files, unchanged
+    in size and header, and not shared."""
     plan = json.loads(row["plan"])
     recorded = _journal_files(row)
     if recorded is None:
@@ -457,34 +536,63 @@ def _revert_one(store: Store, target: Target, row: dict) -> Journal:
         recorded = [f for f in target.files if plan["files"].get(f.name) == f.header]
         if len(recorded) != len(plan["files"]):
             raise JournalError(f"the safetensors headers of {target.given} changed since apply; "
-                               "the file was replaced, so its regions cannot be restored safely")
+                               "the file was replaced, so its regions cannot be restored safely; nothing was "
+                               f"written; if it no longer needs its base back, {_forget_hint(row)}")
     for f in recorded:
         now = target.file(f.name)
         if now is None or not now.same_file(f):
             raise JournalError(f"{target.given} is not what {_applied(store, row)} was applied to: "
-                               f"{_replaced(target, recorded)}; nothing was written")
+                               f"{_replaced(target, recorded)}; nothing was written; if it no longer needs its "
+                               f"base back, {_forget_hint(row)}")
         if not now.unchanged(f):
             raise JournalError(f"the safetensors header of {target.path(now)} changed since apply; "
-                               "its regions cannot be restored safely; nothing was written")
+                               "its regions cannot be restored safely; nothing was written; if it no longer "
+                               f"needs its base back, {_forget_hint(row)}")
         if now.links > 1:
             raise SharedFile(str(target.path(now)), "hardlink",
                              f"{target.path(now)} has {now.links} hard links since apply: reverting it would "
                              "change the other paths too; remove them (or replace them by copies), then revert")
-    by_file: dict[str, list[dict]] = {}
-    for region in plan["regions"]:
-        by_file.setdefault(region["file"], []).append(region)
-    # Read and verify every original before writing any of them.
-    saved_file = journalfiles.originals(store.root, row["id"])
-    damaged = journalfiles.damaged_originals(store.root, row)
-    if damaged:
-        raise JournalError(f"the saved original bytes of {shown_names(damaged)} in {saved_file} are missing or "
-                           f"damaged; nothing was written; {target.given} cannot be reverted exactly from this "
-                           "journal (run `deltastore fsck --read-data`)")
-    objects = {r["original"]: store.objects.get(r["original"]) for r in plan["regions"] if "original" in r}
-    handles = _open_for_writing(target, list(by_file), "revert", recorded)
+    return recorded
+
+
+def _regions_to_write(store: Store, target: Target, row: dict, recorded: list[FileId],
+                      by_file: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """The regions that do not hold their base bytes already, by file. Each region must hold
+    what apply wrote (its result's tensor id) or the base's bytes; a region that holds neither
+    (written since apply: the files are no longer what apply left) stops the revert before
+    any write, unless a write was under way (an apply not finished, a revert marked as started),
+    which may have left one half written."""
+    writing = row["state"] != "applied" or journalfiles.is_reverting(store.root, row["id"])
+    infos = open_files(target.model, files=[target.path(f) for f in recorded]).infos
+    todo: dict[str, list[dict]] = {}
+    for name, regions in by_file.items():
+        path = target.path(target.file(name))
+        with open(path, "rb") as fh:
+            for r in regions:
+                now = _region_now(fh.fileno(), infos[r["name"]])
+                if now == r["base"]:
+                    continue
+                if now != r["result"] and not writing:
+                    raise JournalError(f"{target.given} does not hold what {_applied(store, row)} wrote: the bytes "
+                                       f"of {r['name']} in {path} are neither {_applied(store, row)}'s nor the "
+                                       f"base's (written since apply); nothing was written; if it no longer needs "
+                                       f"its base back, {_forget_hint(row)}")
+                todo.setdefault(name, []).append(r)
+    return todo
+
+
+def _write_originals(store: Store, target: Target, row: dict, recorded: list[FileId],
+                     todo: dict[str, list[dict]], objects: dict[str, bytes]) -> None:
+    """The original bytes written back into each region of `todo`, then checked against the
+    base ids. The journal is marked as reverting first: a revert interrupted from here on may
+    leave a region half written, which the next revert finishes."""
+    plan = json.loads(row["plan"])
+    handles = _open_for_writing(target, list(todo), "revert", recorded)
     try:
+        journalfiles.mark_reverting(store.root, row["id"])
+        saved_file = journalfiles.originals(store.root, row["id"])
         with open(saved_file, "rb") if "originals" in plan else nullcontext() as saved:
-            for name, regions in by_file.items():
+            for name, regions in todo.items():
                 try:
                     if "originals" in plan:
                         _write_regions(handles[name], saved.fileno(), [(r, r["offset"]) for r in regions])
@@ -498,14 +606,69 @@ def _revert_one(store: Store, target: Target, row: dict) -> Journal:
             fh.close()
     check = open_files(target.model, files=[target.path(f) for f in recorded])
     bad = []
-    for name, regions in by_file.items():
+    for name, regions in todo.items():
         with open(target.path(target.file(name)), "rb") as fh:
             bad += [r["name"] for r in regions if _region_now(fh.fileno(), check.infos[r["name"]]) != r["base"]]
     if bad:
         raise JournalError(f"after revert, {', '.join(bad[:5])} still differ from the base; "
                            "the journal is kept: run `deltastore fsck`")
-    _drop(store, row["id"], list(objects))
-    return Journal(row["id"], row["target"], row["version_id"], "reverted", len(plan["regions"]))
+
+
+def forget_journal(store: Store, name: str) -> list[Journal]:
+    """Drop the open journals of a target that revert cannot restore (its files gone, as after
+    `cp -a` and removal of the original, replaced, or written since apply), and their saved
+    originals, writing nothing to any model file. `name`: the target's path, or a journal's id
+    (or the start of one). A journal that revert can complete is refused."""
+    rows = _journals_named(store, name)
+    if not rows:
+        raise JournalError(f"no open journal has {name} as its target or id; nothing was dropped "
+                           "(`deltastore fsck` lists the open journals)")
+    for row in rows:
+        if _revertable(store, row):
+            raise JournalError(f"{row['target']} still holds what {_applied(store, row)} wrote, and `deltastore "
+                               f"revert {row['target']}` restores its base; nothing was dropped")
+    out = []
+    for row in rows:
+        plan = json.loads(row["plan"])
+        _drop(store, row["id"], [r["original"] for r in plan["regions"] if "original" in r])
+        out.append(Journal(row["id"], row["target"], row["version_id"], "forgotten", len(plan["regions"]), 0))
+    return out
+
+
+def _journals_named(store: Store, name: str) -> list[dict]:
+    rows = store.catalog.open_journals()
+    if len(name) >= 8 and all(c in "0123456789abcdef" for c in name):
+        by_id = [r for r in rows if r["id"].startswith(name)]
+        if len(by_id) == 1 or any(r["id"] == name for r in by_id):
+            return [r for r in by_id if r["id"] == name] or by_id
+    given = Path(name)
+    found = _journals_at(store, given)
+    if given.exists():
+        try:
+            found += [r for r in journals_on(store, resolve(given)) if r not in found]
+        except (DeltastoreError, OSError):
+            pass
+    return found
+
+
+def _revertable(store: Store, row: dict) -> bool:
+    """Whether revert would restore this journal's target now: its files are there and every
+    check before the first write passes. A file hard-linked since apply counts as revertable:
+    removing the other link lets revert run."""
+    if journalfiles.files_gone(row):
+        return False
+    target = resolve(row["target"])
+    with patch_lock(store.root, target):
+        try:
+            recorded = _files_to_revert(store, target, row)
+            if journalfiles.damaged_originals(store.root, row):
+                return False
+            _regions_to_write(store, target, row, recorded, _by_file(json.loads(row["plan"])))
+        except SharedFile:
+            return True
+        except JournalError:
+            return False
+    return True
 
 
 def _region_now(fd: int, info: TensorInfo) -> str:

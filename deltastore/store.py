@@ -880,6 +880,13 @@ class Store:
         self._writable()
         return revert_in_place(self, Path(target))
 
+    def forget_journal(self, name: str | os.PathLike):
+        """Drop the journal of an in-place apply that revert cannot restore (its files gone or
+        changed), by its target's path or its id; writes no model file."""
+        from .patch import forget_journal
+        self._writable()
+        return forget_journal(self, str(name))
+
     # -- maintenance (see maintenance.py) -------------------------------------------------------
 
     def fsck(self, *, read_data: bool = False, repair: bool = False):
