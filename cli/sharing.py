@@ -123,7 +123,10 @@ def remote_pushed(r: RemotePush) -> None:
         echo(f"pushed {rv.ref} {rv.id[:15]}")
     for rv in r.already_there:
         echo(f"{rv.ref} {rv.id[:15]} is already there")
-    echo(f"{r.url}: {r.objects_uploaded} objects, {size(r.bytes_uploaded)} uploaded")
+    for line in r.stale_locks_removed:
+        echo(line)
+    echo(f"{r.url}: {r.objects_uploaded} objects, {size(r.bytes_uploaded)} uploaded"
+         + (f" ({r.objects_repaired} repaired: missing or damaged there)" if r.objects_repaired else ""))
 
 
 def remote_pulled(r: RemotePull) -> None:
