@@ -506,9 +506,9 @@ class RemoteLocked(RemoteError):
         self.kind = kind
         self.lock = lock
         holder = {"push": "a push", "gc": "a gc"}.get(kind, "a lock it cannot read")
-        super().__init__(f"remote {url} is locked by {holder}: {lock}; a {mine} does not run while it is held, "
-                         f"try again once it ends (a lock not refreshed for {stale_after} is stale, and removed "
-                         "then)", url=url)
+        super().__init__(f"remote {url} is locked by {holder}: {lock}; a {mine} does not run while it is held: "
+                         f"try again once it ends, or remove that file if its process is gone (a lock not "
+                         f"refreshed for {stale_after} is stale, and removed then)", url=url)
 
 
 class RemoteDataRejected(RemoteError, UnsafeInput):

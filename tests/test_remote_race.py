@@ -20,7 +20,7 @@ import deltastore.remote as remote_module
 import deltastore.remotegc as gc_module
 from cli.main import cli
 from deltastore import Store
-from deltastore.errors import RemoteDataRejected, RemoteError
+from deltastore.errors import RemoteDataRejected, RemoteError, RemoteLocked
 from deltastore.remote import Remote, clone, pull, push
 from deltastore.remotegc import GRACE_SECONDS, _reached, gc, gc_plan
 
@@ -138,8 +138,7 @@ def test_gc_at_each_step_of_a_push_loses_nothing(world, remote_url, tmp_path, mo
     ran = at(monkeypatch, remote_module, step, Action(remote_url, lambda: run_gc(remote_url)))
     push(a, [RACER], remote_url)
     assert ran and dangling(remote_url) == set()
-    if isinstance(ran[0], RemoteError):  # the push's lock kept gc out
-        assert "locked by a push" in one_line(ran[0])
+    assert isinstance(ran[0], RemoteLocked) and "locked by a push" in one_line(ran[0])  # its lock kept gc out
     assert all(not missing for _, _, missing in remote_module._step.checks), remote_module._step.checks
     monkeypatch.setattr(remote_module, "_step", lambda name: None)
     settle(a, remote_url, pair.base, tmp_path)
@@ -159,7 +158,9 @@ def test_a_push_at_each_step_of_a_gc_loses_nothing(world, remote_url, tmp_path, 
     ran = at(monkeypatch, gc_module, step, Action(remote_url, lambda: run_push(a, remote_url, [RACER])))
     gc(gc_plan(remote_url, grace_seconds=0))
     assert ran and dangling(remote_url) == set()
-    if isinstance(ran[0], RemoteError):  # the gc's lock kept the push out
+    # The plan takes no lock; while gc executes, its lock keeps the push out.
+    assert isinstance(ran[0], RemoteLocked) == (step in ("locked", "reread", "deleted"))
+    if isinstance(ran[0], RemoteLocked):
         assert "locked by a gc" in one_line(ran[0])
     assert all(not missing for _, _, missing in gc_module._step.checks), gc_module._step.checks
     monkeypatch.setattr(gc_module, "_step", lambda name: None)
@@ -285,6 +286,17 @@ def test_a_stale_lock_is_removed_with_a_line_saying_so(world, remote_url, tmp_pa
     assert result.exit_code == 0, result.output
     assert "removed stale lock locks/dead-push.json" in result.output and "Traceback" not in result.output
     assert not remote.fs.exists(dead)
+
+
+def test_two_gcs_never_run_at_once(world, tmp_path, monkeypatch):
+    _, a = world
+    url = f"file://{tmp_path / 'team'}"
+    push(a, [FIRST], url)
+    leave_orphans(a, url, RACER)
+    ran = at(monkeypatch, gc_module, "reread", Action(url, lambda: run_gc(url)))
+    first = gc(gc_plan(url, grace_seconds=0))
+    assert isinstance(ran[0], RemoteLocked) and "locked by a gc" in one_line(ran[0])
+    assert first.removed and not Remote(url).find("locks")
 
 
 def test_a_held_lock_is_refreshed_and_stays_live(world, tmp_path, monkeypatch):
