@@ -97,8 +97,8 @@ def gc(plan: RemoteGcPlan) -> RemoteGcResult:
 
 
 def _execute(remote: Remote, plan: RemoteGcPlan, lock: Lock) -> tuple[list[str], list[str], int]:
-    listed = remote.versions()
-    newer = [rv for rv in listed if rv.id not in set(plan.refs)]
+    planned = set(plan.refs)
+    newer = [rv for rv in remote.versions() if rv.id not in planned]
     reached = _reached(remote, newer)
     _step("reread")
     removed, skipped, freed = [], [], 0
