@@ -127,7 +127,10 @@ def remote_pushed(r: RemotePush) -> None:
         echo(f"pushed {rv.ref} {rv.id[:15]}{_here(rv)}")
     for rv in r.already_there:
         echo(f"{rv.ref} {rv.id[:15]} is already there{_here(rv)}")
-    echo(f"{r.url}: {r.objects_uploaded} objects, {size(r.bytes_uploaded)} uploaded")
+    for line in r.stale_locks_removed:
+        echo(line)
+    echo(f"{r.url}: {r.objects_uploaded} objects, {size(r.bytes_uploaded)} uploaded"
+         + (f" ({r.objects_repaired} repaired: missing or damaged there)" if r.objects_repaired else ""))
 
 
 def _here(rv: RemoteVersion) -> str:

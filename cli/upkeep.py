@@ -116,6 +116,8 @@ def gc_remote(store: Store, remote: str, grace: float, dry_run: bool, as_json: b
     result = run_gc(plan)
     if as_json:
         return emit_json(result)
+    for line in result.stale_locks_removed:
+        echo(line)
     echo(f"freed {size(result.bytes_freed)} in {len(result.removed)} objects of {plan.url}"
          + (f" ({len(result.skipped)} kept: in use again)" if result.skipped else ""))
 

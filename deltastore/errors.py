@@ -499,6 +499,18 @@ class RemoteNotFound(RemoteError, LookupError):
         super().__init__(f"no remote named {name!r} ({hint})", url="")
 
 
+class RemoteLocked(RemoteError):
+    """A live lock of another push or gc on a remote keeps this one out (schema/FORMAT.md §10)."""
+
+    def __init__(self, url: str, kind: str, lock: str, mine: str, stale_after: str):
+        self.kind = kind
+        self.lock = lock
+        holder = {"push": "a push", "gc": "a gc"}.get(kind, "a lock it cannot read")
+        super().__init__(f"remote {url} is locked by {holder}: {lock}; a {mine} does not run while it is held: "
+                         f"try again once it ends, or remove that file if its process is gone (a lock not "
+                         f"refreshed for {stale_after} is stale, and removed then)", url=url)
+
+
 class RemoteDataRejected(RemoteError, UnsafeInput):
     """Data read from a remote that breaks a rule: a hash, a size or a name. Nothing was stored."""
 

@@ -14,7 +14,12 @@ A remote, as `push` writes it::
       REMOTE                 {"format": "deltastore/remote/1"}
       objects/9a/0c…e1       object files, byte for byte as in a store
       bases/<hex>.json       {"id", "record", "name", "hub_id"}
+      locks/<kind>-<hex>.json a push's shared lock or a gc's exclusive one (remotelock.py)
       refs/<stance>/<N>.json {"id", "stance", "number"}: taken with a conditional create
+
+A push holds a shared lock from before it lists the remote to after its refs, so that no gc
+deletes an object it checked and relies on; it checks what it finds there (manifests and
+base objects by content, payloads by size) and uploads again what is missing or damaged.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 from urllib.parse import urlsplit
@@ -40,6 +46,7 @@ from .limits import load_json
 from .names import check_base_name, check_stance_name
 from .objects import HEADER, ObjectStore
 from .records import MAX_MANIFEST_BYTES, Version, check_manifest, hub_origin, parse_manifest
+from .remotelock import SHARED, Lock
 from .store import DEFAULT_DIR, STORE_FILE, Store
 
 # fsspec (and through it s3fs, gcsfs, adlfs) is imported when a remote is opened: a store that
@@ -54,6 +61,11 @@ TRANSFERS = 8  # objects moved at once
 REMOTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _REF_FILE = re.compile(r"^([1-9][0-9]{0,9})\.json$")
 Progress = Callable[[int, int], None]
+
+
+def _step(name: str) -> None:
+    """Called between the steps of a push; does nothing. Tests replace it to run a gc at
+    that very moment (tests/test_remote_race.py)."""
 
 
 @dataclass(frozen=True)
@@ -82,12 +94,17 @@ class PushResult:
     already_there: tuple[RemoteVersion, ...]
     objects_uploaded: int
     bytes_uploaded: int  # object files' sizes, as stored
+    # Of those uploaded, the objects (and base refs) that were missing or damaged although a ref
+    # on the remote already needed them, or that were damaged: put back.
+    objects_repaired: int = 0
+    stale_locks_removed: tuple[str, ...] = ()  # one line each
 
     def to_json(self) -> dict:
         """`push --remote --json`."""
         return {"remote": self.url, "pushed": [rv.to_json() for rv in self.pushed],
                 "already_there": [rv.to_json() for rv in self.already_there],
-                "objects_uploaded": self.objects_uploaded, "bytes_uploaded": self.bytes_uploaded}
+                "objects_uploaded": self.objects_uploaded, "bytes_uploaded": self.bytes_uploaded,
+                "objects_repaired": self.objects_repaired, "stale_locks_removed": list(self.stale_locks_removed)}
 
 
 @dataclass(frozen=True)
@@ -295,14 +312,54 @@ class Remote:
         prefix = self.fs._strip_protocol(base).rstrip("/") + "/"
         return [p[len(prefix):] for p in (self.fs._strip_protocol(p) for p in found) if p.startswith(prefix)]
 
-    def object_ids(self) -> set[str]:
-        ids = set()
-        for rel in self.find("objects"):
+    def listing(self, *parts: str) -> dict[str, dict]:
+        """Every file under a folder of the remote, relative to it, with what the backend says
+        of it (its size, when it was last written)."""
+        base = self.path(*parts)
+        self.fs.invalidate_cache()
+        try:
+            found = self.fs.find(base, detail=True)
+        except FileNotFoundError:
+            return {}
+        finally:
+            self.fs.invalidate_cache()
+        prefix = self.fs._strip_protocol(base).rstrip("/") + "/"
+        out = {}
+        for path, info in found.items():
+            path = self.fs._strip_protocol(path)
+            if path.startswith(prefix):
+                out[path[len(prefix):]] = info
+        return out
+
+    @staticmethod
+    def modified(info: dict) -> float | None:
+        """When a listed file was last written, in seconds since the epoch; None when unknown."""
+        for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+            value = info.get(key)
+            if value is None:
+                continue
+            if isinstance(value, (int, float)):
+                return float(value)
+            if hasattr(value, "timestamp"):
+                return value.timestamp()
+            try:
+                return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                return None
+        return None
+
+    def object_infos(self) -> dict[str, tuple[int, float | None]]:
+        """Object id -> (its file's size, when it was last written, or None when unknown)."""
+        out = {}
+        for rel, info in self.listing("objects").items():
             fan, _, rest = rel.partition("/")
             oid = f"{ALGORITHM}:{fan}{rest}"
             if len(fan) == 2 and is_id(oid):
-                ids.add(oid)
-        return ids
+                out[oid] = (int(info.get("size") or 0), self.modified(info))
+        return out
+
+    def object_ids(self) -> set[str]:
+        return set(self.object_infos())
 
     def versions(self) -> list[RemoteVersion]:
         """Every ref on the remote, each checked: its path, its fields, its id."""
@@ -502,9 +559,11 @@ def _service_code(e: BaseException) -> str | None:
 
 
 def push(store: Store, refs: Sequence[str], url: str, *, progress: Progress | None = None) -> PushResult:
-    """Upload versions to a remote (`url`: a URL, or the name of one of the store's remotes):
-    their objects (those it lacks), their bases, then one ref per version, taken with a
-    conditional create (the next free number of its stance there)."""
+    """Upload versions to a remote (`url`: a URL, or the name of one of the store's remotes),
+    holding a shared lock there (schema/FORMAT.md §10): the objects each version needs that the
+    remote lacks or holds damaged, its base's ref, then one ref per version, taken with a
+    conditional create (the next free number of its stance there). A version already there is
+    not pushed again, but what its ref needs is checked and put back the same way."""
     url = remote_url(store, url)
     versions = list({v.id: v for v in (store.resolve(r) for r in refs)}.values())
     refuse_chained(versions, "push to a remote")
@@ -516,39 +575,114 @@ def push(store: Store, refs: Sequence[str], url: str, *, progress: Progress | No
     with backend_errors(url):
         if not remote.is_remote():
             remote.create(remote.path(MARKER), canonical_json({"format": REMOTE_FORMAT}) + b"\n")
-        listed = remote.versions()
-        on_remote = {rv.id: rv for rv in listed}
-        new = [v for v in versions if v.id not in on_remote]
-        needed: dict[str, None] = {}
-        bases = {}
-        for v in new:
-            base = store.base(v.base_id)
-            row = store.catalog.one("SELECT record FROM bases WHERE id = ?", [base.id])
-            bases[base.id] = (base, row["record"])
-            for oid in (base.id, row["record"], *(o.id for e in v.tensors for o in e.objects.values()), v.id):
-                needed[oid] = None
-        have = remote.object_ids() if needed else set()
-        missing = [oid for oid in needed if oid not in have]
-        sent = _parallel(missing, lambda oid: _upload(store, remote, oid), progress)
-        for base, record in bases.values():
-            ref = {"id": base.id, "record": record, "name": base.name,
-                   "hub_id": hub_origin(base.hub_id, base.hub_revision)}
-            remote.create(remote.base_path(base.id), canonical_json(ref) + b"\n")
-        taken = {}
-        for rv in listed:
-            taken[rv.stance] = max(taken.get(rv.stance, 0), rv.number)
-        pushed = []
-        for v in new:
+        lock = Lock(remote, SHARED).acquire()
+        try:
+            _step("locked")
+            result = _push_locked(store, remote, versions, lock, progress)
+        except BaseException:
+            lock.release()
+            raise
+        if not lock.release():
+            raise RemoteError(f"the push lost its lock on {url} after making its refs (removed as stale): a gc may "
+                              "have removed objects they need since; push again to check them and put back what is "
+                              "missing", url=url)
+    return result
+
+
+def _push_locked(store: Store, remote: Remote, versions: list[Version], lock: Lock,
+                 progress: Progress | None) -> PushResult:
+    """The steps of a push, under its lock: no gc deletes anything from here to the refs, so
+    what is checked here stays there until the refs name it."""
+    listed = remote.versions()
+    on_remote = {rv.id: rv for rv in listed}
+    needs, by_content, bases = _needs(store, versions, on_remote, set(remote.find("bases")))
+    found = remote.object_infos()
+    _step("listed")
+    todo, repaired = _to_upload(store, remote, needs, by_content, found)
+    sent = _parallel(todo, lambda oid: _upload(store, remote, oid), progress)
+    _step("uploaded")
+    for base, record in bases.values():
+        lock.check()
+        repaired += _put_base_ref(remote, base, record)
+    taken: dict[str, int] = {}
+    for rv in listed:
+        taken[rv.stance] = max(taken.get(rv.stance, 0), rv.number)
+    pushed = []
+    for v in versions:
+        if v.id not in on_remote:
+            lock.check()
             pushed.append(_take_number(remote, v, taken))
-        if new:
-            # A gc of the remote that ran between the uploads and the refs (its grace period
-            # passed, or the objects were there, unreferenced, before this push) may have removed
-            # some: put them back.
-            still = remote.object_ids()
-            sent += _parallel([oid for oid in needed if oid not in still],
-                              lambda oid: _upload(store, remote, oid), None)
+    _step("refs")
     here = tuple(replace(on_remote[v.id], local=v.ref) for v in versions if v.id in on_remote)
-    return PushResult(url, tuple(pushed), here, len(sent), sum(sent))
+    return PushResult(remote.url, tuple(pushed), here, len(sent), sum(sent), repaired, tuple(lock.stale_removed))
+
+
+def _needs(store: Store, versions: list[Version], on_remote: dict[str, RemoteVersion], base_refs: set[str]
+           ) -> tuple[dict[str, bool], set[str], dict[str, tuple[Any, str]]]:
+    """Every object the versions need on the remote -> whether a ref there already reaches it
+    (so that its absence is a loss to repair); the objects to check by content (manifests and
+    the bases' lists and records: small, and a damaged one breaks every version that names
+    it); and the bases, with their records' ids."""
+    needs: dict[str, bool] = {}
+    by_content: set[str] = set()
+    bases: dict[str, tuple[Any, str]] = {}
+    for v in versions:
+        there = v.id in on_remote
+        base = store.base(v.base_id)
+        record = store.catalog.one("SELECT record FROM bases WHERE id = ?", [base.id])["record"]
+        bases[base.id] = (base, record)
+        based = there or f"{base.id.split(':', 1)[1]}.json" in base_refs
+        for oid in (base.id, record):
+            needs[oid] = needs.get(oid, False) or based
+        for oid in (*(o.id for e in v.tensors for o in e.objects.values()), v.id):
+            needs[oid] = needs.get(oid, False) or there
+        by_content.update((base.id, record, v.id))
+    return needs, by_content, bases
+
+
+def _to_upload(store: Store, remote: Remote, needs: dict[str, bool], by_content: set[str],
+               found: dict[str, tuple[int, float | None]]) -> tuple[list[str], int]:
+    """The objects to upload: those missing, and those there but damaged (checked by content,
+    or a payload whose size differs from ours, which another store's compression may explain:
+    then by content too); and how many of them repair what a ref already needed."""
+    missing = [oid for oid in needs if oid not in found]
+    suspects = [oid for oid in needs if oid in found
+                and (oid in by_content or found[oid][0] != store.objects.path(oid).stat().st_size)]
+    intact = _parallel(suspects, lambda oid: int(_intact(store, remote, oid)), None)
+    damaged = [oid for oid, ok in zip(suspects, intact) if not ok]
+    return missing + damaged, sum(needs[oid] for oid in missing) + len(damaged)
+
+
+def _intact(store: Store, remote: Remote, object_id: str) -> bool:
+    """Whether the remote's copy of an object decodes to its id's content, at its size."""
+    path = store.objects.path(object_id)
+    with open(path, "rb") as f:
+        raw_size = HEADER.unpack(f.read(HEADER.size))[4]
+    limit = max(path.stat().st_size, HEADER.size + raw_size + raw_size // 100 + 4096)
+    try:
+        remote.get_object(object_id, raw_size, limit=limit)
+    except RemoteDataRejected:
+        return False
+    return True
+
+
+def _put_base_ref(remote: Remote, base: Any, record: str) -> int:
+    """The base's ref on the remote, created; one there that is not this base's is put back
+    (1: repaired). One another store wrote, naming the base otherwise, is left as it is."""
+    ref = {"id": base.id, "record": record, "name": base.name, "hub_id": hub_origin(base.hub_id, base.hub_revision)}
+    path = remote.base_path(base.id)
+    if remote.create(path, canonical_json(ref) + b"\n"):
+        return 0
+    name = f"bases/{base.id.split(':', 1)[1]}.json"
+    try:
+        there = json.loads(remote.read(name, path, MAX_REF_BYTES))
+    except (ValueError, RemoteDataRejected, FileNotFoundError):
+        there = None
+    if (isinstance(there, dict) and set(there) == set(ref) and there["id"] == base.id
+            and there["record"] == record):
+        return 0
+    remote.put(path, canonical_json(ref) + b"\n")
+    return 1
 
 
 def _upload(store: Store, remote: Remote, object_id: str) -> int:

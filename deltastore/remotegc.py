@@ -1,24 +1,27 @@
 """gc of a remote (schema/FORMAT.md §10): plan, then execute. The plan lists the objects that
-no ref of the remote reaches and that were written longer ago than a grace period; executing
-reads the refs again and spares what a ref made since reaches. The grace period is what keeps
-the objects of a push under way (uploaded, its refs not yet made); a push also re-uploads what
-a gc removed under it.
+no ref of the remote reaches and that were written longer ago than a grace period; it only
+reads. Executing takes the remote's exclusive lock, so that no push runs while it deletes,
+reads the refs again under it and spares what a ref made since the plan reaches. The lock is
+what keeps a push's objects (those it uploaded and those it found there and relies on); the
+grace period only keeps a push of a deltastore from before the locks.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import datetime
 
 from .errors import RemoteDataRejected, RemoteError
-from .hashing import ALGORITHM, is_id
 from .limits import load_json
 from .remote import MARKER, MAX_REF_BYTES, Remote, RemoteVersion, backend_errors, remote_manifest
-
-
+from .remotelock import EXCLUSIVE, Lock
 
 GRACE_SECONDS = 24 * 3600
+
+
+def _step(name: str) -> None:
+    """Called between the steps of a gc; does nothing. Tests replace it to run a push at
+    that very moment (tests/test_remote_race.py)."""
 
 
 @dataclass(frozen=True)
@@ -42,13 +45,14 @@ class RemoteGcResult:
     bytes_freed: int
     skipped: tuple[str, ...]  # reached by a ref made since the plan
     plan: RemoteGcPlan | None = None  # what was carried out
+    stale_locks_removed: tuple[str, ...] = ()  # one line each
 
     def to_json(self) -> dict:
         """`gc --remote --json`."""
         plan = self.plan
         return {"dry_run": False, "remote": plan.url if plan else None, "objects": list(self.removed),
                 "bytes": self.bytes_freed, "skipped": list(self.skipped),
-                "kept_young": plan.kept_young if plan else 0}
+                "kept_young": plan.kept_young if plan else 0, "stale_locks_removed": list(self.stale_locks_removed)}
 
 
 def gc_plan(url: str, *, grace_seconds: float = GRACE_SECONDS) -> RemoteGcPlan:
@@ -61,8 +65,9 @@ def gc_plan(url: str, *, grace_seconds: float = GRACE_SECONDS) -> RemoteGcPlan:
             raise RemoteError(f"{url} is not a deltastore remote (it has no {MARKER} file)", url=url)
         listed = remote.versions()
         reached = _reached(remote, listed)
+        _step("plan:refs-read")
         now = time.time()
-        found = _object_infos(remote)
+        found = remote.object_infos()
     objects, sizes, young = [], [], 0
     for oid, (size, modified) in sorted(found.items()):
         if oid in reached:
@@ -72,29 +77,44 @@ def gc_plan(url: str, *, grace_seconds: float = GRACE_SECONDS) -> RemoteGcPlan:
             continue
         objects.append(oid)
         sizes.append(size)
+    _step("planned")
     return RemoteGcPlan(url, tuple(objects), tuple(sizes), sum(sizes), tuple(sorted({rv.id for rv in listed})), young)
 
 
 def gc(plan: RemoteGcPlan) -> RemoteGcResult:
-    """Remove what `plan` lists, except objects that a ref made since the plan reaches (read
-    again just before deleting)."""
+    """Remove what `plan` lists, holding the remote's exclusive lock (no push runs meanwhile),
+    except objects that a ref made since the plan reaches (read again under the lock).
+    Refuses while another push or gc holds a live lock; removes stale ones, and says so."""
     remote = Remote(plan.url)
     with backend_errors(plan.url):
-        listed = remote.versions()
-        newer = [rv for rv in listed if rv.id not in set(plan.refs)]
-        reached = _reached(remote, newer)
-        removed, skipped, freed = [], [], 0
-        for oid, size in zip(plan.objects, plan.sizes):
-            if oid in reached:
-                skipped.append(oid)
-                continue
-            try:
-                remote.fs.rm_file(remote.object_path(oid))
-            except FileNotFoundError:
-                continue
-            removed.append(oid)
-            freed += size
-    return RemoteGcResult(tuple(removed), freed, tuple(skipped), plan)
+        lock = Lock(remote, EXCLUSIVE).acquire()
+        try:
+            _step("locked")
+            removed, skipped, freed = _execute(remote, plan, lock)
+        finally:
+            lock.release()
+    return RemoteGcResult(tuple(removed), freed, tuple(skipped), plan, tuple(lock.stale_removed))
+
+
+def _execute(remote: Remote, plan: RemoteGcPlan, lock: Lock) -> tuple[list[str], list[str], int]:
+    planned = set(plan.refs)
+    newer = [rv for rv in remote.versions() if rv.id not in planned]
+    reached = _reached(remote, newer)
+    _step("reread")
+    removed, skipped, freed = [], [], 0
+    for oid, size in zip(plan.objects, plan.sizes):
+        if oid in reached:
+            skipped.append(oid)
+            continue
+        lock.check()
+        try:
+            remote.fs.rm_file(remote.object_path(oid))
+        except FileNotFoundError:
+            continue
+        removed.append(oid)
+        freed += size
+    _step("deleted")
+    return removed, skipped, freed
 
 
 def _reached(remote: Remote, listed: list[RemoteVersion]) -> set[str]:
@@ -112,40 +132,3 @@ def _reached(remote: Remote, listed: list[RemoteVersion]) -> set[str]:
             raise RemoteDataRejected(remote.url, name, "not a base ref")
         reached.update((ref["id"], ref["record"]))
     return reached
-
-
-def _object_infos(remote: Remote) -> dict[str, tuple[int, float | None]]:
-    """Object id -> (size, when last written, in seconds since the epoch; None when unknown)."""
-    base = remote.path("objects")
-    remote.fs.invalidate_cache()
-    try:
-        found = remote.fs.find(base, detail=True)
-    except FileNotFoundError:
-        return {}
-    finally:
-        remote.fs.invalidate_cache()
-    prefix = remote.fs._strip_protocol(base).rstrip("/") + "/"
-    out = {}
-    for path, info in found.items():
-        rel = remote.fs._strip_protocol(path)[len(prefix):]
-        fan, _, rest = rel.partition("/")
-        oid = f"{ALGORITHM}:{fan}{rest}"
-        if len(fan) == 2 and is_id(oid):
-            out[oid] = (int(info.get("size") or 0), _modified(info))
-    return out
-
-
-def _modified(info: dict) -> float | None:
-    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
-        value = info.get(key)
-        if value is None:
-            continue
-        if isinstance(value, (int, float)):
-            return float(value)
-        if hasattr(value, "timestamp"):
-            return value.timestamp()
-        try:
-            return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            return None
-    return None

@@ -25,7 +25,7 @@ from deltastore import Store
 from deltastore.errors import RemoteDataRejected
 from deltastore.hashing import bytes_id, canonical_json
 from deltastore.remote import Remote, clone, pull, push
-from deltastore.remotegc import GRACE_SECONDS, gc, gc_plan
+from deltastore.remotegc import gc, gc_plan
 
 from helpers import commit_takes, file_bytes, finetune_, make_model, saved_state, store_snapshot, write_folder
 
@@ -423,33 +423,6 @@ def test_gc_of_a_remote_removes_what_a_killed_push_left_and_nothing_else(world, 
     with Store.init(tmp_path / "b") as b:
         assert [rv.ref for rv in pull(b, remote_url).pulled] == ["curious-uncertainty@1"]
         exports_equal(a, b, ["curious-uncertainty@1"], pair.base, tmp_path)
-
-
-@pytest.mark.parametrize("grace", [GRACE_SECONDS, 0])
-def test_gc_of_a_remote_during_a_push_loses_nothing(world, tmp_path, monkeypatch, grace):
-    """gc runs (plan, then execute) after the push uploaded its objects and before it made its
-    refs: the moment a gc could lose a push's objects. With the grace period they are kept;
-    with none, they are removed and the push puts them back before it returns."""
-    import deltastore.remote as remote_module
-
-    pair, a = world
-    url = f"file://{tmp_path / 'team'}"
-    push(a, ["playful@1"], url)
-    take = remote_module._take_number
-    ran = []
-
-    def gc_first(remote, v, taken):
-        if not ran:
-            ran.append(gc(gc_plan(url, grace_seconds=grace)))
-        return take(remote, v, taken)
-
-    monkeypatch.setattr(remote_module, "_take_number", gc_first)
-    push(a, REFS, url)
-    assert ran and (bool(ran[0].removed) == (grace == 0))
-    with Store.init(tmp_path / "b") as b:
-        assert len(pull(b, url).pulled) == len(REFS)
-        assert b.fsck(read_data=True).ok
-        exports_equal(a, b, ["confident-expertise@1"], pair.base, tmp_path)
 
 
 def test_a_clone_that_is_refused_leaves_no_folder(world, tmp_path):
