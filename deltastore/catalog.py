@@ -29,7 +29,8 @@ from typing import Any, Callable, Iterator
 
 from . import journalfiles
 from .errors import (BaseInUse, CatalogDamaged, CatalogError, DiskFull, ReadOnlyStore, RefNotFound, StanceExists,
-                     TagsClash)
+                     TagsClash, UnsafeInput)
+from .names import MAX_NUMBER
 from .reflog import RefLog, RefLogError, tail_id
 
 
@@ -617,6 +618,9 @@ class Catalog:
             top = self.latest(into)["number"]
             rows = self.query("SELECT id FROM versions WHERE stance = ? ORDER BY number", [old])
             moves = [(r["id"], top + k) for k, r in enumerate(rows, start=1)]
+            if moves and moves[-1][1] > MAX_NUMBER:
+                raise UnsafeInput(f"merging {len(moves)} versions into {into!r} would number them past {MAX_NUMBER}, "
+                                  "the last number a ref can name; nothing was changed")
             self.move_versions(old, into, moves)
             self.record({"op": "merge", "old": old, "into": into, "versions": [[vid, n] for vid, n in moves]})
         return moves

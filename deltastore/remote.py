@@ -36,7 +36,7 @@ from .errors import (CorruptObject, DeltastoreError, RemoteDataRejected, RemoteE
                      UnsafeInput, VersionConflict)
 from .hashing import ALGORITHM, base_id as compute_base_id, bytes_id, canonical_json, is_id
 from .limits import load_json
-from .names import check_base_name, check_stance_name
+from .names import check_base_name, check_stance_name, number_problem
 from .objects import HEADER, ObjectStore
 from .records import MAX_MANIFEST_BYTES, Version, check_manifest, hub_origin, parse_manifest
 from .store import DEFAULT_DIR, Store
@@ -277,6 +277,9 @@ class Remote:
             raw = self.read(name, self.path(name), MAX_REF_BYTES)
             ref = load_json(raw, name, max_bytes=MAX_REF_BYTES, error=self.bad(name))
             number = int(match.group(1))
+            problem = number_problem(number)
+            if problem:  # a version no ref could name, and that numbers the next commit past the bound
+                raise RemoteDataRejected(self.url, name, problem)
             if not (isinstance(ref, dict) and set(ref) == {"id", "stance", "number"} and ref["stance"] == stance
                     and ref["number"] == number and isinstance(ref["id"], str) and is_id(ref["id"])):
                 raise RemoteDataRejected(self.url, name, "not a ref record of this path")

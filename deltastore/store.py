@@ -621,6 +621,9 @@ class Store:
                                 selection=built.selection, against=against):
                     raise IdenticalVersion(newest.ref, newest.id)
             number = (latest["number"] + 1) if latest else 1
+            if number > names.MAX_NUMBER:
+                raise UnsafeInput(f"stance {stance!r} has reached version number {names.MAX_NUMBER}, the last a ref "
+                                  "can name; commit to another stance; nothing was stored")
             m = manifest(stance=stance, number=number, parent=latest["id"] if latest else None,
                          base_id=base.id, encoding=encoding, selection=built.selection, message=message,
                          metadata=metadata, created=created, tensors=built.entries, against=against)
@@ -668,6 +671,8 @@ class Store:
                         else v for v in versions]
         if numbers or stances:
             numbers, stances = numbers or {}, stances or {}
+            for vid, number in numbers.items():
+                names.check_number(number, f"version {vid[:19]}")
             for local in set(stances.values()):
                 check_stance_name(local)
             versions = [dataclasses.replace(v, stance=stances.get(v.id, v.stance), number=numbers.get(v.id, v.number))

@@ -1,0 +1,158 @@
+"""Records from outside the code that wrote them: a remote's refs and base records, a Hub
+index, a ref log written by hand. Each is checked where it comes in; a bad one is refused with
+one line naming it and nothing is stored, or (a ref log record the catalog cannot index) set
+aside where the user can read it, never looping between two pieces of advice.
+
+Every hostile record is written the way anyone with write access could: files on the remote,
+commits to a Hub repo with the plain client, lines appended to refs.log.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from huggingface_hub import CommitOperationAdd, HfApi, constants
+
+from cli.main import cli
+from deltastore import Store
+from deltastore.errors import PulledDataRejected, RemoteDataRejected, UnsafeInput
+from deltastore.hashing import canonical_json
+from deltastore.hub import pull as hub_pull
+from deltastore.hub import push as hub_push
+from deltastore.names import MAX_NUMBER
+from deltastore.remote import Remote, clone, pull, push
+
+from helpers import file_bytes, finetune_, make_model, saved_state, store_snapshot, write_folder
+from hubserver import HubServer
+
+TOKEN = "tok-mallory"
+REPO = "mallory/stances"
+HUGE = 3_000_000_000  # past 2^31 - 1, and 10 digits: a remote's ref file name allows it
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A base on disk, two fine-tunes of it, and store A with s@1 and s@2 against the base."""
+    tmp = tmp_path_factory.mktemp("world")
+    pair = make_model(tmp)
+    fts = []
+    for n in range(3):
+        module = copy.deepcopy(pair.base_module)
+        finetune_(module, seed=700 + n)
+        fts.append(write_folder(tmp / f"ft-{n}", saved_state(module)))
+    store = Store.init(tmp / "a-store")
+    store.add_base(pair.base, name="tiny")
+    store.commit("s", fts[0], base="tiny")
+    store.commit("s", fts[1], base="tiny")
+    yield pair, fts, store
+    store.close()
+
+
+def snapshot(root: Path) -> tuple[dict, dict, bytes]:
+    """What a store holds: catalog rows, object files, the ref log."""
+    return (*store_snapshot(root), (root / "refs.log").read_bytes())
+
+
+def one_line(result) -> str:
+    lines = result.output.strip().splitlines()
+    assert result.exit_code != 0 and len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+def _write(remote: Remote, path: str, data: bytes) -> None:
+    remote.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    remote.fs.pipe_file(path, data)
+
+
+def _renumber_on_remote(remote: Remote, stance: str, old: int, new: int) -> None:
+    """Move a version's ref on the remote to another number, as anyone could."""
+    ref = json.loads(remote.fs.cat_file(remote.ref_path(stance, old)))
+    remote.fs.rm_file(remote.ref_path(stance, old))
+    _write(remote, remote.ref_path(stance, new), canonical_json({**ref, "number": new}) + b"\n")
+
+
+# -- 5. version numbers are bounded on every path ------------------------------------------------
+
+
+def test_a_remote_ref_past_the_bound_is_refused_by_pull_and_clone(world, tmp_path):
+    pair, _, a = world
+    url = f"file://{tmp_path / 'remote'}"
+    push(a, ["s@1", "s@2"], url)
+    _renumber_on_remote(Remote(url), "s", 2, HUGE)
+    with Store.init(tmp_path / "victim") as victim:
+        victim.add_base(pair.base, name="tiny")
+        before = snapshot(victim.root)
+        with pytest.raises(RemoteDataRejected, match=f"{HUGE}.*out of range"):
+            pull(victim, url)
+        assert snapshot(victim.root) == before
+    with pytest.raises(RemoteDataRejected, match=str(HUGE)):
+        clone(url, tmp_path / "clone")
+    assert not (tmp_path / "clone").exists()
+    line = one_line(CliRunner().invoke(cli, ["clone", url, str(tmp_path / "clone")]))
+    assert str(HUGE) in line and "out of range" in line
+    assert not (tmp_path / "clone").exists()
+
+
+def test_a_commit_after_the_last_number_is_refused(world, tmp_path):
+    """A remote may number a version 2^31 - 1: it lands, and the next commit has no number left."""
+    pair, fts, a = world
+    url = f"file://{tmp_path / 'remote'}"
+    push(a, ["s@1"], url)
+    _renumber_on_remote(Remote(url), "s", 1, MAX_NUMBER)
+    store, result = clone(url, tmp_path / "clone")
+    with store:
+        assert [rv.ref for rv in result.pulled] == [f"s@{MAX_NUMBER}"]
+        store.add_base(pair.base)
+        before = snapshot(store.root)
+        with pytest.raises(UnsafeInput, match=f"{MAX_NUMBER}"):
+            store.commit("s", fts[2], base=pair.base)
+        assert snapshot(store.root) == before
+        line = one_line(CliRunner().invoke(cli, ["--store", str(store.root), "commit", "s", str(fts[2]),
+                                                 "--base", str(pair.base)]))
+        assert "nothing was stored" in line
+        assert snapshot(store.root) == before
+
+
+def test_ingest_refuses_a_number_past_the_bound(world, tmp_path):
+    pair, _, a = world
+    v = a.resolve("s@1")
+    with Store.init(tmp_path / "victim") as victim:
+        victim.add_base(pair.base, name="tiny")
+        before = snapshot(victim.root)
+        with pytest.raises(UnsafeInput, match=f"{1 << 31}.*out of range"):
+            victim.ingest([v.manifest()], lambda oid, size: a.objects.get(oid, raw_size=size),
+                          numbers={v.id: 1 << 31})
+        assert snapshot(victim.root) == before
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    with HubServer(tmp_path / "hub", tokens={TOKEN: "mallory"}) as server:
+        yield server
+
+
+def test_a_hub_index_number_past_the_bound_is_refused(world, hub, tmp_path):
+    pair, _, a = world
+    hub_push(a, ["s@1"], REPO, token=TOKEN, endpoint=hub.url, progress=False)
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    files = {name: Path(api.hf_hub_download(REPO, name, cache_dir=tmp_path / "dl")).read_bytes()
+             for name in ("deltastore.json", "s/v1.json", "s/v1.safetensors")}
+    index = json.loads(files["deltastore.json"])
+    entry = index["stances"]["s"][0]
+    entry.update(number=HUGE, tag=f"s-v{HUGE}",
+                 files={"payloads": f"s/v{HUGE}.safetensors", "manifest": f"s/v{HUGE}.json"})
+    api.create_commit(REPO, [CommitOperationAdd("deltastore.json", json.dumps(index).encode()),
+                             CommitOperationAdd(f"s/v{HUGE}.json", files["s/v1.json"]),
+                             CommitOperationAdd(f"s/v{HUGE}.safetensors", files["s/v1.safetensors"])],
+                      commit_message="renumbered")
+    with Store.init(tmp_path / "victim") as victim:
+        victim.add_base(pair.base, name="tiny")
+        before = snapshot(victim.root)
+        with pytest.raises(PulledDataRejected, match=f"{HUGE}.*out of range"):
+            hub_pull(victim, REPO, endpoint=hub.url, token=TOKEN, cache_dir=tmp_path / "cache", progress=False)
+        assert snapshot(victim.root) == before
