@@ -34,6 +34,16 @@ from .names import MAX_NUMBER
 from .reflog import RefLog, RefLogError, tail_id
 
 
+class IndexConflict(CatalogDamaged):
+    """A row the catalog's constraints refuse (two versions under one number, a base name two
+    bases hold, a base versions still use): the catalog is sound, and a replay sets aside the
+    ref record that brought the row (index.py)."""
+
+    def __init__(self, root: str, detail: str):
+        self.detail = detail
+        super().__init__(root, f"is unreadable ({detail})")
+
+
 def _import_sqlite_utils() -> Any:
     """sqlite_utils, without the pandas and numpy it imports when they are installed (1.2 s of
     imports) only to convert their values on insert: the catalog stores plain Python values.
@@ -260,6 +270,28 @@ class Catalog:
             finally:
                 self._open = False
                 self._log_undo = outer
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Inside `transaction()`: what the block writes lands whole or, when it raises, not at
+        all, while the transaction goes on (a replay setting one ref record aside)."""
+        try:
+            self.conn.execute("SAVEPOINT record")
+        except sqlite3.Error as e:
+            raise _translated(e, self.root) from None
+        try:
+            yield
+        except BaseException:
+            try:
+                self.conn.execute("ROLLBACK TO record")
+                self.conn.execute("RELEASE record")
+            except sqlite3.Error:
+                pass  # SQLite rolled the transaction back already; the outer one fails
+            raise
+        try:
+            self.conn.execute("RELEASE record")
+        except sqlite3.Error as e:
+            raise _translated(e, self.root) from None
 
     def _drop_leftover(self) -> None:
         """Before a transaction starts (under the lock): a rollback refused earlier (another
@@ -881,6 +913,8 @@ def _translated(e: BaseException, root: Path) -> Exception:
     """A CatalogError for what SQLite (or the text it holds) raised."""
     if isinstance(e, UnicodeDecodeError):
         return CatalogDamaged(str(root), "holds text that is not UTF-8 (it was damaged)")
+    if isinstance(e, sqlite3.IntegrityError):
+        return IndexConflict(str(root), str(e))
     extended = getattr(e, "sqlite_errorcode", None)
     code = extended & 0xFF if extended is not None else None  # the primary code of an extended one
     if code == sqlite3.SQLITE_FULL or "database or disk is full" in str(e) or extended in _WRITE_FAILED:
@@ -908,7 +942,7 @@ def _translating(method: Any) -> Any:
 
 # Every public query speaks CatalogError, never sqlite3 (the context managers translate their own).
 for _name, _value in list(vars(Catalog).items()):
-    if callable(_value) and not _name.startswith("__") and _name not in ("transaction", "snapshot"):
+    if callable(_value) and not _name.startswith("__") and _name not in ("transaction", "snapshot", "savepoint"):
         setattr(Catalog, _name, _translating(_value))
 
 

@@ -8,6 +8,7 @@ lock, or a rebuild into a new database), so a replay lands whole or not at all.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -15,23 +16,52 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import journalfiles
-from .catalog import Catalog, dumps
+from .catalog import Catalog, IndexConflict, dumps
 from .durable import fsync_dir
-from .errors import CorruptObject, DeltastoreError, MissingObject
+from .errors import CorruptObject, DeltastoreError, MissingObject, cut
 from .hashing import base_id as compute_base_id
-from .hashing import canonical_json
+from .hashing import canonical_json, is_id
+from .names import name_problem, number_problem
 from .objects import ObjectStore
 from .reflog import RefLog, RefLogError
 
 BASE_FORMAT = "deltastore/base/1"
 
 
+REJECTED_FILE = "refs.log.rejected"
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A ref record the catalog cannot index (a number another version holds, a field of the
+    wrong type, a base still in use): where it is in refs.log, its line, and why."""
+
+    line: int  # 1-based line number in refs.log
+    end: int  # offset just past it
+    text: bytes  # the line, with its newline
+    reason: str
+
+    def describe(self) -> str:
+        shown = self.text.rstrip(b"\n").decode("utf-8", "replace")
+        return f"refs.log line {self.line}, {cut(shown, 160)}, cannot be indexed: {self.reason}"
+
+
+class UnindexableRecord(DeltastoreError, ValueError):
+    """A write found a ref record it cannot index after what the catalog holds."""
+
+    def __init__(self, rejected: Rejected):
+        self.rejected = rejected
+        super().__init__(f"{rejected.describe()}; run `deltastore fsck --rebuild-catalog`, which sets it aside "
+                         f"in {REJECTED_FILE} and indexes the rest")
+
+
 @dataclass
 class Unindexed:
     """What a replay could not index: records whose manifest or base record object is missing
-    or damaged (ref, what is wrong, the object id)."""
+    or damaged (ref, what is wrong, the object id), and records the catalog refuses."""
 
     problems: list[tuple[str, str, str, str]] = field(default_factory=list)  # (kind, object id, ref, message)
+    rejected: list[Rejected] = field(default_factory=list)
 
 
 # -- what a version and a base contribute to the catalog --------------------------------------
@@ -81,17 +111,91 @@ def replay(cat: Catalog, objects: ObjectStore, refs: RefLog, *, start: int | Non
     `start`) to the log's end (or `end`), and note how far it got. Versions and bases that a
     later record of the same stretch deletes are never read: gc may have removed their manifests."""
     offset = cat.log_position()[0] if start is None else start
-    todo = []
+    todo, refused = [], []
     for after, record, line in refs.records(offset):
         if end is not None and after > end:
             break
         todo.append((after, record, line))
-    gone = _removed_later([r for _, r, _ in todo])
+    well_formed = []
     for after, record, line in todo:
+        problem = record_problem(record)
+        if problem is None:
+            well_formed.append((after, record, line))
+        else:
+            refused.append((after, line, problem))
+    gone = _removed_later([r for _, r, _ in well_formed])
+    for after, record, line in well_formed:
         if record["op"] not in ("version", "base") or record["id"] not in gone:
-            apply_record(cat, objects, record, unindexed)
+            problem = _indexed(cat, objects, record, unindexed)
+            if problem is not None:
+                refused.append((after, line, problem))
+    if refused:
+        rejected = [Rejected(refs.line_number(after), after, line, why) for after, line, why in sorted(refused)]
+        if unindexed is None:
+            raise UnindexableRecord(rejected[0])
+        unindexed.rejected.extend(rejected)
     if todo:
         cat.set_log_position(todo[-1][0], todo[-1][2])
+
+
+def _is_text(x: Any) -> bool:
+    return isinstance(x, str)
+
+
+def _is_optional_text(x: Any) -> bool:
+    return x is None or isinstance(x, str)
+
+
+def _is_move(x: Any) -> bool:
+    return isinstance(x, list) and len(x) == 2 and isinstance(x[0], str) and is_id(x[0]) \
+        and number_problem(x[1]) is None
+
+
+# What each field of a ref record must be (FORMAT.md §6); reflog.parse checked the fields' names.
+_FIELDS: dict[str, Any] = {
+    "id": lambda x: isinstance(x, str) and is_id(x), "record": lambda x: isinstance(x, str) and is_id(x),
+    "version": lambda x: isinstance(x, str) and is_id(x), "name": _is_optional_text, "source": _is_optional_text,
+    "hub_id": _is_optional_text, "created": _is_text, "stance": _is_text, "old": _is_text, "new": _is_text,
+    "into": _is_text, "versions": lambda x: isinstance(x, list) and all(_is_move(m) for m in x),
+}
+
+
+def record_problem(r: dict) -> str | None:
+    """Why a ref record cannot be indexed, whatever the catalog holds: a field of the wrong
+    type, a version number past the bound, a stance name no ref can reach. None if it can."""
+    for key, value in r.items():
+        if key == "op":
+            continue
+        if key == "number":
+            problem = number_problem(value)
+            if problem:
+                return problem
+        elif not _FIELDS[key](value):
+            return f"its {key!r} is not what a {r['op']} record holds"
+    if r["op"] == "version":
+        return name_problem(r["stance"])
+    if r["op"] in ("tag", "untag") and r["name"] is None:
+        return f"its 'name' is not what a {r['op']} record holds"
+    return None
+
+
+def _indexed(cat: Catalog, objects: ObjectStore, r: dict, unindexed: Unindexed | None) -> str | None:
+    """Apply one record, all of it or none (a savepoint); why the catalog refused it, or None."""
+    if r["op"] == "version":
+        held = cat.version_at(r["stance"], r["number"])
+        if held is not None and held["id"] != r["id"] and cat.version(r["id"]) is None:
+            return f"{r['stance']}@{r['number']} is already version {held['id']}"
+    try:
+        with cat.savepoint():
+            apply_record(cat, objects, r, unindexed)
+    except IndexConflict as e:
+        return e.detail
+    except DeltastoreError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        # Its manifest or base record holds fields of the wrong shape (an object written by hand).
+        return f"the object it names is not a {'base record' if r['op'] == 'base' else 'manifest'} ({cut(e)})"
+    return None
 
 
 def _removed_later(records: list[dict]) -> set[str]:
@@ -264,6 +368,7 @@ class Rebuilt:
     bases: int
     journals: int
     problems: tuple[str, ...]  # records that could not be indexed (their objects are missing or damaged)
+    set_aside: tuple[str, ...] = ()  # records the catalog refused, moved from refs.log to refs.log.rejected
 
 
 def rebuild(root: Path) -> Rebuilt:
@@ -274,14 +379,57 @@ def rebuild(root: Path) -> Rebuilt:
     if not refs.path.exists():
         raise RefLogError(refs.path, "it is missing; without it the store's stances and versions are unknown")
     _refuse_a_log_behind_the_catalog(root, refs)
-    tmp, counts = build(root)
+    tmp, counts, rejected = _build(root, refs)
+    if rejected:
+        tmp, counts = _set_aside(root, refs, tmp, rejected)
     install(root, tmp)
     return counts
 
 
 def build(root: Path) -> tuple[Path, Rebuilt]:
     """The catalog the truth gives, as a database file in tmp/ (not yet in use)."""
-    refs, objects = RefLog(root), ObjectStore(root)
+    tmp, counts, _ = _build(root, RefLog(root))
+    return tmp, counts
+
+
+def _set_aside(root: Path, refs: RefLog, built: Path, rejected: list[Rejected]) -> tuple[Path, Rebuilt]:
+    """Move the records the catalog refused out of refs.log, into refs.log.rejected (one JSON
+    object a line: its line number, why, the record as it was), and build the catalog from the
+    rest. The rest is written and indexed before it replaces refs.log; the catalog in place then
+    indexed no further than the first refused record (no replay gets past one), which the lines
+    before it still match, so a rebuild killed at any point leaves a store that opens."""
+    built.unlink()
+    whole = refs.path.read_bytes()[:refs.whole_size()]
+    cuts = {(r.end - len(r.text), r.end) for r in rejected}
+    kept, at = bytearray(), 0
+    for start, end in sorted(cuts):
+        kept += whole[at:start]
+        at = end
+    kept += whole[at:]
+    copy = root / "tmp" / f"{os.getpid()}-refs.log.kept"
+    with open(copy, "wb") as f:
+        f.write(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        tmp, counts, again = _build(root, RefLog(root, path=copy))
+        if again:  # every record left was indexed in the same order before: never expected
+            raise UnindexableRecord(again[0])
+        with open(root / REJECTED_FILE, "ab") as f:
+            for r in rejected:
+                f.write(canonical_json({"line": r.line, "reason": r.reason,
+                                        "record": r.text.rstrip(b"\n").decode("utf-8", "replace")}) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(copy, refs.path)
+        fsync_dir(root)
+    finally:
+        copy.unlink(missing_ok=True)
+    return tmp, dataclasses.replace(counts, set_aside=tuple(r.describe() for r in rejected))
+
+
+def _build(root: Path, refs: RefLog) -> tuple[Path, Rebuilt, list[Rejected]]:
+    objects = ObjectStore(root)
     tmp = root / "tmp" / f"{os.getpid()}-catalog-rebuild.db"
     for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
         leftover.unlink(missing_ok=True)
@@ -303,7 +451,7 @@ def build(root: Path) -> tuple[Path, Rebuilt]:
         leftover.unlink(missing_ok=True)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
-    return tmp, counts
+    return tmp, counts, unindexed.rejected
 
 
 def install(root: Path, built: Path) -> None:

@@ -158,8 +158,13 @@ class Store:
 
     def _catch_up(self, catalog: Catalog) -> None:
         """Index the ref records a writer that died appended but never committed to the
-        catalog. A record whose object is missing or damaged is left out: fsck reports it."""
-        index.replay(catalog, self.objects, self.refs, unindexed=index.Unindexed())
+        catalog. A record whose object is missing or damaged is left out: fsck reports it. One
+        the catalog cannot index (a number another version holds: a line written by hand) stops
+        the write, naming it: the rebuild sets it aside."""
+        unindexed = index.Unindexed()
+        index.replay(catalog, self.objects, self.refs, unindexed=unindexed)
+        if unindexed.rejected:
+            raise index.UnindexableRecord(unindexed.rejected[0])
 
     # -- opening -------------------------------------------------------------------------------
 

@@ -156,3 +156,94 @@ def test_a_hub_index_number_past_the_bound_is_refused(world, hub, tmp_path):
         with pytest.raises(PulledDataRejected, match=f"{HUGE}.*out of range"):
             hub_pull(victim, REPO, endpoint=hub.url, token=TOKEN, cache_dir=tmp_path / "cache", progress=False)
         assert snapshot(victim.root) == before
+
+
+# -- 8. a ref log record the catalog cannot index ------------------------------------------------
+
+
+def _store_with_a_foreign_version(world, tmp_path) -> tuple[Store, str]:
+    """A store holding s@1, and the objects of a version made in another store (another
+    fine-tune, also committed as s@1 there): a hand-written record can name it."""
+    pair, fts, _ = world
+    with Store.init(tmp_path / "other") as other:
+        other.add_base(pair.base, name="tiny")
+        foreign = other.commit("s", fts[2], base="tiny").version.id
+    store = Store.init(tmp_path / "store")
+    store.add_base(pair.base, name="tiny")
+    store.commit("s", fts[0], base="tiny")
+    for path in sorted((tmp_path / "other" / "objects").rglob("*")):
+        dest = store.root / path.relative_to(tmp_path / "other")
+        if path.is_file() and not dest.exists():
+            dest.parent.mkdir(exist_ok=True)
+            dest.write_bytes(path.read_bytes())
+    return store, foreign
+
+
+def _append(root: Path, record: dict) -> bytes:
+    line = canonical_json(record) + b"\n"
+    with open(root / "refs.log", "ab") as f:
+        f.write(line)
+    return line
+
+
+def _invoke(root: Path, *args: str):
+    return CliRunner().invoke(cli, ["--store", str(root), *args])
+
+
+@pytest.mark.parametrize("number, why", [(1, "s@1 is already version"), (HUGE, "out of range")],
+                         ids=["number-held", "number-past-the-bound"])
+def test_a_record_the_catalog_cannot_index_is_named_then_set_aside(world, tmp_path, number, why):
+    store, foreign = _store_with_a_foreign_version(world, tmp_path)
+    root = store.root
+    store.close()
+    good_log = (root / "refs.log").read_bytes()
+    line_no = good_log.count(b"\n") + 1
+    bad = _append(root, {"op": "version", "id": foreign, "stance": "s", "number": number})
+    before = snapshot(root)
+
+    # fsck names it (line and record) and fails; it changes nothing.
+    result = _invoke(root, "fsck")
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"refs.log line {line_no}" in errors[0] and foreign in errors[0] and why in errors[0]
+    assert "--rebuild-catalog" in errors[0]
+    assert snapshot(root) == before
+
+    # A write names it too, with the advice that works, and changes nothing.
+    line = one_line(_invoke(root, "tag", "s@1", "first"))
+    assert f"refs.log line {line_no}" in line and why in line and "fsck --rebuild-catalog" in line
+    assert snapshot(root) == before
+
+    # The rebuild sets it aside where the user can read it, and indexes the rest.
+    result = _invoke(root, "fsck", "--rebuild-catalog")
+    assert result.exit_code == 0, result.output
+    assert f"set aside in refs.log.rejected: refs.log line {line_no}" in result.output
+    assert (root / "refs.log").read_bytes() == good_log
+    kept = [json.loads(x) for x in (root / "refs.log.rejected").read_bytes().splitlines()]
+    assert kept == [{"line": line_no, "reason": kept[0]["reason"], "record": bad.decode().rstrip("\n")}]
+    assert why in kept[0]["reason"]
+
+    # No loop: the store is whole, writes work, fsck is clean.
+    assert _invoke(root, "tag", "s@1", "first").exit_code == 0
+    result = _invoke(root, "fsck")
+    assert result.exit_code == 0 and "ok" in result.output, result.output
+    with Store.open(root) as s:
+        assert [v.ref for v in s.log("s")] == ["s@1"]
+        assert s.resolve("s@1").id != foreign
+
+
+def test_records_of_the_wrong_shape_are_set_aside_too(world, tmp_path):
+    store, foreign = _store_with_a_foreign_version(world, tmp_path)
+    root = store.root
+    store.close()
+    good_log = (root / "refs.log").read_bytes()
+    for record in ({"op": "version", "id": foreign, "stance": ["s"], "number": 2},
+                   {"op": "tag", "stance": "s", "name": {"x": 1}, "version": foreign, "created": "now"},
+                   {"op": "version", "id": foreign, "stance": "s", "number": "2"}):
+        _append(root, record)
+    assert _invoke(root, "fsck").exit_code == 1
+    result = _invoke(root, "fsck", "--rebuild-catalog")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("set aside in refs.log.rejected") == 3
+    assert (root / "refs.log").read_bytes() == good_log
+    assert _invoke(root, "tag", "s@1", "first").exit_code == 0
