@@ -420,10 +420,16 @@ class Catalog:
         return {"op": "base", **{k: current[k] for k in ("id", "record", "name", "source", "hub_id", "created")}}
 
     def put_base(self, row: dict, tensors: list[dict]) -> None:
-        """Inside `transaction()`: the rows of a base (no ref record: `add_base` and replay)."""
-        existing = self.one("SELECT id FROM bases WHERE id = ?", [row["id"]])
+        """Inside `transaction()`: the rows of a base (no ref record: `add_base` and replay). A
+        row naming another base record than the one indexed replaces it, tensors and all (the
+        record the weights give, where the one indexed disagreed with them)."""
+        existing = self.one("SELECT id, record FROM bases WHERE id = ?", [row["id"]])
         if existing:
             updates = {k: row[k] for k in ("name", "source", "hub_id") if row.get(k)}
+            if row.get("record") and row["record"] != existing["record"]:
+                updates.update({k: row[k] for k in ("record", "bytes", "tensor_count")})
+                self.conn.execute("DELETE FROM base_tensors WHERE base_id = ?", [row["id"]])
+                self.insert("base_tensors", tensors)
             if updates:
                 self.db["bases"].update(row["id"], updates)
             return
@@ -448,6 +454,11 @@ class Catalog:
 
     def bases(self) -> list[dict]:
         return self.query("SELECT * FROM bases ORDER BY created")
+
+    def base_record_id(self, base_id: str) -> str | None:
+        """The id of the base record indexed for a base (None: no such base)."""
+        row = self.one("SELECT record FROM bases WHERE id = ?", [base_id])
+        return row["record"] if row else None
 
     def has_base(self, base_id: str) -> bool:
         return self.one("SELECT 1 FROM bases WHERE id = ?", [base_id]) is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +20,7 @@ from . import journalfiles
 from .catalog import Catalog, IndexConflict, dumps
 from .durable import fsync_dir
 from .errors import CorruptObject, DeltastoreError, MissingObject, cut
-from .hashing import base_id as compute_base_id
-from .hashing import canonical_json, is_id
+from .hashing import DTYPE_SIZES, canonical_json, is_id
 from .names import name_problem, number_problem
 from .objects import ObjectStore
 from .reflog import RefLog, RefLogError
@@ -62,6 +62,7 @@ class Unindexed:
 
     problems: list[tuple[str, str, str, str]] = field(default_factory=list)  # (kind, object id, ref, message)
     rejected: list[Rejected] = field(default_factory=list)
+    bases: set[str] = field(default_factory=set)  # bases whose base record cannot be indexed
 
 
 # -- what a version and a base contribute to the catalog --------------------------------------
@@ -223,14 +224,14 @@ def _removed_later(records: list[dict]) -> set[str]:
 def apply_record(cat: Catalog, objects: ObjectStore, r: dict, unindexed: Unindexed | None = None) -> None:
     op = r["op"]
     if op == "base":
-        if not cat.has_base(r["id"]):
-            rec = _read_json(objects, r["record"], f"base {r['name'] or r['id'][:19]}", unindexed)
+        if cat.base_record_id(r["id"]) != r["record"]:  # new here, or its record replaced (`base add`)
+            rec = _read_base_record(objects, r, unindexed)
             if rec is None:
+                if unindexed is not None and cat.has_base(r["id"]):
+                    unindexed.bases.discard(r["id"])  # the record indexed before still stands
                 return
-            tensors = [{"base_id": r["id"], "name": t["name"], "dtype": t["dtype"], "shape": dumps(t["shape"]),
-                        "tensor_id": t["tensor"], "sq_norm": t["sq_norm"]} for t in rec["tensors"]]
-            row = {"id": r["id"], "name": r["name"], "tensor_count": len(tensors), "bytes": rec["bytes"],
-                   "source": r["source"], "hub_id": r["hub_id"], "created": r["created"], "record": r["record"]}
+            row, tensors = base_rows(r["id"], r["record"], rec, name=r["name"], source=r["source"],
+                                     hub_id=r["hub_id"], created=r["created"])
             cat.put_base(row, tensors)
         else:
             cat.put_base({k: r[k] for k in ("id", "name", "source", "hub_id")}, [])
@@ -239,6 +240,12 @@ def apply_record(cat: Catalog, objects: ObjectStore, r: dict, unindexed: Unindex
             return
         m = _read_json(objects, r["id"], f"{r['stance']}@{r['number']}", unindexed)
         if m is None:
+            return
+        if unindexed is not None and m.get("base") in unindexed.bases:
+            # Its base record is missing or wrong: fsck reports that; the version waits for it.
+            ref = f"{r['stance']}@{r['number']}"
+            unindexed.problems.append(("missing-object", m["base"], ref, f"{ref} is stored against base "
+                                       f"{m['base'][:19]}, whose base record cannot be indexed"))
             return
         sizes = {}
         for t in m["tensors"]:
@@ -265,6 +272,109 @@ def apply_record(cat: Catalog, objects: ObjectStore, r: dict, unindexed: Unindex
             cat.remove_stance(r["stance"])
     elif op == "unbase":
         cat.drop_base(r["id"])
+
+
+def base_rows(base: str, record_id: str, rec: dict, **fields: Any) -> tuple[dict, list[dict]]:
+    """The catalog rows of a base from its base record (checked) and its ref's fields."""
+    tensors = [{"base_id": base, "name": t["name"], "dtype": t["dtype"], "shape": dumps(t["shape"]),
+                "tensor_id": t["tensor"], "sq_norm": t["sq_norm"]} for t in rec["tensors"]]
+    return {"id": base, "tensor_count": len(tensors), "bytes": rec["bytes"], "record": record_id, **fields}, tensors
+
+
+def base_record_problem(listing: bytes, record: bytes, base: str) -> str | None:
+    """Why `record` is not the base record of the base whose tensor list is `listing`, or None:
+    its fields and types (FORMAT.md §5), its tensors exactly the list's, sorted, `bytes` what
+    their dtypes and shapes take, a squared norm finite and not negative, canonical JSON. What
+    the list cannot tell (whether a squared norm is the tensor's) the weights tell
+    (`weights_disagree`)."""
+    try:
+        rec, pairs = json.loads(record), json.loads(listing)
+    except (ValueError, RecursionError):
+        return "it is not JSON"
+    if not isinstance(rec, dict) or set(rec) != {"format", "base", "bytes", "tensors"} \
+            or rec["format"] != BASE_FORMAT or rec["base"] != base or not isinstance(rec["tensors"], list):
+        return f"it is not a {BASE_FORMAT} record of base {base}"
+    total = 0
+    for t in rec["tensors"]:
+        problem = _tensor_problem(t)
+        if problem:
+            return problem
+        total += math.prod(t["shape"]) * DTYPE_SIZES[t["dtype"]]
+    if [[t["name"], t["tensor"]] for t in rec["tensors"]] != pairs:
+        return "its tensors are not those of the base's tensor list (names and tensor ids, by name)"
+    if not _is_count(rec["bytes"]) or rec["bytes"] != total:
+        return f"it says the weights take {cut(rec['bytes'], 24)} bytes; its tensors' dtypes and shapes take {total}"
+    if canonical_json(rec) != bytes(record):
+        return "it is not in canonical form"
+    return None
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _tensor_problem(t: Any) -> str | None:
+    if not isinstance(t, dict) or set(t) != {"name", "dtype", "shape", "tensor", "sq_norm"}:
+        return "a tensor of it does not have the fields name, dtype, shape, tensor, sq_norm"
+    name = cut(t["name"])
+    if not isinstance(t["name"], str) or t["dtype"] not in DTYPE_SIZES or not isinstance(t["shape"], list) \
+            or not all(_is_count(d) for d in t["shape"]) or not isinstance(t["tensor"], str) or not is_id(t["tensor"]):
+        return f"tensor {name} has a name, dtype, shape or tensor id of the wrong form"
+    n = t["sq_norm"]
+    if n is not None and (isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n < 0):
+        return f"tensor {name} has a squared norm that is not a finite number at least 0"
+    return None
+
+
+def weights_disagree(recorded: list[dict], recorded_bytes: int, described: list[dict], described_bytes: int) -> str | None:
+    """Where a base's catalog rows (its record) say other than its weights do (both as
+    `base_tensors` rows): None when they agree. Squared norms agree within a relative 1e-6
+    (their float32 sums may round differently from one run to the next)."""
+    mine = {t["name"]: t for t in recorded}
+    wrong = []
+    for t in described:
+        r = mine.get(t["name"])
+        if r is None or r["tensor_id"] != t["tensor_id"]:
+            return None  # other weights: the record is no worse than before (the caller checked the id)
+        if r["dtype"] != t["dtype"] or json.loads(r["shape"]) != json.loads(t["shape"]) \
+                or not _close(r["sq_norm"], t["sq_norm"]):
+            wrong.append((t["name"], r, t))
+    if not wrong and recorded_bytes == described_bytes:
+        return None
+    if not wrong:
+        return f"it says the weights take {recorded_bytes} bytes; they take {described_bytes}"
+    name, r, t = wrong[0]
+    return (f"{len(wrong)} of its {len(described)} tensors differ from the weights (e.g. {cut(name)}: recorded "
+            f"{r['dtype']} {r['shape']} with squared norm {r['sq_norm']!r}, the weights give {t['dtype']} "
+            f"{t['shape']} with {t['sq_norm']!r})")
+
+
+def _close(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-30)
+
+
+def _read_base_record(objects: ObjectStore, r: dict, unindexed: Unindexed | None) -> dict | None:
+    """A base ref record's base record, checked against the base's tensor list."""
+    shown = f"base {r['name'] or r['id'][:19]}"
+    rec = _read_json(objects, r["record"], shown, unindexed)
+    if rec is None:
+        if unindexed is not None:
+            unindexed.bases.add(r["id"])
+        return None
+    try:
+        problem = base_record_problem(objects.get(r["id"]), objects.get(r["record"]), r["id"])
+    except (MissingObject, CorruptObject) as e:
+        problem = f"its tensor list (object {r['id']}) cannot be read ({cut(e, 120)})"
+    if problem is None:
+        return rec
+    message = f"the base record of {shown} (object {r['record']}) is wrong: {problem}"
+    if unindexed is None:
+        raise CorruptObject(r["record"], problem)
+    unindexed.problems.append(("bad-base-record", r["record"], shown, message))
+    unindexed.bases.add(r["id"])
+    return None
 
 
 def _read_json(objects: ObjectStore, oid: str, ref: str, unindexed: Unindexed | None) -> dict | None:
@@ -481,9 +591,3 @@ def _refuse_a_log_behind_the_catalog(root: Path, refs: RefLog) -> None:
                           "was truncated or replaced, and rebuilding the catalog from it would lose versions")
 
 
-def check_base_objects(objects: ObjectStore, base: str, record_id: str) -> None:
-    """fsck: a base's record lists the tensors whose list hashes to the base id."""
-    rec = json.loads(objects.get(record_id))
-    got = compute_base_id((t["name"], t["tensor"]) for t in rec["tensors"])
-    if got != base:
-        raise CorruptObject(record_id, f"its tensors hash to {got}, not to the base id {base}")

@@ -47,7 +47,7 @@ TMP_GRACE_S = 3600
 # An unfinished journal is a note: the store is whole and `revert` completes it (schema/FORMAT.md
 # §8: a crash leaves fsck clean apart from leftovers and open journals).
 ERRORS = ("missing-object", "corrupt-object", "bad-manifest", "index-mismatch", "dangling-row", "check-failed",
-          "catalog-damaged", "damaged-originals", "broken-chain", "unindexable-record")
+          "catalog-damaged", "damaged-originals", "broken-chain", "unindexable-record", "bad-base-record")
 NOTES = ("missing-parent", "unfinished-journal", "open-journal", "tmp-file", "stale-pending",
          "unreferenced-object", "stray-file")
 
@@ -160,6 +160,9 @@ def fsck(store: Store, *, read_data: bool = False, repair: bool = False) -> Fsck
     checked, object_problems = _check_objects(store, sizes, users, referenced, journal_links, read_data)
     problems += [p for p in object_problems if (p.kind, p.subject) not in {(q.kind, q.subject) for q in problems}]
 
+    if read_data:
+        problems += _check_base_records(store)
+
     for version, why in broken_chains(store):
         problems.append(Problem("broken-chain", version.id, why, (version.ref,)))
 
@@ -265,6 +268,32 @@ def _check_objects(store: Store, rows: dict[str, dict], users: dict[str, set[str
             if path.is_file() and not _is_object_path(objects, path):
                 problems.append(Problem("stray-file", str(path), "a file in objects/ that is not an object", error=False))
     return checked, problems
+
+
+def _check_base_records(store: Store) -> list[Problem]:
+    """`--read-data`: each base whose weights are where it was registered from, described
+    again (hashed, squared norms) and compared with its record, which a commit trusts for the
+    squared norms it divides by. Weights that are gone, or that are another base's now, tell
+    nothing of the record."""
+    from .models import open_model  # torch: only where there are weights to read
+
+    problems = []
+    for base in store.bases():
+        if not base.source or not Path(base.source).exists():
+            continue
+        try:
+            row, tensors = store._describe_base(open_model(base.source, mapped=True))
+        except (OSError, DeltastoreError):
+            continue
+        if row["id"] != base.id:
+            continue
+        wrong = index.weights_disagree(store.catalog.base_tensors(base.id), base.bytes, tensors, row["bytes"])
+        if wrong is not None:
+            shown = base.name or base.id[:19]
+            problems.append(Problem("bad-base-record", base.id, f"the record of base {shown} disagrees with its "
+                                    f"weights at {base.source} ({wrong}); `deltastore base add {base.source}` "
+                                    "replaces it with the record the weights give"))
+    return problems
 
 
 def _check_header(path: Path, oid: str, raw_size: int | None) -> None:

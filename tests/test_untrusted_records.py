@@ -247,3 +247,135 @@ def test_records_of_the_wrong_shape_are_set_aside_too(world, tmp_path):
     assert result.output.count("set aside in refs.log.rejected") == 3
     assert (root / "refs.log").read_bytes() == good_log
     assert _invoke(root, "tag", "s@1", "first").exit_code == 0
+
+
+# -- 4. base records agree with their tensor list, and with the weights where they are at hand ---
+
+
+def _object_file(payload: bytes) -> bytes:
+    from deltastore.objects import FORMAT_VERSION, HEADER, MAGIC, RAW
+
+    return HEADER.pack(MAGIC, FORMAT_VERSION, RAW, 0, len(payload)) + payload
+
+
+def _serve_base_record(url: str, base_id: str, change) -> bytes:
+    """Replace the remote's base record of `base_id` by `change(record)`; returns the new record."""
+    from deltastore.hashing import bytes_id
+
+    remote = Remote(url)
+    ref = json.loads(remote.fs.cat_file(remote.base_path(base_id)))
+    rec = json.loads(remote.get_object(ref["record"], None)[1])
+    change(rec)
+    record = canonical_json(rec)
+    _write(remote, remote.object_path(bytes_id(record)), _object_file(record))
+    _write(remote, remote.base_path(base_id), canonical_json({**ref, "record": bytes_id(record)}) + b"\n")
+    return record
+
+
+def _inflate_norms(rec: dict) -> None:
+    for t in rec["tensors"]:
+        if t["sq_norm"] is not None:
+            t["sq_norm"] *= 1e12
+
+
+def _sq_norms(store: Store, base: str) -> dict[str, float]:
+    return {n: r["sq_norm"] for n, r in store.base_tensors(base).items()}
+
+
+def test_a_lying_base_record_from_a_remote_is_replaced_by_base_add(world, tmp_path):
+    pair, fts, a = world
+    url = f"file://{tmp_path / 'remote'}"
+    push(a, ["s@1"], url)
+    bid = a.base("tiny").id
+    _serve_base_record(url, bid, _inflate_norms)
+    store, _ = clone(url, tmp_path / "clone")
+    root = store.root
+    with store:
+        assert _sq_norms(store, bid) != _sq_norms(a, bid)  # the lie passes every check the list allows
+    result = _invoke(root, "base", "add", str(pair.base))
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "disagreed with its weights" in notes[0] and "replaced" in notes[0], result.stderr
+    with Store.open(root) as store:
+        assert _sq_norms(store, bid) == _sq_norms(a, bid)
+        # A commit measures changes against the true norms: a threshold of 0.001 keeps tensors.
+        kept = store.commit("t", fts[1], base=bid, min_rel_change=0.001)
+        assert kept.tensors_stored == a.commit("u", fts[1], base="tiny", min_rel_change=0.001).tensors_stored > 0
+        a.delete_stance("u")
+    # The correction is in the truth: a rebuild keeps it, and fsck finds nothing wrong.
+    assert _invoke(root, "fsck", "--rebuild-catalog", "--read-data").exit_code == 0
+    with Store.open(root) as store:
+        assert _sq_norms(store, bid) == _sq_norms(a, bid)
+    # Registering the same weights again keeps the record (a base add appends its ref record
+    # whatever it changes: only the log's position moves).
+    before = snapshot(root)
+    result = _invoke(root, "base", "add", str(pair.base))
+    assert result.exit_code == 0 and "note:" not in result.output
+    after = snapshot(root)
+    assert {t for t in after[0] if after[0][t] != before[0][t]} == {"state"} and after[1] == before[1]
+
+
+def test_a_commit_given_the_weights_replaces_a_lying_record(world, tmp_path):
+    pair, fts, a = world
+    url = f"file://{tmp_path / 'remote'}"
+    push(a, ["s@1"], url)
+    bid = a.base("tiny").id
+    _serve_base_record(url, bid, _inflate_norms)
+    store, _ = clone(url, tmp_path / "clone")
+    result = _invoke(store.root, "commit", "t", str(fts[1]), "--base", str(pair.base), "--min-rel-change", "0.001")
+    store.close()
+    assert result.exit_code == 0, result.output
+    assert "disagreed with its weights" in result.stderr
+    with Store.open(tmp_path / "clone" / ".deltastore") as store:
+        assert _sq_norms(store, bid) == _sq_norms(a, bid)
+        assert store.resolve("t@1").tensors
+
+
+def test_fsck_read_data_finds_a_record_its_weights_contradict(world, tmp_path):
+    """A base record replaced by hand (a new record object, a base ref record naming it)."""
+    pair, _, _ = world
+    root = tmp_path / "store"
+    with Store.init(root) as store:
+        store.add_base(pair.base, name="tiny")
+        last = json.loads((root / "refs.log").read_bytes().splitlines()[-1])
+        rec = json.loads(store.objects.get(last["record"]))
+        _inflate_norms(rec)
+        lie = store.objects.put(canonical_json(rec)).id
+    _append(root, {**last, "record": lie})
+    assert _invoke(root, "fsck", "--rebuild-catalog").exit_code == 0  # the lie agrees with its tensor list
+    result = _invoke(root, "fsck", "--read-data")
+    assert result.exit_code == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "bad-base-record" in errors[0] and "base add" in errors[0], result.output
+    assert _invoke(root, "base", "add", str(pair.base)).exit_code == 0
+    assert _invoke(root, "fsck", "--read-data").exit_code == 0
+
+
+def _bytes_off_by_one(rec: dict) -> None:
+    rec["bytes"] += 1
+
+
+def _negative_norm(rec: dict) -> None:
+    rec["tensors"][0]["sq_norm"] = -1.0
+
+
+def _shape_changed(rec: dict) -> None:
+    rec["tensors"][0]["shape"] = [7, 7]
+
+
+@pytest.mark.parametrize("change", [_bytes_off_by_one, _negative_norm, _shape_changed],
+                         ids=["bytes-off-by-one", "negative-squared-norm", "shape-not-its-bytes"])
+def test_a_base_record_that_contradicts_its_tensor_list_is_refused(world, tmp_path, change):
+    pair, _, a = world
+    url = f"file://{tmp_path / 'remote'}"
+    push(a, ["s@1"], url)
+    bid = a.base("tiny").id
+    _serve_base_record(url, bid, change)
+    with Store.init(tmp_path / "victim") as victim:
+        before = snapshot(victim.root)
+        with pytest.raises(RemoteDataRejected, match="not the record of base"):
+            pull(victim, url)
+        assert snapshot(victim.root) == before
+    line = one_line(CliRunner().invoke(cli, ["clone", url, str(tmp_path / "clone")]))
+    assert "not the record of base" in line
+    assert not (tmp_path / "clone").exists()
