@@ -191,6 +191,8 @@ def _indexed(cat: Catalog, objects: ObjectStore, r: dict, unindexed: Unindexed |
             apply_record(cat, objects, r, unindexed)
     except IndexConflict as e:
         return e.detail
+    except _Refused as e:
+        return str(e)
     except DeltastoreError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
@@ -225,10 +227,8 @@ def apply_record(cat: Catalog, objects: ObjectStore, r: dict, unindexed: Unindex
     op = r["op"]
     if op == "base":
         if cat.base_record_id(r["id"]) != r["record"]:  # new here, or its record replaced (`base add`)
-            rec = _read_base_record(objects, r, unindexed)
+            rec = _read_base_record(objects, r, unindexed, replacing=cat.has_base(r["id"]))
             if rec is None:
-                if unindexed is not None and cat.has_base(r["id"]):
-                    unindexed.bases.discard(r["id"])  # the record indexed before still stands
                 return
             row, tensors = base_rows(r["id"], r["record"], rec, name=r["name"], source=r["source"],
                                      hub_id=r["hub_id"], created=r["created"])
@@ -355,12 +355,20 @@ def _close(a: float | None, b: float | None) -> bool:
     return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-30)
 
 
-def _read_base_record(objects: ObjectStore, r: dict, unindexed: Unindexed | None) -> dict | None:
-    """A base ref record's base record, checked against the base's tensor list."""
+class _Refused(Exception):
+    """A record `replay` sets aside (its reason is the message)."""
+
+
+def _read_base_record(objects: ObjectStore, r: dict, unindexed: Unindexed | None, *,
+                      replacing: bool) -> dict | None:
+    """A base ref record's base record, checked against the base's tensor list. A wrong one
+    for a base indexed already (`replacing`) is refused as a record: the base keeps the record
+    it has, and the rebuild sets the line aside. For a new base it is a damaged object: the
+    base and its versions wait unindexed (fsck reports it)."""
     shown = f"base {r['name'] or r['id'][:19]}"
     rec = _read_json(objects, r["record"], shown, unindexed)
     if rec is None:
-        if unindexed is not None:
+        if unindexed is not None and not replacing:
             unindexed.bases.add(r["id"])
         return None
     try:
@@ -369,6 +377,9 @@ def _read_base_record(objects: ObjectStore, r: dict, unindexed: Unindexed | None
         problem = f"its tensor list (object {r['id']}) cannot be read ({cut(e, 120)})"
     if problem is None:
         return rec
+    if replacing:
+        raise _Refused(f"its base record (object {r['record']}) is wrong ({problem}); the base keeps the one "
+                       "indexed before")
     message = f"the base record of {shown} (object {r['record']}) is wrong: {problem}"
     if unindexed is None:
         raise CorruptObject(r["record"], problem)

@@ -379,3 +379,29 @@ def test_a_base_record_that_contradicts_its_tensor_list_is_refused(world, tmp_pa
     line = one_line(CliRunner().invoke(cli, ["clone", url, str(tmp_path / "clone")]))
     assert "not the record of base" in line
     assert not (tmp_path / "clone").exists()
+
+
+def test_a_wrong_base_record_in_the_log_is_named_and_set_aside(world, tmp_path):
+    """A base ref record written by hand naming a record its tensor list contradicts (here its
+    `bytes`): the base keeps the record it has; fsck and a write name the line; the rebuild
+    sets it aside."""
+    pair, _, _ = world
+    root = tmp_path / "store"
+    with Store.init(root) as store:
+        store.add_base(pair.base, name="tiny")
+        last = json.loads((root / "refs.log").read_bytes().splitlines()[-1])
+        rec = json.loads(store.objects.get(last["record"]))
+        rec["bytes"] += 1
+        wrong = store.objects.put(canonical_json(rec)).id
+    good_log = (root / "refs.log").read_bytes()
+    _append(root, {**last, "record": wrong})
+    before = snapshot(root)
+    result = _invoke(root, "fsck")
+    assert result.exit_code == 1 and "refs.log line 2" in result.output and "bytes" in result.output, result.output
+    line = one_line(_invoke(root, "base", "add", str(pair.base)))
+    assert "refs.log line 2" in line and "fsck --rebuild-catalog" in line
+    assert snapshot(root) == before
+    result = _invoke(root, "fsck", "--rebuild-catalog")
+    assert result.exit_code == 0 and "set aside in refs.log.rejected: refs.log line 2" in result.output, result.output
+    assert (root / "refs.log").read_bytes() == good_log
+    assert _invoke(root, "base", "add", str(pair.base)).exit_code == 0
