@@ -14,19 +14,20 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from huggingface_hub import CommitOperationAdd, HfApi, constants
 
 from cli.main import cli
 from deltastore import Store
-from deltastore.errors import PulledDataRejected, RemoteDataRejected, UnsafeInput
+from deltastore.errors import NotAFineTune, PulledDataRejected, RemoteDataRejected, UnsafeInput
 from deltastore.hashing import canonical_json
 from deltastore.hub import pull as hub_pull
 from deltastore.hub import push as hub_push
 from deltastore.names import MAX_NUMBER
 from deltastore.remote import Remote, clone, pull, push
 
-from helpers import file_bytes, finetune_, make_model, saved_state, store_snapshot, write_folder
+from helpers import finetune_, make_model, saved_state, store_snapshot, write_folder
 from hubserver import HubServer
 
 TOKEN = "tok-mallory"
@@ -278,6 +279,14 @@ def _inflate_norms(rec: dict) -> None:
             t["sq_norm"] *= 1e12
 
 
+def _unrelated_model(pair, tmp_path: Path) -> Path:
+    """A model of the base's shapes that is no fine-tune of it: a fresh random init."""
+    gen = torch.Generator().manual_seed(7)
+    state = {n: torch.randn(t.shape, generator=gen).to(t.dtype) * t.float().std().clamp_min(0.02).to(t.dtype)
+             for n, t in pair.base_state.items()}
+    return write_folder(tmp_path / "unrelated", state)
+
+
 def _sq_norms(store: Store, base: str) -> dict[str, float]:
     return {n: r["sq_norm"] for n, r in store.base_tensors(base).items()}
 
@@ -292,6 +301,10 @@ def test_a_lying_base_record_from_a_remote_is_replaced_by_base_add(world, tmp_pa
     root = store.root
     with store:
         assert _sq_norms(store, bid) != _sq_norms(a, bid)  # the lie passes every check the list allows
+    other = _unrelated_model(pair, tmp_path)
+    with Store.open(root) as store:  # the lie hides that this is no fine-tune of the base
+        assert store.commit("x", other, base=bid, base_weights=pair.base).tensors_stored > 0
+        store.delete_stance("x")
     result = _invoke(root, "base", "add", str(pair.base))
     assert result.exit_code == 0, result.output
     notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
@@ -302,6 +315,8 @@ def test_a_lying_base_record_from_a_remote_is_replaced_by_base_add(world, tmp_pa
         kept = store.commit("t", fts[1], base=bid, min_rel_change=0.001)
         assert kept.tensors_stored == a.commit("u", fts[1], base="tiny", min_rel_change=0.001).tensors_stored > 0
         a.delete_stance("u")
+        with pytest.raises(NotAFineTune):
+            store.commit("x", other, base=bid)
     # The correction is in the truth: a rebuild keeps it, and fsck finds nothing wrong.
     assert _invoke(root, "fsck", "--rebuild-catalog", "--read-data").exit_code == 0
     with Store.open(root) as store:
