@@ -116,6 +116,12 @@ def test_a_commit_after_the_last_number_is_refused(world, tmp_path):
                                                  "--base", str(pair.base)]))
         assert "nothing was stored" in line
         assert snapshot(store.root) == before
+        # Nor may a merge number versions past it.
+        store.commit("t", fts[2], base=pair.base)
+        before = snapshot(store.root)
+        line = one_line(CliRunner().invoke(cli, ["--store", str(store.root), "stance", "merge", "t", "s"]))
+        assert str(MAX_NUMBER) in line and "nothing was changed" in line
+        assert snapshot(store.root) == before
 
 
 def test_ingest_refuses_a_number_past_the_bound(world, tmp_path):
