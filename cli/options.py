@@ -11,6 +11,8 @@ import click
 from deltastore import Store
 from deltastore.store import find_store
 
+from .output import echo
+
 
 def json_option(f: Callable) -> Callable:
     return click.option("--json", "as_json", is_flag=True, help="Print one JSON value on stdout.")(f)
@@ -56,7 +58,10 @@ def with_store(f: Callable | None = None, *, readonly: bool | None = None) -> Ca
         def wrapper(ctx: click.Context, *args: Any, **kwargs: Any) -> Any:
             store = Store.open(store_path(ctx), readonly=readonly)
             ctx.call_on_close(store.close)
-            return f(store, *args, **kwargs)
+            result = f(store, *args, **kwargs)
+            for line in store.notes:  # what the command did besides what it was asked
+                echo(f"note: {line}", err=True)
+            return result
         return wrapper
     return decorate(f) if f is not None else decorate
 

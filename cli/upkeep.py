@@ -53,6 +53,8 @@ def render_fsck(report: FsckReport) -> None:
         r = report.rebuilt
         echo(f"rebuilt the catalog: {r.versions} versions in {r.stances} stances, {r.bases} bases, "
              f"{r.journals} open journals")
+        for line in r.set_aside:
+            echo(f"set aside in refs.log.rejected: {line}")
     for line in report.repaired:
         echo(f"repaired: {line}")
     notes: dict[str, list] = {}

@@ -29,8 +29,19 @@ from typing import Any, Callable, Iterator
 
 from . import journalfiles
 from .errors import (BaseInUse, CatalogDamaged, CatalogError, DiskFull, ReadOnlyStore, RefNotFound, StanceExists,
-                     TagsClash)
+                     TagsClash, UnsafeInput)
+from .names import MAX_NUMBER
 from .reflog import RefLog, RefLogError, tail_id
+
+
+class IndexConflict(CatalogDamaged):
+    """A row the catalog's constraints refuse (two versions under one number, a base name two
+    bases hold, a base versions still use): the catalog is sound, and a replay sets aside the
+    ref record that brought the row (index.py)."""
+
+    def __init__(self, root: str, detail: str):
+        self.detail = detail
+        super().__init__(root, f"is unreadable ({detail})")
 
 
 def _import_sqlite_utils() -> Any:
@@ -260,6 +271,28 @@ class Catalog:
                 self._open = False
                 self._log_undo = outer
 
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Inside `transaction()`: what the block writes lands whole or, when it raises, not at
+        all, while the transaction goes on (a replay setting one ref record aside)."""
+        try:
+            self.conn.execute("SAVEPOINT record")
+        except sqlite3.Error as e:
+            raise _translated(e, self.root) from None
+        try:
+            yield
+        except BaseException:
+            try:
+                self.conn.execute("ROLLBACK TO record")
+                self.conn.execute("RELEASE record")
+            except sqlite3.Error:
+                pass  # SQLite rolled the transaction back already; the outer one fails
+            raise
+        try:
+            self.conn.execute("RELEASE record")
+        except sqlite3.Error as e:
+            raise _translated(e, self.root) from None
+
     def _drop_leftover(self) -> None:
         """Before a transaction starts (under the lock): a rollback refused earlier (another
         thread's statement was still running) can have left one open; nothing of it committed.
@@ -387,10 +420,16 @@ class Catalog:
         return {"op": "base", **{k: current[k] for k in ("id", "record", "name", "source", "hub_id", "created")}}
 
     def put_base(self, row: dict, tensors: list[dict]) -> None:
-        """Inside `transaction()`: the rows of a base (no ref record: `add_base` and replay)."""
-        existing = self.one("SELECT id FROM bases WHERE id = ?", [row["id"]])
+        """Inside `transaction()`: the rows of a base (no ref record: `add_base` and replay). A
+        row naming another base record than the one indexed replaces it, tensors and all (the
+        record the weights give, where the one indexed disagreed with them)."""
+        existing = self.one("SELECT id, record FROM bases WHERE id = ?", [row["id"]])
         if existing:
             updates = {k: row[k] for k in ("name", "source", "hub_id") if row.get(k)}
+            if row.get("record") and row["record"] != existing["record"]:
+                updates.update({k: row[k] for k in ("record", "bytes", "tensor_count")})
+                self.conn.execute("DELETE FROM base_tensors WHERE base_id = ?", [row["id"]])
+                self.insert("base_tensors", tensors)
             if updates:
                 self.db["bases"].update(row["id"], updates)
             return
@@ -415,6 +454,11 @@ class Catalog:
 
     def bases(self) -> list[dict]:
         return self.query("SELECT * FROM bases ORDER BY created")
+
+    def base_record_id(self, base_id: str) -> str | None:
+        """The id of the base record indexed for a base (None: no such base)."""
+        row = self.one("SELECT record FROM bases WHERE id = ?", [base_id])
+        return row["record"] if row else None
 
     def has_base(self, base_id: str) -> bool:
         return self.one("SELECT 1 FROM bases WHERE id = ?", [base_id]) is not None
@@ -617,6 +661,9 @@ class Catalog:
             top = self.latest(into)["number"]
             rows = self.query("SELECT id FROM versions WHERE stance = ? ORDER BY number", [old])
             moves = [(r["id"], top + k) for k, r in enumerate(rows, start=1)]
+            if moves and moves[-1][1] > MAX_NUMBER:
+                raise UnsafeInput(f"merging {len(moves)} versions into {into!r} would number them past {MAX_NUMBER}, "
+                                  "the last number a ref can name; nothing was changed")
             self.move_versions(old, into, moves)
             self.record({"op": "merge", "old": old, "into": into, "versions": [[vid, n] for vid, n in moves]})
         return moves
@@ -877,6 +924,8 @@ def _translated(e: BaseException, root: Path) -> Exception:
     """A CatalogError for what SQLite (or the text it holds) raised."""
     if isinstance(e, UnicodeDecodeError):
         return CatalogDamaged(str(root), "holds text that is not UTF-8 (it was damaged)")
+    if isinstance(e, sqlite3.IntegrityError):
+        return IndexConflict(str(root), str(e))
     extended = getattr(e, "sqlite_errorcode", None)
     code = extended & 0xFF if extended is not None else None  # the primary code of an extended one
     if code == sqlite3.SQLITE_FULL or "database or disk is full" in str(e) or extended in _WRITE_FAILED:
@@ -904,7 +953,7 @@ def _translating(method: Any) -> Any:
 
 # Every public query speaks CatalogError, never sqlite3 (the context managers translate their own).
 for _name, _value in list(vars(Catalog).items()):
-    if callable(_value) and not _name.startswith("__") and _name not in ("transaction", "snapshot"):
+    if callable(_value) and not _name.startswith("__") and _name not in ("transaction", "snapshot", "savepoint"):
         setattr(Catalog, _name, _translating(_value))
 
 

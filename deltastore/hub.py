@@ -50,7 +50,7 @@ from .hashing import bytes_id, canonical_json, is_id, manifest_id
 from .hubbase import fetch_base, is_commit
 from .hubclient import client as _hf, hub_errors as _hub_errors, progress_bars as _progress_bars
 from .models import TensorInfo, read_header, safe_relative, write_safetensors
-from .names import check_stance_name, name_problem
+from .names import check_stance_name, name_problem, number_problem
 from .limits import load_json, read_bounded
 from .records import Base, Version, check_manifest, parse_manifest
 from .store import Store
@@ -578,7 +578,7 @@ def check_index(raw: bytes, repo_id: str, revision: str | None) -> dict:
             raise bad(f"stance {stance!r}: versions must be a list")
         for e in entries:
             try:
-                ok = (isinstance(e["number"], int) and not isinstance(e["number"], bool) and e["number"] >= 1
+                ok = (number_problem(e["number"]) is None
                       and isinstance(e["id"], str) and is_id(e["id"]) and isinstance(e["base"], str)
                       and is_id(e["base"]) and e["tag"] == version_tag(stance, e["number"])
                       and isinstance(e["files"], dict) and isinstance(e["encodings"], list)
@@ -590,7 +590,8 @@ def check_index(raw: bytes, repo_id: str, revision: str | None) -> dict:
             except (KeyError, TypeError):
                 ok = False
             if not ok:
-                raise bad(f"malformed version entry in stance {stance!r}")
+                problem = number_problem(e.get("number")) if isinstance(e, dict) else None
+                raise bad(f"stance {stance!r}: {problem}" if problem else f"malformed version entry in stance {stance!r}")
             for path, suffix in zip(files, (".safetensors", ".json")):
                 try:
                     safe_relative(path if isinstance(path, str) else "")

@@ -8,30 +8,61 @@ lock, or a rebuild into a new database), so a replay lands whole or not at all.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from . import journalfiles
-from .catalog import Catalog, dumps
+from .catalog import Catalog, IndexConflict, dumps
 from .durable import fsync_dir
-from .errors import CorruptObject, DeltastoreError, MissingObject
-from .hashing import base_id as compute_base_id
-from .hashing import canonical_json
+from .errors import CorruptObject, DeltastoreError, MissingObject, cut
+from .hashing import DTYPE_SIZES, canonical_json, is_id
+from .names import name_problem, number_problem
 from .objects import ObjectStore
 from .reflog import RefLog, RefLogError
 
 BASE_FORMAT = "deltastore/base/1"
 
 
+REJECTED_FILE = "refs.log.rejected"
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A ref record the catalog cannot index (a number another version holds, a field of the
+    wrong type, a base still in use): where it is in refs.log, its line, and why."""
+
+    line: int  # 1-based line number in refs.log
+    end: int  # offset just past it
+    text: bytes  # the line, with its newline
+    reason: str
+
+    def describe(self) -> str:
+        shown = self.text.rstrip(b"\n").decode("utf-8", "replace")
+        return f"refs.log line {self.line}, {cut(shown, 160)}, cannot be indexed: {self.reason}"
+
+
+class UnindexableRecord(DeltastoreError, ValueError):
+    """A write found a ref record it cannot index after what the catalog holds."""
+
+    def __init__(self, rejected: Rejected):
+        self.rejected = rejected
+        super().__init__(f"{rejected.describe()}; run `deltastore fsck --rebuild-catalog`, which sets it aside "
+                         f"in {REJECTED_FILE} and indexes the rest")
+
+
 @dataclass
 class Unindexed:
     """What a replay could not index: records whose manifest or base record object is missing
-    or damaged (ref, what is wrong, the object id)."""
+    or damaged (ref, what is wrong, the object id), and records the catalog refuses."""
 
     problems: list[tuple[str, str, str, str]] = field(default_factory=list)  # (kind, object id, ref, message)
+    rejected: list[Rejected] = field(default_factory=list)
+    bases: set[str] = field(default_factory=set)  # bases whose base record cannot be indexed
 
 
 # -- what a version and a base contribute to the catalog --------------------------------------
@@ -81,17 +112,93 @@ def replay(cat: Catalog, objects: ObjectStore, refs: RefLog, *, start: int | Non
     `start`) to the log's end (or `end`), and note how far it got. Versions and bases that a
     later record of the same stretch deletes are never read: gc may have removed their manifests."""
     offset = cat.log_position()[0] if start is None else start
-    todo = []
+    todo, refused = [], []
     for after, record, line in refs.records(offset):
         if end is not None and after > end:
             break
         todo.append((after, record, line))
-    gone = _removed_later([r for _, r, _ in todo])
+    well_formed = []
     for after, record, line in todo:
+        problem = record_problem(record)
+        if problem is None:
+            well_formed.append((after, record, line))
+        else:
+            refused.append((after, line, problem))
+    gone = _removed_later([r for _, r, _ in well_formed])
+    for after, record, line in well_formed:
         if record["op"] not in ("version", "base") or record["id"] not in gone:
-            apply_record(cat, objects, record, unindexed)
+            problem = _indexed(cat, objects, record, unindexed)
+            if problem is not None:
+                refused.append((after, line, problem))
+    if refused:
+        rejected = [Rejected(refs.line_number(after), after, line, why) for after, line, why in sorted(refused)]
+        if unindexed is None:
+            raise UnindexableRecord(rejected[0])
+        unindexed.rejected.extend(rejected)
     if todo:
         cat.set_log_position(todo[-1][0], todo[-1][2])
+
+
+def _is_text(x: Any) -> bool:
+    return isinstance(x, str)
+
+
+def _is_optional_text(x: Any) -> bool:
+    return x is None or isinstance(x, str)
+
+
+def _is_move(x: Any) -> bool:
+    return isinstance(x, list) and len(x) == 2 and isinstance(x[0], str) and is_id(x[0]) \
+        and number_problem(x[1]) is None
+
+
+# What each field of a ref record must be (FORMAT.md §6); reflog.parse checked the fields' names.
+_FIELDS: dict[str, Any] = {
+    "id": lambda x: isinstance(x, str) and is_id(x), "record": lambda x: isinstance(x, str) and is_id(x),
+    "version": lambda x: isinstance(x, str) and is_id(x), "name": _is_optional_text, "source": _is_optional_text,
+    "hub_id": _is_optional_text, "created": _is_text, "stance": _is_text, "old": _is_text, "new": _is_text,
+    "into": _is_text, "versions": lambda x: isinstance(x, list) and all(_is_move(m) for m in x),
+}
+
+
+def record_problem(r: dict) -> str | None:
+    """Why a ref record cannot be indexed, whatever the catalog holds: a field of the wrong
+    type, a version number past the bound, a stance name no ref can reach. None if it can."""
+    for key, value in r.items():
+        if key == "op":
+            continue
+        if key == "number":
+            problem = number_problem(value)
+            if problem:
+                return problem
+        elif not _FIELDS[key](value):
+            return f"its {key!r} is not what a {r['op']} record holds"
+    if r["op"] == "version":
+        return name_problem(r["stance"])
+    if r["op"] in ("tag", "untag") and r["name"] is None:
+        return f"its 'name' is not what a {r['op']} record holds"
+    return None
+
+
+def _indexed(cat: Catalog, objects: ObjectStore, r: dict, unindexed: Unindexed | None) -> str | None:
+    """Apply one record, all of it or none (a savepoint); why the catalog refused it, or None."""
+    if r["op"] == "version":
+        held = cat.version_at(r["stance"], r["number"])
+        if held is not None and held["id"] != r["id"] and cat.version(r["id"]) is None:
+            return f"{r['stance']}@{r['number']} is already version {held['id']}"
+    try:
+        with cat.savepoint():
+            apply_record(cat, objects, r, unindexed)
+    except IndexConflict as e:
+        return e.detail
+    except _Refused as e:
+        return str(e)
+    except DeltastoreError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        # Its manifest or base record holds fields of the wrong shape (an object written by hand).
+        return f"the object it names is not a {'base record' if r['op'] == 'base' else 'manifest'} ({cut(e)})"
+    return None
 
 
 def _removed_later(records: list[dict]) -> set[str]:
@@ -119,14 +226,12 @@ def _removed_later(records: list[dict]) -> set[str]:
 def apply_record(cat: Catalog, objects: ObjectStore, r: dict, unindexed: Unindexed | None = None) -> None:
     op = r["op"]
     if op == "base":
-        if not cat.has_base(r["id"]):
-            rec = _read_json(objects, r["record"], f"base {r['name'] or r['id'][:19]}", unindexed)
+        if cat.base_record_id(r["id"]) != r["record"]:  # new here, or its record replaced (`base add`)
+            rec = _read_base_record(objects, r, unindexed, replacing=cat.has_base(r["id"]))
             if rec is None:
                 return
-            tensors = [{"base_id": r["id"], "name": t["name"], "dtype": t["dtype"], "shape": dumps(t["shape"]),
-                        "tensor_id": t["tensor"], "sq_norm": t["sq_norm"]} for t in rec["tensors"]]
-            row = {"id": r["id"], "name": r["name"], "tensor_count": len(tensors), "bytes": rec["bytes"],
-                   "source": r["source"], "hub_id": r["hub_id"], "created": r["created"], "record": r["record"]}
+            row, tensors = base_rows(r["id"], r["record"], rec, name=r["name"], source=r["source"],
+                                     hub_id=r["hub_id"], created=r["created"])
             cat.put_base(row, tensors)
         else:
             cat.put_base({k: r[k] for k in ("id", "name", "source", "hub_id")}, [])
@@ -135,6 +240,12 @@ def apply_record(cat: Catalog, objects: ObjectStore, r: dict, unindexed: Unindex
             return
         m = _read_json(objects, r["id"], f"{r['stance']}@{r['number']}", unindexed)
         if m is None:
+            return
+        if unindexed is not None and m.get("base") in unindexed.bases:
+            # Its base record is missing or wrong: fsck reports that; the version waits for it.
+            ref = f"{r['stance']}@{r['number']}"
+            unindexed.problems.append(("missing-object", m["base"], ref, f"{ref} is stored against base "
+                                       f"{m['base'][:19]}, whose base record cannot be indexed"))
             return
         sizes = {}
         for t in m["tensors"]:
@@ -161,6 +272,120 @@ def apply_record(cat: Catalog, objects: ObjectStore, r: dict, unindexed: Unindex
             cat.remove_stance(r["stance"])
     elif op == "unbase":
         cat.drop_base(r["id"])
+
+
+def base_rows(base: str, record_id: str, rec: dict, **fields: Any) -> tuple[dict, list[dict]]:
+    """The catalog rows of a base from its base record (checked) and its ref's fields."""
+    tensors = [{"base_id": base, "name": t["name"], "dtype": t["dtype"], "shape": dumps(t["shape"]),
+                "tensor_id": t["tensor"], "sq_norm": t["sq_norm"]} for t in rec["tensors"]]
+    return {"id": base, "tensor_count": len(tensors), "bytes": rec["bytes"], "record": record_id, **fields}, tensors
+
+
+def base_record_problem(listing: bytes, record: bytes, base: str) -> str | None:
+    """Why `record` is not the base record of the base whose tensor list is `listing`, or None:
+    its fields and types (FORMAT.md §5), its tensors exactly the list's, sorted, `bytes` what
+    their dtypes and shapes take, a squared norm finite and not negative, canonical JSON. What
+    the list cannot tell (whether a squared norm is the tensor's) the weights tell
+    (`weights_disagree`)."""
+    try:
+        rec, pairs = json.loads(record), json.loads(listing)
+    except (ValueError, RecursionError):
+        return "it is not JSON"
+    if not isinstance(rec, dict) or set(rec) != {"format", "base", "bytes", "tensors"} \
+            or rec["format"] != BASE_FORMAT or rec["base"] != base or not isinstance(rec["tensors"], list):
+        return f"it is not a {BASE_FORMAT} record of base {base}"
+    total = 0
+    for t in rec["tensors"]:
+        problem = _tensor_problem(t)
+        if problem:
+            return problem
+        total += math.prod(t["shape"]) * DTYPE_SIZES[t["dtype"]]
+    if [[t["name"], t["tensor"]] for t in rec["tensors"]] != pairs:
+        return "its tensors are not those of the base's tensor list (names and tensor ids, by name)"
+    if not _is_count(rec["bytes"]) or rec["bytes"] != total:
+        return f"it says the weights take {cut(rec['bytes'], 24)} bytes; its tensors' dtypes and shapes take {total}"
+    if canonical_json(rec) != bytes(record):
+        return "it is not in canonical form"
+    return None
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _tensor_problem(t: Any) -> str | None:
+    if not isinstance(t, dict) or set(t) != {"name", "dtype", "shape", "tensor", "sq_norm"}:
+        return "a tensor of it does not have the fields name, dtype, shape, tensor, sq_norm"
+    name = cut(t["name"])
+    if not isinstance(t["name"], str) or t["dtype"] not in DTYPE_SIZES or not isinstance(t["shape"], list) \
+            or not all(_is_count(d) for d in t["shape"]) or not isinstance(t["tensor"], str) or not is_id(t["tensor"]):
+        return f"tensor {name} has a name, dtype, shape or tensor id of the wrong form"
+    n = t["sq_norm"]
+    if n is not None and (isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n < 0):
+        return f"tensor {name} has a squared norm that is not a finite number at least 0"
+    return None
+
+
+def weights_disagree(recorded: list[dict], recorded_bytes: int, described: list[dict], described_bytes: int) -> str | None:
+    """Where a base's catalog rows (its record) say other than its weights do (both as
+    `base_tensors` rows): None when they agree. Squared norms agree within a relative 1e-6
+    (their float32 sums may round differently from one run to the next)."""
+    mine = {t["name"]: t for t in recorded}
+    wrong = []
+    for t in described:
+        r = mine.get(t["name"])
+        if r is None or r["tensor_id"] != t["tensor_id"]:
+            return None  # other weights: the record is no worse than before (the caller checked the id)
+        if r["dtype"] != t["dtype"] or json.loads(r["shape"]) != json.loads(t["shape"]) \
+                or not _close(r["sq_norm"], t["sq_norm"]):
+            wrong.append((t["name"], r, t))
+    if not wrong and recorded_bytes == described_bytes:
+        return None
+    if not wrong:
+        return f"it says the weights take {recorded_bytes} bytes; they take {described_bytes}"
+    name, r, t = wrong[0]
+    return (f"{len(wrong)} of its {len(described)} tensors differ from the weights (e.g. {cut(name)}: recorded "
+            f"{r['dtype']} {r['shape']} with squared norm {r['sq_norm']!r}, the weights give {t['dtype']} "
+            f"{t['shape']} with {t['sq_norm']!r})")
+
+
+def _close(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-30)
+
+
+class _Refused(Exception):
+    """A record `replay` sets aside (its reason is the message)."""
+
+
+def _read_base_record(objects: ObjectStore, r: dict, unindexed: Unindexed | None, *,
+                      replacing: bool) -> dict | None:
+    """A base ref record's base record, checked against the base's tensor list. A wrong one
+    for a base indexed already (`replacing`) is refused as a record: the base keeps the record
+    it has, and the rebuild sets the line aside. For a new base it is a damaged object: the
+    base and its versions wait unindexed (fsck reports it)."""
+    shown = f"base {r['name'] or r['id'][:19]}"
+    rec = _read_json(objects, r["record"], shown, unindexed)
+    if rec is None:
+        if unindexed is not None and not replacing:
+            unindexed.bases.add(r["id"])
+        return None
+    try:
+        problem = base_record_problem(objects.get(r["id"]), objects.get(r["record"]), r["id"])
+    except (MissingObject, CorruptObject) as e:
+        problem = f"its tensor list (object {r['id']}) cannot be read ({cut(e, 120)})"
+    if problem is None:
+        return rec
+    if replacing:
+        raise _Refused(f"its base record (object {r['record']}) is wrong ({problem}); the base keeps the one "
+                       "indexed before")
+    message = f"the base record of {shown} (object {r['record']}) is wrong: {problem}"
+    if unindexed is None:
+        raise CorruptObject(r["record"], problem)
+    unindexed.problems.append(("bad-base-record", r["record"], shown, message))
+    unindexed.bases.add(r["id"])
+    return None
 
 
 def _read_json(objects: ObjectStore, oid: str, ref: str, unindexed: Unindexed | None) -> dict | None:
@@ -264,6 +489,7 @@ class Rebuilt:
     bases: int
     journals: int
     problems: tuple[str, ...]  # records that could not be indexed (their objects are missing or damaged)
+    set_aside: tuple[str, ...] = ()  # records the catalog refused, moved from refs.log to refs.log.rejected
 
 
 def rebuild(root: Path) -> Rebuilt:
@@ -274,14 +500,57 @@ def rebuild(root: Path) -> Rebuilt:
     if not refs.path.exists():
         raise RefLogError(refs.path, "it is missing; without it the store's stances and versions are unknown")
     _refuse_a_log_behind_the_catalog(root, refs)
-    tmp, counts = build(root)
+    tmp, counts, rejected = _build(root, refs)
+    if rejected:
+        tmp, counts = _set_aside(root, refs, tmp, rejected)
     install(root, tmp)
     return counts
 
 
 def build(root: Path) -> tuple[Path, Rebuilt]:
     """The catalog the truth gives, as a database file in tmp/ (not yet in use)."""
-    refs, objects = RefLog(root), ObjectStore(root)
+    tmp, counts, _ = _build(root, RefLog(root))
+    return tmp, counts
+
+
+def _set_aside(root: Path, refs: RefLog, built: Path, rejected: list[Rejected]) -> tuple[Path, Rebuilt]:
+    """Move the records the catalog refused out of refs.log, into refs.log.rejected (one JSON
+    object a line: its line number, why, the record as it was), and build the catalog from the
+    rest. The rest is written and indexed before it replaces refs.log; the catalog in place then
+    indexed no further than the first refused record (no replay gets past one), which the lines
+    before it still match, so a rebuild killed at any point leaves a store that opens."""
+    built.unlink()
+    whole = refs.path.read_bytes()[:refs.whole_size()]
+    cuts = {(r.end - len(r.text), r.end) for r in rejected}
+    kept, at = bytearray(), 0
+    for start, end in sorted(cuts):
+        kept += whole[at:start]
+        at = end
+    kept += whole[at:]
+    copy = root / "tmp" / f"{os.getpid()}-refs.log.kept"
+    with open(copy, "wb") as f:
+        f.write(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        tmp, counts, again = _build(root, RefLog(root, path=copy))
+        if again:  # every record left was indexed in the same order before: never expected
+            raise UnindexableRecord(again[0])
+        with open(root / REJECTED_FILE, "ab") as f:
+            for r in rejected:
+                f.write(canonical_json({"line": r.line, "reason": r.reason,
+                                        "record": r.text.rstrip(b"\n").decode("utf-8", "replace")}) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(copy, refs.path)
+        fsync_dir(root)
+    finally:
+        copy.unlink(missing_ok=True)
+    return tmp, dataclasses.replace(counts, set_aside=tuple(r.describe() for r in rejected))
+
+
+def _build(root: Path, refs: RefLog) -> tuple[Path, Rebuilt, list[Rejected]]:
+    objects = ObjectStore(root)
     tmp = root / "tmp" / f"{os.getpid()}-catalog-rebuild.db"
     for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
         leftover.unlink(missing_ok=True)
@@ -303,7 +572,7 @@ def build(root: Path) -> tuple[Path, Rebuilt]:
         leftover.unlink(missing_ok=True)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
-    return tmp, counts
+    return tmp, counts, unindexed.rejected
 
 
 def install(root: Path, built: Path) -> None:
@@ -333,9 +602,3 @@ def _refuse_a_log_behind_the_catalog(root: Path, refs: RefLog) -> None:
                           "was truncated or replaced, and rebuilding the catalog from it would lose versions")
 
 
-def check_base_objects(objects: ObjectStore, base: str, record_id: str) -> None:
-    """fsck: a base's record lists the tensors whose list hashes to the base id."""
-    rec = json.loads(objects.get(record_id))
-    got = compute_base_id((t["name"], t["tensor"]) for t in rec["tensors"])
-    if got != base:
-        raise CorruptObject(record_id, f"its tensors hash to {got}, not to the base id {base}")

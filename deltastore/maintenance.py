@@ -47,7 +47,7 @@ TMP_GRACE_S = 3600
 # An unfinished journal is a note: the store is whole and `revert` completes it (schema/FORMAT.md
 # §8: a crash leaves fsck clean apart from leftovers and open journals).
 ERRORS = ("missing-object", "corrupt-object", "bad-manifest", "index-mismatch", "dangling-row", "check-failed",
-          "catalog-damaged", "damaged-originals", "broken-chain")
+          "catalog-damaged", "damaged-originals", "broken-chain", "unindexable-record", "bad-base-record")
 NOTES = ("missing-parent", "unfinished-journal", "open-journal", "tmp-file", "stale-pending",
          "unreferenced-object", "stray-file")
 
@@ -106,6 +106,10 @@ def _truth(store: Store) -> tuple[Any, dict, Any, list[str]]:
         }
         true, unindexed = index.truth(store.root, store.objects, store.refs, offset)
         diffs = [] if damage else index.differences(cat, true)
+    # The records past what the catalog indexed (a writer died before its commit, or a line
+    # written by hand): the next write replays them, so each must be one the catalog can index.
+    with true.transaction():
+        index.replay(true, store.objects, store.refs, start=offset, unindexed=unindexed)
     if damage:
         diffs = [(f"SQLite finds the catalog damaged ({'; '.join(damage[:2])[:200]})", [])]
     return true, rows, unindexed, diffs
@@ -126,6 +130,9 @@ def fsck(store: Store, *, read_data: bool = False, repair: bool = False) -> Fsck
                                     f"{REBUILD_HINT}", broken))
         for kind, oid, ref, message in unindexed.problems:
             problems.append(Problem(kind, oid, message, (ref,) if "@" in ref else ()))
+        for r in unindexed.rejected:
+            problems.append(Problem("unindexable-record", f"refs.log:{r.line}", f"{r.describe()}; "
+                                    f"`deltastore fsck --rebuild-catalog` sets it aside in {index.REJECTED_FILE}"))
         # What each object breaks, from the manifests (the truth) and the catalog's index of them.
         users: dict[str, set[str]] = {}
         for source in (true.version_objects(), store.catalog.version_objects()):
@@ -152,6 +159,9 @@ def fsck(store: Store, *, read_data: bool = False, repair: bool = False) -> Fsck
 
     checked, object_problems = _check_objects(store, sizes, users, referenced, journal_links, read_data)
     problems += [p for p in object_problems if (p.kind, p.subject) not in {(q.kind, q.subject) for q in problems}]
+
+    if read_data:
+        problems += _check_base_records(store)
 
     for version, why in broken_chains(store):
         problems.append(Problem("broken-chain", version.id, why, (version.ref,)))
@@ -271,6 +281,32 @@ def _check_objects(store: Store, rows: dict[str, dict], users: dict[str, set[str
     return checked, problems
 
 
+def _check_base_records(store: Store) -> list[Problem]:
+    """`--read-data`: each base whose weights are where it was registered from, described
+    again (hashed, squared norms) and compared with its record, which a commit trusts for the
+    squared norms it divides by. Weights that are gone, or that are another base's now, tell
+    nothing of the record."""
+    from .models import open_model  # torch: only where there are weights to read
+
+    problems = []
+    for base in store.bases():
+        if not base.source or not Path(base.source).exists():
+            continue
+        try:
+            row, tensors = store._describe_base(open_model(base.source, mapped=True))
+        except (OSError, DeltastoreError):
+            continue
+        if row["id"] != base.id:
+            continue
+        wrong = index.weights_disagree(store.catalog.base_tensors(base.id), base.bytes, tensors, row["bytes"])
+        if wrong is not None:
+            shown = base.name or base.id[:19]
+            problems.append(Problem("bad-base-record", base.id, f"the record of base {shown} disagrees with its "
+                                    f"weights at {base.source} ({wrong}); `deltastore base add {base.source}` "
+                                    "replaces it with the record the weights give"))
+    return problems
+
+
 def _check_header(path: Path, oid: str, raw_size: int | None) -> None:
     with open(path, "rb") as f:
         head = f.read(HEADER.size)
@@ -356,6 +392,8 @@ def gc_plan(store: Store) -> GcPlan:
     try:
         if unindexed.problems:
             raise GcRefused(unindexed.problems[0][3] + ", so what it needs is unknown")
+        if unindexed.rejected:
+            raise GcRefused(unindexed.rejected[0].describe())
         if diffs:
             raise GcRefused(f"the catalog disagrees with the store's refs and objects ({diffs[0][0]})")
         with cat.snapshot():

@@ -25,7 +25,9 @@ MAX_NAME = 128
 ID_PREFIX_DIGITS = 8
 _HEX_ONLY = re.compile(r"^[0-9a-fA-F]{%d,}$" % ID_PREFIX_DIGITS)
 _ID_PREFIX = re.compile(r"^(?:b3:)?[0-9a-f]{%d,64}$" % ID_PREFIX_DIGITS)
-# Version numbers are SQLite integers the catalog compares; manifests hold them below 2^31.
+# Version numbers are SQLite integers the catalog compares; manifests hold them below 2^31
+# (schema/manifest.schema.json), and a ref names no larger one. Every number that lands is in
+# 1..MAX_NUMBER, wherever it came from: a number a ref cannot name is a version no one can reach.
 MAX_NUMBER = (1 << 31) - 1
 # Bounds on text stored with a version (FORMAT.md, section 5).
 MAX_MESSAGE = 1 << 16
@@ -66,6 +68,21 @@ def name_problem(name: Any, what: str = "stance name") -> str | None:
     except UnsafeInput as e:
         return str(e)
     return None
+
+
+def number_problem(number: Any) -> str | None:
+    """Why `number` cannot be a version's number, or None."""
+    if not isinstance(number, int) or isinstance(number, bool) or not 1 <= number <= MAX_NUMBER:
+        return f"version number {cut(number, 24)} is out of range (1 to {MAX_NUMBER})"
+    return None
+
+
+def check_number(number: Any, where: str) -> int:
+    """A version number `where` gives (a ref, an index), or UnsafeInput naming it."""
+    problem = number_problem(number)
+    if problem:
+        raise UnsafeInput(f"{where}: {problem}")
+    return number
 
 
 def check_message(message: str, *, source: str = "the message") -> str:

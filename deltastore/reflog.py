@@ -49,8 +49,9 @@ def tail_id(line: bytes) -> str:
 
 
 class RefLog:
-    def __init__(self, root: Path):
-        self.path = Path(root) / LOG_FILE
+    def __init__(self, root: Path, *, path: Path | None = None):
+        """`path`: a log other than the store's (a rebuild replays a copy before it replaces it)."""
+        self.path = Path(path) if path is not None else Path(root) / LOG_FILE
 
     def size(self) -> int:
         try:
@@ -91,6 +92,11 @@ class RefLog:
                 return
             offset += len(line)
             yield offset, parse(line, self.path, offset), line
+
+    def line_number(self, end: int) -> int:
+        """The 1-based number of the line that ends at offset `end`."""
+        with open(self.path, "rb") as f:
+            return f.read(end).count(b"\n")
 
     def whole_size(self) -> int:
         """The log's size without a torn last line."""

@@ -41,9 +41,10 @@ from urllib.parse import urlsplit
 from .chain import refuse_chained
 from .errors import (CorruptObject, DeltastoreError, RemoteDataRejected, RemoteError, RemoteNotFound, StoreExists,
                      UnsafeInput)
-from .hashing import ALGORITHM, base_id as compute_base_id, bytes_id, canonical_json, is_id
+from .hashing import ALGORITHM, bytes_id, canonical_json, is_id
+from .index import base_record_problem
 from .limits import load_json
-from .names import check_base_name, check_stance_name
+from .names import check_base_name, check_stance_name, number_problem
 from .objects import HEADER, ObjectStore
 from .records import MAX_MANIFEST_BYTES, Version, check_manifest, hub_origin, parse_manifest
 from .remotelock import SHARED, Lock
@@ -374,6 +375,9 @@ class Remote:
             raw = self.read(name, self.path(name), MAX_REF_BYTES)
             ref = load_json(raw, name, max_bytes=MAX_REF_BYTES, error=self.bad(name))
             number = int(match.group(1))
+            problem = number_problem(number)
+            if problem:  # a version no ref could name, and that numbers the next commit past the bound
+                raise RemoteDataRejected(self.url, name, problem)
             if not (isinstance(ref, dict) and set(ref) == {"id", "stance", "number"} and ref["stance"] == stance
                     and ref["number"] == number and isinstance(ref["id"], str) and is_id(ref["id"])):
                 raise RemoteDataRejected(self.url, name, "not a ref record of this path")
@@ -884,16 +888,12 @@ def _bases(store: Store, remote: Remote, wanted: Iterable[str]) -> list[tuple[di
             raise RemoteDataRejected(remote.url, name, "not a base ref of this base")
         _, listing = remote.get_object(bid, None, limit=MAX_BASE_RECORD_BYTES)
         _, record = remote.get_object(ref["record"], None, limit=MAX_BASE_RECORD_BYTES)
-        rec = load_json(bytes(record), f"base record {ref['record']}", max_bytes=MAX_BASE_RECORD_BYTES,
-                        error=remote.bad(f"base record {ref['record']}"))
-        try:
-            good = (rec["format"] == "deltastore/base/1" and rec["base"] == bid and isinstance(rec["bytes"], int)
-                    and compute_base_id((t["name"], t["tensor"]) for t in rec["tensors"]) == bid
-                    and all(set(t) == {"name", "dtype", "shape", "tensor", "sq_norm"} for t in rec["tensors"]))
-        except (KeyError, TypeError, ValueError, AttributeError):
-            good = False
-        if not good:
-            raise RemoteDataRejected(remote.url, f"base record {ref['record']}", f"not the record of base {bid}")
+        load_json(bytes(record), f"base record {ref['record']}", max_bytes=MAX_BASE_RECORD_BYTES,
+                  error=remote.bad(f"base record {ref['record']}"))  # bounded before it is parsed again
+        problem = base_record_problem(bytes(listing), bytes(record), bid)
+        if problem is not None:
+            raise RemoteDataRejected(remote.url, f"base record {ref['record']}",
+                                     f"not the record of base {bid}: {problem}")
         out.append((ref, bytes(listing), bytes(record)))
     return out
 

@@ -155,11 +155,19 @@ class Store:
         self._unregistered: dict[str, tuple[dict, list[dict]]] = {}
         # Versions others are stored against, each chain checked once (chain.py).
         self.chain_links: dict[str, Version] = {}
+        # What a call did besides what it was asked, for the caller to show (one line each): a
+        # base record its weights contradicted, replaced.
+        self.notes: list[str] = []
 
     def _catch_up(self, catalog: Catalog) -> None:
         """Index the ref records a writer that died appended but never committed to the
-        catalog. A record whose object is missing or damaged is left out: fsck reports it."""
-        index.replay(catalog, self.objects, self.refs, unindexed=index.Unindexed())
+        catalog. A record whose object is missing or damaged is left out: fsck reports it. One
+        the catalog cannot index (a number another version holds: a line written by hand) stops
+        the write, naming it: the rebuild sets it aside."""
+        unindexed = index.Unindexed()
+        index.replay(catalog, self.objects, self.refs, unindexed=unindexed)
+        if unindexed.rejected:
+            raise index.UnindexableRecord(unindexed.rejected[0])
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -246,15 +254,42 @@ class Store:
         # The base's tensor list and record are objects (the truth a rebuild reads), shielded
         # from gc until the base's ref record lands.
         listing, record = self._base_objects(row, tensors)
+        wrong = self._record_disagrees(row, tensors)
+        if wrong is None and self.catalog.has_base(row["id"]):
+            row["record"] = self.catalog.base_record_id(row["id"])  # kept: it agrees with the weights
+        self._put_base(row, tensors, listing, record)
+        if wrong is not None:
+            self.notes.append(self._replaced_note(row["id"], wrong))
+        return self.base(row["id"])
+
+    def _put_base(self, row: dict, tensors: list[dict], listing: bytes, record: bytes) -> None:
+        """Write a base's two objects (shielded from gc until its ref record lands), then its
+        rows and ref record."""
         token = uuid.uuid4().hex
         try:
             self.catalog.add_pending(token, [row["id"], row["record"]])
             self.objects.put(listing, object_id=row["id"])
-            self.objects.put(record, object_id=row["record"])
+            if bytes_id(record) == row["record"]:
+                self.objects.put(record, object_id=row["record"])
             self.catalog.add_base(row, tensors)
         finally:
             self.catalog.drop_pending(token)
-        return self.base(row["id"])
+
+    def _record_disagrees(self, row: dict, tensors: list[dict]) -> str | None:
+        """Where the record of a registered base says other than its weights (described as
+        `row`, `tensors`) do; None when they agree or the base is new. A record from another
+        store (a remote's) is checked against the base's tensor list only: what it says of each
+        tensor (its squared norm, which a commit's not-a-fine-tune check divides by) only the
+        weights can confirm."""
+        if not self.catalog.has_base(row["id"]):
+            return None
+        return index.weights_disagree(self.catalog.base_tensors(row["id"]), self.base(row["id"]).bytes,
+                                      tensors, row["bytes"])
+
+    def _replaced_note(self, base_id: str, wrong: str) -> str:
+        base = self.base(base_id)
+        return (f"the record of base {base.name or base.id[:19]} disagreed with its weights ({wrong}): replaced by "
+                "the record the weights give")
 
     def _describe_base(self, source: TensorSource, *, name: str | None = None, hub_id: str | None = None,
                        progress: Progress | None = None) -> tuple[dict, list[dict]]:
@@ -358,6 +393,14 @@ class Store:
             # leaves no trace of it.
             self._unregistered[row["id"]] = (row, tensors)
             return Base.from_row(row), source, True
+        wrong = self._record_disagrees(row, tensors)
+        if wrong is not None:
+            # The weights are at hand: the commit measures against what they are, and so does
+            # every later one (only the record changes: not the base's name, source or Hub id).
+            fixed = {**row, "name": None, "source": None, "hub_id": None}
+            listing, record = self._base_objects(fixed, tensors)
+            self._put_base(fixed, tensors, listing, record)
+            self.notes.append(self._replaced_note(row["id"], wrong))
         return self.base(row["id"]), source, False
 
     def base_source(self, base: Base, weights: ModelLike | None = None, *, mapped: bool = False) -> TensorSource:
@@ -621,6 +664,9 @@ class Store:
                                 selection=built.selection, against=against):
                     raise IdenticalVersion(newest.ref, newest.id)
             number = (latest["number"] + 1) if latest else 1
+            if number > names.MAX_NUMBER:
+                raise UnsafeInput(f"stance {stance!r} has reached version number {names.MAX_NUMBER}, the last a ref "
+                                  "can name; commit to another stance; nothing was stored")
             m = manifest(stance=stance, number=number, parent=latest["id"] if latest else None,
                          base_id=base.id, encoding=encoding, selection=built.selection, message=message,
                          metadata=metadata, created=created, tensors=built.entries, against=against)
@@ -668,6 +714,8 @@ class Store:
                         else v for v in versions]
         if numbers or stances:
             numbers, stances = numbers or {}, stances or {}
+            for vid, number in numbers.items():
+                names.check_number(number, f"version {vid[:19]}")
             for local in set(stances.values()):
                 check_stance_name(local)
             versions = [dataclasses.replace(v, stance=stances.get(v.id, v.stance), number=numbers.get(v.id, v.number))
@@ -718,19 +766,14 @@ class Store:
         by the caller): no weights are read. Its weights are found later (`--base-path`)."""
         self._writable()
         bid, rid = bytes_id(listing), bytes_id(record)
-        rec = json.loads(record)
-        tensors = [{"base_id": bid, "name": t["name"], "dtype": t["dtype"], "shape": dumps(t["shape"]),
-                    "tensor_id": t["tensor"], "sq_norm": t["sq_norm"]} for t in rec["tensors"]]
-        row = {"id": bid, "name": name, "tensor_count": len(tensors), "bytes": rec["bytes"], "source": None,
-               "hub_id": hub_id, "created": now(), "record": rid}
-        token = uuid.uuid4().hex
-        try:
-            self.catalog.add_pending(token, [bid, rid])
-            self.objects.put(listing, object_id=bid)
-            self.objects.put(record, object_id=rid)
-            self.catalog.add_base(row, tensors)
-        finally:
-            self.catalog.drop_pending(token)
+        problem = index.base_record_problem(listing, record, bid)
+        if problem is not None:
+            raise UnsafeInput(f"base record {rid} is not the record of base {bid}: {problem}; nothing was stored")
+        row, tensors = index.base_rows(bid, rid, json.loads(record), name=name, source=None, hub_id=hub_id,
+                                       created=now())
+        if self.catalog.has_base(bid):
+            row["record"] = self.catalog.base_record_id(bid)  # the one here: it may come from the weights
+        self._put_base(row, tensors, listing, record)
         return self.base(bid)
 
     def _check_ingest(self, v: Version) -> None:
