@@ -253,6 +253,35 @@ def same_content(entries: list[TensorEntry], newest: Any, *, base_id: str, encod
     return ours == theirs
 
 
+def holds_what(version: Version, base_id: str, expected: dict[str, dict], target: TensorSource, spec: str,
+               options: dict[str, Any]) -> bool:
+    """Whether `target` committed in encoding `spec` (with `options`) against base `base_id` is
+    sure to store `version`'s tensor entries: `version` is of that base, stored every tensor in
+    that encoding with those options (or losslessly, as commit stores norms), and the model's
+    every tensor is the one `version` was made from (its target where it stores one, the
+    base's elsewhere). What `same_content` says after the commit, said before: tensors are
+    hashed only until one differs."""
+    if version.base_id != base_id or set(target.names) != set(expected):
+        return False
+    try:
+        enc, lossless = encodings.get(spec, **options), encodings.get("lossless").spec
+    except EncodingError:
+        return False
+    entries = {e.name: e for e in version.tensors}
+    if any(e.encoding not in (enc.spec, lossless) or (e.encoding == enc.spec and any(
+            e.params.get(k) != getattr(enc, k, None) for k in encodings.option_names(spec)))
+           for e in entries.values()):
+        return False
+    for name in target.names:
+        wanted = entries[name].target_tensor_id if name in entries else expected[name]["tensor_id"]
+        try:
+            if tensor_id(target.get(name)) != wanted:
+                return False
+        finally:
+            target.release(name)
+    return True
+
+
 T = TypeVar("T")
 
 

@@ -1,0 +1,116 @@
+"""Everyday use (issue 34): a measured commit refuses before it measures, the typo guard reaches
+a letter left out, doubled or swapped anywhere in a name, base mismatches in short ids worded
+for the command, a clone's base without weights, and what `base add` prints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from click.testing import CliRunner  # noqa: E402
+
+from cli.main import cli  # noqa: E402
+from deltastore import Store  # noqa: E402
+from deltastore.errors import (BaseMismatch, BaseNotFound, IdenticalVersion, StanceNameClose,  # noqa: E402
+                               UnsafeInput)
+from deltastore.committing import commit  # noqa: E402
+from helpers import make_model, store_snapshot, write_folder  # noqa: E402
+from tiny_lm import adam_like, pair, prompts_file  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lm")
+    base, ft = pair(tmp, adam_like(0.02))
+    return base, ft, prompts_file(tmp)
+
+
+# -- item 2: every cheap refusal of a measured commit comes before the measuring ---------------
+
+def test_a_measured_commit_refuses_before_it_measures(tmp_path, lm):
+    base, ft, prompts = lm
+    here = tmp_path / "prompts.txt"
+    shutil.copy(prompts, here)
+    with Store.init(tmp_path / "store") as store:
+        store.add_base(base, name="lm")
+        first = commit(store, "curious-uncertainty", ft, base="lm", encoding="auto", max_kl=5.0, prompts=here)
+        store.tag("curious-uncertainty", "paper")
+        before = store_snapshot(store.root)
+        # Measuring starts by reading the prompts: with the file gone, any measuring fails on it.
+        # So each refusal below is made before anything is measured.
+        here.unlink()
+        auto = dict(encoding="auto", max_kl=5.0, prompts=here)
+        with pytest.raises(IdenticalVersion, match="identical to curious-uncertainty@1"):
+            commit(store, "curious-uncertainty", ft, base="lm", **auto)
+        with pytest.raises(IdenticalVersion):  # a fixed encoding, the one @1 was stored in
+            commit(store, "curious-uncertainty", ft, base="lm", encoding=first.choice.encoding, prompts=here)
+        with pytest.raises(StanceNameClose, match="curious-uncertainty"):
+            commit(store, "curious-uncertainy", ft, base="lm", **auto)
+        with pytest.raises(BaseNotFound):
+            commit(store, "curious-uncertainty", ft, base="nope", **auto)
+        other_shape, _ = pair(tmp_path / "wide", adam_like(0.02), hidden=48)
+        with pytest.raises(BaseMismatch, match="other shapes"):
+            commit(store, "curious-uncertainty", other_shape, base="lm", **auto)
+        with pytest.raises(UnsafeInput, match="tag"):
+            commit(store, "curious-uncertainty", ft, base="lm", tag="12", **auto)
+        assert store_snapshot(store.root) == before
+        # Another bound may choose another encoding: that one is measured (and here, the
+        # prompts being gone, fails on them).
+        with pytest.raises(Exception, match="prompts.txt"):
+            commit(store, "curious-uncertainty", ft, base="lm", encoding="auto", max_kl=0.0, prompts=here)
+        assert store_snapshot(store.root) == before
+
+
+def test_the_cli_says_identical_at_once(tmp_path, lm):
+    base, ft, prompts = lm
+    root = tmp_path / "store"
+    runner = CliRunner()
+    runner.invoke(cli, ["init", str(root)])
+    args = ["--store", str(root), "commit", "s", str(ft), "--base", str(base), "--encoding", "auto",
+            "--max-kl", "5", "--prompts", str(prompts)]
+    assert runner.invoke(cli, args).exit_code == 0
+    before = store_snapshot(root)
+    (base / "tokenizer.json").rename(base / "tokenizer.json.away")  # measuring would refuse: no tokenizer
+    try:
+        again = runner.invoke(cli, args)
+    finally:
+        (base / "tokenizer.json.away").rename(base / "tokenizer.json")
+    assert again.exit_code == 1 and "identical to s@1" in again.output, again.output
+    assert len(again.output.strip().splitlines()) == 1
+    assert store_snapshot(root) == before
+
+
+# -- item 5: the typo guard ------------------------------------------------------------------
+
+def variant(pair_, tmp_path, seed):
+    gen = torch.Generator().manual_seed(seed)
+    state = {n: t + 1e-3 * torch.randn(t.shape, generator=gen).to(t.dtype) for n, t in pair_.ft_state.items()}
+    return write_folder(tmp_path / f"variant{seed}", state)
+
+
+def test_a_letter_left_out_doubled_or_swapped_anywhere_is_a_typo(tmp_path):
+    p = make_model(tmp_path)
+    with Store.init(tmp_path / "store") as store:
+        store.commit("curious-uncertainty", p.ft, base=p.base)
+        store.commit("run-a", variant(p, tmp_path, 1), base=p.base, new_stance=True)
+        store.commit("model-v1", variant(p, tmp_path, 2), base=p.base)
+        other = variant(p, tmp_path, 3)
+        before = store_snapshot(store.root)
+        for typo in ("curious-uncertainy", "curious-uncertaintyy", "curious-uncertainyt", "curous-uncertainty",
+                     "curious--uncertainty", "run-aa", "mdoel-v1"):
+            with pytest.raises(StanceNameClose):
+                store.commit(typo, other, base=p.base)
+        assert store_snapshot(store.root) == before
+        # A series made on purpose: its own suffix after a separator or a digit.
+        for series in ("curious-uncertainty-2", "run-b", "model-v2", "model-v12"):
+            store.commit(series, other, base=p.base)
+        assert len(store.stances()) == 7
+        # A lookup still suggests what was meant, series or not.
+        assert store._close_refs("run-c")[:2] == ["run-a", "run-b"]
