@@ -32,6 +32,12 @@ def cut(text: Any, limit: int = SHOWN) -> str:
     return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
+def short(object_id: str) -> str:
+    """An id as people read it: `b3:` and its first 12 hex digits, enough to tell ids apart
+    and to type as a prefix (a ref or a base takes 8 or more)."""
+    return object_id[:15] if object_id.startswith("b3:") else object_id[:12]
+
+
 class AnalysisError(DeltastoreError, ValueError):
     """A tensor or a request that cannot be analysed: shape mismatch, no such tensor, unknown
     heatmap value (analysis.py, refanalysis.py, plots.py)."""

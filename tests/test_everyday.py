@@ -114,3 +114,24 @@ def test_a_letter_left_out_doubled_or_swapped_anywhere_is_a_typo(tmp_path):
         assert len(store.stances()) == 7
         # A lookup still suggests what was meant, series or not.
         assert store._close_refs("run-c")[:2] == ["run-a", "run-b"]
+
+
+# -- item 9: what base add prints -----------------------------------------------------------
+
+def test_base_add_prints_the_short_id_tensors_and_size(tmp_path):
+    p = make_model(tmp_path)
+    root = tmp_path / "store"
+    runner = CliRunner()
+    runner.invoke(cli, ["init", str(root)])
+    added = runner.invoke(cli, ["--store", str(root), "base", "add", str(p.base), "--name", "tiny"])
+    assert added.exit_code == 0, added.output
+    with Store.open(root) as store:
+        b = store.base("tiny")
+    nbytes = sum(t.numel() * t.element_size() for t in p.base_state.values())
+    assert b.bytes == nbytes
+    assert added.output.splitlines() == [f"base tiny {b.id[:15]}: {len(p.base_state)} tensors, {nbytes / 1e3:.1f} kB",
+                                         f"id {b.id}"]
+    # --json: every field it had, and the short id.
+    shown = json.loads(runner.invoke(cli, ["--store", str(root), "base", "add", str(p.base), "--json"]).stdout)
+    assert shown["id"] == b.id and shown["short_id"] == b.id[3:15]
+    assert shown["tensor_count"] == len(p.base_state) and shown["bytes"] == nbytes and shown["name"] == "tiny"
