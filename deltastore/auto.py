@@ -242,11 +242,7 @@ def _base_folder(store: Store, base: Any, base_weights: Any) -> Any:
     if isinstance(base, (str, os.PathLike)) and Path(base).exists():
         return base
     if isinstance(base, (str, os.PathLike)) or hasattr(base, "id"):
-        record = store.base(base)
-        if not record.source or not Path(record.source).exists():
-            raise CompareError(f"the weights of base {record.name or record.id[:19]} are not at "
-                               f"{record.source or '(unknown)'}; pass the base model folder (--base-path)")
-        return record.source
+        return store.base_folder(store.base(base))
     return base
 
 

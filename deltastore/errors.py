@@ -76,6 +76,19 @@ class ModelFormatError(DeltastoreError, ValueError):
     """A model file or folder that cannot be read as safetensors."""
 
 
+class BaseWeightsMissing(ModelFormatError):
+    """A command needs a base's weights and the store does not know where they are: it never
+    did (a clone or a pull registers a base without its weights), or they moved."""
+
+    def __init__(self, base: str, source: str | None):
+        self.base = base
+        self.source = source
+        where = (f"the store holds no weights for base {base} (a clone or a pull registers a base without them)"
+                 if source is None else f"the weights of base {base} are not at {source} any more")
+        super().__init__(f"{where}; `deltastore base add PATH` with its weights records them for good, or pass "
+                         "--base-path PATH for this command")
+
+
 class PickleRefused(ModelFormatError):
     def __init__(self, path: str):
         self.path = path

@@ -31,10 +31,10 @@ from . import index, names
 from .catalog import Catalog, dumps, now
 from .durable import replace_file
 from .chain import ChainError, check_depth, reference
-from .errors import (AmbiguousRef, BaseMismatch, BaseNotFound, DeltastoreError, IdenticalVersion, JournalError,
-                     ModelFormatError, NotAFineTune, NothingToCommit, OldStoreFormat, ReadOnlyStore, RefNotFound,
+from .errors import (AmbiguousRef, BaseMismatch, BaseNotFound, BaseWeightsMissing, DeltastoreError, IdenticalVersion,
+                     JournalError, NotAFineTune, NothingToCommit, OldStoreFormat, ReadOnlyStore, RefNotFound,
                      StanceNameClose, StoreExists, StoreNotFound, TagNotFound, UnsafeInput,
-                     VersionConflict, cut, shown_names)
+                     VersionConflict, cut, short, shown_names)
 from .hashing import base_id as compute_base_id, bytes_id, canonical_json, tensor_id
 from .history import delete_stance, diff, merge_stance, rename_stance
 from .limits import is_text
@@ -345,11 +345,15 @@ class Store:
 
         if weights is not None:
             return open_model(weights, mapped=mapped)
+        return open_model(self.base_folder(base), mapped=mapped)
+
+    @staticmethod
+    def base_folder(base: Base) -> str:
+        """Where `base add` found the base's weights; refused (`BaseWeightsMissing`) when it was
+        registered without them (a clone, a pull) or they are not there any more."""
         if not base.source or not Path(base.source).exists():
-            raise ModelFormatError(
-                f"the weights of base {base.name or base.id[:19]} are not at {base.source or '(unknown)'} any more; "
-                "pass the base model's path (--base-path)")
-        return open_model(base.source, mapped=mapped)
+            raise BaseWeightsMissing(f"{base.name + ' ' if base.name else ''}{short(base.id)}", base.source)
+        return base.source
 
     # -- refs ----------------------------------------------------------------------------------
 

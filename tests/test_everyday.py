@@ -135,3 +135,31 @@ def test_base_add_prints_the_short_id_tensors_and_size(tmp_path):
     shown = json.loads(runner.invoke(cli, ["--store", str(root), "base", "add", str(p.base), "--json"]).stdout)
     assert shown["id"] == b.id and shown["short_id"] == b.id[3:15]
     assert shown["tensor_count"] == len(p.base_state) and shown["bytes"] == nbytes and shown["name"] == "tiny"
+
+
+# -- item 7: a clone's base has no weights ---------------------------------------------------
+
+def test_export_in_a_clone_says_the_store_has_no_weights_and_offers_base_add(tmp_path):
+    from deltastore.remote import clone, push
+
+    p = make_model(tmp_path)
+    with Store.init(tmp_path / "a") as a:
+        a.add_base(p.base, name="tiny")
+        a.commit("s", p.ft, base="tiny")
+        push(a, ["s@1"], f"file://{tmp_path / 'team'}")
+    b, _ = clone(f"file://{tmp_path / 'team'}", tmp_path / "b")
+    b.close()
+    root = tmp_path / "b" / ".deltastore"
+    runner = CliRunner()
+    before = store_snapshot(root)
+    failed = runner.invoke(cli, ["--store", str(root), "export", "s", "--out", str(tmp_path / "out")])
+    assert failed.exit_code == 1
+    line = failed.output.strip()
+    assert len(line.splitlines()) == 1 and "(unknown)" not in line and "Traceback" not in line
+    assert "the store holds no weights for base tiny b3:" in line
+    assert line.index("base add PATH") < line.index("--base-path")
+    assert store_snapshot(root) == before and not (tmp_path / "out").exists()
+    # base add, as offered, fixes it for good.
+    assert runner.invoke(cli, ["--store", str(root), "base", "add", str(p.base)]).exit_code == 0
+    done = runner.invoke(cli, ["--store", str(root), "export", "s", "--out", str(tmp_path / "out")])
+    assert done.exit_code == 0, done.output
