@@ -154,9 +154,9 @@ class BaseMismatch(DeltastoreError, ValueError):
         self.expected = expected
         self.actual = actual
         self.names = names
-        got = f", got {actual}" if actual else ""
+        got = f", got {short(actual)}" if actual else ""
         super().__init__(
-            message or f"not the expected base (expected {expected}{got}): {detail or 'tensors differ'}: "
+            message or f"not the expected base (expected {short(expected)}{got}): {detail or 'tensors differ'}: "
             f"{shown_names(names)}; use the model the version was made from"
         )
 
@@ -437,7 +437,7 @@ class PulledBaseChanged(HubError, BaseMismatch):
         hint = (f"; the repo records commit {recorded}: pull without --base-revision to fetch that one"
                 if recorded and recorded != hub_revision else "")
         BaseMismatch.__init__(self, expected, actual, [], message=(
-            f"{hub_id} at {hub_revision} is base {actual}, but {ref} from {repo_id} needs base {expected}: "
+            f"{hub_id} at {hub_revision} is base {short(actual)}, but {ref} from {repo_id} needs base {short(expected)}: "
             f"the Hub repo's weights at that revision are not those the stance was made on; nothing was "
             f"stored{hint}"))
         self.repo_id = repo_id

@@ -205,7 +205,8 @@ class Store:
                                            progress=progress)
         if expected_id is not None and row["id"] != expected_id:
             raise BaseMismatch(expected_id, row["id"], [], message=(
-                f"{source.path or 'these weights'} hold base {row['id']}, not the expected base {expected_id}"))
+                f"{source.path or 'these weights'} hold base {short(row['id'])}, not the expected base "
+                f"{short(expected_id)}; nothing was registered"))
         if name is not None:
             other = self.catalog.base_named(name, other_than=row["id"])
             if other:

@@ -163,3 +163,35 @@ def test_export_in_a_clone_says_the_store_has_no_weights_and_offers_base_add(tmp
     assert runner.invoke(cli, ["--store", str(root), "base", "add", str(p.base)]).exit_code == 0
     done = runner.invoke(cli, ["--store", str(root), "export", "s", "--out", str(tmp_path / "out")])
     assert done.exit_code == 0, done.output
+
+
+# -- item 6: base mismatches in short ids, worded for the command ----------------------------
+
+def test_a_commit_on_the_wrong_base_names_the_base_it_fits_in_short_ids(tmp_path):
+    import re
+
+    p = make_model(tmp_path)
+    wide = make_model(tmp_path, hidden=24, name="wide")
+    with Store.init(tmp_path / "store") as store:
+        tiny = store.add_base(p.base, name="tiny")
+        before = store_snapshot(store.root)
+        with pytest.raises(BaseMismatch) as e:
+            store.commit("s", wide.ft, base="tiny")
+        line = str(e.value)
+        assert line.startswith(f"this fine-tune was not made from base tiny {tiny.id[:15]}: most tensors have "
+                               "other shapes")
+        assert "no registered base fits it" in line and not re.search("[0-9a-f]{64}", line)
+        assert e.value.expected == tiny.id and len(e.value.actual) == 67  # the whole ids stay on the error
+        assert store_snapshot(store.root) == before
+        other = store.add_base(wide.base, name="wide")
+        before = store_snapshot(store.root)
+        result = CliRunner().invoke(cli, ["--store", str(store.root), "commit", "s", str(wide.ft), "--base", "tiny"])
+        assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+        assert f"it fits base wide {other.id[:15]}: commit it with --base wide" in result.output
+        assert not re.search("[0-9a-f]{64}", result.output)
+        assert store_snapshot(store.root) == before
+        # Weights that must be one base and are another: short ids too, nothing registered.
+        with pytest.raises(BaseMismatch) as e:
+            Store.init(tmp_path / "other").add_base(p.base, expected_id=other.id)
+        assert f"hold base {tiny.id[:15]}, not the expected base {other.id[:15]}" in str(e.value)
+        assert not re.search("[0-9a-f]{64}", str(e.value))
