@@ -152,7 +152,9 @@ def commit_measured(store: Store, stance: str, model: Any, *, base: Any, prompts
     in the version's metadata (``fidelity.kl``, ``fidelity.top1``, ``fidelity.base_kl``,
     ``fidelity.positions``, ``fidelity.max_kl``). ``encoding="auto"`` picks the smallest encoding whose KL is at
     most ``max_kl`` first. The base's weights must be a Hugging Face model folder. ``selector``,
-or its five options one by one, as ``Store.commit`` takes them."""
+    or its five options one by one, as ``Store.commit`` takes them. Every refusal that needs
+    no measuring (a typo'd stance, another base, a model identical to the newest version, ...)
+    comes before the measuring."""
     if encoding == "auto" and max_kl is None:
         raise CompareError("--encoding auto needs --max-kl K: the largest KL(fine-tuned || stored) to accept, "
                            "e.g. --max-kl 0.01")
@@ -221,14 +223,15 @@ def _refuse_before_measuring(store: Store, stance: str, model: Any, base: Any, r
 def _same_request(version: Any, request: _Request) -> str | None:
     """The encoding this request stores `version`'s model in, when that is sure to be the
     encoding `version` was stored in: the same encoding asked for, or `auto` asked with the same
-    bound, prompts and chat as `version`'s (the same measuring picks the same encoding); None
-    where it may differ or the selection and rules are not the same."""
+    bound, prompts file and chat as `version`'s (the same measuring picks the same encoding;
+    prompts given as a list are not recorded, so not compared); None where it may differ or
+    the selection and rules are not the same."""
     if request.selector or version.selection or request.encoding_for or version.against is not None:
         return None
     if request.encoding != "auto":
         return request.encoding
     meta = version.metadata
-    if "fidelity.chosen_from" not in meta or request.max_kl is None:
+    if "fidelity.chosen_from" not in meta or request.max_kl is None or request.prompts is None:
         return None
     same = (meta.get("fidelity.max_kl") == f"{request.max_kl:g}" and meta.get("fidelity.prompts") == request.prompts
             and (meta.get("fidelity.chat") == "true") == request.chat)

@@ -437,7 +437,8 @@ class PulledBaseChanged(HubError, BaseMismatch):
         hint = (f"; the repo records commit {recorded}: pull without --base-revision to fetch that one"
                 if recorded and recorded != hub_revision else "")
         BaseMismatch.__init__(self, expected, actual, [], message=(
-            f"{hub_id} at {hub_revision} is base {short(actual)}, but {ref} from {repo_id} needs base {short(expected)}: "
+            f"{hub_id} at {hub_revision} is base {short(actual)}, but {ref} from {repo_id} needs base "
+            f"{short(expected)}: "
             f"the Hub repo's weights at that revision are not those the stance was made on; nothing was "
             f"stored{hint}"))
         self.repo_id = repo_id
