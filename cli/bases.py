@@ -8,10 +8,10 @@ from pathlib import Path
 import click
 
 from deltastore import Base, Store
-from deltastore.errors import HubRepoNotFound
+from deltastore.errors import HubRepoNotFound, short
 
 from .options import hub_options, json_option, with_store
-from .output import echo, emit_json, progress, size, table
+from .output import echo, emit_json, progress, size, table, to_jsonable
 
 # Library modules that import torch (or transformers, matplotlib, huggingface_hub) are imported
 # inside the commands that use them: this module is loaded for its light commands too, and those
@@ -38,7 +38,8 @@ def base_add(store: Store, model: str, name: str | None, hub_id: str | None, fro
     HUB_ID[@REVISION] (when no such path exists, or with --from-hub): its safetensors weights,
     config and tokenizer files are fetched into the Hugging Face cache (HF_HOME, HF_ENDPOINT and
     HF_TOKEN as usual) and registered there, not copied, with the Hub id and the commit the
-    revision (default: the main branch) resolved to. Prints its base id."""
+    revision (default: the main branch) resolved to. Prints its short id, tensor count and size,
+    then its whole id."""
     from deltastore.hubbase import looks_like_hub_ref
 
     if from_hub or (not Path(model).exists() and looks_like_hub_ref(model)):
@@ -49,9 +50,10 @@ def base_add(store: Store, model: str, name: str | None, hub_id: str | None, fro
         with progress("hashing", enabled=not as_json) as cb:
             b = store.add_base(model, name=name, hub_id=hub_id, progress=cb)
     if as_json:
-        emit_json(b)
+        emit_json({**to_jsonable(b), "short_id": b.id.split(":", 1)[-1][:12]})  # as a version's short_id
     else:
-        echo(b.id)
+        echo(f"base {b.name + ' ' if b.name else ''}{short(b.id)}: {b.tensor_count} tensors, {size(b.bytes)}")
+        echo(f"id {b.id}")
 
 
 def add_from_hub(store: Store, ref: str, name: str | None, token: str | None, endpoint: str | None,

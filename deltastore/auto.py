@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from . import encodings as codecs
 from .compare import Row, Work, delta_work, lowrank_rank, open_bench, select_changed
-from .errors import CompareError, EncodingError
+from .commit import check_names, holds_what
+from .errors import CompareError, EncodingError, IdenticalVersion
 from .fidelity import Fidelity
+from .models import open_model
 from .selection import Selector
 from .units import size
 
@@ -150,13 +152,18 @@ def commit_measured(store: Store, stance: str, model: Any, *, base: Any, prompts
     in the version's metadata (``fidelity.kl``, ``fidelity.top1``, ``fidelity.base_kl``,
     ``fidelity.positions``, ``fidelity.max_kl``). ``encoding="auto"`` picks the smallest encoding whose KL is at
     most ``max_kl`` first. The base's weights must be a Hugging Face model folder. ``selector``,
-or its five options one by one, as ``Store.commit`` takes them."""
+    or its five options one by one, as ``Store.commit`` takes them. Every refusal that needs
+    no measuring (a typo'd stance, another base, a model identical to the newest version, ...)
+    comes before the measuring."""
     if encoding == "auto" and max_kl is None:
         raise CompareError("--encoding auto needs --max-kl K: the largest KL(fine-tuned || stored) to accept, "
                            "e.g. --max-kl 0.01")
-    folder = _base_folder(store, base, base_weights)
     selector = Selector.of(selector, include=include, exclude=exclude, top_k=top_k, min_rel_change=min_rel_change,
                            energy=energy)
+    request = _Request(encoding, max_kl, Path(prompts).name if isinstance(prompts, (str, os.PathLike)) else None,
+                       chat, selector, list(encoding_for or []), dict(encoding_options or {}))
+    _refuse_before_measuring(store, stance, model, base, request, metadata=metadata, **commit_options)
+    folder = _base_folder(store, base, base_weights)
     choice = choose_encoding(folder, model, prompts=prompts, max_kl=max_kl,
                              candidates=AUTO_CANDIDATES if encoding == "auto" else (encoding,),
                              encoding_for=encoding_for, encoding_options=encoding_options, chat=chat,
@@ -178,6 +185,59 @@ or its five options one by one, as ``Store.commit`` takes them."""
     return MeasuredCommit(result, choice)
 
 
+@dataclass(frozen=True)
+class _Request:
+    """What a measured commit was asked for, as far as it decides what the version stores."""
+
+    encoding: str
+    max_kl: float | None
+    prompts: str | None  # the file's name, as the version's metadata records it
+    chat: bool
+    selector: Selector
+    encoding_for: list[tuple[str, str]]
+    encoding_options: dict[str, Any]
+
+
+def _refuse_before_measuring(store: Store, stance: str, model: Any, base: Any, request: _Request, *,
+                             metadata: Mapping[str, str] | None, tag: str | None = None, message: str = "",
+                             new_stance: bool = False, against: Any = None, allow_empty: bool = False,
+                             **_: Any) -> None:
+    """Every refusal of the commit that needs no measuring, made before the measuring (which
+    takes minutes on a real model): those of `Store.check_commit`, a base that is not there
+    or whose tensors the model does not have, and a model that would store what the stance's
+    newest version stores (`IdenticalVersion`)."""
+    store.check_commit(stance, tag=tag, metadata=metadata, message=message, selector=request.selector,
+                       new_stance=new_stance, against=against)
+    with store.base_for_commit(base) as (record, expected):
+        target = open_model(model, mapped=True)
+        check_names(store, record, expected, target)
+        newest = store.catalog.latest(stance)
+        if allow_empty or newest is None or against is not None:
+            return
+        version = store.resolve(newest["id"])
+        spec = _same_request(version, request)
+        if spec is not None and holds_what(version, record.id, expected, target, spec, request.encoding_options):
+            raise IdenticalVersion(version.ref, version.id)
+
+
+def _same_request(version: Any, request: _Request) -> str | None:
+    """The encoding this request stores `version`'s model in, when that is sure to be the
+    encoding `version` was stored in: the same encoding asked for, or `auto` asked with the same
+    bound, prompts file and chat as `version`'s (the same measuring picks the same encoding;
+    prompts given as a list are not recorded, so not compared); None where it may differ or
+    the selection and rules are not the same."""
+    if request.selector or version.selection or request.encoding_for or version.against is not None:
+        return None
+    if request.encoding != "auto":
+        return request.encoding
+    meta = version.metadata
+    if "fidelity.chosen_from" not in meta or request.max_kl is None or request.prompts is None:
+        return None
+    same = (meta.get("fidelity.max_kl") == f"{request.max_kl:g}" and meta.get("fidelity.prompts") == request.prompts
+            and (meta.get("fidelity.chat") == "true") == request.chat)
+    return version.encoding if same else None
+
+
 def _base_folder(store: Store, base: Any, base_weights: Any) -> Any:
     """Where the base's weights are, for loading it with transformers."""
     if base_weights is not None:
@@ -185,11 +245,7 @@ def _base_folder(store: Store, base: Any, base_weights: Any) -> Any:
     if isinstance(base, (str, os.PathLike)) and Path(base).exists():
         return base
     if isinstance(base, (str, os.PathLike)) or hasattr(base, "id"):
-        record = store.base(base)
-        if not record.source or not Path(record.source).exists():
-            raise CompareError(f"the weights of base {record.name or record.id[:19]} are not at "
-                               f"{record.source or '(unknown)'}; pass the base model folder (--base-path)")
-        return record.source
+        return store.base_folder(store.base(base))
     return base
 
 

@@ -18,7 +18,7 @@ import torch
 
 from . import encodings
 from .chain import reference_tensor
-from .errors import BaseMismatch, EncodingError, NonFiniteTensor
+from .errors import BaseMismatch, EncodingError, NonFiniteTensor, short, shown_names
 from .hashing import base_id as compute_base_id
 from .hashing import bytes_id, dtype_name, tensor_id
 from .models import TensorSource
@@ -111,20 +111,46 @@ def _chunks(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return t.reshape(-1).split(CHUNK)
 
 
-def check_names(base: Base, expected: dict[str, dict], target: TensorSource) -> None:
+def check_names(store: Store, base: Base, expected: dict[str, dict], target: TensorSource) -> None:
+    """Refuse (`BaseMismatch`) a model whose tensors are not those of `base` (`expected`: its
+    tensors' rows) by name, or mostly by shape: it was not made from that base. The message
+    names the registered base it fits, when one does."""
     missing = sorted(set(expected) - set(target.names))
     extra = sorted(set(target.names) - set(expected))
     reshaped = sorted(n for n in set(expected) & set(target.names)
                       if list(target.infos[n].shape) != json.loads(expected[n]["shape"]))
     if len(reshaped) > len(expected) // 2:
         # A resized embedding is a fine-tune; most tensors of another shape is another model.
-        actual = compute_base_id((n, tensor_id(target.get(n))) for n in target.names)
-        raise BaseMismatch(base.id, actual, reshaped, "most tensors have other shapes")
-    if missing or extra:
-        actual = compute_base_id((n, tensor_id(target.get(n))) for n in target.names)
+        names, what = reshaped, "most tensors have other shapes"
+    elif missing or extra:
         names = missing or extra
         what = "the model lacks tensors of the base" if missing else "the model has tensors the base lacks"
-        raise BaseMismatch(base.id, actual, names, what)
+    else:
+        return
+    actual = compute_base_id((n, tensor_id(target.get(n))) for n in target.names)
+    fits = fitting_base(store, target, other_than=base.id)
+    hint = (f"it fits base {_shown(fits)}: commit it with --base {fits.name or short(fits.id)}" if fits else
+            f"no registered base fits it (as a base it would be {short(actual)}): give --base the model it was "
+            "made from")
+    raise BaseMismatch(base.id, actual, names, message=(
+        f"this fine-tune was not made from base {_shown(base)}: {what} ({shown_names(names)}); {hint}"))
+
+
+def fitting_base(store: Store, target: TensorSource, *, other_than: str) -> Base | None:
+    """A registered base (other than `other_than`) with the model's tensor names and shapes
+    (read from the catalog, no weights): the one a fine-tune was likely made from."""
+    shapes = {n: list(info.shape) for n, info in target.infos.items()}
+    for candidate in store.bases():
+        if candidate.id == other_than or candidate.tensor_count != len(shapes):
+            continue
+        rows = store.base_tensors(candidate)
+        if rows.keys() == shapes.keys() and all(json.loads(r["shape"]) == shapes[n] for n, r in rows.items()):
+            return candidate
+    return None
+
+
+def _shown(base: Base) -> str:
+    return f"{base.name + ' ' if base.name else ''}{short(base.id)}"
 
 
 def build_entries(store: Store, base: Base, base_src: TensorSource, target: TensorSource, *, token: str,
@@ -137,7 +163,7 @@ def build_entries(store: Store, base: Base, base_src: TensorSource, target: Tens
     `check_unchanged` still refuses files written in between. `against`: each delta is taken
     against what apply of that version gives (chain.py), and every tensor it stores is listed."""
     expected = store.base_tensors(base)
-    check_names(base, expected, target)
+    check_names(store, base, expected, target)
     spec_for = spec_chooser(encoding, encoding_for, encoding_options, target)
     by_stats = selector.by_stats
     by_name = selector.by_name()
@@ -251,6 +277,35 @@ def same_content(entries: list[TensorEntry], newest: Any, *, base_id: str, encod
     ours = {e.name: e.to_manifest() for e in entries}
     theirs = {e.name: e.to_manifest() for e in newest.tensors}
     return ours == theirs
+
+
+def holds_what(version: Version, base_id: str, expected: dict[str, dict], target: TensorSource, spec: str,
+               options: dict[str, Any]) -> bool:
+    """Whether `target` committed in encoding `spec` (with `options`) against base `base_id` is
+    sure to store `version`'s tensor entries: `version` is of that base, stored every tensor in
+    that encoding with those options (or losslessly, as commit stores norms), and the model's
+    every tensor is the one `version` was made from (its target where it stores one, the
+    base's elsewhere). What `same_content` says after the commit, said before: tensors are
+    hashed only until one differs."""
+    if version.base_id != base_id or set(target.names) != set(expected):
+        return False
+    try:
+        enc, lossless = encodings.get(spec, **options), encodings.get("lossless").spec
+    except EncodingError:
+        return False
+    entries = {e.name: e for e in version.tensors}
+    if any(e.encoding not in (enc.spec, lossless) or (e.encoding == enc.spec and any(
+            e.params.get(k) != getattr(enc, k, None) for k in encodings.option_names(spec)))
+           for e in entries.values()):
+        return False
+    for name in target.names:
+        wanted = entries[name].target_tensor_id if name in entries else expected[name]["tensor_id"]
+        try:
+            if tensor_id(target.get(name)) != wanted:
+                return False
+        finally:
+            target.release(name)
+    return True
 
 
 T = TypeVar("T")

@@ -32,6 +32,12 @@ def cut(text: Any, limit: int = SHOWN) -> str:
     return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
+def short(object_id: str) -> str:
+    """An id as people read it: `b3:` and its first 12 hex digits, enough to tell ids apart
+    and to type as a prefix (a ref or a base takes 8 or more)."""
+    return object_id[:15] if object_id.startswith("b3:") else object_id[:12]
+
+
 class AnalysisError(DeltastoreError, ValueError):
     """A tensor or a request that cannot be analysed: shape mismatch, no such tensor, unknown
     heatmap value (analysis.py, refanalysis.py, plots.py)."""
@@ -68,6 +74,19 @@ class ReadOnlyStore(DeltastoreError, PermissionError):
 
 class ModelFormatError(DeltastoreError, ValueError):
     """A model file or folder that cannot be read as safetensors."""
+
+
+class BaseWeightsMissing(ModelFormatError):
+    """A command needs a base's weights and the store does not know where they are: it never
+    did (a clone or a pull registers a base without its weights), or they moved."""
+
+    def __init__(self, base: str, source: str | None):
+        self.base = base
+        self.source = source
+        where = (f"the store holds no weights for base {base} (a clone or a pull registers a base without them)"
+                 if source is None else f"the weights of base {base} are not at {source} any more")
+        super().__init__(f"{where}; `deltastore base add PATH` with its weights records them for good, or pass "
+                         "--base-path PATH for this command")
 
 
 class PickleRefused(ModelFormatError):
@@ -135,9 +154,9 @@ class BaseMismatch(DeltastoreError, ValueError):
         self.expected = expected
         self.actual = actual
         self.names = names
-        got = f", got {actual}" if actual else ""
+        got = f", got {short(actual)}" if actual else ""
         super().__init__(
-            message or f"not the expected base (expected {expected}{got}): {detail or 'tensors differ'}: "
+            message or f"not the expected base (expected {short(expected)}{got}): {detail or 'tensors differ'}: "
             f"{shown_names(names)}; use the model the version was made from"
         )
 
@@ -418,7 +437,8 @@ class PulledBaseChanged(HubError, BaseMismatch):
         hint = (f"; the repo records commit {recorded}: pull without --base-revision to fetch that one"
                 if recorded and recorded != hub_revision else "")
         BaseMismatch.__init__(self, expected, actual, [], message=(
-            f"{hub_id} at {hub_revision} is base {actual}, but {ref} from {repo_id} needs base {expected}: "
+            f"{hub_id} at {hub_revision} is base {short(actual)}, but {ref} from {repo_id} needs base "
+            f"{short(expected)}: "
             f"the Hub repo's weights at that revision are not those the stance was made on; nothing was "
             f"stored{hint}"))
         self.repo_id = repo_id

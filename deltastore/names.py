@@ -145,3 +145,70 @@ def parse_ref(text: str) -> Ref:
     if text.startswith("b3:"):
         return Ref(text, id_prefix=prefix, impossible=prefix is None)
     return Ref(text, stance=text, id_prefix=prefix)
+
+
+# -- names a few edits apart: a typo's suggestions, and the guard against starting a stance by one
+
+SEPARATORS = "-_."
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance, counting a swap of two neighbours as one edit ("uncertanity")."""
+    previous2: list[int] = []
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            cost = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                cost = min(cost, previous2[j - 2] + 1)
+            current.append(cost)
+        previous2, previous = previous, current
+    return previous[-1]
+
+
+def close_names(name: str, existing: list[str], *, most: int = 3, series: bool = True) -> list[str]:
+    """The existing names a few edits from `name` (1 for names of up to 7 characters, 2 up to
+    16, 3 beyond), the closest first, at most `most`. `series=False` leaves out the names that
+    are of a series with `name` (`in_series`), and every name when `name` is under 5
+    characters: what a commit's typo guard asks (would this name start a stance by mistake?),
+    where a lookup asks only what the user may have meant."""
+    if len(name) > 4 * MAX_NAME or (not series and len(name) < 5):
+        return []  # longer than any name: nothing is close, and the distance is quadratic
+    limit = 1 if len(name) < 8 else 2 if len(name) <= 16 else 3
+    scored = sorted((edit_distance(name.lower(), other.lower()), other) for other in existing
+                    if other != name and (series or not in_series(name, other)))
+    return [other for distance, other in scored[:most] if distance <= limit]
+
+
+def in_series(a: str, b: str) -> bool:
+    """Whether two names are a series made on purpose: after a shared stem that ends at a
+    separator or a digit, each has its own suffix (`run-a`/`run-b`, `v1`/`v2`, `run`/`run-2`).
+    A letter left out, doubled or swapped is a typo, near the end as anywhere else
+    (`curious-uncertainy`, `run-aa`)."""
+    common = len(_common_prefix(a, b))
+    stem, rest_a, rest_b = a[:common], a[common:], b[common:]
+    at_boundary = (bool(stem) and (stem[-1] in SEPARATORS or stem[-1].isdigit())) or all(
+        not rest or rest[0] in SEPARATORS or rest[0].isdigit() for rest in (rest_a, rest_b))
+    return at_boundary and not _slip(rest_a, rest_b)
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
+
+
+def _slip(a: str, b: str) -> bool:
+    """Whether `b` is `a` with one character left out or doubled, or two neighbours swapped (or
+    the other way round): what a hand does, unlike a suffix chosen on purpose. Not digits:
+    `v1` and `v11`, `v12` and `v21` are numbers, each its own."""
+    short, long = sorted((a, b), key=len)
+    if len(long) == len(short) + 1:
+        return any(long[:i] + long[i + 1:] == short and not long[i].isdigit() for i in range(len(long)))
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        return (len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]]
+                and a[diff[1]] == b[diff[0]] and not (a[diff[0]].isdigit() and a[diff[1]].isdigit()))
+    return False

@@ -20,7 +20,6 @@ the catalog's write transaction, after the objects it names are durable.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
 import uuid
@@ -32,10 +31,10 @@ from . import index, names
 from .catalog import Catalog, dumps, now
 from .durable import replace_file
 from .chain import ChainError, check_depth, reference
-from .errors import (AmbiguousRef, BaseMismatch, BaseNotFound, DeltastoreError, IdenticalVersion, JournalError,
-                     ModelFormatError, NotAFineTune, NothingToCommit, OldStoreFormat, ReadOnlyStore, RefNotFound,
+from .errors import (AmbiguousRef, BaseMismatch, BaseNotFound, BaseWeightsMissing, DeltastoreError, IdenticalVersion,
+                     JournalError, NotAFineTune, NothingToCommit, OldStoreFormat, ReadOnlyStore, RefNotFound,
                      StanceNameClose, StoreExists, StoreNotFound, TagNotFound, UnsafeInput,
-                     VersionConflict, cut, shown_names)
+                     VersionConflict, cut, short, shown_names)
 from .hashing import base_id as compute_base_id, bytes_id, canonical_json, tensor_id
 from .history import delete_stance, diff, merge_stance, rename_stance
 from .limits import is_text
@@ -103,38 +102,6 @@ def current_store(path: str | os.PathLike | None) -> Path:
         raise DeltastoreError(f"{root} is a store of format {fmt!r}; this deltastore reads "
                               f"{' and '.join(map(repr, READABLE_FORMATS))}")
     return root
-
-
-def edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance, counting a swap of two neighbours as one edit ("uncertanity")."""
-    previous2: list[int] = []
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        current = [i]
-        for j, cb in enumerate(b, 1):
-            cost = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb))
-            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
-                cost = min(cost, previous2[j - 2] + 1)
-            current.append(cost)
-        previous2, previous = previous, current
-    return previous[-1]
-
-
-def close_name(name: str, existing: list[str]) -> str | None:
-    """The existing name a few edits from `name` (1 for names of 5-7 characters, 2 up to 16, 3
-    beyond), the closest first; None if none is. Names that differ only in their last one or
-    two characters (`stance-a`, `stance-b`; `v1`, `v2`) are a series made on purpose."""
-    if len(name) < 5:
-        return None
-    limit = 1 if len(name) < 8 else 2 if len(name) <= 16 else 3
-
-    def series(other: str) -> bool:
-        common = len(os.path.commonprefix([name, other]))
-        return len(name) - common <= 2 and len(other) - common <= 2
-
-    scored = sorted((edit_distance(name.lower(), other.lower()), other) for other in existing
-                    if other != name and not series(other))
-    return scored[0][1] if scored and scored[0][0] <= limit else None
 
 
 check_stance_name = names.check_stance_name
@@ -246,7 +213,8 @@ class Store:
                                            progress=progress)
         if expected_id is not None and row["id"] != expected_id:
             raise BaseMismatch(expected_id, row["id"], [], message=(
-                f"{source.path or 'these weights'} hold base {row['id']}, not the expected base {expected_id}"))
+                f"{source.path or 'these weights'} hold base {short(row['id'])}, not the expected base "
+                f"{short(expected_id)}; nothing was registered"))
         if name is not None:
             other = self.catalog.base_named(name, other_than=row["id"])
             if other:
@@ -403,6 +371,17 @@ class Store:
             self.notes.append(self._replaced_note(row["id"], wrong))
         return self.base(row["id"]), source, False
 
+    @contextmanager
+    def base_for_commit(self, base: ModelLike | str | Base) -> Iterator[tuple[Base, dict[str, dict]]]:
+        """The base a commit names (registered, or weights it would register) and its tensors'
+        rows, for checks made before the commit: a base given as weights is not registered."""
+        record, _, registered = self._resolve_base(base)
+        try:
+            yield record, self.base_tensors(record)
+        finally:
+            if registered:
+                self._unregistered.pop(record.id, None)
+
     def base_source(self, base: Base, weights: ModelLike | None = None, *, mapped: bool = False) -> TensorSource:
         """The base's weights: those given, else where `base add` found them (`mapped`: see
         models.open_files)."""
@@ -410,11 +389,15 @@ class Store:
 
         if weights is not None:
             return open_model(weights, mapped=mapped)
+        return open_model(self.base_folder(base), mapped=mapped)
+
+    @staticmethod
+    def base_folder(base: Base) -> str:
+        """Where `base add` found the base's weights; refused (`BaseWeightsMissing`) when it was
+        registered without them (a clone, a pull) or they are not there any more."""
         if not base.source or not Path(base.source).exists():
-            raise ModelFormatError(
-                f"the weights of base {base.name or base.id[:19]} are not at {base.source or '(unknown)'} any more; "
-                "pass the base model's path (--base-path)")
-        return open_model(base.source, mapped=mapped)
+            raise BaseWeightsMissing(f"{base.name + ' ' if base.name else ''}{short(base.id)}", base.source)
+        return base.source
 
     # -- refs ----------------------------------------------------------------------------------
 
@@ -452,11 +435,10 @@ class Store:
         raise RefNotFound(ref, self._close_refs(ref))
 
     def _close_refs(self, ref: str) -> list[str]:
-        if len(ref) > 4 * names.MAX_NAME:  # longer than any ref: nothing is close, and difflib is quadratic
-            return []
+        """What a ref that matches nothing may have meant: stances and tags a few edits away."""
         known = [s["name"] for s in self.catalog.stances()]
         known += [f"{t['stance']}@{t['name']}" for t in self.catalog.tags()]
-        return difflib.get_close_matches(ref, known, n=3, cutoff=0.5)
+        return names.close_names(ref, known)
 
     def _version(self, row: dict, tags: list[str] | None = None) -> Version:
         if tags is None:
@@ -564,26 +546,10 @@ class Store:
         from .commit import NOT_A_FINE_TUNE, build_entries
         from .selection import Selector
 
-        self._writable()
-        check_stance_name(stance)
-        if not new_stance and not self.catalog.has_stance(stance):
-            close = close_name(stance, [row["name"] for row in self.catalog.stances()])
-            if close is not None:
-                raise StanceNameClose(stance, close)
-        if tag is not None:
-            names.check_tag_name(tag)
-        metadata = names.check_metadata({str(k): str(v) for k, v in (metadata or {}).items()})
-        names.check_message(message)
         selector = Selector.of(selector, include=include, exclude=exclude, top_k=top_k,
                                min_rel_change=min_rel_change, energy=energy)
-        for what, texts in (("--include", selector.include), ("--exclude", selector.exclude)):
-            for text in [texts] if isinstance(texts, str) else texts or ():
-                if not is_text(text):
-                    raise UnsafeInput(f"{what} holds bytes that are not UTF-8 text; write it as UTF-8")
-        against_version = self.resolve(against) if against is not None else None
-        if against_version is not None and selector:
-            raise ChainError("--against stores every tensor that differs from the other version's result; "
-                             "leave out the selection options (--include, --exclude, --top-k, ...)")
+        metadata, against_version = self.check_commit(stance, tag=tag, metadata=metadata, message=message,
+                                                      selector=selector, new_stance=new_stance, against=against)
         base_rec, given, registered = self._resolve_base(base)
         token = uuid.uuid4().hex
         try:
@@ -623,6 +589,34 @@ class Store:
         return CommitResult(version, len(built.entries), built.unchanged, version.bytes, built.bytes_new,
                             tuple(built.left_out), built.left_out_energy_fraction,
                             median_rel_change=built.median_rel_change)
+
+    def check_commit(self, stance: str, *, tag: str | None = None, metadata: Mapping[str, str] | None = None,
+                     message: str = "", selector: Selector | None = None, new_stance: bool = False,
+                     against: str | Version | None = None) -> tuple[dict[str, str], Version | None]:
+        """The refusals of `commit` that read no tensor: a store that cannot be written, a bad
+        name, tag, message or metadata, a stance name a typo away from another's, a selection
+        that is not text, a version to be against that is not there. A measured commit makes
+        them before it measures (auto.py). Returns the metadata as stored and that version."""
+        self._writable()
+        check_stance_name(stance)
+        if not new_stance and not self.catalog.has_stance(stance):
+            close = names.close_names(stance, [row["name"] for row in self.catalog.stances()], series=False)
+            if close:
+                raise StanceNameClose(stance, close[0])
+        if tag is not None:
+            names.check_tag_name(tag)
+        checked = names.check_metadata({str(k): str(v) for k, v in (metadata or {}).items()})
+        names.check_message(message)
+        for what, texts in (("--include", selector.include if selector else None),
+                            ("--exclude", selector.exclude if selector else None)):
+            for text in [texts] if isinstance(texts, str) else texts or ():
+                if not is_text(text):
+                    raise UnsafeInput(f"{what} holds bytes that are not UTF-8 text; write it as UTF-8")
+        against_version = self.resolve(against) if against is not None else None
+        if against_version is not None and selector:
+            raise ChainError("--against stores every tensor that differs from the other version's result; "
+                             "leave out the selection options (--include, --exclude, --top-k, ...)")
+        return checked, against_version
 
     @property
     def holds_chains(self) -> bool:

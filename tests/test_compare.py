@@ -173,8 +173,9 @@ def test_commit_auto_records_fidelity_in_the_version(tmp_path, adam_pair):
     fixed = run("commit", "s", str(ft), "--base", str(base), "--encoding", "1bit", "--prompts", str(prompts),
                 "--allow-empty")
     assert fixed.exit_code == 0 and "1bit: KL" in fixed.output
+    # (--allow-empty: s@3 holds these weights in 1bit, which is refused before anything is measured.)
     refused = run("commit", "s", str(ft), "--base", str(base), "--encoding", "1bit", "--max-kl", "0",
-                  "--prompts", str(prompts))
+                  "--prompts", str(prompts), "--allow-empty")
     assert refused.exit_code == 1 and "more than --max-kl" in refused.output
     assert len(json.loads(run("log", "s", "--json").output)) == 3
 

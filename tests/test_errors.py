@@ -68,7 +68,7 @@ def test_a_fine_tune_of_another_base_names_the_tensors_and_both_ids(tmp_path, co
     assert e.expected == base.id
     assert e.actual == Store.init(tmp_path / "scratch").add_base(folder).id
     message = str(e)
-    assert base.id in message and e.actual in message
+    assert base.id[:15] in message and e.actual[:15] in message and base.id not in message
     assert all(name in message for name in extra[:5])
 
 
@@ -76,7 +76,7 @@ def test_a_model_of_other_shapes_is_another_base(tmp_path, committed) -> None:
     other = tiny_net(torch.bfloat16, hidden=24)
     folder = write_folder(tmp_path / "wider", saved_state(other))
     e = refused(committed, BaseMismatch, committed.commit, "s", folder, base="tiny")
-    assert "other shapes" in str(e) and e.actual is not None and e.actual in str(e)
+    assert "other shapes" in str(e) and e.actual is not None and e.actual[:15] in str(e)
     assert len(e.names) > len(saved_state(other)) // 2
 
 
