@@ -37,7 +37,7 @@ import torch
 
 from .durable import new_file
 from .errors import DeltastoreError
-from .gguf_lora import quantized
+from .gguf_lora import permute_rows, quantized, rope_heads, unpermute_rows
 
 # gguf and transformers (optional: pip install 'deltastore[gguf]') are imported inside the
 # functions that need them, so that their absence is one clear error there and nowhere else.
@@ -244,24 +244,12 @@ def _vocab(folder: Path, hparams: dict[str, Any]) -> _Vocab:
     return _Vocab(tokens, types, pre)
 
 
-def _permute(w: torch.Tensor, n_head: int, n_head_kv: int | None) -> torch.Tensor:
-    """LlamaModel.permute: Hugging Face's rotary halves to llama.cpp's adjacent pairs."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def gguf_tensor(arch: str, name: str, w: torch.Tensor, hparams: dict[str, Any]) -> torch.Tensor:
     """A Hugging Face weight as the converter's modify_tensors hands it to the writer."""
     if w.dtype not in (torch.float16, torch.float32):
         w = w.to(torch.float32)
-    if arch == "LlamaForCausalLM":
-        n_head = _find(hparams, ("n_heads", "num_attention_heads"))
-        n_kv = _find(hparams, ("n_kv_heads", "num_key_value_heads"))
-        if name.endswith(("q_proj.weight", "q_proj.bias")):
-            w = _permute(w, n_head, n_head)
-        if name.endswith(("k_proj.weight", "k_proj.bias")):
-            w = _permute(w, n_head, n_kv)
+    if (heads := rope_heads(arch, name, hparams)) is not None:
+        w = permute_rows(w, heads)  # LlamaModel.permute: rope's halves to adjacent pairs
     elif arch == "GPT2LMHeadModel" and name.endswith(GPT2_CONV1D):
         w = w.transpose(1, 0)
     return w.contiguous()
@@ -363,13 +351,6 @@ def export_gguf(store: Store, ref: str, out: str | os.PathLike, *, dtype: str = 
                       vocab.pre, out.stat().st_size)
 
 
-def _unpermute(w: torch.Tensor, n_head: int, n_head_kv: int | None) -> torch.Tensor:
-    """The inverse of ``_permute``."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def read_gguf_model(path: str | os.PathLike, source: Any) -> dict[str, torch.Tensor]:
     """The weights a GGUF model file written by ``export_gguf`` for base ``source`` holds, under
     their Hugging Face names and in Hugging Face's layout (q/k permutation and GPT-2's transpose
@@ -388,12 +369,8 @@ def read_gguf_model(path: str | os.PathLike, source: Any) -> dict[str, torch.Ten
         if name is None:
             raise GgufExportError(f"{path}: tensor {t.name[:120]!r} is no tensor of this base")
         w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).to(torch.float32)
-        if arch == "LlamaForCausalLM":
-            n_head = _find(hparams, ("n_heads", "num_attention_heads"))
-            if name.endswith(("q_proj.weight", "q_proj.bias")):
-                w = _unpermute(w, n_head, n_head)
-            elif name.endswith(("k_proj.weight", "k_proj.bias")):
-                w = _unpermute(w, n_head, _find(hparams, ("n_kv_heads", "num_key_value_heads")))
+        if (heads := rope_heads(arch, name, hparams)) is not None:
+            w = unpermute_rows(w, heads)
         elif arch == "GPT2LMHeadModel" and name.endswith(GPT2_CONV1D):
             w = w.transpose(1, 0)
         out[name] = w.reshape(tuple(source.infos[name].shape)).contiguous()
