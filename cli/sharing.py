@@ -22,6 +22,7 @@ from .output import echo, emit_json, progress, size, to_jsonable
 # must start without them (cli/main.py, tests/test_startup.py).
 
 if TYPE_CHECKING:
+    from deltastore.export_fidelity import ExportFidelity
     from deltastore.hub import PullResult as HubPull, PushResult as HubPush
     from deltastore.gguf_lora import GgufLoraExport as GgufExport
     from deltastore.lora import LoraExport
@@ -302,8 +303,9 @@ def served_export(store: Store, ref: str, out: str, fmt: str, server: str | None
     if m is None:
         return None
     f = m.fidelity
-    echo(f"fidelity of what was written, over {f.prompts} prompts ({f.positions} positions), against the stored "
-         f"version: KL {f.kl:.3g}, top-1 {f.top1:.1%}; the base alone: KL {f.base_kl:.3g}, top-1 {f.base_top1:.1%}")
+    echo(f"fidelity of what was written{ran_in(f, fmt == 'gguf')}, over {f.prompts} prompts ({f.positions} positions), "
+         f"against the stored version: KL {f.kl:.3g}, top-1 {f.top1:.1%}; the base alone: KL {f.base_kl:.3g}, "
+         f"top-1 {f.base_top1:.1%}")
     if f.stored_kl is not None:
         echo(f"the stored version itself, against the fine-tune it was committed from (recorded at commit): "
              f"KL {f.stored_kl:.3g}" + (f", top-1 {f.stored_top1:.1%}" if f.stored_top1 is not None else ""))
@@ -311,6 +313,13 @@ def served_export(store: Store, ref: str, out: str, fmt: str, server: str | None
         tried = ", ".join(f"rank {r} KL {kl:.3g}" for r, kl in m.tried)
         echo(f"--max-kl {max_kl:g}: the smallest rank tried that stays under it was kept ({tried})")
     return None
+
+
+def ran_in(f: ExportFidelity, gguf: bool) -> str:
+    """Where a GGUF file's figures come from: llama.cpp, or torch's estimate (and why)."""
+    if not gguf:
+        return ""
+    return " (run in llama.cpp)" if f.runtime == "llama.cpp" else f" ({f.runtime_note})"
 
 
 @click.command("import-lora")

@@ -10,6 +10,7 @@ from deltastore import ModelWritten, Store
 
 from .options import base_path_option, export_tokenizer_option, json_option, mix_weights, out_option, with_store
 from .output import echo, emit_json, progress, size, to_jsonable
+from .sharing import ran_in
 
 # Library modules that import torch (or transformers, matplotlib, huggingface_hub) are imported
 # inside the commands that use them: this module is loaded for its light commands too, and those
@@ -130,8 +131,8 @@ def gguf_model_export(store: Store, ref: str, out: str, *, dtype: str, base_path
          f"{g.pre_tokenizer!r}; {size(g.bytes)}")
     if fidelity is not None:
         f = fidelity
-        echo(f"fidelity of what was written, over {f.prompts} prompts ({f.positions} positions), against the "
-             f"stored version: KL {f.kl:.3g}, top-1 {f.top1:.1%}; the base alone: KL {f.base_kl:.3g}, "
+        echo(f"fidelity of what was written{ran_in(f, True)}, over {f.prompts} prompts ({f.positions} positions), "
+             f"against the stored version: KL {f.kl:.3g}, top-1 {f.top1:.1%}; the base alone: KL {f.base_kl:.3g}, "
              f"top-1 {f.base_top1:.1%}")
     return None
 

@@ -105,6 +105,9 @@ def test_gguf_export_kl_equals_gguf_reader_merge(tmp_path, stance):
     kl, top1 = kl_top1(hf(ft), model)
     assert m.fidelity.kl == pytest.approx(kl, rel=1e-3)
     assert m.fidelity.top1 == pytest.approx(top1)
+    # A word-level tokenizer cannot go into a GGUF model: no base for llama.cpp, and the report says so.
+    assert m.fidelity.runtime == "torch" and "torch's estimate on the file's dequantised weights" in \
+        m.fidelity.runtime_note
     # Norms and the embedding are dropped from a GGUF LoRA: the export keeps less than PEFT's.
     assert "model.embed_tokens.weight" in m.export.dropped
 
