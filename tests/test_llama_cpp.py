@@ -213,3 +213,46 @@ def test_gguf_lora_is_what_llama_cpps_converter_writes(tmp_path, arch, tokenizer
         shapes = {t.name: [int(n) for n in t.shape] for t in gguf.GGUFReader(str(theirs)).tensors}
         assert shapes["blk.0.attn_qkv.weight.lora_a"] == [3 * H, 4]
         assert [int(n) for n in gguf.GGUFReader(str(ours)).get_tensor(0).shape] == [H, 4]  # blk.0.attn_qkv lora_a
+
+
+def test_cli_chat_and_dtype_spellings(tmp_path, tokenizer):
+    """export-lora and export take --chat as compare does (the prompts through the chat template),
+    and each dtype in either spelling (f16 or fp16); the line printed says llama.cpp ran the file."""
+    import json
+
+    from click.testing import CliRunner
+    from transformers import AutoTokenizer
+
+    from cli.main import cli
+
+    store, base_dir, ft = committed(tmp_path, "llama", tokenizer)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    chat_ids = [list(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False)) for p in PROMPTS]
+    assert all(len(c) > len(p) + 4 for c, p in zip(chat_ids, token_ids(tokenizer)))
+    reference = transformers_log_probs(ft, chat_ids)
+    runner = CliRunner()
+    store_args = ["--store", str(tmp_path / "store")]
+
+    lora = runner.invoke(cli, [*store_args, "export-lora", "s", "--format", "gguf", "--rank", "2", "--dtype", "fp16",
+                               "--out", str(tmp_path / "s.gguf"), "--prompts", str(prompts), "--chat", "--json"])
+    assert lora.exit_code == 0, lora.output
+    report = json.loads(lora.stdout)
+    assert report["export"]["dtype"] == "f16" and report["fidelity"]["runtime"] == "llama.cpp"
+    assert report["fidelity"]["positions"] == sum(len(c) for c in chat_ids)
+    base_gguf = export_base_gguf(open_model(base_dir), tmp_path / "base.gguf", dtype="f32").out
+    expected = kl(reference, llama_cpp_direct(base_gguf, chat_ids, lora=tmp_path / "s.gguf"))
+    assert report["fidelity"]["kl"] == pytest.approx(expected, rel=1e-3)
+
+    merged = runner.invoke(cli, [*store_args, "export", "s", "--format", "gguf", "--dtype", "Q8_0", "--out",
+                                 str(tmp_path / "m.gguf"), "--prompts", str(prompts), "--chat"])
+    assert merged.exit_code == 0, merged.output
+    assert "fidelity of what was written (run in llama.cpp)" in merged.stdout
+    shown = float(merged.stdout.split("stored version: KL ")[1].split(",")[0])
+    assert shown == pytest.approx(kl(reference, llama_cpp_direct(tmp_path / "m.gguf", chat_ids)), rel=1e-2)
+
+    refused = runner.invoke(cli, [*store_args, "export", "s", "--format", "gguf", "--out", str(tmp_path / "x.gguf"),
+                                  "--chat"])
+    assert refused.exit_code == 2 and "--chat" in refused.output and not (tmp_path / "x.gguf").exists()
