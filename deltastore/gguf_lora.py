@@ -9,6 +9,9 @@ base, through the ``gguf`` package:
   (out, r) (numpy order; GGUF stores the reverse), so that llama.cpp adds
   ``alpha / r * lora_b @ lora_a`` to a weight of shape (out, in). GPT-2's Conv1D weights, (in, out)
   in Hugging Face, are (out, in) in GGUF (the converter transposes them), and their pairs follow.
+  (The converter transposes a PEFT GPT-2 pair too, which PEFT already shapes (out, in): its
+  attn_qkv lora_a comes out (r, 3n), which llama.cpp's loader cannot take. Here the pair is the
+  one llama.cpp runs: tests/test_llama_cpp.py.)
 - a Llama's q_proj and k_proj pairs: ``lora_b``'s rows permuted as the converter permutes the
   weight's (LlamaModel.permute, by n_head for q and n_kv_head for k: llama.cpp's rope pairs
   adjacent values, Hugging Face's the two halves). The converter passes a PEFT pair through
