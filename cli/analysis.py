@@ -9,8 +9,8 @@ import click
 
 from deltastore import Store
 
-from .options import (base_path_option, finite, json_option, lower_case, mix_weights, number_list, prompt_options,
-                      store_if, with_store)
+from .options import (PEFT_DTYPES, Dtype, base_path_option, finite, json_option, lower_case, mix_weights, number_list,
+                      prompt_options, store_if, with_store)
 from .output import echo, emit_json, progress, size, table, to_jsonable
 
 # Library modules that import torch (or transformers, matplotlib, huggingface_hub) are imported
@@ -51,7 +51,7 @@ def _kl(value: float | None) -> str:
               help="Measure fidelity on these prompts (one per line); BASE must be a Hugging Face model folder.")
 @prompt_options
 @click.option("--group-size", type=int, help="Group size of int8/int4 (default 64).")
-@click.option("--lora-dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
+@click.option("--lora-dtype", type=Dtype(["bf16", "f16", "f32"]), default="bf16", show_default=True,
               help="The dtype of the LoRA factors.")
 @click.option("--plot", type=click.Path(dir_okay=False), metavar="PNG", help="Draw size against KL (needs --prompts).")
 @json_option
@@ -75,7 +75,7 @@ def compare_command(ctx: click.Context, base: str, model: str, encodings_text: s
     with progress("comparing", enabled=not as_json) as cb:
         c = run_compare(base, model, encodings=number_list(encodings_text, "--encodings"),
                         ranks=number_list(ranks_text, "--ranks", int), full=number_list(full_text, "--full"),
-                        selections=selects, prompts=prompts, chat=chat, tokenizer=tokenizer, lora_dtype=lora_dtype,
+                        selections=selects, prompts=prompts, chat=chat, tokenizer=tokenizer, lora_dtype=PEFT_DTYPES[lora_dtype],
                         encoding_options=options, store=store_if(ctx, bool(mixes or against)), mixes=mixes,
                         against=against, progress=cb)
     if plot:

@@ -39,13 +39,33 @@ def export_tokenizer_option(f: Callable) -> Callable:
                         help="The tokenizer for --prompts, where the base folder has none.")(f)
 
 
+#: Other spellings of a dtype that every --dtype accepts; help shows the one spelling of each.
+DTYPE_ALIASES = {"fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16", "bfloat16": "bf16"}
+#: The library's spelling of each factor dtype of a PEFT adapter (lora.FACTOR_DTYPES).
+PEFT_DTYPES = {"f32": "fp32", "f16": "fp16", "bf16": "bf16"}
+
+
+class Dtype(click.Choice):
+    """A dtype as f32, f16, bf16 or q8_0 (GGUF's names), in any case; fp32, fp16, float16 and
+    bfloat16 are taken as the same."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str):
+            value = DTYPE_ALIASES.get(value.lower(), value.lower())
+        return super().convert(value, param, ctx)
+
+
+def chat_option(f: Callable) -> Callable:
+    return click.option("--chat", is_flag=True,
+                        help="Each prompt is a user message, put through the model's chat template.")(f)
+
+
 def prompt_options(f: Callable) -> Callable:
     """compare and commit: how --prompts are put to the model (--chat) and tokenized (--tokenizer)."""
     f = click.option("--tokenizer", type=click.Path(exists=True), metavar="PATH_OR_FOLDER",
                      help="The tokenizer for --prompts (a tokenizer.json or a folder holding one), where the base "
                           "folder has none.")(f)
-    return click.option("--chat", is_flag=True,
-                        help="Each prompt is a user message, put through the model's chat template.")(f)
+    return chat_option(f)
 
 
 def with_store(f: Callable | None = None, *, readonly: bool | None = None) -> Callable:

@@ -14,8 +14,8 @@ from deltastore.remote import (PullResult as RemotePull, PushResult as RemotePus
                                clone as remote_clone, pull as remote_pull, push as remote_push, remotes,
                                remove_remote)
 
-from .options import (ENCODINGS, base_path_option, export_tokenizer_option, finite, hub_options, json_option,
-                      key_values, lower_case, only_base, out_option, remote_option, with_store)
+from .options import (ENCODINGS, PEFT_DTYPES, Dtype, base_path_option, chat_option, export_tokenizer_option, finite,
+                      hub_options, json_option, key_values, lower_case, only_base, out_option, remote_option, with_store)
 from .output import echo, emit_json, escape, progress, size, to_jsonable
 
 # Library modules that import torch (or transformers, matplotlib, huggingface_hub) are imported
@@ -23,6 +23,7 @@ from .output import echo, emit_json, escape, progress, size, to_jsonable
 # must start without them (cli/main.py, tests/test_startup.py).
 
 if TYPE_CHECKING:
+    from deltastore.export_fidelity import ExportFidelity
     from deltastore.hub import PullResult as HubPull, PushResult as HubPush
     from deltastore.gguf_lora import GgufLoraExport as GgufExport
     from deltastore.lora import LoraExport
@@ -202,8 +203,8 @@ def clone(url: str, directory: str, as_json: bool) -> None:
 @click.option("--energy", type=float,
               help="Per matrix, the smallest rank holding this fraction of its delta's energy (rank_pattern); "
                    "capped by --rank.")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32", "q8_0"]), default="bf16", show_default=True,
-              help="The dtype of the factors (q8_0: GGUF only).")
+@click.option("--dtype", type=Dtype(["bf16", "f16", "f32", "q8_0"]), default="bf16", show_default=True,
+              help="The dtype of the factors (q8_0: GGUF only; fp16, fp32 are taken as f16, f32).")
 @click.option("--format", "fmt", type=click.Choice(["peft", "gguf"]), default="peft", show_default=True,
               help="peft: an adapter folder; gguf: one GGUF LoRA file for llama.cpp and Ollama (Llama, Qwen2, GPT-2).")
 @out_option
@@ -220,12 +221,13 @@ def clone(url: str, directory: str, as_json: bool) -> None:
 @click.option("--max-kl", type=float, metavar="K",
               help="With --prompts: the smallest of ranks 1, 2, 4, ... up to --rank (default 128) whose KL is at "
                    "most K.")
+@chat_option
 @export_tokenizer_option
 @json_option
 @with_store(readonly=True)
 def export_lora(store: Store, ref: str, rank: int | None, energy: float | None, dtype: str, fmt: str, out: str,
                 base_path: str | None, exact: bool, server: str | None, max_rank: int | None, prompts: str | None,
-                max_kl: float | None, tokenizer: str | None, as_json: bool) -> None:
+                max_kl: float | None, chat: bool, tokenizer: str | None, as_json: bool) -> None:
     """Write a version as a PEFT LoRA adapter folder that peft loads: each changed 2-D Linear or
     Embedding weight becomes lora_A/lora_B from a randomized SVD of its delta (--exact: the
     truncated SVD; lora_alpha = r); changed norms go to modules_to_save, changed biases with
@@ -234,26 +236,29 @@ def export_lora(store: Store, ref: str, rank: int | None, energy: float | None, 
     convert_lora_to_gguf.py writes one (Linear and Conv1D pairs only; the rest listed as dropped)."""
     from deltastore.lora import export_lora as run_export
 
+    if dtype == "q8_0" and fmt != "gguf":
+        raise click.UsageError("--dtype q8_0 is for --format gguf; a PEFT adapter is bf16, f16 or f32")
+    if chat and not prompts:
+        raise click.UsageError("--chat says how --prompts are put to the model: give --prompts FILE too")
+    if fmt != "gguf":
+        dtype = PEFT_DTYPES[dtype]
     if prompts or server or max_kl is not None or max_rank is not None or tokenizer:
         return served_export(store, ref, out, fmt, server, rank, energy, dtype, max_rank, prompts, max_kl,
-                             base_path, tokenizer, exact, as_json)
+                             base_path, tokenizer, chat, exact, as_json)
     if rank is None and energy is None:
         raise click.UsageError("give --rank R, --energy F, or both")
     with progress("factoring", enabled=not as_json) as cb:
         if fmt == "gguf":
             from deltastore.gguf_lora import export_gguf_lora
 
-            e = export_gguf_lora(store, ref, out, rank=rank, energy=energy, dtype=GGUF_DTYPES[dtype],
-                                 base_weights=base_path, progress=cb)
+            e = export_gguf_lora(store, ref, out, rank=rank, energy=energy, dtype=dtype, base_weights=base_path,
+                                 progress=cb)
         else:
             e = run_export(store, ref, out, rank=rank, energy=energy, dtype=dtype, base_weights=base_path,
                            exact=exact, progress=cb)
     if as_json:
         return emit_json(finite(to_jsonable(e)))
     return gguf_written(e) if fmt == "gguf" else lora_written(e)
-
-
-GGUF_DTYPES = {"bf16": "bf16", "fp16": "f16", "fp32": "f32", "q8_0": "q8_0"}
 
 
 def gguf_written(g: GgufExport) -> None:
@@ -284,7 +289,7 @@ def lora_written(e: LoraExport, vllm_rank: int | None = None) -> None:
 
 def served_export(store: Store, ref: str, out: str, fmt: str, server: str | None, rank: int | None,
                   energy: float | None, dtype: str, max_rank: int | None, prompts: str | None, max_kl: float | None,
-                  base_path: str | None, tokenizer: str | None, exact: bool, as_json: bool) -> None:
+                  base_path: str | None, tokenizer: str | None, chat: bool, exact: bool, as_json: bool) -> None:
     """export-lora --for vllm and --prompts: the export (measured, with --prompts), then its lines."""
     from deltastore.export_fidelity import export_lora_measured
     from deltastore.vllm_lora import DEFAULT_MAX_RANK, export_vllm_lora
@@ -303,9 +308,8 @@ def served_export(store: Store, ref: str, out: str, fmt: str, server: str | None
     with progress("exporting and measuring" if prompts else "factoring", enabled=not as_json) as cb:
         if prompts:
             m = export_lora_measured(store, ref, out, prompts=prompts, fmt=fmt, server=server, rank=rank,
-                                     energy=energy, dtype=GGUF_DTYPES[dtype] if fmt == "gguf" else dtype,
-                                     max_rank=max_rank, max_kl=max_kl, base_weights=base_path, tokenizer=tokenizer,
-                                     exact=exact, progress=cb)
+                                     energy=energy, dtype=dtype, max_rank=max_rank, max_kl=max_kl,
+                                     base_weights=base_path, tokenizer=tokenizer, chat=chat, exact=exact, progress=cb)
             e = m.export
         else:
             e = export_vllm_lora(store, ref, out, max_rank=limit, rank=rank, energy=energy, dtype=dtype,
@@ -316,8 +320,9 @@ def served_export(store: Store, ref: str, out: str, fmt: str, server: str | None
     if m is None:
         return None
     f = m.fidelity
-    echo(f"fidelity of what was written, over {f.prompts} prompts ({f.positions} positions), against the stored "
-         f"version: KL {f.kl:.3g}, top-1 {f.top1:.1%}; the base alone: KL {f.base_kl:.3g}, top-1 {f.base_top1:.1%}")
+    echo(f"fidelity of what was written{ran_in(f, fmt == 'gguf')}, over {f.prompts} prompts ({f.positions} positions), "
+         f"against the stored version: KL {f.kl:.3g}, top-1 {f.top1:.1%}; the base alone: KL {f.base_kl:.3g}, "
+         f"top-1 {f.base_top1:.1%}")
     if f.stored_kl is not None:
         echo(f"the stored version itself, against the fine-tune it was committed from (recorded at commit): "
              f"KL {f.stored_kl:.3g}" + (f", top-1 {f.stored_top1:.1%}" if f.stored_top1 is not None else ""))
@@ -325,6 +330,13 @@ def served_export(store: Store, ref: str, out: str, fmt: str, server: str | None
         tried = ", ".join(f"rank {r} KL {kl:.3g}" for r, kl in m.tried)
         echo(f"--max-kl {max_kl:g}: the smallest rank tried that stays under it was kept ({tried})")
     return None
+
+
+def ran_in(f: ExportFidelity, gguf: bool) -> str:
+    """Where a GGUF file's figures come from: llama.cpp, or torch's estimate (and why)."""
+    if not gguf:
+        return ""
+    return " (run in llama.cpp)" if f.runtime == "llama.cpp" else f" ({f.runtime_note})"
 
 
 @click.command("import-lora")

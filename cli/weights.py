@@ -8,8 +8,10 @@ import click
 
 from deltastore import ModelWritten, Store
 
-from .options import base_path_option, export_tokenizer_option, json_option, mix_weights, out_option, with_store
+from .options import (Dtype, base_path_option, chat_option, export_tokenizer_option, json_option, mix_weights, out_option,
+                      with_store)
 from .output import echo, emit_json, progress, size, to_jsonable
+from .sharing import ran_in
 
 # Library modules that import torch (or transformers, matplotlib, huggingface_hub) are imported
 # inside the commands that use them: this module is loaded for its light commands too, and those
@@ -94,27 +96,30 @@ def revert(store: Store, target: str, forget: bool, as_json: bool) -> None:
 @click.option("--format", "fmt", type=click.Choice(["hf", "gguf"]), default="hf", show_default=True,
               help="hf: a Hugging Face model folder; gguf: one GGUF file for llama.cpp and Ollama (Llama, Qwen2, "
                    "GPT-2 bases with a BPE tokenizer llama.cpp knows).")
-@click.option("--dtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
+@click.option("--dtype", type=Dtype(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
               help="With --format gguf: the file type (norms and 1-D tensors stay f32, as llama.cpp's converter "
-                   "writes them).")
+                   "writes them; fp16, fp32 are taken as f16, f32).")
 @click.option("--prompts", type=click.Path(dir_okay=False), metavar="FILE",
               help="With --format gguf: measure the KL and top-1 of the file written (read back) against the "
                    "stored version, on these prompts (one per line).")
+@chat_option
 @export_tokenizer_option
 @json_option
 @with_store(readonly=True)
 def export(store: Store, ref: str | None, mix: dict[str, float] | None, out: str, base_path: str | None, fmt: str,
-           dtype: str, prompts: str | None, tokenizer: str | None, as_json: bool) -> None:
+           dtype: str, prompts: str | None, chat: bool, tokenizer: str | None, as_json: bool) -> None:
     """Write the full fine-tuned model (base + delta) as a Hugging Face model folder, or with
     --format gguf as one GGUF model file as llama.cpp's convert_hf_to_gguf.py writes it (the
     tokenizer from the base folder; one whose pre-tokenizer is not known is refused)."""
     if (ref is None) == (mix is None):
         raise click.UsageError("give REF, or --mix REF=A,REF=B, not both")
-    if (prompts or tokenizer) and fmt != "gguf" or (mix is not None and fmt == "gguf"):
+    if (prompts or tokenizer or chat) and fmt != "gguf" or (mix is not None and fmt == "gguf"):
         raise click.UsageError("--prompts measures a GGUF file of one REF: give REF and --format gguf")
+    if chat and not prompts:
+        raise click.UsageError("--chat says how --prompts are put to the model: give --prompts FILE too")
     if fmt == "gguf":
         return gguf_model_export(store, ref, out, dtype=dtype, base_path=base_path, prompts=prompts,
-                                 tokenizer=tokenizer, as_json=as_json)
+                                 tokenizer=tokenizer, chat=chat, as_json=as_json)
     if Path(out).is_file():
         raise click.UsageError(f"{out} is a file: --out is a new folder (or give --format gguf)")
     if mix is not None:
@@ -125,7 +130,7 @@ def export(store: Store, ref: str | None, mix: dict[str, float] | None, out: str
 
 
 def gguf_model_export(store: Store, ref: str, out: str, *, dtype: str, base_path: str | None, prompts: str | None,
-                      tokenizer: str | None, as_json: bool) -> None:
+                      tokenizer: str | None, chat: bool, as_json: bool) -> None:
     """export --format gguf [--prompts]: the merged GGUF model, and its fidelity when asked."""
     from deltastore.export_fidelity import export_gguf_measured
     from deltastore.gguf_model import export_gguf
@@ -134,7 +139,7 @@ def gguf_model_export(store: Store, ref: str, out: str, *, dtype: str, base_path
     with progress("writing", enabled=not as_json) as cb:
         if prompts:
             m = export_gguf_measured(store, ref, out, prompts=prompts, dtype=dtype, base_weights=base_path,
-                                     tokenizer=tokenizer, progress=cb)
+                                     tokenizer=tokenizer, chat=chat, progress=cb)
             g, fidelity = m.export, m.fidelity
         else:
             g = export_gguf(store, ref, out, dtype=dtype, base_weights=base_path, progress=cb)
@@ -145,8 +150,8 @@ def gguf_model_export(store: Store, ref: str, out: str, *, dtype: str, base_path
          f"{g.pre_tokenizer!r}; {size(g.bytes)}")
     if fidelity is not None:
         f = fidelity
-        echo(f"fidelity of what was written, over {f.prompts} prompts ({f.positions} positions), against the "
-             f"stored version: KL {f.kl:.3g}, top-1 {f.top1:.1%}; the base alone: KL {f.base_kl:.3g}, "
+        echo(f"fidelity of what was written{ran_in(f, True)}, over {f.prompts} prompts ({f.positions} positions), "
+             f"against the stored version: KL {f.kl:.3g}, top-1 {f.top1:.1%}; the base alone: KL {f.base_kl:.3g}, "
              f"top-1 {f.base_top1:.1%}")
     return None
 

@@ -8,6 +8,15 @@ gguf_lora.read_gguf_lora), merged into the base's weights in memory (W + B @ A *
 tensors left at the base), and measured against the version. The base alone is measured too:
 what exporting nothing would give (DESIGN.md, "Fidelity").
 
+A GGUF file is measured as llama.cpp runs it where llama-cpp-python is installed: the merged
+model file itself, a GGUF LoRA on the base written as a GGUF model (gguf_model.export_base_gguf,
+f32, so that the KL is the LoRA's and llama.cpp's arithmetic, not the base's rounding), every
+position's logits on the probe's own token ids. llama.cpp multiplies in the file's types (a q8_0
+file in q8_0), which torch on dequantised weights does not: on SmolLM2 a q8_0 model measured
+0.0105 in llama.cpp against 0.0032 in torch. Without llama.cpp, or for a base it cannot be
+given (a tokenizer the GGUF writer refuses), the figure is torch's on the file's dequantised
+weights, and the result says so (``ExportFidelity.runtime`` and ``runtime_note``).
+
 ``--max-kl K`` writes exports of ranks 1, 2, 4, ... up to the rank asked, each into a temporary
 place beside ``out``, measures each as above, and keeps the smallest whose KL is at most K (a
 binary search: KL is taken to fall as the rank grows). Only that one is moved to ``out``.
@@ -18,6 +27,7 @@ candidates, removed on every way out).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -32,7 +42,7 @@ from .apply import match_names, module_tensors
 from .errors import DeltastoreError
 from .fidelity import Fidelity, FidelityProbe, load_causal_lm, read_prompts
 from .gguf_lora import export_gguf_lora, read_gguf_lora
-from .gguf_model import export_gguf, read_gguf_model
+from .gguf_model import GgufExportError, export_base_gguf, export_gguf, read_gguf_model
 from .lora import adapter_weights, export_lora
 from .vllm_lora import DEFAULT_MAX_RANK, export_vllm_lora
 
@@ -40,7 +50,7 @@ if TYPE_CHECKING:  # Store for types only: nothing here needs store.py loaded
     from .store import Store
 
 __all__ = ["ExportBench", "ExportFidelity", "KlNotReached", "MeasuredExport", "export_gguf_measured",
-           "export_lora_measured", "export_measured", "rank_ladder"]
+           "export_lora_measured", "export_measured", "llama_cpp_log_probs", "rank_ladder"]
 
 
 class KlNotReached(DeltastoreError, ValueError):
@@ -66,6 +76,11 @@ class ExportFidelity:
     stored_top1: float | None
     prompts: int
     positions: int
+    #: What ran the export: "llama.cpp" (a GGUF file as written) or "torch" (the weights read
+    #: back, dequantised, in the base's Hugging Face model).
+    runtime: str = "torch"
+    #: Why a GGUF file's figure is torch's estimate rather than llama.cpp's, else None.
+    runtime_note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +151,72 @@ class ExportBench:
                               _recorded(meta, "fidelity.top1"), self.prompts, fidelity.positions)
 
 
+def llama_cpp_missing() -> str | None:
+    """Why llama.cpp cannot run a GGUF file here, or None where it can."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama.cpp is not installed (pip install llama-cpp-python)"
+    return None
+
+
+def _context_length(path: Path) -> int | None:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    arch = reader.fields.get("general.architecture")
+    field = reader.fields.get(f"{arch.contents()}.context_length") if arch is not None else None
+    return int(field.contents()) if field is not None else None
+
+
+def llama_cpp_log_probs(model: str | os.PathLike, token_ids: Sequence[Sequence[int]], *,
+                        lora: str | os.PathLike | None = None) -> list[torch.Tensor]:
+    """The next-token log-probabilities llama.cpp gives at every position of each prompt: the GGUF
+    model ``model``, with the GGUF LoRA ``lora`` on it, on the CPU with an f32 KV cache."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    longest = max(len(ids) for ids in token_ids)
+    trained = _context_length(Path(model)) or longest
+    _quiet_llama_cpp(True)  # its C logging writes to stderr even with verbose=False; a library never prints
+    try:
+        try:
+            # A context no longer than needed, and logits kept for every position (logits_all):
+            # context x vocabulary float32 values.
+            llm = Llama(model_path=str(model), lora_path=None if lora is None else str(lora), logits_all=True,
+                        n_ctx=max(longest, min(trained, 512)), n_batch=max(longest, 8),
+                        n_threads=torch.get_num_threads(), n_gpu_layers=0, type_k=0, type_v=0, verbose=False)
+        except (ValueError, RuntimeError) as error:
+            text = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+            raise DeltastoreError(f"llama.cpp cannot load {lora if lora is not None else model}: {text}") from None
+        out = []
+        try:
+            for ids in token_ids:
+                llm.reset()
+                llm.eval(list(ids))
+                scores = np.array(llm.scores[:len(ids)], dtype=np.float32)
+                out.append(torch.log_softmax(torch.from_numpy(scores), dim=-1))
+        finally:
+            llm.close()
+        return out
+    finally:
+        _quiet_llama_cpp(False)
+
+
+_SILENT: Any = None
+
+
+def _quiet_llama_cpp(quiet: bool) -> None:
+    """Route llama.cpp's C log to nothing, or back to llama-cpp-python's own callback."""
+    global _SILENT
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp import _logger
+
+    if _SILENT is None:
+        _SILENT = llama_cpp.llama_log_callback(lambda level, text, user_data: None)  # kept alive for C
+    llama_cpp.llama_log_set(_SILENT if quiet else _logger.llama_log_callback, ctypes.c_void_p(0))
+
+
 def merged(source: Any, deltas: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Each weight of ``deltas`` added to the base's, in float32 and rounded once to the base's
     dtype (as PEFT's merge and llama.cpp's f32 compute of an f16/bf16 weight round it)."""
@@ -155,19 +236,26 @@ def rank_ladder(top: int) -> list[int]:
     return ladder + [top]
 
 
-def export_measured(bench: ExportBench, out: str | os.PathLike, *, write: Callable[[Path, int], Any],
-                    read_back: Callable[[Path], Mapping[str, torch.Tensor]], rank: int,
-                    max_kl: float | None = None, progress: Callable[[int, int], None] | None = None
-                    ) -> MeasuredExport:
-    """``write(path, rank)`` an export to ``out`` and measure what ``read_back(path)`` (the
-    merged weights) gives; with ``max_kl``, the smallest rank of ``rank_ladder(rank)`` whose KL
-    is at most ``max_kl`` (``KlNotReached`` where even ``rank`` is above it; nothing is written)."""
-    out = Path(out)
+def _check_out(out: Path, max_kl: float | None) -> None:
     if max_kl is not None and not (isinstance(max_kl, (int, float)) and max_kl >= 0):
         raise DeltastoreError(f"--max-kl must be a number of at least 0, got {max_kl!r}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DeltastoreError(f"{out} exists; choose a new one")
+
+
+def export_measured(bench: ExportBench, out: str | os.PathLike, *, write: Callable[[Path, int], Any],
+                    read_back: Callable[[Path], Mapping[str, torch.Tensor]] | None = None, rank: int,
+                    max_kl: float | None = None, progress: Callable[[int, int], None] | None = None,
+                    measure: Callable[[Path], Fidelity] | None = None) -> MeasuredExport:
+    """``write(path, rank)`` an export to ``out`` and measure what ``read_back(path)`` (the
+    merged weights) gives, or what ``measure(path)`` says; with ``max_kl``, the smallest rank of
+    ``rank_ladder(rank)`` whose KL is at most ``max_kl`` (``KlNotReached`` where even ``rank`` is
+    above it; nothing is written)."""
+    out = Path(out)
+    _check_out(out, max_kl)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if measure is None:
+        measure = lambda path: bench.measure(read_back(path))  # noqa: E731
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tried: dict[int, tuple[float, Fidelity, Any, Path]] = {}
 
@@ -176,7 +264,7 @@ def export_measured(bench: ExportBench, out: str | os.PathLike, *, write: Callab
             path = work / f"rank-{r}" / out.name
             path.parent.mkdir()
             written = write(path, r)
-            fidelity = bench.measure(read_back(path))
+            fidelity = measure(path)
             tried[r] = (fidelity.kl, fidelity, written, path)
             if progress:
                 progress(len(tried), len(tried) + 1)
@@ -257,8 +345,23 @@ def export_lora_measured(store: Store, ref: str, out: str | os.PathLike, *, prom
             return export_gguf_lora(store, ref, path, rank=r if (rank is not None or max_kl is not None) else None,
                                     energy=energy, dtype=dtype, base_weights=source)
 
-        return export_measured(bench, out, write=write, read_back=lambda path: merged(source, read_gguf_lora(
-            path, source)), rank=top, max_kl=max_kl, progress=progress)
+        out = Path(out)
+        _check_out(out, max_kl)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.base.", dir=out.parent))
+        try:
+            base_gguf, note = _base_for_llama_cpp(source, scratch)
+
+            def measure(path: Path) -> Fidelity:
+                if base_gguf is None:
+                    return bench.measure(merged(source, read_gguf_lora(path, source)))
+                return bench.probe.compare(llama_cpp_log_probs(base_gguf, bench.probe.token_ids, lora=path))
+
+            m = export_measured(bench, out, write=write, rank=top, max_kl=max_kl, progress=progress,
+                                measure=measure)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return _ran_in(m, base_gguf is not None, note)
     else:
         top = min(rank if rank is not None else DEFAULT_SEARCH_RANK, widest)
 
@@ -282,9 +385,35 @@ def export_gguf_measured(store: Store, ref: str, out: str | os.PathLike, *, prom
     bench = ExportBench(store, ref, prompts, base_weights=base_weights, tokenizer=tokenizer, chat=chat,
                         max_tokens=max_tokens)
     source = bench.source
-    return export_measured(
-        bench, out, write=lambda path, _: export_gguf(store, ref, path, dtype=dtype, base_weights=source),
-        read_back=lambda path: read_gguf_model(path, source), rank=1, progress=progress)
+    note = llama_cpp_missing()
+
+    def measure(path: Path) -> Fidelity:
+        if note is not None:
+            return bench.measure(read_gguf_model(path, source))
+        return bench.probe.compare(llama_cpp_log_probs(path, bench.probe.token_ids))
+
+    m = export_measured(bench, out, write=lambda path, _: export_gguf(store, ref, path, dtype=dtype, base_weights=source),
+                        rank=1, progress=progress, measure=measure)
+    return _ran_in(m, note is None, note)
+
+
+def _base_for_llama_cpp(source: Any, scratch: Path) -> tuple[Path | None, str | None]:
+    """The base as a GGUF model file in ``scratch`` (f32) for llama.cpp to load a GGUF LoRA onto,
+    or None and why not."""
+    missing = llama_cpp_missing()
+    if missing is not None:
+        return None, missing
+    try:
+        return export_base_gguf(source, scratch / "base.gguf", dtype="f32").out, None
+    except GgufExportError as error:
+        return None, f"the base cannot be written as a GGUF model for llama.cpp to load the LoRA onto ({error})"
+
+
+def _ran_in(m: MeasuredExport, llama_cpp: bool, note: str | None) -> MeasuredExport:
+    if llama_cpp:
+        return replace(m, fidelity=replace(m.fidelity, runtime="llama.cpp"))
+    return replace(m, fidelity=replace(m.fidelity, runtime="torch", runtime_note=f"torch's estimate on the file's "
+                                       f"dequantised weights, not llama.cpp's: {note}"))
 
 
 #: The largest rank ``--max-kl`` tries when no --rank is given.

@@ -210,9 +210,18 @@ class FidelityProbe:
         finally:
             model.train(was_training)
 
+    @property
+    def token_ids(self) -> list[list[int]]:
+        """Each prompt's token ids, as measured (chat template applied, capped at max_tokens)."""
+        return [ids[0].tolist() for ids in self._inputs]
+
     def measure(self, model: torch.nn.Module | None = None) -> Fidelity:
         """Compare the weights ``model`` (default: the probe's own model) holds now."""
-        current = self._log_probs(self.model if model is None else model)
+        return self.compare(self._log_probs(self.model if model is None else model))
+
+    def compare(self, current: Sequence[torch.Tensor]) -> Fidelity:
+        """Compare next-token log-probabilities computed elsewhere (another runtime, on
+        ``token_ids``): one (positions, vocabulary) tensor per prompt."""
         kl_sum = 0.0
         agree = 0
         for reference, log_probs, top1 in zip(self._reference, current, self._reference_top1):

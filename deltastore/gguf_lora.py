@@ -9,6 +9,14 @@ base, through the ``gguf`` package:
   (out, r) (numpy order; GGUF stores the reverse), so that llama.cpp adds
   ``alpha / r * lora_b @ lora_a`` to a weight of shape (out, in). GPT-2's Conv1D weights, (in, out)
   in Hugging Face, are (out, in) in GGUF (the converter transposes them), and their pairs follow.
+  (The converter transposes a PEFT GPT-2 pair too, which PEFT already shapes (out, in): its
+  attn_qkv lora_a comes out (r, 3n), which llama.cpp's loader cannot take. Here the pair is the
+  one llama.cpp runs: tests/test_llama_cpp.py.)
+- a Llama's q_proj and k_proj pairs: ``lora_b``'s rows permuted as the converter permutes the
+  weight's (LlamaModel.permute, by n_head for q and n_kv_head for k: llama.cpp's rope pairs
+  adjacent values, Hugging Face's the two halves). The converter passes a PEFT pair through
+  LlamaModel.modify_tensors, where that permutation reshapes and swaps only B's rows; without it
+  llama.cpp loads the file and adds a scrambled q/k delta. Qwen2 and GPT-2 are not permuted.
 
 One alpha serves every pair, and llama.cpp scales each by alpha / r with r its own rank: where
 ranks differ, each B is scaled so that every pair stands for its delta exactly.
@@ -77,8 +85,18 @@ class GgufLoraExport:
     dropped_shares: dict[str, float] = field(default_factory=dict)
 
 
-def _architecture(folder: Path | None) -> tuple[Any, int]:
-    """(gguf MODEL_ARCH, number of blocks) of the base's config.json."""
+@dataclass(frozen=True)
+class _Base:
+    """What the base's config.json says a GGUF LoRA needs."""
+
+    arch: Any  # gguf MODEL_ARCH
+    blocks: int
+    name: str  # the Hugging Face architecture
+    config: dict[str, Any]
+
+
+def _architecture(folder: Path | None) -> _Base:
+    """The gguf architecture, number of blocks and config of the base's config.json."""
     import gguf
 
     config_path = Path(folder) / "config.json" if folder is not None else None
@@ -96,7 +114,38 @@ def _architecture(folder: Path | None) -> tuple[Any, int]:
     blocks = config.get("num_hidden_layers", config.get("n_layer"))
     if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks <= 0:
         raise LoraError(f"{config_path} gives no number of layers (num_hidden_layers or n_layer)")
-    return getattr(gguf.MODEL_ARCH, ARCHITECTURES[name]), blocks
+    return _Base(getattr(gguf.MODEL_ARCH, ARCHITECTURES[name]), blocks, name, config)
+
+
+def _find(config: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    """The converter's find_hparam: the value of the first of ``keys`` the config holds."""
+    key = next((k for k in keys if k in config), None)
+    return config[key] if key is not None else None
+
+
+def rope_heads(architecture: str, name: str, config: dict[str, Any]) -> int | None:
+    """The number of heads by which llama.cpp's converter permutes the rows of tensor ``name``
+    (LlamaModel.modify_tensors: a Llama's q_proj by n_head, k_proj by n_kv_head), or None for a
+    tensor it leaves as it is (every other one, and every one of Qwen2 and GPT-2)."""
+    if architecture != "LlamaForCausalLM":
+        return None
+    n_head = _find(config, ("n_heads", "num_attention_heads"))
+    if name.endswith(("q_proj.weight", "q_proj.bias")):
+        return n_head
+    if name.endswith(("k_proj.weight", "k_proj.bias")):
+        return _find(config, ("n_kv_heads", "num_key_value_heads")) or n_head
+    return None
+
+
+def permute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """LlamaModel.permute: each head's rows from Hugging Face's rotary halves to llama.cpp's
+    adjacent pairs."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The inverse of ``permute_rows``."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _encode(x: torch.Tensor, dtype: str) -> tuple[np.ndarray, Any]:
@@ -141,8 +190,9 @@ def export_gguf_lora(store: Store, ref: str, out: str | os.PathLike, *, rank: in
     version = store.resolve(ref)
     base = store.base(version.base_id)
     source = store.base_source(base, base_weights)
-    arch, blocks = _architecture(source.folder)
-    names = gguf.get_tensor_name_map(arch, blocks)
+    the_base = _architecture(source.folder)
+    arch = the_base.arch
+    names = gguf.get_tensor_name_map(arch, the_base.blocks)
     infos, tensor = store.materialize(version, base_weights=source)
     base_ids = {n: r["tensor_id"] for n, r in store.base_tensors(base).items()}
     changed = [e.name for e in version.tensors if e.result_tensor_id != base_ids.get(e.name)]
@@ -163,7 +213,10 @@ def export_gguf_lora(store: Store, ref: str, out: str | os.PathLike, *, rank: in
         if energy is not None:
             r = min(r, max(1, rank_for(spectrum, energy)))
         # PEFT's pair for a Conv1D (fan_in_fan_out) already has B @ A = delta^T: the (out, in) of GGUF.
-        pairs[gguf_name] = factors(delta, r, kind)
+        a, b = factors(delta, r, kind)
+        if (heads := rope_heads(the_base.name, name, the_base.config)) is not None:
+            b = permute_rows(b, heads)  # as the converter permutes PEFT's lora_B
+        pairs[gguf_name] = (a, b)
         squares = spectrum ** 2
         total_energy += float(squares.sum())
         kept_energy += float(squares[:r].sum())
@@ -211,12 +264,12 @@ def export_gguf_lora(store: Store, ref: str, out: str | os.PathLike, *, rank: in
 def read_gguf_lora(path: str | os.PathLike, source: Any) -> dict[str, torch.Tensor]:
     """What a GGUF LoRA file written for base ``source`` adds to it: Hugging Face weight name ->
     alpha / r * lora_b @ lora_a, dequantized, in the base weight's own layout (float32), as
-    llama.cpp applies it. Reads what ``export_gguf_lora`` writes; a tensor the base has no
-    weight for is refused."""
+    llama.cpp applies it, a Llama's q/k rows back in Hugging Face's order. Reads what
+    ``export_gguf_lora`` writes; a tensor the base has no weight for is refused."""
     import gguf
 
-    arch, blocks = _architecture(source.folder)
-    names = gguf.get_tensor_name_map(arch, blocks)
+    the_base = _architecture(source.folder)
+    names = gguf.get_tensor_name_map(the_base.arch, the_base.blocks)
     found = module_types(source.folder)
     kinds = found[0] if found else {}
     by_gguf = {}
@@ -248,6 +301,8 @@ def read_gguf_lora(path: str | os.PathLike, source: Any) -> dict[str, torch.Tens
             raise LoraError(f"{path}: the pair of {weight[:120]} does not fit the base's weight")
         delta = (b @ a) * (alpha / a.shape[0])
         name = by_gguf[weight]
+        if (heads := rope_heads(the_base.name, name, the_base.config)) is not None:
+            delta = unpermute_rows(delta, heads)
         # GGUF holds every matrix (out, in); a GPT-2 Conv1D weight is (in, out) in Hugging Face.
         deltas[name] = delta.T.contiguous() if kinds.get(name.rpartition(".")[0]) == CONV1D else delta
     return deltas

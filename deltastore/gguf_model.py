@@ -37,7 +37,7 @@ import torch
 
 from .durable import new_file
 from .errors import DeltastoreError
-from .gguf_lora import quantized
+from .gguf_lora import permute_rows, quantized, rope_heads, unpermute_rows
 
 # gguf and transformers (optional: pip install 'deltastore[gguf]') are imported inside the
 # functions that need them, so that their absence is one clear error there and nowhere else.
@@ -45,8 +45,8 @@ from .gguf_lora import quantized
 if TYPE_CHECKING:  # Store for types only: nothing here needs store.py loaded
     from .store import Store
 
-__all__ = ["ARCHITECTURES", "GGUF_FILE_TYPES", "GgufExport", "GgufExportError", "PRE_TOKENIZERS", "export_gguf",
-           "read_gguf_model"]
+__all__ = ["ARCHITECTURES", "GGUF_FILE_TYPES", "GgufExport", "GgufExportError", "PRE_TOKENIZERS", "export_base_gguf",
+           "export_gguf", "read_gguf_model"]
 
 #: Hugging Face architecture -> gguf-py's MODEL_ARCH member.
 ARCHITECTURES = {"LlamaForCausalLM": "LLAMA", "Qwen2ForCausalLM": "QWEN2", "GPT2LMHeadModel": "GPT2"}
@@ -244,24 +244,12 @@ def _vocab(folder: Path, hparams: dict[str, Any]) -> _Vocab:
     return _Vocab(tokens, types, pre)
 
 
-def _permute(w: torch.Tensor, n_head: int, n_head_kv: int | None) -> torch.Tensor:
-    """LlamaModel.permute: Hugging Face's rotary halves to llama.cpp's adjacent pairs."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def gguf_tensor(arch: str, name: str, w: torch.Tensor, hparams: dict[str, Any]) -> torch.Tensor:
     """A Hugging Face weight as the converter's modify_tensors hands it to the writer."""
     if w.dtype not in (torch.float16, torch.float32):
         w = w.to(torch.float32)
-    if arch == "LlamaForCausalLM":
-        n_head = _find(hparams, ("n_heads", "num_attention_heads"))
-        n_kv = _find(hparams, ("n_kv_heads", "num_key_value_heads"))
-        if name.endswith(("q_proj.weight", "q_proj.bias")):
-            w = _permute(w, n_head, n_head)
-        if name.endswith(("k_proj.weight", "k_proj.bias")):
-            w = _permute(w, n_head, n_kv)
+    if (heads := rope_heads(arch, name, hparams)) is not None:
+        w = permute_rows(w, heads)  # LlamaModel.permute: rope's halves to adjacent pairs
     elif arch == "GPT2LMHeadModel" and name.endswith(GPT2_CONV1D):
         w = w.transpose(1, 0)
     return w.contiguous()
@@ -286,17 +274,36 @@ def export_gguf(store: Store, ref: str, out: str | os.PathLike, *, dtype: str = 
                 progress: Any = None) -> GgufExport:
     """Write version ``ref`` (base + delta) as one GGUF model file ``out`` (which must not
     exist), with the base folder's config and tokenizer."""
+    version = store.resolve(ref)
+    source = store.base_source(store.base(version.base_id), base_weights)
+    _check(out, dtype)
+    infos, tensor = store.materialize(version, base_weights=source)
+    return _write(source, out, version.ref, infos, tensor, dtype, progress)
+
+
+def export_base_gguf(source: Any, out: str | os.PathLike, *, dtype: str = "f16", progress: Any = None) -> GgufExport:
+    """Write a base model (a TensorSource of its folder) as it is, as one GGUF model file ``out``:
+    what a GGUF LoRA of it is loaded onto in llama.cpp."""
+    _check(out, dtype)
+    return _write(source, out, "base", source.infos, source.get, dtype, progress)
+
+
+def _check(out: str | os.PathLike, dtype: str) -> None:
+    if dtype not in GGUF_FILE_TYPES:
+        raise GgufExportError(f"a GGUF model's dtype must be one of {', '.join(GGUF_FILE_TYPES)}, got {dtype!r}")
+    if Path(out).exists():
+        raise GgufExportError(f"{out} exists; choose a new file")
+
+
+def _write(source: Any, out: str | os.PathLike, title: str, infos: Any, tensor: Any, dtype: str,
+           progress: Any) -> GgufExport:
+    """The GGUF model file of the tensors ``tensor(n)`` for ``n`` in ``infos``, with the config and
+    tokenizer of ``source``'s folder, named ``title`` (general.name)."""
     try:
         import gguf
     except ImportError:
         raise GgufExportError("a GGUF model is written with the gguf package: pip install 'deltastore[gguf]'") from None
-    if dtype not in GGUF_FILE_TYPES:
-        raise GgufExportError(f"a GGUF model's dtype must be one of {', '.join(GGUF_FILE_TYPES)}, got {dtype!r}")
     out = Path(out)
-    if out.exists():
-        raise GgufExportError(f"{out} exists; choose a new file")
-    version = store.resolve(ref)
-    source = store.base_source(store.base(version.base_id), base_weights)
     folder = Path(source.folder) if source.folder is not None else None
     if folder is None or not (folder / "config.json").is_file():
         raise GgufExportError("a GGUF model needs the base as a Hugging Face model folder (config.json, "
@@ -316,7 +323,6 @@ def export_gguf(store: Store, ref: str, out: str | os.PathLike, *, dtype: str = 
     arch_enum = getattr(gguf.MODEL_ARCH, ARCHITECTURES[arch])
     tensor_map = gguf.get_tensor_name_map(arch_enum, blocks)
     file_type = getattr(gguf.LlamaFileType, GGUF_FILE_TYPES[dtype])
-    infos, tensor = store.materialize(version, base_weights=source)
 
     types: dict[str, int] = {}
     with new_file(out) as tmp:
@@ -336,7 +342,7 @@ def export_gguf(store: Store, ref: str, out: str | os.PathLike, *, dtype: str = 
         # prepare_metadata: type, general.*, hyperparameters, vocabulary, quantization version.
         total = writer.get_total_parameter_count()
         writer.add_type(gguf.GGUFType.MODEL)
-        meta = gguf.Metadata.load(None, folder, version.ref, total[0])
+        meta = gguf.Metadata.load(None, folder, title, total[0])
         if meta.size_label is None and total[0] > 0:
             meta.size_label = gguf.size_label(*total)
         meta.set_gguf_meta_model(writer)
@@ -359,15 +365,8 @@ def export_gguf(store: Store, ref: str, out: str | os.PathLike, *, dtype: str = 
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    return GgufExport(version.ref, out, gguf.MODEL_ARCH_NAMES[arch_enum], dtype, sum(types.values()), types,
+    return GgufExport(title, out, gguf.MODEL_ARCH_NAMES[arch_enum], dtype, sum(types.values()), types,
                       vocab.pre, out.stat().st_size)
-
-
-def _unpermute(w: torch.Tensor, n_head: int, n_head_kv: int | None) -> torch.Tensor:
-    """The inverse of ``_permute``."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def read_gguf_model(path: str | os.PathLike, source: Any) -> dict[str, torch.Tensor]:
@@ -388,12 +387,8 @@ def read_gguf_model(path: str | os.PathLike, source: Any) -> dict[str, torch.Ten
         if name is None:
             raise GgufExportError(f"{path}: tensor {t.name[:120]!r} is no tensor of this base")
         w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).to(torch.float32)
-        if arch == "LlamaForCausalLM":
-            n_head = _find(hparams, ("n_heads", "num_attention_heads"))
-            if name.endswith(("q_proj.weight", "q_proj.bias")):
-                w = _unpermute(w, n_head, n_head)
-            elif name.endswith(("k_proj.weight", "k_proj.bias")):
-                w = _unpermute(w, n_head, _find(hparams, ("n_kv_heads", "num_key_value_heads")))
+        if (heads := rope_heads(arch, name, hparams)) is not None:
+            w = unpermute_rows(w, heads)
         elif arch == "GPT2LMHeadModel" and name.endswith(GPT2_CONV1D):
             w = w.transpose(1, 0)
         out[name] = w.reshape(tuple(source.infos[name].shape)).contiguous()

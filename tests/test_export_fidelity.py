@@ -96,10 +96,18 @@ def test_gguf_export_kl_equals_gguf_reader_merge(tmp_path, stance):
             else:
                 _, layer, kind, _ = weight.split(".")
                 name = f"model.layers.{layer}.{hf_of[kind]}.weight"
-            params[name] += (p["lora_b"].float() @ p["lora_a"].float()) * (alpha / p["lora_a"].shape[0])
+            delta = (p["lora_b"].float() @ p["lora_a"].float()) * (alpha / p["lora_a"].shape[0])
+            # llama.cpp's q/k rows (LlamaModel.permute by 4 heads for q, 2 for k) back to transformers'.
+            heads = {"q_proj": 4, "k_proj": 2}.get(name.split(".")[-2])
+            if heads:
+                delta = delta.reshape(heads, delta.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(delta.shape)
+            params[name] += delta
     kl, top1 = kl_top1(hf(ft), model)
     assert m.fidelity.kl == pytest.approx(kl, rel=1e-3)
     assert m.fidelity.top1 == pytest.approx(top1)
+    # A word-level tokenizer cannot go into a GGUF model: no base for llama.cpp, and the report says so.
+    assert m.fidelity.runtime == "torch" and "torch's estimate on the file's dequantised weights" in \
+        m.fidelity.runtime_note
     # Norms and the embedding are dropped from a GGUF LoRA: the export keeps less than PEFT's.
     assert "model.embed_tokens.weight" in m.export.dropped
 

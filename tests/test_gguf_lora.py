@@ -17,6 +17,11 @@ What llama.cpp writes and reads, pinned from its source at ggml-org/llama.cpp co
   to (out, in) in the base GGUF, so a GPT-2 pair must be shaped like a Linear's: lora_a (r, in),
   lora_b (out, r). (The converter would also transpose a PEFT GPT-2 pair, which PEFT already
   shapes (out, in); what is pinned here is what the loader below accepts.)
+- conversion/llama.py (https://github.com/ggml-org/llama.cpp/blob/7bca1fd9ca2a681b0182e16f24f832b7be1942af/conversion/llama.py)
+  LlamaModel.modify_tensors permutes q_proj by n_head and k_proj by n_kv_head (LlamaModel.permute,
+  copied as `converter_permute` below); convert_lora_to_gguf.py hands it a LoraTorchTensor, whose
+  reshape and swapaxes act on lora_B's rows only (lora_A is (1, 1, r, in) throughout): the pair
+  written is (A, permute(B)), so B @ A is the permuted delta. Qwen2Model and GPT2Model permute nothing.
 - src/llama-adapter.cpp, llama_adapter_lora_init_impl, in GGUF's ne order (numpy's reversed):
   W.ne[0] == a.ne[0] (in), W.ne[1] == b.ne[1] (out), a.ne[1] == b.ne[0] (r), else "lora_a tensor
   is not transposed"; each pair is scaled by alpha / r, r its own rank.
@@ -37,7 +42,8 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 from gguf import GGUFReader  # noqa: E402
 
 from cli.main import cli  # noqa: E402
-from deltastore.gguf_lora import UnsupportedArchitecture, export_gguf_lora  # noqa: E402
+from deltastore.gguf_lora import UnsupportedArchitecture, export_gguf_lora, read_gguf_lora  # noqa: E402
+from deltastore.models import open_model  # noqa: E402
 from tiny_lm import committed, llama  # noqa: E402
 
 HIDDEN, FFN, LAYERS = 64, 128, 2
@@ -114,14 +120,33 @@ def truncated(delta, rank):
     return (u[:, :rank] * s[:rank]) @ vh[:rank]
 
 
-def check_reconstruction(reader, base, ft, hf_name, tolerance):
+def converter_permute(weights, n_head, n_head_kv):
+    """llama.cpp's LlamaModel.permute, as the converter has it."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(weights.shape))
+
+
+def converter_layout(arch, name, delta):
+    """A delta (out, in) as the converter's modify_tensors hands it on: a Llama's q and k rows
+    permuted (tiny_lm.llama: 4 heads, 2 of them for k and v)."""
+    if arch == "llama" and name.endswith("q_proj.weight"):
+        return converter_permute(delta, 4, 4)
+    if arch == "llama" and name.endswith("k_proj.weight"):
+        return converter_permute(delta, 4, 2)
+    return delta
+
+
+def check_reconstruction(reader, base, ft, hf_name, tolerance, arch="llama"):
     alpha = fields(reader)["adapter.lora.alpha"]
     for weight, parts in pairs(reader).items():
         (a, _, _), (b, _, _) = parts["lora_a"], parts["lora_b"]
         rank = a.shape[0]
         name, conv1d = hf_name(weight)
         delta = ft[name].double() - base[name].double()
-        expected = truncated(delta.T if conv1d else delta, rank)  # GGUF holds (out, in)
+        expected = converter_layout(arch, name, truncated(delta.T if conv1d else delta, rank))  # GGUF: (out, in)
         got = (b.double() @ a.double()) * (alpha / rank)
         assert float((got - expected).norm() / expected.norm()) < tolerance, weight
 
@@ -156,7 +181,13 @@ def test_gguf_lora_reads_back_as_the_converter_writes_it(tmp_path, arch, build, 
         (_, type_a, ne_a), (_, type_b, ne_b) = found[weight]["lora_a"], found[weight]["lora_b"]
         assert (ne_a, ne_b) == ([n_in, 4], [4, n_out]), weight  # GGUF ne order: numpy (4, in), (out, 4)
         assert type_a == type_b == Q.F32
-    check_reconstruction(reader, base, ft, hf_name, 1e-5)
+    check_reconstruction(reader, base, ft, hf_name, 1e-5, arch)
+    # Read back, each delta is the truncated SVD of the stored delta in Hugging Face's layout.
+    back = read_gguf_lora(out.out, open_model(tmp_path / "base"))
+    assert set(back) == {hf_name(w)[0] for w in expected}
+    for name, delta in back.items():
+        want = truncated(ft[name].double() - base[name].double(), 4)
+        assert float((delta.double() - want).norm() / want.norm()) < 1e-5, name
 
     # What a GGUF LoRA cannot carry is listed, with its share of the squared delta.
     dropped = set(out.dropped)

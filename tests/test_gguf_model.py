@@ -308,17 +308,22 @@ def test_cli_export_format_gguf(tmp_path, smollm_tokenizer):
     prompts.write_text("The capital of France is\ndef fibonacci(n):\n")
     result = runner.invoke(cli, [*args, "--prompts", str(prompts), "--out", str(tmp_path / "m.gguf")])
     assert result.exit_code == 0, result.output
-    assert "fidelity of what was written, over 2 prompts" in result.output and "the base alone: KL" in result.output
+    from deltastore.export_fidelity import llama_cpp_missing
+
+    ran = "(run in llama.cpp)" if llama_cpp_missing() is None else "(torch's estimate"
+    assert f"fidelity of what was written {ran}" in result.output and "over 2 prompts" in result.output
+    assert "the base alone: KL" in result.output
     result = runner.invoke(cli, [*args[:-2], "--prompts", str(prompts), "--out", str(tmp_path / "folder")])
     assert result.exit_code == 2 and "--prompts measures a GGUF file" in result.output
 
 
 def test_merged_gguf_kl_equals_an_independent_computation(tmp_path, smollm_tokenizer):
-    """export --format gguf --prompts: the KL reported is the KL of the model holding what the
-    file holds (read with GGUFReader, permutation undone by index here), computed here."""
+    """export --format gguf --prompts without llama.cpp: the torch estimate is the KL of the model
+    holding what the file holds (read with GGUFReader, permutation undone by index here), computed
+    here. (With llama.cpp installed the report is llama.cpp's: tests/test_llama_cpp.py.)"""
     import transformers
 
-    from deltastore.export_fidelity import export_gguf_measured
+    from deltastore.export_fidelity import ExportBench, export_gguf_measured, llama_cpp_missing
 
     store, ft = committed(tmp_path, "llama", smollm_tokenizer)
     prompts = ["The capital of France is", "def fibonacci(n):", "Photosynthesis is the process by which"]
@@ -340,5 +345,12 @@ def test_merged_gguf_kl_equals_an_independent_computation(tmp_path, smollm_token
             params[name].copy_(w.reshape(params[name].shape))
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "base")
     kl, _ = kl_top1(reference, exported, tokenizer=tokenizer, prompts=prompts)
-    assert m.fidelity.kl == pytest.approx(kl, rel=1e-3)
+    bench = ExportBench(store, "s", prompts)
+    estimate = bench.measure(read_gguf_model(m.export.out, bench.source)).kl
+    assert estimate == pytest.approx(kl, rel=1e-3)
+    if llama_cpp_missing() is None:
+        assert m.fidelity.runtime == "llama.cpp" and m.fidelity.runtime_note is None
+    else:
+        assert m.fidelity.runtime == "torch" and m.fidelity.kl == estimate
+        assert "not llama.cpp's: llama.cpp is not installed" in m.fidelity.runtime_note
     assert 0 < m.fidelity.kl < m.fidelity.base_kl
