@@ -428,7 +428,8 @@ def _drop(store: Store, journal_id: str, originals: list[str]) -> None:
         gc(store, GcPlan(tuple(sorted(set(originals))), 0))
 
 
-def revert_in_place(store: Store, path: Path) -> list[Journal]:
+def revert_in_place(store: Store, path: Path, *, progress: Callable[[int, int], None] | None = None) -> list[Journal]:
+    """`progress(done, total)`: bytes written back and checked so far, of all to write and check."""
     given = Path(path)
     if not given.exists():
         here = {os.path.abspath(given), os.path.join(os.path.realpath(given.parent), given.name)}
@@ -446,10 +447,17 @@ def revert_in_place(store: Store, path: Path) -> list[Journal]:
                     raise JournalError(f"{given} is not what {_applied(store, row)} was applied to: "
                                        f"{_replaced(target, _journal_files(row) or [])}; nothing was written")
             raise JournalError(f"nothing was applied in place to {given} (no journal); nothing to revert")
-        return [_revert_one(store, target, row) for row in reversed(rows)]
+        total = 2 * sum(r["end"] - r["start"] for row in rows for r in json.loads(row["plan"])["regions"])
+        done = [0]
+
+        def tick(n: int) -> None:
+            done[0] += n
+            if progress:
+                progress(done[0], total)
+        return [_revert_one(store, target, row, tick) for row in reversed(rows)]
 
 
-def _revert_one(store: Store, target: Target, row: dict) -> Journal:
+def _revert_one(store: Store, target: Target, row: dict, tick: Callable[[int], None] | None = None) -> Journal:
     plan = json.loads(row["plan"])
     recorded = _journal_files(row)
     if recorded is None:
@@ -487,7 +495,7 @@ def _revert_one(store: Store, target: Target, row: dict) -> Journal:
             for name, regions in by_file.items():
                 try:
                     if "originals" in plan:
-                        _write_regions(handles[name], saved.fileno(), [(r, r["offset"]) for r in regions])
+                        _write_regions(handles[name], saved.fileno(), [(r, r["offset"]) for r in regions], tick)
                     else:
                         _write_objects(handles[name], [(r["start"], objects[r["original"]]) for r in regions])
                 except OSError as e:
@@ -500,7 +508,11 @@ def _revert_one(store: Store, target: Target, row: dict) -> Journal:
     bad = []
     for name, regions in by_file.items():
         with open(target.path(target.file(name)), "rb") as fh:
-            bad += [r["name"] for r in regions if _region_now(fh.fileno(), check.infos[r["name"]]) != r["base"]]
+            for r in regions:
+                if _region_now(fh.fileno(), check.infos[r["name"]]) != r["base"]:
+                    bad.append(r["name"])
+                if tick:
+                    tick(r["end"] - r["start"])
     if bad:
         raise JournalError(f"after revert, {', '.join(bad[:5])} still differ from the base; "
                            "the journal is kept: run `deltastore fsck`")
