@@ -18,7 +18,7 @@ import click
 from deltastore import DeltastoreError
 from deltastore.errors import DiskFull, OptionConflict, is_disk_full
 
-from .output import Interrupted, ctrl_c_came, escape, interrupted_line, release
+from .output import Interrupted, as_program, ctrl_c_came, escape, interrupted_line, release
 
 # Every command: its name -> the module beside this one that defines it, and the function's
 # name there. A module is imported when one of its commands runs (or --help lists them all), so
@@ -132,16 +132,21 @@ def cli(store: str | None) -> None:
 
 
 def main() -> None:
+    as_program()
     try:
         cli(prog_name="deltastore")
+        code: Any = 0
     except SystemExit as e:
-        if e.code != 130:
-            raise
-        # Interrupted, its line said: skip the interpreter's teardown (with torch loaded, a
-        # second or two of freeing memory the process is about to give back).
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(130)
+        code = e.code
+    if code == 0 and ctrl_c_came():
+        code = 130  # Ctrl-C after the result was printed
+    if code != 130:
+        raise SystemExit(code)
+    # Interrupted: skip the interpreter's teardown (with torch loaded, a second or two of
+    # freeing memory the process is about to give back).
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(130)

@@ -58,6 +58,7 @@ _held: list[str] | None = None
 _report: Callable[[], str] | None = None
 _caught: list[int] = []
 _previous: list[Any] = []  # the SIGINT handler `finishing` replaced
+_program: list[bool] = []  # set by cli/main.py's main(): the process ends with the command
 
 
 class Interrupted(KeyboardInterrupt):
@@ -107,8 +108,13 @@ def finishing() -> None:
 
 
 def ctrl_c_came() -> bool:
-    """Whether Ctrl-C came since `finishing`."""
+    """Whether Ctrl-C came since `finishing` (or, in a program, since the result was printed)."""
     return bool(_caught)
+
+
+def as_program() -> None:
+    """This process runs one command and exits: see `release`."""
+    _program.append(True)
 
 
 def release(*, printed: bool) -> bool:
@@ -120,7 +126,9 @@ def release(*, printed: bool) -> bool:
         for line in lines if printed and lines else ():
             click.echo(line)
     finally:
-        if _previous:
+        # A program keeps Ctrl-C deferred to its exit (main() says 130): restored here, one
+        # coming before the exit would end it by click's "Aborted!" after the result.
+        if _previous and not _program:
             signal.signal(signal.SIGINT, _previous.pop())
     caught = bool(_caught)
     _caught.clear()

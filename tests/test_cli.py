@@ -341,9 +341,9 @@ def _interrupted_line(code: int, out: str, err: str) -> str | None:
     import signal
 
     assert "Traceback" not in err and "Aborted" not in err, err
-    # -SIGINT: the result printed, Ctrl-C came as the interpreter shut down (Python puts back
-    # the default handling then; a shell shows status 130).
-    if code in (0, -signal.SIGINT) and out:
+    # 130 with the result: Ctrl-C came as it was printed. -SIGINT: as the interpreter shut down
+    # (Python puts back the default handling then; a shell shows status 130).
+    if code in (0, 130, -signal.SIGINT) and out:
         assert "interrupted" not in err, (out, err)
         return None
     assert code == 130, (code, out, err)
@@ -567,3 +567,24 @@ def test_revert_and_diff_show_progress_only_on_a_terminal(tmp_path, root, pair) 
     shown = run(["revert", str(target), "--json"], ["diff", "s@1", "s@2", "--json"], terminal=True)
     assert b"reverting" not in shown and b"comparing" not in shown
     assert run(["revert", str(target)], ["diff", "s@1", "s@2"], terminal=False) == b""
+
+
+def test_ctrl_c_as_the_store_closes_after_a_commit_names_the_version(root, pair, monkeypatch) -> None:
+    """The moment no poll can catch: the version has landed, the result is not yet printed."""
+    import signal
+
+    Store.init(root).close()
+    close = Store.close
+
+    def close_then_ctrl_c(self) -> None:
+        close(self)
+        os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, at this moment
+
+    monkeypatch.setattr(Store, "close", close_then_ctrl_c)
+    r = invoke("--store", root, "commit", "s", pair.ft, "--base", pair.base)
+    monkeypatch.undo()
+    with Store.open(root) as store:
+        [v] = store.log()
+    assert r.exit_code == 130 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [f"interrupted; stored base {v.base_id[:15]}, {v.ref} {v.id[:15]}"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
