@@ -10,8 +10,8 @@ import click
 from deltastore import Store
 
 from .options import (PEFT_DTYPES, Dtype, base_path_option, finite, json_option, lower_case, mix_weights, number_list,
-                      prompt_options, store_if, with_store)
-from .output import echo, emit_json, progress, size, table, to_jsonable
+                      prompt_options, store_if, top_option, with_store)
+from .output import echo, emit_json, largest, progress, size, table, to_jsonable
 
 # Library modules that import torch (or transformers, matplotlib, huggingface_hub) are imported
 # inside the commands that use them: this module is loaded for its light commands too, and those
@@ -117,17 +117,19 @@ def render_comparison(c: Comparison) -> None:
                    "fine-tune, and its shift (alpha_ft - alpha_base) / alpha_base (needs "
                    "pip install 'deltastore[alpha]'; one fit takes about 0.06 s for a 576x576 matrix, "
                    "3 s for 8192x2048, on two CPU cores).")
+@top_option
 @base_path_option
 @json_option
 @with_store(readonly=True)
 def analyze(store: Store, refs: tuple[str, ...], plot: str | None, value: str, show_all: bool,
-            spectrum: str | None, similar: bool, with_alpha: bool, base_path: str | None, as_json: bool) -> None:
+            spectrum: str | None, similar: bool, with_alpha: bool, top: int | None, base_path: str | None,
+            as_json: bool) -> None:
     """Which layers and modules each version changed, and how: per layer and module kind, the
     relative change ||dW||/||W||, the share of the squared delta, the effective rank (the rank
     holding 90% and 99% of the delta's energy) and the top singular values. dW is what apply
     produces minus the base, so versions of any encoding compare. --alpha adds WeightWatcher's
     power-law alpha of the weights before and after (the mean over a row's matrices; "-" where
-    it fits none: vectors, and matrices outside its default size limits)."""
+    it fits none: vectors, and matrices outside its default size limits). A summary first."""
     from deltastore.plots import analyze_plot
     from deltastore.refanalysis import analyze as run_analyze
 
@@ -145,7 +147,7 @@ def analyze(store: Store, refs: tuple[str, ...], plot: str | None, value: str, s
         analyze_plot(results, plot, value=value)
     if as_json:
         return emit_json(finite(to_jsonable({"refs": results, "plot": plot})))
-    render_analyses(results, show_all)
+    render_analyses(results, show_all, top)
     if plot:
         echo(f"wrote {plot}")
 
@@ -169,19 +171,31 @@ def show_spectra(store: Store, refs: tuple[str, ...], spectrum: str, plot: str |
     return echo(f"wrote {plot}") if plot else None
 
 
-def render_analyses(results: list[Any], show_all: bool) -> None:
+def render_analyses(results: list[Any], show_all: bool, top: int | None = None) -> None:
     for k, a in enumerate(results):
         if k:
             echo()
         rows = [r for r in a.rows if show_all or r.energy > 0 or r.rel_change != 0]
         echo(f"{a.ref} ({a.encoding}, {a.tensors} tensors stored): {len(rows)} of {len(a.rows)} "
              f"(layer, module) cells {'listed' if show_all else 'changed'}")
+        summary = largest([(_cell(r), r.energy) for r in a.rows], sum(r.energy for r in a.rows), "the energy")
+        changed = sum(1 for c in a.changes.values() if c.energy > 0)
+        echo(f"{changed} of {len(a.changes)} tensors changed" + (f"; {summary}" if summary else ""))
+        if top:
+            listed = len(rows)
+            rows = sorted(rows, key=lambda r: -r.energy)[:top]
+            if listed > top:
+                echo(f"(listed: the {top} largest of {listed} cells)")
         alpha_headers = ["alpha base", "alpha ft", "alpha shift"] if a.row_alphas is not None else []
         table([["-" if r.layer is None else r.layer, r.module, r.tensors, f"{r.rel_change:.3g}",
                 *_alpha_cells(a, r), f"{r.energy_share:.1%}", r.rank90, r.rank99,
                 " ".join(f"{x:.3g}" for x in r.singular_values[:3]) or "-"] for r in rows],
               ["layer", "module", "tensors", "rel change", *alpha_headers, "energy", "rank90", "rank99",
                "top singular values"])
+
+
+def _cell(row: Any) -> str:
+    return row.module if row.layer is None else f"layer {row.layer} {row.module}"
 
 
 def _share(value: float | None) -> str:

@@ -1,10 +1,10 @@
 """The `deltastore` group: its options, how errors end a command (one line on stderr, exit 1;
-tracebacks only with DELTASTORE_DEBUG=1; Ctrl-C exits 130, a closed pipe 141), and the
-registration of every command. The commands live by domain beside this module (stances.py,
-bases.py, weights.py, sharing.py, analysis.py, upkeep.py); each parses its options (a few
-complete one from the store: the store's only base, a remote's name), makes one library call
-(gc two: the plan, then its execution; apply and export also resolve REF to name it) and
-renders the result (or draws it, with --plot)."""
+tracebacks only with DELTASTORE_DEBUG=1; Ctrl-C: one line saying what was stored, exit 130; a
+closed pipe 141), and the registration of every command. The commands live by domain beside
+this module (stances.py, bases.py, weights.py, sharing.py, analysis.py, upkeep.py); each
+parses its options (a few complete one from the store: the store's only base, a remote's
+name), makes one library call (gc two: the plan, then its execution; apply and export also
+resolve REF to name it) and renders the result (or draws it, with --plot)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import click
 from deltastore import DeltastoreError
 from deltastore.errors import DiskFull, OptionConflict, is_disk_full
 
-from .output import escape
+from .output import Interrupted, as_program, ctrl_c_came, escape, interrupted_line, release
 
 # Every command: its name -> the module beside this one that defines it, and the function's
 # name there. A module is imported when one of its commands runs (or --help lists them all), so
@@ -48,7 +48,7 @@ class DeltastoreGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            return self._finished(ctx)
         except BrokenPipeError:
             # The reader went away (`deltastore log | head -1`): stop quietly, as git does, with
             # the status of a process ended by SIGPIPE.
@@ -64,11 +64,14 @@ class DeltastoreGroup(click.Group):
             if os.environ.get("DELTASTORE_DEBUG") == "1":
                 raise
             raise click.ClickException(escape(e)) from None
-        except (KeyboardInterrupt, click.Abort):
+        except (KeyboardInterrupt, click.Abort) as e:
             # Ctrl-C: the command's own clean-up (finally blocks, the store's close) has run by
-            # now; exit as an interrupted process does, whatever the moment (click says
-            # "Aborted!" and exits 1).
-            click.echo("\ninterrupted", err=True)
+            # now; one line says what it stored (its result, held, is not printed), and it
+            # exits as an interrupted process does, whatever the moment (click says "Aborted!"
+            # and exits 1).
+            line = e.line if isinstance(e, Interrupted) else interrupted_line()
+            release(printed=False)
+            click.echo("\n" + escape(line), err=True)
             raise click.exceptions.Exit(130) from None
         except click.ClickException as e:
             e.message = escape(e.message)  # it may quote what the user typed
@@ -89,6 +92,24 @@ class DeltastoreGroup(click.Group):
             shown = str(e.object[max(0, e.start - 20):e.end + 20]) if isinstance(e.object, str) else ""
             raise click.ClickException(f"{shown!r} holds bytes that are not UTF-8 text; give names and values "
                                        "as UTF-8") from None
+
+    def _finished(self, ctx: click.Context) -> Any:
+        """The command's result, with the lines it held printed (before its error, if it
+        failed). A Ctrl-C that came while it finished (its work done: the store closing) is
+        an interrupt as any other; one that comes while it prints its result ends it with
+        status 130 and nothing more (the result says what was stored)."""
+        try:
+            result = super().invoke(ctx)
+        except (KeyboardInterrupt, click.Abort):
+            raise
+        except BaseException:
+            release(printed=True)
+            raise
+        if ctrl_c_came():
+            raise KeyboardInterrupt
+        if release(printed=True):
+            raise click.exceptions.Exit(130)
+        return result
 
 
 def _silence_stdout() -> None:
@@ -111,4 +132,21 @@ def cli(store: str | None) -> None:
 
 
 def main() -> None:
-    cli(prog_name="deltastore")
+    as_program()
+    try:
+        cli(prog_name="deltastore")
+        code: Any = 0
+    except SystemExit as e:
+        code = e.code
+    if code == 0 and ctrl_c_came():
+        code = 130  # Ctrl-C after the result was printed
+    if code != 130:
+        raise SystemExit(code)
+    # Interrupted: skip the interpreter's teardown (with torch loaded, a second or two of
+    # freeing memory the process is about to give back).
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(130)

@@ -9,9 +9,10 @@ from typing import Any, Callable
 import click
 
 from deltastore import Store
+from deltastore.reflog import RefLog
 from deltastore.store import find_store
 
-from .output import echo
+from .output import Interrupted, echo, finishing, hold, interrupted_line, on_interrupt
 
 
 def json_option(f: Callable) -> Callable:
@@ -26,6 +27,13 @@ def remote_option(f: Callable) -> Callable:
     """push and pull: a remote instead of the Hub."""
     return click.option("--remote", "remote", metavar="NAME",
                         help="A remote (`remote add`) or a URL, instead of the Hub.")(f)
+
+
+def top_option(f: Callable) -> Callable:
+    """diff and analyze: the largest rows only (their summary still counts every row)."""
+    return click.option("--top", type=click.IntRange(min=1), metavar="N",
+                        help="List only the N rows with the largest squared change, largest first (the summary "
+                             "above still counts them all; --json lists every row).")(f)
 
 
 def out_option(f: Callable) -> Callable:
@@ -71,19 +79,52 @@ def prompt_options(f: Callable) -> Callable:
 def with_store(f: Callable | None = None, *, readonly: bool | None = None) -> Callable:
     """Open the store the group's --store (or $DELTASTORE_DIR, or the nearest .deltastore/) names.
     `readonly=True` for commands that only read: their catalog is opened read-only, so they work
-    on a full disk too."""
+    on a full disk too. A command that writes holds its result until it ends; Ctrl-C before
+    then prints one line saying what it stored instead (cli/output.py)."""
     def decorate(f: Callable) -> Callable:
         @functools.wraps(f)
         @click.pass_context
         def wrapper(ctx: click.Context, *args: Any, **kwargs: Any) -> Any:
             store = Store.open(store_path(ctx), readonly=readonly)
             ctx.call_on_close(store.close)
-            result = f(store, *args, **kwargs)
+            if not readonly:
+                hold()
+                on_interrupt(stored_since(store))
+            try:
+                result = f(store, *args, **kwargs)
+            except Interrupted:
+                raise
+            except KeyboardInterrupt:
+                # Said while the store is open: the report may read it.
+                raise Interrupted(interrupted_line()) from None
             for line in store.notes:  # what the command did besides what it was asked
                 echo(f"note: {line}", err=True)
+            finishing()
             return result
         return wrapper
     return decorate(f) if f is not None else decorate
+
+
+def stored_since(store: Store) -> Callable[[], str]:
+    """What the ref log gained from now on (versions, bases, tags), said in a few words: the
+    report of an interrupted command that writes to the store."""
+    log = RefLog(store.root)
+    start = log.whole_size()
+
+    def report() -> str:
+        said = [_record_said(r) for _, r, _ in log.records(start)]
+        return f"stored {', '.join(said)}" if said else "nothing was stored"
+    return report
+
+
+def _record_said(r: dict) -> str:
+    if r["op"] == "version":
+        return f"{r['stance']}@{r['number']} {r['id'][:15]}"
+    if r["op"] == "base":
+        return f"base {r.get('name') or r['id'][:15]}"
+    if r["op"] == "tag":
+        return f"tag {r['name']} of {r['stance']}"
+    return f"the {r['op']} of {r.get('stance') or r.get('old') or r.get('id', '')[:15]}"
 
 
 def mix_weights(ctx: click.Context, param: click.Parameter, value: Any) -> Any:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import signal
 import sys
+import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -41,7 +43,96 @@ def escape(text: Any) -> str:
 
 def echo(text: Any = "", *, err: bool = False) -> None:
     """One line for people, escaped."""
-    click.echo(escape(text), err=err)
+    if err:
+        click.echo(escape(text), err=True)
+    else:
+        _out(escape(text))
+
+
+# -- Ctrl-C ------------------------------------------------------------------------------------
+# A command that stores something holds its result lines until it has ended: Ctrl-C during
+# its work (or while it renders) prints one line instead, saying what was stored, never the
+# result and "interrupted" both. What that line says comes from the command (`on_interrupt`).
+
+_held: list[str] | None = None
+_report: Callable[[], str] | None = None
+_caught: list[int] = []
+_previous: list[Any] = []  # the SIGINT handler `finishing` replaced
+_program: list[bool] = []  # set by cli/main.py's main(): the process ends with the command
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with the one line that says what the interrupted command had stored."""
+
+    def __init__(self, line: str):
+        super().__init__(line)
+        self.line = line
+
+
+def _out(text: str) -> None:
+    if _held is None:
+        click.echo(text)
+    else:
+        _held.append(text)
+
+
+def hold() -> None:
+    """Keep this command's stdout lines until `release` (after the command's end)."""
+    global _held
+    if _held is None:
+        _held = []
+
+
+def on_interrupt(report: Callable[[], str] | None) -> None:
+    """What to say if Ctrl-C comes during this command: `report()` says what it stored."""
+    global _report
+    _report = report
+
+
+def interrupted_line() -> str:
+    """The one line for a Ctrl-C now (the command's report, checked as it stands)."""
+    if _report is None:
+        return "interrupted"
+    try:
+        return f"interrupted; {_report()}"
+    except BaseException:  # (a second Ctrl-C, an unreadable store) what was stored stays unsaid
+        return "interrupted; what it stored was not checked: `deltastore log` shows the versions"
+
+
+def finishing() -> None:
+    """The command's work is done: a Ctrl-C from now on is kept for the end (cli/main.py), so
+    that the store closes and the result is printed whole or not at all."""
+    if threading.current_thread() is threading.main_thread() and not _previous \
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        _previous.append(signal.signal(signal.SIGINT, lambda signum, frame: _caught.append(signum)))
+
+
+def ctrl_c_came() -> bool:
+    """Whether Ctrl-C came since `finishing` (or, in a program, since the result was printed)."""
+    return bool(_caught)
+
+
+def as_program() -> None:
+    """This process runs one command and exits: see `release`."""
+    _program.append(True)
+
+
+def release(*, printed: bool) -> bool:
+    """Print the held lines (or drop them, `printed=False`), forget the command's report and put
+    Ctrl-C back; whether a Ctrl-C came while the command was finishing."""
+    global _held, _report
+    lines, _held, _report = _held, None, None
+    try:
+        for line in lines if printed and lines else ():
+            click.echo(line)
+    finally:
+        # A program keeps Ctrl-C deferred to its exit (main() says 130): restored here, one
+        # coming before the exit would end it by click's "Aborted!" after the result.
+        if _previous and not _program:
+            signal.signal(signal.SIGINT, _previous.pop())
+    caught = bool(_caught)
+    _caught.clear()
+    return caught
 
 
 def to_jsonable(value: Any) -> Any:
@@ -61,15 +152,27 @@ def to_jsonable(value: Any) -> Any:
 
 
 def emit_json(value: Any) -> None:
-    click.echo(json.dumps(to_jsonable(value), indent=2, sort_keys=False))
+    _out(json.dumps(to_jsonable(value), indent=2, sort_keys=False))
 
 
 def table(rows: list[list[Any]], headers: list[str]) -> None:
     cells = [[("-" if c is None else escape(c)) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    _out("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
     for r in cells:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        _out("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def largest(shares: list[tuple[str, float]], total: float, of: str, *, most: int = 3) -> str | None:
+    """The summary line of a long table: its few largest rows by their part of `total`, and
+    what they hold together ("largest: a 41.2%, b 20.1% of ||dW||^2 (together 61.3%)"); None
+    when nothing has a part."""
+    ranked = sorted(((label, value) for label, value in shares if value > 0), key=lambda lv: -lv[1])[:most]
+    if not ranked or not total > 0:
+        return None
+    parts = ", ".join(f"{label} {value / total:.1%}" for label, value in ranked)
+    together = f" (together {sum(v for _, v in ranked) / total:.1%})" if len(ranked) > 1 else ""
+    return f"largest: {parts} of {of}{together}"
 
 
 @contextmanager

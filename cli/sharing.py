@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import click
 
-from deltastore import Store
-from deltastore.remote import (PullResult as RemotePull, PushResult as RemotePush, RemoteVersion, add_remote,
-                               clone as remote_clone, pull as remote_pull, push as remote_push, remotes,
-                               remove_remote)
+from deltastore import DeltastoreError, Store
+from deltastore.remote import (PullResult as RemotePull, PushResult as RemotePush, Remote, RemoteVersion,
+                               add_remote, clone as remote_clone, pull as remote_pull, push as remote_push,
+                               remote_url, remotes, remove_remote)
 
 from .options import (ENCODINGS, PEFT_DTYPES, Dtype, base_path_option, chat_option, export_tokenizer_option, finite,
                       hub_options, json_option, key_values, lower_case, only_base, out_option, remote_option, with_store)
-from .output import echo, emit_json, escape, progress, size, to_jsonable
+from .output import echo, emit_json, escape, hold, on_interrupt, progress, size, to_jsonable
 
 # Library modules that import torch (or transformers, matplotlib, huggingface_hub) are imported
 # inside the commands that use them: this module is loaded for its light commands too, and those
@@ -46,6 +46,8 @@ def push(store: Store, refs: tuple[str, ...], repo_id: str | None, remote: str |
     if (repo_id is None) == (remote is None):
         raise click.UsageError("give one of --repo ID (the Hub) and --remote NAME")
     if remote is not None:
+        hold()
+        on_interrupt(remote_holds(store, refs, remote))
         with progress("uploading", enabled=not as_json) as cb:
             r = remote_push(store, list(refs), remote, progress=cb)
         return emit_json(r) if as_json else remote_pushed(r)
@@ -121,6 +123,23 @@ def hub_pulled(r: HubPull) -> None:
     for hv in r.already_here:
         echo(f"{hv.ref} was already here")
     echo(f"{len(r.pulled)} new versions from {r.repo_id} at {r.commit[:12]}")
+
+
+def remote_holds(store: Store, refs: tuple[str, ...], remote: str) -> Callable[[], str]:
+    """Which of the versions named the remote holds: the report of an interrupted push (a
+    version is there once its ref is; objects uploaded without one are not a version). What
+    it needs of the store is read now: the store may be closed when Ctrl-C comes."""
+    try:
+        url, ids = remote_url(store, remote), {store.resolve(r).id for r in refs}
+    except DeltastoreError:  # the push refuses them itself, before it sends anything
+        url, ids = None, set()
+
+    def report() -> str:
+        there = [rv for rv in Remote(url).versions() if rv.id in ids] if url else []
+        if not there:
+            return f"nothing was pushed: {remote} holds none of the versions named"
+        return f"{remote} holds " + ", ".join(f"{rv.ref} {rv.id[:15]}" for rv in there)
+    return report
 
 
 def remote_pushed(r: RemotePush) -> None:

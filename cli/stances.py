@@ -10,8 +10,8 @@ import click
 from deltastore import Store
 
 from .options import (ENCODINGS, base_path_option, encoding_rules, json_option, key_values, lower_case, only_base,
-                      prompt_options, with_store)
-from .output import echo, emit_json, progress, size, table
+                      prompt_options, top_option, with_store)
+from .output import echo, emit_json, largest, progress, size, table
 
 # Library modules that import torch (or transformers, matplotlib, huggingface_hub) are imported
 # inside the commands that use them: this module is loaded for its light commands too, and those
@@ -217,21 +217,33 @@ def show(store: Store, ref: str, as_json: bool) -> None:
 @click.argument("ref_a")
 @click.argument("ref_b")
 @base_path_option
+@top_option
 @json_option
 @with_store(readonly=True)
-def diff(store: Store, ref_a: str, ref_b: str, base_path: str | None, as_json: bool) -> None:
+def diff(store: Store, ref_a: str, ref_b: str, base_path: str | None, top: int | None, as_json: bool) -> None:
     """Tensor by tensor, what differs between two versions: tensors added, removed or changed,
-    and ||A - B|| / ||B|| of the tensors apply would produce (so it works across encodings)."""
-    d = store.diff(ref_a, ref_b, base_weights=base_path)
+    ||A - B|| / ||B|| of the tensors apply would produce (so it works across encodings) and
+    each one's share of ||A - B||^2 over the model. A summary first: the counts and the largest
+    differences."""
+    with progress("comparing", enabled=not as_json) as cb:
+        d = store.diff(ref_a, ref_b, base_weights=base_path, progress=cb)
     if as_json:
         return emit_json(d)
     echo(f"{d.a} {d.a_id[3:15]} -> {d.b} {d.b_id[3:15]}: {d.count('changed')} changed, "
          f"{d.count('added')} added, {d.count('removed')} removed, {d.unchanged} unchanged")
-    if d.tensors:
+    total = d.energy
+    summary = largest([(t.name, t.energy or 0.0) for t in d.tensors], total, "||a-b||^2")
+    if summary:
+        echo(summary)
+    if top and len(d.tensors) > top:
+        echo(f"(listed: the {top} largest of {len(d.tensors)} tensors that differ)")
+    rows = d.largest(top) if top else list(d.tensors)
+    if rows:
         echo()
         table([[t.name, t.status, t.encoding_a or "(base)", t.encoding_b or "(base)",
-                "-" if t.rel_change is None else f"{t.rel_change:.3g}"] for t in d.tensors],
-              ["tensor", "status", "a", "b", "||a-b||/||b||"])
+                "-" if t.rel_change is None else f"{t.rel_change:.3g}",
+                "-" if t.energy is None or not total > 0 else f"{t.energy / total:.1%}"] for t in rows],
+              ["tensor", "status", "a", "b", "||a-b||/||b||", "share"])
 
 
 @click.command()

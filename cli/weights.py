@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import click
 
-from deltastore import ModelWritten, Store
+from deltastore import DeltastoreError, ModelWritten, Store
 
 from .options import (Dtype, base_path_option, chat_option, export_tokenizer_option, json_option, mix_weights, out_option,
                       with_store)
-from .output import echo, emit_json, progress, size, to_jsonable
+from .output import echo, emit_json, on_interrupt, progress, size, to_jsonable
 from .sharing import ran_in
 
 # Library modules that import torch (or transformers, matplotlib, huggingface_hub) are imported
@@ -50,12 +51,35 @@ def apply(store: Store, ref: str, target: str, out: str | None, break_links: boo
         with progress("writing", enabled=not as_json) as cb:
             path = store.export(ref, out, base_weights=target, progress=cb)
         return emit_json(ModelWritten(path, store.resolve(ref).ref)) if as_json else echo(f"wrote {path}")
+    on_interrupt(target_state(store, ref, target))
     with progress("applying", enabled=not as_json) as cb:
         j = store.apply_files(ref, target, break_links=break_links, progress=cb)
     if as_json:
         return emit_json(j)
     echo(f"applied {store.resolve(j.version_id).ref} to {target} ({j.regions} tensors); "
          f"`deltastore revert {target}` undoes it")
+
+
+def target_state(store: Store, ref: str, target: str) -> Callable[[], str]:
+    """What an interrupted in-place apply left: the journal it wrote (before the first byte of
+    TARGET, FORMAT.md §7) and how far it got, or none. What it needs of the store is read now:
+    the store may be closed when Ctrl-C comes."""
+    from deltastore import journalfiles
+
+    before = journalfiles.ids(store.root)
+    try:
+        ref = store.resolve(ref).ref
+    except DeltastoreError:  # the apply refuses it itself
+        pass
+
+    def report() -> str:
+        new = [j for j in journalfiles.read_all(store.root) if j["id"] not in before]
+        if not new:
+            return f"nothing was stored and {target} is unchanged"
+        if new[-1]["state"] == "applied":
+            return f"{ref} is applied to {target}: `deltastore revert {target}` undoes it"
+        return f"{target} is part patched with {ref}: `deltastore revert {target}` puts it back"
+    return report
 
 
 @click.command()
@@ -73,7 +97,11 @@ def revert(store: Store, target: str, forget: bool, as_json: bool) -> None:
     left as it is); anything else there stops it before its first write. A copy of TARGET made
     after apply (`cp -a`) keeps the applied version and is not reverted; once TARGET itself is
     gone, --forget drops its journal."""
-    done = store.forget_journal(target) if forget else store.revert_files(target)
+    if forget:
+        done = store.forget_journal(target)
+    else:
+        with progress("reverting", enabled=not as_json) as cb:
+            done = store.revert_files(target, progress=cb)
     if as_json:
         return emit_json(done)
     for j in done:

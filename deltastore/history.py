@@ -14,14 +14,14 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TYPE_CHECKING
+from typing import Any, Callable, TYPE_CHECKING
 
 from .chain import ChainError, dependents
 from .errors import MetadataError, OptionConflict, RefNotFound
 from .names import check_metadata, check_stance_name
 from .records import Version
 
-# commit.py (in_order, delta_stats) is imported inside diff and rel_difference: it imports torch,
+# commit.py (in_order, delta_stats) is imported inside diff and difference: it imports torch,
 # and store.py, which read commands load, imports this module (tests/test_startup.py).
 
 if TYPE_CHECKING:  # store.py imports this module, so Store is imported for types only
@@ -40,7 +40,9 @@ class TensorDiff:
     `removed` (the other way round), `changed` (both have it, with other values).
     encoding_a / encoding_b: how each version stores it; None where it applies as the base.
     rel_change: ||A - B|| / ||B|| of the tensors apply produces; None where one side lacks the
-    tensor, shapes differ or B is all zeros."""
+    tensor, shapes differ or B is all zeros.
+    energy: ||A - B||^2 (what the tensor adds to the whole difference); None where one side
+    lacks the tensor or shapes differ."""
 
     name: str
     status: str
@@ -49,6 +51,7 @@ class TensorDiff:
     encoding_a: str | None
     encoding_b: str | None
     rel_change: float | None
+    energy: float | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,17 @@ class Diff:
 
     def count(self, status: str) -> int:
         return sum(1 for t in self.tensors if t.status == status)
+
+    def largest(self, n: int | None = None) -> list[TensorDiff]:
+        """The tensors with the largest ||A - B||^2, largest first (those without one last, by
+        name); the first `n` of them."""
+        ranked = sorted(self.tensors, key=lambda t: (t.energy is None, -(t.energy or 0.0), t.name))
+        return ranked if n is None else ranked[:n]
+
+    @property
+    def energy(self) -> float:
+        """||A - B||^2 over every tensor measured."""
+        return sum(t.energy for t in self.tensors if t.energy is not None)
 
 
 @dataclass(frozen=True)
@@ -88,7 +102,9 @@ class StanceDeleted:
     orphaned: tuple[str, ...]  # versions of other stances whose parent was removed
 
 
-def diff(store: Store, a: str | Version, b: str | Version, *, base_weights: Any = None) -> Diff:
+def diff(store: Store, a: str | Version, b: str | Version, *, base_weights: Any = None,
+         progress: Callable[[int, int], None] | None = None) -> Diff:
+    """`progress(done, total)`: tensors compared so far, of those both versions hold."""
     from .commit import in_order  # commit imports torch, which read commands do without
 
     va, vb = store.resolve(a), store.resolve(b)
@@ -110,13 +126,18 @@ def diff(store: Store, a: str | Version, b: str | Version, *, base_weights: Any 
     # Both sides' tensors decoded and compared two at a time: the decoding and the norms
     # release the GIL, and each result is one number.
     measured = [name for name, *_, both in rows if both]
-    rel = dict(in_order(measured, lambda name: rel_difference(side_a.tensor(name), side_b.tensor(name)),
-                        ahead=len(measured)))
+    found: dict[str, tuple[float | None, float | None]] = {}
+    for name, figures in in_order(measured, lambda name: difference(side_a.tensor(name), side_b.tensor(name)),
+                                  ahead=len(measured)):
+        found[name] = figures
+        if progress:
+            progress(len(found), len(measured))
     out = []
     for name, status, ea, eb, _ in rows:
         dtype, shape = side_b.describe(name) if name in side_b.results else side_a.describe(name)
+        rel, energy = found.get(name, (None, None))
         out.append(TensorDiff(name, status, dtype, shape, ea.encoding if ea else None,
-                              eb.encoding if eb else None, rel.get(name)))
+                              eb.encoding if eb else None, rel, energy))
     return Diff(va.ref, vb.ref, va.id, vb.id, tuple(out), unchanged)
 
 
@@ -149,12 +170,19 @@ def rel_difference(a: torch.Tensor, b: torch.Tensor) -> float | None:
     """||a - b|| / ||b||; None where shapes differ or b is zero. Two tensors of one float dtype
     are subtracted in it (exact for nearby floats) and their norms taken in float32, as commit
     takes ||dW||/||W||: float64 copies of every chunk took 4x longer."""
+    return difference(a, b)[0]
+
+
+def difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float | None, float | None]:
+    """(||a - b|| / ||b||, ||a - b||^2), as `rel_difference` takes them; (None, None) where
+    shapes differ, None for either figure that is not finite."""
     if tuple(a.shape) != tuple(b.shape):
-        return None
+        return None, None
     from .commit import delta_stats
 
-    rel, _ = delta_stats(b, a)
-    return None if rel is None or not math.isfinite(rel) else float(f"{rel:.6g}")
+    rel, energy = delta_stats(b, a)
+    return (None if rel is None or not math.isfinite(rel) else float(f"{rel:.6g}"),
+            float(f"{energy:.6g}") if math.isfinite(energy) else None)
 
 
 # -- stances ---------------------------------------------------------------------------------

@@ -434,7 +434,8 @@ def _drop(store: Store, journal_id: str, originals: list[str]) -> None:
         gc(store, GcPlan(tuple(sorted(set(originals))), 0))
 
 
-def revert_in_place(store: Store, path: Path) -> list[Journal]:
+def revert_in_place(store: Store, path: Path, *, progress: Callable[[int, int], None] | None = None) -> list[Journal]:
+    """`progress(done, total)`: bytes written back and checked so far, of all to write and check."""
     given = Path(path)
     if not given.exists():
         rows = _journals_at(store, given)
@@ -450,7 +451,14 @@ def revert_in_place(store: Store, path: Path) -> list[Journal]:
         rows = journals_on(store, target)
         if not rows:
             raise _no_journal(store, target)
-        return [_revert_one(store, target, row) for row in reversed(rows)]
+        total = 2 * sum(r["end"] - r["start"] for row in rows for r in json.loads(row["plan"])["regions"])
+        done = [0]
+
+        def tick(n: int) -> None:
+            done[0] += n
+            if progress:
+                progress(done[0], total)
+        return [_revert_one(store, target, row, tick) for row in reversed(rows)]
 
 
 def _journals_at(store: Store, given: Path) -> list[dict]:
@@ -506,7 +514,7 @@ def _forget_hint(row: dict) -> str:
     return f"`deltastore revert --forget {row['id']}` drops its journal and frees its saved originals"
 
 
-def _revert_one(store: Store, target: Target, row: dict) -> Journal:
+def _revert_one(store: Store, target: Target, row: dict, tick: Callable[[int], None] | None = None) -> Journal:
     plan = json.loads(row["plan"])
     recorded = _files_to_revert(store, target, row)
     by_file = _by_file(plan)
@@ -520,7 +528,7 @@ def _revert_one(store: Store, target: Target, row: dict) -> Journal:
     todo = _regions_to_write(store, target, row, recorded, by_file)
     objects = {r["original"]: store.objects.get(r["original"]) for r in plan["regions"] if "original" in r}
     if todo:
-        _write_originals(store, target, row, recorded, todo, objects)
+        _write_originals(store, target, row, recorded, todo, objects, tick)
     _drop(store, row["id"], list(objects))
     return Journal(row["id"], row["target"], row["version_id"], "reverted", len(plan["regions"]),
                    sum(len(regions) for regions in todo.values()))
@@ -582,7 +590,8 @@ def _regions_to_write(store: Store, target: Target, row: dict, recorded: list[Fi
 
 
 def _write_originals(store: Store, target: Target, row: dict, recorded: list[FileId],
-                     todo: dict[str, list[dict]], objects: dict[str, bytes]) -> None:
+                     todo: dict[str, list[dict]], objects: dict[str, bytes],
+                     tick: Callable[[int], None] | None = None) -> None:
     """The original bytes written back into each region of `todo`, then checked against the
     base ids. The journal is marked as reverting first: a revert interrupted from here on may
     leave a region half written, which the next revert finishes."""
@@ -595,7 +604,7 @@ def _write_originals(store: Store, target: Target, row: dict, recorded: list[Fil
             for name, regions in todo.items():
                 try:
                     if "originals" in plan:
-                        _write_regions(handles[name], saved.fileno(), [(r, r["offset"]) for r in regions])
+                        _write_regions(handles[name], saved.fileno(), [(r, r["offset"]) for r in regions], tick)
                     else:
                         _write_objects(handles[name], [(r["start"], objects[r["original"]]) for r in regions])
                 except OSError as e:
@@ -608,7 +617,11 @@ def _write_originals(store: Store, target: Target, row: dict, recorded: list[Fil
     bad = []
     for name, regions in todo.items():
         with open(target.path(target.file(name)), "rb") as fh:
-            bad += [r["name"] for r in regions if _region_now(fh.fileno(), check.infos[r["name"]]) != r["base"]]
+            for r in regions:
+                if _region_now(fh.fileno(), check.infos[r["name"]]) != r["base"]:
+                    bad.append(r["name"])
+                if tick:
+                    tick(r["end"] - r["start"])
     if bad:
         raise JournalError(f"after revert, {', '.join(bad[:5])} still differ from the base; "
                            "the journal is kept: run `deltastore fsck`")

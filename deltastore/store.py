@@ -516,9 +516,10 @@ class Store:
         self._writable()
         return delete_stance(self, name)
 
-    def diff(self, a: str | Version, b: str | Version, *, base_weights: ModelLike | None = None):
+    def diff(self, a: str | Version, b: str | Version, *, base_weights: ModelLike | None = None,
+             progress: Progress | None = None):
         """Tensor by tensor, what differs between the models versions `a` and `b` describe."""
-        return diff(self, a, b, base_weights=base_weights)
+        return diff(self, a, b, base_weights=base_weights, progress=progress)
 
     # -- commit --------------------------------------------------------------------------------
 
@@ -912,10 +913,10 @@ class Store:
         self._writable()
         return apply_in_place(self, self.resolve(ref), Path(target), allow_links=break_links, progress=progress)
 
-    def revert_files(self, target: str | os.PathLike):
+    def revert_files(self, target: str | os.PathLike, *, progress: Progress | None = None):
         from .patch import revert_in_place
         self._writable()
-        return revert_in_place(self, Path(target))
+        return revert_in_place(self, Path(target), progress=progress)
 
     def forget_journal(self, name: str | os.PathLike):
         """Drop the journal of an in-place apply that revert cannot restore (its files gone or

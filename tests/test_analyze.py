@@ -81,7 +81,8 @@ def test_analyze_on_the_command_line(tmp_path, surgical):
     assert text.exit_code == 0
     lines = text.output.splitlines()
     assert lines[0].startswith("surgical@2 (int4, 1 tensors stored): 1 of ")
-    assert lines[2].split()[:2] == ["1", "v"] and len(lines) == 3
+    assert lines[1].startswith("1 of ") and lines[1].endswith(" tensors changed; largest: layer 1 v 100.0% of the energy")
+    assert lines[3].split()[:2] == ["1", "v"] and len(lines) == 4
     everything = runner.invoke(cli, ["--store", str(root), "analyze", "surgical@2", "--all"])
     assert len(everything.output.splitlines()) > 10
     missing = runner.invoke(cli, ["--store", str(root), "analyze", "nothing-here"])
@@ -177,7 +178,7 @@ def test_alpha_on_the_command_line(wide):
     runner = CliRunner()
     text = runner.invoke(cli, ["--store", str(root), "analyze", "wide", "--alpha"])
     assert text.exit_code == 0, text.output
-    header, row = text.output.splitlines()[1:3]
+    header, row = text.output.splitlines()[2:4]
     assert header.split()[:8] == ["layer", "module", "tensors", "rel", "change", "alpha", "base", "alpha"]
     assert row.split()[:2] == ["1", "v"] and row.split()[6].endswith("%")
     data = json.loads(runner.invoke(cli, ["--store", str(root), "analyze", "wide", "--alpha", "--json"]).stdout)

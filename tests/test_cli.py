@@ -305,3 +305,286 @@ def test_ctrl_c_exits_130_after_cleaning_up(tmp_path, root) -> None:
     assert "interrupted" in err and "Traceback" not in err and "Aborted" not in err
     with Store.open(root) as store:
         assert store.stances() == []
+
+
+# -- Ctrl-C at several moments: one line that says what was stored, never a result as well ------
+
+def _run_until(args: list[str], moment, tmp_path: Path) -> tuple[int, str, str]:
+    """Run the command (with Ctrl-C's default handling, as from a terminal: see the test above),
+    and send it SIGINT once `moment()` holds, unless it has ended by then. Its status, stdout
+    and stderr."""
+    import signal
+    import time
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)],
+                            env={**os.environ, "PYTHONPATH": str(repo), "PYTHONFAULTHANDLER": "1",
+                                 "DELTASTORE_DIR": "", "DELTASTORE_DEBUG": ""}, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and not moment():
+        assert time.monotonic() < deadline, "the moment never came"
+        time.sleep(0.002)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        raise AssertionError(f"still running 120 s after Ctrl-C: {proc.communicate()[1][-4000:]}") from None
+    return proc.returncode, out, err
+
+
+def _interrupted_line(code: int, out: str, err: str) -> str | None:
+    """The one line of an interrupted command (None: it ended before Ctrl-C, as it prints)."""
+    import signal
+
+    assert "Traceback" not in err and "Aborted" not in err, err
+    # 130 with the result: Ctrl-C came as it was printed. -SIGINT: as the interpreter shut down
+    # (Python puts back the default handling then; a shell shows status 130).
+    if code in (0, 130, -signal.SIGINT) and out:
+        assert "interrupted" not in err, (out, err)
+        return None
+    assert code == 130, (code, out, err)
+    assert out == "", "an interrupted command printed its result too"
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("interrupted; "), err
+    return lines[0]
+
+
+def _files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+
+
+@pytest.fixture(scope="module")
+def larger(tmp_path_factory):
+    """A model large enough (about 8 MB) that a commit, an apply and a push take a moment."""
+    return make_model(tmp_path_factory.mktemp("larger"), hidden=384, layers=3)
+
+
+def test_ctrl_c_during_a_commit_says_what_was_stored(tmp_path, larger) -> None:
+    from helpers import store_snapshot
+
+    moments = {
+        # an object written (beyond the base's): the commit is encoding its tensors
+        "encoding": lambda root: lambda n=len(_files(root / "objects")): len(_files(root / "objects")) > n,
+        # the ref log holds the version: it has landed, the result is not yet printed
+        "landed": lambda root: lambda: '"op":"version"' in (root / "refs.log").read_text(),
+    }
+    for name, moment in moments.items():
+        root = tmp_path / name
+        with Store.init(root) as store:
+            store.add_base(larger.base, name="b")
+        before = (root / "refs.log").read_text()
+        code, out, err = _run_until(["--store", root, "commit", "s", larger.ft, "--base", "b"], moment(root), tmp_path)
+        line = _interrupted_line(code, out, err)
+        with Store.open(root) as store:
+            versions = store.log()
+        if versions:
+            v = versions[0]
+            assert line in (None, f"interrupted; stored {v.ref} {v.id[:15]}"), (name, line)
+            assert line is not None or out.startswith(f"{v.ref} {v.id}\n")
+        else:
+            assert line == "interrupted; nothing was stored", (name, line)
+            assert (root / "refs.log").read_text() == before
+    # Before anything is written (the command waits for --meta-file): nothing stored, and said so.
+    root = tmp_path / "waiting"
+    with Store.init(root) as store:
+        store.add_base(larger.base, name="b")
+    fifo = tmp_path / "meta.json"
+    os.mkfifo(fifo)
+    snapshot = store_snapshot(root)
+    reading = []
+
+    def waiting() -> bool:
+        try:
+            reading.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            return True
+        except OSError:  # no reader yet
+            return False
+    code, out, err = _run_until(["--store", root, "commit", "s", larger.ft, "--base", "b", "--meta-file", fifo],
+                                waiting, tmp_path)
+    for fd in reading:
+        os.close(fd)
+    assert _interrupted_line(code, out, err) == "interrupted; nothing was stored"
+    assert store_snapshot(root) == snapshot
+
+
+def test_ctrl_c_during_an_apply_says_what_it_left(tmp_path, larger) -> None:
+    import shutil
+
+    from helpers import weight_bytes
+
+    root = tmp_path / "store"
+    with Store.init(root) as store:
+        v = store.commit("s", larger.ft, base=larger.base).version
+    moments = {
+        # the originals being saved (before the journal): the target is not yet written
+        "saving": lambda: any("journal" in p.name for p in _files(root / "tmp")),
+        # the journal written: the target is being patched
+        "writing": lambda: bool(_files(root / "journals")),
+    }
+    for name, moment in moments.items():
+        target = tmp_path / f"target-{name}"
+        shutil.copytree(larger.base, target)
+        code, out, err = _run_until(["--store", root, "apply", "s", target], moment, tmp_path)
+        line = _interrupted_line(code, out, err)
+        if line is None or line == f"interrupted; {v.ref} is applied to {target}: `deltastore revert {target}` undoes it":
+            assert weight_bytes(target) == weight_bytes(larger.ft)
+        elif line == f"interrupted; nothing was stored and {target} is unchanged":
+            assert weight_bytes(target) == weight_bytes(larger.base)
+            assert not _files(root / "journals")
+        else:
+            assert line == f"interrupted; {target} is part patched with {v.ref}: `deltastore revert {target}` puts it back"
+            assert invoke("--store", root, "revert", target).exit_code == 0
+            assert weight_bytes(target) == weight_bytes(larger.base)
+        assert invoke("--store", root, "revert", target).exit_code in (0, 1)
+        shutil.rmtree(target)
+
+
+def test_ctrl_c_during_a_push_says_what_the_remote_holds(tmp_path, larger) -> None:
+    root = tmp_path / "store"
+    with Store.init(root) as store:
+        v = store.commit("s", larger.ft, base=larger.base).version
+    moments = {
+        "uploading": lambda remote: lambda: bool(_files(remote / "objects")),
+        "refs": lambda remote: lambda: bool(_files(remote / "refs")),
+    }
+    for name, moment in moments.items():
+        remote = tmp_path / f"remote-{name}"
+        code, out, err = _run_until(["--store", root, "push", "s", "--remote", f"file://{remote}"], moment(remote),
+                                    tmp_path)
+        line = _interrupted_line(code, out, err)
+        refs = _files(remote / "refs")
+        if refs:
+            assert line in (None, f"interrupted; file://{remote} holds s@1 {v.id[:15]}"), (name, line)
+        else:
+            assert line == f"interrupted; nothing was pushed: file://{remote} holds none of the versions named"
+
+
+# -- long outputs: a summary first, --top, progress -------------------------------------------------
+
+def _two_versions(root: Path, pair) -> None:
+    with Store.init(root) as store:
+        store.commit("s", pair.ft, base=pair.base)
+        store.commit("s", pair.ft, base=pair.base, encoding="int8")
+
+
+def test_diff_opens_with_a_summary_and_lists_the_top_n(root, pair) -> None:
+    _two_versions(root, pair)
+    d = ok_json("--store", root, "diff", "s@1", "s@2")
+    # --json keeps its fields, and adds each tensor's ||a-b||^2.
+    assert set(d) == {"a", "b", "a_id", "b_id", "tensors", "unchanged"}
+    assert all({"name", "status", "rel_change", "energy"} <= set(t) for t in d["tensors"])
+    changed = [t for t in d["tensors"] if t["energy"]]
+    assert len(changed) > 3
+    ranked = sorted(changed, key=lambda t: -t["energy"])
+    total = sum(t["energy"] for t in changed)
+    lines = invoke("--store", root, "diff", "s@1", "s@2").stdout.splitlines()
+    assert lines[0].startswith(f"s@1 {d['a_id'][3:15]} -> s@2 {d['b_id'][3:15]}: {len(d['tensors'])} changed")
+    assert lines[1] == ("largest: " + ", ".join(f"{t['name']} {t['energy'] / total:.1%}" for t in ranked[:3])
+                        + f" of ||a-b||^2 (together {sum(t['energy'] for t in ranked[:3]) / total:.1%})")
+    assert len(lines) == 4 + len(d["tensors"])  # every tensor listed, by name
+    top = invoke("--store", root, "diff", "s@1", "s@2", "--top", "2").stdout.splitlines()
+    assert top[:2] == lines[:2]  # the summary counts them all
+    assert top[2] == f"(listed: the 2 largest of {len(d['tensors'])} tensors that differ)"
+    assert [row.split()[0] for row in top[5:]] == [t["name"] for t in ranked[:2]]
+    assert len(top) == 7
+    assert "--top" in failed("--store", root, "diff", "s@1", "s@2", "--top", "0", code=2)
+
+
+def test_analyze_opens_with_a_summary_and_lists_the_top_n(root, pair) -> None:
+    _two_versions(root, pair)
+    [a] = ok_json("--store", root, "analyze", "s@1")["refs"]
+    cells = [r for r in a["rows"] if r["energy"] > 0]
+    ranked = sorted(cells, key=lambda r: -r["energy"])
+    assert len(cells) > 2
+    lines = invoke("--store", root, "analyze", "s@1").stdout.splitlines()
+    assert lines[0] == (f"s@1 (lossless, {a['tensors_stored']} tensors stored): {len(cells)} of {len(a['rows'])} "
+                        "(layer, module) cells changed")
+    total = sum(r["energy"] for r in cells)
+
+    def cell(r: dict) -> str:
+        return r["module"] if r["layer"] is None else f"layer {r['layer']} {r['module']}"
+    assert lines[1] == (f"{len(pair.changed)} of {len(pair.base_state)} tensors changed; largest: "
+                        + ", ".join(f"{cell(r)} {r['energy'] / total:.1%}" for r in ranked[:3])
+                        + f" of the energy (together {sum(r['energy'] for r in ranked[:3]) / total:.1%})")
+    top = invoke("--store", root, "analyze", "s@1", "--top", "2").stdout.splitlines()
+    assert top[:2] == lines[:2]
+    assert top[2] == f"(listed: the 2 largest of {len(cells)} cells)"
+    assert [row.split()[:2] for row in top[4:]] == [[str(r["layer"] if r["layer"] is not None else "-"), r["module"]]
+                                                    for r in ranked[:2]]
+
+
+TERMINAL = """
+import json, sys
+from cli.main import cli
+for args in json.loads(sys.argv[1]):
+    try:
+        cli.main(args, prog_name="deltastore")
+    except SystemExit as e:
+        assert not e.code, e.code
+"""
+
+
+def test_revert_and_diff_show_progress_only_on_a_terminal(tmp_path, root, pair) -> None:
+    import pty
+    import shutil
+
+    _two_versions(root, pair)
+    repo = Path(__file__).resolve().parents[1]
+    target = tmp_path / "target"
+
+    def run(*commands: list[str], terminal: bool) -> bytes:
+        """stderr (a terminal, or piped) of `deltastore` commands, after an apply of s@1 to target."""
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(pair.base, target)
+        with Store.open(root) as store:
+            store.apply_files("s@1", target)
+        master, slave = pty.openpty()
+        p = subprocess.Popen([sys.executable, "-c", TERMINAL, json.dumps([["--store", str(root), *c] for c in commands])],
+                             stdout=subprocess.PIPE, stderr=slave if terminal else subprocess.PIPE, cwd=repo,
+                             env={**os.environ, "PYTHONPATH": str(repo), "COLUMNS": "80"})
+        os.close(slave)
+        err = bytearray()
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the child is gone: the terminal is closed
+                break
+            if not chunk:
+                break
+            err += chunk
+        _, piped = p.communicate(timeout=300)
+        os.close(master)
+        assert p.returncode == 0, piped
+        assert file_bytes(target) == file_bytes(pair.base)
+        return bytes(err) if terminal else piped
+
+    shown = run(["revert", str(target)], ["diff", "s@1", "s@2"], terminal=True)
+    assert b"reverting" in shown and b"comparing" in shown and b"100%" in shown
+    shown = run(["revert", str(target), "--json"], ["diff", "s@1", "s@2", "--json"], terminal=True)
+    assert b"reverting" not in shown and b"comparing" not in shown
+    assert run(["revert", str(target)], ["diff", "s@1", "s@2"], terminal=False) == b""
+
+
+def test_ctrl_c_as_the_store_closes_after_a_commit_names_the_version(root, pair, monkeypatch) -> None:
+    """The moment no poll can catch: the version has landed, the result is not yet printed."""
+    import signal
+
+    Store.init(root).close()
+    close = Store.close
+
+    def close_then_ctrl_c(self) -> None:
+        close(self)
+        os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, at this moment
+
+    monkeypatch.setattr(Store, "close", close_then_ctrl_c)
+    r = invoke("--store", root, "commit", "s", pair.ft, "--base", pair.base)
+    monkeypatch.undo()
+    with Store.open(root) as store:
+        [v] = store.log()
+    assert r.exit_code == 130 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [f"interrupted; stored base {v.base_id[:15]}, {v.ref} {v.id[:15]}"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
