@@ -43,8 +43,10 @@ bench: $(STAMP)
 fuzz: $(STAMP)
 	$(BIN)/python tests/fuzz/run.py --seconds 60
 
+# The generated pages (docs/cli.md, schema/catalog.sql), then the site in site/.
 docs: $(STAMP)
 	$(BIN)/python -m cli.docs --write
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
 
 clean:
-	rm -rf $(VENV) demo
+	rm -rf $(VENV) demo site

@@ -1,4 +1,4 @@
-"""Generated documentation: the README's CLI reference (from --help) and schema/catalog.sql
+"""Generated documentation: docs/cli.md's CLI reference (from --help) and schema/catalog.sql
 (from the catalog's migrations). `python -m cli.docs --write` refreshes both; the tests fail
 when either is out of step.
 """
@@ -56,15 +56,14 @@ def catalog_sql() -> str:
     return header + re.sub(r"\n    ", "\n", schema)
 
 
-def readme_with_reference(readme: str) -> str:
-    start, end = readme.index(BEGIN) + len(BEGIN), readme.index(END)
-    return readme[:start] + "\n\n" + cli_reference() + "\n" + readme[end:]
+def with_reference(page: str) -> str:
+    start, end = page.index(BEGIN) + len(BEGIN), page.index(END)
+    return page[:start] + "\n\n" + cli_reference() + "\n" + page[end:]
 
 
 def main(argv: list[str]) -> int:
-    readme_path, sql_path = ROOT / "README.md", ROOT / "schema" / "catalog.sql"
-    readme = readme_path.read_text()
-    fresh = {readme_path: readme_with_reference(readme), sql_path: catalog_sql()}
+    cli_path, sql_path = ROOT / "docs" / "cli.md", ROOT / "schema" / "catalog.sql"
+    fresh = {cli_path: with_reference(cli_path.read_text()), sql_path: catalog_sql()}
     if "--write" in argv:
         for path, text in fresh.items():
             path.write_text(text)

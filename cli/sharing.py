@@ -255,12 +255,7 @@ def export_lora(store: Store, ref: str, rank: int | None, energy: float | None, 
     convert_lora_to_gguf.py writes one (Linear and Conv1D pairs only; the rest listed as dropped)."""
     from deltastore.lora import export_lora as run_export
 
-    if dtype == "q8_0" and fmt != "gguf":
-        raise click.UsageError("--dtype q8_0 is for --format gguf; a PEFT adapter is bf16, f16 or f32")
-    if chat and not prompts:
-        raise click.UsageError("--chat says how --prompts are put to the model: give --prompts FILE too")
-    if fmt != "gguf":
-        dtype = PEFT_DTYPES[dtype]
+    dtype = _factor_dtype(dtype, fmt, chat, prompts)
     if prompts or server or max_kl is not None or max_rank is not None or tokenizer:
         return served_export(store, ref, out, fmt, server, rank, energy, dtype, max_rank, prompts, max_kl,
                              base_path, tokenizer, chat, exact, as_json)
@@ -278,6 +273,15 @@ def export_lora(store: Store, ref: str, rank: int | None, energy: float | None, 
     if as_json:
         return emit_json(finite(to_jsonable(e)))
     return gguf_written(e) if fmt == "gguf" else lora_written(e)
+
+
+def _factor_dtype(dtype: str, fmt: str, chat: bool, prompts: str | None) -> str:
+    """export-lora's --dtype as the exporter of --format takes it, its options checked together."""
+    if dtype == "q8_0" and fmt != "gguf":
+        raise click.UsageError("--dtype q8_0 is for --format gguf; a PEFT adapter is bf16, f16 or f32")
+    if chat and not prompts:
+        raise click.UsageError("--chat says how --prompts are put to the model: give --prompts FILE too")
+    return dtype if fmt == "gguf" else PEFT_DTYPES[dtype]
 
 
 def gguf_written(g: GgufExport) -> None:

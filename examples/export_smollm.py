@@ -1,6 +1,6 @@
 """What each export format keeps of a real fine-tune: SmolLM2-135M-Instruct, curious-uncertainty.
 
-    python examples/export_smollm.py                 # prints the README's table (minutes to an hour on a CPU)
+    python examples/export_smollm.py                 # prints docs/exports.md's table (minutes to an hour on a CPU)
     python examples/export_smollm.py --ranks 8,16    # fewer ranks; --ranks none: the merged GGUF rows only
 
 For each rank, the version is written as a PEFT adapter (bf16), as vLLM's profile of it (bf16,
