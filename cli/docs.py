@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 from click.testing import CliRunner
 
-from deltastore.catalog import Catalog
+from deltastore.repo.catalog import Catalog
 
 from .main import cli
 

@@ -39,7 +39,7 @@ def apply(store: Store, ref: str, target: str, out: str | None, break_links: boo
         if not out:
             raise click.ClickException(f"--scale writes a new folder only: add --out DIR, or use "
                                        f"`deltastore export --mix {ref}={scale:g} --out DIR`")
-        from deltastore.mix import export_mix
+        from deltastore.patching.mix import export_mix
 
         with progress("writing", enabled=not as_json) as cb:
             path = export_mix(store, {ref: scale}, out, base_weights=target, progress=cb)
@@ -127,8 +127,8 @@ def export(store: Store, ref: str | None, mix: dict[str, float] | None, out: str
 def gguf_model_export(store: Store, ref: str, out: str, *, dtype: str, base_path: str | None, prompts: str | None,
                       tokenizer: str | None, as_json: bool) -> None:
     """export --format gguf [--prompts]: the merged GGUF model, and its fidelity when asked."""
-    from deltastore.export_fidelity import export_gguf_measured
-    from deltastore.gguf_model import export_gguf
+    from deltastore.exports.export_fidelity import export_gguf_measured
+    from deltastore.exports.gguf_model import export_gguf
 
     fidelity = None
     with progress("writing", enabled=not as_json) as cb:
@@ -153,7 +153,7 @@ def gguf_model_export(store: Store, ref: str, out: str, *, dtype: str, base_path
 
 def mix_export(store: Store, mix: dict[str, float], out: str, base_path: str | None, as_json: bool) -> None:
     """export --mix: base + A*delta(REF) + B*delta(REF) ..."""
-    from deltastore.mix import export_mix
+    from deltastore.patching.mix import export_mix
 
     with progress("writing", enabled=not as_json) as cb:
         path = export_mix(store, mix, out, base_weights=base_path, progress=cb)

@@ -39,9 +39,9 @@ from gguf import GGUFReader  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from deltastore import Store  # noqa: E402
-from deltastore import gguf_model  # noqa: E402
-from deltastore.gguf_model import CHKTXT, GgufExportError, export_gguf, read_gguf_model  # noqa: E402
-from deltastore.models import open_model  # noqa: E402
+from deltastore.exports import gguf_model  # noqa: E402
+from deltastore.exports.gguf_model import CHKTXT, GgufExportError, export_gguf, read_gguf_model  # noqa: E402
+from deltastore.weights.models import open_model  # noqa: E402
 from tiny_lm import adam_like, kl_top1, pair, tuned  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -318,7 +318,7 @@ def test_merged_gguf_kl_equals_an_independent_computation(tmp_path, smollm_token
     file holds (read with GGUFReader, permutation undone by index here), computed here."""
     import transformers
 
-    from deltastore.export_fidelity import export_gguf_measured
+    from deltastore.exports.export_fidelity import export_gguf_measured
 
     store, ft = committed(tmp_path, "llama", smollm_tokenizer)
     prompts = ["The capital of France is", "def fibonacci(n):", "Photosynthesis is the process by which"]
