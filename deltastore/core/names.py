@@ -34,6 +34,21 @@ MAX_MESSAGE = 1 << 16
 MAX_METADATA_KEY = 128
 MAX_METADATA_VALUE = 1 << 16
 MAX_METADATA_KEYS = 1024
+# Tensor and file names in a model's weights (safetensors headers, shard indexes, manifests).
+MAX_NAME_LEN = 1024
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def check_name(name: str) -> str:
+    """Tensor and file names come from outside: refuse anything that could escape a folder."""
+    if not name or len(name) > MAX_NAME_LEN:
+        raise UnsafeInput(f"tensor name of {len(name)} characters; names must be 1 to {MAX_NAME_LEN}")
+    if "/" in name or "\\" in name or ".." in name or _CONTROL.search(name):
+        raise UnsafeInput(f"tensor name {name[:80]!r} has a path separator, '..' or a control character")
+    if _SURROGATE.search(name):  # JSON's \udc80 escapes decode to text that is not UTF-8
+        raise UnsafeInput(f"tensor name {name[:80]!r} is not valid Unicode (a lone surrogate)")
+    return name
 
 
 def check_stance_name(name: str) -> str:

@@ -18,6 +18,7 @@ from ..core import names
 from ..core.errors import ResultMismatch, UnsafeInput
 from ..core.hashing import DTYPE_SIZES, is_id, manifest_id, raw_tensor_id, tensor_id
 from ..core.limits import load_json, shown
+from ..core.names import check_name
 
 MANIFEST_FORMAT = "deltastore/version/1"
 # A version stored against another version's result (chain.py): older builds refuse this format
@@ -317,8 +318,6 @@ def check_manifest(m: Any) -> Version:
     """A manifest from outside (a pull), checked field by field before anything reads it as a
     version: types, ids, names (no path separators or '..'), sizes. Returns the version it
     describes, with its id computed here rather than believed."""
-    from ..weights.models import check_name  # models imports torch, which read commands do without
-
     def need(ok: bool, what: str) -> None:
         if not ok:
             raise UnsafeInput(f"manifest: {what}")

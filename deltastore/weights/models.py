@@ -23,6 +23,7 @@ from ..core import hashing
 from ..core.errors import ModelFormatError, PickleRefused, UnsafeInput
 from ..core.hashing import DTYPE_SIZES, dtype_name
 from ..core.limits import load_json, read_bounded, shown
+from ..core.names import check_name
 
 # torch is imported by the functions that make tensors: reading headers and a mapped file's
 # bytes needs none, so an in-place apply or revert of a lossless version runs without it
@@ -38,25 +39,11 @@ MAX_HEADER_BYTES = 100 << 20
 MAX_FILE_TENSORS = 1 << 19
 # A shard index names each tensor once, in ~80 bytes: 16 MiB is some 200,000 tensors.
 MAX_INDEX_BYTES = 16 << 20
-MAX_NAME_LEN = 1024
 MAX_DIMS = 64
 MAX_DIM = 1 << 40  # elements along one dimension; no real tensor comes near
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
-_SURROGATE = re.compile(r"[\ud800-\udfff]")
 _ITEMSIZE = DTYPE_SIZES
 # Files that make up a model folder's weights; everything else (config, tokenizer) is copied.
 WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|pkl)$|^model\.safetensors\.index\.json$|.*\.bin\.index\.json$")
-
-
-def check_name(name: str) -> str:
-    """Tensor and file names come from outside: refuse anything that could escape a folder."""
-    if not name or len(name) > MAX_NAME_LEN:
-        raise UnsafeInput(f"tensor name of {len(name)} characters; names must be 1 to {MAX_NAME_LEN}")
-    if "/" in name or "\\" in name or ".." in name or _CONTROL.search(name):
-        raise UnsafeInput(f"tensor name {name[:80]!r} has a path separator, '..' or a control character")
-    if _SURROGATE.search(name):  # JSON's \udc80 escapes decode to text that is not UTF-8
-        raise UnsafeInput(f"tensor name {name[:80]!r} is not valid Unicode (a lone surrogate)")
-    return name
 
 
 def _is_int(x: object) -> bool:
