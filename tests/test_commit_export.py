@@ -178,7 +178,7 @@ def test_in_order_runs_ahead_of_a_slow_tensor_and_stops_when_one_fails() -> None
     import threading
     import time
 
-    from deltastore.engine.commit import in_order
+    from deltastore.core.pools import in_order
 
     def run(ahead):
         started, release, out = [], threading.Event(), []

@@ -28,7 +28,8 @@ from ..codecs import encodings as codecs
 from ..codecs import quantize as Q
 from ..patching.apply import match_names, module_tensors
 from ..metrics.analysis import energy_fraction, lora_bytes, singular_values
-from ..engine.commit import spec_chooser, delta_stats, in_order
+from ..engine.commit import spec_chooser, delta_stats
+from ..core.pools import in_order
 from ..core.errors import CompareError
 from ..metrics.fidelity import Fidelity, FidelityProbe, load_causal_lm, read_prompts
 from ..exports.lora import module_types, plan as lora_plan

@@ -19,7 +19,7 @@ import torch
 
 from ..metrics.alpha import AlphaShift, alpha_shift, load_weightwatcher, matrix_alpha, summarize_alpha
 from ..metrics.analysis import ModuleChange, TensorChange, singular_values, summarize, tensor_change
-from ..engine.commit import in_order
+from ..core.pools import in_order
 from ..core.errors import AnalysisError
 
 if TYPE_CHECKING:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..metrics.analysis import locate, row_order
-from ..engine.commit import in_order
+from ..core.pools import in_order
 from ..core.errors import AnalysisError
 
 if TYPE_CHECKING:

@@ -1,7 +1,7 @@
 """Long-lived thread pools, one of each kind per process: a surgical apply would spend more on
 starting threads than on its work. And a few tasks that release the GIL, shared between the
 calling thread and one pool thread (`two_threads`); and work on named tensors, a few at a
-time, in order (`pipelined`)."""
+time, in order (`pipelined`, and `in_order` for torch tensors)."""
 
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ os.register_at_fork(after_in_child=_forget)
 
 def pipelined(names: list[str], work: Callable[[str], T], workers: int, ahead: int) -> Iterator[tuple[str, T]]:
     """(name, work(name)) in order, `workers` at a time, with at most `ahead` names handed out
-    but not yet yielded (see commit.in_order; this is its part that needs no torch)."""
+    but not yet yielded (see in_order, which also keeps torch's own threads out of the way)."""
     # The pool runs `workers` at a time, in order; names handed out beyond that wait in its
     # queue, holding nothing until they start. Once one fails, those that start later (all
     # after it, whose results are never yielded: its error is raised first) do no work.
@@ -131,3 +131,30 @@ def pipelined(names: list[str], work: Callable[[str], T], workers: int, ahead: i
             failed.set()
             for _, f in pending:
                 f.cancel()
+
+
+def in_order(names: list[str], work: Callable[[str], T], *, workers: int | None = None,
+             ahead: int | None = None) -> Iterator[tuple[str, T]]:
+    """(name, work(name)) in order, with up to `workers` tensors in flight: reading and hashing
+    one tensor overlaps compressing another (all of them release the GIL), while memory stays
+    bounded to a few tensors.
+
+    `ahead` (default `workers`) bounds the names handed out but not yet yielded: behind a
+    large tensor (an embedding), the other workers go on with up to that many later ones and
+    their results wait. Callers whose results are small, or kept anyway, pass a large one:
+    otherwise one core idles for as long as the large tensor takes."""
+    workers = WORKERS if workers is None else workers
+    if workers <= 1:
+        for name in names:
+            yield name, work(name)
+        return
+    # Our workers are the parallelism: torch's own intra-op threads would only contend with them.
+    # (torch imported here: every command loads this module, and the callers have loaded torch.)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield from pipelined(names, work, workers, max(workers, ahead or workers))
+    finally:
+        torch.set_num_threads(threads)

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, TypeVar, TYPE_CHECKING
+from typing import Any, Callable, TYPE_CHECKING
 
 import torch
 
@@ -22,7 +22,7 @@ from ..core.errors import BaseMismatch, EncodingError, NonFiniteTensor, short, s
 from ..core.hashing import base_id as compute_base_id
 from ..core.hashing import bytes_id, dtype_name, tensor_id
 from ..weights.models import TensorSource
-from ..core.pools import WORKERS, pipelined
+from ..core.pools import in_order
 from ..repo.records import Base, ObjectRef, TensorEntry, Version
 from ..codecs.selection import Selector, TensorDelta, parse_encoding_rules, select
 
@@ -306,33 +306,6 @@ def holds_what(version: Version, base_id: str, expected: dict[str, dict], target
         finally:
             target.release(name)
     return True
-
-
-T = TypeVar("T")
-
-
-def in_order(names: list[str], work: Callable[[str], T], *, workers: int | None = None,
-             ahead: int | None = None) -> Iterator[tuple[str, T]]:
-    """(name, work(name)) in order, with up to `workers` tensors in flight: reading and hashing
-    one tensor overlaps compressing another (all of them release the GIL), while memory stays
-    bounded to a few tensors.
-
-    `ahead` (default `workers`) bounds the names handed out but not yet yielded: behind a
-    large tensor (an embedding), the other workers go on with up to that many later ones and
-    their results wait. Callers whose results are small, or kept anyway, pass a large one:
-    otherwise one core idles for as long as the large tensor takes."""
-    workers = WORKERS if workers is None else workers
-    if workers <= 1:
-        for name in names:
-            yield name, work(name)
-        return
-    # Our workers are the parallelism: torch's own intra-op threads would only contend with them.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield from pipelined(names, work, workers, max(workers, ahead or workers))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def spec_chooser(encoding: str, rules: list[tuple[str, str]] | None, options: dict, target: TensorSource):

@@ -19,9 +19,10 @@ from typing import Any, TYPE_CHECKING
 from .chain import ChainError, dependents
 from ..core.errors import MetadataError, OptionConflict, RefNotFound
 from ..core.names import check_metadata, check_stance_name
+from ..core.pools import in_order
 from ..repo.records import Version
 
-# commit.py (in_order, delta_stats) is imported inside diff and rel_difference: it imports torch,
+# commit.py (delta_stats) is imported inside rel_difference: it imports torch,
 # and store.py, which read commands load, imports this module (tests/test_startup.py).
 
 if TYPE_CHECKING:  # store.py imports this module, so Store is imported for types only
@@ -89,8 +90,6 @@ class StanceDeleted:
 
 
 def diff(store: Store, a: str | Version, b: str | Version, *, base_weights: Any = None) -> Diff:
-    from .commit import in_order  # commit imports torch, which read commands do without
-
     va, vb = store.resolve(a), store.resolve(b)
     side_a, side_b = _Side(store, va, base_weights), _Side(store, vb, base_weights)
     rows, unchanged = [], 0

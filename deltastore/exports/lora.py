@@ -42,7 +42,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..metrics.analysis import energy_fraction, locate, rank_for, singular_values
-from ..engine.commit import in_order
+from ..core.pools import in_order
 from ..core.durable import new_folder
 from ..core.errors import DeltastoreError, PickleRefused, UnsafeInput
 from ..weights.models import TensorInfo, TensorSource, open_model, read_header, read_tensor

@@ -29,10 +29,9 @@ import torch
 
 from ..codecs import encodings, ondevice
 from ..core import checked, spare
-from ..engine.commit import in_order
 from ..core.errors import BaseMismatch
 from ..core.hashing import dtype_name, tensor_id
-from ..core.pools import cores, pool, two_threads
+from ..core.pools import cores, in_order, pool, two_threads
 from ..repo.records import TensorEntry, Version
 
 if TYPE_CHECKING:  # store.py imports this module: Store for types only

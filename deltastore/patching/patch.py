@@ -251,13 +251,13 @@ def _numpy_decodes(entry: TensorEntry, info: TensorInfo) -> bool:
 
 def _torch_decoder(store: Store, version: Version, source: TensorSource) -> tuple[Callable, Callable]:
     """(entry, region, buffer) -> the entry's result bytes, decoded by its encoding in torch,
-    a lossy result checked against its id; and commit's `in_order`, which keeps torch's own
+    a lossy result checked against its id; and pools' `in_order`, which keeps torch's own
     threads from contending with its workers. torch and the modules that load it are imported
     here, when a version has such entries: an apply of a lossless version runs without them."""
     import torch
 
     from ..codecs import encodings
-    from ..engine.commit import in_order
+    from ..core.pools import in_order
     from ..core.hashing import DTYPES
 
     def decode(entry: TensorEntry, info: TensorInfo, buffer: np.ndarray) -> memoryview:

@@ -270,7 +270,7 @@ class SwitchHandle:
         """Write `stance` into the module, and the base into every kept tensor it leaves out."""
         held = {name: p for name, _, p in live}
         # Two tensors at a time (apply.each_until_failure) are the parallelism: torch's own intra-op
-        # threads would only contend with them (as in commit.in_order).
+        # threads would only contend with them (as in pools.in_order).
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
