@@ -18,7 +18,7 @@ from .output import echo, emit_json, largest, progress, size, table, to_jsonable
 # must start without them (cli/main.py, tests/test_startup.py).
 
 if TYPE_CHECKING:
-    from deltastore.compare import Comparison
+    from deltastore.analysis.compare import Comparison
 
 
 def _kl(value: float | None) -> str:
@@ -66,8 +66,8 @@ def compare_command(ctx: click.Context, base: str, model: str, encodings_text: s
     encoding, a LoRA of each rank (R*(m+n) per changed matrix; the share of each delta's energy
     rank R holds), each --select, --mix and --against (versions of the store). Bytes are what the
     store would write; with --prompts, the mean KL(fine-tuned || stored) and top-1 agreement."""
-    from deltastore.compare import compare as run_compare
-    from deltastore.plots import plot as draw
+    from deltastore.analysis.compare import compare as run_compare
+    from deltastore.analysis.plots import plot as draw
 
     if plot and not prompts:
         raise click.UsageError("--plot draws KL against size: give --prompts FILE too")
@@ -130,8 +130,8 @@ def analyze(store: Store, refs: tuple[str, ...], plot: str | None, value: str, s
     produces minus the base, so versions of any encoding compare. --alpha adds WeightWatcher's
     power-law alpha of the weights before and after (the mean over a row's matrices; "-" where
     it fits none: vectors, and matrices outside its default size limits). A summary first."""
-    from deltastore.plots import analyze_plot
-    from deltastore.refanalysis import analyze as run_analyze
+    from deltastore.analysis.plots import analyze_plot
+    from deltastore.analysis.refanalysis import analyze as run_analyze
 
     if with_alpha and spectrum:
         raise click.UsageError("--alpha adds columns to the analysis table; --spectrum shows one tensor instead")
@@ -155,8 +155,8 @@ def analyze(store: Store, refs: tuple[str, ...], plot: str | None, value: str, s
 def show_spectra(store: Store, refs: tuple[str, ...], spectrum: str, plot: str | None, base_path: str | None,
                  as_json: bool) -> None:
     """analyze --spectrum NAME: one tensor's singular values instead of the table."""
-    from deltastore.plots import spectrum_plot
-    from deltastore.refanalysis import spectra
+    from deltastore.analysis.plots import spectrum_plot
+    from deltastore.analysis.refanalysis import spectra
 
     found = spectra(store, list(refs), spectrum, base_weights=base_path)
     if plot:
@@ -209,8 +209,8 @@ def _cosine(value: float | None) -> str:
 def _similarity(store: Store, refs: tuple[str, ...], plot: str | None, base_path: str | None, show_all: bool,
                 as_json: bool) -> None:
     """analyze --similarity: the whole model's figures, then one row per (layer, module)."""
-    from deltastore.plots import similarity_plot
-    from deltastore.similarity import similarity
+    from deltastore.analysis.plots import similarity_plot
+    from deltastore.analysis.similarity import similarity
 
     with progress("comparing deltas", enabled=not as_json) as cb:
         found = similarity(store, list(refs), base_weights=base_path, progress=cb)

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from deltastore import Base, Store
-from deltastore.errors import HubRepoNotFound, short
+from deltastore.core.errors import HubRepoNotFound, short
 
 from .options import hub_options, json_option, with_store
 from .output import echo, emit_json, progress, size, table, to_jsonable
@@ -40,7 +40,7 @@ def base_add(store: Store, model: str, name: str | None, hub_id: str | None, fro
     HF_TOKEN as usual) and registered there, not copied, with the Hub id and the commit the
     revision (default: the main branch) resolved to. Prints its short id, tensor count and size,
     then its whole id."""
-    from deltastore.hubbase import looks_like_hub_ref
+    from deltastore.sharing.hubbase import looks_like_hub_ref
 
     if from_hub or (not Path(model).exists() and looks_like_hub_ref(model)):
         if hub_id is not None:
@@ -58,7 +58,7 @@ def base_add(store: Store, model: str, name: str | None, hub_id: str | None, fro
 
 def add_from_hub(store: Store, ref: str, name: str | None, token: str | None, endpoint: str | None,
                  as_json: bool, *, tried_path: bool) -> Base:
-    from deltastore.hubbase import fetch_base, split_hub_ref
+    from deltastore.sharing.hubbase import fetch_base, split_hub_ref
 
     repo_id, revision = split_hub_ref(ref)
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 from click.testing import CliRunner
 
-from deltastore.catalog import Catalog
+from deltastore.repo.catalog import Catalog
 
 from .main import cli
 
@@ -52,7 +52,7 @@ def catalog_sql() -> str:
             schema = catalog.schema()
         finally:
             catalog.close()
-    header = "-- The catalog schema (deltastore/catalog.py's SCHEMA: an index, rebuilt rather than migrated; generated).\n"
+    header = "-- The catalog schema (deltastore/repo/catalog.py's SCHEMA: an index, rebuilt rather than migrated; generated).\n"
     return header + re.sub(r"\n    ", "\n", schema)
 
 

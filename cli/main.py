@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from deltastore import DeltastoreError
-from deltastore.errors import DiskFull, OptionConflict, is_disk_full
+from deltastore.core.errors import DiskFull, OptionConflict, is_disk_full
 
 from .output import Interrupted, as_program, ctrl_c_came, escape, interrupted_line, release
 

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import click
 
 from deltastore import Store
-from deltastore.reflog import RefLog
+from deltastore.repo.reflog import RefLog
 from deltastore.store import find_store
 
 from .output import Interrupted, echo, finishing, hold, interrupted_line, on_interrupt

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 import click
 
-from deltastore.units import size  # noqa: F401 (the CLI's name for it: output.size)
+from deltastore.core.units import size  # noqa: F401 (the CLI's name for it: output.size)
 
 
 # C0 (newline and tab included: one record is one line), DEL, C1, the bidirectional marks,

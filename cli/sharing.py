@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Callable
 import click
 
 from deltastore import DeltastoreError, Store
-from deltastore.remote import (PullResult as RemotePull, PushResult as RemotePush, Remote, RemoteVersion,
+from deltastore.sharing.remote import (PullResult as RemotePull, PushResult as RemotePush, Remote, RemoteVersion,
                                add_remote, clone as remote_clone, pull as remote_pull, push as remote_push,
                                remote_url, remotes, remove_remote)
 
@@ -23,10 +23,10 @@ from .output import echo, emit_json, escape, hold, on_interrupt, progress, size,
 # must start without them (cli/main.py, tests/test_startup.py).
 
 if TYPE_CHECKING:
-    from deltastore.export_fidelity import ExportFidelity
-    from deltastore.hub import PullResult as HubPull, PushResult as HubPush
-    from deltastore.gguf_lora import GgufLoraExport as GgufExport
-    from deltastore.lora import LoraExport
+    from deltastore.exports.export_fidelity import ExportFidelity
+    from deltastore.sharing.hub import PullResult as HubPull, PushResult as HubPush
+    from deltastore.exports.gguf_lora import GgufLoraExport as GgufExport
+    from deltastore.exports.lora import LoraExport
 
 
 @click.command()
@@ -51,7 +51,7 @@ def push(store: Store, refs: tuple[str, ...], repo_id: str | None, remote: str |
         with progress("uploading", enabled=not as_json) as cb:
             r = remote_push(store, list(refs), remote, progress=cb)
         return emit_json(r) if as_json else remote_pushed(r)
-    from deltastore.hub import push as hub_push
+    from deltastore.sharing.hub import push as hub_push
 
     h = hub_push(store, list(refs), repo_id, revision=revision, private=private, token=token, endpoint=endpoint,
                  progress=not as_json and sys.stderr.isatty())
@@ -98,7 +98,7 @@ def pull(store: Store, repo_id: str | None, remote: str | None, revision: str | 
         with progress("downloading", enabled=not as_json) as cb:
             r = remote_pull(store, remote, stance=stance, into=into, progress=cb)
         return emit_json(r) if as_json else remote_pulled(r)
-    from deltastore.hub import pull as hub_pull
+    from deltastore.sharing.hub import pull as hub_pull
 
     h = hub_pull(store, repo_id, revision=revision, stance=stance, into=into, token=token, endpoint=endpoint,
                  force_download=force_download, fetch_base=fetch_base or base_revision is not None,
@@ -253,7 +253,7 @@ def export_lora(store: Store, ref: str, rank: int | None, energy: float | None, 
     bias="lora_only"; anything else is listed as dropped. The energy shown is compare's energy
     column, measured on the pairs written. --format gguf: a GGUF LoRA file as llama.cpp's
     convert_lora_to_gguf.py writes one (Linear and Conv1D pairs only; the rest listed as dropped)."""
-    from deltastore.lora import export_lora as run_export
+    from deltastore.exports.lora import export_lora as run_export
 
     dtype = _factor_dtype(dtype, fmt, chat, prompts)
     if prompts or server or max_kl is not None or max_rank is not None or tokenizer:
@@ -263,7 +263,7 @@ def export_lora(store: Store, ref: str, rank: int | None, energy: float | None, 
         raise click.UsageError("give --rank R, --energy F, or both")
     with progress("factoring", enabled=not as_json) as cb:
         if fmt == "gguf":
-            from deltastore.gguf_lora import export_gguf_lora
+            from deltastore.exports.gguf_lora import export_gguf_lora
 
             e = export_gguf_lora(store, ref, out, rank=rank, energy=energy, dtype=dtype, base_weights=base_path,
                                  progress=cb)
@@ -314,8 +314,8 @@ def served_export(store: Store, ref: str, out: str, fmt: str, server: str | None
                   energy: float | None, dtype: str, max_rank: int | None, prompts: str | None, max_kl: float | None,
                   base_path: str | None, tokenizer: str | None, chat: bool, exact: bool, as_json: bool) -> None:
     """export-lora --for vllm and --prompts: the export (measured, with --prompts), then its lines."""
-    from deltastore.export_fidelity import export_lora_measured
-    from deltastore.vllm_lora import DEFAULT_MAX_RANK, export_vllm_lora
+    from deltastore.exports.export_fidelity import export_lora_measured
+    from deltastore.exports.vllm_lora import DEFAULT_MAX_RANK, export_vllm_lora
 
     if server and fmt == "gguf":
         raise click.UsageError("--for vllm writes a PEFT adapter folder: leave out --format gguf")
@@ -382,7 +382,7 @@ def import_lora(store: Store, stance: str, adapter: str, base_ref: str | None, b
     takes STANCE MODEL: each target weight becomes W + scaling * B @ A, modules_to_save and biases
     replace the base's. Every name and shape is checked against the base first; an adapter for
     another model is refused. (The older order, ADAPTER STANCE, still works, with a warning.)"""
-    from deltastore.lora import ADAPTER_CONFIG, import_lora as run_import
+    from deltastore.exports.lora import ADAPTER_CONFIG, import_lora as run_import
 
     if (Path(stance) / ADAPTER_CONFIG).is_file() and not (Path(adapter) / ADAPTER_CONFIG).is_file():
         echo(f"warning: import-lora ADAPTER STANCE is deprecated: write import-lora {adapter} {stance}", err=True)

@@ -18,7 +18,7 @@ from .output import echo, emit_json, largest, progress, size, table
 # must start without them (cli/main.py, tests/test_startup.py).
 
 if TYPE_CHECKING:
-    from deltastore.committing import Committed
+    from deltastore.analysis.committing import Committed
 
 
 @click.command()
@@ -73,7 +73,7 @@ def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str 
            meta: dict[str, str], meta_file: str | None, tag: str | None, allow_nonfinite: bool,
            allow_empty: bool, force: bool, new_stance: bool, against: str | None, as_json: bool) -> None:
     """Store the fine-tuned MODEL as a new version of STANCE."""
-    from deltastore.committing import commit as run_commit  # torch, which read commands do without
+    from deltastore.analysis.committing import commit as run_commit  # torch, which read commands do without
 
     base = only_base(store, base_ref)
     with progress("measuring" if prompts else "committing", enabled=not as_json) as cb:

@@ -7,9 +7,9 @@ import sys
 import click
 
 from deltastore import Store
-from deltastore.maintenance import FsckReport, GcPlan
-from deltastore.remote import remote_url
-from deltastore.remotegc import gc as run_gc, gc_plan
+from deltastore.engine.maintenance import FsckReport, GcPlan
+from deltastore.sharing.remote import remote_url
+from deltastore.sharing.remotegc import gc as run_gc, gc_plan
 from deltastore.store import DEFAULT_DIR
 from deltastore.upgrade import upgrade as run_upgrade
 

@@ -42,7 +42,7 @@ def apply(store: Store, ref: str, target: str, out: str | None, break_links: boo
         if not out:
             raise click.ClickException(f"--scale writes a new folder only: add --out DIR, or use "
                                        f"`deltastore export --mix {ref}={scale:g} --out DIR`")
-        from deltastore.mix import export_mix
+        from deltastore.patching.mix import export_mix
 
         with progress("writing", enabled=not as_json) as cb:
             path = export_mix(store, {ref: scale}, out, base_weights=target, progress=cb)
@@ -64,7 +64,7 @@ def target_state(store: Store, ref: str, target: str) -> Callable[[], str]:
     """What an interrupted in-place apply left: the journal it wrote (before the first byte of
     TARGET, FORMAT.md §7) and how far it got, or none. What it needs of the store is read now:
     the store may be closed when Ctrl-C comes."""
-    from deltastore import journalfiles
+    from deltastore.repo import journalfiles
 
     before = journalfiles.ids(store.root)
     try:
@@ -160,8 +160,8 @@ def export(store: Store, ref: str | None, mix: dict[str, float] | None, out: str
 def gguf_model_export(store: Store, ref: str, out: str, *, dtype: str, base_path: str | None, prompts: str | None,
                       tokenizer: str | None, chat: bool, as_json: bool) -> None:
     """export --format gguf [--prompts]: the merged GGUF model, and its fidelity when asked."""
-    from deltastore.export_fidelity import export_gguf_measured
-    from deltastore.gguf_model import export_gguf
+    from deltastore.exports.export_fidelity import export_gguf_measured
+    from deltastore.exports.gguf_model import export_gguf
 
     fidelity = None
     with progress("writing", enabled=not as_json) as cb:
@@ -186,7 +186,7 @@ def gguf_model_export(store: Store, ref: str, out: str, *, dtype: str, base_path
 
 def mix_export(store: Store, mix: dict[str, float], out: str, base_path: str | None, as_json: bool) -> None:
     """export --mix: base + A*delta(REF) + B*delta(REF) ..."""
-    from deltastore.mix import export_mix
+    from deltastore.patching.mix import export_mix
 
     with progress("writing", enabled=not as_json) as cb:
         path = export_mix(store, mix, out, base_weights=base_path, progress=cb)

@@ -27,22 +27,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
-from . import index, names
-from .catalog import Catalog, dumps, now
-from .durable import replace_file
-from .chain import ChainError, check_depth, reference
-from .errors import (AmbiguousRef, BaseMismatch, BaseNotFound, BaseWeightsMissing, DeltastoreError, IdenticalVersion,
+from .core import names
+from .repo import index
+from .repo.catalog import Catalog, dumps, now
+from .core.durable import replace_file
+from .engine.chain import ChainError, check_depth, reference
+from .core.errors import (AmbiguousRef, BaseMismatch, BaseNotFound, BaseWeightsMissing, DeltastoreError, IdenticalVersion,
                      JournalError, NotAFineTune, NothingToCommit, OldStoreFormat, ReadOnlyStore, RefNotFound,
                      StanceNameClose, StoreExists, StoreNotFound, TagNotFound, UnsafeInput,
                      VersionConflict, cut, short, shown_names)
-from .hashing import base_id as compute_base_id, bytes_id, canonical_json, tensor_id
-from .history import delete_stance, diff, merge_stance, rename_stance
-from .limits import is_text
-from .maintenance import FsckReport, fsck, gc, gc_plan, stats
-from .objects import ObjectStore
-from .records import (Base, CommitResult, TagChange, TensorEntry, Version, VersionInfo, check_manifest,
+from .core.hashing import base_id as compute_base_id, bytes_id, canonical_json, tensor_id
+from .engine.history import delete_stance, diff, merge_stance, rename_stance
+from .core.limits import is_text
+from .engine.maintenance import FsckReport, fsck, gc, gc_plan, stats
+from .repo.objects import ObjectStore
+from .repo.records import (Base, CommitResult, TagChange, TensorEntry, Version, VersionInfo, check_manifest,
                       hub_origin, manifest, parse_manifest, split_hub_origin)
-from .reflog import RefLog
+from .repo.reflog import RefLog
 
 # torch, and the modules that import it when loaded (apply, commit, encodings, hashing.DTYPES, mix,
 # models, patch, prepared, selection), are imported inside the methods where a tensor is at hand:
@@ -51,9 +52,9 @@ from .reflog import RefLog
 if TYPE_CHECKING:
     import torch
 
-    from .models import TensorInfo, TensorSource
-    from .prepared import PreparedStance
-    from .selection import Selector
+    from .weights.models import TensorInfo, TensorSource
+    from .patching.prepared import PreparedStance
+    from .codecs.selection import Selector
 
 STORE_FILE = "STORE"
 STORE_FORMAT = "deltastore/store/2"
@@ -196,7 +197,7 @@ class Store:
         """Register a base: hash every tensor, record names, dtypes, shapes and where it lives.
         `hub_id`, `hub_revision`: the Hub repo it is, and the commit its weights were fetched at.
         `expected_id`: refuse (BaseMismatch, nothing stored) weights whose base id is another."""
-        from .models import open_model
+        from .weights.models import open_model
 
         self._writable()
         self._refuse_patched(model)
@@ -262,7 +263,7 @@ class Store:
     def _describe_base(self, source: TensorSource, *, name: str | None = None, hub_id: str | None = None,
                        progress: Progress | None = None) -> tuple[dict, list[dict]]:
         """Hash every tensor of a base: its catalog row and its tensors' rows."""
-        from .commit import sq_norm
+        from .engine.commit import sq_norm
 
         ids, sq_norms = {}, {}
         for k, tname in enumerate(source.names):
@@ -290,7 +291,7 @@ class Store:
 
     def _refuse_patched(self, model: ModelLike) -> None:
         """A model with a stance applied in place holds no base's weights: never register it."""
-        from .patch import open_journal_on
+        from .patching.patch import open_journal_on
 
         if isinstance(model, (str, os.PathLike)):
             line = open_journal_on(self, model)
@@ -300,7 +301,7 @@ class Store:
     def base_changed(self, base: Base, source: TensorSource, names: list[str]) -> BaseMismatch:
         """The error for base weights that are no longer those registered, naming the open
         journal when a stance applied in place to them is why."""
-        from .patch import open_journal_on
+        from .patching.patch import open_journal_on
 
         line = None
         if source.path is not None:
@@ -351,7 +352,7 @@ class Store:
             return base, None, False
         if isinstance(base, str) and not _looks_like_path(base):
             return self.base(base), None, False
-        from .models import open_model
+        from .weights.models import open_model
 
         self._refuse_patched(base)
         source = open_model(base, mapped=True)
@@ -385,7 +386,7 @@ class Store:
     def base_source(self, base: Base, weights: ModelLike | None = None, *, mapped: bool = False) -> TensorSource:
         """The base's weights: those given, else where `base add` found them (`mapped`: see
         models.open_files)."""
-        from .models import open_model
+        from .weights.models import open_model
 
         if weights is not None:
             return open_model(weights, mapped=mapped)
@@ -544,8 +545,8 @@ class Store:
         a typo would start a new line of versions unnoticed) unless `new_stance`. `against`: a
         version of the same base whose result the deltas are taken against instead of the base's
         (a chain, chain.py: at most `MAX_DEPTH` links; every tensor it stores is stored again)."""
-        from .commit import NOT_A_FINE_TUNE, build_entries
-        from .selection import Selector
+        from .engine.commit import NOT_A_FINE_TUNE, build_entries
+        from .codecs.selection import Selector
 
         selector = Selector.of(selector, include=include, exclude=exclude, top_k=top_k,
                                min_rel_change=min_rel_change, energy=energy)
@@ -557,7 +558,7 @@ class Store:
             if against_version is not None:
                 check_depth(self, against_version, base_rec.id)
             base_src = given or self.base_source(base_rec, base_weights, mapped=True)
-            from .models import open_model
+            from .weights.models import open_model
 
             target = open_model(model, mapped=True)
             built = build_entries(self, base_rec, base_src, target, token=token, encoding=encoding,
@@ -635,7 +636,7 @@ class Store:
     def _land(self, stance: str, base: Base, built: Any, encoding: str, message: str,
               metadata: dict[str, str], tag: str | None, token: str, *, allow_empty: bool = False,
               against: str | None = None) -> Version:
-        from .commit import same_content
+        from .engine.commit import same_content
 
         with self.catalog.transaction():
             # Stamped under the write lock, so that a stance's versions are in time order too.
@@ -836,8 +837,8 @@ class Store:
         `parts` holds them already); `out`: see Encoding.decode."""
         import torch
 
-        from . import encodings
-        from .hashing import DTYPES
+        from .codecs import encodings
+        from .core.hashing import DTYPES
 
         parts = self.read_parts(entry) if parts is None else parts
         enc = encodings.from_params(entry.encoding, entry.params)
@@ -852,7 +853,7 @@ class Store:
                     ) -> tuple[dict[str, TensorInfo], Callable[[str], torch.Tensor]]:
         """The fine-tuned model a version describes: every tensor's description, and a function
         that produces one tensor at a time, verified against the ids recorded at commit."""
-        from .models import TensorInfo
+        from .weights.models import TensorInfo
 
         version = self.resolve(ref)
         base = self.base(version.base_id)
@@ -894,7 +895,7 @@ class Store:
     def export(self, ref: str | Version, out: str | os.PathLike, *, base_weights: ModelLike | None = None,
                progress: Progress | None = None) -> Path:
         """Write the full fine-tuned model (base + delta) as a Hugging Face model folder."""
-        from .patch import write_model
+        from .patching.patch import write_model
 
         version = self.resolve(ref)
         base = self.base(version.base_id)
@@ -908,20 +909,20 @@ class Store:
         A file with other hard links is refused, unless `break_links`: it is then replaced by a
         private copy first, and the other paths keep their bytes. `progress(done, total)`: in
         bytes checked and written."""
-        from .patch import apply_in_place
+        from .patching.patch import apply_in_place
 
         self._writable()
         return apply_in_place(self, self.resolve(ref), Path(target), allow_links=break_links, progress=progress)
 
     def revert_files(self, target: str | os.PathLike, *, progress: Progress | None = None):
-        from .patch import revert_in_place
+        from .patching.patch import revert_in_place
         self._writable()
         return revert_in_place(self, Path(target), progress=progress)
 
     def forget_journal(self, name: str | os.PathLike):
         """Drop the journal of an in-place apply that revert cannot restore (its files gone or
         changed), by its target's path or its id; writes no model file."""
-        from .patch import forget_journal
+        from .patching.patch import forget_journal
         self._writable()
         return forget_journal(self, str(name))
 
@@ -952,8 +953,8 @@ class Store:
               strict: bool = True, scale: float | None = None):
         """Apply a version to `module` in place. `scale=a`: base + a*dW instead; `ref` a mapping
         {ref: a, ...}: base + a1*dW1 + a2*dW2 + ... (mix.py). Revert puts the base bytes back."""
-        from .apply import apply_module
-        from .mix import MixError, apply_mix
+        from .patching.apply import apply_module
+        from .patching.mix import MixError, apply_mix
 
         if isinstance(ref, Mapping):
             if scale is not None:
@@ -978,7 +979,7 @@ class Store:
         `mode="packed"` the stored codes (about the stored size), decoded at each switch.
         `device`: where they are held, the module's (default CPU). `base_weights`: the base
         model (path, state dict or module at its base), else where `base add` found it."""
-        from .prepared import prepare
+        from .patching.prepared import prepare
 
         return prepare(self, self.resolve(ref), device=device, mode=mode, base_weights=base_weights)
 
@@ -986,8 +987,8 @@ class Store:
         """Revert whatever this store applied to `module`, then apply `ref` (None: stay at base).
         Between prepared stances (`prepare`), a switch copies or decodes into the module and
         checks only what can have changed since the last one."""
-        from .apply import apply_module
-        from .prepared import PreparedStance
+        from .patching.apply import apply_module
+        from .patching.prepared import PreparedStance
 
         if isinstance(ref, PreparedStance) or (ref is None and self._switching(module)):
             return self._switch_prepared(module, ref)
@@ -1004,7 +1005,7 @@ class Store:
         """What this store applied to `module`, reverted for the body to apply another stance;
         when the body fails (the module is at its base again), the previous stance is applied
         again before the error goes on."""
-        from .apply import apply_module
+        from .patching.apply import apply_module
 
         previous = self._applied.pop(id(module), None)
         if previous is not None:
@@ -1017,12 +1018,12 @@ class Store:
             raise
 
     def _switching(self, module: torch.nn.Module) -> bool:
-        from .prepared import SwitchHandle
+        from .patching.prepared import SwitchHandle
 
         return isinstance(self._applied.get(id(module)), SwitchHandle)
 
     def _switch_prepared(self, module: torch.nn.Module, stance: Any):
-        from .prepared import SwitchHandle
+        from .patching.prepared import SwitchHandle
 
         handle = self._applied.get(id(module))
         if isinstance(handle, SwitchHandle) and handle.active:

@@ -16,12 +16,12 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import index, journalfiles
-from .durable import replace_file
-from .errors import DeltastoreError
-from .hashing import bytes_id, canonical_json
-from .objects import ObjectStore
-from .reflog import RefLog
+from .repo import index, journalfiles
+from .core.durable import replace_file
+from .core.errors import DeltastoreError
+from .core.hashing import bytes_id, canonical_json
+from .repo.objects import ObjectStore
+from .repo.reflog import RefLog
 from .store import OLD_FORMATS, READABLE_FORMATS, STORE_FILE, STORE_FORMAT, store_format
 
 FORMAT_1 = "deltastore/store/1"

@@ -25,11 +25,11 @@ sys.path.insert(0, str(HERE.parent))
 import smollm  # noqa: E402
 
 from deltastore import Store  # noqa: E402
-from deltastore.compare import compare  # noqa: E402
-from deltastore.hashing import tensor_id  # noqa: E402
-from deltastore.mix import export_mix  # noqa: E402
-from deltastore.models import open_model  # noqa: E402
-from deltastore.units import size  # noqa: E402
+from deltastore.analysis.compare import compare  # noqa: E402
+from deltastore.core.hashing import tensor_id  # noqa: E402
+from deltastore.patching.mix import export_mix  # noqa: E402
+from deltastore.weights.models import open_model  # noqa: E402
+from deltastore.core.units import size  # noqa: E402
 
 BEGIN, END = "<!-- chains_smollm.py -->", "<!-- end chains_smollm.py -->"
 

@@ -28,9 +28,9 @@ sys.path.insert(0, str(HERE.parent))
 import smollm  # noqa: E402
 
 from deltastore import Store  # noqa: E402
-from deltastore.compare import compare  # noqa: E402
-from deltastore.plots import analyze_plot, plot  # noqa: E402
-from deltastore.refanalysis import analyze  # noqa: E402
+from deltastore.analysis.compare import compare  # noqa: E402
+from deltastore.analysis.plots import analyze_plot, plot  # noqa: E402
+from deltastore.analysis.refanalysis import analyze  # noqa: E402
 
 STANCE = "curious-uncertainty"
 SELECTIONS = [r"include=layers\.15\.self_attn\.v_proj", "top_k=2", "top_k=68", r"include=self_attn"]

@@ -6,7 +6,7 @@
 For each rank, the version is written as a PEFT adapter (bf16), as vLLM's profile of it (bf16,
 --max-rank = the rank), and as a GGUF LoRA (f16 and q8_0); then as a merged GGUF model (f16 and
 q8_0). Every file is read back, merged into the base in memory and measured against the stored
-version (deltastore.export_fidelity): mean next-token KL and top-1 agreement over the questions
+version (deltastore.exports.export_fidelity): mean next-token KL and top-1 agreement over the questions
 in examples/prompts.txt, each put through the chat template. Sizes are the files written.
 """
 
@@ -26,11 +26,11 @@ sys.path.insert(0, str(HERE.parent))
 import smollm  # noqa: E402
 
 from deltastore import Store  # noqa: E402
-from deltastore.export_fidelity import ExportBench, merged  # noqa: E402
-from deltastore.gguf_lora import export_gguf_lora, read_gguf_lora  # noqa: E402
-from deltastore.gguf_model import export_gguf, read_gguf_model  # noqa: E402
-from deltastore.lora import adapter_weights, export_lora  # noqa: E402
-from deltastore.vllm_lora import export_vllm_lora  # noqa: E402
+from deltastore.exports.export_fidelity import ExportBench, merged  # noqa: E402
+from deltastore.exports.gguf_lora import export_gguf_lora, read_gguf_lora  # noqa: E402
+from deltastore.exports.gguf_model import export_gguf, read_gguf_model  # noqa: E402
+from deltastore.exports.lora import adapter_weights, export_lora  # noqa: E402
+from deltastore.exports.vllm_lora import export_vllm_lora  # noqa: E402
 
 STANCE = "curious-uncertainty"
 RANKS = (8, 16, 32, 64)

@@ -23,9 +23,9 @@ sys.path.insert(0, str(HERE.parent))
 import smollm  # noqa: E402
 
 from deltastore import Store  # noqa: E402
-from deltastore.analysis import MODULE_KINDS  # noqa: E402
-from deltastore.plots import similarity_plot  # noqa: E402
-from deltastore.similarity import overlap, similarity  # noqa: E402
+from deltastore.metrics.analysis import MODULE_KINDS  # noqa: E402
+from deltastore.analysis.plots import similarity_plot  # noqa: E402
+from deltastore.analysis.similarity import overlap, similarity  # noqa: E402
 
 BEGIN, END = "<!-- similarity_smollm.py -->", "<!-- end similarity_smollm.py -->"
 

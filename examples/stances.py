@@ -36,9 +36,9 @@ sys.path.insert(0, str(HERE))
 import smollm  # noqa: E402
 
 from deltastore import Store  # noqa: E402
-from deltastore.compare import compare  # noqa: E402
-from deltastore.plots import analyze_plot, plot  # noqa: E402
-from deltastore.refanalysis import analyze  # noqa: E402
+from deltastore.analysis.compare import compare  # noqa: E402
+from deltastore.analysis.plots import analyze_plot, plot  # noqa: E402
+from deltastore.analysis.refanalysis import analyze  # noqa: E402
 
 
 def answers(model, tok, questions: list[str], tokens: int) -> list[str]:
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         failures.append("after revert the answers differ from the base's")
 
     # 5. Share: push to a Hub, pull into another store, same answers.
-    from deltastore.hub import pull, push
+    from deltastore.sharing.hub import pull, push
 
     hub = LocalHub(work / "hub")
     try:

@@ -28,7 +28,7 @@ from safetensors.torch import _remove_duplicate_names, load_file, save_file
 from torch import nn
 
 from cli.main import cli
-from deltastore.objects import ObjectStore
+from deltastore.repo.objects import ObjectStore
 
 # Tensors a fine-tune leaves alone unless told otherwise: norms are often frozen, and a
 # commit must then skip them.

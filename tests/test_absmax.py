@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from deltastore import absmax, ondevice
-from deltastore.encodings import get
-from deltastore.errors import EncodingError
-from deltastore.hashing import dtype_name
+from deltastore.codecs import absmax, ondevice
+from deltastore.codecs.encodings import get
+from deltastore.core.errors import EncodingError
+from deltastore.core.hashing import dtype_name
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from deltastore.analysis import (
+from deltastore.metrics.analysis import (
     AnalysisError,
     Location,
     energy_fraction,
@@ -16,7 +16,7 @@ from deltastore.analysis import (
     tensor_change,
     tensor_changes,
 )
-from deltastore.plots import heatmap
+from deltastore.analysis.plots import heatmap
 
 
 @pytest.mark.parametrize(

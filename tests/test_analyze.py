@@ -14,8 +14,8 @@ from click.testing import CliRunner  # noqa: E402
 
 from cli.main import cli  # noqa: E402
 from deltastore import RefNotFound, Store  # noqa: E402
-from deltastore.plots import analyze_plot  # noqa: E402
-from deltastore.refanalysis import analyze  # noqa: E402
+from deltastore.analysis.plots import analyze_plot  # noqa: E402
+from deltastore.analysis.refanalysis import analyze  # noqa: E402
 from tiny_lm import adam_like, only, pair  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
@@ -151,7 +151,7 @@ def wide(tmp_path_factory, weightwatcher):
 
 
 def test_alpha_of_base_and_fine_tune(wide, weightwatcher):
-    from deltastore.alpha import matrix_alpha
+    from deltastore.metrics.alpha import matrix_alpha
 
     root, base = wide
     with Store.open(root) as store:

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from deltastore import BaseMismatch, CorruptObject, Store, checked
+from deltastore import BaseMismatch, CorruptObject, Store
+from deltastore.core import checked
 
 from helpers import (finetune_, make_model, module_snapshot, object_files, raw, saved_state,
                      tiny_net, write_folder)
@@ -243,7 +244,7 @@ def test_a_failure_while_writing_puts_back_what_was_written(tmp_path, store, mon
     # head.weight is patched last (entries go in name order). Here it is an expanded view,
     # which cannot be written in place: the writes before it (or beside it, on two threads)
     # must be undone.
-    import deltastore.apply as apply_module
+    import deltastore.patching.apply as apply_module
 
     if threads == "two threads":
         monkeypatch.setattr(apply_module, "PARALLEL_WRITE_FROM", 0)
@@ -288,7 +289,7 @@ def test_buffers_of_every_dtype_apply_and_revert(tmp_path, store) -> None:
 
 def test_a_large_version_checked_two_tensors_at_a_time_applies_and_fails_the_same(tmp_path, store,
                                                                                   monkeypatch) -> None:
-    import deltastore.apply as apply_module
+    import deltastore.patching.apply as apply_module
 
     pair = make_model(tmp_path, torch.bfloat16)
     store.commit("lossless", pair.ft, base=pair.base)
@@ -356,7 +357,7 @@ def test_a_tensor_under_two_names_of_a_version_applies_and_reverts(tmp_path, sto
 
 
 def test_two_threads_returns_results_in_order_and_the_first_error_in_list_order() -> None:
-    from deltastore.pools import pool, two_threads
+    from deltastore.core.pools import pool, two_threads
 
     assert two_threads([lambda i=i: i * i for i in range(7)]) == [i * i for i in range(7)]
     assert two_threads([]) == [] and two_threads([lambda: "one"]) == ["one"]
@@ -378,7 +379,7 @@ def test_two_threads_returns_results_in_order_and_the_first_error_in_list_order(
 @pytest.fixture
 def shared_checks(monkeypatch):
     """Every small version's checks shared with the pool thread, however few its bytes."""
-    import deltastore.apply as apply_module
+    import deltastore.patching.apply as apply_module
 
     monkeypatch.setattr(apply_module, "SHARED_FROM", 0)
 

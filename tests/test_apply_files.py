@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltastore import BaseMismatch, CorruptObject, JournalError, Store, absmax, encodings
-from deltastore.errors import ResultMismatch
+from deltastore import BaseMismatch, CorruptObject, JournalError, Store
+from deltastore.codecs import absmax, encodings
+from deltastore.core.errors import ResultMismatch
 
 from helpers import (ForkDriver, assert_same_state, file_bytes, load_folder, make_model, module_snapshot,
                      weight_bytes, write_folder)
@@ -383,7 +384,7 @@ def test_progress_counts_every_byte_checked_and_written(tmp_path, store) -> None
 
 def test_a_journal_that_saved_its_originals_as_objects_still_reverts_exactly(tmp_path, store) -> None:
     """Journals written before `.originals` files name one object per region."""
-    from deltastore import journalfiles
+    from deltastore.repo import journalfiles
 
     pair = make_model(tmp_path, torch.bfloat16, sharded=True)
     store.commit("s", pair.ft, base=pair.base)

@@ -1,5 +1,5 @@
-"""schema/ARCHITECTURE.md's module map holds: every module is on it, imports run down its layers,
-and no module imports itself through others."""
+"""schema/ARCHITECTURE.md's module map holds: every module is on it under its package, imports run
+down its layers (a module's layer is its package's), and no module imports itself through others."""
 
 from __future__ import annotations
 
@@ -9,42 +9,62 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Old module paths kept for one release (CHANGELOG.md): each is the module it names, off the map.
+SHIMS = {"deltastore.hub": "deltastore.sharing.hub", "deltastore.spare": "deltastore.core.spare"}
+
 
 def layers() -> dict[str, int]:
-    """Each library module's layer on the map, counted from the top (0)."""
-    out, layer = {}, -1
+    """Each library module's layer on the map, counted from the top (0): its package's row."""
+    out, layer, package = {}, -1, ""
     for line in (ROOT / "schema" / "ARCHITECTURE.md").read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) != 3 or not cells[1].startswith("`"):
             continue
         if cells[0]:
             layer += 1
+            package = re.match(r"`([\w/]+)/`", cells[0]).group(1).replace("/", ".")
         name = cells[1].strip("`")
-        if re.fullmatch(r"\w+\.py", name):
-            out[name[:-3]] = layer
+        if package.startswith("deltastore") and re.fullmatch(r"\w+\.py", name):
+            out[f"{package}.{name[:-3]}"] = layer
     return out
 
 
-def imports(path: Path) -> set[str]:
-    """The deltastore modules a module imports, at its top or inside functions; not those
-    under `if TYPE_CHECKING:`, which never run."""
+def dotted(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts)
+
+
+def modules() -> dict[str, Path]:
+    """Every library module but the packages' `__init__.py` and the old paths."""
+    found = {dotted(p): p for p in (ROOT / "deltastore").rglob("*.py") if p.stem != "__init__"}
+    return {m: p for m, p in found.items() if m not in SHIMS}
+
+
+def imports(path: Path, known: set[str]) -> set[str]:
+    """The deltastore modules a module imports, at its top or inside functions, relative or by
+    full name; not those under `if TYPE_CHECKING:`, which never run."""
+    package = dotted(path).split(".")[:-1]
     out = set()
     todo = [ast.parse(path.read_text())]
     while todo:
         node = todo.pop()
         if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
             continue
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            out |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] == "deltastore"):
+            base = ".".join(package[:len(package) - node.level + 1] if node.level else [])
+            full = ".".join(filter(None, [base, node.module]))
+            out |= {f"{full}.{a.name}" if f"{full}.{a.name}" in known | SHIMS.keys() else full for a in node.names}
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.split(".")[0] == "deltastore"}
         todo.extend(ast.iter_child_nodes(node))
-    return out
+    return {SHIMS.get(m, m) for m in out} & known
 
 
 def graph() -> dict[str, set[str]]:
-    return {p.stem: imports(p) for p in (ROOT / "deltastore").glob("*.py") if p.stem != "__init__"}
+    found = modules()
+    return {m: imports(p, set(found)) for m, p in found.items()}
 
 
-def test_every_module_is_on_the_map():
+def test_every_module_is_on_the_map_under_its_package():
     assert set(graph()) == set(layers())
 
 
@@ -68,6 +88,54 @@ def test_no_module_imports_itself_through_others():
         return seen
 
     assert sorted(m for m in g if m in reaches(m)) == []
+
+
+def test_a_subpackage_imports_nothing_when_opened():
+    """A subpackage's `__init__.py` is its docstring alone, so opening one package never loads
+    another behind the map's back."""
+    inits = sorted((ROOT / "deltastore").glob("*/__init__.py"))
+    assert len(inits) >= 10
+    assert {dotted(p): imports(p, set(modules())) for p in inits} == {dotted(p): set() for p in inits}
+
+
+def test_an_old_module_path_is_the_module_it_names():
+    import importlib
+
+    for old, new in SHIMS.items():
+        assert importlib.import_module(old) is importlib.import_module(new)
+    top = {dotted(p) for p in (ROOT / "deltastore").glob("*.py") if p.stem != "__init__"}
+    assert top - set(layers()) == set(SHIMS)
+
+
+def test_every_import_of_deltastore_names_what_is_there():
+    """Each `deltastore` module named in an import, relative or full, in the library, the CLI, the
+    tests and the examples exists where the import looks for it (an edit made against the old
+    flat layout shows here, even in an import inside a function that no test runs)."""
+    known = set(modules()) | SHIMS.keys()
+    packages = {dotted(p.parent) for p in (ROOT / "deltastore").rglob("__init__.py")}
+    import deltastore
+
+    top = set(deltastore.__all__) | {"__version__"}
+    wrong = []
+    for folder in ("deltastore", "cli", "tests", "examples"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            package = dotted(path).split(".")[:-1]
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    named = [a.name for a in node.names if a.name.split(".")[0] == "deltastore"]
+                elif isinstance(node, ast.ImportFrom) and ((node.level and folder == "deltastore")
+                                                           or (node.module or "").split(".")[0] == "deltastore"):
+                    base = ".".join(package[:len(package) - node.level + 1] if node.level else [])
+                    full = ".".join(filter(None, [base, node.module]))
+                    named = [full] if full in known else [
+                        f"{full}.{a.name}" if f"{full}.{a.name}" in known | packages or full != "deltastore"
+                        or a.name not in top else full for a in node.names]
+                else:
+                    continue
+                wrong += [f"{path.relative_to(ROOT)}:{node.lineno} {m}" for m in named
+                          if m not in known | packages]
+    assert wrong == []
+
 
 
 def test_every_command_is_a_short_function():

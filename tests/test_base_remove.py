@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from deltastore import Store
-from deltastore.errors import BaseInUse
+from deltastore.core.errors import BaseInUse
 
 from helpers import make_model, run_cli, run_json, store_snapshot, views
 

@@ -257,7 +257,7 @@ def test_a_torn_last_record_is_ignored_and_cut_off_by_the_next_writer(small) -> 
 
 def test_the_ref_log_records_each_change_as_canonical_json(small) -> None:
     """FORMAT.md §6: one canonical-JSON record per line, in commit order."""
-    from deltastore.hashing import canonical_json
+    from deltastore.core.hashing import canonical_json
 
     with Store.open(small) as store:
         store.tag("s@1", "good")

@@ -13,11 +13,11 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from deltastore import Store
-from deltastore.chain import MAX_DEPTH, ChainError
-from deltastore.errors import CorruptObject, UnsafeInput
-from deltastore.hashing import tensor_id
-from deltastore.records import CHAINED_FORMAT, check_manifest
-from deltastore.remote import push
+from deltastore.engine.chain import MAX_DEPTH, ChainError
+from deltastore.core.errors import CorruptObject, UnsafeInput
+from deltastore.core.hashing import tensor_id
+from deltastore.repo.records import CHAINED_FORMAT, check_manifest
+from deltastore.sharing.remote import push
 
 from helpers import (assert_same_state, finetune_, flip_byte, load_folder, make_model, module_snapshot,
                      saved_state, weight_bytes, write_folder)
@@ -170,11 +170,11 @@ def test_push_refuses_a_chained_version_and_packed_prepare_too(tmp_path, stances
         push(store, ["s1"], remote)
     out = CliRunner().invoke(cli, ["--store", str(store.root), "push", "s1", "--remote", remote])
     assert out.exit_code == 1 and "does not carry chains" in out.output and "Traceback" not in out.output
-    from deltastore.hub import push as hub_push
+    from deltastore.sharing.hub import push as hub_push
 
     with pytest.raises(ChainError, match="does not carry chains"):
         hub_push(store, ["s1"], "user/repo")
-    from deltastore.prepared import prepare
+    from deltastore.patching.prepared import prepare
 
     with pytest.raises(ChainError, match="mode='full'"):
         prepare(store, store.resolve("s1"), mode="packed", base_weights=pair.base)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from deltastore import Store
-from deltastore.errors import ModelFormatError
-from deltastore.hashing import manifest_id, tensor_id
-from deltastore.models import open_model, other_files
+from deltastore.core.errors import ModelFormatError
+from deltastore.core.hashing import manifest_id, tensor_id
+from deltastore.weights.models import open_model, other_files
 
 from helpers import (INDEX, assert_same_state, data_object_files, file_bytes, load_folder, make_model, same_tensor,
                      store_snapshot, write_folder)
@@ -178,7 +178,7 @@ def test_in_order_runs_ahead_of_a_slow_tensor_and_stops_when_one_fails() -> None
     import threading
     import time
 
-    from deltastore.commit import in_order
+    from deltastore.core.pools import in_order
 
     def run(ahead):
         started, release, out = [], threading.Event(), []
@@ -230,8 +230,8 @@ def test_in_order_runs_ahead_of_a_slow_tensor_and_stops_when_one_fails() -> None
 def test_a_large_tensor_is_streamed_to_the_same_object(tmp_path, store, dtype) -> None:
     # Past STREAM_FROM the XOR payload is hashed and compressed chunk by chunk: the object
     # must hold exactly the bytes the one-shot encoding gives, and export the fine-tune.
-    from deltastore.encodings import STREAM_FROM, get, xor_grouped, xor_planes
-    from deltastore.hashing import bytes_id
+    from deltastore.codecs.encodings import STREAM_FROM, get, xor_grouped, xor_planes
+    from deltastore.core.hashing import bytes_id
 
     g = torch.Generator().manual_seed(7)
     n = STREAM_FROM // torch.empty(0, dtype=dtype).element_size() + 12345
@@ -299,7 +299,7 @@ def test_mapped_tensors_stay_readable_once_released(tmp_path) -> None:
 def test_commit_from_a_base_path_hashes_the_base_once(tmp_path, store, monkeypatch) -> None:
     # A commit from an unregistered base path hashes the base to find its id; the commit itself
     # then trusts those ids (a file written in between is still refused by check_unchanged).
-    import deltastore.commit
+    import deltastore.engine.commit
     import deltastore.store
 
     pair = make_model(tmp_path, torch.float32)
@@ -314,18 +314,18 @@ def test_commit_from_a_base_path_hashes_the_base_once(tmp_path, store, monkeypat
         monkeypatch.setattr(module, "tensor_id", counted)
 
     spy(deltastore.store)
-    spy(deltastore.commit)
+    spy(deltastore.engine.commit)
     result = store.commit("curious", pair.ft, base=pair.base)
     names = open_model(pair.base).names
-    by_module = {m: sum(1 for k, _ in hashed if k == m) for m in ("deltastore.store", "deltastore.commit")}
+    by_module = {m: sum(1 for k, _ in hashed if k == m) for m in ("deltastore.store", "deltastore.engine.commit")}
     # Each base tensor once (store.py, to find the base id); each fine-tuned tensor once (commit.py).
-    assert by_module == {"deltastore.store": len(names), "deltastore.commit": len(names)}
+    assert by_module == {"deltastore.store": len(names), "deltastore.engine.commit": len(names)}
     assert store.export(result.version.ref, tmp_path / "out") and \
         load_folder(tmp_path / "out").keys() == load_folder(pair.ft).keys()
 
 
 def test_a_selector_and_its_options_one_by_one_commit_the_same(tmp_path, store) -> None:
-    from deltastore.selection import Selector
+    from deltastore.codecs.selection import Selector
 
     pair = make_model(tmp_path, torch.float32)
     by_object = store.commit("a", pair.ft, base=pair.base, selector=Selector(exclude="embed", top_k=3))

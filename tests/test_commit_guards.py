@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from deltastore import Store
-from deltastore.commit import NOT_A_FINE_TUNE, median_rel_change
-from deltastore.errors import IdenticalVersion, NotAFineTune
+from deltastore.engine.commit import NOT_A_FINE_TUNE, median_rel_change
+from deltastore.core.errors import IdenticalVersion, NotAFineTune
 
 from helpers import make_model, run_cli, store_snapshot, write_folder
 
@@ -115,7 +115,7 @@ def test_encoding_names_in_any_case_and_listed_in_help(store, tmp_path):
 
 
 def test_a_typo_in_a_stance_name_asks_for_new_stance(store, tmp_path):
-    from deltastore.errors import StanceNameClose
+    from deltastore.core.errors import StanceNameClose
 
     pair = make_model(tmp_path)
     store.commit("curious-uncertainty", pair.ft, base=pair.base)

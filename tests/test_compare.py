@@ -14,10 +14,10 @@ from safetensors import safe_open  # noqa: E402
 
 from cli.main import cli  # noqa: E402
 from deltastore import Store  # noqa: E402
-from deltastore.auto import choose_encoding  # noqa: E402
-from deltastore.compare import CompareError, compare, parse_select  # noqa: E402
-from deltastore.plots import plot  # noqa: E402
-from deltastore.fidelity import FidelityError  # noqa: E402
+from deltastore.analysis.auto import choose_encoding  # noqa: E402
+from deltastore.analysis.compare import CompareError, compare, parse_select  # noqa: E402
+from deltastore.analysis.plots import plot  # noqa: E402
+from deltastore.metrics.fidelity import FidelityError  # noqa: E402
 from tiny_lm import adam_like, low_rank, pair, prompts_file  # noqa: E402
 
 
@@ -256,7 +256,7 @@ def test_models_that_do_not_match_and_bad_requests_are_refused(tmp_path, adam_pa
 def test_chat_prompts_go_through_the_chat_template(adam_pair):
     import transformers
 
-    from deltastore.fidelity import FidelityProbe
+    from deltastore.metrics.fidelity import FidelityProbe
     from tiny_lm import word_tokenizer
 
     base, ft, _ = adam_pair

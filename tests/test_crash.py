@@ -21,7 +21,7 @@ KILLS = 10
 # What a forked child does with a job: a commit or a gc.
 JOBS = r"""
 from deltastore import Store
-from deltastore.maintenance import gc
+from deltastore.engine.maintenance import gc
 
 def run(job):
     with Store.open(job["store"]) as store:

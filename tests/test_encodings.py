@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from deltastore import encodings
-from deltastore import quantize as Q
-from deltastore.encodings import Encoded
-from deltastore.errors import EncodingError
+from deltastore.codecs import encodings
+from deltastore.codecs import quantize as Q
+from deltastore.codecs.encodings import Encoded
+from deltastore.core.errors import EncodingError
 
 LOSSY = ["int8", "int4", "nf4", "fp4", "1bit", "lowrank:4"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -123,7 +123,7 @@ def test_int4_nibble_order_and_scale_layout() -> None:
 
 
 def test_int4_every_code_byte_decodes_to_its_nibbles_across_slices() -> None:
-    from deltastore import quantize
+    from deltastore.codecs import quantize
 
     # All 256 code bytes, twice, then one odd element; scale 1 (fp16 1.0, exponent 0).
     codes = bytes(range(256)) * 2 + bytes([0x8F])
@@ -348,7 +348,7 @@ def test_nf4_without_bitsandbytes_says_how_to_get_it(monkeypatch: pytest.MonkeyP
 def test_lowrank_from_a_shared_basis_is_the_same_bytes():
     # compare and `commit --encoding auto` find each matrix's singular vectors once for every
     # rank; what they store and measure must be what lowrank:R alone gives.
-    from deltastore.quantize import gram_basis
+    from deltastore.codecs.quantize import gram_basis
 
     g = torch.Generator().manual_seed(7)
     for shape in ((96, 40), (40, 96)):
@@ -429,7 +429,7 @@ def test_4bit_codes_are_bucketize_among_the_midpoints_for_floats_across_minus_1_
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.bfloat16, torch.float32, torch.float64])
 def test_lossless_decoded_in_place_equals_decoded_and_keeps_the_base(dtype) -> None:
-    from deltastore.encodings import byte_ungroup, xor_ungroup_in_place
+    from deltastore.codecs.encodings import byte_ungroup, xor_ungroup_in_place
 
     gen = torch.Generator().manual_seed(9)
     base = torch.randint(0, 255, (1001 * 8,), generator=gen, dtype=torch.uint8).view(dtype)

@@ -16,8 +16,8 @@ import torch
 from deltastore import (AmbiguousRef, BaseMismatch, BaseNotFound, CorruptObject, DeltastoreError,
                         EncodingError, ModelFormatError, PickleRefused, RefNotFound, Store,
                         StoreNotFound, UnsafeInput)
-from deltastore.errors import ReadOnlyStore
-from deltastore.hashing import canonical_json, manifest_id
+from deltastore.core.errors import ReadOnlyStore
+from deltastore.core.hashing import canonical_json, manifest_id
 from deltastore.store import find_store
 
 from helpers import (file_bytes, flip_byte, make_model, module_snapshot, saved_state, store_snapshot,

@@ -16,9 +16,9 @@ from click.testing import CliRunner  # noqa: E402
 
 from cli.main import cli  # noqa: E402
 from deltastore import Store  # noqa: E402
-from deltastore.errors import (BaseMismatch, BaseNotFound, IdenticalVersion, StanceNameClose,  # noqa: E402
+from deltastore.core.errors import (BaseMismatch, BaseNotFound, IdenticalVersion, StanceNameClose,  # noqa: E402
                                UnsafeInput)
-from deltastore.committing import commit  # noqa: E402
+from deltastore.analysis.committing import commit  # noqa: E402
 from helpers import make_model, store_snapshot, write_folder  # noqa: E402
 from tiny_lm import adam_like, pair, prompts_file  # noqa: E402
 
@@ -140,7 +140,7 @@ def test_base_add_prints_the_short_id_tensors_and_size(tmp_path):
 # -- item 7: a clone's base has no weights ---------------------------------------------------
 
 def test_export_in_a_clone_says_the_store_has_no_weights_and_offers_base_add(tmp_path):
-    from deltastore.remote import clone, push
+    from deltastore.sharing.remote import clone, push
 
     p = make_model(tmp_path)
     with Store.init(tmp_path / "a") as a:

@@ -16,10 +16,10 @@ from click.testing import CliRunner  # noqa: E402
 
 from cli.main import cli  # noqa: E402
 from deltastore import Store  # noqa: E402
-from deltastore.export_fidelity import KlNotReached, export_lora_measured, merged, rank_ladder  # noqa: E402
-from deltastore.errors import DeltastoreError  # noqa: E402
-from deltastore.lora import adapter_weights  # noqa: E402
-from deltastore.models import open_model  # noqa: E402
+from deltastore.exports.export_fidelity import KlNotReached, export_lora_measured, merged, rank_ladder  # noqa: E402
+from deltastore.core.errors import DeltastoreError  # noqa: E402
+from deltastore.exports.lora import adapter_weights  # noqa: E402
+from deltastore.weights.models import open_model  # noqa: E402
 from tiny_lm import PROMPTS, adam_like, kl_top1, pair, prompts_file  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,7 +63,7 @@ def test_peft_export_kl_equals_peft_merged_model(tmp_path, stance):
 
 def test_merging_in_memory_equals_peft_merge(tmp_path, stance):
     store, base, ft, _ = stance
-    from deltastore.lora import export_lora
+    from deltastore.exports.lora import export_lora
 
     out = export_lora(store, "s", tmp_path / "adapter", rank=3, dtype="bf16")
     ours = adapter_weights(out.out, open_model(base))

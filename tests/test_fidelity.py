@@ -5,7 +5,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from deltastore.fidelity import (  # noqa: E402
+from deltastore.metrics.fidelity import (  # noqa: E402
     Fidelity,
     FidelityError,
     FidelityProbe,

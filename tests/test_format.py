@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from deltastore import Store
-from deltastore.hashing import base_id, canonical_json, manifest_id, tensor_id
-from deltastore.objects import HEADER, ObjectStore
+from deltastore.core.hashing import base_id, canonical_json, manifest_id, tensor_id
+from deltastore.repo.objects import HEADER, ObjectStore
 
 SCHEMA = Path(__file__).resolve().parent.parent / "schema"
 

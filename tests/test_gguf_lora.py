@@ -42,8 +42,8 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 from gguf import GGUFReader  # noqa: E402
 
 from cli.main import cli  # noqa: E402
-from deltastore.gguf_lora import UnsupportedArchitecture, export_gguf_lora, read_gguf_lora  # noqa: E402
-from deltastore.models import open_model  # noqa: E402
+from deltastore.exports.gguf_lora import UnsupportedArchitecture, export_gguf_lora, read_gguf_lora  # noqa: E402
+from deltastore.weights.models import open_model  # noqa: E402
 from tiny_lm import committed, llama  # noqa: E402
 
 HIDDEN, FFN, LAYERS = 64, 128, 2

@@ -39,9 +39,9 @@ from gguf import GGUFReader  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from deltastore import Store  # noqa: E402
-from deltastore import gguf_model  # noqa: E402
-from deltastore.gguf_model import CHKTXT, GgufExportError, export_gguf, read_gguf_model  # noqa: E402
-from deltastore.models import open_model  # noqa: E402
+from deltastore.exports import gguf_model  # noqa: E402
+from deltastore.exports.gguf_model import CHKTXT, GgufExportError, export_gguf, read_gguf_model  # noqa: E402
+from deltastore.weights.models import open_model  # noqa: E402
 from tiny_lm import adam_like, kl_top1, pair, tuned  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -308,7 +308,7 @@ def test_cli_export_format_gguf(tmp_path, smollm_tokenizer):
     prompts.write_text("The capital of France is\ndef fibonacci(n):\n")
     result = runner.invoke(cli, [*args, "--prompts", str(prompts), "--out", str(tmp_path / "m.gguf")])
     assert result.exit_code == 0, result.output
-    from deltastore.export_fidelity import llama_cpp_missing
+    from deltastore.exports.export_fidelity import llama_cpp_missing
 
     ran = "(run in llama.cpp)" if llama_cpp_missing() is None else "(torch's estimate"
     assert f"fidelity of what was written {ran}" in result.output and "over 2 prompts" in result.output
@@ -323,7 +323,7 @@ def test_merged_gguf_kl_equals_an_independent_computation(tmp_path, smollm_token
     here. (With llama.cpp installed the report is llama.cpp's: tests/test_llama_cpp.py.)"""
     import transformers
 
-    from deltastore.export_fidelity import ExportBench, export_gguf_measured, llama_cpp_missing
+    from deltastore.exports.export_fidelity import ExportBench, export_gguf_measured, llama_cpp_missing
 
     store, ft = committed(tmp_path, "llama", smollm_tokenizer)
     prompts = ["The capital of France is", "def fibonacci(n):", "Photosynthesis is the process by which"]

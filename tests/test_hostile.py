@@ -18,9 +18,9 @@ import torch
 import zstandard
 
 from deltastore import CorruptObject, DeltastoreError, ModelFormatError, Store, UnsafeInput
-from deltastore.hashing import canonical_json
-from deltastore.objects import HEADER, MAGIC, ZSTD
-from deltastore.records import MAX_TENSORS, check_manifest, parse_manifest
+from deltastore.core.hashing import canonical_json
+from deltastore.repo.objects import HEADER, MAGIC, ZSTD
+from deltastore.repo.records import MAX_TENSORS, check_manifest, parse_manifest
 
 from helpers import store_snapshot
 
@@ -197,8 +197,8 @@ def test_a_parsed_manifest_of_a_million_entries_is_refused_before_its_entries_ar
 
 
 def test_a_pulled_manifest_file_of_a_million_entries_is_not_read(store, tmp_path):
-    from deltastore import hub
-    from deltastore.errors import PulledDataRejected
+    from deltastore.sharing import hub
+    from deltastore.core.errors import PulledDataRejected
 
     entry = canonical_json(store.resolve("stance").manifest()["tensors"][0])
     path = tmp_path / "v1.json"
@@ -364,7 +364,7 @@ def test_two_stores_never_share_temporary_files(tmp_path, monkeypatch):
     import os
     import threading
 
-    import deltastore.objects as objects_module
+    import deltastore.repo.objects as objects_module
 
     renames: list[tuple[Path, Path]] = []
     lock = threading.Lock()
@@ -415,7 +415,7 @@ def test_two_stores_never_share_temporary_files(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("pattern", ["((.*)*)*z", "(a+)+$", "(e|e)*x", "(.)\\1", ".*a.*b.*c"])
 def test_an_adapter_pattern_that_backtracks_without_bound(store, tmp_path, pattern):
-    from deltastore.lora import LoraError, export_lora, import_lora
+    from deltastore.exports.lora import LoraError, export_lora, import_lora
 
     ft = {k: v + torch.randn(v.shape) * 0.01 for k, v in base_state().items()}
     store.commit("stance", ft, base="base")
@@ -461,7 +461,7 @@ def test_arguments_that_are_not_utf8_are_one_line_errors(store, tmp_path, args):
 
 @pytest.mark.parametrize("manifest", ["garbage", "[]", "[" * 100_000, '{"format": "deltastore/version/1"}'])
 def test_a_manifest_object_replaced_by_hand(store, tmp_path, manifest):
-    from deltastore.objects import ObjectStore
+    from deltastore.repo.objects import ObjectStore
 
     # A well-formed object file, holding other content than its name (the version id) says.
     vid = store.resolve("stance").id
@@ -475,7 +475,7 @@ def test_a_manifest_object_replaced_by_hand(store, tmp_path, manifest):
 
 
 def test_an_adapter_with_ten_thousand_pattern_keys(store, tmp_path):
-    from deltastore.lora import LoraError, export_lora, import_lora
+    from deltastore.exports.lora import LoraError, export_lora, import_lora
 
     ft = {k: v + torch.randn(v.shape) * 0.01 for k, v in base_state().items()}
     store.commit("stance", ft, base="base")

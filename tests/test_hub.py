@@ -24,11 +24,11 @@ from huggingface_hub import CommitOperationAdd, HfApi, constants
 
 from cli.main import cli
 from deltastore import Store
-from deltastore.errors import (BaseMismatch, BaseNotFound, HubAccessDenied, HubRepoNotFound,
+from deltastore.core.errors import (BaseMismatch, BaseNotFound, HubAccessDenied, HubRepoNotFound,
                                HubRequestRefused, HubRevisionNotFound, HubStanceNotFound, HubUnreachable,
                                LocalStanceDiffers, PulledBaseMissing, PulledDataRejected, UnsafeInput)
-from deltastore.hashing import canonical_json, manifest_id
-from deltastore.hub import INDEX_FILE, pull, push
+from deltastore.core.hashing import canonical_json, manifest_id
+from deltastore.sharing.hub import INDEX_FILE, pull, push
 
 from helpers import (commit_takes, file_bytes, finetune_, make_model, module_snapshot, saved_state, store_snapshot,
                      write_folder)

@@ -147,8 +147,8 @@ def test_a_missing_path_that_is_no_hub_repo_either_is_told_so(hub, tmp_path):
 @pytest.fixture
 def shared(hub, models, tmp_path):
     """Store A: the base fetched from the Hub, two stances committed on it and pushed."""
-    from deltastore.hub import push
-    from deltastore.hubbase import fetch_base
+    from deltastore.sharing.hub import push
+    from deltastore.sharing.hubbase import fetch_base
 
     commit = publish(hub, models["base"])
     a = Store.init(tmp_path / "a")
@@ -228,8 +228,8 @@ def test_pull_fetch_base_at_a_revision_with_other_weights_is_refused_naming_both
 
 
 def test_fetch_base_refuses_other_weights_before_registering(hub, models, tmp_path):
-    from deltastore.errors import BaseMismatch
-    from deltastore.hubbase import fetch_base
+    from deltastore.core.errors import BaseMismatch
+    from deltastore.sharing.hubbase import fetch_base
 
     publish(hub, models["base"])
     with Store.init(tmp_path / "s") as s:
@@ -306,7 +306,7 @@ def test_a_revision_the_base_repo_lacks_is_told_so(hub, models, tmp_path):
 
 
 def test_a_lora_export_names_the_base_commit_for_peft(shared, tmp_path):
-    from deltastore.lora import export_lora
+    from deltastore.exports.lora import export_lora
 
     a, _, commit = shared
     e = export_lora(a, "curious-uncertainty", tmp_path / "adapter", rank=2)

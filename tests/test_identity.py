@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file, save_model
 
 from deltastore import Store
-from deltastore.hashing import base_id, bytes_id, canonical_json, is_id, tensor_id
-from deltastore.models import open_model
+from deltastore.core.hashing import base_id, bytes_id, canonical_json, is_id, tensor_id
+from deltastore.weights.models import open_model
 
 from helpers import make_model, raw, saved_state, tiny_llama, tiny_net, write_folder
 
@@ -147,8 +147,8 @@ def test_aliases_dropped_as_safetensors_drops_them() -> None:
     # _remove_duplicate_names is the oracle here, never a dependency of the library).
     from safetensors.torch import _remove_duplicate_names
 
-    from deltastore.errors import ModelFormatError
-    from deltastore.models import module_state, without_aliases
+    from deltastore.core.errors import ModelFormatError
+    from deltastore.weights.models import module_state, without_aliases
 
     for module in (tiny_llama(tied=True), tiny_net(tied=True), tiny_net(tied=False)):
         state = module.state_dict()

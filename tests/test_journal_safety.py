@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltastore import JournalError, Store, journalfiles
+from deltastore import JournalError, Store
+from deltastore.repo import journalfiles
 
 from helpers import file_bytes, make_model, run_cli, store_snapshot
 

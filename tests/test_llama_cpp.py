@@ -24,12 +24,13 @@ pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from deltastore import Store, gguf_model  # noqa: E402
-from deltastore.export_fidelity import export_gguf_measured, export_lora_measured, llama_cpp_log_probs  # noqa: E402
-from deltastore.gguf_lora import export_gguf_lora  # noqa: E402
-from deltastore.gguf_model import export_base_gguf, export_gguf  # noqa: E402
-from deltastore.lora import export_lora  # noqa: E402
-from deltastore.models import open_model  # noqa: E402
+from deltastore import Store  # noqa: E402
+from deltastore.exports import gguf_model  # noqa: E402
+from deltastore.exports.export_fidelity import export_gguf_measured, export_lora_measured, llama_cpp_log_probs  # noqa: E402
+from deltastore.exports.gguf_lora import export_gguf_lora  # noqa: E402
+from deltastore.exports.gguf_model import export_base_gguf, export_gguf  # noqa: E402
+from deltastore.exports.lora import export_lora  # noqa: E402
+from deltastore.weights.models import open_model  # noqa: E402
 from test_gguf_model import qwen2_hash  # noqa: E402
 from tiny_lm import low_rank, only, tuned  # noqa: E402
 

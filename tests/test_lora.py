@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from cli.main import cli  # noqa: E402
 from deltastore import PickleRefused, Store, UnsafeInput  # noqa: E402
-from deltastore.lora import LoraError, export_lora, import_lora  # noqa: E402
+from deltastore.exports.lora import LoraError, export_lora, import_lora  # noqa: E402
 from tiny_lm import PROMPTS, adam_like, llama, only, pair, save, word_tokenizer  # noqa: E402
 
 
@@ -256,8 +256,8 @@ def test_untrusted_adapters_are_refused(tmp_path):
 
 
 def test_randomized_export_measures_what_it_holds_as_compare_counts_it(tmp_path):
-    from deltastore.compare import compare
-    from deltastore.lora import product
+    from deltastore.analysis.compare import compare
+    from deltastore.exports.lora import product
 
     base, ft = pair(tmp_path, adam_like(0.02))
     store = Store.init(tmp_path / "store")

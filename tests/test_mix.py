@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from deltastore import Store
-from deltastore.errors import BaseMismatch
-from deltastore.mix import MixError
+from deltastore.core.errors import BaseMismatch
+from deltastore.patching.mix import MixError
 
 from helpers import finetune_, load_folder, make_model, module_snapshot, raw, saved_state, write_folder
 

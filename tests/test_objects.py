@@ -8,9 +8,9 @@ import random
 import pytest
 import zstandard
 
-from deltastore.errors import CorruptObject, MissingObject, UnsafeInput
-from deltastore.hashing import bytes_id
-from deltastore.objects import HEADER, MAGIC, RAW, ZSTD, ObjectStore
+from deltastore.core.errors import CorruptObject, MissingObject, UnsafeInput
+from deltastore.core.hashing import bytes_id
+from deltastore.repo.objects import HEADER, MAGIC, RAW, ZSTD, ObjectStore
 
 from helpers import flip_byte, temporary_files
 
@@ -137,7 +137,7 @@ def test_a_zstd_frame_expanding_past_its_declared_size_is_refused(tmp_path) -> N
 
 @pytest.mark.parametrize("kind", ["compressible", "random", "framed"])
 def test_a_payload_read_into_a_callers_buffer_is_the_same(tmp_path, kind) -> None:
-    from deltastore.objects import FRAMED_FROM
+    from deltastore.repo.objects import FRAMED_FROM
 
     objects = ObjectStore(tmp_path)
     data = framed_payload(FRAMED_FROM + 777) if kind == "framed" else PAYLOADS[kind]
@@ -233,7 +233,7 @@ def framed_payload(size: int) -> bytes:
 
 
 def test_a_large_payload_is_written_as_frames_read_two_at_a_time(tmp_path) -> None:
-    from deltastore.objects import FRAMED_FROM, FRAMES, frame_ends, zstd_frames
+    from deltastore.repo.objects import FRAMED_FROM, FRAMES, frame_ends, zstd_frames
 
     objects = ObjectStore(tmp_path)
     data = framed_payload(FRAMED_FROM + 12345)
@@ -253,7 +253,7 @@ def test_a_large_payload_is_written_as_frames_read_two_at_a_time(tmp_path) -> No
 
 
 def test_damaged_or_lying_frames_are_a_corrupt_object(tmp_path) -> None:
-    from deltastore.objects import FRAMED_FROM
+    from deltastore.repo.objects import FRAMED_FROM
 
     objects = ObjectStore(tmp_path)
     data = framed_payload(FRAMED_FROM + 1000)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from deltastore import BaseMismatch, CorruptObject, DeltastoreError, Store, encodings, ondevice
-from deltastore.hashing import hasher, hexdigest_id, staged_update, tensor_id
+from deltastore import BaseMismatch, CorruptObject, DeltastoreError, Store
+from deltastore.codecs import encodings, ondevice
+from deltastore.core.hashing import hasher, hexdigest_id, staged_update, tensor_id
 
 from helpers import make_model, module_snapshot, object_files
 

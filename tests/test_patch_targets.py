@@ -25,8 +25,8 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from deltastore import Store
-from deltastore import target as target_module
-from deltastore.target import patch_lock, resolve
+from deltastore.weights import target as target_module
+from deltastore.weights.target import patch_lock, resolve
 
 from helpers import assert_same_state, load_folder, make_model, weight_bytes
 
@@ -477,8 +477,8 @@ def reordered(header: dict, data: bytes) -> tuple[dict, bytes]:
 def test_headers_are_refused_exactly_when_safetensors_refuses_them(tmp_path, edit, refused) -> None:
     from safetensors import safe_open
 
-    from deltastore.models import read_header
-    from deltastore.errors import ModelFormatError
+    from deltastore.weights.models import read_header
+    from deltastore.core.errors import ModelFormatError
 
     pair = make_model(tmp_path, torch.float32)
     path = tmp_path / "model.safetensors"

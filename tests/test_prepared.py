@@ -8,10 +8,10 @@ import copy
 import pytest
 import torch
 
-import deltastore.apply as apply_module
-import deltastore.prepared as prepared_module
+import deltastore.patching.apply as apply_module
+import deltastore.patching.prepared as prepared_module
 from deltastore import BaseMismatch, CorruptObject, DeltastoreError, Store
-from deltastore import checked
+from deltastore.core import checked
 
 from helpers import finetune_, make_model, module_snapshot, saved_state, write_folder
 
@@ -245,7 +245,7 @@ def test_checked_forgets_a_tensor_whose_storage_changed() -> None:
 
 
 def test_a_revert_gives_its_buffers_to_the_next_apply_and_every_byte_stays_exact(tmp_path, store) -> None:
-    from deltastore import spare
+    from deltastore.core import spare
 
     pair, b_module = two_stances(tmp_path, store)
     store.commit("a4", pair.ft, base=pair.base, encoding="int4")

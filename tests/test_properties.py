@@ -22,11 +22,12 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from deltastore import Store, encodings
-from deltastore import quantize as Q
-from deltastore.encodings import Encoded
-from deltastore.errors import EncodingError, NonFiniteTensor
-from deltastore.hashing import DTYPES, tensor_id
+from deltastore import Store
+from deltastore.codecs import encodings
+from deltastore.codecs import quantize as Q
+from deltastore.codecs.encodings import Encoded
+from deltastore.core.errors import EncodingError, NonFiniteTensor
+from deltastore.core.hashing import DTYPES, tensor_id
 
 from helpers import raw, store_snapshot
 

@@ -22,10 +22,10 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from deltastore import Store
-from deltastore.errors import RemoteDataRejected
-from deltastore.hashing import bytes_id, canonical_json
-from deltastore.remote import Remote, clone, pull, push
-from deltastore.remotegc import gc, gc_plan
+from deltastore.core.errors import RemoteDataRejected
+from deltastore.core.hashing import bytes_id, canonical_json
+from deltastore.sharing.remote import Remote, clone, pull, push
+from deltastore.sharing.remotegc import gc, gc_plan
 
 from helpers import commit_takes, file_bytes, finetune_, make_model, saved_state, store_snapshot, write_folder
 
@@ -155,7 +155,7 @@ def test_only_missing_objects_move(world, remote_url, tmp_path):
 PUSHER = """
 import sys
 from deltastore import Store
-from deltastore.remote import push
+from deltastore.sharing.remote import push
 with Store.open(sys.argv[1]) as store:
     push(store, [f"shared@{n}" for n in range(1, 6)], sys.argv[2])
 """
@@ -231,7 +231,7 @@ def _write(remote: Remote, path: str, data: bytes) -> None:
 
 
 def _object_file(payload: bytes) -> bytes:
-    from deltastore.objects import FORMAT_VERSION, HEADER, MAGIC, RAW
+    from deltastore.repo.objects import FORMAT_VERSION, HEADER, MAGIC, RAW
 
     return HEADER.pack(MAGIC, FORMAT_VERSION, RAW, 0, len(payload)) + payload
 
@@ -296,7 +296,7 @@ def test_remote_commands_push_pull_and_clone(world, tmp_path):
 KILLED_PUSHER = """
 import os, signal, sys, threading
 from deltastore import Store
-from deltastore import remote as r
+from deltastore.sharing import remote as r
 
 store_dir, url, log, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 lock, count = threading.Lock(), [0]
@@ -361,7 +361,7 @@ def test_a_push_killed_at_ten_moments_then_pushed_again_leaves_the_remote_consis
 KILLED_PULLER = """
 import os, signal, sys, threading
 from deltastore import Store
-from deltastore import remote as r
+from deltastore.sharing import remote as r
 
 store_dir, url, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
 lock, count = threading.Lock(), [0]

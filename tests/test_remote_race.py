@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import deltastore.remote as remote_module
-import deltastore.remotegc as gc_module
+import deltastore.sharing.remote as remote_module
+import deltastore.sharing.remotegc as gc_module
 from cli.main import cli
 from deltastore import Store
-from deltastore.errors import RemoteDataRejected, RemoteError, RemoteLocked
-from deltastore.remote import Remote, clone, pull, push
-from deltastore.remotegc import GRACE_SECONDS, _reached, gc, gc_plan
+from deltastore.core.errors import RemoteDataRejected, RemoteError, RemoteLocked
+from deltastore.sharing.remote import Remote, clone, pull, push
+from deltastore.sharing.remotegc import GRACE_SECONDS, _reached, gc, gc_plan
 
 from test_remote import exports_equal, remote_url, s3_server, world  # noqa: F401 (fixtures)
 
@@ -280,7 +280,7 @@ def test_a_stale_lock_is_removed_with_a_line_saying_so(world, remote_url, tmp_pa
     if remote.local:
         os.utime(dead, (DAYS_AGO, DAYS_AGO))
     else:  # S3 keeps its own times: make "stale" short and wait it out
-        monkeypatch.setattr("deltastore.remotelock.STALE_SECONDS", 2.0)
+        monkeypatch.setattr("deltastore.sharing.remotelock.STALE_SECONDS", 2.0)
         time.sleep(3.1)
     result = CliRunner().invoke(cli, ["--store", str(a.root), "gc", "--remote", remote_url, "--grace", "0"])
     assert result.exit_code == 0, result.output
@@ -302,8 +302,8 @@ def test_two_gcs_never_run_at_once(world, tmp_path, monkeypatch):
 def test_a_held_lock_is_refreshed_and_stays_live(world, tmp_path, monkeypatch):
     """A push slower than the stale time keeps its lock live by refreshing it."""
     _, a = world
-    monkeypatch.setattr("deltastore.remotelock.REFRESH_SECONDS", 0.2)
-    monkeypatch.setattr("deltastore.remotelock.STALE_SECONDS", 2.0)
+    monkeypatch.setattr("deltastore.sharing.remotelock.REFRESH_SECONDS", 0.2)
+    monkeypatch.setattr("deltastore.sharing.remotelock.STALE_SECONDS", 2.0)
     url = f"file://{tmp_path / 'team'}"
     push(a, [FIRST], url)
 
@@ -320,7 +320,7 @@ def test_a_push_whose_lock_was_removed_makes_no_ref(world, tmp_path, monkeypatch
     """A push that paused past the stale time may have had its lock removed, and a gc run: it
     stops before making refs rather than name objects it can no longer vouch for."""
     _, a = world
-    monkeypatch.setattr("deltastore.remotelock.REFRESH_SECONDS", 0.1)
+    monkeypatch.setattr("deltastore.sharing.remotelock.REFRESH_SECONDS", 0.1)
     url = f"file://{tmp_path / 'team'}"
     push(a, [FIRST], url)
     remote = Remote(url)

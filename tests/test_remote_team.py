@@ -18,8 +18,8 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from deltastore import Store
-from deltastore.hashing import canonical_json
-from deltastore.remote import Remote, pull, push
+from deltastore.core.hashing import canonical_json
+from deltastore.sharing.remote import Remote, pull, push
 
 from helpers import finetune_, make_model, run_cli, run_json, saved_state, store_snapshot, write_folder
 

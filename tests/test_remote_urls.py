@@ -23,8 +23,8 @@ from click.testing import CliRunner
 from cli.main import cli
 from cli.output import escape
 from deltastore import Store
-from deltastore.errors import UnsafeInput
-from deltastore.remote import clone, push, remotes
+from deltastore.core.errors import UnsafeInput
+from deltastore.sharing.remote import clone, push, remotes
 
 from helpers import file_bytes, make_model
 

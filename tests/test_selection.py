@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from deltastore.errors import EncodingError, SelectionError
-from deltastore.selection import EncodingRules, Selection, TensorDelta, parse_encoding_rules, select
+from deltastore.core.errors import EncodingError, SelectionError
+from deltastore.codecs.selection import EncodingRules, Selection, TensorDelta, parse_encoding_rules, select
 
 
 def changes() -> dict[str, TensorDelta]:

@@ -13,9 +13,9 @@ from safetensors.torch import save_file
 
 from cli.main import cli
 from deltastore import Store
-from deltastore.errors import AnalysisError
-from deltastore.plots import similarity_grids, similarity_plot
-from deltastore.similarity import overlap, similarity
+from deltastore.core.errors import AnalysisError
+from deltastore.analysis.plots import similarity_grids, similarity_plot
+from deltastore.analysis.similarity import overlap, similarity
 
 Q0, DOWN0 = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"
 Q1, V1 = "model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from deltastore import RefNotFound, Store
-from deltastore.errors import OptionConflict, StanceExists, TagsClash
-from deltastore.hashing import manifest_id
+from deltastore.core.errors import OptionConflict, StanceExists, TagsClash
+from deltastore.core.hashing import manifest_id
 
 from helpers import load_folder, make_model, run_cli, run_json, store_snapshot, views, write_folder
 

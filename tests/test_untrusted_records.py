@@ -20,12 +20,12 @@ from huggingface_hub import CommitOperationAdd, HfApi, constants
 
 from cli.main import cli
 from deltastore import Store
-from deltastore.errors import NotAFineTune, PulledDataRejected, RemoteDataRejected, UnsafeInput
-from deltastore.hashing import canonical_json
-from deltastore.hub import pull as hub_pull
-from deltastore.hub import push as hub_push
-from deltastore.names import MAX_NUMBER
-from deltastore.remote import Remote, clone, pull, push
+from deltastore.core.errors import NotAFineTune, PulledDataRejected, RemoteDataRejected, UnsafeInput
+from deltastore.core.hashing import canonical_json
+from deltastore.sharing.hub import pull as hub_pull
+from deltastore.sharing.hub import push as hub_push
+from deltastore.core.names import MAX_NUMBER
+from deltastore.sharing.remote import Remote, clone, pull, push
 
 from helpers import finetune_, make_model, saved_state, store_snapshot, write_folder
 from hubserver import HubServer
@@ -260,14 +260,14 @@ def test_records_of_the_wrong_shape_are_set_aside_too(world, tmp_path):
 
 
 def _object_file(payload: bytes) -> bytes:
-    from deltastore.objects import FORMAT_VERSION, HEADER, MAGIC, RAW
+    from deltastore.repo.objects import FORMAT_VERSION, HEADER, MAGIC, RAW
 
     return HEADER.pack(MAGIC, FORMAT_VERSION, RAW, 0, len(payload)) + payload
 
 
 def _serve_base_record(url: str, base_id: str, change) -> bytes:
     """Replace the remote's base record of `base_id` by `change(record)`; returns the new record."""
-    from deltastore.hashing import bytes_id
+    from deltastore.core.hashing import bytes_id
 
     remote = Remote(url)
     ref = json.loads(remote.fs.cat_file(remote.base_path(base_id)))

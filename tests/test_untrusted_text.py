@@ -29,9 +29,9 @@ from safetensors.torch import save as save_safetensors
 from cli.main import cli
 from cli.output import escape
 from deltastore import Store
-from deltastore.errors import AmbiguousRef, PulledDataRejected, RefNotFound, UnsafeInput
-from deltastore.hashing import canonical_json, manifest_id
-from deltastore.hub import pull, push
+from deltastore.core.errors import AmbiguousRef, PulledDataRejected, RefNotFound, UnsafeInput
+from deltastore.core.hashing import canonical_json, manifest_id
+from deltastore.sharing.hub import pull, push
 
 from helpers import finetune_, make_model, saved_state, store_snapshot, write_folder
 from hubserver import HubServer
@@ -227,8 +227,8 @@ def test_local_text_is_escaped_too(models, store, tmp_path):
 
 
 def test_stored_text_is_bounded(models, store):
-    from deltastore.errors import MetadataError
-    from deltastore.names import MAX_MESSAGE, MAX_METADATA_KEY, MAX_METADATA_KEYS, MAX_METADATA_VALUE
+    from deltastore.core.errors import MetadataError
+    from deltastore.core.names import MAX_MESSAGE, MAX_METADATA_KEY, MAX_METADATA_KEYS, MAX_METADATA_VALUE
 
     _, fts = models
     before = store_snapshot(store.root)
@@ -246,7 +246,7 @@ def test_stored_text_is_bounded(models, store):
 
 
 def test_a_pulled_manifest_over_the_bounds_is_refused(models, store, hub, tmp_path):
-    from deltastore.names import MAX_MESSAGE
+    from deltastore.core.names import MAX_MESSAGE
 
     pair, fts = models
     source = Store.init(tmp_path / "source")

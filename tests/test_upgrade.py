@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from deltastore import Store
-from deltastore.catalog import now
-from deltastore.errors import OldStoreFormat
+from deltastore.repo.catalog import now
+from deltastore.core.errors import OldStoreFormat
 from deltastore.upgrade import FORMAT_1_SCHEMA
 
 from helpers import run_cli
@@ -102,7 +102,8 @@ def test_upgrade_gives_the_same_store(old_store, tmp_path) -> None:
 KILLER = r"""
 import os, sys
 from pathlib import Path
-from deltastore import index, journalfiles, objects, reflog, upgrade
+from deltastore import upgrade
+from deltastore.repo import index, journalfiles, objects, reflog
 
 steps = [0]
 stop = int(sys.argv[2])

@@ -9,8 +9,8 @@ import sqlite_utils
 import torch
 
 from deltastore import AmbiguousRef, RefNotFound, Store
-from deltastore.errors import MetadataError, StanceExists, TagNotFound, UnsafeInput, VersionConflict
-from deltastore.hashing import canonical_json, manifest_id
+from deltastore.core.errors import MetadataError, StanceExists, TagNotFound, UnsafeInput, VersionConflict
+from deltastore.core.hashing import canonical_json, manifest_id
 
 from helpers import assert_same_state, load_folder, make_model, run_cli, run_json, write_folder
 
@@ -348,7 +348,7 @@ def test_a_bad_metadata_file_is_refused_with_a_clear_message_and_nothing_stored(
     assert message in result.stderr and str(bad) in result.stderr and "Traceback" not in result.output
     assert store.catalog.versions() == []
     with pytest.raises(MetadataError):
-        from deltastore.history import read_metadata_file
+        from deltastore.engine.history import read_metadata_file
 
         read_metadata_file(bad)
 

@@ -35,8 +35,8 @@ from safetensors.torch import load_file  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 from cli.main import cli  # noqa: E402
-from deltastore.lora import LoraError  # noqa: E402
-from deltastore.vllm_lora import export_vllm_lora  # noqa: E402
+from deltastore.exports.lora import LoraError  # noqa: E402
+from deltastore.exports.vllm_lora import export_vllm_lora  # noqa: E402
 from tiny_lm import committed, llama  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

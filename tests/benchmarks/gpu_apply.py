@@ -19,8 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 import run as bench
 import peers
-from deltastore import Store, checked, ondevice
-import deltastore.apply as A
+from deltastore import Store
+from deltastore.codecs import ondevice
+from deltastore.core import checked
+import deltastore.patching.apply as A
 
 dev = sys.argv[1] if len(sys.argv) > 1 else "cuda"
 name = sys.argv[2] if len(sys.argv) > 2 else "qwen0.5b"
@@ -46,7 +48,7 @@ if dev == "cuda":
     cpu = [p.cpu() for p in params]
     timed("H2D pageable", lambda: [c.to(dev) for c in cpu])
     timed("H2D pinned", lambda: [c.to(dev, non_blocking=True) for c in pinned])
-from deltastore.hashing import tensor_id
+from deltastore.core.hashing import tensor_id
 cpu = [p.cpu() for p in params]
 timed("blake3 of every param, one thread at a time", lambda: [tensor_id(c) for c in cpu])
 store = Store.open(b.store)

@@ -80,7 +80,7 @@ def lora_adapter(base: Path, fine_tune: Path, out: Path, rank: int = 32) -> int:
     from peft.tuners.lora import LoraLayer
     from safetensors import safe_open
 
-    from deltastore.lora import LINEAR, factors
+    from deltastore.exports.lora import LINEAR, factors
 
     dtype = torch_dtype(Path(fine_tune) / "model.safetensors")
     model = load_lm(base, dtype)

@@ -31,8 +31,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 from deltastore import Store  # noqa: E402
-from deltastore.hashing import manifest_id  # noqa: E402
-from deltastore.hub import pull, push  # noqa: E402
+from deltastore.core.hashing import manifest_id  # noqa: E402
+from deltastore.sharing.hub import pull, push  # noqa: E402
 from helpers import make_model  # noqa: E402
 from hubserver import HubServer  # noqa: E402
 

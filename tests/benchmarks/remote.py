@@ -48,7 +48,7 @@ def main() -> None:
     from moto.server import ThreadedMotoServer
 
     from deltastore import Store
-    from deltastore.remote import clone, pull, push
+    from deltastore.sharing.remote import clone, pull, push
 
     folders = build(args.model)
     with socket.socket() as s:

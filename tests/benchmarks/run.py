@@ -122,7 +122,7 @@ def bench_store(b: Bench, encodings=ENCODINGS, with_peers: bool = True) -> dict:
                             "commit_s": times[f"commit {e}"]} for e in encodings}
     if with_peers:
         from deltastore import Store
-        from deltastore.lora import export_lora
+        from deltastore.exports.lora import export_lora
 
         with Store.open(b.store) as s:
             exported = export_lora(s, "adam", b.work / "export-lora", rank=RANK)
@@ -153,7 +153,8 @@ def bench_switch(b: Bench, stances=STANCES, with_peft: bool = True, with_prepare
     import torch
     from safetensors.torch import load_model as load_into
 
-    from deltastore import Store, checked, spare
+    from deltastore import Store
+    from deltastore.core import checked, spare
 
     def load_model(model, file, strict):
         load_into(model, file, strict=strict, device=device)

@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: make `fuzz` and the library im
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from deltastore.errors import DeltastoreError  # noqa: E402
+from deltastore.core.errors import DeltastoreError  # noqa: E402
 
 from fuzz.mutate import mutate  # noqa: E402
 from fuzz.targets import Target, build  # noqa: E402

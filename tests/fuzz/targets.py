@@ -24,10 +24,10 @@ import torch
 import zstandard
 
 from deltastore import Store
-from deltastore.errors import CorruptObject
-from deltastore.hashing import bytes_id, canonical_json, tensor_id
-from deltastore.models import open_model, write_safetensors, TensorInfo
-from deltastore.objects import HEADER, MAGIC, RAW, ZSTD, ObjectStore, compress
+from deltastore.core.errors import CorruptObject
+from deltastore.core.hashing import bytes_id, canonical_json, tensor_id
+from deltastore.weights.models import open_model, write_safetensors, TensorInfo
+from deltastore.repo.objects import HEADER, MAGIC, RAW, ZSTD, ObjectStore, compress
 
 Files = dict[str, bytes]
 MiB = 1 << 20
@@ -68,7 +68,7 @@ class World:
     """Valid files of every kind the readers take, built once under `root`."""
 
     def __init__(self, root: Path):
-        from deltastore import hub
+        from deltastore.sharing import hub
 
         self.root = Path(root)
         if self.root.exists():
@@ -103,7 +103,7 @@ class World:
 
     def _adapter(self) -> Files | None:
         try:
-            from deltastore import lora
+            from deltastore.exports import lora
         except ImportError:
             return None
         out = self.root / "adapter"
@@ -113,7 +113,7 @@ class World:
 
 
 def _dtype(t: torch.Tensor) -> str:
-    from deltastore.hashing import dtype_name
+    from deltastore.core.hashing import dtype_name
 
     return dtype_name(t.dtype)
 
@@ -243,7 +243,7 @@ def object_target(world: World, work: Path) -> Target:
 
 
 def manifest_target(world: World, work: Path) -> Target:
-    from deltastore.records import check_manifest, parse_manifest
+    from deltastore.repo.records import check_manifest, parse_manifest
 
     seeds = [{"manifest.json": m} for m in world.manifests]
     store = world.store
@@ -268,7 +268,7 @@ def manifest_target(world: World, work: Path) -> Target:
 
 
 def hub_index_target(world: World, work: Path) -> Target:
-    from deltastore import hub
+    from deltastore.sharing import hub
 
     def run(files: Files) -> None:
         index = hub.check_index(files["deltastore.json"], REPO, None)
@@ -282,8 +282,8 @@ def hub_index_target(world: World, work: Path) -> Target:
 
 
 def hub_payloads_target(world: World, work: Path) -> Target:
-    from deltastore import hub
-    from deltastore.records import check_manifest, parse_manifest
+    from deltastore.sharing import hub
+    from deltastore.repo.records import check_manifest, parse_manifest
 
     folder = work / "payloads"
     folder.mkdir(parents=True, exist_ok=True)
@@ -310,7 +310,7 @@ def hub_payloads_target(world: World, work: Path) -> Target:
 def peft_target(world: World, work: Path) -> Target | None:
     if world.adapter is None:
         return None
-    from deltastore import lora
+    from deltastore.exports import lora
 
     folder = work / "adapter"
     scratch = Store.init(work / "scratch-store")
@@ -331,7 +331,7 @@ def peft_target(world: World, work: Path) -> Target | None:
 
 
 def metadata_file_target(world: World, work: Path) -> Target:
-    from deltastore.history import read_metadata_file
+    from deltastore.engine.history import read_metadata_file
 
     folder = work / "metadata"
     folder.mkdir(parents=True, exist_ok=True)

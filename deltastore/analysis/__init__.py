@@ -1,0 +1,1 @@
+"""Measuring versions and ways of storing them: compare, analyze, similarity, plots, measured commits."""

@@ -1,0 +1,1 @@
+"""Encodings of a tensor's delta, and which encoding each tensor gets."""

@@ -1,0 +1,524 @@
+"""Encodings of one tensor's delta: pure encode/decode pairs behind one registry.
+
+An encoding turns (base tensor, fine-tuned tensor) into named byte parts plus JSON-able
+params, and turns (base tensor, parts, params) back into the tensor that apply produces.
+It touches no disk and knows nothing of objects or compression: the store compresses and
+addresses every part. Adding an encoding is one class and one `register` line.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator, Mapping
+
+import numpy as np
+import torch
+
+from . import quantize as Q
+from .bytegroups import WORDS as _WORDS, ungroup
+from ..core.errors import EncodingError
+from ..core.hashing import DTYPES, dtype_name
+from ..core.limits import shown
+
+
+
+@dataclass(frozen=True)
+class Encoded:
+    parts: dict[str, bytes | memoryview]
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """A one-part encoding whose payload `chunks()` produces a piece at a time (each call
+    starts over): the same bytes `encode` would return, never held whole."""
+
+    part: str
+    size: int
+    chunks: Callable[[], Iterator[memoryview]]
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+class Encoding:
+    """One way of storing a delta. Subclasses set `name` and implement the pair."""
+
+    name: ClassVar[str]
+    #: True when decode gives back the fine-tuned tensor bit for bit.
+    exact: ClassVar[bool] = False
+
+    @property
+    def spec(self) -> str:
+        """The string that names this encoding with its options (`lowrank:32`)."""
+        return self.name
+
+    def encode(self, base: torch.Tensor, target: torch.Tensor) -> Encoded:
+        raise NotImplementedError
+
+    def decode(self, base: torch.Tensor, encoded: Encoded, *, dtype: torch.dtype,
+               shape: tuple[int, ...], out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor apply produces. `out`: a contiguous CPU tensor of `dtype` and `shape`,
+        not the base, that the result may be written into (memory already written is faster
+        than fresh memory); the result is what is returned, `out` or not."""
+        raise NotImplementedError
+
+    def stream(self, base: torch.Tensor, target: torch.Tensor) -> Streamed | None:
+        """`encode` as a stream, where this encoding can and the tensor is large enough to
+        gain from it; None otherwise."""
+        return None
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _bytes_tensor(data: bytes | memoryview) -> torch.Tensor:
+    if not len(data):
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
+
+
+# Lossless payloads of at least this many bytes are streamed to the object store: a large
+# tensor's XOR is then never held whole (a third copy of an embedding), and each chunk is
+# hashed and compressed while it is still in the cache.
+STREAM_FROM = 4 << 20
+
+def _group_into(out: np.ndarray, words: np.ndarray, first: int, n: int) -> None:
+    """Byte k of each element of `words` into out[k*n + first:], for every k. Shifts `words`."""
+    count = words.size
+    for k in range(words.itemsize):
+        if k:
+            np.right_shift(words, 8, out=words)
+        # A casting assignment keeps the low byte.
+        out[k * n + first:k * n + first + count] = words
+
+
+def byte_group(raw: torch.Tensor, itemsize: int) -> memoryview:
+    """All first bytes of every element, then all second bytes, ...: zstd finds far more
+    runs this way, because the high bytes (sign, exponent) of a small delta are mostly equal."""
+    src = raw.numpy()
+    if itemsize == 1:
+        return memoryview(src.copy())
+    out = np.empty(src.size, dtype=np.uint8)
+    _group_into(out, src.view(_WORDS[itemsize]).copy(), 0, src.size // itemsize)
+    return memoryview(out)
+
+
+def xor_grouped(base: torch.Tensor, target: torch.Tensor, *, chunk: int = 1 << 22) -> memoryview:
+    """byte_group(base XOR target), chunk by chunk: never a whole-tensor XOR temporary, which
+    for a 150M-element embedding would be a third copy of it in memory. XOR is bitwise, so
+    numpy's integer XOR serves every dtype (and runs several times faster than torch's here)."""
+    itemsize = target.element_size()
+    b, t = _as_bytes(base).numpy(), _as_bytes(target).numpy()
+    if itemsize == 1:
+        return memoryview(np.bitwise_xor(b, t))
+    b, t = b.view(_WORDS[itemsize]), t.view(_WORDS[itemsize])
+    out = np.empty(t.size * itemsize, dtype=np.uint8)
+    for start in range(0, t.size, chunk):
+        _group_into(out, np.bitwise_xor(b[start:start + chunk], t[start:start + chunk]), start, t.size)
+    return memoryview(out)
+
+
+def xor_planes(base: torch.Tensor, target: torch.Tensor, *, chunk: int = 1 << 18) -> Iterator[memoryview]:
+    """xor_grouped's bytes, a chunk at a time: plane by plane, each chunk XORed again from
+    base and target (cheap, and in the cache), so that no whole-tensor buffer is held."""
+    itemsize = target.element_size()
+    b, t = _as_bytes(base).numpy(), _as_bytes(target).numpy()
+    if itemsize > 1:
+        b, t = b.view(_WORDS[itemsize]), t.view(_WORDS[itemsize])
+    for k in range(itemsize):
+        for start in range(0, t.size, chunk):
+            x = np.bitwise_xor(b[start:start + chunk], t[start:start + chunk])
+            if k:
+                np.right_shift(x, 8 * k, out=x)
+            yield memoryview(x if itemsize == 1 else x.astype(np.uint8))
+
+
+def byte_ungroup(data: bytes | memoryview, itemsize: int, *, xor: np.ndarray | None = None,
+                 out: np.ndarray | None = None, chunk: int = 1 << 20) -> torch.Tensor:
+    """The inverse of byte_group, as a uint8 tensor (see bytegroups.ungroup)."""
+    return torch.from_numpy(ungroup(data, itemsize, xor=xor, out=out, chunk=chunk))
+
+
+def xor_ungroup_in_place(data: bytes | memoryview, itemsize: int, target: np.ndarray, keep: np.ndarray, *,
+                         chunk: int = 1 << 18) -> None:
+    """A lossless xor payload decoded straight into `target`, the base's bytes, a chunk of
+    elements at a time, each chunk's base bytes copied into `keep` first: one pass over the
+    target where decoding into a buffer and then exchanging it with the target took two (an
+    embedding of 136M bf16 elements: 35 ms CPU against 49). `target` and `keep` are flat uint8
+    arrays of the payload's size. On an error, `target` is put back from `keep` first."""
+    src = np.frombuffer(data, dtype=np.uint8) if len(data) else np.empty(0, dtype=np.uint8)
+    if not (src.size == target.size == keep.size) or src.size % itemsize or itemsize not in (1, *_WORDS):
+        raise EncodingError(f"payload of {src.size} bytes does not fit {target.size} bytes of "
+                            f"{itemsize}-byte elements")
+    n = src.size // itemsize
+    planes = src.reshape(itemsize, n)
+    words, kept = (target, keep) if itemsize == 1 else (target.view(_WORDS[itemsize]), keep.view(_WORDS[itemsize]))
+    done = 0
+    try:
+        for start in range(0, n, chunk):
+            end = min(start + chunk, n)
+            w = words[start:end]
+            np.copyto(kept[start:end], w)
+            done = end
+            if itemsize == 1:
+                np.bitwise_xor(planes[0, start:end], kept[start:end], out=w)
+                continue
+            np.copyto(w, planes[-1, start:end])
+            for k in range(itemsize - 2, -1, -1):
+                w <<= 8
+                w |= planes[k, start:end]
+            w ^= kept[start:end]
+    except BaseException:
+        np.copyto(words[:done], kept[:done])
+        raise
+
+
+class Lossless(Encoding):
+    """Exact: byte-grouped XOR of the bit patterns, or a raw copy where dtype or shape differ."""
+
+    name = "lossless"
+    exact = True
+
+    def encode(self, base: torch.Tensor, target: torch.Tensor) -> Encoded:
+        itemsize = target.element_size()
+        if target.numel() == 0:
+            return Encoded({"raw": b""}, {"mode": "raw"})
+        if base.dtype != target.dtype or base.shape != target.shape:
+            return Encoded({"raw": memoryview(_as_bytes(target).numpy().copy())}, {"mode": "raw"})
+        return Encoded({"xor": xor_grouped(base, target)}, {"mode": "xor"})
+
+    def stream(self, base: torch.Tensor, target: torch.Tensor) -> Streamed | None:
+        size = target.numel() * target.element_size()
+        if size < STREAM_FROM or base.dtype != target.dtype or base.shape != target.shape:
+            return None
+        return Streamed("xor", size, lambda: xor_planes(base, target), {"mode": "xor"})
+
+    def decode(self, base: torch.Tensor, encoded: Encoded, *, dtype: torch.dtype,
+               shape: tuple[int, ...], out: torch.Tensor | None = None) -> torch.Tensor:
+        mode = encoded.params.get("mode")
+        if mode in ("raw", "xor") and mode not in encoded.parts:
+            raise EncodingError(f"a lossless {mode} entry needs a {mode!r} part, it has "
+                                f"{', '.join(sorted(encoded.parts)) or 'none'}")
+        if mode == "raw":
+            data = _check_size(_bytes_tensor(encoded.parts["raw"]), dtype, shape)
+            if data.numel() == 0:
+                return torch.empty(shape, dtype=dtype)
+            return data.view(dtype).reshape(shape)
+        if mode != "xor":
+            raise EncodingError(f"unknown lossless mode {shown(mode)}")
+        itemsize = base.element_size()
+        if base.dtype != dtype or tuple(base.shape) != tuple(shape):
+            raise EncodingError(f"an xor payload needs a base of dtype {dtype} and shape {tuple(shape)}")
+        payload = encoded.parts["xor"]
+        if len(payload) != base.numel() * itemsize:
+            raise EncodingError(f"payload has {len(payload)} bytes, the entry declares {base.numel() * itemsize}")
+        # In numpy: its single-threaded XOR does not wait on torch's thread pool (which costs
+        # more than the XOR on a busy machine).
+        into = _as_bytes(out).numpy() if out is not None and out.numel() else None
+        result = byte_ungroup(payload, itemsize, xor=_as_bytes(base).numpy(), out=into)
+        if result.numel() == 0:
+            return torch.empty(shape, dtype=dtype)
+        return result.view(dtype).reshape(shape)
+
+
+def _check_size(data: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    expected = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+    if data.numel() != expected:
+        raise EncodingError(f"payload has {data.numel()} bytes, the entry declares {expected}")
+    return data
+
+
+# -- lossy encodings -----------------------------------------------------------------------
+# The arithmetic and byte layouts live in quantize.py; these classes hold the options, check
+# the tensor, and fix how apply's result is formed: (base in float32 + decoded dW), rounded
+# once to the target's dtype. Decoding is elementwise or float64, so the result's bytes
+# depend only on the parts and the base.
+
+
+def _delta(base: torch.Tensor, target: torch.Tensor, spec: str) -> torch.Tensor:
+    _check_pair(base, target, spec)
+    return _delta_slice(base, target, spec)
+
+
+def _check_pair(base: torch.Tensor, target: torch.Tensor, spec: str) -> None:
+    if tuple(base.shape) != tuple(target.shape):
+        raise EncodingError(f"{spec} needs a base and target of one shape, got {tuple(base.shape)} "
+                            f"and {tuple(target.shape)}; keep this tensor lossless")
+    if not (base.is_floating_point() and target.is_floating_point()):
+        raise EncodingError(f"{spec} needs floating-point tensors, got {base.dtype} and {target.dtype}; "
+                            "keep this tensor lossless")
+
+
+def _delta_slice(base: torch.Tensor, target: torch.Tensor, spec: str) -> torch.Tensor:
+    dw = target.detach().to("cpu", torch.float32) - base.detach().to("cpu", torch.float32)
+    if not Q.all_finite(dw):
+        raise EncodingError(f"the delta has inf or nan values, which {spec} cannot hold; keep this tensor lossless")
+    return dw
+
+
+class _Delta(Encoding):
+    """A lossy encoding of dW = target - base, computed in float32."""
+
+    def encode(self, base: torch.Tensor, target: torch.Tensor) -> Encoded:
+        parts, params = self._encode(_delta(base, target, self.spec), tuple(target.shape))
+        return Encoded(dict(parts), params)
+
+    def decode(self, base: torch.Tensor, encoded: Encoded, *, dtype: torch.dtype,
+               shape: tuple[int, ...], out: torch.Tensor | None = None) -> torch.Tensor:
+        shape = tuple(int(d) for d in shape)
+        if tuple(base.shape) != shape:
+            raise EncodingError(f"{self.spec} needs a base of shape {shape}, got {tuple(base.shape)}")
+        b = base.detach()
+        if b.dtype == torch.float64 or b.device.type != "cpu":
+            dw = self._decode(encoded, shape).reshape(shape).to(b.device)
+            # float32 arithmetic, in place; a float64 base keeps its precision.
+            return (b + dw if b.dtype == torch.float64 else dw.add_(b)).to(dtype)
+        # The same float32 arithmetic, elementwise, a slice at a time: each slice of dW is
+        # added and rounded while it is in the cache, and no whole-tensor float32 temporary
+        # is allocated (on a big model, its page faults cost more than the arithmetic).
+        if out is None:
+            out = torch.empty(shape, dtype=dtype)
+        flat_out, flat_b = out.reshape(-1), b.reshape(-1)
+        for start, dw in self._decode_slices(encoded, shape):
+            end = start + dw.numel()
+            flat_out[start:end].copy_(dw.add_(flat_b[start:end]))
+        return out
+
+    def _encode(self, dw: torch.Tensor, shape: tuple[int, ...]) -> tuple[Q.Parts, dict[str, Any]]:
+        raise NotImplementedError
+
+    def _decode(self, encoded: Encoded, shape: tuple[int, ...]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _decode_slices(self, encoded: Encoded, shape: tuple[int, ...]) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first element, flat float32 dW of the elements from there), covering the tensor
+        in order. One slice unless the encoding can decode a part at a time."""
+        yield 0, self._decode(encoded, shape).reshape(-1)
+
+
+def _whole(value: Any, option: str, allowed: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise EncodingError(f"{option} must be {allowed}, got {shown(value)}")
+    return value
+
+
+@dataclass(frozen=True)
+class _Absmax(_Delta):
+    bits: ClassVar[int]
+    group_size: int = 64
+
+    def __post_init__(self) -> None:
+        _whole(self.group_size, "group_size", "a positive whole number of elements per scale (default 64)")
+
+    def encode(self, base: torch.Tensor, target: torch.Tensor) -> Encoded:
+        # dW a slice at a time: a whole-tensor float32 delta of an embedding is two copies of
+        # it in fresh memory, slower to allocate than to compute.
+        _check_pair(base, target, self.spec)
+        b, t = base.detach().reshape(-1), target.detach().reshape(-1)
+        parts, params = Q.absmax_encode_slices(lambda start, end: _delta_slice(b[start:end], t[start:end], self.spec),
+                                               t.numel(), bits=self.bits, group_size=self.group_size)
+        return Encoded(dict(parts), params)
+
+    def _encode(self, dw: torch.Tensor, shape: tuple[int, ...]) -> tuple[Q.Parts, dict[str, Any]]:
+        return Q.absmax_encode(dw, bits=self.bits, group_size=self.group_size)
+
+    def _decode(self, encoded: Encoded, shape: tuple[int, ...]) -> torch.Tensor:
+        return Q.absmax_decode(encoded.parts, encoded.params, bits=self.bits, numel=math.prod(shape))
+
+    def _decode_slices(self, encoded: Encoded, shape: tuple[int, ...]) -> Iterator[tuple[int, torch.Tensor]]:
+        return Q.absmax_decode_slices(encoded.parts, encoded.params, bits=self.bits, numel=math.prod(shape))
+
+
+@dataclass(frozen=True)
+class Int8(_Absmax):
+    """int8 codes and one fp16 scale per `group_size` elements. Parts `codes`, `scales`;
+    params `group_size`, `scale_exp` (layout: quantize.py)."""
+
+    name = "int8"
+    bits = 8
+
+
+@dataclass(frozen=True)
+class Int4(_Absmax):
+    """int4 codes q in [-7, 7] stored as q + 8, two per byte, element 2i in the LOW nibble and
+    2i+1 in the high nibble (an odd count pads with 8); one fp16 scale per `group_size`
+    elements. Parts `codes`, `scales`; params `group_size`, `scale_exp`."""
+
+    name = "int4"
+    bits = 4
+
+
+@dataclass(frozen=True)
+class _Bnb(_Delta):
+    quant_type: ClassVar[str]
+    blocksize: int = 64
+
+    def __post_init__(self) -> None:
+        if self.blocksize not in Q.BNB_BLOCKSIZES or isinstance(self.blocksize, bool):
+            raise EncodingError(f"blocksize must be one of {', '.join(map(str, Q.BNB_BLOCKSIZES))} "
+                                f"(bitsandbytes' block sizes), got {shown(self.blocksize)}")
+
+    def _encode(self, dw: torch.Tensor, shape: tuple[int, ...]) -> tuple[Q.Parts, dict[str, Any]]:
+        return Q.bnb_encode(dw, quant_type=self.quant_type, blocksize=self.blocksize)
+
+    def _decode(self, encoded: Encoded, shape: tuple[int, ...]) -> torch.Tensor:
+        return Q.bnb_decode(encoded.parts, encoded.params, quant_type=self.quant_type, numel=math.prod(shape))
+
+
+@dataclass(frozen=True)
+class NF4(_Bnb):
+    """bitsandbytes NF4 of the flattened delta: parts `data` (packed, element 2i in the HIGH
+    nibble), `absmax` (float32 per block), `code` (the float32 table); params `quant_type`,
+    `blocksize`, `quant_shape`, `quant_dtype`: the QuantState decoding rebuilds."""
+
+    name = "nf4"
+    quant_type = "nf4"
+
+
+@dataclass(frozen=True)
+class FP4(_Bnb):
+    """bitsandbytes FP4; the same parts and params as NF4."""
+
+    name = "fp4"
+    quant_type = "fp4"
+
+
+def _rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
+    if len(shape) < 2:
+        return 1, math.prod(shape)
+    return shape[0], math.prod(shape[1:])
+
+
+@dataclass(frozen=True)
+class OneBit(_Delta):
+    """The sign of dW, 8 per byte, least significant bit first (1 = positive), and one fp16
+    scale per row (dimension 0), the row's mean |dW|. Parts `signs`, `scales`; param `scale_exp`."""
+
+    name = "1bit"
+
+    def _encode(self, dw: torch.Tensor, shape: tuple[int, ...]) -> tuple[Q.Parts, dict[str, Any]]:
+        return Q.sign_encode(dw.reshape(_rows_cols(shape)))
+
+    def _decode(self, encoded: Encoded, shape: tuple[int, ...]) -> torch.Tensor:
+        rows, cols = _rows_cols(shape)
+        return Q.sign_decode(encoded.parts, encoded.params, rows=rows, cols=cols)
+
+
+@dataclass(frozen=True)
+class LowRank(_Delta):
+    """The best rank-R approximation of a 2-D dW: parts `us` (U*S * 2**-scale_exp, m x R) and
+    `vh` (R x n), row-major in `dtype` (bf16, fp16 or fp32); params `rank`, `dtype`, `scale_exp`."""
+
+    name = "lowrank"
+    rank: int = 32
+    dtype: str = "bf16"
+
+    def __post_init__(self) -> None:
+        _whole(self.rank, "the rank of lowrank:R", "a positive whole number, e.g. lowrank:32")
+        dtype = self.dtype.lower() if isinstance(self.dtype, str) else None
+        if dtype not in Q.FACTOR_DTYPES:
+            raise EncodingError(f"dtype of lowrank must be one of {', '.join(Q.FACTOR_DTYPES)}, got {shown(self.dtype)}")
+        object.__setattr__(self, "dtype", dtype)
+
+    @property
+    def spec(self) -> str:
+        return f"lowrank:{self.rank}"
+
+    def encode(self, base: torch.Tensor, target: torch.Tensor, *, basis: Q.GramBasis | None = None) -> Encoded:
+        """`basis`: ``quantize.gram_basis`` of this very delta, made once for several ranks
+        (compare's LoRA rows, ``commit --encoding auto``); the same bytes as without it."""
+        parts, params = self._encode(_delta(base, target, self.spec), tuple(target.shape), basis)
+        return Encoded(dict(parts), params)
+
+    def _encode(self, dw: torch.Tensor, shape: tuple[int, ...],
+                basis: Q.GramBasis | None = None) -> tuple[Q.Parts, dict[str, Any]]:
+        if len(shape) != 2:
+            raise EncodingError(f"{self.spec} needs a 2-D tensor, got shape {shape}; keep this tensor lossless")
+        largest = min(shape)
+        if self.rank > largest:
+            raise EncodingError(f"{self.spec} is more than a {shape[0]}x{shape[1]} tensor can hold; "
+                                f"the rank must be at most {largest} (lowrank:{largest})")
+        return Q.lowrank_encode(dw, rank=self.rank, dtype=self.dtype, basis=basis)
+
+    def _decode(self, encoded: Encoded, shape: tuple[int, ...]) -> torch.Tensor:
+        if len(shape) != 2:
+            raise EncodingError(f"{self.spec} decodes only 2-D tensors, the entry declares shape {shape}")
+        return Q.lowrank_decode(encoded.parts, encoded.params, rows=shape[0], cols=shape[1])
+
+
+# -- registry ------------------------------------------------------------------------------
+
+Factory = Callable[[str | None, dict[str, Any]], Encoding]
+
+#: name -> factory(argument after the colon or None, options) -> Encoding
+_REGISTRY: dict[str, Factory] = {}
+#: name -> the options its factory takes (and its encoded params record)
+_OPTIONS: dict[str, tuple[str, ...]] = {}
+
+
+def register(name: str, factory: Factory, options: tuple[str, ...] = ()) -> None:
+    _REGISTRY[name] = factory
+    _OPTIONS[name] = tuple(options)
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def option_names(spec: str) -> tuple[str, ...]:
+    """The options the encoding a spec names takes (`group_size` for `int4`)."""
+    return _OPTIONS.get(spec.partition(":")[0], ())
+
+
+def get(spec: str, **options: Any) -> Encoding:
+    """The encoding a spec names: `lossless`, `int4`, `lowrank:32`, ...
+
+    Options set to None count as not given. An option that only other encodings take is
+    ignored, so that one set of command-line options can go with every tensor's spec; a name
+    that no encoding takes is an error.
+    """
+    name, _, arg = spec.partition(":")
+    factory = _REGISTRY.get(name)
+    if factory is None:
+        raise EncodingError(f"unknown encoding {shown(spec)}; known: {', '.join(names())} (lowrank as lowrank:R)")
+    given = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(k for k in given if not any(k in opts for opts in _OPTIONS.values()))
+    if unknown:
+        known = "; ".join(f"{', '.join(opts)} ({n})" for n, opts in sorted(_OPTIONS.items()) if opts)
+        raise EncodingError(f"unknown encoding option {', '.join(unknown)}; known options: {known}")
+    return factory(arg or None, {k: v for k, v in given.items() if k in _OPTIONS[name]})
+
+
+def from_params(spec: str, params: Mapping[str, Any]) -> Encoding:
+    """The encoding that decodes an entry, rebuilt from what its manifest recorded."""
+    return get(spec, **{k: params[k] for k in option_names(spec) if k in params})
+
+
+def _no_arg(cls: Callable[..., Encoding]) -> Factory:
+    def factory(arg: str | None, options: dict[str, Any]) -> Encoding:
+        if arg is not None:
+            raise EncodingError(f"encoding {cls.name!r} takes no argument (got {cls.name}:{arg[:40]})")
+        return cls(**options)
+    return factory
+
+
+def _lowrank(arg: str | None, options: dict[str, Any]) -> Encoding:
+    # isdigit() alone admits '²' and 5000-digit strings, which int() refuses.
+    if arg is None or not (arg.isascii() and arg.isdigit() and len(arg) <= 9) or int(arg) <= 0:
+        spec = "lowrank" if arg is None else f"lowrank:{arg[:40]}"
+        raise EncodingError(f"{spec}: lowrank needs a positive whole rank, as lowrank:R (e.g. lowrank:32)")
+    return LowRank(int(arg), **options)
+
+
+register("lossless", _no_arg(Lossless))
+register("int8", _no_arg(Int8), ("group_size",))
+register("int4", _no_arg(Int4), ("group_size",))
+register("nf4", _no_arg(NF4), ("blocksize",))
+register("fp4", _no_arg(FP4), ("blocksize",))
+register("1bit", _no_arg(OneBit))
+register("lowrank", _lowrank, ("dtype",))
+
+__all__ = ["Encoded", "Encoding", "Lossless", "Int8", "Int4", "NF4", "FP4", "OneBit", "LowRank",
+           "get", "from_params", "names", "option_names", "register", "byte_group", "byte_ungroup",
+           "DTYPES", "dtype_name"]

@@ -1,0 +1,1 @@
+"""Rules, identity and leaves: errors, hashing, limits, names, durable writes, pools, units."""

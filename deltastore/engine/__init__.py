@@ -1,0 +1,1 @@
+"""What the store does: commits, chains, history, fsck and gc."""

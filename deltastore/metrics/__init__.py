@@ -1,0 +1,1 @@
+"""Measures of a fine-tune: delta statistics, fidelity, alpha."""

@@ -1,0 +1,1 @@
+"""Versions applied: to live modules, and to model files on disk."""

@@ -1,0 +1,1 @@
+"""Sharing a store: the Hugging Face Hub and remotes through fsspec."""
