@@ -1,5 +1,5 @@
 """Team use of one remote: two people, each with a store, pushing and pulling the same stance
-through one shared folder, in any order (README, "A team store"; FORMAT.md §10).
+through one shared folder, in any order (docs/sharing.md, "A team store"; FORMAT.md §10).
 
 The remote numbers a stance's versions as they arrive, so a version pushed second takes the
 next number there; its pusher's store keeps its own number. A pull lands a version under the
@@ -74,7 +74,7 @@ def test_the_readme_team_workflow_two_people_pushing_one_stance_in_turns(pair, t
     said = run_cli(bob, "push", "s", "--remote", "origin")
     assert said.exit_code == 0 and f"s@3 {b2[:15]} is already there (s@2 here)" in said.output
 
-    # Bob pulls the stance as the README shows: Alice's s@2 cannot land on his s@2, so it takes s@3.
+    # Bob pulls the stance as docs/sharing.md shows: Alice's s@2 cannot land on his s@2, so it takes s@3.
     got = run_cli(bob, "pull", "origin", "--stance", "s")
     assert got.exit_code == 0, got.output
     assert f"pulled s@2 {a2[:15]} as s@3 here" in got.output and "1 new versions" in got.output

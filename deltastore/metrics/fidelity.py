@@ -1,6 +1,6 @@
 """How much of a fine-tune's behaviour a model still has: next-token KL and top-1 agreement.
 
-This module owns the fidelity measurement (README, "What a fine-tune costs, and what a cheap form
+This module owns the fidelity measurement (docs/fidelity.md, "What a fine-tune costs, and what a cheap form
 of it keeps"): a ``FidelityProbe`` keeps the fine-tuned model's next-token log-probabilities at
 every position of every prompt, then measures KL(fine-tuned || current) and top-1 agreement for
 whatever weights the model holds when asked. It also reads a prompts file and loads a Hugging Face model folder for it.
