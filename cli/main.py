@@ -125,7 +125,8 @@ def _silence_stdout() -> None:
 
 @click.group(cls=DeltastoreGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--store", type=click.Path(file_okay=False), envvar=None,
-              help="Store folder (default: $DELTASTORE_DIR, else the nearest .deltastore/ upwards).")
+              help="Store folder, or a folder holding one as .deltastore/ (default: $DELTASTORE_DIR, else for "
+                   "`revert PATH` the store that patched PATH, else the nearest .deltastore/ upwards).")
 @click.version_option(package_name="deltastore")
 def cli(store: str | None) -> None:
     """Store, version, apply and share fine-tuning deltas of PyTorch language models."""
