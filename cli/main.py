@@ -25,7 +25,7 @@ from .output import Interrupted, as_program, ctrl_c_came, escape, interrupted_li
 # `deltastore log` starts without the other modules' imports.
 COMMANDS = {
     "init": "upkeep:init", "fsck": "upkeep:fsck", "gc": "upkeep:gc", "stats": "upkeep:stats",
-    "upgrade": "upkeep:upgrade",
+    "upgrade": "upkeep:upgrade", "status": "upkeep:status",
     "base": "bases:base",
     "commit": "stances:commit", "stances": "stances:stances", "stance": "stances:stance", "log": "stances:log",
     "show": "stances:show", "diff": "stances:diff", "tag": "stances:tag",

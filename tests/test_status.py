@@ -4,6 +4,7 @@ and `deltastore status`."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from deltastore import Store
+from deltastore.sharing.remote import add_remote, push
 from helpers import file_bytes, make_model, store_snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,3 +88,46 @@ def test_store_option_takes_the_folder_holding_the_store(patched) -> None:
     result = run("--store", work, "log", "--json")
     assert result.exit_code == 0, result.output
     assert "s@1" in result.output
+
+
+def test_status_lists_the_patched_folders_from_any_folder(patched) -> None:
+    # Fails before this commit: there is no `status` command.
+    work, target, _ = patched
+    result = run("status", "--json")
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.stdout)
+    assert shown["store"] is None and shown["unpushed"] is None
+    [p] = shown["patched"]
+    assert (p["target"], p["ref"], p["state"], p["store"]) == (str(target), "s@1", "applied", str(work / ".deltastore"))
+    assert p["since"][:4].isdigit()
+    text = run("status").output
+    assert f"patched {target}: s@1 since" in text and "no store in this folder" in text
+    assert run("revert", target).exit_code == 0
+    assert json.loads(run("status", "--json").stdout)["patched"] == []
+    assert "no folder is patched in place" in run("status").output
+
+
+def test_status_names_a_patched_folder_that_is_gone(patched) -> None:
+    work, target, _ = patched
+    shutil.rmtree(target)
+    [p] = json.loads(run("status", "--json").stdout)["patched"]
+    assert p["state"] == "gone"
+
+
+def test_status_remotes_lists_what_each_remote_lacks(patched, tmp_path) -> None:
+    work, _, pair = patched
+    other = make_model(tmp_path, name="other", frozen=())
+    with Store.open(work / ".deltastore") as store:
+        store.commit("t", other.ft, base=pair.base)
+        add_remote(store, "origin", (tmp_path / "remote").as_uri())
+        push(store, ["s@1"], "origin")
+    result = run("--store", work, "status", "--remotes", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["unpushed"] == {"origin": ["t@1"]}
+    assert "remote origin lacks t@1" in run("--store", work, "status", "--remotes").output
+    assert "remotes not checked: pass --remotes" in run("--store", work, "status").output
+
+
+def test_status_refuses_a_store_option_that_names_no_store(patched, tmp_path) -> None:
+    result = run("--store", tmp_path / "elsewhere", "status")
+    assert result.exit_code == 1 and "no deltastore store at" in result.output
