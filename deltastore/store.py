@@ -91,7 +91,7 @@ def find_store(start: str | os.PathLike | None = None, *, patched: str | os.Path
 
 def store_patching(path: str | os.PathLike, *, first: Path | None = None, besides: Path | None = None) -> Path | None:
     """The store (`first`, then those of knownstores.py, but never `besides`) whose open
-    journal covers the model at `path`, found by identity as revert finds it (FORMAT.md §7)
+    journal covers the model at `path` (or has that id), found by identity as revert finds it (FORMAT.md §7)
     from the journal files alone; None where none does."""
     from .patching.patch import journals_covering
     skip = os.path.abspath(besides) if besides is not None else None
@@ -99,7 +99,8 @@ def store_patching(path: str | os.PathLike, *, first: Path | None = None, beside
         if skip is not None and os.path.abspath(root) == skip:
             continue
         try:
-            if journals_covering(journalfiles.read_all(root), path):
+            rows = journalfiles.read_all(root)
+            if journals_covering(rows, path) or any(r["id"] == str(path) for r in rows):  # `revert --forget ID`
                 return root
         except (DeltastoreError, OSError):
             continue  # an unreadable store cannot be the one; its own commands say why

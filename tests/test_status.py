@@ -131,3 +131,12 @@ def test_status_remotes_lists_what_each_remote_lacks(patched, tmp_path) -> None:
 def test_status_refuses_a_store_option_that_names_no_store(patched, tmp_path) -> None:
     result = run("--store", tmp_path / "elsewhere", "status")
     assert result.exit_code == 1 and "no deltastore store at" in result.output
+
+
+def test_revert_forget_by_journal_id_works_from_another_folder(patched) -> None:
+    work, target, _ = patched
+    [p] = json.loads(run("status", "--json").stdout)["patched"]
+    shutil.rmtree(target)
+    result = run("revert", "--forget", p["journal"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(run("status", "--json").stdout)["patched"] == []
