@@ -25,7 +25,7 @@ from .output import Interrupted, as_program, ctrl_c_came, escape, interrupted_li
 # `deltastore log` starts without the other modules' imports.
 COMMANDS = {
     "init": "upkeep:init", "fsck": "upkeep:fsck", "gc": "upkeep:gc", "stats": "upkeep:stats",
-    "upgrade": "upkeep:upgrade",
+    "upgrade": "upkeep:upgrade", "status": "upkeep:status",
     "base": "bases:base",
     "commit": "stances:commit", "stances": "stances:stances", "stance": "stances:stance", "log": "stances:log",
     "show": "stances:show", "diff": "stances:diff", "tag": "stances:tag",
@@ -125,7 +125,8 @@ def _silence_stdout() -> None:
 
 @click.group(cls=DeltastoreGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--store", type=click.Path(file_okay=False), envvar=None,
-              help="Store folder (default: $DELTASTORE_DIR, else the nearest .deltastore/ upwards).")
+              help="Store folder, or a folder holding one as .deltastore/ (default: $DELTASTORE_DIR, else for "
+                   "`revert PATH` the store that patched PATH, else the nearest .deltastore/ upwards).")
 @click.version_option(package_name="deltastore")
 def cli(store: str | None) -> None:
     """Store, version, apply and share fine-tuning deltas of PyTorch language models."""

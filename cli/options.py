@@ -10,7 +10,7 @@ import click
 
 from deltastore import Store
 from deltastore.repo.reflog import RefLog
-from deltastore.store import find_store
+from deltastore.store import find_store, store_at
 
 from .output import Interrupted, echo, finishing, hold, interrupted_line, on_interrupt
 
@@ -76,16 +76,18 @@ def prompt_options(f: Callable) -> Callable:
     return chat_option(f)
 
 
-def with_store(f: Callable | None = None, *, readonly: bool | None = None) -> Callable:
+def with_store(f: Callable | None = None, *, readonly: bool | None = None, patched: str | None = None) -> Callable:
     """Open the store the group's --store (or $DELTASTORE_DIR, or the nearest .deltastore/) names.
     `readonly=True` for commands that only read: their catalog is opened read-only, so they work
     on a full disk too. A command that writes holds its result until it ends; Ctrl-C before
-    then prints one line saying what it stored instead (cli/output.py)."""
+    then prints one line saying what it stored instead (cli/output.py). `patched`: the argument
+    naming a model folder; without --store, the store that patched it is opened, from any
+    folder."""
     def decorate(f: Callable) -> Callable:
         @functools.wraps(f)
         @click.pass_context
         def wrapper(ctx: click.Context, *args: Any, **kwargs: Any) -> Any:
-            store = Store.open(store_path(ctx), readonly=readonly)
+            store = Store.open(store_path(ctx, kwargs.get(patched) if patched else None), readonly=readonly)
             ctx.call_on_close(store.close)
             if not readonly:
                 hold()
@@ -158,9 +160,9 @@ def store_if(ctx: click.Context, needed: bool) -> Store | None:
     return store
 
 
-def store_path(ctx: click.Context) -> Path:
+def store_path(ctx: click.Context, patched: str | None = None) -> Path:
     path = ctx.find_root().params.get("store")
-    return Path(path) if path else find_store()
+    return store_at(path) if path else find_store(patched=patched)
 
 
 ENCODINGS = "lossless, int8, int4, nf4, fp4, 1bit, lowrank:R"

@@ -1,4 +1,4 @@
-"""Commands that keep the store itself: init, fsck, gc, stats, upgrade."""
+"""Commands that keep the store itself: init, status, fsck, gc, stats, upgrade."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from deltastore import Store
 from deltastore.engine.maintenance import FsckReport, GcPlan
 from deltastore.sharing.remote import remote_url
 from deltastore.sharing.remotegc import gc as run_gc, gc_plan
+from deltastore.core.errors import StoreNotFound
 from deltastore.store import DEFAULT_DIR
 from deltastore.upgrade import upgrade as run_upgrade
 
@@ -27,6 +28,34 @@ def init(ctx: click.Context, directory: str | None, as_json: bool) -> None:
     store = Store.init(path)
     store.close()
     return emit_json(store) if as_json else echo(f"created store {path}")
+
+
+@click.command()
+@click.option("--remotes", "check_remotes", is_flag=True,
+              help="Also list, for each remote of the store, the versions it does not hold yet (reads each remote).")
+@json_option
+@click.pass_context
+def status(ctx: click.Context, check_remotes: bool, as_json: bool) -> None:
+    """The folders patched in place (by this store or any other this user made or patched from,
+    so it works from any folder): target, version, since when, state; with --remotes, what each
+    remote lacks."""
+    from deltastore.sharing.status import status as read_status
+    try:
+        root = store_path(ctx)
+    except StoreNotFound:
+        root = None  # the folders other stores patched are still worth listing
+    now = read_status(root, check_remotes=check_remotes)
+    if as_json:
+        return emit_json(now)
+    echo(f"store {now.store}" if now.store else "no store in this folder or above it")
+    for p in now.patched:
+        echo(f"patched {p.target}: {p.ref} since {p.since}, {p.state} (store {p.store})")
+    if not now.patched:
+        echo("no folder is patched in place")
+    for name, refs in (now.unpushed or {}).items():
+        echo(f"remote {name} lacks {', '.join(refs)}" if refs else f"remote {name} holds every version")
+    if now.unpushed is None and now.store:
+        echo("remotes not checked: pass --remotes (it reads each remote)")
 
 
 @click.command()

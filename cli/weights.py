@@ -89,7 +89,7 @@ def target_state(store: Store, ref: str, target: str) -> Callable[[], str]:
                    "restore, its files gone (copied and deleted) or changed since, and free its saved originals; "
                    "no model file is written.")
 @json_option
-@with_store
+@with_store(patched="target")
 def revert(store: Store, target: str, forget: bool, as_json: bool) -> None:
     """Undo what apply did to TARGET, bit for bit.
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from .core import names
-from .repo import index
+from .repo import index, journalfiles, knownstores
 from .repo.catalog import Catalog, dumps, now
 from .core.durable import replace_file
 from .engine.chain import ChainError, check_depth, reference
@@ -70,22 +70,57 @@ Progress = Callable[[int, int], None]
 ModelLike = Any  # a path, a state dict, an nn.Module or a TensorSource
 
 
-def find_store(start: str | os.PathLike | None = None) -> Path:
-    """`$DELTASTORE_DIR`, else the nearest `.deltastore/` from `start` upwards."""
+def find_store(start: str | os.PathLike | None = None, *, patched: str | os.PathLike | None = None) -> Path:
+    """`$DELTASTORE_DIR`, else (given `patched`, a model path) the store whose open journal
+    covers that model, else the nearest `.deltastore/` from `start` upwards. Refused, naming the
+    nearest store this user has made or patched from (knownstores.py), when there is none."""
     env = os.environ.get("DELTASTORE_DIR")
     if env:
         return Path(env)
     here = Path(start or os.getcwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / DEFAULT_DIR / STORE_FILE).is_file():
-            return folder / DEFAULT_DIR
-    raise StoreNotFound(str(here), searched_up=True)
+    found = next((f / DEFAULT_DIR for f in (here, *here.parents) if (f / DEFAULT_DIR / STORE_FILE).is_file()), None)
+    if patched is not None:
+        owner = store_patching(patched, first=found)
+        if owner is not None:
+            return owner
+    if found is not None:
+        return found
+    near = knownstores.nearest(here)
+    raise StoreNotFound(str(here), searched_up=True, nearest=str(near) if near else None)
+
+
+def store_patching(path: str | os.PathLike, *, first: Path | None = None, besides: Path | None = None) -> Path | None:
+    """The store (`first`, then those of knownstores.py, but never `besides`) whose open
+    journal covers the model at `path` (or has that id), found by identity as revert finds it (FORMAT.md §7)
+    from the journal files alone; None where none does."""
+    from .patching.patch import journals_covering
+    skip = os.path.abspath(besides) if besides is not None else None
+    for root in ([first] if first is not None else []) + knownstores.known():
+        if skip is not None and os.path.abspath(root) == skip:
+            continue
+        try:
+            rows = journalfiles.read_all(root)
+            if journals_covering(rows, path) or any(r["id"] == str(path) for r in rows):  # `revert --forget ID`
+                return root
+        except (DeltastoreError, OSError):
+            continue  # an unreadable store cannot be the one; its own commands say why
+    return None
+
+
+def store_at(path: str | os.PathLike) -> Path:
+    """`--store PATH`: the store's folder, or a folder holding one as `.deltastore/` (what
+    `init` in that folder made)."""
+    path = Path(path)
+    if not (path / STORE_FILE).is_file() and (path / DEFAULT_DIR / STORE_FILE).is_file():
+        return path / DEFAULT_DIR
+    return path
 
 
 def store_format(root: Path) -> str | None:
     marker = Path(root) / STORE_FILE
     if not marker.is_file():
-        raise StoreNotFound(str(root))
+        near = knownstores.nearest(root)
+        raise StoreNotFound(str(root), nearest=str(near) if near else None)
     try:
         return json.loads(marker.read_bytes()[:4096]).get("format")
     except (ValueError, AttributeError, RecursionError):  # not JSON, not an object
@@ -95,7 +130,7 @@ def store_format(root: Path) -> str | None:
 def current_store(path: str | os.PathLike | None) -> Path:
     """The store's folder (`path`, else the one `find_store` finds), refused unless it holds a
     store of a format this deltastore reads."""
-    root = Path(path) if path is not None else find_store()
+    root = store_at(path) if path is not None else find_store()
     fmt = store_format(root)
     if fmt in OLD_FORMATS:
         raise OldStoreFormat(str(root), fmt)
@@ -151,6 +186,7 @@ class Store:
         Catalog(root / "catalog.db", create=True).close()
         # The marker last: a folder without it is no store, whatever an interrupted init left.
         (root / STORE_FILE).write_text(json.dumps({"format": STORE_FORMAT}) + "\n")
+        knownstores.remember(root)
         return cls(root, readonly=False)
 
     def to_json(self) -> dict:
@@ -915,8 +951,13 @@ class Store:
         return apply_in_place(self, self.resolve(ref), Path(target), allow_links=break_links, progress=progress)
 
     def revert_files(self, target: str | os.PathLike, *, progress: Progress | None = None):
-        from .patching.patch import revert_in_place
+        from .patching.patch import journals_covering, revert_in_place
         self._writable()
+        if not journals_covering(self.catalog.open_journals(), target):
+            other = store_patching(target, besides=self.root)
+            if other is not None:  # e.g. a store made here after the patch knows nothing of it
+                raise JournalError(f"nothing was applied in place to {target} from the store {self.root}; the store "
+                                   f"{other} patched it: run `deltastore --store {other} revert {target}`")
         return revert_in_place(self, Path(target), progress=progress)
 
     def forget_journal(self, name: str | os.PathLike):

@@ -25,3 +25,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def own_list_of_stores(tmp_path_factory, monkeypatch):
+    """Every store a test makes is listed in the per-user list of stores (repo/knownstores.py):
+    each test has a list of its own, never the user's, and sees no store another test made."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))

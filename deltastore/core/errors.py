@@ -11,6 +11,7 @@ deltastore. Messages are one line: what is wrong, then what to do.
 from __future__ import annotations
 
 import errno
+import os
 
 from typing import Any
 
@@ -54,10 +55,14 @@ class OptionConflict(DeltastoreError, ValueError):
 
 
 class StoreNotFound(DeltastoreError, FileNotFoundError):
-    def __init__(self, path: str, *, searched_up: bool = False):
+    def __init__(self, path: str, *, searched_up: bool = False, nearest: str | None = None):
         self.path = path
         where = f"at {path} or above it" if searched_up else f"at {path}"
-        super().__init__(f"no deltastore store {where}; run `deltastore init` to create one")
+        # A store made elsewhere is what the user most likely means; `init` would make an
+        # empty one that knows nothing of their versions or patched folders.
+        then = (f"the nearest store this user has is {nearest}: pass `--store {nearest}`, or run from "
+                f"{os.path.dirname(nearest)}" if nearest else "run `deltastore init` to create one")
+        super().__init__(f"no deltastore store {where}; {then}")
 
 
 class StoreExists(DeltastoreError, FileExistsError):

@@ -465,8 +465,7 @@ def revert_in_place(store: Store, path: Path, *, progress: Callable[[int, int], 
 def _journals_at(store: Store, given: Path) -> list[dict]:
     """The open journals whose target is this path, however it is spelled (for a path that
     no longer exists, only its text can say)."""
-    here = {os.path.abspath(given), os.path.join(os.path.realpath(given.parent), given.name)}
-    return [r for r in store.catalog.open_journals() if r["target"] in here]
+    return journals_covering(store.catalog.open_journals(), given)
 
 
 def _no_journal(store: Store, target: Target) -> JournalError:
@@ -697,13 +696,30 @@ def _journal_files(row: dict) -> list[FileId] | None:
 def journals_on(store: Store, target: Target) -> list[dict]:
     """The open journals of a target: those that recorded one of its files (by device and
     inode, whatever path reached it). A journal from before identities matches by its path."""
+    return _covering(store.catalog.open_journals(), target)
+
+
+def _covering(rows: list[dict], target: Target) -> list[dict]:
     out = []
-    for row in store.catalog.open_journals():
+    for row in rows:
         ids = _journal_files(row)
         if target.shares_a_file(ids) if ids is not None else row["target"] in (
                 str(target.model), os.path.abspath(target.given)):
             out.append(row)
     return out
+
+
+def journals_covering(rows: list[dict], path: str | os.PathLike) -> list[dict]:
+    """Of these journals (a store's files, or its rows), those that revert would take up for
+    `path`; for a path that no longer exists, those whose target is its text."""
+    given = Path(path)
+    if not given.exists():
+        here = {os.path.abspath(given), os.path.join(os.path.realpath(given.parent), given.name)}
+        return [r for r in rows if r["target"] in here]
+    try:
+        return _covering(rows, resolve(given))
+    except (DeltastoreError, OSError):
+        return []
 
 
 def open_journal_on(store: Store, path: str | os.PathLike) -> str | None:

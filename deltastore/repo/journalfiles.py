@@ -14,6 +14,7 @@ from ..core.durable import fsync_dir, replace_file
 from ..core.errors import DeltastoreError, DiskFull, ModelFormatError, is_disk_full
 from ..core.hashing import canonical_json, hasher, hexdigest_id, id_header
 from ..weights.target import FileId, file_id
+from . import knownstores
 
 FOLDER = "journals"
 MAX_JOURNAL_FILE = 64 << 20
@@ -36,6 +37,7 @@ def write(root: Path, row: dict, object_ids: list[str]) -> None:
         if is_disk_full(e):
             raise DiskFull() from None
         raise
+    knownstores.remember(root)  # so that `revert` from another folder finds this store
 
 
 def remove(root: Path, journal_id: str) -> None:
