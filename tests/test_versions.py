@@ -139,7 +139,7 @@ def test_tags_name_versions_move_and_are_deleted(tmp_path, store) -> None:
     tagged = store.tag("curious@1", "paper")
     assert (tagged.version.tags, tagged.tag, tagged.deleted) == (("paper",), "paper", False)
     assert store.resolve("curious@paper").id == v1.id
-    out = run_json(store, "tag", "curious", "paper")  # a tag moves when given again
+    out = run_json(store, "tag", "curious", "paper", "--force")  # a tag moves when asked (test_tags.py)
     assert out["id"] == v2.id
     assert store.resolve("curious@paper").id == v2.id and store.resolve("curious@1").tags == ()
 
