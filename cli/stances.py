@@ -173,13 +173,17 @@ def stance_delete(store: Store, name: str, as_json: bool) -> None:
 @json_option
 @with_store(readonly=True)
 def log(store: Store, stance: str | None, where: dict[str, str], as_json: bool) -> None:
-    """Versions, newest first."""
+    """Versions, newest first: each with its base (name, else short id), and the KL and top-1 that
+    a measured commit (--prompts) recorded."""
     versions = store.log(stance, where=where)
+    base_names = {b.id: b.name for b in store.bases()}
     if as_json:
-        return emit_json(versions)
-    table([[v.ref, v.short_id, v.created[:19].replace("T", " "), v.encoding, v.tensor_count, size(v.bytes),
+        return emit_json([{**v.to_json(), "base_name": base_names.get(v.base_id)} for v in versions])
+    table([[v.ref, v.short_id, v.created[:19].replace("T", " "),
+            base_names.get(v.base_id) or v.base_id.removeprefix("b3:")[:12], v.encoding, v.tensor_count,
+            size(v.bytes), None if v.kl is None else f"{v.kl:.3g}", None if v.top1 is None else f"{v.top1:.1%}",
             ",".join(v.tags), v.message] for v in versions],
-          ["version", "id", "created", "encoding", "tensors", "bytes", "tags", "message"])
+          ["version", "id", "created", "base", "encoding", "tensors", "bytes", "KL", "top-1", "tags", "message"])
 
 
 @click.command()
