@@ -149,8 +149,17 @@ def remote_pushed(r: RemotePush) -> None:
         echo(f"{rv.ref} {rv.id[:15]} is already there{_here(rv)}")
     for line in r.stale_locks_removed:
         echo(line)
+    _tags(r)
     echo(f"{r.url}: {r.objects_uploaded} objects, {size(r.bytes_uploaded)} uploaded"
          + (f" ({r.objects_repaired} repaired: missing or damaged there)" if r.objects_repaired else ""))
+
+
+def _tags(r: RemotePush | RemotePull) -> None:
+    """The tags a push or a pull carried, and one line for each it left where it was."""
+    if r.tags:
+        echo(f"tags {', '.join(r.tags)}")
+    for line in r.tags_not_moved:
+        echo(line)
 
 
 def _here(rv: RemoteVersion) -> str:
@@ -163,6 +172,7 @@ def remote_pulled(r: RemotePull) -> None:
     for rv in r.pulled:
         landed = "" if rv.local == rv.ref else f" as {rv.local} here"
         echo(f"pulled {rv.ref} {rv.id[:15]}{landed}")
+    _tags(r)
     echo(f"{len(r.pulled)} new versions from {r.url} ({r.objects_downloaded} objects, "
          f"{size(r.bytes_downloaded)} downloaded)")
 
