@@ -115,3 +115,18 @@ def test_a_bad_tag_on_the_remote_is_refused_and_the_pull_stores_nothing(store, p
         out = run_cli(b.root, "pull", "--remote", url)
         assert out.exit_code == 1 and path.split("/")[0] in out.output and "tag" in out.output
         assert (*store_snapshot(b.root), (b.root / "refs.log").read_bytes()) == before
+
+
+def test_import_lora_with_a_taken_tag_is_refused_unless_move_tag(store, pair, tmp_path) -> None:
+    from deltastore.exports.lora import export_lora
+
+    v1 = store.commit("curious", pair.ft, base=pair.base, tag="paper").version
+    adapter = tmp_path / "adapter"
+    export_lora(store, "curious", adapter, rank=2)
+    before = store_snapshot(store.root)
+    refused = run_cli(store, "import-lora", "curious", adapter, "--base-path", pair.base, "--tag", "paper")
+    assert refused.exit_code == 1 and f"already names curious@1 b3:{v1.short_id}; pass --move-tag" in refused.output
+    assert store_snapshot(store.root) == before
+    moved = run_json(store, "import-lora", "curious", adapter, "--base-path", pair.base, "--tag", "paper",
+                     "--move-tag")
+    assert store.resolve("curious@paper").id == moved["id"] != v1.id
