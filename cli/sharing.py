@@ -149,8 +149,17 @@ def remote_pushed(r: RemotePush) -> None:
         echo(f"{rv.ref} {rv.id[:15]} is already there{_here(rv)}")
     for line in r.stale_locks_removed:
         echo(line)
+    _tags(r)
     echo(f"{r.url}: {r.objects_uploaded} objects, {size(r.bytes_uploaded)} uploaded"
          + (f" ({r.objects_repaired} repaired: missing or damaged there)" if r.objects_repaired else ""))
+
+
+def _tags(r: RemotePush | RemotePull) -> None:
+    """The tags a push or a pull carried, and one line for each it left where it was."""
+    if r.tags:
+        echo(f"tags {', '.join(r.tags)}")
+    for line in r.tags_not_moved:
+        echo(line)
 
 
 def _here(rv: RemoteVersion) -> str:
@@ -163,6 +172,7 @@ def remote_pulled(r: RemotePull) -> None:
     for rv in r.pulled:
         landed = "" if rv.local == rv.ref else f" as {rv.local} here"
         echo(f"pulled {rv.ref} {rv.id[:15]}{landed}")
+    _tags(r)
     echo(f"{len(r.pulled)} new versions from {r.url} ({r.objects_downloaded} objects, "
          f"{size(r.bytes_downloaded)} downloaded)")
 
@@ -373,11 +383,13 @@ def ran_in(f: ExportFidelity, gguf: bool) -> str:
                    "in its dtype.")
 @click.option("-m", "--message", default="", help="What this version is.")
 @click.option("--meta", multiple=True, metavar="KEY=VALUE", callback=key_values, help="User metadata (repeatable).")
-@click.option("--tag", help="Tag the new version.")
+@click.option("--tag", help="Tag the new version (refused when the tag names a version already).")
+@click.option("--move-tag", is_flag=True, help="Move --tag's tag to the new version when it names another one.")
 @json_option
 @with_store
 def import_lora(store: Store, stance: str, adapter: str, base_ref: str | None, base_path: str | None,
-                encoding: str | None, message: str, meta: dict[str, str], tag: str | None, as_json: bool) -> None:
+                encoding: str | None, message: str, meta: dict[str, str], tag: str | None, move_tag: bool,
+                as_json: bool) -> None:
     """Commit a PEFT LoRA adapter folder (safetensors only) as a new version of STANCE, as commit
     takes STANCE MODEL: each target weight becomes W + scaling * B @ A, modules_to_save and biases
     replace the base's. Every name and shape is checked against the base first; an adapter for
@@ -390,7 +402,7 @@ def import_lora(store: Store, stance: str, adapter: str, base_ref: str | None, b
     base = only_base(store, base_ref)
     with progress("importing", enabled=not as_json) as cb:
         i = run_import(store, adapter, stance, base=base, base_weights=base_path, encoding=encoding,
-                       message=message, metadata=meta, tag=tag, progress=cb)
+                       message=message, metadata=meta, tag=tag, move_tag=move_tag, progress=cb)
     if as_json:
         return emit_json(i)
     r = i.result

@@ -50,7 +50,8 @@ if TYPE_CHECKING:
 @click.option("--meta-file", type=click.Path(dir_okay=False), metavar="FILE.json",
               help="Training facts (learning rate, epochs, examples, loss...) as a flat JSON object; "
                    "--meta overrides its keys.")
-@click.option("--tag", help="Tag the new version.")
+@click.option("--tag", help="Tag the new version (refused when the tag names a version already).")
+@click.option("--move-tag", is_flag=True, help="Move --tag's tag to the new version when it names another one.")
 @click.option("--allow-nonfinite", is_flag=True,
               help="Store changed tensors holding nan or inf (exactly, with a lossless encoding) instead of "
                    "refusing the commit.")
@@ -70,7 +71,7 @@ def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str 
            prompts: str | None, max_kl: float | None, chat: bool, tokenizer: str | None,
            encoding_for: list[tuple[str, str]], group_size: int | None, include: str | None, exclude: str | None,
            top_k: int | None, min_rel_change: float | None, energy: float | None, message: str,
-           meta: dict[str, str], meta_file: str | None, tag: str | None, allow_nonfinite: bool,
+           meta: dict[str, str], meta_file: str | None, tag: str | None, move_tag: bool, allow_nonfinite: bool,
            allow_empty: bool, force: bool, new_stance: bool, against: str | None, as_json: bool) -> None:
     """Store the fine-tuned MODEL as a new version of STANCE."""
     from deltastore.analysis.committing import commit as run_commit  # torch, which read commands do without
@@ -81,7 +82,7 @@ def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str 
                        max_kl=max_kl, chat=chat, tokenizer=tokenizer, encoding_for=encoding_for,
                        encoding_options={} if group_size is None else {"group_size": group_size},
                        include=include, exclude=exclude, top_k=top_k, min_rel_change=min_rel_change, energy=energy,
-                       message=message, metadata=meta, metadata_file=meta_file, tag=tag, progress=cb,
+                       message=message, metadata=meta, metadata_file=meta_file, tag=tag, move_tag=move_tag, progress=cb,
                        allow_nonfinite=allow_nonfinite, allow_empty=allow_empty, force=force, new_stance=new_stance,
                        against=against)
     return emit_json(c) if as_json else render_commit(c)
@@ -172,13 +173,17 @@ def stance_delete(store: Store, name: str, as_json: bool) -> None:
 @json_option
 @with_store(readonly=True)
 def log(store: Store, stance: str | None, where: dict[str, str], as_json: bool) -> None:
-    """Versions, newest first."""
+    """Versions, newest first: each with its base (name, else short id), and the KL and top-1 that
+    a measured commit (--prompts) recorded."""
     versions = store.log(stance, where=where)
+    base_names = {b.id: b.name for b in store.bases()}
     if as_json:
-        return emit_json(versions)
-    table([[v.ref, v.short_id, v.created[:19].replace("T", " "), v.encoding, v.tensor_count, size(v.bytes),
+        return emit_json([{**v.to_json(), "base_name": base_names.get(v.base_id)} for v in versions])
+    table([[v.ref, v.short_id, v.created[:19].replace("T", " "),
+            base_names.get(v.base_id) or v.base_id.removeprefix("b3:")[:12], v.encoding, v.tensor_count,
+            size(v.bytes), None if v.kl is None else f"{v.kl:.3g}", None if v.top1 is None else f"{v.top1:.1%}",
             ",".join(v.tags), v.message] for v in versions],
-          ["version", "id", "created", "encoding", "tensors", "bytes", "tags", "message"])
+          ["version", "id", "created", "base", "encoding", "tensors", "bytes", "KL", "top-1", "tags", "message"])
 
 
 @click.command()
@@ -251,13 +256,15 @@ def diff(store: Store, ref_a: str, ref_b: str, base_path: str | None, top: int |
 @click.argument("name", required=False)
 @click.option("--delete", "-d", "delete", is_flag=True,
               help="Remove the tag instead: `tag --delete STANCE@TAG` or `tag --delete STANCE TAG`.")
+@click.option("--force", "-f", is_flag=True, help="Move the tag when it names another version already.")
 @json_option
 @with_store
-def tag(store: Store, ref: str, name: str | None, delete: bool, as_json: bool) -> None:
-    """Name a version (STANCE@NAME then refers to it); with --delete, remove a tag."""
+def tag(store: Store, ref: str, name: str | None, delete: bool, force: bool, as_json: bool) -> None:
+    """Name a version (STANCE@NAME then refers to it); with --delete, remove a tag. A tag that
+    names another version already is refused unless --force moves it."""
     if not delete and name is None:
         raise click.UsageError("give a tag NAME (or --delete to remove one)")
-    t = store.untag(ref, name) if delete else store.tag(ref, name)
+    t = store.untag(ref, name) if delete else store.tag(ref, name, force=force)
     v = t.version
     if as_json:
         return emit_json(t)

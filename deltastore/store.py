@@ -34,7 +34,7 @@ from .core.durable import replace_file
 from .engine.chain import ChainError, check_depth, reference
 from .core.errors import (AmbiguousRef, BaseMismatch, BaseNotFound, BaseWeightsMissing, DeltastoreError, IdenticalVersion,
                      JournalError, NotAFineTune, NothingToCommit, OldStoreFormat, ReadOnlyStore, RefNotFound,
-                     StanceNameClose, StoreExists, StoreNotFound, TagNotFound, UnsafeInput,
+                     StanceNameClose, StoreExists, StoreNotFound, TagExists, TagNotFound, UnsafeInput,
                      VersionConflict, cut, short, shown_names)
 from .core.hashing import base_id as compute_base_id, bytes_id, canonical_json, tensor_id
 from .engine.history import delete_stance, diff, merge_stance, rename_stance
@@ -511,13 +511,25 @@ class Store:
     def stances(self) -> list[dict]:
         return self.catalog.stances()
 
-    def tag(self, ref: str | Version, name: str) -> TagChange:
-        """Name a version: STANCE@NAME then refers to it. Returns the version, tagged."""
+    def tag(self, ref: str | Version, name: str, *, force: bool = False) -> TagChange:
+        """Name a version: STANCE@NAME then refers to it. Returns the version, tagged. A tag
+        that names another version already is refused (`TagExists`) unless `force` moves it."""
         self._writable()
         names.check_tag_name(name)
         version = self.resolve(ref)
+        if not force:
+            self._check_tag_free(version.stance, name, version.id, "--force")
         self.catalog.set_tag(version.stance, name, version.id)
         return TagChange(self.resolve(version.id), name)
+
+    def _check_tag_free(self, stance: str, name: str, version_id: str | None, option: str) -> None:
+        """Refuse a tag of `stance` that names a version other than `version_id` (None: a
+        version still to be made) already; the message says which, and `option` to move it."""
+        current = self.catalog.tag_target(stance, name)
+        if current is not None and current != version_id:
+            row = self.catalog.version(current)
+            where = f"{row['stance']}@{row['number']} {short(current)}" if row else short(current)
+            raise TagExists(stance, name, where, option)
 
     def untag(self, ref: str, name: str | None = None) -> TagChange:
         """Remove a tag, `untag("STANCE@TAG")` or `untag(REF, TAG)` where REF names the stance
@@ -568,7 +580,8 @@ class Store:
                message: str = "", metadata: Mapping[str, str] | None = None, tag: str | None = None,
                base_weights: ModelLike | None = None, progress: Progress | None = None,
                allow_nonfinite: bool = False, allow_empty: bool = False, force: bool = False,
-               new_stance: bool = False, against: str | Version | None = None) -> CommitResult:
+               new_stance: bool = False, against: str | Version | None = None,
+               move_tag: bool = False) -> CommitResult:
         """Store `model` as the next version of `stance`, as deltas against `base`: the changed
         tensors `selector` keeps (`include`, `exclude`, `top_k`, `min_rel_change`, `energy` are
         the same options one by one; given with a `selector`, they replace its fields). A changed
@@ -578,7 +591,8 @@ class Store:
         `allow_empty`; one whose median relative change is above `NOT_A_FINE_TUNE` (another
         model of the same shape) is refused (`NotAFineTune`) unless `force`. A stance that does
         not exist yet, named within a few edits of one that does, is refused (`StanceNameClose`:
-        a typo would start a new line of versions unnoticed) unless `new_stance`. `against`: a
+        a typo would start a new line of versions unnoticed) unless `new_stance`. A `tag` that
+        names a version already is refused (`TagExists`) unless `move_tag`. `against`: a
         version of the same base whose result the deltas are taken against instead of the base's
         (a chain, chain.py: at most `MAX_DEPTH` links; every tensor it stores is stored again)."""
         from .engine.commit import NOT_A_FINE_TUNE, build_entries
@@ -587,7 +601,8 @@ class Store:
         selector = Selector.of(selector, include=include, exclude=exclude, top_k=top_k,
                                min_rel_change=min_rel_change, energy=energy)
         metadata, against_version = self.check_commit(stance, tag=tag, metadata=metadata, message=message,
-                                                      selector=selector, new_stance=new_stance, against=against)
+                                                      selector=selector, new_stance=new_stance, against=against,
+                                                      move_tag=move_tag)
         base_rec, given, registered = self._resolve_base(base)
         token = uuid.uuid4().hex
         try:
@@ -630,9 +645,10 @@ class Store:
 
     def check_commit(self, stance: str, *, tag: str | None = None, metadata: Mapping[str, str] | None = None,
                      message: str = "", selector: Selector | None = None, new_stance: bool = False,
-                     against: str | Version | None = None) -> tuple[dict[str, str], Version | None]:
+                     against: str | Version | None = None,
+                     move_tag: bool = False) -> tuple[dict[str, str], Version | None]:
         """The refusals of `commit` that read no tensor: a store that cannot be written, a bad
-        name, tag, message or metadata, a stance name a typo away from another's, a selection
+        name, tag, message or metadata, a tag that names a version already (unless `move_tag`), a stance name a typo away from another's, a selection
         that is not text, a version to be against that is not there. A measured commit makes
         them before it measures (auto.py). Returns the metadata as stored and that version."""
         self._writable()
@@ -643,6 +659,8 @@ class Store:
                 raise StanceNameClose(stance, close[0])
         if tag is not None:
             names.check_tag_name(tag)
+            if not move_tag:
+                self._check_tag_free(stance, tag, None, "--move-tag")
         checked = names.check_metadata({str(k): str(v) for k, v in (metadata or {}).items()})
         names.check_message(message)
         for what, texts in (("--include", selector.include if selector else None),

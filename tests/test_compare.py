@@ -177,7 +177,15 @@ def test_commit_auto_records_fidelity_in_the_version(tmp_path, adam_pair):
     refused = run("commit", "s", str(ft), "--base", str(base), "--encoding", "1bit", "--max-kl", "0",
                   "--prompts", str(prompts), "--allow-empty")
     assert refused.exit_code == 1 and "more than --max-kl" in refused.output
-    assert len(json.loads(run("log", "s", "--json").output)) == 3
+    logged = json.loads(run("log", "s", "--json").output)
+    assert [r["number"] for r in logged] == [3, 2, 1]
+    # log shows what the measured commits recorded (and the existing fields stay)
+    assert logged[1]["kl"] == pytest.approx(b["kl"], rel=1e-5) and logged[1]["top1"] == pytest.approx(b["top1"], rel=1e-5)
+    assert logged[1]["metadata"]["fidelity.kl"] == meta["fidelity.kl"] and logged[1]["base"] == shown["base"]
+    text = run("log", "s").output.splitlines()
+    assert text[0].split()[7:9] == ["KL", "top-1"]
+    row = next(line for line in text if line.startswith("s@2 "))
+    assert row.split()[9:11] == [f"{b['kl']:.3g}", f"{b['top1']:.1%}"]
 
     # auto says in one line each why it did not take the other candidates.
     explained = run("commit", "s", str(ft), "--base", str(base), "--encoding", "auto", "--max-kl", "0",

@@ -437,3 +437,23 @@ def test_a_clone_that_is_refused_leaves_no_folder(world, tmp_path):
     not_a_remote = CliRunner().invoke(cli, ["clone", f"file://{tmp_path / 'nothing'}", str(tmp_path / "c")])
     assert not_a_remote.exit_code == 1 and "is not a deltastore remote" in not_a_remote.output
     assert not (tmp_path / "c").exists()
+
+
+def test_tags_travel_and_one_taken_there_stays_where_it_is(world, remote_url, tmp_path):
+    """Tags on both backends (FORMAT.md §10): created with the refs' conditional create, never
+    moved by a push or a pull (tests/test_tags.py has the rest)."""
+    pair, _ = world
+    with Store.init(tmp_path / "x") as x, Store.init(tmp_path / "y") as y:
+        vx = x.commit("s", pair.ft, base=pair.base, tag="best", message="x").version
+        vy = y.commit("s", pair.ft, base=pair.base, tag="best", message="y").version
+        assert push(x, ["s"], remote_url).tags == ("s@best",)
+        pushed = push(y, ["s"], remote_url)
+        assert [rv.ref for rv in pushed.pushed] == ["s@2"] and pushed.tags == ()
+        assert pushed.tags_not_moved == (f"tag s@best not pushed: the remote's names {vx.id[:15]}, "
+                                         f"not s@1 {vy.id[:15]}",)
+        b, cloned = clone(remote_url, tmp_path / "b")
+        with b:
+            assert cloned.tags == ("s@best",) and b.resolve("s@best").id == vx.id
+        pulled = pull(y, remote_url)
+        assert [rv.id for rv in pulled.pulled] == [vx.id] and pulled.tags == ()
+        assert len(pulled.tags_not_moved) == 1 and y.resolve("s@best").id == vy.id

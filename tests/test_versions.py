@@ -139,7 +139,7 @@ def test_tags_name_versions_move_and_are_deleted(tmp_path, store) -> None:
     tagged = store.tag("curious@1", "paper")
     assert (tagged.version.tags, tagged.tag, tagged.deleted) == (("paper",), "paper", False)
     assert store.resolve("curious@paper").id == v1.id
-    out = run_json(store, "tag", "curious", "paper")  # a tag moves when given again
+    out = run_json(store, "tag", "curious", "paper", "--force")  # a tag moves when asked (test_tags.py)
     assert out["id"] == v2.id
     assert store.resolve("curious@paper").id == v2.id and store.resolve("curious@1").tags == ()
 
@@ -241,8 +241,22 @@ def test_log_lists_versions_newest_first_with_their_facts(tmp_path, store) -> No
     assert [r["ref"] for r in run_json(store, "log")] == ["confident@1", "curious@2", "curious@1"]
 
     text = run_cli(store, "log", "curious").stdout.splitlines()
-    assert text[0].split() == ["version", "id", "created", "encoding", "tensors", "bytes", "tags", "message"]
+    assert text[0].split() == ["version", "id", "created", "base", "encoding", "tensors", "bytes", "KL", "top-1",
+                               "tags", "message"]
     assert text[1].startswith("curious@2") and rows[0]["id"][3:15] in text[1] and "all of it" in text[1]
+    # the base by name where it has one, else by short id; no fidelity recorded: "-" and null
+    base_id = rows[0]["base"]
+    assert f" {base_id[3:15]} " in text[1] and all(r["base_name"] is None for r in rows)
+    assert all(r["kl"] is None and r["top1"] is None for r in rows)
+
+
+def test_log_names_the_base_where_it_has_a_name(tmp_path, store) -> None:
+    pair = make_model(tmp_path)
+    store.add_base(pair.base, name="tiny")
+    store.commit("curious", pair.ft, base="tiny")
+    row = run_json(store, "log")[0]
+    assert row["base_name"] == "tiny" and row["base"].startswith("b3:")
+    assert run_cli(store, "log").stdout.splitlines()[1].split()[4] == "tiny"
     assert run_cli(store, "log", "nope").exit_code == 1
 
 

@@ -201,13 +201,13 @@ class _Request:
 def _refuse_before_measuring(store: Store, stance: str, model: Any, base: Any, request: _Request, *,
                              metadata: Mapping[str, str] | None, tag: str | None = None, message: str = "",
                              new_stance: bool = False, against: Any = None, allow_empty: bool = False,
-                             **_: Any) -> None:
+                             move_tag: bool = False, **_: Any) -> None:
     """Every refusal of the commit that needs no measuring, made before the measuring (which
     takes minutes on a real model): those of `Store.check_commit`, a base that is not there
     or whose tensors the model does not have, and a model that would store what the stance's
     newest version stores (`IdenticalVersion`)."""
     store.check_commit(stance, tag=tag, metadata=metadata, message=message, selector=request.selector,
-                       new_stance=new_stance, against=against)
+                       new_stance=new_stance, against=against, move_tag=move_tag)
     with store.base_for_commit(base) as (record, expected):
         target = open_model(model, mapped=True)
         check_names(store, record, expected, target)

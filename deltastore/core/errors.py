@@ -306,6 +306,16 @@ class StanceNameClose(DeltastoreError, LookupError):
                          f"or pass --new-stance to start a stance named {cut(stance)}")
 
 
+class TagExists(DeltastoreError, ValueError):
+    """A tag that already names another version: tags move only when asked (as git's do)."""
+
+    def __init__(self, stance: str, tag: str, current: str, option: str = "--force"):
+        self.stance = stance
+        self.tag = tag
+        self.current = current
+        super().__init__(f"tag {stance}@{tag} already names {current}; pass {option} to move it")
+
+
 class TagNotFound(DeltastoreError, KeyError):
     def __init__(self, stance: str, tag: str, candidates: list[str] | None = None):
         self.stance = stance

@@ -40,6 +40,7 @@ import torch
 
 from ..patching.apply import match_names, module_tensors
 from ..core.errors import DeltastoreError
+from ..repo.records import recorded_number
 from ..metrics.fidelity import Fidelity, FidelityProbe, load_causal_lm, read_prompts
 from .gguf_lora import export_gguf_lora, read_gguf_lora
 from .gguf_model import GgufExportError, export_base_gguf, export_gguf, read_gguf_model
@@ -92,13 +93,6 @@ class MeasuredExport:
     tried: tuple[tuple[int, float], ...]
 
 
-def _recorded(metadata: Mapping[str, str], key: str) -> float | None:
-    try:
-        return float(metadata[key])
-    except (KeyError, ValueError):
-        return None
-
-
 class ExportBench:
     """One Hugging Face model of the base holding, on request, the stored version or an export
     of it; the probe's reference is the stored version."""
@@ -147,8 +141,8 @@ class ExportBench:
     def result(self, fidelity: Fidelity) -> ExportFidelity:
         base = self.base_fidelity()
         meta = self.version.metadata
-        return ExportFidelity(fidelity.kl, fidelity.top1, base.kl, base.top1, _recorded(meta, "fidelity.kl"),
-                              _recorded(meta, "fidelity.top1"), self.prompts, fidelity.positions)
+        return ExportFidelity(fidelity.kl, fidelity.top1, base.kl, base.top1, recorded_number(meta, "fidelity.kl"),
+                              recorded_number(meta, "fidelity.top1"), self.prompts, fidelity.positions)
 
 
 def llama_cpp_missing() -> str | None:

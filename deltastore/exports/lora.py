@@ -732,7 +732,7 @@ def adapter_weights(folder: str | os.PathLike, base_src: TensorSource) -> Adapte
 def import_lora(store: Store, adapter: str | os.PathLike, stance: str, *, base: Any,
                 encoding: str | None = None, base_weights: Any = None, message: str = "",
                 metadata: Mapping[str, str] | None = None, tag: str | None = None,
-                progress: Any = None) -> LoraImport:
+                progress: Any = None, move_tag: bool = False) -> LoraImport:
     """Commit a PEFT LoRA adapter as a new version of ``stance``: each target's weight becomes
     W + scaling * B @ A (computed in float32, rounded once to W's dtype); tensors the adapter
     holds whole (modules_to_save, biases) replace the base's.
@@ -771,6 +771,6 @@ def import_lora(store: Store, adapter: str | os.PathLike, stance: str, *, base: 
     result = store.commit(stance, target, base=base, base_weights=base_weights, encoding=encoding,
                           encoding_for=rules, encoding_options=options,
                           message=message or f"imported from LoRA adapter {folder.name}",
-                          metadata=meta, tag=tag, progress=progress)
+                          metadata=meta, tag=tag, move_tag=move_tag, progress=progress)
     return LoraImport(result, top, tuple(m.rpartition(".")[0] for m in deltas), tuple(replaced),
                       encoding, parsed.tied_copies)

@@ -226,9 +226,19 @@ class VersionInfo(VersionNames):
     bytes: int
     tags: tuple[str, ...] = ()
 
+    @property
+    def kl(self) -> float | None:
+        """The KL to the fine-tune that a measured commit recorded (`commit --prompts`), or None."""
+        return recorded_number(self.metadata, "fidelity.kl")
+
+    @property
+    def top1(self) -> float | None:
+        """The top-1 agreement a measured commit recorded, or None."""
+        return recorded_number(self.metadata, "fidelity.top1")
+
     def to_json(self) -> dict:
-        """`log --json`: one version's summary."""
-        return version_json(self)
+        """`log --json`: one version's summary, and the fidelity its commit measured."""
+        return {**version_json(self), "kl": self.kl, "top1": self.top1}
 
 
 @dataclass(frozen=True)
@@ -259,6 +269,16 @@ class ModelWritten:
         """`export --json`, `apply --out --json`: the fields given, then `out`."""
         given = {"ref": self.ref, "scale": self.scale, "mix": None if self.mix is None else dict(self.mix)}
         return {**{k: v for k, v in given.items() if v is not None}, "out": str(self.out)}
+
+
+def recorded_number(metadata: Mapping[str, str], key: str) -> float | None:
+    """A number a commit recorded in metadata (text, as all metadata), or None when absent or
+    not a finite number (metadata a user gave by hand may hold anything)."""
+    try:
+        value = float(metadata[key])
+    except (KeyError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 def version_json(v: Version | VersionInfo) -> dict:

@@ -16,10 +16,16 @@ A remote, as `push` writes it::
       bases/<hex>.json       {"id", "record", "name", "hub_id"}
       locks/<kind>-<hex>.json a push's shared lock or a gc's exclusive one (remotelock.py)
       refs/<stance>/<N>.json {"id", "stance", "number"}: taken with a conditional create
+      tags/<stance>/<T>.json {"id", "stance", "name"}: a tag, made (never moved) the same way
 
 A push holds a shared lock from before it lists the remote to after its refs, so that no gc
 deletes an object it checked and relies on; it checks what it finds there (manifests and
 base objects by content, payloads by size) and uploads again what is missing or damaged.
+
+Tags travel with their versions, by git's rule: a tag is created where it is missing, and one
+that names another version already is left where it is (said in one line), on the remote at
+a push and in the store at a pull. A tag is written after the refs, so it names a version a
+ref holds: gc, which keeps what refs reach, never needs to read it.
 """
 
 from __future__ import annotations
@@ -40,11 +46,11 @@ from urllib.parse import urlsplit
 
 from ..engine.chain import refuse_chained
 from ..core.errors import (CorruptObject, DeltastoreError, RemoteDataRejected, RemoteError, RemoteNotFound, StoreExists,
-                     UnsafeInput)
+                     TagExists, UnsafeInput)
 from ..core.hashing import ALGORITHM, bytes_id, canonical_json, is_id
 from ..repo.index import base_record_problem
 from ..core.limits import load_json
-from ..core.names import check_base_name, check_stance_name, number_problem
+from ..core.names import check_base_name, check_stance_name, check_tag_name, number_problem
 from ..repo.objects import HEADER, ObjectStore
 from ..repo.records import MAX_MANIFEST_BYTES, Version, check_manifest, hub_origin, parse_manifest
 from .remotelock import SHARED, Lock
@@ -89,6 +95,19 @@ class RemoteVersion:
 
 
 @dataclass(frozen=True)
+class RemoteTag:
+    """A tag as the remote lists it: STANCE@NAME there names version `id`."""
+
+    stance: str
+    name: str
+    id: str
+
+    @property
+    def ref(self) -> str:
+        return f"{self.stance}@{self.name}"
+
+
+@dataclass(frozen=True)
 class PushResult:
     url: str
     pushed: tuple[RemoteVersion, ...]  # new on the remote, under the numbers they took there
@@ -99,13 +118,16 @@ class PushResult:
     # on the remote already needed them, or that were damaged: put back.
     objects_repaired: int = 0
     stale_locks_removed: tuple[str, ...] = ()  # one line each
+    tags: tuple[str, ...] = ()  # STANCE@TAG created on the remote
+    tags_not_moved: tuple[str, ...] = ()  # one line each: a tag there names another version
 
     def to_json(self) -> dict:
         """`push --remote --json`."""
         return {"remote": self.url, "pushed": [rv.to_json() for rv in self.pushed],
                 "already_there": [rv.to_json() for rv in self.already_there],
                 "objects_uploaded": self.objects_uploaded, "bytes_uploaded": self.bytes_uploaded,
-                "objects_repaired": self.objects_repaired, "stale_locks_removed": list(self.stale_locks_removed)}
+                "objects_repaired": self.objects_repaired, "stale_locks_removed": list(self.stale_locks_removed),
+                "tags": list(self.tags), "tags_not_moved": list(self.tags_not_moved)}
 
 
 @dataclass(frozen=True)
@@ -116,13 +138,16 @@ class PullResult:
     bases_added: tuple[str, ...]
     objects_downloaded: int
     bytes_downloaded: int
+    tags: tuple[str, ...] = ()  # STANCE@TAG set here
+    tags_not_moved: tuple[str, ...] = ()  # one line each: a tag here names another version
 
     def to_json(self) -> dict:
         """`pull --remote --json` and `clone --json`."""
         return {"remote": self.url, "pulled": [rv.to_json() for rv in self.pulled],
                 "already_here": [rv.to_json() for rv in self.already_here],
                 "bases_added": list(self.bases_added), "objects_downloaded": self.objects_downloaded,
-                "bytes_downloaded": self.bytes_downloaded}
+                "bytes_downloaded": self.bytes_downloaded, "tags": list(self.tags),
+                "tags_not_moved": list(self.tags_not_moved)}
 
 
 # -- remotes of a store: names and URLs, never credentials ----------------------------------------
@@ -267,6 +292,9 @@ class Remote:
     def ref_path(self, stance: str, number: int) -> str:
         return self.path("refs", stance, f"{number}.json")
 
+    def tag_path(self, stance: str, name: str) -> str:
+        return self.path("tags", stance, f"{name}.json")
+
     def base_path(self, base: str) -> str:
         return self.path("bases", f"{base.split(':', 1)[1]}.json")
 
@@ -384,6 +412,25 @@ class Remote:
             out.append(RemoteVersion(stance, number, ref["id"]))
         return sorted(out, key=lambda v: (v.stance, v.number))
 
+    def tags(self) -> list[RemoteTag]:
+        """Every tag on the remote, each checked as refs are: its path, its size, its fields."""
+        out = []
+        for rel in self.find("tags"):
+            name = f"tags/{rel}"
+            stance, _, file = rel.partition("/")
+            tag = file.removesuffix(".json")
+            if not (_is_stance(stance) and file.endswith(".json") and _is_tag(tag)):
+                raise RemoteDataRejected(self.url, name[:120], "not a tag name of a deltastore remote "
+                                         "(tags/<stance>/<tag>.json)")
+            raw = self.read(name, self.path(name), MAX_REF_BYTES)
+            record = load_json(raw, name, max_bytes=MAX_REF_BYTES, error=self.bad(name))
+            if not (isinstance(record, dict) and set(record) == {"id", "stance", "name"}
+                    and record["stance"] == stance and record["name"] == tag
+                    and isinstance(record["id"], str) and is_id(record["id"])):
+                raise RemoteDataRejected(self.url, name, "not a tag record of this path")
+            out.append(RemoteTag(stance, tag, record["id"]))
+        return sorted(out, key=lambda t: (t.stance, t.name))
+
     def get_object(self, object_id: str, size: int | None, *, limit: int | None = None) -> tuple[bytes, bytes]:
         """An object's file and its payload, checked against its id and declared size."""
         name = f"object {object_id}"
@@ -460,6 +507,14 @@ def _write_synced(path: str, data: bytes) -> None:
 def _is_stance(name: str) -> bool:
     try:
         check_stance_name(name)
+    except UnsafeInput:
+        return False
+    return ".." not in name
+
+
+def _is_tag(name: str) -> bool:
+    try:
+        check_tag_name(name)
     except UnsafeInput:
         return False
     return ".." not in name
@@ -567,7 +622,8 @@ def push(store: Store, refs: Sequence[str], url: str, *, progress: Progress | No
     holding a shared lock there (schema/FORMAT.md §10): the objects each version needs that the
     remote lacks or holds damaged, its base's ref, then one ref per version, taken with a
     conditional create (the next free number of its stance there). A version already there is
-    not pushed again, but what its ref needs is checked and put back the same way."""
+    not pushed again, but what its ref needs is checked and put back the same way. Then the
+    versions' tags, each created unless the remote has it already (`_push_tags`)."""
     url = remote_url(store, url)
     versions = list({v.id: v for v in (store.resolve(r) for r in refs)}.values())
     refuse_chained(versions, "push to a remote")
@@ -617,8 +673,33 @@ def _push_locked(store: Store, remote: Remote, versions: list[Version], lock: Lo
             lock.check()
             pushed.append(_take_number(remote, v, taken))
     _step("refs")
+    tags, not_moved = _push_tags(store, remote, versions, lock)
     here = tuple(replace(on_remote[v.id], local=v.ref) for v in versions if v.id in on_remote)
-    return PushResult(remote.url, tuple(pushed), here, len(sent), sum(sent), repaired, tuple(lock.stale_removed))
+    return PushResult(remote.url, tuple(pushed), here, len(sent), sum(sent), repaired, tuple(lock.stale_removed),
+                      tags, not_moved)
+
+
+def _push_tags(store: Store, remote: Remote, versions: list[Version], lock: Lock
+               ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The pushed versions' tags, each created on the remote (after the refs: a tag there
+    always names a version a ref holds). One there already that names another version is not
+    moved. Returns the tags created and a line for each one not moved."""
+    there = {(t.stance, t.name): t.id for t in remote.tags()}
+    made, not_moved = [], []
+    for v in versions:
+        for name in v.tags:
+            current = there.get((v.stance, name))
+            if current is None:
+                lock.check()
+                record = {"id": v.id, "stance": v.stance, "name": name}
+                if remote.create(remote.tag_path(v.stance, name), canonical_json(record) + b"\n"):
+                    made.append(f"{v.stance}@{name}")
+                    continue
+                current = next((t.id for t in remote.tags() if (t.stance, t.name) == (v.stance, name)), None)
+            if current is not None and current != v.id:
+                not_moved.append(f"tag {v.stance}@{name} not pushed: the remote's names {current[:15]}, "
+                                 f"not {v.ref} {v.id[:15]}")
+    return tuple(made), tuple(not_moved)
 
 
 def _needs(store: Store, versions: list[Version], on_remote: dict[str, RemoteVersion], base_refs: set[str]
@@ -748,7 +829,8 @@ def pull(store: Store, url: str, *, stance: str | None = None, into: str | None 
     A version lands under the remote's number when that is above every number its stance has
     here, and otherwise under the stance's next number here (`_landing`); a version the store
     holds already, under any ref, is left where it is. `into`: the local stance the versions of
-    the one stance pulled land in (`stance` names it when the remote has several)."""
+    the one stance pulled land in (`stance` names it when the remote has several). The remote's
+    tags of those versions are set here where that moves no tag here (`_pull_tags`)."""
     store._writable()
     if into is not None:
         check_stance_name(into)
@@ -782,6 +864,8 @@ def _pull(store: Store, remote: Remote, staging: Path, stance: str | None, into:
         else:
             chosen = listed
         _check_into(chosen, into)
+        wanted = {rv.id for rv in chosen}
+        remote_tags = [t for t in remote.tags() if t.id in wanted]  # checked before anything moves
         todo: list[tuple[RemoteVersion, dict, Version]] = []
         for rv in _first_refs(chosen):
             if store.catalog.version(rv.id):
@@ -814,8 +898,30 @@ def _pull(store: Store, remote: Remote, staging: Path, stance: str | None, into:
     pulled = tuple(replace(rv, local="{}@{}".format(*places[rv.id])) for rv, _, _ in todo if landed.get(rv.id))
     new = {rv.id for rv in pulled}
     here = tuple(replace(rv, local=_ref_here(store, rv.id)) for rv in chosen if rv.id not in new)
+    tags, not_moved = _pull_tags(store, remote_tags)
     # A staged object (a pull that was killed) counts 0: it was not downloaded again.
-    return PullResult(url, pulled, here, added, sum(1 for n in got if n), sum(got))
+    return PullResult(url, pulled, here, added, sum(1 for n in got if n), sum(got), tags, not_moved)
+
+
+def _pull_tags(store: Store, tags: list[RemoteTag]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The remote's tags of the versions pulled (or here already), set on the stance each
+    version is in here. A tag here that names another version is not moved (git's rule, as
+    for `tag` without --force): a line says so, and the pull stands. Returns the tags set and
+    those lines."""
+    made, not_moved = [], []
+    for t in tags:
+        row = store.catalog.version(t.id)
+        if row is None:  # a version --stance left out, or one the remote lists under no ref
+            continue
+        ref = f"{row['stance']}@{t.name}"
+        try:
+            if store.catalog.tag_target(row["stance"], t.name) != t.id:
+                store.tag(t.id, t.name)
+                made.append(ref)
+        except TagExists as e:
+            not_moved.append(f"tag {ref} not moved: it names {e.current} here, the remote's {t.ref} "
+                             f"names {row['stance']}@{row['number']}")
+    return tuple(made), tuple(not_moved)
 
 
 def _check_into(chosen: list[RemoteVersion], into: str | None) -> None:
