@@ -37,7 +37,7 @@ from .core.errors import (AmbiguousRef, BaseMismatch, BaseNotFound, BaseWeightsM
                      StanceNameClose, StoreExists, StoreNotFound, TagNotFound, UnsafeInput,
                      VersionConflict, cut, short, shown_names)
 from .core.hashing import base_id as compute_base_id, bytes_id, canonical_json, tensor_id
-from .engine.history import delete_stance, diff, merge_stance, rename_stance
+from .engine.history import delete_stance, delete_version, diff, merge_stance, rename_stance
 from .core.limits import is_text
 from .engine.maintenance import FsckReport, fsck, gc, gc_plan, stats
 from .repo.objects import ObjectStore
@@ -517,6 +517,13 @@ class Store:
         self._writable()
         return delete_stance(self, name)
 
+    def delete_version(self, ref: str | Version):
+        """Remove one version that nothing needs (no tag, patched folder or version stored
+        against it; not its stance's only one). Its number is never given again; objects stay
+        until `gc`."""
+        self._writable()
+        return delete_version(self, ref)
+
     def diff(self, a: str | Version, b: str | Version, *, base_weights: ModelLike | None = None,
              progress: Progress | None = None):
         """Tensor by tensor, what differs between the models versions `a` and `b` describe."""
@@ -659,7 +666,7 @@ class Store:
                 if same_content(built.entries, newest, base_id=base.id, encoding=encoding,
                                 selection=built.selection, against=against):
                     raise IdenticalVersion(newest.ref, newest.id)
-            number = (latest["number"] + 1) if latest else 1
+            number = self.catalog.last_number(stance) + 1  # never a deleted version's number
             if number > names.MAX_NUMBER:
                 raise UnsafeInput(f"stance {stance!r} has reached version number {names.MAX_NUMBER}, the last a ref "
                                   "can name; commit to another stance; nothing was stored")

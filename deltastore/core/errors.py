@@ -115,6 +115,16 @@ class RefNotFound(DeltastoreError, KeyError):
         return self.args[0]
 
 
+class VersionNeeded(DeltastoreError, ValueError):
+    """A version delete refused: something still needs the version (its stance's only version,
+    a tag, a patched folder, a version stored against it)."""
+
+    def __init__(self, ref: str, needs: list[str]):
+        self.ref = ref
+        self.needs = needs
+        super().__init__(f"cannot delete {ref}: {'; '.join(needs)}; nothing was changed")
+
+
 class AmbiguousRef(DeltastoreError, LookupError):
     def __init__(self, ref: str, candidates: list[str]):
         self.ref = ref
