@@ -1,11 +1,15 @@
 """`deltastore delete REF`: one version that nothing needs goes, recorded in the ref log (a
 "drop" record) so that a rebuilt catalog says what the live one says; its number is never
 given again; what needs it (a tag, a patched folder, a version stored against it, being its
-stance's only version) refuses the delete, by name, and changes nothing."""
+stance's only version) refuses the delete, by name, and changes nothing. And
+`examples/smollm.py --stance NAME --out DIR`: one stance into a folder the user names."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +17,7 @@ import torch
 from deltastore import Store
 from deltastore.repo.objects import ObjectStore
 
-from helpers import make_model, run_cli, run_json, store_snapshot, views, write_folder
+from helpers import file_bytes, make_model, run_cli, run_json, store_snapshot, views, write_folder
 
 
 def variant(pair, tmp_path, seed: int):
@@ -114,3 +118,41 @@ def test_what_needs_a_version_refuses_its_delete_by_name(three, tmp_path):
     refused(root, "s@9", "no version matches 's@9'")
     assert run_cli(root, "revert", str(target)).exit_code == 0
     assert run_cli(root, "delete", "s@2").exit_code == 0
+
+
+# -- examples/smollm.py: one stance, into folders the user names ---------------------------------
+
+
+def test_smollm_example_takes_one_stance_into_named_folders(tmp_path, capsys):
+    """Options and folder naming only: a --quick run takes about 2 minutes here even with the
+    model and fine-tune cached (it loads the model and generates answers to compare)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    try:
+        import smollm
+    finally:
+        sys.path.pop(0)
+    out, base_out = tmp_path / "models" / "ft-curious", tmp_path / "models" / "smollm2"
+    args = smollm.parse_args(["--stance", "curious-uncertainty", "--out", str(out), "--base-out", str(base_out),
+                              "--quick"])
+    assert smollm.chosen_stances(args) == ["curious-uncertainty"] and args.quick
+    assert smollm.chosen_stances(smollm.parse_args([])) == list(smollm.stances()["stances"])
+
+    # The cached folder (named by its recipe's hash) is copied whole under the user's name.
+    cached = write_folder(tmp_path / "cache" / "curious-uncertainty-e2-lr2e-05-s0-quick-09f10180",
+                          {"w": torch.ones(3)})
+    (cached / "training.json").write_text("{}")
+    assert smollm.copy_out(cached, args.out) == out
+    assert file_bytes(out) == file_bytes(cached)
+    assert os.stat(out / "model.safetensors").st_nlink == 1  # a copy: apply in place refuses hard links
+    assert smollm.copy_out(cached, None) == cached
+
+    # Refused before any work, in one line, exit status 2 (argparse's).
+    for argv, said in [(["--stance", "nosuch"], "invalid choice: 'nosuch'"),
+                       (["--out", str(tmp_path / "x")], "--out needs --stance"),
+                       (["--stance", "curious-uncertainty", "--out", str(out)], f"--out {out} exists"),
+                       (["--base-out", str(out)], f"--base-out {out} exists"),
+                       (["--stance", "curious-uncertainty", "--out", str(tmp_path / "y"),
+                         "--base-out", str(tmp_path / "y")], "name the same folder")]:
+        with pytest.raises(SystemExit) as e:
+            smollm.parse_args(argv)
+        assert e.value.code == 2 and said in capsys.readouterr().err
