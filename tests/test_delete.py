@@ -156,3 +156,20 @@ def test_smollm_example_takes_one_stance_into_named_folders(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             smollm.parse_args(argv)
         assert e.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_a_pull_does_not_give_a_deleted_number_again(three, tmp_path):
+    """The remote still holds s@3 after it is deleted here: pulling brings it back, as a fetch
+    brings back what git deleted locally, but under a new number, never under s@3."""
+    from deltastore.sharing.remote import pull, push
+
+    root, _ = three
+    url = (tmp_path / "remote").as_uri()
+    with Store.open(root) as store:
+        push(store, ["s"], url)
+        gone = store.resolve("s@3").id
+    assert run_cli(root, "delete", "s@3").exit_code == 0
+    with Store.open(root) as store:
+        pull(store, url)
+        assert store.resolve("s@4").id == gone
+        assert store.catalog.version_at("s", 3) is None
