@@ -807,10 +807,23 @@ class Store:
         row = self.catalog.version_at(v.stance, v.number)
         if row is not None:
             raise VersionConflict(v.stance, v.number, row["id"], v.id)
+        if v.stance in self.catalog.numbers_given() and self._deleted_at(v.stance, v.number) not in (None, v.id):
+            # The number was another version's, deleted here: it names that one for good. The
+            # same version may come back under it; a gap a pull left may be filled.
+            raise VersionConflict(v.stance, v.number, None, v.id)
         other = (landing or {}).get((v.stance, v.number))
         if other is not None and other != v.id:
             raise VersionConflict(v.stance, v.number, other, v.id, "in what is being stored")
         return True
+
+    def _deleted_at(self, stance: str, number: int) -> str | None:
+        """The id of the version deleted as `stance@number` (its drop record), or None. Read
+        from the ref log: only a version landing on a deleted number asks."""
+        found = None
+        for _, r, _ in self.refs.records():
+            if r["op"] == "drop" and r["stance"] == stance and r["number"] == number:
+                found = r["id"]
+        return found
 
     def _remove_unreferenced(self, object_ids: list[str]) -> None:
         """Undo the objects a failed commit or ingest wrote, sparing any that something else now

@@ -173,3 +173,30 @@ def test_a_pull_does_not_give_a_deleted_number_again(three, tmp_path):
         pull(store, url)
         assert store.resolve("s@4").id == gone
         assert store.catalog.version_at("s", 3) is None
+
+
+def test_a_version_from_elsewhere_never_lands_on_a_deleted_number(three, tmp_path):
+    """A Hub pull or an ingest keeps the other store's numbers: another s@3 is refused after
+    s@3 was deleted here; the deleted version itself may come back as s@3."""
+    from deltastore.core.errors import VersionConflict
+
+    root, pair = three
+    other = tmp_path / "other"
+    with Store.init(other) as there:
+        for seed in (11, 12, 13):
+            there.commit("s", variant(pair, tmp_path, seed), base=pair.base)
+        theirs = there.resolve("s@3")
+        manifest, payload = theirs.manifest(), (lambda oid, size: there.objects.get(oid, raw_size=size))
+        with Store.open(root) as store:
+            ours = store.resolve("s@3")
+            ours_manifest = ours.manifest()
+            ours_objects = {o.id: store.objects.get(o.id, raw_size=o.size) for e in ours.tensors
+                            for o in e.objects.values()}
+        assert run_cli(root, "delete", "s@3").exit_code == 0
+        before = store_snapshot(root), (root / "refs.log").read_bytes()
+        with Store.open(root) as store:
+            with pytest.raises(VersionConflict, match="s@3 was another version, deleted here"):
+                store.ingest([manifest], payload)
+        assert (store_snapshot(root), (root / "refs.log").read_bytes()) == before
+    with Store.open(root) as store:
+        assert store.ingest([ours_manifest], lambda oid, size: ours_objects[oid])[0][0].ref == "s@3"
