@@ -176,7 +176,7 @@ def delete(store: Store, ref: str, as_json: bool) -> None:
     r = store.delete_version(ref)
     if as_json:
         return emit_json(r)
-    echo(f"deleted {r.ref} ({r.id[:19]}); {r.newest} is the newest now; `deltastore gc` frees "
+    echo(f"deleted {r.ref} ({r.id.split(':', 1)[1][:12]}); {r.newest} is the newest now; `deltastore gc` frees "
          f"{size(r.bytes_only_here)} that no other version shares")
     if r.orphaned:
         echo(f"the parent of {', '.join(r.orphaned)} was {r.ref} (their tensors are unaffected)")
