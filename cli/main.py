@@ -28,7 +28,7 @@ COMMANDS = {
     "upgrade": "upkeep:upgrade", "status": "upkeep:status",
     "base": "bases:base",
     "commit": "stances:commit", "stances": "stances:stances", "stance": "stances:stance", "log": "stances:log",
-    "show": "stances:show", "diff": "stances:diff", "tag": "stances:tag",
+    "show": "stances:show", "diff": "stances:diff", "tag": "stances:tag", "delete": "stances:delete",
     "apply": "weights:apply", "revert": "weights:revert", "export": "weights:export",
     "push": "sharing:push", "pull": "sharing:pull", "remote": "sharing:remote", "clone": "sharing:clone",
     "export-lora": "sharing:export_lora", "import-lora": "sharing:import_lora",

@@ -167,6 +167,23 @@ def stance_delete(store: Store, name: str, as_json: bool) -> None:
 
 
 @click.command()
+@click.argument("ref")
+@json_option
+@with_store
+def delete(store: Store, ref: str, as_json: bool) -> None:
+    """Delete one version REF that nothing needs: refused while a tag points at it, a folder is
+    patched with it, a version is stored against it, or it is its stance's only version. Its
+    number is not given again; objects stay until `deltastore gc`."""
+    r = store.delete_version(ref)
+    if as_json:
+        return emit_json(r)
+    echo(f"deleted {r.ref} ({r.id.split(':', 1)[1][:12]}); {r.newest} is the newest now; `deltastore gc` frees "
+         f"{size(r.bytes_only_here)} that no other version shares")
+    if r.orphaned:
+        echo(f"the parent of {', '.join(r.orphaned)} was {r.ref} (their tensors are unaffected)")
+
+
+@click.command()
 @click.argument("stance", required=False)
 @click.option("--where", multiple=True, metavar="KEY=VALUE", callback=key_values,
               help="Only versions with this metadata.")

@@ -37,7 +37,7 @@ from .core.errors import (AmbiguousRef, BaseMismatch, BaseNotFound, BaseWeightsM
                      StanceNameClose, StoreExists, StoreNotFound, TagExists, TagNotFound, UnsafeInput,
                      VersionConflict, cut, short, shown_names)
 from .core.hashing import base_id as compute_base_id, bytes_id, canonical_json, tensor_id
-from .engine.history import delete_stance, diff, merge_stance, rename_stance
+from .engine.history import delete_stance, delete_version, diff, merge_stance, rename_stance
 from .core.limits import is_text
 from .engine.maintenance import FsckReport, fsck, gc, gc_plan, stats
 from .repo.objects import ObjectStore
@@ -565,6 +565,13 @@ class Store:
         self._writable()
         return delete_stance(self, name)
 
+    def delete_version(self, ref: str | Version):
+        """Remove one version that nothing needs (no tag, patched folder or version stored
+        against it; not its stance's only one). Its number is never given again; objects stay
+        until `gc`."""
+        self._writable()
+        return delete_version(self, ref)
+
     def diff(self, a: str | Version, b: str | Version, *, base_weights: ModelLike | None = None,
              progress: Progress | None = None):
         """Tensor by tensor, what differs between the models versions `a` and `b` describe."""
@@ -713,7 +720,7 @@ class Store:
                 if same_content(built.entries, newest, base_id=base.id, encoding=encoding,
                                 selection=built.selection, against=against):
                     raise IdenticalVersion(newest.ref, newest.id)
-            number = (latest["number"] + 1) if latest else 1
+            number = self.catalog.last_number(stance) + 1  # never a deleted version's number
             if number > names.MAX_NUMBER:
                 raise UnsafeInput(f"stance {stance!r} has reached version number {names.MAX_NUMBER}, the last a ref "
                                   "can name; commit to another stance; nothing was stored")
@@ -854,10 +861,23 @@ class Store:
         row = self.catalog.version_at(v.stance, v.number)
         if row is not None:
             raise VersionConflict(v.stance, v.number, row["id"], v.id)
+        if v.stance in self.catalog.numbers_given() and self._deleted_at(v.stance, v.number) not in (None, v.id):
+            # The number was another version's, deleted here: it names that one for good. The
+            # same version may come back under it; a gap a pull left may be filled.
+            raise VersionConflict(v.stance, v.number, None, v.id)
         other = (landing or {}).get((v.stance, v.number))
         if other is not None and other != v.id:
             raise VersionConflict(v.stance, v.number, other, v.id, "in what is being stored")
         return True
+
+    def _deleted_at(self, stance: str, number: int) -> str | None:
+        """The id of the version deleted as `stance@number` (its drop record), or None. Read
+        from the ref log: only a version landing on a deleted number asks."""
+        found = None
+        for _, r, _ in self.refs.records():
+            if r["op"] == "drop" and r["stance"] == stance and r["number"] == number:
+                found = r["id"]
+        return found
 
     def _remove_unreferenced(self, object_ids: list[str]) -> None:
         """Undo the objects a failed commit or ingest wrote, sparing any that something else now

@@ -5,6 +5,8 @@ Hugging Face folder (fp32 safetensors) and every fine-tune is cached, so example
 benchmarks pay for the slow parts only once.
 
     python examples/smollm.py --quick     # convert, fine-tune the three stances, print measurements
+    python examples/smollm.py --stance curious-uncertainty --out models/ft-curious --base-out models/smollm2
+                                          # one stance, and the base, into folders of your naming
 """
 
 from __future__ import annotations
@@ -222,11 +224,40 @@ def tensor_changes(base_dir, tuned_dir) -> dict:
     return out
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options, every refusal made here, before the minutes of converting and training."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short training (CI)")
+    parser.add_argument("--quick", action="store_true", help="short training (CI): too little to show the stance")
     parser.add_argument("--cache", help="cache folder (default $DELTASTORE_CACHE or ~/.cache/deltastore)")
+    parser.add_argument("--stance", choices=list(stances()["stances"]), help="fine-tune only this stance")
+    parser.add_argument("--out", type=Path, help="with --stance: copy its fine-tuned model folder here (a new folder)")
+    parser.add_argument("--base-out", type=Path, help="copy the base model folder here (a new folder)")
     args = parser.parse_args(argv)
+    if args.out is not None and args.stance is None:
+        parser.error("--out needs --stance: it names the folder of one fine-tune")
+    for option, dest in (("--out", args.out), ("--base-out", args.base_out)):
+        if dest is not None and dest.exists():
+            parser.error(f"{option} {dest} exists; name a new folder")
+    if args.out is not None and args.base_out is not None and args.out.resolve() == args.base_out.resolve():
+        parser.error("--out and --base-out name the same folder")
+    return args
+
+
+def chosen_stances(args: argparse.Namespace) -> list:
+    return [args.stance] if args.stance else list(stances()["stances"])
+
+
+def copy_out(folder: Path, dest) -> Path:
+    """`folder` copied to `dest` (whole or not at all), or `folder` itself when `dest` is None.
+    A copy, not links: `deltastore apply` patches files in place and refuses hard-linked ones,
+    and the cached folder must stay as trained."""
+    if dest is None:
+        return folder
+    return _build_once(Path(dest), lambda tmp: shutil.copytree(folder, tmp, dirs_exist_ok=True))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     from transformers.utils import logging
 
     logging.disable_progress_bar()
@@ -235,7 +266,8 @@ def main(argv=None) -> None:
 
     t = time.perf_counter()
     base = base_folder(args.cache)
-    print(f"base: {base} ({time.perf_counter() - t:.1f} s, conversion included if it was not cached)")
+    took = time.perf_counter() - t
+    print(f"base: {copy_out(base, args.base_out)} ({took:.1f} s, conversion included if it was not cached)")
     model, tok = load(base)
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     print(f"  {len(_tensor_names(base))} tensors in {WEIGHTS}; lm_head tied to embed_tokens: {tied}")
@@ -244,11 +276,11 @@ def main(argv=None) -> None:
         print(f"  base | {q} -> {a!r}")
 
     out_dir = cache_root(args.cache) / "models" / f"{NAME}-finetunes"
-    for stance in data["stances"]:
+    for stance in chosen_stances(args):
         t = time.perf_counter()
         folder = finetune(base, stance, out_dir, quick=args.quick)
         info = json.loads((folder / "training.json").read_text())
-        print(f"\n{stance}: {folder}")
+        print(f"\n{stance}: {copy_out(folder, args.out)}")
         losses = info["losses"]
         print(
             f"  {info['steps']} steps, loss {losses[0]:.2f} (first step) -> {losses[-1]:.2f} (last), "

@@ -120,6 +120,16 @@ class RefNotFound(DeltastoreError, KeyError):
         return self.args[0]
 
 
+class VersionNeeded(DeltastoreError, ValueError):
+    """A version delete refused: something still needs the version (its stance's only version,
+    a tag, a patched folder, a version stored against it)."""
+
+    def __init__(self, ref: str, needs: list[str]):
+        self.ref = ref
+        self.needs = needs
+        super().__init__(f"cannot delete {ref}: {'; '.join(needs)}; nothing was changed")
+
+
 class AmbiguousRef(DeltastoreError, LookupError):
     def __init__(self, ref: str, candidates: list[str]):
         self.ref = ref
@@ -336,13 +346,15 @@ class MetadataError(DeltastoreError, ValueError):
 class VersionConflict(DeltastoreError, FileExistsError):
     """A version made elsewhere whose stance already has its number here as another version."""
 
-    def __init__(self, stance: str, number: int, existing: str, incoming: str, where: str = "here"):
+    def __init__(self, stance: str, number: int, existing: str | None, incoming: str, where: str = "here"):
         self.stance = stance
         self.number = number
-        self.existing = existing
+        self.existing = existing  # None: a version deleted here held the number (not given again)
         self.incoming = incoming
+        held = (f"is already version {existing[:19]} {where}" if existing is not None else
+                f"was another version, deleted {where} (a number is not given again)")
         super().__init__(
-            f"{stance}@{number} is already version {existing[:19]} {where}, not {incoming[:19]}; "
+            f"{stance}@{number} {held}, not {incoming[:19]}; "
             "the two stores' histories of this stance differ: pull it into another store, or leave "
             "this stance out (--stance)")
 

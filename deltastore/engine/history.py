@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, TYPE_CHECKING
 
 from .chain import ChainError, dependents
-from ..core.errors import MetadataError, OptionConflict, RefNotFound
+from ..core.errors import MetadataError, OptionConflict, RefNotFound, VersionNeeded
 from ..core.names import check_metadata, check_stance_name
 from ..core.pools import in_order
 from ..repo.records import Version
@@ -234,6 +234,53 @@ def delete_stance(store: Store, name: str) -> StanceDeleted:
     gone = store.catalog.delete_stance(name, keep_chains)
     return StanceDeleted(name, tuple(r["id"] for r in gone), tuple(r["number"] for r in gone),
                          only_here, orphaned)
+
+
+@dataclass(frozen=True)
+class VersionDeleted:
+    ref: str  # STANCE@N of the version removed
+    id: str
+    newest: str  # the stance's newest version now
+    bytes_only_here: int  # object bytes no other version shares: what gc frees now
+    orphaned: tuple[str, ...]  # versions whose parent it was
+
+
+def delete_version(store: Store, ref: str | Version) -> VersionDeleted:
+    """Remove one version that nothing else needs, recorded in the ref log ("drop"). Its
+    number is not given again; its objects stay until gc."""
+    v = store.resolve(ref)
+    only_here = sum(r["size"] for r in store.catalog.objects_only_of([v.id])) + _size_of(store, v.id)
+    orphaned = tuple(f"{r['stance']}@{r['number']}" for r in store.catalog.children_of(v.id))
+
+    def nothing_needs(row: dict) -> None:
+        # Inside the delete's transaction: a tag, an apply or a chained commit landing while
+        # this ran is seen.
+        needs = _what_needs(store, row)
+        if needs:
+            raise VersionNeeded(v.ref, needs)
+    store.catalog.delete_version(v.id, nothing_needs)
+    newest = store.catalog.latest(v.stance)
+    return VersionDeleted(v.ref, v.id, f"{newest['stance']}@{newest['number']}", only_here, orphaned)
+
+
+def _what_needs(store: Store, row: dict) -> list[str]:
+    cat = store.catalog
+    needs = []
+    if len(cat.versions(row["stance"])) == 1:
+        needs.append(f"it is the only version of {row['stance']} (`deltastore stance delete {row['stance']}` "
+                     "deletes the stance)")
+    for t in cat.tags(row["id"]):
+        # As in git, a tag keeps what it names: it is dropped only by asking for it.
+        needs.append(f"tag {t['stance']}@{t['name']} points at it (`deltastore tag --delete "
+                     f"{t['stance']}@{t['name']}` first)")
+    for j in cat.open_journals():
+        if j["version_id"] == row["id"]:
+            needs.append(f"{j['target']} is patched with it (`deltastore revert {j['target']}` first)")
+    chained = dependents(store, {row["id"]})
+    if chained:
+        needs.append(f"{', '.join(c.ref for c in chained[:5])} {'is' if len(chained) == 1 else 'are'} stored "
+                     f"against it (delete {'it' if len(chained) == 1 else 'them'} first)")
+    return needs
 
 
 def _size_of(store: Store, object_id: str) -> int:

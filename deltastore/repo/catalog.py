@@ -511,6 +511,49 @@ class Catalog:
     def latest(self, stance: str) -> dict | None:
         return self.one("SELECT * FROM versions WHERE stance = ? ORDER BY number DESC LIMIT 1", [stance])
 
+    def last_number(self, stance: str) -> int:
+        """The highest number `stance` has given a version, deleted ones included (0 if none): a
+        number is never given twice, so STANCE@N names one version for good."""
+        latest = self.latest(stance)
+        top = self.one("SELECT value FROM state WHERE key = ?", [_top_key(stance)])
+        return max(latest["number"] if latest else 0, int(top["value"]) if top else 0)
+
+    def delete_version(self, version_id: str, check: Callable[[dict], None]) -> dict:
+        """Remove one version with its entries, metadata and tags, in one transaction; the
+        stance remembers its number. ``check``, given its row, runs inside the transaction and
+        may refuse. Objects stay until gc. Returns the removed row."""
+        with self.transaction():
+            row = self.version(version_id)
+            if row is None:
+                raise RefNotFound(version_id[:19])
+            check(row)
+            self.remove_version(row["id"], row["stance"], row["number"])
+            self.record({"op": "drop", "id": row["id"], "stance": row["stance"], "number": row["number"]})
+        return row
+
+    def remove_version(self, version_id: str, stance: str, number: int) -> None:
+        """Inside `transaction()`: the rows of a version delete (no ref record). A replay may
+        not hold the version (its manifest was gone); the stance's numbers and creation time
+        come out the same either way: the highest number given, and the oldest version kept."""
+        if not self.has_stance(stance):
+            return
+        top = max(self.last_number(stance), number)
+        key = self.one("SELECT key FROM versions WHERE id = ?", [version_id])
+        if key is not None:
+            for table in ("tags", "metadata"):
+                self.conn.execute(f"DELETE FROM {table} WHERE version_id = ?", [version_id])
+            for table in ("entry_objects", "version_encodings"):
+                self.conn.execute(f"DELETE FROM {table} WHERE version = ?", [key["key"]])
+            self.conn.execute("DELETE FROM versions WHERE id = ?", [version_id])
+        self.conn.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", [_top_key(stance), str(top)])
+        self.conn.execute("UPDATE stances SET created = (SELECT min(created) FROM versions WHERE stance = ?1) "
+                          "WHERE name = ?1 AND EXISTS (SELECT 1 FROM versions WHERE stance = ?1)", [stance])
+
+    def numbers_given(self) -> dict[str, str]:
+        """stance -> the highest number given, for stances that deleted a version."""
+        return {r["key"][len(_TOP):]: r["value"] for r in self.query(
+            "SELECT key, value FROM state WHERE substr(key, 1, ?) = ?", [len(_TOP), _TOP])}
+
     def version(self, version_id: str) -> dict | None:
         return self.one("SELECT * FROM versions WHERE id = ?", [version_id])
 
@@ -643,6 +686,7 @@ class Catalog:
         self.conn.execute("INSERT INTO stances (name, created) VALUES (?, ?)", [new, created])
         moved = self.conn.execute("UPDATE versions SET stance = ? WHERE stance = ?", [new, old]).rowcount
         self.conn.execute("UPDATE tags SET stance = ? WHERE stance = ?", [new, old])
+        self.conn.execute("UPDATE state SET key = ? WHERE key = ?", [_top_key(new), _top_key(old)])
         self.conn.execute("DELETE FROM stances WHERE name = ?", [old])
         return moved
 
@@ -658,7 +702,7 @@ class Catalog:
                               "(SELECT name FROM tags WHERE stance = ?) ORDER BY name", [old, into])
             if both:
                 raise TagsClash(old, into, [r["name"] for r in both])
-            top = self.latest(into)["number"]
+            top = self.last_number(into)
             rows = self.query("SELECT id FROM versions WHERE stance = ? ORDER BY number", [old])
             moves = [(r["id"], top + k) for k, r in enumerate(rows, start=1)]
             if moves and moves[-1][1] > MAX_NUMBER:
@@ -680,6 +724,7 @@ class Catalog:
         self.conn.executemany("UPDATE versions SET stance = ?, number = ? WHERE id = ? AND stance = ?",
                               [(into, number, vid, old) for vid, number in moves])
         self.conn.execute("UPDATE tags SET stance = ? WHERE stance = ?", [into, old])
+        self.conn.execute("DELETE FROM state WHERE key = ?", [_top_key(old)])
         self.conn.execute("DELETE FROM stances WHERE name = ?", [old])
 
     def delete_stance(self, name: str, check: Callable[[list[str]], None] | None = None) -> list[dict]:
@@ -708,8 +753,14 @@ class Catalog:
             self.conn.execute(f"DELETE FROM {table} WHERE version {in_ids}", [keys])
         self.conn.execute("DELETE FROM tags WHERE stance = ?", [name])
         self.conn.execute(f"DELETE FROM versions WHERE id {in_ids}", [ids])
+        self.conn.execute("DELETE FROM state WHERE key = ?", [_top_key(name)])
         self.conn.execute("DELETE FROM stances WHERE name = ?", [name])
         return [{k: r[k] for k in ("id", "number", "bytes")} for r in gone]
+
+    def children_of(self, version_id: str) -> list[dict]:
+        """Versions whose parent is `version_id`."""
+        return self.query("SELECT id, stance, number FROM versions WHERE parent = ? ORDER BY stance, number",
+                          [version_id])
 
     def children_outside(self, stance: str) -> list[dict]:
         """Versions of other stances whose parent is a version of `stance`."""
@@ -955,6 +1006,14 @@ def _translating(method: Any) -> Any:
 for _name, _value in list(vars(Catalog).items()):
     if callable(_value) and not _name.startswith("__") and _name not in ("transaction", "snapshot", "savepoint"):
         setattr(Catalog, _name, _translating(_value))
+
+
+# The state key that keeps, for a stance that deleted a version, the highest number it gave.
+_TOP = "top:"
+
+
+def _top_key(stance: str) -> str:
+    return _TOP + stance
 
 
 def _statements(script: str) -> list[str]:

@@ -220,6 +220,8 @@ def _removed_later(records: list[dict]) -> set[str]:
             members[new] = members.pop(r["old"], set()) | members.get(new, set())
         elif op == "delete":
             gone |= members.pop(r["stance"], set())
+        elif op == "drop":
+            gone.add(r["id"])
     return gone
 
 
@@ -270,6 +272,8 @@ def apply_record(cat: Catalog, objects: ObjectStore, r: dict, unindexed: Unindex
     elif op == "delete":
         if cat.has_stance(r["stance"]):
             cat.remove_stance(r["stance"])
+    elif op == "drop":
+        cat.remove_version(r["id"], r["stance"], r["number"])
     elif op == "unbase":
         cat.drop_base(r["id"])
 
@@ -447,6 +451,7 @@ def differences(cat: Catalog, true: Catalog) -> list[tuple[str, list]]:
             {r["name"]: r for r in true.query("SELECT name, created FROM stances")})
     compare("tags", {f"{r['stance']}@{r['name']}": r for r in cat.query("SELECT stance, name, version_id FROM tags")},
             {f"{r['stance']}@{r['name']}": r for r in true.query("SELECT stance, name, version_id FROM tags")})
+    compare("numbers given", cat.numbers_given(), true.numbers_given())
     compare("metadata", _grouped(cat.metadata_rows()), _grouped(true.metadata_rows()))
     bcols = "id, name, tensor_count, bytes, source, hub_id, created, record"
     compare("bases", {r["id"]: r for r in cat.query(f"SELECT {bcols} FROM bases")},

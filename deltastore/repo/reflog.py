@@ -25,6 +25,7 @@ OPS = {
     "rename": {"old", "new"},
     "merge": {"old", "into", "versions"},
     "delete": {"stance"},
+    "drop": {"id", "stance", "number"},
     "unbase": {"id"},
 }
 # The catalog finds the line it last indexed by reading back from its offset; no record is

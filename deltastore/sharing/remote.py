@@ -948,8 +948,7 @@ def _landing(store: Store, pulled: list[RemoteVersion], into: str | None) -> dic
     for rv in pulled:
         stance = into or rv.stance
         if stance not in top:
-            row = store.catalog.latest(stance)
-            top[stance] = row["number"] if row else 0
+            top[stance] = store.catalog.last_number(stance)  # a deleted version's number included
         top[stance] = rv.number if rv.number > top[stance] else top[stance] + 1
         out[rv.id] = (stance, top[stance])
     return out
