@@ -552,7 +552,7 @@ def test_another_base_is_named_first_and_out_is_not_offered(world) -> None:
     odd = make_model(w.tmp / "odd", torch.bfloat16, hidden=8)  # another model: other shapes
     before = w.files()
     line = w.refused("apply", "s", other.base)
-    assert line.startswith(f"Error: {other.base} is base other {b.id[:19]}, not s@1's base ")
+    assert line.startswith(f"Error: {other.base} is base other {b.id[:15]}, not s@1's base ")
     assert "tensors differ" in line and "blocks.0.attn.bias" in line and "--out" not in line
     line = w.refused("apply", "s", w.proj)  # the user's fine-tune itself
     assert f"{w.proj} already holds s@1's own weights" in line and "--out" not in line

@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
-from ..core.errors import DeltastoreError
+from ..core.errors import DeltastoreError, short
 from ..core.hashing import tensor_id
 from ..repo.records import TensorEntry, Version
 
@@ -49,7 +49,7 @@ class ChainError(DeltastoreError, ValueError):
 def _link(store: Store, version_id: str, of: str) -> Version:
     row = store.catalog.version(version_id)
     if row is None:
-        raise ChainError(f"{of} is stored against version {version_id[:19]}, which is not in this store; "
+        raise ChainError(f"{of} is stored against version {short(version_id)}, which is not in this store; "
                          "run `deltastore fsck` to see what it breaks")
     return store.resolve(version_id)  # reads its manifest by id: verified
 
@@ -72,7 +72,7 @@ def check_depth(store: Store, against: Version, base_id: str) -> None:
     """Refuse, before any work, a commit against ``against`` that would be too deep or of
     another base."""
     if against.base_id != base_id:
-        raise ChainError(f"{against.ref} is a version of base {against.base_id[:19]}, not of {base_id[:19]}: "
+        raise ChainError(f"{against.ref} is a version of base {short(against.base_id)}, not of {short(base_id)}: "
                          "a version is stored against a version of its own base")
     links = len(chain_of(store, against))  # the new version would be this many links from its base
     if links > MAX_DEPTH:
@@ -156,5 +156,5 @@ def refuse_chained(versions: list[Version], what: str) -> None:
     readers would need the whole chain, which pushes do not carry."""
     for v in versions:
         if v.against is not None:
-            raise ChainError(f"{v.ref} is stored against another version ({v.against[:19]}); {what} does not carry "
+            raise ChainError(f"{v.ref} is stored against another version ({short(v.against)}); {what} does not carry "
                              f"chains: commit the model again without --against to {what} it")

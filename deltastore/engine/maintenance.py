@@ -31,7 +31,7 @@ from typing import Any, TYPE_CHECKING
 
 from ..repo import index, journalfiles
 from .chain import broken_chains
-from ..core.errors import REBUILD_HINT, CorruptObject, DeltastoreError, GcRefused, MissingObject
+from ..core.errors import REBUILD_HINT, CorruptObject, DeltastoreError, GcRefused, MissingObject, short
 from ..core.hashing import is_id
 from ..repo.objects import HEADER, MAGIC
 
@@ -138,12 +138,12 @@ def fsck(store: Store, *, read_data: bool = False, repair: bool = False) -> Fsck
         for source in (true.version_objects(), store.catalog.version_objects()):
             for vid, oids in source.items():
                 for oid in oids:
-                    users.setdefault(oid, set()).add(refs.get(vid, vid[:19]))
+                    users.setdefault(oid, set()).add(refs.get(vid, short(vid)))
         for vid, ref in refs.items():
             users.setdefault(vid, set()).add(ref)  # the manifest itself
         for b in true.bases():
-            users.setdefault(b["id"], set()).add(f"base {b['name'] or b['id'][:19]}")
-            users.setdefault(b["record"], set()).add(f"base {b['name'] or b['id'][:19]}")
+            users.setdefault(b["id"], set()).add(f"base {b['name'] or short(b['id'])}")
+            users.setdefault(b["record"], set()).add(f"base {b['name'] or short(b['id'])}")
         sizes = {r["id"]: r for r in true.object_rows()}
         sizes.update(rows["objects"])
         journal_links = true.journal_object_rows() + store.catalog.journal_object_rows()
@@ -300,7 +300,7 @@ def _check_base_records(store: Store) -> list[Problem]:
             continue
         wrong = index.weights_disagree(store.catalog.base_tensors(base.id), base.bytes, tensors, row["bytes"])
         if wrong is not None:
-            shown = base.name or base.id[:19]
+            shown = base.name or short(base.id)
             problems.append(Problem("bad-base-record", base.id, f"the record of base {shown} disagrees with its "
                                     f"weights at {base.source} ({wrong}); `deltastore base add {base.source}` "
                                     "replaces it with the record the weights give"))

@@ -21,7 +21,7 @@ import torch
 
 from ..core import checked
 from .apply import ApplyHandle, apply_module, install, match_names, module_tensors
-from ..core.errors import BaseMismatch, DeltastoreError
+from ..core.errors import BaseMismatch, DeltastoreError, short
 from ..core.hashing import dtype_name, tensor_id
 from .patch import write_model
 from ..repo.records import TensorEntry, Version
@@ -50,8 +50,8 @@ def resolve_weights(store: Store, weights: Mapping[Any, float]) -> list[tuple[Ve
         if any(v.id == version.id for v, _ in out):
             raise MixError(f"{version.ref} is in the mix twice: give each version once")
         if out and version.base_id != out[0][0].base_id:
-            raise MixError(f"{version.ref} is on base {version.base_id[:19]}, {out[0][0].ref} on "
-                           f"{out[0][0].base_id[:19]}: a mix is of versions of one base")
+            raise MixError(f"{version.ref} is on base {short(version.base_id)}, {out[0][0].ref} on "
+                           f"{short(out[0][0].base_id)}: a mix is of versions of one base")
         out.append((version, float(weight)))
     return out
 

@@ -46,7 +46,7 @@ from ..repo import journalfiles
 from ..codecs.bytegroups import ungroup
 from ..repo.catalog import now
 from ..core.durable import new_folder
-from ..core.errors import (BaseMismatch, DeltastoreError, JournalError, ModelFormatError, SharedFile,
+from ..core.errors import (BaseMismatch, DeltastoreError, JournalError, ModelFormatError, SharedFile, short,
                      shown_names)
 from ..core.hashing import DTYPE_SIZES, base_id, dtype_name, raw_tensor_id, tensor_bytes
 from ..engine.maintenance import GcPlan, gc
@@ -305,7 +305,7 @@ def _not_the_base(store: Store, version: Version, target: Target, source: Tensor
     version's own result, or an unknown model; and which of the version's tensors differ.
     (`--out` reads the same base, so it would fail too and is not offered.)"""
     mine = store.base(version.base_id)
-    mine_shown = f"{mine.name + ' ' if mine.name else ''}{mine.id[:19]}"
+    mine_shown = f"{mine.name + ' ' if mine.name else ''}{short(mine.id)}"
     ids = {name: raw_tensor_id(info.dtype, info.shape, source.view(name)) for name, info in source.infos.items()}
     actual = base_id(ids.items())
     known = next((b for b in store.bases() if b.id == actual), None)
@@ -314,13 +314,13 @@ def _not_the_base(store: Store, version: Version, target: Target, source: Tensor
     wrong = sorted(e.name for e in version.tensors if e.base_tensor_id is not None and (
         e.name not in expected or ids.get(e.name) != e.base_tensor_id))
     if known:
-        what = f"is base {known.name + ' ' if known.name else ''}{actual[:19]}"
+        what = f"is base {known.name + ' ' if known.name else ''}{short(actual)}"
         hint = f"apply a version of that base to it, or apply {version.ref} to a copy of {mine_shown}"
     elif all(ids.get(n) == entries[n].result_tensor_id for n in wrong):
         what = f"already holds {version.ref}'s own weights (its fine-tune, or {version.ref} applied)"
         hint = f"apply to a copy of {mine_shown}"
     else:
-        what = f"is not a registered base (its base id would be {actual[:19]})"
+        what = f"is not a registered base (its base id would be {short(actual)})"
         hint = f"apply {version.ref} to a copy of {mine_shown}"
     return BaseMismatch(version.base_id, actual, wrong, message=(
         f"{target.given} {what}, not {version.ref}'s base {mine_shown}: {len(wrong)} tensors differ "
@@ -738,7 +738,7 @@ def open_journal_on(store: Store, path: str | os.PathLike) -> str | None:
 
 def _applied(store: Store, row: dict) -> str:
     v = store.catalog.version(row["version_id"])
-    return f"{v['stance']}@{v['number']}" if v else f"version {row['version_id'][:19]}"
+    return f"{v['stance']}@{v['number']}" if v else f"version {short(row['version_id'])}"
 
 
 def _replaced(target: Target, recorded: list[FileId]) -> str:
