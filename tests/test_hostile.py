@@ -371,7 +371,8 @@ def test_two_stores_never_share_temporary_files(tmp_path, monkeypatch):
     real_replace = os.replace
 
     def recording_replace(src, dst, *args, **kwargs):
-        if str(src).endswith(".tmp"):
+        # The stores' own files (the per-user list of stores lives elsewhere).
+        if str(src).endswith(".tmp") and tmp_path in Path(dst).parents:
             with lock:
                 renames.append((Path(src), Path(dst)))
         return real_replace(src, dst, *args, **kwargs)

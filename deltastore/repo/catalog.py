@@ -258,6 +258,8 @@ class Catalog:
                 yield self.conn
                 self.conn.execute("COMMIT")
             except BaseException as e:
+                if outer is None and self._landed():
+                    raise  # a Ctrl-C after COMMIT: the log's records are the catalog's now
                 try:
                     self.conn.execute("ROLLBACK")
                 except sqlite3.Error:
@@ -270,6 +272,19 @@ class Catalog:
             finally:
                 self._open = False
                 self._log_undo = outer
+
+    def _landed(self) -> bool:
+        """Whether this transaction's COMMIT went through before what interrupted it (a
+        KeyboardInterrupt between COMMIT and the end of the block). The catalog then indexes
+        the records this transaction appended to the ref log: undoing the append would leave a
+        catalog ahead of the log, and the record lost. Read from the catalog itself, since the
+        interruption may come before any flag could be set."""
+        if self._log_undo is None or self.conn.in_transaction:
+            return False
+        try:
+            return self.log_position()[0] > self._log_undo
+        except sqlite3.Error:
+            return False
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:

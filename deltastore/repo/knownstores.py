@@ -12,6 +12,7 @@ is (a read-only home changes nothing else)."""
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 STORE_FILE = "STORE"
@@ -47,9 +48,14 @@ def remember(root: str | os.PathLike) -> None:
             return
         lines = [line for line in lines if line != str(path)][-(MAX_LINES - 1):] + [str(path)]
         where.parent.mkdir(parents=True, exist_ok=True)
-        tmp = where.with_name(f"stores.{os.getpid()}.tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        os.replace(tmp, where)
+        # A name of its own: two threads of one process (two stores opened at once) must not
+        # write into one temporary file.
+        tmp = where.with_name(f"stores.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+        try:
+            tmp.write_text("\n".join(lines) + "\n")
+            os.replace(tmp, where)
+        finally:
+            tmp.unlink(missing_ok=True)
     except (OSError, UnicodeDecodeError):
         pass  # a hint only: a read-only or full home must not stop an apply
 
