@@ -420,3 +420,41 @@ class ForkDriver:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+_ON_A_TERMINAL = """
+import json, sys
+from cli.main import cli
+for args in json.loads(sys.argv[1]):
+    try:
+        cli.main(args, prog_name="deltastore")
+    except SystemExit as e:
+        assert not e.code, e.code
+"""
+
+
+def run_on_terminal(store_root: Path, *commands: list[str], terminal: bool) -> tuple[str, bytes]:
+    """stdout (piped) and stderr (a pseudo-terminal when `terminal`, else piped) of `deltastore`
+    commands run one after another in a child process: progress bars show only on a terminal."""
+    import pty
+
+    repo = Path(__file__).resolve().parents[1]
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-c", _ON_A_TERMINAL,
+                          json.dumps([["--store", str(store_root), *c] for c in commands])],
+                         stdout=subprocess.PIPE, stderr=slave if terminal else subprocess.PIPE, cwd=repo,
+                         env={**os.environ, "PYTHONPATH": str(repo), "COLUMNS": "80"})
+    os.close(slave)
+    err = bytearray()
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the child is gone: the terminal is closed
+            break
+        if not chunk:
+            break
+        err += chunk
+    out, piped_err = p.communicate(timeout=300)
+    os.close(master)
+    assert p.returncode == 0, piped_err
+    return out.decode(), bytes(err) if terminal else piped_err

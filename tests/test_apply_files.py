@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import sqlite3
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltastore import BaseMismatch, CorruptObject, JournalError, Store
+from deltastore import BaseMismatch, JournalError, Store
 from deltastore.codecs import absmax, encodings
 from deltastore.core.errors import ResultMismatch
 
@@ -415,48 +414,15 @@ def test_a_journal_that_saved_its_originals_as_objects_still_reverts_exactly(tmp
     assert store.fsck(read_data=True).problems == ()
 
 
-TERMINAL = """
-import json, sys
-from cli.main import cli
-for args in json.loads(sys.argv[1]):
-    try:
-        cli.main(args, prog_name="deltastore")
-    except SystemExit as e:
-        assert not e.code, e.code
-"""
-
-
 def test_a_progress_bar_only_on_a_terminal_and_never_with_json(tmp_path, store) -> None:
-    import pty
-    import subprocess
-    import sys
+    from helpers import run_on_terminal
 
     pair = make_model(tmp_path, torch.bfloat16, sharded=True)
     store.commit("s", pair.ft, base=pair.base)
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "COLUMNS": "80"}
     target = copy_model(pair.base, tmp_path / "target")
 
     def run(*commands: list[str], terminal: bool) -> tuple[str, bytes]:
-        """stdout (piped) and stderr (a terminal, or piped) of `deltastore` commands."""
-        master, slave = pty.openpty()
-        p = subprocess.Popen([sys.executable, "-c", TERMINAL,
-                              json.dumps([["--store", str(store.root), *c] for c in commands])],
-                             stdout=subprocess.PIPE, stderr=slave if terminal else subprocess.PIPE, cwd=root, env=env)
-        os.close(slave)
-        err = bytearray()
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # the child is gone: the terminal is closed
-                break
-            if not chunk:
-                break
-            err += chunk
-        out, piped_err = p.communicate(timeout=300)
-        os.close(master)
-        assert p.returncode == 0, piped_err
-        return out.decode(), bytes(err) if terminal else piped_err
+        return run_on_terminal(store.root, *commands, terminal=terminal)
 
     out, err = run(["apply", "s", str(target)], ["revert", str(target)], terminal=True)
     assert b"applying" in err and b"100%" in err and "applied s@1" in out

@@ -517,23 +517,12 @@ def test_analyze_opens_with_a_summary_and_lists_the_top_n(root, pair) -> None:
                                                     for r in ranked[:2]]
 
 
-TERMINAL = """
-import json, sys
-from cli.main import cli
-for args in json.loads(sys.argv[1]):
-    try:
-        cli.main(args, prog_name="deltastore")
-    except SystemExit as e:
-        assert not e.code, e.code
-"""
-
-
 def test_revert_and_diff_show_progress_only_on_a_terminal(tmp_path, root, pair) -> None:
-    import pty
     import shutil
 
+    from helpers import run_on_terminal
+
     _two_versions(root, pair)
-    repo = Path(__file__).resolve().parents[1]
     target = tmp_path / "target"
 
     def run(*commands: list[str], terminal: bool) -> bytes:
@@ -542,25 +531,9 @@ def test_revert_and_diff_show_progress_only_on_a_terminal(tmp_path, root, pair) 
         shutil.copytree(pair.base, target)
         with Store.open(root) as store:
             store.apply_files("s@1", target)
-        master, slave = pty.openpty()
-        p = subprocess.Popen([sys.executable, "-c", TERMINAL, json.dumps([["--store", str(root), *c] for c in commands])],
-                             stdout=subprocess.PIPE, stderr=slave if terminal else subprocess.PIPE, cwd=repo,
-                             env={**os.environ, "PYTHONPATH": str(repo), "COLUMNS": "80"})
-        os.close(slave)
-        err = bytearray()
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # the child is gone: the terminal is closed
-                break
-            if not chunk:
-                break
-            err += chunk
-        _, piped = p.communicate(timeout=300)
-        os.close(master)
-        assert p.returncode == 0, piped
+        _, err = run_on_terminal(root, *commands, terminal=terminal)
         assert file_bytes(target) == file_bytes(pair.base)
-        return bytes(err) if terminal else piped
+        return err
 
     shown = run(["revert", str(target)], ["diff", "s@1", "s@2"], terminal=True)
     assert b"reverting" in shown and b"comparing" in shown and b"100%" in shown
