@@ -52,7 +52,7 @@ def catalog_sql() -> str:
             schema = catalog.schema()
         finally:
             catalog.close()
-    header = "-- The catalog schema (deltastore/repo/catalog.py's SCHEMA: an index, rebuilt rather than migrated; generated).\n"
+    header = "-- The catalog schema (deltastore/repo/catalog_schema.py's SCHEMA: an index, rebuilt rather than migrated; generated).\n"
     return header + re.sub(r"\n    ", "\n", schema)
 
 

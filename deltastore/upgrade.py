@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,123 +19,12 @@ from .repo import index, journalfiles
 from .core.durable import replace_file
 from .core.errors import DeltastoreError
 from .core.hashing import bytes_id, canonical_json
+from .repo.catalog_schema import read_format_1
 from .repo.objects import ObjectStore
 from .repo.reflog import RefLog
 from .store import OLD_FORMATS, READABLE_FORMATS, STORE_FILE, STORE_FORMAT, store_format
 
 FORMAT_1 = "deltastore/store/1"
-
-# The catalog schema of format 1, as its migrations built it: kept so that the upgrade (and its
-# tests) know exactly what they read.
-FORMAT_1_SCHEMA = [
-    # 1: everything a store needs
-    """
-    CREATE TABLE bases (
-        id TEXT PRIMARY KEY,
-        name TEXT UNIQUE,
-        tensor_count INTEGER NOT NULL,
-        bytes INTEGER NOT NULL,
-        source TEXT,
-        hub_id TEXT,
-        created TEXT NOT NULL
-    );
-    CREATE TABLE base_tensors (
-        base_id TEXT NOT NULL REFERENCES bases(id),
-        name TEXT NOT NULL,
-        dtype TEXT NOT NULL,
-        shape TEXT NOT NULL,
-        tensor_id TEXT NOT NULL,
-        PRIMARY KEY (base_id, name)
-    );
-    CREATE TABLE stances (
-        name TEXT PRIMARY KEY,
-        created TEXT NOT NULL
-    );
-    CREATE TABLE versions (
-        id TEXT PRIMARY KEY,
-        stance TEXT NOT NULL REFERENCES stances(name),
-        number INTEGER NOT NULL,
-        parent TEXT,
-        base_id TEXT NOT NULL REFERENCES bases(id),
-        encoding TEXT NOT NULL,
-        message TEXT NOT NULL,
-        created TEXT NOT NULL,
-        tensors INTEGER NOT NULL,
-        bytes INTEGER NOT NULL,
-        manifest TEXT NOT NULL,
-        UNIQUE (stance, number)
-    );
-    CREATE TABLE entries (
-        version_id TEXT NOT NULL REFERENCES versions(id),
-        name TEXT NOT NULL,
-        dtype TEXT NOT NULL,
-        shape TEXT NOT NULL,
-        encoding TEXT NOT NULL,
-        base_tensor_id TEXT,
-        target_tensor_id TEXT NOT NULL,
-        result_tensor_id TEXT NOT NULL,
-        rel_change REAL,
-        rel_error REAL,
-        bytes INTEGER NOT NULL,
-        PRIMARY KEY (version_id, name)
-    );
-    CREATE TABLE entry_objects (
-        version_id TEXT NOT NULL REFERENCES versions(id),
-        name TEXT NOT NULL,
-        part TEXT NOT NULL,
-        object_id TEXT NOT NULL,
-        PRIMARY KEY (version_id, name, part)
-    );
-    CREATE INDEX entry_objects_object ON entry_objects(object_id);
-    CREATE TABLE objects (
-        id TEXT PRIMARY KEY,
-        size INTEGER NOT NULL,
-        raw_size INTEGER NOT NULL,
-        created TEXT NOT NULL
-    );
-    CREATE TABLE tags (
-        stance TEXT NOT NULL REFERENCES stances(name),
-        name TEXT NOT NULL,
-        version_id TEXT NOT NULL REFERENCES versions(id),
-        created TEXT NOT NULL,
-        PRIMARY KEY (stance, name)
-    );
-    CREATE TABLE metadata (
-        version_id TEXT NOT NULL REFERENCES versions(id),
-        key TEXT NOT NULL,
-        value TEXT NOT NULL,
-        PRIMARY KEY (version_id, key)
-    );
-    CREATE TABLE pending (
-        token TEXT NOT NULL,
-        object_id TEXT NOT NULL,
-        pid INTEGER NOT NULL,
-        host TEXT NOT NULL,
-        created TEXT NOT NULL,
-        PRIMARY KEY (token, object_id)
-    );
-    CREATE INDEX pending_object ON pending(object_id);
-    CREATE TABLE journals (
-        id TEXT PRIMARY KEY,
-        target TEXT NOT NULL,
-        version_id TEXT NOT NULL,
-        state TEXT NOT NULL,
-        plan TEXT NOT NULL,
-        created TEXT NOT NULL
-    );
-    CREATE TABLE journal_objects (
-        journal_id TEXT NOT NULL REFERENCES journals(id),
-        object_id TEXT NOT NULL,
-        PRIMARY KEY (journal_id, object_id)
-    );
-    CREATE INDEX journal_objects_object ON journal_objects(object_id);
-    """,
-    # 2: each base tensor's squared norm, so a commit need not read the base twice over for
-    # ||dW|| / ||W||
-    """
-    ALTER TABLE base_tensors ADD COLUMN sq_norm REAL;
-    """,
-]
 
 
 @dataclass(frozen=True)
@@ -157,7 +45,7 @@ def upgrade(root: Path) -> Upgraded:
         return Upgraded(fmt, counts.versions, counts.bases, 0, counts.journals)
     if fmt not in OLD_FORMATS:
         raise DeltastoreError(f"{root} is a store of format {fmt!r}, which this deltastore cannot upgrade")
-    old = _read_format_1(root / "catalog.db")
+    old = read_format_1(root / "catalog.db")
     objects = ObjectStore(root)
     (root / "tmp").mkdir(exist_ok=True)
     records = []
@@ -191,28 +79,3 @@ def upgrade(root: Path) -> Upgraded:
                  root / "tmp" / f"{os.getpid()}-STORE.tmp")
     index.install(root, built)
     return Upgraded(fmt, counts.versions, counts.bases, len(old["tags"]), counts.journals)
-
-
-def _read_format_1(path: Path) -> dict[str, list[dict]]:
-    try:
-        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
-    except sqlite3.Error as e:
-        raise DeltastoreError(f"cannot read the catalog {path} ({e}); nothing was changed") from None
-    conn.row_factory = sqlite3.Row
-    try:
-        def rows(sql: str) -> list[dict]:
-            return [dict(r) for r in conn.execute(sql)]
-
-        return {
-            "bases": rows("SELECT * FROM bases ORDER BY created, id"),
-            "base_tensors": rows("SELECT * FROM base_tensors ORDER BY base_id, name"),
-            # Landing order: a stance's first version makes it (and gives its creation time).
-            "versions": rows("SELECT id, stance, number, manifest FROM versions ORDER BY created, stance, number"),
-            "tags": rows("SELECT * FROM tags ORDER BY created, stance, name"),
-            "journals": rows("SELECT * FROM journals ORDER BY created"),
-            "journal_objects": rows("SELECT * FROM journal_objects"),
-        }
-    except (sqlite3.Error, UnicodeDecodeError) as e:
-        raise DeltastoreError(f"cannot read the format-1 catalog {path} ({e}); nothing was changed") from None
-    finally:
-        conn.close()

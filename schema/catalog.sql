@@ -1,4 +1,4 @@
--- The catalog schema (deltastore/repo/catalog.py's SCHEMA: an index, rebuilt rather than migrated; generated).
+-- The catalog schema (deltastore/repo/catalog_schema.py's SCHEMA: an index, rebuilt rather than migrated; generated).
 CREATE TABLE base_tensors (
 base_id TEXT NOT NULL REFERENCES bases(id),
 name TEXT NOT NULL,

@@ -14,8 +14,8 @@ import pytest
 
 from deltastore import Store
 from deltastore.repo.catalog import now
+from deltastore.repo.catalog_schema import FORMAT_1_SCHEMA
 from deltastore.core.errors import OldStoreFormat
-from deltastore.upgrade import FORMAT_1_SCHEMA
 
 from helpers import run_cli
 from test_catalog_truth import history, ok, said  # noqa: F401 (a fixture)

@@ -10,23 +10,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import journalfiles
-from .catalog import Catalog, IndexConflict, dumps
+from . import baserecords, journalfiles
+from .catalog import Catalog, dumps
+from .catalog_sqlite import IndexConflict
 from ..core.durable import fsync_dir
 from ..core.errors import CorruptObject, DeltastoreError, MissingObject, cut
-from ..core.hashing import DTYPE_SIZES, canonical_json, is_id
+from ..core.hashing import canonical_json, is_id
 from ..core.names import name_problem, number_problem
 from .objects import ObjectStore
 from .reflog import RefLog, RefLogError
 
-BASE_FORMAT = "deltastore/base/1"
-
+# Base records are baserecords.py's; store.py, maintenance.py and remote.py find these here.
+BASE_FORMAT = baserecords.BASE_FORMAT
+base_record = baserecords.base_record
+base_list = baserecords.base_list
+base_record_problem = baserecords.base_record_problem
+weights_disagree = baserecords.weights_disagree
 
 REJECTED_FILE = "refs.log.rejected"
 
@@ -89,18 +93,6 @@ def version_rows(m: Mapping[str, Any], vid: str, stance: str, number: int,
            "encoding": m["encoding"], "message": m["message"], "created": m["created"],
            "tensors": len(m["tensors"]), "bytes": total}
     return row, list(objects.values()), list(objects), list(by_encoding.values())
-
-
-def base_record(base: str, nbytes: int, tensors: list[dict]) -> dict:
-    """The base record object's content: what a commit and an apply need of each base tensor."""
-    return {"format": BASE_FORMAT, "base": base, "bytes": nbytes,
-            "tensors": [{"name": t["name"], "dtype": t["dtype"], "shape": json.loads(t["shape"]),
-                         "tensor": t["tensor_id"], "sq_norm": t["sq_norm"]} for t in sorted(tensors, key=lambda t: t["name"])]}
-
-
-def base_list(tensors: list[dict]) -> bytes:
-    """The base's tensor list, whose object id is the base id."""
-    return canonical_json(sorted([t["name"], t["tensor_id"]] for t in tensors))
 
 
 # -- replay ------------------------------------------------------------------------------------
@@ -285,80 +277,6 @@ def base_rows(base: str, record_id: str, rec: dict, **fields: Any) -> tuple[dict
     return {"id": base, "tensor_count": len(tensors), "bytes": rec["bytes"], "record": record_id, **fields}, tensors
 
 
-def base_record_problem(listing: bytes, record: bytes, base: str) -> str | None:
-    """Why `record` is not the base record of the base whose tensor list is `listing`, or None:
-    its fields and types (FORMAT.md §5), its tensors exactly the list's, sorted, `bytes` what
-    their dtypes and shapes take, a squared norm finite and not negative, canonical JSON. What
-    the list cannot tell (whether a squared norm is the tensor's) the weights tell
-    (`weights_disagree`)."""
-    try:
-        rec, pairs = json.loads(record), json.loads(listing)
-    except (ValueError, RecursionError):
-        return "it is not JSON"
-    if not isinstance(rec, dict) or set(rec) != {"format", "base", "bytes", "tensors"} \
-            or rec["format"] != BASE_FORMAT or rec["base"] != base or not isinstance(rec["tensors"], list):
-        return f"it is not a {BASE_FORMAT} record of base {base}"
-    total = 0
-    for t in rec["tensors"]:
-        problem = _tensor_problem(t)
-        if problem:
-            return problem
-        total += math.prod(t["shape"]) * DTYPE_SIZES[t["dtype"]]
-    if [[t["name"], t["tensor"]] for t in rec["tensors"]] != pairs:
-        return "its tensors are not those of the base's tensor list (names and tensor ids, by name)"
-    if not _is_count(rec["bytes"]) or rec["bytes"] != total:
-        return f"it says the weights take {cut(rec['bytes'], 24)} bytes; its tensors' dtypes and shapes take {total}"
-    if canonical_json(rec) != bytes(record):
-        return "it is not in canonical form"
-    return None
-
-
-def _is_count(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
-
-
-def _tensor_problem(t: Any) -> str | None:
-    if not isinstance(t, dict) or set(t) != {"name", "dtype", "shape", "tensor", "sq_norm"}:
-        return "a tensor of it does not have the fields name, dtype, shape, tensor, sq_norm"
-    name = cut(t["name"])
-    if not isinstance(t["name"], str) or t["dtype"] not in DTYPE_SIZES or not isinstance(t["shape"], list) \
-            or not all(_is_count(d) for d in t["shape"]) or not isinstance(t["tensor"], str) or not is_id(t["tensor"]):
-        return f"tensor {name} has a name, dtype, shape or tensor id of the wrong form"
-    n = t["sq_norm"]
-    if n is not None and (isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n < 0):
-        return f"tensor {name} has a squared norm that is not a finite number at least 0"
-    return None
-
-
-def weights_disagree(recorded: list[dict], recorded_bytes: int, described: list[dict], described_bytes: int) -> str | None:
-    """Where a base's catalog rows (its record) say other than its weights do (both as
-    `base_tensors` rows): None when they agree. Squared norms agree within a relative 1e-6
-    (their float32 sums may round differently from one run to the next)."""
-    mine = {t["name"]: t for t in recorded}
-    wrong = []
-    for t in described:
-        r = mine.get(t["name"])
-        if r is None or r["tensor_id"] != t["tensor_id"]:
-            return None  # other weights: the record is no worse than before (the caller checked the id)
-        if r["dtype"] != t["dtype"] or json.loads(r["shape"]) != json.loads(t["shape"]) \
-                or not _close(r["sq_norm"], t["sq_norm"]):
-            wrong.append((t["name"], r, t))
-    if not wrong and recorded_bytes == described_bytes:
-        return None
-    if not wrong:
-        return f"it says the weights take {recorded_bytes} bytes; they take {described_bytes}"
-    name, r, t = wrong[0]
-    return (f"{len(wrong)} of its {len(described)} tensors differ from the weights (e.g. {cut(name)}: recorded "
-            f"{r['dtype']} {r['shape']} with squared norm {r['sq_norm']!r}, the weights give {t['dtype']} "
-            f"{t['shape']} with {t['sq_norm']!r})")
-
-
-def _close(a: float | None, b: float | None) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-30)
-
-
 class _Refused(Exception):
     """A record `replay` sets aside (its reason is the message)."""
 
@@ -442,30 +360,23 @@ def differences(cat: Catalog, true: Catalog) -> list[tuple[str, list]]:
             shown = ", ".join(str(k) for k in keys[:3])
             out.append((f"{what}: {', '.join(parts)} ({shown})", keys))
 
-    # Not sizes on disk: the truth reads them from the files, and a damaged object (which fsck
-    # reports as such) is no fault of the index.
-    cols = "id, stance, number, parent, base_id, encoding, message, created, tensors"
-    compare("versions", {r["id"]: r for r in cat.query(f"SELECT {cols} FROM versions")},
-            {r["id"]: r for r in true.query(f"SELECT {cols} FROM versions")})
-    compare("stances", {r["name"]: r for r in cat.query("SELECT name, created FROM stances")},
-            {r["name"]: r for r in true.query("SELECT name, created FROM stances")})
-    compare("tags", {f"{r['stance']}@{r['name']}": r for r in cat.query("SELECT stance, name, version_id FROM tags")},
-            {f"{r['stance']}@{r['name']}": r for r in true.query("SELECT stance, name, version_id FROM tags")})
+    def compare_table(what: str, table: str, key: Any) -> None:
+        compare(what, {key(r): r for r in cat.rows_for_comparison(table)},
+                {key(r): r for r in true.rows_for_comparison(table)})
+
+    compare_table("versions", "versions", lambda r: r["id"])
+    compare_table("stances", "stances", lambda r: r["name"])
+    compare_table("tags", "tags", lambda r: f"{r['stance']}@{r['name']}")
     compare("numbers given", cat.numbers_given(), true.numbers_given())
     compare("metadata", _grouped(cat.metadata_rows()), _grouped(true.metadata_rows()))
-    bcols = "id, name, tensor_count, bytes, source, hub_id, created, record"
-    compare("bases", {r["id"]: r for r in cat.query(f"SELECT {bcols} FROM bases")},
-            {r["id"]: r for r in true.query(f"SELECT {bcols} FROM bases")})
-    compare("base tensors", {(r["base_id"], r["name"]): r for r in cat.query("SELECT * FROM base_tensors")},
-            {(r["base_id"], r["name"]): r for r in true.query("SELECT * FROM base_tensors")})
+    compare_table("bases", "bases", lambda r: r["id"])
+    compare_table("base tensors", "base_tensors", lambda r: (r["base_id"], r["name"]))
     compare("the objects each version needs", cat.version_objects(), true.version_objects())
     # Rows of objects no version needs any more stay until gc: only those of versions count.
     needed = set().union(*cat.version_objects().values(), *true.version_objects().values())
     compare("objects", {r["id"]: r["raw_size"] for r in cat.object_rows() if r["id"] in needed},
             {r["id"]: r["raw_size"] for r in true.object_rows()})
-    jcols = "id, target, version_id, state, plan, created"
-    compare("apply journals", {r["id"]: r for r in cat.query(f"SELECT {jcols} FROM journals")},
-            {r["id"]: r for r in true.query(f"SELECT {jcols} FROM journals")})
+    compare_table("apply journals", "journals", lambda r: r["id"])
     compare("journal objects", _grouped_journals(cat), _grouped_journals(true))
     return out
 
@@ -479,7 +390,7 @@ def _grouped(rows: list[dict]) -> dict[str, dict[str, str]]:
 
 def _grouped_journals(cat: Catalog) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
-    for r in cat.query("SELECT journal_id, object_id FROM journal_objects"):
+    for r in cat.rows_for_comparison("journal_objects"):
         out.setdefault(r["journal_id"], set()).add(r["object_id"])
     return out
 
@@ -568,9 +479,9 @@ def _build(root: Path, refs: RefLog) -> tuple[Path, Rebuilt, list[Rejected]]:
             for j in journals:
                 cat.put_journal({k: j[k] for k in ("id", "target", "version_id", "state", "plan", "created")},
                                 j["objects"])
-        counts = Rebuilt(len(cat.query("SELECT id FROM versions")), len(cat.stances()), len(cat.bases()),
+        counts = Rebuilt(len(cat.version_rows()), len(cat.stances()), len(cat.bases()),
                          len(journals), tuple(p[3] for p in unindexed.problems))
-        cat.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        cat.checkpoint()
     finally:
         cat.close()
     for leftover in (Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
