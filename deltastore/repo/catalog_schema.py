@@ -128,7 +128,7 @@ def statements(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
 
 
-# Objects are keyed by their digest's bytes, not by the id's text: half the room.
+# Objects are keyed by their digest's bytes, not by the id's text: less than half the room.
 def digest_of(object_id: str) -> bytes:
     return bytes.fromhex(object_id.partition(":")[2])
 
