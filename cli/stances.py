@@ -160,10 +160,7 @@ def stance_delete(store: Store, name: str, as_json: bool) -> None:
     r = store.delete_stance(name)
     if as_json:
         return emit_json(r)
-    echo(f"deleted {r.stance} ({len(r.versions)} versions); `deltastore gc` frees "
-         f"{size(r.bytes_only_here)} that no other version shares")
-    if r.orphaned:
-        echo(f"the parent of {', '.join(r.orphaned)} was one of them (their tensors are unaffected)")
+    deleted(f"{r.stance} ({len(r.versions)} versions)", r, "one of them")
 
 
 @click.command()
@@ -177,10 +174,14 @@ def delete(store: Store, ref: str, as_json: bool) -> None:
     r = store.delete_version(ref)
     if as_json:
         return emit_json(r)
-    echo(f"deleted {r.ref} ({r.id.split(':', 1)[1][:12]}); {r.newest} is the newest now; `deltastore gc` frees "
-         f"{size(r.bytes_only_here)} that no other version shares")
+    deleted(f"{r.ref} ({r.id.split(':', 1)[1][:12]}); {r.newest} is the newest now", r, r.ref)
+
+
+def deleted(what: str, r, parent: str) -> None:
+    """What a delete removed, what gc will free, and the versions whose parent it took."""
+    echo(f"deleted {what}; `deltastore gc` frees {size(r.bytes_only_here)} that no other version shares")
     if r.orphaned:
-        echo(f"the parent of {', '.join(r.orphaned)} was {r.ref} (their tensors are unaffected)")
+        echo(f"the parent of {', '.join(r.orphaned)} was {parent} (their tensors are unaffected)")
 
 
 @click.command()

@@ -155,3 +155,20 @@ def test_every_command_is_a_short_function():
         if length >= 30:
             long.append(f"{' '.join(path)}: {length} lines")
     assert long == []
+
+
+def test_the_command_line_is_installed_inside_the_package():
+    """pyproject.toml ships cli/ as `deltastore.cli`, with no top-level `cli` package that another
+    distribution's could collide with, and the `deltastore` command points into it; cli/'s own
+    modules import each other relatively, so both names reach the same code."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    setuptools = project["tool"]["setuptools"]
+    assert setuptools["package-dir"] == {"deltastore.cli": "cli"}
+    assert "deltastore.cli" in setuptools["packages"] and "cli" not in setuptools["packages"]
+    assert project["project"]["scripts"] == {"deltastore": "deltastore.cli.main:main"}
+    absolute = [f"{p.name}:{node.lineno}" for p in (ROOT / "cli").glob("*.py")
+                for node in ast.walk(ast.parse(p.read_text()))
+                if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "cli"]
+    assert absolute == []

@@ -62,11 +62,11 @@ def new_folder(out: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def new_file(out: Path) -> Iterator[Path]:
+def new_file(out: Path, *, mode: int | None = 0o644) -> Iterator[Path]:
     """A file to write by name (for writers that open the path themselves), put in place as
-    `out` when the block ends without an error: fsynced, mode 0644 (as every export writes),
-    renamed over `out`, its folder fsynced. On an error the hidden file beside it is removed
-    and `out` is as it was."""
+    `out` when the block ends without an error: fsynced, given `mode` (0644, as every export
+    writes; None: the mode the writer gave it), renamed over `out`, its folder fsynced. On an
+    error the hidden file beside it is removed and `out` is as it was."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
@@ -77,7 +77,8 @@ def new_file(out: Path) -> Iterator[Path]:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.chmod(tmp, 0o644)
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -18,13 +18,12 @@ import os
 import shutil
 import stat
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from ..core.durable import fsync_dir
+from ..core.durable import new_file
 from ..core.errors import ModelFormatError, PatchBusy, SharedFile
 from ..core.hashing import bytes_id
 from .models import MAX_HEADER_BYTES, weight_files
@@ -156,16 +155,8 @@ def break_links(target: Target) -> Target:
         if f.links <= 1 or f.symlink:
             continue
         path = target.path(f)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
+        with new_file(path, mode=None) as tmp:
             shutil.copy2(path, tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    fsync_dir(target.root)
     return Target(target.given, target.root, tuple(file_id(target.path(f)) for f in target.files))
 
 
