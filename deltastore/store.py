@@ -1026,6 +1026,10 @@ class Store:
         if self.readonly:
             raise ReadOnlyStore(str(self.root))
 
+    def check_writable(self) -> None:
+        """Refuse, in one line, a write to a store opened read-only."""
+        self._writable()
+
     # -- apply on a live module (see apply.py) --------------------------------------------------
 
     def apply(self, module: torch.nn.Module, ref: "str | Version | Mapping[str | Version, float]", *,

@@ -197,7 +197,8 @@ def test_a_parsed_manifest_of_a_million_entries_is_refused_before_its_entries_ar
 
 
 def test_a_pulled_manifest_file_of_a_million_entries_is_not_read(store, tmp_path):
-    from deltastore.sharing import hub
+    from deltastore.sharing.hubchecks import read_pulled
+    from deltastore.sharing.hubindex import MAX_MANIFEST_BYTES
     from deltastore.core.errors import PulledDataRejected
 
     entry = canonical_json(store.resolve("stance").manifest()["tensors"][0])
@@ -206,7 +207,7 @@ def test_a_pulled_manifest_file_of_a_million_entries_is_not_read(store, tmp_path
         f.write(b'{"tensors":[' + entry)
         # A million entries, as a sparse file: what it holds past the bound is never read.
         f.truncate(len(entry) * 1_000_000)
-    hostile(store, PulledDataRejected, "larger than 67108864 bytes", hub._read_bounded, path, hub.MAX_MANIFEST_BYTES,
+    hostile(store, PulledDataRejected, "larger than 67108864 bytes", read_pulled, path, MAX_MANIFEST_BYTES,
             "user/repo", None, "stance/v1.json")
 
 

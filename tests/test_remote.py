@@ -361,7 +361,7 @@ def test_a_push_killed_at_ten_moments_then_pushed_again_leaves_the_remote_consis
 KILLED_PULLER = """
 import os, signal, sys, threading
 from deltastore import Store
-from deltastore.sharing import remote as r
+from deltastore.sharing import remotefs, remotepull as r
 
 store_dir, url, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
 lock, count = threading.Lock(), [0]
@@ -376,7 +376,7 @@ def counted(remote, staging, object_id, size):
     return got
 
 r._download = counted
-r.TRANSFERS = 1
+remotefs.TRANSFERS = 1
 with Store.open(store_dir) as store:
     print(r.pull(store, url).objects_downloaded)
 """

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import deltastore.sharing.remote as remote_module
+import deltastore.sharing.remotepush as push_module
 import deltastore.sharing.remotegc as gc_module
 from cli.main import cli
 from deltastore import Store
@@ -135,12 +135,12 @@ def test_gc_at_each_step_of_a_push_loses_nothing(world, remote_url, tmp_path, mo
     pair, a = world
     push(a, [FIRST], remote_url)
     leave_orphans(a, remote_url, RACER)  # found by the push, planned by the gc (grace 0)
-    ran = at(monkeypatch, remote_module, step, Action(remote_url, lambda: run_gc(remote_url)))
+    ran = at(monkeypatch, push_module, step, Action(remote_url, lambda: run_gc(remote_url)))
     push(a, [RACER], remote_url)
     assert ran and dangling(remote_url) == set()
     assert isinstance(ran[0], RemoteLocked) and "locked by a push" in one_line(ran[0])  # its lock kept gc out
-    assert all(not missing for _, _, missing in remote_module._step.checks), remote_module._step.checks
-    monkeypatch.setattr(remote_module, "_step", lambda name: None)
+    assert all(not missing for _, _, missing in push_module._step.checks), push_module._step.checks
+    monkeypatch.setattr(push_module, "_step", lambda name: None)
     settle(a, remote_url, pair.base, tmp_path)
 
 
@@ -261,7 +261,7 @@ def test_gc_during_a_push_refuses_with_one_line_naming_the_lock_and_its_age(worl
         result = CliRunner().invoke(cli, ["--store", str(a.root), "gc", "--remote", url, "--grace", "0"])
         after = sorted(p.relative_to(root).as_posix() for p in (root / "objects").rglob("*"))
         seen.append((result, before == after))
-    at(monkeypatch, remote_module, "uploaded", Action(url, cli_gc))
+    at(monkeypatch, push_module, "uploaded", Action(url, cli_gc))
     push(a, [RACER], url)
     result, unchanged = seen[0]
     assert result.exit_code == 1 and unchanged
@@ -310,7 +310,7 @@ def test_a_held_lock_is_refreshed_and_stays_live(world, tmp_path, monkeypatch):
     def slow_then_gc():
         time.sleep(3.0)
         return run_gc(url)
-    ran = at(monkeypatch, remote_module, "uploaded", Action(url, slow_then_gc))
+    ran = at(monkeypatch, push_module, "uploaded", Action(url, slow_then_gc))
     result = push(a, [RACER], url)
     assert isinstance(ran[0], RemoteError) and "locked by a push" in str(ran[0])
     assert [rv.ref for rv in result.pushed] == ["playful@1"]
@@ -329,7 +329,7 @@ def test_a_push_whose_lock_was_removed_makes_no_ref(world, tmp_path, monkeypatch
         for rel in remote.find("locks"):
             remote.fs.rm_file(remote.path("locks", rel))
         time.sleep(0.5)
-    at(monkeypatch, remote_module, "uploaded", Action(url, break_lock))
+    at(monkeypatch, push_module, "uploaded", Action(url, break_lock))
     with pytest.raises(RemoteError, match="lock"):
         push(a, [RACER], url)
     assert [rv.stance for rv in remote.versions()] == ["curious-uncertainty"]

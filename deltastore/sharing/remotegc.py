@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from ..core.errors import RemoteDataRejected, RemoteError
 from ..core.limits import load_json
-from .remote import MARKER, MAX_REF_BYTES, Remote, RemoteVersion, backend_errors, remote_manifest
+from .remoteerrors import backend_errors
+from .remotefs import MARKER, MAX_REF_BYTES, Remote, RemoteVersion, remote_manifest
 from .remotelock import EXCLUSIVE, Lock
 
 GRACE_SECONDS = 24 * 3600

@@ -27,7 +27,7 @@ from ..core.hashing import canonical_json
 from ..core.limits import load_json
 
 if TYPE_CHECKING:
-    from .remote import Remote
+    from .remotefs import Remote
 
 REFRESH_SECONDS = 300.0  # restic's refresh interval
 STALE_SECONDS = 1800.0  # restic's: six refreshes missed

@@ -11,7 +11,9 @@ from pathlib import Path
 from ..core.errors import DeltastoreError
 from ..repo import journalfiles, knownstores
 from ..store import Store, current_store
-from .remote import Remote, backend_errors, remotes
+from .remoteerrors import backend_errors
+from .remotefs import Remote
+from .remotenames import remotes
 
 
 @dataclasses.dataclass(frozen=True)

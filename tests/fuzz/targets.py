@@ -68,7 +68,7 @@ class World:
     """Valid files of every kind the readers take, built once under `root`."""
 
     def __init__(self, root: Path):
-        from deltastore.sharing import hub
+        from deltastore.sharing import hub, hubindex
 
         self.root = Path(root)
         if self.root.exists():
@@ -93,11 +93,11 @@ class World:
             files = hub._version_files(self.store, v, self.root / "hub")
             self.payloads.append({"v.json": files[f"{v.stance}/v{v.number}.json"].read_bytes(),
                                   "v.safetensors": files[f"{v.stance}/v{v.number}.safetensors"].read_bytes()})
-        index: dict[str, Any] = {"format": hub.INDEX_FORMAT, "bases": {}, "stances": {}}
+        index: dict[str, Any] = {"format": hubindex.INDEX_FORMAT, "bases": {}, "stances": {}}
         for v in self.versions:
             b = self.store.base(v.base_id)
             index["bases"][b.id] = {"name": b.name, "hub_id": "fuzz/base", "tensors": b.tensor_count, "bytes": b.bytes}
-            index["stances"].setdefault(v.stance, []).append(hub._index_entry(v))
+            index["stances"].setdefault(v.stance, []).append(hubindex.index_entry(v))
         self.index = json.dumps(index, indent=1, sort_keys=True).encode() + b"\n"
         self.adapter = self._adapter()
 
@@ -268,21 +268,21 @@ def manifest_target(world: World, work: Path) -> Target:
 
 
 def hub_index_target(world: World, work: Path) -> Target:
-    from deltastore.sharing import hub
+    from deltastore.sharing import hubcard, hubindex
 
     def run(files: Files) -> None:
-        index = hub.check_index(files["deltastore.json"], REPO, None)
-        chosen = hub._choose(index, REPO, None, None)
+        index = hubindex.check_index(files["deltastore.json"], REPO, None)
+        chosen = hubindex.choose(index, REPO, None, None)
         for hv in chosen[:3]:
-            hub._choose(index, REPO, hv.tag, hv.stance)
-        hub.model_card(REPO, index)
+            hubindex.choose(index, REPO, hv.tag, hv.stance)
+        hubcard.model_card(REPO, index)
 
-    return Target("hub_index", "Hub repo index deltastore.json (hub.check_index, _choose, model_card)",
+    return Target("hub_index", "Hub repo index deltastore.json (hubindex.check_index, choose, hubcard.model_card)",
                   [{"deltastore.json": world.index}], run, _json_bound)
 
 
 def hub_payloads_target(world: World, work: Path) -> Target:
-    from deltastore.sharing import hub
+    from deltastore.sharing import hubchecks, hubindex
     from deltastore.repo.records import check_manifest, parse_manifest
 
     folder = work / "payloads"
@@ -295,15 +295,15 @@ def hub_payloads_target(world: World, work: Path) -> Target:
             v = check_manifest(parse_manifest(files["v.json"]))
         except Exception:  # a manifest that no index could name: the pull stops before payloads
             return
-        hv = hub.HubVersion(v.stance, v.number, v.id, hub.version_tag(v.stance, v.number),
+        hv = hubindex.HubVersion(v.stance, v.number, v.id, hubindex.version_tag(v.stance, v.number),
                             f"{v.stance}/v{v.number}.safetensors", f"{v.stance}/v{v.number}.json")
-        m, v = hub._check_manifest_file(files["v.json"], hv, REPO, None)
+        m, v = hubchecks.check_manifest_file(files["v.json"], hv, REPO, None)
         path.write_bytes(files["v.safetensors"])
-        located = hub._check_payloads(path, hv, m, v, REPO, None)
+        located = hubchecks.check_payloads(path, hv, m, v, REPO, None)
         for object_id, (p, start, size) in located.items():
-            assert bytes_id(hub._read_at(p, start, size)) == object_id
+            assert bytes_id(hubchecks.read_at(p, start, size)) == object_id
 
-    return Target("hub_payloads", "pulled payload files v<N>.safetensors (hub._check_payloads)",
+    return Target("hub_payloads", "pulled payload files v<N>.safetensors (hubchecks.check_payloads)",
                   world.payloads, run, _json_bound)
 
 
