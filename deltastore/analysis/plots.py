@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..metrics.analysis import MODULE_KINDS, TensorChange, summarize
-from .compare import Comparison
+from .compare import Comparison, Row
 from ..core.errors import AnalysisError, CompareError
 from .refanalysis import RefAnalysis, Spectra
 from .similarity import Similarity
@@ -63,8 +63,6 @@ def plot(comparison: Comparison, path: str | os.PathLike, *, title: str | None =
         raise CompareError(f"the plot needs fidelity, which was not measured ({comparison.fidelity_skipped}); "
                            "give --prompts FILE and the base as a Hugging Face model folder")
     FigureCanvasAgg, Figure = _figure()
-    from matplotlib.ticker import FixedLocator, LogLocator, NullFormatter
-    from matplotlib.transforms import Bbox
 
     positive = [r.kl for r in comparison.rows if r.kl and r.kl > 0]
     low = min(positive) if positive else 1e-6
@@ -78,17 +76,35 @@ def plot(comparison: Comparison, path: str | os.PathLike, *, title: str | None =
     ax.set_yscale("log")
     xs = [max(r.bytes, 1) for r in rows]
     ys = [r.kl if r.kl > 0 else floor for r in rows]
+    base_kl = base_row.kl if base_row is not None and base_row.kl else None
+    _scatter(ax, rows, xs, ys, base_kl, floor, high)
+    ax.set_title(title or f"What each way of storing the fine-tune costs and keeps "
+                          f"({comparison.positions} positions)", fontsize=11)
+    # The lower left is where no way of storing a fine-tune lands (small and exact).
+    ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
+    # Labels keep off the base's dashed line and the line that stands for 0.
+    _label_points(fig, ax, rows, xs, ys, lines=([base_kl] if base_kl is not None else []) + [floor])
+    out = Path(path)
+    fig.savefig(out, format="png", dpi=130)
+    return out
+
+
+def _scatter(ax: Any, rows: Sequence[Row], xs: Sequence[float], ys: Sequence[float], base_kl: float | None,
+             floor: float, high: float) -> None:
+    """The points, one marker per kind of row; the base's KL dashed, 0 as the line at ``floor``."""
+    from matplotlib.ticker import FixedLocator, LogLocator, NullFormatter
+
     for kind, (color, marker, label) in _KIND_STYLE.items():
         pts = [(x, y) for x, y, r in zip(xs, ys, rows) if r.kind == kind]
         if pts:
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=color, marker=marker, s=46, label=label,
                        zorder=3, edgecolors="white", linewidths=0.6)
-    if base_row is not None and base_row.kl:
-        ax.axhline(base_row.kl, color="#ff7f0e", linestyle="--", linewidth=1.2, zorder=1,
-                   label=f"base model, nothing kept (KL {base_row.kl:.3g})")
+    if base_kl is not None:
+        ax.axhline(base_kl, color="#ff7f0e", linestyle="--", linewidth=1.2, zorder=1,
+                   label=f"base model, nothing kept (KL {base_kl:.3g})")
     ax.axhline(floor, color="#bbbbbb", linewidth=0.8, zorder=0)
     ax.set_xlim(min(xs) / 4, max(xs) * 12)  # room for the labels right of the largest
-    ax.set_ylim(floor / 4, max(high, base_row.kl if base_row and base_row.kl else high) * 6)
+    ax.set_ylim(floor / 4, max(high, base_kl if base_kl is not None else high) * 6)
     # A log axis cannot show 0: the floor line stands for it.
     decades = range(int(math.log10(floor)) + 1, int(math.ceil(math.log10(ax.get_ylim()[1]))) + 1)
     ticks = [floor] + [10.0 ** d for d in decades]
@@ -99,10 +115,19 @@ def plot(comparison: Comparison, path: str | os.PathLike, *, title: str | None =
     ax.set_xlabel("bytes stored (log scale)")
     ax.set_ylabel("KL(fine-tuned || stored), nats per token (log scale)")
     ax.grid(True, which="major", alpha=0.25)
-    ax.set_title(title or f"What each way of storing the fine-tune costs and keeps "
-                          f"({comparison.positions} positions)", fontsize=11)
-    # The lower left is where no way of storing a fine-tune lands (small and exact).
-    ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
+
+
+# Where a label may sit, in pixels from its point: nearest first, each ring in eight directions.
+_OFFSETS = [(dx, dy) for radius in (7, 16, 28, 42, 58, 76)
+            for dx, dy in ((radius, 0), (radius, -radius), (radius, radius), (0, radius), (0, -radius),
+                           (-radius, 0), (-radius, radius), (-radius, -radius))]
+
+
+def _label_points(fig: Any, ax: Any, rows: Sequence[Row], xs: Sequence[float], ys: Sequence[float],
+                  lines: Sequence[float]) -> None:
+    """Each row's label and size beside its point, left to right, where it covers least of the
+    legend, the points, the horizontal ``lines`` and the labels already placed."""
+    from matplotlib.transforms import Bbox
 
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
@@ -111,42 +136,40 @@ def plot(comparison: Comparison, path: str | os.PathLike, *, title: str | None =
     for px, py in points:
         taken.append(Bbox([[px - 8, py - 8], [px + 8, py + 8]]))
     frame = ax.get_window_extent(renderer)
-    # Labels keep off the base's dashed line and the line that stands for 0.
-    for level in ([base_row.kl] if base_row is not None and base_row.kl else []) + [floor]:
+    for level in lines:
         y = ax.transData.transform((xs[0], level))[1]
         taken.append(Bbox([[frame.x0, y - 2], [frame.x1, y + 2]]))
-    offsets = [(dx, dy) for radius in (7, 16, 28, 42, 58, 76)
-               for dx, dy in ((radius, 0), (radius, -radius), (radius, radius), (0, radius), (0, -radius),
-                              (-radius, 0), (-radius, radius), (-radius, -radius))]
     order = sorted(range(len(rows)), key=lambda i: (points[i][0], points[i][1]))
     for i in order:
-        row = rows[i]
-        text = f"{_short(row.label)}  {size(row.bytes)}"
-        best, best_cost = None, math.inf
-        for dx, dy in offsets:
-            ha = "left" if dx > 0 else "right" if dx < 0 else "center"
-            va = "bottom" if dy > 0 else "top" if dy < 0 else "center"
-            candidate = ax.annotate(text, (xs[i], ys[i]), xytext=(dx, dy), textcoords="offset pixels",
-                                    ha=ha, va=va, fontsize=8)
-            box = candidate.get_window_extent(renderer).expanded(1.04, 1.15)
-            cost = sum(_overlap(box, other) for other in taken)
-            outside = (max(frame.x0 - box.x0, 0) + max(box.x1 - frame.x1, 0)
-                       + max(frame.y0 - box.y0, 0) + max(box.y1 - frame.y1, 0))
-            cost += outside * 1000 + math.hypot(dx, dy) * 0.01
-            candidate.remove()
-            if cost < best_cost:
-                best, best_cost = (dx, dy, ha, va, box), cost
-            if cost < 1:
-                break
-        dx, dy, ha, va, box = best
+        text = f"{_short(rows[i].label)}  {size(rows[i].bytes)}"
+        dx, dy, ha, va, box = _place(ax, renderer, text, (xs[i], ys[i]), taken, frame)
         # A label away from its point gets a line to it, so that it cannot be read as a neighbour's.
         arrow = dict(arrowstyle="-", color="#888888", lw=0.6) if math.hypot(dx, dy) > 12 else None
         ax.annotate(text, (xs[i], ys[i]), xytext=(dx, dy), textcoords="offset pixels", ha=ha, va=va,
                     fontsize=8, arrowprops=arrow, zorder=4)
         taken.append(box)
-    out = Path(path)
-    fig.savefig(out, format="png", dpi=130)
-    return out
+
+
+def _place(ax: Any, renderer: Any, text: str, xy: tuple[float, float], taken: Sequence[Any],
+           frame: Any) -> tuple[int, int, str, str, Any]:
+    """(dx, dy, ha, va, box) of the first offset where ``text`` overlaps nothing ``taken`` and
+    stays inside ``frame``, else of the one that costs least (overlap, then distance)."""
+    best, best_cost = None, math.inf
+    for dx, dy in _OFFSETS:
+        ha = "left" if dx > 0 else "right" if dx < 0 else "center"
+        va = "bottom" if dy > 0 else "top" if dy < 0 else "center"
+        candidate = ax.annotate(text, xy, xytext=(dx, dy), textcoords="offset pixels", ha=ha, va=va, fontsize=8)
+        box = candidate.get_window_extent(renderer).expanded(1.04, 1.15)
+        cost = sum(_overlap(box, other) for other in taken)
+        outside = (max(frame.x0 - box.x0, 0) + max(box.x1 - frame.x1, 0)
+                   + max(frame.y0 - box.y0, 0) + max(box.y1 - frame.y1, 0))
+        cost += outside * 1000 + math.hypot(dx, dy) * 0.01
+        candidate.remove()
+        if cost < best_cost:
+            best, best_cost = (dx, dy, ha, va, box), cost
+        if cost < 1:
+            break
+    return best
 
 
 def _short(label: str) -> str:

@@ -31,7 +31,8 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TYPE_CHECKING
@@ -42,6 +43,7 @@ from ..patching.apply import match_names, module_tensors
 from ..core.errors import DeltastoreError
 from ..repo.records import recorded_number
 from ..metrics.fidelity import Fidelity, FidelityProbe, load_causal_lm, read_prompts
+from .export_source import changed_tensors
 from .gguf_lora import export_gguf_lora, read_gguf_lora
 from .gguf_model import GgufExportError, export_base_gguf, export_gguf, read_gguf_model
 from .lora import adapter_weights, export_lora
@@ -108,9 +110,7 @@ class ExportBench:
             raise DeltastoreError("measuring an export needs the base as a Hugging Face model folder "
                                   "(config.json, safetensors weights, a tokenizer); give --base-path FOLDER")
         self.model, tok = load_causal_lm(self.source.folder, tokenizer=tokenizer)
-        infos, tensor = store.materialize(self.version, base_weights=self.source)
-        base_ids = {n: r["tensor_id"] for n, r in store.base_tensors(base).items()}
-        self.changed = [e.name for e in self.version.tensors if e.result_tensor_id != base_ids.get(e.name)]
+        _, tensor, self.changed = changed_tensors(store, self.version, base, self.source)
         names = list(self.source.names)
         current = module_tensors(self.model, names)
         mapping = match_names(names, set(current))
@@ -170,8 +170,9 @@ def llama_cpp_log_probs(model: str | os.PathLike, token_ids: Sequence[Sequence[i
 
     longest = max(len(ids) for ids in token_ids)
     trained = _context_length(Path(model)) or longest
-    _quiet_llama_cpp(True)  # its C logging writes to stderr even with verbose=False; a library never prints
-    try:
+    # Its C logging writes to stderr even with verbose=False (errors pass llama-cpp-python's
+    # filter); a library never prints.
+    with _llama_cpp_silenced():
         try:
             # A context no longer than needed, and logits kept for every position (logits_all):
             # context x vocabulary float32 values.
@@ -191,24 +192,29 @@ def llama_cpp_log_probs(model: str | os.PathLike, token_ids: Sequence[Sequence[i
         finally:
             llm.close()
         return out
-    finally:
-        _quiet_llama_cpp(False)
 
 
 _SILENT: Any = None
 
 
-def _quiet_llama_cpp(quiet: bool) -> None:
-    """Route llama.cpp's C log to nothing, or back to llama-cpp-python's own callback."""
+@contextmanager
+def _llama_cpp_silenced() -> Iterator[None]:
+    """llama.cpp's C log routed to nothing while inside, then back to the callback it had
+    (llama-cpp-python's own, which prints to stderr)."""
     global _SILENT
     import ctypes
 
     import llama_cpp
-    from llama_cpp import _logger
 
     if _SILENT is None:
         _SILENT = llama_cpp.llama_log_callback(lambda level, text, user_data: None)  # kept alive for C
-    llama_cpp.llama_log_set(_SILENT if quiet else _logger.llama_log_callback, ctypes.c_void_p(0))
+    callback, user_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(callback), ctypes.byref(user_data))
+    llama_cpp.llama_log_set(_SILENT, ctypes.c_void_p(0))
+    try:
+        yield
+    finally:
+        llama_cpp.llama_log_set(callback, user_data)
 
 
 def merged(source: Any, deltas: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -21,16 +21,16 @@ base, through the ``gguf`` package:
 One alpha serves every pair, and llama.cpp scales each by alpha / r with r its own rank: where
 ranks differ, each B is scaled so that every pair stands for its delta exactly.
 
-Which tensors become pairs is lora.plan's choice; the factors are lora.factors' (the truncated
-SVD of each delta). A GGUF LoRA carries only matrices of Linear and Conv1D layers here: changed
+Which tensors become pairs is lora_plan.plan's choice; the factors are lora_factors.factors'
+(the truncated SVD of each delta). A GGUF LoRA carries only matrices of Linear and Conv1D layers here: changed
 embeddings, norms and biases are listed as dropped, with their share of the squared delta.
 This module never imports click, prints or exits.
 """
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TYPE_CHECKING
@@ -38,9 +38,11 @@ from typing import Any, TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..metrics.analysis import rank_for, singular_values
+from ..metrics.analysis import singular_values
 from ..core.durable import new_file
-from .lora import CONV1D, LINEAR, LoraError, check_rank_options, delta_energies, factors, module_types, plan
+from .export_source import changed_tensors, model_config
+from .lora_factors import check_rank_options, chosen_rank, factors
+from .lora_plan import CONV1D, LINEAR, AdapterPlan, LoraError, delta_energies, module_types, plan
 
 # gguf (optional: pip install 'deltastore[gguf]') is imported inside the functions that write or
 # read a GGUF file, so that its absence is one clear error there and nowhere else.
@@ -99,21 +101,15 @@ def _architecture(folder: Path | None) -> _Base:
     """The gguf architecture, number of blocks and config of the base's config.json."""
     import gguf
 
-    config_path = Path(folder) / "config.json" if folder is not None else None
-    if config_path is None or not config_path.is_file():
-        raise LoraError("a GGUF LoRA needs the base's config.json (register the base from a model folder, "
-                        "or give --base-path)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        names = config.get("architectures") or [str(config.get("model_type", "unknown"))]
-        name = str(names[0]) if isinstance(names, list) else str(names)
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        raise LoraError(f"{config_path} is not a model config (JSON with \"architectures\")") from None
+    config = model_config(folder, LoraError, "a GGUF LoRA needs the base's config.json (register the base from "
+                                             "a model folder, or give --base-path)")
+    names = config.get("architectures") or [str(config.get("model_type", "unknown"))]
+    name = str(names[0]) if isinstance(names, list) else str(names)
     if name not in ARCHITECTURES:
         raise UnsupportedArchitecture(name)
     blocks = config.get("num_hidden_layers", config.get("n_layer"))
     if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks <= 0:
-        raise LoraError(f"{config_path} gives no number of layers (num_hidden_layers or n_layer)")
+        raise LoraError(f"{Path(folder) / 'config.json'} gives no number of layers (num_hidden_layers or n_layer)")
     return _Base(getattr(gguf.MODEL_ARCH, ARCHITECTURES[name]), blocks, name, config)
 
 
@@ -191,48 +187,66 @@ def export_gguf_lora(store: Store, ref: str, out: str | os.PathLike, *, rank: in
     base = store.base(version.base_id)
     source = store.base_source(base, base_weights)
     the_base = _architecture(source.folder)
-    arch = the_base.arch
-    names = gguf.get_tensor_name_map(arch, the_base.blocks)
-    infos, tensor = store.materialize(version, base_weights=source)
-    base_ids = {n: r["tensor_id"] for n, r in store.base_tensors(base).items()}
-    changed = [e.name for e in version.tensors if e.result_tensor_id != base_ids.get(e.name)]
+    names = gguf.get_tensor_name_map(the_base.arch, the_base.blocks)
+    infos, tensor, changed = changed_tensors(store, version, base, source)
     the_plan = plan(infos, changed, types=module_types(source.folder))
+    pairs = _pairs(the_base, names, the_plan, tensor, source, rank=rank, energy=energy, progress=progress)
+    dropped = pairs.dropped + [n for n in changed if n not in {f"{m}.weight" for m in the_plan.targets}]
+    dropped_squares = delta_energies(dropped, tensor, source, infos)
+    if not pairs.pairs:
+        raise LoraError(f"{version.ref} changed no weight of a Linear or Conv1D layer: there is nothing a GGUF "
+                        "LoRA could hold")
+    ranks = {n: a.shape[0] for n, (a, _) in pairs.pairs.items()}
+    _write(out, the_base, pairs.pairs, ranks, dtype)
+    return _exported(version.ref, out, the_base, dtype, ranks, pairs, dropped, dropped_squares)
 
-    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # GGUF weight name -> (A, B)
-    dropped: list[str] = []
-    kept_energy = total_energy = dropped_energy = 0.0
+
+@dataclass
+class _Pairs:
+    """A GGUF LoRA's pairs as they are made (GGUF weight name -> (A, B)), the targets it cannot
+    hold, the energy the pairs hold and the energy of their deltas."""
+
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+    kept_energy: float = 0.0
+    total_energy: float = 0.0
+
+
+def _pairs(the_base: _Base, names: Any, the_plan: AdapterPlan, tensor: Callable[[str], torch.Tensor], source: Any,
+           *, rank: int | None, energy: float | None, progress: Any) -> _Pairs:
+    """The pair of each of the plan's targets that llama.cpp has a name for in ``names`` (gguf's
+    tensor name map), as llama.cpp runs it."""
+    out = _Pairs()
     for k, (module, (kind, shape)) in enumerate(the_plan.targets.items()):
         name = f"{module}.weight"
         gguf_name = names.get_name(name, try_suffixes=(".weight",))
         if kind not in (LINEAR, CONV1D) or gguf_name is None:
-            dropped.append(name)  # embeddings, and weights llama.cpp has no name for
+            out.dropped.append(name)  # embeddings, and weights llama.cpp has no name for
             continue
         delta = tensor(name).to(torch.float32) - source.get(name).to(torch.float32)
         spectrum = singular_values(delta)
-        r = min(shape) if rank is None else min(rank, min(shape))
-        if energy is not None:
-            r = min(r, max(1, rank_for(spectrum, energy)))
+        r = chosen_rank(shape, rank, energy, spectrum)
         # PEFT's pair for a Conv1D (fan_in_fan_out) already has B @ A = delta^T: the (out, in) of GGUF.
         a, b = factors(delta, r, kind)
         if (heads := rope_heads(the_base.name, name, the_base.config)) is not None:
             b = permute_rows(b, heads)  # as the converter permutes PEFT's lora_B
-        pairs[gguf_name] = (a, b)
+        out.pairs[gguf_name] = (a, b)
         squares = spectrum ** 2
-        total_energy += float(squares.sum())
-        kept_energy += float(squares[:r].sum())
+        out.total_energy += float(squares.sum())
+        out.kept_energy += float(squares[:r].sum())
         if progress:
             progress(k + 1, len(the_plan.targets))
-    dropped += [n for n in changed if n not in {f"{m}.weight" for m in the_plan.targets}]
-    dropped_squares = delta_energies(dropped, tensor, source, infos)
-    dropped_energy = sum(dropped_squares.values())
-    if not pairs:
-        raise LoraError(f"{version.ref} changed no weight of a Linear or Conv1D layer: there is nothing a GGUF "
-                        "LoRA could hold")
+    return out
 
-    ranks = {n: a.shape[0] for n, (a, _) in pairs.items()}
+
+def _write(out: Path, the_base: _Base, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], ranks: dict[str, int],
+           dtype: str) -> None:
+    """The GGUF LoRA file: one alpha, the largest rank, for every pair."""
+    import gguf
+
     alpha = max(ranks.values())
     with new_file(out) as tmp:
-        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[the_base.arch])
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
@@ -247,7 +261,14 @@ def export_gguf_lora(store: Store, ref: str, out: str | os.PathLike, *, rank: in
         writer.write_tensors_to_file()
         writer.close()
 
-    all_energy = total_energy + dropped_energy
+
+def _exported(ref: str, out: Path, the_base: _Base, dtype: str, ranks: dict[str, int], pairs: _Pairs,
+              dropped: list[str], dropped_squares: dict[str, float]) -> GgufLoraExport:
+    """What was written, with the share of the squared delta the dropped tensors held."""
+    import gguf
+
+    dropped_energy = sum(dropped_squares.values())
+    all_energy = pairs.total_energy + dropped_energy
     share = dropped_energy / all_energy if all_energy > 0 else 0.0
     warning = None
     if dropped:
@@ -255,10 +276,11 @@ def export_gguf_lora(store: Store, ref: str, out: str | os.PathLike, *, rank: in
         warning = (f"{len(dropped)} changed tensors a GGUF LoRA cannot hold (embeddings, norms, biases) were "
                    f"left out ({share:.2%} of the squared delta): {shown}")
     return GgufLoraExport(
-        ref=version.ref, out=out, architecture=gguf.MODEL_ARCH_NAMES[arch], rank=alpha, dtype=dtype,
-        ranks=ranks, dropped=tuple(dropped), dropped_energy_fraction=share,
-        energy_kept=kept_energy / total_energy if total_energy > 0 else 1.0, bytes=out.stat().st_size,
-        warning=warning, dropped_shares={n: e / all_energy if all_energy > 0 else 0.0 for n, e in dropped_squares.items()})
+        ref=ref, out=out, architecture=gguf.MODEL_ARCH_NAMES[the_base.arch], rank=max(ranks.values()),
+        dtype=dtype, ranks=ranks, dropped=tuple(dropped), dropped_energy_fraction=share,
+        energy_kept=pairs.kept_energy / pairs.total_energy if pairs.total_energy > 0 else 1.0,
+        bytes=out.stat().st_size, warning=warning,
+        dropped_shares={n: e / all_energy if all_energy > 0 else 0.0 for n, e in dropped_squares.items()})
 
 
 def read_gguf_lora(path: str | os.PathLike, source: Any) -> dict[str, torch.Tensor]:

@@ -37,6 +37,7 @@ import torch
 
 from ..core.durable import new_file
 from ..core.errors import DeltastoreError
+from .export_source import architecture, model_config
 from .gguf_lora import permute_rows, quantized, rope_heads, unpermute_rows
 
 # gguf and transformers (optional: pip install 'deltastore[gguf]') are imported inside the
@@ -305,14 +306,9 @@ def _write(source: Any, out: str | os.PathLike, title: str, infos: Any, tensor: 
         raise GgufExportError("a GGUF model is written with the gguf package: pip install 'deltastore[gguf]'") from None
     out = Path(out)
     folder = Path(source.folder) if source.folder is not None else None
-    if folder is None or not (folder / "config.json").is_file():
-        raise GgufExportError("a GGUF model needs the base as a Hugging Face model folder (config.json, "
-                              "tokenizer.json); give --base-path FOLDER")
-    try:
-        names = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("architectures") or []
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        raise GgufExportError(f"{folder}/config.json is not a model config") from None
-    arch = str(names[0]) if isinstance(names, list) and names else "unknown"
+    arch = architecture(model_config(folder, GgufExportError, "a GGUF model needs the base as a Hugging Face model "
+                                     "folder (config.json, tokenizer.json); give --base-path FOLDER",
+                                     what="a model config"))
     if arch not in ARCHITECTURES:
         raise GgufExportError(f"a GGUF model is written for {', '.join(ARCHITECTURES)} bases only; this base is "
                               f"{arch[:80]!r} (export writes a Hugging Face folder for any)")

@@ -22,13 +22,14 @@ squared delta. This module never imports click, prints or exits.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TYPE_CHECKING
 
-from .lora import LINEAR, AdapterPlan, LoraError, LoraExport, export_lora
+from .export_source import architecture, model_config
+from .lora import LoraExport, export_lora
+from .lora_plan import LINEAR, AdapterPlan, LoraError
 
 if TYPE_CHECKING:  # Store for types only: nothing here needs store.py loaded
     from ..store import Store
@@ -44,15 +45,8 @@ VLLM_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def _check_architecture(folder: Path | None) -> None:
-    config_path = Path(folder) / "config.json" if folder is not None else None
-    if config_path is None or not config_path.is_file():
-        raise LoraError("a vLLM adapter needs the base's config.json to know its architecture (register the "
-                        "base from a model folder, or give --base-path)")
-    try:
-        names = json.loads(config_path.read_text(encoding="utf-8")).get("architectures") or []
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        raise LoraError(f"{config_path} is not a model config (JSON with \"architectures\")") from None
-    name = str(names[0]) if isinstance(names, list) and names else "unknown"
+    name = architecture(model_config(folder, LoraError, "a vLLM adapter needs the base's config.json to know its "
+                                     "architecture (register the base from a model folder, or give --base-path)"))
     if name not in VLLM_ARCHITECTURES:
         raise LoraError(f"a vLLM adapter is written for {', '.join(VLLM_ARCHITECTURES)} bases only; this base "
                         f"is {name[:80]!r} (export-lora without --for writes a plain PEFT adapter)")
