@@ -53,6 +53,7 @@ def push(store: Store, refs: tuple[str, ...], repo_id: str | None, remote: str |
         return emit_json(r) if as_json else remote_pushed(r)
     from deltastore.sharing.hub import push as hub_push
 
+    on_interrupt(hub_holds(store, refs, repo_id, revision, token, endpoint))
     h = hub_push(store, list(refs), repo_id, revision=revision, private=private, token=token, endpoint=endpoint,
                  progress=not as_json and sys.stderr.isatty())
     return emit_json(h) if as_json else hub_pushed(h)
@@ -123,6 +124,25 @@ def hub_pulled(r: HubPull) -> None:
     for hv in r.already_here:
         echo(f"{hv.ref} was already here")
     echo(f"{len(r.pulled)} new versions from {r.repo_id} at {r.commit[:12]}")
+
+
+def hub_holds(store: Store, refs: tuple[str, ...], repo_id: str, revision: str | None, token: str | None,
+              endpoint: str | None) -> Callable[[], str]:
+    """Which of the versions named the Hub repo's branch holds: the report of an interrupted
+    push (the versions its one commit listed; their tags may have been on the way)."""
+    from deltastore.sharing.hub import versions_held
+
+    try:
+        ids = {store.resolve(r).id for r in refs}
+    except DeltastoreError:  # the push refuses them itself, before it sends anything
+        ids = set()
+
+    def report() -> str:
+        there = versions_held(repo_id, ids, revision=revision, token=token, endpoint=endpoint) if ids else []
+        if not there:
+            return f"nothing was pushed: {repo_id} holds none of the versions named"
+        return f"{repo_id} holds " + ", ".join(f"{hv.ref} {hv.id[:15]}" for hv in there)
+    return report
 
 
 def remote_holds(store: Store, refs: tuple[str, ...], remote: str) -> Callable[[], str]:

@@ -871,13 +871,9 @@ class Store:
         return True
 
     def _deleted_at(self, stance: str, number: int) -> str | None:
-        """The id of the version deleted as `stance@number` (its drop record), or None. Read
-        from the ref log: only a version landing on a deleted number asks."""
-        found = None
-        for _, r, _ in self.refs.records():
-            if r["op"] == "drop" and r["stance"] == stance and r["number"] == number:
-                found = r["id"]
-        return found
+        """The id of the version deleted as `stance@number`, or None. Read from the ref log:
+        only a version landing on a deleted number asks."""
+        return self.refs.deleted_at(stance, number)
 
     def _remove_unreferenced(self, object_ids: list[str]) -> None:
         """Undo the objects a failed commit or ingest wrote, sparing any that something else now

@@ -463,6 +463,33 @@ def test_ctrl_c_during_a_push_says_what_the_remote_holds(tmp_path, larger) -> No
             assert line == f"interrupted; nothing was pushed: file://{remote} holds none of the versions named"
 
 
+
+def test_ctrl_c_during_a_hub_push_says_what_the_repo_holds(tmp_path, larger) -> None:
+    """On the project's Hub server: Ctrl-C while the payloads upload (nothing is in the repo
+    yet), and once the commit landed (the version is there; its tag may not be)."""
+    from hubserver import HubServer
+
+    from deltastore.sharing.hub import versions_held
+
+    root = tmp_path / "store"
+    with Store.init(root) as store:
+        v = store.commit("s", larger.ft, base=larger.base).version
+    with HubServer(tmp_path / "hub", tokens={"tok": "alice"}) as hub:
+        def sent(kind: str):
+            seen = len(hub.requests)
+            return lambda: any(kind in path and status < 300 for _, path, status in hub.requests[seen:])
+        moments = {"uploading": sent("/preupload/"), "committed": sent("/commit/")}
+        for name, moment in moments.items():
+            repo = f"alice/{name}"
+            code, out, err = _run_until(["--store", root, "push", "s", "--repo", repo, "--token", "tok",
+                                         "--endpoint", hub.url], moment, tmp_path)
+            line = _interrupted_line(code, out, err)
+            held = versions_held(repo, {v.id}, token="tok", endpoint=hub.url)
+            if held:
+                assert line in (None, f"interrupted; {repo} holds s@1 {v.id[:15]}"), (name, line)
+            else:
+                assert line == f"interrupted; nothing was pushed: {repo} holds none of the versions named", (name, line)
+
 # -- long outputs: a summary first, --top, progress -------------------------------------------------
 
 def _two_versions(root: Path, pair) -> None:

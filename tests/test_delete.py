@@ -200,3 +200,26 @@ def test_a_version_from_elsewhere_never_lands_on_a_deleted_number(three, tmp_pat
         assert (store_snapshot(root), (root / "refs.log").read_bytes()) == before
     with Store.open(root) as store:
         assert store.ingest([ours_manifest], lambda oid, size: ours_objects[oid])[0][0].ref == "s@3"
+
+
+def test_a_deleted_number_stays_taken_when_its_stance_is_renamed(three, tmp_path):
+    """s@3 deleted, then s renamed t: t@3 still names the deleted version, so another version
+    from elsewhere (a Hub pull into t, an ingest) is refused there, as it is before the rename;
+    the stance's other numbers move with it."""
+    from deltastore.core.errors import VersionConflict
+
+    root, pair = three
+    other = tmp_path / "other"
+    with Store.init(other) as there:
+        for seed in (11, 12, 13):
+            there.commit("t", variant(pair, tmp_path, seed), base=pair.base)
+        theirs = there.resolve("t@3")
+        manifest = theirs.manifest()
+        objects = {o.id: there.objects.get(o.id, raw_size=o.size) for e in theirs.tensors for o in e.objects.values()}
+    assert run_cli(root, "delete", "s@3").exit_code == 0
+    assert run_cli(root, "stance", "rename", "s", "t").exit_code == 0
+    before = store_snapshot(root), (root / "refs.log").read_bytes()
+    with Store.open(root) as store:
+        with pytest.raises(VersionConflict, match="t@3 was another version, deleted here"):
+            store.ingest([manifest], lambda oid, size: objects[oid])
+    assert (store_snapshot(root), (root / "refs.log").read_bytes()) == before

@@ -94,6 +94,23 @@ class RefLog:
             offset += len(line)
             yield offset, parse(line, self.path, offset), line
 
+    def deleted_at(self, stance: str, number: int) -> str | None:
+        """The id of the version deleted as `stance@number` (its drop record), or None. A drop
+        follows its stance through renames (the number stays taken under the new name) and is
+        forgotten with it when the stance is merged away or deleted (its numbers are free again)."""
+        drops: dict[tuple[str, int], str] = {}
+        for _, r, _ in self.records():
+            op = r["op"]
+            if op == "drop":
+                drops[(r["stance"], r["number"])] = r["id"]
+            elif op in ("rename", "merge", "delete"):
+                old = r["old"] if op != "delete" else r["stance"]
+                moved = {n: i for (s, n), i in drops.items() if s == old}
+                drops = {k: i for k, i in drops.items() if k[0] != old}
+                if op == "rename":
+                    drops.update({(r["new"], n): i for n, i in moved.items()})
+        return drops.get((stance, number))
+
     def line_number(self, end: int) -> int:
         """The 1-based number of the line that ends at offset `end`."""
         with open(self.path, "rb") as f:

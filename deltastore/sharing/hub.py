@@ -30,8 +30,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from ..core.errors import (BaseMismatch, DeltastoreError, HubConflict, NotADeltaRepo, PulledBaseChanged,
-                           PulledDataRejected, UnsafeInput)
+from ..core.errors import (BaseMismatch, DeltastoreError, HubConflict, HubRepoNotFound, HubRevisionNotFound,
+                           NotADeltaRepo, PulledBaseChanged, PulledDataRejected, UnsafeInput)
 from ..core.hashing import canonical_json, manifest_id
 from ..core.names import check_stance_name
 from ..engine.chain import refuse_chained
@@ -146,6 +146,24 @@ def push(store: Store, refs: Sequence[str], repo_id: str, *, revision: str | Non
                       tuple(hub_versions[v.id] for v in new),
                       tuple(hub_versions[v.id] for v in versions if v.id in listed),
                       tuple(created), uploaded)
+
+
+def versions_held(repo_id: str, version_ids: set[str], *, revision: str | None = None, token: str | None = None,
+                  endpoint: str | None = None) -> list[HubVersion]:
+    """Which of `version_ids` the repo's branch `revision` (default main) holds: what an
+    interrupted push left there. A push is one commit, so a version is there once the commit
+    that lists it in the index is; its tag may come after. None of them when the repo or the
+    branch does not exist."""
+    hf = _hf()
+    api = hf.HfApi(endpoint=endpoint, token=token)
+    branch = revision or "main"
+    try:
+        with _hub_errors(repo_id, branch, api.endpoint), tempfile.TemporaryDirectory() as tmp:
+            index = _remote_index(hf, api, repo_id, branch, Path(tmp)) or empty_index()
+    except (HubRepoNotFound, HubRevisionNotFound):
+        return []
+    return [hub_version(e, stance) for stance, entries in index["stances"].items() for e in entries
+            if e["id"] in version_ids]
 
 
 @contextmanager
