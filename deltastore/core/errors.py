@@ -2,7 +2,7 @@
 
 One root, `DeltastoreError`, so that callers (and the CLI) can tell a user's mistake or a
 damaged input from a bug. An error only one module raises lives beside it: `AlphaUnavailable`
-(alpha.py), `FidelityError` (fidelity.py), `LoraError` (lora.py) and `RefLogError` (reflog.py);
+(alpha.py), `FidelityError` (fidelity.py), `LoraError` (lora_plan.py) and `RefLogError` (reflog.py);
 each subclasses `DeltastoreError`. Each subclass carries what went wrong as attributes and subclasses
 the builtin that fits, so `except FileNotFoundError` keeps working for code that knows no
 deltastore. Messages are one line: what is wrong, then what to do.
