@@ -52,7 +52,7 @@ class Store:
         self.reader = Reader(self.repo)
         self.root, self.readonly = self.repo.root, self.repo.readonly
         self.objects, self.refs, self.catalog = self.repo.objects, self.repo.refs, self.repo.catalog
-        # Versions others are stored against, each chain checked once (chain.py).
+        # Versions others are stored against, each chain checked once (reader.py).
         self.chain_links: dict[str, Version] = self.reader.chain_links
         # What a call did besides what it was asked, for the caller to show (one line each): a
         # base record its weights contradicted, replaced.

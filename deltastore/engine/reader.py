@@ -138,6 +138,7 @@ class Reader:
 
     @property
     def holds_chains(self) -> bool:
+        """Whether a version stored against another was ever committed here."""
         return self.repo.holds_chains
 
     # -- bases ---------------------------------------------------------------------------------

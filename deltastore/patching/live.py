@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 
 class LiveModules:
+    """The handles one store's applies put in live modules, by module."""
+
     def __init__(self, reader: Reader):
         self.reader = reader
         self._applied: dict[int, Any] = {}  # id(module) -> the ApplyHandle put there
