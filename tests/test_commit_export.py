@@ -300,7 +300,7 @@ def test_commit_from_a_base_path_hashes_the_base_once(tmp_path, store, monkeypat
     # A commit from an unregistered base path hashes the base to find its id; the commit itself
     # then trusts those ids (a file written in between is still refused by check_unchanged).
     import deltastore.engine.commit
-    import deltastore.store
+    import deltastore.engine.bases
 
     pair = make_model(tmp_path, torch.float32)
     hashed: list[tuple[str, int]] = []
@@ -313,13 +313,13 @@ def test_commit_from_a_base_path_hashes_the_base_once(tmp_path, store, monkeypat
             return real(t)
         monkeypatch.setattr(module, "tensor_id", counted)
 
-    spy(deltastore.store)
+    spy(deltastore.engine.bases)
     spy(deltastore.engine.commit)
     result = store.commit("curious", pair.ft, base=pair.base)
     names = open_model(pair.base).names
-    by_module = {m: sum(1 for k, _ in hashed if k == m) for m in ("deltastore.store", "deltastore.engine.commit")}
-    # Each base tensor once (store.py, to find the base id); each fine-tuned tensor once (commit.py).
-    assert by_module == {"deltastore.store": len(names), "deltastore.engine.commit": len(names)}
+    by_module = {m: sum(1 for k, _ in hashed if k == m) for m in ("deltastore.engine.bases", "deltastore.engine.commit")}
+    # Each base tensor once (bases.py, to find the base id); each fine-tuned tensor once (commit.py).
+    assert by_module == {"deltastore.engine.bases": len(names), "deltastore.engine.commit": len(names)}
     assert store.export(result.version.ref, tmp_path / "out") and \
         load_folder(tmp_path / "out").keys() == load_folder(pair.ft).keys()
 

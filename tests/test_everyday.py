@@ -113,7 +113,7 @@ def test_a_letter_left_out_doubled_or_swapped_anywhere_is_a_typo(tmp_path):
             store.commit(series, other, base=p.base)
         assert len(store.stances()) == 7
         # A lookup still suggests what was meant, series or not.
-        assert store._close_refs("run-c")[:2] == ["run-a", "run-b"]
+        assert store.close_refs("run-c")[:2] == ["run-a", "run-b"]
 
 
 # -- item 9: what base add prints -----------------------------------------------------------

@@ -72,7 +72,8 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
-def _bytes_tensor(data: bytes | memoryview) -> torch.Tensor:
+def bytes_tensor(data: bytes | memoryview) -> torch.Tensor:
+    """A uint8 tensor holding a copy of `data` (a payload read from an object)."""
     if not len(data):
         return torch.empty(0, dtype=torch.uint8)
     return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
@@ -201,7 +202,7 @@ class Lossless(Encoding):
             raise EncodingError(f"a lossless {mode} entry needs a {mode!r} part, it has "
                                 f"{', '.join(sorted(encoded.parts)) or 'none'}")
         if mode == "raw":
-            data = _check_size(_bytes_tensor(encoded.parts["raw"]), dtype, shape)
+            data = _check_size(bytes_tensor(encoded.parts["raw"]), dtype, shape)
             if data.numel() == 0:
                 return torch.empty(shape, dtype=dtype)
             return data.view(dtype).reshape(shape)

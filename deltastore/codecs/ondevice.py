@@ -57,7 +57,7 @@ def uint8_on(data: Any, device: torch.device) -> torch.Tensor:
     if isinstance(data, torch.Tensor):
         return data.to(device)
     if device.type == "cpu" or not len(data):
-        return encodings._bytes_tensor(data).to(device)
+        return encodings.bytes_tensor(data).to(device)
     with warnings.catch_warnings():
         # A read-only buffer, viewed only for the copy to the device: nothing writes it.
         warnings.simplefilter("ignore", UserWarning)

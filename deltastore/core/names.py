@@ -7,7 +7,7 @@ is bounded in length when stored, whether a user typed it or a pull brought it. 
 with bounds: a number past what the catalog can hold is "no such version", never an overflow.
 
 Pure: no disk, no SQL. Order of resolution (FORMAT.md, section 5) lives in `parse_ref`'s
-result and `Store.resolve`.
+result and `Reader.resolve` (engine/reader.py).
 """
 
 from __future__ import annotations

@@ -12,25 +12,24 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, TYPE_CHECKING
+from typing import Any, Callable
 
 import torch
 
 from ..codecs import encodings
-from .chain import reference_tensor
+from ..codecs.selection import Selection, Selector, TensorDelta, parse_encoding_rules, select
 from ..core.errors import BaseMismatch, EncodingError, NonFiniteTensor, short, shown_names
 from ..core.hashing import base_id as compute_base_id
 from ..core.hashing import bytes_id, dtype_name, tensor_id
-from ..weights.models import TensorSource
 from ..core.pools import in_order
+from ..metrics.norms import delta_stats, sq_diff
 from ..repo.records import Base, ObjectRef, TensorEntry, Version
-from ..codecs.selection import Selector, TensorDelta, parse_encoding_rules, select
+from ..weights.models import TensorSource
+from .reader import Reader
 
-if TYPE_CHECKING:  # store.py imports this module: Store for types only
-    from ..store import Store
+__all__ = ["NOT_A_FINE_TUNE", "Built", "build_entries", "check_names", "delta_stats", "fitting_base", "holds_what",
+           "median_rel_change", "same_content", "spec_chooser"]
 
-# Norms are taken a cache-sized slice at a time (2x faster than 4M-element slices here).
-CHUNK = 1 << 18
 # A fine-tune moves a tensor by 0.0001-0.003 of its norm (SmolLM2, Adam, lr 2e-5); another model
 # of the same shape, or a random init, by about 1.4. Above this median, it is not a fine-tune.
 NOT_A_FINE_TUNE = 0.3
@@ -69,49 +68,7 @@ class Built:
         self.bytes_new += stored.bytes_new
 
 
-def delta_stats(base: torch.Tensor | None, target: torch.Tensor,
-                base_sq_norm: float | None = None) -> tuple[float | None, float]:
-    """(||dW|| / ||W||, ||dW||^2); (None, ||target||^2) where no base tensor matches.
-
-    The difference is taken in the tensors' own dtype: for two nearby floats it is exact
-    (Sterbenz), and it avoids fp32 copies of a 150M-element embedding. Norms accumulate in
-    fp32; ||W||^2 comes from `base add` when it recorded it."""
-    if not (target.is_floating_point() and base is not None and base.shape == target.shape
-            and base.dtype == target.dtype) or target.element_size() == 1:
-        # No matching base, an integer tensor, or float8 (which torch cannot subtract).
-        if base is None or base.shape != target.shape:
-            return None, float(torch.linalg.vector_norm(target.double())) ** 2
-        d2 = float(torch.linalg.vector_norm(target.double() - base.double())) ** 2
-        w2 = float(torch.linalg.vector_norm(base.double())) ** 2
-        return (math.sqrt(d2 / w2) if w2 > 0 and math.isfinite(d2 / w2) else None), d2
-    d2 = sum(_sq(tc - bc) for bc, tc in zip(_chunks(base), _chunks(target)))
-    w2 = base_sq_norm if base_sq_norm is not None else sq_norm(base)
-    rel = math.sqrt(d2 / w2) if w2 and math.isfinite(d2 / w2) else None
-    return rel, d2
-
-
-def sq_norm(t: torch.Tensor) -> float | None:
-    """||t||^2 of a float tensor, accumulated in fp32 (fp64 for fp64); None for other tensors
-    or where it is not finite."""
-    if not t.is_floating_point():
-        return None
-    value = sum(_sq(c) for c in _chunks(t))
-    return value if math.isfinite(value) else None
-
-
-def _sq(c: torch.Tensor) -> float:
-    if c.element_size() == 1:  # float8 promotes to nothing: widen it first
-        c = c.float()
-    acc = torch.float64 if c.dtype == torch.float64 else torch.float32
-    return float(torch.linalg.vector_norm(c, dtype=acc)) ** 2
-
-
-def _chunks(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    # Norms of a 150M-element embedding, chunk by chunk: the fp32 temporaries stay small.
-    return t.reshape(-1).split(CHUNK)
-
-
-def check_names(store: Store, base: Base, expected: dict[str, dict], target: TensorSource) -> None:
+def check_names(reader: Reader, base: Base, expected: dict[str, dict], target: TensorSource) -> None:
     """Refuse (`BaseMismatch`) a model whose tensors are not those of `base` (`expected`: its
     tensors' rows) by name, or mostly by shape: it was not made from that base. The message
     names the registered base it fits, when one does."""
@@ -128,7 +85,7 @@ def check_names(store: Store, base: Base, expected: dict[str, dict], target: Ten
     else:
         return
     actual = compute_base_id((n, tensor_id(target.get(n))) for n in target.names)
-    fits = fitting_base(store, target, other_than=base.id)
+    fits = fitting_base(reader, target, other_than=base.id)
     hint = (f"it fits base {_shown(fits)}: commit it with --base {fits.name or short(fits.id)}" if fits else
             f"no registered base fits it (as a base it would be {short(actual)}): give --base the model it was "
             "made from")
@@ -136,14 +93,14 @@ def check_names(store: Store, base: Base, expected: dict[str, dict], target: Ten
         f"this fine-tune was not made from base {_shown(base)}: {what} ({shown_names(names)}); {hint}"))
 
 
-def fitting_base(store: Store, target: TensorSource, *, other_than: str) -> Base | None:
+def fitting_base(reader: Reader, target: TensorSource, *, other_than: str) -> Base | None:
     """A registered base (other than `other_than`) with the model's tensor names and shapes
     (read from the catalog, no weights): the one a fine-tune was likely made from."""
     shapes = {n: list(info.shape) for n, info in target.infos.items()}
-    for candidate in store.bases():
+    for candidate in reader.bases():
         if candidate.id == other_than or candidate.tensor_count != len(shapes):
             continue
-        rows = store.base_tensors(candidate)
+        rows = reader.base_tensors(candidate)
         if rows.keys() == shapes.keys() and all(json.loads(r["shape"]) == shapes[n] for n, r in rows.items()):
             return candidate
     return None
@@ -153,7 +110,7 @@ def _shown(base: Base) -> str:
     return f"{base.name + ' ' if base.name else ''}{short(base.id)}"
 
 
-def build_entries(store: Store, base: Base, base_src: TensorSource, target: TensorSource, *, token: str,
+def build_entries(reader: Reader, base: Base, base_src: TensorSource, target: TensorSource, *, token: str,
                   encoding: str, encoding_for: list[tuple[str, str]] | None, encoding_options: dict,
                   selector: Selector, progress: Callable[[int, int], None] | None,
                   allow_nonfinite: bool = False, base_hashed: bool = False, against: Version | None = None) -> Built:
@@ -162,70 +119,20 @@ def build_entries(store: Store, base: Base, base_src: TensorSource, target: Tens
     commit from a base path), so its tensors are not hashed again; the final
     `check_unchanged` still refuses files written in between. `against`: each delta is taken
     against what apply of that version gives (chain.py), and every tensor it stores is listed."""
-    expected = store.base_tensors(base)
-    check_names(store, base, expected, target)
-    spec_for = spec_chooser(encoding, encoding_for, encoding_options, target)
-    by_stats = selector.by_stats
-    by_name = selector.by_name()
+    expected = reader.base_tensors(base)
+    check_names(reader, base, expected, target)
+    work = _Comparison(reader, base, base_src, target, expected, spec_chooser(encoding, encoding_for,
+                       encoding_options, target), token, encode_now=not selector.by_stats,
+                       by_name=selector.by_name(), allow_nonfinite=allow_nonfinite, base_hashed=base_hashed,
+                       against=against)
     built = Built()
     changes: dict[str, Change] = {}
     names = target.names
-    total = len(names) * (2 if by_stats else 1)
-
-    def base_tensor(name: str) -> torch.Tensor:
-        t = base_src.get(name) if name in base_src else None
-        if t is None or (not base_hashed and tensor_id(t) != expected[name]["tensor_id"]):
-            raise store.base_changed(base, base_src, [name])
-        return t
-
-    def scan(name: str) -> tuple[Change | None, Stored | None]:
-        try:
-            return _scan(name)
-        finally:
-            base_src.release(name)
-            target.release(name)
-
-    def _scan(name: str) -> tuple[Change | None, Stored | None]:
-        b = base_tensor(name)
-        t = target.get(name)
-        tid = tensor_id(t)
-        if tid == expected[name]["tensor_id"] and (against is None or against.entry(name) is None):
-            return None, None
-        if against is not None:
-            return _chained(name, b, t, tid)
-        rel, e = delta_stats(b, t, expected[name].get("sq_norm"))
-        # A nan or inf anywhere in the tensor makes its delta's norm one too; only then is
-        # the tensor itself checked (a finite norm can still overflow).
-        if not math.isfinite(e) and not allow_nonfinite:
-            _check_finite(name, t)
-        change = Change(name, expected[name]["tensor_id"], tid, rel, e)
-        if by_stats or not by_name(name):
-            return change, None
-        return change, _store_tensor(store, name, b, t, change, spec_for(name, b, t), token)
-
-    def _chained(name: str, b: torch.Tensor, t: torch.Tensor, tid: str) -> tuple[Change, Stored]:
-        # The delta against the other version's result (verified), which is what apply adds it to.
-        r, rid = reference_tensor(store, against, name, b)
-        rel, e = delta_stats(r, t, expected[name].get("sq_norm"))
-        if not math.isfinite(e) and not allow_nonfinite:
-            _check_finite(name, t)
-        change = Change(name, expected[name]["tensor_id"], tid, rel, e)
-        stored = _store_tensor(store, name, r, t, change, spec_for(name, r, t), token)
-        entry = dataclasses.replace(stored.entry, against=rid, against_version=against.id)
-        return change, Stored(entry, stored.sizes, stored.bytes_new)
-
-    def encode_kept(name: str) -> Stored:
-        b, t = base_src.get(name), target.get(name)
-        try:
-            return _store_tensor(store, name, b, t, changes[name], spec_for(name, b, t), token)
-        finally:
-            base_src.release(name)
-            target.release(name)
-
+    total = len(names) * (2 if selector.by_stats else 1)
     # Pass 1: what changed, and by how much. Encodes right away unless the selection
     # needs every tensor's change first (top-k, energy, min-rel-change).
     # Each result is a small record (the objects are written already): workers run ahead.
-    for k, (name, (change, stored)) in enumerate(in_order(names, scan, ahead=len(names))):
+    for k, (name, (change, stored)) in enumerate(in_order(names, work.scan, ahead=len(names))):
         if change is None:
             built.unchanged += 1
         else:
@@ -234,18 +141,15 @@ def build_entries(store: Store, base: Base, base_src: TensorSource, target: Tens
             built.add(stored)
         if progress:
             progress(k + 1, total)
-
     built.median_rel_change = median_rel_change(
         [changes[n].rel_change if n in changes else 0.0 for n in names])
-    selected = select({c.name: TensorDelta.of(c.rel_change, c.energy) for c in changes.values()}, selector) \
-        if selector else None
-    if selected is not None:
-        built.selection = selected.policy
-        built.left_out = list(selected.left_out)
-        built.left_out_energy_fraction = selected.left_out_energy_fraction
-    if by_stats:
+    selected = _selected(built, changes, selector)
+    if selector.by_stats:
         kept = [n for n in names if n in set(selected.kept)]
-        for k, (name, stored) in enumerate(in_order(kept, encode_kept, ahead=len(kept))):
+
+        def encode(name: str) -> Stored:
+            return work.encode_kept(name, changes[name])
+        for k, (name, stored) in enumerate(in_order(kept, encode, ahead=len(kept))):
             built.add(stored)
             if progress:
                 progress(len(names) + k + 1, total)
@@ -253,8 +157,91 @@ def build_entries(store: Store, base: Base, base_src: TensorSource, target: Tens
     # files meanwhile (they are read through memory maps).
     base_src.check_unchanged()
     target.check_unchanged()
-    store.objects.sync()
+    reader.repo.objects.sync()
     return built
+
+
+def _selected(built: Built, changes: dict[str, Change], selector: Selector) -> Selection | None:
+    """The selection over every changed tensor, recorded in `built` (its policy, what it left
+    out); None without a selector."""
+    selected = select({c.name: TensorDelta.of(c.rel_change, c.energy) for c in changes.values()}, selector) \
+        if selector else None
+    if selected is not None:
+        built.selection = selected.policy
+        built.left_out = list(selected.left_out)
+        built.left_out_energy_fraction = selected.left_out_energy_fraction
+    return selected
+
+
+@dataclass
+class _Comparison:
+    """One commit's tensors compared with their base (or, against another version, with its
+    result), and encoded: the work each of `build_entries`' workers does for one name."""
+
+    reader: Reader
+    base: Base
+    base_src: TensorSource
+    target: TensorSource
+    expected: dict[str, dict]
+    spec_for: Callable[[str, torch.Tensor, torch.Tensor], encodings.Encoding]
+    token: str
+    encode_now: bool  # False: the selection needs every tensor's change before any is encoded
+    by_name: Callable[[str], bool]
+    allow_nonfinite: bool = False
+    base_hashed: bool = False
+    against: Version | None = None
+
+    def scan(self, name: str) -> tuple[Change | None, Stored | None]:
+        """What changed in one tensor (None: nothing), and its entry where it is stored now."""
+        try:
+            return self._scan(name)
+        finally:
+            self.base_src.release(name)
+            self.target.release(name)
+
+    def encode_kept(self, name: str, change: Change) -> Stored:
+        """The entry of a tensor the selection kept, encoded in the second pass."""
+        b, t = self.base_src.get(name), self.target.get(name)
+        try:
+            return _store_tensor(self.reader, name, b, t, change, self.spec_for(name, b, t), self.token)
+        finally:
+            self.base_src.release(name)
+            self.target.release(name)
+
+    def _base_tensor(self, name: str) -> torch.Tensor:
+        t = self.base_src.get(name) if name in self.base_src else None
+        if t is None or (not self.base_hashed and tensor_id(t) != self.expected[name]["tensor_id"]):
+            raise self.reader.base_changed(self.base, self.base_src, [name])
+        return t
+
+    def _scan(self, name: str) -> tuple[Change | None, Stored | None]:
+        b = self._base_tensor(name)
+        t = self.target.get(name)
+        tid = tensor_id(t)
+        if tid == self.expected[name]["tensor_id"] and (self.against is None or self.against.entry(name) is None):
+            return None, None
+        if self.against is not None:
+            return self._chained(name, b, t, tid)
+        change = self._change(name, b, t, tid)
+        if not self.encode_now or not self.by_name(name):
+            return change, None
+        return change, _store_tensor(self.reader, name, b, t, change, self.spec_for(name, b, t), self.token)
+
+    def _chained(self, name: str, b: torch.Tensor, t: torch.Tensor, tid: str) -> tuple[Change, Stored]:
+        # The delta against the other version's result (verified), which is what apply adds it to.
+        r, rid = self.reader.reference_tensor(self.against, name, b)
+        change = self._change(name, r, t, tid)
+        stored = _store_tensor(self.reader, name, r, t, change, self.spec_for(name, r, t), self.token)
+        entry = dataclasses.replace(stored.entry, against=rid, against_version=self.against.id)
+        return change, Stored(entry, stored.sizes, stored.bytes_new)
+
+    def _change(self, name: str, reference: torch.Tensor, t: torch.Tensor, tid: str) -> Change:
+        rel, e = delta_stats(reference, t, self.expected[name].get("sq_norm"))
+        # A nan or inf anywhere in the tensor makes its delta's norm one too; only then is
+        # the tensor itself checked (a finite norm can still overflow).
+        if not math.isfinite(e) and not self.allow_nonfinite:
+            _check_finite(name, t)
+        return Change(name, self.expected[name]["tensor_id"], tid, rel, e)
 
 
 def median_rel_change(values: list[float | None]) -> float | None:
@@ -340,12 +327,12 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
             raise NonFiniteTensor(name, bad, t.numel())
 
 
-def _store_tensor(store: Store, name: str, base: torch.Tensor, target: torch.Tensor,
+def _store_tensor(reader: Reader, name: str, base: torch.Tensor, target: torch.Tensor,
                   change: Change, enc: encodings.Encoding, token: str) -> Stored:
     streamed = enc.stream(base, target)
     if streamed is not None:
-        put = store.objects.put_stream(streamed.chunks, streamed.size, sync_dir=False,
-                                       claim=lambda oid: store.catalog.add_pending(token, [oid]))
+        put = reader.repo.objects.put_stream(streamed.chunks, streamed.size, sync_dir=False,
+                                       claim=lambda oid: reader.repo.catalog.add_pending(token, [oid]))
         entry = TensorEntry(name, dtype_name(target.dtype), tuple(target.shape), enc.spec, streamed.params,
                             {streamed.part: ObjectRef(put.id, put.raw_size)}, change.base_id,
                             change.target_id, change.target_id, _round(change.rel_change), 0.0)
@@ -359,14 +346,14 @@ def _store_tensor(store: Store, name: str, base: torch.Tensor, target: torch.Ten
     else:
         result = enc.decode(base, encoded, dtype=target.dtype, shape=tuple(target.shape))
         result_id = tensor_id(result)
-        err2 = _sq_diff(result, target)
+        err2 = sq_diff(result, target)
         rel_error = math.sqrt(err2 / change.energy) if change.energy > 0 else 0.0
     ids = {part: bytes_id(data) for part, data in encoded.parts.items()}
     # Shield the objects from gc before looking whether they already exist (FORMAT.md, rule 2).
-    store.catalog.add_pending(token, sorted(set(ids.values())))
+    reader.repo.catalog.add_pending(token, sorted(set(ids.values())))
     refs, sizes, new = {}, {}, 0
     for part, data in encoded.parts.items():
-        put = store.objects.put(data, object_id=ids[part], sync_dir=False)
+        put = reader.repo.objects.put(data, object_id=ids[part], sync_dir=False)
         sizes[put.id] = put.size
         if put.new:
             new += put.size
@@ -375,10 +362,6 @@ def _store_tensor(store: Store, name: str, base: torch.Tensor, target: torch.Ten
                         change.base_id, change.target_id, result_id,
                         _round(change.rel_change), _round(rel_error))
     return Stored(entry, sizes, new)
-
-
-def _sq_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return sum(_sq(ac - bc) for ac, bc in zip(_chunks(a), _chunks(b)))
 
 
 def _round(x: float | None) -> float | None:

@@ -22,13 +22,13 @@ from ..core.names import check_metadata, check_stance_name
 from ..core.pools import in_order
 from ..repo.records import Version
 
-# commit.py (delta_stats) is imported inside difference: it imports torch,
-# and store.py, which read commands load, imports this module (tests/test_startup.py).
+from .reader import Reader
 
-if TYPE_CHECKING:  # store.py imports this module, so Store is imported for types only
+# norms.py (delta_stats) is imported inside difference: it imports torch, and the store, which
+# read commands load, imports this module (tests/test_startup.py).
+
+if TYPE_CHECKING:
     import torch
-
-    from ..store import Store
 
 MAX_METADATA_FILE = 1 << 20
 
@@ -103,11 +103,11 @@ class StanceDeleted:
     orphaned: tuple[str, ...]  # versions of other stances whose parent was removed
 
 
-def diff(store: Store, a: str | Version, b: str | Version, *, base_weights: Any = None,
+def diff(reader: Reader, a: str | Version, b: str | Version, *, base_weights: Any = None,
          progress: Callable[[int, int], None] | None = None) -> Diff:
     """`progress(done, total)`: tensors compared so far, of those both versions hold."""
-    va, vb = store.resolve(a), store.resolve(b)
-    side_a, side_b = _Side(store, va, base_weights), _Side(store, vb, base_weights)
+    va, vb = reader.resolve(a), reader.resolve(b)
+    side_a, side_b = _Side(reader, va, base_weights), _Side(reader, vb, base_weights)
     rows, unchanged = [], 0
     for name in sorted(set(side_a.results) | set(side_b.results)):
         ra, rb = side_a.results.get(name), side_b.results.get(name)
@@ -143,10 +143,10 @@ def diff(store: Store, a: str | Version, b: str | Version, *, base_weights: Any 
 class _Side:
     """One version's tensors as apply would produce them: result ids known without loading."""
 
-    def __init__(self, store: Store, version: Version, base_weights: Any):
-        self.store, self.version, self.base_weights = store, version, base_weights
+    def __init__(self, reader: Reader, version: Version, base_weights: Any):
+        self.reader, self.version, self.base_weights = reader, version, base_weights
         self.entries = {e.name: e for e in version.tensors}
-        self.base = store.base_tensors(version.base_id)
+        self.base = reader.base_tensors(version.base_id)
         self.results = {n: r["tensor_id"] for n, r in self.base.items()}
         self.results.update({n: e.result_tensor_id for n, e in self.entries.items()})
         self._tensor = None
@@ -161,7 +161,7 @@ class _Side:
     def tensor(self, name: str) -> torch.Tensor:
         if self._tensor is None:
             # The base weights are opened only when a tensor is needed.
-            _, self._tensor = self.store.materialize(self.version, base_weights=self.base_weights)
+            _, self._tensor = self.reader.materialize(self.version, base_weights=self.base_weights)
         return self._tensor(name)
 
 
@@ -177,7 +177,7 @@ def difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float | None, float | 
     shapes differ, None for either figure that is not finite."""
     if tuple(a.shape) != tuple(b.shape):
         return None, None
-    from .commit import delta_stats
+    from ..metrics.norms import delta_stats
 
     rel, energy = delta_stats(b, a)
     return (None if rel is None or not math.isfinite(rel) else float(f"{rel:.6g}"),
@@ -187,51 +187,51 @@ def difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float | None, float | 
 # -- stances ---------------------------------------------------------------------------------
 
 
-def rename_stance(store: Store, old: str, new: str) -> StanceRenamed:
+def rename_stance(reader: Reader, old: str, new: str) -> StanceRenamed:
     check_stance_name(new)
     if old == new:
-        if not store.catalog.has_stance(old):
-            raise RefNotFound(old, store._close_refs(old))
-        return StanceRenamed(old, new, len(store.catalog.versions(old)))
+        if not reader.repo.catalog.has_stance(old):
+            raise RefNotFound(old, reader.close_refs(old))
+        return StanceRenamed(old, new, len(reader.repo.catalog.versions(old)))
     try:
-        moved = store.catalog.rename_stance(old, new)
+        moved = reader.repo.catalog.rename_stance(old, new)
     except RefNotFound:
-        raise RefNotFound(old, store._close_refs(old)) from None
+        raise RefNotFound(old, reader.close_refs(old)) from None
     return StanceRenamed(old, new, moved)
 
 
-def merge_stance(store: Store, old: str, into: str) -> StanceMerged:
+def merge_stance(reader: Reader, old: str, into: str) -> StanceMerged:
     """Move every version of `old` into `into`, numbered after `into`'s newest in their order,
     with their ids, tags and parents; `old` is gone afterwards. One ref record: all or nothing."""
     if old == into:
         raise OptionConflict(f"cannot merge {old} into itself")
     try:
-        moves = store.catalog.merge_stance(old, into)
+        moves = reader.repo.catalog.merge_stance(old, into)
     except RefNotFound as e:
-        raise RefNotFound(e.ref, store._close_refs(e.ref)) from None
+        raise RefNotFound(e.ref, reader.close_refs(e.ref)) from None
     return StanceMerged(old, into, tuple(vid for vid, _ in moves), tuple(n for _, n in moves))
 
 
-def delete_stance(store: Store, name: str) -> StanceDeleted:
-    if not store.catalog.has_stance(name):
-        raise RefNotFound(name, store._close_refs(name))
-    ids = [r["id"] for r in store.catalog.versions(name)]
+def delete_stance(reader: Reader, name: str) -> StanceDeleted:
+    if not reader.repo.catalog.has_stance(name):
+        raise RefNotFound(name, reader.close_refs(name))
+    ids = [r["id"] for r in reader.repo.catalog.versions(name)]
     # What only this stance holds, and who builds on it, seen before it goes. A commit landing
     # in between can only add sharers, so the figure is at most what gc frees.
-    only_here = sum(r["size"] for r in store.catalog.objects_only_of(ids))
+    only_here = sum(r["size"] for r in reader.repo.catalog.objects_only_of(ids))
     # Their manifests are objects too, and no other version's.
-    only_here += sum(_size_of(store, vid) for vid in ids)
-    orphaned = tuple(f"{r['stance']}@{r['number']}" for r in store.catalog.children_outside(name))
+    only_here += sum(_size_of(reader, vid) for vid in ids)
+    orphaned = tuple(f"{r['stance']}@{r['number']}" for r in reader.repo.catalog.children_outside(name))
 
     def keep_chains(going: list[str]) -> None:
         # A version stored against one of these would lose what its deltas are against.
-        needed = dependents(store, set(going))
+        needed = dependents(reader, set(going))
         if needed:
             raise ChainError(f"{', '.join(v.ref for v in needed[:5])} "
                              f"{'is' if len(needed) == 1 else 'are'} stored against versions of {name}: deleting "
                              f"{name} would lose {'it' if len(needed) == 1 else 'them'}; delete "
                              f"{'it' if len(needed) == 1 else 'them'} first, or keep {name}")
-    gone = store.catalog.delete_stance(name, keep_chains)
+    gone = reader.repo.catalog.delete_stance(name, keep_chains)
     return StanceDeleted(name, tuple(r["id"] for r in gone), tuple(r["number"] for r in gone),
                          only_here, orphaned)
 
@@ -245,26 +245,26 @@ class VersionDeleted:
     orphaned: tuple[str, ...]  # versions whose parent it was
 
 
-def delete_version(store: Store, ref: str | Version) -> VersionDeleted:
+def delete_version(reader: Reader, ref: str | Version) -> VersionDeleted:
     """Remove one version that nothing else needs, recorded in the ref log ("drop"). Its
     number is not given again; its objects stay until gc."""
-    v = store.resolve(ref)
-    only_here = sum(r["size"] for r in store.catalog.objects_only_of([v.id])) + _size_of(store, v.id)
-    orphaned = tuple(f"{r['stance']}@{r['number']}" for r in store.catalog.children_of(v.id))
+    v = reader.resolve(ref)
+    only_here = sum(r["size"] for r in reader.repo.catalog.objects_only_of([v.id])) + _size_of(reader, v.id)
+    orphaned = tuple(f"{r['stance']}@{r['number']}" for r in reader.repo.catalog.children_of(v.id))
 
     def nothing_needs(row: dict) -> None:
         # Inside the delete's transaction: a tag, an apply or a chained commit landing while
         # this ran is seen.
-        needs = _what_needs(store, row)
+        needs = _what_needs(reader, row)
         if needs:
             raise VersionNeeded(v.ref, needs)
-    store.catalog.delete_version(v.id, nothing_needs)
-    newest = store.catalog.latest(v.stance)
+    reader.repo.catalog.delete_version(v.id, nothing_needs)
+    newest = reader.repo.catalog.latest(v.stance)
     return VersionDeleted(v.ref, v.id, f"{newest['stance']}@{newest['number']}", only_here, orphaned)
 
 
-def _what_needs(store: Store, row: dict) -> list[str]:
-    cat = store.catalog
+def _what_needs(reader: Reader, row: dict) -> list[str]:
+    cat = reader.repo.catalog
     needs = []
     if len(cat.versions(row["stance"])) == 1:
         needs.append(f"it is the only version of {row['stance']} (`deltastore stance delete {row['stance']}` "
@@ -276,16 +276,16 @@ def _what_needs(store: Store, row: dict) -> list[str]:
     for j in cat.open_journals():
         if j["version_id"] == row["id"]:
             needs.append(f"{j['target']} is patched with it (`deltastore revert {j['target']}` first)")
-    chained = dependents(store, {row["id"]})
+    chained = dependents(reader, {row["id"]})
     if chained:
         needs.append(f"{', '.join(c.ref for c in chained[:5])} {'is' if len(chained) == 1 else 'are'} stored "
                      f"against it (delete {'it' if len(chained) == 1 else 'them'} first)")
     return needs
 
 
-def _size_of(store: Store, object_id: str) -> int:
+def _size_of(reader: Reader, object_id: str) -> int:
     try:
-        return store.objects.size(object_id)
+        return reader.repo.objects.size(object_id)
     except FileNotFoundError:
         return 0
 

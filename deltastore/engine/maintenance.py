@@ -27,16 +27,15 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TYPE_CHECKING
+from typing import Any
 
-from ..repo import index, journalfiles
-from .chain import broken_chains
 from ..core.errors import REBUILD_HINT, CorruptObject, DeltastoreError, GcRefused, MissingObject, short
 from ..core.hashing import is_id
+from ..repo import index, journalfiles
 from ..repo.objects import HEADER, MAGIC
-
-if TYPE_CHECKING:  # store.py imports this module, so Store is imported for types only
-    from ..store import Store
+from .bases import describe_base
+from .chain import broken_chains
+from .reader import Reader
 
 # A temporary file younger than this may belong to a write in progress (of another host).
 TMP_GRACE_S = 3600
@@ -87,11 +86,11 @@ class FsckReport:
         return {p.kind for p in self.problems}
 
 
-def _truth(store: Store) -> tuple[Any, dict, Any, list[str]]:
+def _truth(reader: Reader) -> tuple[Any, dict, Any, list[str]]:
     """In one snapshot of the catalog: the truth replayed up to the log offset the catalog
     indexed, the catalog's rows fsck and gc read, the index the truth gives, and where the
     catalog differs from it (SQLite's own structural check first)."""
-    cat = store.catalog
+    cat = reader.repo.catalog
     with cat.snapshot():
         damage = cat.quick_check()
         offset = cat.log_position()[0]
@@ -104,21 +103,20 @@ def _truth(store: Store) -> tuple[Any, dict, Any, list[str]]:
             "pending": cat.pending_commits(),
             "referenced": cat.referenced_objects(),
         }
-        true, unindexed = index.truth(store.root, store.objects, store.refs, offset)
+        true, unindexed = index.truth(reader.repo.root, reader.repo.objects, reader.repo.refs, offset)
         diffs = [] if damage else index.differences(cat, true)
     # The records past what the catalog indexed (a writer died before its commit, or a line
     # written by hand): the next write replays them, so each must be one the catalog can index.
     with true.transaction():
-        index.replay(true, store.objects, store.refs, start=offset, unindexed=unindexed)
+        index.replay(true, reader.repo.objects, reader.repo.refs, start=offset, unindexed=unindexed)
     if damage:
         diffs = [(f"SQLite finds the catalog damaged ({'; '.join(damage[:2])[:200]})", [])]
     return true, rows, unindexed, diffs
 
 
-def fsck(store: Store, *, read_data: bool = False, repair: bool = False) -> FsckReport:
-    objects = store.objects
+def fsck(reader: Reader, *, read_data: bool = False, repair: bool = False) -> FsckReport:
     problems: list[Problem] = []
-    true, rows, unindexed, diffs = _truth(store)
+    true, rows, unindexed, diffs = _truth(reader)
     try:
         versions = rows["versions"]
         refs = {v["id"]: f"{v['stance']}@{v['number']}" for v in true.version_rows()}
@@ -135,7 +133,7 @@ def fsck(store: Store, *, read_data: bool = False, repair: bool = False) -> Fsck
                                     f"`deltastore fsck --rebuild-catalog` sets it aside in {index.REJECTED_FILE}"))
         # What each object breaks, from the manifests (the truth) and the catalog's index of them.
         users: dict[str, set[str]] = {}
-        for source in (true.version_objects(), store.catalog.version_objects()):
+        for source in (true.version_objects(), reader.repo.catalog.version_objects()):
             for vid, oids in source.items():
                 for oid in oids:
                     users.setdefault(oid, set()).add(refs.get(vid, short(vid)))
@@ -146,7 +144,7 @@ def fsck(store: Store, *, read_data: bool = False, repair: bool = False) -> Fsck
             users.setdefault(b["record"], set()).add(f"base {b['name'] or short(b['id'])}")
         sizes = {r["id"]: r for r in true.object_rows()}
         sizes.update(rows["objects"])
-        journal_links = true.journal_object_rows() + store.catalog.journal_object_rows()
+        journal_links = true.journal_object_rows() + reader.repo.catalog.journal_object_rows()
         referenced = rows["referenced"] | true.live_references([]) | {p[1] for p in unindexed.problems}
     finally:
         true.close()
@@ -157,31 +155,41 @@ def fsck(store: Store, *, read_data: bool = False, repair: bool = False) -> Fsck
         problems.append(Problem("missing-parent", o["id"], f"the parent of {o['stance']}@{o['number']} was deleted "
                                 "(its own tensors are unaffected)", (f"{o['stance']}@{o['number']}",), error=False))
 
-    checked, object_problems = _check_objects(store, sizes, users, referenced, journal_links, read_data)
+    checked, object_problems = _check_objects(reader, sizes, users, referenced, journal_links, read_data)
     problems += [p for p in object_problems if (p.kind, p.subject) not in {(q.kind, q.subject) for q in problems}]
 
     if read_data:
-        problems += _check_base_records(store)
+        problems += _check_base_records(reader)
 
-    for version, why in broken_chains(store):
+    for version, why in broken_chains(reader):
         problems.append(Problem("broken-chain", version.id, why, (version.ref,)))
 
     for j in rows["journals"]:
-        damaged = journalfiles.damaged_originals(store.root, j) if read_data else []
+        damaged = journalfiles.damaged_originals(reader.repo.root, j) if read_data else []
         if damaged:
             problems.append(Problem("damaged-originals", j["target"], f"the original bytes saved to revert "
                                     f"{j['target']} are missing or damaged ({', '.join(damaged[:5])}): "
                                     "revert cannot restore its base exactly"))
-        problems.append(_journal_note(store.root, j, refs.get(j["version_id"], "a version")))
+        problems.append(_journal_note(reader.repo.root, j, refs.get(j["version_id"], "a version")))
+    leftovers, repaired = _leftovers(reader, rows["pending"], repair)
+    problems += leftovers
+    return FsckReport(tuple(problems), checked, len(versions), tuple(repaired))
+
+
+def _leftovers(reader: Reader, pending: list[dict], repair: bool) -> tuple[list[Problem], list[str]]:
+    """What dead writers left: temporary files, originals no journal recorded, the pending
+    rows of commits whose process died. Removed under `repair` (what it did, said), otherwise
+    noted."""
+    problems: list[Problem] = []
     repaired: list[str] = []
-    for tmp in _stray_tmp(objects.tmp):
+    for tmp in _stray_tmp(reader.repo.objects.tmp):
         if repair and _stale_tmp(tmp):
             _remove_tmp(tmp)
             repaired.append(f"removed {tmp}")
         else:
             problems.append(Problem("tmp-file", str(tmp), "a temporary file " +
                                     ("of a dead process" if _stale_tmp(tmp) else "of a write in progress"), error=False))
-    for orphan in journalfiles.orphan_originals(store.root):
+    for orphan in journalfiles.orphan_originals(reader.repo.root):
         if not _stale_tmp(orphan, by_age=True):
             continue  # an apply between renaming its originals in and writing its journal
         if repair:
@@ -190,11 +198,10 @@ def fsck(store: Store, *, read_data: bool = False, repair: bool = False) -> Fsck
         else:
             problems.append(Problem("tmp-file", str(orphan), "original bytes saved by an apply that never "
                                     "recorded its journal (or left by a revert)", error=False))
-    pending = rows["pending"]
     dead = [p["token"] for p in pending if _dead_writer(p)]
     if dead and repair:
-        with store.catalog.transaction():
-            store.catalog.drop_pending_of(dead)
+        with reader.repo.catalog.transaction():
+            reader.repo.catalog.drop_pending_of(dead)
         repaired += [f"dropped the pending objects of dead commit {t}" for t in dead]
     elif dead:
         for p in pending:
@@ -202,7 +209,7 @@ def fsck(store: Store, *, read_data: bool = False, repair: bool = False) -> Fsck
                 problems.append(Problem("stale-pending", p["token"],
                                         f"a commit by process {p['pid']} died before landing; `fsck --repair` "
                                         "clears it and gc then removes its objects", error=False))
-    return FsckReport(tuple(problems), checked, len(versions), tuple(repaired))
+    return problems, repaired
 
 
 def _journal_note(store_root: Path, j: dict, applied: str) -> Problem:
@@ -224,9 +231,9 @@ def _journal_note(store_root: Path, j: dict, applied: str) -> Problem:
                    f"patched; `deltastore revert {j['target']}` restores its base exactly", error=False)
 
 
-def _check_objects(store: Store, rows: dict[str, dict], users: dict[str, set[str]], referenced: set[str],
+def _check_objects(reader: Reader, rows: dict[str, dict], users: dict[str, set[str]], referenced: set[str],
                    journal_links: list[dict], read_data: bool) -> tuple[int, list[Problem]]:
-    objects = store.objects
+    objects = reader.repo.objects
     problems: list[Problem] = []
     journal_users: dict[str, set[str]] = {}
     for j in journal_links:
@@ -244,7 +251,7 @@ def _check_objects(store: Store, rows: dict[str, dict], users: dict[str, set[str
         try:
             if oid not in on_disk and not objects.exists(oid):
                 # Seen in the snapshot, gone now: missing, unless a stance was deleted and gc ran since.
-                if store.catalog.is_referenced(oid):
+                if reader.repo.catalog.is_referenced(oid):
                     problems.append(Problem("missing-object", oid, f"object {oid} is missing{also}", vs))
                 continue
             row = rows.get(oid)
@@ -281,7 +288,7 @@ def _check_objects(store: Store, rows: dict[str, dict], users: dict[str, set[str
     return checked, problems
 
 
-def _check_base_records(store: Store) -> list[Problem]:
+def _check_base_records(reader: Reader) -> list[Problem]:
     """`--read-data`: each base whose weights are where it was registered from, described
     again (hashed, squared norms) and compared with its record, which a commit trusts for the
     squared norms it divides by. Weights that are gone, or that are another base's now, tell
@@ -289,16 +296,16 @@ def _check_base_records(store: Store) -> list[Problem]:
     from ..weights.models import open_model  # torch: only where there are weights to read
 
     problems = []
-    for base in store.bases():
+    for base in reader.bases():
         if not base.source or not Path(base.source).exists():
             continue
         try:
-            row, tensors = store._describe_base(open_model(base.source, mapped=True))
+            row, tensors = describe_base(open_model(base.source, mapped=True))
         except (OSError, DeltastoreError):
             continue
         if row["id"] != base.id:
             continue
-        wrong = index.weights_disagree(store.catalog.base_tensors(base.id), base.bytes, tensors, row["bytes"])
+        wrong = index.weights_disagree(reader.repo.catalog.base_tensors(base.id), base.bytes, tensors, row["bytes"])
         if wrong is not None:
             shown = base.name or short(base.id)
             problems.append(Problem("bad-base-record", base.id, f"the record of base {shown} disagrees with its "
@@ -381,14 +388,14 @@ class GcResult:
                 "skipped": list(self.skipped), "tmp_files": list(self.tmp_files_removed)}
 
 
-def gc_plan(store: Store) -> GcPlan:
+def gc_plan(reader: Reader) -> GcPlan:
     """What gc would remove now: every object that no version, base, journal or live commit
     needs. Refuses (GcRefused) when the catalog is damaged or disagrees with the truth."""
-    cat, objects = store.catalog, store.objects
-    if not store.refs.path.exists() and any(True for _ in objects.ids()):
-        raise GcRefused(f"the store's ref log {store.refs.path} is missing, so nothing says which objects "
+    cat, objects = reader.repo.catalog, reader.repo.objects
+    if not reader.repo.refs.path.exists() and any(True for _ in objects.ids()):
+        raise GcRefused(f"the store's ref log {reader.repo.refs.path} is missing, so nothing says which objects "
                         "its versions need")
-    true, rows, unindexed, diffs = _truth(store)
+    true, rows, unindexed, diffs = _truth(reader)
     try:
         if unindexed.problems:
             raise GcRefused(unindexed.problems[0][3] + ", so what it needs is unknown")
@@ -401,7 +408,7 @@ def gc_plan(store: Store) -> GcPlan:
             needed = cat.live_references(dead)
             object_rows = {r["id"] for r in cat.object_rows()}
         needed |= true.live_references([])
-        for j in journalfiles.read_all(store.root):
+        for j in journalfiles.read_all(reader.repo.root):
             needed.update(j["objects"])
     finally:
         true.close()
@@ -422,10 +429,10 @@ def gc_plan(store: Store) -> GcPlan:
     return GcPlan(tuple(doomed), sum(sizes) + tmp_bytes, tuple(sizes), tmp_files, tuple(dead), rows_only)
 
 
-def gc(store: Store, plan: GcPlan | None = None, *, batch: int = 200) -> GcResult:
-    plan = plan or gc_plan(store)
+def gc(reader: Reader, plan: GcPlan | None = None, *, batch: int = 200) -> GcResult:
+    plan = plan or gc_plan(reader)
     removed, skipped, freed = [], [], 0
-    cat = store.catalog
+    cat = reader.repo.catalog
     if plan.dead_commits:
         with cat.transaction():
             # Checked again: only writers still dead lose their shield (a pid cannot come back,
@@ -437,15 +444,15 @@ def gc(store: Store, plan: GcPlan | None = None, *, batch: int = 200) -> GcResul
         # Holding the write lock while checking and deleting means no commit can record a
         # reference to (or a pending reuse of) one of these objects in between.
         with cat.transaction():
-            if cat.log_position()[0] != store.refs.whole_size():
+            if cat.log_position()[0] != reader.repo.refs.whole_size():
                 # A writer died between its log append and its commit since the plan: what
                 # its version needs must be indexed before anything is checked.
-                store._catch_up(cat)
+                reader.repo.catch_up(cat)
             for oid in todo[i:i + batch]:
                 if cat.is_referenced(oid):
                     skipped.append(oid)
                     continue
-                gone = store.objects.remove(oid)
+                gone = reader.repo.objects.remove(oid)
                 cat.delete_object_row(oid)
                 if gone or oid in plan.objects:
                     freed += gone
@@ -480,15 +487,15 @@ class Stats:
     catalog_bytes: int
 
 
-def stats(store: Store) -> Stats:
-    cat = store.catalog
+def stats(reader: Reader) -> Stats:
+    cat = reader.repo.catalog
     # The objects versions need (rows of objects only deleted versions needed wait for gc).
     rows = cat.object_rows(needed_only=True)
     stored = sum(r["size"] for r in rows)
     referenced = cat.referenced_bytes()
     by_stance = {r["stance"]: {"versions": r["versions"], "bytes": r["bytes"]} for r in cat.bytes_by_stance()}
     by_encoding = {r["encoding"]: {"tensors": r["tensors"], "bytes": r["bytes"]} for r in cat.bytes_by_encoding()}
-    catalog_bytes = sum(p.stat().st_size for p in store.root.glob("catalog.db*"))
+    catalog_bytes = sum(p.stat().st_size for p in reader.repo.root.glob("catalog.db*"))
     return Stats(len(rows), stored, referenced, max(referenced - stored, 0), by_stance, by_encoding, catalog_bytes)
 
 

@@ -22,7 +22,7 @@ import signal
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, TYPE_CHECKING
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -32,10 +32,8 @@ from ..core import checked, spare
 from ..core.errors import BaseMismatch
 from ..core.hashing import dtype_name, tensor_id
 from ..core.pools import cores, in_order, pool, two_threads
+from ..engine.reader import Reader
 from ..repo.records import TensorEntry, Version
-
-if TYPE_CHECKING:  # store.py imports this module: Store for types only
-    from ..store import Store
 
 # Versions of at least this many elements are checked and decoded two tensors at a time.
 PIPELINED_FROM = 1 << 23
@@ -117,7 +115,7 @@ class _XorInPlace:
         return original
 
 
-def prepare(store: Store, version: Version, current: dict[str, torch.Tensor]
+def prepare(reader: Reader, version: Version, current: dict[str, torch.Tensor]
             ) -> list[tuple[TensorEntry, torch.Tensor, torch.Tensor | _XorInPlace]]:
     """(entry, module tensor, result) for every entry, everything verified. A result is on the
     CPU, or on the module's device where the entry decodes there (ondevice.py: a CUDA module's
@@ -135,19 +133,50 @@ def prepare(store: Store, version: Version, current: dict[str, torch.Tensor]
     shape, load 3: 3.4 ms on one thread, 4.0 ms with a read thread); sharing costs one
     hand-off (SmolLM2's two-tensor apply, 300 interleaved rounds: 3.03 -> 2.40 ms with both
     cores free, 3.03 -> 3.13 ms with one core busy elsewhere)."""
-    mapping = match_names([e.name for e in version.tensors], set(current))
-    entries = {e.name: e for e in version.tensors}
-    live = {e.name: current[mapping[e.name]] for e in version.tensors}
-    # A tensor that two entries write (tied names) takes its results one after the other: only
-    # one written once may be decoded in place, against the base it still holds.
-    storages = [t.untyped_storage().data_ptr() for t in live.values()]
-    shared = {p for p in storages if storages.count(p) > 1}
-    small = sum(math.prod(e.shape) for e in version.tensors) < PIPELINED_FROM
+    work = _Preparing(reader, version, current)
+    entries, live = work.entries, work.live
+    if sum(math.prod(e.shape) for e in version.tensors) < PIPELINED_FROM:
+        # The bases' hashes and the objects' reading, decompressing and hashing all release the
+        # GIL: this thread and one pool thread share them out (the bases as one task, each
+        # entry's objects as one, the largest started at once). Nothing is decoded before every
+        # check has passed, and a wrong base is named before a damaged object.
+        sizes = {name: sum(o.size for o in entries[name].objects.values()) for name in entries}
+        by_size = sorted(entries, key=sizes.__getitem__)
+        run = two_threads if sum(sizes.values()) >= SHARED_FROM else _in_turn
+        _, *reads = run([lambda: work.check_bases({name: work.checked_base(name) for name in entries})]
+                        + [lambda name=name: read_parts(reader, entries[name], parallel=False)
+                           for name in by_size])
+        read = dict(zip(by_size, reads))
+        return [(entries[name], live[name], work.decoded(name, read[name])) for name in entries]
+    # Every result is kept until the end anyway, so workers may run ahead of a large tensor,
+    # and there may be one per core: with the model on a GPU of a 16-core machine, eight
+    # workers against two took a cold lossless apply of qwen0.5b from 1149 to 879 ms (int4:
+    # 1055 to 989 ms; the embedding, a quarter of the bytes, is one worker's alone).
+    workers = cores()
+    work.check_bases(dict(in_order(list(entries), work.checked_base, ahead=len(entries), workers=workers)))
+    return [(entries[name], live[name], result)
+            for name, result in in_order(list(entries), work.decoded, ahead=len(entries), workers=workers)]
 
-    def checked_base(name: str) -> torch.Tensor | None:
+
+class _Preparing:
+    """One apply's entries and the module tensors they write: each base checked, each entry
+    decoded and its result checked (`prepare` runs these steps on its threads)."""
+
+    def __init__(self, reader: Reader, version: Version, current: dict[str, torch.Tensor]):
+        mapping = match_names([e.name for e in version.tensors], set(current))
+        self.reader, self.version = reader, version
+        self.entries = {e.name: e for e in version.tensors}
+        self.live = {e.name: current[mapping[e.name]] for e in version.tensors}
+        # A tensor that two entries write (tied names) takes its results one after the other: only
+        # one written once may be decoded in place, against the base it still holds.
+        storages = [t.untyped_storage().data_ptr() for t in self.live.values()]
+        self.shared = {p for p in storages if storages.count(p) > 1}
+        self.bases: dict[str, torch.Tensor] = {}
+
+    def checked_base(self, name: str) -> torch.Tensor | None:
         """The base to decode against, checked: the module's own tensor where the entry
         decodes on its device (ondevice.py), else a copy on the CPU. None: not the base."""
-        entry, t = entries[name], live[name]
+        entry, t = self.entries[name], self.live[name]
         if entry.base_tensor_id is None:
             return None
         base = t.detach() if ondevice.decodes(entry, t) else t.detach().to("cpu")
@@ -160,24 +189,25 @@ def prepare(store: Store, version: Version, current: dict[str, torch.Tensor]
         checked.remember(t, entry.base_tensor_id)
         return base
 
-    def check_bases(bases: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    def check_bases(self, bases: dict[str, torch.Tensor | None]) -> None:
+        """Refuse the apply where a tensor is not the base's; else keep the bases to decode against."""
         wrong = [name for name, cpu in bases.items() if cpu is None]
         if wrong:
-            raise BaseMismatch(version.base_id, None, wrong,
+            raise BaseMismatch(self.version.base_id, None, wrong,
                                "these tensors are not the base's (is another stance applied? revert it first)")
-        return bases
+        self.bases = bases
 
-    def decoded(name: str, read: tuple[dict[str, memoryview], list[torch.Tensor]] | None = None
+    def decoded(self, name: str, read: tuple[dict[str, memoryview], list[torch.Tensor]] | None = None
                 ) -> torch.Tensor | _XorInPlace:
-        entry, base = entries[name], bases[name]
-        parts, buffers = read_parts(store, entry) if read is None else read
-        t = live[name]
+        entry, base = self.entries[name], self.bases[name]
+        parts, buffers = read_parts(self.reader, entry) if read is None else read
+        t = self.live[name]
         # (A chained entry's delta is against another version's result, not the module's base.)
         if entry.encoding == "lossless" and entry.params.get("mode") == "xor" and "xor" in parts \
                 and entry.against_version is None \
                 and entry.dtype == dtype_name(t.dtype) and tuple(entry.shape) == tuple(t.shape) \
                 and len(parts["xor"]) == t.numel() * t.element_size() and _bytes_view(t) is not None \
-                and t.untyped_storage().data_ptr() not in shared:
+                and t.untyped_storage().data_ptr() not in self.shared:
             return _XorInPlace(parts["xor"], buffers, t.element_size())
         if base.device.type != "cpu":
             # On the module's device (a GPU): the payloads cross, the arithmetic leaves the CPU.
@@ -186,7 +216,7 @@ def prepare(store: Store, version: Version, current: dict[str, torch.Tensor]
             # Into a buffer an earlier revert gave back, where there is one (spare.py).
             out = spare.take(base.shape, base.dtype) if entry.dtype == dtype_name(base.dtype) \
                 and tuple(entry.shape) == tuple(base.shape) else None
-            result = store.decode_entry(entry, base, parts, out=out)
+            result = self.reader.decode_entry(entry, base, parts, out=out)
         del parts
         for buffer in buffers:
             if result.device.type != "cpu" or not _overlap(buffer, result):
@@ -194,38 +224,15 @@ def prepare(store: Store, version: Version, current: dict[str, torch.Tensor]
         # An exact encoding's result is a bitwise function of the verified object and base:
         # hashing it again would only cost time (a third of a surgical apply's).
         if not encodings.from_params(entry.encoding, entry.params).exact:
-            entry.check_result(result, version.ref, untouched="nothing was changed")
+            entry.check_result(result, self.version.ref, untouched="nothing was changed")
         return result
-
-    if small:
-        # The bases' hashes and the objects' reading, decompressing and hashing all release the
-        # GIL: this thread and one pool thread share them out (the bases as one task, each
-        # entry's objects as one, the largest started at once). Nothing is decoded before every
-        # check has passed, and a wrong base is named before a damaged object.
-        sizes = {name: sum(o.size for o in entries[name].objects.values()) for name in entries}
-        by_size = sorted(entries, key=sizes.__getitem__)
-        run = two_threads if sum(sizes.values()) >= SHARED_FROM else _in_turn
-        bases, *reads = run([lambda: check_bases({name: checked_base(name) for name in entries})]
-                            + [lambda name=name: read_parts(store, entries[name], parallel=False)
-                               for name in by_size])
-        read = dict(zip(by_size, reads))
-        return [(entries[name], live[name], decoded(name, read[name])) for name in entries]
-    # Every result is kept until the end anyway, so workers may run ahead of a large tensor,
-    # and there may be one per core: with the model on a GPU of a 16-core machine, eight
-    # workers against two took a cold lossless apply of qwen0.5b from 1149 to 879 ms (int4:
-    # 1055 to 989 ms; the embedding, a quarter of the bytes, is one worker's alone).
-    workers = cores()
-    bases = dict(in_order(list(entries), checked_base, ahead=len(entries), workers=workers))
-    check_bases(bases)
-    return [(entries[name], live[name], result)
-            for name, result in in_order(list(entries), decoded, ahead=len(entries), workers=workers)]
 
 
 def _in_turn(tasks: list) -> list:
     return [task() for task in tasks]
 
 
-def read_parts(store: Store, entry: TensorEntry, *, parallel: bool = True
+def read_parts(reader: Reader, entry: TensorEntry, *, parallel: bool = True
                ) -> tuple[dict[str, memoryview], list[torch.Tensor]]:
     """An entry's payloads, each verified against its id, and the buffers that hold them:
     spare ones where there are (spare.py), given back once decoded. Into fresh memory, reading
@@ -233,7 +240,7 @@ def read_parts(store: Store, entry: TensorEntry, *, parallel: bool = True
     parts, buffers = {}, []
     for part, o in entry.objects.items():
         buffer = spare.take((o.size,), torch.uint8)
-        parts[part] = store.objects.get(o.id, raw_size=o.size, parallel=parallel, into=buffer.numpy())
+        parts[part] = reader.repo.objects.get(o.id, raw_size=o.size, parallel=parallel, into=buffer.numpy())
         buffers.append(buffer)
     return parts, buffers
 
@@ -264,9 +271,9 @@ def module_tensors(module: torch.nn.Module, names: list[str]) -> dict[str, torch
     return found
 
 
-def apply_module(store: Store, module: torch.nn.Module, version: Version, *, strict: bool = True) -> ApplyHandle:
+def apply_module(reader: Reader, module: torch.nn.Module, version: Version, *, strict: bool = True) -> ApplyHandle:
     current = module_tensors(module, [e.name for e in version.tensors])
-    plan = prepare(store, version, current)
+    plan = prepare(reader, version, current)
     return install(ApplyHandle(version, module), plan, [e.result_tensor_id for e, _, _ in plan])
 
 

@@ -24,11 +24,11 @@ from .apply import ApplyHandle, apply_module, install, match_names, module_tenso
 from ..core.errors import BaseMismatch, DeltastoreError, short
 from ..core.hashing import dtype_name, tensor_id
 from .patch import write_model
+from ..engine.reader import Reader
 from ..repo.records import TensorEntry, Version
 
 if TYPE_CHECKING:
     from ..weights.models import TensorInfo
-    from ..store import Store
 
 __all__ = ["MixError", "MixHandle", "apply_mix", "export_mix", "mix_tensor", "mixed", "resolve_weights"]
 
@@ -38,13 +38,13 @@ class MixError(DeltastoreError, ValueError):
     number, or a tensor whose delta is not defined (a changed shape or dtype)."""
 
 
-def resolve_weights(store: Store, weights: Mapping[Any, float]) -> list[tuple[Version, float]]:
+def resolve_weights(reader: Reader, weights: Mapping[Any, float]) -> list[tuple[Version, float]]:
     """(version, weight) for each ref of ``weights``, in order; all of one base, each once."""
     if not weights:
         raise MixError("a mix needs at least one ref and its weight")
     out: list[tuple[Version, float]] = []
     for ref, weight in weights.items():
-        version = store.resolve(ref)
+        version = reader.resolve(ref)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise MixError(f"the weight of {version.ref} must be a finite number, got {weight!r}")
         if any(v.id == version.id for v, _ in out):
@@ -90,18 +90,18 @@ def _check_scalable(entry: TensorEntry, dtype: str, shape: tuple[int, ...], ref:
                        f"{dtype} {tuple(shape)}: only a floating-point delta of one shape can be scaled")
 
 
-def _result(store: Store, entry: TensorEntry, base: torch.Tensor, ref: str, untouched: str) -> torch.Tensor:
-    result = store.decode_entry(entry, base)
+def _result(reader: Reader, entry: TensorEntry, base: torch.Tensor, ref: str, untouched: str) -> torch.Tensor:
+    result = reader.decode_entry(entry, base)
     entry.check_result(result, ref, untouched=untouched)
     return result
 
 
-def apply_mix(store: Store, module: torch.nn.Module, weights: Mapping[Any, float]) -> ApplyHandle:
+def apply_mix(reader: Reader, module: torch.nn.Module, weights: Mapping[Any, float]) -> ApplyHandle:
     """Apply ``base + sum a_i dW_i`` to ``module`` in place; the handle's ``revert`` puts the base
     bytes back. One version at weight 1 is a plain apply."""
-    versions = resolve_weights(store, weights)
+    versions = resolve_weights(reader, weights)
     if len(versions) == 1 and versions[0][1] == 1.0:
-        return apply_module(store, module, versions[0][0])
+        return apply_module(reader, module, versions[0][0])
     by_name = _entries(versions)
     current = module_tensors(module, list(by_name))
     mapping = match_names(list(by_name), set(current))
@@ -120,7 +120,7 @@ def apply_mix(store: Store, module: torch.nn.Module, weights: Mapping[Any, float
         if checked.known_id(live) != entry.base_tensor_id and tensor_id(base) != entry.base_tensor_id:
             wrong.append(name)
             continue
-        results = [(weight, _result(store, e, base, ref, "nothing was changed")) for weight, e, ref in parts]
+        results = [(weight, _result(reader, e, base, ref, "nothing was changed")) for weight, e, ref in parts]
         plan.append((entry, live, mix_tensor(base, results)))
     if wrong:
         raise BaseMismatch(versions[0][0].base_id, None, wrong,
@@ -129,20 +129,20 @@ def apply_mix(store: Store, module: torch.nn.Module, weights: Mapping[Any, float
     return install(handle, plan, [None] * len(plan))
 
 
-def mixed(store: Store, weights: Mapping[Any, float], *, base_weights: Any = None
+def mixed(reader: Reader, weights: Mapping[Any, float], *, base_weights: Any = None
           ) -> tuple[dict[str, TensorInfo], Callable[[str], torch.Tensor]]:
-    """Like ``Store.materialize``, for a mix: every tensor's description, and a function that
+    """Like the reader's ``materialize``, for a mix: every tensor's description, and a function that
     produces one mixed tensor at a time (each version's result verified). Every entry is
     checked to be scalable before the first tensor is produced."""
-    versions = resolve_weights(store, weights)
-    source = store.base_source(store.base(versions[0][0].base_id), base_weights)
+    versions = resolve_weights(reader, weights)
+    source = reader.base_source(reader.base(versions[0][0].base_id), base_weights)
     by_name = _entries(versions)
     for version, _ in versions:
         for e in version.tensors:
             info = source.infos[e.name]
             _check_scalable(e, info.dtype, info.shape, version.ref)
-    infos, base_tensor = store.materialize(versions[0][0], base_weights=source)
-    producers = [store.materialize(v, base_weights=source)[1] for v, _ in versions]
+    infos, base_tensor = reader.materialize(versions[0][0], base_weights=source)
+    producers = [reader.materialize(v, base_weights=source)[1] for v, _ in versions]
     stored = [{e.name for e in v.tensors} for v, _ in versions]
 
     def tensor(name: str) -> torch.Tensor:
@@ -167,11 +167,11 @@ class MixHandle(ApplyHandle):
         return [e.name for e in self._entries]
 
 
-def export_mix(store: Store, weights: Mapping[Any, float], out: str | os.PathLike, *, base_weights: Any = None,
+def export_mix(reader: Reader, weights: Mapping[Any, float], out: str | os.PathLike, *, base_weights: Any = None,
                progress: Callable[[int, int], None] | None = None) -> Path:
     """Write the mixed model as a Hugging Face model folder (the base's other files beside it),
-    like ``Store.export`` of one version."""
-    versions = resolve_weights(store, weights)
-    source = store.base_source(store.base(versions[0][0].base_id), base_weights)
-    infos, tensor = mixed(store, weights, base_weights=source)
+    like the store's ``export`` of one version."""
+    versions = resolve_weights(reader, weights)
+    source = reader.base_source(reader.base(versions[0][0].base_id), base_weights)
+    infos, tensor = mixed(reader, weights, base_weights=source)
     return write_model(Path(out), infos, tensor, files_from=source.folder, progress=progress)

@@ -21,21 +21,18 @@ Never reads the store after `prepare`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from ..codecs import encodings, ondevice
 from ..core import checked, spare
 from .apply import copy_bytes, each_until_failure, interrupts_deferred, match_names, module_tensors
-from ..engine.chain import ChainError
 from ..core.errors import BaseMismatch, CorruptObject, DeltastoreError, MissingObject
 from ..core.hashing import DTYPES, bytes_id, dtype_name, tensor_id
 from ..repo.objects import ObjectStore
+from ..engine.reader import ChainError, Reader
 from ..repo.records import TensorEntry, Version
-
-if TYPE_CHECKING:  # store.py imports this module: Store for types only
-    from ..store import Store
 
 MODES = ("full", "packed")
 
@@ -56,7 +53,7 @@ class PreparedTensor:
 
 @dataclass(frozen=True)
 class PreparedStance:
-    """A version ready to be switched into a module (`Store.switch(module, prepared)`)."""
+    """A version ready to be switched into a module (the store's `switch(module, prepared)`)."""
 
     version: Version
     mode: str
@@ -80,7 +77,7 @@ def _size(part: Any) -> int:
 # -- prepare ------------------------------------------------------------------------------------
 
 
-def prepare(store: Store, version: Version, *, device: torch.device | str | None = None, mode: str = "full",
+def prepare(reader: Reader, version: Version, *, device: torch.device | str | None = None, mode: str = "full",
             base_weights: Any = None) -> PreparedStance:
     """Read, verify and decode `version` once, against its base's weights (those given, else
     where `base add` found them)."""
@@ -91,8 +88,8 @@ def prepare(store: Store, version: Version, *, device: torch.device | str | None
                          "version's result, not the base's; prepare it with mode='full'")
     # "cuda" names the current CUDA device, whose tensors say "cuda:0": compare like with like.
     device = torch.empty(0, device=device).device if device is not None else torch.device("cpu")
-    base = store.base(version.base_id)
-    source = store.base_source(base, base_weights)
+    base = reader.base(version.base_id)
+    source = reader.base_source(base, base_weights)
     prepared = []
     for entry in version.tensors:
         if entry.base_tensor_id is None or entry.name not in source:
@@ -103,21 +100,21 @@ def prepare(store: Store, version: Version, *, device: torch.device | str | None
                                   "cannot copy in place; apply it with Store.apply instead")
         if tensor_id(base_tensor) != entry.base_tensor_id:
             raise BaseMismatch(base.id, None, [entry.name], "the base weights differ from those registered")
-        prepared.append(_prepare_entry(store, version, entry, base_tensor, device, mode))
+        prepared.append(_prepare_entry(reader, version, entry, base_tensor, device, mode))
         source.release(entry.name)
     return PreparedStance(version, mode, device, tuple(prepared))
 
 
-def _prepare_entry(store: Store, version: Version, entry: TensorEntry, base_tensor: torch.Tensor,
+def _prepare_entry(reader: Reader, version: Version, entry: TensorEntry, base_tensor: torch.Tensor,
                    device: torch.device, mode: str) -> PreparedTensor:
     exact = encodings.from_params(entry.encoding, entry.params).exact
     if mode == "packed" and exact:
         # The compressed object files, each checked once here: a switch decompresses them
         # (deterministic) without hashing again. They never leave this process's memory.
-        return PreparedTensor(entry, parts={part: _verified_file(store, o.id, o.size)
+        return PreparedTensor(entry, parts={part: _verified_file(reader, o.id, o.size)
                                             for part, o in entry.objects.items()}, compressed=True)
-    parts = store.read_parts(entry)
-    result = store.decode_entry(entry, base_tensor, parts)
+    parts = reader.read_parts(entry)
+    result = reader.decode_entry(entry, base_tensor, parts)
     if not exact:
         entry.check_result(result, version.ref, untouched="nothing was prepared")
     if mode == "full":
@@ -127,12 +124,12 @@ def _prepare_entry(store: Store, version: Version, entry: TensorEntry, base_tens
     return PreparedTensor(entry, parts={p: bytes(b) for p, b in parts.items()})
 
 
-def _verified_file(store: Store, object_id: str, size: int) -> bytes:
+def _verified_file(reader: Reader, object_id: str, size: int) -> bytes:
     try:
-        blob = store.objects.path(object_id).read_bytes()
+        blob = reader.repo.objects.path(object_id).read_bytes()
     except FileNotFoundError:
         raise MissingObject(object_id) from None
-    payload = store.objects.decode_file(object_id, blob, raw_size=size)
+    payload = reader.repo.objects.decode_file(object_id, blob, raw_size=size)
     if bytes_id(payload) != object_id:
         raise CorruptObject(object_id, "content does not match its id")
     return blob

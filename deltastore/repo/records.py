@@ -210,7 +210,7 @@ class Version(VersionNames):
 @dataclass(frozen=True)
 class VersionInfo(VersionNames):
     """A version as `log` lists it: everything but its tensor entries, read from the catalog
-    without parsing manifests (a log of thousands of versions stays fast). `Store.resolve`
+    without parsing manifests (a log of thousands of versions stays fast). `resolve`
     turns it into the whole `Version`."""
 
     id: str
@@ -243,7 +243,7 @@ class VersionInfo(VersionNames):
 
 @dataclass(frozen=True)
 class TagChange:
-    """A tag set or removed (`Store.tag`, `Store.untag`): the version it names, or named."""
+    """A tag set or removed (`tag`, `untag`): the version it names, or named."""
 
     version: Version
     tag: str
