@@ -136,9 +136,18 @@ class TensorEntry:
             d.get("against") if against_version else None, against_version)
 
 
+@dataclass(frozen=True)
 class VersionNames:
-    """What people call a version (`Version`, `VersionInfo`): STANCE@N, and its id's first 12
-    digits."""
+    """What `Version` and `VersionInfo` open with: the version's id, where it sits (stance,
+    number, parent) and what it is against; and what people call it, STANCE@N and its id's
+    first 12 digits."""
+
+    id: str
+    stance: str
+    number: int
+    parent: str | None
+    base_id: str
+    encoding: str
 
     @property
     def ref(self) -> str:
@@ -151,12 +160,6 @@ class VersionNames:
 
 @dataclass(frozen=True)
 class Version(VersionNames):
-    id: str
-    stance: str
-    number: int
-    parent: str | None
-    base_id: str
-    encoding: str
     selection: dict[str, Any]
     message: str
     metadata: dict[str, str]
@@ -213,12 +216,6 @@ class VersionInfo(VersionNames):
     without parsing manifests (a log of thousands of versions stays fast). `resolve`
     turns it into the whole `Version`."""
 
-    id: str
-    stance: str
-    number: int
-    parent: str | None
-    base_id: str
-    encoding: str
     message: str
     metadata: dict[str, str]
     created: str
