@@ -25,7 +25,7 @@ DEMO = ROOT / "demo"
 def run(command: str) -> str:
     """Run one deltastore command as a user would type it, echoing it and its output."""
     print(f"\n$ deltastore {command}")
-    out = subprocess.run([sys.executable, "-m", "cli", *shlex.split(command)], cwd=DEMO, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "deltastore.cli", *shlex.split(command)], cwd=DEMO, capture_output=True, text=True)
     print(out.stdout.rstrip())
     if out.returncode:
         print(out.stderr.rstrip())
