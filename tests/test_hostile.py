@@ -282,7 +282,7 @@ def test_a_shard_index_naming_a_file_outside_its_folder(store, tmp_path, shard):
 READ_ONLY_SCRIPT = r"""
 import json, sys
 from click.testing import CliRunner
-from cli.main import cli
+from deltastore.cli.main import cli  # as installed: the script runs outside the checkout
 
 store, out, target, model = sys.argv[1:5]
 runs = {
