@@ -13,17 +13,19 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from ..core import names
 from ..core.errors import BaseMismatch, JournalError, UnsafeInput, short
 from ..core.hashing import base_id as compute_base_id
-from ..core.hashing import bytes_id, canonical_json, tensor_id
+from ..core.hashing import bytes_id, canonical_json
 from ..core.limits import is_text
-from ..repo import index
+from ..repo import index, trust
 from ..repo.catalog import dumps, now
 from ..repo.openjournals import open_journal_on
 from ..repo.records import Base, hub_origin, split_hub_origin
 from .reader import ModelLike, Reader
 
-# torch, and the modules that import it when loaded (models, norms), are imported inside the
-# functions that read weights: the store imports this module, and read commands load no torch.
+# torch and numpy, and the modules that import them when loaded (models, baseweights), are
+# imported inside the functions that read weights: the store imports this module, and read
+# commands load neither.
 if TYPE_CHECKING:
+    from ..repo.repo import Repo
     from ..weights.models import TensorSource
 
 Progress = Callable[[int, int], None]
@@ -31,9 +33,10 @@ Progress = Callable[[int, int], None]
 
 def add_base(reader: Reader, model: ModelLike, notes: list[str], *, name: str | None = None,
              hub_id: str | None = None, hub_revision: str | None = None, expected_id: str | None = None,
-             progress: Progress | None = None) -> Base:
+             progress: Progress | None = None, verify: bool = False) -> Base:
     """Register a base from its weights (the store's `add_base` says how); a note in `notes` where
-    its weights replaced a record that disagreed with them."""
+    its weights replaced a record that disagreed with them. `verify`: hash even the files this
+    store trusts."""
     from ..weights.models import open_model
 
     repo = reader.repo
@@ -41,7 +44,8 @@ def add_base(reader: Reader, model: ModelLike, notes: list[str], *, name: str | 
     refuse_patched(reader, model)
     source = open_model(model, mapped=True)
     _check_base_names(name, hub_id, hub_revision)
-    row, tensors = describe_base(source, name=name, hub_id=hub_origin(hub_id, hub_revision), progress=progress)
+    row, tensors = describe_base(source, name=name, hub_id=hub_origin(hub_id, hub_revision), progress=progress,
+                                 repo=repo, verify=verify)
     if expected_id is not None and row["id"] != expected_id:
         raise BaseMismatch(expected_id, row["id"], [], message=(
             f"{source.path or 'these weights'} hold base {short(row['id'])}, not the expected base "
@@ -101,25 +105,24 @@ def remove_base(reader: Reader, ref: str | Base) -> Base:
 
 
 def describe_base(source: TensorSource, *, name: str | None = None, hub_id: str | None = None,
-                  progress: Progress | None = None) -> tuple[dict, list[dict]]:
-    """Hash every tensor of a base: its catalog row and its tensors' rows."""
-    from ..metrics.norms import sq_norm
+                  progress: Progress | None = None, repo: Repo | None = None,
+                  verify: bool = False) -> tuple[dict, list[dict]]:
+    """Hash every tensor of a base: its catalog row and its tensors' rows. With the store's `repo`,
+    the files it trusts (trust.py) are not read again unless `verify`, and those read are trusted
+    from now on."""
+    from .baseweights import weigh
 
-    ids, sq_norms = {}, {}
-    for k, tname in enumerate(source.names):
-        t = source.get(tname)
-        ids[tname] = tensor_id(t)
-        sq_norms[tname] = sq_norm(t)
-        source.release(tname)
-        if progress:
-            progress(k + 1, len(source.names))
+    known = trust.trusted(repo, source) if repo is not None and not verify else {}
+    weights = weigh(source, known, progress)
     source.check_unchanged()
-    bid = compute_base_id(ids.items())
-    row = {"id": bid, "name": name, "tensor_count": len(ids), "bytes": source.nbytes,
+    if repo is not None:
+        trust.record(repo, source, {n: w for n, w in weights.items() if n not in known})
+    bid = compute_base_id((n, tid) for n, (tid, _) in weights.items())
+    row = {"id": bid, "name": name, "tensor_count": len(weights), "bytes": source.nbytes,
            "source": str(source.path.resolve()) if source.path else None, "hub_id": hub_id,
            "created": now()}
     tensors = [{"base_id": bid, "name": n, "dtype": i.dtype, "shape": dumps(list(i.shape)),
-                "tensor_id": ids[n], "sq_norm": sq_norms[n]} for n, i in source.infos.items()]
+                "tensor_id": weights[n][0], "sq_norm": weights[n][1]} for n, i in source.infos.items()]
     return row, tensors
 
 
@@ -157,10 +160,11 @@ def refuse_patched(reader: Reader, model: ModelLike) -> None:
             raise JournalError(f"{model} cannot be a base now: {line}")
 
 
-def resolve_base(reader: Reader, base: ModelLike | str | Base, notes: list[str]
+def resolve_base(reader: Reader, base: ModelLike | str | Base, notes: list[str], *, verify: bool = False
                  ) -> tuple[Base, TensorSource | None, bool]:
     """A base record, those weights when the caller handed us weights, and whether this call
-    registered the base (in `reader.unregistered` until its version lands)."""
+    registered the base (in `reader.unregistered` until its version lands). `verify`: weights
+    handed us are hashed even where this store trusts their files."""
     if isinstance(base, (Base,)):
         return base, None, False
     if isinstance(base, str) and not _looks_like_path(base):
@@ -169,7 +173,7 @@ def resolve_base(reader: Reader, base: ModelLike | str | Base, notes: list[str]
 
     refuse_patched(reader, base)
     source = open_model(base, mapped=True)
-    row, tensors = describe_base(source)
+    row, tensors = describe_base(source, repo=reader.repo, verify=verify)
     if not reader.repo.catalog.has_base(row["id"]):
         # Registered only when the version lands (in its transaction): a commit that fails
         # leaves no trace of it.
