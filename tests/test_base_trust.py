@@ -96,17 +96,22 @@ def aged(tmp_path):
         yield pair, store
 
 
+def counting(monkeypatch, module, name: str) -> list[int]:
+    """Each call of `module.name` (a hash), counted."""
+    seen: list[int] = []
+    real = getattr(module, name)
+
+    def counted(*args):
+        seen.append(1)
+        return real(*args)
+    monkeypatch.setattr(module, name, counted)
+    return seen
+
+
 @pytest.fixture
 def hashed(monkeypatch):
-    """The tensors hashed for a base's record (baseweights.py), by name."""
-    seen: list[int] = []
-    real = deltastore.engine.baseweights.raw_tensor_id
-
-    def counted(dtype, shape, data):
-        seen.append(len(data))
-        return real(dtype, shape, data)
-    monkeypatch.setattr(deltastore.engine.baseweights, "raw_tensor_id", counted)
-    return seen
+    """The tensors hashed for a base's record (baseweights.py)."""
+    return counting(monkeypatch, deltastore.engine.baseweights, "raw_tensor_id")
 
 
 def test_a_base_add_of_unchanged_files_hashes_nothing(aged, hashed):
@@ -169,14 +174,7 @@ def test_freshly_written_files_are_racy(tmp_path, hashed):
 
 @pytest.fixture
 def commit_hashes(monkeypatch):
-    seen: list[int] = []
-    real = deltastore.engine.commit.tensor_id
-
-    def counted(t):
-        seen.append(t.data_ptr())
-        return real(t)
-    monkeypatch.setattr(deltastore.engine.commit, "tensor_id", counted)
-    return seen
+    return counting(monkeypatch, deltastore.engine.commit, "tensor_id")
 
 
 def test_a_commit_trusts_the_registered_files(aged, commit_hashes):
@@ -204,14 +202,7 @@ def test_a_commit_refuses_a_trusted_file_written_since(aged, commit_hashes):
 
 @pytest.fixture
 def apply_hashes(monkeypatch):
-    seen: list[int] = []
-    real = deltastore.patching.patch.raw_tensor_id
-
-    def counted(dtype, shape, data):
-        seen.append(len(data))
-        return real(dtype, shape, data)
-    monkeypatch.setattr(deltastore.patching.patch, "raw_tensor_id", counted)
-    return seen
+    return counting(monkeypatch, deltastore.patching.patch, "raw_tensor_id")
 
 
 def test_an_in_place_apply_trusts_only_files_this_store_hashed(aged, apply_hashes, tmp_path):
@@ -265,3 +256,11 @@ def test_the_trust_survives_a_rebuild_and_fsck_never_reads_it(aged, monkeypatch)
         raise AssertionError("fsck read the trusted files")
     monkeypatch.setattr(trust, "trusted", never)
     assert run_cli(root, "fsck", "--read-data").exit_code == 0
+
+
+def test_a_refused_base_add_trusts_nothing(aged):
+    # A command that fails leaves no trace: not even the cache of what it hashed.
+    pair, store = aged
+    with pytest.raises(BaseMismatch):
+        store.add_base(pair.base, expected_id="b3:" + "0" * 64)
+    assert not (store.root / trust.FILE).exists() and store.bases() == []

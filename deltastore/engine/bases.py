@@ -8,7 +8,7 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 from ..core import names
 from ..core.errors import BaseMismatch, JournalError, UnsafeInput, short
@@ -25,10 +25,10 @@ from .reader import ModelLike, Reader
 # imported inside the functions that read weights: the store imports this module, and read
 # commands load neither.
 if TYPE_CHECKING:
-    from ..repo.repo import Repo
     from ..weights.models import TensorSource
 
 Progress = Callable[[int, int], None]
+Weight = tuple[str, "float | None"]  # a tensor's id and squared norm
 
 
 def add_base(reader: Reader, model: ModelLike, notes: list[str], *, name: str | None = None,
@@ -44,8 +44,9 @@ def add_base(reader: Reader, model: ModelLike, notes: list[str], *, name: str | 
     refuse_patched(reader, model)
     source = open_model(model, mapped=True)
     _check_base_names(name, hub_id, hub_revision)
+    known = trusted(reader, source, verify)
     row, tensors = describe_base(source, name=name, hub_id=hub_origin(hub_id, hub_revision), progress=progress,
-                                 repo=repo, verify=verify)
+                                 known=known)
     if expected_id is not None and row["id"] != expected_id:
         raise BaseMismatch(expected_id, row["id"], [], message=(
             f"{source.path or 'these weights'} hold base {short(row['id'])}, not the expected base "
@@ -61,6 +62,7 @@ def add_base(reader: Reader, model: ModelLike, notes: list[str], *, name: str | 
     if wrong is None and repo.catalog.has_base(row["id"]):
         row["record"] = repo.catalog.base_record_id(row["id"])  # kept: it agrees with the weights
     repo.put_base(row, tensors, listing, record)
+    trust_hashed(reader, source, tensors, known)
     if wrong is not None:
         notes.append(_replaced_note(reader, row["id"], wrong))
     return reader.base(row["id"])
@@ -105,18 +107,14 @@ def remove_base(reader: Reader, ref: str | Base) -> Base:
 
 
 def describe_base(source: TensorSource, *, name: str | None = None, hub_id: str | None = None,
-                  progress: Progress | None = None, repo: Repo | None = None,
-                  verify: bool = False) -> tuple[dict, list[dict]]:
-    """Hash every tensor of a base: its catalog row and its tensors' rows. With the store's `repo`,
-    the files it trusts (trust.py) are not read again unless `verify`, and those read are trusted
-    from now on."""
+                  progress: Progress | None = None, known: Mapping[str, Weight] | None = None
+                  ) -> tuple[dict, list[dict]]:
+    """Hash every tensor of a base: its catalog row and its tensors' rows. `known`: the ids and
+    squared norms of tensors not read again (those of files the store trusts, `trusted`)."""
     from .baseweights import weigh
 
-    known = trust.trusted(repo, source) if repo is not None and not verify else {}
-    weights = weigh(source, known, progress)
+    weights = weigh(source, known or {}, progress)
     source.check_unchanged()
-    if repo is not None:
-        trust.record(repo, source, {n: w for n, w in weights.items() if n not in known})
     bid = compute_base_id((n, tid) for n, (tid, _) in weights.items())
     row = {"id": bid, "name": name, "tensor_count": len(weights), "bytes": source.nbytes,
            "source": str(source.path.resolve()) if source.path else None, "hub_id": hub_id,
@@ -124,6 +122,18 @@ def describe_base(source: TensorSource, *, name: str | None = None, hub_id: str 
     tensors = [{"base_id": bid, "name": n, "dtype": i.dtype, "shape": dumps(list(i.shape)),
                 "tensor_id": weights[n][0], "sq_norm": weights[n][1]} for n, i in source.infos.items()]
     return row, tensors
+
+
+def trusted(reader: Reader, source: TensorSource, verify: bool) -> dict[str, Weight]:
+    """The tensors of `source` whose files this store trusts (none with `verify`: all are hashed)."""
+    return {} if verify else trust.trusted(reader.repo, source)
+
+
+def trust_hashed(reader: Reader, source: TensorSource, tensors: list[dict], known: Mapping[str, Weight]) -> None:
+    """Once what hashed them succeeded: trust `source`'s files whose tensors were all just hashed
+    (not in `known`). A command that fails leaves no trace, this record included."""
+    trust.record(reader.repo, source, {t["name"]: (t["tensor_id"], t["sq_norm"]) for t in tensors
+                                       if t["name"] not in known})
 
 
 def base_objects(row: dict, tensors: list[dict]) -> tuple[bytes, bytes]:
@@ -173,7 +183,7 @@ def resolve_base(reader: Reader, base: ModelLike | str | Base, notes: list[str],
 
     refuse_patched(reader, base)
     source = open_model(base, mapped=True)
-    row, tensors = describe_base(source, repo=reader.repo, verify=verify)
+    row, tensors = describe_base(source, known=trusted(reader, source, verify))
     if not reader.repo.catalog.has_base(row["id"]):
         # Registered only when the version lands (in its transaction): a commit that fails
         # leaves no trace of it.
@@ -208,4 +218,4 @@ def _looks_like_path(text: str) -> bool:
 
 
 __all__ = ["add_base", "add_base_record", "base_for_commit", "base_objects", "describe_base",
-           "refuse_patched", "remove_base", "resolve_base"]
+           "refuse_patched", "remove_base", "resolve_base", "trust_hashed", "trusted"]

@@ -62,15 +62,14 @@ def record(repo: Repo, source: TensorSource, weights: Mapping[str, Weight]) -> N
     """Trust `source`'s mapped files from now on whose every tensor was just hashed whole (in
     `weights`), the caller's `check_unchanged` having found their stamps as when they were
     mapped. A store that cannot be written records nothing; a failed write loses the cache only."""
-    if repo.readonly:
+    hashed = [m for m in source.mapped.values() if all(n in weights for n in _names(source, m))]
+    if repo.readonly or not hashed:
         return
     files = entries(repo.root)
-    for mapped in source.mapped.values():
-        names = _names(source, mapped)
-        if all(n in weights for n in names):
-            entry = {"size": mapped.stamp[2], "mtime_ns": mapped.stamp[3], "ctime_ns": mapped.stamp[4],
-                     "hashed_ns": mapped.opened_ns, "tensors": {n: list(weights[n]) for n in names}}
-            files[_key(mapped.stamp)] = {**entry, "check": _check(entry)}
+    for mapped in hashed:
+        entry = {"size": mapped.stamp[2], "mtime_ns": mapped.stamp[3], "ctime_ns": mapped.stamp[4],
+                 "hashed_ns": mapped.opened_ns, "tensors": {n: list(weights[n]) for n in _names(source, mapped)}}
+        files[_key(mapped.stamp)] = {**entry, "check": _check(entry)}
     newest = sorted(files.items(), key=lambda kv: kv[1]["hashed_ns"], reverse=True)[:MAX_FILES]
     data = canonical_json({"format": FORMAT, "files": dict(newest)})
     tmp = repo.objects.tmp / f"{os.getpid()}-{os.urandom(8).hex()}.tmp"
