@@ -182,7 +182,8 @@ def _check_and_save(reader: Reader, version: Version, target: Target, source: Te
         k = by_name[name]
         entry, info = regions[k]
         base = source.view(name)
-        if trusted.get(name) != entry.base_tensor_id and raw_tensor_id(info.dtype, info.shape, base) != entry.base_tensor_id:
+        wanted = entry.base_tensor_id
+        if trusted.get(name) != wanted and raw_tensor_id(info.dtype, info.shape, base) != wanted:
             return False
         # The original bytes, copied in the kernel (page cache to page cache, no page of ours);
         # the copy is checked against this id before a revert uses it, and the file against

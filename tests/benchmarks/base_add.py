@@ -82,7 +82,8 @@ def main() -> None:
                 t_c, res = timed(lambda: store.commit(f"s{r}", ft, base=b.id, allow_empty=True, new_stance=True))
                 line = f"commit lossless {r + 1}: {t_c:.2f} s ({load()})"
                 if can_verify:
-                    t_v, _ = timed(lambda: store.commit(f"v{r}", ft, base=b.id, allow_empty=True, new_stance=True, verify=True))
+                    t_v, _ = timed(lambda: store.commit(f"v{r}", ft, base=b.id, allow_empty=True, new_stance=True,
+                                                        verify=True))
                     line += f"; with verify {t_v:.2f} s ({load()})"
                 print(line, flush=True)
         store.close()
