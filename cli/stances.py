@@ -65,6 +65,9 @@ if TYPE_CHECKING:
               help="Store each tensor's delta against what apply of REF (a version of the same base) gives "
                    "instead of the base: a chain of at most 4 links, every link verified on apply. `compare "
                    "--against REF` shows the bytes and KL first.")
+@click.option("--verify", is_flag=True,
+              help="Hash the base's weight files whole, even those this store hashed before whose stat data "
+                   "(device, inode, size, times) is unchanged.")
 @json_option
 @with_store
 def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str | None, encoding: str,
@@ -72,7 +75,7 @@ def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str 
            encoding_for: list[tuple[str, str]], group_size: int | None, include: str | None, exclude: str | None,
            top_k: int | None, min_rel_change: float | None, energy: float | None, message: str,
            meta: dict[str, str], meta_file: str | None, tag: str | None, move_tag: bool, allow_nonfinite: bool,
-           allow_empty: bool, force: bool, new_stance: bool, against: str | None, as_json: bool) -> None:
+           allow_empty: bool, force: bool, new_stance: bool, against: str | None, verify: bool, as_json: bool) -> None:
     """Store the fine-tuned MODEL as a new version of STANCE."""
     from deltastore.analysis.committing import commit as run_commit  # torch, which read commands do without
 
@@ -84,7 +87,7 @@ def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str 
                        include=include, exclude=exclude, top_k=top_k, min_rel_change=min_rel_change, energy=energy,
                        message=message, metadata=meta, metadata_file=meta_file, tag=tag, move_tag=move_tag, progress=cb,
                        allow_nonfinite=allow_nonfinite, allow_empty=allow_empty, force=force, new_stance=new_stance,
-                       against=against)
+                       against=against, **({"verify": True} if verify else {}))
     return emit_json(c) if as_json else render_commit(c)
 
 

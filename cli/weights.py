@@ -28,15 +28,19 @@ from .sharing import ran_in
 @click.option("--scale", type=float, metavar="A",
               help="Write base + A*delta instead (needs --out: files are patched in place only with a version "
                    "as stored).")
+@click.option("--verify", is_flag=True,
+              help="Hash every region patched in place, even in files this store hashed before whose stat data "
+                   "(device, inode, size, times) is unchanged.")
 @json_option
 @with_store
 def apply(store: Store, ref: str, target: str, out: str | None, break_links: bool, scale: float | None,
-          as_json: bool) -> None:
+          verify: bool, as_json: bool) -> None:
     """Apply a version to TARGET, a model file or folder of the version's base.
 
     Without --out, TARGET's safetensors files are patched in place, journalled in the store so
     that `deltastore revert TARGET` restores them exactly, even after a crash. A weight file that
     another path shares (a symlink, a hard link) is refused; one apply or revert at a time.
+    Regions are checked to hold the base, but in files trusted since `base add` (see --verify).
     --scale A with --out writes base + A*delta (A = 0.5: the stance at half strength)."""
     if scale is not None:
         if not out:
@@ -53,7 +57,7 @@ def apply(store: Store, ref: str, target: str, out: str | None, break_links: boo
         return emit_json(ModelWritten(path, store.resolve(ref).ref)) if as_json else echo(f"wrote {path}")
     on_interrupt(target_state(store, ref, target))
     with progress("applying", enabled=not as_json) as cb:
-        j = store.apply_files(ref, target, break_links=break_links, progress=cb)
+        j = store.apply_files(ref, target, break_links=break_links, progress=cb, verify=verify)
     if as_json:
         return emit_json(j)
     echo(f"applied {store.resolve(j.version_id).ref} to {target} ({j.regions} tensors); "

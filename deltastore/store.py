@@ -111,12 +111,14 @@ class Store:
 
     def add_base(self, model: ModelLike, *, name: str | None = None, hub_id: str | None = None,
                  hub_revision: str | None = None, expected_id: str | None = None,
-                 progress: Progress | None = None) -> Base:
+                 progress: Progress | None = None, verify: bool = False) -> Base:
         """Register a base: hash every tensor, record names, dtypes, shapes and where it lives.
         `hub_id`, `hub_revision`: the Hub repo it is, and the commit its weights were fetched at.
-        `expected_id`: refuse (BaseMismatch, nothing stored) weights whose base id is another."""
+        `expected_id`: refuse (BaseMismatch, nothing stored) weights whose base id is another.
+        A weight file this store hashed whole before and whose stat data (device, inode, size,
+        times) has not changed since is not hashed again; `verify` hashes every file."""
         return bases.add_base(self.reader, model, self.notes, name=name, hub_id=hub_id, hub_revision=hub_revision,
-                              expected_id=expected_id, progress=progress)
+                              expected_id=expected_id, progress=progress, verify=verify)
 
     def add_base_record(self, listing: bytes, record: bytes, *, name: str | None = None,
                         hub_id: str | None = None) -> Base:
@@ -228,7 +230,7 @@ class Store:
                base_weights: ModelLike | None = None, progress: Progress | None = None,
                allow_nonfinite: bool = False, allow_empty: bool = False, force: bool = False,
                new_stance: bool = False, against: str | Version | None = None,
-               move_tag: bool = False) -> CommitResult:
+               move_tag: bool = False, verify: bool = False) -> CommitResult:
         """Store `model` as the next version of `stance`, as deltas against `base`: the changed
         tensors `selector` keeps (`include`, `exclude`, `top_k`, `min_rel_change`, `energy` are
         the same options one by one; given with a `selector`, they replace its fields). A changed
@@ -241,7 +243,9 @@ class Store:
         a typo would start a new line of versions unnoticed) unless `new_stance`. A `tag` that
         names a version already is refused (`TagExists`) unless `move_tag`. `against`: a
         version of the same base whose result the deltas are taken against instead of the base's
-        (a chain, chain.py: at most `MAX_DEPTH` links; every tensor it stores is stored again)."""
+        (a chain, chain.py: at most `MAX_DEPTH` links; every tensor it stores is stored again).
+        The base's weight files that this store hashed whole and whose stat data has not
+        changed since are trusted to hold the base; `verify` hashes them all."""
         from .codecs.selection import Selector
 
         selector = Selector.of(selector, include=include, exclude=exclude, top_k=top_k,
@@ -250,7 +254,7 @@ class Store:
             base, selector, encoding=encoding, encoding_for=encoding_for, encoding_options=encoding_options,
             message=message, metadata=metadata, tag=tag, base_weights=base_weights, progress=progress,
             allow_nonfinite=allow_nonfinite, allow_empty=allow_empty, force=force, new_stance=new_stance,
-            against=against, move_tag=move_tag)
+            against=against, move_tag=move_tag, verify=verify)
         return landing.commit(self.reader, self.notes, stance, model, request)
 
     def check_commit(self, stance: str, *, tag: str | None = None, metadata: Mapping[str, str] | None = None,
@@ -330,14 +334,16 @@ class Store:
         return export(self.reader, ref, out, base_weights=base_weights, progress=progress)
 
     def apply_files(self, ref: str | Version, target: str | os.PathLike, *, break_links: bool = False,
-                    progress: Progress | None = None):
+                    progress: Progress | None = None, verify: bool = False):
         """Patch a model file or folder in place, journalled so that `revert_files` undoes it.
         A file with other hard links is refused, unless `break_links`: it is then replaced by a
         private copy first, and the other paths keep their bytes. `progress(done, total)`: in
-        bytes checked and written."""
+        bytes checked and written. The regions a version overwrites are checked to hold its
+        base, except in files this store hashed whole and whose stat data has not changed
+        since; `verify` checks them all."""
         from .patching.patch import apply_files
 
-        return apply_files(self.reader, ref, target, break_links=break_links, progress=progress)
+        return apply_files(self.reader, ref, target, break_links=break_links, progress=progress, verify=verify)
 
     def revert_files(self, target: str | os.PathLike, *, progress: Progress | None = None):
         from .patching.revert import revert_files

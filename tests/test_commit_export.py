@@ -297,29 +297,30 @@ def test_mapped_tensors_stay_readable_once_released(tmp_path) -> None:
 
 
 def test_commit_from_a_base_path_hashes_the_base_once(tmp_path, store, monkeypatch) -> None:
-    # A commit from an unregistered base path hashes the base to find its id; the commit itself
-    # then trusts those ids (a file written in between is still refused by check_unchanged).
+    # A commit from an unregistered base path hashes the base to find its id (from the mapped
+    # bytes, baseweights.py); the commit itself then trusts those ids (a file written in
+    # between is still refused by check_unchanged).
+    import deltastore.engine.baseweights
     import deltastore.engine.commit
-    import deltastore.engine.bases
 
     pair = make_model(tmp_path, torch.float32)
-    hashed: list[tuple[str, int]] = []
+    hashed: list[str] = []
 
-    def spy(module):
-        real = module.tensor_id
+    def spy(module, name):
+        real = getattr(module, name)
 
-        def counted(t):
-            hashed.append((module.__name__, t.data_ptr()))
-            return real(t)
-        monkeypatch.setattr(module, "tensor_id", counted)
+        def counted(*args):
+            hashed.append(module.__name__)
+            return real(*args)
+        monkeypatch.setattr(module, name, counted)
 
-    spy(deltastore.engine.bases)
-    spy(deltastore.engine.commit)
+    spy(deltastore.engine.baseweights, "raw_tensor_id")
+    spy(deltastore.engine.commit, "tensor_id")
     result = store.commit("curious", pair.ft, base=pair.base)
     names = open_model(pair.base).names
-    by_module = {m: sum(1 for k, _ in hashed if k == m) for m in ("deltastore.engine.bases", "deltastore.engine.commit")}
-    # Each base tensor once (bases.py, to find the base id); each fine-tuned tensor once (commit.py).
-    assert by_module == {"deltastore.engine.bases": len(names), "deltastore.engine.commit": len(names)}
+    by_module = {m: hashed.count(m) for m in ("deltastore.engine.baseweights", "deltastore.engine.commit")}
+    # Each base tensor once (to find the base id); each fine-tuned tensor once (commit.py).
+    assert by_module == {"deltastore.engine.baseweights": len(names), "deltastore.engine.commit": len(names)}
     assert store.export(result.version.ref, tmp_path / "out") and \
         load_folder(tmp_path / "out").keys() == load_folder(pair.ft).keys()
 

@@ -8,32 +8,35 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 from ..core import names
 from ..core.errors import BaseMismatch, JournalError, UnsafeInput, short
 from ..core.hashing import base_id as compute_base_id
-from ..core.hashing import bytes_id, canonical_json, tensor_id
+from ..core.hashing import bytes_id, canonical_json
 from ..core.limits import is_text
-from ..repo import index
+from ..repo import index, trust
 from ..repo.catalog import dumps, now
 from ..repo.openjournals import open_journal_on
 from ..repo.records import Base, hub_origin, split_hub_origin
 from .reader import ModelLike, Reader
 
-# torch, and the modules that import it when loaded (models, norms), are imported inside the
-# functions that read weights: the store imports this module, and read commands load no torch.
+# torch and numpy, and the modules that import them when loaded (models, baseweights), are
+# imported inside the functions that read weights: the store imports this module, and read
+# commands load neither.
 if TYPE_CHECKING:
     from ..weights.models import TensorSource
 
 Progress = Callable[[int, int], None]
+Weight = tuple[str, "float | None"]  # a tensor's id and squared norm
 
 
 def add_base(reader: Reader, model: ModelLike, notes: list[str], *, name: str | None = None,
              hub_id: str | None = None, hub_revision: str | None = None, expected_id: str | None = None,
-             progress: Progress | None = None) -> Base:
+             progress: Progress | None = None, verify: bool = False) -> Base:
     """Register a base from its weights (the store's `add_base` says how); a note in `notes` where
-    its weights replaced a record that disagreed with them."""
+    its weights replaced a record that disagreed with them. `verify`: hash even the files this
+    store trusts."""
     from ..weights.models import open_model
 
     repo = reader.repo
@@ -41,7 +44,9 @@ def add_base(reader: Reader, model: ModelLike, notes: list[str], *, name: str | 
     refuse_patched(reader, model)
     source = open_model(model, mapped=True)
     _check_base_names(name, hub_id, hub_revision)
-    row, tensors = describe_base(source, name=name, hub_id=hub_origin(hub_id, hub_revision), progress=progress)
+    known = trusted(reader, source, verify)
+    row, tensors = describe_base(source, name=name, hub_id=hub_origin(hub_id, hub_revision), progress=progress,
+                                 known=known)
     if expected_id is not None and row["id"] != expected_id:
         raise BaseMismatch(expected_id, row["id"], [], message=(
             f"{source.path or 'these weights'} hold base {short(row['id'])}, not the expected base "
@@ -57,6 +62,7 @@ def add_base(reader: Reader, model: ModelLike, notes: list[str], *, name: str | 
     if wrong is None and repo.catalog.has_base(row["id"]):
         row["record"] = repo.catalog.base_record_id(row["id"])  # kept: it agrees with the weights
     repo.put_base(row, tensors, listing, record)
+    trust_hashed(reader, source, tensors, known)
     if wrong is not None:
         notes.append(_replaced_note(reader, row["id"], wrong))
     return reader.base(row["id"])
@@ -101,26 +107,33 @@ def remove_base(reader: Reader, ref: str | Base) -> Base:
 
 
 def describe_base(source: TensorSource, *, name: str | None = None, hub_id: str | None = None,
-                  progress: Progress | None = None) -> tuple[dict, list[dict]]:
-    """Hash every tensor of a base: its catalog row and its tensors' rows."""
-    from ..metrics.norms import sq_norm
+                  progress: Progress | None = None, known: Mapping[str, Weight] | None = None
+                  ) -> tuple[dict, list[dict]]:
+    """Hash every tensor of a base: its catalog row and its tensors' rows. `known`: the ids and
+    squared norms of tensors not read again (those of files the store trusts, `trusted`)."""
+    from .baseweights import weigh
 
-    ids, sq_norms = {}, {}
-    for k, tname in enumerate(source.names):
-        t = source.get(tname)
-        ids[tname] = tensor_id(t)
-        sq_norms[tname] = sq_norm(t)
-        source.release(tname)
-        if progress:
-            progress(k + 1, len(source.names))
+    weights = weigh(source, known or {}, progress)
     source.check_unchanged()
-    bid = compute_base_id(ids.items())
-    row = {"id": bid, "name": name, "tensor_count": len(ids), "bytes": source.nbytes,
+    bid = compute_base_id((n, tid) for n, (tid, _) in weights.items())
+    row = {"id": bid, "name": name, "tensor_count": len(weights), "bytes": source.nbytes,
            "source": str(source.path.resolve()) if source.path else None, "hub_id": hub_id,
            "created": now()}
     tensors = [{"base_id": bid, "name": n, "dtype": i.dtype, "shape": dumps(list(i.shape)),
-                "tensor_id": ids[n], "sq_norm": sq_norms[n]} for n, i in source.infos.items()]
+                "tensor_id": weights[n][0], "sq_norm": weights[n][1]} for n, i in source.infos.items()]
     return row, tensors
+
+
+def trusted(reader: Reader, source: TensorSource, verify: bool) -> dict[str, Weight]:
+    """The tensors of `source` whose files this store trusts (none with `verify`: all are hashed)."""
+    return {} if verify else trust.trusted(reader.repo, source)
+
+
+def trust_hashed(reader: Reader, source: TensorSource, tensors: list[dict], known: Mapping[str, Weight]) -> None:
+    """Once what hashed them succeeded: trust `source`'s files whose tensors were all just hashed
+    (not in `known`). A command that fails leaves no trace, this record included."""
+    trust.record(reader.repo, source, {t["name"]: (t["tensor_id"], t["sq_norm"]) for t in tensors
+                                       if t["name"] not in known})
 
 
 def base_objects(row: dict, tensors: list[dict]) -> tuple[bytes, bytes]:
@@ -157,10 +170,11 @@ def refuse_patched(reader: Reader, model: ModelLike) -> None:
             raise JournalError(f"{model} cannot be a base now: {line}")
 
 
-def resolve_base(reader: Reader, base: ModelLike | str | Base, notes: list[str]
+def resolve_base(reader: Reader, base: ModelLike | str | Base, notes: list[str], *, verify: bool = False
                  ) -> tuple[Base, TensorSource | None, bool]:
     """A base record, those weights when the caller handed us weights, and whether this call
-    registered the base (in `reader.unregistered` until its version lands)."""
+    registered the base (in `reader.unregistered` until its version lands). `verify`: weights
+    handed us are hashed even where this store trusts their files."""
     if isinstance(base, (Base,)):
         return base, None, False
     if isinstance(base, str) and not _looks_like_path(base):
@@ -169,7 +183,7 @@ def resolve_base(reader: Reader, base: ModelLike | str | Base, notes: list[str]
 
     refuse_patched(reader, base)
     source = open_model(base, mapped=True)
-    row, tensors = describe_base(source)
+    row, tensors = describe_base(source, known=trusted(reader, source, verify))
     if not reader.repo.catalog.has_base(row["id"]):
         # Registered only when the version lands (in its transaction): a commit that fails
         # leaves no trace of it.
@@ -204,4 +218,4 @@ def _looks_like_path(text: str) -> bool:
 
 
 __all__ = ["add_base", "add_base_record", "base_for_commit", "base_objects", "describe_base",
-           "refuse_patched", "remove_base", "resolve_base"]
+           "refuse_patched", "remove_base", "resolve_base", "trust_hashed", "trusted"]

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -113,18 +113,21 @@ def _shown(base: Base) -> str:
 def build_entries(reader: Reader, base: Base, base_src: TensorSource, target: TensorSource, *, token: str,
                   encoding: str, encoding_for: list[tuple[str, str]] | None, encoding_options: dict,
                   selector: Selector, progress: Callable[[int, int], None] | None,
-                  allow_nonfinite: bool = False, base_hashed: bool = False, against: Version | None = None) -> Built:
+                  allow_nonfinite: bool = False, base_hashed: bool = False, trusted: Mapping[str, str] | None = None,
+                  against: Version | None = None) -> Built:
     """The tensor entries of `target` against `base` (whose weights `base_src` holds), their
     objects written. `base_hashed`: the caller hashed `base_src` itself to find `base` (a
     commit from a base path), so its tensors are not hashed again; the final
-    `check_unchanged` still refuses files written in between. `against`: each delta is taken
+    `check_unchanged` still refuses files written in between. `trusted`: the tensor ids of base
+    tensors whose files this store trusts (trust.py: hashed whole, unchanged since), not hashed
+    again; `check_unchanged` refuses those written meanwhile too. `against`: each delta is taken
     against what apply of that version gives (chain.py), and every tensor it stores is listed."""
     expected = reader.base_tensors(base)
     check_names(reader, base, expected, target)
     work = _Comparison(reader, base, base_src, target, expected, spec_chooser(encoding, encoding_for,
                        encoding_options, target), token, encode_now=not selector.by_stats,
                        by_name=selector.by_name(), allow_nonfinite=allow_nonfinite, base_hashed=base_hashed,
-                       against=against)
+                       trusted=dict(trusted or {}), against=against)
     built = Built()
     changes: dict[str, Change] = {}
     names = target.names
@@ -189,6 +192,7 @@ class _Comparison:
     by_name: Callable[[str], bool]
     allow_nonfinite: bool = False
     base_hashed: bool = False
+    trusted: dict[str, str] = dataclasses.field(default_factory=dict)
     against: Version | None = None
 
     def scan(self, name: str) -> tuple[Change | None, Stored | None]:
@@ -210,7 +214,8 @@ class _Comparison:
 
     def _base_tensor(self, name: str) -> torch.Tensor:
         t = self.base_src.get(name) if name in self.base_src else None
-        if t is None or (not self.base_hashed and tensor_id(t) != self.expected[name]["tensor_id"]):
+        wanted = self.expected[name]["tensor_id"]
+        if t is None or (not self.base_hashed and self.trusted.get(name) != wanted and tensor_id(t) != wanted):
             raise self.reader.base_changed(self.base, self.base_src, [name])
         return t
 

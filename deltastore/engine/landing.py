@@ -16,6 +16,7 @@ from ..core.hashing import bytes_id
 from ..core.limits import is_text
 from ..repo.catalog import now
 from ..repo.records import Base, CommitResult, Version, check_manifest, manifest
+from ..repo import trust
 from ..repo.repo import quietly
 from .bases import base_objects, resolve_base
 from .chain import ChainError, check_depth
@@ -82,6 +83,7 @@ class Request:
     new_stance: bool = False
     against: str | Version | None = None
     move_tag: bool = False
+    verify: bool = False  # hash the base's weights even where this store trusts their files
 
 
 def commit(reader: Reader, notes: list[str], stance: str, model: ModelLike, request: Request) -> CommitResult:
@@ -92,7 +94,7 @@ def commit(reader: Reader, notes: list[str], stance: str, model: ModelLike, requ
     metadata, against_version = check_commit(reader, stance, tag=r.tag, metadata=r.metadata, message=r.message,
                                              selector=r.selector, new_stance=r.new_stance, against=r.against,
                                              move_tag=r.move_tag)
-    base_rec, given, registered = resolve_base(reader, r.base, notes)
+    base_rec, given, registered = resolve_base(reader, r.base, notes, verify=r.verify)
     repo = reader.repo
     token = uuid.uuid4().hex
     try:
@@ -128,11 +130,15 @@ def _build(reader: Reader, base: Base, given: Any, model: ModelLike, r: Request,
     if against is not None:
         check_depth(reader, against, base.id)
     base_src = given or reader.base_source(base, r.base_weights, mapped=True)
+    # The base's files this store hashed whole and that have not changed since (trust.py) are
+    # not hashed again to check that they hold the base; `build_entries` checks their stamps.
+    trusted = {} if given is not None or r.verify else \
+        {name: tid for name, (tid, _) in trust.trusted(reader.repo, base_src).items()}
     target = open_model(model, mapped=True)
     built = build_entries(reader, base, base_src, target, token=token, encoding=r.encoding,
                           encoding_for=r.encoding_for, encoding_options=dict(r.encoding_options or {}),
                           selector=r.selector, progress=r.progress, allow_nonfinite=r.allow_nonfinite,
-                          base_hashed=given is not None, against=against)
+                          base_hashed=given is not None, trusted=trusted, against=against)
     if not built.entries and not built.unchanged:
         raise NothingToCommit("the model has no tensors")
     if against is not None:

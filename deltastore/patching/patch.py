@@ -36,7 +36,7 @@ from ..core.errors import BaseMismatch, JournalError, ModelFormatError, short, s
 from ..core.hashing import DTYPE_SIZES, base_id, dtype_name, raw_tensor_id, tensor_bytes
 from ..core.pools import WORKERS, pipelined
 from ..engine.reader import ModelLike, Reader
-from ..repo import journalfiles
+from ..repo import journalfiles, trust
 from ..repo.catalog import now
 from ..repo.openjournals import applied_ref, journals_on
 from ..repo.records import TensorEntry, Version
@@ -49,10 +49,11 @@ if TYPE_CHECKING:
 
 
 def apply_files(reader: Reader, ref: str | Version, target: str | os.PathLike, *, break_links: bool = False,
-                progress: Callable[[int, int], None] | None = None) -> Journal:
+                progress: Callable[[int, int], None] | None = None, verify: bool = False) -> Journal:
     """Patch a model file or folder in place (the store's `apply_files` says how)."""
     reader.repo.check_writable()
-    return apply_in_place(reader, reader.resolve(ref), Path(target), allow_links=break_links, progress=progress)
+    return apply_in_place(reader, reader.resolve(ref), Path(target), allow_links=break_links, progress=progress,
+                          verify=verify)
 
 
 def export(reader: Reader, ref: str | Version, out: str | os.PathLike, *, base_weights: ModelLike | None = None,
@@ -66,7 +67,7 @@ def export(reader: Reader, ref: str | Version, out: str | os.PathLike, *, base_w
 
 
 def apply_in_place(reader: Reader, version: Version, path: Path, *, allow_links: bool = False,
-                   progress: Callable[[int, int], None] | None = None) -> Journal:
+                   progress: Callable[[int, int], None] | None = None, verify: bool = False) -> Journal:
     """`allow_links`: give each hard-linked file a private copy first (`apply --break-links`).
     `progress(done, total)`: bytes checked and written so far, of all to check and write."""
     with patch_lock(reader.repo.root, resolve(path)):
@@ -81,6 +82,8 @@ def apply_in_place(reader: Reader, version: Version, path: Path, *, allow_links:
         # the page cache, each tensor's pages let go once it is saved.
         source = open_files(target.model, files=[target.path(f) for f in target.files], mapped=True)
         regions = _base_regions(reader, version, target, source)
+        # Files this store hashed whole, unchanged since (trust.py), are not hashed again.
+        trusted = {} if verify else {n: tid for n, (tid, _) in trust.trusted(reader.repo, source).items()}
         total = sum(info.nbytes for _, info in regions)
         done = [0]
 
@@ -97,7 +100,7 @@ def apply_in_place(reader: Reader, version: Version, path: Path, *, allow_links:
             # than a tensor or two is held in memory, and nothing is written into the target
             # until every check has passed.
             with open(saved, "wb") as originals, tempfile.TemporaryFile(dir=reader.repo.objects.tmp) as results:
-                _check_and_save(reader, version, target, source, regions, originals, results, tick)
+                _check_and_save(reader, version, target, source, regions, originals, results, tick, trusted)
                 originals.flush()
                 os.fsync(originals.fileno())
                 if allow_links:
@@ -145,7 +148,8 @@ def _base_regions(reader: Reader, version: Version, target: Target,
 
 
 def _check_and_save(reader: Reader, version: Version, target: Target, source: TensorSource, regions: list,
-                    originals: BinaryIO, results: BinaryIO, tick: Callable[[int], None]) -> None:
+                    originals: BinaryIO, results: BinaryIO, tick: Callable[[int], None],
+                    trusted: dict[str, str]) -> None:
     """Every check before a byte of the target changes: each region's base tensor id, each
     object (read verified), each lossy result's id. On the way, the original bytes are
     copied to `originals` and the results written to `results`, both at the region's offset
@@ -178,7 +182,8 @@ def _check_and_save(reader: Reader, version: Version, target: Target, source: Te
         k = by_name[name]
         entry, info = regions[k]
         base = source.view(name)
-        if raw_tensor_id(info.dtype, info.shape, base) != entry.base_tensor_id:
+        wanted = entry.base_tensor_id
+        if trusted.get(name) != wanted and raw_tensor_id(info.dtype, info.shape, base) != wanted:
             return False
         # The original bytes, copied in the kernel (page cache to page cache, no page of ours);
         # the copy is checked against this id before a revert uses it, and the file against

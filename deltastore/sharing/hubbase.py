@@ -76,7 +76,8 @@ def weight_patterns(files: list[str], repo_id: str, commit: str) -> list[str]:
 def fetch_base(store: Store, repo_id: str, *, revision: str | None = None, name: str | None = None,
                expected_id: str | None = None, token: str | None = None, endpoint: str | None = None,
                cache_dir: str | os.PathLike | None = None, force_download: bool = False,
-               progress: bool = True, hashing: Callable[[int, int], None] | None = None) -> Base:
+               progress: bool = True, hashing: Callable[[int, int], None] | None = None,
+               verify: bool = False) -> Base:
     """Fetch a Hub model repo at `revision` (a branch, tag or commit; default: the default
     branch) into the Hugging Face cache and register it as a base, with its Hub id and the
     commit the revision named. `expected_id`: the base id the weights must have; other weights
@@ -98,4 +99,4 @@ def fetch_base(store: Store, repo_id: str, *, revision: str | None = None, name:
                                       token=token, endpoint=endpoint, library_name="deltastore",
                                       force_download=force_download)
     return store.add_base(folder, name=name, hub_id=repo_id, hub_revision=commit, expected_id=expected_id,
-                          progress=hashing)
+                          progress=hashing, verify=verify)

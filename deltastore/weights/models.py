@@ -15,6 +15,7 @@ import mmap
 import os
 import re
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping
@@ -142,9 +143,10 @@ class MappedFile:
     process with SIGBUS on the next read past its new end, as with any memory-mapped reader;
     a store is crash-safe, so nothing half-written lands.)"""
 
-    def __init__(self, path: Path, stamp: tuple[int, ...]):
-        """`stamp`: the file's, from before its header was read."""
-        self.path, self.stamp = path, stamp
+    def __init__(self, path: Path, stamp: tuple[int, ...], opened_ns: int = 0):
+        """`stamp`: the file's, from before its header was read; `opened_ns`: the clock
+        (time.time_ns) just before that stamp was taken (what a trust record is dated by)."""
+        self.path, self.stamp, self.opened_ns = path, stamp, opened_ns
         try:
             with open(path, "rb") as f:
                 if _stamp(os.fstat(f.fileno())) != stamp:
@@ -187,6 +189,7 @@ class MappedFile:
 
 
 def _stamp(stat: os.stat_result) -> tuple[int, ...]:
+    """A file's identity and what changes with every write: (device, inode, size, mtime, ctime)."""
     return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
@@ -220,6 +223,11 @@ class TensorSource:
     @property
     def names(self) -> list[str]:
         return list(self.infos)
+
+    @property
+    def mapped(self) -> Mapping[Path, MappedFile]:
+        """The files read through memory maps (none for tensors from memory or copied reads)."""
+        return self._mapped
 
     def __contains__(self, name: str) -> bool:
         return name in self.infos
@@ -306,6 +314,7 @@ def open_files(path: Path, *, mapped: bool = False, files: list[Path] | None = N
     infos: dict[str, TensorInfo] = {}
     maps: dict[Path, MappedFile] = {}
     for f in weight_files(path) if files is None else files:
+        opened_ns = time.time_ns()
         stamp = _stamp(f.stat()) if mapped else None
         tensors, _, _ = read_header(f)
         for name, info in tensors.items():
@@ -313,7 +322,7 @@ def open_files(path: Path, *, mapped: bool = False, files: list[Path] | None = N
                 raise ModelFormatError(f"tensor {name!r} appears in both {infos[name].file} and {f}")
             infos[name] = info
         if mapped:
-            maps[f] = MappedFile(f, stamp)
+            maps[f] = MappedFile(f, stamp, opened_ns)
     if maps:
         return TensorSource(infos, lambda name: maps[infos[name].file].tensor(infos[name]), path=Path(path),
                             mapped=maps)
