@@ -74,8 +74,10 @@ def _tensor_problem(t: Any) -> str | None:
 
 def weights_disagree(recorded: list[dict], recorded_bytes: int, described: list[dict], described_bytes: int) -> str | None:
     """Where a base's catalog rows (its record) say other than its weights do (both as
-    `base_tensors` rows): None when they agree. Squared norms agree within a relative 1e-6
-    (their float32 sums may round differently from one run to the next)."""
+    `base_tensors` rows): None when they agree. Squared norms agree within a relative 1e-4:
+    float32 sums of millions of squares round differently with the order of the additions
+    (another CPU's vector width, numpy's blocks or torch's), by a few 1e-6 on a large tensor;
+    what the norm is for (a commit's not-a-fine-tune check) needs nothing finer."""
     mine = {t["name"]: t for t in recorded}
     wrong = []
     for t in described:
@@ -98,4 +100,4 @@ def weights_disagree(recorded: list[dict], recorded_bytes: int, described: list[
 def _close(a: float | None, b: float | None) -> bool:
     if a is None or b is None:
         return a is None and b is None
-    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-30)
+    return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-30)
