@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import threading
 import uuid
 from pathlib import Path
@@ -46,6 +45,11 @@ from .journalled import Journal, copy_range, drop, open_for_writing, pwrite_all,
 
 if TYPE_CHECKING:
     import torch
+
+# Tensors that patching's workers may decode and write past the one whose file this thread
+# fsyncs next: enough that a worker does not idle behind a large one (qwen0.5b's embedding is
+# a quarter of its bytes, and as long to decode as ~30 of its other tensors).
+AHEAD = 32
 
 
 def apply_files(reader: Reader, ref: str | Version, target: str | os.PathLike, *, break_links: bool = False,
@@ -77,8 +81,8 @@ def apply_in_place(reader: Reader, version: Version, path: Path, *, allow_links:
             raise JournalError(f"{target.given} already has {which} applied in place; "
                                f"run `deltastore revert {target.given}` first")
         target.check_private(allow_links=allow_links)
-        # Read through memory maps: the base bytes are hashed, decoded and saved straight from
-        # the page cache, each tensor's pages let go once it is saved.
+        # Read through memory maps: the base bytes are hashed, saved and decoded straight from
+        # the page cache, each tensor's pages let go once it is done with.
         source = open_files(target.model, files=[target.path(f) for f in target.files], mapped=True)
         regions = _base_regions(reader, version, target, source)
         total = sum(info.nbytes for _, info in regions)
@@ -93,25 +97,27 @@ def apply_in_place(reader: Reader, version: Version, path: Path, *, allow_links:
         journal_id = uuid.uuid4().hex
         saved = reader.repo.objects.tmp / f"{os.getpid()}-journal-{journal_id}{journalfiles.ORIGINALS}"
         try:
-            # The results wait in an unnamed file (gone with the process), so that no more
-            # than a tensor or two is held in memory, and nothing is written into the target
-            # until every check has passed.
-            with open(saved, "wb") as originals, tempfile.TemporaryFile(dir=reader.repo.objects.tmp) as results:
-                _check_and_save(reader, version, target, source, regions, originals, results, tick)
+            with open(saved, "wb") as originals:
+                _check_and_save(reader, version, target, source, regions, originals, tick)
                 originals.flush()
                 os.fsync(originals.fileno())
-                if allow_links:
-                    target = break_links(target)
-                by_file: dict[str, list[TensorInfo]] = {}
-                for _, info in regions:
-                    by_file.setdefault(info.file.name, []).append(info)
-                handles = open_for_writing(target, list(by_file), "apply")
-                try:
-                    journal = _record(reader, version, target, regions, journal_id, saved)
-                    _write_or_roll_back(reader, target, journal, by_file, results.fileno(), handles, tick)
-                finally:
-                    for fh in handles.values():
-                        fh.close()
+            recheck = False
+            if allow_links:
+                linked = target
+                target = break_links(target)
+                if target != linked:
+                    # The results are decoded from the private copies, each checked again first.
+                    source = open_files(target.model, files=[target.path(f) for f in target.files], mapped=True)
+                    regions, recheck = [(entry, source.infos[entry.name]) for entry, _ in regions], True
+            files = list(dict.fromkeys(info.file.name for _, info in regions))
+            handles = open_for_writing(target, files, "apply")
+            try:
+                source.check_unchanged()  # nothing wrote to the files since their regions were checked
+                journal = _record(reader, version, target, regions, journal_id, saved)
+                _patch_or_roll_back(reader, version, target, journal, source, regions, handles, tick, recheck)
+            finally:
+                for fh in handles.values():
+                    fh.close()
         finally:
             saved.unlink(missing_ok=True)  # renamed into journals/ once recorded
         reader.repo.catalog.set_journal_state(journal["id"], "applied")
@@ -135,6 +141,7 @@ def _base_regions(reader: Reader, version: Version, target: Target,
         if info.dtype != entry.dtype or info.shape != tuple(entry.shape):
             reshaped.append(entry.name)
         regions.append((entry, info))
+    regions.sort(key=lambda region: (region[1].file.name, region[1].start))  # a file's regions one after another
     if wrong:
         raise _not_the_base(reader, version, target, source)
     if reshaped:
@@ -144,35 +151,23 @@ def _base_regions(reader: Reader, version: Version, target: Target,
     return regions
 
 
-def _check_and_save(reader: Reader, version: Version, target: Target, source: TensorSource, regions: list,
-                    originals: BinaryIO, results: BinaryIO, tick: Callable[[int], None]) -> None:
-    """Every check before a byte of the target changes: each region's base tensor id, each
-    object (read verified), each lossy result's id. On the way, the original bytes are
-    copied to `originals` and the results written to `results`, both at the region's offset
-    in the plan's order. Two tensors at a time (reading, hashing, decompressing and decoding
-    release the GIL), each worker on its own until its tensor is saved: it holds one tensor's
-    base, payload and result, and never waits behind another (an embedding) for its turn.
-    Lossless, int8 and int4 entries against the base are decoded in numpy from the mapped
-    bytes; torch is imported only for the others (importing it cost 1.3 CPU-seconds)."""
+def _offsets(regions: list) -> list[int]:
+    """Where each region's original bytes start in the journal's `.originals`: one after another."""
     offsets, at = [], 0
     for _, info in regions:
         offsets.append(at)
         at += info.nbytes
-    by_name = {entry.name: k for k, (entry, _) in enumerate(regions)}
-    if all(_numpy_decodes(entry, info) for entry, info in regions):
-        decode_in_torch, in_order = None, pipelined
-    else:
-        decode_in_torch, in_order = _torch_decoder(reader, version, source)
-    buffers = threading.local()
+    return offsets
 
-    def into(nbytes: int, kind: str = "result") -> np.ndarray:
-        """This worker's buffer of a kind (a payload, a result): memory already written is
-        faster to decompress and decode into than fresh pages, tensor after tensor."""
-        held = getattr(buffers, kind, None)
-        if held is None or held.size < nbytes:
-            held = np.empty(nbytes, dtype=np.uint8)
-            setattr(buffers, kind, held)
-        return held[:nbytes]
+
+def _check_and_save(reader: Reader, version: Version, target: Target, source: TensorSource, regions: list,
+                    originals: BinaryIO, tick: Callable[[int], None]) -> None:
+    """Before the journal is recorded: each region's base tensor id checked, and its original
+    bytes copied to `originals` at the region's offset in the plan's order (their writeback
+    started at once). Two tensors at a time: hashing releases the GIL, the copies are the
+    kernel's (page cache to page cache, no page of ours)."""
+    offsets = _offsets(regions)
+    by_name = {entry.name: k for k, (entry, _) in enumerate(regions)}
 
     def check(name: str) -> bool:
         k = by_name[name]
@@ -180,36 +175,17 @@ def _check_and_save(reader: Reader, version: Version, target: Target, source: Te
         base = source.view(name)
         if raw_tensor_id(info.dtype, info.shape, base) != entry.base_tensor_id:
             return False
-        # The original bytes, copied in the kernel (page cache to page cache, no page of ours);
-        # the copy is checked against this id before a revert uses it, and the file against
+        # The copy is checked against this id before a revert uses it, and the file against
         # any write since it was mapped (check_unchanged, below).
         copy_range(files[info.file], originals.fileno(), info.nbytes, info.start, offsets[k])
         _start_writeback(originals.fileno(), offsets[k], info.nbytes)
-        if _numpy_decodes(entry, info):
-            # Frame after frame on this worker (the other worker keeps the other core busy),
-            # each part into a buffer this worker keeps.
-            parts = {part: reader.repo.objects.get(o.id, raw_size=o.size, parallel=False, into=into(o.size, f"part {part}"))
-                     for part, o in entry.objects.items()}
-            if _xor_against_base(entry):
-                result = ungroup(parts["xor"], DTYPE_SIZES[info.dtype], xor=np.frombuffer(base, dtype=np.uint8),
-                                 out=into(info.nbytes)).data
-            else:
-                result = absmax.decode_into(parts, entry.params, bits=absmax.BITS[entry.encoding],
-                                            base=np.frombuffer(base, dtype=np.uint8), base_dtype=info.dtype,
-                                            out=into(info.nbytes), dtype=entry.dtype).data
-                entry.check_result_bytes(result, version.ref, untouched="nothing was changed")
-        else:
-            result = decode_in_torch(entry, info, into(info.nbytes))
-        pwrite_all(results.fileno(), result, offsets[k])
-        del base, result
+        del base
         source.release(name)
         return True
 
     files = {info.file: os.open(info.file, os.O_RDONLY) for _, info in regions}
     try:
-        # Every name handed out at once: a result is a flag, so those done early wait for
-        # their turn at no cost, and a worker never idles behind a large tensor.
-        for name, ok in in_order(list(by_name), check, WORKERS, len(by_name)):
+        for name, ok in pipelined(list(by_name), check, WORKERS, len(by_name)):
             if not ok:
                 raise _not_the_base(reader, version, target, source)
             tick(regions[by_name[name]][1].nbytes)
@@ -220,11 +196,98 @@ def _check_and_save(reader: Reader, version: Version, target: Target, source: Te
 
 
 def _start_writeback(fd: int, offset: int, size: int) -> None:
-    """Have the kernel start writing these bytes of a journal file to disk now, while the
-    checks go on, rather than all of them at its fsync. (Pages already written are let go
-    too; those still being written, most of them, stay cached for a revert.)"""
+    """Have the kernel start writing these bytes of a file to disk now, while the work goes on,
+    rather than all of them at its fsync. (Pages already written are let go too; those still
+    being written, most of them, stay cached.)"""
     if size and hasattr(os, "posix_fadvise"):  # (a size of 0 would mean "to the end")
         os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
+
+
+class _WriteFailed(Exception):
+    """A write or fsync of a target's file failed (`file`: its name, `error`: the OSError)."""
+
+    def __init__(self, file: str, error: OSError):
+        super().__init__(file, error)
+        self.file, self.error = file, error
+
+
+def _patch_or_roll_back(reader: Reader, version: Version, target: Target, journal: dict, source: TensorSource,
+                        regions: list, handles: dict[str, BinaryIO], tick: Callable[[int], None],
+                        recheck: bool = False) -> None:
+    """Once the journal is recorded: each region's objects read (verified), its result decoded
+    (a lossy one checked against its id) and written straight into the target, two tensors at
+    a time; then each file fsynced. A check or a write that fails puts the original bytes back
+    into every region written so far (from the journal's fsynced `.originals`) and drops the
+    journal; if that fails too, says how far it got. `recheck`: each region's base id is
+    checked again first (files that were copied since the check)."""
+    by_name = {entry.name: k for k, (entry, _) in enumerate(regions)}
+    decode, in_order = _decoder(reader, version, source, regions)
+    touched: set[int] = set()
+    lock = threading.Lock()
+    synced: list[str] = []
+
+    def write(name: str) -> None:
+        k = by_name[name]
+        entry, info = regions[k]
+        if recheck and raw_tensor_id(info.dtype, info.shape, source.view(name)) != entry.base_tensor_id:
+            raise BaseMismatch(version.base_id, None, [name], f"{name} of {target.given} changed while it was "
+                               "given a private copy; nothing was changed; try again")
+        result = decode(entry, info)
+        with lock:
+            touched.add(k)  # before the first byte: a write that fails may leave part of it
+        fd = handles[info.file.name].fileno()
+        try:
+            pwrite_all(fd, result, info.start)
+            _start_writeback(fd, info.start, info.nbytes)
+        except OSError as e:
+            raise _WriteFailed(info.file.name, e) from None
+        del result
+        source.release(name)
+
+    last = {info.file.name: k for k, (_, info) in enumerate(regions)}  # (the regions are in file order)
+    try:
+        # Each file fsynced here once its last region is written, while the workers go on with
+        # the next file's: at most AHEAD tensors past the one this thread waits for.
+        for name, _ in in_order(list(by_name), write, WORKERS, AHEAD):
+            k = by_name[name]
+            tick(regions[k][1].nbytes)
+            file = regions[k][1].file.name
+            if last[file] == k:
+                try:
+                    os.fsync(handles[file].fileno())
+                except OSError as e:
+                    raise _WriteFailed(file, e) from None
+                synced.append(file)
+    except Exception as e:
+        _roll_back(reader, target, journal, [regions[k][1] for k in sorted(touched)], handles, synced, e)
+        raise
+
+
+def _roll_back(reader: Reader, target: Target, journal: dict, written: list[TensorInfo],
+               handles: dict[str, BinaryIO], synced: list[str], error: Exception) -> None:
+    """The original bytes put back into every region written (all of `synced`'s, whose fsync
+    passed), each file fsynced, the journal dropped; raises what to say where `error` was a
+    write that failed (a check's error is the caller's to raise)."""
+    offsets = {r["name"]: r["offset"] for r in json.loads(journal["plan"])["regions"]}
+    failing = error.file if isinstance(error, _WriteFailed) else None
+    by_file: dict[str, list[TensorInfo]] = {}
+    for info in written:
+        by_file.setdefault(info.file.name, []).append(info)
+    try:
+        with open(journalfiles.originals(reader.repo.root, journal["id"]), "rb") as saved:
+            for name, infos in by_file.items():
+                write_regions(handles[name], saved.fileno(), [(info, offsets[info.name]) for info in infos])
+    except Exception as e:
+        why = f"writing {target.path(target.file(failing))} ({getattr(error.error, 'strerror', None) or error.error}) " \
+            if failing else f"{error}; putting back what was written ({getattr(e, 'strerror', None) or e}) "
+        in_part = failing or next(iter(by_file))
+        raise JournalError(f"{why}failed: {len(synced)} of {len(handles)} files patched, {in_part} in part; "
+                           f"{target.given} is half patched: run `deltastore revert {target.given}`") from None
+    drop(reader, journal["id"], [])
+    if failing:
+        raise JournalError(f"writing {target.path(target.file(failing))} failed "
+                           f"({getattr(error.error, 'strerror', None) or error.error}); the files written were "
+                           "put back: nothing was changed") from None
 
 
 def _xor_against_base(entry: TensorEntry) -> bool:
@@ -264,6 +327,43 @@ def _torch_decoder(reader: Reader, version: Version, source: TensorSource) -> tu
         return tensor_bytes(result)
 
     return decode, lambda names, work, workers, ahead: in_order(names, work, workers=workers, ahead=ahead)
+
+
+def _decoder(reader: Reader, version: Version, source: TensorSource, regions: list) -> tuple[Callable, Callable]:
+    """(entry, region) -> the entry's result bytes, its objects read verified and a lossy
+    result checked against its id; and the `in_order` to run it with. Lossless, int8 and int4
+    entries against the base are decoded in numpy from the mapped bytes; torch is imported
+    only for the others (importing it cost 1.3 CPU-seconds). Each worker decompresses and
+    decodes into buffers it keeps: memory already written is faster to write into than fresh
+    pages, tensor after tensor."""
+    if all(_numpy_decodes(entry, info) for entry, info in regions):
+        decode_in_torch, in_order = None, pipelined
+    else:
+        decode_in_torch, in_order = _torch_decoder(reader, version, source)
+    buffers = threading.local()
+
+    def into(nbytes: int, kind: str = "result") -> np.ndarray:
+        held = getattr(buffers, kind, None)
+        if held is None or held.size < nbytes:
+            held = np.empty(nbytes, dtype=np.uint8)
+            setattr(buffers, kind, held)
+        return held[:nbytes]
+
+    def decode(entry: TensorEntry, info: TensorInfo) -> memoryview:
+        if not _numpy_decodes(entry, info):
+            return decode_in_torch(entry, info, into(info.nbytes))
+        base = np.frombuffer(source.view(entry.name), dtype=np.uint8)
+        # Frame after frame on this worker (the other worker keeps the other core busy).
+        parts = {part: reader.repo.objects.get(o.id, raw_size=o.size, parallel=False, into=into(o.size, f"part {part}"))
+                 for part, o in entry.objects.items()}
+        if _xor_against_base(entry):
+            return ungroup(parts["xor"], DTYPE_SIZES[info.dtype], xor=base, out=into(info.nbytes)).data
+        result = absmax.decode_into(parts, entry.params, bits=absmax.BITS[entry.encoding], base=base,
+                                    base_dtype=info.dtype, out=into(info.nbytes), dtype=entry.dtype).data
+        entry.check_result_bytes(result, version.ref, untouched="nothing was changed")
+        return result
+
+    return decode, in_order
 
 
 def _not_the_base(reader: Reader, version: Version, target: Target, source: TensorSource) -> BaseMismatch:
@@ -315,32 +415,6 @@ def _record(reader: Reader, version: Version, target: Target, regions: list, jou
         journalfiles.remove(reader.repo.root, journal_id)
         raise
     return journal
-
-
-def _write_or_roll_back(reader: Reader, target: Target, journal: dict, by_file: dict[str, list[TensorInfo]],
-                        results: int, handles: dict[str, BinaryIO], tick: Callable[[int], None]) -> None:
-    """Overwrite the regions from the results, file by file. A write that fails puts the
-    original bytes back into every file written so far and drops the journal; if that fails
-    too, says how far it got."""
-    offsets = {r["name"]: r["offset"] for r in json.loads(journal["plan"])["regions"]}
-    started: list[str] = []
-    try:
-        for name, infos in by_file.items():
-            started.append(name)
-            write_regions(handles[name], results, [(info, offsets[info.name]) for info in infos], tick)
-    except Exception as e:
-        failed = f"{target.path(target.file(started[-1]))} ({getattr(e, 'strerror', None) or e})"
-        try:
-            with open(journalfiles.originals(reader.repo.root, journal["id"]), "rb") as saved:
-                for name in started:
-                    write_regions(handles[name], saved.fileno(),
-                                   [(info, offsets[info.name]) for info in by_file[name]])
-        except Exception:
-            raise JournalError(f"writing {failed} failed: {len(started) - 1} of {len(by_file)} files patched, "
-                               f"{started[-1]} in part; {target.given} is half patched: "
-                               f"run `deltastore revert {target.given}`") from None
-        drop(reader, journal["id"], [])
-        raise JournalError(f"writing {failed} failed; the files written were put back: nothing was changed") from None
 
 
 def write_model(out: Path, source_infos: dict[str, TensorInfo], tensor: Callable[[str], torch.Tensor], *,
