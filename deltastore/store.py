@@ -330,14 +330,17 @@ class Store:
         return export(self.reader, ref, out, base_weights=base_weights, progress=progress)
 
     def apply_files(self, ref: str | Version, target: str | os.PathLike, *, break_links: bool = False,
-                    progress: Progress | None = None):
+                    progress: Progress | None = None, copy_originals: bool = False):
         """Patch a model file or folder in place, journalled so that `revert_files` undoes it.
         A file with other hard links is refused, unless `break_links`: it is then replaced by a
         private copy first, and the other paths keep their bytes. `progress(done, total)`: in
-        bytes checked and written."""
+        bytes checked and written. The journal takes the original bytes back from the base's
+        own registered files where they hold them, unless `copy_originals`: every original
+        byte is then copied into the store (a journal that outlives the base's files)."""
         from .patching.patch import apply_files
 
-        return apply_files(self.reader, ref, target, break_links=break_links, progress=progress)
+        return apply_files(self.reader, ref, target, break_links=break_links, progress=progress,
+                           copy_originals=copy_originals)
 
     def revert_files(self, target: str | os.PathLike, *, progress: Progress | None = None):
         from .patching.revert import revert_files

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 from ..core.errors import JournalError, SharedFile
@@ -94,6 +95,26 @@ def write_regions(fh: BinaryIO, source: int, regions: list[tuple[Any, int]],
             tick(size)
     fh.flush()
     os.fsync(fh.fileno())
+
+
+def put_back(root: Path, journal_id: str, fh: BinaryIO, regions: list[dict],
+             tick: Callable[[int], None] | None = None) -> None:
+    """Each region's original bytes copied back from where its journal keeps them (its
+    `.originals`, or a base file: journalfiles.original_at), then one fsync."""
+    fds: dict[Path, int] = {}
+    try:
+        for r in regions:
+            path, offset = journalfiles.original_at(root, journal_id, r)
+            if path not in fds:
+                fds[path] = os.open(path, os.O_RDONLY)
+            copy_range(fds[path], fh.fileno(), r["end"] - r["start"], offset, r["start"])
+            if tick:
+                tick(r["end"] - r["start"])
+        fh.flush()
+        os.fsync(fh.fileno())
+    finally:
+        for fd in fds.values():
+            os.close(fd)
 
 
 def write_objects(fh: BinaryIO, regions: list[tuple[int, Any]]) -> None:

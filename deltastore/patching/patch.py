@@ -4,15 +4,17 @@ or written as a whole model to a new folder (`apply --out`, `export`).
 In-place order (the journal makes every step undoable), all under the target's lock:
   1. resolve the target to its files by identity (target.py); refuse a file another path
      shares, and a target that an open journal already covers;
-  2. check everything, a tensor or two at a time: base tensor ids, objects, decoded results;
-     meanwhile copy each region's original bytes into one file in tmp/ (its writeback started
-     at once) and put each result in an unnamed temporary file; fsync the originals; open
-     every file to be written, and check that each is still the file checked; nothing
-     written yet;
+  2. check each region's base tensor id, a tensor or two at a time, and keep its original
+     bytes: where a registered base file holds exactly them (basefiles.py), the journal will
+     point there; else they are copied into one file in tmp/ (writeback started at once),
+     fsynced; open every file to be written, and check that each is still the file checked;
+     nothing written yet;
   3. rename the originals in as `journals/<id>.originals`, then record the journal (the files'
-     identities, regions, offsets of the originals) as its file and its catalog rows;
-  4. copy the results over the regions, fsync; mark the journal applied. A write that fails
-     puts back what was written and drops the journal.
+     identities, regions, where each region's originals are) as its file and its catalog rows;
+  4. two tensors at a time: read each region's objects (verified), decode its result (a lossy
+     one checked against its id) and write it straight over the region, each file fsynced
+     once its regions are written; mark the journal applied. A check or a write that fails
+     puts back what was written and drops the journal ("nothing was changed").
 A crash before 3 completes leaves the files untouched; after it, `revert` restores them.
 """
 
@@ -41,7 +43,8 @@ from ..repo.openjournals import applied_ref, journals_on
 from ..repo.records import TensorEntry, Version
 from ..weights.models import INDEX_FILE, TensorInfo, TensorSource, open_files, other_files, write_safetensors
 from ..weights.target import Target, break_links, patch_lock, resolve
-from .journalled import Journal, copy_range, drop, open_for_writing, pwrite_all, write_regions
+from .basefiles import BaseFiles, open_base_files
+from .journalled import Journal, copy_range, drop, open_for_writing, put_back, pwrite_all
 
 if TYPE_CHECKING:
     import torch
@@ -53,10 +56,11 @@ AHEAD = 32
 
 
 def apply_files(reader: Reader, ref: str | Version, target: str | os.PathLike, *, break_links: bool = False,
-                progress: Callable[[int, int], None] | None = None) -> Journal:
+                progress: Callable[[int, int], None] | None = None, copy_originals: bool = False) -> Journal:
     """Patch a model file or folder in place (the store's `apply_files` says how)."""
     reader.repo.check_writable()
-    return apply_in_place(reader, reader.resolve(ref), Path(target), allow_links=break_links, progress=progress)
+    return apply_in_place(reader, reader.resolve(ref), Path(target), allow_links=break_links, progress=progress,
+                          copy_originals=copy_originals)
 
 
 def export(reader: Reader, ref: str | Version, out: str | os.PathLike, *, base_weights: ModelLike | None = None,
@@ -70,9 +74,11 @@ def export(reader: Reader, ref: str | Version, out: str | os.PathLike, *, base_w
 
 
 def apply_in_place(reader: Reader, version: Version, path: Path, *, allow_links: bool = False,
-                   progress: Callable[[int, int], None] | None = None) -> Journal:
+                   progress: Callable[[int, int], None] | None = None, copy_originals: bool = False) -> Journal:
     """`allow_links`: give each hard-linked file a private copy first (`apply --break-links`).
-    `progress(done, total)`: bytes checked and written so far, of all to check and write."""
+    `progress(done, total)`: bytes checked and written so far, of all to check and write.
+    `copy_originals`: every region's original bytes into the journal's `.originals`, none
+    taken from the base's files (basefiles.py)."""
     with patch_lock(reader.repo.root, resolve(path)):
         target = resolve(path)  # again, now that no other patch can change it
         covering = journals_on(reader.repo.catalog, target)
@@ -97,8 +103,9 @@ def apply_in_place(reader: Reader, version: Version, path: Path, *, allow_links:
         journal_id = uuid.uuid4().hex
         saved = reader.repo.objects.tmp / f"{os.getpid()}-journal-{journal_id}{journalfiles.ORIGINALS}"
         try:
+            base_files = None if copy_originals else open_base_files(reader, version, target)
             with open(saved, "wb") as originals:
-                _check_and_save(reader, version, target, source, regions, originals, tick)
+                in_base = _check_and_save(reader, version, target, source, regions, originals, tick, base_files)
                 originals.flush()
                 os.fsync(originals.fileno())
             recheck = False
@@ -113,7 +120,7 @@ def apply_in_place(reader: Reader, version: Version, path: Path, *, allow_links:
             handles = open_for_writing(target, files, "apply")
             try:
                 source.check_unchanged()  # nothing wrote to the files since their regions were checked
-                journal = _record(reader, version, target, regions, journal_id, saved)
+                journal = _record(reader, version, target, regions, journal_id, saved, in_base, base_files)
                 _patch_or_roll_back(reader, version, target, journal, source, regions, handles, tick, recheck)
             finally:
                 for fh in handles.values():
@@ -161,13 +168,16 @@ def _offsets(regions: list) -> list[int]:
 
 
 def _check_and_save(reader: Reader, version: Version, target: Target, source: TensorSource, regions: list,
-                    originals: BinaryIO, tick: Callable[[int], None]) -> None:
-    """Before the journal is recorded: each region's base tensor id checked, and its original
-    bytes copied to `originals` at the region's offset in the plan's order (their writeback
-    started at once). Two tensors at a time: hashing releases the GIL, the copies are the
-    kernel's (page cache to page cache, no page of ours)."""
+                    originals: BinaryIO, tick: Callable[[int], None],
+                    base_files: BaseFiles | None = None) -> dict[int, tuple[str, int]]:
+    """Before the journal is recorded: each region's base tensor id checked, and where its
+    original bytes are kept: in a registered base file that holds exactly them (basefiles.py;
+    region index -> (file, start), returned), else copied to `originals` at the region's offset
+    in the plan's order (their writeback started at once). Two tensors at a time: hashing and
+    comparing release the GIL, the copies are the kernel's (page cache to page cache)."""
     offsets = _offsets(regions)
     by_name = {entry.name: k for k, (entry, _) in enumerate(regions)}
+    in_base: dict[int, tuple[str, int]] = {}
 
     def check(name: str) -> bool:
         k = by_name[name]
@@ -175,10 +185,14 @@ def _check_and_save(reader: Reader, version: Version, target: Target, source: Te
         base = source.view(name)
         if raw_tensor_id(info.dtype, info.shape, base) != entry.base_tensor_id:
             return False
-        # The copy is checked against this id before a revert uses it, and the file against
-        # any write since it was mapped (check_unchanged, below).
-        copy_range(files[info.file], originals.fileno(), info.nbytes, info.start, offsets[k])
-        _start_writeback(originals.fileno(), offsets[k], info.nbytes)
+        # Either is checked against this id before a revert uses it, and the files against
+        # any write since they were mapped (check_unchanged, below).
+        found = base_files.holds(name, info.nbytes, base) if base_files is not None else None
+        if found is not None:
+            in_base[k] = found
+        else:
+            copy_range(files[info.file], originals.fileno(), info.nbytes, info.start, offsets[k])
+            _start_writeback(originals.fileno(), offsets[k], info.nbytes)
         del base
         source.release(name)
         return True
@@ -193,6 +207,9 @@ def _check_and_save(reader: Reader, version: Version, target: Target, source: Te
         for fd in files.values():
             os.close(fd)
     source.check_unchanged()
+    if base_files is not None:
+        base_files.check_unchanged()
+    return in_base
 
 
 def _start_writeback(fd: int, offset: int, size: int) -> None:
@@ -268,15 +285,14 @@ def _roll_back(reader: Reader, target: Target, journal: dict, written: list[Tens
     """The original bytes put back into every region written (all of `synced`'s, whose fsync
     passed), each file fsynced, the journal dropped; raises what to say where `error` was a
     write that failed (a check's error is the caller's to raise)."""
-    offsets = {r["name"]: r["offset"] for r in json.loads(journal["plan"])["regions"]}
+    recorded = {r["name"]: r for r in json.loads(journal["plan"])["regions"]}
     failing = error.file if isinstance(error, _WriteFailed) else None
-    by_file: dict[str, list[TensorInfo]] = {}
+    by_file: dict[str, list[dict]] = {}
     for info in written:
-        by_file.setdefault(info.file.name, []).append(info)
+        by_file.setdefault(info.file.name, []).append(recorded[info.name])
     try:
-        with open(journalfiles.originals(reader.repo.root, journal["id"]), "rb") as saved:
-            for name, infos in by_file.items():
-                write_regions(handles[name], saved.fileno(), [(info, offsets[info.name]) for info in infos])
+        for name, regions in by_file.items():
+            put_back(reader.repo.root, journal["id"], handles[name], regions)
     except Exception as e:
         why = f"writing {target.path(target.file(failing))} ({getattr(error.error, 'strerror', None) or error.error}) " \
             if failing else f"{error}; putting back what was written ({getattr(e, 'strerror', None) or e}) "
@@ -394,17 +410,19 @@ def _not_the_base(reader: Reader, version: Version, target: Target, source: Tens
 
 
 def _record(reader: Reader, version: Version, target: Target, regions: list, journal_id: str,
-            saved: Path) -> dict:
-    """The originals (written and fsynced) renamed in, then the journal that points at them;
-    one folder fsync makes both durable before the first byte of the target is written."""
+            saved: Path, in_base: dict[int, tuple[str, int]], base_files: BaseFiles | None) -> dict:
+    """The originals (written and fsynced) renamed in, then the journal that points at them
+    (and at the base files that hold the others); one folder fsync makes both durable before
+    the first byte of the target is written."""
     plan = {"root": str(target.root), "identity": [f.to_json() for f in target.files],
             "files": {f.name: f.header for f in target.files}, "originals": "file", "regions": []}
-    offset = 0
-    for entry, info in regions:
+    if in_base:
+        plan["base_files"] = base_files.plan()
+    for k, ((entry, info), offset) in enumerate(zip(regions, _offsets(regions))):
+        kept = {"base_file": in_base[k][0], "base_start": in_base[k][1]} if k in in_base else {"offset": offset}
         plan["regions"].append({"file": info.file.name, "name": entry.name, "start": info.start, "end": info.end,
-                                "offset": offset, "dtype": info.dtype, "shape": list(info.shape),
+                                **kept, "dtype": info.dtype, "shape": list(info.shape),
                                 "base": entry.base_tensor_id, "result": entry.result_tensor_id})
-        offset += info.nbytes
     journal = {"id": journal_id, "target": str(target.model), "version_id": version.id,
                "state": "applying", "plan": json.dumps(plan, sort_keys=True), "created": now()}
     journalfiles.folder(reader.repo.root).mkdir(exist_ok=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +27,7 @@ from ..repo.locate import store_patching
 from ..repo.openjournals import applied_ref, journal_files, journals_covering, journals_on
 from ..weights.models import open_files
 from ..weights.target import FileId, Target, patch_lock, resolve
-from .journalled import Journal, drop, open_for_writing, region_now, write_objects, write_regions
+from .journalled import Journal, drop, open_for_writing, put_back, region_now, write_objects
 
 
 def revert_files(reader: Reader, target: str | os.PathLike, *,
@@ -129,12 +128,18 @@ def _revert_one(reader: Reader, target: Target, row: dict, tick: Callable[[int],
     recorded = _files_to_revert(reader, target, row)
     by_file = _by_file(plan)
     # Read and verify every original, and what every region holds now, before writing any.
-    saved_file = journalfiles.originals(reader.repo.root, row["id"])
+    gone = journalfiles.base_files_problem(row)
+    if gone:
+        raise JournalError(f"{target.given} takes its base bytes back from the base's own files, and {gone}; nothing "
+                           f"was written; put the base's files back as `base add` found them, then run `deltastore "
+                           f"revert {target.given}` again; if it no longer needs its base back, {_forget_hint(row)}")
     damaged = journalfiles.damaged_originals(reader.repo.root, row)
     if damaged:
-        raise JournalError(f"the saved original bytes of {shown_names(damaged)} in {saved_file} are missing or "
-                           f"damaged; nothing was written; {target.given} cannot be reverted exactly from this "
-                           "journal (run `deltastore fsck --read-data`)")
+        where = {str(journalfiles.original_at(reader.repo.root, row["id"], r)[0]) for r in plan["regions"]
+                 if r["name"] in damaged}
+        raise JournalError(f"the saved original bytes of {shown_names(damaged)} in {', '.join(sorted(where))} are "
+                           f"missing or damaged; nothing was written; {target.given} cannot be reverted exactly from "
+                           "this journal (run `deltastore fsck --read-data`)")
     todo = _regions_to_write(reader, target, row, recorded, by_file)
     objects = {r["original"]: reader.repo.objects.get(r["original"]) for r in plan["regions"] if "original" in r}
     if todo:
@@ -210,17 +215,15 @@ def _write_originals(reader: Reader, target: Target, row: dict, recorded: list[F
     handles = open_for_writing(target, list(todo), "revert", recorded)
     try:
         journalfiles.mark_reverting(reader.repo.root, row["id"])
-        saved_file = journalfiles.originals(reader.repo.root, row["id"])
-        with open(saved_file, "rb") if "originals" in plan else nullcontext() as saved:
-            for name, regions in todo.items():
-                try:
-                    if "originals" in plan:
-                        write_regions(handles[name], saved.fileno(), [(r, r["offset"]) for r in regions], tick)
-                    else:
-                        write_objects(handles[name], [(r["start"], objects[r["original"]]) for r in regions])
-                except OSError as e:
-                    raise JournalError(f"writing {target.path(target.file(name))} failed ({e.strerror or e}); the "
-                                       f"journal is kept: run `deltastore revert {target.given}` again") from None
+        for name, regions in todo.items():
+            try:
+                if "originals" in plan:
+                    put_back(reader.repo.root, row["id"], handles[name], regions, tick)
+                else:
+                    write_objects(handles[name], [(r["start"], objects[r["original"]]) for r in regions])
+            except OSError as e:
+                raise JournalError(f"writing {target.path(target.file(name))} failed ({e.strerror or e}); the "
+                                   f"journal is kept: run `deltastore revert {target.given}` again") from None
     finally:
         for fh in handles.values():
             fh.close()
