@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..core.errors import DeltastoreError, JournalError, SharedFile, shown_names
+from ..core.pools import WORKERS, pipelined
 from ..engine.reader import Reader
 from ..repo import journalfiles
 from ..repo.locate import store_patching
@@ -186,23 +187,33 @@ def _regions_to_write(reader: Reader, target: Target, row: dict, recorded: list[
     any write, unless a write was under way (an apply not finished, a revert marked as started),
     which may have left one half written."""
     writing = row["state"] != "applied" or journalfiles.is_reverting(reader.repo.root, row["id"])
-    infos = open_files(target.model, files=[target.path(f) for f in recorded]).infos
+    ids = _ids_now(target, recorded, by_file)
     todo: dict[str, list[dict]] = {}
     for name, regions in by_file.items():
-        path = target.path(target.file(name))
-        with open(path, "rb") as fh:
-            for r in regions:
-                now = region_now(fh.fileno(), infos[r["name"]])
-                if now == r["base"]:
-                    continue
-                if now != r["result"] and not writing:
-                    which = applied_ref(reader.repo.catalog, row)
-                    raise JournalError(f"{target.given} does not hold what {which} wrote: the bytes "
-                                       f"of {r['name']} in {path} are neither {which}'s nor the "
-                                       f"base's (written since apply); nothing was written; if it no longer needs "
-                                       f"its base back, {_forget_hint(row)}")
-                todo.setdefault(name, []).append(r)
+        for r in regions:
+            now = ids[r["name"]]
+            if now == r["base"]:
+                continue
+            if now != r["result"] and not writing:
+                which = applied_ref(reader.repo.catalog, row)
+                raise JournalError(f"{target.given} does not hold what {which} wrote: the bytes "
+                                   f"of {r['name']} in {target.path(target.file(name))} are neither {which}'s nor "
+                                   f"the base's (written since apply); nothing was written; if it no longer needs "
+                                   f"its base back, {_forget_hint(row)}")
+            todo.setdefault(name, []).append(r)
     return todo
+
+
+def _ids_now(target: Target, recorded: list[FileId], by_file: dict[str, list[dict]]) -> dict[str, str]:
+    """The tensor id of what each region holds now, by name: two regions hashed at a time."""
+    infos = open_files(target.model, files=[target.path(f) for f in recorded]).infos
+    fds = {name: os.open(target.path(target.file(name)), os.O_RDONLY) for name in by_file}
+    file_of = {r["name"]: name for name, regions in by_file.items() for r in regions}
+    try:
+        return dict(pipelined(list(file_of), lambda n: region_now(fds[file_of[n]], infos[n]), WORKERS, 2 * WORKERS))
+    finally:
+        for fd in fds.values():
+            os.close(fd)
 
 
 def _write_originals(reader: Reader, target: Target, row: dict, recorded: list[FileId],
@@ -227,15 +238,14 @@ def _write_originals(reader: Reader, target: Target, row: dict, recorded: list[F
     finally:
         for fh in handles.values():
             fh.close()
-    check = open_files(target.model, files=[target.path(f) for f in recorded])
+    ids = _ids_now(target, recorded, todo)
     bad = []
-    for name, regions in todo.items():
-        with open(target.path(target.file(name)), "rb") as fh:
-            for r in regions:
-                if region_now(fh.fileno(), check.infos[r["name"]]) != r["base"]:
-                    bad.append(r["name"])
-                if tick:
-                    tick(r["end"] - r["start"])
+    for regions in todo.values():
+        for r in regions:
+            if ids[r["name"]] != r["base"]:
+                bad.append(r["name"])
+            if tick:
+                tick(r["end"] - r["start"])
     if bad:
         raise JournalError(f"after revert, {', '.join(bad[:5])} still differ from the base; "
                            "the journal is kept: run `deltastore fsck`")
