@@ -34,6 +34,14 @@ def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         done += os.pwrite(fd, data[done:done + journalfiles.SLICE], offset + done)
 
 
+def start_writeback(fd: int, offset: int, size: int) -> None:
+    """Have the kernel start writing these bytes of a file to disk now, while the work goes on,
+    rather than all of them at its fsync. (Pages already written are let go too; those still
+    being written, most of them, stay cached.)"""
+    if size and hasattr(os, "posix_fadvise"):  # (a size of 0 would mean "to the end")
+        os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
+
+
 def copy_range(src: int, dst: int, size: int, src_offset: int, dst_offset: int) -> None:
     """`size` bytes from one open file to another, in the kernel where it can (no buffer of
     ours; the page cache to the page cache), else through one bounded buffer."""

@@ -22,32 +22,26 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, TYPE_CHECKING
+from typing import Any, BinaryIO, Callable
 
-import numpy as np
 
-from ..codecs import absmax
-from ..codecs.bytegroups import ungroup
-from ..core.durable import new_folder
-from ..core.errors import BaseMismatch, JournalError, ModelFormatError, short, shown_names
-from ..core.hashing import DTYPE_SIZES, base_id, dtype_name, raw_tensor_id, tensor_bytes
+from ..core.errors import BaseMismatch, JournalError, short, shown_names
+from ..core.hashing import base_id, raw_tensor_id
 from ..core.pools import WORKERS, pipelined
 from ..engine.reader import ModelLike, Reader
 from ..repo import journalfiles
 from ..repo.catalog import now
 from ..repo.openjournals import applied_ref, journals_on
-from ..repo.records import TensorEntry, Version
-from ..weights.models import INDEX_FILE, TensorInfo, TensorSource, open_files, other_files, write_safetensors
+from ..repo.records import Version
+from ..weights.models import TensorInfo, TensorSource, open_files
 from ..weights.target import Target, break_links, patch_lock, resolve
 from .basefiles import BaseFiles, open_base_files
-from .journalled import Journal, copy_range, drop, open_for_writing, put_back, pwrite_all
-
-if TYPE_CHECKING:
-    import torch
+from .decoding import decoder
+from .journalled import Journal, copy_range, drop, open_for_writing, put_back, pwrite_all, start_writeback
+from .modelfolder import decodes_from_files, write_decoded, write_model
 
 # Tensors that patching's workers may decode and write past the one whose file this thread
 # fsyncs next: enough that a worker does not idle behind a large one (qwen0.5b's embedding is
@@ -68,6 +62,13 @@ def export(reader: Reader, ref: str | Version, out: str | os.PathLike, *, base_w
     """Write the full fine-tuned model (base + delta) as a Hugging Face model folder."""
     version = reader.resolve(ref)
     base = reader.base(version.base_id)
+    if base_weights is None or isinstance(base_weights, (str, os.PathLike)):
+        # Files: read through memory maps, and decoded in numpy two tensors at a time where it can.
+        source = reader.base_source(base, base_weights, mapped=True)
+        expected = reader.base_tensors(base)
+        if decodes_from_files(version, source, expected):
+            return write_decoded(reader, version, source, expected, Path(out), progress=progress,
+                                 base_changed=lambda names: reader.base_changed(base, source, names))
     source = reader.base_source(base, base_weights)
     infos, tensor = reader.materialize(version, base_weights=source)
     return write_model(Path(out), infos, tensor, files_from=source.folder, progress=progress)
@@ -192,7 +193,7 @@ def _check_and_save(reader: Reader, version: Version, target: Target, source: Te
             in_base[k] = found
         else:
             copy_range(files[info.file], originals.fileno(), info.nbytes, info.start, offsets[k])
-            _start_writeback(originals.fileno(), offsets[k], info.nbytes)
+            start_writeback(originals.fileno(), offsets[k], info.nbytes)
         del base
         source.release(name)
         return True
@@ -210,14 +211,6 @@ def _check_and_save(reader: Reader, version: Version, target: Target, source: Te
     if base_files is not None:
         base_files.check_unchanged()
     return in_base
-
-
-def _start_writeback(fd: int, offset: int, size: int) -> None:
-    """Have the kernel start writing these bytes of a file to disk now, while the work goes on,
-    rather than all of them at its fsync. (Pages already written are let go too; those still
-    being written, most of them, stay cached.)"""
-    if size and hasattr(os, "posix_fadvise"):  # (a size of 0 would mean "to the end")
-        os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
 
 
 class _WriteFailed(Exception):
@@ -238,7 +231,7 @@ def _patch_or_roll_back(reader: Reader, version: Version, target: Target, journa
     journal; if that fails too, says how far it got. `recheck`: each region's base id is
     checked again first (files that were copied since the check)."""
     by_name = {entry.name: k for k, (entry, _) in enumerate(regions)}
-    decode, in_order = _decoder(reader, version, source, regions)
+    decode, in_order = decoder(reader, version, source, regions)
     touched: set[int] = set()
     lock = threading.Lock()
     synced: list[str] = []
@@ -255,7 +248,7 @@ def _patch_or_roll_back(reader: Reader, version: Version, target: Target, journa
         fd = handles[info.file.name].fileno()
         try:
             pwrite_all(fd, result, info.start)
-            _start_writeback(fd, info.start, info.nbytes)
+            start_writeback(fd, info.start, info.nbytes)
         except OSError as e:
             raise _WriteFailed(info.file.name, e) from None
         del result
@@ -304,82 +297,6 @@ def _roll_back(reader: Reader, target: Target, journal: dict, written: list[Tens
         raise JournalError(f"writing {target.path(target.file(failing))} failed "
                            f"({getattr(error.error, 'strerror', None) or error.error}); the files written were "
                            "put back: nothing was changed") from None
-
-
-def _xor_against_base(entry: TensorEntry) -> bool:
-    """A lossless entry whose result is the base's bytes XOR its one payload: decoded without
-    torch. (An entry stored against another version's result needs that result first.)"""
-    return (entry.encoding == "lossless" and entry.params.get("mode") == "xor" and set(entry.objects) == {"xor"}
-            and entry.against_version is None)
-
-
-def _numpy_decodes(entry: TensorEntry, info: TensorInfo) -> bool:
-    """Whether an entry decodes without torch: a lossless XOR, or int8 or int4 (absmax.py)
-    of a bf16, fp16 or fp32 region, against the base."""
-    if _xor_against_base(entry):
-        return True
-    return (entry.encoding in absmax.BITS and entry.against_version is None and entry.dtype == info.dtype
-            and info.dtype in absmax.DTYPES and tuple(entry.shape) == tuple(info.shape))
-
-
-def _torch_decoder(reader: Reader, version: Version, source: TensorSource) -> tuple[Callable, Callable]:
-    """(entry, region, buffer) -> the entry's result bytes, decoded by its encoding in torch,
-    a lossy result checked against its id; and pools' `in_order`, which keeps torch's own
-    threads from contending with its workers. torch and the modules that load it are imported
-    here, when a version has such entries: an apply of a lossless version runs without them."""
-    import torch
-
-    from ..codecs import encodings
-    from ..core.pools import in_order
-    from ..core.hashing import DTYPES
-
-    def decode(entry: TensorEntry, info: TensorInfo, buffer: np.ndarray) -> memoryview:
-        base = source.get(entry.name)
-        out = torch.from_numpy(buffer).view(DTYPES[info.dtype]).reshape(info.shape) if info.nbytes else None
-        result = reader.decode_entry(entry, base, out=out)
-        # An exact encoding's result is a bitwise function of the verified object and base.
-        if not encodings.from_params(entry.encoding, entry.params).exact:
-            entry.check_result(result, version.ref, untouched="nothing was changed")
-        return tensor_bytes(result)
-
-    return decode, lambda names, work, workers, ahead: in_order(names, work, workers=workers, ahead=ahead)
-
-
-def _decoder(reader: Reader, version: Version, source: TensorSource, regions: list) -> tuple[Callable, Callable]:
-    """(entry, region) -> the entry's result bytes, its objects read verified and a lossy
-    result checked against its id; and the `in_order` to run it with. Lossless, int8 and int4
-    entries against the base are decoded in numpy from the mapped bytes; torch is imported
-    only for the others (importing it cost 1.3 CPU-seconds). Each worker decompresses and
-    decodes into buffers it keeps: memory already written is faster to write into than fresh
-    pages, tensor after tensor."""
-    if all(_numpy_decodes(entry, info) for entry, info in regions):
-        decode_in_torch, in_order = None, pipelined
-    else:
-        decode_in_torch, in_order = _torch_decoder(reader, version, source)
-    buffers = threading.local()
-
-    def into(nbytes: int, kind: str = "result") -> np.ndarray:
-        held = getattr(buffers, kind, None)
-        if held is None or held.size < nbytes:
-            held = np.empty(nbytes, dtype=np.uint8)
-            setattr(buffers, kind, held)
-        return held[:nbytes]
-
-    def decode(entry: TensorEntry, info: TensorInfo) -> memoryview:
-        if not _numpy_decodes(entry, info):
-            return decode_in_torch(entry, info, into(info.nbytes))
-        base = np.frombuffer(source.view(entry.name), dtype=np.uint8)
-        # Frame after frame on this worker (the other worker keeps the other core busy).
-        parts = {part: reader.repo.objects.get(o.id, raw_size=o.size, parallel=False, into=into(o.size, f"part {part}"))
-                 for part, o in entry.objects.items()}
-        if _xor_against_base(entry):
-            return ungroup(parts["xor"], DTYPE_SIZES[info.dtype], xor=base, out=into(info.nbytes)).data
-        result = absmax.decode_into(parts, entry.params, bits=absmax.BITS[entry.encoding], base=base,
-                                    base_dtype=info.dtype, out=into(info.nbytes), dtype=entry.dtype).data
-        entry.check_result_bytes(result, version.ref, untouched="nothing was changed")
-        return result
-
-    return decode, in_order
 
 
 def _not_the_base(reader: Reader, version: Version, target: Target, source: TensorSource) -> BaseMismatch:
@@ -433,41 +350,3 @@ def _record(reader: Reader, version: Version, target: Target, regions: list, jou
         journalfiles.remove(reader.repo.root, journal_id)
         raise
     return journal
-
-
-def write_model(out: Path, source_infos: dict[str, TensorInfo], tensor: Callable[[str], torch.Tensor], *,
-                files_from: Path | None, progress: Callable[[int, int], None] | None = None) -> Path:
-    """A complete Hugging Face model folder at `out`: the tensors `source_infos` describes (their
-    `file` gives the sharding), plus the config and tokenizer files of `files_from`. Written next to `out` and renamed
-    into place, so `out` is either absent or whole."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ModelFormatError(f"{out} exists and is not empty; choose a new folder")
-    with new_folder(out) as tmp:
-        groups: dict[str, list[TensorInfo]] = {}
-        for info in source_infos.values():
-            file = info.file.name if info.file is not None else "model.safetensors"
-            groups.setdefault(file, []).append(info)
-        done, total = 0, len(source_infos)
-        written: dict[str, TensorInfo] = {}
-
-        def counted(name: str) -> torch.Tensor:
-            nonlocal done
-            t = tensor(name)
-            written[name] = TensorInfo(name, dtype_name(t.dtype), tuple(t.shape))
-            done += 1
-            if progress:
-                progress(done, total)
-            return t
-
-        for file, infos in groups.items():
-            write_safetensors(tmp / file, infos, counted, metadata={"format": "pt"})
-        if len(groups) > 1:
-            weight_map = {n: (i.file.name if i.file else "model.safetensors") for n, i in source_infos.items()}
-            size = sum(i.nbytes for i in written.values())
-            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": size},
-                                                      "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        if files_from is not None:
-            for f in other_files(files_from):
-                shutil.copy2(f, tmp / f.name)
-    return out
