@@ -92,7 +92,7 @@ def write_decoded(reader: Reader, version: Version, source: TensorSource, expect
                 if raw_tensor_id(info.dtype, info.shape, source.view(name)) != expected[name]["tensor_id"]:
                     raise base_changed([name])
                 if name in entries:
-                    pwrite_all(fd, decode(entries[name], info), at)
+                    decode(entries[name], info, lambda offset, block: pwrite_all(fd, block, at + offset))
                 else:
                     copy_range(reads[info.file], fd, info.nbytes, info.start, at)
                 start_writeback(fd, at, info.nbytes)

@@ -242,16 +242,18 @@ def _patch_or_roll_back(reader: Reader, version: Version, target: Target, journa
         if recheck and raw_tensor_id(info.dtype, info.shape, source.view(name)) != entry.base_tensor_id:
             raise BaseMismatch(version.base_id, None, [name], f"{name} of {target.given} changed while it was "
                                "given a private copy; nothing was changed; try again")
-        result = decode(entry, info)
         with lock:
             touched.add(k)  # before the first byte: a write that fails may leave part of it
         fd = handles[info.file.name].fileno()
-        try:
-            pwrite_all(fd, result, info.start)
-            start_writeback(fd, info.start, info.nbytes)
-        except OSError as e:
-            raise _WriteFailed(info.file.name, e) from None
-        del result
+
+        def put(at: int, block: memoryview) -> None:
+            try:
+                pwrite_all(fd, block, info.start + at)
+            except OSError as e:
+                raise _WriteFailed(info.file.name, e) from None
+
+        decode(entry, info, put)
+        start_writeback(fd, info.start, info.nbytes)
         source.release(name)
 
     last = {info.file.name: k for k, (_, info) in enumerate(regions)}  # (the regions are in file order)
