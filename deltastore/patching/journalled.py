@@ -1,6 +1,6 @@
 """What apply and revert in place share: the `Journal` they return, the files they write
 opened and checked to be the very files checked, regions copied between files in the kernel
-and fsynced, a journal dropped."""
+and fsynced, original bytes put back from where a journal keeps them, a journal dropped."""
 
 from __future__ import annotations
 

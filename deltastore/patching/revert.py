@@ -1,7 +1,9 @@
 """In-place applies undone: a target's files reverted bit for bit from its journal, or a
 journal that revert cannot complete dropped (`revert --forget`).
 
-Revert checks every saved original against its base tensor id, and what every region of the
+Revert checks every saved original (in the journal's `.originals`, or in the base's own files
+where the journal points there, those files first checked to be the very files apply found)
+against its base tensor id, and what every region of the
 files whose identity is the journal's holds now: the base's bytes (left), what apply wrote
 (its result's id: written back), or else nothing is written at all, unless a write was under
 way (an unfinished apply, a revert marked as started) and left a region half written. Then it
