@@ -334,16 +334,19 @@ class Store:
         return export(self.reader, ref, out, base_weights=base_weights, progress=progress)
 
     def apply_files(self, ref: str | Version, target: str | os.PathLike, *, break_links: bool = False,
-                    progress: Progress | None = None, verify: bool = False):
+                    progress: Progress | None = None, verify: bool = False, copy_originals: bool = False):
         """Patch a model file or folder in place, journalled so that `revert_files` undoes it.
         A file with other hard links is refused, unless `break_links`: it is then replaced by a
         private copy first, and the other paths keep their bytes. `progress(done, total)`: in
         bytes checked and written. The regions a version overwrites are checked to hold its
         base, except in files this store hashed whole and whose stat data has not changed
-        since; `verify` checks them all."""
+        since; `verify` checks them all. The journal takes the original bytes back from the
+        base's own registered files where they hold them, unless `copy_originals`: every
+        original byte is then copied into the store (a journal that outlives the base's files)."""
         from .patching.patch import apply_files
 
-        return apply_files(self.reader, ref, target, break_links=break_links, progress=progress, verify=verify)
+        return apply_files(self.reader, ref, target, break_links=break_links, progress=progress, verify=verify,
+                           copy_originals=copy_originals)
 
     def revert_files(self, target: str | os.PathLike, *, progress: Progress | None = None):
         from .patching.revert import revert_files

@@ -122,7 +122,7 @@ def test_revert_with_a_corrupt_original_writes_nothing_and_keeps_the_journal(tmp
     pair = make_model(tmp_path, torch.bfloat16, sharded=True)
     store.commit("s", pair.ft, base=pair.base)
     target = copy_model(pair.base, tmp_path / "target")
-    store.apply_files("s", target)
+    store.apply_files("s", target, copy_originals=True)  # every original in `.originals`
     applied = file_bytes(target)
     [journal] = store.catalog.open_journals()
     region = sorted(json.loads(journal["plan"])["regions"], key=lambda r: r["name"])[-1]
@@ -144,7 +144,7 @@ def test_a_journal_keeps_the_originals_in_one_file_beside_it(tmp_path, store) ->
     store.commit("s", pair.ft, base=pair.base)
     target = copy_model(pair.base, tmp_path / "target")
     before = {p.name: p.read_bytes() for p in target.glob("*.safetensors")}
-    store.apply_files("s", target)
+    store.apply_files("s", target, copy_originals=True)  # every original in `.originals`
     [journal] = store.catalog.open_journals()
     plan = json.loads(journal["plan"])
     saved = (store.root / "journals" / f"{journal['id']}.originals").read_bytes()
@@ -389,7 +389,7 @@ def test_a_journal_that_saved_its_originals_as_objects_still_reverts_exactly(tmp
     store.commit("s", pair.ft, base=pair.base)
     target = copy_model(pair.base, tmp_path / "target")
     before = file_bytes(target)
-    store.apply_files("s", target)
+    store.apply_files("s", target, copy_originals=True)  # every original in `.originals`
     [row] = store.catalog.open_journals()
     saved = store.root / "journals" / f"{row['id']}.originals"
     data = saved.read_bytes()

@@ -28,9 +28,10 @@ def store(tmp_path):
 # Every journal format an open journal may still have: the current one; the one before
 # `.originals` files (each region's original bytes in an object); and the one before file
 # identities too (found by the target's path and its files' header hashes), as a store of
-# format 1 brought over by `upgrade` keeps it.
+# format 1 brought over by `upgrade` keeps it. "base files": the current format where the
+# journal takes the original bytes from the base's own files (the others copy every one).
 FORMATS = {"current": (True, False), "objects": (True, True), "no identity": (False, False),
-           "no identity, objects": (False, True)}
+           "no identity, objects": (False, True), "base files": (True, False)}
 
 
 def as_format(store: Store, fmt: str) -> dict:
@@ -71,7 +72,7 @@ def applied(tmp_path: Path, store: Store, fmt: str, *, encoding: str = "lossless
     store.commit("s", pair.ft, base=pair.base, encoding=encoding)
     target = tmp_path / "target"
     shutil.copytree(pair.base, target)
-    store.apply_files("s", target)
+    store.apply_files("s", target, copy_originals=fmt != "base files")
     return pair, target, as_format(store, fmt)
 
 

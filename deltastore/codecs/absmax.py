@@ -120,6 +120,22 @@ def dw_slices(parts: Mapping[str, Any], params: Mapping[str, Any], *, bits: int,
         yield start, out
 
 
+def block_parts(parts: Mapping[str, Any], params: Mapping[str, Any], *, bits: int, numel: int,
+                first: int, end: int) -> dict[str, memoryview]:
+    """The parts of elements `first`..`end` of an int8 or int4 entry of `numel` elements, as
+    `decode_into` takes a whole entry's: its codes and its groups' scales, views (no copy). The
+    whole parts' sizes are checked; `first` must start a group (and an int4 code byte)."""
+    g = int_param(params, "group_size", 1)
+    full_groups, rest = divmod(numel, g)
+    scales = part_view(parts, "scales", np.float16, full_groups + (rest > 0))
+    codes = part_view(parts, "codes", np.int8 if bits == 8 else np.uint8, numel if bits == 8 else (numel + 1) // 2)
+    if first % math.lcm(g, 2) or not 0 <= first <= end <= numel:
+        raise EncodingError(f"elements {first}..{end} do not start a group of {g} in {numel}")
+    per_byte = 1 if bits == 8 else 2
+    return {"codes": memoryview(codes[first // per_byte:-(-end // per_byte)]).cast("B"),
+            "scales": memoryview(scales[first // g:-(-end // g)]).cast("B")}
+
+
 def decode_into(parts: Mapping[str, Any], params: Mapping[str, Any], *, bits: int, base: np.ndarray,
                 base_dtype: str, out: np.ndarray, dtype: str) -> np.ndarray:
     """An int8 (`bits` 8) or int4 entry's result: dW plus the base in float32, rounded once to

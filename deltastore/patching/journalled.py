@@ -1,12 +1,13 @@
 """What apply and revert in place share: the `Journal` they return, the files they write
 opened and checked to be the very files checked, regions copied between files in the kernel
-and fsynced, a journal dropped."""
+and fsynced, original bytes put back from where a journal keeps them, a journal dropped."""
 
 from __future__ import annotations
 
 import errno
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 from ..core.errors import JournalError, SharedFile
@@ -31,6 +32,14 @@ def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     done = 0
     while done < len(data):
         done += os.pwrite(fd, data[done:done + journalfiles.SLICE], offset + done)
+
+
+def start_writeback(fd: int, offset: int, size: int) -> None:
+    """Have the kernel start writing these bytes of a file to disk now, while the work goes on,
+    rather than all of them at its fsync. (Pages already written are let go too; those still
+    being written, most of them, stay cached.)"""
+    if size and hasattr(os, "posix_fadvise"):  # (a size of 0 would mean "to the end")
+        os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
 
 
 def copy_range(src: int, dst: int, size: int, src_offset: int, dst_offset: int) -> None:
@@ -94,6 +103,26 @@ def write_regions(fh: BinaryIO, source: int, regions: list[tuple[Any, int]],
             tick(size)
     fh.flush()
     os.fsync(fh.fileno())
+
+
+def put_back(root: Path, journal_id: str, fh: BinaryIO, regions: list[dict],
+             tick: Callable[[int], None] | None = None) -> None:
+    """Each region's original bytes copied back from where its journal keeps them (its
+    `.originals`, or a base file: journalfiles.original_at), then one fsync."""
+    fds: dict[Path, int] = {}
+    try:
+        for r in regions:
+            path, offset = journalfiles.original_at(root, journal_id, r)
+            if path not in fds:
+                fds[path] = os.open(path, os.O_RDONLY)
+            copy_range(fds[path], fh.fileno(), r["end"] - r["start"], offset, r["start"])
+            if tick:
+                tick(r["end"] - r["start"])
+        fh.flush()
+        os.fsync(fh.fileno())
+    finally:
+        for fd in fds.values():
+            os.close(fd)
 
 
 def write_objects(fh: BinaryIO, regions: list[tuple[int, Any]]) -> None:

@@ -4,15 +4,17 @@ or written as a whole model to a new folder (`apply --out`, `export`).
 In-place order (the journal makes every step undoable), all under the target's lock:
   1. resolve the target to its files by identity (target.py); refuse a file another path
      shares, and a target that an open journal already covers;
-  2. check everything, a tensor or two at a time: base tensor ids, objects, decoded results;
-     meanwhile copy each region's original bytes into one file in tmp/ (its writeback started
-     at once) and put each result in an unnamed temporary file; fsync the originals; open
-     every file to be written, and check that each is still the file checked; nothing
-     written yet;
+  2. check each region's base tensor id, a tensor or two at a time, and keep its original
+     bytes: where a registered base file holds exactly them (basefiles.py), the journal will
+     point there; else they are copied into one file in tmp/ (writeback started at once),
+     fsynced; open every file to be written, and check that each is still the file checked;
+     nothing written yet;
   3. rename the originals in as `journals/<id>.originals`, then record the journal (the files'
-     identities, regions, offsets of the originals) as its file and its catalog rows;
-  4. copy the results over the regions, fsync; mark the journal applied. A write that fails
-     puts back what was written and drops the journal.
+     identities, regions, where each region's originals are) as its file and its catalog rows;
+  4. two tensors at a time: read each region's objects (verified), decode its result (a lossy
+     one checked against its id) and write it straight over the region, each file fsynced
+     once its regions are written; mark the journal applied. A check or a write that fails
+     puts back what was written and drops the journal ("nothing was changed").
 A crash before 3 completes leaves the files untouched; after it, `revert` restores them.
 """
 
@@ -20,40 +22,40 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, TYPE_CHECKING
+from typing import Any, BinaryIO, Callable
 
-import numpy as np
 
-from ..codecs import absmax
-from ..codecs.bytegroups import ungroup
-from ..core.durable import new_folder
-from ..core.errors import BaseMismatch, JournalError, ModelFormatError, short, shown_names
-from ..core.hashing import DTYPE_SIZES, base_id, dtype_name, raw_tensor_id, tensor_bytes
+from ..core.errors import BaseMismatch, JournalError, short, shown_names
+from ..core.hashing import base_id, raw_tensor_id
 from ..core.pools import WORKERS, pipelined
 from ..engine.reader import ModelLike, Reader
 from ..repo import journalfiles, trust
 from ..repo.catalog import now
 from ..repo.openjournals import applied_ref, journals_on
-from ..repo.records import TensorEntry, Version
-from ..weights.models import INDEX_FILE, TensorInfo, TensorSource, open_files, other_files, write_safetensors
+from ..repo.records import Version
+from ..weights.models import TensorInfo, TensorSource, open_files
 from ..weights.target import Target, break_links, patch_lock, resolve
-from .journalled import Journal, copy_range, drop, open_for_writing, pwrite_all, write_regions
+from .basefiles import BaseFiles, open_base_files
+from .decoding import decoder
+from .journalled import Journal, copy_range, drop, open_for_writing, put_back, pwrite_all, start_writeback
+from .modelfolder import decodes_from_files, write_decoded, write_model
 
-if TYPE_CHECKING:
-    import torch
+# Tensors that patching's workers may decode and write past the one whose file this thread
+# fsyncs next: enough that a worker does not idle behind a large one (qwen0.5b's embedding is
+# a quarter of its bytes, and as long to decode as ~30 of its other tensors).
+AHEAD = 32
 
 
 def apply_files(reader: Reader, ref: str | Version, target: str | os.PathLike, *, break_links: bool = False,
-                progress: Callable[[int, int], None] | None = None, verify: bool = False) -> Journal:
+                progress: Callable[[int, int], None] | None = None, verify: bool = False,
+                copy_originals: bool = False) -> Journal:
     """Patch a model file or folder in place (the store's `apply_files` says how)."""
     reader.repo.check_writable()
     return apply_in_place(reader, reader.resolve(ref), Path(target), allow_links=break_links, progress=progress,
-                          verify=verify)
+                          verify=verify, copy_originals=copy_originals)
 
 
 def export(reader: Reader, ref: str | Version, out: str | os.PathLike, *, base_weights: ModelLike | None = None,
@@ -61,15 +63,26 @@ def export(reader: Reader, ref: str | Version, out: str | os.PathLike, *, base_w
     """Write the full fine-tuned model (base + delta) as a Hugging Face model folder."""
     version = reader.resolve(ref)
     base = reader.base(version.base_id)
+    if base_weights is None or isinstance(base_weights, (str, os.PathLike)):
+        # Files: read through memory maps, and decoded in numpy two tensors at a time where it can.
+        source = reader.base_source(base, base_weights, mapped=True)
+        expected = reader.base_tensors(base)
+        if decodes_from_files(version, source, expected):
+            return write_decoded(reader, version, source, expected, Path(out), progress=progress,
+                                 base_changed=lambda names: reader.base_changed(base, source, names))
     source = reader.base_source(base, base_weights)
     infos, tensor = reader.materialize(version, base_weights=source)
     return write_model(Path(out), infos, tensor, files_from=source.folder, progress=progress)
 
 
 def apply_in_place(reader: Reader, version: Version, path: Path, *, allow_links: bool = False,
-                   progress: Callable[[int, int], None] | None = None, verify: bool = False) -> Journal:
+                   progress: Callable[[int, int], None] | None = None, verify: bool = False,
+                   copy_originals: bool = False) -> Journal:
     """`allow_links`: give each hard-linked file a private copy first (`apply --break-links`).
-    `progress(done, total)`: bytes checked and written so far, of all to check and write."""
+    `progress(done, total)`: bytes checked and written so far, of all to check and write.
+    `verify`: hash every region's base bytes, even in files this store trusts (trust.py).
+    `copy_originals`: every region's original bytes into the journal's `.originals`, none
+    taken from the base's files (basefiles.py)."""
     with patch_lock(reader.repo.root, resolve(path)):
         target = resolve(path)  # again, now that no other patch can change it
         covering = journals_on(reader.repo.catalog, target)
@@ -78,8 +91,8 @@ def apply_in_place(reader: Reader, version: Version, path: Path, *, allow_links:
             raise JournalError(f"{target.given} already has {which} applied in place; "
                                f"run `deltastore revert {target.given}` first")
         target.check_private(allow_links=allow_links)
-        # Read through memory maps: the base bytes are hashed, decoded and saved straight from
-        # the page cache, each tensor's pages let go once it is saved.
+        # Read through memory maps: the base bytes are hashed, saved and decoded straight from
+        # the page cache, each tensor's pages let go once it is done with.
         source = open_files(target.model, files=[target.path(f) for f in target.files], mapped=True)
         regions = _base_regions(reader, version, target, source)
         # Files this store hashed whole, unchanged since (trust.py), are not hashed again.
@@ -96,25 +109,29 @@ def apply_in_place(reader: Reader, version: Version, path: Path, *, allow_links:
         journal_id = uuid.uuid4().hex
         saved = reader.repo.objects.tmp / f"{os.getpid()}-journal-{journal_id}{journalfiles.ORIGINALS}"
         try:
-            # The results wait in an unnamed file (gone with the process), so that no more
-            # than a tensor or two is held in memory, and nothing is written into the target
-            # until every check has passed.
-            with open(saved, "wb") as originals, tempfile.TemporaryFile(dir=reader.repo.objects.tmp) as results:
-                _check_and_save(reader, version, target, source, regions, originals, results, tick, trusted)
+            base_files = None if copy_originals else open_base_files(reader, version, target)
+            with open(saved, "wb") as originals:
+                in_base = _check_and_save(reader, version, target, source, regions, originals, tick, base_files,
+                                          trusted)
                 originals.flush()
                 os.fsync(originals.fileno())
-                if allow_links:
-                    target = break_links(target)
-                by_file: dict[str, list[TensorInfo]] = {}
-                for _, info in regions:
-                    by_file.setdefault(info.file.name, []).append(info)
-                handles = open_for_writing(target, list(by_file), "apply")
-                try:
-                    journal = _record(reader, version, target, regions, journal_id, saved)
-                    _write_or_roll_back(reader, target, journal, by_file, results.fileno(), handles, tick)
-                finally:
-                    for fh in handles.values():
-                        fh.close()
+            recheck = False
+            if allow_links:
+                linked = target
+                target = break_links(target)
+                if target != linked:
+                    # The results are decoded from the private copies, each checked again first.
+                    source = open_files(target.model, files=[target.path(f) for f in target.files], mapped=True)
+                    regions, recheck = [(entry, source.infos[entry.name]) for entry, _ in regions], True
+            files = list(dict.fromkeys(info.file.name for _, info in regions))
+            handles = open_for_writing(target, files, "apply")
+            try:
+                source.check_unchanged()  # nothing wrote to the files since their regions were checked
+                journal = _record(reader, version, target, regions, journal_id, saved, in_base, base_files)
+                _patch_or_roll_back(reader, version, target, journal, source, regions, handles, tick, recheck)
+            finally:
+                for fh in handles.values():
+                    fh.close()
         finally:
             saved.unlink(missing_ok=True)  # renamed into journals/ once recorded
         reader.repo.catalog.set_journal_state(journal["id"], "applied")
@@ -138,6 +155,7 @@ def _base_regions(reader: Reader, version: Version, target: Target,
         if info.dtype != entry.dtype or info.shape != tuple(entry.shape):
             reshaped.append(entry.name)
         regions.append((entry, info))
+    regions.sort(key=lambda region: (region[1].file.name, region[1].start))  # a file's regions one after another
     if wrong:
         raise _not_the_base(reader, version, target, source)
     if reshaped:
@@ -147,74 +165,51 @@ def _base_regions(reader: Reader, version: Version, target: Target,
     return regions
 
 
-def _check_and_save(reader: Reader, version: Version, target: Target, source: TensorSource, regions: list,
-                    originals: BinaryIO, results: BinaryIO, tick: Callable[[int], None],
-                    trusted: dict[str, str]) -> None:
-    """Every check before a byte of the target changes: each region's base tensor id, each
-    object (read verified), each lossy result's id. On the way, the original bytes are
-    copied to `originals` and the results written to `results`, both at the region's offset
-    in the plan's order. Two tensors at a time (reading, hashing, decompressing and decoding
-    release the GIL), each worker on its own until its tensor is saved: it holds one tensor's
-    base, payload and result, and never waits behind another (an embedding) for its turn.
-    Lossless, int8 and int4 entries against the base are decoded in numpy from the mapped
-    bytes; torch is imported only for the others (importing it cost 1.3 CPU-seconds)."""
+def _offsets(regions: list) -> list[int]:
+    """Where each region's original bytes start in the journal's `.originals`: one after another."""
     offsets, at = [], 0
     for _, info in regions:
         offsets.append(at)
         at += info.nbytes
-    by_name = {entry.name: k for k, (entry, _) in enumerate(regions)}
-    if all(_numpy_decodes(entry, info) for entry, info in regions):
-        decode_in_torch, in_order = None, pipelined
-    else:
-        decode_in_torch, in_order = _torch_decoder(reader, version, source)
-    buffers = threading.local()
+    return offsets
 
-    def into(nbytes: int, kind: str = "result") -> np.ndarray:
-        """This worker's buffer of a kind (a payload, a result): memory already written is
-        faster to decompress and decode into than fresh pages, tensor after tensor."""
-        held = getattr(buffers, kind, None)
-        if held is None or held.size < nbytes:
-            held = np.empty(nbytes, dtype=np.uint8)
-            setattr(buffers, kind, held)
-        return held[:nbytes]
+
+def _check_and_save(reader: Reader, version: Version, target: Target, source: TensorSource, regions: list,
+                    originals: BinaryIO, tick: Callable[[int], None],
+                    base_files: BaseFiles | None = None, trusted: dict[str, str] | None = None
+                    ) -> dict[int, tuple[str, int]]:
+    """Before the journal is recorded: each region's base tensor id checked, and where its
+    original bytes are kept: in a registered base file that holds exactly them (basefiles.py;
+    region index -> (file, start), returned), else copied to `originals` at the region's offset
+    in the plan's order (their writeback started at once). Two tensors at a time: hashing and
+    comparing release the GIL, the copies are the kernel's (page cache to page cache). `trusted`:
+    the ids of tensors in files this store trusts, not hashed again."""
+    offsets = _offsets(regions)
+    by_name = {entry.name: k for k, (entry, _) in enumerate(regions)}
+    in_base: dict[int, tuple[str, int]] = {}
 
     def check(name: str) -> bool:
         k = by_name[name]
         entry, info = regions[k]
         base = source.view(name)
         wanted = entry.base_tensor_id
-        if trusted.get(name) != wanted and raw_tensor_id(info.dtype, info.shape, base) != wanted:
+        if (trusted or {}).get(name) != wanted and raw_tensor_id(info.dtype, info.shape, base) != wanted:
             return False
-        # The original bytes, copied in the kernel (page cache to page cache, no page of ours);
-        # the copy is checked against this id before a revert uses it, and the file against
-        # any write since it was mapped (check_unchanged, below).
-        copy_range(files[info.file], originals.fileno(), info.nbytes, info.start, offsets[k])
-        _start_writeback(originals.fileno(), offsets[k], info.nbytes)
-        if _numpy_decodes(entry, info):
-            # Frame after frame on this worker (the other worker keeps the other core busy),
-            # each part into a buffer this worker keeps.
-            parts = {part: reader.repo.objects.get(o.id, raw_size=o.size, parallel=False, into=into(o.size, f"part {part}"))
-                     for part, o in entry.objects.items()}
-            if _xor_against_base(entry):
-                result = ungroup(parts["xor"], DTYPE_SIZES[info.dtype], xor=np.frombuffer(base, dtype=np.uint8),
-                                 out=into(info.nbytes)).data
-            else:
-                result = absmax.decode_into(parts, entry.params, bits=absmax.BITS[entry.encoding],
-                                            base=np.frombuffer(base, dtype=np.uint8), base_dtype=info.dtype,
-                                            out=into(info.nbytes), dtype=entry.dtype).data
-                entry.check_result_bytes(result, version.ref, untouched="nothing was changed")
+        # Either is checked against this id before a revert uses it, and the files against
+        # any write since they were mapped (check_unchanged, below).
+        found = base_files.holds(name, info.nbytes, base) if base_files is not None else None
+        if found is not None:
+            in_base[k] = found
         else:
-            result = decode_in_torch(entry, info, into(info.nbytes))
-        pwrite_all(results.fileno(), result, offsets[k])
-        del base, result
+            copy_range(files[info.file], originals.fileno(), info.nbytes, info.start, offsets[k])
+            start_writeback(originals.fileno(), offsets[k], info.nbytes)
+        del base
         source.release(name)
         return True
 
     files = {info.file: os.open(info.file, os.O_RDONLY) for _, info in regions}
     try:
-        # Every name handed out at once: a result is a flag, so those done early wait for
-        # their turn at no cost, and a worker never idles behind a large tensor.
-        for name, ok in in_order(list(by_name), check, WORKERS, len(by_name)):
+        for name, ok in pipelined(list(by_name), check, WORKERS, len(by_name)):
             if not ok:
                 raise _not_the_base(reader, version, target, source)
             tick(regions[by_name[name]][1].nbytes)
@@ -222,53 +217,97 @@ def _check_and_save(reader: Reader, version: Version, target: Target, source: Te
         for fd in files.values():
             os.close(fd)
     source.check_unchanged()
+    if base_files is not None:
+        base_files.check_unchanged()
+    return in_base
 
 
-def _start_writeback(fd: int, offset: int, size: int) -> None:
-    """Have the kernel start writing these bytes of a journal file to disk now, while the
-    checks go on, rather than all of them at its fsync. (Pages already written are let go
-    too; those still being written, most of them, stay cached for a revert.)"""
-    if size and hasattr(os, "posix_fadvise"):  # (a size of 0 would mean "to the end")
-        os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
+class _WriteFailed(Exception):
+    """A write or fsync of a target's file failed (`file`: its name, `error`: the OSError)."""
+
+    def __init__(self, file: str, error: OSError):
+        super().__init__(file, error)
+        self.file, self.error = file, error
 
 
-def _xor_against_base(entry: TensorEntry) -> bool:
-    """A lossless entry whose result is the base's bytes XOR its one payload: decoded without
-    torch. (An entry stored against another version's result needs that result first.)"""
-    return (entry.encoding == "lossless" and entry.params.get("mode") == "xor" and set(entry.objects) == {"xor"}
-            and entry.against_version is None)
+def _patch_or_roll_back(reader: Reader, version: Version, target: Target, journal: dict, source: TensorSource,
+                        regions: list, handles: dict[str, BinaryIO], tick: Callable[[int], None],
+                        recheck: bool = False) -> None:
+    """Once the journal is recorded: each region's objects read (verified), its result decoded
+    (a lossy one checked against its id) and written straight into the target, two tensors at
+    a time; then each file fsynced. A check or a write that fails puts the original bytes back
+    into every region written so far (from the journal's fsynced `.originals`) and drops the
+    journal; if that fails too, says how far it got. `recheck`: each region's base id is
+    checked again first (files that were copied since the check)."""
+    by_name = {entry.name: k for k, (entry, _) in enumerate(regions)}
+    decode, in_order = decoder(reader, version, source, regions)
+    touched: set[int] = set()
+    lock = threading.Lock()
+    synced: list[str] = []
+
+    def write(name: str) -> None:
+        k = by_name[name]
+        entry, info = regions[k]
+        if recheck and raw_tensor_id(info.dtype, info.shape, source.view(name)) != entry.base_tensor_id:
+            raise BaseMismatch(version.base_id, None, [name], f"{name} of {target.given} changed while it was "
+                               "given a private copy; nothing was changed; try again")
+        with lock:
+            touched.add(k)  # before the first byte: a write that fails may leave part of it
+        fd = handles[info.file.name].fileno()
+
+        def put(at: int, block: memoryview) -> None:
+            try:
+                pwrite_all(fd, block, info.start + at)
+            except OSError as e:
+                raise _WriteFailed(info.file.name, e) from None
+
+        decode(entry, info, put)
+        start_writeback(fd, info.start, info.nbytes)
+        source.release(name)
+
+    last = {info.file.name: k for k, (_, info) in enumerate(regions)}  # (the regions are in file order)
+    try:
+        # Each file fsynced here once its last region is written, while the workers go on with
+        # the next file's: at most AHEAD tensors past the one this thread waits for.
+        for name, _ in in_order(list(by_name), write, WORKERS, AHEAD):
+            k = by_name[name]
+            tick(regions[k][1].nbytes)
+            file = regions[k][1].file.name
+            if last[file] == k:
+                try:
+                    os.fsync(handles[file].fileno())
+                except OSError as e:
+                    raise _WriteFailed(file, e) from None
+                synced.append(file)
+    except Exception as e:
+        _roll_back(reader, target, journal, [regions[k][1] for k in sorted(touched)], handles, synced, e)
+        raise
 
 
-def _numpy_decodes(entry: TensorEntry, info: TensorInfo) -> bool:
-    """Whether an entry decodes without torch: a lossless XOR, or int8 or int4 (absmax.py)
-    of a bf16, fp16 or fp32 region, against the base."""
-    if _xor_against_base(entry):
-        return True
-    return (entry.encoding in absmax.BITS and entry.against_version is None and entry.dtype == info.dtype
-            and info.dtype in absmax.DTYPES and tuple(entry.shape) == tuple(info.shape))
-
-
-def _torch_decoder(reader: Reader, version: Version, source: TensorSource) -> tuple[Callable, Callable]:
-    """(entry, region, buffer) -> the entry's result bytes, decoded by its encoding in torch,
-    a lossy result checked against its id; and pools' `in_order`, which keeps torch's own
-    threads from contending with its workers. torch and the modules that load it are imported
-    here, when a version has such entries: an apply of a lossless version runs without them."""
-    import torch
-
-    from ..codecs import encodings
-    from ..core.pools import in_order
-    from ..core.hashing import DTYPES
-
-    def decode(entry: TensorEntry, info: TensorInfo, buffer: np.ndarray) -> memoryview:
-        base = source.get(entry.name)
-        out = torch.from_numpy(buffer).view(DTYPES[info.dtype]).reshape(info.shape) if info.nbytes else None
-        result = reader.decode_entry(entry, base, out=out)
-        # An exact encoding's result is a bitwise function of the verified object and base.
-        if not encodings.from_params(entry.encoding, entry.params).exact:
-            entry.check_result(result, version.ref, untouched="nothing was changed")
-        return tensor_bytes(result)
-
-    return decode, lambda names, work, workers, ahead: in_order(names, work, workers=workers, ahead=ahead)
+def _roll_back(reader: Reader, target: Target, journal: dict, written: list[TensorInfo],
+               handles: dict[str, BinaryIO], synced: list[str], error: Exception) -> None:
+    """The original bytes put back into every region written (all of `synced`'s, whose fsync
+    passed), each file fsynced, the journal dropped; raises what to say where `error` was a
+    write that failed (a check's error is the caller's to raise)."""
+    recorded = {r["name"]: r for r in json.loads(journal["plan"])["regions"]}
+    failing = error.file if isinstance(error, _WriteFailed) else None
+    by_file: dict[str, list[dict]] = {}
+    for info in written:
+        by_file.setdefault(info.file.name, []).append(recorded[info.name])
+    try:
+        for name, regions in by_file.items():
+            put_back(reader.repo.root, journal["id"], handles[name], regions)
+    except Exception as e:
+        why = f"writing {target.path(target.file(failing))} ({getattr(error.error, 'strerror', None) or error.error}) " \
+            if failing else f"{error}; putting back what was written ({getattr(e, 'strerror', None) or e}) "
+        in_part = failing or next(iter(by_file))
+        raise JournalError(f"{why}failed: {len(synced)} of {len(handles)} files patched, {in_part} in part; "
+                           f"{target.given} is half patched: run `deltastore revert {target.given}`") from None
+    drop(reader, journal["id"], [])
+    if failing:
+        raise JournalError(f"writing {target.path(target.file(failing))} failed "
+                           f"({getattr(error.error, 'strerror', None) or error.error}); the files written were "
+                           "put back: nothing was changed") from None
 
 
 def _not_the_base(reader: Reader, version: Version, target: Target, source: TensorSource) -> BaseMismatch:
@@ -299,17 +338,19 @@ def _not_the_base(reader: Reader, version: Version, target: Target, source: Tens
 
 
 def _record(reader: Reader, version: Version, target: Target, regions: list, journal_id: str,
-            saved: Path) -> dict:
-    """The originals (written and fsynced) renamed in, then the journal that points at them;
-    one folder fsync makes both durable before the first byte of the target is written."""
+            saved: Path, in_base: dict[int, tuple[str, int]], base_files: BaseFiles | None) -> dict:
+    """The originals (written and fsynced) renamed in, then the journal that points at them
+    (and at the base files that hold the others); one folder fsync makes both durable before
+    the first byte of the target is written."""
     plan = {"root": str(target.root), "identity": [f.to_json() for f in target.files],
             "files": {f.name: f.header for f in target.files}, "originals": "file", "regions": []}
-    offset = 0
-    for entry, info in regions:
+    if in_base:
+        plan["base_files"] = base_files.plan()
+    for k, ((entry, info), offset) in enumerate(zip(regions, _offsets(regions))):
+        kept = {"base_file": in_base[k][0], "base_start": in_base[k][1]} if k in in_base else {"offset": offset}
         plan["regions"].append({"file": info.file.name, "name": entry.name, "start": info.start, "end": info.end,
-                                "offset": offset, "dtype": info.dtype, "shape": list(info.shape),
+                                **kept, "dtype": info.dtype, "shape": list(info.shape),
                                 "base": entry.base_tensor_id, "result": entry.result_tensor_id})
-        offset += info.nbytes
     journal = {"id": journal_id, "target": str(target.model), "version_id": version.id,
                "state": "applying", "plan": json.dumps(plan, sort_keys=True), "created": now()}
     journalfiles.folder(reader.repo.root).mkdir(exist_ok=True)
@@ -320,67 +361,3 @@ def _record(reader: Reader, version: Version, target: Target, regions: list, jou
         journalfiles.remove(reader.repo.root, journal_id)
         raise
     return journal
-
-
-def _write_or_roll_back(reader: Reader, target: Target, journal: dict, by_file: dict[str, list[TensorInfo]],
-                        results: int, handles: dict[str, BinaryIO], tick: Callable[[int], None]) -> None:
-    """Overwrite the regions from the results, file by file. A write that fails puts the
-    original bytes back into every file written so far and drops the journal; if that fails
-    too, says how far it got."""
-    offsets = {r["name"]: r["offset"] for r in json.loads(journal["plan"])["regions"]}
-    started: list[str] = []
-    try:
-        for name, infos in by_file.items():
-            started.append(name)
-            write_regions(handles[name], results, [(info, offsets[info.name]) for info in infos], tick)
-    except Exception as e:
-        failed = f"{target.path(target.file(started[-1]))} ({getattr(e, 'strerror', None) or e})"
-        try:
-            with open(journalfiles.originals(reader.repo.root, journal["id"]), "rb") as saved:
-                for name in started:
-                    write_regions(handles[name], saved.fileno(),
-                                   [(info, offsets[info.name]) for info in by_file[name]])
-        except Exception:
-            raise JournalError(f"writing {failed} failed: {len(started) - 1} of {len(by_file)} files patched, "
-                               f"{started[-1]} in part; {target.given} is half patched: "
-                               f"run `deltastore revert {target.given}`") from None
-        drop(reader, journal["id"], [])
-        raise JournalError(f"writing {failed} failed; the files written were put back: nothing was changed") from None
-
-
-def write_model(out: Path, source_infos: dict[str, TensorInfo], tensor: Callable[[str], torch.Tensor], *,
-                files_from: Path | None, progress: Callable[[int, int], None] | None = None) -> Path:
-    """A complete Hugging Face model folder at `out`: the tensors `source_infos` describes (their
-    `file` gives the sharding), plus the config and tokenizer files of `files_from`. Written next to `out` and renamed
-    into place, so `out` is either absent or whole."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ModelFormatError(f"{out} exists and is not empty; choose a new folder")
-    with new_folder(out) as tmp:
-        groups: dict[str, list[TensorInfo]] = {}
-        for info in source_infos.values():
-            file = info.file.name if info.file is not None else "model.safetensors"
-            groups.setdefault(file, []).append(info)
-        done, total = 0, len(source_infos)
-        written: dict[str, TensorInfo] = {}
-
-        def counted(name: str) -> torch.Tensor:
-            nonlocal done
-            t = tensor(name)
-            written[name] = TensorInfo(name, dtype_name(t.dtype), tuple(t.shape))
-            done += 1
-            if progress:
-                progress(done, total)
-            return t
-
-        for file, infos in groups.items():
-            write_safetensors(tmp / file, infos, counted, metadata={"format": "pt"})
-        if len(groups) > 1:
-            weight_map = {n: (i.file.name if i.file else "model.safetensors") for n, i in source_infos.items()}
-            size = sum(i.nbytes for i in written.values())
-            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": size},
-                                                      "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        if files_from is not None:
-            for f in other_files(files_from):
-                shutil.copy2(f, tmp / f.name)
-    return out

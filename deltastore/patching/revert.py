@@ -1,7 +1,9 @@
 """In-place applies undone: a target's files reverted bit for bit from its journal, or a
 journal that revert cannot complete dropped (`revert --forget`).
 
-Revert checks every saved original against its base tensor id, and what every region of the
+Revert checks every saved original (in the journal's `.originals`, or in the base's own files
+where the journal points there, those files first checked to be the very files apply found)
+against its base tensor id, and what every region of the
 files whose identity is the journal's holds now: the base's bytes (left), what apply wrote
 (its result's id: written back), or else nothing is written at all, unless a write was under
 way (an unfinished apply, a revert marked as started) and left a region half written. Then it
@@ -17,18 +19,18 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
 from ..core.errors import DeltastoreError, JournalError, SharedFile, shown_names
+from ..core.pools import WORKERS, pipelined
 from ..engine.reader import Reader
 from ..repo import journalfiles
 from ..repo.locate import store_patching
 from ..repo.openjournals import applied_ref, journal_files, journals_covering, journals_on
 from ..weights.models import open_files
 from ..weights.target import FileId, Target, patch_lock, resolve
-from .journalled import Journal, drop, open_for_writing, region_now, write_objects, write_regions
+from .journalled import Journal, drop, open_for_writing, put_back, region_now, write_objects
 
 
 def revert_files(reader: Reader, target: str | os.PathLike, *,
@@ -129,12 +131,18 @@ def _revert_one(reader: Reader, target: Target, row: dict, tick: Callable[[int],
     recorded = _files_to_revert(reader, target, row)
     by_file = _by_file(plan)
     # Read and verify every original, and what every region holds now, before writing any.
-    saved_file = journalfiles.originals(reader.repo.root, row["id"])
+    gone = journalfiles.base_files_problem(row)
+    if gone:
+        raise JournalError(f"{target.given} takes its base bytes back from the base's own files, and {gone}; nothing "
+                           f"was written; put the base's files back as `base add` found them, then run `deltastore "
+                           f"revert {target.given}` again; if it no longer needs its base back, {_forget_hint(row)}")
     damaged = journalfiles.damaged_originals(reader.repo.root, row)
     if damaged:
-        raise JournalError(f"the saved original bytes of {shown_names(damaged)} in {saved_file} are missing or "
-                           f"damaged; nothing was written; {target.given} cannot be reverted exactly from this "
-                           "journal (run `deltastore fsck --read-data`)")
+        where = {str(journalfiles.original_at(reader.repo.root, row["id"], r)[0]) for r in plan["regions"]
+                 if r["name"] in damaged}
+        raise JournalError(f"the saved original bytes of {shown_names(damaged)} in {', '.join(sorted(where))} are "
+                           f"missing or damaged; nothing was written; {target.given} cannot be reverted exactly from "
+                           "this journal (run `deltastore fsck --read-data`)")
     todo = _regions_to_write(reader, target, row, recorded, by_file)
     objects = {r["original"]: reader.repo.objects.get(r["original"]) for r in plan["regions"] if "original" in r}
     if todo:
@@ -181,23 +189,33 @@ def _regions_to_write(reader: Reader, target: Target, row: dict, recorded: list[
     any write, unless a write was under way (an apply not finished, a revert marked as started),
     which may have left one half written."""
     writing = row["state"] != "applied" or journalfiles.is_reverting(reader.repo.root, row["id"])
-    infos = open_files(target.model, files=[target.path(f) for f in recorded]).infos
+    ids = _ids_now(target, recorded, by_file)
     todo: dict[str, list[dict]] = {}
     for name, regions in by_file.items():
-        path = target.path(target.file(name))
-        with open(path, "rb") as fh:
-            for r in regions:
-                now = region_now(fh.fileno(), infos[r["name"]])
-                if now == r["base"]:
-                    continue
-                if now != r["result"] and not writing:
-                    which = applied_ref(reader.repo.catalog, row)
-                    raise JournalError(f"{target.given} does not hold what {which} wrote: the bytes "
-                                       f"of {r['name']} in {path} are neither {which}'s nor the "
-                                       f"base's (written since apply); nothing was written; if it no longer needs "
-                                       f"its base back, {_forget_hint(row)}")
-                todo.setdefault(name, []).append(r)
+        for r in regions:
+            now = ids[r["name"]]
+            if now == r["base"]:
+                continue
+            if now != r["result"] and not writing:
+                which = applied_ref(reader.repo.catalog, row)
+                raise JournalError(f"{target.given} does not hold what {which} wrote: the bytes "
+                                   f"of {r['name']} in {target.path(target.file(name))} are neither {which}'s nor "
+                                   f"the base's (written since apply); nothing was written; if it no longer needs "
+                                   f"its base back, {_forget_hint(row)}")
+            todo.setdefault(name, []).append(r)
     return todo
+
+
+def _ids_now(target: Target, recorded: list[FileId], by_file: dict[str, list[dict]]) -> dict[str, str]:
+    """The tensor id of what each region holds now, by name: two regions hashed at a time."""
+    infos = open_files(target.model, files=[target.path(f) for f in recorded]).infos
+    fds = {name: os.open(target.path(target.file(name)), os.O_RDONLY) for name in by_file}
+    file_of = {r["name"]: name for name, regions in by_file.items() for r in regions}
+    try:
+        return dict(pipelined(list(file_of), lambda n: region_now(fds[file_of[n]], infos[n]), WORKERS, 2 * WORKERS))
+    finally:
+        for fd in fds.values():
+            os.close(fd)
 
 
 def _write_originals(reader: Reader, target: Target, row: dict, recorded: list[FileId],
@@ -210,29 +228,26 @@ def _write_originals(reader: Reader, target: Target, row: dict, recorded: list[F
     handles = open_for_writing(target, list(todo), "revert", recorded)
     try:
         journalfiles.mark_reverting(reader.repo.root, row["id"])
-        saved_file = journalfiles.originals(reader.repo.root, row["id"])
-        with open(saved_file, "rb") if "originals" in plan else nullcontext() as saved:
-            for name, regions in todo.items():
-                try:
-                    if "originals" in plan:
-                        write_regions(handles[name], saved.fileno(), [(r, r["offset"]) for r in regions], tick)
-                    else:
-                        write_objects(handles[name], [(r["start"], objects[r["original"]]) for r in regions])
-                except OSError as e:
-                    raise JournalError(f"writing {target.path(target.file(name))} failed ({e.strerror or e}); the "
-                                       f"journal is kept: run `deltastore revert {target.given}` again") from None
+        for name, regions in todo.items():
+            try:
+                if "originals" in plan:
+                    put_back(reader.repo.root, row["id"], handles[name], regions, tick)
+                else:
+                    write_objects(handles[name], [(r["start"], objects[r["original"]]) for r in regions])
+            except OSError as e:
+                raise JournalError(f"writing {target.path(target.file(name))} failed ({e.strerror or e}); the "
+                                   f"journal is kept: run `deltastore revert {target.given}` again") from None
     finally:
         for fh in handles.values():
             fh.close()
-    check = open_files(target.model, files=[target.path(f) for f in recorded])
+    ids = _ids_now(target, recorded, todo)
     bad = []
-    for name, regions in todo.items():
-        with open(target.path(target.file(name)), "rb") as fh:
-            for r in regions:
-                if region_now(fh.fileno(), check.infos[r["name"]]) != r["base"]:
-                    bad.append(r["name"])
-                if tick:
-                    tick(r["end"] - r["start"])
+    for regions in todo.values():
+        for r in regions:
+            if ids[r["name"]] != r["base"]:
+                bad.append(r["name"])
+            if tick:
+                tick(r["end"] - r["start"])
     if bad:
         raise JournalError(f"after revert, {', '.join(bad[:5])} still differ from the base; "
                            "the journal is kept: run `deltastore fsck`")

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 from ..core.durable import fsync_dir, replace_file
 from ..core.errors import DeltastoreError, DiskFull, ModelFormatError, is_disk_full
 from ..core.hashing import canonical_json, hasher, hexdigest_id, id_header
+from ..core.pools import WORKERS, pipelined
 from ..weights.target import FileId, file_id
 from . import knownstores
 
@@ -132,7 +134,8 @@ def read_all(root: Path) -> list[dict]:
 # -- the original bytes of a journal's regions ------------------------------------------------
 # `journals/<id>.originals`: every region's original bytes, raw, one after another in the
 # plan's order (each region's `offset`); a region's check is its base tensor id. Written to
-# tmp/, fsynced once and renamed in just before the journal's own file.
+# tmp/, fsynced once and renamed in just before the journal's own file. A region whose bytes
+# a registered base file held at apply is not copied: the journal points to that file.
 
 ORIGINALS = ".originals"
 SLICE = 64 << 20  # bytes hashed or copied at a time: what a check or a revert holds
@@ -157,29 +160,68 @@ def region_id(fd: int, offset: int, size: int, dtype: str, shape: list[int]) -> 
     return hexdigest_id(h)
 
 
+def original_at(root: Path, journal_id: str, region: dict) -> tuple[Path, int]:
+    """Where a region's original bytes are: its journal's `.originals` at `offset`, or a base
+    file (`base_file`, a real path) at `base_start`."""
+    if "base_file" in region:
+        return Path(region["base_file"]), region["base_start"]
+    return originals(root, journal_id), region["offset"]
+
+
+def base_files_problem(record: dict) -> str | None:
+    """Why the base files a journal takes original bytes from cannot serve now: one gone, a
+    symlink now, or another file (device, inode), size or header than at apply; None while
+    each is as apply found it. Reads only metadata and headers."""
+    for d in json.loads(record["plan"]).get("base_files", []):
+        path = Path(d["path"])
+        try:
+            now = file_id(path)
+        except (ModelFormatError, OSError):
+            return f"{path} is gone"
+        if now.symlink or not now.unchanged(FileId.from_json(d)):
+            return f"{path} was replaced or changed since apply"
+    return None
+
+
 def damaged_originals(root: Path, record: dict) -> list[str]:
-    """The regions of a journal whose saved original bytes are missing or are not their base
-    tensor's (an empty list for a journal that keeps its originals as objects)."""
+    """The regions of a journal whose original bytes are missing or are not their base
+    tensor's, in `.originals` or in the base files it points to (an empty list for a journal
+    that keeps its originals as objects). Two regions hashed at a time."""
     plan = json.loads(record["plan"])
-    regions = [r for r in plan["regions"] if "offset" in r]
+    regions = [r for r in plan["regions"] if "offset" in r or "base_file" in r]
     if not regions:
         return []
+    gone = base_files_problem(record) is not None
+    fds: dict[Path, int | None] = {}
+    lock = threading.Lock()
+
+    def fd_of(path: Path) -> int | None:
+        with lock:
+            if path not in fds:
+                try:
+                    fds[path] = os.open(path, os.O_RDONLY)
+                except OSError:
+                    fds[path] = None
+            return fds[path]
+
+    def intact(k: int) -> bool:
+        r = regions[k]
+        if gone and "base_file" in r:
+            return False
+        path, offset = original_at(root, record["id"], r)
+        fd = fd_of(path)
+        try:
+            return fd is not None and region_id(fd, offset, r["end"] - r["start"], r["dtype"], r["shape"]) == r["base"]
+        except (OSError, EOFError):
+            return False
+
     try:
-        fd = os.open(originals(root, record["id"]), os.O_RDONLY)
-    except OSError:
-        return [r["name"] for r in regions]
-    try:
-        bad = []
-        for r in regions:
-            try:
-                ok = region_id(fd, r["offset"], r["end"] - r["start"], r["dtype"], r["shape"]) == r["base"]
-            except (OSError, EOFError):
-                ok = False
-            if not ok:
-                bad.append(r["name"])
-        return bad
+        return [regions[k]["name"] for k, ok in pipelined(list(range(len(regions))), intact, WORKERS, 2 * WORKERS)
+                if not ok]
     finally:
-        os.close(fd)
+        for fd in fds.values():
+            if fd is not None:
+                os.close(fd)
 
 
 def orphan_originals(root: Path) -> list[Path]:

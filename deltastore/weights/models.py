@@ -416,21 +416,30 @@ def other_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not WEIGHT_FILE.match(p.name))
 
 
-def write_safetensors(path: Path, infos: Iterable[TensorInfo], tensor: Callable[[str], torch.Tensor],
-                      metadata: dict[str, str] | None = None) -> None:
-    """Stream a safetensors file tensor by tensor, so that writing never holds a whole model."""
+def safetensors_header(infos: Iterable[TensorInfo], metadata: dict[str, str] | None = None
+                       ) -> tuple[bytes, dict[str, int]]:
+    """The start of a safetensors file holding `infos` in name order (its 8-byte length, its
+    header JSON), and where each tensor's bytes start in the file."""
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
-    ordered = sorted(infos, key=lambda i: i.name)
-    for info in ordered:
+    for info in sorted(infos, key=lambda i: i.name):
         header[info.name] = {"dtype": info.dtype, "shape": list(info.shape),
                              "data_offsets": [offset, offset + info.nbytes]}
         offset += info.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+    start = 8 + len(raw)
+    return struct.pack("<Q", len(raw)) + raw, {name: start + h["data_offsets"][0] for name, h in header.items()
+                                                if name != "__metadata__"}
+
+
+def write_safetensors(path: Path, infos: Iterable[TensorInfo], tensor: Callable[[str], torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Stream a safetensors file tensor by tensor, so that writing never holds a whole model."""
+    ordered = sorted(infos, key=lambda i: i.name)
+    head, _ = safetensors_header(ordered, metadata)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+        f.write(head)
         for info in ordered:
             t = tensor(info.name)
             if dtype_name(t.dtype) != info.dtype or tuple(t.shape) != info.shape:
