@@ -94,16 +94,9 @@ def check_names(reader: Reader, base: Base, expected: dict[str, dict], target: T
 
 
 def fitting_base(reader: Reader, target: TensorSource, *, other_than: str) -> Base | None:
-    """A registered base (other than `other_than`) with the model's tensor names and shapes
-    (read from the catalog, no weights): the one a fine-tune was likely made from."""
-    shapes = {n: list(info.shape) for n, info in target.infos.items()}
-    for candidate in reader.bases():
-        if candidate.id == other_than or candidate.tensor_count != len(shapes):
-            continue
-        rows = reader.base_tensors(candidate)
-        if rows.keys() == shapes.keys() and all(json.loads(r["shape"]) == shapes[n] for n, r in rows.items()):
-            return candidate
-    return None
+    """A registered base (other than `other_than`) with the model's tensor names and shapes:
+    the one a fine-tune was likely made from."""
+    return reader.fitting_base({n: list(info.shape) for n, info in target.infos.items()}, other_than=other_than)
 
 
 def _shown(base: Base) -> str:

@@ -13,6 +13,7 @@ of their own: `decode_entry` resolves what an entry's delta is against.
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
@@ -166,6 +167,17 @@ class Reader:
             return {r["name"]: r for r in self.unregistered[base.id][1]}
         bid = self.base(base).id
         return {r["name"]: r for r in self.repo.catalog.base_tensors(bid)}
+
+    def fitting_base(self, shapes: Mapping[str, list[int]], *, other_than: str) -> Base | None:
+        """A registered base (other than `other_than`) whose tensors have these names and shapes
+        (read from the catalog, no weights): the one a model was likely made from, or is."""
+        for candidate in self.bases():
+            if candidate.id == other_than or candidate.tensor_count != len(shapes):
+                continue
+            rows = self.base_tensors(candidate)
+            if rows.keys() == shapes.keys() and all(json.loads(r["shape"]) == shapes[n] for n, r in rows.items()):
+                return candidate
+        return None
 
     def base_source(self, base: Base, weights: ModelLike | None = None, *, mapped: bool = False) -> TensorSource:
         """The base's weights: those given, else where `base add` found them (`mapped`: see

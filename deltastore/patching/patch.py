@@ -157,7 +157,7 @@ def _base_regions(reader: Reader, version: Version, target: Target,
         regions.append((entry, info))
     regions.sort(key=lambda region: (region[1].file.name, region[1].start))  # a file's regions one after another
     if wrong:
-        raise _not_the_base(reader, version, target, source)
+        raise _other_tensors(reader, version, target, source, sorted(wrong))
     if reshaped:
         # The target is the base: --out writes a new folder, which may differ in layout.
         raise JournalError(f"{shown_names(sorted(reshaped))} of {version.ref} change dtype or shape, or are new, "
@@ -308,6 +308,24 @@ def _roll_back(reader: Reader, target: Target, journal: dict, written: list[Tens
         raise JournalError(f"writing {target.path(target.file(failing))} failed "
                            f"({getattr(error.error, 'strerror', None) or error.error}); the files written were "
                            "put back: nothing was changed") from None
+
+
+def _other_tensors(reader: Reader, version: Version, target: Target, source: TensorSource,
+                   wrong: list[str]) -> BaseMismatch:
+    """The target's tensors are not the base's by name, dtype or shape: told from the headers
+    alone, before any tensor is hashed, with the registered base whose tensors they are, if
+    one's are."""
+    mine = reader.base(version.base_id)
+    mine_shown = f"{mine.name + ' ' if mine.name else ''}{short(mine.id)}"
+    fits = reader.fitting_base({n: list(i.shape) for n, i in source.infos.items()}, other_than=mine.id)
+    if fits:
+        what = f"has the tensors of base {fits.name + ' ' if fits.name else ''}{short(fits.id)}, not"
+        hint = f"apply a version of that base to it, or apply {version.ref} to a copy of {mine_shown}"
+    else:
+        what, hint = "is not", f"apply {version.ref} to a copy of {mine_shown}"
+    return BaseMismatch(version.base_id, None, wrong, message=(
+        f"{target.given} {what} {version.ref}'s base {mine_shown}: {len(wrong)} tensors differ in name, dtype "
+        f"or shape ({shown_names(wrong)}); nothing was changed; {hint}"))
 
 
 def _not_the_base(reader: Reader, version: Version, target: Target, source: TensorSource) -> BaseMismatch:
