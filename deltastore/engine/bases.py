@@ -44,6 +44,8 @@ def add_base(reader: Reader, model: ModelLike, notes: list[str], *, name: str | 
     refuse_patched(reader, model)
     source = open_model(model, mapped=True)
     _check_base_names(name, hub_id, hub_revision)
+    if name is not None:
+        _refuse_name_of_another(reader, name, source)
     known = trusted(reader, source, verify)
     row, tensors = describe_base(source, name=name, hub_id=hub_origin(hub_id, hub_revision), progress=progress,
                                  known=known)
@@ -66,6 +68,19 @@ def add_base(reader: Reader, model: ModelLike, notes: list[str], *, name: str | 
     if wrong is not None:
         notes.append(_replaced_note(reader, row["id"], wrong))
     return reader.base(row["id"])
+
+
+def _refuse_name_of_another(reader: Reader, name: str, source: TensorSource) -> None:
+    """Refuse, before any tensor is hashed, a name that a base with other tensors (by name,
+    dtype or shape) holds: these weights cannot be that base. Weights that could be it are
+    hashed, and the name checked against the id they give."""
+    holder = reader.repo.catalog.base_named(name, other_than="")
+    if holder is None:
+        return
+    rows = {r["name"]: r for r in reader.repo.catalog.base_tensors(holder)}
+    if rows.keys() != set(source.infos) or any(
+            rows[n]["dtype"] != i.dtype or json.loads(rows[n]["shape"]) != list(i.shape) for n, i in source.infos.items()):
+        raise UnsafeInput(f"base name {name!r} already names base {holder}; choose another name")
 
 
 def _check_base_names(name: str | None, hub_id: str | None, hub_revision: str | None) -> None:
