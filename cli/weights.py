@@ -49,7 +49,7 @@ def apply(store: Store, ref: str, target: str, out: str | None, break_links: boo
         from deltastore.patching.mix import export_mix
 
         with progress("writing", enabled=not as_json) as cb:
-            path = export_mix(store, {ref: scale}, out, base_weights=target, progress=cb)
+            path = export_mix(store.reader, {ref: scale}, out, base_weights=target, progress=cb)
         return emit_json(ModelWritten(path, store.resolve(ref).ref, scale)) if as_json else echo(f"wrote {path}")
     if out:
         with progress("writing", enabled=not as_json) as cb:
@@ -193,5 +193,5 @@ def mix_export(store: Store, mix: dict[str, float], out: str, base_path: str | N
     from deltastore.patching.mix import export_mix
 
     with progress("writing", enabled=not as_json) as cb:
-        path = export_mix(store, mix, out, base_weights=base_path, progress=cb)
+        path = export_mix(store.reader, mix, out, base_weights=base_path, progress=cb)
     return emit_json(ModelWritten(path, mix=mix)) if as_json else echo(f"wrote {path}")

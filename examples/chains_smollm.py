@@ -53,7 +53,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = Store.init(Path(tmp) / "store")
         plain = {s: store.commit(s, folder, base=str(base)).bytes_stored for s, folder in tuned.items()}
-        mean = export_mix(store, {s: 1 / len(tuned) for s in tuned}, Path(tmp) / "shared")
+        mean = export_mix(store.reader, {s: 1 / len(tuned) for s in tuned}, Path(tmp) / "shared")
         shared = store.commit("shared", mean, base=str(base)).bytes_stored
         chained = {}
         for s, folder in tuned.items():

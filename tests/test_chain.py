@@ -177,8 +177,8 @@ def test_push_refuses_a_chained_version_and_packed_prepare_too(tmp_path, stances
     from deltastore.patching.prepared import prepare
 
     with pytest.raises(ChainError, match="mode='full'"):
-        prepare(store, store.resolve("s1"), mode="packed", base_weights=pair.base)
-    full = prepare(store, store.resolve("s1"), mode="full", base_weights=pair.base)
+        prepare(store.reader, store.resolve("s1"), mode="packed", base_weights=pair.base)
+    full = prepare(store.reader, store.resolve("s1"), mode="full", base_weights=pair.base)
     assert len(full.tensors) == len(store.resolve("s1").tensors)
     # A pull takes manifests of format 1 only: one of a chained version, however it got there, is refused.
     with pytest.raises(UnsafeInput, match="deltastore/version/1"):

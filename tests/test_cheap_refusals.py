@@ -1,5 +1,5 @@
 """Every cheap refusal comes before any expensive work (issue 34): a model of another shape is
-refused by its header alone, before any tensor is hashed, by base add and commit."""
+refused by its header alone, before any tensor is hashed, by apply, base add and commit."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from deltastore import Store
 import deltastore.core.hashing as hashing
 
-from helpers import make_model, run_cli, store_snapshot
+from helpers import make_model, run_cli, store_snapshot, weight_bytes
 
 
 @pytest.fixture
@@ -40,6 +40,15 @@ def _refused(result, *said: str) -> None:
     assert result.exit_code == 1 and len(lines) == 1 and "Traceback" not in result.output, result.output
     for words in said:
         assert words in lines[0], lines[0]
+
+
+def test_apply_onto_a_model_of_other_shapes_hashes_nothing(world, hashed) -> None:
+    root, _, other = world
+    before, snapshot = weight_bytes(other.base), store_snapshot(root)
+    _refused(run_cli(root, "apply", "s", other.base), "is not s@1's base b", "differ in name, dtype or shape",
+             "nothing was changed")
+    assert hashed == []
+    assert weight_bytes(other.base) == before and store_snapshot(root) == snapshot
 
 
 def test_base_add_under_a_name_another_base_holds_hashes_nothing(world, hashed) -> None:

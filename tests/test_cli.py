@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -400,9 +401,12 @@ def test_ctrl_c_during_a_commit_says_what_was_stored(tmp_path, larger) -> None:
     def waiting() -> bool:
         try:
             reading.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-            return True
         except OSError:  # no reader yet
             return False
+        # The reader's open has returned: let it reach the read that waits for the metadata
+        # (a SIGINT sent between the two was at times not acted on: the test hung).
+        time.sleep(0.3)
+        return True
     code, out, err = _run_until(["--store", root, "commit", "s", larger.ft, "--base", "b", "--meta-file", fifo],
                                 waiting, tmp_path)
     for fd in reading:

@@ -557,7 +557,7 @@ def test_another_base_is_named_first_and_out_is_not_offered(world) -> None:
     line = w.refused("apply", "s", w.proj)  # the user's fine-tune itself
     assert f"{w.proj} already holds s@1's own weights" in line and "--out" not in line
     line = w.refused("apply", "s", odd.base)
-    assert line.startswith(f"Error: {odd.base} is not a registered base (its base id would be b3:")
+    assert line.startswith(f"Error: {odd.base} is not s@1's base ") and "differ in name, dtype or shape" in line
     assert "not s@1's base" in line and "--out" not in line
     assert w.files() == before and w.journals() == [] and w.fsck_ok() == []
 

@@ -210,7 +210,7 @@ def _refuse_before_measuring(store: Store, stance: str, model: Any, base: Any, r
                        new_stance=new_stance, against=against, move_tag=move_tag)
     with store.base_for_commit(base) as (record, expected):
         target = open_model(model, mapped=True)
-        check_names(store, record, expected, target)
+        check_names(store.reader, record, expected, target)
         newest = store.catalog.latest(stance)
         if allow_empty or newest is None or against is not None:
             return

@@ -227,8 +227,8 @@ def mix_label(weights: Mapping[str, float]) -> str:
 def _mix_work(bench: Bench, scans: Mapping[str, Scan], store: Store, weights: Mapping[str, float]) -> Work:
     # mix.py's own arithmetic on compare's base weights (checked against the versions' base);
     # the bytes are those of the versions' objects as the store holds them, each counted once.
-    _, tensor = mixed(store, weights, base_weights=bench.base)
-    versions = resolve_weights(store, weights)
+    _, tensor = mixed(store.reader, weights, base_weights=bench.base)
+    versions = resolve_weights(store.reader, weights)
     entries: dict[str, list[Any]] = {}
     for version, _ in versions:
         for entry in version.tensors:
@@ -354,7 +354,7 @@ def _checked(encodings: Sequence[str], ranks: Sequence[int], selections: Sequenc
     if (mixes or against) and store is None:
         raise CompareError("mix and against rows measure stored versions: give the store they are in")
     for weights in mixes:
-        resolve_weights(store, weights)
+        resolve_weights(store.reader, weights)
     return specs, ranks, chosen, [store.resolve(ref) for ref in against]
 
 
