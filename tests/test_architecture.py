@@ -40,15 +40,14 @@ def modules() -> dict[str, Path]:
 
 
 def imports(path: Path, known: set[str]) -> set[str]:
-    """The deltastore modules a module imports, at its top or inside functions, relative or by
-    full name; not those under `if TYPE_CHECKING:`, which never run."""
+    """The deltastore modules a module imports, at its top, inside functions or under `if
+    TYPE_CHECKING:` (a type named from an upper layer is a dependency on it too), relative or by
+    full name."""
     package = dotted(path).split(".")[:-1]
     out = set()
     todo = [ast.parse(path.read_text())]
     while todo:
         node = todo.pop()
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-            continue
         if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] == "deltastore"):
             base = ".".join(package[:len(package) - node.level + 1] if node.level else [])
             full = ".".join(filter(None, [base, node.module]))
@@ -172,3 +171,32 @@ def test_the_command_line_is_installed_inside_the_package():
                 for node in ast.walk(ast.parse(p.read_text()))
                 if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "cli"]
     assert absolute == []
+
+
+def test_nothing_below_the_store_names_it():
+    """engine/, patching/ and the layers under them take the small object they need (a Reader,
+    a Repo), never the `Store` that composes them: no name, annotation or import of it."""
+    layer, top = layers(), layers()["deltastore.store"]
+    named = sorted(f"{m}:{node.lineno}" for m, p in modules().items() if layer.get(m, -1) > top
+                   for node in ast.walk(ast.parse(p.read_text()))
+                   if (isinstance(node, ast.Name) and node.id == "Store")
+                   or (isinstance(node, ast.alias) and node.name in ("Store", "store")))
+    assert named == []
+
+
+def test_no_module_uses_another_modules_private_names():
+    """A `_name` of another deltastore module is never imported or reached through the module."""
+    found = modules()
+    used = []
+    for m, p in found.items():
+        tree = ast.parse(p.read_text())
+        aliases = {a.asname or a.name: a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                   for a in node.names}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("deltastore")):
+                used += [f"{m}: imports {a.name}" for a in node.names if a.name.startswith("_")]
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__") \
+                    and isinstance(node.value, ast.Name) and node.value.id in aliases \
+                    and any(k.endswith("." + aliases[node.value.id]) for k in found):
+                used.append(f"{m}: {node.value.id}.{node.attr}")
+    assert used == []

@@ -14,7 +14,7 @@ Used by apply.py (a live apply onto a CUDA module) and prepared.py (switching pr
 from __future__ import annotations
 
 import warnings
-from typing import Any, Mapping, TYPE_CHECKING
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -24,8 +24,18 @@ from ..core.errors import DeltastoreError
 from ..core.hashing import dtype_name
 from .quantize import unscale
 
-if TYPE_CHECKING:  # an entry's fields are all this reads of it
-    from ..repo.records import TensorEntry
+
+class TensorEntry(Protocol):
+    """What this module reads of a version's tensor entry (repo/records.py's, a layer above)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    encoding: str
+    params: dict[str, Any]
+    objects: Mapping[str, Any]
+    against_version: str | None
+
 
 ENCODINGS = ("int4", "int8")
 FLOATS = (torch.bfloat16, torch.float16, torch.float32)
