@@ -89,6 +89,22 @@ def test_a_base_file_changed_after_apply_makes_revert_refuse_and_write_nothing(t
     assert store.catalog.open_journals() == [] and file_bytes(target) == applied_bytes
 
 
+def test_plain_fsck_sees_a_base_file_the_journal_needs_replaced_or_gone(tmp_path, store) -> None:
+    """fsck without --read-data checks the base files by identity, as revert does first: an
+    error naming the file and the fix, where revert would refuse."""
+    pair, target, row, plan = applied(tmp_path, store)
+    assert store.fsck().ok
+    path = Path(plan["regions"][0]["base_file"])
+    kept = path.read_bytes()
+    path.unlink()
+    path.write_bytes(kept)  # the same bytes in another file (inode): revert refuses it too
+    for why in ("was replaced or changed since apply", "is gone"):
+        [problem] = store.fsck().errors
+        assert problem.kind == "damaged-originals" and f"{path} {why}" in problem.message
+        assert f"revert --forget {row['id']}" in problem.message
+        path.unlink(missing_ok=True)
+
+
 def test_revert_from_the_base_files_put_back_in_place(tmp_path, store) -> None:
     """Base files written in place and then restored (same file, same bytes): revert is exact."""
     pair, target, row, plan = applied(tmp_path, store)

@@ -166,10 +166,17 @@ def fsck(reader: Reader, *, read_data: bool = False, repair: bool = False) -> Fs
 
     for j in rows["journals"]:
         damaged = journalfiles.damaged_originals(reader.repo.root, j) if read_data else []
+        # Without --read-data, the base files a journal points to are checked by identity
+        # (stat data and headers), as revert checks them before it writes.
+        moved = None if read_data else journalfiles.base_files_problem(j)
         if damaged:
             problems.append(Problem("damaged-originals", j["target"], f"the original bytes saved to revert "
                                     f"{j['target']} are missing or damaged ({', '.join(damaged[:5])}): "
                                     "revert cannot restore its base exactly"))
+        elif moved:
+            problems.append(Problem("damaged-originals", j["target"], f"the base's files that revert of "
+                                    f"{j['target']} takes the original bytes from changed ({moved}): put them "
+                                    f"back, or `deltastore revert --forget {j['id']}`"))
         problems.append(_journal_note(reader.repo.root, j, refs.get(j["version_id"], "a version")))
     leftovers, repaired = _leftovers(reader, rows["pending"], repair)
     problems += leftovers
