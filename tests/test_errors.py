@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import pickle
 import struct
 from pathlib import Path
@@ -58,7 +57,7 @@ def refused(store: Store, error: type[BaseException], call, *args, **kwargs) -> 
 # -- a fine-tune that does not fit its base ---------------------------------------------------------
 
 
-def test_a_fine_tune_of_another_base_names_the_tensors_and_both_ids(tmp_path, committed, pair) -> None:
+def test_a_fine_tune_of_another_base_names_the_tensors_and_the_base(tmp_path, committed, pair) -> None:
     other = tiny_net(torch.bfloat16, layers=4)  # one block more: four tensors the base lacks
     folder = write_folder(tmp_path / "other", saved_state(other))
     base = committed.base("tiny")
@@ -66,9 +65,11 @@ def test_a_fine_tune_of_another_base_names_the_tensors_and_both_ids(tmp_path, co
     extra = sorted(n for n in saved_state(other) if n.startswith("blocks.3."))
     assert e.names == extra
     assert e.expected == base.id
-    assert e.actual == Store.init(tmp_path / "scratch").add_base(folder).id
+    # Refused by its tensor names alone, before any tensor is hashed: the model's own id is not
+    # computed (test_cheap_refusals.py).
+    assert e.actual is None
     message = str(e)
-    assert base.id[:15] in message and e.actual[:15] in message and base.id not in message
+    assert base.id[:15] in message and base.id not in message
     assert all(name in message for name in extra[:5])
 
 
@@ -76,7 +77,7 @@ def test_a_model_of_other_shapes_is_another_base(tmp_path, committed) -> None:
     other = tiny_net(torch.bfloat16, hidden=24)
     folder = write_folder(tmp_path / "wider", saved_state(other))
     e = refused(committed, BaseMismatch, committed.commit, "s", folder, base="tiny")
-    assert "other shapes" in str(e) and e.actual is not None and e.actual[:15] in str(e)
+    assert "other shapes" in str(e) and e.actual is None  # told by its shapes, nothing hashed
     assert len(e.names) > len(saved_state(other)) // 2
 
 
