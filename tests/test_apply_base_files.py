@@ -194,3 +194,18 @@ def test_an_apply_killed_at_any_moment_is_revertable_from_the_base_files(tmp_pat
                 assert store.catalog.open_journals(str(target.absolute())) == []
     finally:
         driver.close()
+
+
+def test_apply_revert_and_export_leave_no_file_open(tmp_path, store) -> None:
+    """A file holds many regions: each is opened once per apply or export, and closed (one
+    descriptor per region was opened and all but one per file left open: a long-lived process
+    ran out of descriptors)."""
+    pair = make_model(tmp_path, torch.bfloat16, sharded=True)
+    store.commit("s", pair.ft, base=pair.base, encoding="int4")
+    target = tmp_path / "target"
+    shutil.copytree(pair.base, target)
+    before = len(os.listdir("/proc/self/fd"))
+    store.apply_files("s", target)
+    store.revert_files(target)
+    store.export("s", tmp_path / "out")
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -77,7 +77,7 @@ def write_decoded(reader: Reader, version: Version, source: TensorSource, expect
     with _model_folder(out) as tmp:
         groups = _by_file(infos)
         outputs, where = {}, {}
-        reads = {info.file: os.open(info.file, os.O_RDONLY) for info in infos.values()}
+        reads = {path: os.open(path, os.O_RDONLY) for path in dict.fromkeys(info.file for info in infos.values())}
         try:
             for file, group in groups.items():
                 head, starts = safetensors_header(group, {"format": "pt"})

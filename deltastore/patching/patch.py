@@ -207,7 +207,8 @@ def _check_and_save(reader: Reader, version: Version, target: Target, source: Te
         source.release(name)
         return True
 
-    files = {info.file: os.open(info.file, os.O_RDONLY) for _, info in regions}
+    # One descriptor per file (a file holds many regions), each closed below.
+    files = {path: os.open(path, os.O_RDONLY) for path in dict.fromkeys(info.file for _, info in regions)}
     try:
         for name, ok in pipelined(list(by_name), check, WORKERS, len(by_name)):
             if not ok:
