@@ -233,10 +233,17 @@ def test_a_copy_of_a_target_still_there_points_to_the_target(tmp_path, store) ->
 
 
 def test_a_copy_of_the_base_is_not_taken_for_a_copy_of_the_applied_target(tmp_path, store) -> None:
-    """The same headers as the applied target (an in-place apply keeps them), other bytes."""
-    pair, target, copy, row = copied_away(tmp_path, store)
+    """The same headers as the applied target (an in-place apply keeps them), other bytes. The
+    base's copy is made while the applied target's files still exist: revert knows a file by
+    its device and inode, and a file made after they were deleted may be given one of theirs."""
+    pair, target, row = applied(tmp_path, store, "current")
+    fresh = tmp_path / "fresh"
+    shutil.copytree(pair.base, fresh)
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(target), str(copy)], check=True)
+    shutil.rmtree(target)
     shutil.rmtree(copy)
-    shutil.copytree(pair.base, copy)
+    os.rename(fresh, copy)
     result = run_cli(store.root, "revert", str(copy))
     assert result.exit_code == 1 and "nothing was applied in place" in result.output, result.output
 
