@@ -316,3 +316,36 @@ def test_a_ctrl_c_right_after_the_catalog_commits_keeps_the_ref_log_record(small
     assert run_cli(small, "fsck").exit_code == 0
     refs = (small / "refs.log").read_bytes().splitlines()
     assert json.loads(refs[-1]).get("tag") == "paper" or b"paper" in refs[-1]
+
+
+def test_a_checkpoint_killed_part_way_is_replayed_not_called_truncated(small, tmp_path) -> None:
+    """A writer killed while it checkpoints may have written the catalog's first page (whose
+    header counts the pages the log adds) and not yet the pages past the file's old end. The
+    write-ahead log still holds every one of them and SQLite replays it on the next open, so the
+    catalog is whole, not truncated. CI saw this after an apply was killed."""
+    db = small / "catalog.db"
+    with Store.open(small) as store:
+        store.catalog.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    holder = sqlite3.connect(db, isolation_level=None)  # keeps the store's close from checkpointing
+    try:
+        holder.execute("SELECT count(*) FROM versions").fetchone()
+        with Store.open(small) as store:
+            for seed in range(3, 9):
+                store.commit("grown", variant(make_model(tmp_path / f"m{seed}"), tmp_path, seed), base="tiny")
+        copy = tmp_path / "copy"
+        shutil.copytree(small, copy)
+    finally:
+        holder.close()
+    wal = (copy / "catalog.db-wal").read_bytes()
+    page_size = int.from_bytes(wal[8:12], "big")
+    frames = [wal[32 + k * (24 + page_size):32 + (k + 1) * (24 + page_size)]
+              for k in range((len(wal) - 32) // (24 + page_size))]
+    first_page = [f[24:] for f in frames if int.from_bytes(f[:4], "big") == 1][-1]
+    with open(copy / "catalog.db", "r+b") as f:  # the checkpoint got as far as page 1
+        f.write(first_page)
+    size = (copy / "catalog.db").stat().st_size
+    assert size < int.from_bytes(first_page[28:32], "big") * page_size  # what the kill left
+
+    with Store.open(copy) as store:
+        assert [v.number for v in store.log("grown")] == [6, 5, 4, 3, 2, 1]
+        assert store.fsck().ok

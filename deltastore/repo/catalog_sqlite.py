@@ -52,6 +52,8 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 
 BUSY_TIMEOUT_S = 60
 
+WAL_HEADER_BYTES = 32
+
 
 def check_file(path: Path) -> None:
     """The checks that need no SQLite: the file is there, whole, and an SQLite database."""
@@ -72,8 +74,18 @@ def check_file(path: Path) -> None:
     page_size = 65536 if page_size == 1 else page_size
     pages = int.from_bytes(head[28:32], "big")
     # The header's page count is valid when its change counter matches (SQLite file format §1.3.7).
-    if head[24:28] == head[92:96] and size < pages * page_size:
+    # A checkpoint killed part way leaves a header counting pages not yet copied out of the
+    # write-ahead log: the log still holds them and SQLite replays it on open, so with a log
+    # present the file is not judged by its size.
+    if head[24:28] == head[92:96] and size < pages * page_size and not _holds_log(path):
         raise CatalogDamaged(root, f"is truncated ({size} bytes, its header says {pages * page_size})")
+
+
+def _holds_log(path: Path) -> bool:
+    try:
+        return Path(f"{path}-wal").stat().st_size > WAL_HEADER_BYTES
+    except FileNotFoundError:
+        return False
 
 
 def _open_readonly(path: Path) -> sqlite3.Connection:
