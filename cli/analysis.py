@@ -32,7 +32,7 @@ def _kl(value: float | None) -> str:
 @click.argument("model", type=click.Path(exists=True))
 @click.option("--encodings", "encodings_text", default="lossless,int8,int4,nf4,fp4,1bit", show_default=True,
               callback=lower_case,
-              help="Delta encodings to compare, comma-separated (lowrank:R too).")
+              help="Delta encodings to compare, comma-separated (lowrank:R and mixedrank:R too).")
 @click.option("--ranks", "ranks_text", default="8,32", show_default=True,
               help="LoRA ranks to compare, comma-separated ('' for none).")
 @click.option("--full", "full_text", default="int4,nf4", show_default=True, callback=lower_case,

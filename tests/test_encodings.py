@@ -16,7 +16,7 @@ from deltastore.codecs import quantize as Q
 from deltastore.codecs.encodings import Encoded
 from deltastore.core.errors import EncodingError
 
-LOSSY = ["int8", "int4", "nf4", "fp4", "1bit", "lowrank:4"]
+LOSSY = ["int8", "int4", "nf4", "fp4", "1bit", "lowrank:4", "mixedrank:4"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 HAVE_BNB = importlib.util.find_spec("bitsandbytes") is not None  # an optional dependency
 
@@ -71,6 +71,12 @@ GOLDEN = {
         {"us": "cee4c4c169bfa6297a5fe9c924f84eb0df068fc8eab4923229cc27fa88f99f9f",
          "vh": "f1d41a27a0ac19fefe9b3ede79430d36f51df45039593f0ad3627ed29a303a41"},
         {"rank": 2, "dtype": "bf16", "scale_exp": -15}),
+    "mixedrank:2": (
+        {"u": "d708d0b11528608ce997c43740664cc42bb8d67437a37616043990d8626b2ce4",
+         "u_scales": "259ac35b908e7f88ac98859dbc0c7e5770f2ca64d190f287921f94bb2f9929a8",
+         "v": "975aad18e1f58f8e80b5eae462936dd456daddf525be6028ad98d3774f9826fa",
+         "v_scales": "7013e97afb3abd793b3b47b024ceebd12e61b7871783bd1f6a8d70d00e79410d"},
+        {"bits": [4, 4, 4, 4, 4, 4], "group_size": 64, "u_exp": -18, "v_exp": -26}),
 }
 
 
@@ -91,6 +97,7 @@ GOLDEN_DECODED = {
     "fp4": "42db525af457013a9a3dcb36fdcd02e4e2ba0148745ace35cdac4394de0008f6",
     "1bit": "4e15c7accceccdef561332f2d8a92b890ab6851ac71dee5dcdea85cd51e2d9ac",
     "lowrank:2": "cbef405bca895f8cfd352ec061eea2315c0e585677c33417d6756e14debd891f",
+    "mixedrank:2": "798f8c2ae408af87c0dcdeab90973790f5a437081bc1b77a9040ae5ed11b154b",
 }
 
 
@@ -170,7 +177,7 @@ def test_round_trip_keeps_dtype_shape_and_is_deterministic(spec: str, dtype: tor
         assert torch.equal(out, target)
     else:
         err = rel_error(base, target, out)
-        assert err < {"1bit": 1.0, "lowrank:4": 1.0}.get(spec, 0.5)
+        assert err < {"1bit": 1.0, "lowrank:4": 1.0, "mixedrank:4": 1.0}.get(spec, 0.5)
 
 
 def rel_error(base: torch.Tensor, target: torch.Tensor, out: torch.Tensor) -> float:
@@ -182,10 +189,11 @@ def rel_error(base: torch.Tensor, target: torch.Tensor, out: torch.Tensor) -> fl
 @pytest.mark.parametrize("numel", [1, 2, 3, 63, 65, 127, 129])
 def test_odd_sizes(spec: str, numel: int) -> None:
     g = torch.Generator().manual_seed(numel)
-    shape = (1, numel) if spec.startswith("lowrank") else (numel,)
+    ranked = ":" in spec  # lowrank:R, mixedrank:R: a matrix, of rank 1 here
+    shape = (1, numel) if ranked else (numel,)
     base = torch.randn(shape, generator=g)
     target = base + torch.randn(shape, generator=g) * 1e-3
-    enc = get("lowrank:1" if spec.startswith("lowrank") else spec)
+    enc = get(spec.split(":")[0] + ":1" if ranked else spec)
     out = enc.decode(base, enc.encode(base, target), dtype=torch.float32, shape=shape)
     assert out.shape == shape
     assert rel_error(base, target, out) < (0.02 if spec == "int8" else 1.0)
@@ -331,7 +339,7 @@ def test_damaged_parts_and_params_are_refused_before_decoding(spec: str) -> None
     for bad in (short, missing):
         with pytest.raises(EncodingError, match=first):
             enc.decode(base, bad, dtype=torch.float32, shape=(7, 19))
-    key = next(k for k in ("scale_exp", "blocksize") if k in good.params)
+    key = next(k for k in ("scale_exp", "blocksize", "u_exp") if k in good.params)
     with pytest.raises(EncodingError, match=key):
         enc.decode(base, Encoded(good.parts, {**good.params, key: "9"}), dtype=torch.float32, shape=(7, 19))
     with pytest.raises(EncodingError, match="shape"):
@@ -444,3 +452,55 @@ def test_lossless_decoded_in_place_equals_decoded_and_keeps_the_base(dtype) -> N
     with pytest.raises(EncodingError):
         xor_ungroup_in_place(payload, base.element_size(), module.view(torch.uint8).numpy()[1:],
                              keep.view(torch.uint8).numpy()[1:])
+
+
+def spectral_delta(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """A delta whose singular values fall off as a fine-tune's do, over a floor of noise."""
+    g = torch.Generator().manual_seed(seed)
+    q1 = torch.linalg.qr(torch.randn(rows, rows, generator=g)).Q
+    q2 = torch.linalg.qr(torch.randn(cols, cols, generator=g)).Q
+    k = min(rows, cols)
+    s = 1.0 / torch.arange(1, k + 1).float() ** 0.7
+    return (q1[:, :k] * s) @ q2[:, :k].T * 1e-3
+
+
+def read_mixedrank(parts: dict, params: dict, rows: int, cols: int) -> np.ndarray:
+    """FORMAT.md's mixedrank as an independent reader writes it from the text: bit by bit."""
+    def side(name: str, length: int, exp: int) -> np.ndarray:
+        data, scales = bytes(parts[name]), np.frombuffer(bytes(parts[name + "_scales"]), "<f2")
+        groups = -(-length // params["group_size"])
+        out, t = np.zeros((len(params["bits"]), length)), 0
+        for i, b in enumerate(params["bits"]):
+            for j in range(length):
+                k = sum(((data[(t + x) // 8] >> ((t + x) % 8)) & 1) << x for x in range(b))
+                t += b
+                step = float(scales[i * groups + j // params["group_size"]]) * 2.0 ** exp
+                out[i, j] = (k + 0.5 - 2 ** (b - 1)) * step
+        return out
+    u, v = side("u", rows, params["u_exp"]), side("v", cols, params["v_exp"])
+    return (u.T @ v).astype(np.float32)
+
+
+def test_mixedrank_layout_as_an_independent_reader_decodes_it() -> None:
+    dw = spectral_delta(40, 30, seed=5)
+    zero = torch.zeros(40, 30)
+    enc = get("mixedrank:3", group_size=16)
+    encoded = enc.encode(zero, dw)
+    assert len(set(encoded.params["bits"])) > 1  # widths mixed, as the layout must handle
+    ours = enc.decode(zero, encoded, dtype=torch.float32, shape=(40, 30)).numpy()
+    theirs = read_mixedrank(encoded.parts, encoded.params, 40, 30)
+    assert np.abs(ours - theirs).max() <= 1e-6 * np.abs(theirs).max()
+
+
+@pytest.mark.parametrize(("shape", "rank"), [((256, 96), 8), ((96, 256), 8), ((512, 512), 16)])
+def test_mixedrank_keeps_more_than_lowrank_in_its_bytes(shape: tuple[int, int], rank: int) -> None:
+    dw = spectral_delta(*shape, seed=6)
+    zero = torch.zeros(shape)
+    errors, sizes = {}, {}
+    for spec in (f"lowrank:{rank}", f"mixedrank:{rank}"):
+        enc = get(spec)
+        encoded = enc.encode(zero, dw)
+        sizes[spec] = sum(len(p) for p in encoded.parts.values())
+        errors[spec] = rel_error(zero, dw, enc.decode(zero, encoded, dtype=torch.float32, shape=shape))
+    assert sizes[f"mixedrank:{rank}"] <= sizes[f"lowrank:{rank}"]
+    assert errors[f"mixedrank:{rank}"] < 0.8 * errors[f"lowrank:{rank}"], errors

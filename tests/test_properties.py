@@ -157,20 +157,20 @@ def test_lossy_round_trip_is_deterministic_and_keeps_dtype_and_shape(pair, spec)
 
 
 @PROFILE
-@given(pair=float_pair(lowrank=True), rank=st.integers(1, 4))
-def test_lowrank_round_trip_is_deterministic_and_keeps_dtype_and_shape(pair, rank):
+@given(pair=float_pair(lowrank=True), rank=st.integers(1, 4), family=st.sampled_from(["lowrank", "mixedrank"]))
+def test_lowrank_round_trip_is_deterministic_and_keeps_dtype_and_shape(pair, rank, family):
     base, target = pair
     assume(rank <= min(target.shape))
-    _roundtrip(f"lowrank:{rank}", base, target)
+    _roundtrip(f"{family}:{rank}", base, target)
 
 
 @PROFILE
-@given(pair=float_pair(), spec=st.sampled_from(["int8", "int4", "nf4", "fp4", "1bit", "lowrank:1"]))
+@given(pair=float_pair(), spec=st.sampled_from(["int8", "int4", "nf4", "fp4", "1bit", "lowrank:1", "mixedrank:1"]))
 def test_a_zero_delta_gives_back_the_base(pair, spec):
     if spec in ("nf4", "fp4") and not HAVE_BNB:
         pytest.skip("bitsandbytes is not installed")
     base, _ = pair
-    if spec.startswith("lowrank"):
+    if ":" in spec:  # lowrank:R, mixedrank:R
         assume(base.dim() == 2 and min(base.shape) >= 1)
     out = encodings.get(spec).decode(base, encodings.get(spec).encode(base, base.clone()),
                                      dtype=base.dtype, shape=tuple(base.shape))
@@ -246,7 +246,7 @@ def test_lowrank_holds_a_delta_of_its_rank(seed, rows, cols, true_rank, dtype):
 
 
 @PROFILE
-@given(pair=float_pair(lowrank=True), spec=st.sampled_from(["int8", "int4", "nf4", "fp4", "1bit", "lowrank:1"]),
+@given(pair=float_pair(lowrank=True), spec=st.sampled_from(["int8", "int4", "nf4", "fp4", "1bit", "lowrank:1", "mixedrank:1"]),
        bad=st.sampled_from([math.nan, math.inf, -math.inf]))
 def test_lossy_encodings_refuse_a_non_finite_delta(pair, spec, bad):
     if spec in ("nf4", "fp4") and not HAVE_BNB:
@@ -327,7 +327,7 @@ def test_a_commit_refuses_nan_or_inf_naming_the_tensor_unless_allowed(models, at
 
 
 @COMMIT_PROFILE
-@given(models=model_pair(), spec=st.sampled_from(["lossless", "int8", "int4", "1bit", "lowrank:1"]))
+@given(models=model_pair(), spec=st.sampled_from(["lossless", "int8", "int4", "1bit", "lowrank:1", "mixedrank:1"]))
 def test_a_commit_reads_back_what_its_entries_record(models, spec):
     base, ft = models
     with tempfile.TemporaryDirectory() as tmp:

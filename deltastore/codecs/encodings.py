@@ -15,7 +15,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping
 import numpy as np
 import torch
 
-from . import quantize as Q
+from . import mixedrank as MR, quantize as Q
 from .bytegroups import WORDS as _WORDS, ungroup
 from ..core.errors import EncodingError
 from ..core.hashing import DTYPES, dtype_name
@@ -448,6 +448,35 @@ class LowRank(_Delta):
         return Q.lowrank_decode(encoded.parts, encoded.params, rows=shape[0], cols=shape[1])
 
 
+@dataclass(frozen=True)
+class MixedRank(_Delta):
+    """A 2-D dW's singular directions at mixed widths (1 to 8 bits each, more for the larger
+    ones), in the bytes of a bf16 lowrank:R. Parts `u`, `u_scales`, `v`, `v_scales`; params
+    `bits`, `group_size`, `u_exp`, `v_exp` (layout: mixedrank.py)."""
+
+    name = "mixedrank"
+    rank: int = 32
+    group_size: int = 64
+
+    def __post_init__(self) -> None:
+        _whole(self.rank, "the rank of mixedrank:R", "a positive whole number, e.g. mixedrank:32")
+        _whole(self.group_size, "group_size", "a positive whole number of elements per scale (default 64)")
+
+    @property
+    def spec(self) -> str:
+        return f"mixedrank:{self.rank}"
+
+    def _encode(self, dw: torch.Tensor, shape: tuple[int, ...]) -> tuple[Q.Parts, dict[str, Any]]:
+        if len(shape) != 2:
+            raise EncodingError(f"{self.spec} needs a 2-D tensor, got shape {shape}; keep this tensor lossless")
+        return MR.encode(dw, rank=self.rank, group_size=self.group_size)
+
+    def _decode(self, encoded: Encoded, shape: tuple[int, ...]) -> torch.Tensor:
+        if len(shape) != 2:
+            raise EncodingError(f"{self.spec} decodes only 2-D tensors, the entry declares shape {shape}")
+        return MR.decode(encoded.parts, encoded.params, rows=shape[0], cols=shape[1])
+
+
 # -- registry ------------------------------------------------------------------------------
 
 Factory = Callable[[str | None, dict[str, Any]], Encoding]
@@ -482,7 +511,7 @@ def get(spec: str, **options: Any) -> Encoding:
     name, _, arg = spec.partition(":")
     factory = _REGISTRY.get(name)
     if factory is None:
-        raise EncodingError(f"unknown encoding {shown(spec)}; known: {', '.join(names())} (lowrank as lowrank:R)")
+        raise EncodingError(f"unknown encoding {shown(spec)}; known: {', '.join(names())} (lowrank and mixedrank as NAME:R)")
     given = {k: v for k, v in options.items() if v is not None}
     unknown = sorted(k for k in given if not any(k in opts for opts in _OPTIONS.values()))
     if unknown:
@@ -504,12 +533,15 @@ def _no_arg(cls: Callable[..., Encoding]) -> Factory:
     return factory
 
 
-def _lowrank(arg: str | None, options: dict[str, Any]) -> Encoding:
-    # isdigit() alone admits '²' and 5000-digit strings, which int() refuses.
-    if arg is None or not (arg.isascii() and arg.isdigit() and len(arg) <= 9) or int(arg) <= 0:
-        spec = "lowrank" if arg is None else f"lowrank:{arg[:40]}"
-        raise EncodingError(f"{spec}: lowrank needs a positive whole rank, as lowrank:R (e.g. lowrank:32)")
-    return LowRank(int(arg), **options)
+def _ranked(cls: Callable[..., Encoding]) -> Factory:
+    def factory(arg: str | None, options: dict[str, Any]) -> Encoding:
+        # isdigit() alone admits '²' and 5000-digit strings, which int() refuses.
+        if arg is None or not (arg.isascii() and arg.isdigit() and len(arg) <= 9) or int(arg) <= 0:
+            spec = cls.name if arg is None else f"{cls.name}:{arg[:40]}"
+            raise EncodingError(f"{spec}: {cls.name} needs a positive whole rank, as {cls.name}:R "
+                                f"(e.g. {cls.name}:32)")
+        return cls(int(arg), **options)
+    return factory
 
 
 register("lossless", _no_arg(Lossless))
@@ -518,8 +550,9 @@ register("int4", _no_arg(Int4), ("group_size",))
 register("nf4", _no_arg(NF4), ("blocksize",))
 register("fp4", _no_arg(FP4), ("blocksize",))
 register("1bit", _no_arg(OneBit))
-register("lowrank", _lowrank, ("dtype",))
+register("lowrank", _ranked(LowRank), ("dtype",))
+register("mixedrank", _ranked(MixedRank), ("group_size",))
 
-__all__ = ["Encoded", "Encoding", "Lossless", "Int8", "Int4", "NF4", "FP4", "OneBit", "LowRank",
+__all__ = ["Encoded", "Encoding", "Lossless", "Int8", "Int4", "NF4", "FP4", "OneBit", "LowRank", "MixedRank",
            "get", "from_params", "names", "option_names", "register", "byte_group", "byte_ungroup",
            "DTYPES", "dtype_name"]

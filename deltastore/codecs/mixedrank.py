@@ -1,0 +1,220 @@
+"""mixedrank: a delta's singular vectors at mixed precision, in the bytes of a bf16 lowrank:R.
+
+Delta-CoMe (Ping et al., 2024) observed that a fine-tune's delta has a long tail of singular
+values: a bf16 low-rank factorisation spends 16 bits on each of its R directions and nothing on
+the rest, where a few bits each for many more directions keep more of it. Here each direction
+i of dW = sum_i s_i u_i v_i^T gets a width b_i in BITS (or none), chosen so that the squared
+error is least for the bytes of lowrank:R (16 * R * (m + n) bits, the group scales included;
+at least those of one 8-bit direction):
+
+- the error of every direction at every width is measured exactly (the quantised vectors'
+  inner products give ||s_i (u_i v_i^T - uq_i vq_i^T)||^2), then the widths are chosen by a
+  Lagrangian bisection, as rate-distortion theory's reverse water-filling does: a direction's
+  bits follow the log of its energy;
+- U*S is quantised at those widths, then V is fitted again to dW given the quantised U (least
+  squares), so V absorbs U's rounding error before it is quantised itself.
+
+At most 4R directions are kept, so that a decode costs at most four lowrank:R decodes.
+
+Layout (little-endian, part of the on-disk format; FORMAT.md §4):
+- params `bits`: the width of each kept direction, in order (largest singular value first);
+  `group_size`; `u_exp`, `v_exp`: the power-of-two exponents of the two parts' scales.
+- `u`: the codes of U*S's columns, column after column (m codes each at its direction's
+  width), as one bit stream: code j of a b-bit column is bits [o, o + b) of the stream, least
+  significant bit first, where o counts the bits before it; bit t of the stream is bit t % 8
+  of byte t // 8. The stream is padded with zero bits to a whole byte.
+- `u_scales`: fp16, per column ceil(m / group_size) steps (a group is `group_size`
+  consecutive codes of the column, the last may be shorter); a step is the fp16 value times
+  2**u_exp.
+- `v`, `v_scales`: the same for V's rows (n codes each) with `v_exp`.
+- a b-bit code k stands for (k + 1/2 - 2**(b-1)) * step (uniform, mid-rise, no zero level).
+- dW = (U V) computed in float64, rounded once to float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from .absmax import int_param, part_view
+from .quantize import truncated_svd
+from ..core.errors import EncodingError
+from ..core.limits import shown
+
+#: The widths a direction may be stored at.
+BITS = (1, 2, 3, 4, 8)
+#: Directions kept at most, per rank of the byte budget (decode cost bound).
+DIRECTIONS_PER_RANK = 4
+#: Encode side only: each group's step is the one of these fractions of its absmax (as the
+#: largest level) that rounds the group best.
+_CLIPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+_EXP_RANGE = (-200, 200)
+
+Parts = dict[str, memoryview]
+
+
+def budget_bits(rank: int, rows: int, cols: int) -> int:
+    """The bits of a bf16 lowrank:`rank` of a rows x cols matrix: what mixedrank:`rank` may spend."""
+    return 16 * rank * (rows + cols)
+
+
+def encode(dw: torch.Tensor, *, rank: int, group_size: int) -> tuple[Parts, dict[str, Any]]:
+    """dw: float32 (m, n). The parts and params of its mixedrank:`rank`."""
+    m, n = dw.shape
+    cost = {b: (m + n) * b + 16 * (-(-m // group_size) + -(-n // group_size)) for b in BITS}
+    # One 8-bit direction is always affordable: on a tiny matrix the scales alone would
+    # otherwise take the whole budget.
+    budget = max(budget_bits(rank, m, n), cost[BITS[-1]]) if rank else 0
+    k = min(m, n, DIRECTIONS_PER_RANK * rank, budget // cost[BITS[0]])
+    if k == 0 or not bool(dw.any()):
+        return _parts([], np.empty((0, m), np.uint8), np.empty(0), np.empty((0, n), np.uint8), np.empty(0),
+                      group_size)
+    us, vh = truncated_svd(dw, k)  # S is in one of the two factors, which depends on the shape
+    u, su = _unit_rows(us.T)
+    v, sv = _unit_rows(vh)
+    widths = _allocate(su * sv, u, v, cost, budget, group_size)
+    keep = [i for i, b in enumerate(widths) if b]
+    bits = [widths[i] for i in keep]
+    if not keep:
+        return encode(dw, rank=0, group_size=group_size)
+    uq, u_codes, u_steps = _quantize_rows(us.T[keep].contiguous(), bits, group_size)
+    # V fitted again to dW given the quantised U: least squares in float64, r x r.
+    a = torch.from_numpy(uq).T  # (m, r) float64
+    v = torch.linalg.solve(a.T @ a + 1e-12 * torch.eye(len(keep), dtype=torch.float64) * float(a.pow(2).sum()),
+                           a.T @ dw.double()).float()
+    _, v_codes, v_steps = _quantize_rows(v, bits, group_size)
+    return _parts(bits, u_codes, u_steps, v_codes, v_steps, group_size)
+
+
+def decode(parts: Mapping[str, Any], params: Mapping[str, Any], *, rows: int, cols: int) -> torch.Tensor:
+    """The float32 dW (rows x cols) the parts hold."""
+    bits = params.get("bits")
+    if not isinstance(bits, list) or len(bits) > min(rows, cols) or any(
+            not isinstance(b, int) or isinstance(b, bool) or b not in BITS for b in bits):
+        raise EncodingError(f"param 'bits' must be a list of at most {min(rows, cols)} widths from "
+                            f"{', '.join(map(str, BITS))}, got {shown(bits)}")
+    g = int_param(params, "group_size", 1)
+    u = _dequantize(parts, "u", bits, rows, g, int_param(params, "u_exp", *_EXP_RANGE))
+    v = _dequantize(parts, "v", bits, cols, g, int_param(params, "v_exp", *_EXP_RANGE))
+    out = torch.zeros(rows, cols, dtype=torch.float32)
+    if not bits:
+        return out
+    ut, vt = torch.from_numpy(u).T, torch.from_numpy(v)
+    # float64 products of the exact dequantised values; row chunks bound the temporary.
+    step = max(1, (1 << 23) // max(cols, 1))
+    for i in range(0, rows, step):
+        out[i:i + step] = ut[i:i + step] @ vt
+    return out
+
+
+def _unit_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    norms = x.double().norm(dim=1).float()
+    live = norms > 0
+    return torch.where(live[:, None], x / torch.where(live, norms, 1.0)[:, None], 0.0).contiguous(), norms
+
+
+# -- widths --------------------------------------------------------------------------------
+
+def _allocate(s: torch.Tensor, u: torch.Tensor, vh: torch.Tensor, cost: dict[int, int], budget: int,
+              group_size: int) -> list[int]:
+    """The width (0: dropped) of each direction, least total squared error within `budget`."""
+    widths = (0, *BITS)
+    err = np.empty((len(s), len(widths)))
+    s2 = s.double().numpy() ** 2
+    err[:, 0] = s2
+    for j, b in enumerate(BITS, start=1):
+        uq = _quantize_rows(u, [b] * len(s), group_size)[0]
+        vq = _quantize_rows(vh, [b] * len(s), group_size)[0]
+        un, vn = u.double().numpy(), vh.double().numpy()
+        err[:, j] = s2 * (1 - 2 * (un * uq).sum(1) * (vn * vq).sum(1) + (uq ** 2).sum(1) * (vq ** 2).sum(1))
+    costs = np.array([0, *(cost[b] for b in BITS)], dtype=np.float64)
+
+    def choose(lam: float) -> np.ndarray:
+        return np.argmin(err + lam * costs, axis=1)
+
+    # At hi no direction is worth a bit. Halving from there keeps the choice the same for a
+    # delta scaled by a power of two.
+    lo, hi = 0.0, 2 * float(s2.max()) / costs[1]
+    for _ in range(64):
+        mid = (lo + hi) / 2
+        if costs[choose(mid)].sum() > budget:
+            lo = mid
+        else:
+            hi = mid
+    return [widths[j] for j in choose(hi)]
+
+
+# -- codes ---------------------------------------------------------------------------------
+
+def _quantize_rows(x: torch.Tensor, bits: list[int], g: int) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """Each row of float32 `x` at its width: (the dequantised rows, float64; each row's codes;
+    the fp16-representable steps of all rows' groups, float64, row after row)."""
+    k, length = x.shape
+    groups = -(-length // g)
+    xp = torch.nn.functional.pad(x.double(), (0, groups * g - length)).view(k, groups, g).numpy()
+    top = np.abs(xp).max(axis=2)
+    halves = np.array([1 << (b - 1) for b in bits], dtype=np.float64)[:, None]
+    steps, deq = np.zeros((k, groups)), np.zeros_like(xp)
+    best = np.full((k, groups), np.inf)
+    codes = np.zeros(xp.shape, dtype=np.int64)
+    exp = _exp(float((top / (halves - 0.5)).max()) if k else 0.0)
+    for clip in _CLIPS:
+        step = _fp16(top * clip / (halves - 0.5), exp)
+        safe = np.where(step > 0, step, 1.0)[:, :, None]
+        c = np.clip(np.floor(xp / safe + halves[:, :, None]), 0, 2 * halves[:, :, None] - 1)
+        d = (c + 0.5 - halves[:, :, None]) * np.where(step > 0, step, 0.0)[:, :, None]
+        e = ((xp - d) ** 2).sum(axis=2)
+        better = e < best
+        best = np.where(better, e, best)
+        steps = np.where(better, step, steps)
+        deq = np.where(better[:, :, None], d, deq)
+        codes = np.where(better[:, :, None], c, codes)
+    flat = codes.reshape(k, -1)[:, :length].astype(np.uint8)
+    return deq.reshape(k, -1)[:, :length], list(flat), steps
+
+
+def _exp(top: float) -> int:
+    return math.frexp(top)[1] - 15 if top > 0 else 0
+
+
+def _fp16(values: np.ndarray, exp: int) -> np.ndarray:
+    """`values` rounded to what an fp16 times 2**exp holds."""
+    return (values * 2.0 ** -exp).astype(np.float16).astype(np.float64) * 2.0 ** exp
+
+
+def _parts(bits: list[int], u_codes: Any, u_steps: np.ndarray, v_codes: Any, v_steps: np.ndarray,
+           g: int) -> tuple[Parts, dict[str, Any]]:
+    u_exp, v_exp = _exp(float(u_steps.max()) if u_steps.size else 0.0), _exp(float(v_steps.max()) if v_steps.size else 0.0)
+    parts = {"u": _pack(u_codes, bits), "u_scales": _scales(u_steps, u_exp),
+             "v": _pack(v_codes, bits), "v_scales": _scales(v_steps, v_exp)}
+    return parts, {"bits": list(bits), "group_size": g, "u_exp": u_exp, "v_exp": v_exp}
+
+
+def _scales(steps: np.ndarray, exp: int) -> memoryview:
+    return memoryview((steps.reshape(-1) * 2.0 ** -exp).astype("<f2").tobytes())
+
+
+def _pack(codes: Any, bits: list[int]) -> memoryview:
+    stream = [np.unpackbits(c[:, None], axis=1, bitorder="little")[:, :b].reshape(-1) for c, b in zip(codes, bits)]
+    return memoryview(np.packbits(np.concatenate(stream) if stream else np.empty(0, np.uint8), bitorder="little"))
+
+
+def _dequantize(parts: Mapping[str, Any], name: str, bits: list[int], length: int, g: int, exp: int) -> np.ndarray:
+    """(len(bits), length) float64: the rows part `name` holds."""
+    total = length * sum(bits)
+    packed = part_view(parts, name, np.uint8, -(-total // 8))
+    groups = -(-length // g)
+    steps = part_view(parts, f"{name}_scales", "<f2", groups * len(bits)).astype(np.float64).reshape(len(bits), groups)
+    steps *= 2.0 ** exp
+    stream = np.unpackbits(packed, count=total, bitorder="little")
+    out = np.empty((len(bits), length))
+    start = 0
+    for i, b in enumerate(bits):
+        field = stream[start:start + length * b].reshape(length, b).astype(np.int64)
+        start += length * b
+        code = (field << np.arange(b)).sum(axis=1)
+        out[i] = (code + 0.5 - (1 << (b - 1))) * np.repeat(steps[i], g)[:length]
+    return out
