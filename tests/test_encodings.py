@@ -72,11 +72,11 @@ GOLDEN = {
          "vh": "f1d41a27a0ac19fefe9b3ede79430d36f51df45039593f0ad3627ed29a303a41"},
         {"rank": 2, "dtype": "bf16", "scale_exp": -15}),
     "mixedrank:2": (
-        {"u": "d708d0b11528608ce997c43740664cc42bb8d67437a37616043990d8626b2ce4",
-         "u_scales": "259ac35b908e7f88ac98859dbc0c7e5770f2ca64d190f287921f94bb2f9929a8",
-         "v": "975aad18e1f58f8e80b5eae462936dd456daddf525be6028ad98d3774f9826fa",
-         "v_scales": "7013e97afb3abd793b3b47b024ceebd12e61b7871783bd1f6a8d70d00e79410d"},
-        {"bits": [4, 4, 4, 4, 4, 4], "group_size": 64, "u_exp": -18, "v_exp": -26}),
+        {"u": "d44efb183ae78d5c8697916927035ae553dfee27d715ade3ac668f36073322db",
+         "u_scales": "78ab60aa3ef18ff83abea1ddcdd7f6b388abb57c4e557552c11a7d624bd27347",
+         "v": "5f69a7c84dab7b7275afacf618f77f29f7e09c619d664e470766a97e8ccf2b85",
+         "v_scales": "e215cf0d65e8a23f3e41695f1bbb94f1f053846f56e0fb67d3beb7ebef78a490"},
+        {"bits": [4, 4, 4, 4, 4, 2, 1], "group_size": 64, "u_exp": -16, "v_exp": -24}),
 }
 
 
@@ -97,7 +97,7 @@ GOLDEN_DECODED = {
     "fp4": "42db525af457013a9a3dcb36fdcd02e4e2ba0148745ace35cdac4394de0008f6",
     "1bit": "4e15c7accceccdef561332f2d8a92b890ab6851ac71dee5dcdea85cd51e2d9ac",
     "lowrank:2": "cbef405bca895f8cfd352ec061eea2315c0e585677c33417d6756e14debd891f",
-    "mixedrank:2": "798f8c2ae408af87c0dcdeab90973790f5a437081bc1b77a9040ae5ed11b154b",
+    "mixedrank:2": "3d6b371f841959d8df7f88325d81b249d2168dd8ecb0e1b0fa9c24d5ab89ff49",
 }
 
 

@@ -51,6 +51,7 @@ DIRECTIONS_PER_RANK = 4
 #: Encode side only: each group's step is the one of these fractions of its absmax (as the
 #: largest level) that rounds the group best.
 _CLIPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+_ESTIMATE_CLIPS = (1.0, 0.8, 0.6)  # enough to rank the widths, at half the cost
 _EXP_RANGE = (-200, 200)
 
 Parts = dict[str, memoryview]
@@ -126,8 +127,8 @@ def _allocate(s: torch.Tensor, u: torch.Tensor, vh: torch.Tensor, cost: dict[int
     s2 = s.double().numpy() ** 2
     err[:, 0] = s2
     for j, b in enumerate(BITS, start=1):
-        uq = _quantize_rows(u, [b] * len(s), group_size)[0]
-        vq = _quantize_rows(vh, [b] * len(s), group_size)[0]
+        uq = _quantize_rows(u, [b] * len(s), group_size, _ESTIMATE_CLIPS)[0]
+        vq = _quantize_rows(vh, [b] * len(s), group_size, _ESTIMATE_CLIPS)[0]
         un, vn = u.double().numpy(), vh.double().numpy()
         err[:, j] = s2 * (1 - 2 * (un * uq).sum(1) * (vn * vq).sum(1) + (uq ** 2).sum(1) * (vq ** 2).sum(1))
     costs = np.array([0, *(cost[b] for b in BITS)], dtype=np.float64)
@@ -149,31 +150,39 @@ def _allocate(s: torch.Tensor, u: torch.Tensor, vh: torch.Tensor, cost: dict[int
 
 # -- codes ---------------------------------------------------------------------------------
 
-def _quantize_rows(x: torch.Tensor, bits: list[int], g: int) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+def _quantize_rows(x: torch.Tensor, bits: list[int], g: int,
+                   clips: tuple[float, ...] = _CLIPS) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
     """Each row of float32 `x` at its width: (the dequantised rows, float64; each row's codes;
-    the fp16-representable steps of all rows' groups, float64, row after row)."""
+    the fp16-representable steps of all rows' groups, float64, row after row). Each group's
+    step is the one of `clips` (fractions of its absmax as the largest level) that rounds it best."""
     k, length = x.shape
     groups = -(-length // g)
-    xp = torch.nn.functional.pad(x.double(), (0, groups * g - length)).view(k, groups, g).numpy()
-    top = np.abs(xp).max(axis=2)
-    halves = np.array([1 << (b - 1) for b in bits], dtype=np.float64)[:, None]
-    steps, deq = np.zeros((k, groups)), np.zeros_like(xp)
-    best = np.full((k, groups), np.inf)
-    codes = np.zeros(xp.shape, dtype=np.int64)
-    exp = _exp(float((top / (halves - 0.5)).max()) if k else 0.0)
-    for clip in _CLIPS:
-        step = _fp16(top * clip / (halves - 0.5), exp)
-        safe = np.where(step > 0, step, 1.0)[:, :, None]
-        c = np.clip(np.floor(xp / safe + halves[:, :, None]), 0, 2 * halves[:, :, None] - 1)
-        d = (c + 0.5 - halves[:, :, None]) * np.where(step > 0, step, 0.0)[:, :, None]
-        e = ((xp - d) ** 2).sum(axis=2)
-        better = e < best
-        best = np.where(better, e, best)
-        steps = np.where(better, step, steps)
-        deq = np.where(better[:, :, None], d, deq)
-        codes = np.where(better[:, :, None], c, codes)
-    flat = codes.reshape(k, -1)[:, :length].astype(np.uint8)
-    return deq.reshape(k, -1)[:, :length], list(flat), steps
+    xp = torch.nn.functional.pad(x.float(), (0, groups * g - length)).view(k, groups, g)
+    # Rounded in units of a power of two near the largest value (exact): the squared errors
+    # compared below neither overflow nor flush to zero in float32, whatever the delta's scale.
+    largest = float(xp.abs().max()) if xp.numel() else 0.0
+    shift = math.frexp(largest)[1] if largest > 0 else 0
+    xp = xp * 2.0 ** -shift
+    top = xp.abs().amax(dim=2).double() if groups else torch.zeros(k, 0, dtype=torch.float64)
+    halves = torch.tensor([1 << (b - 1) for b in bits], dtype=torch.float64)[:, None]
+    exp = _exp(float((top / (halves - 0.5)).max()) if top.numel() else 0.0)
+    h = halves.float()[:, :, None]
+    best = torch.full((k, groups), math.inf)
+    steps = torch.zeros(k, groups, dtype=torch.float64)
+    codes = torch.zeros(xp.shape)
+    for clip in clips:
+        step = torch.from_numpy(_fp16((top * clip / (halves - 0.5)).numpy(), exp))
+        s32 = step.float()[:, :, None]
+        c = (xp / torch.where(s32 > 0, s32, 1.0)).add_(h).floor_().clamp_(min=torch.zeros_like(h), max=2 * h - 1)
+        err = (c + 0.5 - h).mul_(s32).sub_(xp).pow_(2).sum(dim=2)
+        better = err < best
+        best = torch.where(better, err, best)
+        steps = torch.where(better, step, steps)
+        codes = torch.where(better[:, :, None], c, codes)
+    steps = steps * 2.0 ** shift
+    deq = ((codes.double() + 0.5 - halves[:, :, None]) * steps[:, :, None]).reshape(k, -1)[:, :length]
+    flat = codes.reshape(k, -1)[:, :length].to(torch.uint8).numpy()
+    return deq.numpy(), list(flat), steps.numpy()
 
 
 def _exp(top: float) -> int:
@@ -210,11 +219,14 @@ def _dequantize(parts: Mapping[str, Any], name: str, bits: list[int], length: in
     steps = part_view(parts, f"{name}_scales", "<f2", groups * len(bits)).astype(np.float64).reshape(len(bits), groups)
     steps *= 2.0 ** exp
     stream = np.unpackbits(packed, count=total, bitorder="little")
+    widths = np.asarray(bits, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(widths * length)[:-1]]).astype(np.int64)
     out = np.empty((len(bits), length))
-    start = 0
-    for i, b in enumerate(bits):
-        field = stream[start:start + length * b].reshape(length, b).astype(np.int64)
-        start += length * b
-        code = (field << np.arange(b)).sum(axis=1)
-        out[i] = (code + 0.5 - (1 << (b - 1))) * np.repeat(steps[i], g)[:length]
+    for b in sorted(set(bits)):  # every direction of one width at once
+        rows = np.flatnonzero(widths == b)
+        fields = np.stack([stream[st:st + length * b] for st in starts[rows]]).reshape(len(rows), length, b)
+        code = fields[:, :, 0].copy()
+        for j in range(1, b):
+            code |= fields[:, :, j] << j
+        out[rows] = (code + (0.5 - (1 << (b - 1)))) * np.repeat(steps[rows], g, axis=1)[:, :length]
     return out
