@@ -9,6 +9,7 @@ from typing import Any, Callable
 import click
 
 from deltastore import Store
+from deltastore.core.units import parse_size
 from deltastore.repo.reflog import RefLog
 from deltastore.store import find_store, store_at
 
@@ -166,6 +167,16 @@ def store_path(ctx: click.Context, patched: str | None = None) -> Path:
 
 
 ENCODINGS = "lossless, int8, int4, nf4, fp4, 1bit, lowrank:R, mixedrank:R"
+
+
+def byte_size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """A size option (16.8MB, 500kB, 2GiB, or bytes) as a number of bytes."""
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint=param.opts[-1]) from None
 
 
 def lower_case(ctx: click.Context, param: click.Parameter, value: Any) -> Any:

@@ -9,7 +9,7 @@ import click
 
 from deltastore import Store
 
-from .options import (ENCODINGS, base_path_option, encoding_rules, json_option, key_values, lower_case, only_base,
+from .options import (ENCODINGS, base_path_option, byte_size, encoding_rules, json_option, key_values, lower_case, only_base,
                       prompt_options, top_option, with_store)
 from .output import echo, emit_json, largest, progress, size, table
 
@@ -29,13 +29,16 @@ if TYPE_CHECKING:
 @click.option("--encoding", default="lossless", show_default=True, callback=lower_case,
               metavar="ENCODING",
               help=f"How to store each tensor delta: {ENCODINGS} (any case), or auto: the smallest whose KL "
-                   "stays under --max-kl.")
+                   "stays under --max-kl, or the closest to the fine-tune within --max-bytes.")
 @click.option("--prompts", type=click.Path(dir_okay=False), metavar="FILE",
               help="Measure fidelity on these prompts (one per line) and record it in the version's "
                    "metadata; needs the base as a Hugging Face model folder.")
 @click.option("--max-kl", type=float, metavar="K",
               help="With --encoding auto: the largest KL(fine-tuned || stored) to accept; with another "
                    "encoding: refuse to commit above it.")
+@click.option("--max-bytes", callback=byte_size, metavar="B",
+              help="With --encoding auto: the most bytes the version may store (16.8MB, 500kB, 2GiB); the "
+                   "encoding of lowest KL within it is chosen (with --max-kl too: the smallest within both).")
 @prompt_options
 @click.option("--encoding-for", "encoding_for", multiple=True, metavar="REGEX=ENCODING", callback=encoding_rules,
               help="A different encoding for tensors whose name matches REGEX (repeatable).")
@@ -71,7 +74,7 @@ if TYPE_CHECKING:
 @json_option
 @with_store
 def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str | None, encoding: str,
-           prompts: str | None, max_kl: float | None, chat: bool, tokenizer: str | None,
+           prompts: str | None, max_kl: float | None, max_bytes: int | None, chat: bool, tokenizer: str | None,
            encoding_for: list[tuple[str, str]], group_size: int | None, include: str | None, exclude: str | None,
            top_k: int | None, min_rel_change: float | None, energy: float | None, message: str,
            meta: dict[str, str], meta_file: str | None, tag: str | None, move_tag: bool, allow_nonfinite: bool,
@@ -82,7 +85,7 @@ def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str 
     base = only_base(store, base_ref)
     with progress("measuring" if prompts else "committing", enabled=not as_json) as cb:
         c = run_commit(store, stance, model, base=base, base_weights=base_path, encoding=encoding, prompts=prompts,
-                       max_kl=max_kl, chat=chat, tokenizer=tokenizer, encoding_for=encoding_for,
+                       max_kl=max_kl, max_bytes=max_bytes, chat=chat, tokenizer=tokenizer, encoding_for=encoding_for,
                        encoding_options={} if group_size is None else {"group_size": group_size},
                        include=include, exclude=exclude, top_k=top_k, min_rel_change=min_rel_change, energy=energy,
                        message=message, metadata=meta, metadata_file=meta_file, tag=tag, move_tag=move_tag, progress=cb,
@@ -95,6 +98,8 @@ def render_commit(c: Committed) -> None:
     r, choice = c.result, c.choice
     if choice is not None:
         limit = f" (at most {choice.max_kl:g})" if choice.max_kl is not None else ""
+        if choice.max_bytes is not None:
+            limit += f" in {size(choice.bytes)} (at most {size(choice.max_bytes)})"
         echo(f"{choice.encoding}: KL {choice.kl:.3g}{limit}, top-1 {choice.top1:.1%}; "
              f"the base alone: KL {choice.base_kl:.3g}")
         for k in choice.candidates:

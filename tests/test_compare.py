@@ -353,3 +353,44 @@ def test_against_rows_are_what_commit_against_stores(tmp_path, adam_pair):
                                    "int4", "--ranks", "", "--full", "", "--against", "other", "--json"])
     assert out.exit_code == 0, out.output
     assert [r["bytes"] for r in json.loads(out.stdout)["rows"] if r["kind"] == "against"] == [int4.bytes]
+
+
+def test_auto_within_max_bytes_picks_the_lowest_kl_that_fits(adam_pair):
+    base, ft, prompts = adam_pair
+    every = choose_encoding(base, ft, prompts=prompts, max_kl=0.0)  # sizes every candidate
+    sized = {r.spec: r.bytes for r in every.candidates if "skipped" not in r.note}
+    lossy = sorted(b for s, b in sized.items() if s != "lossless")
+    bound = lossy[len(lossy) // 2]
+    choice = choose_encoding(base, ft, prompts=prompts, max_kl=None, max_bytes=bound)
+    assert choice.bytes <= bound and choice.max_bytes == bound
+    fitting = {r.spec: r for r in choice.candidates if r.kl is not None}
+    assert set(fitting) == {s for s, b in sized.items() if b <= bound}  # each one measured
+    assert choice.kl == min(r.kl for r in fitting.values())
+    assert all("above --max-bytes" in r.note for r in choice.candidates if r.spec in sized and sized[r.spec] > bound)
+    # With --max-kl too: the smallest within both.
+    loose = max(r.kl for r in fitting.values())
+    both = choose_encoding(base, ft, prompts=prompts, max_kl=loose, max_bytes=bound)
+    assert both.bytes == min(r.bytes for r in fitting.values() if r.kl <= loose)
+    with pytest.raises(CompareError, match=r"no encoding fits in --max-bytes 10 B: the smallest is"):
+        choose_encoding(base, ft, prompts=prompts, max_kl=None, max_bytes=10)
+    with pytest.raises(CompareError, match=r"within --max-bytes .* keeps KL at most 0"):
+        choose_encoding(base, ft, prompts=prompts, max_kl=0.0, max_bytes=bound)
+
+
+def test_commit_auto_max_bytes_on_the_command_line(tmp_path, adam_pair):
+    base, ft, prompts = adam_pair
+    store = tmp_path / "store"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["init", str(store)]).exit_code == 0
+    args = ["--store", str(store), "commit", "s", str(ft), "--base", str(base), "--prompts", str(prompts)]
+    done = runner.invoke(cli, [*args, "--encoding", "auto", "--max-bytes", "20kB", "--json"])
+    assert done.exit_code == 0, done.output
+    out = json.loads(done.stdout)
+    assert out["bytes_stored"] <= 20_000 and out["max_bytes"] == 20_000
+    shown = json.loads(runner.invoke(cli, ["--store", str(store), "show", "s@1", "--json"]).stdout)
+    assert shown["metadata"]["fidelity.max_bytes"] == "20000"
+    for bad, said in ((["--encoding", "auto", "--max-bytes", "12 parsecs"], "is not a size"),
+                      (["--encoding", "int4", "--max-bytes", "20kB"], "--encoding auto")):
+        refused = runner.invoke(cli, [*args, *bad])
+        assert refused.exit_code in (1, 2) and said in refused.output and "Traceback" not in refused.output
+    assert [r["number"] for r in json.loads(runner.invoke(cli, ["--store", str(store), "log", "--json"]).stdout)] == [1]

@@ -33,13 +33,16 @@ __all__ = ["AUTO_CANDIDATES", "AutoChoice", "MeasuredCommit", "choose_encoding",
 
 #: What ``commit --encoding auto`` chooses from; ranks a matrix cannot hold are skipped.
 AUTO_CANDIDATES: tuple[str, ...] = ("lossless", "int8", "int4", "nf4", "fp4", "1bit",
-                                    "lowrank:8", "lowrank:32", "lowrank:128")
+                                    "lowrank:8", "lowrank:32", "lowrank:128",
+                                    "mixedrank:8", "mixedrank:16", "mixedrank:24", "mixedrank:32",
+                                    "mixedrank:48", "mixedrank:64")
 
 
 @dataclass(frozen=True)
 class AutoChoice:
-    """The encoding chosen (the smallest whose KL is at most ``max_kl``; or the one asked for),
-    its measured fidelity and bytes, the base's own KL, and every candidate measured."""
+    """The encoding chosen (the smallest whose KL is at most ``max_kl``, or the one of lowest KL
+    within ``max_bytes``; or the one asked for), its measured fidelity and bytes, the base's own
+    KL, and every candidate measured."""
 
     encoding: str
     kl: float
@@ -49,6 +52,7 @@ class AutoChoice:
     base_kl: float
     positions: int
     candidates: tuple[Row, ...]
+    max_bytes: int | None = None
 
 
 def choose_encoding(base: Any, model: Any, *, prompts: Sequence[str] | str | os.PathLike,
@@ -56,14 +60,18 @@ def choose_encoding(base: Any, model: Any, *, prompts: Sequence[str] | str | os.
                     selector: Selector | None = None, encoding_for: Sequence[tuple[str, str]] | None = None,
                     encoding_options: Mapping[str, Any] | None = None, max_tokens: int = 256,
                     chat: bool = False, tokenizer: str | os.PathLike | None = None,
-                    progress: Callable[[int, int], None] | None = None) -> AutoChoice:
-    """Measure each candidate encoding (under the selection given) and pick the smallest by
-    bytes whose KL(fine-tuned || stored) is at most ``max_kl``; ties go to the lower KL. With
-    ``max_kl`` None, ``candidates`` must be one encoding, which is measured."""
+                    progress: Callable[[int, int], None] | None = None, max_bytes: int | None = None) -> AutoChoice:
+    """Measure each candidate encoding (under the selection given) and pick, among those of at
+    most ``max_bytes`` (any, when None), the smallest by bytes whose KL(fine-tuned || stored) is
+    at most ``max_kl``, ties going to the lower KL; with ``max_kl`` None, the one of lowest KL.
+    With neither bound, ``candidates`` must be one encoding, which is measured."""
     if max_kl is not None and (not isinstance(max_kl, (int, float)) or not math.isfinite(max_kl) or max_kl < 0):
         raise CompareError(f"--max-kl must be a number of at least 0 (nats per token), got {max_kl!r}")
-    if max_kl is None and len(candidates) != 1:
-        raise CompareError("choosing an encoding needs --max-kl K: the largest KL(fine-tuned || stored) to accept")
+    if max_bytes is not None and (not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1):
+        raise CompareError(f"--max-bytes must be a whole number of bytes, at least 1, got {max_bytes!r}")
+    if max_kl is None and max_bytes is None and len(candidates) != 1:
+        raise CompareError("choosing an encoding needs --max-kl K (the largest KL(fine-tuned || stored) to accept) "
+                           "or --max-bytes B")
     options = dict(encoding_options or {})
     base_src, target_src, scans, bench, skipped = open_bench(
         base, model, prompts, max_tokens, spectra=False, progress=progress, rows=len(candidates) + 1, chat=chat,
@@ -71,12 +79,11 @@ def choose_encoding(base: Any, model: Any, *, prompts: Sequence[str] | str | os.
     if bench.probe is None:
         raise CompareError(f"cannot measure fidelity: {skipped}")
     bench.basis_rank = max([0, *(lowrank_rank(s, options) for s in candidates if _known(s, options))])
-    full_bytes = target_src.nbytes
     kept = set(select_changed(scans, selector).kept) if selector else None
     _, _, base_fid = bench.run(lambda n: (0, False, bench.base.get(n) if scans[n].changed else None))
     # Pass 1: every candidate's bytes, without reconstructing anything (encoding is the cheap
-    # half). Pass 2: fidelity, smallest first, until one fits: a forward pass over the prompts
-    # per candidate is the dear half, and those larger than the first that fits need none.
+    # half). Pass 2: fidelity, a forward pass over the prompts per candidate, the dear half:
+    # smallest first until one fits --max-kl (those larger need none).
     works: dict[str, Work] = {}
     sized: dict[str, tuple[int, int]] = {}
     skipped: dict[str, str] = {}
@@ -90,17 +97,42 @@ def choose_encoding(base: Any, model: Any, *, prompts: Sequence[str] | str | os.
             continue
         nbytes, stored, _ = bench.run(works[spec], measure=False)
         sized[spec] = (nbytes, stored)
-    measured: dict[str, Fidelity] = {}
-    pick = None
-    for spec in sorted(sized, key=lambda s: (sized[s][0], candidates.index(s))):
+
+    def measure(spec: str) -> Fidelity:
         if codecs.get(spec, **options).exact:
-            fidelity = Fidelity(0.0, 1.0, bench.probe.positions)  # bit for bit the fine-tune
-        else:
-            fidelity = bench.run(works[spec])[2]
-        measured[spec] = fidelity
-        if max_kl is None or fidelity.kl <= max_kl:
-            pick = spec
-            break
+            return Fidelity(0.0, 1.0, bench.probe.positions)  # bit for bit the fine-tune
+        return bench.run(works[spec])[2]
+
+    measured, pick = _pick(candidates, sized, measure, max_kl, max_bytes)
+    rows = _rows(candidates, sized, skipped, measured, pick, max_kl, max_bytes, target_src.nbytes)
+    if pick is None:
+        _refuse(candidates, sized, skipped, measured, max_kl, max_bytes)
+    chosen = measured[pick]
+    return AutoChoice(pick, chosen.kl, chosen.top1, sized[pick][0], max_kl, base_fid.kl,
+                      bench.probe.positions, tuple(rows), max_bytes)
+
+
+def _pick(candidates: Sequence[str], sized: Mapping[str, tuple[int, int]], measure: Callable[[str], Fidelity],
+          max_kl: float | None, max_bytes: int | None) -> tuple[dict[str, Fidelity], str | None]:
+    """(the fidelity of each candidate measured, the one chosen or None)."""
+    fitting = sorted((s for s in sized if max_bytes is None or sized[s][0] <= max_bytes),
+                     key=lambda s: (sized[s][0], candidates.index(s)))
+    measured: dict[str, Fidelity] = {}
+    for spec in fitting:
+        measured[spec] = measure(spec)
+        if max_kl is not None and measured[spec].kl <= max_kl:
+            return measured, spec
+        if max_kl is None and measured[spec].kl == 0.0:
+            return measured, spec  # nothing larger can do better
+    if max_kl is None and measured:
+        return measured, min(measured, key=lambda s: (measured[s].kl, sized[s][0]))
+    return measured, None
+
+
+def _rows(candidates: Sequence[str], sized: Mapping[str, tuple[int, int]], skipped: Mapping[str, str],
+          measured: Mapping[str, Fidelity], pick: str | None, max_kl: float | None, max_bytes: int | None,
+          full_bytes: int) -> list[Row]:
+    """One row per candidate, with a note that says why it was or was not chosen."""
     rows = []
     for spec in candidates:
         if spec in skipped:
@@ -108,29 +140,41 @@ def choose_encoding(base: Any, model: Any, *, prompts: Sequence[str] | str | os.
             continue
         nbytes, stored = sized[spec]
         fidelity = measured.get(spec)
-        if fidelity is None:
+        if max_bytes is not None and nbytes > max_bytes:
+            note = f"not measured: {size(nbytes)} is above --max-bytes {size(max_bytes)}"
+        elif fidelity is None:
             note = f"not measured: larger than {pick} ({size(nbytes)} against {size(sized[pick][0])})"
         elif spec == pick:
-            note = "chosen: the smallest within --max-kl" if max_kl is not None else "measured"
-        else:
+            note = ("chosen: the smallest within --max-kl" if max_kl is not None else
+                    "chosen: the lowest KL within --max-bytes" if max_bytes is not None else "measured")
+        elif max_kl is not None:
             note = f"rejected: KL {fidelity.kl:.3g} is above --max-kl {max_kl:g}"
+        else:
+            note = f"rejected: KL {fidelity.kl:.3g} is above {pick}'s"
         rows.append(Row(f"delta {spec}", "delta", spec, nbytes, nbytes / full_bytes if full_bytes else 0.0,
                         stored, None, fidelity.kl if fidelity else None, fidelity.top1 if fidelity else None,
                         note))
-    if pick is None and len(candidates) == 1 and measured:
+    return rows
+
+
+def _refuse(candidates: Sequence[str], sized: Mapping[str, tuple[int, int]], skipped: Mapping[str, str],
+            measured: Mapping[str, Fidelity], max_kl: float | None, max_bytes: int | None) -> None:
+    """The one-line reason nothing was chosen."""
+    if len(candidates) == 1 and measured:
         only = next(iter(measured))
         raise CompareError(f"{only} gives KL {measured[only].kl:.3g}, more than --max-kl {max_kl:g}; "
                            "nothing was committed: choose a finer encoding, or --encoding auto")
-    if pick is None:
-        if not measured:
-            raise CompareError("no candidate encoding can store this model: "
-                               + "; ".join(f"{s}: {why}" for s, why in skipped.items()))
-        best = min(measured, key=lambda s: measured[s].kl)
-        raise CompareError(f"no encoding keeps KL at most {max_kl:g}: the lowest is {measured[best].kl:.3g} "
-                           f"({best}); raise --max-kl, or keep more tensors")
-    chosen = measured[pick]
-    return AutoChoice(pick, chosen.kl, chosen.top1, sized[pick][0], max_kl, base_fid.kl,
-                      bench.probe.positions, tuple(rows))
+    if not sized:
+        raise CompareError("no candidate encoding can store this model: "
+                           + "; ".join(f"{s}: {why}" for s, why in skipped.items()))
+    if not measured:
+        smallest = min(sized, key=lambda s: sized[s][0])
+        raise CompareError(f"no encoding fits in --max-bytes {size(max_bytes)}: the smallest is {smallest} "
+                           f"({size(sized[smallest][0])}); raise --max-bytes, or keep fewer tensors")
+    best = min(measured, key=lambda s: measured[s].kl)
+    within = f" within --max-bytes {size(max_bytes)}" if max_bytes is not None else ""
+    raise CompareError(f"no encoding{within} keeps KL at most {max_kl:g}: the lowest is {measured[best].kl:.3g} "
+                       f"({best}); raise --max-kl{', or --max-bytes' if within else ''}, or keep more tensors")
 
 
 @dataclass(frozen=True)
@@ -140,7 +184,8 @@ class MeasuredCommit:
 
 
 def commit_measured(store: Store, stance: str, model: Any, *, base: Any, prompts: str | os.PathLike | Sequence[str],
-                    encoding: str = "auto", max_kl: float | None = None, base_weights: Any = None,
+                    encoding: str = "auto", max_kl: float | None = None, max_bytes: int | None = None,
+                    base_weights: Any = None,
                     selector: Selector | None = None, include: str | None = None, exclude: str | None = None, top_k: int | None = None,
                     min_rel_change: float | None = None, energy: float | None = None,
                     encoding_for: Sequence[tuple[str, str]] | None = None,
@@ -150,21 +195,24 @@ def commit_measured(store: Store, stance: str, model: Any, *, base: Any, prompts
                     **commit_options: Any) -> MeasuredCommit:
     """Commit ``model`` as the next version of ``stance`` with its fidelity measured and recorded
     in the version's metadata (``fidelity.kl``, ``fidelity.top1``, ``fidelity.base_kl``,
-    ``fidelity.positions``, ``fidelity.max_kl``). ``encoding="auto"`` picks the smallest encoding whose KL is at
-    most ``max_kl`` first. The base's weights must be a Hugging Face model folder. ``selector``,
+    ``fidelity.positions``, ``fidelity.max_kl``, ``fidelity.max_bytes``). ``encoding="auto"`` picks
+    first the smallest encoding whose KL is at most ``max_kl``, or, with ``max_bytes`` alone, the
+    one of lowest KL within it (``choose_encoding``). The base's weights must be a Hugging Face model folder. ``selector``,
     or its five options one by one, as ``Store.commit`` takes them. Every refusal that needs
     no measuring (a typo'd stance, another base, a model identical to the newest version, ...)
     comes before the measuring."""
-    if encoding == "auto" and max_kl is None:
-        raise CompareError("--encoding auto needs --max-kl K: the largest KL(fine-tuned || stored) to accept, "
-                           "e.g. --max-kl 0.01")
+    if encoding == "auto" and max_kl is None and max_bytes is None:
+        raise CompareError("--encoding auto needs --max-kl K (the largest KL(fine-tuned || stored) to accept, "
+                           "e.g. --max-kl 0.01) or --max-bytes B")
+    if max_bytes is not None and encoding != "auto":
+        raise CompareError("--max-bytes chooses an encoding: give it with --encoding auto")
     selector = Selector.of(selector, include=include, exclude=exclude, top_k=top_k, min_rel_change=min_rel_change,
                            energy=energy)
-    request = _Request(encoding, max_kl, Path(prompts).name if isinstance(prompts, (str, os.PathLike)) else None,
+    request = _Request(encoding, max_kl, max_bytes, Path(prompts).name if isinstance(prompts, (str, os.PathLike)) else None,
                        chat, selector, list(encoding_for or []), dict(encoding_options or {}))
     _refuse_before_measuring(store, stance, model, base, request, metadata=metadata, **commit_options)
     folder = _base_folder(store, base, base_weights)
-    choice = choose_encoding(folder, model, prompts=prompts, max_kl=max_kl,
+    choice = choose_encoding(folder, model, prompts=prompts, max_kl=max_kl, max_bytes=max_bytes,
                              candidates=AUTO_CANDIDATES if encoding == "auto" else (encoding,),
                              encoding_for=encoding_for, encoding_options=encoding_options, chat=chat,
                              tokenizer=tokenizer, progress=progress, selector=selector)
@@ -176,6 +224,8 @@ def commit_measured(store: Store, stance: str, model: Any, *, base: Any, prompts
         meta["fidelity.chat"] = "true"
     if max_kl is not None:
         meta["fidelity.max_kl"] = f"{max_kl:g}"
+    if max_bytes is not None:
+        meta["fidelity.max_bytes"] = str(max_bytes)
     if encoding == "auto":
         meta["fidelity.chosen_from"] = ",".join(r.spec for r in choice.candidates if r.kl is not None)
     meta.update(metadata or {})
@@ -191,6 +241,7 @@ class _Request:
 
     encoding: str
     max_kl: float | None
+    max_bytes: int | None
     prompts: str | None  # the file's name, as the version's metadata records it
     chat: bool
     selector: Selector
@@ -231,9 +282,12 @@ def _same_request(version: Any, request: _Request) -> str | None:
     if request.encoding != "auto":
         return request.encoding
     meta = version.metadata
-    if "fidelity.chosen_from" not in meta or request.max_kl is None or request.prompts is None:
+    if "fidelity.chosen_from" not in meta or request.prompts is None:
         return None
-    same = (meta.get("fidelity.max_kl") == f"{request.max_kl:g}" and meta.get("fidelity.prompts") == request.prompts
+    bounds = (None if request.max_kl is None else f"{request.max_kl:g}",
+              None if request.max_bytes is None else str(request.max_bytes))
+    same = ((meta.get("fidelity.max_kl"), meta.get("fidelity.max_bytes")) == bounds
+            and meta.get("fidelity.prompts") == request.prompts
             and (meta.get("fidelity.chat") == "true") == request.chat)
     return version.encoding if same else None
 

@@ -31,6 +31,7 @@ class Committed:
         c = self.choice
         if c is not None:
             out.update(encoding=c.encoding, kl=c.kl, top1=c.top1, base_kl=c.base_kl, max_kl=c.max_kl,
+                       max_bytes=c.max_bytes,
                        candidates=[{"encoding": r.spec, "bytes": r.bytes, "kl": r.kl, "top1": r.top1, "note": r.note}
                                    for r in c.candidates])
         return out
@@ -38,7 +39,7 @@ class Committed:
 
 def commit(store: Store, stance: str, model: Any, *, base: Any, encoding: str = "lossless",
            prompts: str | os.PathLike | Sequence[str] | None = None, max_kl: float | None = None,
-           chat: bool = False, tokenizer: str | os.PathLike | None = None,
+           max_bytes: int | None = None, chat: bool = False, tokenizer: str | os.PathLike | None = None,
            metadata: Mapping[str, str] | None = None, metadata_file: str | os.PathLike | None = None,
            progress: Callable[[int, int], None] | None = None, **options: Any) -> Committed:
     """Commit `model` as the next version of `stance`. With `prompts` (needed by `max_kl`,
@@ -46,11 +47,14 @@ def commit(store: Store, stance: str, model: Any, *, base: Any, encoding: str = 
     measured and recorded (`auto.commit_measured`); else it is `Store.commit`. Metadata from
     `metadata_file` (a flat JSON object) first, `metadata` over it. `options` go to the commit
     as they are (selection, message, tag, guards)."""
-    measured = encoding == "auto" or prompts is not None or max_kl is not None or chat or tokenizer is not None
-    if measured and (prompts is None or (encoding == "auto" and max_kl is None)):
+    measured = (encoding == "auto" or prompts is not None or max_kl is not None or max_bytes is not None or chat
+                or tokenizer is not None)
+    if measured and (prompts is None or (encoding == "auto" and max_kl is None and max_bytes is None)):
         raise OptionConflict("--encoding auto needs --prompts FILE (one prompt per line) and --max-kl K "
-                                 "(e.g. 0.01)" if encoding == "auto" else
-                                 "--max-kl, --chat and --tokenizer need --prompts FILE")
+                             "(e.g. 0.01) or --max-bytes B (e.g. 16MB)" if encoding == "auto" else
+                             "--max-kl, --max-bytes, --chat and --tokenizer need --prompts FILE")
+    if max_bytes is not None and encoding != "auto":
+        raise OptionConflict("--max-bytes chooses an encoding: give it with --encoding auto")
     if measured and options.get("against") is not None:
         raise OptionConflict("--against does not combine with --prompts, --max-kl or --encoding auto: "
                              "`deltastore compare BASE MODEL --against REF --prompts FILE` measures it")
@@ -60,5 +64,6 @@ def commit(store: Store, stance: str, model: Any, *, base: Any, encoding: str = 
         return Committed(store.commit(stance, model, base=base, encoding=encoding, metadata=meta,
                                       progress=progress, **options))
     m = commit_measured(store, stance, model, base=base, prompts=prompts, encoding=encoding, max_kl=max_kl,
+                        max_bytes=max_bytes,
                         chat=chat, tokenizer=tokenizer, metadata=meta, progress=progress, **options)
     return Committed(m.result, m.choice)
