@@ -394,3 +394,15 @@ def test_commit_auto_max_bytes_on_the_command_line(tmp_path, adam_pair):
         refused = runner.invoke(cli, [*args, *bad])
         assert refused.exit_code in (1, 2) and said in refused.output and "Traceback" not in refused.output
     assert [r["number"] for r in json.loads(runner.invoke(cli, ["--store", str(store), "log", "--json"]).stdout)] == [1]
+
+
+def test_the_frontier_holds_the_rows_nothing_beats(adam_comparison):
+    c = adam_comparison
+    best = c.frontier
+    measured = [r for r in c.rows if r.kl is not None and r.bytes > 0]
+    assert best and [r.bytes for r in best] == sorted(r.bytes for r in best)
+    for row in measured:
+        beaten = any(o.bytes <= row.bytes and o.kl < row.kl or o.bytes < row.bytes and o.kl <= row.kl
+                     for o in measured)
+        assert (row in best) != beaten, row.label
+    assert c.row("base (nothing kept)") not in best

@@ -143,6 +143,23 @@ class Comparison:
                 return row
         raise KeyError(label)
 
+    @property
+    def frontier(self) -> tuple[Row, ...]:
+        """The rows no other row beats (fewer bytes and no more KL, or no more bytes and less
+        KL), fewest bytes first: the best any byte budget can buy. Empty without fidelity."""
+        return pareto(self.rows)
+
+
+def pareto(rows: Sequence[Row]) -> tuple[Row, ...]:
+    """The Pareto frontier of `rows` in (bytes, KL), fewest bytes first: each row on it has
+    less KL than every row of fewer or equal bytes. Rows without a KL or with no bytes (the
+    base, which keeps nothing) are not on it."""
+    frontier: list[Row] = []
+    for row in sorted((r for r in rows if r.kl is not None and r.bytes > 0), key=lambda r: (r.bytes, r.kl)):
+        if not frontier or row.kl < frontier[-1].kl:
+            frontier.append(row)
+    return tuple(frontier)
+
 
 def _parts_size(encoded: codecs.Encoded) -> int:
     # As version.bytes counts them: every part an object of its own, shared ones in full.

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..metrics.analysis import MODULE_KINDS, TensorChange, summarize
-from .compare import Comparison, Row
+from .compare import Comparison, Row, pareto
 from ..core.errors import AnalysisError, CompareError
 from .refanalysis import RefAnalysis, Spectra
 from .similarity import Similarity
@@ -78,6 +78,10 @@ def plot(comparison: Comparison, path: str | os.PathLike, *, title: str | None =
     ys = [r.kl if r.kl > 0 else floor for r in rows]
     base_kl = base_row.kl if base_row is not None and base_row.kl else None
     _scatter(ax, rows, xs, ys, base_kl, floor, high)
+    best = pareto(rows)
+    if len(best) > 1:  # a step line: the least KL each byte budget can buy
+        ax.step([max(r.bytes, 1) for r in best], [r.kl if r.kl > 0 else floor for r in best], where="post",
+                color="#2ca02c", linewidth=1.1, alpha=0.7, zorder=2, label="frontier: nothing smaller keeps more")
     ax.set_title(title or f"What each way of storing the fine-tune costs and keeps "
                           f"({comparison.positions} positions)", fontsize=11)
     # The lower left is where no way of storing a fine-tune lands (small and exact).
