@@ -15,6 +15,7 @@ from safetensors import safe_open  # noqa: E402
 from cli.main import cli  # noqa: E402
 from deltastore import Store  # noqa: E402
 from deltastore.analysis.auto import choose_encoding  # noqa: E402
+from deltastore.core.hashing import bytes_id  # noqa: E402
 from deltastore.analysis.compare import CompareError, compare, parse_select  # noqa: E402
 from deltastore.analysis.plots import plot  # noqa: E402
 from deltastore.metrics.fidelity import FidelityError  # noqa: E402
@@ -166,6 +167,7 @@ def test_commit_auto_records_fidelity_in_the_version(tmp_path, adam_pair):
     meta = shown["metadata"]
     assert float(meta["fidelity.kl"]) == pytest.approx(b["kl"], rel=1e-5)
     assert float(meta["fidelity.max_kl"]) == 5.0 and meta["fidelity.prompts"] == "prompts.txt"
+    assert meta["fidelity.prompts_id"] == bytes_id(prompts.read_bytes())  # which prompts, not only their name
     assert 0.0 < float(meta["fidelity.top1"]) <= 1.0 and float(meta["fidelity.base_kl"]) > 0.0
     assert "fidelity.kl=" in run("show", "s@2").output
 

@@ -20,6 +20,7 @@ from ..codecs import encodings as codecs
 from .compare import Row, Work, delta_work, lowrank_rank, open_bench, select_changed
 from ..engine.commit import check_names, holds_what
 from ..core.errors import CompareError, EncodingError, IdenticalVersion
+from ..core.hashing import bytes_id, canonical_json
 from ..metrics.fidelity import Fidelity
 from ..weights.models import open_model
 from ..codecs.selection import Selector
@@ -209,7 +210,7 @@ def commit_measured(store: Store, stance: str, model: Any, *, base: Any, prompts
     selector = Selector.of(selector, include=include, exclude=exclude, top_k=top_k, min_rel_change=min_rel_change,
                            energy=energy)
     request = _Request(encoding, max_kl, max_bytes, Path(prompts).name if isinstance(prompts, (str, os.PathLike)) else None,
-                       chat, selector, list(encoding_for or []), dict(encoding_options or {}))
+                       chat, selector, list(encoding_for or []), dict(encoding_options or {}), prompts_id(prompts))
     _refuse_before_measuring(store, stance, model, base, request, metadata=metadata, **commit_options)
     folder = _base_folder(store, base, base_weights)
     choice = choose_encoding(folder, model, prompts=prompts, max_kl=max_kl, max_bytes=max_bytes,
@@ -220,6 +221,8 @@ def commit_measured(store: Store, stance: str, model: Any, *, base: Any, prompts
             "fidelity.base_kl": f"{choice.base_kl:.6g}", "fidelity.positions": str(choice.positions)}
     if isinstance(prompts, (str, os.PathLike)):
         meta["fidelity.prompts"] = Path(prompts).name
+    if request.prompts_id is not None:
+        meta["fidelity.prompts_id"] = request.prompts_id
     if chat:
         meta["fidelity.chat"] = "true"
     if max_kl is not None:
@@ -247,6 +250,19 @@ class _Request:
     selector: Selector
     encoding_for: list[tuple[str, str]]
     encoding_options: dict[str, Any]
+    prompts_id: str | None = None  # prompts_id() of the prompts, where they can be read
+
+
+def prompts_id(prompts: Any) -> str | None:
+    """What the version records of the prompts it was measured on, besides a file's name: the
+    id of the file's bytes, or of the list's canonical JSON; None for a file that cannot be
+    read (refused where it is read)."""
+    if isinstance(prompts, (str, os.PathLike)):
+        try:
+            return bytes_id(Path(prompts).read_bytes())
+        except OSError:
+            return None
+    return bytes_id(canonical_json(list(prompts)))
 
 
 def _refuse_before_measuring(store: Store, stance: str, model: Any, base: Any, request: _Request, *,
@@ -288,6 +304,7 @@ def _same_request(version: Any, request: _Request) -> str | None:
               None if request.max_bytes is None else str(request.max_bytes))
     same = ((meta.get("fidelity.max_kl"), meta.get("fidelity.max_bytes")) == bounds
             and meta.get("fidelity.prompts") == request.prompts
+            and meta.get("fidelity.prompts_id", request.prompts_id) == request.prompts_id
             and (meta.get("fidelity.chat") == "true") == request.chat)
     return version.encoding if same else None
 
