@@ -32,7 +32,7 @@ def _kl(value: float | None) -> str:
 @click.argument("model", type=click.Path(exists=True))
 @click.option("--encodings", "encodings_text", default="lossless,int8,int4,nf4,fp4,1bit", show_default=True,
               callback=lower_case,
-              help="Delta encodings to compare, comma-separated (lowrank:R and mixedrank:R too).")
+              help="Delta encodings to compare, comma-separated (lowrank:R, mixedrank:R and mixedrank-aw:R too).")
 @click.option("--ranks", "ranks_text", default="8,32", show_default=True,
               help="LoRA ranks to compare, comma-separated ('' for none).")
 @click.option("--full", "full_text", default="int4,nf4", show_default=True, callback=lower_case,
@@ -49,6 +49,9 @@ def _kl(value: float | None) -> str:
                    "one per delta encoding (repeatable).")
 @click.option("--prompts", type=click.Path(dir_okay=False), metavar="FILE",
               help="Measure fidelity on these prompts (one per line); BASE must be a Hugging Face model folder.")
+@click.option("--calibration", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Prompts (one per line) that mixedrank-aw:R rows are fitted on (MODEL's activations on them); "
+                   "measure on other --prompts.")
 @prompt_options
 @click.option("--group-size", type=int, help="Group size of int8/int4 (default 64).")
 @click.option("--lora-dtype", type=Dtype(["bf16", "f16", "f32"]), default="bf16", show_default=True,
@@ -58,7 +61,8 @@ def _kl(value: float | None) -> str:
 @click.pass_context
 def compare_command(ctx: click.Context, base: str, model: str, encodings_text: str, ranks_text: str,
                     full_text: str, selects: tuple[str, ...], mixes: list[dict[str, float]], against: tuple[str, ...],
-                    prompts: str | None, chat: bool, tokenizer: str | None, group_size: int | None, lora_dtype: str,
+                    prompts: str | None, calibration: str | None, chat: bool, tokenizer: str | None,
+                    group_size: int | None, lora_dtype: str,
                     plot: str | None, as_json: bool) -> None:
     """What each way of storing fine-tune MODEL of BASE costs, and how much of it each keeps.
 
@@ -71,7 +75,7 @@ def compare_command(ctx: click.Context, base: str, model: str, encodings_text: s
 
     if plot and not prompts:
         raise click.UsageError("--plot draws KL against size: give --prompts FILE too")
-    options = {"group_size": group_size} if group_size is not None else {}
+    options = encoding_options(group_size, calibration, model, chat, tokenizer)
     with progress("comparing", enabled=not as_json) as cb:
         c = run_compare(base, model, encodings=number_list(encodings_text, "--encodings"),
                         ranks=number_list(ranks_text, "--ranks", int), full=number_list(full_text, "--full"),
@@ -85,6 +89,18 @@ def compare_command(ctx: click.Context, base: str, model: str, encodings_text: s
     render_comparison(c)
     if plot:
         echo(f"wrote {plot}")
+
+
+def encoding_options(group_size: int | None, calibration: str | None, model: str, chat: bool,
+                     tokenizer: str | None) -> dict:
+    """compare's options for the encodings: the group size, and the activations the model meets
+    on the calibration prompts (for mixedrank-aw)."""
+    options: dict = {"group_size": group_size} if group_size is not None else {}
+    if calibration is not None:
+        from deltastore.metrics.calibration import calibrate
+
+        options["calibration"] = calibrate(model, calibration, chat=chat, tokenizer=tokenizer).covariances
+    return options
 
 
 def render_comparison(c: Comparison) -> None:

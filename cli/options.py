@@ -166,7 +166,7 @@ def store_path(ctx: click.Context, patched: str | None = None) -> Path:
     return store_at(path) if path else find_store(patched=patched)
 
 
-ENCODINGS = "lossless, int8, int4, nf4, fp4, 1bit, lowrank:R, mixedrank:R"
+ENCODINGS = "lossless, int8, int4, nf4, fp4, 1bit, lowrank:R, mixedrank:R, mixedrank-aw:R"
 
 
 def byte_size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:

@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 @click.option("--max-bytes", callback=byte_size, metavar="B",
               help="With --encoding auto: the most bytes the version may store (16.8MB, 500kB, 2GiB); the "
                    "encoding of lowest KL within it is chosen (with --max-kl too: the smallest within both).")
+@click.option("--calibration", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Prompts (one per line) that mixedrank-aw:R is fitted on: the directions each layer's inputs "
+                   "use on them are kept (with --chat, as user messages). With --encoding auto, mixedrank-aw "
+                   "takes mixedrank's place among the candidates. Needs MODEL as a Hugging Face folder.")
 @prompt_options
 @click.option("--encoding-for", "encoding_for", multiple=True, metavar="REGEX=ENCODING", callback=encoding_rules,
               help="A different encoding for tensors whose name matches REGEX (repeatable).")
@@ -74,7 +78,8 @@ if TYPE_CHECKING:
 @json_option
 @with_store
 def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str | None, encoding: str,
-           prompts: str | None, max_kl: float | None, max_bytes: int | None, chat: bool, tokenizer: str | None,
+           prompts: str | None, max_kl: float | None, max_bytes: int | None, calibration: str | None, chat: bool,
+           tokenizer: str | None,
            encoding_for: list[tuple[str, str]], group_size: int | None, include: str | None, exclude: str | None,
            top_k: int | None, min_rel_change: float | None, energy: float | None, message: str,
            meta: dict[str, str], meta_file: str | None, tag: str | None, move_tag: bool, allow_nonfinite: bool,
@@ -85,7 +90,7 @@ def commit(store: Store, stance: str, model: str, base_ref: str, base_path: str 
     base = only_base(store, base_ref)
     with progress("measuring" if prompts else "committing", enabled=not as_json) as cb:
         c = run_commit(store, stance, model, base=base, base_weights=base_path, encoding=encoding, prompts=prompts,
-                       max_kl=max_kl, max_bytes=max_bytes, chat=chat, tokenizer=tokenizer, encoding_for=encoding_for,
+                       max_kl=max_kl, max_bytes=max_bytes, calibration=calibration, chat=chat, tokenizer=tokenizer, encoding_for=encoding_for,
                        encoding_options={} if group_size is None else {"group_size": group_size},
                        include=include, exclude=exclude, top_k=top_k, min_rel_change=min_rel_change, energy=energy,
                        message=message, metadata=meta, metadata_file=meta_file, tag=tag, move_tag=move_tag, progress=cb,

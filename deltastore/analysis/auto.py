@@ -30,13 +30,16 @@ if TYPE_CHECKING:
     from ..repo.records import CommitResult
     from ..store import Store
 
-__all__ = ["AUTO_CANDIDATES", "AutoChoice", "MeasuredCommit", "choose_encoding", "commit_measured"]
+__all__ = ["AUTO_CALIBRATED", "AUTO_CANDIDATES", "AutoChoice", "MeasuredCommit", "choose_encoding", "commit_measured"]
 
 #: What ``commit --encoding auto`` chooses from; ranks a matrix cannot hold are skipped.
-AUTO_CANDIDATES: tuple[str, ...] = ("lossless", "int8", "int4", "nf4", "fp4", "1bit",
-                                    "lowrank:8", "lowrank:32", "lowrank:128",
-                                    "mixedrank:8", "mixedrank:16", "mixedrank:24", "mixedrank:32",
-                                    "mixedrank:48", "mixedrank:64")
+_PLAIN = ("lossless", "int8", "int4", "nf4", "fp4", "1bit", "lowrank:8", "lowrank:32", "lowrank:128")
+AUTO_CANDIDATES: tuple[str, ...] = _PLAIN + ("mixedrank:8", "mixedrank:16", "mixedrank:24", "mixedrank:32",
+                                             "mixedrank:48", "mixedrank:64")
+#: With calibration prompts: mixedrank fitted to the activations, which keeps more than plain
+#: mixedrank in the same bytes (docs/fidelity.md), in place of it.
+AUTO_CALIBRATED: tuple[str, ...] = _PLAIN + ("mixedrank-aw:4", "mixedrank-aw:8", "mixedrank-aw:12",
+                                             "mixedrank-aw:16", "mixedrank-aw:24", "mixedrank-aw:32")
 
 
 @dataclass(frozen=True)
@@ -214,7 +217,8 @@ def commit_measured(store: Store, stance: str, model: Any, *, base: Any, prompts
     _refuse_before_measuring(store, stance, model, base, request, metadata=metadata, **commit_options)
     folder = _base_folder(store, base, base_weights)
     choice = choose_encoding(folder, model, prompts=prompts, max_kl=max_kl, max_bytes=max_bytes,
-                             candidates=AUTO_CANDIDATES if encoding == "auto" else (encoding,),
+                             candidates=((AUTO_CALIBRATED if (encoding_options or {}).get("calibration") is not None
+                                          else AUTO_CANDIDATES) if encoding == "auto" else (encoding,)),
                              encoding_for=encoding_for, encoding_options=encoding_options, chat=chat,
                              tokenizer=tokenizer, progress=progress, selector=selector)
     meta = {"fidelity.kl": f"{choice.kl:.6g}", "fidelity.top1": f"{choice.top1:.6g}",

@@ -9,7 +9,7 @@ addresses every part. Adding an encoding is one class and one `register` line.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 import numpy as np
@@ -62,10 +62,17 @@ class Encoding:
         than fresh memory); the result is what is returned, `out` or not."""
         raise NotImplementedError
 
+    #: True when encoding needs calibration (an option) to fit to: commit refuses it without.
+    needs_calibration: ClassVar[bool] = False
+
     def stream(self, base: torch.Tensor, target: torch.Tensor) -> Streamed | None:
         """`encode` as a stream, where this encoding can and the tensor is large enough to
         gain from it; None otherwise."""
         return None
+
+    def for_tensor(self, name: str) -> "Encoding":
+        """This encoding as it stores tensor `name` (one fitted per tensor knows it)."""
+        return self
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -477,6 +484,38 @@ class MixedRank(_Delta):
         return MR.decode(encoded.parts, encoded.params, rows=shape[0], cols=shape[1])
 
 
+@dataclass(frozen=True)
+class MixedRankAW(MixedRank):
+    """mixedrank:R fitted to the model's activations on calibration prompts: the directions and
+    widths that keep the layer's outputs, ||(dW - dW') x|| over the inputs x, rather than its
+    weights. The layout and decoding are mixedrank's. `calibration`: tensor name -> the n x n
+    sum of x x^T of the inputs that tensor (a linear layer's weight) met; a tensor without one
+    (an embedding) is fitted as mixedrank fits it."""
+
+    name = "mixedrank-aw"
+    needs_calibration = True
+    calibration: Mapping[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
+    tensor: str | None = None
+
+    @property
+    def spec(self) -> str:
+        return f"mixedrank-aw:{self.rank}"
+
+    def for_tensor(self, name: str) -> Encoding:
+        return replace(self, tensor=name)
+
+    def _encode(self, dw: torch.Tensor, shape: tuple[int, ...]) -> tuple[Q.Parts, dict[str, Any]]:
+        if self.calibration is None:
+            raise EncodingError(f"{self.spec} is fitted on the model's activations: give --calibration FILE "
+                                "(prompts, one per line, that the encoding is fitted on)")
+        if len(shape) != 2:
+            raise EncodingError(f"{self.spec} needs a 2-D tensor, got shape {shape}; keep this tensor lossless")
+        covariance = self.calibration.get(self.tensor) if self.tensor is not None else None
+        if covariance is not None and tuple(covariance.shape) != (shape[1], shape[1]):
+            covariance = None  # not this tensor's inputs (a tied head's weight read as an embedding)
+        return MR.encode(dw, rank=self.rank, group_size=self.group_size, covariance=covariance)
+
+
 # -- registry ------------------------------------------------------------------------------
 
 Factory = Callable[[str | None, dict[str, Any]], Encoding]
@@ -552,7 +591,8 @@ register("fp4", _no_arg(FP4), ("blocksize",))
 register("1bit", _no_arg(OneBit))
 register("lowrank", _ranked(LowRank), ("dtype",))
 register("mixedrank", _ranked(MixedRank), ("group_size",))
+register("mixedrank-aw", _ranked(MixedRankAW), ("group_size", "calibration"))
 
-__all__ = ["Encoded", "Encoding", "Lossless", "Int8", "Int4", "NF4", "FP4", "OneBit", "LowRank", "MixedRank",
+__all__ = ["Encoded", "Encoding", "Lossless", "Int8", "Int4", "NF4", "FP4", "OneBit", "LowRank", "MixedRank", "MixedRankAW",
            "get", "from_params", "names", "option_names", "register", "byte_group", "byte_ungroup",
            "DTYPES", "dtype_name"]

@@ -62,8 +62,13 @@ def budget_bits(rank: int, rows: int, cols: int) -> int:
     return 16 * rank * (rows + cols)
 
 
-def encode(dw: torch.Tensor, *, rank: int, group_size: int) -> tuple[Parts, dict[str, Any]]:
-    """dw: float32 (m, n). The parts and params of its mixedrank:`rank`."""
+def encode(dw: torch.Tensor, *, rank: int, group_size: int,
+           covariance: torch.Tensor | None = None) -> tuple[Parts, dict[str, Any]]:
+    """dw: float32 (m, n). The parts and params of its mixedrank:`rank`. With `covariance`
+    (n x n: the sum of x x^T over the inputs x the layer met on calibration prompts), the
+    directions kept and their widths are those that matter to the layer's outputs on such
+    inputs, ||(dW - dW') x||, rather than to the weights (activation-aware, as ASVD and SVD-LLM
+    fit low-rank factors): the same layout, decoded the same way."""
     m, n = dw.shape
     cost = {b: (m + n) * b + 16 * (-(-m // group_size) + -(-n // group_size)) for b in BITS}
     # One 8-bit direction is always affordable: on a tiny matrix the scales alone would
@@ -73,7 +78,9 @@ def encode(dw: torch.Tensor, *, rank: int, group_size: int) -> tuple[Parts, dict
     if k == 0 or not bool(dw.any()):
         return _parts([], np.empty((0, m), np.uint8), np.empty(0), np.empty((0, n), np.uint8), np.empty(0),
                       group_size)
-    us, vh = truncated_svd(dw, k)  # S is in one of the two factors, which depends on the shape
+    weighted = covariance is not None
+    # S is in one of the two factors, which depends on the shape.
+    us, vh = truncated_svd(_whitened(dw, covariance) if weighted else dw, k)
     u, su = _unit_rows(us.T)
     v, sv = _unit_rows(vh)
     widths = _allocate(su * sv, u, v, cost, budget, group_size)
@@ -81,7 +88,9 @@ def encode(dw: torch.Tensor, *, rank: int, group_size: int) -> tuple[Parts, dict
     bits = [widths[i] for i in keep]
     if not keep:
         return encode(dw, rank=0, group_size=group_size)
-    uq, u_codes, u_steps = _quantize_rows(us.T[keep].contiguous(), bits, group_size)
+    # U's columns as they are (weighted: unit left singular vectors of dW L, which span the
+    # output directions to keep); V is fitted to dW itself below either way.
+    uq, u_codes, u_steps = _quantize_rows((u if weighted else us.T)[keep].contiguous(), bits, group_size)
     # V fitted again to dW given the quantised U: least squares in float64, r x r.
     a = torch.from_numpy(uq).T  # (m, r) float64
     v = torch.linalg.solve(a.T @ a + 1e-12 * torch.eye(len(keep), dtype=torch.float64) * float(a.pow(2).sum()),
@@ -109,6 +118,22 @@ def decode(parts: Mapping[str, Any], params: Mapping[str, Any], *, rows: int, co
     for i in range(0, rows, step):
         out[i:i + step] = ut[i:i + step] @ vt
     return out
+
+
+#: Added to the normalised covariance's diagonal: inputs never seen on the calibration prompts
+#: keep a little weight, and the Cholesky factor exists.
+DAMPING = 0.01
+
+
+def _whitened(dw: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
+    """dW L, for covariance C = L L^T (normalised, damped): ||dW L|| = ||dW x|| over the inputs."""
+    c = covariance.double()
+    if c.shape != (dw.shape[1], dw.shape[1]) or not bool(torch.isfinite(c).all()):
+        raise EncodingError(f"an input covariance of shape {tuple(c.shape)} does not fit a {dw.shape[0]}x"
+                            f"{dw.shape[1]} weight")
+    scale = float(c.diagonal().mean())
+    c = (c / scale if scale > 0 else torch.zeros_like(c)) + DAMPING * torch.eye(c.shape[0], dtype=torch.float64)
+    return (dw.double() @ torch.linalg.cholesky(c)).float()
 
 
 def _unit_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -297,6 +297,9 @@ def spec_chooser(encoding: str, rules: list[tuple[str, str]] | None, options: di
                                   default=encoding, names=target.names, **options)
     for name, info in target.infos.items():
         enc = encodings.get(chosen(name), **options)
+        if enc.needs_calibration and options.get("calibration") is None:
+            raise EncodingError(f"{enc.spec} is fitted on the model's activations: give --calibration FILE "
+                                "(prompts, one per line, that the encoding is fitted on)")
         rank = getattr(enc, "rank", None)
         # An empty matrix is never encoded: it cannot differ from its base but by shape.
         if rank is not None and len(info.shape) == 2 and rank > min(info.shape) > 0:
@@ -304,7 +307,7 @@ def spec_chooser(encoding: str, rules: list[tuple[str, str]] | None, options: di
                                 f"{list(info.shape)}; choose a smaller rank or --encoding-for '{name}=lossless'")
 
     def choose(name: str, base: torch.Tensor, target: torch.Tensor) -> encodings.Encoding:
-        enc = encodings.get(chosen(name), **options)
+        enc = encodings.get(chosen(name), **options).for_tensor(name)
         # Norms and biases are tiny and hurt most when quantised; a changed dtype or shape
         # has no delta to quantise, nor has an integer tensor; a low-rank factorisation needs
         # a matrix.
