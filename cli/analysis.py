@@ -86,9 +86,7 @@ def compare_command(ctx: click.Context, base: str, model: str, encodings_text: s
         draw(c, plot)
     if as_json:
         return emit_json(finite({**to_jsonable(c), "plot": plot}))
-    render_comparison(c)
-    if plot:
-        echo(f"wrote {plot}")
+    render_comparison(c, plot)
 
 
 def encoding_options(group_size: int | None, calibration: str | None, model: str, chat: bool,
@@ -103,7 +101,7 @@ def encoding_options(group_size: int | None, calibration: str | None, model: str
     return options
 
 
-def render_comparison(c: Comparison) -> None:
+def render_comparison(c: Comparison, plot: str | None = None) -> None:
     what = (f"fidelity over {c.prompts} prompts ({c.positions} positions)" if c.fidelity_skipped is None
             else f"no fidelity: {c.fidelity_skipped}")
     echo(f"{c.changed} of {c.tensors} tensors changed; full copy {size(c.full_bytes)} ({c.dtype}); {what}")
@@ -111,6 +109,8 @@ def render_comparison(c: Comparison) -> None:
             "-" if r.energy is None else f"{r.energy:.3f}", _kl(r.kl),
             "-" if r.top1 is None else f"{r.top1:.1%}", r.note] for r in c.rows],
           ["stored as", "bytes", "of full", "tensors", "energy", "KL", "top-1", "note"])
+    if plot:
+        echo(f"wrote {plot}")
 
 
 @click.command()
