@@ -4,8 +4,9 @@
 
 For each stance's full fine-tune (examples/smollm.py): every delta encoding and LoRA rank, bytes
 against KL(fine-tuned || stored) on the questions of examples/prompts.txt, which no encoding is
-fitted on; then `commit --encoding auto --max-kl K` for K = 1e-3 and 1e-4, choosing on the
-training questions (examples/calibration.txt), its choice's KL read on prompts.txt; then the time
+fitted on (mixedrank-aw is fitted on the training questions, examples/calibration.txt); then
+`commit --encoding auto --max-kl K --calibration` for K = 1e-3 and 1e-4, choosing on the training
+questions, its choice's KL read on prompts.txt; then the time
 to commit and to apply in place (and revert) each of int4 and two mixedrank versions, in one run.
 """
 
@@ -26,14 +27,17 @@ sys.path.insert(0, str(HERE.parent))
 import smollm  # noqa: E402
 
 from deltastore import Store  # noqa: E402
-from deltastore.analysis.auto import AUTO_CANDIDATES, commit_measured  # noqa: E402
+from deltastore.analysis.auto import AUTO_CALIBRATED, AUTO_CANDIDATES  # noqa: E402
+from deltastore.analysis.committing import commit  # noqa: E402
+from deltastore.metrics.calibration import calibrate  # noqa: E402
 from deltastore.analysis.compare import compare  # noqa: E402
 from deltastore.analysis.plots import plot  # noqa: E402
 
-# auto's candidates (so that its choice has a row), and mixedrank:12 between two of them.
-ENCODINGS = tuple(s for s in AUTO_CANDIDATES if s != "lossless") + ("mixedrank:12",)
+# auto's candidates (so that its choice has a row), and two between them.
+ENCODINGS = tuple(dict.fromkeys(s for s in AUTO_CANDIDATES + AUTO_CALIBRATED + ("mixedrank:12", "mixedrank-aw:6")
+                                if s != "lossless"))
 BOUNDS = (1e-3, 1e-4)
-TIMED = ("int4", "mixedrank:16", "mixedrank:48")
+TIMED = ("int4", "mixedrank:16", "mixedrank:48", "mixedrank-aw:12")
 BEGIN, END = "<!-- frontier_smollm.py -->", "<!-- end frontier_smollm.py -->"
 
 
@@ -53,17 +57,19 @@ def main() -> None:
     base = smollm.base_folder()
     tuned = {stance: smollm.finetune(base, stance) for stance in smollm.stances()["stances"]}
     started = time.perf_counter()
+    calibration = HERE / "calibration.txt"
+    fitted = {s: calibrate(ft, calibration, chat=True).covariances for s, ft in tuned.items()}
     comparisons = {s: compare(base, ft, encodings=ENCODINGS, ranks=(8, 32), full=(), prompts=HERE / "prompts.txt",
-                              chat=True) for s, ft in tuned.items()}
+                              chat=True, encoding_options={"calibration": fitted[s]}) for s, ft in tuned.items()}
     first = next(iter(comparisons))
     plot(comparisons[first], HERE / "frontier-smollm.png",
          title=f"SmolLM2-135M-Instruct, {first}: bytes vs KL, with the frontier")
     with tempfile.TemporaryDirectory() as tmp:
         store = Store.init(Path(tmp) / "store")
-        chosen = {(s, k): commit_measured(store, s, ft, base=str(base), prompts=HERE / "calibration.txt",
-                                          max_kl=k, chat=True, allow_empty=True)
+        chosen = {(s, k): commit(store, s, ft, base=str(base), encoding="auto", prompts=calibration, max_kl=k,
+                                 calibration=calibration, chat=True, allow_empty=True)
                   for s, ft in tuned.items() for k in BOUNDS}
-        timings = timed(store, base, tuned[first], Path(tmp))
+        timings = timed(store, base, tuned[first], Path(tmp), fitted[first])
         store.close()
     if os.environ.get("FRONTIER_KEEP"):  # the measurements, to render again without measuring
         import pickle
@@ -74,13 +80,14 @@ def main() -> None:
     print(section)
 
 
-def timed(store: Store, base: Path, ft: Path, tmp: Path) -> dict[str, tuple[float, float, float]]:
-    """(commit, in-place apply, revert) seconds of each encoding of TIMED, in one run."""
+def timed(store: Store, base: Path, ft: Path, tmp: Path, fitted: dict) -> dict[str, tuple[float, float, float]]:
+    """(commit, in-place apply, revert) seconds of each encoding of TIMED, in one run (a
+    calibrated one's commit without the calibration's forward passes)."""
     out = {}
     for spec in TIMED:
         stance = "timed-" + spec.replace(":", "-")
         start = time.perf_counter()
-        store.commit(stance, ft, base=str(base), encoding=spec)
+        store.commit(stance, ft, base=str(base), encoding=spec, encoding_options={"calibration": fitted})
         committed = time.perf_counter() - start
         target = tmp / stance
         shutil.copytree(base, target)
@@ -112,8 +119,9 @@ def render(comparisons: dict, chosen: dict, timings: dict, seconds: float) -> st
             cells.append(f"**{text}**" if row in comparisons[s].frontier else text)
             share = row.bytes / bf16
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {share:.3f} |")
-    lines += ["", "`commit --encoding auto --max-kl K --prompts examples/calibration.txt --chat` (the 15 "
-              "training questions), its choice's KL measured on `examples/prompts.txt`:", "",
+    lines += ["", "`commit --encoding auto --max-kl K --prompts examples/calibration.txt --calibration "
+              "examples/calibration.txt --chat` (the 15 training questions: mixedrank-aw is fitted, and every "
+              "candidate measured, on them), its choice's KL measured on `examples/prompts.txt`:", "",
               "| stance | K | chosen | bytes | of bf16 | KL on the calibration questions | KL held out |",
               "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     for (s, k), m in chosen.items():

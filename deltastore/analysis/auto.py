@@ -36,10 +36,12 @@ __all__ = ["AUTO_CALIBRATED", "AUTO_CANDIDATES", "AutoChoice", "MeasuredCommit",
 _PLAIN = ("lossless", "int8", "int4", "nf4", "fp4", "1bit", "lowrank:8", "lowrank:32", "lowrank:128")
 AUTO_CANDIDATES: tuple[str, ...] = _PLAIN + ("mixedrank:8", "mixedrank:16", "mixedrank:24", "mixedrank:32",
                                              "mixedrank:48", "mixedrank:64")
-#: With calibration prompts: mixedrank fitted to the activations, which keeps more than plain
-#: mixedrank in the same bytes (docs/fidelity.md), in place of it.
+#: With calibration prompts: mixedrank fitted to the activations, which keeps several times more
+#: than plain mixedrank in the same small bytes (docs/fidelity.md) but gains little past :32,
+#: in place of the smaller plain ones.
 AUTO_CALIBRATED: tuple[str, ...] = _PLAIN + ("mixedrank-aw:4", "mixedrank-aw:8", "mixedrank-aw:12",
-                                             "mixedrank-aw:16", "mixedrank-aw:24", "mixedrank-aw:32")
+                                             "mixedrank-aw:16", "mixedrank-aw:24", "mixedrank-aw:32",
+                                             "mixedrank:48", "mixedrank:64")
 
 
 @dataclass(frozen=True)
