@@ -310,7 +310,8 @@ def _same_request(version: Any, request: _Request) -> str | None:
               None if request.max_bytes is None else str(request.max_bytes))
     same = ((meta.get("fidelity.max_kl"), meta.get("fidelity.max_bytes")) == bounds
             and meta.get("fidelity.prompts") == request.prompts
-            and meta.get("fidelity.prompts_id", request.prompts_id) == request.prompts_id
+            # by content where both are known (a file that cannot be read is refused when measured)
+            and (request.prompts_id is None or meta.get("fidelity.prompts_id", request.prompts_id) == request.prompts_id)
             and (meta.get("fidelity.chat") == "true") == request.chat)
     return version.encoding if same else None
 
