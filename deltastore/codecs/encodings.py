@@ -476,7 +476,11 @@ class MixedRank(_Delta):
     def _encode(self, dw: torch.Tensor, shape: tuple[int, ...]) -> tuple[Q.Parts, dict[str, Any]]:
         if len(shape) != 2:
             raise EncodingError(f"{self.spec} needs a 2-D tensor, got shape {shape}; keep this tensor lossless")
-        return MR.encode(dw, rank=self.rank, group_size=self.group_size)
+        return MR.encode(dw, rank=self.rank, group_size=self.group_size, covariance=self._covariance(shape))
+
+    def _covariance(self, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """The inputs' covariance the fit is weighted by; None: the weights themselves."""
+        return None
 
     def _decode(self, encoded: Encoded, shape: tuple[int, ...]) -> torch.Tensor:
         if len(shape) != 2:
@@ -504,16 +508,14 @@ class MixedRankAW(MixedRank):
     def for_tensor(self, name: str) -> Encoding:
         return replace(self, tensor=name)
 
-    def _encode(self, dw: torch.Tensor, shape: tuple[int, ...]) -> tuple[Q.Parts, dict[str, Any]]:
+    def _covariance(self, shape: tuple[int, ...]) -> torch.Tensor | None:
         if self.calibration is None:
             raise EncodingError(f"{self.spec} is fitted on the model's activations: give --calibration FILE "
                                 "(prompts, one per line, that the encoding is fitted on)")
-        if len(shape) != 2:
-            raise EncodingError(f"{self.spec} needs a 2-D tensor, got shape {shape}; keep this tensor lossless")
         covariance = self.calibration.get(self.tensor) if self.tensor is not None else None
-        if covariance is not None and tuple(covariance.shape) != (shape[1], shape[1]):
-            covariance = None  # not this tensor's inputs (a tied head's weight read as an embedding)
-        return MR.encode(dw, rank=self.rank, group_size=self.group_size, covariance=covariance)
+        if covariance is not None and tuple(covariance.shape) != (shape[-1], shape[-1]):
+            return None  # not this tensor's inputs (a tied head's weight read as an embedding)
+        return covariance
 
 
 # -- registry ------------------------------------------------------------------------------
