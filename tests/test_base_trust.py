@@ -202,7 +202,7 @@ def test_a_commit_refuses_a_trusted_file_written_since(aged, commit_hashes):
 
 @pytest.fixture
 def apply_hashes(monkeypatch):
-    return counting(monkeypatch, deltastore.patching.patch, "raw_tensor_id")
+    return counting(monkeypatch, deltastore.weights.models.TensorSource, "tensor_id")
 
 
 def test_an_in_place_apply_trusts_only_files_this_store_hashed(aged, apply_hashes, tmp_path):

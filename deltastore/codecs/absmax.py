@@ -126,14 +126,28 @@ def block_parts(parts: Mapping[str, Any], params: Mapping[str, Any], *, bits: in
     `decode_into` takes a whole entry's: its codes and its groups' scales, views (no copy). The
     whole parts' sizes are checked; `first` must start a group (and an int4 code byte)."""
     g = int_param(params, "group_size", 1)
-    full_groups, rest = divmod(numel, g)
-    scales = part_view(parts, "scales", np.float16, full_groups + (rest > 0))
-    codes = part_view(parts, "codes", np.int8 if bits == 8 else np.uint8, numel if bits == 8 else (numel + 1) // 2)
+    sizes = part_sizes(params, bits=bits, numel=numel)
+    scales = part_view(parts, "scales", np.float16, sizes["scales"] // 2)
+    codes = part_view(parts, "codes", np.int8 if bits == 8 else np.uint8, sizes["codes"])
     if first % math.lcm(g, 2) or not 0 <= first <= end <= numel:
         raise EncodingError(f"elements {first}..{end} do not start a group of {g} in {numel}")
-    per_byte = 1 if bits == 8 else 2
-    return {"codes": memoryview(codes[first // per_byte:-(-end // per_byte)]).cast("B"),
-            "scales": memoryview(scales[first // g:-(-end // g)]).cast("B")}
+    a, b = block_bytes(params, bits=bits, first=first, end=end)
+    return {"codes": memoryview(codes[a["codes"]:b["codes"]]).cast("B"),
+            "scales": memoryview(scales[a["scales"] // 2:b["scales"] // 2]).cast("B")}
+
+
+def part_sizes(params: Mapping[str, Any], *, bits: int, numel: int) -> dict[str, int]:
+    """The bytes each part of an int8 or int4 entry of `numel` elements holds."""
+    return block_bytes(params, bits=bits, first=0, end=numel)[1]
+
+
+def block_bytes(params: Mapping[str, Any], *, bits: int, first: int, end: int
+                ) -> tuple[dict[str, int], dict[str, int]]:
+    """Where the bytes of elements `first`..`end` start and end in each part (`first` starts a
+    group and an int4 code byte): a block's parts read in order, one after another."""
+    g, per_byte = int_param(params, "group_size", 1), 1 if bits == 8 else 2
+    return ({"codes": first // per_byte, "scales": first // g * 2},
+            {"codes": -(-end // per_byte), "scales": -(-end // g) * 2})
 
 
 def decode_into(parts: Mapping[str, Any], params: Mapping[str, Any], *, bits: int, base: np.ndarray,

@@ -30,14 +30,15 @@ class BaseFiles:
         self.source, self.ids = source, ids
         self.used: set[Path] = set()
 
-    def holds(self, name: str, nbytes: int, target_bytes: memoryview) -> tuple[str, int] | None:
+    def holds(self, name: str, nbytes: int, target: TensorSource) -> tuple[str, int] | None:
         """(the base file's real path, where the region starts in it) when a base file holds
-        exactly `target_bytes` as tensor `name`; else None (the region is copied)."""
+        exactly the bytes of tensor `name` of `target` (mapped); else None (the region is
+        copied). Compared a block of each at a time, each block's pages let go once compared."""
         info = self.source.infos.get(name)
         if info is None or info.file not in self.ids or info.nbytes != nbytes:
             return None
         try:
-            same = same_bytes(self.source.view(name), target_bytes)
+            same = all(same_bytes(a, b) for a, b in zip(self.source.blocks(name), target.blocks(name)))
         finally:
             self.source.release(name)
         if not same:

@@ -20,7 +20,7 @@ from typing import Callable, Iterator, TYPE_CHECKING
 
 from ..core.durable import new_folder
 from ..core.errors import ModelFormatError
-from ..core.hashing import dtype_name, raw_tensor_id
+from ..core.hashing import dtype_name
 from ..core.pools import WORKERS
 from ..engine.reader import Reader
 from ..repo.records import Version
@@ -89,7 +89,7 @@ def write_decoded(reader: Reader, version: Version, source: TensorSource, expect
 
             def write(name: str) -> None:
                 info, (fd, at) = infos[name], where[name]
-                if raw_tensor_id(info.dtype, info.shape, source.view(name)) != expected[name]["tensor_id"]:
+                if source.tensor_id(name) != expected[name]["tensor_id"]:
                     raise base_changed([name])
                 if name in entries:
                     decode(entries[name], info, lambda offset, block: pwrite_all(fd, block, at + offset))

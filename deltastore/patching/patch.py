@@ -191,19 +191,17 @@ def _check_and_save(reader: Reader, version: Version, target: Target, source: Te
     def check(name: str) -> bool:
         k = by_name[name]
         entry, info = regions[k]
-        base = source.view(name)
         wanted = entry.base_tensor_id
-        if (trusted or {}).get(name) != wanted and raw_tensor_id(info.dtype, info.shape, base) != wanted:
+        if (trusted or {}).get(name) != wanted and source.tensor_id(name) != wanted:
             return False
         # Either is checked against this id before a revert uses it, and the files against
         # any write since they were mapped (check_unchanged, below).
-        found = base_files.holds(name, info.nbytes, base) if base_files is not None else None
+        found = base_files.holds(name, info.nbytes, source) if base_files is not None else None
         if found is not None:
             in_base[k] = found
         else:
             copy_range(files[info.file], originals.fileno(), info.nbytes, info.start, offsets[k])
             start_writeback(originals.fileno(), offsets[k], info.nbytes)
-        del base
         source.release(name)
         return True
 
@@ -249,7 +247,7 @@ def _patch_or_roll_back(reader: Reader, version: Version, target: Target, journa
     def write(name: str) -> None:
         k = by_name[name]
         entry, info = regions[k]
-        if recheck and raw_tensor_id(info.dtype, info.shape, source.view(name)) != entry.base_tensor_id:
+        if recheck and source.tensor_id(name) != entry.base_tensor_id:
             raise BaseMismatch(version.base_id, None, [name], f"{name} of {target.given} changed while it was "
                                "given a private copy; nothing was changed; try again")
         with lock:

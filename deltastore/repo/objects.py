@@ -53,6 +53,12 @@ MAX_ZSTD_RATIO = 1 << 15
 # The first buffer of a decompression; it grows while frames keep producing data. Deltas
 # compress a few times at most, so one buffer is nearly always enough.
 FIRST_BUFFER = 16 << 20
+# A part of at least this many bytes is read by a file patch a block at a time (`sections`),
+# never whole: an embedding's delta of several hundred MB would otherwise be held once per
+# worker, and peak memory would grow with the model's largest tensor.
+STREAM_FROM = 32 << 20
+# How much of an object file a section's zstd reader asks the kernel for at a time.
+SECTION_READ = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -229,6 +235,26 @@ class ObjectStore:
         if compression != ZSTD:
             raise CorruptObject(object_id, f"unknown compression {compression}")
         return _bounded_decompress(object_id, body, declared, parallel=parallel, into=target)
+
+    def sections(self, object_id: str, raw_size: int, count: int) -> list["Section"] | None:
+        """The payload as `count` equal sections, each read in order a buffer at a time by its
+        own `Section` (the byte planes of a lossless payload, read side by side), or None where
+        the object's frames do not allow starting mid-way (the caller reads it whole instead).
+        The sections' bytes are not checked against the id, which needs all of them in order:
+        the caller checks what it builds from them (a result against its recorded id)."""
+        if raw_size % count:
+            return None
+        with open(self._opened(object_id), "rb") as f:
+            starts = _section_starts(object_id, f, raw_size, [k * raw_size // count for k in range(count)])
+        if starts is None:
+            return None
+        return [Section(self._file(object_id), object_id, *start) for start in starts]
+
+    def _opened(self, object_id: str) -> str:
+        path = self._file(object_id)
+        if not os.path.isfile(path):
+            raise MissingObject(object_id)
+        return path
 
     def ids(self) -> Iterator[str]:
         """Every object on disk, whether or not the catalog references it."""
@@ -425,3 +451,90 @@ def _decompress_into(object_id: str, body: memoryview, into: memoryview) -> memo
         raise CorruptObject(object_id, f"decompresses to {'more' if more else filled} "
                                        f"bytes, header declares {len(into)}")
     return into
+
+
+class _FileBytes:
+    """An object file's body as `zstd_frames` slices it, each slice one pread: the frame scan
+    reads a few bytes per zstd block, never the body (nor maps it, which would count its
+    pages against the process's memory)."""
+
+    def __init__(self, fd: int, start: int, size: int):
+        self.fd, self.start, self.size = fd, start, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, s: slice) -> bytes:
+        first, end = max(s.start or 0, 0), min(self.size if s.stop is None else s.stop, self.size)
+        return os.pread(self.fd, max(end - first, 0), self.start + first)
+
+
+def _section_starts(object_id: str, f: Any, raw_size: int, offsets: list[int]
+                    ) -> list[tuple[int, int, int]] | None:
+    """For each payload offset: (file position to read from, compression, bytes to skip there
+    first); None where a zstd body's frames do not declare their sizes and an offset is not 0.
+    The header is checked as `decode_file` checks it."""
+    blob = f.read(HEADER.size)
+    if len(blob) < HEADER.size:
+        raise CorruptObject(object_id, "shorter than its header")
+    magic, version, compression, _, declared = HEADER.unpack(blob)
+    if magic != MAGIC or version != FORMAT_VERSION:
+        raise CorruptObject(object_id, "not a deltastore object")
+    if declared != raw_size:
+        raise CorruptObject(object_id, f"declares {declared} bytes, expected {raw_size}")
+    body = os.fstat(f.fileno()).st_size - HEADER.size
+    if compression == RAW:
+        if body != declared:
+            raise CorruptObject(object_id, "payload size differs from its header")
+        return [(HEADER.size + at, RAW, 0) for at in offsets]
+    if compression != ZSTD:
+        raise CorruptObject(object_id, f"unknown compression {compression}")
+    if declared > body * MAX_ZSTD_RATIO:
+        raise CorruptObject(object_id, f"declares an impossible size ({declared} bytes from {body} bytes of zstd)")
+    if not any(offsets):
+        return [(HEADER.size, ZSTD, 0) for _ in offsets]
+    frames = zstd_frames(_FileBytes(f.fileno(), HEADER.size, body))  # type: ignore[arg-type]
+    if frames is None or sum(size for _, _, size in frames) != declared:
+        return None
+    starts, content = [], [0]
+    for _, _, size in frames:
+        content.append(content[-1] + size)
+    for at in offsets:
+        k = max(i for i in range(len(frames)) if content[i] <= at) if at < declared else len(frames) - 1
+        starts.append((HEADER.size + frames[k][0], ZSTD, at - content[k]))
+    return starts
+
+
+class Section:
+    """Bytes of an object's payload read in order from one place, a buffer at a time. A stream
+    that ends early or does not decode is a `CorruptObject`; bytes are decoded only as far as
+    they are asked for, so a payload that would expand further costs nothing."""
+
+    def __init__(self, path: str, object_id: str, position: int, compression: int, skip: int):
+        self.object_id = object_id
+        self.file = open(path, "rb")
+        self.file.seek(position)
+        self.stream: Any = self.file
+        if compression == ZSTD:
+            self.stream = zstandard.ZstdDecompressor().stream_reader(
+                self.file, read_size=SECTION_READ, read_across_frames=True, closefd=False)
+        while skip:  # where a section starts inside a frame (not for 1-, 2- and 4-byte planes)
+            skip -= self.readinto(memoryview(bytearray(min(skip, SECTION_READ))))
+
+    def readinto(self, buffer: Any) -> int:
+        """Fill `buffer` whole with the next bytes; returns its length."""
+        view, filled = memoryview(buffer).cast("B"), 0
+        try:
+            while filled < len(view):
+                got = self.stream.readinto(view[filled:])
+                if not got:
+                    raise CorruptObject(self.object_id, "its payload ends before its declared size")
+                filled += got
+        except zstandard.ZstdError as e:
+            raise CorruptObject(self.object_id, f"zstd: {e}") from None
+        return filled
+
+    def close(self) -> None:
+        if self.stream is not self.file:
+            self.stream.close()
+        self.file.close()

@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 << 20
+# A mapped tensor is read this many bytes at a time where it is read whole (hashed, compared),
+# each block's pages let go once read: a process's memory then does not grow with the largest
+# tensor (a 7B model's embedding is 1 GB in bf16) while the hash keeps several MB per thread.
+MAPPED_BLOCK = 16 << 20
 # A header entry is an object and two lists; a Hub payload file of the largest manifest holds
 # a few hundred thousand tensors. A header of more is refused before it is parsed.
 MAX_FILE_TENSORS = 1 << 19
@@ -174,12 +178,15 @@ class MappedFile:
             raise ModelFormatError(f"{info.file} is truncated at tensor {info.name!r}")
         return memoryview(self.map)[info.start:info.end]
 
-    def release(self, info: TensorInfo) -> None:
+    def release(self, info: TensorInfo, first: int = 0, end: int | None = None) -> None:
+        """Let the pages of a tensor's bytes `first`..`end` go (all of them by default)."""
         # Dropping the pages of a private, unwritten file mapping loses nothing: a later read
         # faults them in again from the page cache.
-        start = info.start - info.start % mmap.PAGESIZE
-        if info.end > start and hasattr(self.map, "madvise"):
-            self.map.madvise(mmap.MADV_DONTNEED, start, info.end - start)
+        stop = info.end if end is None else min(info.start + end, info.end)
+        start = info.start + first
+        start -= start % mmap.PAGESIZE
+        if stop > start and hasattr(self.map, "madvise"):
+            self.map.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
     def changed(self) -> bool:
         try:
@@ -240,12 +247,32 @@ class TensorSource:
         info = self.infos[name]
         return self._mapped[info.file].view(info)
 
-    def release(self, name: str) -> None:
-        """Done with tensor `name` for now: a mapped file lets its pages go (it stays readable)."""
+    def blocks(self, name: str) -> Iterable[memoryview]:
+        """Tensor `name`'s raw bytes from its mapped file, MAPPED_BLOCK at a time, each block's
+        pages let go once the next is asked for (or the loop ends)."""
+        data = self.view(name)
+        for at in range(0, len(data), MAPPED_BLOCK):
+            try:
+                yield data[at:at + MAPPED_BLOCK]
+            finally:
+                self.release(name, at, at + MAPPED_BLOCK)
+
+    def tensor_id(self, name: str) -> str:
+        """Tensor `name`'s id (hashing.tensor_id) from its mapped file, a block at a time."""
+        info = self.infos[name]
+        h = hashing.hasher(info.nbytes)
+        h.update(hashing.id_header(info.dtype, info.shape))
+        for block in self.blocks(name):
+            h.update(block)
+        return hashing.hexdigest_id(h)
+
+    def release(self, name: str, first: int = 0, end: int | None = None) -> None:
+        """Done with tensor `name` for now (or with its bytes `first`..`end`: a large tensor a
+        block at a time): a mapped file lets its pages go (it stays readable)."""
         info = self.infos.get(name)
         mapped = self._mapped.get(info.file) if info is not None else None
         if mapped is not None:
-            mapped.release(info)
+            mapped.release(info, first, end)
 
     def check_unchanged(self) -> None:
         """Refuse a model whose mapped files were written since they were opened."""

@@ -1,0 +1,151 @@
+"""Large parts read a block at a time by apply and export: the same bytes as a whole read, a
+damaged object refused with nothing changed, and peak memory that does not grow with the
+model's largest tensor."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from deltastore import Store
+from deltastore.core.errors import CorruptObject
+from deltastore.repo import objects
+
+from helpers import adam_like, data_object_files, file_bytes, load_folder, write_folder
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def pair(tmp_path: Path, dtype: torch.dtype, rows: int = 1024, cols: int = 600) -> tuple[Path, Path]:
+    """A base whose large tensor's payloads are several zstd frames (objects.FRAMED_FROM) and a
+    fine-tune moving every tensor; a small matrix and a vector as well (one frame each)."""
+    gen = torch.Generator().manual_seed(0)
+    base = {"embed.weight": torch.randn(rows, cols, generator=gen).to(dtype),
+            "proj.weight": torch.randn(40, 24, generator=gen).to(dtype),
+            "norm.weight": torch.randn(24, generator=gen).to(dtype)}
+    ft = {name: adam_like(t, gen) for name, t in base.items()}
+    return write_folder(tmp_path / "base", base), write_folder(tmp_path / "ft", ft)
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("encoding", ["lossless", "int8", "int4"])
+def test_a_streamed_apply_and_export_write_what_a_whole_read_writes(tmp_path, monkeypatch, dtype, encoding) -> None:
+    base, ft = pair(tmp_path, DTYPES[dtype])
+    with Store.init(tmp_path / "store") as store:
+        store.commit("s", ft, base=base, encoding=encoding)
+        whole = tmp_path / "whole"
+        os.system(f"cp -r {base} {whole}")
+        store.apply_files("s", whole)
+        store.export("s", tmp_path / "whole-export")
+        monkeypatch.setattr(objects, "STREAM_FROM", 0)  # every part streamed, however small
+        streamed = tmp_path / "streamed"
+        os.system(f"cp -r {base} {streamed}")
+        store.apply_files("s", streamed)
+        store.export("s", tmp_path / "streamed-export")
+        assert file_bytes(streamed) == file_bytes(whole)
+        assert file_bytes(tmp_path / "streamed-export") == file_bytes(tmp_path / "whole-export")
+        if encoding == "lossless":
+            assert file_bytes(streamed)["model.safetensors"] == (ft / "model.safetensors").read_bytes()
+        store.revert_files(streamed)
+        assert file_bytes(streamed) == file_bytes(base)
+
+
+@pytest.mark.parametrize("encoding", ["lossless", "int4"])
+@pytest.mark.parametrize("where", [0.3, 0.8])
+def test_a_damaged_streamed_object_changes_nothing_and_is_named(tmp_path, monkeypatch, encoding, where) -> None:
+    base, ft = pair(tmp_path, torch.bfloat16)
+    with Store.init(tmp_path / "store") as store:
+        store.commit("s", ft, base=base, encoding=encoding)
+        target = tmp_path / "target"
+        os.system(f"cp -r {base} {target}")
+        before = file_bytes(target)
+        largest = max(data_object_files(store.root), key=lambda p: p.stat().st_size)
+        data = bytearray(largest.read_bytes())
+        data[int(len(data) * where)] ^= 0x5A  # inside a zstd block: it decodes wrong, or not at all
+        largest.write_bytes(bytes(data))
+        monkeypatch.setattr(objects, "STREAM_FROM", 0)
+        with pytest.raises(CorruptObject, match=largest.parent.name + largest.name[:6]):
+            store.apply_files("s", target)
+        assert file_bytes(target) == before
+        assert store.catalog.open_journals() == []
+
+
+def test_a_section_refuses_a_payload_that_ends_early(tmp_path) -> None:
+    store = objects.ObjectStore(tmp_path)
+    payload = os.urandom(1 << 16) * 40  # compressible: zstd frames, several (FRAMED_FROM)
+    put = store.put(payload)
+    sections = store.sections(put.id, len(payload), 2)
+    got = bytearray(len(payload))
+    for k, section in enumerate(sections):
+        section.readinto(memoryview(got)[k * len(payload) // 2:(k + 1) * len(payload) // 2])
+        section.close()
+    assert bytes(got) == payload
+    path = store.path(put.id)
+    path.write_bytes(path.read_bytes()[:-100])
+    # Read from the start, the stream itself ends early; from the middle, the frames no longer
+    # parse, and the caller's whole read names the damage.
+    [whole] = store.sections(put.id, len(payload), 1)
+    with pytest.raises(CorruptObject, match="ends before its declared size|zstd"):
+        whole.readinto(bytearray(len(payload)))
+    whole.close()
+    assert store.sections(put.id, len(payload), 2) is None
+    with pytest.raises(CorruptObject):
+        store.get(put.id)
+
+
+RSS_CHILD = textwrap.dedent("""
+    import json, sys
+    from deltastore import Store
+
+    def status(key):  # this process's own figures (ru_maxrss would carry the parent's across exec)
+        lines = open("/proc/self/status").read().splitlines()
+        return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(key + ":"))
+
+    store, target, how = sys.argv[1:4]
+    with Store.open(store) as s:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the peak starts again from what is resident now
+        before = status("VmRSS")
+        if how == "apply":
+            s.apply_files("s", target)
+        else:
+            s.export("s", target)
+        print(json.dumps({"before": before, "peak": status("VmHWM")}))
+""")
+
+
+@pytest.mark.parametrize("encoding", ["lossless", "int4"])
+def test_apply_and_export_memory_does_not_grow_with_the_largest_tensor(tmp_path, encoding) -> None:
+    """One 256 MB bf16 tensor (as an embedding of 128M parameters): apply in place and export
+    each add less than a quarter of it to the memory the process held once the store was open."""
+    rows, cols = 1 << 14, 1 << 13
+    gen = torch.Generator().manual_seed(0)
+    embed = torch.randn(rows, cols, generator=gen, dtype=torch.float32).to(torch.bfloat16)
+    base = write_folder(tmp_path / "base", {"embed.weight": embed, "norm.weight": torch.ones(cols, dtype=torch.bfloat16)})
+    moved = adam_like(embed, gen)
+    del embed
+    ft = write_folder(tmp_path / "ft", {"embed.weight": moved, "norm.weight": torch.full((cols,), 1.5).bfloat16()})
+    del moved
+    with Store.init(tmp_path / "store") as store:
+        store.commit("s", ft, base=base, encoding=encoding)
+    target = tmp_path / "target"
+    os.system(f"cp -r {base} {target}")
+    tensor_bytes = rows * cols * 2
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for how, where in (("apply", target), ("export", tmp_path / "export")):
+        out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(tmp_path / "store"), str(where), how],
+                             capture_output=True, text=True, env=env, check=True).stdout
+        rss = json.loads(out)
+        grew = rss["peak"] - rss["before"]
+        assert grew < tensor_bytes / 4, f"{how} grew by {grew / 1e6:.0f} MB for a {tensor_bytes / 1e6:.0f} MB tensor"
+    applied, exported = load_folder(target), load_folder(tmp_path / "export")
+    assert torch.equal(applied["embed.weight"].view(torch.int16), exported["embed.weight"].view(torch.int16))
+    if encoding == "lossless":
+        assert (target / "model.safetensors").read_bytes() == (ft / "model.safetensors").read_bytes()
