@@ -230,7 +230,8 @@ def test_in_order_runs_ahead_of_a_slow_tensor_and_stops_when_one_fails() -> None
 def test_a_large_tensor_is_streamed_to_the_same_object(tmp_path, store, dtype) -> None:
     # Past STREAM_FROM the XOR payload is hashed and compressed chunk by chunk: the object
     # must hold exactly the bytes the one-shot encoding gives, and export the fine-tune.
-    from deltastore.codecs.encodings import STREAM_FROM, get, xor_grouped, xor_planes
+    from deltastore.codecs.encodings import get
+    from deltastore.codecs.xorbytes import STREAM_FROM, xor_grouped, xor_planes
     from deltastore.core.hashing import bytes_id
 
     g = torch.Generator().manual_seed(7)

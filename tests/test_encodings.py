@@ -437,7 +437,7 @@ def test_4bit_codes_are_bucketize_among_the_midpoints_for_floats_across_minus_1_
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.bfloat16, torch.float32, torch.float64])
 def test_lossless_decoded_in_place_equals_decoded_and_keeps_the_base(dtype) -> None:
-    from deltastore.codecs.encodings import byte_ungroup, xor_ungroup_in_place
+    from deltastore.codecs.xorbytes import byte_ungroup, xor_ungroup_in_place
 
     gen = torch.Generator().manual_seed(9)
     base = torch.randint(0, 255, (1001 * 8,), generator=gen, dtype=torch.uint8).view(dtype)

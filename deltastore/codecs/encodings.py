@@ -12,11 +12,10 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar, Iterator, Mapping
 
-import numpy as np
 import torch
 
 from . import mixedrank as MR, quantize as Q
-from .bytegroups import WORDS as _WORDS, ungroup
+from .xorbytes import STREAM_FROM, Blocks, as_bytes, byte_ungroup, bytes_tensor, xor_grouped, xor_planes
 from ..core.errors import EncodingError
 from ..core.hashing import DTYPES, dtype_name
 from ..core.limits import shown
@@ -65,121 +64,15 @@ class Encoding:
     #: True when encoding needs calibration (an option) to fit to: commit refuses it without.
     needs_calibration: ClassVar[bool] = False
 
-    def stream(self, base: torch.Tensor, target: torch.Tensor) -> Streamed | None:
+    def stream(self, base: torch.Tensor, target: torch.Tensor, *, blocks: Blocks | None = None) -> Streamed | None:
         """`encode` as a stream, where this encoding can and the tensor is large enough to
-        gain from it; None otherwise."""
+        gain from it; None otherwise. `blocks()`: the two tensors as flat (base, target)
+        pieces in order (mapped files read a block at a time, each let go once read)."""
         return None
 
     def for_tensor(self, name: str) -> "Encoding":
         """This encoding as it stores tensor `name` (one fitted per tensor knows it)."""
         return self
-
-
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def bytes_tensor(data: bytes | memoryview) -> torch.Tensor:
-    """A uint8 tensor holding a copy of `data` (a payload read from an object)."""
-    if not len(data):
-        return torch.empty(0, dtype=torch.uint8)
-    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
-
-
-# Lossless payloads of at least this many bytes are streamed to the object store: a large
-# tensor's XOR is then never held whole (a third copy of an embedding), and each chunk is
-# hashed and compressed while it is still in the cache.
-STREAM_FROM = 4 << 20
-
-def _group_into(out: np.ndarray, words: np.ndarray, first: int, n: int) -> None:
-    """Byte k of each element of `words` into out[k*n + first:], for every k. Shifts `words`."""
-    count = words.size
-    for k in range(words.itemsize):
-        if k:
-            np.right_shift(words, 8, out=words)
-        # A casting assignment keeps the low byte.
-        out[k * n + first:k * n + first + count] = words
-
-
-def byte_group(raw: torch.Tensor, itemsize: int) -> memoryview:
-    """All first bytes of every element, then all second bytes, ...: zstd finds far more
-    runs this way, because the high bytes (sign, exponent) of a small delta are mostly equal."""
-    src = raw.numpy()
-    if itemsize == 1:
-        return memoryview(src.copy())
-    out = np.empty(src.size, dtype=np.uint8)
-    _group_into(out, src.view(_WORDS[itemsize]).copy(), 0, src.size // itemsize)
-    return memoryview(out)
-
-
-def xor_grouped(base: torch.Tensor, target: torch.Tensor, *, chunk: int = 1 << 22) -> memoryview:
-    """byte_group(base XOR target), chunk by chunk: never a whole-tensor XOR temporary, which
-    for a 150M-element embedding would be a third copy of it in memory. XOR is bitwise, so
-    numpy's integer XOR serves every dtype (and runs several times faster than torch's here)."""
-    itemsize = target.element_size()
-    b, t = _as_bytes(base).numpy(), _as_bytes(target).numpy()
-    if itemsize == 1:
-        return memoryview(np.bitwise_xor(b, t))
-    b, t = b.view(_WORDS[itemsize]), t.view(_WORDS[itemsize])
-    out = np.empty(t.size * itemsize, dtype=np.uint8)
-    for start in range(0, t.size, chunk):
-        _group_into(out, np.bitwise_xor(b[start:start + chunk], t[start:start + chunk]), start, t.size)
-    return memoryview(out)
-
-
-def xor_planes(base: torch.Tensor, target: torch.Tensor, *, chunk: int = 1 << 18) -> Iterator[memoryview]:
-    """xor_grouped's bytes, a chunk at a time: plane by plane, each chunk XORed again from
-    base and target (cheap, and in the cache), so that no whole-tensor buffer is held."""
-    itemsize = target.element_size()
-    b, t = _as_bytes(base).numpy(), _as_bytes(target).numpy()
-    if itemsize > 1:
-        b, t = b.view(_WORDS[itemsize]), t.view(_WORDS[itemsize])
-    for k in range(itemsize):
-        for start in range(0, t.size, chunk):
-            x = np.bitwise_xor(b[start:start + chunk], t[start:start + chunk])
-            if k:
-                np.right_shift(x, 8 * k, out=x)
-            yield memoryview(x if itemsize == 1 else x.astype(np.uint8))
-
-
-def byte_ungroup(data: bytes | memoryview, itemsize: int, *, xor: np.ndarray | None = None,
-                 out: np.ndarray | None = None, chunk: int = 1 << 20) -> torch.Tensor:
-    """The inverse of byte_group, as a uint8 tensor (see bytegroups.ungroup)."""
-    return torch.from_numpy(ungroup(data, itemsize, xor=xor, out=out, chunk=chunk))
-
-
-def xor_ungroup_in_place(data: bytes | memoryview, itemsize: int, target: np.ndarray, keep: np.ndarray, *,
-                         chunk: int = 1 << 18) -> None:
-    """A lossless xor payload decoded straight into `target`, the base's bytes, a chunk of
-    elements at a time, each chunk's base bytes copied into `keep` first: one pass over the
-    target where decoding into a buffer and then exchanging it with the target took two (an
-    embedding of 136M bf16 elements: 35 ms CPU against 49). `target` and `keep` are flat uint8
-    arrays of the payload's size. On an error, `target` is put back from `keep` first."""
-    src = np.frombuffer(data, dtype=np.uint8) if len(data) else np.empty(0, dtype=np.uint8)
-    if not (src.size == target.size == keep.size) or src.size % itemsize or itemsize not in (1, *_WORDS):
-        raise EncodingError(f"payload of {src.size} bytes does not fit {target.size} bytes of "
-                            f"{itemsize}-byte elements")
-    n = src.size // itemsize
-    planes = src.reshape(itemsize, n)
-    words, kept = (target, keep) if itemsize == 1 else (target.view(_WORDS[itemsize]), keep.view(_WORDS[itemsize]))
-    done = 0
-    try:
-        for start in range(0, n, chunk):
-            end = min(start + chunk, n)
-            w = words[start:end]
-            np.copyto(kept[start:end], w)
-            done = end
-            if itemsize == 1:
-                np.bitwise_xor(planes[0, start:end], kept[start:end], out=w)
-                continue
-            np.copyto(w, planes[-1, start:end])
-            for k in range(itemsize - 2, -1, -1):
-                w <<= 8
-                w |= planes[k, start:end]
-            w ^= kept[start:end]
-    except BaseException:
-        np.copyto(words[:done], kept[:done])
-        raise
 
 
 class Lossless(Encoding):
@@ -189,18 +82,17 @@ class Lossless(Encoding):
     exact = True
 
     def encode(self, base: torch.Tensor, target: torch.Tensor) -> Encoded:
-        itemsize = target.element_size()
         if target.numel() == 0:
             return Encoded({"raw": b""}, {"mode": "raw"})
         if base.dtype != target.dtype or base.shape != target.shape:
-            return Encoded({"raw": memoryview(_as_bytes(target).numpy().copy())}, {"mode": "raw"})
+            return Encoded({"raw": memoryview(as_bytes(target).numpy().copy())}, {"mode": "raw"})
         return Encoded({"xor": xor_grouped(base, target)}, {"mode": "xor"})
 
-    def stream(self, base: torch.Tensor, target: torch.Tensor) -> Streamed | None:
+    def stream(self, base: torch.Tensor, target: torch.Tensor, *, blocks: Blocks | None = None) -> Streamed | None:
         size = target.numel() * target.element_size()
         if size < STREAM_FROM or base.dtype != target.dtype or base.shape != target.shape:
             return None
-        return Streamed("xor", size, lambda: xor_planes(base, target), {"mode": "xor"})
+        return Streamed("xor", size, lambda: xor_planes(base, target, blocks=blocks), {"mode": "xor"})
 
     def decode(self, base: torch.Tensor, encoded: Encoded, *, dtype: torch.dtype,
                shape: tuple[int, ...], out: torch.Tensor | None = None) -> torch.Tensor:
@@ -223,8 +115,8 @@ class Lossless(Encoding):
             raise EncodingError(f"payload has {len(payload)} bytes, the entry declares {base.numel() * itemsize}")
         # In numpy: its single-threaded XOR does not wait on torch's thread pool (which costs
         # more than the XOR on a busy machine).
-        into = _as_bytes(out).numpy() if out is not None and out.numel() else None
-        result = byte_ungroup(payload, itemsize, xor=_as_bytes(base).numpy(), out=into)
+        into = as_bytes(out).numpy() if out is not None and out.numel() else None
+        result = byte_ungroup(payload, itemsize, xor=as_bytes(base).numpy(), out=into)
         if result.numel() == 0:
             return torch.empty(shape, dtype=dtype)
         return result.view(dtype).reshape(shape)
@@ -319,13 +211,21 @@ class _Absmax(_Delta):
     def __post_init__(self) -> None:
         _whole(self.group_size, "group_size", "a positive whole number of elements per scale (default 64)")
 
-    def encode(self, base: torch.Tensor, target: torch.Tensor) -> Encoded:
+    def encode(self, base: torch.Tensor, target: torch.Tensor, *,
+               done: Callable[[int, int], None] | None = None) -> Encoded:
+        """`done(start, end)`: told once elements start..end of both were read in a pass (a
+        commit lets a mapped tensor's pages go as it goes: blockwise.py)."""
         # dW a slice at a time: a whole-tensor float32 delta of an embedding is two copies of
         # it in fresh memory, slower to allocate than to compute.
         _check_pair(base, target, self.spec)
         b, t = base.detach().reshape(-1), target.detach().reshape(-1)
-        parts, params = Q.absmax_encode_slices(lambda start, end: _delta_slice(b[start:end], t[start:end], self.spec),
-                                               t.numel(), bits=self.bits, group_size=self.group_size)
+
+        def delta(start: int, end: int) -> torch.Tensor:
+            dw = _delta_slice(b[start:end], t[start:end], self.spec)
+            if done is not None:
+                done(start, end)
+            return dw
+        parts, params = Q.absmax_encode_slices(delta, t.numel(), bits=self.bits, group_size=self.group_size)
         return Encoded(dict(parts), params)
 
     def _encode(self, dw: torch.Tensor, shape: tuple[int, ...]) -> tuple[Q.Parts, dict[str, Any]]:
@@ -596,5 +496,5 @@ register("mixedrank", _ranked(MixedRank), ("group_size",))
 register("mixedrank-aw", _ranked(MixedRankAW), ("group_size", "calibration"))
 
 __all__ = ["Encoded", "Encoding", "Lossless", "Int8", "Int4", "NF4", "FP4", "OneBit", "LowRank", "MixedRank", "MixedRankAW",
-           "get", "from_params", "names", "option_names", "register", "byte_group", "byte_ungroup",
+           "get", "from_params", "names", "option_names", "register",
            "DTYPES", "dtype_name"]

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Protocol
 import numpy as np
 import torch
 
-from . import encodings
+from . import xorbytes
 from ..core.errors import DeltastoreError
 from ..core.hashing import dtype_name
 from .quantize import unscale
@@ -67,7 +67,7 @@ def uint8_on(data: Any, device: torch.device) -> torch.Tensor:
     if isinstance(data, torch.Tensor):
         return data.to(device)
     if device.type == "cpu" or not len(data):
-        return encodings.bytes_tensor(data).to(device)
+        return xorbytes.bytes_tensor(data).to(device)
     with warnings.catch_warnings():
         # A read-only buffer, viewed only for the copy to the device: nothing writes it.
         warnings.simplefilter("ignore", UserWarning)
@@ -76,7 +76,7 @@ def uint8_on(data: Any, device: torch.device) -> torch.Tensor:
 
 
 def xor_ungroup(payload: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """encodings.byte_ungroup with the base's bytes XORed in."""
+    """xorbytes.byte_ungroup with the base's bytes XORed in."""
     itemsize = base.element_size()
     n = base.numel()
     if payload.numel() != n * itemsize:

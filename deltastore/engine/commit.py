@@ -24,6 +24,7 @@ from ..core.pools import in_order
 from ..metrics.norms import delta_stats, sq_diff
 from ..repo.records import Base, ObjectRef, TensorEntry, Version
 from ..weights.models import TensorSource
+from .blockwise import Blockwise
 from .reader import Reader
 
 __all__ = ["NOT_A_FINE_TUNE", "Built", "build_entries", "check_names", "delta_stats", "fitting_base", "holds_what",
@@ -198,30 +199,37 @@ class _Comparison:
         """The entry of a tensor the selection kept, encoded in the second pass."""
         b, t = self.base_src.get(name), self.target.get(name)
         try:
-            return _store_tensor(self.reader, name, b, t, change, self.spec_for(name, b, t), self.token)
+            return _store_tensor(self.reader, name, b, t, change, self.spec_for(name, b, t), self.token,
+                                 self._blockwise(name))
         finally:
             self.base_src.release(name)
             self.target.release(name)
 
-    def _base_tensor(self, name: str) -> torch.Tensor:
+    def _base_tensor(self, name: str, blocks: Blockwise | None) -> torch.Tensor:
         t = self.base_src.get(name) if name in self.base_src else None
         wanted = self.expected[name]["tensor_id"]
-        if t is None or (not self.base_hashed and self.trusted.get(name) != wanted and tensor_id(t) != wanted):
+        if t is None or (not self.base_hashed and self.trusted.get(name) != wanted and
+                         (self.base_src.tensor_id(name) if blocks else tensor_id(t)) != wanted):
             raise self.reader.base_changed(self.base, self.base_src, [name])
         return t
 
+    def _blockwise(self, name: str) -> Blockwise | None:
+        # (A delta against another version's result is taken from that result, in memory.)
+        return None if self.against is not None else Blockwise.of(self.base_src, self.target, name)
+
     def _scan(self, name: str) -> tuple[Change | None, Stored | None]:
-        b = self._base_tensor(name)
+        blocks = self._blockwise(name)
+        b = self._base_tensor(name, blocks)
         t = self.target.get(name)
-        tid = tensor_id(t)
+        tid = self.target.tensor_id(name) if blocks else tensor_id(t)
         if tid == self.expected[name]["tensor_id"] and (self.against is None or self.against.entry(name) is None):
             return None, None
         if self.against is not None:
             return self._chained(name, b, t, tid)
-        change = self._change(name, b, t, tid)
+        change = self._change(name, b, t, tid, blocks)
         if not self.encode_now or not self.by_name(name):
             return change, None
-        return change, _store_tensor(self.reader, name, b, t, change, self.spec_for(name, b, t), self.token)
+        return change, _store_tensor(self.reader, name, b, t, change, self.spec_for(name, b, t), self.token, blocks)
 
     def _chained(self, name: str, b: torch.Tensor, t: torch.Tensor, tid: str) -> tuple[Change, Stored]:
         # The delta against the other version's result (verified), which is what apply adds it to.
@@ -231,8 +239,9 @@ class _Comparison:
         entry = dataclasses.replace(stored.entry, against=rid, against_version=self.against.id)
         return change, Stored(entry, stored.sizes, stored.bytes_new)
 
-    def _change(self, name: str, reference: torch.Tensor, t: torch.Tensor, tid: str) -> Change:
-        rel, e = delta_stats(reference, t, self.expected[name].get("sq_norm"))
+    def _change(self, name: str, reference: torch.Tensor, t: torch.Tensor, tid: str,
+                blocks: Blockwise | None = None) -> Change:
+        rel, e = delta_stats(reference, t, self.expected[name].get("sq_norm"), blocks=blocks and blocks.pairs)
         # A nan or inf anywhere in the tensor makes its delta's norm one too; only then is
         # the tensor itself checked (a finite norm can still overflow).
         if not math.isfinite(e) and not self.allow_nonfinite:
@@ -327,8 +336,9 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
 
 
 def _store_tensor(reader: Reader, name: str, base: torch.Tensor, target: torch.Tensor,
-                  change: Change, enc: encodings.Encoding, token: str) -> Stored:
-    streamed = enc.stream(base, target)
+                  change: Change, enc: encodings.Encoding, token: str, blocks: Blockwise | None = None) -> Stored:
+    """`blocks`: the tensor read a block at a time by each pass (blockwise.py), where it is large."""
+    streamed = enc.stream(base, target, blocks=blocks and blocks.pairs)
     if streamed is not None:
         put = reader.repo.objects.put_stream(streamed.chunks, streamed.size, sync_dir=False,
                                        claim=lambda oid: reader.repo.catalog.add_pending(token, [oid]))
@@ -336,16 +346,20 @@ def _store_tensor(reader: Reader, name: str, base: torch.Tensor, target: torch.T
                             {streamed.part: ObjectRef(put.id, put.raw_size)}, change.base_id,
                             change.target_id, change.target_id, _round(change.rel_change), 0.0)
         return Stored(entry, {put.id: put.size}, put.size if put.new else 0)
+    absmax = blocks is not None and enc.name in ("int8", "int4")
     try:
-        encoded = enc.encode(base, target)
+        # An int8 or int4 encoding reads each slice once a pass, and lets its pages go after.
+        encoded = enc.encode(base, target, done=blocks.done) if absmax else enc.encode(base, target)
     except EncodingError as e:
         raise EncodingError(f"tensor {name!r}: {e}") from None
     if enc.exact:
         result_id, rel_error = change.target_id, 0.0
     else:
-        result = enc.decode(base, encoded, dtype=target.dtype, shape=tuple(target.shape))
-        result_id = tensor_id(result)
-        err2 = sq_diff(result, target)
+        found = blocks.absmax_result(enc.name, encoded) if absmax else None
+        if found is None:
+            result = enc.decode(base, encoded, dtype=target.dtype, shape=tuple(target.shape))
+            found = tensor_id(result), sq_diff(result, target)
+        result_id, err2 = found
         rel_error = math.sqrt(err2 / change.energy) if change.energy > 0 else 0.0
     ids = {part: bytes_id(data) for part, data in encoded.parts.items()}
     # Shield the objects from gc before looking whether they already exist (FORMAT.md, rule 2).

@@ -4,19 +4,23 @@ norms, accumulated in fp32 a cache-sized slice at a time (no fp32 copy of a larg
 from __future__ import annotations
 
 import math
+from typing import Callable, Iterable
 
 import torch
 
 from .rawnorms import CHUNK
 
 
-def delta_stats(base: torch.Tensor | None, target: torch.Tensor,
-                base_sq_norm: float | None = None) -> tuple[float | None, float]:
+def delta_stats(base: torch.Tensor | None, target: torch.Tensor, base_sq_norm: float | None = None, *,
+                blocks: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None
+                ) -> tuple[float | None, float]:
     """(||dW|| / ||W||, ||dW||^2); (None, ||target||^2) where no base tensor matches.
 
     The difference is taken in the tensors' own dtype: for two nearby floats it is exact
     (Sterbenz), and it avoids fp32 copies of a 150M-element embedding. Norms accumulate in
-    fp32; ||W||^2 comes from `base add` when it recorded it."""
+    fp32; ||W||^2 comes from `base add` when it recorded it. `blocks()`: the two tensors as
+    flat (base, target) pieces in order, each a whole number of CHUNKs but the last (mapped
+    files read a block at a time): the same terms summed in the same order, the same figures."""
     if not (target.is_floating_point() and base is not None and base.shape == target.shape
             and base.dtype == target.dtype) or target.element_size() == 1:
         # No matching base, an integer tensor, or float8 (which torch cannot subtract).
@@ -25,7 +29,8 @@ def delta_stats(base: torch.Tensor | None, target: torch.Tensor,
         d2 = float(torch.linalg.vector_norm(target.double() - base.double())) ** 2
         w2 = float(torch.linalg.vector_norm(base.double())) ** 2
         return (math.sqrt(d2 / w2) if w2 > 0 and math.isfinite(d2 / w2) else None), d2
-    d2 = sum(_sq(tc - bc) for bc, tc in zip(_chunks(base), _chunks(target)))
+    pairs = blocks() if blocks is not None else [(base, target)]
+    d2 = sq_diff_blocks((t, b) for b, t in pairs)
     w2 = base_sq_norm if base_sq_norm is not None else sq_norm(base)
     rel = math.sqrt(d2 / w2) if w2 and math.isfinite(d2 / w2) else None
     return rel, d2
@@ -42,7 +47,13 @@ def sq_norm(t: torch.Tensor) -> float | None:
 
 def sq_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b||^2 of two tensors of one shape and dtype, as `sq_norm` accumulates it."""
-    return sum(_sq(ac - bc) for ac, bc in zip(_chunks(a), _chunks(b)))
+    return sq_diff_blocks([(a, b)])
+
+
+def sq_diff_blocks(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """`sq_diff` of two tensors given as flat (a, b) pieces in order, each a whole number of
+    CHUNKs but the last: the same terms, summed in the same order, give the same figure."""
+    return sum(_sq(ac - bc) for a, b in pairs for ac, bc in zip(_chunks(a), _chunks(b)))
 
 
 def _sq(c: torch.Tensor) -> float:

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from ..codecs import encodings, ondevice
+from ..codecs import encodings, ondevice, xorbytes
 from ..core import checked, spare
 from ..core.errors import BaseMismatch
 from ..core.hashing import dtype_name, tensor_id
@@ -97,7 +97,7 @@ def match_names(entries: list[str], names: set[str]) -> dict[str, str]:
 @dataclass
 class _XorInPlace:
     """A lossless entry's verified payload, decoded at install straight into its module tensor
-    (encodings.xor_ungroup_in_place): the result of an exact encoding is a bitwise function of
+    (xorbytes.xor_ungroup_in_place): the result of an exact encoding is a bitwise function of
     the verified payload and base, so nothing is left to check once both are verified."""
 
     payload: memoryview
@@ -107,7 +107,7 @@ class _XorInPlace:
     def write(self, t: torch.Tensor) -> torch.Tensor:
         """Decode into `t`; returns a buffer holding the base bytes it replaced."""
         original = spare.take(tuple(t.shape), t.dtype)
-        encodings.xor_ungroup_in_place(self.payload, self.itemsize, _bytes_view(t), _bytes_view(original))
+        xorbytes.xor_ungroup_in_place(self.payload, self.itemsize, _bytes_view(t), _bytes_view(original))
         self.payload = memoryview(b"")
         for buffer in self.buffers:
             spare.give(buffer)

@@ -112,49 +112,49 @@ class ObjectStore:
     def put_stream(self, chunks: Callable[[], Iterable[memoryview]], size: int, *,
                    claim: Callable[[str], None], sync_dir: bool = True) -> PutResult:
         """`put` of a payload given as chunks (`chunks()` yields them, again if called again),
-        hashed and compressed in one pass while each chunk is hot in the cache: a large
-        tensor's payload is never held whole. `claim(id)` runs once the id is known, before
-        the store looks whether the object exists (the caller's gc shield, FORMAT.md rule 2)."""
+        hashed and compressed in one pass while each chunk is hot in the cache, the compressed
+        bytes written to a temporary file as they come: neither the payload nor its compressed
+        form is ever held whole. `claim(id)` runs once the id is known, before the store looks
+        whether the object exists (the caller's gc shield, FORMAT.md rule 2)."""
         h = hasher(0)  # fed a chunk at a time: one thread hashes it faster than several
         # One zstd thread compresses while this one produces and hashes the next chunks; the
         # caller's own workers are the rest of the parallelism (more threads measured slower).
         compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=min(self.threads, 1))
-        ends = iter(frame_ends(size))
-        packed, seen, end = [], 0, next(ends, size)
-        stream = compressor.compressobj(size=end)
-        for chunk in chunks():
-            view = memoryview(chunk).cast("B")
-            if seen + len(view) > size:
-                seen += len(view)
-                break
-            h.update(view)
-            while view:
-                # A chunk may straddle the end of a frame: finish it, and start the next.
-                take = min(len(view), end - seen)
-                packed.append(stream.compress(view[:take]))
-                seen, view = seen + take, view[take:]
-                if seen == end and seen < size:
-                    packed.append(stream.flush())
-                    start, end = end, next(ends)
-                    stream = compressor.compressobj(size=end - start)
-        if seen != size:
-            raise ValueError(f"a payload stream of {size} bytes gave {'more' if seen > size else seen}")
-        packed.append(stream.flush())
-        object_id = hexdigest_id(h)
-        claim(object_id)
-        path = self.path(object_id)
-        if path.is_file():
-            os.utime(path)
-            return PutResult(object_id, path.stat().st_size, size, False)
-        body = b"".join(packed)
-        del packed
-        if size >= 64 and len(body) < size:
-            payload, compression = body, ZSTD
-        else:  # as `compress` decides: an incompressible payload is kept raw
-            payload, compression = b"".join(chunks()), RAW
-        header = HEADER.pack(MAGIC, FORMAT_VERSION, compression, 0, size)
-        self._write_atomic(path, header, payload, sync_dir=sync_dir)
-        return PutResult(object_id, HEADER.size + len(payload), size, True)
+        self.tmp.mkdir(exist_ok=True)
+        tmp = self.tmp / f"{os.getpid()}-{uuid.uuid4().hex}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(HEADER.pack(MAGIC, FORMAT_VERSION, ZSTD, 0, size))
+                written = HEADER.size + _compress_stream(compressor, chunks(), size, h, f.write)
+                object_id = hexdigest_id(h)
+                claim(object_id)
+                path = self.path(object_id)
+                if path.is_file():
+                    os.utime(path)
+                    return PutResult(object_id, path.stat().st_size, size, False)
+                if size < 64 or written - HEADER.size >= size:
+                    # As `compress` decides: an incompressible payload is kept raw.
+                    f.seek(0)
+                    f.truncate()
+                    f.write(HEADER.pack(MAGIC, FORMAT_VERSION, RAW, 0, size))
+                    for chunk in chunks():
+                        f.write(chunk)
+                    written = HEADER.size + size
+                f.flush()
+                os.fsync(f.fileno())
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, path)
+        except BaseException as e:
+            if is_disk_full(e):
+                raise DiskFull() from None
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
+        if sync_dir:
+            fsync_dir(path.parent)
+        else:
+            self._unsynced_dirs.add(path.parent)
+        return PutResult(object_id, written, size, True)
 
     def _compress(self, data: bytes | memoryview) -> tuple[bytes | memoryview, int]:
         return compress(data, threads=self.threads)
@@ -297,6 +297,41 @@ def compress(data: bytes | memoryview, *, threads: int | None = None) -> tuple[b
     packed = frames[0] if len(frames) == 1 else b"".join(frames)
     # Incompressible payloads are kept raw: decoding them then costs nothing.
     return (packed, ZSTD) if len(packed) < len(data) else (data, RAW)
+
+
+def _compress_stream(compressor: Any, chunks: Iterable[memoryview], size: int, h: Any,
+                     write: Callable[[bytes], Any]) -> int:
+    """`chunks` (exactly `size` bytes) hashed into `h` and compressed as `compress` frames
+    them, each piece of output handed to `write`; the compressed bytes' count."""
+    ends = iter(frame_ends(size))
+    seen, end, out = 0, next(ends, size), 0
+    stream = compressor.compressobj(size=end)
+
+    def put(data: bytes) -> None:
+        nonlocal out
+        if data:
+            write(data)
+            out += len(data)
+
+    for chunk in chunks:
+        view = memoryview(chunk).cast("B")
+        if seen + len(view) > size:
+            seen += len(view)
+            break
+        h.update(view)
+        while view:
+            # A chunk may straddle the end of a frame: finish it, and start the next.
+            take = min(len(view), end - seen)
+            put(stream.compress(view[:take]))
+            seen, view = seen + take, view[take:]
+            if seen == end and seen < size:
+                put(stream.flush())
+                start, end = end, next(ends)
+                stream = compressor.compressobj(size=end - start)
+    if seen != size:
+        raise ValueError(f"a payload stream of {size} bytes gave {'more' if seen > size else seen}")
+    put(stream.flush())
+    return out
 
 
 def frame_ends(size: int) -> list[int]:
