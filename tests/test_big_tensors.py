@@ -68,10 +68,12 @@ def test_a_mapped_block_holds_whole_chunks_of_every_dtype() -> None:
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize("spec, options", [("lossless", {}), ("int8", {}), ("int4", {}),
                                            ("int4", {"group_size": 96}), ("lowrank:8", {})])
-def test_a_blockwise_commit_stores_what_a_whole_read_stores(tmp_path, monkeypatch, dtype, spec, options) -> None:
+@pytest.mark.parametrize("shape", [(1024, 600), (1023, 601)])
+def test_a_blockwise_commit_stores_what_a_whole_read_stores(tmp_path, monkeypatch, dtype, spec, options, shape) -> None:
     """Every entry (ids, objects, norms, errors) the same, the large tensor read in 1 MB blocks
-    (int4 with groups of 96 does not fit them: its result is then decoded whole)."""
-    base, ft = pair(tmp_path, DTYPES[dtype])
+    (int8 and int4 encoded as a stream, their results checked slice by slice; groups of 96 make
+    slices of three norm chunks; an odd count of elements pads int4's last code byte)."""
+    base, ft = pair(tmp_path, DTYPES[dtype], *shape)
     entries = []
     for k, (smallest, block) in enumerate([(blockwise.BLOCKWISE_FROM, models.MAPPED_BLOCK), (0, 1 << 20)]):
         monkeypatch.setattr(blockwise, "BLOCKWISE_FROM", smallest)
@@ -155,7 +157,8 @@ RSS_CHILD = textwrap.dedent("""
 def test_commit_apply_and_export_memory_does_not_grow_with_the_largest_tensor(tmp_path, encoding) -> None:
     """One 268 MB bf16 tensor (an embedding of 134M parameters): commit, apply in place and
     export each add less than a quarter of it to the memory the process held once the store
-    was open (the whole reads added 2.6x it to commit's lossless, 3.8x to int4, 2.1x to apply)."""
+    was open and torch imported (whole reads added 2.6x it to a lossless commit, 3.8x to int4,
+    2.1x to apply)."""
     rows, cols = 1 << 14, 1 << 13
     gen = torch.Generator().manual_seed(0)
     embed = torch.randn(rows, cols, generator=gen, dtype=torch.float32).to(torch.bfloat16)
@@ -175,7 +178,8 @@ def test_commit_apply_and_export_memory_does_not_grow_with_the_largest_tensor(tm
                              capture_output=True, text=True, env=env, check=True).stdout
         rss = json.loads(out)
         grew = rss["peak"] - rss["before"]
-        bound = tensor_bytes / (1 if how == "commit" and encoding == "int4" else 2.5 if how == "commit" else 4)
+        # (a commit's first call imports its encoders and writers: about 50 MB, whatever the model)
+        bound = tensor_bytes / 4 + (64 << 20 if how == "commit" else 0)
         assert grew < bound, f"{how} grew by {grew / 1e6:.0f} MB for a {tensor_bytes / 1e6:.0f} MB tensor"
     applied, exported = load_folder(target), load_folder(tmp_path / "export")
     assert torch.equal(applied["embed.weight"].view(torch.int16), exported["embed.weight"].view(torch.int16))

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, ClassVar, Iterator, Mapping
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Protocol
 
+import numpy as np
 import torch
 
-from . import mixedrank as MR, quantize as Q
-from .xorbytes import STREAM_FROM, Blocks, as_bytes, byte_ungroup, bytes_tensor, xor_grouped, xor_planes
+from . import absmax, mixedrank as MR, quantize as Q
+from .xorbytes import STREAM_FROM, as_bytes, byte_ungroup, bytes_tensor, xor_grouped, xor_planes
 from ..core.errors import EncodingError
 from ..core.hashing import DTYPES, dtype_name
 from ..core.limits import shown
@@ -30,13 +31,36 @@ class Encoded:
 
 @dataclass(frozen=True)
 class Streamed:
-    """A one-part encoding whose payload `chunks()` produces a piece at a time (each call
-    starts over): the same bytes `encode` would return, never held whole."""
+    """An encoding whose payload `part` `chunks()` produces a piece at a time (each call starts
+    over): the same bytes `encode` would return, never held whole; its other `parts`, small,
+    held whole."""
 
     part: str
     size: int
     chunks: Callable[[], Iterator[memoryview]]
     params: dict[str, Any] = field(default_factory=dict)
+    parts: dict[str, bytes | memoryview] = field(default_factory=dict)
+
+
+class Reading(Protocol):
+    """A large tensor and its base, read a block at a time by every pass over them, each block's
+    pages let go once read (a commit's engine/blockwise.py): what `Encoding.stream` reads
+    through. A lossy stream hands it each slice of its result as decode will produce it."""
+
+    #: Elements a slice of `result` holds, but the last (whole chunks of the caller's norms).
+    step: int
+
+    def pairs(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(base, target) blocks as flat tensors, in order."""
+        ...
+
+    def done(self, start: int, end: int) -> None:
+        """Elements `start`..`end` of both were read for this pass."""
+        ...
+
+    def result(self, start: int, end: int, data: np.ndarray) -> None:
+        """The result's bytes of elements `start`..`end`, in order from element 0 each pass."""
+        ...
 
 
 class Encoding:
@@ -64,10 +88,10 @@ class Encoding:
     #: True when encoding needs calibration (an option) to fit to: commit refuses it without.
     needs_calibration: ClassVar[bool] = False
 
-    def stream(self, base: torch.Tensor, target: torch.Tensor, *, blocks: Blocks | None = None) -> Streamed | None:
+    def stream(self, base: torch.Tensor, target: torch.Tensor, *, reading: Reading | None = None
+               ) -> Streamed | None:
         """`encode` as a stream, where this encoding can and the tensor is large enough to
-        gain from it; None otherwise. `blocks()`: the two tensors as flat (base, target)
-        pieces in order (mapped files read a block at a time, each let go once read)."""
+        gain from it; None otherwise. `reading`: the two tensors read a block at a time."""
         return None
 
     def for_tensor(self, name: str) -> "Encoding":
@@ -88,10 +112,12 @@ class Lossless(Encoding):
             return Encoded({"raw": memoryview(as_bytes(target).numpy().copy())}, {"mode": "raw"})
         return Encoded({"xor": xor_grouped(base, target)}, {"mode": "xor"})
 
-    def stream(self, base: torch.Tensor, target: torch.Tensor, *, blocks: Blocks | None = None) -> Streamed | None:
+    def stream(self, base: torch.Tensor, target: torch.Tensor, *, reading: Reading | None = None
+               ) -> Streamed | None:
         size = target.numel() * target.element_size()
         if size < STREAM_FROM or base.dtype != target.dtype or base.shape != target.shape:
             return None
+        blocks = reading.pairs if reading is not None else None
         return Streamed("xor", size, lambda: xor_planes(base, target, blocks=blocks), {"mode": "xor"})
 
     def decode(self, base: torch.Tensor, encoded: Encoded, *, dtype: torch.dtype,
@@ -211,22 +237,54 @@ class _Absmax(_Delta):
     def __post_init__(self) -> None:
         _whole(self.group_size, "group_size", "a positive whole number of elements per scale (default 64)")
 
-    def encode(self, base: torch.Tensor, target: torch.Tensor, *,
-               done: Callable[[int, int], None] | None = None) -> Encoded:
-        """`done(start, end)`: told once elements start..end of both were read in a pass (a
-        commit lets a mapped tensor's pages go as it goes: blockwise.py)."""
+    def encode(self, base: torch.Tensor, target: torch.Tensor) -> Encoded:
         # dW a slice at a time: a whole-tensor float32 delta of an embedding is two copies of
         # it in fresh memory, slower to allocate than to compute.
         _check_pair(base, target, self.spec)
         b, t = base.detach().reshape(-1), target.detach().reshape(-1)
+        parts, params = Q.absmax_encode_slices(lambda start, end: _delta_slice(b[start:end], t[start:end], self.spec),
+                                               t.numel(), bits=self.bits, group_size=self.group_size)
+        return Encoded(dict(parts), params)
+
+    def stream(self, base: torch.Tensor, target: torch.Tensor, *, reading: Reading | None = None
+               ) -> Streamed | None:
+        """The codes a slice at a time, each slice's result handed to `reading` as apply's numpy
+        decode gives it (absmax.py), then its pages let go: a large mapped tensor is never held
+        whole, nor are its codes. None without a `reading`, for a dtype numpy does not decode,
+        or where a slice of whole groups would not also hold whole steps of `reading`."""
+        dtype = dtype_name(target.dtype)
+        step = math.lcm(reading.step, self.group_size, 2) if reading is not None else 0
+        if reading is None or step > 4 * reading.step or dtype not in absmax.DTYPES \
+                or (base.dtype, base.shape) != (target.dtype, target.shape):
+            return None
+        _check_pair(base, target, self.spec)
+        b, t = base.detach().reshape(-1), target.detach().reshape(-1)
+        n, g, itemsize = t.numel(), self.group_size, t.element_size()
 
         def delta(start: int, end: int) -> torch.Tensor:
-            dw = _delta_slice(b[start:end], t[start:end], self.spec)
-            if done is not None:
-                done(start, end)
+            return _delta_slice(b[start:end], t[start:end], self.spec)
+
+        def read_once(start: int, end: int) -> torch.Tensor:
+            dw = delta(start, end)
+            reading.done(start, end)
             return dw
-        parts, params = Q.absmax_encode_slices(delta, t.numel(), bits=self.bits, group_size=self.group_size)
-        return Encoded(dict(parts), params)
+        s16, exp = Q.absmax_scales(read_once, n, bits=self.bits, group_size=g, slice_elements=step)
+        params, scales = {"group_size": g, "scale_exp": exp}, memoryview(as_bytes(s16).numpy())
+
+        def chunks() -> Iterator[memoryview]:
+            out = np.empty(min(step, n) * itemsize, dtype=np.uint8)
+            for start, end, codes in Q.absmax_codes(delta, n, Q.unscale(s16, exp), bits=self.bits, group_size=g,
+                                                    slice_elements=step):
+                result = out[:(end - start) * itemsize]
+                first, last = absmax.block_bytes(params, bits=self.bits, first=start, end=end)
+                absmax.decode_into({"codes": memoryview(codes).cast("B"),
+                                    "scales": scales[first["scales"]:last["scales"]]}, params, bits=self.bits,
+                                   base=as_bytes(b[start:end]).numpy(), base_dtype=dtype, out=result, dtype=dtype)
+                reading.result(start, end, result)
+                reading.done(start, end)
+                yield memoryview(codes).cast("B")
+        size = n if self.bits == 8 else (n + 1) // 2
+        return Streamed("codes", size, chunks, params, {"scales": scales})
 
     def _encode(self, dw: torch.Tensor, shape: tuple[int, ...]) -> tuple[Q.Parts, dict[str, Any]]:
         return Q.absmax_encode(dw, bits=self.bits, group_size=self.group_size)

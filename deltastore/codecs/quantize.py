@@ -114,29 +114,49 @@ def absmax_encode_slices(delta: Callable[[int, int], torch.Tensor], numel: int, 
     """absmax_encode of the delta that `delta(start, end)` gives a float32 slice of, a slice
     at a time: one pass for the group scales, one for the codes, each slice's arithmetic in
     the cache and no whole-tensor float32 temporary. The bytes are absmax_encode's."""
+    s16, exp = absmax_scales(delta, numel, bits=bits, group_size=group_size, slice_elements=slice_elements)
+    codes = np.empty(numel if bits == 8 else (numel + 1) // 2, dtype=np.int8 if bits == 8 else np.uint8)
+    for start, end, part in absmax_codes(delta, numel, unscale(s16, exp), bits=bits, group_size=group_size,
+                                         slice_elements=slice_elements):
+        codes[start // (2 if bits == 4 else 1):][:part.size] = part
+    return {"codes": memoryview(codes).cast("B"), "scales": _bytes(s16)}, {"group_size": group_size, "scale_exp": exp}
+
+
+def absmax_scales(delta: Callable[[int, int], torch.Tensor], numel: int, *, bits: int, group_size: int,
+                  slice_elements: int = SLICE) -> tuple[torch.Tensor, int]:
+    """The first pass of absmax_encode_slices: each group's fp16 scale and their shared
+    exponent (`unscale` gives the scales the codes are rounded against)."""
     qmax, n, g = _qmax(bits), numel, group_size
     groups = -(-n // g)
-    step = math.lcm(g, 2) * max(1, slice_elements // math.lcm(g, 2))
     top = torch.zeros(groups, dtype=torch.float32)
-    for start, end, first, whole in _slices(n, g, step):
+    for start, end, first, whole in _slices(n, g, _step(g, slice_elements)):
         d = delta(start, end)
         top[first:first + whole] = d[:whole * g].view(whole, g).abs().amax(dim=1)
         if (end - start) % g:  # the last group, short (its padding would be zeros)
             top[first + whole] = d[whole * g:].abs().amax()
-    s16, exp = fp16_scales(top / qmax if groups else torch.empty(0))
-    # Codes are rounded against the scale decode will use (the fp16 one), not the exact one.
-    s = unscale(s16, exp)
-    codes = np.empty(n if bits == 8 else (n + 1) // 2, dtype=np.int8 if bits == 8 else np.uint8)
-    for start, end, first, whole in _slices(n, g, step):
+    return fp16_scales(top / qmax if groups else torch.empty(0))
+
+
+def absmax_codes(delta: Callable[[int, int], torch.Tensor], numel: int, s: torch.Tensor, *, bits: int,
+                 group_size: int, slice_elements: int = SLICE) -> Iterator[tuple[int, int, np.ndarray]]:
+    """The second pass: (start, end, codes of elements start..end) a slice at a time, each
+    slice's codes a buffer of their own. Codes are rounded against the scale decode will use
+    (`s`: the fp16 one, unscaled), not the exact one."""
+    qmax, g = _qmax(bits), group_size
+    for start, end, first, whole in _slices(numel, g, _step(g, slice_elements)):
         d, q = delta(start, end), torch.empty(end - start, dtype=torch.float32)
         _quantize(d[:whole * g].view(whole, g), s[first:first + whole, None], qmax, q[:whole * g].view(whole, g))
         if (end - start) % g:
             _quantize(d[whole * g:], s[first + whole], qmax, q[whole * g:])
         if bits == 8:
-            codes[start:end] = q.to(torch.int8).numpy()
+            yield start, end, q.to(torch.int8).numpy()
         else:
-            codes[start // 2:(end + 1) // 2] = pack_nibbles((q + 8).to(torch.uint8), pad=8).numpy()
-    return {"codes": memoryview(codes).cast("B"), "scales": _bytes(s16)}, {"group_size": g, "scale_exp": exp}
+            yield start, end, pack_nibbles((q + 8).to(torch.uint8), pad=8).numpy()
+
+
+def _step(g: int, slice_elements: int) -> int:
+    """Elements a slice holds: whole groups, an even number, about `slice_elements`."""
+    return math.lcm(g, 2) * max(1, slice_elements // math.lcm(g, 2))
 
 
 def _slices(n: int, g: int, step: int) -> Iterator[tuple[int, int, int, int]]:

@@ -4,36 +4,36 @@ block's pages let go once read: a commit's memory then does not grow with the mo
 tensor (a 7B model's embedding is 1 GB in bf16, and a pass over a mapped tensor would otherwise
 keep all of its pages). Every figure is the one a whole read gives: ids hash the same bytes,
 norms sum the same chunks in the same order (blocks hold whole CHUNKs), and an int8 or int4
-result is decoded in numpy as apply decodes it, to torch's bytes (absmax.py)."""
+result is decoded in numpy, a slice at a time, as apply decodes it, to torch's bytes
+(encodings.Reading, absmax.py)."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from ..codecs import absmax
-from ..codecs.encodings import Encoded
 from ..core.hashing import DTYPE_SIZES, DTYPES, hasher, hexdigest_id, id_header
-from ..metrics.norms import sq_diff_blocks
-from ..weights import models
+from ..metrics.norms import sq_diff_terms
+from ..metrics.rawnorms import CHUNK
 from ..weights.models import TensorInfo, TensorSource
 
 # A tensor of at least this many bytes is read a block at a time; a smaller one whole.
 BLOCKWISE_FROM = 32 << 20
 
 
-@dataclass(frozen=True)
+@dataclass
 class Blockwise:
-    """Tensor `name` of two mapped sources of one dtype and shape, a block of each at a time."""
+    """Tensor `name` of two mapped sources of one dtype and shape, a block of each at a time
+    (encodings.Reading)."""
 
     base: TensorSource
     target: TensorSource
     name: str
     info: TensorInfo
+    _sums: list = field(default_factory=list)  # a lossy result's hasher, then its error's terms
 
     @classmethod
     def of(cls, base: TensorSource, target: TensorSource, name: str) -> "Blockwise | None":
@@ -60,31 +60,23 @@ class Blockwise:
         self.base.release(self.name, start * itemsize, end * itemsize)
         self.target.release(self.name, start * itemsize, end * itemsize)
 
-    def absmax_result(self, encoding: str, encoded: Encoded) -> tuple[str, float] | None:
-        """(result id, ||result - target||^2) of an int8 or int4 entry, as a commit computes them
-        from the whole decoded result; None where the encoding or the dtype is not decoded in
-        numpy, or a block would not hold whole groups (the caller decodes it whole)."""
-        info, bits = self.info, absmax.BITS.get(encoding)
-        if bits is None or info.dtype not in absmax.DTYPES:
-            return None
-        itemsize, numel = DTYPE_SIZES[info.dtype], info.nbytes // DTYPE_SIZES[info.dtype]
-        step = models.MAPPED_BLOCK // itemsize
-        if step % math.lcm(absmax.int_param(encoded.params, "group_size", 1), 2):
-            return None
-        h = hasher(info.nbytes)
-        h.update(id_header(info.dtype, info.shape))
-        out = np.empty(min(models.MAPPED_BLOCK, info.nbytes), dtype=np.uint8)
-        dtype = DTYPES[info.dtype]
+    @property
+    def step(self) -> int:
+        """Elements of a slice of `result` (encodings.Reading): whole chunks of the norms."""
+        return CHUNK
 
-        def decoded() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            for k, (base, target) in enumerate(zip(self.base.blocks(self.name), self.target.blocks(self.name))):
-                first, result = k * step, out[:len(target)]
-                parts = absmax.block_parts(encoded.parts, encoded.params, bits=bits, numel=numel,
-                                           first=first, end=first + len(target) // itemsize)
-                absmax.decode_into(parts, encoded.params, bits=bits, base=np.frombuffer(base, dtype=np.uint8),
-                                   base_dtype=info.dtype, out=result, dtype=info.dtype)
-                h.update(result)
-                yield torch.from_numpy(result).view(dtype), torch.frombuffer(target, dtype=dtype)
+    def result(self, start: int, end: int, data: np.ndarray) -> None:
+        """A lossy stream's result, slice after slice from element 0 (each pass starts again):
+        hashed, and its squared error against the target summed as `sq_diff` sums it."""
+        if start == 0:
+            self._sums.clear()
+            self._sums.append(hasher(self.info.nbytes))
+            self._sums[0].update(id_header(self.info.dtype, self.info.shape))
+        itemsize, dtype = DTYPE_SIZES[self.info.dtype], DTYPES[self.info.dtype]
+        self._sums[0].update(data)
+        target = torch.frombuffer(self.target.view(self.name)[start * itemsize:end * itemsize], dtype=dtype)
+        self._sums.extend(sq_diff_terms([(torch.from_numpy(data).view(dtype), target)]))
 
-        err2 = sq_diff_blocks(decoded())
-        return hexdigest_id(h), err2
+    def checked(self) -> tuple[str, float]:
+        """(result id, ||result - target||^2) of the last whole pass of `result`."""
+        return hexdigest_id(self._sums[0]), sum(self._sums[1:])

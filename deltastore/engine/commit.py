@@ -338,43 +338,49 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
 def _store_tensor(reader: Reader, name: str, base: torch.Tensor, target: torch.Tensor,
                   change: Change, enc: encodings.Encoding, token: str, blocks: Blockwise | None = None) -> Stored:
     """`blocks`: the tensor read a block at a time by each pass (blockwise.py), where it is large."""
-    streamed = enc.stream(base, target, blocks=blocks and blocks.pairs)
-    if streamed is not None:
-        put = reader.repo.objects.put_stream(streamed.chunks, streamed.size, sync_dir=False,
-                                       claim=lambda oid: reader.repo.catalog.add_pending(token, [oid]))
-        entry = TensorEntry(name, dtype_name(target.dtype), tuple(target.shape), enc.spec, streamed.params,
-                            {streamed.part: ObjectRef(put.id, put.raw_size)}, change.base_id,
-                            change.target_id, change.target_id, _round(change.rel_change), 0.0)
-        return Stored(entry, {put.id: put.size}, put.size if put.new else 0)
-    absmax = blocks is not None and enc.name in ("int8", "int4")
+    refs: dict[str, ObjectRef] = {}
+    sizes: dict[str, int] = {}
     try:
-        # An int8 or int4 encoding reads each slice once a pass, and lets its pages go after.
-        encoded = enc.encode(base, target, done=blocks.done) if absmax else enc.encode(base, target)
+        streamed = enc.stream(base, target, reading=blocks)
+        encoded = streamed or enc.encode(base, target)
+        new = _put_whole(reader, token, streamed.parts if streamed else encoded.parts, refs, sizes)
+        if streamed is not None:
+            put = reader.repo.objects.put_stream(streamed.chunks, streamed.size, sync_dir=False,
+                                                 claim=lambda oid: reader.repo.catalog.add_pending(token, [oid]))
+            refs[streamed.part], sizes[put.id] = ObjectRef(put.id, put.raw_size), put.size
+            new += put.size if put.new else 0
     except EncodingError as e:
         raise EncodingError(f"tensor {name!r}: {e}") from None
     if enc.exact:
         result_id, rel_error = change.target_id, 0.0
     else:
-        found = blocks.absmax_result(enc.name, encoded) if absmax else None
-        if found is None:
+        if streamed is not None:  # its result was checked slice by slice as it was encoded
+            result_id, err2 = blocks.checked()
+        else:
             result = enc.decode(base, encoded, dtype=target.dtype, shape=tuple(target.shape))
-            found = tensor_id(result), sq_diff(result, target)
-        result_id, err2 = found
+            result_id, err2 = tensor_id(result), sq_diff(result, target)
         rel_error = math.sqrt(err2 / change.energy) if change.energy > 0 else 0.0
-    ids = {part: bytes_id(data) for part, data in encoded.parts.items()}
-    # Shield the objects from gc before looking whether they already exist (FORMAT.md, rule 2).
-    reader.repo.catalog.add_pending(token, sorted(set(ids.values())))
-    refs, sizes, new = {}, {}, 0
-    for part, data in encoded.parts.items():
-        put = reader.repo.objects.put(data, object_id=ids[part], sync_dir=False)
-        sizes[put.id] = put.size
-        if put.new:
-            new += put.size
-        refs[part] = ObjectRef(put.id, put.raw_size)
     entry = TensorEntry(name, dtype_name(target.dtype), tuple(target.shape), enc.spec, encoded.params, refs,
                         change.base_id, change.target_id, result_id,
                         _round(change.rel_change), _round(rel_error))
     return Stored(entry, sizes, new)
+
+
+def _put_whole(reader: Reader, token: str, parts: Mapping[str, bytes | memoryview], refs: dict[str, ObjectRef],
+               sizes: dict[str, int]) -> int:
+    """Each part stored as one object (its ref and size added to `refs` and `sizes`); the bytes
+    of the new ones."""
+    ids = {part: bytes_id(data) for part, data in parts.items()}
+    if ids:  # (a transaction for nothing would still wait for the catalog's lock)
+        # Shield the objects from gc before looking whether they already exist (FORMAT.md, rule 2).
+        reader.repo.catalog.add_pending(token, sorted(set(ids.values())))
+    new = 0
+    for part, data in parts.items():
+        put = reader.repo.objects.put(data, object_id=ids[part], sync_dir=False)
+        sizes[put.id] = put.size
+        new += put.size if put.new else 0
+        refs[part] = ObjectRef(put.id, put.raw_size)
+    return new
 
 
 def _round(x: float | None) -> float | None:

@@ -4,7 +4,7 @@ norms, accumulated in fp32 a cache-sized slice at a time (no fp32 copy of a larg
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -53,7 +53,12 @@ def sq_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def sq_diff_blocks(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """`sq_diff` of two tensors given as flat (a, b) pieces in order, each a whole number of
     CHUNKs but the last: the same terms, summed in the same order, give the same figure."""
-    return sum(_sq(ac - bc) for a, b in pairs for ac, bc in zip(_chunks(a), _chunks(b)))
+    return sum(sq_diff_terms(pairs))
+
+
+def sq_diff_terms(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[float]:
+    """The terms `sq_diff_blocks` sums, one per CHUNK, in order (to be summed later in one `sum`)."""
+    return (_sq(ac - bc) for a, b in pairs for ac, bc in zip(_chunks(a), _chunks(b)))
 
 
 def _sq(c: torch.Tensor) -> float:
