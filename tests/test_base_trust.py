@@ -21,7 +21,7 @@ from deltastore import Store
 from deltastore.core.errors import BaseMismatch
 from deltastore.core.hashing import canonical_json, dtype_name, tensor_bytes, tensor_id
 from deltastore.metrics.norms import sq_norm
-from deltastore.metrics.rawnorms import CHUNK, raw_sq_norm
+from deltastore.metrics.rawnorms import CHUNK, SqNorm, raw_sq_norm
 from deltastore.repo import index, trust
 from deltastore.weights.models import open_model, weight_files
 
@@ -45,6 +45,12 @@ def test_the_numpy_norm_is_torchs_bit_for_bit(dtype):
         mine, torchs = raw_sq_norm(dtype_name(t.dtype), tensor_bytes(t)), sq_norm(t)
         assert repr(mine) == repr(torchs), (dtype, tuple(t.shape))
         assert (mine is None) == (torchs is None) and (mine is None or math.isclose(mine, torchs, rel_tol=1e-6))
+        # A block of whole slices at a time (a mapped tensor's blocks), the last partial: the same.
+        data, block = tensor_bytes(t), CHUNK * t.element_size()
+        blockwise = SqNorm(dtype_name(t.dtype))
+        for at in range(0, len(data), block):
+            blockwise.add(data[at:at + block])
+        assert repr(blockwise.value()) == repr(torchs), (dtype, tuple(t.shape))
 
 
 def test_every_float8_code_widens_as_torch_widens_it():
@@ -111,7 +117,7 @@ def counting(monkeypatch, module, name: str) -> list[int]:
 @pytest.fixture
 def hashed(monkeypatch):
     """The tensors hashed for a base's record (baseweights.py)."""
-    return counting(monkeypatch, deltastore.engine.baseweights, "raw_tensor_id")
+    return counting(monkeypatch, deltastore.engine.baseweights, "id_header")  # one per tensor hashed
 
 
 def test_a_base_add_of_unchanged_files_hashes_nothing(aged, hashed):

@@ -1,5 +1,5 @@
 """A base's weights weighed: each tensor's id and squared norm. A mapped file's tensors are
-hashed and their norms taken from its bytes in numpy, two tensors at a time (blake3 and numpy
+hashed and their norms taken from its bytes in numpy, a block at a time, two tensors at a time (blake3 and numpy
 release the GIL), with no torch (its import was half of a `base add`); tensors from memory (a
 module, a state dict) in torch; tensors of files this store trusts (trust.py) not at all."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Mapping
 
-from ..core.hashing import raw_tensor_id
+from ..core.hashing import hasher, hexdigest_id, id_header
 from ..core.pools import WORKERS, pipelined
-from ..metrics.rawnorms import raw_sq_norm
+from ..metrics.rawnorms import SqNorm
 
 if TYPE_CHECKING:
     from ..weights.models import TensorSource
@@ -38,12 +38,18 @@ def weigh(source: TensorSource, known: Mapping[str, Weight], progress: Callable[
 
 def _from_bytes(source: TensorSource) -> Callable[[str], Weight]:
     def weight(name: str) -> Weight:
+        # A block at a time, each hashed and weighed while in the cache, then its pages let go:
+        # memory does not grow with the largest tensor (an embedding).
         info = source.infos[name]
+        h, norm = hasher(info.nbytes), SqNorm(info.dtype)
+        h.update(id_header(info.dtype, info.shape))
         try:
-            data = source.view(name)
-            return raw_tensor_id(info.dtype, info.shape, data), raw_sq_norm(info.dtype, data)
+            for block in source.blocks(name):
+                h.update(block)
+                norm.add(block)
         finally:
             source.release(name)
+        return hexdigest_id(h), norm.value()
     return weight
 
 

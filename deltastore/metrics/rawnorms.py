@@ -48,25 +48,45 @@ def raw_sq_norm(dtype: str, data: bytes | memoryview) -> float | None:
     sum of squares (`LANES` running sums, then added in order), its square root rounded to
     that precision and squared again, summed; None for a tensor that is not of floats, or
     where the result is not finite."""
-    size = _SIZES.get(dtype)
-    if size is None:
-        return None
-    with np.errstate(over="ignore", invalid="ignore"):  # inf and nan give None, as in torch
-        value = _sq_norm(np.frombuffer(data, dtype=np.uint8), dtype, size)
-    return value if math.isfinite(value) else None
+    norm = SqNorm(dtype)
+    norm.add(data)
+    return norm.value()
 
 
-def _sq_norm(raw: np.ndarray, dtype: str, size: int) -> float:
-    n = len(raw) // size
-    whole = n // CHUNK
-    value = 0  # as `sum` starts: an empty tensor's one empty slice then gives 0.0
-    for first in range(0, whole, GROUP):
-        count = min(GROUP, whole - first)
-        for norm in _slice_norms(raw[first * CHUNK * size:(first + count) * CHUNK * size], dtype, count):
-            value += float(norm) ** 2
-    if n % CHUNK or n == 0:
-        value += float(_last_slice_norm(_as_float(raw[whole * CHUNK * size:], dtype))) ** 2
-    return value
+class SqNorm:
+    """`raw_sq_norm` of a tensor given a block of bytes at a time, in order, every block but the
+    last a whole number of CHUNKs (a mapped tensor read a block at a time): the same figure."""
+
+    def __init__(self, dtype: str):
+        self.dtype, self.size = dtype, _SIZES.get(dtype)
+        self.total: float = 0  # as `sum` starts
+        self.elements = 0
+        self.rest = False  # a partial slice was added: nothing may follow it
+
+    def add(self, data: bytes | memoryview) -> None:
+        if self.size is None or not len(data):
+            return
+        if self.rest:
+            raise ValueError("a block after a tensor's last, partial slice")
+        raw, size = np.frombuffer(data, dtype=np.uint8), self.size
+        n = len(raw) // size
+        whole = n // CHUNK
+        with np.errstate(over="ignore", invalid="ignore"):  # inf and nan give None, as in torch
+            for first in range(0, whole, GROUP):
+                count = min(GROUP, whole - first)
+                for norm in _slice_norms(raw[first * CHUNK * size:(first + count) * CHUNK * size], self.dtype, count):
+                    self.total += float(norm) ** 2
+            if n % CHUNK:
+                self.total += float(_last_slice_norm(_as_float(raw[whole * CHUNK * size:], self.dtype))) ** 2
+                self.rest = True
+        self.elements += n
+
+    def value(self) -> float | None:
+        if self.size is None:
+            return None
+        if not self.elements:  # an empty tensor's one empty slice, as torch sums it: 0.0
+            self.total += float(_last_slice_norm(_as_float(np.empty(0, dtype=np.uint8), self.dtype))) ** 2
+        return self.total if math.isfinite(self.total) else None
 
 
 def _slice_norms(raw: np.ndarray, dtype: str, count: int) -> np.ndarray:

@@ -1,6 +1,7 @@
 """deltastore on big models, against the plain tools on the same files, measured in one run.
 
     python tests/benchmarks/bigmodel.py --model qwen1.5b|qwen7b|tiny|qwen0.5b [--runs N] [--json FILE] [--markdown]
+        [--no-live]
 
 The models are synthetic (models.py): random bf16 weights of the shape of Qwen2.5-1.5B (3.09 GB)
 or Qwen2.5-7B (15.2 GB), written in shards as the Hub ships them, and an Adam-like fine-tune
@@ -352,6 +353,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", metavar="FILE", type=Path, help="write the result as JSON to FILE")
     parser.add_argument("--markdown", action="store_true", help="with --json: print the report too")
+    parser.add_argument("--no-live", action="store_true", help="skip the cold applies onto a live module")
     args = parser.parse_args()
     if args.runs < 1:
         parser.error("--runs must be at least 1")
@@ -367,12 +369,13 @@ def main() -> None:
             b.prepare()
         with phase("files: timings"):
             result["times"] = rounds(file_steps(b), b.runs)
-        result["live"] = live_fits(b)
+        result["live"] = not args.no_live and live_fits(b)
         if result["live"]:
             with phase("live module: timings"):
                 result["times"].update(bench_live(b))
         else:
-            result["live_skipped"] = f"needs about {LIVE_MEMORY * b.model_bytes / 1e9:.0f} GB of free memory"
+            result["live_skipped"] = "--no-live" if args.no_live else \
+                f"needs about {LIVE_MEMORY * b.model_bytes / 1e9:.0f} GB of free memory"
         with phase("peak RSS"):
             result["rss"] = bench_rss(b)
     finally:
