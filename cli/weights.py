@@ -29,8 +29,8 @@ from .sharing import ran_in
               help="Write base + A*delta instead (needs --out: files are patched in place only with a version "
                    "as stored).")
 @click.option("--verify", is_flag=True,
-              help="Hash every region patched in place, even in files this store hashed before whose stat data "
-                   "(device, inode, size, times) is unchanged.")
+              help="Hash every region patched in place (with --out: every base tensor read), even in files this "
+                   "store hashed before whose stat data (device, inode, size, times) is unchanged.")
 @json_option
 @with_store
 def apply(store: Store, ref: str, target: str, out: str | None, break_links: bool, scale: float | None,
@@ -53,7 +53,7 @@ def apply(store: Store, ref: str, target: str, out: str | None, break_links: boo
         return emit_json(ModelWritten(path, store.resolve(ref).ref, scale)) if as_json else echo(f"wrote {path}")
     if out:
         with progress("writing", enabled=not as_json) as cb:
-            path = store.export(ref, out, base_weights=target, progress=cb)
+            path = store.export(ref, out, base_weights=target, progress=cb, verify=verify)
         return emit_json(ModelWritten(path, store.resolve(ref).ref)) if as_json else echo(f"wrote {path}")
     on_interrupt(target_state(store, ref, target))
     with progress("applying", enabled=not as_json) as cb:
@@ -136,13 +136,17 @@ def revert(store: Store, target: str, forget: bool, as_json: bool) -> None:
                    "stored version, on these prompts (one per line).")
 @chat_option
 @export_tokenizer_option
+@click.option("--verify", is_flag=True,
+              help="Hash every base tensor read, even in files this store hashed before whose stat data (device, "
+                   "inode, size, times) is unchanged.")
 @json_option
 @with_store(readonly=True)
 def export(store: Store, ref: str | None, mix: dict[str, float] | None, out: str, base_path: str | None, fmt: str,
-           dtype: str, prompts: str | None, chat: bool, tokenizer: str | None, as_json: bool) -> None:
+           dtype: str, prompts: str | None, chat: bool, tokenizer: str | None, verify: bool, as_json: bool) -> None:
     """Write the full fine-tuned model (base + delta) as a Hugging Face model folder, or with
     --format gguf as one GGUF model file as llama.cpp's convert_hf_to_gguf.py writes it (the
-    tokenizer from the base folder; one whose pre-tokenizer is not known is refused)."""
+    tokenizer from the base folder; one whose pre-tokenizer is not known is refused). Base files
+    this store hashed whole at `base add`, unchanged since, are trusted (see --verify)."""
     if (ref is None) == (mix is None):
         raise click.UsageError("give REF, or --mix REF=A,REF=B, not both")
     if (prompts or tokenizer or chat) and fmt != "gguf" or (mix is not None and fmt == "gguf"):
@@ -157,7 +161,7 @@ def export(store: Store, ref: str | None, mix: dict[str, float] | None, out: str
     if mix is not None:
         return mix_export(store, mix, out, base_path, as_json)
     with progress("writing", enabled=not as_json) as cb:
-        path = store.export(ref, out, base_weights=base_path, progress=cb)
+        path = store.export(ref, out, base_weights=base_path, progress=cb, verify=verify)
     return emit_json(ModelWritten(path, store.resolve(ref).ref)) if as_json else echo(f"wrote {path}")
 
 

@@ -327,11 +327,13 @@ class Store:
     # -- model files (see patch.py and revert.py) ----------------------------------------------
 
     def export(self, ref: str | Version, out: str | os.PathLike, *, base_weights: ModelLike | None = None,
-               progress: Progress | None = None) -> Path:
-        """Write the full fine-tuned model (base + delta) as a Hugging Face model folder."""
+               progress: Progress | None = None, verify: bool = False) -> Path:
+        """Write the full fine-tuned model (base + delta) as a Hugging Face model folder. Base
+        files this store hashed whole (at `base add`), whose stat data is unchanged since, are
+        trusted to hold the base; `verify` hashes them all."""
         from .patching.patch import export
 
-        return export(self.reader, ref, out, base_weights=base_weights, progress=progress)
+        return export(self.reader, ref, out, base_weights=base_weights, progress=progress, verify=verify)
 
     def apply_files(self, ref: str | Version, target: str | os.PathLike, *, break_links: bool = False,
                     progress: Progress | None = None, verify: bool = False, copy_originals: bool = False):

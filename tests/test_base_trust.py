@@ -25,7 +25,7 @@ from deltastore.metrics.rawnorms import CHUNK, SqNorm, raw_sq_norm
 from deltastore.repo import index, trust
 from deltastore.weights.models import open_model, weight_files
 
-from helpers import make_model, run_cli
+from helpers import file_bytes, make_model, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HOUR_NS = 3600 * 10**9
@@ -230,6 +230,27 @@ def test_an_in_place_apply_trusts_only_files_this_store_hashed(aged, apply_hashe
     assert run_cli(store, "base", "add", str(copy)).exit_code == 0
     assert run_cli(store, "apply", version.ref, str(copy), "--verify").exit_code == 0
     assert len(apply_hashes) == 2 * len(version.tensors)
+
+
+def test_an_export_trusts_the_base_files_this_store_hashed(aged, apply_hashes, tmp_path):
+    pair, store = aged
+    version = store.commit("s", pair.ft, base=store.add_base(pair.base)).version
+    before = len(apply_hashes)
+    store.export(version.ref, tmp_path / "trusted")  # the base's files, hashed by base add
+    assert len(apply_hashes) == before
+    assert run_cli(store, "export", version.ref, "--out", str(tmp_path / "verified"), "--verify").exit_code == 0
+    assert len(apply_hashes) == before + len(open_model(pair.base).names)
+    assert file_bytes(tmp_path / "trusted") == file_bytes(tmp_path / "verified")
+    age(pair.base)
+    shard = weight_files(pair.base)[-1]
+    stat = shard.stat()
+    with open(shard, "r+b") as f:  # written behind the store's back, its times put back
+        f.seek(stat.st_size - 4)
+        f.write(b"\x01\x02\x03\x04")
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    # Its ctime moved: the file is no longer trusted, and the hash finds the change.
+    with pytest.raises(BaseMismatch):
+        store.export(version.ref, tmp_path / "changed")
 
 
 def test_a_damaged_trust_file_trusts_nothing_and_stops_nothing(aged, hashed):

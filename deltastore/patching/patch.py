@@ -59,8 +59,9 @@ def apply_files(reader: Reader, ref: str | Version, target: str | os.PathLike, *
 
 
 def export(reader: Reader, ref: str | Version, out: str | os.PathLike, *, base_weights: ModelLike | None = None,
-           progress: Callable[[int, int], None] | None = None) -> Path:
-    """Write the full fine-tuned model (base + delta) as a Hugging Face model folder."""
+           progress: Callable[[int, int], None] | None = None, verify: bool = False) -> Path:
+    """Write the full fine-tuned model (base + delta) as a Hugging Face model folder. `verify`:
+    hash every base tensor, even in files this store trusts (trust.py)."""
     version = reader.resolve(ref)
     base = reader.base(version.base_id)
     if base_weights is None or isinstance(base_weights, (str, os.PathLike)):
@@ -68,7 +69,8 @@ def export(reader: Reader, ref: str | Version, out: str | os.PathLike, *, base_w
         source = reader.base_source(base, base_weights, mapped=True)
         expected = reader.base_tensors(base)
         if decodes_from_files(version, source, expected):
-            return write_decoded(reader, version, source, expected, Path(out), progress=progress,
+            trusted = {} if verify else {n: tid for n, (tid, _) in trust.trusted(reader.repo, source).items()}
+            return write_decoded(reader, version, source, expected, Path(out), progress=progress, trusted=trusted,
                                  base_changed=lambda names: reader.base_changed(base, source, names))
     source = reader.base_source(base, base_weights)
     infos, tensor = reader.materialize(version, base_weights=source)
