@@ -218,18 +218,40 @@ def test_an_in_place_apply_trusts_only_files_this_store_hashed(aged, apply_hashe
     copy = tmp_path / "copy"
     shutil.copytree(pair.base, copy)
     age(copy)
-    store.apply_files(version.ref, copy)  # a copy this store never hashed: every region hashed
+    # A copy this store never hashed: each region compared with the base's own files, which it
+    # trusts, and found equal: nothing hashed (`cp -r base work && deltastore apply`).
+    store.apply_files(version.ref, copy)
+    assert len(apply_hashes) == 0
+    store.revert_files(copy)
+    store.apply_files(version.ref, copy, copy_originals=True)  # nothing compared: every region hashed
     assert len(apply_hashes) == len(version.tensors)
     store.revert_files(copy)
     age(copy)
     store.add_base(copy)  # now hashed whole (revert wrote it: its stat is new)
-    store.apply_files(version.ref, copy)
+    store.apply_files(version.ref, copy, copy_originals=True)
     assert len(apply_hashes) == len(version.tensors)
     store.revert_files(copy)
     age(copy)
     assert run_cli(store, "base", "add", str(copy)).exit_code == 0
     assert run_cli(store, "apply", version.ref, str(copy), "--verify").exit_code == 0
     assert len(apply_hashes) == 2 * len(version.tensors)
+
+
+def test_a_region_that_differs_from_the_trusted_base_file_is_hashed_and_refused(aged, apply_hashes, tmp_path):
+    pair, store = aged
+    version = store.commit("s", pair.ft, base=store.add_base(pair.base)).version
+    copy = tmp_path / "copy"
+    shutil.copytree(pair.base, copy)
+    info = open_model(copy).infos[version.tensors[-1].name]  # a tensor the version patches
+    data = bytearray(info.file.read_bytes())
+    data[info.start + 1] ^= 0x10
+    info.file.write_bytes(bytes(data))
+    age(copy)
+    before = file_bytes(copy)
+    with pytest.raises(BaseMismatch, match="nothing was changed"):
+        store.apply_files(version.ref, copy)
+    assert len(apply_hashes) >= 1 and file_bytes(copy) == before
+    assert store.catalog.open_journals() == []
 
 
 def test_an_export_trusts_the_base_files_this_store_hashed(aged, apply_hashes, tmp_path):

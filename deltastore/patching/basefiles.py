@@ -14,6 +14,7 @@ import numpy as np
 
 from ..core.errors import DeltastoreError
 from ..engine.reader import Reader
+from ..repo import trust
 from ..repo.records import Version
 from ..weights.models import TensorSource
 from ..weights.target import FileId, Target, file_id
@@ -26,8 +27,12 @@ class BaseFiles:
     """The base's files as `base add` found them, opened (mapped) for an apply to compare;
     each known by its real path (a Hub snapshot's files are symlinks to its blobs)."""
 
-    def __init__(self, source: TensorSource, ids: dict[Path, tuple[Path, FileId]]):
+    def __init__(self, source: TensorSource, ids: dict[Path, tuple[Path, FileId]],
+                 trusted: dict[str, str] | None = None):
         self.source, self.ids = source, ids
+        # Tensor ids of the files this store hashed whole and trusts (trust.py): a target region
+        # that `holds` finds equal to one of them needs no hash of its own.
+        self.trusted = trusted or {}
         self.used: set[Path] = set()
 
     def holds(self, name: str, nbytes: int, target: TensorSource) -> tuple[str, int] | None:
@@ -55,10 +60,11 @@ class BaseFiles:
         return [{**fid.to_json(), "path": str(path)} for path, fid in sorted((self.ids[f] for f in self.used), key=lambda pf: str(pf[0]))]
 
 
-def open_base_files(reader: Reader, version: Version, target: Target) -> BaseFiles | None:
+def open_base_files(reader: Reader, version: Version, target: Target, *, verify: bool = False) -> BaseFiles | None:
     """The registered base's files, where they are there: regular files (symlinks followed),
     none of them one of the target's (the same device and inode: the target is the base
-    folder itself, or shares its files). None: every region's original bytes are copied."""
+    folder itself, or shares its files). None: every region's original bytes are copied.
+    `verify`: none of them trusted (BaseFiles.trusted)."""
     try:
         base = reader.base(version.base_id)
         if not base.source:
@@ -72,7 +78,10 @@ def open_base_files(reader: Reader, version: Version, target: Target) -> BaseFil
                 ids[f] = (real, fid)
     except (DeltastoreError, OSError):
         return None
-    return BaseFiles(source, ids) if ids else None
+    if not ids:
+        return None
+    trusted = {} if verify else {n: tid for n, (tid, _) in trust.trusted(reader.repo, source).items()}
+    return BaseFiles(source, ids, trusted)
 
 
 def same_bytes(a: memoryview, b: memoryview) -> bool:
