@@ -427,3 +427,37 @@ def test_a_damaged_object_or_a_wrong_base_on_two_threads_changes_nothing(tmp_pat
     with store.applied(model, "s"):
         assert module_snapshot(model) == module_snapshot(pair.ft_module)
     assert module_snapshot(model) == base
+
+
+@pytest.mark.parametrize("how", ["handle", "store", "context", "switch", "switch handle", "mix"])
+def test_a_reverted_module_is_not_kept_alive_by_the_store(tmp_path, store, how) -> None:
+    """However a stance is taken out of a module, the store lets go of it (and of the base bytes
+    the handle kept): a process that loads, applies and drops models one after another keeps
+    none of them (a benchmark that did held 22 GB after six 1.5B models)."""
+    import gc
+    import weakref
+
+    pair = make_model(tmp_path, torch.bfloat16)
+    store.commit("s", pair.ft, base=pair.base)
+    gone = []
+    for _ in range(2):
+        model = copy.deepcopy(pair.base_module)
+        if how == "handle":
+            store.apply(model, "s").revert()
+        elif how == "store":
+            store.apply(model, "s")
+            store.revert(model)
+        elif how == "context":
+            with store.applied(model, "s"):
+                pass
+        elif how == "switch":
+            store.switch(model, store.prepare("s"))
+            store.revert(model)
+        elif how == "switch handle":
+            store.switch(model, store.prepare("s")).revert()
+        else:
+            store.apply(model, {"s": 0.5}).revert()
+        gone.append(weakref.ref(model))
+        del model
+        gc.collect()
+    assert [ref() for ref in gone] == [None, None]

@@ -22,7 +22,7 @@ import signal
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -56,6 +56,8 @@ class ApplyHandle:
     _patched: list[tuple[torch.Tensor, torch.Tensor, Any]] = field(default_factory=list, repr=False)
     _entries: list[TensorEntry] = field(default_factory=list, repr=False)  # in the order of _patched
     active: bool = True
+    #: Called once the handle is reverted (the store that applied it lets go of it).
+    on_revert: list[Callable[[], None]] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def names(self) -> list[str]:
@@ -71,6 +73,13 @@ class ApplyHandle:
             spare.give(original)  # ours: a decoded result or a clone, referenced nowhere else
         self._patched = []
         self.active = False
+        reverted(self.on_revert)
+
+
+def reverted(callbacks: list[Callable[[], None]]) -> None:
+    """A handle's `on_revert` callbacks, each called once."""
+    while callbacks:
+        callbacks.pop(0)()
 
 
 def match_names(entries: list[str], names: set[str]) -> dict[str, str]:

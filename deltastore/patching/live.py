@@ -23,7 +23,14 @@ class LiveModules:
 
     def __init__(self, reader: Reader):
         self.reader = reader
-        self._applied: dict[int, Any] = {}  # id(module) -> the ApplyHandle put there
+        # id(module) -> the handle put there, while it is active: a reverted handle (however it
+        # was reverted) is dropped, so that the store keeps no module alive after its revert.
+        self._applied: dict[int, Any] = {}
+
+    def _track(self, module: torch.nn.Module, handle: Any) -> None:
+        key = id(module)
+        self._applied[key] = handle
+        handle.on_revert.append(lambda: self._applied.pop(key) if self._applied.get(key) is handle else None)
 
     def apply(self, module: torch.nn.Module, ref: str | Version | Mapping[str | Version, float], *,
               strict: bool = True, scale: float | None = None):
@@ -39,7 +46,7 @@ class LiveModules:
             handle = apply_mix(self.reader, module, {self.reader.resolve(ref).id: scale})
         else:
             handle = apply_module(self.reader, module, self.reader.resolve(ref), strict=strict)
-        self._applied[id(module)] = handle
+        self._track(module, handle)
         return handle
 
     def revert(self, module: torch.nn.Module) -> None:
@@ -59,7 +66,7 @@ class LiveModules:
             if version is None:
                 return None
             handle = apply_module(self.reader, module, version)
-        self._applied[id(module)] = handle
+        self._track(module, handle)
         return handle
 
     @contextmanager
@@ -86,7 +93,7 @@ class LiveModules:
             yield
         except BaseException:
             if previous is not None and previous.version is not None:
-                self._applied[id(module)] = apply_module(self.reader, module, previous.version)
+                self._track(module, apply_module(self.reader, module, previous.version))
             raise
 
     def _switching(self, module: torch.nn.Module) -> bool:
@@ -105,5 +112,5 @@ class LiveModules:
         with self._replacing(module):
             handle = SwitchHandle(module)
             handle.switch(stance)
-        self._applied[id(module)] = handle
+        self._track(module, handle)
         return handle

@@ -21,13 +21,13 @@ Never reads the store after `prepare`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..codecs import encodings, ondevice
 from ..core import checked, spare
-from .apply import copy_bytes, each_until_failure, interrupts_deferred, match_names, module_tensors
+from .apply import copy_bytes, each_until_failure, interrupts_deferred, match_names, module_tensors, reverted
 from ..core.errors import BaseMismatch, CorruptObject, DeltastoreError, MissingObject
 from ..core.hashing import DTYPES, bytes_id, dtype_name, tensor_id
 from ..repo.objects import ObjectStore
@@ -178,6 +178,7 @@ class SwitchHandle:
         self.module = module
         self.current: PreparedStance | None = None
         self.active = True
+        self.on_revert: list[Callable[[], None]] = []  # called once reverted (apply.ApplyHandle's)
         # module name -> (module tensor, a copy of its base bytes, the base's tensor id)
         self._kept: dict[str, tuple[torch.Tensor, torch.Tensor, str]] = {}
 
@@ -222,6 +223,7 @@ class SwitchHandle:
             spare.give(kept)
         self._kept = {}
         self.active = False
+        reverted(self.on_revert)
 
     # -- inside --------------------------------------------------------------------------------
 
