@@ -461,3 +461,24 @@ def test_a_reverted_module_is_not_kept_alive_by_the_store(tmp_path, store, how) 
         del model
         gc.collect()
     assert [ref() for ref in gone] == [None, None]
+
+
+def test_populating_a_mapped_tensor_changes_neither_it_nor_its_file(tmp_path) -> None:
+    """apply.populate faults a copy-on-write tensor's pages in before apply writes them: the
+    tensor keeps its bytes, and the file it was mapped from is not written."""
+    import mmap
+
+    from deltastore.patching.apply import populate
+
+    path = tmp_path / "weights.bin"
+    data = torch.randn(3 * mmap.PAGESIZE + 100, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    path.write_bytes(raw(data))
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    t = torch.frombuffer(mapped, dtype=torch.bfloat16, offset=2, count=data.numel() - 1)  # not page-aligned
+    populate(t)
+    assert raw(t) == raw(data[1:]) and path.read_bytes() == raw(data)
+    t.mul_(2)  # written through the private copy: the file keeps its bytes
+    assert path.read_bytes() == raw(data)
+    del t
+    mapped.close()

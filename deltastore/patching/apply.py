@@ -17,6 +17,7 @@ the hashes still read the base and a lossy result on the CPU, but the arithmetic
 
 from __future__ import annotations
 
+import functools
 import math
 import signal
 import threading
@@ -311,6 +312,7 @@ def _remember(tensors: list[torch.Tensor], ids: list[str | None]) -> None:
 
 
 def _overwrite(t: torch.Tensor, result: torch.Tensor | _XorInPlace) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    populate(t)
     if isinstance(result, _XorInPlace):
         return t, result.write(t), None
     if t.dtype == result.dtype and t.shape == result.shape and _exchange(t, result):
@@ -426,3 +428,35 @@ def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 
 __all__ = ["ApplyHandle", "apply_module", "install", "match_names", "prepare"]
+
+
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
+
+
+def populate(t: torch.Tensor) -> None:
+    """Fault in, writable, the whole pages of a CPU tensor's memory at once, before every byte
+    of it is written: a module loaded from a mapped checkpoint (transformers maps safetensors)
+    is copy-on-write, and taking those faults one page at a time inside the writes made a cold
+    apply onto a 0.5B model 15-20% slower. Nothing is read or changed; where the call is not
+    supported (another kernel, another system), the writes fault as before."""
+    if t.device.type != "cpu" or not t.is_contiguous() or not t.numel():
+        return
+    import ctypes
+    import mmap
+
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    madvise = _libc().madvise if _libc() is not None else None
+    if last > first and madvise is not None:
+        madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_POPULATE_WRITE)
+
+
+@functools.cache
+def _libc():
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
