@@ -221,7 +221,9 @@ def live_steps(b: Bench, store) -> list[Step]:
 
     steps = [Step(f"cold apply {e}", lambda _, stance=stance: store.apply(live["model"], stance), setup=fresh_base,
                   teardown=lambda handle: handle.revert()) for e, stance in VERSIONS.items()]
-    return steps + [Step("safetensors load_model", load_shards),
+    # load_model gets a module loaded afresh too: transformers maps the checkpoint, so the first
+    # write to each page copies it, for the peer as for an apply.
+    return steps + [Step("safetensors load_model", load_shards, setup=fresh_base),
                     Step("from_pretrained", from_pretrained, setup=lambda: (live.clear(), gc.collect()))]
 
 
