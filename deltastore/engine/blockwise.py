@@ -51,7 +51,7 @@ class Blockwise:
         return cls(base, target, name, t)
 
     def pairs(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(base, target) blocks as flat tensors, in order (encodings.Blocks)."""
+        """(base, target) blocks as flat tensors, in order (xorbytes.Blocks: what Encoding.stream reads)."""
         dtype = DTYPES[self.info.dtype]
         for base, target in zip(self.base.blocks(self.name), self.target.blocks(self.name)):
             yield torch.frombuffer(base, dtype=dtype), torch.frombuffer(target, dtype=dtype)
